@@ -1,0 +1,1 @@
+"""mptls: secure multipath connections."""

@@ -1,0 +1,113 @@
+"""The backend interface: what the TLS and stream layers ask of MPTCP.
+
+A backend opens and accepts byte-stream connections the way asyncio's
+``loop.create_connection`` and ``loop.create_server`` do, installs the
+TLS-derived keys on a connection, and reports its state. The TLS layer
+is an ordinary ``asyncio.Protocol`` on top of the transport a backend
+returns; it knows nothing else about the backend. A new backend (a
+patched kernel, say) implements this class and touches nothing above it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from mptls.tls.keys import KeyMaterial
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInstall:
+    """The outcome of offering TLS-derived keys to a backend."""
+
+    installed: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SubflowInfo:
+    """One subflow as a backend sees it. Never holds key material."""
+
+    subflow_id: int
+    local_address: tuple[str, int] | None
+    remote_address: tuple[str, int] | None
+    state: str
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rtt_ms: float | None = None
+    backup: bool = False
+    address_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MptcpInfo:
+    """A snapshot of one MPTCP connection, for ``get_extra_info("mptcp")``.
+
+    ``mode`` is ``"G"`` (token-only MP_CAPABLE, keys from TLS),
+    ``"rfc8684"`` (keys in the clear), ``"kernel"`` (the kernel's own
+    RFC 8684 keys) or ``"fallback"`` (plain TCP). Tokens are hex strings.
+    """
+
+    backend: str
+    mode: str
+    local_token: str | None
+    remote_token: str | None
+    keys_installed: bool
+    keys_reason: str = ""
+    key_fingerprint: str | None = None
+    fallback: bool = False
+    subflows: tuple[SubflowInfo, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Backend(abc.ABC):
+    """One way of carrying MPTCP: userspace frames or kernel sockets."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def create_connection(
+        self,
+        protocol_factory: ProtocolFactory,
+        host: str,
+        port: int,
+        *,
+        local_addrs: Sequence[str] | None = None,
+        **options: Any,
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        """Open an MPTCP connection; like ``loop.create_connection``.
+
+        The first local address (if any) carries the first subflow; the
+        others become extra subflows once keys are installed.
+        """
+
+    @abc.abstractmethod
+    async def create_server(
+        self,
+        protocol_factory: ProtocolFactory,
+        host: str | Sequence[str] | None,
+        port: int,
+        **options: Any,
+    ) -> asyncio.AbstractServer:
+        """Listen for MPTCP connections; like ``loop.create_server``."""
+
+    @abc.abstractmethod
+    def install_keys(
+        self, transport: asyncio.BaseTransport, keys: KeyMaterial
+    ) -> KeyInstall:
+        """Hand the TLS-derived keys to the connection behind ``transport``.
+
+        Called once, when the TLS handshake is complete and the peer
+        verified. Returns whether the keys now protect joins.
+        """
+
+    @abc.abstractmethod
+    def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
+        """A snapshot of the connection behind ``transport``."""
