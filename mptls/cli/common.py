@@ -1,0 +1,159 @@
+"""What every ``mptls`` command shares: input checks, exit codes, output.
+
+Every command turns bad input into a :class:`UsageError` (exit status 2)
+and every other failure into a one-line message (exit status 1). This
+module must never print a traceback unless asked to (``--debug``), and
+never prints key material: commands show key fingerprints only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import sys
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from mptls.errors import BackendError, ConfigurationError, MptlsError
+
+logger = logging.getLogger("mptls.cli")
+
+BACKENDS = ("userspace", "kernel")
+MODES = ("G", "rfc8684")
+
+
+class ExitStatus(IntEnum):
+    """The process exit statuses the commands use."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    INTERRUPTED = 130
+
+
+class UsageError(ConfigurationError):
+    """The command line asked for something that cannot be done."""
+
+
+def parse_address(text: str) -> str:
+    """Check one IP address literal and return it in canonical form."""
+    try:
+        return str(ipaddress.ip_address(text.strip().strip("[]")))
+    except ValueError:
+        raise UsageError(f"not an IP address: {text!r}") from None
+
+
+def parse_paths(text: str) -> tuple[str, ...]:
+    """Parse ``--paths``: a comma list of local addresses, first = first
+    subflow."""
+    paths = tuple(
+        parse_address(item) for item in text.split(",") if item.strip()
+    )
+    if not paths:
+        raise UsageError("--paths needs at least one local address")
+    if len(set(paths)) != len(paths):
+        raise UsageError(f"--paths names an address twice: {text!r}")
+    return paths
+
+
+def parse_port(text: str) -> int:
+    """Check a TCP port number (0 = any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise UsageError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"port out of range 0-65535: {port}")
+    return port
+
+
+def parse_announce(text: str, default_port: int) -> tuple[str, int]:
+    """Parse one ``--announce`` value: ``ip``, ``ip:port`` or
+    ``[ipv6]:port``."""
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise UsageError(f"bad address to announce: {text!r}")
+            port = parse_port(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = parse_port(port_text)
+    return parse_address(host), port
+
+
+def existing_file(text: str, what: str) -> Path:
+    """A path that must name a readable regular file."""
+    path = Path(text)
+    if not path.is_file():
+        raise UsageError(f"{what} not found: {text}")
+    return path
+
+
+def exit_status_for(exc: BaseException) -> ExitStatus:
+    """Bad input exits with 2, anything else that failed with 1.
+
+    A backend error caused by the operating system (refused connection,
+    address in use, unknown host) is bad input too: the user named a port
+    or address that cannot be used.
+    """
+    if isinstance(exc, ConfigurationError | OSError):
+        return ExitStatus.USAGE
+    if isinstance(exc, BackendError) and isinstance(exc.__cause__, OSError):
+        return ExitStatus.USAGE
+    return ExitStatus.FAILURE
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line that says what went wrong, without a traceback."""
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused ({exc.strerror or exc})"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    if isinstance(exc, TimeoutError) and not isinstance(exc, MptlsError):
+        return "timed out"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def report_error(exc: BaseException, *, debug: bool) -> ExitStatus:
+    """Print the error as one line on stderr and pick the exit status."""
+    status = exit_status_for(exc)
+    if debug:
+        logger.error("command failed", exc_info=exc)
+    print(f"mptls: error: {describe_error(exc)}", file=sys.stderr)
+    return status
+
+
+def stdout_console(*, quiet: bool = False) -> Console:
+    """The console for a command's report on stdout."""
+    return Console(file=sys.stdout, quiet=quiet, highlight=False)
+
+
+def stderr_console(*, quiet: bool = False) -> Console:
+    """The console for status lines, kept off stdout's data."""
+    return Console(file=sys.stderr, quiet=quiet, highlight=False)
+
+
+def print_json(document: dict[str, Any]) -> None:
+    """Machine output: one JSON document on stdout."""
+    sys.stdout.write(
+        json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
+    )
+    sys.stdout.flush()
+
+
+def human_bytes(count: float) -> str:
+    """A byte count in decimal units (MB = 10**6 bytes)."""
+    units = ("B", "kB", "MB", "GB")
+    step = 0
+    while count >= 1000 and step < len(units) - 1:
+        count /= 1000
+        step += 1
+    return f"{count:.0f} B" if step == 0 else f"{count:.1f} {units[step]}"

@@ -1,0 +1,80 @@
+"""The ``mptls`` command: argument parsing and the one error boundary.
+
+Each command module adds its own subcommand; this module parses, runs the
+command and turns any failure into one line on stderr and an exit status
+(2 for bad input, 1 for anything else). It must never let a traceback
+reach the user unless ``--debug`` asks for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from mptls.cli import certs, demo, info, netcat
+from mptls.cli.common import ExitStatus, report_error
+
+_COMMANDS = (
+    demo.add_parser,
+    certs.add_parser,
+    netcat.add_parsers,
+    info.add_parser,
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mptls")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command line, every subcommand included."""
+    parser = argparse.ArgumentParser(
+        prog="mptls",
+        description="Secure multipath connections: TLS over Multipath "
+        "TCP, with the MPTCP keys taken from TLS.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"mptls {_version()}"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMANDS:
+        add(subparsers)
+    for subparser in subparsers.choices.values():
+        subparser.add_argument(
+            "--debug",
+            action="store_true",
+            help="debug logging and full tracebacks on stderr",
+        )
+    return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``mptls`` command; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return ExitStatus.USAGE
+    _configure_logging(args.debug)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
+    except Exception as exc:
+        # the command line's boundary: one line, no traceback
+        return report_error(exc, debug=args.debug)

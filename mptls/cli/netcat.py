@@ -1,0 +1,290 @@
+"""``mptls serve`` and ``mptls connect``: netcat over secure multipath.
+
+Data goes to stdout and comes from stdin untouched; status lines go to
+stderr so that the two never mix. Neither command ever prints key
+material, and neither aims at anything the user did not name: the
+server's default address is loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import signal
+import sys
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import mptls
+from mptls.backends.base import MptcpInfo
+from mptls.cli.common import (
+    BACKENDS,
+    ExitStatus,
+    UsageError,
+    existing_file,
+    parse_address,
+    parse_announce,
+    parse_paths,
+    parse_port,
+    stderr_console,
+)
+from mptls.errors import MptlsError
+
+CHUNK_SIZE = 64 * 1024
+
+# how many stdin chunks may wait for the connection before reading stops
+STDIN_BACKLOG = 8
+
+
+def describe_connection(info: MptcpInfo | None) -> list[str]:
+    """Status lines for a connection: mode, tokens, subflows."""
+    if info is None:
+        return ["no MPTCP state reported"]
+    lines = [
+        f"backend {info.backend}, mode {info.mode}"
+        + (", fell back to plain TCP" if info.fallback else ""),
+        f"tokens local {info.local_token or '-'} "
+        f"remote {info.remote_token or '-'}",
+        "keys "
+        + (
+            f"from TLS, fingerprint {info.key_fingerprint}"
+            if info.keys_installed
+            else f"not installed ({info.keys_reason or 'no reason given'})"
+        ),
+    ]
+    for subflow in info.subflows:
+        local = subflow.local_address or ("?", 0)
+        remote = subflow.remote_address or ("?", 0)
+        lines.append(
+            f"subflow {subflow.subflow_id} {local[0]}:{local[1]} -> "
+            f"{remote[0]}:{remote[1]} {subflow.state} "
+            f"sent {subflow.bytes_sent} received {subflow.bytes_received}"
+        )
+    return lines
+
+
+def _status(verbose: bool, lines: Sequence[str]) -> None:
+    console = stderr_console(quiet=not verbose)
+    for line in lines:
+        console.print(line, markup=False, soft_wrap=True)
+
+
+# serve
+
+
+def _write_stdout(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+async def _handle_client(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    echo: bool,
+    verbose: bool,
+) -> None:
+    peer = writer.get_extra_info("peername")
+    _status(verbose, [f"connection from {peer}"])
+    _status(verbose, describe_connection(writer.get_extra_info("mptcp")))
+    try:
+        while chunk := await reader.read(CHUNK_SIZE):
+            if echo:
+                writer.write(chunk)
+                await writer.drain()
+            else:
+                _write_stdout(chunk)
+        # the client half-closed: everything is echoed, so close too
+        writer.close()
+        await writer.wait_closed()
+    except (MptlsError, OSError) as exc:
+        _status(True, [f"mptls: connection from {peer} failed: {exc}"])
+        writer.close()
+    _status(verbose, [f"connection from {peer} closed"])
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    port = parse_port(args.port)
+    host = parse_address(args.host)
+    announce = [parse_announce(item, port) for item in args.announce]
+    tls = mptls.TLSConfig(
+        certfile=str(existing_file(args.cert, "certificate file")),
+        keyfile=str(existing_file(args.key, "key file")),
+    )
+    stop = asyncio.Event()
+    one_at_a_time = asyncio.Lock()
+
+    async def on_client(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        async with one_at_a_time:
+            await _handle_client(
+                reader, writer, echo=args.echo, verbose=args.verbose
+            )
+        if args.once:
+            stop.set()
+
+    server = await mptls.start_server(
+        on_client,
+        host,
+        port,
+        ssl=tls,
+        backend=args.backend,
+        announce_addrs=announce or None,
+    )
+    async with server:
+        _stop_on_signals(stop)
+        bound = server.sockets[0].getsockname()
+        # always shown: with --port 0 it is how a caller learns the port
+        _status(True, [f"listening on {bound[0]}:{bound[1]}"])
+        await stop.wait()
+
+
+# connect
+
+
+def _read_stdin(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]
+) -> None:
+    """Runs in a daemon thread: a blocked read of a terminal must not keep
+    the process alive once the connection is over."""
+    stdin = sys.stdin.buffer if sys.stdin is not None else None
+    while True:
+        try:
+            chunk = stdin.read1(CHUNK_SIZE) if stdin is not None else b""
+        except (OSError, ValueError):
+            chunk = b""
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+        except RuntimeError:
+            return  # the loop is gone
+        if not chunk:
+            return
+
+
+async def _stdin_to_connection(writer: asyncio.StreamWriter) -> None:
+    """Copy stdin to the connection, then half-close it."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue(STDIN_BACKLOG)
+    loop = asyncio.get_running_loop()
+    threading.Thread(
+        target=_read_stdin, args=(loop, queue), daemon=True
+    ).start()
+    while chunk := await queue.get():
+        writer.write(chunk)
+        await writer.drain()
+    writer.write_eof()
+
+
+async def connect(args: argparse.Namespace) -> None:
+    port = parse_port(args.port)
+    if port == 0:
+        raise UsageError("port 0 cannot be connected to")
+    paths = parse_paths(args.paths) if args.paths else None
+    cafile = existing_file(args.cafile, "CA file") if args.cafile else None
+    if args.insecure:
+        _status(True, ["mptls: warning: --insecure: certificate not checked"])
+    tls = mptls.TLSConfig(
+        cafile=str(cafile) if cafile else None,
+        verify=not args.insecure,
+        check_hostname=not args.insecure,
+    )
+    reader, writer = await mptls.open_connection(
+        args.host,
+        port,
+        ssl=tls,
+        server_hostname=args.server_name,
+        local_addrs=list(paths) if paths else None,
+        backend=args.backend,
+    )
+    _status(args.verbose, describe_connection(writer.get_extra_info("mptcp")))
+    upload = asyncio.create_task(_stdin_to_connection(writer))
+    try:
+        while chunk := await reader.read(CHUNK_SIZE):
+            _write_stdout(chunk)
+        if upload.done():
+            upload.result()
+        _status(
+            args.verbose, describe_connection(writer.get_extra_info("mptcp"))
+        )
+    finally:
+        upload.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upload
+        writer.close()
+
+
+# the command line
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="userspace")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="status lines on stderr"
+    )
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    server = subparsers.add_parser(
+        "serve",
+        help="netcat-style server: print or echo what clients send",
+        description="Accept secure multipath connections, one at a time; "
+        "print what each client sends, or echo it back with --echo.",
+    )
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", default="4433", help="0 = any free port")
+    server.add_argument("--cert", default=str(Path("certs", "server.pem")))
+    server.add_argument("--key", default=str(Path("certs", "server.key")))
+    server.add_argument(
+        "--announce",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="an address to announce with ADD_ADDR (repeatable)",
+    )
+    server.add_argument("--echo", action="store_true")
+    server.add_argument(
+        "--once", action="store_true", help="exit after one connection"
+    )
+    _add_common(server)
+    server.set_defaults(run=functools.partial(_run, serve))
+
+    client = subparsers.add_parser(
+        "connect",
+        help="netcat-style client: stdin to the server, answers to stdout",
+        description="Send stdin over a secure multipath connection, "
+        "half-close at its end, print what the server sends until it "
+        "closes.",
+    )
+    client.add_argument("host")
+    client.add_argument("port")
+    client.add_argument("--cafile", help="trust this CA (PEM)")
+    client.add_argument(
+        "--paths",
+        help="local addresses, comma separated; first = first subflow",
+    )
+    client.add_argument("--server-name", help="name to verify (default: HOST)")
+    client.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the server's certificate",
+    )
+    _add_common(client)
+    client.set_defaults(run=functools.partial(_run, connect))
+
+
+def _run(
+    command: Callable[[argparse.Namespace], Coroutine[Any, Any, None]],
+    args: argparse.Namespace,
+) -> ExitStatus:
+    asyncio.run(command(args))
+    return ExitStatus.OK

@@ -1,0 +1,267 @@
+"""The demo's transfer: one real file over two paths, checked end to end.
+
+A server and a client run in this process on loopback. The client sends
+the payload over subflows from each of its local addresses; the server
+hashes what it receives and answers with its digest. The report shows
+what an operator wants to see: the negotiated mode, the tokens, that the
+keys came from the TLS exporter on both ends (by fingerprint: the keys
+themselves must never be shown), each subflow's share of the bytes, and
+whether the SHA-256 digests match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mptls
+from mptls.backends.base import MptcpInfo
+from mptls.cli.archive import Payload
+from mptls.cli.certs import DevelopmentPems, issue_development_pems
+
+CHUNK_SIZE = 256 * 1024
+DEFAULT_PATHS = "127.0.0.1,127.0.0.2"
+
+# how long to let the extra subflows join before sending: the demo is
+# about the paths, so it waits for them, but never for long
+JOIN_WAIT = 5.0
+JOIN_POLL = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSettings:
+    """What the demo was asked to do."""
+
+    backend: str
+    mode: str
+    paths: tuple[str, ...]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSide:
+    """What the server saw: its digest, byte count and MPTCP state."""
+
+    sha256: str
+    received: int
+    info: MptcpInfo
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSide:
+    """What the client sent, the server's answer and the client's view."""
+
+    sha256: str
+    sent: int
+    seconds: float
+    answer: str
+    info: MptcpInfo
+    tls_version: str | None
+    cipher: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DemoReport:
+    """Both ends of one demo transfer."""
+
+    payload: Payload
+    settings: DemoSettings
+    client: ClientSide
+    server: ServerSide
+
+    @property
+    def sha256_match(self) -> bool:
+        return (
+            self.client.sha256 == self.server.sha256 == self.client.answer
+            and self.client.sent == self.server.received
+        )
+
+    @property
+    def fingerprints_match(self) -> bool:
+        client = self.client.info.key_fingerprint
+        return client is not None and client == (
+            self.server.info.key_fingerprint
+        )
+
+    @property
+    def ok(self) -> bool:
+        # without keys (kernel backend) there is nothing to compare
+        keys_agree = self.fingerprints_match or not (
+            self.client.info.key_fingerprint
+            or self.server.info.key_fingerprint
+        )
+        return self.sha256_match and keys_agree
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second, application data only."""
+        return self.client.sent / max(self.client.seconds, 1e-9)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "file": {
+                "path": str(self.payload.path),
+                "size": self.payload.size,
+                "description": self.payload.description,
+            },
+            "backend": self.settings.backend,
+            "mode": self.client.info.mode,
+            "paths": list(self.settings.paths),
+            "tls": {
+                "version": self.client.tls_version,
+                "cipher": self.client.cipher,
+            },
+            "keys": {
+                "source": "TLS exporter (EXPORTER-MPTCP)",
+                "client_fingerprint": self.client.info.key_fingerprint,
+                "server_fingerprint": self.server.info.key_fingerprint,
+                "match": self.fingerprints_match,
+            },
+            "transfer": {
+                "bytes_sent": self.client.sent,
+                "bytes_received": self.server.received,
+                "seconds": round(self.client.seconds, 6),
+                "bytes_per_second": round(self.throughput),
+            },
+            "sha256": {
+                "client": self.client.sha256,
+                "server": self.server.sha256,
+                "match": self.sha256_match,
+            },
+            "client": self.client.info.as_dict(),
+            "server": self.server.info.as_dict(),
+        }
+
+
+Progress = Callable[[int], None]
+
+
+async def _receive(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    result: asyncio.Future[ServerSide],
+    progress: Progress,
+) -> None:
+    """The server's side: hash everything until EOF, answer the digest."""
+    try:
+        digest = hashlib.sha256()
+        received = 0
+        while chunk := await reader.read(CHUNK_SIZE):
+            digest.update(chunk)
+            received += len(chunk)
+            progress(received)
+        info = writer.get_extra_info("mptcp")
+        writer.write(digest.hexdigest().encode("ascii") + b"\n")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    except Exception as exc:
+        if not result.done():
+            result.set_exception(exc)
+        return
+    if not result.done():
+        result.set_result(ServerSide(digest.hexdigest(), received, info))
+
+
+async def _wait_for_subflows(writer: asyncio.StreamWriter, count: int) -> None:
+    """Give the extra paths a moment to join before the data flows."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + JOIN_WAIT
+    while loop.time() < deadline:
+        info: MptcpInfo | None = writer.get_extra_info("mptcp")
+        if info is None or info.fallback:
+            return
+        established = [
+            subflow
+            for subflow in info.subflows
+            if subflow.state.lower() == "established"
+        ]
+        if len(established) >= count:
+            return
+        await asyncio.sleep(JOIN_POLL)
+
+
+async def _send(
+    settings: DemoSettings, port: int, payload: Payload, pems: DevelopmentPems
+) -> ClientSide:
+    """The client's side: send the file, half-close, read the answer."""
+    host = _server_host(settings.paths)
+    reader, writer = await mptls.open_connection(
+        host,
+        port,
+        ssl=mptls.TLSConfig(cadata=pems.ca),
+        server_hostname="localhost",
+        local_addrs=list(settings.paths),
+        backend=settings.backend,
+        mode=settings.mode,
+    )
+    try:
+        await _wait_for_subflows(writer, len(settings.paths))
+
+        # send while hashing; drain keeps the buffer bounded
+        started = time.perf_counter()
+        digest = hashlib.sha256()
+        sent = 0
+        with payload.path.open("rb") as source:
+            while chunk := source.read(CHUNK_SIZE):
+                digest.update(chunk)
+                writer.write(chunk)
+                sent += len(chunk)
+                await writer.drain()
+        writer.write_eof()
+
+        # the server answers once it has everything
+        answer = (await reader.read()).decode("ascii", "replace").strip()
+        seconds = time.perf_counter() - started
+        cipher = writer.get_extra_info("cipher")
+        return ClientSide(
+            sha256=digest.hexdigest(),
+            sent=sent,
+            seconds=seconds,
+            answer=answer,
+            info=writer.get_extra_info("mptcp"),
+            tls_version=writer.get_extra_info("tls_version"),
+            cipher=cipher[0] if cipher else None,
+        )
+    finally:
+        writer.close()
+
+
+def _server_host(paths: tuple[str, ...]) -> str:
+    """The server listens on the loopback of the first path's family."""
+    return "::1" if ":" in paths[0] else "127.0.0.1"
+
+
+def _server_tls(pems: DevelopmentPems) -> mptls.TLSConfig:
+    return mptls.TLSConfig(certdata=pems.chain, keydata=pems.key)
+
+
+async def run_demo(
+    settings: DemoSettings,
+    payload: Payload,
+    progress: Progress = lambda received: None,
+) -> DemoReport:
+    """Run one transfer of ``payload`` and report both ends."""
+    pems = issue_development_pems()
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[ServerSide] = loop.create_future()
+    handler = functools.partial(_receive, result=result, progress=progress)
+    server = await mptls.start_server(
+        handler,
+        _server_host(settings.paths),
+        0,
+        ssl=_server_tls(pems),
+        backend=settings.backend,
+    )
+    async with server, asyncio.timeout(settings.timeout):
+        port = server.sockets[0].getsockname()[1]
+        client = await _send(settings, port, payload, pems)
+        server_side = await result
+    return DemoReport(payload, settings, client, server_side)
