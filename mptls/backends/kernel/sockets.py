@@ -1,0 +1,239 @@
+"""Linux MPTCP sockets: creating, connecting, listening, telling fallback.
+
+This module speaks to the socket API only. It resolves names without
+asking ``getaddrinfo`` for protocol 262 (the C library refuses it: no
+services entry names MPTCP), creates ``IPPROTO_MPTCP`` sockets itself,
+and reads the kernel's word on whether a connection really is MPTCP.
+
+It must never quietly swap an MPTCP socket for a TCP one: when the kernel
+refuses ``IPPROTO_MPTCP`` it raises, and when a connection falls back to
+TCP it says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from mptls.errors import BackendError
+
+logger = logging.getLogger("mptls.backends.kernel")
+
+# include/uapi/linux/in.h and include/linux/socket.h
+IPPROTO_MPTCP = 262
+SOL_MPTCP = 284
+# include/uapi/linux/tcp.h: SOL_TCP option telling whether the socket
+# runs MPTCP (0 once a connection has fallen back to TCP).
+TCP_IS_MPTCP = 43
+
+# The errors MPTCP_INFO gives once a connection has fallen back to TCP:
+# the request then reaches the plain TCP socket, whose IPv4 side answers
+# EOPNOTSUPP and whose IPv6 side answers ENOPROTOOPT.
+FALLBACK_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT})
+
+
+class MptcpSockopt(IntEnum):
+    """SOL_MPTCP getsockopt names (include/uapi/linux/mptcp.h)."""
+
+    MPTCP_INFO = 1
+    MPTCP_TCPINFO = 2
+    MPTCP_SUBFLOW_ADDRS = 3
+    MPTCP_FULL_INFO = 4
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackState:
+    """Whether a connected socket runs MPTCP, and if not, why not."""
+
+    fallback: bool
+    reason: str = ""
+
+
+def mptcp_socket(family: int) -> socket.socket:
+    """A new non-blocking ``IPPROTO_MPTCP`` stream socket.
+
+    Raises :class:`BackendError` when the kernel refuses the protocol
+    (MPTCP not built in, or ``net.mptcp.enabled = 0``).
+    """
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    except OSError as exc:
+        raise BackendError(
+            f"the kernel refused an IPPROTO_MPTCP socket "
+            f"({errno.errorcode.get(exc.errno or 0, exc.errno)}): "
+            "MPTCP is not built in or net.mptcp.enabled is 0"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
+def socket_protocol(sock: socket.socket) -> int:
+    """SO_PROTOCOL: 262 for an MPTCP socket, 6 for plain TCP.
+
+    An MPTCP listener hands out a plain TCP socket for a client that did
+    not ask for MPTCP, so on an accepted socket this is the client's
+    choice.
+    """
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+
+
+def fallback_state(sock: socket.socket) -> FallbackState:
+    """Ask the kernel whether ``sock``'s connection runs MPTCP."""
+    if socket_protocol(sock) != IPPROTO_MPTCP:
+        return FallbackState(True, "the peer did not ask for MPTCP")
+    try:
+        sock.getsockopt(SOL_MPTCP, MptcpSockopt.MPTCP_INFO, 16)
+    except OSError as exc:
+        if exc.errno in FALLBACK_ERRNOS:
+            return FallbackState(
+                True, "the peer did not answer with MPTCP (fell back to TCP)"
+            )
+        raise
+    return FallbackState(False)
+
+
+async def resolve(
+    loop: asyncio.AbstractEventLoop,
+    host: str | None,
+    port: int,
+    *,
+    family: int = socket.AF_UNSPEC,
+    passive: bool = False,
+) -> list[tuple[int, tuple[str, int]]]:
+    """``(family, (address, port))`` pairs for ``host``.
+
+    ``getaddrinfo`` is asked for TCP stream addresses: glibc has no entry
+    for protocol 262 and fails with it, and the addresses are the same.
+    """
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        infos = await loop.getaddrinfo(
+            host,
+            port,
+            family=family,
+            type=socket.SOCK_STREAM,
+            proto=socket.IPPROTO_TCP,
+            flags=flags,
+        )
+    except socket.gaierror as exc:
+        raise BackendError(f"cannot resolve {host!r}: {exc}") from exc
+    pairs: list[tuple[int, tuple[str, int]]] = []
+    for info_family, _, _, _, address in infos:
+        if info_family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        pair = (int(info_family), (str(address[0]), int(address[1])))
+        if pair not in pairs:
+            pairs.append(pair)
+    if not pairs:
+        raise BackendError(f"no IPv4 or IPv6 address for {host!r}")
+    return pairs
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    *,
+    local_addr: str | None = None,
+) -> socket.socket:
+    """A connected MPTCP socket to ``host``, trying each address in turn.
+
+    With ``local_addr`` the first subflow leaves from that address, and
+    only addresses of its family are tried.
+    """
+    family = socket.AF_UNSPEC
+    if local_addr is not None:
+        family = address_family(local_addr)
+    errors: list[str] = []
+    for addr_family, address in await resolve(loop, host, port, family=family):
+        sock = mptcp_socket(addr_family)
+        try:
+            if local_addr is not None:
+                sock.bind((local_addr, 0))
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            errors.append(f"{address[0]} port {address[1]}: {exc}")
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        logger.debug("connected %s -> %s", sock.getsockname(), address)
+        return sock
+    raise BackendError(
+        f"cannot connect to {host!r} port {port}: " + "; ".join(errors)
+    )
+
+
+def address_family(address: str) -> int:
+    """AF_INET or AF_INET6 for a numeric address."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, address)
+        except OSError:
+            continue
+        return family
+    raise BackendError(f"not a numeric IPv4 or IPv6 address: {address!r}")
+
+
+async def listening_sockets(
+    loop: asyncio.AbstractEventLoop,
+    host: str | Sequence[str] | None,
+    port: int,
+    *,
+    backlog: int = 100,
+    reuse_address: bool = True,
+) -> list[socket.socket]:
+    """MPTCP listening sockets for ``host``; both families when ``None``.
+
+    A wildcard listener is what takes joins aimed at an address the
+    server announced with ADD_ADDR, so ``host=None`` suits a server that
+    announces more than one address.
+    """
+    hosts: list[str | None] = []
+    if host is None or isinstance(host, str):
+        hosts.append(host)
+    else:
+        hosts.extend(host)
+    sockets: list[socket.socket] = []
+    try:
+        for one_host in hosts:
+            for family, address in await resolve(
+                loop, one_host, port, passive=True
+            ):
+                sockets.append(
+                    _listen(family, address, backlog, reuse_address)
+                )
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listen(
+    family: int,
+    address: tuple[str, int],
+    backlog: int,
+    reuse_address: bool,
+) -> socket.socket:
+    sock = mptcp_socket(family)
+    try:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # Each family gets its own listener, as asyncio does.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BackendError(
+            f"cannot listen on {address[0]} port {address[1]}: {exc}"
+        ) from exc
+    return sock
