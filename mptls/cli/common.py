@@ -26,6 +26,12 @@ BACKENDS = ("userspace", "kernel")
 MODES = ("G", "rfc8684")
 
 
+def server_mode_options(backend: str, mode: str) -> dict[str, Any]:
+    """The server keyword that admits ``mode``: the userspace backend
+    takes the modes it accepts; the kernel's MPTCP has only its own."""
+    return {"modes": (mode,)} if backend == "userspace" else {}
+
+
 class ExitStatus(IntEnum):
     """The process exit statuses the commands use."""
 

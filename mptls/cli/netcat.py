@@ -23,6 +23,7 @@ import mptls
 from mptls.backends.base import MptcpInfo
 from mptls.cli.common import (
     BACKENDS,
+    MODES,
     ExitStatus,
     UsageError,
     existing_file,
@@ -30,6 +31,7 @@ from mptls.cli.common import (
     parse_announce,
     parse_paths,
     parse_port,
+    server_mode_options,
     stderr_console,
 )
 from mptls.errors import MptlsError
@@ -141,6 +143,7 @@ async def serve(args: argparse.Namespace) -> None:
         ssl=tls,
         backend=args.backend,
         announce_addrs=announce or None,
+        **server_mode_options(args.backend, args.mode),
     )
     async with server:
         _stop_on_signals(stop)
@@ -205,6 +208,7 @@ async def connect(args: argparse.Namespace) -> None:
         server_hostname=args.server_name,
         local_addrs=list(paths) if paths else None,
         backend=args.backend,
+        mode=args.mode,
     )
     _status(args.verbose, describe_connection(writer.get_extra_info("mptcp")))
     upload = asyncio.create_task(_stdin_to_connection(writer))
@@ -228,6 +232,12 @@ async def connect(args: argparse.Namespace) -> None:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="userspace")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="G",
+        help="G: keys from TLS (default); rfc8684: keys in the clear",
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="status lines on stderr"
     )

@@ -23,6 +23,7 @@ import mptls
 from mptls.backends.base import MptcpInfo
 from mptls.cli.archive import Payload
 from mptls.cli.certs import DevelopmentPems, issue_development_pems
+from mptls.cli.common import server_mode_options
 
 CHUNK_SIZE = 256 * 1024
 DEFAULT_PATHS = "127.0.0.1,127.0.0.2"
@@ -259,6 +260,7 @@ async def run_demo(
         0,
         ssl=_server_tls(pems),
         backend=settings.backend,
+        **server_mode_options(settings.backend, settings.mode),
     )
     async with server, asyncio.timeout(settings.timeout):
         port = server.sockets[0].getsockname()[1]
