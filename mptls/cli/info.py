@@ -29,6 +29,11 @@ def load_report() -> dict[str, Any]:
     return probe().as_dict()
 
 
+def _label(key: str) -> str:
+    """A field name for people; dotted names (sysctls) stay as they are."""
+    return key if "." in key else key.replace("_", " ")
+
+
 def _cell(value: Any) -> Any:
     """A value as a table cell: nested mappings become nested tables."""
     if isinstance(value, Mapping):
@@ -53,7 +58,7 @@ def _rows_table(rows: list[Mapping[str, Any]] | tuple[Any, ...]) -> Table:
         columns.extend(key for key in row if key not in columns)
     table = Table(box=box.SIMPLE, show_edge=False)
     for column in columns:
-        table.add_column(column.replace("_", " "))
+        table.add_column(_label(column))
     for row in rows:
         table.add_row(*(_cell(row.get(column)) for column in columns))
     return table
@@ -62,10 +67,10 @@ def _rows_table(rows: list[Mapping[str, Any]] | tuple[Any, ...]) -> Table:
 def report_table(report: Mapping[str, Any], title: str | None = None) -> Table:
     """A report as a two-column table of names and values."""
     table = Table(box=box.SIMPLE, show_header=False, title=title)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", overflow="fold")
+    table.add_column(overflow="fold")
     for key, value in report.items():
-        table.add_row(key.replace("_", " "), _cell(value))
+        table.add_row(_label(key), _cell(value))
     return table
 
 
