@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ async def connect(
         try:
             if local_addr is not None:
                 sock.bind((local_addr, 0))
-            await loop.sock_connect(sock, address)
+            await connect_socket(loop, sock, address)
         except OSError as exc:
             sock.close()
             errors.append(f"{address[0]} port {address[1]}: {exc}")
@@ -168,6 +169,40 @@ async def connect(
     raise BackendError(
         f"cannot connect to {host!r} port {port}: " + "; ".join(errors)
     )
+
+
+async def connect_socket(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    address: tuple[str, int],
+) -> None:
+    """Non-blocking connect of ``sock`` to a numeric ``address``.
+
+    ``loop.sock_connect`` cannot be used: it re-resolves the address
+    with the socket's own protocol, 262, which getaddrinfo refuses even
+    for a numeric address (EAI_SOCKTYPE). This is the same connect, with
+    the address already resolved.
+    """
+    code = sock.connect_ex(address)
+    if code == 0:
+        return
+    if code not in (errno.EINPROGRESS, errno.EAGAIN):
+        raise OSError(code, os.strerror(code))
+    writable = loop.create_future()
+    fd = sock.fileno()
+
+    def on_writable() -> None:
+        if not writable.done():
+            writable.set_result(None)
+
+    loop.add_writer(fd, on_writable)
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code != 0:
+        raise OSError(code, os.strerror(code))
 
 
 def address_family(address: str) -> int:

@@ -1,0 +1,260 @@
+"""The kernel backend: TLS over Linux MPTCP sockets.
+
+The kernel runs MPTCP; this backend opens and accepts ``IPPROTO_MPTCP``
+sockets, puts them under asyncio's own socket transports, offers the TLS
+keys to the kernel through :mod:`mptls.backends.kernel.keys`, and turns
+the kernel's MPTCP_INFO and subflow records into an :class:`MptcpInfo`.
+
+It must never hide a fallback to plain TCP, never claim keys are
+installed when the kernel did not take them, and never change the
+kernel's endpoints unless the caller asked for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import weakref
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from mptls.backends.base import (
+    Backend,
+    KeyInstall,
+    MptcpInfo,
+    ProtocolFactory,
+    SubflowInfo,
+)
+from mptls.backends.kernel import info as kernel_info
+from mptls.backends.kernel import keys as kernel_keys
+from mptls.backends.kernel import sockets
+from mptls.backends.kernel.pathmanager import EndpointFlag, PathManager
+from mptls.backends.kernel.server import MultiServer
+from mptls.errors import BackendError, ConfigurationError
+from mptls.tls.keys import KeyMaterial
+
+logger = logging.getLogger("mptls.backends.kernel")
+
+CONNECTION_OPTIONS = frozenset({"manage_paths"})
+SERVER_OPTIONS = frozenset({"announce", "backlog", "reuse_address"})
+
+
+def _check_options(given: dict[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"the kernel backend does not know option(s) "
+            f"{', '.join(unknown)}; it takes {', '.join(sorted(known))}"
+        )
+
+
+def _transport_socket(transport: asyncio.BaseTransport) -> Any:
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.fileno() < 0:
+        return None
+    return sock
+
+
+def _fallback_subflow(sock: Any) -> tuple[SubflowInfo, ...]:
+    """The one TCP connection of a fallen-back socket, as a subflow."""
+    try:
+        tcp = sock.getsockopt(
+            socket.IPPROTO_TCP, socket.TCP_INFO, kernel_info.TCP_INFO_STRIDE
+        )
+        local = sock.getsockname()[:2]
+        remote = sock.getpeername()[:2]
+    except OSError:
+        return ()
+    subflow = kernel_info.subflow_from_records(0, b"", tcp)
+    return (
+        SubflowInfo(
+            subflow_id=0,
+            local_address=(str(local[0]), int(local[1])),
+            remote_address=(str(remote[0]), int(remote[1])),
+            state=subflow.state,
+            bytes_sent=subflow.bytes_sent,
+            bytes_received=subflow.bytes_received,
+            rtt_ms=subflow.rtt_ms,
+        ),
+    )
+
+
+class KernelBackend(Backend):
+    """Linux MPTCP (``IPPROTO_MPTCP``) under mptls's TLS layer.
+
+    ``key_hook`` is how TLS keys reach the kernel; by default the hook
+    for the running kernel (:func:`keys.detect`), which on every released
+    kernel reports that it cannot take them.
+    """
+
+    name: ClassVar[str] = "kernel"
+
+    def __init__(self, key_hook: kernel_keys.KernelKeyHook | None = None):
+        self.key_hook = key_hook or kernel_keys.detect()
+        self._installs: weakref.WeakKeyDictionary[
+            asyncio.BaseTransport, tuple[KeyInstall, str]
+        ] = weakref.WeakKeyDictionary()
+
+    async def create_connection(
+        self,
+        protocol_factory: ProtocolFactory,
+        host: str,
+        port: int,
+        *,
+        local_addrs: Sequence[str] | None = None,
+        **options: Any,
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        """Connect an MPTCP socket and run ``protocol_factory()`` on it.
+
+        ``local_addrs[0]`` carries the first subflow. Further addresses
+        become kernel ``subflow`` endpoints only with
+        ``manage_paths=True`` (needs CAP_NET_ADMIN); otherwise the
+        kernel's configured endpoints decide the extra subflows.
+        """
+        _check_options(options, CONNECTION_OPTIONS)
+        loop = asyncio.get_running_loop()
+        addrs = list(local_addrs or ())
+        if len(addrs) > 1:
+            self._subflow_endpoints(
+                addrs[1:], bool(options.get("manage_paths"))
+            )
+        sock = await sockets.connect(
+            loop, host, port, local_addr=addrs[0] if addrs else None
+        )
+        try:
+            state = sockets.fallback_state(sock)
+            if state.fallback:
+                logger.info(
+                    "connection to %s port %d is plain TCP: %s",
+                    host,
+                    port,
+                    state.reason,
+                )
+            transport, protocol = await loop.create_connection(
+                protocol_factory, sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return transport, protocol
+
+    def _subflow_endpoints(
+        self, addresses: Sequence[str], manage: bool
+    ) -> None:
+        if not manage:
+            logger.info(
+                "extra local addresses %s left to the kernel's endpoints "
+                "(pass manage_paths=True to add them)",
+                list(addresses),
+            )
+            return
+        with PathManager() as paths:
+            for address in addresses:
+                paths.ensure_endpoint(address, EndpointFlag.SUBFLOW)
+            limits = paths.limits()
+            if limits.subflows < len(addresses):
+                paths.set_limits(subflows=len(addresses))
+
+    async def create_server(
+        self,
+        protocol_factory: ProtocolFactory,
+        host: str | Sequence[str] | None,
+        port: int,
+        **options: Any,
+    ) -> asyncio.AbstractServer:
+        """Listen on MPTCP sockets; both families when ``host`` is None.
+
+        ``announce``: addresses to add as kernel ``signal`` endpoints
+        (ADD_ADDR to every peer; needs CAP_NET_ADMIN). Joins to an
+        announced address reach only a wildcard listener (``host=None``).
+        """
+        _check_options(options, SERVER_OPTIONS)
+        announce = list(options.get("announce") or ())
+        if announce:
+            with PathManager() as paths:
+                for address in announce:
+                    paths.ensure_endpoint(address, EndpointFlag.SIGNAL)
+        loop = asyncio.get_running_loop()
+        listeners = await sockets.listening_sockets(
+            loop,
+            host,
+            port,
+            backlog=int(options.get("backlog", 100)),
+            reuse_address=bool(options.get("reuse_address", True)),
+        )
+        servers: list[asyncio.Server] = []
+        try:
+            for listener in listeners:
+                servers.append(
+                    await loop.create_server(protocol_factory, sock=listener)
+                )
+        except BaseException:
+            for server in servers:
+                server.close()
+            for listener in listeners[len(servers) :]:
+                listener.close()
+            raise
+        return MultiServer(loop, servers)
+
+    def install_keys(
+        self, transport: asyncio.BaseTransport, keys: KeyMaterial
+    ) -> KeyInstall:
+        """Offer the TLS keys to the kernel; say whether it took them."""
+        sock = _transport_socket(transport)
+        if sock is None:
+            result = KeyInstall(False, "the connection is closed")
+        elif sockets.fallback_state(sock).fallback:
+            result = KeyInstall(
+                False, "the connection fell back to TCP: nothing to key"
+            )
+        else:
+            result = self.key_hook.install(sock, keys)
+        logger.debug(
+            "keys %s offered to the kernel: installed=%s",
+            keys.fingerprint(),
+            result.installed,
+        )
+        self._installs[transport] = (result, keys.fingerprint())
+        return result
+
+    def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
+        """The kernel's view of the connection behind ``transport``."""
+        install, fingerprint = self._installs.get(transport, (None, None))
+        keys_reason = (
+            install.reason if install else self.key_hook.support().reason
+        )
+        installed = bool(install and install.installed)
+        sock = _transport_socket(transport)
+        if sock is None:
+            raise BackendError("the connection is closed: no kernel state")
+        state = sockets.fallback_state(sock)
+        if state.fallback:
+            return MptcpInfo(
+                backend=self.name,
+                mode="fallback",
+                local_token=None,
+                remote_token=None,
+                keys_installed=False,
+                keys_reason=state.reason,
+                key_fingerprint=fingerprint,
+                fallback=True,
+                subflows=_fallback_subflow(sock),
+            )
+        try:
+            snapshot = kernel_info.read_snapshot(sock)
+        except OSError as exc:
+            raise BackendError(
+                f"the kernel gave no MPTCP state: {exc}"
+            ) from exc
+        return MptcpInfo(
+            backend=self.name,
+            mode="kernel",
+            local_token=snapshot.mptcp_info.token,
+            remote_token=None,
+            keys_installed=installed,
+            keys_reason=keys_reason,
+            key_fingerprint=fingerprint,
+            fallback=snapshot.mptcp_info.fallback,
+            subflows=snapshot.subflows,
+        )

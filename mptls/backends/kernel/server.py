@@ -1,0 +1,62 @@
+"""One asyncio server over several listening sockets.
+
+``loop.create_server(sock=...)`` takes a single socket, while an MPTCP
+server listening on both address families (or several hosts) has one
+socket each. :class:`MultiServer` presents their servers as one
+``asyncio.AbstractServer``. It does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+
+
+class MultiServer(asyncio.AbstractServer):
+    """Several ``asyncio.Server`` objects acting as one."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        servers: Sequence[asyncio.Server],
+    ) -> None:
+        self._loop = loop
+        self._servers = tuple(servers)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        found: list[socket.socket] = []
+        for server in self._servers:
+            found.extend(server.sockets)
+        return tuple(found)
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    def close_clients(self) -> None:
+        """Close every accepted connection (Python 3.13 servers only)."""
+        for server in self._servers:
+            close_clients = getattr(server, "close_clients", None)
+            if close_clients is not None:
+                close_clients()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return any(server.is_serving() for server in self._servers)
+
+    async def start_serving(self) -> None:
+        for server in self._servers:
+            await server.start_serving()
+
+    async def serve_forever(self) -> None:
+        await asyncio.gather(
+            *(server.serve_forever() for server in self._servers)
+        )
+
+    async def wait_closed(self) -> None:
+        for server in self._servers:
+            await server.wait_closed()

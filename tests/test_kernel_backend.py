@@ -1,0 +1,302 @@
+"""The kernel backend over loopback: MPTCP, fallback, info, keys, options.
+
+Real sockets on 127.0.0.1 and ::1 in the current network namespace; no
+privilege needed beyond a kernel with MPTCP enabled. Namespace topologies
+are in test_kernel_netns.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from mptls.backends.base import KeyInstall
+from mptls.backends.kernel import KernelBackend
+from mptls.backends.kernel.keys import (
+    KernelKeyHook,
+    KeySupport,
+    NoKernelKeys,
+)
+from mptls.errors import BackendError, ConfigurationError
+from mptls.tls.keys import KeyMaterial
+
+pytestmark = pytest.mark.kernel
+
+EKM = bytes(range(16))
+
+
+def _mptcp_missing() -> str | None:
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    except OSError as exc:
+        return f"no kernel MPTCP here: {exc}"
+    sock.close()
+    return None
+
+
+def _ipv6_missing() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        return f"no IPv6 loopback: {exc}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _needs_mptcp() -> None:
+    reason = _mptcp_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+class Echo(asyncio.Protocol):
+    """Echoes what it receives; remembers its transport."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.connected = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.connected.set_result(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+
+class Collect(asyncio.Protocol):
+    """Collects bytes until ``expected`` have arrived."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.received = bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= self.expected and not self.done.done():
+            self.done.set_result(bytes(self.received))
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[KernelBackend]:
+    yield KernelBackend()
+
+
+async def _echo_round_trip(
+    backend: KernelBackend,
+    host: str,
+    server_factory: object = None,
+) -> tuple[asyncio.Transport, Collect, list[Echo]]:
+    accepted: list[Echo] = []
+
+    def make_echo() -> Echo:
+        echo = Echo()
+        accepted.append(echo)
+        return echo
+
+    server = await backend.create_server(make_echo, host, 0)
+    port = server.sockets[0].getsockname()[1]
+    payload = b"mptls kernel backend" * 50
+    transport, client = await backend.create_connection(
+        lambda: Collect(len(payload)), host, port
+    )
+    assert isinstance(transport, asyncio.Transport)
+    assert isinstance(client, Collect)
+    transport.write(payload)
+    assert await asyncio.wait_for(client.done, 5) == payload
+    server.close()
+    return transport, client, accepted
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_mptcp_both_ends_report_kernel_mode(
+    backend: KernelBackend, host: str
+) -> None:
+    if ":" in host and _ipv6_missing():
+        pytest.skip(str(_ipv6_missing()))
+    transport, _, accepted = await _echo_round_trip(backend, host)
+    client_info = backend.info(transport)
+    assert client_info.backend == "kernel"
+    assert client_info.mode == "kernel"
+    assert client_info.fallback is False
+    assert client_info.local_token is not None
+    assert len(client_info.local_token) == 8
+    assert client_info.keys_installed is False
+    assert "no interface" in client_info.keys_reason
+    (subflow,) = client_info.subflows
+    assert subflow.remote_address is not None
+    assert subflow.remote_address[0] == host
+    assert subflow.state == "ESTABLISHED"
+    assert subflow.bytes_sent >= 1000
+    assert subflow.rtt_ms is not None
+
+    server_transport = accepted[0].transport
+    assert server_transport is not None
+    server_info = backend.info(server_transport)
+    assert server_info.mode == "kernel"
+    assert server_info.subflows[0].bytes_received >= 1000
+    assert server_info.local_token != client_info.local_token
+    transport.close()
+    server_transport.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_plain_tcp_server_gives_reported_fallback(
+    backend: KernelBackend, host: str
+) -> None:
+    if ":" in host and _ipv6_missing():
+        pytest.skip(str(_ipv6_missing()))
+    loop = asyncio.get_running_loop()
+    plain = await loop.create_server(Echo, host, 0)
+    port = plain.sockets[0].getsockname()[1]
+    transport, client = await backend.create_connection(
+        lambda: Collect(5), host, port
+    )
+    assert isinstance(transport, asyncio.Transport)
+    assert isinstance(client, Collect)
+    transport.write(b"hello")
+    assert await asyncio.wait_for(client.done, 5) == b"hello"
+    report = backend.info(transport)
+    assert report.mode == "fallback"
+    assert report.fallback is True
+    assert report.local_token is None
+    assert "did not answer with MPTCP" in report.keys_reason
+    (subflow,) = report.subflows
+    assert subflow.remote_address == (host, port)
+    install = backend.install_keys(transport, KeyMaterial(EKM))
+    assert install == KeyInstall(
+        False, "the connection fell back to TCP: nothing to key"
+    )
+    transport.close()
+    plain.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_plain_tcp_client_seen_by_server_as_fallback(
+    backend: KernelBackend, host: str
+) -> None:
+    if ":" in host and _ipv6_missing():
+        pytest.skip(str(_ipv6_missing()))
+    accepted: list[Echo] = []
+
+    def make_echo() -> Echo:
+        accepted.append(Echo())
+        return accepted[-1]
+
+    server = await backend.create_server(make_echo, host, 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    server_transport = await asyncio.wait_for(accepted[0].connected, 5)
+    report = backend.info(server_transport)
+    assert report.mode == "fallback"
+    assert report.keys_reason == "the peer did not ask for MPTCP"
+    writer.close()
+    server.close()
+
+
+async def test_install_keys_reports_kernel_cannot_take_them(
+    backend: KernelBackend,
+) -> None:
+    transport, _, _ = await _echo_round_trip(backend, "127.0.0.1")
+    keys = KeyMaterial(EKM)
+    install = backend.install_keys(transport, keys)
+    assert install.installed is False
+    assert install.reason == NoKernelKeys().support().reason
+    report = backend.info(transport)
+    assert report.keys_installed is False
+    assert report.key_fingerprint == keys.fingerprint()
+    # the keys never show up in the snapshot
+    assert EKM.hex() not in repr(report.as_dict())
+    assert EKM[:8].hex() not in repr(report.as_dict())
+    transport.close()
+
+
+class RecordingHook(KernelKeyHook):
+    """A hook standing in for a patched kernel; records what it was given."""
+
+    def __init__(self) -> None:
+        self.given: list[KeyMaterial] = []
+
+    def support(self) -> KeySupport:
+        return KeySupport(True, "test hook")
+
+    def install(self, sock: socket.socket, keys: KeyMaterial) -> KeyInstall:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == 262
+        self.given.append(keys)
+        return KeyInstall(True, "test hook took them")
+
+
+async def test_key_hook_is_the_one_place_keys_go() -> None:
+    hook = RecordingHook()
+    backend = KernelBackend(key_hook=hook)
+    transport, _, _ = await _echo_round_trip(backend, "127.0.0.1")
+    keys = KeyMaterial(EKM)
+    assert backend.install_keys(transport, keys).installed
+    assert hook.given == [keys]
+    report = backend.info(transport)
+    assert report.keys_installed is True
+    assert report.keys_reason == "test hook took them"
+    transport.close()
+
+
+async def test_server_on_both_families_when_host_is_none(
+    backend: KernelBackend,
+) -> None:
+    if _ipv6_missing():
+        pytest.skip(str(_ipv6_missing()))
+    server = await backend.create_server(Echo, None, 0)
+    families = sorted(sock.family for sock in server.sockets)
+    assert families == sorted([socket.AF_INET, socket.AF_INET6])
+    for sock in server.sockets:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == 262
+    server.close()
+    await server.wait_closed()
+    assert not server.is_serving()
+
+
+async def test_unknown_options_are_refused(backend: KernelBackend) -> None:
+    with pytest.raises(ConfigurationError, match="require_app_key"):
+        await backend.create_connection(
+            asyncio.Protocol, "127.0.0.1", 1, require_app_key=True
+        )
+    with pytest.raises(ConfigurationError, match="announse"):
+        await backend.create_server(
+            asyncio.Protocol, "127.0.0.1", 0, announse=[]
+        )
+
+
+async def test_connection_refused_is_a_backend_error(
+    backend: KernelBackend,
+) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(BackendError, match="cannot connect"):
+        await backend.create_connection(asyncio.Protocol, "127.0.0.1", port)
+
+
+async def test_first_local_address_carries_the_first_subflow(
+    backend: KernelBackend,
+) -> None:
+    server = await backend.create_server(Echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, _ = await backend.create_connection(
+        lambda: Collect(1), "127.0.0.1", port, local_addrs=["127.0.0.3"]
+    )
+    report = backend.info(transport)
+    assert report.subflows[0].local_address is not None
+    assert report.subflows[0].local_address[0] == "127.0.0.3"
+    transport.close()
+    server.close()
