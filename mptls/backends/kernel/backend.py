@@ -29,7 +29,11 @@ from mptls.backends.base import (
 from mptls.backends.kernel import info as kernel_info
 from mptls.backends.kernel import keys as kernel_keys
 from mptls.backends.kernel import sockets
-from mptls.backends.kernel.pathmanager import EndpointFlag, PathManager
+from mptls.backends.kernel.pathmanager import (
+    EndpointFlag,
+    PathManager,
+    run_in_thread,
+)
 from mptls.backends.kernel.server import MultiServer
 from mptls.errors import BackendError, ConfigurationError
 from mptls.tls.keys import KeyMaterial
@@ -172,9 +176,13 @@ class KernelBackend(Backend):
         _check_options(options, SERVER_OPTIONS)
         announce = list(options.get("announce") or ())
         if announce:
-            with PathManager() as paths:
-                for address in announce:
-                    paths.ensure_endpoint(address, EndpointFlag.SIGNAL)
+
+            def add() -> None:
+                with PathManager() as paths:
+                    for address in announce:
+                        paths.ensure_endpoint(address, EndpointFlag.SIGNAL)
+
+            await run_in_thread(add)
         loop = asyncio.get_running_loop()
         listeners = await sockets.listening_sockets(
             loop,

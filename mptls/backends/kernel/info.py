@@ -259,19 +259,28 @@ def read_full_info(fd: int) -> KernelSnapshot:
     raw = header.raw[:length]
     if length < FULL_INFO_HEADER.size:
         raise BackendError("MPTCP_FULL_INFO returned a short header")
-    count = min(FULL_INFO_HEADER.unpack_from(raw, 0)[4], MAX_SUBFLOWS)
+    # The kernel shrinks each *_user size to what it copied per record,
+    # and steps through the arrays by that size.
+    _, tcp_stride, _, subflow_stride, count, _, _, _ = (
+        FULL_INFO_HEADER.unpack_from(raw, 0)
+    )
     subflows = []
-    for index in range(count):
-        record = subflow_buffer.raw[
-            index * SUBFLOW_INFO_SIZE : (index + 1) * SUBFLOW_INFO_SIZE
-        ]
+    for index in range(min(count, MAX_SUBFLOWS)):
+        record = _record(subflow_buffer.raw, index, subflow_stride)
         subflow_id = struct.unpack_from("=I", record, 0)[0]
-        tcp_info = tcp_buffer.raw[
-            index * TCP_INFO_STRIDE : (index + 1) * TCP_INFO_STRIDE
-        ]
-        subflows.append(subflow_from_records(subflow_id, record[8:], tcp_info))
+        subflows.append(
+            subflow_from_records(
+                subflow_id,
+                record[8:],
+                _record(tcp_buffer.raw, index, tcp_stride),
+            )
+        )
     info = decode_mptcp_info(raw[FULL_INFO_HEADER.size :])
     return KernelSnapshot(info, tuple(subflows), "MPTCP_FULL_INFO")
+
+
+def _record(data: bytes, index: int, stride: int) -> bytes:
+    return data[index * stride : (index + 1) * stride]
 
 
 def read_subflow_array(
@@ -283,10 +292,12 @@ def read_subflow_array(
     )
     SUBFLOW_DATA.pack_into(buffer, 0, SUBFLOW_DATA.size, 0, 0, stride)
     raw_getsockopt(fd, SOL_MPTCP, name, buffer)
-    _, count, _, _ = SUBFLOW_DATA.unpack_from(buffer.raw, 0)
-    start = SUBFLOW_DATA.size
+    # size_user comes back as the size the kernel copied per record,
+    # which is also its step through the array.
+    header_size, count, _, copied = SUBFLOW_DATA.unpack_from(buffer.raw, 0)
+    records = buffer.raw[header_size:]
     return [
-        buffer.raw[start + index * stride : start + (index + 1) * stride]
+        _record(records, index, copied)
         for index in range(min(count, MAX_SUBFLOWS))
     ]
 

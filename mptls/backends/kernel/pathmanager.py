@@ -13,16 +13,21 @@ netlink. It talks netlink through pyroute2 and never runs ``ip``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntFlag
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from mptls.errors import PathError
 
 logger = logging.getLogger("mptls.backends.kernel.paths")
+
+T = TypeVar("T")
 
 # include/uapi/linux/capability.h
 CAP_NET_ADMIN = 12
@@ -280,3 +285,36 @@ def _family(address: str) -> int:
             continue
         return family
     raise PathError(f"not a numeric IPv4 or IPv6 address: {address!r}")
+
+
+async def run_in_thread(work: Callable[[], T]) -> T:
+    """Run blocking path-manager ``work`` without blocking the loop.
+
+    pyroute2's synchronous sockets refuse to run inside a running event
+    loop, so ``work`` runs on a new thread. A new thread starts in the
+    network namespace of the thread that creates it, so the endpoints
+    changed are those of the caller's namespace (a pooled executor
+    thread may sit in another one).
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            result = work()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    worker = threading.Thread(target=body, name="mptls-paths", daemon=True)
+    worker.start()
+    return await done

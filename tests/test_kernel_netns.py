@@ -1,0 +1,147 @@
+"""The kernel backend across two namespaces joined by two paths.
+
+Path 0 (192.0.2.0/24) carries the first subflow; the server announces
+its path-1 address (198.51.100.2) with a ``signal`` endpoint and the
+client accepts one announced address, so the kernel joins a second
+subflow over path 1. Needs root and kernel MPTCP; skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Iterator
+
+import netns
+import pytest
+
+from mptls.backends.kernel import KernelBackend
+from mptls.backends.kernel.pathmanager import (
+    EndpointFlag,
+    PathManager,
+    run_in_thread,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.kernel]
+
+PORT = 4433
+MIB = 1 << 20
+TRANSFER = 64 * MIB
+CHUNK = 256 * 1024
+
+
+@pytest.fixture
+def topology() -> Iterator[netns.Topology]:
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns.topology(2) as built:
+        yield built
+
+
+class Sink(asyncio.Protocol):
+    """Hashes what it receives; done once ``expected`` bytes are in."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.count = 0
+        self.digest = hashlib.sha256()
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.count += len(data)
+        if self.count >= self.expected and not self.done.done():
+            self.done.set_result(self.digest.hexdigest())
+
+
+class Source(asyncio.Protocol):
+    """Writes a payload in chunks, honouring pause and resume."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.closed = loop.create_future()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+
+async def _send(
+    transport: asyncio.WriteTransport, source: Source, data: bytes
+) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        await source.can_write.wait()
+        transport.write(view[start : start + CHUNK])
+
+
+async def _configure_paths(topology: netns.Topology) -> None:
+    """Server announces its path-1 address; client accepts one."""
+
+    def server_side() -> None:
+        with PathManager() as paths:
+            paths.add_endpoint(
+                topology.paths[1].server_address, EndpointFlag.SIGNAL
+            )
+            paths.set_limits(subflows=2, add_addr_accepted=0)
+
+    def client_side() -> None:
+        with PathManager() as paths:
+            paths.set_limits(subflows=2, add_addr_accepted=1)
+
+    with topology.server.entered():
+        await run_in_thread(server_side)
+    with topology.client.entered():
+        await run_in_thread(client_side)
+
+
+@pytest.mark.slow
+async def test_64_mib_over_two_subflows(topology: netns.Topology) -> None:
+    await _configure_paths(topology)
+    backend = KernelBackend()
+    payload = random.Random(2024).randbytes(TRANSFER)
+    sinks: list[Sink] = []
+
+    def make_sink() -> Sink:
+        sinks.append(Sink(TRANSFER))
+        return sinks[-1]
+
+    # joins to the announced address reach only a wildcard listener
+    with topology.server.entered():
+        server = await backend.create_server(make_sink, "0.0.0.0", PORT)
+    with topology.client.entered():
+        transport, source = await backend.create_connection(
+            Source, topology.paths[0].server_address, PORT
+        )
+    assert isinstance(transport, asyncio.WriteTransport)
+    assert isinstance(source, Source)
+
+    await asyncio.wait_for(_send(transport, source, payload), 60)
+    received = await asyncio.wait_for(sinks[0].done, 60)
+    assert received == hashlib.sha256(payload).hexdigest()
+
+    report = backend.info(transport)
+    assert report.mode == "kernel"
+    assert len(report.subflows) == 2
+    remotes = {subflow.remote_address[0] for subflow in report.subflows}
+    assert remotes == {path.server_address for path in topology.paths}
+    for subflow in report.subflows:
+        assert subflow.bytes_sent > 0, subflow
+    assert sum(s.bytes_sent for s in report.subflows) >= TRANSFER
+    transport.close()
+    server.close()
+    await server.wait_closed()
