@@ -1,0 +1,490 @@
+"""TLS settings for mptls, and the one place they become OpenSSL contexts.
+
+:class:`TLSConfig` is the settings object of mptls; :func:`to_openssl_context`
+turns whatever the public ``ssl=`` argument holds into an
+``OpenSSL.SSL.Context`` plus the host-name-check decision for the engine.
+
+What ``ssl=`` accepts, and what each form gives:
+
+- a :class:`TLSConfig`: a fresh context built from it (see below);
+- an ``OpenSSL.SSL.Context``: used as it is, with renegotiation and
+  compression switched off on top; clients check the host name when the
+  context verifies peers (``VERIFY_PEER``);
+- ``True`` (clients only): ``TLSConfig()``, that is TLS 1.3, the system's
+  CA certificates and a host name check;
+- a client-side ``ssl.SSLContext`` (``PROTOCOL_TLS_CLIENT`` or
+  ``PROTOCOL_TLS``), carried over as far as Python lets it be read:
+
+  ==========================  ==========================================
+  ``verify_mode``             ``CERT_NONE`` -> no verification;
+                              ``CERT_OPTIONAL`` and ``CERT_REQUIRED`` ->
+                              ``VERIFY_PEER``
+  ``check_hostname``          carried over
+  ``minimum_version``         carried over, raised to TLS 1.2 when lower
+                              (mptls never runs below TLS 1.2)
+  ``maximum_version``         carried over; below TLS 1.2 is an error
+  CA certificates             the ones ``get_ca_certs(binary_form=True)``
+                              returns; when there are none and the context
+                              verifies, OpenSSL's default verify paths
+  ``verify_flags``            carried over (X509 store flags)
+  ciphers                     ``get_ciphers()``: the TLS 1.2 list and the
+                              TLS 1.3 suites
+  ==========================  ==========================================
+
+  Not carried over, because Python offers no way to read them: ALPN
+  protocols (``set_alpn_protocols``), a client certificate and key
+  (``load_cert_chain``), CA directories loaded lazily through ``capath``,
+  ``options`` bits, ``sni_callback``, ``keylog_filename`` and
+  ``post_handshake_auth``. ``hostname_checks_common_name`` does not
+  apply: mptls never matches a host name against the subject's common
+  name. Use a :class:`TLSConfig` or an ``OpenSSL.SSL.Context`` when any
+  of these matters.
+
+What cannot be carried over is a :class:`~mptls.errors.ConfigurationError`,
+never a silent downgrade: a server-side ``ssl.SSLContext`` (its private key
+cannot be read out), a maximum version below TLS 1.2, a minimum above the
+maximum, ``ssl=True`` for a server.
+
+Every context built here has TLS 1.3 as its floor unless TLS 1.2 was asked
+for, renegotiation and compression off, and session tickets on. This module
+must never load a key it was not given, lower the floor below TLS 1.2, or
+turn renegotiation back on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import (
+    dsa,
+    ec,
+    ed448,
+    ed25519,
+    rsa,
+)
+from OpenSSL import SSL, crypto
+
+from mptls.errors import ConfigurationError
+
+logger = logging.getLogger("mptls.tls")
+
+# refused on every context mptls builds or is handed (RFC 5746 attacks,
+# CRIME); applied again per connection by the engine
+POLICY_OPTIONS = SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
+
+# the session id context OpenSSL needs on a server that verifies clients
+# and resumes sessions
+_SESSION_ID_CONTEXT = b"mptls"
+
+# ALPN protocol ids are 1 to 255 bytes (RFC 7301 section 3.1)
+_ALPN_MAX = 255
+
+PathLike = str | os.PathLike[str]
+PrivateKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
+_USABLE_KEYS = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    dsa.DSAPrivateKey,
+)
+
+
+class TLSVersion(IntEnum):
+    """The TLS versions mptls can run, by their wire value."""
+
+    TLS1_2 = 0x0303
+    TLS1_3 = 0x0304
+
+
+def _as_tls_version(value: object, what: str) -> TLSVersion:
+    try:
+        return TLSVersion(int(value))  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"{what} must be TLS 1.2 or TLS 1.3, got {value!r}"
+        ) from exc
+
+
+def _alpn_wire(protocols: Iterable[str]) -> list[bytes]:
+    wire = []
+    for protocol in protocols:
+        try:
+            encoded = protocol.encode("ascii")
+        except (AttributeError, UnicodeEncodeError) as exc:
+            raise ConfigurationError(
+                f"ALPN protocol {protocol!r} must be an ASCII string"
+            ) from exc
+        if not 1 <= len(encoded) <= _ALPN_MAX:
+            raise ConfigurationError(
+                f"ALPN protocol {protocol!r} must be 1 to {_ALPN_MAX} bytes"
+            )
+        wire.append(encoded)
+    return wire
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """The TLS settings of one mptls client or server.
+
+    ``certfile`` holds a PEM certificate chain (leaf first) and, when
+    ``keyfile`` is not given, the private key too; the key must not be
+    encrypted. ``cafile`` and ``cadata`` (PEM, one or more certificates,
+    or one DER certificate) are the trust anchors; a client given neither
+    uses the system's. ``verify`` and ``check_hostname`` concern the
+    server's certificate as a client sees it. A server verifies client
+    certificates only with ``require_client_cert`` and a CA to check them
+    against. ``ciphers`` is an OpenSSL cipher string for TLS 1.2; TLS 1.3
+    suites keep OpenSSL's defaults.
+    """
+
+    certfile: PathLike | None = None
+    keyfile: PathLike | None = None
+    cafile: PathLike | None = None
+    cadata: bytes | None = field(default=None, repr=False)
+    verify: bool = True
+    check_hostname: bool = True
+    require_client_cert: bool = False
+    minimum_version: TLSVersion = TLSVersion.TLS1_3
+    alpn_protocols: tuple[str, ...] = ()
+    ciphers: str | None = None
+
+    def __post_init__(self) -> None:
+        version = _as_tls_version(self.minimum_version, "minimum_version")
+        object.__setattr__(self, "minimum_version", version)
+        if isinstance(self.alpn_protocols, str):
+            raise ConfigurationError(
+                "alpn_protocols must be a sequence of strings, not a string"
+            )
+        protocols = tuple(self.alpn_protocols)
+        _alpn_wire(protocols)
+        object.__setattr__(self, "alpn_protocols", protocols)
+        if self.keyfile is not None and self.certfile is None:
+            raise ConfigurationError("keyfile given without certfile")
+        if self.require_client_cert and not self._has_ca:
+            raise ConfigurationError(
+                "require_client_cert needs cafile or cadata to check "
+                "client certificates against"
+            )
+
+    @property
+    def _has_ca(self) -> bool:
+        return self.cafile is not None or self.cadata is not None
+
+    @property
+    def hostname_checked(self) -> bool:
+        """Whether a client built from this config checks the host name."""
+        return self.verify and self.check_hostname
+
+    def client_context(self) -> SSL.Context:
+        """An OpenSSL context for the client end of a connection."""
+        context = _base_context(self.minimum_version)
+        if self.verify:
+            context.set_verify(SSL.VERIFY_PEER)
+            if self._has_ca:
+                self._load_trust(context)
+            else:
+                _load_default_trust(context)
+        else:
+            context.set_verify(SSL.VERIFY_NONE)
+        if self.certfile is not None:
+            self._load_identity(context, self.certfile)
+        if self.alpn_protocols:
+            context.set_alpn_protos(_alpn_wire(self.alpn_protocols))
+        self._load_ciphers(context)
+        return context
+
+    def server_context(self) -> SSL.Context:
+        """An OpenSSL context for the server end of a connection."""
+        if self.certfile is None:
+            raise ConfigurationError("a server needs certfile")
+        context = _base_context(self.minimum_version)
+        context.set_session_id(_SESSION_ID_CONTEXT)
+        self._load_identity(context, self.certfile)
+        if self.require_client_cert:
+            context.set_verify(
+                SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+            )
+            anchors = self._load_trust(context)
+            context.set_client_ca_list(
+                [
+                    crypto.X509.from_cryptography(c).get_subject()
+                    for c in anchors
+                ]
+            )
+        else:
+            context.set_verify(SSL.VERIFY_NONE)
+        if self.alpn_protocols:
+            context.set_alpn_select_callback(
+                _alpn_selector(_alpn_wire(self.alpn_protocols))
+            )
+        self._load_ciphers(context)
+        return context
+
+    def _load_identity(self, context: SSL.Context, certfile: PathLike) -> None:
+        chain = os.fsdecode(certfile)
+        try:
+            context.use_certificate_chain_file(chain)
+        except SSL.Error as exc:
+            raise ConfigurationError(
+                f"cannot load the certificate chain from {chain!r}"
+            ) from exc
+        keyfile = os.fsdecode(self.keyfile or certfile)
+        try:
+            context.use_privatekey(_read_private_key(keyfile))
+            context.check_privatekey()
+        except SSL.Error as exc:
+            raise ConfigurationError(
+                f"the private key in {keyfile!r} does not match the "
+                f"certificate in {chain!r}"
+            ) from exc
+
+    def _load_trust(self, context: SSL.Context) -> list[x509.Certificate]:
+        """Load cafile and cadata; return the anchors for CA name lists."""
+        anchors: list[x509.Certificate] = []
+        if self.cafile is not None:
+            cafile = os.fsdecode(self.cafile)
+            try:
+                with open(cafile, "rb") as handle:
+                    anchors.extend(_parse_certificates(handle.read(), cafile))
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot read the CA file {cafile!r}"
+                ) from exc
+        if self.cadata is not None:
+            anchors.extend(_parse_certificates(self.cadata, "cadata"))
+        _add_anchors(context, anchors)
+        return anchors
+
+    def _load_ciphers(self, context: SSL.Context) -> None:
+        if self.ciphers is None:
+            return
+        try:
+            context.set_cipher_list(self.ciphers.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError) as exc:
+            raise ConfigurationError(
+                f"OpenSSL accepts no cipher from {self.ciphers!r}"
+            ) from exc
+
+
+def _read_private_key(keyfile: str) -> PrivateKey:
+    """The unencrypted PEM or DER private key in ``keyfile``.
+
+    Loaded here rather than by OpenSSL so that an encrypted key is a clear
+    error, never a passphrase prompt on the terminal.
+    """
+    try:
+        with open(keyfile, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read the key file {keyfile!r}"
+        ) from exc
+    try:
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            key = serialization.load_der_private_key(data, password=None)
+    except (TypeError, ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigurationError(
+            f"{keyfile!r} holds no unencrypted private key mptls can use"
+        ) from exc
+    if not isinstance(key, _USABLE_KEYS):
+        raise ConfigurationError(
+            f"{keyfile!r} holds a {type(key).__name__}, not a TLS key"
+        )
+    return key
+
+
+def _alpn_selector(
+    ours: list[bytes],
+) -> Any:
+    """The server's ALPN choice: its own first protocol the client offers.
+
+    With no overlap the handshake goes on without ALPN rather than failing
+    (RFC 7301 section 3.2 allows either; a missing ALPN is the caller's to
+    judge).
+    """
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for protocol in ours:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
+def _base_context(minimum_version: TLSVersion) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(int(minimum_version))
+    context.set_options(POLICY_OPTIONS)
+    return context
+
+
+def _load_default_trust(context: SSL.Context) -> None:
+    try:
+        context.set_default_verify_paths()
+    except SSL.Error as exc:
+        raise ConfigurationError(
+            "cannot load the system's CA certificates"
+        ) from exc
+
+
+def _parse_certificates(data: bytes, source: str) -> list[x509.Certificate]:
+    try:
+        if b"-----BEGIN" in data:
+            certificates = x509.load_pem_x509_certificates(data)
+        else:
+            certificates = [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{source} holds no readable PEM or DER certificate"
+        ) from exc
+    return certificates
+
+
+def _add_anchors(
+    context: SSL.Context, anchors: Iterable[x509.Certificate]
+) -> None:
+    store = context.get_cert_store()
+    if store is None:
+        raise ConfigurationError("the OpenSSL context has no X509 store")
+    for anchor in anchors:
+        store.add_cert(crypto.X509.from_cryptography(anchor))
+
+
+# ssl= in the public API
+
+
+def to_openssl_context(
+    ssl_arg: object, *, server_side: bool
+) -> tuple[SSL.Context, bool]:
+    """Turn a public ``ssl=`` value into a context and a host-name decision.
+
+    Returns the ``OpenSSL.SSL.Context`` to build engines from and whether
+    a client must check the server's host name (always ``False`` for
+    servers). See the module docstring for what each form carries.
+    """
+    if isinstance(ssl_arg, TLSConfig):
+        if server_side:
+            return ssl_arg.server_context(), False
+        return ssl_arg.client_context(), ssl_arg.hostname_checked
+    if isinstance(ssl_arg, SSL.Context):
+        ssl_arg.set_options(POLICY_OPTIONS)
+        verifies = bool(ssl_arg.get_verify_mode() & SSL.VERIFY_PEER)
+        return ssl_arg, verifies and not server_side
+    if ssl_arg is True:
+        if server_side:
+            raise ConfigurationError(
+                "a server needs a certificate: pass a TLSConfig with "
+                "certfile, or an OpenSSL context"
+            )
+        config = TLSConfig()
+        return config.client_context(), config.hostname_checked
+    if isinstance(ssl_arg, ssl.SSLContext):
+        if server_side:
+            raise ConfigurationError(
+                "a server-side ssl.SSLContext cannot be used: its private "
+                "key cannot be read out; pass a TLSConfig instead"
+            )
+        return _from_stdlib(ssl_arg)
+    raise ConfigurationError(
+        "ssl must be a TLSConfig, an OpenSSL.SSL.Context, a client "
+        f"ssl.SSLContext or True, not {type(ssl_arg).__name__}"
+    )
+
+
+def _from_stdlib(source: ssl.SSLContext) -> tuple[SSL.Context, bool]:
+    if source.protocol not in (ssl.PROTOCOL_TLS_CLIENT, ssl.PROTOCOL_TLS):
+        raise ConfigurationError(
+            f"an ssl.SSLContext with {source.protocol.name} cannot be "
+            "carried over; use PROTOCOL_TLS_CLIENT"
+        )
+    minimum, maximum = _stdlib_versions(source)
+    context = _base_context(minimum)
+    if maximum is not None:
+        context.set_max_proto_version(int(maximum))
+
+    # trust
+    verifies = source.verify_mode != ssl.CERT_NONE
+    if verifies:
+        context.set_verify(SSL.VERIFY_PEER)
+        der_anchors = source.get_ca_certs(binary_form=True)
+        if der_anchors:
+            _add_anchors(
+                context,
+                (x509.load_der_x509_certificate(der) for der in der_anchors),
+            )
+        else:
+            _load_default_trust(context)
+        store = context.get_cert_store()
+        if store is not None and source.verify_flags:
+            store.set_flags(int(source.verify_flags))
+    else:
+        context.set_verify(SSL.VERIFY_NONE)
+
+    _stdlib_ciphers(source, context)
+    logger.debug(
+        "carried over ssl.SSLContext: verify=%s check_hostname=%s "
+        "minimum=%s maximum=%s",
+        verifies,
+        source.check_hostname,
+        minimum.name,
+        maximum.name if maximum else "none",
+    )
+    return context, source.check_hostname and verifies
+
+
+def _stdlib_versions(
+    source: ssl.SSLContext,
+) -> tuple[TLSVersion, TLSVersion | None]:
+    low = source.minimum_version
+    high = source.maximum_version
+    maximum: TLSVersion | None = None
+    if high is not ssl.TLSVersion.MAXIMUM_SUPPORTED:
+        if high < ssl.TLSVersion.TLSv1_2:
+            raise ConfigurationError(
+                f"maximum_version {high.name} is below TLS 1.2, which "
+                "mptls requires"
+            )
+        maximum = _as_tls_version(high, "maximum_version")
+    if low is ssl.TLSVersion.MINIMUM_SUPPORTED or low < ssl.TLSVersion.TLSv1_2:
+        minimum = TLSVersion.TLS1_2
+    else:
+        minimum = _as_tls_version(low, "minimum_version")
+    if maximum is not None and minimum > maximum:
+        raise ConfigurationError(
+            f"minimum_version {low.name} is above maximum_version {high.name}"
+        )
+    return minimum, maximum
+
+
+def _stdlib_ciphers(source: ssl.SSLContext, context: SSL.Context) -> None:
+    ciphers = source.get_ciphers()
+    tls12 = [c["name"] for c in ciphers if c["protocol"] != "TLSv1.3"]
+    tls13 = [c["name"] for c in ciphers if c["protocol"] == "TLSv1.3"]
+    try:
+        if tls12:
+            context.set_cipher_list(":".join(tls12).encode("ascii"))
+        if tls13:
+            context.set_tls13_ciphersuites(":".join(tls13).encode("ascii"))
+    except SSL.Error as exc:
+        raise ConfigurationError(
+            "OpenSSL accepts none of the ssl.SSLContext's ciphers"
+        ) from exc
