@@ -19,6 +19,8 @@ from mptls.errors import ConfigurationError
 EXPORTER_LABEL = b"EXPORTER-MPTCP"
 EXPORTER_LENGTH = 16
 KEY_LENGTH = 8
+# generations are exporter contexts uint32(n)
+MAX_GENERATION = 0xFFFFFFFF
 
 
 class KeyMaterial:
@@ -35,6 +37,14 @@ class KeyMaterial:
             raise ConfigurationError(
                 f"exporter output must be {EXPORTER_LENGTH} bytes, "
                 f"got {len(exporter_output)}"
+            )
+        if (
+            isinstance(generation, bool)
+            or not isinstance(generation, int)
+            or not 0 <= generation <= MAX_GENERATION
+        ):
+            raise ConfigurationError(
+                f"generation must be an integer from 0 to {MAX_GENERATION}"
             )
         self._ekm = bytes(exporter_output)
         self.generation = generation
