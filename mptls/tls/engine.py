@@ -1,0 +1,793 @@
+"""A sans-I/O TLS engine on pyOpenSSL memory BIOs.
+
+:class:`TLSEngine` runs one TLS connection without touching a socket, a
+clock or an event loop. Ciphertext from the peer goes in through
+:meth:`~TLSEngine.receive` and ciphertext for the peer comes out of
+:meth:`~TLSEngine.data_to_send`; application bytes go in through
+:meth:`~TLSEngine.send` and come out of :meth:`~TLSEngine.read`. The
+caller moves bytes; the engine decides.
+
+Outputs are pulled, not returned as events. After every ``receive()`` the
+caller looks at three things, each of which only ever changes one way:
+``handshake_complete``, ``read()`` and ``eof_received``. A list of
+``HandshakeComplete`` / ``DataReceived`` / ``EndOfStream`` events would
+carry the same three facts twice, and the asyncio protocol on top needs
+the state anyway (to pause reading, to answer ``get_extra_info``).
+
+The engine must never call a handshake complete before the peer is
+verified (certificate chain by OpenSSL, host name for clients by
+OpenSSL's own X509_VERIFY_PARAM check) and the session meets mptls's
+policy (TLS 1.3, or TLS 1.2 with Extended Master Secret; no
+renegotiation). It must never export keys before that, and never let a
+secret reach a log, a ``repr`` or an error message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from enum import Enum, IntEnum
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+
+from mptls.errors import (
+    CertificateError,
+    ConfigurationError,
+    HandshakeIncompleteError,
+    MptlsError,
+    TLSError,
+)
+from mptls.tls.config import POLICY_OPTIONS
+from mptls.tls.exporter import export_mptcp_keys, policy_problem, ssl_pointer
+from mptls.tls.keys import KeyMaterial
+
+logger = logging.getLogger("mptls.tls")
+
+# one SSL_read returns at most one record (16 KiB); a large buffer costs
+# nothing more and lets a future multi-record read fill it
+RECEIVE_CHUNK = 256 * 1024
+# ciphertext taken from the outgoing memory BIO per BIO_read
+TRANSMIT_CHUNK = 256 * 1024
+# plaintext handed to one SSL_write (which cuts it into records)
+WRITE_CHUNK = 1024 * 1024
+
+_X509_V_OK = 0
+_NAME_MISMATCH = {
+    _lib.X509_V_ERR_HOSTNAME_MISMATCH,
+    _lib.X509_V_ERR_IP_ADDRESS_MISMATCH,
+}
+# RFC 6125 matching as browsers do it: no "f*o.example" wildcards and no
+# fallback to the subject's common name
+_HOST_FLAGS = (
+    _lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS
+    | _lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT
+)
+
+
+class AlertLevel(IntEnum):
+    """TLS alert levels (RFC 5246 section 7.2)."""
+
+    WARNING = 1
+    FATAL = 2
+
+
+class AlertDescription(IntEnum):
+    """TLS alert descriptions (RFC 8446 section 6, RFC 5246 7.2)."""
+
+    CLOSE_NOTIFY = 0
+    UNEXPECTED_MESSAGE = 10
+    BAD_RECORD_MAC = 20
+    RECORD_OVERFLOW = 22
+    HANDSHAKE_FAILURE = 40
+    BAD_CERTIFICATE = 42
+    UNSUPPORTED_CERTIFICATE = 43
+    CERTIFICATE_REVOKED = 44
+    CERTIFICATE_EXPIRED = 45
+    CERTIFICATE_UNKNOWN = 46
+    ILLEGAL_PARAMETER = 47
+    UNKNOWN_CA = 48
+    ACCESS_DENIED = 49
+    DECODE_ERROR = 50
+    DECRYPT_ERROR = 51
+    PROTOCOL_VERSION = 70
+    INSUFFICIENT_SECURITY = 71
+    INTERNAL_ERROR = 80
+    INAPPROPRIATE_FALLBACK = 86
+    USER_CANCELED = 90
+    NO_RENEGOTIATION = 100
+    MISSING_EXTENSION = 109
+    UNSUPPORTED_EXTENSION = 110
+    UNRECOGNIZED_NAME = 112
+    BAD_CERTIFICATE_STATUS_RESPONSE = 113
+    UNKNOWN_PSK_IDENTITY = 115
+    CERTIFICATE_REQUIRED = 116
+    NO_APPLICATION_PROTOCOL = 120
+
+
+def alert_name(description: int) -> str:
+    """``handshake_failure (40)`` for a known alert, ``alert 222`` else."""
+    try:
+        return f"{AlertDescription(description).name.lower()} ({description})"
+    except ValueError:
+        return f"alert {description}"
+
+
+class _AlertLog:
+    """The last fatal alert each way, kept by OpenSSL's info callback.
+
+    Deliberately not the engine itself, so that the callback OpenSSL
+    holds does not keep the engine alive.
+    """
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self) -> None:
+        self.sent: int | None = None
+        self.received: int | None = None
+
+    def on_info(
+        self, connection: SSL.Connection, where: int, ret: int
+    ) -> None:
+        if not where & _lib.SSL_CB_ALERT:
+            return
+        level, description = ret >> 8, ret & 0xFF
+        incoming = bool(where & _lib.SSL_CB_READ)
+        if level == AlertLevel.FATAL:
+            if incoming:
+                self.received = description
+            else:
+                self.sent = description
+        if description != AlertDescription.CLOSE_NOTIFY:
+            logger.debug(
+                "TLS alert %s %s, level %d",
+                "received" if incoming else "sent",
+                alert_name(description),
+                level,
+            )
+
+
+class _State(Enum):
+    NEW = "new"
+    HANDSHAKING = "handshaking"
+    ESTABLISHED = "established"
+    FAILED = "failed"
+
+
+# the only edges _set_state accepts
+_EDGES: dict[_State, frozenset[_State]] = {
+    _State.NEW: frozenset({_State.HANDSHAKING, _State.FAILED}),
+    _State.HANDSHAKING: frozenset({_State.ESTABLISHED, _State.FAILED}),
+    _State.ESTABLISHED: frozenset({_State.FAILED}),
+    _State.FAILED: frozenset(),
+}
+
+
+class TLSEngine:
+    """One TLS connection over memory BIOs, driven by its caller.
+
+    ``context`` comes from :func:`mptls.tls.config.to_openssl_context`
+    or :class:`mptls.tls.config.TLSConfig`; renegotiation and compression
+    are switched off on this connection whatever the context says. A
+    client with ``check_hostname`` needs ``server_hostname`` and a context
+    that verifies the peer. ``session`` (clients) offers a session from an
+    earlier connection's :meth:`session` for resumption.
+
+    :meth:`send` before the handshake is complete buffers; the bytes go
+    out, in order, right after it completes. :meth:`close` sends
+    close_notify (after any buffered bytes) and closes only our direction:
+    :meth:`read` keeps returning what the peer sends until its own
+    close_notify. After receiving close_notify we may still send.
+
+    Once an error has been raised the engine is failed: :meth:`receive`,
+    :meth:`send` and :meth:`export_keys` raise again, while
+    :meth:`data_to_send` still hands out a pending alert.
+    """
+
+    def __init__(
+        self,
+        context: SSL.Context,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        check_hostname: bool = True,
+        session: SSL.Session | None = None,
+    ) -> None:
+        if server_side and server_hostname is not None:
+            raise ConfigurationError("server_hostname is for clients only")
+        if server_side and session is not None:
+            raise ConfigurationError("session is for clients only")
+        self._server_side = server_side
+        self._server_hostname = server_hostname
+        self._alerts = _AlertLog()
+        self._connection = SSL.Connection(context, None)
+        self._connection.set_options(POLICY_OPTIONS)
+        self._connection.set_info_callback(self._alerts.on_info)
+        if server_side:
+            self._connection.set_accept_state()
+        else:
+            self._connection.set_connect_state()
+            self._configure_client(context, check_hostname)
+            if session is not None:
+                self._connection.set_session(session)
+
+        self._state = _State.NEW
+        self._error: TLSError | None = None
+        self._handshake_done = False
+        self._incoming: list[bytes] = []
+        self._pending: list[bytes] = []
+        self._close_requested = False
+        self._eof_received = False
+
+    def __repr__(self) -> str:
+        role = "server" if self._server_side else "client"
+        return f"<TLSEngine {role} {self._state.value}>"
+
+    # setup
+
+    def _configure_client(
+        self, context: SSL.Context, check_hostname: bool
+    ) -> None:
+        name = self._server_hostname
+        if check_hostname:
+            if name is None:
+                raise ConfigurationError(
+                    "check_hostname needs server_hostname"
+                )
+            if not context.get_verify_mode() & SSL.VERIFY_PEER:
+                raise ConfigurationError(
+                    "check_hostname needs a context that verifies the "
+                    "server's certificate (VERIFY_PEER)"
+                )
+        if name is None:
+            return
+
+        address = _ip_address(name)
+        if address is None:
+            encoded = _idna(name)
+            # SNI carries host names only (RFC 6066 section 3)
+            self._connection.set_tlsext_host_name(encoded)
+        if not check_hostname:
+            return
+
+        # OpenSSL checks the name while verifying the chain, so a mismatch
+        # fails the handshake with an alert to the server
+        param = _lib.SSL_get0_param(ssl_pointer(self._connection))
+        _lib.X509_VERIFY_PARAM_set_hostflags(param, _HOST_FLAGS)
+        if address is None:
+            ok = _lib.X509_VERIFY_PARAM_set1_host(param, encoded, len(encoded))
+        else:
+            packed = address.packed
+            ok = _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
+        if ok != 1:
+            raise ConfigurationError(
+                f"OpenSSL cannot check the server name {name!r}"
+            )
+
+    def _set_state(self, new: _State) -> None:
+        if new not in _EDGES[self._state]:
+            raise MptlsError(
+                f"TLS engine cannot go from {self._state.value} to {new.value}"
+            )
+        logger.debug(
+            "TLS %s: %s -> %s",
+            "server" if self._server_side else "client",
+            self._state.value,
+            new.value,
+        )
+        self._state = new
+
+    # driving the connection
+
+    def start(self) -> None:
+        """Begin the handshake; a client's ClientHello is then ready.
+
+        A server may call it too (it then waits for the ClientHello);
+        :meth:`receive` starts an engine that was not started. Calling it
+        again does nothing.
+        """
+        if self._state is not _State.NEW:
+            return
+        self._set_state(_State.HANDSHAKING)
+        if not self._server_side:
+            self._advance_handshake()
+
+    def receive(self, data: bytes) -> None:
+        """Take ciphertext from the peer and process all it completes.
+
+        Handshake messages advance the handshake; application records are
+        decrypted for :meth:`read`; close_notify sets
+        :attr:`eof_received`. Raises :class:`~mptls.errors.TLSError`
+        (:class:`~mptls.errors.CertificateError` for a peer that did not
+        verify) when the connection fails.
+        """
+        self._raise_if_failed()
+        if self._state is _State.NEW:
+            self.start()
+        if data:
+            try:
+                self._connection.bio_write(data)
+            except SSL.Error as exc:
+                raise self._fail(self._translate(exc)) from exc
+        if self._state is _State.HANDSHAKING:
+            self._advance_handshake()
+        if self._state is _State.ESTABLISHED:
+            self._read_records()
+
+    def send(self, data: bytes) -> None:
+        """Encrypt application bytes (buffered until the handshake ends)."""
+        self._raise_if_failed()
+        if self._close_requested:
+            raise TLSError("send() after close(): our direction is closed")
+        if not data:
+            return
+        if self._state is _State.ESTABLISHED:
+            self._write(data)
+        else:
+            self._pending.append(bytes(data))
+
+    def data_to_send(self) -> bytes:
+        """All ciphertext waiting for the peer, possibly ``b""``.
+
+        Works after a failure too, so that an alert still goes out.
+        """
+        chunks = []
+        bio_read = self._connection.bio_read
+        try:
+            while True:
+                chunks.append(bio_read(TRANSMIT_CHUNK))
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as exc:
+            raise self._fail(self._translate(exc)) from exc
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    def read(self) -> bytes:
+        """Application bytes decrypted so far and not yet read, or ``b""``."""
+        chunks, self._incoming = self._incoming, []
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        """Send close_notify: the end of our direction, not of the peer's.
+
+        Bytes buffered by :meth:`send` go out first; before the handshake
+        is complete, close_notify waits for it. Calling it again, or on a
+        failed engine, does nothing.
+        """
+        if self._close_requested or self._state is _State.FAILED:
+            return
+        self._close_requested = True
+        if self._state is _State.ESTABLISHED:
+            self._send_close_notify()
+
+    # state
+
+    @property
+    def handshake_complete(self) -> bool:
+        """The handshake finished, the peer verified, the policy holds."""
+        return self._handshake_done
+
+    @property
+    def eof_received(self) -> bool:
+        """The peer's close_notify has arrived: it will send nothing more."""
+        return self._eof_received
+
+    @property
+    def closed(self) -> bool:
+        """We send nothing more: :meth:`close` was called or we failed."""
+        return self._close_requested or self._state is _State.FAILED
+
+    # what the handshake produced
+
+    def export_keys(self, *, generation: int = 0) -> KeyMaterial:
+        """The MPTCP keys of this connection (EXPORTER-MPTCP, 16 bytes).
+
+        Generation 0 uses no exporter context; generation n >= 1 uses
+        ``uint32(n)``. Raises
+        :class:`~mptls.errors.HandshakeIncompleteError` before
+        :attr:`handshake_complete`.
+        """
+        self._raise_if_failed()
+        if not self._handshake_done:
+            raise HandshakeIncompleteError(
+                "the TLS handshake is not complete: no MPTCP keys yet"
+            )
+        return export_mptcp_keys(self._connection, generation=generation)
+
+    def peer_certificate(
+        self, binary: bool = False
+    ) -> dict[str, Any] | bytes | None:
+        """The peer's certificate, shaped like ``SSLObject.getpeercert``.
+
+        ``None`` before the handshake is complete or when the peer sent
+        none; with ``binary`` the DER bytes; otherwise a dict, empty when
+        the certificate was not verified.
+        """
+        if not self._handshake_done:
+            return None
+        certificate = self._connection.get_peer_certificate(
+            as_cryptography=True
+        )
+        if certificate is None:
+            return None
+        if binary:
+            return certificate.public_bytes(Encoding.DER)
+        if not self._connection.get_verify_mode() & SSL.VERIFY_PEER:
+            return {}
+        return describe_certificate(certificate)
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        """``(name, protocol, secret bits)`` like ``SSLObject.cipher``."""
+        if not self._handshake_done:
+            return None
+        name = self._connection.get_cipher_name()
+        version = self._connection.get_cipher_version()
+        bits = self._connection.get_cipher_bits()
+        if name is None or version is None or bits is None:
+            return None
+        return name, version, bits
+
+    def version(self) -> str | None:
+        """The negotiated protocol, such as ``"TLSv1.3"``."""
+        if not self._handshake_done:
+            return None
+        return self._connection.get_protocol_version_name()
+
+    def alpn_protocol(self) -> str | None:
+        """The ALPN protocol both ends agreed on, if any."""
+        if not self._handshake_done:
+            return None
+        selected = self._connection.get_alpn_proto_negotiated()
+        return selected.decode("utf-8", "replace") if selected else None
+
+    def session_reused(self) -> bool:
+        """Whether the handshake resumed an earlier session."""
+        if not self._handshake_done:
+            return False
+        pointer = ssl_pointer(self._connection)
+        return bool(_lib.SSL_session_reused(pointer) == 1)
+
+    def session(self) -> SSL.Session | None:
+        """The session to offer a later connection for resumption.
+
+        In TLS 1.3 it exists once the server's NewSessionTicket has been
+        received, after the handshake.
+        """
+        if not self._handshake_done:
+            return None
+        return self._connection.get_session()
+
+    # internals
+
+    def _advance_handshake(self) -> None:
+        try:
+            self._connection.do_handshake()
+        except SSL.WantReadError:
+            return
+        except SSL.Error as exc:
+            raise self._fail(self._translate(exc)) from exc
+        self._complete_handshake()
+
+    def _complete_handshake(self) -> None:
+        # the mptls policy on top of OpenSSL's (RFC 7627, RFC 9266)
+        problem = policy_problem(self._connection)
+        if problem is not None:
+            # a refused session must not look finished to the peer
+            self._discard_output()
+            raise self._fail(TLSError(problem))
+        if (
+            not self._server_side
+            and self._connection.get_verify_mode() & SSL.VERIFY_PEER
+            and self._connection.get_peer_certificate() is None
+        ):
+            self._discard_output()
+            raise self._fail(
+                CertificateError("the server sent no certificate")
+            )
+
+        self._set_state(_State.ESTABLISHED)
+        self._handshake_done = True
+        logger.info(
+            "TLS %s established: %s, %s, ALPN %s, resumed %s",
+            "server" if self._server_side else "client",
+            self.version(),
+            (self.cipher() or ("?",))[0],
+            self.alpn_protocol(),
+            self.session_reused(),
+        )
+
+        # what the application sent early, then its close if it asked
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._write(data)
+        if self._close_requested:
+            self._send_close_notify()
+
+    def _read_records(self) -> None:
+        if self._eof_received:
+            # nothing may follow close_notify (RFC 8446 section 6.1)
+            return
+        recv = self._connection.recv
+        chunks = self._incoming
+        try:
+            while True:
+                chunks.append(recv(RECEIVE_CHUNK))
+        except SSL.WantReadError:
+            # also what a NewSessionTicket or KeyUpdate alone gives
+            pass
+        except SSL.ZeroReturnError:
+            self._eof_received = True
+            logger.debug("TLS close_notify received")
+        except SSL.Error as exc:
+            raise self._fail(self._translate(exc)) from exc
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data).cast("B")
+        send = self._connection.send
+        offset = 0
+        try:
+            while offset < len(view):
+                offset += send(view[offset : offset + WRITE_CHUNK])
+        except SSL.Error as exc:
+            raise self._fail(self._translate(exc)) from exc
+
+    def _send_close_notify(self) -> None:
+        try:
+            self._connection.shutdown()
+        except SSL.Error as exc:
+            raise self._fail(self._translate(exc)) from exc
+        logger.debug("TLS close_notify sent")
+
+    def _discard_output(self) -> None:
+        try:
+            while self._connection.bio_read(TRANSMIT_CHUNK):
+                pass
+        except SSL.Error:
+            pass
+
+    def _raise_if_failed(self) -> None:
+        error = self._error
+        if error is not None:
+            raise type(error)(
+                f"the TLS connection has already failed: {error}",
+                alert=error.alert,
+            ) from error
+
+    def _fail(self, error: TLSError) -> TLSError:
+        self._error = error
+        self._pending = []
+        self._set_state(_State.FAILED)
+        logger.debug("TLS failed: %s", error)
+        return error
+
+    def _translate(self, exc: SSL.Error) -> TLSError:
+        """A TLSError saying what OpenSSL's error means, with the alert."""
+        reasons = _reasons(exc)
+        received, sent = self._alerts.received, self._alerts.sent
+        alert = received if received is not None else sent
+
+        verify = _lib.SSL_get_verify_result(ssl_pointer(self._connection))
+        if (
+            verify != _X509_V_OK
+            and self._connection.get_verify_mode() & SSL.VERIFY_PEER
+        ):
+            return CertificateError(
+                self._certificate_message(verify, sent), alert=sent
+            )
+        if received is not None:
+            message = f"peer sent TLS alert {alert_name(received)}"
+            if reasons:
+                message += f": {reasons}"
+            return TLSError(message, alert=received)
+        message = f"TLS failed: {reasons or type(exc).__name__}"
+        if sent is not None:
+            message += f"; sent TLS alert {alert_name(sent)}"
+        return TLSError(message, alert=alert)
+
+    def _certificate_message(self, verify: int, sent: int | None) -> str:
+        detail = _ffi.string(_lib.X509_verify_cert_error_string(verify))
+        whose = "client" if self._server_side else "server"
+        message = (
+            f"{whose} certificate verify failed: "
+            f"{detail.decode('ascii', 'replace')}"
+        )
+        if verify in _NAME_MISMATCH:
+            message += f" (it is not valid for {self._server_hostname!r})"
+        if sent is not None:
+            message += f"; sent TLS alert {alert_name(sent)}"
+        return message
+
+
+def _reasons(exc: SSL.Error) -> str:
+    """OpenSSL's reason strings from a pyOpenSSL error, joined.
+
+    Reasons that only restate a received alert ("tlsv1 alert unknown ca")
+    are left out: the message names the alert already.
+    """
+    if not exc.args:
+        return ""
+    details = exc.args[0]
+    if not isinstance(details, list):
+        return " ".join(str(arg) for arg in exc.args)
+    texts = [
+        str(entry[2])
+        for entry in details
+        if isinstance(entry, tuple) and len(entry) == 3 and entry[2]
+    ]
+    return "; ".join(t for t in texts if " alert " not in t)
+
+
+def _ip_address(
+    name: str,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _idna(name: str) -> bytes:
+    try:
+        return name.encode("idna")
+    except UnicodeError as exc:
+        raise ConfigurationError(
+            f"server_hostname {name!r} is not a valid host name"
+        ) from exc
+
+
+# getpeercert()-shaped dictionaries
+
+_MONTHS = (
+    "Jan",
+    "Feb",
+    "Mar",
+    "Apr",
+    "May",
+    "Jun",
+    "Jul",
+    "Aug",
+    "Sep",
+    "Oct",
+    "Nov",
+    "Dec",
+)
+
+
+def describe_certificate(certificate: x509.Certificate) -> dict[str, Any]:
+    """A certificate as ``ssl.SSLObject.getpeercert()`` shows one."""
+    described: dict[str, Any] = {
+        "subject": _name_tuple(certificate.subject),
+        "issuer": _name_tuple(certificate.issuer),
+        "version": certificate.version.value + 1,
+        "serialNumber": _serial_text(certificate.serial_number),
+        "notBefore": _time_text(certificate.not_valid_before_utc),
+        "notAfter": _time_text(certificate.not_valid_after_utc),
+    }
+    extensions = certificate.extensions
+    try:
+        names = extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        described["subjectAltName"] = tuple(
+            _general_name(name) for name in names
+        )
+    described.update(_access_locations(extensions))
+    return described
+
+
+def _attribute_name(oid: x509.ObjectIdentifier) -> str:
+    # OpenSSL's long names, as the ssl module reports them
+    nid = _lib.OBJ_txt2nid(oid.dotted_string.encode("ascii"))
+    if nid == 0:
+        return oid.dotted_string
+    return _ffi.string(_lib.OBJ_nid2ln(nid)).decode("ascii")
+
+
+def _name_tuple(name: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:
+    return tuple(
+        tuple(
+            (_attribute_name(attribute.oid), _attribute_text(attribute))
+            for attribute in rdn
+        )
+        for rdn in name.rdns
+    )
+
+
+def _attribute_text(attribute: x509.NameAttribute) -> str:
+    value = attribute.value
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _serial_text(serial: int) -> str:
+    # two hex digits per byte, as OpenSSL's i2a_ASN1_INTEGER prints it
+    sign = "-" if serial < 0 else ""
+    magnitude = abs(serial)
+    length = max(1, (magnitude.bit_length() + 7) // 8)
+    return sign + magnitude.to_bytes(length, "big").hex().upper()
+
+
+def _time_text(moment: Any) -> str:
+    # ASN1_TIME_print's layout: "Jan  5 09:34:43 2018 GMT"
+    return (
+        f"{_MONTHS[moment.month - 1]} {moment.day:2d} "
+        f"{moment:%H:%M:%S} {moment.year} GMT"
+    )
+
+
+def _ip_text(address: Any) -> str:
+    if isinstance(address, ipaddress.IPv6Address):
+        groups = address.packed
+        return ":".join(
+            f"{int.from_bytes(groups[i : i + 2], 'big'):X}"
+            for i in range(0, 16, 2)
+        )
+    return str(address)
+
+
+def _general_name(name: x509.GeneralName) -> tuple[str, Any]:
+    if isinstance(name, x509.DNSName):
+        return "DNS", name.value
+    if isinstance(name, x509.IPAddress):
+        return "IP Address", _ip_text(name.value)
+    if isinstance(name, x509.RFC822Name):
+        return "email", name.value
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return "URI", name.value
+    if isinstance(name, x509.DirectoryName):
+        return "DirName", _name_tuple(name.value)
+    if isinstance(name, x509.RegisteredID):
+        return "Registered ID", _attribute_name(name.value)
+    return "othername", "<unsupported>"
+
+
+def _access_locations(extensions: x509.Extensions) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    try:
+        access = extensions.get_extension_for_class(
+            x509.AuthorityInformationAccess
+        ).value
+    except x509.ExtensionNotFound:
+        access = None
+    if access is not None:
+        for key, method in (
+            ("OCSP", x509.AuthorityInformationAccessOID.OCSP),
+            ("caIssuers", x509.AuthorityInformationAccessOID.CA_ISSUERS),
+        ):
+            uris = tuple(
+                d.access_location.value
+                for d in access
+                if d.access_method == method
+                and isinstance(
+                    d.access_location, x509.UniformResourceIdentifier
+                )
+            )
+            if uris:
+                found[key] = uris
+    try:
+        points = extensions.get_extension_for_class(
+            x509.CRLDistributionPoints
+        ).value
+    except x509.ExtensionNotFound:
+        return found
+    uris = tuple(
+        name.value
+        for point in points
+        for name in point.full_name or ()
+        if isinstance(name, x509.UniformResourceIdentifier)
+    )
+    if uris:
+        found["crlDistributionPoints"] = uris
+    return found
