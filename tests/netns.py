@@ -248,3 +248,119 @@ def topology(paths: int = 2, *, ipv6: bool = False) -> Iterator[Topology]:
         yield built
     finally:
         teardown(built)
+
+
+# Packet capture with a raw AF_PACKET socket: no tcpdump needed.
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IPPROTO_TCP = 6
+CAPTURE_BUFFER = 8 << 20
+
+
+@dataclass(frozen=True)
+class TcpSegment:
+    """The parts of one captured TCP segment that MPTCP tests look at."""
+
+    source: tuple[str, int]
+    destination: tuple[str, int]
+    flags: int
+    options: bytes
+    payload_length: int
+
+    @property
+    def syn(self) -> bool:
+        return bool(self.flags & 0x02)
+
+    @property
+    def ack(self) -> bool:
+        return bool(self.flags & 0x10)
+
+
+def parse_frame(frame: bytes) -> TcpSegment | None:
+    """The TCP segment in an Ethernet frame, ``None`` for anything else."""
+    if len(frame) < 14:
+        return None
+    ethertype = int.from_bytes(frame[12:14], "big")
+    packet = frame[14:]
+    if ethertype == ETH_P_IP and len(packet) >= 20:
+        header_length = (packet[0] & 0x0F) * 4
+        total_length = int.from_bytes(packet[2:4], "big")
+        if packet[9] != IPPROTO_TCP:
+            return None
+        family, source, destination = (
+            socket.AF_INET,
+            packet[12:16],
+            packet[16:20],
+        )
+        segment = packet[header_length:total_length]
+    elif ethertype == ETH_P_IPV6 and len(packet) >= 40:
+        if packet[6] != IPPROTO_TCP:
+            return None
+        payload_length = int.from_bytes(packet[4:6], "big")
+        family, source, destination = (
+            socket.AF_INET6,
+            packet[8:24],
+            packet[24:40],
+        )
+        segment = packet[40 : 40 + payload_length]
+    else:
+        return None
+    if len(segment) < 20:
+        return None
+    data_offset = (segment[12] >> 4) * 4
+    return TcpSegment(
+        source=(
+            socket.inet_ntop(family, source),
+            int.from_bytes(segment[0:2], "big"),
+        ),
+        destination=(
+            socket.inet_ntop(family, destination),
+            int.from_bytes(segment[2:4], "big"),
+        ),
+        flags=segment[13],
+        options=bytes(segment[20:data_offset]),
+        payload_length=len(segment) - data_offset,
+    )
+
+
+class PacketCapture:
+    """Every frame on every interface of one namespace, while open.
+
+    Open it with the thread inside the namespace (``Namespace.entered``);
+    the socket stays there. Frames queue in the kernel until
+    :meth:`segments` drains them.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(
+            socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)
+        )
+        self._sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, CAPTURE_BUFFER
+        )
+        self._sock.setblocking(False)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> PacketCapture:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def segments(self, port: int) -> list[TcpSegment]:
+        """The TCP segments to or from ``port`` captured so far."""
+        found = []
+        while True:
+            try:
+                frame = self._sock.recv(65535)
+            except BlockingIOError:
+                return found
+            segment = parse_frame(frame)
+            if segment is None:
+                continue
+            if port in (segment.source[1], segment.destination[1]):
+                found.append(segment)
