@@ -297,10 +297,6 @@ def _header(subtype: Subtype, length: int, low_nibble: int = 0) -> bytes:
     return bytes((MPTCP_KIND, length, subtype << 4 | low_nibble))
 
 
-def _segment_kind(syn: bool, ack: bool) -> str:
-    return _SEGMENT_KINDS[syn, ack]
-
-
 _SEGMENT_KINDS = {
     (True, False): "SYN",
     (True, True): "SYN/ACK",
@@ -353,7 +349,7 @@ def _decode_mp_capable(
     if length not in _CAPABLE_LENGTHS[syn, ack]:
         raise OptionError(
             f"MP_CAPABLE of length {length} on a "
-            f"{_segment_kind(syn, ack)} segment"
+            f"{_SEGMENT_KINDS[syn, ack]} segment"
         )
     sender_key = receiver_key = data_length = checksum = None
     if length >= 12:
@@ -428,7 +424,7 @@ def _decode_mp_join(
     if ack and not syn and length == 24:
         return MpJoinAck(bytes(data[start + 4 : start + 24]))
     raise OptionError(
-        f"MP_JOIN of length {length} on a {_segment_kind(syn, ack)} segment"
+        f"MP_JOIN of length {length} on a {_SEGMENT_KINDS[syn, ack]} segment"
     )
 
 
@@ -516,7 +512,7 @@ def _encode_dss(option: Dss) -> bytes:
 def _decode_dss(
     data: bytes | memoryview, start: int, length: int, syn: bool, ack: bool
 ) -> Dss:
-    flags = data[start + 3]
+    flags = data[start + 3] if length > 3 else 0
     layout = _DSS_BY_LENGTH.get((flags & 0x0F, length))
     if layout is None:
         raise OptionError(
