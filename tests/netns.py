@@ -364,3 +364,37 @@ class PacketCapture:
                 continue
             if port in (segment.source[1], segment.destination[1]):
                 found.append(segment)
+
+
+# Certificates for servers in a topology or on loopback.
+
+CERT_NAMES = (
+    "localhost",
+    "127.0.0.1",
+    "::1",
+    *(server for _, server, _ in IPV4_PATHS),
+    *(server for _, server, _ in IPV6_PATHS),
+)
+
+
+@dataclass(frozen=True)
+class ServerPki:
+    """A throwaway CA and one server certificate for every test address."""
+
+    ca_pem: str
+    server_pem: str
+
+
+def write_pki(directory: str) -> ServerPki:
+    """Write ``ca.pem`` and ``server.pem`` (certificate chain and key)."""
+    import trustme
+
+    ca = trustme.CA()
+    certificate = ca.issue_cert(*CERT_NAMES)
+    pki = ServerPki(
+        ca_pem=os.path.join(directory, "ca.pem"),
+        server_pem=os.path.join(directory, "server.pem"),
+    )
+    ca.cert_pem.write_to_path(pki.ca_pem)
+    certificate.private_key_and_cert_chain_pem.write_to_path(pki.server_pem)
+    return pki

@@ -1,4 +1,5 @@
-"""The kernel backend across two namespaces joined by two paths.
+"""The kernel backend across two namespaces joined by two paths, with
+and without mptls's TLS layer on top.
 
 Path 0 (192.0.2.0/24) carries the first subflow; the server announces
 its path-1 address (198.51.100.2) with a ``signal`` endpoint and the
@@ -12,16 +13,19 @@ import asyncio
 import hashlib
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import netns
 import pytest
 
+import mptls
 from mptls.backends.kernel import KernelBackend
 from mptls.backends.kernel.pathmanager import (
     EndpointFlag,
     PathManager,
     run_in_thread,
 )
+from mptls.tls.config import TLSConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
 
@@ -143,5 +147,66 @@ async def test_64_mib_over_two_subflows(topology: netns.Topology) -> None:
         assert subflow.bytes_sent > 0, subflow
     assert sum(s.bytes_sent for s in report.subflows) >= TRANSFER
     transport.close()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.slow
+async def test_64_mib_with_tls_over_two_subflows(
+    topology: netns.Topology, tmp_path: Path
+) -> None:
+    await _configure_paths(topology)
+    pki = netns.write_pki(str(tmp_path))
+    payload = random.Random(2025).randbytes(TRANSFER)
+    done = asyncio.get_running_loop().create_future()
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        digest = hashlib.sha256()
+        count = 0
+        while count < TRANSFER:
+            data = await reader.read(MIB)
+            if not data:
+                break
+            digest.update(data)
+            count += len(data)
+        writer.write(digest.hexdigest().encode() + b"\n")
+        await writer.drain()
+        done.set_result(writer.get_extra_info("mptcp"))
+        writer.close()
+
+    with topology.server.entered():
+        server = await mptls.start_server(
+            handle,
+            "0.0.0.0",
+            PORT,
+            ssl=TLSConfig(certfile=pki.server_pem),
+            backend="kernel",
+        )
+    with topology.client.entered():
+        reader, writer = await mptls.open_connection(
+            topology.paths[0].server_address,
+            PORT,
+            ssl=TLSConfig(cafile=pki.ca_pem),
+            backend="kernel",
+        )
+    view = memoryview(payload)
+    for start in range(0, TRANSFER, MIB):
+        writer.write(view[start : start + MIB])
+        await asyncio.wait_for(writer.drain(), 30)
+    answer = await asyncio.wait_for(reader.readline(), 60)
+    assert answer.decode().strip() == hashlib.sha256(payload).hexdigest()
+
+    for report in (writer.get_extra_info("mptcp"), await done):
+        assert report.mode == "kernel"
+        assert report.keys_installed is False
+        assert len(report.subflows) == 2
+        for subflow in report.subflows:
+            assert subflow.bytes_sent + subflow.bytes_received > 0, subflow
+    sent = writer.get_extra_info("mptcp").subflows
+    assert all(subflow.bytes_sent > 0 for subflow in sent)
+    assert sum(subflow.bytes_sent for subflow in sent) >= TRANSFER
+    writer.close()
     server.close()
     await server.wait_closed()

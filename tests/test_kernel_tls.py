@@ -1,0 +1,190 @@
+"""TLS over the kernel backend through mptls's own stream API, on loopback.
+
+``mptls.open_connection`` / ``mptls.start_server`` with
+``backend="kernel"``: the stream's ``get_extra_info("mptcp")`` shows
+the kernel's view, a fallback to TCP is reported, and
+``require_app_keys=True`` fails before any application data flows,
+since no released kernel can take TLS-derived keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import netns
+import pytest
+
+import mptls
+from mptls.errors import KeysUnavailableError
+from mptls.tls.config import TLSConfig
+
+pytestmark = pytest.mark.kernel
+
+HOSTS = ["127.0.0.1", "::1"]
+
+
+@pytest.fixture(autouse=True)
+def _needs_mptcp() -> None:
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    except OSError as exc:
+        pytest.skip(f"no kernel MPTCP here: {exc}")
+    sock.close()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Iterator[netns.ServerPki]:
+    yield netns.write_pki(str(tmp_path))
+
+
+def _skip_without_ipv6(host: str) -> None:
+    if ":" not in host:
+        return
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback: {exc}")
+
+
+class EchoServer:
+    """Echoes one line per connection; keeps what each server end saw."""
+
+    def __init__(self) -> None:
+        self.infos: list[mptls.MptcpInfo] = []
+        self.received: list[bytes] = []
+
+    async def handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            line = await reader.readline()
+            self.received.append(line)
+            self.infos.append(writer.get_extra_info("mptcp"))
+            writer.write(line)
+            await writer.drain()
+        except (mptls.MptlsError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_tls_over_kernel_mptcp(pki: netns.ServerPki, host: str) -> None:
+    _skip_without_ipv6(host)
+    echo = EchoServer()
+    server = await mptls.start_server(
+        echo.handle,
+        host,
+        0,
+        ssl=TLSConfig(certfile=pki.server_pem),
+        backend="kernel",
+    )
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await mptls.open_connection(
+        host, port, ssl=TLSConfig(cafile=pki.ca_pem), backend="kernel"
+    )
+    writer.write(b"over kernel mptcp\n")
+    assert await asyncio.wait_for(reader.readline(), 10) == (
+        b"over kernel mptcp\n"
+    )
+    client_info = writer.get_extra_info("mptcp")
+    assert client_info.backend == "kernel"
+    assert client_info.mode == "kernel"
+    assert client_info.keys_installed is False
+    assert "no interface to take external MPTCP keys" in (
+        client_info.keys_reason
+    )
+    (server_info,) = echo.infos
+    assert server_info.mode == "kernel"
+    # both ends derived the same exporter keys, and only say so by tag
+    assert server_info.key_fingerprint == client_info.key_fingerprint
+    assert server_info.key_fingerprint is not None
+    writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_require_app_keys_fails_before_application_data(
+    pki: netns.ServerPki,
+) -> None:
+    echo = EchoServer()
+    server = await mptls.start_server(
+        echo.handle,
+        "127.0.0.1",
+        0,
+        ssl=TLSConfig(certfile=pki.server_pem),
+        backend="kernel",
+    )
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(KeysUnavailableError, match="no interface"):
+        await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=TLSConfig(cafile=pki.ca_pem),
+            backend="kernel",
+            require_app_keys=True,
+        )
+    # the server side requires them too and refuses the same way
+    strict = await mptls.start_server(
+        echo.handle,
+        "127.0.0.1",
+        0,
+        ssl=TLSConfig(certfile=pki.server_pem),
+        backend="kernel",
+        require_app_keys=True,
+    )
+    strict_port = strict.sockets[0].getsockname()[1]
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1",
+        strict_port,
+        ssl=TLSConfig(cafile=pki.ca_pem),
+        backend="kernel",
+    )
+    writer.write(b"must not arrive\n")
+    with pytest.raises((mptls.MptlsError, ConnectionError)):
+        line = await asyncio.wait_for(reader.readline(), 10)
+        if not line:
+            raise ConnectionError("closed without an answer")
+    assert all(line == b"" for line in echo.received)
+    writer.close()
+    for one in (server, strict):
+        one.close()
+        await one.wait_closed()
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_plain_tls_server_gives_reported_fallback(
+    pki: netns.ServerPki, host: str
+) -> None:
+    _skip_without_ipv6(host)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_pem)
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    plain = await asyncio.start_server(handle, host, 0, ssl=context)
+    port = plain.sockets[0].getsockname()[1]
+    reader, writer = await mptls.open_connection(
+        host, port, ssl=TLSConfig(cafile=pki.ca_pem), backend="kernel"
+    )
+    writer.write(b"plain tcp underneath\n")
+    assert await asyncio.wait_for(reader.readline(), 10) == (
+        b"plain tcp underneath\n"
+    )
+    report = writer.get_extra_info("mptcp")
+    assert report.mode == "fallback"
+    assert report.fallback is True
+    assert report.subflows[0].remote_address == (host, port)
+    writer.close()
+    plain.close()
+    await plain.wait_closed()
