@@ -1,0 +1,108 @@
+"""Settings of one sans-I/O MPTCP connection.
+
+A :class:`ConnectionConfig` is checked once, when it is built, so that the
+connection core can trust every number in it. It holds no key material
+and must never read the environment, a clock or a random source.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from mptls.errors import ConfigurationError
+from mptls.mptcp.crypto import IdsnRule
+from mptls.mptcp.framing import MAX_PAYLOAD
+
+__all__ = ["ConnectionConfig", "Mode"]
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class Mode(enum.Enum):
+    """How the MP_CAPABLE handshake carries its secrets.
+
+    The values are the names :class:`mptls.backends.base.MptcpInfo`
+    reports.
+    """
+
+    # draft-paasch-mptcp-application-authentication: tokens in
+    # MP_CAPABLE, keys from TLS (flag G, 0x02)
+    G = "G"
+    # RFC 8684 section 3.1: keys in the clear (flag H, 0x01)
+    RFC8684 = "rfc8684"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    """Everything a :class:`~mptls.mptcp.connection.Connection` is told.
+
+    ``mode`` is what an initiator offers; ``accept_modes`` is what a
+    responder agrees to (the initiator ignores it). Sizes are in bytes,
+    times in seconds.
+    """
+
+    mode: Mode = Mode.G
+    # initiator: offer H next to G, and keep the connection if the
+    # responder picks H (joins then follow allow_cleartext_keys)
+    allow_legacy_fallback: bool = False
+    # joins and ADD_ADDR keyed by the RFC 8684 keys that crossed the wire
+    allow_cleartext_keys: bool = False
+    accept_modes: frozenset[Mode] = frozenset({Mode.G})
+    idsn_rule: IdsnRule = IdsnRule.SHA256
+    receive_window: int = 4 * MIB
+    max_payload: int = 32 * KIB
+    subflow_inflight_limit: int = 2 * MIB
+    join_rto: float = 0.2
+    join_timeout: float = 10.0
+    max_subflows: int = 8
+    max_pending_joins: int = 8
+    # a pure Data ACK goes out once this many bytes arrived without one,
+    # or when ack_delay has passed since the first of them
+    ack_threshold: int = 1
+    ack_delay: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, Mode):
+            raise ConfigurationError(f"mode must be a Mode, got {self.mode!r}")
+        accept = frozenset(self.accept_modes)
+        if not accept or not all(isinstance(m, Mode) for m in accept):
+            raise ConfigurationError(
+                "accept_modes must name at least one Mode"
+            )
+        object.__setattr__(self, "accept_modes", accept)
+        if not isinstance(self.idsn_rule, IdsnRule):
+            raise ConfigurationError(
+                f"idsn_rule must be an IdsnRule, got {self.idsn_rule!r}"
+            )
+        # data_length (16 bits) counts a DATA_FIN octet on top of the
+        # payload (RFC 8684 section 3.3.1)
+        _check_range("max_payload", self.max_payload, 1, MAX_PAYLOAD - 1)
+        _check_range(
+            "receive_window", self.receive_window, self.max_payload, 2**30
+        )
+        _check_range(
+            "subflow_inflight_limit",
+            self.subflow_inflight_limit,
+            self.max_payload,
+            2**40,
+        )
+        _check_range("max_subflows", self.max_subflows, 1, 256)
+        _check_range("max_pending_joins", self.max_pending_joins, 0, 4096)
+        _check_range("ack_threshold", self.ack_threshold, 1, 2**30)
+        if not 0 < self.join_rto <= self.join_timeout:
+            raise ConfigurationError(
+                "join_rto must be positive and at most join_timeout"
+            )
+        if not 0 < self.ack_delay <= 1.0:
+            raise ConfigurationError("ack_delay must be in (0, 1] seconds")
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an int, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigurationError(
+            f"{name} must be between {low} and {high}, got {value}"
+        )

@@ -1,0 +1,187 @@
+"""A listener's table of MPTCP connections, keyed by local token.
+
+:class:`Endpoint` takes the first segment of every new TCP connection a
+server accepts: an MP_CAPABLE SYN makes a new responder
+:class:`~mptls.mptcp.connection.Connection`, an MP_JOIN SYN is routed to
+the connection whose token it names, and anything else is refused with
+the RST the peer should get (RFC 8684 sections 3.2 and 3.8). It must
+never perform I/O; randomness is injected.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from mptls.errors import JoinRefusedError
+from mptls.mptcp.config import ConnectionConfig, Mode
+from mptls.mptcp.connection import Connection, RandomSource
+from mptls.mptcp.crypto import rfc8684_token
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import (
+    CapableFlag,
+    MpCapable,
+    MpJoinSyn,
+    MpTcpRst,
+    ResetReason,
+)
+from mptls.mptcp.tokens import TokenAllocator
+
+__all__ = ["Accepted", "Endpoint", "Refused"]
+
+logger = logging.getLogger("mptls.mptcp")
+
+# RFC 8684 section 3.1: a listener SHOULD make sure a new key's token is
+# not in use; a random 64-bit key collides so rarely that a handful of
+# draws is plenty
+_KEY_ATTEMPTS = 16
+_MODE_FLAGS = ((Mode.G, CapableFlag.G), (Mode.RFC8684, CapableFlag.H))
+# checksums (A) and the extensibility bit (B) are not implemented; other
+# algorithm bits may be offered next to G or H and are simply not chosen
+_UNSUPPORTED = CapableFlag.A | CapableFlag.B
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The segment opened a connection or joined one."""
+
+    connection: Connection
+    subflow_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The segment was refused; send ``reply`` (if any), then close."""
+
+    reply: Segment | None
+    reason: str
+
+
+def _refusal(reason: str, code: int) -> Refused:
+    reply = Segment(flags=Flag.RST, options=(MpTcpRst(reason=code),))
+    return Refused(reply=reply, reason=reason)
+
+
+class Endpoint:
+    """Routes first segments to connections by their local token."""
+
+    def __init__(
+        self,
+        config: ConnectionConfig,
+        *,
+        tokens: TokenAllocator,
+        random: RandomSource,
+    ) -> None:
+        self.config = config
+        self._tokens = tokens
+        self._random = random
+        self._table: dict[bytes, Connection] = {}
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __repr__(self) -> str:
+        return f"<Endpoint connections={len(self._table)}>"
+
+    def receive_first(
+        self, segment: Segment, now: float
+    ) -> Accepted | Refused:
+        """Handle the first segment of a new TCP connection."""
+        if segment.flags & Flag.RST:
+            # never answer a reset (RFC 9293 section 3.10.7.1)
+            return Refused(reply=None, reason="first segment is a RST")
+        if segment.flags & (Flag.SYN | Flag.ACK) != Flag.SYN:
+            return _refusal(
+                "first segment is not a SYN", ResetReason.MPTCP_ERROR
+            )
+        for option in segment.options:
+            if isinstance(option, MpCapable):
+                return self._open(segment, option, now)
+            if isinstance(option, MpJoinSyn):
+                return self._join(segment, option, now)
+        return _refusal(
+            "SYN without MP_CAPABLE or MP_JOIN", ResetReason.MPTCP_ERROR
+        )
+
+    def remove(self, connection: Connection) -> None:
+        """Forget a connection (once closed) and free its token."""
+        token = connection.local_token
+        if token is None or self._table.get(token) is not connection:
+            return
+        del self._table[token]
+        if connection.mode is Mode.G:
+            self._tokens.release(token)
+
+    def _choose_mode(self, option: MpCapable) -> Mode | None:
+        # RFC 8684 section 3.1: the responder echoes exactly one of the
+        # algorithms offered; G is preferred when both are acceptable
+        for mode, flag in _MODE_FLAGS:
+            if option.flags & flag and mode in self.config.accept_modes:
+                return mode
+        return None
+
+    def _open(
+        self, segment: Segment, option: MpCapable, now: float
+    ) -> Accepted | Refused:
+        if option.version != 1:
+            return _refusal(
+                f"MPTCP version {option.version} is not supported",
+                ResetReason.MPTCP_ERROR,
+            )
+        if option.flags & _UNSUPPORTED:
+            return _refusal(
+                "MP_CAPABLE asks for unsupported features",
+                ResetReason.ADMINISTRATIVELY_PROHIBITED,
+            )
+        mode = self._choose_mode(option)
+        if mode is None:
+            return _refusal(
+                "no offered MPTCP mode is accepted",
+                ResetReason.ADMINISTRATIVELY_PROHIBITED,
+            )
+        secret = self._new_secret(mode)
+        if secret is None:
+            return _refusal(
+                "no unique token available", ResetReason.LACK_OF_RESOURCES
+            )
+        connection = Connection.responder(
+            self.config,
+            mode=mode,
+            local_secret=secret,
+            syn=segment,
+            random=self._random,
+            now=now,
+        )
+        token = connection.local_token
+        if token is not None:
+            self._table[token] = connection
+        return Accepted(connection=connection, subflow_id=0)
+
+    def _new_secret(self, mode: Mode) -> bytes | None:
+        """Token-B (G mode) or Key-B whose token is free (RFC 8684)."""
+        if mode is Mode.G:
+            # tokens are unique by construction: no check, no retry
+            return self._tokens.allocate()
+        for _ in range(_KEY_ATTEMPTS):
+            key = self._random(8)
+            if rfc8684_token(key) not in self._table:
+                return key
+        return None
+
+    def _join(
+        self, segment: Segment, option: MpJoinSyn, now: float
+    ) -> Accepted | Refused:
+        connection = self._table.get(option.token)
+        if connection is None:
+            # RFC 8684 section 3.2: an unknown token gets a RST
+            return _refusal(
+                "MP_JOIN names an unknown token", ResetReason.MPTCP_ERROR
+            )
+        try:
+            subflow_id = connection.accept_join(segment, now)
+        except JoinRefusedError as exc:
+            code = exc.reset_reason
+            if code is None:
+                code = ResetReason.MPTCP_ERROR
+            return _refusal(str(exc), code)
+        return Accepted(connection=connection, subflow_id=subflow_id)

@@ -1,0 +1,129 @@
+"""What a sans-I/O MPTCP connection tells its adapter.
+
+Events come out of :meth:`Connection.next_event`; :class:`ConnectionInfo`
+comes out of :meth:`Connection.info`. They are frozen dataclasses and must
+never carry key material: tokens and a one-way key fingerprint are all
+they may show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from mptls.errors import MptlsError
+from mptls.mptcp.config import Mode
+
+__all__ = [
+    "AddressAnnounced",
+    "ConnectionClosed",
+    "ConnectionInfo",
+    "DataReceived",
+    "EndOfStream",
+    "Event",
+    "HandshakeComplete",
+    "JoinRefused",
+    "SubflowClosed",
+    "SubflowEstablished",
+    "SubflowStatus",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete:
+    """The MP_CAPABLE exchange is done; tokens are the public ones."""
+
+    mode: Mode
+    local_token: bytes
+    remote_token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """In-order bytes of the data-level stream."""
+
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """The peer's DATA_FIN arrived after all its data (half-close)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubflowEstablished:
+    """A joined subflow may now carry data."""
+
+    subflow_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubflowClosed:
+    """A subflow ended; ``reset_reason`` is the MP_TCPRST code if any."""
+
+    subflow_id: int
+    reason: str
+    reset_reason: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddressAnnounced:
+    """The peer announced an address with a valid ADD_ADDR HMAC."""
+
+    address_id: int
+    address: IPv4Address | IPv6Address
+    port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRefused:
+    """A join this end started was refused or failed its HMAC check."""
+
+    subflow_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The MPTCP connection is over; ``error`` is None for a clean close."""
+
+    error: MptlsError | None
+
+
+Event = (
+    HandshakeComplete
+    | DataReceived
+    | EndOfStream
+    | SubflowEstablished
+    | SubflowClosed
+    | AddressAnnounced
+    | JoinRefused
+    | ConnectionClosed
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SubflowStatus:
+    """One subflow as the core sees it; ``srtt`` in seconds."""
+
+    subflow_id: int
+    state: str
+    bytes_sent: int
+    bytes_received: int
+    srtt: float | None
+    backup: bool
+    address_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """A snapshot of a connection. Tokens are hex; no key material."""
+
+    role: str
+    mode: str | None
+    local_token: str | None
+    remote_token: str | None
+    keys_installed: bool
+    keys_reason: str
+    key_fingerprint: str | None
+    subflows: tuple[SubflowStatus, ...]

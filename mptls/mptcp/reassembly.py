@@ -1,0 +1,181 @@
+"""The connection-level receive buffer: reassembly by data offset.
+
+Data offsets count from IDSN+1 of the peer (offset 0 is the first byte of
+the data-level stream), so this module never sees a 64-bit wire DSN. It
+puts the mapped payloads of every subflow back in order, trims
+duplicates and overlaps (a retransmission on another subflow must never
+change bytes already taken), holds out-of-order pieces within the
+receive window and drops what lies beyond it. It keeps memory bounded by
+the window and must never perform I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+from mptls.errors import ProtocolError
+
+__all__ = ["ReceiveBuffer"]
+
+logger = logging.getLogger("mptls.mptcp")
+
+# the frame header carries the window in 32 bits (docs/wire.md)
+MAX_WINDOW = 2**32 - 1
+
+
+class ReceiveBuffer:
+    """Reorders data-level pieces and tracks the receive window.
+
+    ``capacity`` is the configured receive window: the bytes delivered but
+    not yet consumed plus the bytes held out of order never exceed it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        # next in-order offset expected (the Data ACK point before FIN)
+        self.next_offset = 0
+        self.unconsumed = 0
+        self.held = 0
+        self.fin_offset: int | None = None
+        self.fin_reached = False
+        self._starts: list[int] = []
+        self._pieces: dict[int, bytes] = {}
+        # right edge last advertised, as an offset; never moves left
+        self._advertised_edge = 0
+
+    @property
+    def ack_offset(self) -> int:
+        """The Data ACK to send: a reached DATA_FIN takes one octet."""
+        return self.next_offset + (1 if self.fin_reached else 0)
+
+    @property
+    def limit(self) -> int:
+        """The first offset that does not fit in the buffer."""
+        return self.next_offset - self.unconsumed + self.capacity
+
+    def insert(self, offset: int, data: bytes, fin: bool = False) -> bytes:
+        """Take one mapped piece; return the bytes it made in order.
+
+        ``fin`` says a DATA_FIN follows the piece, at ``offset +
+        len(data)`` (RFC 8684 section 3.3.3).
+        """
+        if offset < 0:
+            raise ProtocolError(f"data offset {offset} before the stream")
+        if fin:
+            self._note_fin(offset + len(data))
+        end = offset + len(data)
+        if self.fin_offset is not None:
+            end = min(end, self.fin_offset)
+        if end > self.limit:
+            logger.debug(
+                "dropping %d bytes beyond the receive window",
+                end - max(offset, self.limit),
+            )
+            end = self.limit
+        start = max(offset, self.next_offset)
+        if start < end:
+            self._hold(offset, data, start, end)
+        return self._deliver()
+
+    def consumed(self, count: int) -> None:
+        """The application took ``count`` delivered bytes."""
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ProtocolError(f"consumed() takes an int, got {count!r}")
+        if not 0 <= count <= self.unconsumed:
+            raise ProtocolError(
+                f"consumed({count}) but only {self.unconsumed} bytes "
+                "were delivered and not consumed"
+            )
+        self.unconsumed -= count
+
+    def window(self) -> int:
+        """The window to advertise past :attr:`ack_offset`.
+
+        The configured window less what is buffered, but never pulling
+        the right edge back from where it was advertised: the peer may
+        already have sent up to it (RFC 9293 section 3.8.6 discourages
+        shrinking a window for that reason).
+        """
+        room = self.capacity - self.unconsumed - self.held
+        ack = self.ack_offset
+        room = max(room, self._advertised_edge - ack, 0)
+        return min(room, MAX_WINDOW)
+
+    def advertise(self) -> int:
+        """The window to put in an outgoing frame; remembers its edge."""
+        window = self.window()
+        self._advertised_edge = self.ack_offset + window
+        return window
+
+    def window_growth(self) -> int:
+        """How far the right edge would move if advertised now."""
+        return self.ack_offset + self.window() - self._advertised_edge
+
+    def _note_fin(self, fin_offset: int) -> None:
+        if self.fin_offset is None:
+            if fin_offset < self.next_offset or fin_offset > self.limit:
+                logger.debug("ignoring a DATA_FIN outside the window")
+                return
+            self.fin_offset = fin_offset
+            self._drop_beyond(fin_offset)
+        elif fin_offset != self.fin_offset:
+            logger.debug("ignoring a second DATA_FIN at another offset")
+
+    def _hold(self, offset: int, data: bytes, start: int, end: int) -> None:
+        # fill only the gaps between pieces already held, so that bytes
+        # taken once are never replaced by a later copy
+        index = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        position = start
+        while index < len(self._starts) and position < end:
+            held_start = self._starts[index]
+            held_end = held_start + len(self._pieces[held_start])
+            if held_end <= position:
+                index += 1
+                continue
+            if held_start >= end:
+                break
+            if held_start > position:
+                self._add(
+                    position, data[position - offset : held_start - offset]
+                )
+                index += 1
+            position = max(position, held_end)
+            index += 1
+        if position < end:
+            self._add(position, data[position - offset : end - offset])
+
+    def _add(self, start: int, piece: bytes) -> None:
+        bisect.insort(self._starts, start)
+        self._pieces[start] = piece
+        self.held += len(piece)
+
+    def _deliver(self) -> bytes:
+        out: list[bytes] = []
+        while self._starts and self._starts[0] == self.next_offset:
+            piece = self._pieces.pop(self._starts.pop(0))
+            self.held -= len(piece)
+            self.next_offset += len(piece)
+            self.unconsumed += len(piece)
+            out.append(piece)
+        if (
+            self.fin_offset is not None
+            and not self.fin_reached
+            and self.next_offset == self.fin_offset
+        ):
+            self.fin_reached = True
+        return b"".join(out)
+
+    def _drop_beyond(self, fin_offset: int) -> None:
+        while self._starts:
+            last = self._starts[-1]
+            piece = self._pieces[last]
+            if last + len(piece) <= fin_offset:
+                break
+            self.held -= len(piece)
+            if last >= fin_offset:
+                self._starts.pop()
+                del self._pieces[last]
+            else:
+                self._pieces[last] = piece[: fin_offset - last]
+                self.held += fin_offset - last

@@ -1,0 +1,289 @@
+"""The sending side of a connection: subflows, mapped chunks, the choice.
+
+:class:`SendBuffer` holds what the application wrote, cuts it into
+chunks mapped to data offsets (offset 0 is the sender's IDSN+1) and keeps
+every chunk until a Data ACK covers it, so that chunks sent on a subflow
+that dies can be sent again elsewhere (RFC 8684 section 3.3.6).
+:class:`Subflow` is one subflow's state as the connection sees it, and
+:func:`pick_subflow` chooses where the next chunk goes. Nothing here
+performs I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mptls.errors import ProtocolError
+from mptls.mptcp.framing import Segment
+
+__all__ = [
+    "Chunk",
+    "SendBuffer",
+    "Subflow",
+    "SubflowState",
+    "pick_subflow",
+    "smooth_rtt",
+]
+
+logger = logging.getLogger("mptls.mptcp")
+
+
+class SubflowState(enum.Enum):
+    """Where a subflow is in its life (RFC 8684 sections 3.1, 3.2)."""
+
+    SYN_SENT = "SYN_SENT"
+    SYN_RECEIVED = "SYN_RECEIVED"
+    # a join SYN with a known token arrived before the keys: it was
+    # dropped and the subflow waits for the retransmitted SYN
+    WAITING_KEYS = "WAITING_KEYS"
+    PRE_ESTABLISHED = "PRE_ESTABLISHED"
+    ESTABLISHED = "ESTABLISHED"
+    CLOSED = "CLOSED"
+
+
+_S = SubflowState
+_EDGES: dict[SubflowState, frozenset[SubflowState]] = {
+    _S.SYN_SENT: frozenset({_S.PRE_ESTABLISHED, _S.ESTABLISHED, _S.CLOSED}),
+    _S.SYN_RECEIVED: frozenset({_S.ESTABLISHED, _S.CLOSED}),
+    _S.WAITING_KEYS: frozenset({_S.SYN_RECEIVED, _S.CLOSED}),
+    _S.PRE_ESTABLISHED: frozenset({_S.ESTABLISHED, _S.CLOSED}),
+    _S.ESTABLISHED: frozenset({_S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+
+
+@dataclass(slots=True)
+class Subflow:
+    """One subflow: its state, counters and join material."""
+
+    subflow_id: int
+    state: SubflowState
+    is_join: bool = False
+    backup: bool = False
+    address_id: int = 0
+    writable: bool = True
+    # data-level bytes sent here and not yet covered by a Data ACK
+    inflight: int = 0
+    srtt: float | None = None
+    # one timed chunk at a time: its end offset and when it left
+    probe_end: int | None = None
+    probe_sent_at: float = 0.0
+    # payload bytes; the next payload byte has ssn bytes_sent + 1
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    fin_sent: bool = False
+    # a Data ACK is owed on this subflow for data that arrived on it
+    ack_due_bytes: int = 0
+    ack_due_since: float | None = None
+    local_nonce: int = 0
+    remote_nonce: int = 0
+    syn: Segment | None = None
+    retransmit_at: float | None = None
+    rto: float = 0.0
+    deadline: float | None = None
+    outbox: list[Segment] = field(default_factory=list)
+
+    def set_state(self, new: SubflowState) -> None:
+        """Move to ``new``; an edge not in the table is a local bug."""
+        if new is self.state:
+            return
+        if new not in _EDGES[self.state]:
+            raise ProtocolError(
+                f"subflow {self.subflow_id}: no transition "
+                f"{self.state.value} -> {new.value}",
+                reset_reason=None,
+            )
+        logger.debug(
+            "subflow %d: %s -> %s",
+            self.subflow_id,
+            self.state.value,
+            new.value,
+        )
+        self.state = new
+
+    def start_probe(self, end: int, now: float) -> None:
+        """Time the chunk ending at ``end`` unless one is timed already."""
+        if self.probe_end is None:
+            self.probe_end = end
+            self.probe_sent_at = now
+
+    def ack_arrived(self, offset: int, now: float) -> None:
+        """A Data ACK arrived here: it may end the timed chunk's RTT.
+
+        The sample is taken on the subflow the chunk went out on, even
+        when an ACK on a faster subflow covered it first, so a slow path
+        is never mistaken for an unmeasured (fast) one.
+        """
+        if self.probe_end is not None and offset >= self.probe_end:
+            self.srtt = smooth_rtt(self.srtt, now - self.probe_sent_at)
+            self.probe_end = None
+
+    @property
+    def live(self) -> bool:
+        return self.state is not SubflowState.CLOSED
+
+    @property
+    def carries_data(self) -> bool:
+        return self.state is SubflowState.ESTABLISHED and not self.fin_sent
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A mapped piece of the stream: offsets never change once sent."""
+
+    offset: int
+    data: bytes
+    fin: bool = False
+    # -1 while queued for (re)injection, else where it was last sent
+    subflow_id: int = -1
+
+    @property
+    def end(self) -> int:
+        """The first offset after the chunk (a DATA_FIN takes one)."""
+        return self.offset + len(self.data) + (1 if self.fin else 0)
+
+
+class SendBuffer:
+    """Unmapped bytes, mapped chunks until acknowledged, reinjections."""
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        # offset of the first unmapped byte
+        self.next_offset = 0
+        # the peer's cumulative Data ACK, as an offset
+        self.acked = 0
+        self.fin_wanted = False
+        self.fin_offset: int | None = None
+        self._unacked: deque[Chunk] = deque()
+        self._unacked_bytes = 0
+        self._reinject: deque[Chunk] = deque()
+
+    @property
+    def size(self) -> int:
+        """Bytes queued or in flight (for the adapter's flow control)."""
+        return len(self._pending) + self._unacked_bytes
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def mapped_end(self) -> int:
+        """One past the last offset ever mapped (incl. a DATA_FIN)."""
+        if self.fin_offset is not None:
+            return self.fin_offset + 1
+        return self.next_offset
+
+    @property
+    def fin_acked(self) -> bool:
+        return self.fin_offset is not None and self.acked > self.fin_offset
+
+    @property
+    def has_reinjection(self) -> bool:
+        self._skip_acked_reinjections()
+        return bool(self._reinject)
+
+    def write(self, data: bytes) -> None:
+        self._pending += data
+
+    def wants_new_chunk(self, limit: int) -> bool:
+        """Whether :meth:`take_new` would give a chunk under ``limit``."""
+        if self._pending and self.next_offset < limit:
+            return True
+        return self._fin_due()
+
+    def take_new(
+        self, max_length: int, limit: int, *, fin_allowed: bool = True
+    ) -> Chunk | None:
+        """Map up to ``max_length`` new bytes below offset ``limit``.
+
+        The chunk that takes the last queued byte after :meth:`close`
+        carries the DATA_FIN; with nothing left to map it is a FIN alone.
+        A DATA_FIN may sit at the window's edge: it takes no buffer.
+        """
+        room = min(max_length, limit - self.next_offset, len(self._pending))
+        if room <= 0 and not (fin_allowed and self._fin_due()):
+            return None
+        room = max(room, 0)
+        data = bytes(self._pending[:room])
+        del self._pending[:room]
+        chunk = Chunk(self.next_offset, data)
+        self.next_offset += room
+        if fin_allowed and self._fin_due():
+            chunk.fin = True
+            self.fin_offset = self.next_offset
+        self._unacked.append(chunk)
+        self._unacked_bytes += len(data)
+        return chunk
+
+    def take_reinjection(self) -> Chunk | None:
+        self._skip_acked_reinjections()
+        return self._reinject.popleft() if self._reinject else None
+
+    def ack(self, offset: int) -> list[Chunk]:
+        """Apply a cumulative Data ACK; return the chunks it freed."""
+        if offset > self.mapped_end:
+            raise ProtocolError(
+                f"Data ACK {offset} beyond what was sent ({self.mapped_end})"
+            )
+        freed: list[Chunk] = []
+        if offset <= self.acked:
+            return freed
+        self.acked = offset
+        while self._unacked and self._unacked[0].end <= offset:
+            chunk = self._unacked.popleft()
+            self._unacked_bytes -= len(chunk.data)
+            freed.append(chunk)
+        return freed
+
+    def requeue(self, subflow_id: int) -> list[Chunk]:
+        """Queue every unacked chunk last sent on ``subflow_id`` again."""
+        moved = [c for c in self._unacked if c.subflow_id == subflow_id]
+        for chunk in moved:
+            chunk.subflow_id = -1
+        merged = sorted([*self._reinject, *moved], key=lambda c: c.offset)
+        self._reinject = deque(merged)
+        return moved
+
+    def close(self) -> None:
+        self.fin_wanted = True
+
+    def _fin_due(self) -> bool:
+        return (
+            self.fin_wanted and self.fin_offset is None and not self._pending
+        )
+
+    def _skip_acked_reinjections(self) -> None:
+        while self._reinject and self._reinject[0].end <= self.acked:
+            self._reinject.popleft()
+
+
+def smooth_rtt(srtt: float | None, sample: float) -> float:
+    """EWMA with gain 1/8, as TCP does (RFC 6298 section 2)."""
+    if srtt is None:
+        return sample
+    return srtt + (sample - srtt) / 8
+
+
+def pick_subflow(
+    subflows: Iterable[Subflow], inflight_limit: int
+) -> Subflow | None:
+    """The subflow for the next chunk, or None if none has room.
+
+    The lowest smoothed RTT among established, writable subflows with
+    room wins; ties go to the one with less in flight. Backup subflows
+    are used only when no other subflow is established (RFC 8684
+    section 3.3.8).
+    An unmeasured subflow counts as fastest so that it gets measured.
+    """
+    alive = [s for s in subflows if s.carries_data]
+    # a full or congested regular subflow is no reason to use a backup
+    pool = [s for s in alive if not s.backup] or alive
+    ready = [s for s in pool if s.writable and s.inflight < inflight_limit]
+    if not ready:
+        return None
+    return min(ready, key=lambda s: (s.srtt or 0.0, s.inflight, s.subflow_id))
