@@ -220,13 +220,9 @@ class TLSConfig:
             context.set_verify(
                 SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
             )
-            anchors = self._load_trust(context)
-            context.set_client_ca_list(
-                [
-                    crypto.X509.from_cryptography(c).get_subject()
-                    for c in anchors
-                ]
-            )
+            # the CA names the server asks for (RFC 8446 section 4.2.4)
+            for anchor in self._load_trust(context):
+                context.add_client_ca(anchor)
         else:
             context.set_verify(SSL.VERIFY_NONE)
         if self.alpn_protocols:
