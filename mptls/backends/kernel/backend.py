@@ -120,7 +120,7 @@ class KernelBackend(Backend):
         loop = asyncio.get_running_loop()
         addrs = list(local_addrs or ())
         if len(addrs) > 1:
-            self._subflow_endpoints(
+            await self._subflow_endpoints(
                 addrs[1:], bool(options.get("manage_paths"))
             )
         sock = await sockets.connect(
@@ -143,7 +143,7 @@ class KernelBackend(Backend):
             raise
         return transport, protocol
 
-    def _subflow_endpoints(
+    async def _subflow_endpoints(
         self, addresses: Sequence[str], manage: bool
     ) -> None:
         if not manage:
@@ -153,12 +153,15 @@ class KernelBackend(Backend):
                 list(addresses),
             )
             return
-        with PathManager() as paths:
-            for address in addresses:
-                paths.ensure_endpoint(address, EndpointFlag.SUBFLOW)
-            limits = paths.limits()
-            if limits.subflows < len(addresses):
-                paths.set_limits(subflows=len(addresses))
+
+        def add() -> None:
+            with PathManager() as paths:
+                for address in addresses:
+                    paths.ensure_endpoint(address, EndpointFlag.SUBFLOW)
+                if paths.limits().subflows < len(addresses):
+                    paths.set_limits(subflows=len(addresses))
+
+        await run_in_thread(add)
 
     async def create_server(
         self,

@@ -1,0 +1,185 @@
+"""The kernel's MPTCP endpoints and limits through netlink, in namespaces.
+
+Every change happens inside namespaces the tests create, never in the
+machine's own. Needs root and kernel MPTCP; skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+
+import netns
+import pytest
+
+from mptls.backends.kernel import KernelBackend
+from mptls.backends.kernel.pathmanager import (
+    Endpoint,
+    EndpointFlag,
+    Limits,
+    PathManager,
+    run_in_thread,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.kernel]
+
+PORT = 4435
+
+
+@pytest.fixture
+def topology() -> Iterator[netns.Topology]:
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns.topology(2) as built:
+        yield built
+
+
+def test_endpoints_and_limits_round_trip(topology: netns.Topology) -> None:
+    with topology.server.entered():
+        paths = PathManager()
+    with paths:
+        assert paths.endpoints() == ()
+        signal = paths.add_endpoint("198.51.100.2", EndpointFlag.SIGNAL)
+        assert signal.address == "198.51.100.2"
+        assert signal.flags == EndpointFlag.SIGNAL
+        backup = paths.add_endpoint(
+            "2001:db8:2::2", EndpointFlag.SUBFLOW | EndpointFlag.BACKUP
+        )
+        assert set(paths.endpoints()) == {signal, backup}
+        # an existing endpoint is reused, not added twice
+        assert paths.ensure_endpoint("198.51.100.2", EndpointFlag.SIGNAL) == (
+            signal
+        )
+        assert paths.set_limits(subflows=4, add_addr_accepted=3) == Limits(
+            4, 3
+        )
+        paths.remove_endpoint(signal.address_id)
+        assert paths.endpoints() == (backup,)
+
+    # the namespace's own tool agrees with what netlink reported
+    shown = topology.server.run(["ip", "mptcp", "endpoint", "show"])
+    assert "2001:db8:2::2" in shown and "backup" in shown
+    assert "198.51.100.2" not in shown
+    limits = topology.server.run(["ip", "mptcp", "limits", "show"])
+    assert "subflows 4" in limits and "add_addr_accepted 3" in limits
+
+
+def test_without_net_admin_it_says_what_is_missing(
+    topology: netns.Topology,
+) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop CAP_NET_ADMIN")
+    script = (
+        "import json\n"
+        "from mptls.backends.kernel.pathmanager import PathManager\n"
+        "from mptls.backends.kernel.probe import probe\n"
+        "from mptls.errors import PathError\n"
+        "report = probe()\n"
+        "with PathManager() as paths:\n"
+        "    try:\n"
+        "        paths.add_endpoint('192.0.2.2')\n"
+        "        error = None\n"
+        "    except PathError as exc:\n"
+        "        error = str(exc)\n"
+        "print(json.dumps({'error': error,\n"
+        "                  'can': report.can_manage_paths,\n"
+        "                  'detail': report.manage_paths_detail}))\n"
+    )
+    output = topology.server.run(
+        ["setpriv", "--bounding-set=-net_admin", sys.executable, "-c", script]
+    )
+    result = json.loads(output)
+    assert "needs CAP_NET_ADMIN" in result["error"]
+    assert result["can"] is False
+    assert "CAP_NET_ADMIN" in result["detail"]
+    assert "192.0.2.2" not in topology.server.run(
+        ["ip", "mptcp", "endpoint", "show"]
+    )
+
+
+def list_endpoints() -> tuple[Endpoint, ...]:
+    with PathManager() as paths:
+        return paths.endpoints()
+
+
+async def _wait_for_subflows(
+    backend: KernelBackend, transport: asyncio.BaseTransport, count: int
+) -> None:
+    """Re-check the kernel's subflow count until it reaches ``count``."""
+    deadline = time.monotonic() + 10.0
+    while len(backend.info(transport).subflows) < count:
+        assert time.monotonic() < deadline, "the extra subflow never came"
+        await asyncio.sleep(0.01)
+
+
+async def test_managed_paths_announce_and_add_subflows(
+    topology: netns.Topology,
+) -> None:
+    backend = KernelBackend()
+    path0, path1 = topology.paths
+    with topology.server.entered():
+        server = await backend.create_server(
+            asyncio.Protocol,
+            None,
+            PORT,
+            announce=[path1.server_address],
+        )
+        server_endpoints = await run_in_thread(list_endpoints)
+    assert [(e.address, e.flags) for e in server_endpoints] == [
+        (path1.server_address, EndpointFlag.SIGNAL)
+    ]
+
+    with topology.client.entered():
+        transport, _ = await backend.create_connection(
+            asyncio.Protocol,
+            path0.server_address,
+            PORT,
+            local_addrs=[path0.client_address, path1.client_address],
+            manage_paths=True,
+        )
+
+        def client_state() -> tuple[tuple[Endpoint, ...], Limits]:
+            with PathManager() as paths:
+                return paths.endpoints(), paths.limits()
+
+        endpoints, limits = await run_in_thread(client_state)
+    assert [(e.address, e.flags) for e in endpoints] == [
+        (path1.client_address, EndpointFlag.SUBFLOW)
+    ]
+    assert limits.subflows >= 1
+    await _wait_for_subflows(backend, transport, 2)
+    locals_used = {
+        subflow.local_address[0]
+        for subflow in backend.info(transport).subflows
+        if subflow.local_address
+    }
+    assert locals_used == {path0.client_address, path1.client_address}
+    transport.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_extra_addresses_left_alone_without_manage_paths(
+    topology: netns.Topology,
+) -> None:
+    backend = KernelBackend()
+    path0, path1 = topology.paths
+    with topology.server.entered():
+        server = await backend.create_server(asyncio.Protocol, None, PORT)
+    with topology.client.entered():
+        transport, _ = await backend.create_connection(
+            asyncio.Protocol,
+            path0.server_address,
+            PORT,
+            local_addrs=[path0.client_address, path1.client_address],
+        )
+        endpoints = await run_in_thread(list_endpoints)
+    assert endpoints == ()
+    transport.close()
+    server.close()
+    await server.wait_closed()
