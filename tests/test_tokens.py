@@ -1,0 +1,283 @@
+"""Owner-chosen 64-bit tokens: layout, uniqueness, the keyed permutation."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import itertools
+from typing import Any
+
+import pytest
+
+from mptls.errors import ConfigurationError, MptlsError
+from mptls.mptcp import tokens as tokens_module
+from mptls.mptcp.tokens import (
+    SerialPermutation,
+    TokenAllocator,
+    TokenFields,
+    TokenLayout,
+    token_fields,
+)
+
+SECRET = bytes(range(32))
+OTHER_SECRET = bytes(range(1, 33))
+
+
+# layout and fields
+
+
+def test_default_layout() -> None:
+    layout = TokenLayout()
+    assert (layout.server_id_bits, layout.worker_id_bits) == (8, 8)
+    assert layout.serial_bits == 48
+
+
+@pytest.mark.parametrize(
+    ("server_bits", "worker_bits"),
+    [(33, 0), (16, 17), (-1, 8), (8, -1)],
+)
+def test_layout_must_leave_32_serial_bits(
+    server_bits: int, worker_bits: int
+) -> None:
+    with pytest.raises(ConfigurationError):
+        TokenLayout(server_bits, worker_bits)
+
+
+@pytest.mark.parametrize(
+    ("layout", "server_id", "worker_id"),
+    [
+        (TokenLayout(), 0xAB, 0xCD),
+        (TokenLayout(), 0, 0),
+        (TokenLayout(), 255, 255),
+        (TokenLayout(0, 0), 0, 0),
+        (TokenLayout(12, 4), 0xFED, 0x3),
+        (TokenLayout(16, 16), 0xFFFF, 0x1234),
+        (TokenLayout(1, 0), 1, 0),
+        (TokenLayout(0, 9), 0, 300),
+    ],
+)
+def test_token_fields_reads_the_ids_without_the_secret(
+    layout: TokenLayout, server_id: int, worker_id: int
+) -> None:
+    allocator = TokenAllocator(
+        SECRET, layout=layout, server_id=server_id, worker_id=worker_id
+    )
+    for _ in range(50):
+        token = allocator.allocate()
+        assert len(token) == 8
+        fields = token_fields(token, layout)
+        assert fields == TokenFields(server_id, worker_id)
+
+
+def test_server_id_is_the_leading_bits() -> None:
+    allocator = TokenAllocator(SECRET, server_id=0x5A, worker_id=0xC3)
+    token = allocator.allocate()
+    # The fixed bytes a load balancer routes on.
+    assert token[:2] == b"\x5a\xc3"
+
+
+@pytest.mark.parametrize("token", [b"", b"1234567", b"123456789", "12345678"])
+def test_token_fields_refuses_wrong_tokens(token: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        token_fields(token)
+
+
+# allocator
+
+
+def test_tokens_are_unique_and_counted() -> None:
+    allocator = TokenAllocator(SECRET, server_id=1, worker_id=2)
+    issued = [allocator.allocate() for _ in range(5000)]
+    assert len(set(issued)) == len(issued)
+    assert allocator.live == 5000
+    for token in issued[:1000]:
+        allocator.release(token)
+    assert allocator.live == 4000
+    assert allocator.next_counter == 5000
+    # Released tokens are never handed out again.
+    assert not set(issued) & {allocator.allocate() for _ in range(1000)}
+
+
+def test_release_twice_or_foreign_token_is_an_error() -> None:
+    allocator = TokenAllocator(SECRET)
+    token = allocator.allocate()
+    allocator.release(token)
+    with pytest.raises(MptlsError, match="does not hold"):
+        allocator.release(token)
+    other = TokenAllocator(OTHER_SECRET).allocate()
+    with pytest.raises(MptlsError):
+        allocator.release(other)
+
+
+def test_same_secret_and_ids_give_the_same_sequence() -> None:
+    first = TokenAllocator(SECRET, server_id=3, worker_id=4)
+    second = TokenAllocator(SECRET, server_id=3, worker_id=4)
+    assert [first.allocate() for _ in range(20)] == [
+        second.allocate() for _ in range(20)
+    ]
+
+
+def test_start_continues_where_a_worker_stopped() -> None:
+    first = TokenAllocator(SECRET)
+    issued = [first.allocate() for _ in range(30)]
+    resumed = TokenAllocator(SECRET, start=first.next_counter - 10)
+    assert [resumed.allocate() for _ in range(10)] == issued[20:]
+
+
+def test_other_secret_or_worker_gives_unrelated_serials() -> None:
+    base = TokenAllocator(SECRET, worker_id=1)
+    other_secret = TokenAllocator(OTHER_SECRET, worker_id=1)
+    other_worker = TokenAllocator(SECRET, worker_id=2)
+    mask = (1 << 48) - 1
+
+    def serials(allocator: TokenAllocator) -> list[int]:
+        return [
+            int.from_bytes(allocator.allocate(), "big") & mask
+            for _ in range(100)
+        ]
+
+    reference = serials(base)
+    assert not set(reference) & set(serials(other_secret))
+    assert not set(reference) & set(serials(other_worker))
+
+
+def test_serials_do_not_look_like_a_counter() -> None:
+    allocator = TokenAllocator(SECRET)
+    mask = (1 << 48) - 1
+    values = [
+        int.from_bytes(allocator.allocate(), "big") & mask for _ in range(4000)
+    ]
+    steps = {b - a for a, b in itertools.pairwise(values)}
+    assert len(steps) > 3900
+    # Each serial bit is set in about half of the tokens.
+    for bit in range(48):
+        ones = sum(value >> bit & 1 for value in values)
+        assert 1800 < ones < 2200, bit
+
+
+def test_exhaustion_is_a_clear_error() -> None:
+    layout = TokenLayout(16, 16)
+    allocator = TokenAllocator(SECRET, layout=layout, start=2**32 - 2)
+    tokens = {allocator.allocate(), allocator.allocate()}
+    assert len(tokens) == 2
+    with pytest.raises(MptlsError, match="exhausted"):
+        allocator.allocate()
+    # The counter did not move: the allocator keeps refusing.
+    with pytest.raises(MptlsError, match="exhausted"):
+        allocator.allocate()
+    assert TokenAllocator(SECRET, layout=layout, start=2**32).live == 0
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"secret": b"too short"},
+        {"secret": "a string of more than sixteen"},
+        {"secret": SECRET, "server_id": 256},
+        {"secret": SECRET, "worker_id": -1},
+        {"secret": SECRET, "start": -1},
+        {"secret": SECRET, "start": 2**48 + 1},
+        {
+            "secret": SECRET,
+            "layout": TokenLayout(0, 4),
+            "worker_id": 16,
+        },
+    ],
+)
+def test_allocator_checks_its_settings(arguments: dict[str, Any]) -> None:
+    secret = arguments.pop("secret")
+    with pytest.raises(ConfigurationError):
+        TokenAllocator(secret, **arguments)
+
+
+def test_the_secret_never_shows() -> None:
+    secret = b"S" * 16 + b"E" * 16
+    allocator = TokenAllocator(secret, server_id=7)
+    for text in (repr(allocator), str(allocator), repr(allocator.permutation)):
+        assert "SSSS" not in text
+        assert secret.hex()[:8] not in text
+    assert "server_id=7" in repr(allocator)
+
+
+def test_module_imports_no_random_source() -> None:
+    tree = ast.parse(inspect.getsource(tokens_module))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"random", "secrets", "os", "uuid"}
+
+
+# the keyed permutation
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 7, 8, 11, 12])
+def test_permutation_on_small_widths_is_a_bijection(bits: int) -> None:
+    permutation = SerialPermutation(SECRET, bits)
+    domain = range(2**bits)
+    images = [permutation.forward(value) for value in domain]
+    assert sorted(images) == list(domain)
+    assert images != list(domain)
+    assert [permutation.inverse(image) for image in images] == list(domain)
+    assert permutation.forward_many(0, 2**bits) == images
+
+
+@pytest.mark.parametrize("bits", [32, 33, 47, 48, 63, 64])
+def test_permutation_inverse_on_wide_widths(bits: int) -> None:
+    permutation = SerialPermutation(SECRET, bits, tweak=b"t")
+    for value in (0, 1, 2**bits - 1, 0x5555 % 2**bits, 12345678):
+        image = permutation.forward(value)
+        assert 0 <= image < 2**bits
+        assert permutation.inverse(image) == value
+    assert permutation.forward_many(100, 50) == [
+        permutation.forward(value) for value in range(100, 150)
+    ]
+
+
+def test_a_million_consecutive_tokens_are_distinct() -> None:
+    allocator = TokenAllocator(SECRET, server_id=9, worker_id=10)
+    serials = allocator.permutation.forward_many(0, 1_000_000)
+    assert len(set(serials)) == 1_000_000
+    # The allocator's tokens are exactly these serials behind its ids.
+    prefix = (9 << 8 | 10) << 48
+    for serial in serials[:1000]:
+        expected = (prefix | serial).to_bytes(8, "big")
+        assert allocator.allocate() == expected
+
+
+def test_tweak_and_key_change_the_permutation() -> None:
+    base = SerialPermutation(SECRET, 40)
+    values = range(64)
+    reference = base.forward_many(0, 64)
+    assert SerialPermutation(SECRET, 40, tweak=b"x").forward_many(0, 64) != (
+        reference
+    )
+    assert SerialPermutation(OTHER_SECRET, 40).forward_many(0, 64) != (
+        reference
+    )
+    assert [base.forward(value) for value in values] == reference
+
+
+@pytest.mark.parametrize(
+    ("key", "bits"),
+    [(SECRET, 1), (SECRET, 65), (b"short", 32), ("not bytes" * 4, 32)],
+)
+def test_permutation_checks_its_settings(key: Any, bits: int) -> None:
+    with pytest.raises(ConfigurationError):
+        SerialPermutation(key, bits)
+
+
+def test_permutation_checks_its_domain() -> None:
+    permutation = SerialPermutation(SECRET, 8)
+    for value in (-1, 256):
+        with pytest.raises(ConfigurationError):
+            permutation.forward(value)
+        with pytest.raises(ConfigurationError):
+            permutation.inverse(value)
+    with pytest.raises(ConfigurationError):
+        permutation.forward_many(250, 7)
+    with pytest.raises(ConfigurationError):
+        permutation.forward_many(0, -1)
+    assert permutation.forward_many(3, 0) == []
