@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,54 @@ BACKENDS = ("userspace", "kernel")
 MODES = ("G", "rfc8684")
 
 
-def server_mode_options(backend: str, mode: str) -> dict[str, Any]:
-    """The server keyword that admits ``mode``: the userspace backend
-    takes the modes it accepts; the kernel's MPTCP has only its own."""
-    return {"modes": (mode,)} if backend == "userspace" else {}
+def _userspace_client(mode: str | None, manage_paths: bool) -> dict[str, Any]:
+    if manage_paths:
+        raise UsageError("--manage-paths applies to the kernel backend")
+    return {"mode": mode or "G"}
+
+
+def _kernel_client(mode: str | None, manage_paths: bool) -> dict[str, Any]:
+    if mode is not None:
+        raise UsageError(
+            "--mode applies to the userspace backend; the kernel runs its "
+            "own RFC 8684 MPTCP"
+        )
+    return {"manage_paths": manage_paths}
+
+
+def _userspace_server(
+    mode: str | None, announce: Sequence[tuple[str, int]]
+) -> dict[str, Any]:
+    return {"modes": (mode or "G",), "announce_addrs": list(announce)}
+
+
+def _kernel_server(
+    mode: str | None, announce: Sequence[tuple[str, int]]
+) -> dict[str, Any]:
+    _kernel_client(mode, manage_paths=False)
+    # the kernel announces addresses as endpoints, each on every port
+    return {"announce": [address for address, _ in announce]}
+
+
+_CLIENT_OPTIONS = {"userspace": _userspace_client, "kernel": _kernel_client}
+_SERVER_OPTIONS = {"userspace": _userspace_server, "kernel": _kernel_server}
+
+
+def client_options(
+    backend: str, mode: str | None, *, manage_paths: bool = False
+) -> dict[str, Any]:
+    """The keywords that carry the command line's choices to a backend's
+    ``create_connection``: each backend takes its own."""
+    return {"backend": backend, **_CLIENT_OPTIONS[backend](mode, manage_paths)}
+
+
+def server_options(
+    backend: str,
+    mode: str | None,
+    announce: Sequence[tuple[str, int]] = (),
+) -> dict[str, Any]:
+    """The keywords for a backend's ``create_server``."""
+    return {"backend": backend, **_SERVER_OPTIONS[backend](mode, announce)}
 
 
 class ExitStatus(IntEnum):

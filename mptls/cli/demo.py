@@ -44,8 +44,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--mode",
         choices=MODES,
-        default="G",
-        help="G: keys from TLS (default); rfc8684: keys in the clear",
+        help="userspace backend: G, keys from TLS (default), or rfc8684, "
+        "keys in the clear",
+    )
+    parser.add_argument(
+        "--manage-paths",
+        action="store_true",
+        help="kernel backend: add the extra --paths as kernel subflow "
+        "endpoints (changes the kernel's endpoint table)",
     )
     parser.add_argument(
         "--paths",
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         mode=args.mode,
         paths=parse_paths(args.paths),
         timeout=args.timeout,
+        manage_paths=args.manage_paths,
     )
     if settings.timeout <= 0:
         raise UsageError("--timeout must be positive")

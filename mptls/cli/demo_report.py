@@ -11,8 +11,7 @@ import contextlib
 from collections.abc import Iterator
 
 from rich import box
-from rich.console import Console, Group
-from rich.panel import Panel
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -80,11 +79,11 @@ def _server_view(
 def subflow_table(report: DemoReport) -> Table:
     """Each subflow's bytes as the client sent and the server received
     them (TLS records and framing included)."""
-    table = Table(box=box.SIMPLE_HEAD, title="subflows")
-    for heading in ("id", "client", "server", "state"):
-        table.add_column(heading)
+    table = Table(box=box.SIMPLE_HEAD, title="subflows", show_edge=False)
+    table.add_column("id", no_wrap=True)
+    table.add_column("client -> server", overflow="fold")
     for heading in ("sent", "share", "received", "rtt"):
-        table.add_column(heading, justify="right")
+        table.add_column(heading, justify="right", no_wrap=True)
 
     client = report.client.info.subflows
     total_sent = sum(subflow.bytes_sent for subflow in client)
@@ -93,10 +92,9 @@ def subflow_table(report: DemoReport) -> Table:
         received = peer.bytes_received if peer else None
         rtt = f"{subflow.rtt_ms:.2f} ms" if subflow.rtt_ms else "-"
         table.add_row(
-            str(subflow.subflow_id),
-            _address(subflow.local_address),
-            _address(subflow.remote_address),
-            subflow.state + (" (backup)" if subflow.backup else ""),
+            f"{subflow.subflow_id}{' backup' if subflow.backup else ''}",
+            f"{_address(subflow.local_address)} -> "
+            f"{_address(subflow.remote_address)}",
             human_bytes(subflow.bytes_sent),
             _share(subflow.bytes_sent, total_sent),
             human_bytes(received) if received is not None else "-",
@@ -105,54 +103,65 @@ def subflow_table(report: DemoReport) -> Table:
     return table
 
 
-def _key_lines(report: DemoReport) -> list[str]:
+Row = tuple[str, str]
+
+
+def _key_rows(report: DemoReport) -> list[Row]:
     client, server = report.client.info, report.server.info
     if client.key_fingerprint is None and server.key_fingerprint is None:
         reason = client.keys_reason or "the backend installed no TLS keys"
-        return [f"keys        not from TLS: {reason}"]
+        return [("keys", f"not from TLS: {reason}")]
     agree = _YES if report.fingerprints_match else _NO
-    lines = [
-        "keys        from the TLS exporter (EXPORTER-MPTCP)",
-        f"fingerprint client {client.key_fingerprint or '-'}  "
-        f"server {server.key_fingerprint or '-'}  match {agree}",
+    rows = [
+        ("keys", "from the TLS exporter (EXPORTER-MPTCP)"),
+        (
+            "fingerprint",
+            f"client {client.key_fingerprint or '-'}  "
+            f"server {server.key_fingerprint or '-'}  match {agree}",
+        ),
     ]
     if not client.keys_installed:
-        lines.append(f"            not installed: {client.keys_reason}")
-    return lines
+        rows.append(("", f"not installed: {client.keys_reason}"))
+    return rows
 
 
-def summary_lines(report: DemoReport) -> list[str]:
-    """The connection facts, one per line."""
-    client = report.client.info
-    tls = " ".join(
-        part
-        for part in (report.client.tls_version, report.client.cipher)
-        if part
-    )
-    lines = [
-        f"file        {report.payload.description}",
-        f"backend     {client.backend}    mode {client.mode}"
-        + ("  [red](fell back to TCP)[/]" if client.fallback else ""),
-        f"tokens      client {client.local_token or '-'}  "
-        f"server {client.remote_token or '-'}",
-        f"tls         {tls or '-'}",
-        *_key_lines(report),
-        f"transfer    {human_bytes(report.client.sent)} in "
-        f"{report.client.seconds:.2f} s, "
-        f"{human_bytes(report.throughput)}/s "
-        f"({report.throughput * 8 / 1e6:.0f} Mbit/s)",
-        f"sha256      {report.client.sha256}",
-        f"            match {_YES if report.sha256_match else _NO}",
+def summary_rows(report: DemoReport) -> list[Row]:
+    """The connection facts, a label and a value each."""
+    client, server = report.client.info, report.server.info
+    tls = (report.client.tls_version or "-", report.client.cipher or "")
+    return [
+        ("file", report.payload.description),
+        (
+            "backend",
+            f"{client.backend}    mode {client.mode}"
+            + ("  [red](fell back to TCP)[/]" if client.fallback else ""),
+        ),
+        (
+            "tokens",
+            f"client {client.local_token or '-'}  "
+            f"server {server.local_token or client.remote_token or '-'}",
+        ),
+        ("tls", " ".join(tls).strip()),
+        *_key_rows(report),
+        (
+            "transfer",
+            f"{human_bytes(report.client.sent)} in "
+            f"{report.client.seconds:.2f} s, "
+            f"{human_bytes(report.throughput)}/s "
+            f"({report.throughput * 8 / 1e6:.0f} Mbit/s)",
+        ),
+        ("sha256", report.client.sha256),
+        ("", f"match {_YES if report.sha256_match else _NO}"),
     ]
-    return lines
 
 
 def render_report(console: Console, report: DemoReport) -> None:
     verdict = "[green]OK[/]" if report.ok else "[red]FAILED[/]"
-    console.print(
-        Panel(
-            Group("\n".join(summary_lines(report)), subflow_table(report)),
-            title=f"mptls demo: {verdict}",
-            expand=False,
-        )
-    )
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold", no_wrap=True)
+    summary.add_column(overflow="fold")
+    for label, value in summary_rows(report):
+        summary.add_row(label, value)
+    console.rule(f"mptls demo: {verdict}")
+    console.print(summary)
+    console.print(subflow_table(report))

@@ -26,12 +26,13 @@ from mptls.cli.common import (
     MODES,
     ExitStatus,
     UsageError,
+    client_options,
     existing_file,
     parse_address,
     parse_announce,
     parse_paths,
     parse_port,
-    server_mode_options,
+    server_options,
     stderr_console,
 )
 from mptls.errors import MptlsError
@@ -141,9 +142,7 @@ async def serve(args: argparse.Namespace) -> None:
         host,
         port,
         ssl=tls,
-        backend=args.backend,
-        announce_addrs=announce or None,
-        **server_mode_options(args.backend, args.mode),
+        **server_options(args.backend, args.mode, announce),
     )
     async with server:
         _stop_on_signals(stop)
@@ -207,8 +206,9 @@ async def connect(args: argparse.Namespace) -> None:
         ssl=tls,
         server_hostname=args.server_name,
         local_addrs=list(paths) if paths else None,
-        backend=args.backend,
-        mode=args.mode,
+        **client_options(
+            args.backend, args.mode, manage_paths=args.manage_paths
+        ),
     )
     _status(args.verbose, describe_connection(writer.get_extra_info("mptcp")))
     upload = asyncio.create_task(_stdin_to_connection(writer))
@@ -235,8 +235,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=MODES,
-        default="G",
-        help="G: keys from TLS (default); rfc8684: keys in the clear",
+        help="userspace backend: G, keys from TLS (default), or rfc8684, "
+        "keys in the clear",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="status lines on stderr"
@@ -283,6 +283,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="local addresses, comma separated; first = first subflow",
     )
     client.add_argument("--server-name", help="name to verify (default: HOST)")
+    client.add_argument(
+        "--manage-paths",
+        action="store_true",
+        help="kernel backend: add the extra --paths as kernel subflow "
+        "endpoints",
+    )
     client.add_argument(
         "--insecure",
         action="store_true",

@@ -19,11 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from OpenSSL import SSL
+
 import mptls
 from mptls.backends.base import MptcpInfo
 from mptls.cli.archive import Payload
 from mptls.cli.certs import DevelopmentPems, issue_development_pems
-from mptls.cli.common import server_mode_options
+from mptls.cli.common import client_options, server_options
 
 CHUNK_SIZE = 256 * 1024
 DEFAULT_PATHS = "127.0.0.1,127.0.0.2"
@@ -39,9 +43,10 @@ class DemoSettings:
     """What the demo was asked to do."""
 
     backend: str
-    mode: str
+    mode: str | None
     paths: tuple[str, ...]
     timeout: float
+    manage_paths: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,11 +205,14 @@ async def _send(
         ssl=mptls.TLSConfig(cadata=pems.ca),
         server_hostname="localhost",
         local_addrs=list(settings.paths),
-        backend=settings.backend,
-        mode=settings.mode,
+        **client_options(
+            settings.backend,
+            settings.mode,
+            manage_paths=settings.manage_paths,
+        ),
     )
     try:
-        await _wait_for_subflows(writer, len(settings.paths))
+        await _wait_for_subflows(writer, _expected_subflows(settings))
 
         # send while hashing; drain keeps the buffer bounded
         started = time.perf_counter()
@@ -235,13 +243,29 @@ async def _send(
         writer.close()
 
 
+def _expected_subflows(settings: DemoSettings) -> int:
+    """One subflow per path, except where the kernel's own endpoints
+    decide the extra subflows."""
+    if settings.backend == "kernel" and not settings.manage_paths:
+        return 1
+    return len(settings.paths)
+
+
 def _server_host(paths: tuple[str, ...]) -> str:
     """The server listens on the loopback of the first path's family."""
     return "::1" if ":" in paths[0] else "127.0.0.1"
 
 
-def _server_tls(pems: DevelopmentPems) -> mptls.TLSConfig:
-    return mptls.TLSConfig(certdata=pems.chain, keydata=pems.key)
+def _server_tls(pems: DevelopmentPems) -> SSL.Context:
+    """The server's context, straight from memory: TLSConfig reads its
+    identity from files, and the demo writes none. mptls still switches
+    renegotiation and compression off on a context it is handed."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    context.use_certificate(x509.load_pem_x509_certificates(pems.chain)[0])
+    context.use_privatekey(load_pem_private_key(pems.key, password=None))
+    context.check_privatekey()
+    return context
 
 
 async def run_demo(
@@ -259,8 +283,7 @@ async def run_demo(
         _server_host(settings.paths),
         0,
         ssl=_server_tls(pems),
-        backend=settings.backend,
-        **server_mode_options(settings.backend, settings.mode),
+        **server_options(settings.backend, settings.mode),
     )
     async with server, asyncio.timeout(settings.timeout):
         port = server.sockets[0].getsockname()[1]
