@@ -77,6 +77,11 @@ class Collect(asyncio.Protocol):
         self.expected = expected
         self.received = bytearray()
         self.done = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -300,3 +305,19 @@ async def test_first_local_address_carries_the_first_subflow(
     assert report.subflows[0].local_address[0] == "127.0.0.3"
     transport.close()
     server.close()
+
+
+async def test_info_after_close_keeps_the_last_snapshot(
+    backend: KernelBackend,
+) -> None:
+    transport, client, _ = await _echo_round_trip(backend, "127.0.0.1")
+    before = backend.info(transport)
+    transport.abort()
+    await asyncio.wait_for(client.lost, 5)
+    after = backend.info(transport)
+    assert after.local_token == before.local_token
+    assert after.mode == "kernel"
+    assert after.subflows == ()
+    # a backend that never saw the connection open has nothing to say
+    with pytest.raises(BackendError, match="closed"):
+        KernelBackend().info(transport)

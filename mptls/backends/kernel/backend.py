@@ -13,6 +13,7 @@ kernel's endpoints unless the caller asked for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import weakref
@@ -98,6 +99,9 @@ class KernelBackend(Backend):
         self.key_hook = key_hook or kernel_keys.detect()
         self._installs: weakref.WeakKeyDictionary[
             asyncio.BaseTransport, tuple[KeyInstall, str]
+        ] = weakref.WeakKeyDictionary()
+        self._snapshots: weakref.WeakKeyDictionary[
+            asyncio.BaseTransport, MptcpInfo
         ] = weakref.WeakKeyDictionary()
 
     async def create_connection(
@@ -230,15 +234,23 @@ class KernelBackend(Backend):
         return result
 
     def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
-        """The kernel's view of the connection behind ``transport``."""
-        install, fingerprint = self._installs.get(transport, (None, None))
-        keys_reason = (
-            install.reason if install else self.key_hook.support().reason
-        )
-        installed = bool(install and install.installed)
+        """The kernel's view of the connection behind ``transport``.
+
+        Once the socket is closed the kernel has nothing left to say: the
+        last snapshot taken is returned, without subflows.
+        """
         sock = _transport_socket(transport)
         if sock is None:
-            raise BackendError("the connection is closed: no kernel state")
+            last = self._snapshots.get(transport)
+            if last is None:
+                raise BackendError("the connection is closed: no kernel state")
+            return dataclasses.replace(last, subflows=())
+        snapshot = self._read(transport, sock)
+        self._snapshots[transport] = snapshot
+        return snapshot
+
+    def _read(self, transport: asyncio.BaseTransport, sock: Any) -> MptcpInfo:
+        install, fingerprint = self._installs.get(transport, (None, None))
         state = sockets.fallback_state(sock)
         if state.fallback:
             return MptcpInfo(
@@ -263,8 +275,10 @@ class KernelBackend(Backend):
             mode="kernel",
             local_token=snapshot.mptcp_info.token,
             remote_token=None,
-            keys_installed=installed,
-            keys_reason=keys_reason,
+            keys_installed=bool(install and install.installed),
+            keys_reason=install.reason
+            if install
+            else self.key_hook.support().reason,
             key_fingerprint=fingerprint,
             fallback=snapshot.mptcp_info.fallback,
             subflows=snapshot.subflows,
