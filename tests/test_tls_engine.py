@@ -34,6 +34,7 @@ from mptls.errors import (
 )
 from mptls.tls.config import TLSConfig, TLSVersion
 from mptls.tls.engine import AlertDescription, TLSEngine
+from mptls.tls.exporter import ssl_pointer
 
 # SSL_OP_NO_EXTENDED_MASTER_SECRET (OpenSSL 3 ssl.h: SSL_OP_BIT(0)); the
 # binding does not export it
@@ -270,7 +271,7 @@ def test_client_refuses_tls12_without_extended_master_secret(
         exchange(client, peer)
 
     # OpenSSL itself finished the handshake; only mptls said no
-    assert openssl_lib.SSL_get_extms_support(peer.connection._ssl) == 0
+    assert openssl_lib.SSL_get_extms_support(ssl_pointer(peer.connection)) == 0
     assert not client.handshake_complete
     with pytest.raises(TLSError):
         client.export_keys()
