@@ -107,6 +107,8 @@ class MemNet:
         keys: KeyMaterial | None = KEYS,
         server_keys_at: float | None = None,
         auto_consume: bool = True,
+        on_accept: Callable[[Connection], None] | None = None,
+        on_event: Callable[[Connection, ev.Event], None] | None = None,
     ) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
@@ -114,6 +116,8 @@ class MemNet:
         self.keys = keys
         self.server_keys_at = server_keys_at
         self.auto_consume = auto_consume
+        self.on_accept = on_accept
+        self.on_event = on_event
         self.client_tokens = TokenAllocator(bytes(range(32)), server_id=1)
         self.server_tokens = TokenAllocator(bytes(range(1, 33)), server_id=2)
         self.client = Connection.initiator(
@@ -132,11 +136,19 @@ class MemNet:
         self.server_side = Side()
         self.links: list[Link] = [Link(client_id=0)]
         self.refusals: list[Refused] = []
+        # client segments for subflows the test opened without a link
+        self.unrouted: list[tuple[int, Segment]] = []
 
     # knobs
 
     def link(self, client_id: int) -> Link:
         return next(x for x in self.links if x.client_id == client_id)
+
+    def find_link(self, client_id: int) -> Link | None:
+        for link in self.links:
+            if link.client_id == client_id:
+                return link
+        return None
 
     def server_link(self, server_id: int) -> Link | None:
         for link in self.links:
@@ -199,8 +211,10 @@ class MemNet:
 
     def _flush(self) -> None:
         for subflow_id, segment in self.client.segments_to_send(self.now):
-            link = self.link(subflow_id)
-            if not link.dead:
+            link = self.find_link(subflow_id)
+            if link is None:
+                self.unrouted.append((subflow_id, segment))
+            elif not link.dead:
                 link.to_server.put(segment, self.now + link.delay)
         if self.server is None:
             return
@@ -263,9 +277,11 @@ class MemNet:
                 link.to_client.put(result.reply, self.now + link.delay)
             return
         assert isinstance(result, Accepted)
+        link.server_id = result.subflow_id
         if self.server is None:
             self.server = result.connection
-        link.server_id = result.subflow_id
+            if self.on_accept is not None:
+                self.on_accept(result.connection)
 
     def _drain_events(self) -> None:
         self._drain(self.client, self.client_side)
@@ -275,6 +291,8 @@ class MemNet:
     def _drain(self, connection: Connection, side: Side) -> None:
         while (event := connection.next_event()) is not None:
             side.events.append(event)
+            if self.on_event is not None:
+                self.on_event(connection, event)
             if isinstance(event, ev.DataReceived):
                 side.data += event.data
                 side.unconsumed += len(event.data)
@@ -290,6 +308,16 @@ class MemNet:
     def consume(self, connection: Connection, side: Side) -> None:
         connection.consumed(side.unconsumed)
         side.unconsumed = 0
+
+    def inject(self, client_id: int, segment: Segment) -> None:
+        """Put a forged segment on the wire towards the client."""
+        link = self.link(client_id)
+        link.to_client.put(segment, self.now + link.delay)
+
+    def inject_to_server(self, client_id: int, segment: Segment) -> None:
+        """Put a forged segment on the wire towards the server."""
+        link = self.link(client_id)
+        link.to_server.put(segment, self.now + link.delay)
 
     def _fake_tls(self, connection: Connection) -> None:
         # stands in for TLS: the keys appear once the MPTCP handshake is
