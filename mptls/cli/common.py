@@ -153,6 +153,9 @@ def exit_status_for(exc: BaseException) -> ExitStatus:
     address in use, unknown host) is bad input too: the user named a port
     or address that cannot be used.
     """
+    # a timeout is an OSError to Python, but no input of the user's
+    if isinstance(exc, TimeoutError):
+        return ExitStatus.FAILURE
     if isinstance(exc, ConfigurationError | OSError):
         return ExitStatus.USAGE
     if isinstance(exc, BackendError) and isinstance(exc.__cause__, OSError):

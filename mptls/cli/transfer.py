@@ -12,6 +12,7 @@ whether the SHA-256 digests match.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import time
@@ -28,6 +29,7 @@ from mptls.backends.base import MptcpInfo
 from mptls.cli.archive import Payload
 from mptls.cli.certs import DevelopmentPems, issue_development_pems
 from mptls.cli.common import client_options, server_options
+from mptls.errors import MptlsError, MptlsTimeoutError
 
 CHUNK_SIZE = 256 * 1024
 DEFAULT_PATHS = "127.0.0.1,127.0.0.2"
@@ -241,6 +243,8 @@ async def _send(
         )
     finally:
         writer.close()
+        with contextlib.suppress(MptlsError, OSError):
+            await writer.wait_closed()
 
 
 def _expected_subflows(settings: DemoSettings) -> int:
@@ -285,8 +289,38 @@ async def run_demo(
         ssl=_server_tls(pems),
         **server_options(settings.backend, settings.mode),
     )
-    async with server, asyncio.timeout(settings.timeout):
+    async with server:
         port = server.sockets[0].getsockname()[1]
-        client = await _send(settings, port, payload, pems)
-        server_side = await result
+        sending = asyncio.ensure_future(_send(settings, port, payload, pems))
+        deadline = asyncio.timeout(settings.timeout)
+        try:
+            async with deadline:
+                client, server_side = await _both(sending, result)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise MptlsTimeoutError(
+                f"the demo did not finish within {settings.timeout:g} s "
+                "(see --timeout)"
+            ) from exc
     return DemoReport(payload, settings, client, server_side)
+
+
+async def _both(
+    sending: asyncio.Future[ClientSide], receiving: asyncio.Future[ServerSide]
+) -> tuple[ClientSide, ServerSide]:
+    """Wait for both ends; the first to fail stops the other, so a broken
+    server never leaves the client waiting for an answer until timeout."""
+    try:
+        await asyncio.wait(
+            (sending, receiving), return_when=asyncio.FIRST_EXCEPTION
+        )
+        for end in (sending, receiving):
+            error = end.exception() if end.done() else None
+            if error is not None:
+                raise error
+        return await sending, await receiving
+    finally:
+        for end in (sending, receiving):
+            end.cancel()
+        await asyncio.gather(sending, receiving, return_exceptions=True)
