@@ -221,8 +221,6 @@ async def test_kernel_packets_match_codec_and_crypto(
 ) -> None:
     segments, states = await _run_connection(topology)
     decoded = decode_capture(segments)
-    client_addr = topology.paths[0].client_address
-    server_addr = topology.paths[0].server_address
 
     # MP_CAPABLE (RFC 8684 3.1): SYN without a key, SYN/ACK with Key-B,
     # third ACK with Key-A then Key-B
@@ -252,7 +250,12 @@ async def test_kernel_packets_match_codec_and_crypto(
     assert server_raw["write_seq"] == (rfc8684_idsn(key_b) + 1 + sent) % wrap
     assert server_raw["rcv_nxt"] == (rfc8684_idsn(key_a) + 1 + sent) % wrap
 
-    # MP_JOIN (RFC 8684 3.2) over path 1
+    check_join(decoded, key_a, key_b)
+    check_add_addr(decoded, topology, key_a, key_b)
+
+
+def check_join(decoded: list[Decoded], key_a: bytes, key_b: bytes) -> None:
+    """MP_JOIN (RFC 8684 3.2): token, and both truncated HMACs."""
     _, join_syn = first(decoded, MpJoinSyn, syn=True, ack=False)
     _, join_syn_ack = first(decoded, MpJoinSynAck, syn=True, ack=True)
     _, join_ack = first(decoded, MpJoinAck, syn=False, ack=True)
@@ -264,7 +267,16 @@ async def test_kernel_packets_match_codec_and_crypto(
     assert join_syn_ack.hmac == join_hmac(key_b, key_a, r_b, r_a)[:8]
     assert join_ack.hmac == join_hmac(key_a, key_b, r_a, r_b)[:20]
 
-    # ADD_ADDR (RFC 8684 3.4.1) from the server, then the client's echo
+
+def check_add_addr(
+    decoded: list[Decoded],
+    topology: netns.Topology,
+    key_a: bytes,
+    key_b: bytes,
+) -> None:
+    """ADD_ADDR (RFC 8684 3.4.1) from the server, then the client's echo."""
+    client_addr = topology.paths[0].client_address
+    server_addr = topology.paths[0].server_address
     announce_segment, announce = first(
         decoded, AddAddr, source=(server_addr, PORT)
     )
@@ -273,10 +285,10 @@ async def test_kernel_packets_match_codec_and_crypto(
     assert announce.hmac == add_addr_hmac(
         key_b, key_a, announce.address_id, announce.address, announce.port
     )
+    assert announce_segment.destination[0] == client_addr
     echoes = [
         option
         for segment, option in decoded
         if isinstance(option, AddAddr) and segment.source[0] == client_addr
     ]
     assert echoes and all(option.echo for option in echoes)
-    assert announce_segment.destination[0] == client_addr
