@@ -18,6 +18,7 @@ import pytest
 from memnet import KEYS, MemNet, Side, seeded_bytes
 
 from mptls.errors import (
+    ConfigurationError,
     KeysUnavailableError,
     MptlsError,
     PeerResetError,
@@ -761,3 +762,27 @@ def test_no_key_material_in_repr_events_or_info() -> None:
         assert key_b.hex() not in text
         assert KEYS.key_a.hex() not in text
     assert "initiator" in repr(net.client)
+
+
+# configuration
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"max_payload": 0},
+        {"max_payload": 65535},
+        {"receive_window": 1000},
+        {"subflow_inflight_limit": 10},
+        {"join_rto": 0.0},
+        {"join_rto": 20.0},
+        {"max_subflows": 0},
+        {"ack_threshold": 0},
+        {"accept_modes": frozenset()},
+        {"mode": "G"},
+        {"max_payload": True},
+    ],
+)
+def test_bad_settings_are_refused(settings: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        ConnectionConfig(**settings)  # type: ignore[arg-type]

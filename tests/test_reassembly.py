@@ -1,0 +1,126 @@
+"""The connection-level receive buffer: order, overlap, window, DATA_FIN."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mptls.errors import ProtocolError
+from mptls.mptcp.reassembly import ReceiveBuffer
+
+
+def test_in_order_pieces_are_delivered_at_once() -> None:
+    buffer = ReceiveBuffer(1000)
+    assert buffer.insert(0, b"abc") == b"abc"
+    assert buffer.insert(3, b"def") == b"def"
+    assert buffer.next_offset == 6 and buffer.unconsumed == 6
+
+
+def test_out_of_order_pieces_wait_for_the_gap() -> None:
+    buffer = ReceiveBuffer(1000)
+    assert buffer.insert(5, b"fgh") == b""
+    assert buffer.held == 3
+    assert buffer.insert(0, b"abcde") == b"abcdefgh"
+    assert buffer.held == 0
+
+
+def test_a_later_copy_never_replaces_bytes_already_taken() -> None:
+    buffer = ReceiveBuffer(1000)
+    buffer.insert(4, b"EFGH")
+    # a retransmission elsewhere overlaps with different bytes: the held
+    # bytes stay, only the gaps are filled
+    assert buffer.insert(2, b"xxxxxxyy") == b""
+    assert buffer.insert(0, b"ab") == b"abxxEFGHyy"
+    assert buffer.insert(0, b"zzzzzzzzzzzz") == b"zz"
+
+
+def test_duplicates_below_the_ack_are_dropped() -> None:
+    buffer = ReceiveBuffer(1000)
+    buffer.insert(0, b"abcd")
+    assert buffer.insert(1, b"bc") == b""
+    assert buffer.held == 0 and buffer.next_offset == 4
+
+
+def test_data_beyond_the_window_is_dropped() -> None:
+    buffer = ReceiveBuffer(10)
+    assert buffer.insert(0, b"0123456789abc") == b"0123456789"
+    assert buffer.window() == 0
+    buffer.consumed(4)
+    assert buffer.window() == 4
+    assert buffer.insert(10, b"abcdef") == b"abcd"
+
+
+def test_window_counts_unconsumed_and_held_bytes() -> None:
+    buffer = ReceiveBuffer(100)
+    buffer.insert(0, b"x" * 10)
+    assert buffer.advertise() == 90
+    buffer.insert(50, b"y" * 5)
+    # the right edge never moves back (it was 100)
+    assert buffer.window() == 90
+    buffer.consumed(10)
+    assert buffer.window() == 95
+    assert buffer.window_growth() == 5
+
+
+def test_data_fin_is_reached_after_all_data() -> None:
+    buffer = ReceiveBuffer(100)
+    assert buffer.insert(3, b"de", fin=True) == b""
+    assert not buffer.fin_reached and buffer.ack_offset == 0
+    assert buffer.insert(0, b"abc") == b"abcde"
+    assert buffer.fin_reached
+    # RFC 8684 3.3.3: the DATA_FIN takes one octet of the Data ACK
+    assert buffer.ack_offset == 6
+
+
+def test_data_beyond_the_data_fin_is_dropped() -> None:
+    buffer = ReceiveBuffer(100)
+    buffer.insert(4, b"efgh")
+    buffer.insert(0, b"ab", fin=True)
+    assert buffer.held == 0
+    assert buffer.insert(2, b"cd") == b""
+    assert buffer.fin_reached and buffer.ack_offset == 3
+
+
+def test_a_second_data_fin_elsewhere_is_ignored() -> None:
+    buffer = ReceiveBuffer(100)
+    buffer.insert(0, b"", fin=True)
+    buffer.insert(0, b"abc", fin=True)
+    assert buffer.fin_offset == 0 and buffer.ack_offset == 1
+
+
+def test_consumed_checks_its_argument() -> None:
+    buffer = ReceiveBuffer(100)
+    buffer.insert(0, b"abc")
+    with pytest.raises(ProtocolError):
+        buffer.consumed(4)
+    with pytest.raises(ProtocolError):
+        buffer.consumed(-1)
+    with pytest.raises(ProtocolError):
+        buffer.consumed(True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.binary(min_size=1, max_size=400),
+    seed=st.integers(0, 2**32),
+    cuts=st.integers(1, 30),
+)
+def test_any_arrival_order_gives_back_the_stream(
+    data: bytes, seed: int, cuts: int
+) -> None:
+    rng = random.Random(seed)
+    pieces = []
+    for _ in range(cuts):
+        start = rng.randrange(len(data))
+        end = rng.randrange(start, len(data)) + 1
+        pieces.append((start, data[start:end]))
+    # every byte is covered at least once, then everything is shuffled
+    pieces += [(i, data[i : i + 7]) for i in range(0, len(data), 7)]
+    rng.shuffle(pieces)
+    buffer = ReceiveBuffer(len(data))
+    out = b"".join(buffer.insert(offset, piece) for offset, piece in pieces)
+    assert out == data
+    assert buffer.held == 0
