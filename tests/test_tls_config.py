@@ -1,0 +1,471 @@
+"""TLS settings: TLSConfig, and every form ``ssl=`` takes.
+
+Each context is judged by what it does in a real in-memory handshake
+against an engine on the other end, not by reading its internals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import SSL
+
+from mptls.errors import CertificateError, ConfigurationError, TLSError
+from mptls.tls.config import (
+    POLICY_OPTIONS,
+    TLSConfig,
+    TLSVersion,
+    to_openssl_context,
+)
+from mptls.tls.engine import AlertDescription, TLSEngine
+
+MAX_ROUNDS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Files:
+    directory: Path
+    ca: trustme.CA
+    ca_file: Path
+    chain_file: Path
+    cert_only_file: Path
+    key_file: Path
+    client_file: Path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    directory = tmp_path_factory.mktemp("config-pki")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    client = ca.issue_cert("client.mptls.test")
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    server.private_key_and_cert_chain_pem.write_to_path(
+        str(directory / "chain.pem")
+    )
+    server.private_key_pem.write_to_path(str(directory / "key.pem"))
+    with open(directory / "cert.pem", "wb") as handle:
+        for blob in server.cert_chain_pems:
+            handle.write(blob.bytes())
+    client.private_key_and_cert_chain_pem.write_to_path(
+        str(directory / "client.pem")
+    )
+    return Files(
+        directory,
+        ca,
+        directory / "ca.pem",
+        directory / "chain.pem",
+        directory / "cert.pem",
+        directory / "key.pem",
+        directory / "client.pem",
+    )
+
+
+def handshake(
+    client_context: SSL.Context,
+    server_context: SSL.Context,
+    *,
+    server_hostname: str = "localhost",
+    check_hostname: bool = True,
+) -> tuple[TLSEngine, TLSEngine]:
+    client = TLSEngine(
+        client_context,
+        server_side=False,
+        server_hostname=server_hostname,
+        check_hostname=check_hostname,
+    )
+    server = TLSEngine(server_context, server_side=True)
+    client.start()
+    for _ in range(MAX_ROUNDS):
+        from_client = client.data_to_send()
+        from_server = server.data_to_send()
+        if not from_client and not from_server:
+            break
+        server.receive(from_client)
+        client.receive(from_server)
+    assert client.handshake_complete and server.handshake_complete
+    return client, server
+
+
+def server_context(files: Files, **settings: Any) -> SSL.Context:
+    return TLSConfig(certfile=files.chain_file, **settings).server_context()
+
+
+def tls12_server(files: Files) -> SSL.Context:
+    context = server_context(files, minimum_version=TLSVersion.TLS1_2)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    return context
+
+
+def options(context: SSL.Context) -> int:
+    # set_options answers with the options now in force
+    return int(context.set_options(0))
+
+
+# TLSConfig values
+
+
+def test_defaults() -> None:
+    config = TLSConfig()
+
+    assert config.minimum_version is TLSVersion.TLS1_3
+    assert config.verify and config.check_hostname
+    assert not config.require_client_cert
+    assert config.alpn_protocols == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.verify = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "value", [TLSVersion.TLS1_2, ssl.TLSVersion.TLSv1_2, 0x0303]
+)
+def test_minimum_version_forms(value: Any) -> None:
+    assert TLSConfig(minimum_version=value).minimum_version is (
+        TLSVersion.TLS1_2
+    )
+
+
+@pytest.mark.parametrize(
+    "value", [ssl.TLSVersion.TLSv1_1, 0x0302, "1.2", None, 0x0305]
+)
+def test_minimum_version_below_tls12_is_refused(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="minimum_version"):
+        TLSConfig(minimum_version=value)
+
+
+def test_alpn_protocols_become_a_tuple() -> None:
+    config = TLSConfig(alpn_protocols=["h2", "http/1.1"])  # type: ignore[arg-type]
+    assert config.alpn_protocols == ("h2", "http/1.1")
+
+
+@pytest.mark.parametrize(
+    "protocols", ["h2", ("",), ("x" * 256,), ("\u00e9t\u00e9",), (b"h2",)]
+)
+def test_bad_alpn_protocols_are_refused(protocols: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"(?i)alpn"):
+        TLSConfig(alpn_protocols=protocols)
+
+
+def test_inconsistent_settings_are_refused(files: Files) -> None:
+    with pytest.raises(ConfigurationError, match="keyfile"):
+        TLSConfig(keyfile=files.key_file)
+    with pytest.raises(ConfigurationError, match="require_client_cert"):
+        TLSConfig(certfile=files.chain_file, require_client_cert=True)
+    with pytest.raises(ConfigurationError, match="certfile"):
+        TLSConfig().server_context()
+
+
+# contexts
+
+
+def test_contexts_refuse_renegotiation_and_compression(files: Files) -> None:
+    for context in (
+        TLSConfig(cafile=files.ca_file).client_context(),
+        server_context(files),
+    ):
+        assert options(context) & POLICY_OPTIONS == POLICY_OPTIONS
+    assert POLICY_OPTIONS & SSL.OP_NO_RENEGOTIATION
+    assert POLICY_OPTIONS & SSL.OP_NO_COMPRESSION
+
+
+def test_tls13_is_the_floor_by_default(files: Files) -> None:
+    client = TLSEngine(
+        TLSConfig(cafile=files.ca_file).client_context(),
+        server_side=False,
+        server_hostname="localhost",
+    )
+    server = TLSEngine(tls12_server(files), server_side=True)
+    client.start()
+
+    with pytest.raises(TLSError) as refused:
+        server.receive(client.data_to_send())
+    with pytest.raises(TLSError) as told:
+        client.receive(server.data_to_send())
+
+    assert refused.value.alert == AlertDescription.PROTOCOL_VERSION
+    assert told.value.alert == AlertDescription.PROTOCOL_VERSION
+
+
+def test_tls12_when_asked_for(files: Files) -> None:
+    config = TLSConfig(cafile=files.ca_file, minimum_version=TLSVersion.TLS1_2)
+    client, _ = handshake(config.client_context(), tls12_server(files))
+    assert client.version() == "TLSv1.2"
+
+    # allowing TLS 1.2 does not stop TLS 1.3 being chosen when possible
+    client, _ = handshake(config.client_context(), server_context(files))
+    assert client.version() == "TLSv1.3"
+
+
+def test_separate_key_file(files: Files) -> None:
+    config = TLSConfig(certfile=files.cert_only_file, keyfile=files.key_file)
+    client_context = TLSConfig(cafile=files.ca_file).client_context()
+
+    handshake(client_context, config.server_context())
+
+
+def test_encrypted_key_is_an_error_not_a_prompt(files: Files) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    locked = files.directory / "locked.pem"
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    config = TLSConfig(certfile=files.cert_only_file, keyfile=locked)
+
+    with pytest.raises(ConfigurationError, match="unencrypted"):
+        config.server_context()
+
+
+def test_key_must_match_the_certificate(files: Files) -> None:
+    other = files.ca.issue_cert("other.mptls.test")
+    other_key = files.directory / "other-key.pem"
+    other.private_key_pem.write_to_path(str(other_key))
+    config = TLSConfig(certfile=files.cert_only_file, keyfile=other_key)
+
+    with pytest.raises(ConfigurationError, match="does not match"):
+        config.server_context()
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"certfile": "missing-chain.pem"}, "certificate chain"),
+        ({"cafile": "missing-ca.pem"}, "CA file"),
+        ({"cadata": b"not a certificate"}, "cadata"),
+        ({"ciphers": "NOT-A-CIPHER"}, "cipher"),
+    ],
+)
+def test_unusable_files_and_strings(
+    files: Files, settings: dict[str, Any], words: str
+) -> None:
+    for name in ("certfile", "cafile"):
+        if name in settings:
+            settings = {**settings, name: files.directory / settings[name]}
+    config = TLSConfig(**settings)
+
+    with pytest.raises(ConfigurationError, match=words):
+        if "certfile" in settings:
+            config.server_context()
+        else:
+            config.client_context()
+
+
+@pytest.mark.parametrize("encoding", ["pem", "der"])
+def test_cadata(files: Files, encoding: str) -> None:
+    pem = files.ca.cert_pem.bytes()
+    if encoding == "pem":
+        cadata = pem
+    else:
+        cadata = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+    config = TLSConfig(cadata=cadata)
+
+    handshake(config.client_context(), server_context(files))
+
+
+def test_tls12_cipher_string(files: Files) -> None:
+    cipher = "ECDHE-ECDSA-AES128-GCM-SHA256"
+    config = TLSConfig(
+        cafile=files.ca_file,
+        minimum_version=TLSVersion.TLS1_2,
+        ciphers=cipher,
+    )
+
+    client, _ = handshake(config.client_context(), tls12_server(files))
+
+    assert client.cipher() is not None
+    assert client.cipher()[0] == cipher  # type: ignore[index]
+
+
+def test_server_asks_for_client_certificates_only_when_told(
+    files: Files,
+) -> None:
+    with_cert = TLSConfig(cafile=files.ca_file, certfile=files.client_file)
+
+    _, server = handshake(with_cert.client_context(), server_context(files))
+    assert server.peer_certificate() is None
+
+    demanding = server_context(
+        files, cafile=files.ca_file, require_client_cert=True
+    )
+    _, server = handshake(with_cert.client_context(), demanding)
+    assert server.peer_certificate() not in (None, {})
+
+
+# to_openssl_context: TLSConfig, OpenSSL contexts, True
+
+
+def test_tls_config_forms(files: Files) -> None:
+    config = TLSConfig(certfile=files.chain_file, cafile=files.ca_file)
+
+    _, check = to_openssl_context(config, server_side=False)
+    assert check is True
+    _, check = to_openssl_context(config, server_side=True)
+    assert check is False
+    unverified = TLSConfig(verify=False)
+    _, check = to_openssl_context(unverified, server_side=False)
+    assert check is False
+
+
+def test_openssl_context_gets_the_policy_options(files: Files) -> None:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.load_verify_locations(str(files.ca_file))
+    context.set_verify(SSL.VERIFY_PEER)
+    assert not options(context) & SSL.OP_NO_RENEGOTIATION
+
+    converted, check = to_openssl_context(context, server_side=False)
+
+    assert converted is context
+    assert options(context) & POLICY_OPTIONS == POLICY_OPTIONS
+    assert check is True
+    handshake(converted, server_context(files))
+
+    lenient = SSL.Context(SSL.TLS_METHOD)
+    assert to_openssl_context(lenient, server_side=False)[1] is False
+
+
+def test_true_means_system_trust_for_clients(files: Files) -> None:
+    context, check = to_openssl_context(True, server_side=False)
+    assert check is True
+
+    # the test CA is not a system CA
+    with pytest.raises(CertificateError):
+        handshake(context, server_context(files))
+    with pytest.raises(ConfigurationError, match="certificate"):
+        to_openssl_context(True, server_side=True)
+
+
+@pytest.mark.parametrize("value", [None, False, "yes", 1, object()])
+def test_other_values_are_refused(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="ssl must be"):
+        to_openssl_context(value, server_side=False)
+
+
+# to_openssl_context: a stdlib ssl.SSLContext
+
+
+def stdlib_context(files: Files | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if files is not None:
+        context.load_verify_locations(cafile=str(files.ca_file))
+    return context
+
+
+def test_stdlib_context_carries_trust_and_name_check(files: Files) -> None:
+    context, check = to_openssl_context(
+        stdlib_context(files), server_side=False
+    )
+    assert check is True
+
+    client, _ = handshake(context, server_context(files))
+    assert client.version() == "TLSv1.3"
+    with pytest.raises(CertificateError, match="hostname mismatch"):
+        handshake(
+            context,
+            server_context(files),
+            server_hostname="elsewhere.mptls.test",
+        )
+
+
+def test_stdlib_context_without_cas_uses_system_trust(files: Files) -> None:
+    context, _ = to_openssl_context(stdlib_context(), server_side=False)
+
+    with pytest.raises(CertificateError):
+        handshake(context, server_context(files))
+
+
+def test_stdlib_context_without_verification(files: Files) -> None:
+    source = stdlib_context()
+    source.check_hostname = False
+    source.verify_mode = ssl.CERT_NONE
+
+    context, check = to_openssl_context(source, server_side=False)
+
+    assert check is False
+    handshake(
+        context,
+        server_context(files),
+        server_hostname="elsewhere.mptls.test",
+        check_hostname=check,
+    )
+
+
+def test_stdlib_versions(files: Files) -> None:
+    # the stdlib's own default floor, TLS 1.2, is carried over
+    source = stdlib_context(files)
+    source.minimum_version = ssl.TLSVersion.TLSv1_2
+    context, _ = to_openssl_context(source, server_side=False)
+    client, _ = handshake(context, tls12_server(files))
+    assert client.version() == "TLSv1.2"
+
+    # a ceiling of TLS 1.2 is kept
+    source = stdlib_context(files)
+    source.maximum_version = ssl.TLSVersion.TLSv1_2
+    context, _ = to_openssl_context(source, server_side=False)
+    client, _ = handshake(
+        context, server_context(files, minimum_version=0x0303)
+    )
+    assert client.version() == "TLSv1.2"
+
+
+def test_stdlib_floor_below_tls12_is_raised(files: Files) -> None:
+    source = stdlib_context(files)
+    with pytest.warns(DeprecationWarning):
+        source.minimum_version = ssl.TLSVersion.TLSv1
+
+    context, _ = to_openssl_context(source, server_side=False)
+    # OpenSSL's security level would refuse TLS 1.1 on its own; lower it
+    # on both ends so that only the carried-over floor is left to say no
+    permissive = b"DEFAULT:@SECLEVEL=0"
+    context.set_cipher_list(permissive)
+    legacy_server = server_context(files, minimum_version=0x0303)
+    legacy_server.set_min_proto_version(SSL.TLS1_VERSION)
+    legacy_server.set_max_proto_version(SSL.TLS1_1_VERSION)
+    legacy_server.set_cipher_list(permissive)
+
+    with pytest.raises(TLSError) as raised:
+        handshake(context, legacy_server)
+
+    assert raised.value.alert == AlertDescription.PROTOCOL_VERSION
+
+
+def test_stdlib_ciphers_are_carried(files: Files) -> None:
+    source = stdlib_context(files)
+    source.maximum_version = ssl.TLSVersion.TLSv1_2
+    source.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384")
+
+    context, _ = to_openssl_context(source, server_side=False)
+    client, _ = handshake(context, tls12_server(files))
+
+    assert client.cipher() is not None
+    assert client.cipher()[0] == "ECDHE-ECDSA-AES256-GCM-SHA384"  # type: ignore[index]
+
+
+def test_stdlib_forms_that_cannot_be_carried(files: Files) -> None:
+    with pytest.raises(ConfigurationError, match="server-side"):
+        to_openssl_context(stdlib_context(files), server_side=True)
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.raises(ConfigurationError, match="PROTOCOL_TLS_SERVER"):
+        to_openssl_context(server, server_side=False)
+
+    low = stdlib_context(files)
+    with pytest.warns(DeprecationWarning):
+        low.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ConfigurationError, match=r"below TLS 1\.2"):
+        to_openssl_context(low, server_side=False)
+
+    crossed = stdlib_context(files)
+    crossed.minimum_version = ssl.TLSVersion.TLSv1_3
+    crossed.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ConfigurationError, match="above"):
+        to_openssl_context(crossed, server_side=False)
