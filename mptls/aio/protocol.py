@@ -1,0 +1,418 @@
+"""TLS over a backend's byte stream, as an asyncio protocol.
+
+:class:`TLSProtocol` sits on the transport a backend returns (userspace
+MPTCP or a kernel MPTCP socket) and drives the sans-I/O TLS engine. When
+the handshake is complete and the peer verified it exports the MPTCP keys,
+hands them to the backend (the one upward-then-down step of the design),
+and only then shows the application a transport: :class:`TLSTransport`,
+an ordinary ``asyncio.Transport`` that asyncio's own
+``StreamReaderProtocol`` and ``StreamWriter`` work on unchanged.
+
+Unlike asyncio's TLS transport, :class:`TLSTransport` can half-close:
+``write_eof()`` sends close_notify and then ends the data-level stream,
+while the peer may still answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from OpenSSL import SSL
+
+from mptls.backends.base import Backend, KeyInstall
+from mptls.errors import (
+    KeysUnavailableError,
+    MptlsError,
+    MptlsTimeoutError,
+    TLSError,
+)
+from mptls.tls.engine import TLSEngine
+from mptls.tls.keys import KeyMaterial
+
+logger = logging.getLogger("mptls.aio")
+
+
+class TLSProtocol(asyncio.Protocol):
+    """Runs TLS on a backend transport and serves one application protocol.
+
+    ``waiter`` (client side) is resolved when the application transport
+    is ready, or fails with the reason the connection could not be made.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        context: SSL.Context,
+        app_protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        check_hostname: bool = True,
+        require_app_keys: bool = False,
+        handshake_timeout: float | None = 30.0,
+        waiter: asyncio.Future[None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._backend = backend
+        self._engine = TLSEngine(
+            context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            check_hostname=check_hostname,
+        )
+        self._app_protocol_factory = app_protocol_factory
+        self._server_side = server_side
+        self._require_app_keys = require_app_keys
+        self._handshake_timeout = handshake_timeout
+        self._waiter = waiter
+        self._transport: asyncio.Transport | None = None
+        self._app_transport: TLSTransport | None = None
+        self._app_protocol: asyncio.BaseProtocol | None = None
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._key_install: KeyInstall | None = None
+        self._key_fingerprint: str | None = None
+        self._app_reading = True
+        self._eof_delivered = False
+        self._write_paused = False
+        self._lost = False
+
+    # backend transport -> TLS
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._handshake_timeout is not None:
+            self._timeout_handle = self._loop.call_later(
+                self._handshake_timeout, self._on_handshake_timeout
+            )
+        if not self._server_side:
+            self._engine.start()
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._engine.receive(data)
+            if self._app_transport is None:
+                if not self._engine.handshake_complete:
+                    self._flush()
+                    return
+                self._on_handshake_complete()
+            self._deliver()
+            self._flush()
+        except MptlsError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        # the data-level stream ended; a clean peer sent close_notify
+        # first, which _deliver() has already turned into an EOF
+        if self._app_transport is None:
+            self._fail(TLSError("peer closed during the TLS handshake"))
+            return False
+        if not self._eof_delivered:
+            logger.debug("stream ended without TLS close_notify")
+            self._deliver_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._cancel_timeout()
+        if self._app_transport is None:
+            self._resolve_waiter(
+                exc or TLSError("connection closed during the TLS handshake")
+            )
+            return
+        self._app_transport._closing = True
+        assert self._app_protocol is not None
+        self._loop.call_soon(self._app_protocol.connection_lost, exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._app_protocol is not None:
+            self._app_protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._app_protocol is not None:
+            self._app_protocol.resume_writing()
+
+    # the handshake
+
+    def _on_handshake_complete(self) -> None:
+        self._cancel_timeout()
+
+        # keys: once, now that the handshake is complete and the peer
+        # verified (draft-paasch-mptcp-tls-authentication section 3)
+        assert self._transport is not None
+        keys: KeyMaterial = self._engine.export_keys()
+        self._key_fingerprint = keys.fingerprint()
+        self._key_install = self._backend.install_keys(self._transport, keys)
+        del keys
+        if self._require_app_keys and not self._key_install.installed:
+            raise KeysUnavailableError(
+                "TLS-derived MPTCP keys are required but the "
+                f"{self._backend.name} backend could not install them: "
+                f"{self._key_install.reason}"
+            )
+        logger.info(
+            "TLS %s %s complete; MPTCP keys %s (fingerprint %s)",
+            self._engine.version(),
+            (self._engine.cipher() or ("?",))[0],
+            "installed" if self._key_install.installed else "not installed",
+            self._key_fingerprint,
+        )
+
+        # the application sees the connection only now
+        self._app_transport = TLSTransport(self)
+        self._app_protocol = self._app_protocol_factory()
+        self._app_protocol.connection_made(self._app_transport)
+        if self._write_paused:
+            self._app_protocol.pause_writing()
+        self._resolve_waiter(None)
+
+    def _on_handshake_timeout(self) -> None:
+        self._timeout_handle = None
+        if self._app_transport is None:
+            self._fail(
+                MptlsTimeoutError(
+                    "TLS handshake did not complete within "
+                    f"{self._handshake_timeout} s"
+                )
+            )
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+            self._timeout_handle = None
+
+    def _resolve_waiter(self, exc: BaseException | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():
+            return
+        if exc is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        logger.debug("connection failed: %s", exc)
+        self._cancel_timeout()
+        # a TLS alert may be waiting to go out; send it before aborting
+        with contextlib.suppress(MptlsError):
+            self._flush()
+        if self._transport is not None:
+            self._transport.abort()
+        if self._app_transport is None:
+            self._resolve_waiter(exc)
+        elif self._app_protocol is not None and not self._lost:
+            self._lost = True
+            self._app_transport._closing = True
+            self._app_protocol.connection_lost(exc)
+
+    # TLS -> application
+
+    def _deliver(self) -> None:
+        if not self._app_reading or self._app_protocol is None:
+            return
+        protocol = self._app_protocol
+        assert isinstance(protocol, asyncio.Protocol)
+        while self._app_reading:
+            data = self._engine.read()
+            if not data:
+                break
+            protocol.data_received(data)
+        if self._engine.eof_received and self._app_reading:
+            self._deliver_eof()
+
+    def _deliver_eof(self) -> None:
+        if self._eof_delivered or self._app_protocol is None:
+            return
+        self._eof_delivered = True
+        protocol = self._app_protocol
+        assert isinstance(protocol, asyncio.Protocol)
+        keep_open = protocol.eof_received()
+        if not keep_open and self._app_transport is not None:
+            self._app_transport.close()
+
+    def _flush(self) -> None:
+        data = self._engine.data_to_send()
+        if data and self._transport is not None:
+            self._transport.write(data)
+
+    # called by TLSTransport
+
+    def _app_write(self, data: bytes) -> None:
+        self._engine.send(data)
+        self._flush()
+
+    def _app_write_eof(self) -> None:
+        self._engine.close()
+        self._flush()
+        assert self._transport is not None
+        self._transport.write_eof()
+
+    def _app_close(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        if not self._engine.closed:
+            try:
+                self._engine.close()
+                self._flush()
+            except MptlsError:
+                pass
+        self._transport.close()
+
+    def _app_abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _app_pause_reading(self) -> None:
+        self._app_reading = False
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def _app_resume_reading(self) -> None:
+        if self._app_reading:
+            return
+        self._app_reading = True
+        self._deliver()
+        if self._transport is not None and self._app_reading:
+            self._transport.resume_reading()
+
+    def _extra_info(self, name: str, default: Any) -> Any:
+        engine = self._engine
+        transport = self._transport
+        if name == "mptcp":
+            if transport is None:
+                return default
+            info = self._backend.info(transport)
+            return _with_key_state(
+                info, self._key_install, self._key_fingerprint
+            )
+        if name == "peercert":
+            return engine.peer_certificate()
+        if name == "peercert_binary":
+            return engine.peer_certificate(binary=True)
+        if name == "cipher":
+            return engine.cipher()
+        if name == "tls_version":
+            return engine.version()
+        if name == "alpn_protocol":
+            return engine.alpn_protocol()
+        if name == "backend":
+            return self._backend.name
+        if name == "sslcontext":
+            # asyncio's StreamReaderProtocol closes the transport at EOF
+            # when it sees an SSL context; this transport half-closes
+            return default
+        if transport is None:
+            return default
+        return transport.get_extra_info(name, default)
+
+
+def _with_key_state(
+    info: Any, install: KeyInstall | None, fingerprint: str | None
+) -> Any:
+    from dataclasses import replace
+
+    if install is None:
+        return info
+    reason = info.keys_reason or install.reason
+    return replace(
+        info,
+        keys_installed=info.keys_installed or install.installed,
+        keys_reason=reason,
+        key_fingerprint=fingerprint,
+    )
+
+
+class TLSTransport(asyncio.Transport):
+    """The application's transport: plaintext in and out of TLS.
+
+    Works with asyncio's StreamReaderProtocol and StreamWriter; adds
+    half-close (``write_eof``) which asyncio's TLS transport lacks.
+    """
+
+    def __init__(self, tls: TLSProtocol) -> None:
+        super().__init__()
+        self._tls = tls
+        self._closing = False
+        self._eof_written = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._tls._extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._tls._app_protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        protocol = self._tls._app_protocol
+        assert protocol is not None
+        return protocol
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._tls._app_close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._tls._app_abort()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"data must be bytes-like, not {type(data).__name__}"
+            )
+        if self._eof_written:
+            raise RuntimeError("cannot write after write_eof()")
+        if self._closing:
+            raise RuntimeError("cannot write to a closing transport")
+        if data:
+            self._tls._app_write(bytes(data))
+
+    def write_eof(self) -> None:
+        if self._eof_written or self._closing:
+            return
+        self._eof_written = True
+        self._tls._app_write_eof()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def is_reading(self) -> bool:
+        return self._tls._app_reading
+
+    def pause_reading(self) -> None:
+        self._tls._app_pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tls._app_resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        transport = self._tls._transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        transport = self._tls._transport
+        if transport is None:
+            return (0, 0)
+        return transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(
+        self, high: int | None = None, low: int | None = None
+    ) -> None:
+        transport = self._tls._transport
+        if transport is not None:
+            transport.set_write_buffer_limits(high, low)
+
+    def __repr__(self) -> str:
+        state = "closing" if self._closing else "open"
+        return f"<mptls.TLSTransport {self._tls._backend.name} {state}>"

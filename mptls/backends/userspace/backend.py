@@ -1,0 +1,266 @@
+"""The ``userspace`` backend: MPTCP in this process, one TCP per subflow.
+
+Works on any OS with TCP. The MPTCP options travel in-band, byte-exact
+to RFC 8684 layouts, in the framing of docs/wire.md; the protocol itself
+is the sans-I/O core in :mod:`mptls.mptcp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from mptls.backends.base import Backend, KeyInstall, MptcpInfo
+from mptls.backends.userspace.transport import (
+    Listener,
+    MultipathTransport,
+    SubflowProtocol,
+)
+from mptls.errors import BackendError, ConfigurationError, MptlsTimeoutError
+from mptls.mptcp.config import ConnectionConfig, Mode
+from mptls.mptcp.connection import Connection
+from mptls.mptcp.endpoint import Endpoint
+from mptls.mptcp.tokens import TokenAllocator, TokenLayout
+from mptls.tls.keys import KeyMaterial
+
+_MODES = {"g": Mode.G, "rfc8684": Mode.RFC8684}
+
+_client_tokens: TokenAllocator | None = None
+_client_tokens_lock = threading.Lock()
+
+
+def _shared_client_tokens() -> TokenAllocator:
+    # Token-A must be unique among this host's connections: one allocator
+    # for every client connection of the process
+    global _client_tokens
+    with _client_tokens_lock:
+        if _client_tokens is None:
+            _client_tokens = TokenAllocator(secrets.token_bytes(32))
+        return _client_tokens
+
+
+def parse_mode(mode: str | Mode) -> Mode:
+    """``"G"`` or ``"rfc8684"`` (any case), or a :class:`Mode`."""
+    if isinstance(mode, Mode):
+        return mode
+    try:
+        return _MODES[mode.lower()]
+    except (KeyError, AttributeError):
+        raise ConfigurationError(
+            f"unknown MPTCP mode {mode!r}; choose 'G' or 'rfc8684'"
+        ) from None
+
+
+def client_config(
+    mode: str | Mode = "G",
+    *,
+    allow_legacy_fallback: bool = False,
+    allow_cleartext_keys: bool | None = None,
+    **settings: Any,
+) -> ConnectionConfig:
+    """A client's :class:`ConnectionConfig` from the public keywords.
+
+    Asking for ``rfc8684`` mode is asking for keys in the clear, so joins
+    are then allowed unless ``allow_cleartext_keys=False``.
+    """
+    chosen = parse_mode(mode)
+    if allow_cleartext_keys is None:
+        allow_cleartext_keys = chosen is Mode.RFC8684
+    return ConnectionConfig(
+        mode=chosen,
+        allow_legacy_fallback=allow_legacy_fallback,
+        allow_cleartext_keys=allow_cleartext_keys,
+        **settings,
+    )
+
+
+def server_config(
+    modes: Sequence[str | Mode] = ("G",),
+    *,
+    allow_cleartext_keys: bool | None = None,
+    **settings: Any,
+) -> ConnectionConfig:
+    """A server's :class:`ConnectionConfig`: which modes it accepts."""
+    accepted = frozenset(parse_mode(mode) for mode in modes)
+    if not accepted:
+        raise ConfigurationError("a server must accept at least one mode")
+    if allow_cleartext_keys is None:
+        allow_cleartext_keys = Mode.RFC8684 in accepted
+    preferred = Mode.G if Mode.G in accepted else Mode.RFC8684
+    return ConnectionConfig(
+        mode=preferred,
+        accept_modes=accepted,
+        allow_cleartext_keys=allow_cleartext_keys,
+        **settings,
+    )
+
+
+def _transport_of(transport: asyncio.BaseTransport) -> MultipathTransport:
+    if not isinstance(transport, MultipathTransport):
+        raise BackendError(
+            "not a connection of the userspace backend: "
+            f"{type(transport).__name__}"
+        )
+    return transport
+
+
+class UserspaceBackend(Backend):
+    """MPTCP in userspace over ordinary TCP connections."""
+
+    name = "userspace"
+
+    async def create_connection(
+        self,
+        protocol_factory: Any,
+        host: str,
+        port: int,
+        *,
+        local_addrs: Sequence[str] | None = None,
+        mode: str | Mode = "G",
+        config: ConnectionConfig | None = None,
+        connect_timeout: float | None = 30.0,
+        close_timeout: float = 10.0,
+        **settings: Any,
+    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        """Open the first subflow; extra ones follow once keys exist.
+
+        ``settings`` are :class:`ConnectionConfig` fields (for example
+        ``allow_legacy_fallback``, ``receive_window``).
+        """
+        loop = asyncio.get_running_loop()
+        if config is None:
+            config = client_config(mode, **settings)
+        elif settings:
+            raise ConfigurationError(
+                "pass either config= or individual settings, not both"
+            )
+        local_addrs = list(local_addrs or ())
+        first_local = local_addrs[0] if local_addrs else None
+
+        # the first subflow's TCP connection
+        placeholder = _PendingSink()
+        subflow = SubflowProtocol(placeholder, initiator=True)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: subflow,
+                    host,
+                    port,
+                    local_addr=(first_local, 0) if first_local else None,
+                ),
+                connect_timeout,
+            )
+        except TimeoutError as exc:
+            raise MptlsTimeoutError(
+                f"TCP connect to {host}:{port} timed out"
+            ) from exc
+        peer = subflow.address("peername")
+
+        # the MPTCP connection; its SYN rides with the ClientHello
+        core = Connection.initiator(
+            config,
+            tokens=_shared_client_tokens(),
+            random=os.urandom,
+            now=loop.time(),
+        )
+        transport = MultipathTransport(
+            core,
+            initiator=True,
+            local_addrs=local_addrs,
+            remote=peer,
+            close_timeout=close_timeout,
+        )
+        # subflow 0 is the initial subflow (address id 0, RFC 8684 3.2)
+        transport.attach(0, subflow)
+        protocol = protocol_factory()
+        transport.start(protocol)
+        if placeholder.lost is not None:
+            transport.subflow_lost(subflow, placeholder.lost)
+        return transport, protocol
+
+    async def create_server(
+        self,
+        protocol_factory: Any,
+        host: str | Sequence[str] | None,
+        port: int,
+        *,
+        modes: Sequence[str | Mode] = ("G",),
+        config: ConnectionConfig | None = None,
+        announce_addrs: Sequence[tuple[str, int]] | None = None,
+        server_id: int = 0,
+        worker_id: int = 0,
+        token_layout: TokenLayout | None = None,
+        close_timeout: float = 10.0,
+        reuse_port: bool | None = None,
+        backlog: int = 1024,
+        **settings: Any,
+    ) -> asyncio.AbstractServer:
+        """Listen; each accepted TCP connection is a new or joining subflow.
+
+        ``announce_addrs`` are (address, port) pairs the server announces
+        with ADD_ADDR once keys exist. ``server_id`` and ``worker_id`` are
+        written into every token this server allocates (see
+        :mod:`mptls.mptcp.tokens`).
+        """
+        loop = asyncio.get_running_loop()
+        if config is None:
+            config = server_config(modes, **settings)
+        elif settings:
+            raise ConfigurationError(
+                "pass either config= or individual settings, not both"
+            )
+        tokens = TokenAllocator(
+            secrets.token_bytes(32),
+            layout=token_layout or TokenLayout(),
+            server_id=server_id,
+            worker_id=worker_id,
+        )
+        endpoint = Endpoint(config, tokens=tokens, random=os.urandom)
+        listener = Listener(
+            endpoint,
+            protocol_factory,
+            announce=list(announce_addrs or ()),
+            close_timeout=close_timeout,
+        )
+        server = await loop.create_server(
+            listener,
+            host,
+            port,
+            reuse_port=reuse_port,
+            backlog=backlog,
+        )
+        server.mptls_listener = listener  # type: ignore[attr-defined]
+        return server
+
+    def install_keys(
+        self, transport: asyncio.BaseTransport, keys: KeyMaterial
+    ) -> KeyInstall:
+        multipath = _transport_of(transport)
+        installed = multipath.install_keys(keys)
+        if installed:
+            return KeyInstall(True, "TLS exporter keys protect joins")
+        info = multipath.mptcp_info()
+        return KeyInstall(False, info.keys_reason or "not installed")
+
+    def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
+        return _transport_of(transport).mptcp_info()
+
+
+class _PendingSink:
+    """Holds a first subflow's events until its transport exists."""
+
+    def __init__(self) -> None:
+        self.lost: BaseException | None = None
+
+    def segments_received(self, subflow: Any, segments: Any) -> None:
+        self.lost = BackendError("the server spoke before the client")
+
+    def subflow_lost(self, subflow: Any, exc: BaseException | None) -> None:
+        self.lost = exc or BackendError("connection closed")
+
+    def subflow_writable(self, subflow: Any, writable: bool) -> None:
+        return None

@@ -1,0 +1,699 @@
+"""The userspace backend's asyncio glue: subflows on TCP, one transport.
+
+:class:`SubflowProtocol` is an ``asyncio.Protocol`` on one TCP connection:
+it speaks the frames of docs/wire.md and hands decoded segments to its
+owner. :class:`MultipathTransport` is the ``asyncio.Transport`` the TLS
+layer writes to: it owns the sans-I/O :class:`mptls.mptcp.connection.
+Connection`, feeds it segments, time and the application's bytes, and
+writes what it pulls out of it to the right TCP connection.
+
+All protocol decisions are the core's; this module only moves bytes,
+keeps timers and maps subflow ids to TCP connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mptls.backends.base import MptcpInfo, SubflowInfo
+from mptls.errors import MptlsError, NotMptlsPeerError, ProtocolError
+from mptls.mptcp import events
+from mptls.mptcp.connection import Connection
+from mptls.mptcp.framing import (
+    NOT_MPTLS_REPLY,
+    PREAMBLE,
+    Flag,
+    Segment,
+    SegmentDecoder,
+    encode_segment,
+)
+from mptls.tls.keys import KeyMaterial
+
+if TYPE_CHECKING:
+    from mptls.mptcp.endpoint import Endpoint
+
+logger = logging.getLogger("mptls.userspace")
+
+_READ_HIGH_WATER = 4 * 1024 * 1024
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+_WRITE_LOW_WATER = 1024 * 1024
+
+
+class SegmentSink(Protocol):
+    """Who receives a subflow's segments: a listener, then a transport."""
+
+    def segments_received(
+        self, subflow: SubflowProtocol, segments: list[Segment]
+    ) -> None: ...
+
+    def subflow_lost(
+        self, subflow: SubflowProtocol, exc: BaseException | None
+    ) -> None: ...
+
+    def subflow_writable(
+        self, subflow: SubflowProtocol, writable: bool
+    ) -> None: ...
+
+
+class SubflowProtocol(asyncio.Protocol):
+    """One TCP connection carrying one subflow's frames."""
+
+    def __init__(self, sink: SegmentSink, *, initiator: bool) -> None:
+        self.sink = sink
+        self.initiator = initiator
+        self.subflow_id: int | None = None
+        self.transport: asyncio.Transport | None = None
+        self.preamble_sent = False
+        self.closed = False
+        self._decoder = SegmentDecoder(preamble=True)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # pure Data ACK frames are small: Nagle would hold them back
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            segments = self._decoder.feed(data)
+        except NotMptlsPeerError as exc:
+            self._refuse_foreign(exc)
+            return
+        except ProtocolError as exc:
+            logger.debug("subflow framing error: %s", exc)
+            self.sink.subflow_lost(self, exc)
+            self.close()
+            return
+        if segments:
+            self.sink.segments_received(self, segments)
+
+    def _refuse_foreign(self, exc: NotMptlsPeerError) -> None:
+        if not self.initiator and self.transport is not None:
+            # wire.md: a plain TLS or HTTP client sees this line
+            self.transport.write(NOT_MPTLS_REPLY)
+        self.sink.subflow_lost(self, exc)
+        self.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed, self.closed = self.closed, True
+        if not was_closed:
+            self.sink.subflow_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.sink.subflow_writable(self, False)
+
+    def resume_writing(self) -> None:
+        self.sink.subflow_writable(self, True)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            return
+        if not self.preamble_sent:
+            self.preamble_sent = True
+            data = PREAMBLE + data
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def address(self, which: str) -> tuple[str, int] | None:
+        if self.transport is None:
+            return None
+        value = self.transport.get_extra_info(which)
+        if not value:
+            return None
+        return (str(value[0]), int(value[1]))
+
+
+class MultipathTransport(asyncio.Transport):
+    """One MPTCP connection as an ``asyncio.Transport``."""
+
+    def __init__(
+        self,
+        core: Connection,
+        *,
+        initiator: bool,
+        local_addrs: Sequence[str] = (),
+        remote: tuple[str, int] | None = None,
+        announce: Sequence[tuple[str, int]] = (),
+        close_timeout: float = 10.0,
+        on_closed: Callable[[MultipathTransport], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._core = core
+        self._initiator = initiator
+        self._local_addrs = list(local_addrs)
+        self._remote = remote
+        self._announce = list(announce)
+        self._close_timeout = close_timeout
+        self._on_closed = on_closed
+        self._subflows: dict[int, SubflowProtocol] = {}
+        self._closing_subflows: list[int] = []
+        self._protocol: asyncio.Protocol | None = None
+        self._held: list[bytes] = []
+        self._held_eof = False
+        self._reading = True
+        self._discarding = False
+        self._write_paused = False
+        self._high_water = _WRITE_HIGH_WATER
+        self._low_water = _WRITE_LOW_WATER
+        self._closing = False
+        self._closed = False
+        self._eof_written = False
+        self._processing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._paths_started = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # wiring
+
+    def attach(self, subflow_id: int, subflow: SubflowProtocol) -> None:
+        subflow.subflow_id = subflow_id
+        subflow.sink = self
+        self._subflows[subflow_id] = subflow
+
+    def start(self, protocol: asyncio.Protocol) -> None:
+        self._protocol = protocol
+        protocol.connection_made(self)
+        self.process()
+
+    # SegmentSink
+
+    def segments_received(
+        self, subflow: SubflowProtocol, segments: list[Segment]
+    ) -> None:
+        subflow_id = subflow.subflow_id
+        if subflow_id is None or self._closed:
+            return
+        now = self._loop.time()
+        receive = self._core.receive_segment
+        for segment in segments:
+            receive(subflow_id, segment, now)
+        self.process()
+
+    def subflow_lost(
+        self, subflow: SubflowProtocol, exc: BaseException | None
+    ) -> None:
+        subflow_id = subflow.subflow_id
+        if subflow_id is None or self._subflows.get(subflow_id) is not subflow:
+            return
+        del self._subflows[subflow_id]
+        if self._closed:
+            return
+        if isinstance(exc, NotMptlsPeerError):
+            # the wrong kind of peer: nothing more will come of this
+            self._finish(exc)
+            return
+        logger.debug("%s: subflow %d lost (%s)", self._tag(), subflow_id, exc)
+        self._core.subflow_lost(subflow_id, self._loop.time())
+        self.process()
+
+    def subflow_writable(
+        self, subflow: SubflowProtocol, writable: bool
+    ) -> None:
+        if subflow.subflow_id is None or self._closed:
+            return
+        self._core.set_writable(subflow.subflow_id, writable)
+        if writable:
+            self.process()
+
+    # the engine: events in, segments out
+
+    def process(self) -> None:
+        """Handle the core's events, then send what it has to send."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while True:
+                event = self._core.next_event()
+                if event is None:
+                    break
+                self._handle_event(event)
+            self._flush()
+        finally:
+            self._processing = False
+        self._update_timer()
+        self._update_write_flow()
+
+    def _flush(self) -> None:
+        now = self._loop.time()
+        out: dict[int, list[bytes]] = {}
+        closing: list[int] = []
+        for subflow_id, segment in self._core.segments_to_send(now):
+            out.setdefault(subflow_id, []).append(encode_segment(segment))
+            if segment.flags & (Flag.FIN | Flag.RST):
+                closing.append(subflow_id)
+        for subflow_id, chunks in out.items():
+            subflow = self._subflows.get(subflow_id)
+            if subflow is not None:
+                subflow.send(b"".join(chunks))
+        closing.extend(self._closing_subflows)
+        self._closing_subflows.clear()
+        for subflow_id in closing:
+            subflow = self._subflows.pop(subflow_id, None)
+            if subflow is not None:
+                subflow.close()
+
+    def _handle_event(self, event: object) -> None:
+        handler = _EVENT_HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
+
+    def _on_data(self, event: events.DataReceived) -> None:
+        if self._discarding:
+            self._core.consumed(len(event.data))
+            return
+        if not self._reading or self._held or self._protocol is None:
+            self._held.append(event.data)
+            return
+        self._protocol.data_received(event.data)
+        self._core.consumed(len(event.data))
+
+    def _on_end_of_stream(self, event: events.EndOfStream) -> None:
+        if self._held or not self._reading:
+            self._held_eof = True
+            return
+        self._deliver_eof()
+
+    def _deliver_eof(self) -> None:
+        self._held_eof = False
+        if self._protocol is None or self._discarding:
+            return
+        keep_open = self._protocol.eof_received()
+        if not keep_open:
+            self.close()
+
+    def _on_handshake(self, event: events.HandshakeComplete) -> None:
+        logger.debug("%s: MPTCP handshake complete", self._tag())
+
+    def _on_subflow_established(
+        self, event: events.SubflowEstablished
+    ) -> None:
+        subflow = self._subflows.get(event.subflow_id)
+        logger.debug(
+            "%s: subflow %d established %s -> %s",
+            self._tag(),
+            event.subflow_id,
+            subflow and subflow.address("sockname"),
+            subflow and subflow.address("peername"),
+        )
+
+    def _on_subflow_closed(self, event: events.SubflowClosed) -> None:
+        logger.debug(
+            "%s: subflow %d closed: %s",
+            self._tag(),
+            event.subflow_id,
+            event.reason,
+        )
+        # closed after the next flush: a final RST or FIN may be queued
+        self._closing_subflows.append(event.subflow_id)
+
+    def _on_join_refused(self, event: events.JoinRefused) -> None:
+        logger.warning(
+            "%s: join on subflow %d refused: %s",
+            self._tag(),
+            event.subflow_id,
+            event.reason,
+        )
+
+    def _on_address(self, event: events.AddressAnnounced) -> None:
+        if not self._initiator or self._remote is None:
+            return
+        port = event.port or self._remote[1]
+        local = self._local_addrs[0] if self._local_addrs else None
+        self._spawn(self._open_subflow(local, (str(event.address), port)))
+
+    def _on_closed(self, event: events.ConnectionClosed) -> None:
+        self._finish(event.error)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        for subflow in list(self._subflows.values()):
+            subflow.close()
+        self._subflows.clear()
+        for handle in (self._timer, self._close_timer):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._close_timer = None
+        for task in self._tasks:
+            task.cancel()
+        if self._on_closed is not None:
+            self._on_closed(self)
+        if self._protocol is not None:
+            self._loop.call_soon(self._protocol.connection_lost, error)
+
+    # timers and flow control
+
+    def _update_timer(self) -> None:
+        if self._closed:
+            return
+        deadline = self._core.get_timer()
+        if deadline == self._timer_deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_deadline = deadline
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline = None
+        if self._closed:
+            return
+        self._core.handle_timer(self._loop.time())
+        self.process()
+
+    def _update_write_flow(self) -> None:
+        if self._protocol is None or self._closed:
+            return
+        size = self._core.send_buffer_size
+        if not self._write_paused and size > self._high_water:
+            self._write_paused = True
+            self._protocol.pause_writing()
+        elif self._write_paused and size <= self._low_water:
+            self._write_paused = False
+            self._protocol.resume_writing()
+
+    # paths
+
+    def install_keys(self, keys: KeyMaterial) -> bool:
+        installed = self._core.install_keys(keys)
+        self._start_paths()
+        self.process()
+        return installed
+
+    def _start_paths(self) -> None:
+        if self._paths_started or self._closed:
+            return
+        self._paths_started = True
+        if self._initiator:
+            if self._remote is None:
+                return
+            for local in self._local_addrs[1:]:
+                self._spawn(self._open_subflow(local, self._remote))
+            return
+        for address_id, (host, port) in enumerate(self._announce, start=1):
+            try:
+                self._core.announce(
+                    address_id, ipaddress.ip_address(host), port
+                )
+            except MptlsError as exc:
+                logger.warning("cannot announce %s: %s", host, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_subflow(
+        self, local: str | None, remote: tuple[str, int]
+    ) -> None:
+        subflow = SubflowProtocol(self, initiator=True)
+        try:
+            await self._loop.create_connection(
+                lambda: subflow,
+                remote[0],
+                remote[1],
+                local_addr=(local, 0) if local else None,
+            )
+        except OSError as exc:
+            logger.warning(
+                "%s: cannot open a subflow %s -> %s: %s",
+                self._tag(),
+                local,
+                remote,
+                exc,
+            )
+            return
+        if self._closed or self._closing:
+            subflow.close()
+            return
+        try:
+            subflow_id = self._core.open_subflow(self._loop.time())
+        except MptlsError as exc:
+            logger.warning("%s: no join: %s", self._tag(), exc)
+            subflow.close()
+            return
+        self.attach(subflow_id, subflow)
+        self.process()
+
+    # asyncio.Transport
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "mptcp":
+            return self.mptcp_info()
+        primary = self._primary()
+        if primary is None or primary.transport is None:
+            return default
+        return primary.transport.get_extra_info(name, default)
+
+    def _primary(self) -> SubflowProtocol | None:
+        if not self._subflows:
+            return None
+        return self._subflows[min(self._subflows)]
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, asyncio.Protocol)
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._protocol is not None
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_written or self._closing:
+            raise RuntimeError("cannot write after close() or write_eof()")
+        if not data:
+            return
+        self._core.send(bytes(data))
+        self.process()
+
+    def write_eof(self) -> None:
+        if self._eof_written or self._closing:
+            return
+        self._eof_written = True
+        self._core.close()
+        self.process()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._discarding = True
+        for data in self._held:
+            self._core.consumed(len(data))
+        self._held.clear()
+        if not self._eof_written:
+            self._eof_written = True
+            self._core.close()
+        self._close_timer = self._loop.call_later(
+            self._close_timeout, self._on_close_timeout
+        )
+        self.process()
+
+    def _on_close_timeout(self) -> None:
+        self._close_timer = None
+        if not self._closed:
+            logger.debug("%s: close timed out, aborting", self._tag())
+            self.abort()
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closing = True
+        self._core.abort()
+        self._flush()
+        self._finish(None)
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    def pause_reading(self) -> None:
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        if self._reading:
+            return
+        self._reading = True
+        while self._held and self._reading and self._protocol is not None:
+            data = self._held.pop(0)
+            self._protocol.data_received(data)
+            self._core.consumed(len(data))
+        if self._held_eof and not self._held and self._reading:
+            self._deliver_eof()
+        self.process()
+
+    def get_write_buffer_size(self) -> int:
+        return self._core.send_buffer_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low_water, self._high_water)
+
+    def set_write_buffer_limits(
+        self, high: int | None = None, low: int | None = None
+    ) -> None:
+        if high is None:
+            high = _WRITE_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r})")
+        self._high_water, self._low_water = high, low
+        self._update_write_flow()
+
+    # reporting
+
+    def mptcp_info(self) -> MptcpInfo:
+        info = self._core.info()
+        subflows = []
+        for sub in info.subflows:
+            subflow = self._subflows.get(sub.subflow_id)
+            subflows.append(
+                SubflowInfo(
+                    subflow_id=sub.subflow_id,
+                    local_address=subflow and subflow.address("sockname"),
+                    remote_address=subflow and subflow.address("peername"),
+                    state=sub.state,
+                    bytes_sent=sub.bytes_sent,
+                    bytes_received=sub.bytes_received,
+                    rtt_ms=None if sub.srtt is None else sub.srtt * 1000.0,
+                    backup=sub.backup,
+                    address_id=sub.address_id,
+                )
+            )
+        return MptcpInfo(
+            backend="userspace",
+            mode=info.mode or "pending",
+            local_token=info.local_token,
+            remote_token=info.remote_token,
+            keys_installed=info.keys_installed,
+            keys_reason=info.keys_reason,
+            key_fingerprint=info.key_fingerprint,
+            fallback=False,
+            subflows=tuple(subflows),
+        )
+
+    def _tag(self) -> str:
+        token = self._core.info().local_token
+        return f"[{token[:8] if token else '-'}]"
+
+    def __repr__(self) -> str:
+        return f"<mptls.MultipathTransport {self._tag()}>"
+
+
+_EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
+    events.DataReceived: MultipathTransport._on_data,
+    events.EndOfStream: MultipathTransport._on_end_of_stream,
+    events.HandshakeComplete: MultipathTransport._on_handshake,
+    events.SubflowEstablished: MultipathTransport._on_subflow_established,
+    events.SubflowClosed: MultipathTransport._on_subflow_closed,
+    events.JoinRefused: MultipathTransport._on_join_refused,
+    events.AddressAnnounced: MultipathTransport._on_address,
+    events.ConnectionClosed: MultipathTransport._on_closed,
+}
+
+
+class Listener:
+    """Routes each new TCP connection's first segment through an Endpoint.
+
+    A first subflow becomes a new :class:`MultipathTransport` with a fresh
+    application protocol; a join is attached to the transport that owns
+    the token it names.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        *,
+        announce: Sequence[tuple[str, int]] = (),
+        close_timeout: float = 10.0,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._endpoint = endpoint
+        self._protocol_factory = protocol_factory
+        self._announce = list(announce)
+        self._close_timeout = close_timeout
+        self._transports: dict[int, MultipathTransport] = {}
+
+    def __call__(self) -> SubflowProtocol:
+        return SubflowProtocol(self, initiator=False)
+
+    @property
+    def transports(self) -> list[MultipathTransport]:
+        return list(self._transports.values())
+
+    def segments_received(
+        self, subflow: SubflowProtocol, segments: list[Segment]
+    ) -> None:
+        from mptls.mptcp.endpoint import Refused
+
+        result = self._endpoint.receive_first(segments[0], self._loop.time())
+        if isinstance(result, Refused):
+            logger.debug("refused a subflow: %s", result.reason)
+            if result.reply is not None:
+                subflow.send(encode_segment(result.reply))
+            subflow.close()
+            return
+        core, subflow_id = result.connection, result.subflow_id
+        transport = self._transports.get(id(core))
+        fresh = transport is None
+        if transport is None:
+            transport = MultipathTransport(
+                core,
+                initiator=False,
+                announce=self._announce,
+                close_timeout=self._close_timeout,
+                on_closed=self._forget,
+            )
+            self._transports[id(core)] = transport
+        transport.attach(subflow_id, subflow)
+        if fresh:
+            transport.start(self._protocol_factory())
+        if len(segments) > 1:
+            transport.segments_received(subflow, segments[1:])
+        else:
+            transport.process()
+
+    def _forget(self, transport: MultipathTransport) -> None:
+        self._transports.pop(id(transport._core), None)
+        self._endpoint.remove(transport._core)
+
+    def subflow_lost(
+        self, subflow: SubflowProtocol, exc: BaseException | None
+    ) -> None:
+        logger.debug("a subflow closed before its first segment: %s", exc)
+
+    def subflow_writable(
+        self, subflow: SubflowProtocol, writable: bool
+    ) -> None:
+        return None

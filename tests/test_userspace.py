@@ -1,0 +1,315 @@
+"""The userspace backend end to end, on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from pki import Pki, make_pki
+
+import mptls
+from mptls.mptcp.framing import NOT_MPTLS_REPLY
+
+Handler = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
+]
+
+CHUNK = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+async def echo(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    while data := await reader.read(CHUNK):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    await writer.drain()
+
+
+class Served:
+    """A running server and what its handler saw."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.AbstractServer | None = None
+        self.infos: list[mptls.MptcpInfo] = []
+        self.done: asyncio.Queue[object] = asyncio.Queue()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+
+async def serve(pki: Pki, handler: Handler, **kw: object) -> Served:
+    served = Served()
+
+    async def run(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            await handler(reader, writer)
+            served.infos.append(writer.get_extra_info("mptcp"))
+            await served.done.put(None)
+        except Exception as exc:  # reported to the test through the queue
+            await served.done.put(exc)
+        finally:
+            writer.close()
+
+    served.server = await mptls.start_server(
+        run, "127.0.0.1", 0, ssl=pki.server(), **kw
+    )
+    return served
+
+
+@pytest.fixture
+async def echo_server(pki: Pki) -> AsyncIterator[Served]:
+    served = await serve(pki, echo)
+    assert served.server is not None
+    async with served.server:
+        yield served
+
+
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+) -> bytes:
+    async def send() -> None:
+        view = memoryview(data)
+        for offset in range(0, len(data), CHUNK):
+            writer.write(view[offset : offset + CHUNK])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await reader.read()
+    await sender
+    return received
+
+
+async def test_echo_over_two_paths(pki: Pki, echo_server: Served) -> None:
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1",
+        echo_server.port,
+        ssl=pki.client(),
+        local_addrs=["127.0.0.1", "127.0.0.2"],
+    )
+    payload = bytes(range(256)) * 4096
+    assert await exchange(reader, writer, payload) == payload
+
+    info = writer.get_extra_info("mptcp")
+    assert info.backend == "userspace"
+    assert info.mode == "G"
+    assert info.keys_installed
+    assert len(info.local_token) == 16 and len(info.remote_token) == 16
+    local_ips = {sub.local_address[0] for sub in info.subflows}
+    assert local_ips == {"127.0.0.1", "127.0.0.2"}
+    writer.close()
+    await writer.wait_closed()
+
+    assert await echo_server.done.get() is None
+    server_info = echo_server.infos[0]
+    assert server_info.local_token == info.remote_token
+    assert server_info.remote_token == info.local_token
+    assert server_info.key_fingerprint == info.key_fingerprint
+
+
+@pytest.mark.slow
+async def test_64_mib_over_two_subflows(pki: Pki) -> None:
+    digests: list[str] = []
+
+    async def sink(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        digest = hashlib.sha256()
+        while data := await reader.read(CHUNK):
+            digest.update(data)
+        digests.append(digest.hexdigest())
+        writer.write(b"ok")
+        writer.write_eof()
+
+    served = await serve(pki, sink)
+    assert served.server is not None
+    async with served.server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            served.port,
+            ssl=pki.client(),
+            local_addrs=["127.0.0.1", "127.0.0.2"],
+        )
+        block = hashlib.sha256(b"mptls").digest() * (CHUNK // 32)
+        sent = hashlib.sha256()
+        total = 64 * 1024 * 1024
+        for _ in range(total // CHUNK):
+            writer.write(block)
+            sent.update(block)
+            await writer.drain()
+        writer.write_eof()
+        assert await reader.read() == b"ok"
+        assert await served.done.get() is None
+        writer.close()
+        await writer.wait_closed()
+
+    assert digests == [sent.hexdigest()]
+    received = [sub.bytes_received for sub in served.infos[0].subflows]
+    assert len(received) == 2
+    assert sum(received) >= total
+    for share in received:
+        assert share >= total // 10, received
+
+
+async def test_client_with_one_address(pki: Pki, echo_server: Served) -> None:
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", echo_server.port, ssl=pki.client()
+    )
+    assert await exchange(reader, writer, b"hello") == b"hello"
+    info = writer.get_extra_info("mptcp")
+    assert len(info.subflows) == 1
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_half_close_lets_the_peer_answer(pki: Pki) -> None:
+    async def upper(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        data = await reader.read()  # until the client's write_eof
+        writer.write(data.upper())
+        writer.write_eof()
+
+    served = await serve(pki, upper)
+    assert served.server is not None
+    async with served.server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", served.port, ssl=pki.client()
+        )
+        writer.write(b"half ")
+        writer.write(b"close")
+        assert writer.can_write_eof()
+        writer.write_eof()
+        assert await reader.read() == b"HALF CLOSE"
+        assert await served.done.get() is None
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_standard_extra_info(pki: Pki, echo_server: Served) -> None:
+    _reader, writer = await mptls.open_connection(
+        "127.0.0.1", echo_server.port, ssl=pki.client()
+    )
+    assert writer.get_extra_info("peername")[1] == echo_server.port
+    assert writer.get_extra_info("sockname")[0] == "127.0.0.1"
+    cert = writer.get_extra_info("peercert")
+    assert cert is not None and "subjectAltName" in cert
+    cipher = writer.get_extra_info("cipher")
+    assert cipher is not None and cipher[1] == "TLSv1.3"
+    assert writer.get_extra_info("no such key", "default") == "default"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_stdlib_client_context(pki: Pki, echo_server: Served) -> None:
+    context = ssl.create_default_context(cafile=str(pki.ca_pem))
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", echo_server.port, ssl=context
+    )
+    assert await exchange(reader, writer, b"stdlib") == b"stdlib"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_wrong_host_name_is_refused(
+    pki: Pki, echo_server: Served
+) -> None:
+    with pytest.raises(mptls.CertificateError):
+        await mptls.open_connection(
+            "127.0.0.1",
+            echo_server.port,
+            ssl=pki.client(),
+            server_hostname="not-this-server.invalid",
+        )
+
+
+async def test_server_that_is_not_mptls() -> None:
+    async def plain(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(1)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plain, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(mptls.NotMptlsPeerError, match="HTTP"):
+            await asyncio.wait_for(
+                mptls.open_connection("127.0.0.1", port, ssl=True), 10
+            )
+
+
+async def test_plain_client_gets_a_clear_answer(
+    echo_server: Served,
+) -> None:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", echo_server.port
+    )
+    writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    assert answer == NOT_MPTLS_REPLY
+    writer.close()
+
+
+async def test_tls_is_required(echo_server: Served) -> None:
+    with pytest.raises(mptls.ConfigurationError, match="TLS"):
+        await mptls.open_connection("127.0.0.1", echo_server.port, ssl=None)
+
+
+async def test_slow_reader_pushes_back(pki: Pki) -> None:
+    release = asyncio.Event()
+    total = 0
+
+    async def lazy(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal total
+        await release.wait()
+        while data := await reader.read(CHUNK):
+            total += len(data)
+
+    served = await serve(pki, lazy)
+    assert served.server is not None
+    async with served.server:
+        _reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            served.port,
+            ssl=pki.client(),
+            local_addrs=["127.0.0.1", "127.0.0.2"],
+        )
+        block = b"x" * CHUNK
+        written = 0
+        # the reader does not read: drain() must stop returning long
+        # before the 256 MiB the writer would like to send
+        while written < 256 * 1024 * 1024:
+            writer.write(block)
+            written += len(block)
+            try:
+                await asyncio.wait_for(writer.drain(), 2.0)
+            except TimeoutError:
+                break
+        assert written < 64 * 1024 * 1024, written
+
+        release.set()
+        await writer.drain()
+        writer.write_eof()
+        assert await served.done.get() is None
+        assert total == written
+        writer.close()
+        await writer.wait_closed()
