@@ -522,7 +522,9 @@ def test_backup_subflow_is_used_only_when_alone() -> None:
     net.kill(0)
     net.client.send(stream(100_000, 3))
     assert net.run(has_data(net.server_side, 300_005))
-    assert net.client.info().subflows[0].bytes_sent == 100_000
+    status = {s.subflow_id: s for s in net.client.info().subflows}
+    assert status[0].state == "CLOSED"
+    assert status[backup].bytes_sent == 100_000
 
 
 # closing

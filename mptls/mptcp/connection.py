@@ -75,6 +75,8 @@ _MODE_FLAG = {Mode.G: CapableFlag.G, Mode.RFC8684: CapableFlag.H}
 _FLAG_MODE = {CapableFlag.G: Mode.G, CapableFlag.H: Mode.RFC8684}
 # a pure Data ACK option: 4 bytes of header and a 64-bit Data ACK
 _DATA_ACK_LENGTH = 12
+# how many closed subflows info() keeps reporting
+_CLOSED_KEPT = 16
 _S = SubflowState
 
 
@@ -319,12 +321,14 @@ class Connection:
             subflow.outbox.clear()
 
     def _forget_closed_subflows(self) -> None:
-        gone = [
+        # closed subflows stay visible in info() for a while; the oldest
+        # go so that refused or failed joins cannot grow the table
+        closed = [
             sid
             for sid, s in self._subflows.items()
             if not s.live and not s.outbox
         ]
-        for sid in gone:
+        for sid in closed[: max(0, len(closed) - _CLOSED_KEPT)]:
             del self._subflows[sid]
 
     def _data_ack(self) -> Dss | None:
@@ -1276,7 +1280,6 @@ class Connection:
                 address_id=s.address_id,
             )
             for s in self._subflows.values()
-            if s.live
         )
         return ev.ConnectionInfo(
             role="initiator" if self.is_initiator else "responder",
