@@ -48,6 +48,7 @@ from mptls.mptcp.options import (
     MpJoinSynAck,
     MpPrio,
     MpTcpRst,
+    Option,
     RemoveAddr,
     ResetReason,
     encode_option,
@@ -341,7 +342,7 @@ class Connection:
         self,
         subflow: Subflow,
         flags: Flag,
-        options: tuple[object, ...] = (),
+        options: tuple[Option, ...] = (),
         payload: bytes = b"",
     ) -> Segment:
         """A frame on ``subflow``: header window, Data ACK if it fits."""
@@ -355,7 +356,7 @@ class Connection:
             subflow.ack_due_since = None
         return Segment(
             flags=flags,
-            options=options,  # type: ignore[arg-type]
+            options=options,
             payload=payload,
             window=self._receive.advertise(),
         )
@@ -528,7 +529,7 @@ class Connection:
     def _option_segment(self, subflow: Subflow, option: AddAddr) -> Segment:
         """A frame for a path option, with a Data ACK if both fit."""
         ack = self._data_ack()
-        options: tuple[object, ...] = (option,)
+        options: tuple[Option, ...] = (option,)
         size = len(encode_option(option)) + _DATA_ACK_LENGTH
         if ack is not None and size <= MAX_OPTIONS_LENGTH:
             options = (option, ack)
