@@ -164,6 +164,10 @@ class MultipathTransport(asyncio.Transport):
         self._on_closed = on_closed
         self._subflows: dict[int, SubflowProtocol] = {}
         self._closing_subflows: list[int] = []
+        self._addresses: dict[
+            int, tuple[tuple[str, int] | None, tuple[str, int] | None]
+        ] = {}
+        self._closed_by_core: events.ConnectionClosed | None = None
         self._protocol: asyncio.Protocol | None = None
         self._held: list[bytes] = []
         self._held_eof = False
@@ -188,6 +192,11 @@ class MultipathTransport(asyncio.Transport):
         subflow.subflow_id = subflow_id
         subflow.sink = self
         self._subflows[subflow_id] = subflow
+        # kept after the TCP connection is gone, for the final snapshot
+        self._addresses[subflow_id] = (
+            subflow.address("sockname"),
+            subflow.address("peername"),
+        )
 
     def start(self, protocol: asyncio.Protocol) -> None:
         self._protocol = protocol
@@ -250,6 +259,9 @@ class MultipathTransport(asyncio.Transport):
             self._flush()
         finally:
             self._processing = False
+        if self._closed_by_core is not None:
+            self._finish(self._closed_by_core.error)
+            return
         self._update_timer()
         self._update_write_flow()
 
@@ -342,7 +354,8 @@ class MultipathTransport(asyncio.Transport):
         self._spawn(self._open_subflow(local, (str(event.address), port)))
 
     def _on_closed(self, event: events.ConnectionClosed) -> None:
-        self._finish(event.error)
+        # finished after the next flush: the last FIN or RST must go out
+        self._closed_by_core = event
 
     def _finish(self, error: BaseException | None) -> None:
         if self._closed:
@@ -576,12 +589,12 @@ class MultipathTransport(asyncio.Transport):
         info = self._core.info()
         subflows = []
         for sub in info.subflows:
-            subflow = self._subflows.get(sub.subflow_id)
+            local, remote = self._addresses.get(sub.subflow_id, (None, None))
             subflows.append(
                 SubflowInfo(
                     subflow_id=sub.subflow_id,
-                    local_address=subflow and subflow.address("sockname"),
-                    remote_address=subflow and subflow.address("peername"),
+                    local_address=local,
+                    remote_address=remote,
                     state=sub.state,
                     bytes_sent=sub.bytes_sent,
                     bytes_received=sub.bytes_received,
