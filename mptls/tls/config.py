@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -309,7 +309,7 @@ def _read_private_key(keyfile: str) -> PrivateKey:
 
 def _alpn_selector(
     ours: list[bytes],
-) -> Any:
+) -> Callable[[SSL.Connection, list[bytes]], Any]:
     """The server's ALPN choice: its own first protocol the client offers.
 
     With no overlap the handshake goes on without ALPN rather than failing

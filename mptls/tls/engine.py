@@ -24,6 +24,7 @@ secret reach a log, a ``repr`` or an error message.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import logging
 from enum import Enum, IntEnum
@@ -31,6 +32,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import AuthorityInformationAccessOID
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
@@ -185,7 +187,8 @@ class TLSEngine:
 
     Once an error has been raised the engine is failed: :meth:`receive`,
     :meth:`send` and :meth:`export_keys` raise again, while
-    :meth:`data_to_send` still hands out a pending alert.
+    :meth:`data_to_send` still hands out a pending alert and :meth:`read`
+    what was decrypted (and so authenticated) before the failure.
     """
 
     def __init__(
@@ -246,10 +249,10 @@ class TLSEngine:
         if name is None:
             return
 
+        # SNI carries host names only (RFC 6066 section 3)
         address = _ip_address(name)
+        encoded = _idna(name) if address is None else b""
         if address is None:
-            encoded = _idna(name)
-            # SNI carries host names only (RFC 6066 section 3)
             self._connection.set_tlsext_host_name(encoded)
         if not check_hostname:
             return
@@ -691,7 +694,8 @@ def _attribute_name(oid: x509.ObjectIdentifier) -> str:
     nid = _lib.OBJ_txt2nid(oid.dotted_string.encode("ascii"))
     if nid == 0:
         return oid.dotted_string
-    return _ffi.string(_lib.OBJ_nid2ln(nid)).decode("ascii")
+    long_name: bytes = _ffi.string(_lib.OBJ_nid2ln(nid))
+    return long_name.decode("ascii")
 
 
 def _name_tuple(name: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:
@@ -704,11 +708,11 @@ def _name_tuple(name: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...]:
     )
 
 
-def _attribute_text(attribute: x509.NameAttribute) -> str:
+def _attribute_text(attribute: x509.NameAttribute[Any]) -> str:
     value = attribute.value
     if isinstance(value, bytes):
         return value.hex()
-    return value
+    return str(value)
 
 
 def _serial_text(serial: int) -> str:
@@ -719,7 +723,7 @@ def _serial_text(serial: int) -> str:
     return sign + magnitude.to_bytes(length, "big").hex().upper()
 
 
-def _time_text(moment: Any) -> str:
+def _time_text(moment: datetime.datetime) -> str:
     # ASN1_TIME_print's layout: "Jan  5 09:34:43 2018 GMT"
     return (
         f"{_MONTHS[moment.month - 1]} {moment.day:2d} "
@@ -763,8 +767,8 @@ def _access_locations(extensions: x509.Extensions) -> dict[str, Any]:
         access = None
     if access is not None:
         for key, method in (
-            ("OCSP", x509.AuthorityInformationAccessOID.OCSP),
-            ("caIssuers", x509.AuthorityInformationAccessOID.CA_ISSUERS),
+            ("OCSP", AuthorityInformationAccessOID.OCSP),
+            ("caIssuers", AuthorityInformationAccessOID.CA_ISSUERS),
         ):
             uris = tuple(
                 d.access_location.value

@@ -32,7 +32,9 @@ class KeyMaterial:
 
     __slots__ = ("_ekm", "generation")
 
-    def __init__(self, exporter_output: bytes, *, generation: int = 0):
+    def __init__(
+        self, exporter_output: bytes | bytearray, *, generation: int = 0
+    ) -> None:
         if len(exporter_output) != EXPORTER_LENGTH:
             raise ConfigurationError(
                 f"exporter output must be {EXPORTER_LENGTH} bytes, "
@@ -87,5 +89,6 @@ class KeyMaterial:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> tuple[object, ...]:
+        # a pickle would be a copy of the keys on disk or on the wire
         raise TypeError("KeyMaterial cannot be pickled")
