@@ -422,11 +422,46 @@ def test_hostname_check_needs_a_name_and_verification(pki: Pki) -> None:
 # a certificate with every field getpeercert() shows
 
 
-def rich_certificate(
-    directory: Path,
-) -> tuple[Path, Path]:
+RICH_NOT_BEFORE = datetime.datetime(2025, 1, 5, 9, 4, 3, tzinfo=datetime.UTC)
+
+
+def rich_extensions() -> list[x509.ExtensionType]:
+    """Every extension getpeercert() reports, with documentation names."""
+    uri = x509.UniformResourceIdentifier
+    return [
+        x509.SubjectAlternativeName(
+            [
+                x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.ip_address("2001:db8::1")),
+                x509.RFC822Name("ops@mptls.test"),
+                uri("https://mptls.test/"),
+            ]
+        ),
+        x509.AuthorityInformationAccess(
+            [
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.OCSP,
+                    uri("http://ocsp.mptls.test/"),
+                ),
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.CA_ISSUERS,
+                    uri("http://ca.mptls.test/ca.der"),
+                ),
+            ]
+        ),
+        x509.CRLDistributionPoints(
+            [
+                x509.DistributionPoint(
+                    [uri("http://crl.mptls.test/ca.crl")], None, None, None
+                )
+            ]
+        ),
+    ]
+
+
+def rich_certificate(directory: Path) -> tuple[Path, Path]:
     """A CA file and a server chain+key file with many extensions."""
-    now = datetime.datetime(2025, 1, 5, 9, 4, 3, tzinfo=datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name(
         [
@@ -440,69 +475,32 @@ def rich_certificate(
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(0x0A)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=3650))
+        .not_valid_before(RICH_NOT_BEFORE)
+        .not_valid_after(RICH_NOT_BEFORE + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
         .sign(ca_key, hashes.SHA256())
     )
+
     key = ec.generate_private_key(ec.SECP256R1())
-    uri = x509.UniformResourceIdentifier
-    leaf = (
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
+            x509.NameAttribute(NameOID.EMAIL_ADDRESS, "ops@mptls.test"),
+        ]
+    )
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.COMMON_NAME, "localhost"),
-                    x509.NameAttribute(
-                        NameOID.EMAIL_ADDRESS, "ops@mptls.test"
-                    ),
-                ]
-            )
-        )
+        .subject_name(subject)
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(0x1234567890ABCDEF)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=3000))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("2001:db8::1")),
-                    x509.RFC822Name("ops@mptls.test"),
-                    uri("https://mptls.test/"),
-                ]
-            ),
-            False,
-        )
-        .add_extension(
-            x509.AuthorityInformationAccess(
-                [
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.OCSP,
-                        uri("http://ocsp.mptls.test/"),
-                    ),
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.CA_ISSUERS,
-                        uri("http://ca.mptls.test/ca.der"),
-                    ),
-                ]
-            ),
-            False,
-        )
-        .add_extension(
-            x509.CRLDistributionPoints(
-                [
-                    x509.DistributionPoint(
-                        [uri("http://crl.mptls.test/ca.crl")], None, None, None
-                    )
-                ]
-            ),
-            False,
-        )
-        .sign(ca_key, hashes.SHA256())
+        .not_valid_before(RICH_NOT_BEFORE)
+        .not_valid_after(RICH_NOT_BEFORE + datetime.timedelta(days=3000))
     )
+    for extension in rich_extensions():
+        builder = builder.add_extension(extension, False)
+    leaf = builder.sign(ca_key, hashes.SHA256())
+
     ca_file = directory / "rich-ca.pem"
     chain_file = directory / "rich-server.pem"
     ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))

@@ -113,12 +113,14 @@ class TLSVersion(IntEnum):
 
 
 def _as_tls_version(value: object, what: str) -> TLSVersion:
+    # ssl.TLSVersion members and bare wire values are ints too
+    problem = f"{what} must be TLS 1.2 or TLS 1.3, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(problem)
     try:
-        return TLSVersion(int(value))  # type: ignore[call-overload]
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(
-            f"{what} must be TLS 1.2 or TLS 1.3, got {value!r}"
-        ) from exc
+        return TLSVersion(int(value))
+    except ValueError as exc:
+        raise ConfigurationError(problem) from exc
 
 
 def _alpn_wire(protocols: Iterable[str]) -> list[bytes]:
