@@ -489,7 +489,8 @@ class TLSEngine:
         if (
             not self._server_side
             and self._connection.get_verify_mode() & SSL.VERIFY_PEER
-            and self._connection.get_peer_certificate() is None
+            and self._connection.get_peer_certificate(as_cryptography=True)
+            is None
         ):
             self._discard_output()
             raise self._fail(
