@@ -112,9 +112,16 @@ class TLSProtocol(asyncio.Protocol):
         if self._app_transport is None:
             self._fail(TLSError("peer closed during the TLS handshake"))
             return False
-        if not self._eof_delivered:
-            logger.debug("stream ended without TLS close_notify")
-            self._deliver_eof()
+        if not self._engine.eof_received:
+            # an end without close_notify may be a truncation: never
+            # report it to the application as a clean end of data
+            self._fail(
+                TLSError(
+                    "the peer ended the stream without TLS close_notify; "
+                    "the data may be truncated"
+                )
+            )
+            return False
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -197,7 +204,7 @@ class TLSProtocol(asyncio.Protocol):
         else:
             waiter.set_exception(exc)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: Exception) -> None:
         logger.debug("connection failed: %s", exc)
         self._cancel_timeout()
         # a TLS alert may be waiting to go out; send it before aborting

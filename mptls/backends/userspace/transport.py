@@ -161,7 +161,7 @@ class MultipathTransport(asyncio.Transport):
         self._remote = remote
         self._announce = list(announce)
         self._close_timeout = close_timeout
-        self._on_closed = on_closed
+        self._closed_callback = on_closed
         self._subflows: dict[int, SubflowProtocol] = {}
         self._closing_subflows: list[int] = []
         self._addresses: dict[
@@ -357,7 +357,7 @@ class MultipathTransport(asyncio.Transport):
         # finished after the next flush: the last FIN or RST must go out
         self._closed_by_core = event
 
-    def _finish(self, error: BaseException | None) -> None:
+    def _finish(self, error: Exception | None) -> None:
         if self._closed:
             return
         self._closed = True
@@ -371,8 +371,8 @@ class MultipathTransport(asyncio.Transport):
         self._timer = self._close_timer = None
         for task in self._tasks:
             task.cancel()
-        if self._on_closed is not None:
-            self._on_closed(self)
+        if self._closed_callback is not None:
+            self._closed_callback(self)
         if self._protocol is not None:
             self._loop.call_soon(self._protocol.connection_lost, error)
 
