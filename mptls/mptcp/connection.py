@@ -1,7 +1,11 @@
 """One MPTCP connection, sans I/O: handshake, joins, data, close.
 
 :class:`Connection` runs RFC 8684 and its token-only "G" mode over the
-userspace wire of docs/wire.md. An adapter feeds it segments, time and
+userspace wire of docs/wire.md. The MP_CAPABLE handshake lives in
+:mod:`mptls.mptcp.handshake`, joins and addresses in
+:mod:`mptls.mptcp.joins`, the shared fields in :mod:`mptls.mptcp.state`;
+this module holds the data path, the close, the timers and the entry
+points. An adapter feeds it segments, time and
 the application's bytes, and pulls segments and events out of it. Data
 positions are kept as offsets from IDSN+1 and turned into 64-bit DSNs
 and Data ACKs only on the wire.
@@ -14,53 +18,32 @@ material may reach a log line, a repr, an event or an error.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
 from hmac import compare_digest
-from ipaddress import IPv4Address, IPv6Address
 
-from mptls.errors import (
-    JoinRefusedError,
-    KeysUnavailableError,
-    MptlsError,
-    PeerResetError,
-    ProtocolError,
-)
+from mptls.errors import MptlsError, PeerResetError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.crypto import (
-    add_addr_hmac,
     fastclose_value,
     idsn_from_token,
-    join_hmac,
     rfc8684_idsn,
     rfc8684_token,
 )
-from mptls.mptcp.framing import MAX_OPTIONS_LENGTH, Flag, Segment
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.handshake import HandshakeMixin
+from mptls.mptcp.joins import JoinsMixin
 from mptls.mptcp.options import (
-    AddAddr,
     CapableFlag,
     Dss,
-    MpCapable,
     MpFastclose,
     MpJoinAck,
     MpJoinSyn,
-    MpJoinSynAck,
-    MpPrio,
     MpTcpRst,
-    Option,
-    RemoveAddr,
     ResetReason,
-    encode_option,
 )
-from mptls.mptcp.reassembly import ReceiveBuffer
-from mptls.mptcp.scheduler import (
-    Chunk,
-    SendBuffer,
-    Subflow,
-    SubflowState,
-    pick_subflow,
-)
+from mptls.mptcp.scheduler import Chunk, Subflow, SubflowState, pick_subflow
+from mptls.mptcp.state import SEQ_MOD, RandomSource, options_of
 from mptls.mptcp.tokens import TokenAllocator
 from mptls.tls.keys import KeyMaterial
 
@@ -68,14 +51,6 @@ __all__ = ["Connection", "RandomSource"]
 
 logger = logging.getLogger("mptls.mptcp")
 
-RandomSource = Callable[[int], bytes]
-
-SEQ_MOD = 2**64
-_ALGORITHMS = CapableFlag.G | CapableFlag.H
-_MODE_FLAG = {Mode.G: CapableFlag.G, Mode.RFC8684: CapableFlag.H}
-_FLAG_MODE = {CapableFlag.G: Mode.G, CapableFlag.H: Mode.RFC8684}
-# a pure Data ACK option: 4 bytes of header and a 64-bit Data ACK
-_DATA_ACK_LENGTH = 12
 # how many closed subflows info() keeps reporting
 _CLOSED_KEPT = 16
 _S = SubflowState
@@ -95,57 +70,9 @@ def _widen(value: int, reference: int) -> int:
     return candidate % SEQ_MOD
 
 
-def _options(segment: Segment) -> dict[type, object]:
-    """The options of a segment by type; the first of each type wins."""
-    found: dict[type, object] = {}
-    for option in segment.options:
-        found.setdefault(type(option), option)
-    return found
-
-
-class Connection:
+class Connection(HandshakeMixin, JoinsMixin):
     """An MPTCP connection; build one with :meth:`initiator` or let an
     :class:`~mptls.mptcp.endpoint.Endpoint` build responders."""
-
-    def __init__(
-        self,
-        config: ConnectionConfig,
-        *,
-        initiator: bool,
-        random: RandomSource,
-        now: float,
-    ) -> None:
-        self.config = config
-        self.is_initiator = initiator
-        self._random = random
-        self._created = now
-        self.mode: Mode | None = None
-        self._tokens: TokenAllocator | None = None
-        self._offered = CapableFlag(0)
-        # G mode: 8-byte tokens; RFC 8684 mode: cleartext keys, 4-byte
-        # tokens derived from them
-        self._local_token: bytes | None = None
-        self._local_key: bytes | None = None
-        self._remote_token: bytes | None = None
-        self._remote_key: bytes | None = None
-        self._local_idsn: int | None = None
-        self._remote_idsn: int | None = None
-        self._keys: KeyMaterial | None = None
-        self.handshake_complete = False
-        self._capable_sent = False
-        self._third_ack_due = False
-        self._implicit_receive = True
-        self._send = SendBuffer()
-        self._receive = ReceiveBuffer(config.receive_window)
-        self._peer_edge = config.max_payload
-        self._subflows: dict[int, Subflow] = {}
-        self._next_subflow_id = 1
-        self._events: deque[ev.Event] = deque()
-        self._closed = False
-        self._close_called = False
-        self._window_update_due = False
-        self._announcements: list[AddAddr] = []
-        self._remote_addresses: dict[int, tuple[object, int | None]] = {}
 
     # construction
 
@@ -211,29 +138,6 @@ class Connection:
 
     # public state
 
-    @property
-    def local_token(self) -> bytes | None:
-        """This end's token (public, never a key)."""
-        return self._local_token
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def send_buffer_size(self) -> int:
-        return self._send.size
-
-    def __repr__(self) -> str:
-        role = "initiator" if self.is_initiator else "responder"
-        mode = self.mode.value if self.mode else "-"
-        token = self.local_token.hex() if self.local_token else "-"
-        return f"<Connection {role} mode={mode} token={token}>"
-
-    def _tag(self) -> str:
-        token = self.local_token
-        return token.hex()[:8] if token else "-"
-
     # application calls
 
     def send(self, data: bytes) -> None:
@@ -264,28 +168,6 @@ class Connection:
         return self._events.popleft() if self._events else None
 
     # keys
-
-    def _hmac_keys(self) -> tuple[bytes, bytes] | None:
-        """(local key, remote key) for joins, ADD_ADDR and fast close."""
-        if self.mode is Mode.G and self._keys is not None:
-            keys = self._keys
-            if self.is_initiator:
-                return keys.key_a, keys.key_b
-            return keys.key_b, keys.key_a
-        if (
-            self.mode is Mode.RFC8684
-            and self.handshake_complete
-            and self._local_key is not None
-            and self._remote_key is not None
-        ):
-            return self._local_key, self._remote_key
-        return None
-
-    def _join_keys(self) -> tuple[bytes, bytes] | None:
-        """Keys for joins and ADD_ADDR: cleartext ones only if allowed."""
-        if self.mode is Mode.RFC8684 and not self.config.allow_cleartext_keys:
-            return None
-        return self._hmac_keys()
 
     def install_keys(self, keys: KeyMaterial) -> bool:
         """Take the TLS-derived keys; False (no effect) if not G mode."""
@@ -332,105 +214,7 @@ class Connection:
         for sid in closed[: max(0, len(closed) - _CLOSED_KEPT)]:
             del self._subflows[sid]
 
-    def _data_ack(self) -> Dss | None:
-        if self._remote_idsn is None:
-            return None
-        wire = (self._remote_idsn + 1 + self._receive.ack_offset) % SEQ_MOD
-        return Dss(data_ack=wire)
-
-    def _segment(
-        self,
-        subflow: Subflow,
-        flags: Flag,
-        options: tuple[Option, ...] = (),
-        payload: bytes = b"",
-    ) -> Segment:
-        """A frame on ``subflow``: header window, Data ACK if it fits."""
-        if payload:
-            subflow.bytes_sent += len(payload)
-        if any(
-            isinstance(option, Dss) and option.data_ack is not None
-            for option in options
-        ):
-            subflow.ack_due_bytes = 0
-            subflow.ack_due_since = None
-        return Segment(
-            flags=flags,
-            options=options,
-            payload=payload,
-            window=self._receive.advertise(),
-        )
-
-    def _ack_segment(
-        self, subflow: Subflow, flags: Flag = Flag.ACK
-    ) -> Segment:
-        ack = self._data_ack()
-        options = (ack,) if ack is not None else ()
-        return self._segment(subflow, flags, options)
-
-    def _reset_segment(self, reason: int | None) -> Segment:
-        options = () if reason is None else (MpTcpRst(reason=reason),)
-        return Segment(flags=Flag.RST, options=options)
-
     # handshake out
-
-    def _emit_handshake(
-        self, out: list[tuple[int, Segment]], now: float
-    ) -> None:
-        first = self._subflows.get(0)
-        if first is None or self._closed:
-            return
-        if not self._capable_sent:
-            self._capable_sent = True
-            if self.is_initiator:
-                out.append((0, self._capable_syn(first, now)))
-            else:
-                out.append((0, self._capable_syn_ack(first, now)))
-        elif self._third_ack_due:
-            self._third_ack_due = False
-            out.append((0, self._capable_third_ack(first, now)))
-
-    def _implicit_chunk(self, subflow: Subflow, now: float) -> bytes:
-        """New data for an implicitly mapped frame on the first subflow.
-
-        Such a frame has no DSS, so it cannot carry a DATA_FIN: that
-        waits for the first DSS frame.
-        """
-        chunk = self._send.take_new(
-            self.config.max_payload, self._peer_edge, fin_allowed=False
-        )
-        if chunk is None:
-            return b""
-        chunk.subflow_id = subflow.subflow_id
-        subflow.inflight += len(chunk.data)
-        subflow.start_probe(chunk.end, now)
-        return chunk.data
-
-    def _capable_syn(self, subflow: Subflow, now: float) -> Segment:
-        payload = self._implicit_chunk(subflow, now)
-        option = MpCapable(flags=self._offered)
-        return self._segment(subflow, Flag.SYN, (option,), payload)
-
-    def _capable_syn_ack(self, subflow: Subflow, now: float) -> Segment:
-        payload = self._implicit_chunk(subflow, now)
-        mode = self.mode or Mode.G
-        secret = self._local_token if mode is Mode.G else self._local_key
-        option = MpCapable(flags=_MODE_FLAG[mode], sender_key=secret)
-        return self._segment(subflow, Flag.SYN | Flag.ACK, (option,), payload)
-
-    def _capable_third_ack(self, subflow: Subflow, now: float) -> Segment:
-        payload = self._implicit_chunk(subflow, now)
-        if self.mode is Mode.G:
-            local, remote = self._local_token, self._remote_token
-        else:
-            local, remote = self._local_key, self._remote_key
-        option = MpCapable(
-            flags=_MODE_FLAG[self.mode or Mode.G],
-            sender_key=local,
-            receiver_key=remote,
-            data_length=len(payload) if payload else None,
-        )
-        return self._segment(subflow, Flag.ACK, (option,), payload)
 
     # data out
 
@@ -512,29 +296,6 @@ class Connection:
         if sent:
             self._window_update_due = False
 
-    def _emit_announcements(self, out: list[tuple[int, Segment]]) -> None:
-        if not self._announcements:
-            return
-        target = next(
-            (s for s in self._subflows.values() if s.carries_data), None
-        )
-        if target is None:
-            return
-        for option in self._announcements:
-            out.append(
-                (target.subflow_id, self._option_segment(target, option))
-            )
-        self._announcements.clear()
-
-    def _option_segment(self, subflow: Subflow, option: AddAddr) -> Segment:
-        """A frame for a path option, with a Data ACK if both fit."""
-        ack = self._data_ack()
-        options: tuple[Option, ...] = (option,)
-        size = len(encode_option(option)) + _DATA_ACK_LENGTH
-        if ack is not None and size <= MAX_OPTIONS_LENGTH:
-            options = (option, ack)
-        return self._segment(subflow, Flag.ACK, options)
-
     # segments in
 
     def receive_segment(
@@ -568,7 +329,7 @@ class Connection:
         if not subflow.is_join:
             self._on_capable_third_ack(subflow, segment, now)
             return
-        syn = _options(segment).get(MpJoinSyn)
+        syn = options_of(segment).get(MpJoinSyn)
         if segment.flags & Flag.SYN and isinstance(syn, MpJoinSyn):
             # the SYN|ACK crossed a retransmitted SYN: answer it again
             self._answer_join(subflow, syn)
@@ -578,7 +339,7 @@ class Connection:
     def _on_waiting_keys(
         self, subflow: Subflow, segment: Segment, now: float
     ) -> None:
-        syn = _options(segment).get(MpJoinSyn)
+        syn = options_of(segment).get(MpJoinSyn)
         if segment.flags & Flag.SYN and isinstance(syn, MpJoinSyn):
             self._answer_join(subflow, syn)
 
@@ -587,7 +348,7 @@ class Connection:
     ) -> None:
         # RFC 8684 section 3.2: the join is usable once the responder
         # acknowledged the third ACK
-        dss = _options(segment).get(Dss)
+        dss = options_of(segment).get(Dss)
         if segment.flags & Flag.SYN or not isinstance(dss, Dss):
             return
         if dss.data_ack is None:
@@ -600,7 +361,7 @@ class Connection:
     def _on_established(
         self, subflow: Subflow, segment: Segment, now: float
     ) -> None:
-        options = _options(segment)
+        options = options_of(segment)
         if MpJoinAck in options:
             # RFC 8684 section 3.2: a join's third ACK counts only once
             self._reset_subflow(
@@ -626,121 +387,6 @@ class Connection:
             self._on_subflow_fin(subflow)
 
     # handshake in
-
-    def _negotiated(self, segment: Segment) -> tuple[Mode, bytes]:
-        """The mode and Token-B / Key-B a SYN|ACK selects, or an error."""
-        if segment.flags & (Flag.SYN | Flag.ACK) != Flag.SYN | Flag.ACK:
-            raise ProtocolError("expected a SYN|ACK on the first subflow")
-        option = _options(segment).get(MpCapable)
-        if not isinstance(option, MpCapable):
-            # RFC 8684 section 3.1 would fall back to TCP; the userspace
-            # wire has no plain TCP to fall back to
-            raise ProtocolError("the SYN|ACK carries no MP_CAPABLE")
-        if option.version != 1:
-            raise ProtocolError(f"MPTCP version {option.version} is not 1")
-        chosen = _FLAG_MODE.get(CapableFlag(option.flags & _ALGORITHMS))
-        if chosen is None:
-            raise ProtocolError("the SYN|ACK must select exactly one of G, H")
-        if not _MODE_FLAG[chosen] & self._offered:
-            # protocol.md section 11 item 16: H instead of G puts the keys
-            # on the wire; only a user who allowed it may get it
-            raise ProtocolError(
-                f"downgrade: the SYN|ACK selected {chosen.value}, "
-                "which was not offered"
-            )
-        if option.sender_key is None:
-            raise ProtocolError("the SYN|ACK MP_CAPABLE has no token or key")
-        return chosen, option.sender_key
-
-    def _on_capable_syn_ack(
-        self, subflow: Subflow, segment: Segment, now: float
-    ) -> None:
-        try:
-            mode, secret = self._negotiated(segment)
-        except ProtocolError as exc:
-            self._fail(exc)
-            return
-        self.mode = mode
-        rule = self.config.idsn_rule
-        if mode is Mode.G:
-            self._remote_token = secret
-            self._remote_idsn = idsn_from_token(secret, rule)
-            self._local_idsn = idsn_from_token(self._local_token or b"", rule)
-        else:
-            self._release_token()
-            local_key = self._local_key or b""
-            self._local_token = rfc8684_token(local_key)
-            self._local_idsn = rfc8684_idsn(local_key)
-            self._remote_key = secret
-            self._remote_token = rfc8684_token(secret)
-            self._remote_idsn = rfc8684_idsn(secret)
-        # nothing of ours is acknowledged yet: the window counts from 0
-        self._peer_edge = segment.window
-        subflow.set_state(_S.ESTABLISHED)
-        self._third_ack_due = True
-        self._complete_handshake()
-        self._take_payload(
-            subflow, segment.payload, subflow.bytes_received, False, now
-        )
-
-    def _check_third_ack(self, segment: Segment) -> bytes:
-        """Token-A / Key-A from the third ACK, or an error."""
-        option = _options(segment).get(MpCapable)
-        if not isinstance(option, MpCapable):
-            raise ProtocolError("the third ACK carries no MP_CAPABLE")
-        mode = self.mode or Mode.G
-        if option.flags & _ALGORITHMS != _MODE_FLAG[mode]:
-            raise ProtocolError("the third ACK does not echo the chosen mode")
-        local = self._local_token if mode is Mode.G else self._local_key
-        if option.sender_key is None or option.receiver_key is None:
-            raise ProtocolError("the third ACK lacks a token or key")
-        if not compare_digest(option.receiver_key, local or b""):
-            raise ProtocolError("the third ACK echoes a foreign token or key")
-        if option.data_length not in (None, len(segment.payload)):
-            raise ProtocolError("the third ACK's data length is wrong")
-        return option.sender_key
-
-    def _on_capable_third_ack(
-        self, subflow: Subflow, segment: Segment, now: float
-    ) -> None:
-        if segment.flags & Flag.SYN:
-            return
-        try:
-            remote = self._check_third_ack(segment)
-        except ProtocolError as exc:
-            self._fail(exc)
-            return
-        if self.mode is Mode.G:
-            self._remote_token = remote
-            self._remote_idsn = idsn_from_token(remote, self.config.idsn_rule)
-        else:
-            self._remote_key = remote
-            self._remote_token = rfc8684_token(remote)
-            self._remote_idsn = rfc8684_idsn(remote)
-        subflow.set_state(_S.ESTABLISHED)
-        self._complete_handshake()
-        # the SYN's data could not be acknowledged before Token-A was known
-        subflow.ack_due_bytes = max(
-            subflow.ack_due_bytes, self.config.ack_threshold
-        )
-        self._on_window(subflow, None, segment.window, now)
-        self._take_payload(
-            subflow, segment.payload, subflow.bytes_received, False, now
-        )
-
-    def _complete_handshake(self) -> None:
-        self.handshake_complete = True
-        mode = self.mode or Mode.G
-        logger.info(
-            "[%s] MPTCP handshake complete, mode %s", self._tag(), mode.value
-        )
-        self._events.append(
-            ev.HandshakeComplete(
-                mode=mode,
-                local_token=self._local_token or b"",
-                remote_token=self._remote_token or b"",
-            )
-        )
 
     # data in
 
@@ -841,265 +487,13 @@ class Connection:
             self._events.append(ev.EndOfStream())
             self._maybe_finish()
 
-    def _on_path_options(
-        self, subflow: Subflow, options: dict[type, object]
-    ) -> None:
-        add = options.get(AddAddr)
-        if isinstance(add, AddAddr):
-            self._on_add_addr(subflow, add)
-        remove = options.get(RemoveAddr)
-        if isinstance(remove, RemoveAddr):
-            # RFC 8684 section 3.4.2: an unknown address id is ignored
-            for address_id in remove.address_ids:
-                self._remote_addresses.pop(address_id, None)
-        prio = options.get(MpPrio)
-        if isinstance(prio, MpPrio):
-            subflow.backup = prio.backup
-
-    def _on_add_addr(self, subflow: Subflow, option: AddAddr) -> None:
-        if option.echo:
-            return
-        keys = self._join_keys()
-        if keys is None or option.hmac is None:
-            logger.debug("[%s] ADD_ADDR without usable keys", self._tag())
-            return
-        local, remote = keys
-        expected = add_addr_hmac(
-            remote, local, option.address_id, option.address, option.port
-        )
-        # RFC 8684 section 3.4.1: a bad HMAC is ignored silently
-        if not compare_digest(expected, option.hmac):
-            logger.debug("[%s] ADD_ADDR with a bad HMAC", self._tag())
-            return
-        address = (option.address, option.port)
-        known = self._remote_addresses.get(option.address_id)
-        if known is not None and known != address:
-            return
-        echo = AddAddr(
-            option.address_id, option.address, option.port, echo=True
-        )
-        subflow.outbox.append(self._option_segment(subflow, echo))
-        if known is None:
-            self._remote_addresses[option.address_id] = address
-            self._events.append(
-                ev.AddressAnnounced(
-                    option.address_id, option.address, option.port
-                )
-            )
-
     # joins, initiator side (RFC 8684 section 3.2, docs/wire.md "Joins")
-
-    def open_subflow(
-        self, now: float, *, backup: bool = False, address_id: int = 0
-    ) -> int:
-        """Start a join on a TCP connection the adapter just opened."""
-        if not self.is_initiator:
-            raise MptlsError("only the initiator opens subflows")
-        if self._closed:
-            raise MptlsError("the connection is closed")
-        keys = self._join_keys()
-        if keys is None:
-            raise KeysUnavailableError(self._keys_reason() or "no join keys")
-        if self._live_count() >= self.config.max_subflows:
-            raise MptlsError(
-                f"already {self.config.max_subflows} subflows (max_subflows)"
-            )
-        subflow_id = self._new_subflow_id()
-        nonce = int.from_bytes(self._random(4), "big")
-        option = MpJoinSyn(
-            token=self._remote_token or b"",
-            nonce=nonce,
-            address_id=address_id,
-            backup=backup,
-        )
-        syn = Segment(flags=Flag.SYN, options=(option,))
-        subflow = Subflow(
-            subflow_id,
-            _S.SYN_SENT,
-            is_join=True,
-            backup=backup,
-            address_id=address_id,
-            local_nonce=nonce,
-            syn=syn,
-            rto=self.config.join_rto,
-            retransmit_at=now + self.config.join_rto,
-            deadline=now + self.config.join_timeout,
-        )
-        subflow.outbox.append(syn)
-        self._subflows[subflow_id] = subflow
-        return subflow_id
-
-    def _on_join_syn_ack(self, subflow: Subflow, segment: Segment) -> None:
-        option = _options(segment).get(MpJoinSynAck)
-        keys = self._join_keys()
-        if (
-            not isinstance(option, MpJoinSynAck)
-            or keys is None
-            or segment.flags & (Flag.SYN | Flag.ACK) != Flag.SYN | Flag.ACK
-        ):
-            self._refuse_join(subflow, "SYN|ACK without MP_JOIN")
-            return
-        local, remote = keys
-        expected = join_hmac(remote, local, option.nonce, subflow.local_nonce)
-        if not compare_digest(expected[:8], option.hmac):
-            self._refuse_join(subflow, "bad MP_JOIN HMAC in the SYN|ACK")
-            return
-        subflow.remote_nonce = option.nonce
-        subflow.retransmit_at = None
-        subflow.syn = None
-        subflow.set_state(_S.PRE_ESTABLISHED)
-        mac = join_hmac(local, remote, subflow.local_nonce, option.nonce)
-        subflow.outbox.append(
-            self._segment(subflow, Flag.ACK, (MpJoinAck(hmac=mac[:20]),))
-        )
-
-    def _refuse_join(self, subflow: Subflow, reason: str) -> None:
-        self._events.append(ev.JoinRefused(subflow.subflow_id, reason))
-        self._reset_subflow(subflow, ResetReason.MPTCP_ERROR, reason)
 
     # joins, responder side
 
-    def accept_join(self, syn: Segment, now: float) -> int:
-        """Take a join SYN routed here by the Endpoint; the subflow id.
-
-        Raises :class:`~mptls.errors.JoinRefusedError` whose
-        ``reset_reason`` goes into the MP_TCPRST of the refusal.
-        """
-        option = _options(syn).get(MpJoinSyn)
-        if not isinstance(option, MpJoinSyn):
-            raise JoinRefusedError("not an MP_JOIN SYN")
-        if self._closed or not self.handshake_complete:
-            raise JoinRefusedError("the connection takes no joins now")
-        if self.mode is Mode.RFC8684 and not self.config.allow_cleartext_keys:
-            raise JoinRefusedError(
-                "joins keyed by cleartext keys are not allowed",
-                reset_reason=ResetReason.ADMINISTRATIVELY_PROHIBITED,
-            )
-        pending = sum(
-            1
-            for s in self._subflows.values()
-            if s.state in (_S.WAITING_KEYS, _S.SYN_RECEIVED) and s.is_join
-        )
-        if (
-            self._live_count() >= self.config.max_subflows
-            or pending >= self.config.max_pending_joins
-        ):
-            raise JoinRefusedError(
-                "too many subflows or pending joins",
-                reset_reason=ResetReason.LACK_OF_RESOURCES,
-            )
-        subflow_id = self._new_subflow_id()
-        subflow = Subflow(
-            subflow_id,
-            _S.WAITING_KEYS,
-            is_join=True,
-            backup=option.backup,
-            address_id=option.address_id,
-            remote_nonce=option.nonce,
-            deadline=now + self.config.join_timeout,
-        )
-        self._subflows[subflow_id] = subflow
-        self._answer_join(subflow, option)
-        return subflow_id
-
-    def _answer_join(self, subflow: Subflow, option: MpJoinSyn) -> None:
-        keys = self._join_keys()
-        if keys is None:
-            # draft-paasch-mptcp-application-authentication section 3:
-            # a known token before the keys is dropped silently; the
-            # initiator's retransmitted SYN tries again
-            logger.debug("[%s] join SYN before keys dropped", self._tag())
-            return
-        if subflow.state is _S.WAITING_KEYS:
-            subflow.local_nonce = int.from_bytes(self._random(4), "big")
-            subflow.set_state(_S.SYN_RECEIVED)
-        subflow.remote_nonce = option.nonce
-        local, remote = keys
-        mac = join_hmac(local, remote, subflow.local_nonce, option.nonce)
-        reply = MpJoinSynAck(
-            hmac=mac[:8], nonce=subflow.local_nonce, address_id=0
-        )
-        subflow.outbox.append(
-            self._segment(subflow, Flag.SYN | Flag.ACK, (reply,))
-        )
-
-    def _on_join_third_ack(self, subflow: Subflow, segment: Segment) -> None:
-        option = _options(segment).get(MpJoinAck)
-        keys = self._join_keys()
-        if not isinstance(option, MpJoinAck) or keys is None:
-            self._reset_subflow(
-                subflow, ResetReason.MPTCP_ERROR, "join ACK without MP_JOIN"
-            )
-            return
-        local, remote = keys
-        expected = join_hmac(
-            remote, local, subflow.remote_nonce, subflow.local_nonce
-        )
-        if not compare_digest(expected[:20], option.hmac):
-            self._reset_subflow(
-                subflow, ResetReason.MPTCP_ERROR, "bad MP_JOIN HMAC"
-            )
-            return
-        subflow.deadline = None
-        subflow.set_state(_S.ESTABLISHED)
-        self._events.append(ev.SubflowEstablished(subflow.subflow_id))
-        # RFC 8684 section 3.2: this ACK moves the initiator's subflow
-        # out of PRE_ESTABLISHED
-        subflow.outbox.append(self._ack_segment(subflow))
-
     # addresses (RFC 8684 section 3.4)
 
-    def announce(
-        self,
-        address_id: int,
-        address: IPv4Address | IPv6Address,
-        port: int | None,
-    ) -> None:
-        """Queue an ADD_ADDR; only once keys exist (protocol.md 11.10)."""
-        if self._closed:
-            raise MptlsError("the connection is closed")
-        keys = self._join_keys()
-        if keys is None:
-            raise KeysUnavailableError(self._keys_reason() or "no keys")
-        local, remote = keys
-        mac = add_addr_hmac(local, remote, address_id, address, port)
-        self._announcements.append(
-            AddAddr(address_id, address, port, hmac=mac)
-        )
-
     # subflow and connection ends
-
-    def _live_count(self) -> int:
-        return sum(1 for s in self._subflows.values() if s.live)
-
-    def _new_subflow_id(self) -> int:
-        subflow_id = self._next_subflow_id
-        self._next_subflow_id += 1
-        return subflow_id
-
-    def _reset_subflow(self, subflow: Subflow, reason: int, why: str) -> None:
-        logger.debug(
-            "[%s] reset subflow %d: %s", self._tag(), subflow.subflow_id, why
-        )
-        subflow.outbox.append(self._reset_segment(reason))
-        self._close_subflow(subflow, why, int(reason))
-
-    def _close_subflow(
-        self, subflow: Subflow, why: str, reset_reason: int | None
-    ) -> None:
-        if not subflow.live:
-            return
-        subflow.set_state(_S.CLOSED)
-        subflow.retransmit_at = subflow.deadline = None
-        # RFC 8684 section 3.3.6: what it carried and nobody acked goes
-        # out again on the other subflows
-        self._send.requeue(subflow.subflow_id)
-        subflow.inflight = 0
-        self._events.append(
-            ev.SubflowClosed(subflow.subflow_id, why, reset_reason)
-        )
-        if not self._closed and self._live_count() == 0:
-            self._finish(MptlsError("every subflow of the connection closed"))
 
     def subflow_lost(self, subflow_id: int, now: float) -> None:
         """The TCP connection under ``subflow_id`` died."""
@@ -1119,7 +513,7 @@ class Connection:
         self._close_subflow(subflow, "peer closed the subflow", None)
 
     def _on_reset(self, subflow: Subflow, segment: Segment) -> None:
-        options = _options(segment)
+        options = options_of(segment)
         fastclose = options.get(MpFastclose)
         if isinstance(fastclose, MpFastclose) and self._fastclose_valid(
             fastclose
@@ -1183,14 +577,6 @@ class Connection:
                 subflow.set_state(_S.CLOSED)
         self._finish(None)
 
-    def _fail(self, error: ProtocolError) -> None:
-        logger.info("[%s] connection failed: %s", self._tag(), error)
-        for subflow in self._subflows.values():
-            if subflow.live:
-                subflow.outbox.append(self._reset_segment(error.reset_reason))
-                subflow.set_state(_S.CLOSED)
-        self._finish(error)
-
     def _maybe_finish(self) -> None:
         """Both DATA_FINs acknowledged: FIN every subflow and finish."""
         if self._closed:
@@ -1207,18 +593,6 @@ class Connection:
                 )
             subflow.set_state(_S.CLOSED)
         self._finish(None)
-
-    def _finish(self, error: MptlsError | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._release_token()
-        self._events.append(ev.ConnectionClosed(error))
-
-    def _release_token(self) -> None:
-        if self._tokens is not None and self._local_token is not None:
-            self._tokens.release(self._local_token)
-        self._tokens = None
 
     # timers
 
@@ -1257,17 +631,6 @@ class Connection:
                 subflow.retransmit_at = now + subflow.rto
 
     # reporting
-
-    def _keys_reason(self) -> str:
-        if self.mode is None or not self.handshake_complete:
-            return "the MPTCP handshake is not complete"
-        if self.mode is Mode.RFC8684:
-            if self.config.allow_cleartext_keys:
-                return "RFC 8684 mode: the keys crossed the wire in clear"
-            return "RFC 8684 mode: cleartext keys are not allowed for joins"
-        if self._keys is None:
-            return "waiting for the TLS handshake to export keys"
-        return ""
 
     def info(self) -> ev.ConnectionInfo:
         subflows = tuple(

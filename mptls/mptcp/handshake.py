@@ -1,0 +1,223 @@
+"""The MP_CAPABLE handshake of one connection, sans I/O.
+
+:class:`HandshakeMixin` sends and checks the three MP_CAPABLE frames of
+docs/wire.md in G mode (tokens) and RFC 8684 mode (keys), picks the mode
+and refuses a downgrade the user did not allow. The first flights of TLS
+ride these frames, implicitly mapped.
+
+It must never perform I/O, read a clock or draw randomness itself, and
+no token or key may reach a log line or an error beyond the public
+tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from hmac import compare_digest
+
+from mptls.errors import ProtocolError
+from mptls.mptcp import events as ev
+from mptls.mptcp.config import Mode
+from mptls.mptcp.crypto import idsn_from_token, rfc8684_idsn, rfc8684_token
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import CapableFlag, MpCapable
+from mptls.mptcp.scheduler import Subflow, SubflowState
+from mptls.mptcp.state import ConnectionState, options_of
+
+__all__ = ["HandshakeMixin"]
+
+logger = logging.getLogger("mptls.mptcp")
+
+_ALGORITHMS = CapableFlag.G | CapableFlag.H
+_MODE_FLAG = {Mode.G: CapableFlag.G, Mode.RFC8684: CapableFlag.H}
+_FLAG_MODE = {CapableFlag.G: Mode.G, CapableFlag.H: Mode.RFC8684}
+_S = SubflowState
+
+
+class HandshakeMixin(ConnectionState):
+    """MP_CAPABLE out and in (RFC 8684 section 3.1, docs/wire.md)."""
+
+    # handshake out
+
+    def _emit_handshake(
+        self, out: list[tuple[int, Segment]], now: float
+    ) -> None:
+        first = self._subflows.get(0)
+        if first is None or self._closed:
+            return
+        if not self._capable_sent:
+            self._capable_sent = True
+            if self.is_initiator:
+                out.append((0, self._capable_syn(first, now)))
+            else:
+                out.append((0, self._capable_syn_ack(first, now)))
+        elif self._third_ack_due:
+            self._third_ack_due = False
+            out.append((0, self._capable_third_ack(first, now)))
+
+    def _implicit_chunk(self, subflow: Subflow, now: float) -> bytes:
+        """New data for an implicitly mapped frame on the first subflow.
+
+        Such a frame has no DSS, so it cannot carry a DATA_FIN: that
+        waits for the first DSS frame.
+        """
+        chunk = self._send.take_new(
+            self.config.max_payload, self._peer_edge, fin_allowed=False
+        )
+        if chunk is None:
+            return b""
+        chunk.subflow_id = subflow.subflow_id
+        subflow.inflight += len(chunk.data)
+        subflow.start_probe(chunk.end, now)
+        return chunk.data
+
+    def _capable_syn(self, subflow: Subflow, now: float) -> Segment:
+        payload = self._implicit_chunk(subflow, now)
+        option = MpCapable(flags=self._offered)
+        return self._segment(subflow, Flag.SYN, (option,), payload)
+
+    def _capable_syn_ack(self, subflow: Subflow, now: float) -> Segment:
+        payload = self._implicit_chunk(subflow, now)
+        mode = self.mode or Mode.G
+        secret = self._local_token if mode is Mode.G else self._local_key
+        option = MpCapable(flags=_MODE_FLAG[mode], sender_key=secret)
+        return self._segment(subflow, Flag.SYN | Flag.ACK, (option,), payload)
+
+    def _capable_third_ack(self, subflow: Subflow, now: float) -> Segment:
+        payload = self._implicit_chunk(subflow, now)
+        if self.mode is Mode.G:
+            local, remote = self._local_token, self._remote_token
+        else:
+            local, remote = self._local_key, self._remote_key
+        option = MpCapable(
+            flags=_MODE_FLAG[self.mode or Mode.G],
+            sender_key=local,
+            receiver_key=remote,
+            data_length=len(payload) if payload else None,
+        )
+        return self._segment(subflow, Flag.ACK, (option,), payload)
+
+    # handshake in
+
+    def _negotiated(self, segment: Segment) -> tuple[Mode, bytes]:
+        """The mode and Token-B / Key-B a SYN|ACK selects, or an error."""
+        if segment.flags & (Flag.SYN | Flag.ACK) != Flag.SYN | Flag.ACK:
+            raise ProtocolError("expected a SYN|ACK on the first subflow")
+        option = options_of(segment).get(MpCapable)
+        if not isinstance(option, MpCapable):
+            # RFC 8684 section 3.1 would fall back to TCP; the userspace
+            # wire has no plain TCP to fall back to
+            raise ProtocolError("the SYN|ACK carries no MP_CAPABLE")
+        if option.version != 1:
+            raise ProtocolError(f"MPTCP version {option.version} is not 1")
+        chosen = _FLAG_MODE.get(CapableFlag(option.flags & _ALGORITHMS))
+        if chosen is None:
+            raise ProtocolError("the SYN|ACK must select exactly one of G, H")
+        if not _MODE_FLAG[chosen] & self._offered:
+            # protocol.md section 11 item 16: H instead of G puts the keys
+            # on the wire; only a user who allowed it may get it
+            raise ProtocolError(
+                f"downgrade: the SYN|ACK selected {chosen.value}, "
+                "which was not offered"
+            )
+        if option.sender_key is None:
+            raise ProtocolError("the SYN|ACK MP_CAPABLE has no token or key")
+        return chosen, option.sender_key
+
+    def _on_capable_syn_ack(
+        self, subflow: Subflow, segment: Segment, now: float
+    ) -> None:
+        try:
+            mode, secret = self._negotiated(segment)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        self.mode = mode
+        rule = self.config.idsn_rule
+        if mode is Mode.G:
+            self._remote_token = secret
+            self._remote_idsn = idsn_from_token(secret, rule)
+            self._local_idsn = idsn_from_token(self._local_token or b"", rule)
+        else:
+            self._release_token()
+            local_key = self._local_key or b""
+            self._local_token = rfc8684_token(local_key)
+            self._local_idsn = rfc8684_idsn(local_key)
+            self._remote_key = secret
+            self._remote_token = rfc8684_token(secret)
+            self._remote_idsn = rfc8684_idsn(secret)
+        # nothing of ours is acknowledged yet: the window counts from 0
+        self._peer_edge = segment.window
+        subflow.set_state(_S.ESTABLISHED)
+        self._third_ack_due = True
+        self._complete_handshake()
+        self._take_payload(
+            subflow, segment.payload, subflow.bytes_received, False, now
+        )
+
+    def _check_third_ack(self, segment: Segment) -> bytes:
+        """Token-A / Key-A from the third ACK, or an error."""
+        option = options_of(segment).get(MpCapable)
+        if not isinstance(option, MpCapable):
+            raise ProtocolError("the third ACK carries no MP_CAPABLE")
+        mode = self.mode or Mode.G
+        if option.flags & _ALGORITHMS != _MODE_FLAG[mode]:
+            raise ProtocolError("the third ACK does not echo the chosen mode")
+        local = self._local_token if mode is Mode.G else self._local_key
+        if option.sender_key is None or option.receiver_key is None:
+            raise ProtocolError("the third ACK lacks a token or key")
+        if not compare_digest(option.receiver_key, local or b""):
+            raise ProtocolError("the third ACK echoes a foreign token or key")
+        if option.data_length not in (None, len(segment.payload)):
+            raise ProtocolError("the third ACK's data length is wrong")
+        return option.sender_key
+
+    def _on_capable_third_ack(
+        self, subflow: Subflow, segment: Segment, now: float
+    ) -> None:
+        if segment.flags & Flag.SYN:
+            return
+        try:
+            remote = self._check_third_ack(segment)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        if self.mode is Mode.G:
+            self._remote_token = remote
+            self._remote_idsn = idsn_from_token(remote, self.config.idsn_rule)
+        else:
+            self._remote_key = remote
+            self._remote_token = rfc8684_token(remote)
+            self._remote_idsn = rfc8684_idsn(remote)
+        subflow.set_state(_S.ESTABLISHED)
+        self._complete_handshake()
+        # the SYN's data could not be acknowledged before Token-A was known
+        subflow.ack_due_bytes = max(
+            subflow.ack_due_bytes, self.config.ack_threshold
+        )
+        self._on_window(subflow, None, segment.window, now)
+        self._take_payload(
+            subflow, segment.payload, subflow.bytes_received, False, now
+        )
+
+    def _complete_handshake(self) -> None:
+        self.handshake_complete = True
+        mode = self.mode or Mode.G
+        logger.info(
+            "[%s] MPTCP handshake complete, mode %s", self._tag(), mode.value
+        )
+        self._events.append(
+            ev.HandshakeComplete(
+                mode=mode,
+                local_token=self._local_token or b"",
+                remote_token=self._remote_token or b"",
+            )
+        )
+
+    def _fail(self, error: ProtocolError) -> None:
+        logger.info("[%s] connection failed: %s", self._tag(), error)
+        for subflow in self._subflows.values():
+            if subflow.live:
+                subflow.outbox.append(self._reset_segment(error.reset_reason))
+                subflow.set_state(_S.CLOSED)
+        self._finish(error)

@@ -1,0 +1,285 @@
+"""Joins and address announcements of one connection, sans I/O.
+
+:class:`JoinsMixin` runs MP_JOIN on both sides (RFC 8684 section 3.2,
+docs/wire.md "Joins"): the initiator opens and checks joins, the
+responder answers, checks the third ACK and refuses what it must.
+It also sends and checks ADD_ADDR, REMOVE_ADDR and MP_PRIO (section
+3.4). Joins and ADD_ADDR are keyed by the TLS-derived keys in G mode and
+by cleartext keys only when the user allowed them.
+
+It must never perform I/O, read a clock or draw randomness itself, and
+no key, nonce or HMAC may reach a log line, an event or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from hmac import compare_digest
+from ipaddress import IPv4Address, IPv6Address
+
+from mptls.errors import JoinRefusedError, KeysUnavailableError, MptlsError
+from mptls.mptcp import events as ev
+from mptls.mptcp.config import Mode
+from mptls.mptcp.crypto import add_addr_hmac, join_hmac
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import (
+    AddAddr,
+    MpJoinAck,
+    MpJoinSyn,
+    MpJoinSynAck,
+    MpPrio,
+    RemoveAddr,
+    ResetReason,
+)
+from mptls.mptcp.scheduler import Subflow, SubflowState
+from mptls.mptcp.state import ConnectionState, options_of
+
+__all__ = ["JoinsMixin"]
+
+logger = logging.getLogger("mptls.mptcp")
+
+_S = SubflowState
+
+
+class JoinsMixin(ConnectionState):
+    """MP_JOIN both ways and the address options."""
+
+    # joins, initiator side (RFC 8684 section 3.2, docs/wire.md "Joins")
+
+    def open_subflow(
+        self, now: float, *, backup: bool = False, address_id: int = 0
+    ) -> int:
+        """Start a join on a TCP connection the adapter just opened."""
+        if not self.is_initiator:
+            raise MptlsError("only the initiator opens subflows")
+        if self._closed:
+            raise MptlsError("the connection is closed")
+        keys = self._join_keys()
+        if keys is None:
+            raise KeysUnavailableError(self._keys_reason() or "no join keys")
+        if self._live_count() >= self.config.max_subflows:
+            raise MptlsError(
+                f"already {self.config.max_subflows} subflows (max_subflows)"
+            )
+        subflow_id = self._new_subflow_id()
+        nonce = int.from_bytes(self._random(4), "big")
+        option = MpJoinSyn(
+            token=self._remote_token or b"",
+            nonce=nonce,
+            address_id=address_id,
+            backup=backup,
+        )
+        syn = Segment(flags=Flag.SYN, options=(option,))
+        subflow = Subflow(
+            subflow_id,
+            _S.SYN_SENT,
+            is_join=True,
+            backup=backup,
+            address_id=address_id,
+            local_nonce=nonce,
+            syn=syn,
+            rto=self.config.join_rto,
+            retransmit_at=now + self.config.join_rto,
+            deadline=now + self.config.join_timeout,
+        )
+        subflow.outbox.append(syn)
+        self._subflows[subflow_id] = subflow
+        return subflow_id
+
+    def _on_join_syn_ack(self, subflow: Subflow, segment: Segment) -> None:
+        option = options_of(segment).get(MpJoinSynAck)
+        keys = self._join_keys()
+        if (
+            not isinstance(option, MpJoinSynAck)
+            or keys is None
+            or segment.flags & (Flag.SYN | Flag.ACK) != Flag.SYN | Flag.ACK
+        ):
+            self._refuse_join(subflow, "SYN|ACK without MP_JOIN")
+            return
+        local, remote = keys
+        expected = join_hmac(remote, local, option.nonce, subflow.local_nonce)
+        if not compare_digest(expected[:8], option.hmac):
+            self._refuse_join(subflow, "bad MP_JOIN HMAC in the SYN|ACK")
+            return
+        subflow.remote_nonce = option.nonce
+        subflow.retransmit_at = None
+        subflow.syn = None
+        subflow.set_state(_S.PRE_ESTABLISHED)
+        mac = join_hmac(local, remote, subflow.local_nonce, option.nonce)
+        subflow.outbox.append(
+            self._segment(subflow, Flag.ACK, (MpJoinAck(hmac=mac[:20]),))
+        )
+
+    def _refuse_join(self, subflow: Subflow, reason: str) -> None:
+        self._events.append(ev.JoinRefused(subflow.subflow_id, reason))
+        self._reset_subflow(subflow, ResetReason.MPTCP_ERROR, reason)
+
+    # joins, responder side
+
+    def accept_join(self, syn: Segment, now: float) -> int:
+        """Take a join SYN routed here by the Endpoint; the subflow id.
+
+        Raises :class:`~mptls.errors.JoinRefusedError` whose
+        ``reset_reason`` goes into the MP_TCPRST of the refusal.
+        """
+        option = options_of(syn).get(MpJoinSyn)
+        if not isinstance(option, MpJoinSyn):
+            raise JoinRefusedError("not an MP_JOIN SYN")
+        if self._closed or not self.handshake_complete:
+            raise JoinRefusedError("the connection takes no joins now")
+        if self.mode is Mode.RFC8684 and not self.config.allow_cleartext_keys:
+            raise JoinRefusedError(
+                "joins keyed by cleartext keys are not allowed",
+                reset_reason=ResetReason.ADMINISTRATIVELY_PROHIBITED,
+            )
+        pending = sum(
+            1
+            for s in self._subflows.values()
+            if s.state in (_S.WAITING_KEYS, _S.SYN_RECEIVED) and s.is_join
+        )
+        if (
+            self._live_count() >= self.config.max_subflows
+            or pending >= self.config.max_pending_joins
+        ):
+            raise JoinRefusedError(
+                "too many subflows or pending joins",
+                reset_reason=ResetReason.LACK_OF_RESOURCES,
+            )
+        subflow_id = self._new_subflow_id()
+        subflow = Subflow(
+            subflow_id,
+            _S.WAITING_KEYS,
+            is_join=True,
+            backup=option.backup,
+            address_id=option.address_id,
+            remote_nonce=option.nonce,
+            deadline=now + self.config.join_timeout,
+        )
+        self._subflows[subflow_id] = subflow
+        self._answer_join(subflow, option)
+        return subflow_id
+
+    def _answer_join(self, subflow: Subflow, option: MpJoinSyn) -> None:
+        keys = self._join_keys()
+        if keys is None:
+            # draft-paasch-mptcp-application-authentication section 3:
+            # a known token before the keys is dropped silently; the
+            # initiator's retransmitted SYN tries again
+            logger.debug("[%s] join SYN before keys dropped", self._tag())
+            return
+        if subflow.state is _S.WAITING_KEYS:
+            subflow.local_nonce = int.from_bytes(self._random(4), "big")
+            subflow.set_state(_S.SYN_RECEIVED)
+        subflow.remote_nonce = option.nonce
+        local, remote = keys
+        mac = join_hmac(local, remote, subflow.local_nonce, option.nonce)
+        reply = MpJoinSynAck(
+            hmac=mac[:8], nonce=subflow.local_nonce, address_id=0
+        )
+        subflow.outbox.append(
+            self._segment(subflow, Flag.SYN | Flag.ACK, (reply,))
+        )
+
+    def _on_join_third_ack(self, subflow: Subflow, segment: Segment) -> None:
+        option = options_of(segment).get(MpJoinAck)
+        keys = self._join_keys()
+        if not isinstance(option, MpJoinAck) or keys is None:
+            self._reset_subflow(
+                subflow, ResetReason.MPTCP_ERROR, "join ACK without MP_JOIN"
+            )
+            return
+        local, remote = keys
+        expected = join_hmac(
+            remote, local, subflow.remote_nonce, subflow.local_nonce
+        )
+        if not compare_digest(expected[:20], option.hmac):
+            self._reset_subflow(
+                subflow, ResetReason.MPTCP_ERROR, "bad MP_JOIN HMAC"
+            )
+            return
+        subflow.deadline = None
+        subflow.set_state(_S.ESTABLISHED)
+        self._events.append(ev.SubflowEstablished(subflow.subflow_id))
+        # RFC 8684 section 3.2: this ACK moves the initiator's subflow
+        # out of PRE_ESTABLISHED
+        subflow.outbox.append(self._ack_segment(subflow))
+
+    # addresses (RFC 8684 section 3.4)
+
+    def announce(
+        self,
+        address_id: int,
+        address: IPv4Address | IPv6Address,
+        port: int | None,
+    ) -> None:
+        """Queue an ADD_ADDR; only once keys exist (protocol.md 11.10)."""
+        if self._closed:
+            raise MptlsError("the connection is closed")
+        keys = self._join_keys()
+        if keys is None:
+            raise KeysUnavailableError(self._keys_reason() or "no keys")
+        local, remote = keys
+        mac = add_addr_hmac(local, remote, address_id, address, port)
+        self._announcements.append(
+            AddAddr(address_id, address, port, hmac=mac)
+        )
+
+    def _emit_announcements(self, out: list[tuple[int, Segment]]) -> None:
+        if not self._announcements:
+            return
+        target = next(
+            (s for s in self._subflows.values() if s.carries_data), None
+        )
+        if target is None:
+            return
+        for option in self._announcements:
+            out.append(
+                (target.subflow_id, self._option_segment(target, option))
+            )
+        self._announcements.clear()
+
+    def _on_path_options(
+        self, subflow: Subflow, options: dict[type, object]
+    ) -> None:
+        add = options.get(AddAddr)
+        if isinstance(add, AddAddr):
+            self._on_add_addr(subflow, add)
+        remove = options.get(RemoveAddr)
+        if isinstance(remove, RemoveAddr):
+            # RFC 8684 section 3.4.2: an unknown address id is ignored
+            for address_id in remove.address_ids:
+                self._remote_addresses.pop(address_id, None)
+        prio = options.get(MpPrio)
+        if isinstance(prio, MpPrio):
+            subflow.backup = prio.backup
+
+    def _on_add_addr(self, subflow: Subflow, option: AddAddr) -> None:
+        if option.echo:
+            return
+        keys = self._join_keys()
+        if keys is None or option.hmac is None:
+            logger.debug("[%s] ADD_ADDR without usable keys", self._tag())
+            return
+        local, remote = keys
+        expected = add_addr_hmac(
+            remote, local, option.address_id, option.address, option.port
+        )
+        # RFC 8684 section 3.4.1: a bad HMAC is ignored silently
+        if not compare_digest(expected, option.hmac):
+            logger.debug("[%s] ADD_ADDR with a bad HMAC", self._tag())
+            return
+        address = (option.address, option.port)
+        known = self._remote_addresses.get(option.address_id)
+        if known is not None and known != address:
+            return
+        echo = AddAddr(
+            option.address_id, option.address, option.port, echo=True
+        )
+        subflow.outbox.append(self._option_segment(subflow, echo))
+        if known is None:
+            self._remote_addresses[option.address_id] = address
+            self._events.append(
+                ev.AddressAnnounced(
+                    option.address_id, option.address, option.port
+                )
+            )

@@ -1,0 +1,270 @@
+"""The state every part of an MPTCP connection shares, sans I/O.
+
+:class:`ConnectionState` holds the fields of one connection (tokens,
+keys, IDSNs, subflows, buffers, events) and the small steps the
+handshake, the joins and the data path all use: building frames,
+choosing join keys, closing a subflow, finishing the connection. The
+parts live in :mod:`mptls.mptcp.handshake`, :mod:`mptls.mptcp.joins` and
+:mod:`mptls.mptcp.connection`, which puts them together.
+
+It must never perform I/O, read a clock or draw randomness itself, and
+no key material may reach a log line, a repr, an event or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from mptls.errors import MptlsError
+from mptls.mptcp import events as ev
+from mptls.mptcp.config import ConnectionConfig, Mode
+from mptls.mptcp.framing import MAX_OPTIONS_LENGTH, Flag, Segment
+from mptls.mptcp.options import (
+    AddAddr,
+    CapableFlag,
+    Dss,
+    MpTcpRst,
+    Option,
+    encode_option,
+)
+from mptls.mptcp.reassembly import ReceiveBuffer
+from mptls.mptcp.scheduler import SendBuffer, Subflow, SubflowState
+from mptls.mptcp.tokens import TokenAllocator
+from mptls.tls.keys import KeyMaterial
+
+__all__ = ["SEQ_MOD", "ConnectionState", "RandomSource", "options_of"]
+
+logger = logging.getLogger("mptls.mptcp")
+
+RandomSource = Callable[[int], bytes]
+
+SEQ_MOD = 2**64
+# a pure Data ACK option: 4 bytes of header and a 64-bit Data ACK
+_DATA_ACK_LENGTH = 12
+_S = SubflowState
+
+
+def options_of(segment: Segment) -> dict[type, object]:
+    """The options of a segment by type; the first of each type wins."""
+    found: dict[type, object] = {}
+    for option in segment.options:
+        found.setdefault(type(option), option)
+    return found
+
+
+class ConnectionState:
+    """The fields of a connection and the steps its parts share."""
+
+    def __init__(
+        self,
+        config: ConnectionConfig,
+        *,
+        initiator: bool,
+        random: RandomSource,
+        now: float,
+    ) -> None:
+        self.config = config
+        self.is_initiator = initiator
+        self._random = random
+        self._created = now
+        self.mode: Mode | None = None
+        self._tokens: TokenAllocator | None = None
+        self._offered = CapableFlag(0)
+        # G mode: 8-byte tokens; RFC 8684 mode: cleartext keys, 4-byte
+        # tokens derived from them
+        self._local_token: bytes | None = None
+        self._local_key: bytes | None = None
+        self._remote_token: bytes | None = None
+        self._remote_key: bytes | None = None
+        self._local_idsn: int | None = None
+        self._remote_idsn: int | None = None
+        self._keys: KeyMaterial | None = None
+        self.handshake_complete = False
+        self._capable_sent = False
+        self._third_ack_due = False
+        self._implicit_receive = True
+        self._send = SendBuffer()
+        self._receive = ReceiveBuffer(config.receive_window)
+        self._peer_edge = config.max_payload
+        self._subflows: dict[int, Subflow] = {}
+        self._next_subflow_id = 1
+        self._events: deque[ev.Event] = deque()
+        self._closed = False
+        self._close_called = False
+        self._window_update_due = False
+        self._announcements: list[AddAddr] = []
+        self._remote_addresses: dict[int, tuple[object, int | None]] = {}
+
+    @property
+    def local_token(self) -> bytes | None:
+        """This end's token (public, never a key)."""
+        return self._local_token
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def send_buffer_size(self) -> int:
+        return self._send.size
+
+    def __repr__(self) -> str:
+        role = "initiator" if self.is_initiator else "responder"
+        mode = self.mode.value if self.mode else "-"
+        token = self.local_token.hex() if self.local_token else "-"
+        return f"<Connection {role} mode={mode} token={token}>"
+
+    def _tag(self) -> str:
+        token = self.local_token
+        return token.hex()[:8] if token else "-"
+
+    # keys
+
+    def _hmac_keys(self) -> tuple[bytes, bytes] | None:
+        """(local key, remote key) for joins, ADD_ADDR and fast close."""
+        if self.mode is Mode.G and self._keys is not None:
+            keys = self._keys
+            if self.is_initiator:
+                return keys.key_a, keys.key_b
+            return keys.key_b, keys.key_a
+        if (
+            self.mode is Mode.RFC8684
+            and self.handshake_complete
+            and self._local_key is not None
+            and self._remote_key is not None
+        ):
+            return self._local_key, self._remote_key
+        return None
+
+    def _join_keys(self) -> tuple[bytes, bytes] | None:
+        """Keys for joins and ADD_ADDR: cleartext ones only if allowed."""
+        if self.mode is Mode.RFC8684 and not self.config.allow_cleartext_keys:
+            return None
+        return self._hmac_keys()
+
+    def _keys_reason(self) -> str:
+        if self.mode is None or not self.handshake_complete:
+            return "the MPTCP handshake is not complete"
+        if self.mode is Mode.RFC8684:
+            if self.config.allow_cleartext_keys:
+                return "RFC 8684 mode: the keys crossed the wire in clear"
+            return "RFC 8684 mode: cleartext keys are not allowed for joins"
+        if self._keys is None:
+            return "waiting for the TLS handshake to export keys"
+        return ""
+
+    # frames
+
+    def _data_ack(self) -> Dss | None:
+        if self._remote_idsn is None:
+            return None
+        wire = (self._remote_idsn + 1 + self._receive.ack_offset) % SEQ_MOD
+        return Dss(data_ack=wire)
+
+    def _segment(
+        self,
+        subflow: Subflow,
+        flags: Flag,
+        options: tuple[Option, ...] = (),
+        payload: bytes = b"",
+    ) -> Segment:
+        """A frame on ``subflow``: header window, Data ACK if it fits."""
+        if payload:
+            subflow.bytes_sent += len(payload)
+        if any(
+            isinstance(option, Dss) and option.data_ack is not None
+            for option in options
+        ):
+            subflow.ack_due_bytes = 0
+            subflow.ack_due_since = None
+        return Segment(
+            flags=flags,
+            options=options,
+            payload=payload,
+            window=self._receive.advertise(),
+        )
+
+    def _ack_segment(
+        self, subflow: Subflow, flags: Flag = Flag.ACK
+    ) -> Segment:
+        ack = self._data_ack()
+        options = (ack,) if ack is not None else ()
+        return self._segment(subflow, flags, options)
+
+    def _reset_segment(self, reason: int | None) -> Segment:
+        options = () if reason is None else (MpTcpRst(reason=reason),)
+        return Segment(flags=Flag.RST, options=options)
+
+    def _option_segment(self, subflow: Subflow, option: AddAddr) -> Segment:
+        """A frame for a path option, with a Data ACK if both fit."""
+        ack = self._data_ack()
+        options: tuple[Option, ...] = (option,)
+        size = len(encode_option(option)) + _DATA_ACK_LENGTH
+        if ack is not None and size <= MAX_OPTIONS_LENGTH:
+            options = (option, ack)
+        return self._segment(subflow, Flag.ACK, options)
+
+    # subflow and connection ends
+
+    def _live_count(self) -> int:
+        return sum(1 for s in self._subflows.values() if s.live)
+
+    def _new_subflow_id(self) -> int:
+        subflow_id = self._next_subflow_id
+        self._next_subflow_id += 1
+        return subflow_id
+
+    def _reset_subflow(self, subflow: Subflow, reason: int, why: str) -> None:
+        logger.debug(
+            "[%s] reset subflow %d: %s", self._tag(), subflow.subflow_id, why
+        )
+        subflow.outbox.append(self._reset_segment(reason))
+        self._close_subflow(subflow, why, int(reason))
+
+    def _close_subflow(
+        self, subflow: Subflow, why: str, reset_reason: int | None
+    ) -> None:
+        if not subflow.live:
+            return
+        subflow.set_state(_S.CLOSED)
+        subflow.retransmit_at = subflow.deadline = None
+        # RFC 8684 section 3.3.6: what it carried and nobody acked goes
+        # out again on the other subflows
+        self._send.requeue(subflow.subflow_id)
+        subflow.inflight = 0
+        self._events.append(
+            ev.SubflowClosed(subflow.subflow_id, why, reset_reason)
+        )
+        if not self._closed and self._live_count() == 0:
+            self._finish(MptlsError("every subflow of the connection closed"))
+
+    def _finish(self, error: MptlsError | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release_token()
+        self._events.append(ev.ConnectionClosed(error))
+
+    def _release_token(self) -> None:
+        if self._tokens is not None and self._local_token is not None:
+            self._tokens.release(self._local_token)
+        self._tokens = None
+
+    # the data path, defined by Connection; the handshake feeds it
+
+    def _take_payload(
+        self,
+        subflow: Subflow,
+        payload: bytes,
+        offset: int,
+        fin: bool,
+        now: float,
+    ) -> None:
+        raise NotImplementedError
+
+    def _on_window(
+        self, subflow: Subflow, dss: Dss | None, window: int, now: float
+    ) -> None:
+        raise NotImplementedError
