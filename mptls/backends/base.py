@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from mptls.errors import PathError
 from mptls.tls.keys import KeyMaterial
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
@@ -71,6 +72,9 @@ class Backend(abc.ABC):
     """One way of carrying MPTCP: userspace frames or kernel sockets."""
 
     name: ClassVar[str]
+    # why add_path/remove_path are not offered, for a backend that has
+    # no subflow control of its own; shown in the PathError
+    path_control: ClassVar[str] = "no per-connection subflow control"
 
     @abc.abstractmethod
     async def create_connection(
@@ -111,3 +115,44 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
         """A snapshot of the connection behind ``transport``."""
+
+    async def add_path(
+        self,
+        transport: asyncio.BaseTransport,
+        remote: tuple[str, int],
+        *,
+        local: str | None = None,
+        backup: bool = False,
+        timeout: float = 10.0,
+    ) -> int:
+        """Open one more subflow of the connection behind ``transport``.
+
+        The subflow goes from ``local`` (any local address if ``None``)
+        to ``remote``, an (address, port) pair: a second server address,
+        or a second load balancer that routes the join by its token.
+        Returns the new subflow's id once the join is established.
+        Raises :class:`~mptls.errors.JoinRefusedError` when the far end
+        refuses the join, :class:`~mptls.errors.PathError` when the path
+        cannot be opened, :class:`~mptls.errors.MptlsTimeoutError` after
+        ``timeout`` seconds. A backend that cannot open a subflow on
+        demand raises :class:`~mptls.errors.PathError`.
+        """
+        raise PathError(
+            f"the {self.name} backend cannot open a subflow on demand: "
+            f"{self.path_control}"
+        )
+
+    async def remove_path(
+        self, transport: asyncio.BaseTransport, subflow_id: int
+    ) -> None:
+        """Close one subflow; the connection carries on over the others.
+
+        Data sent on it and not yet acknowledged is sent again on another
+        subflow. Raises :class:`~mptls.errors.PathError` if there is no
+        such subflow, if it is the last one, or if the backend cannot
+        close a single subflow.
+        """
+        raise PathError(
+            f"the {self.name} backend cannot close a single subflow: "
+            f"{self.path_control}"
+        )

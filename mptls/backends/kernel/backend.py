@@ -94,6 +94,10 @@ class KernelBackend(Backend):
     """
 
     name: ClassVar[str] = "kernel"
+    path_control: ClassVar[str] = (
+        "the kernel's path manager opens subflows from its endpoints for "
+        "every connection; give local_addrs with manage_paths=True"
+    )
 
     def __init__(self, key_hook: kernel_keys.KernelKeyHook | None = None):
         self.key_hook = key_hook or kernel_keys.detect()

@@ -635,6 +635,11 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
 }
 
 
+# Takes a new subflow's first segments before the Endpoint does; True
+# means it took the TCP connection away (to the worker owning the token)
+Handoff = Callable[[SubflowProtocol, list[Segment]], bool]
+
+
 class Listener:
     """Routes each new TCP connection's first segment through an Endpoint.
 
@@ -650,9 +655,11 @@ class Listener:
         *,
         announce: Sequence[tuple[str, int]] = (),
         close_timeout: float = 10.0,
+        handoff: Handoff | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._endpoint = endpoint
+        self._handoff = handoff
         self._protocol_factory = protocol_factory
         self._announce = list(announce)
         self._close_timeout = close_timeout
@@ -670,6 +677,8 @@ class Listener:
     ) -> None:
         from mptls.mptcp.endpoint import Refused
 
+        if self._handoff is not None and self._handoff(subflow, segments):
+            return  # another process owns the token this join names
         result = self._endpoint.receive_first(segments[0], self._loop.time())
         if isinstance(result, Refused):
             logger.debug("refused a subflow: %s", result.reason)
