@@ -28,6 +28,7 @@ from mptls.errors import (
     KeysUnavailableError,
     MptlsError,
     MptlsTimeoutError,
+    PathError,
     TLSError,
 )
 from mptls.tls.engine import TLSEngine
@@ -393,6 +394,39 @@ class TLSTransport(asyncio.Transport):
 
     def can_write_eof(self) -> bool:
         return True
+
+    async def add_path(
+        self,
+        remote: tuple[str, int],
+        *,
+        local: str | None = None,
+        backup: bool = False,
+        timeout: float = 10.0,
+    ) -> int:
+        """Join one more subflow, to ``remote``; its subflow id.
+
+        ``writer.transport.add_path(("192.0.2.7", 443))`` on a client's
+        stream. See :meth:`mptls.backends.base.Backend.add_path`.
+        """
+        backend_transport = self._backend_transport()
+        return await self._tls._backend.add_path(
+            backend_transport,
+            remote,
+            local=local,
+            backup=backup,
+            timeout=timeout,
+        )
+
+    async def remove_path(self, subflow_id: int) -> None:
+        """Close one subflow; see ``Backend.remove_path``."""
+        backend_transport = self._backend_transport()
+        await self._tls._backend.remove_path(backend_transport, subflow_id)
+
+    def _backend_transport(self) -> asyncio.Transport:
+        transport = self._tls._transport
+        if transport is None or self._closing or self._tls._lost:
+            raise PathError("the connection is closed")
+        return transport
 
     def is_reading(self) -> bool:
         return self._tls._app_reading

@@ -16,11 +16,19 @@ from typing import Any
 
 from mptls.backends.base import Backend, KeyInstall, MptcpInfo
 from mptls.backends.userspace.transport import (
+    Handoff,
     Listener,
     MultipathTransport,
     SubflowProtocol,
 )
-from mptls.errors import BackendError, ConfigurationError, MptlsTimeoutError
+from mptls.errors import (
+    BackendError,
+    ConfigurationError,
+    JoinRefusedError,
+    MptlsError,
+    MptlsTimeoutError,
+    PathError,
+)
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Endpoint
@@ -197,6 +205,7 @@ class UserspaceBackend(Backend):
         close_timeout: float = 10.0,
         reuse_port: bool | None = None,
         backlog: int = 1024,
+        join_handoff: Handoff | None = None,
         **settings: Any,
     ) -> asyncio.AbstractServer:
         """Listen; each accepted TCP connection is a new or joining subflow.
@@ -204,7 +213,11 @@ class UserspaceBackend(Backend):
         ``announce_addrs`` are (address, port) pairs the server announces
         with ADD_ADDR once keys exist. ``server_id`` and ``worker_id`` are
         written into every token this server allocates (see
-        :mod:`mptls.mptcp.tokens`).
+        :mod:`mptls.mptcp.tokens`), so that a load balancer, or a sibling
+        worker process, can tell from a join's token which server owns
+        it. ``join_handoff`` sees each new subflow's first segments
+        before this server routes them, and may take the TCP connection
+        away (see :mod:`mptls.backends.userspace.workers`).
         """
         loop = asyncio.get_running_loop()
         if config is None:
@@ -225,6 +238,7 @@ class UserspaceBackend(Backend):
             protocol_factory,
             announce=list(announce_addrs or ()),
             close_timeout=close_timeout,
+            handoff=join_handoff,
         )
         server = await loop.create_server(
             listener,
@@ -248,6 +262,146 @@ class UserspaceBackend(Backend):
 
     def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
         return _transport_of(transport).mptcp_info()
+
+    async def add_path(
+        self,
+        transport: asyncio.BaseTransport,
+        remote: tuple[str, int],
+        *,
+        local: str | None = None,
+        backup: bool = False,
+        timeout: float = 10.0,
+    ) -> int:
+        """Open a TCP connection to ``remote`` and join it to the connection.
+
+        Only the initiator (the client) opens subflows (RFC 8684 section
+        3.2), so this is a client-side call.
+        """
+        multipath = _transport_of(transport)
+        if not multipath._initiator:
+            raise PathError("only the client side opens subflows")
+        watch = _JoinWatch(multipath)
+        try:
+            async with asyncio.timeout(timeout):
+                await _connect(watch, remote, local)
+                _start_join(multipath, watch, backup)
+                return await asyncio.shield(watch.outcome)
+        except TimeoutError as exc:
+            watch.close()
+            if watch.subflow_id is not None:
+                multipath.subflow_lost(watch, None)
+            raise MptlsTimeoutError(
+                f"join to {remote[0]}:{remote[1]} took over {timeout} s"
+            ) from exc
+
+    async def remove_path(
+        self, transport: asyncio.BaseTransport, subflow_id: int
+    ) -> None:
+        """Close one subflow's TCP connection; the others carry on.
+
+        The core hears it as a lost subflow (RFC 8684 section 3.3.6), so
+        data it held unacknowledged is sent again elsewhere, and the
+        peer sees that TCP connection end.
+        """
+        multipath = _transport_of(transport)
+        subflows = multipath._subflows
+        subflow = subflows.get(subflow_id)
+        if subflow is None:
+            raise PathError(f"no open subflow {subflow_id}")
+        if len(subflows) == 1:
+            raise PathError(
+                f"subflow {subflow_id} is the last one: close the "
+                "connection instead"
+            )
+        subflow.close()
+        multipath.subflow_lost(subflow, None)
+
+
+class _JoinWatch(SubflowProtocol):
+    """A subflow opened by ``add_path``: resolves once its join settles.
+
+    ``outcome`` gets the subflow id when the join is established, or
+    :class:`~mptls.errors.JoinRefusedError` when it is refused or its TCP
+    connection ends first.
+    """
+
+    def __init__(self, multipath: MultipathTransport) -> None:
+        super().__init__(multipath, initiator=True)
+        self._multipath = multipath
+        self.outcome: asyncio.Future[int] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.outcome.add_done_callback(_retrieve)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._settle(lost=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._settle(lost=True)
+
+    def _settle(self, *, lost: bool) -> None:
+        if self.outcome.done() or self.subflow_id is None:
+            return
+        state = self._state()
+        if state == "ESTABLISHED":
+            self.outcome.set_result(self.subflow_id)
+        elif lost or state in ("CLOSED", None):
+            self.outcome.set_exception(
+                JoinRefusedError(
+                    f"the join of subflow {self.subflow_id} was refused "
+                    "or reset by the far end"
+                )
+            )
+
+    def _state(self) -> str | None:
+        for subflow in self._multipath.mptcp_info().subflows:
+            if subflow.subflow_id == self.subflow_id:
+                return subflow.state
+        return None
+
+
+async def _connect(
+    watch: _JoinWatch, remote: tuple[str, int], local: str | None
+) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.create_connection(
+            lambda: watch,
+            remote[0],
+            remote[1],
+            local_addr=(local, 0) if local else None,
+        )
+    except OSError as exc:
+        raise PathError(
+            f"cannot open a path to {remote[0]}:{remote[1]}: {exc}"
+        ) from exc
+
+
+def _start_join(
+    multipath: MultipathTransport, watch: _JoinWatch, backup: bool
+) -> int:
+    """Make the TCP connection in ``watch`` a joining subflow."""
+    if multipath.is_closing():
+        watch.close()
+        raise PathError("the connection is closing: no new subflows")
+    loop = asyncio.get_running_loop()
+    try:
+        subflow_id = multipath._core.open_subflow(loop.time(), backup=backup)
+    except MptlsError as exc:
+        watch.close()
+        raise PathError(f"no join: {exc}") from exc
+    multipath.attach(subflow_id, watch)
+    multipath.process()
+    return subflow_id
+
+
+def _retrieve(outcome: asyncio.Future[int]) -> None:
+    # a join that fails after add_path gave up waiting must not log
+    # "exception was never retrieved"
+    if not outcome.cancelled():
+        outcome.exception()
 
 
 class _PendingSink:
