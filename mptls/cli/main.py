@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mptls.cli import certs, demo, info, netcat
+from mptls.cli import bench, certs, demo, info, netcat
 from mptls.cli.common import ExitStatus, report_error
 
 _COMMANDS = (
@@ -21,6 +21,7 @@ _COMMANDS = (
     certs.add_parser,
     netcat.add_parsers,
     info.add_parser,
+    bench.add_parser,
 )
 
 
