@@ -124,6 +124,11 @@ async def serve(args: argparse.Namespace) -> None:
         certfile=str(existing_file(args.cert, "certificate file")),
         keyfile=str(existing_file(args.key, "key file")),
     )
+    options = server_options(args.backend, args.mode, announce)
+    options.update(_token_ids(args))
+    if args.workers > 1:
+        await _serve_workers(args, host, port, tls, options)
+        return
     stop = asyncio.Event()
     one_at_a_time = asyncio.Lock()
 
@@ -142,13 +147,60 @@ async def serve(args: argparse.Namespace) -> None:
         host,
         port,
         ssl=tls,
-        **server_options(args.backend, args.mode, announce),
+        **options,
     )
     async with server:
         _stop_on_signals(stop)
         bound = server.sockets[0].getsockname()
         # always shown: with --port 0 it is how a caller learns the port
         _status(True, [f"listening on {bound[0]}:{bound[1]}"])
+        await stop.wait()
+
+
+def _token_ids(args: argparse.Namespace) -> dict[str, Any]:
+    """``--server-id`` for the userspace backend's tokens; checks the ids
+    ``--server-id`` and ``--workers`` put there fit their 8 bits."""
+    if not 1 <= args.workers <= 256:
+        raise UsageError("--workers must be 1 to 256 (8 token bits)")
+    if args.backend != "userspace":
+        if args.workers != 1 or args.server_id:
+            raise UsageError(
+                "--workers and --server-id apply to the userspace backend"
+            )
+        return {}
+    if not 0 <= args.server_id <= 255:
+        raise UsageError("--server-id must be 0 to 255 (8 token bits)")
+    return {"server_id": args.server_id}
+
+
+async def _serve_workers(
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    tls: mptls.TLSConfig,
+    options: dict[str, Any],
+) -> None:
+    """``serve --workers N``: N processes on one port (SO_REUSEPORT)."""
+    from mptls.backends.userspace.workers import WorkerPool
+
+    if args.once:
+        raise UsageError("--once cannot go with --workers")
+    options.pop("backend", None)
+    # runs in the workers, concurrently: each handles its own clients
+    handler = functools.partial(
+        _handle_client, echo=args.echo, verbose=args.verbose
+    )
+    pool = WorkerPool(
+        handler, host, port, workers=args.workers, ssl=tls, **options
+    )
+    stop = asyncio.Event()
+    async with pool:
+        _stop_on_signals(stop)
+        bound = pool.address
+        _status(
+            True,
+            [f"listening on {bound[0]}:{bound[1]} ({args.workers} workers)"],
+        )
         await stop.wait()
 
 
@@ -262,6 +314,22 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="an address to announce with ADD_ADDR (repeatable)",
     )
     server.add_argument("--echo", action="store_true")
+    server.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="userspace backend: N processes sharing the port; a join "
+        "that reaches the wrong one is passed to its owner",
+    )
+    server.add_argument(
+        "--server-id",
+        type=int,
+        default=0,
+        metavar="ID",
+        help="userspace backend: this server's id (0-255) in its tokens, "
+        "for a load balancer that routes joins",
+    )
     server.add_argument(
         "--once", action="store_true", help="exit after one connection"
     )
