@@ -17,7 +17,6 @@ from mptls.cli.common import (
     BACKENDS,
     MODES,
     ExitStatus,
-    UsageError,
     existing_file,
     parse_paths,
     print_json,
@@ -80,8 +79,6 @@ def run(args: argparse.Namespace) -> ExitStatus:
         timeout=args.timeout,
         manage_paths=args.manage_paths,
     )
-    if settings.timeout <= 0:
-        raise UsageError("--timeout must be positive")
     given = existing_file(args.file, "file") if args.file else None
     console = stdout_console()
     quiet = args.quiet or args.json

@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from mptls.backends.base import SubflowInfo
-from mptls.cli.common import human_bytes
+from mptls.cli.common import format_address, human_bytes
 from mptls.cli.transfer import DemoReport
 from mptls.cli.transfer import Progress as ProgressCallback
 
@@ -53,13 +53,6 @@ def transfer_progress(
     task = bar.add_task("transfer", total=total)
     with bar:
         yield lambda received: bar.update(task, completed=received)
-
-
-def _address(address: tuple[str, int] | None) -> str:
-    if address is None:
-        return "-"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _share(part: int, whole: int) -> str:
@@ -93,8 +86,8 @@ def subflow_table(report: DemoReport) -> Table:
         rtt = f"{subflow.rtt_ms:.2f} ms" if subflow.rtt_ms else "-"
         table.add_row(
             f"{subflow.subflow_id}{' backup' if subflow.backup else ''}",
-            f"{_address(subflow.local_address)} -> "
-            f"{_address(subflow.remote_address)}",
+            f"{format_address(subflow.local_address)} -> "
+            f"{format_address(subflow.remote_address)}",
             human_bytes(subflow.bytes_sent),
             _share(subflow.bytes_sent, total_sent),
             human_bytes(received) if received is not None else "-",

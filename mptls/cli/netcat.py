@@ -28,6 +28,7 @@ from mptls.cli.common import (
     UsageError,
     client_options,
     existing_file,
+    format_address,
     parse_address,
     parse_announce,
     parse_paths,
@@ -60,11 +61,10 @@ def describe_connection(info: MptcpInfo | None) -> list[str]:
         ),
     ]
     for subflow in info.subflows:
-        local = subflow.local_address or ("?", 0)
-        remote = subflow.remote_address or ("?", 0)
         lines.append(
-            f"subflow {subflow.subflow_id} {local[0]}:{local[1]} -> "
-            f"{remote[0]}:{remote[1]} {subflow.state} "
+            f"subflow {subflow.subflow_id} "
+            f"{format_address(subflow.local_address)} -> "
+            f"{format_address(subflow.remote_address)} {subflow.state} "
             f"sent {subflow.bytes_sent} received {subflow.bytes_received}"
         )
     return lines
@@ -108,6 +108,7 @@ async def _handle_client(
         _status(True, [f"mptls: connection from {peer} failed: {exc}"])
         writer.close()
     _status(verbose, [f"connection from {peer} closed"])
+    _status(verbose, describe_connection(writer.get_extra_info("mptcp")))
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -119,7 +120,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 async def serve(args: argparse.Namespace) -> None:
     port = parse_port(args.port)
     host = parse_address(args.host)
-    announce = [parse_announce(item, port) for item in args.announce]
+    announce = _announced(args.announce, port)
     tls = mptls.TLSConfig(
         certfile=str(existing_file(args.cert, "certificate file")),
         keyfile=str(existing_file(args.key, "key file")),
@@ -144,17 +145,46 @@ async def serve(args: argparse.Namespace) -> None:
 
     server = await mptls.start_server(
         on_client,
-        host,
+        _listen_hosts(host, port, announce, args.backend),
         port,
         ssl=tls,
         **options,
     )
     async with server:
         _stop_on_signals(stop)
-        bound = server.sockets[0].getsockname()
+        bound = ", ".join(
+            format_address(sock.getsockname()) for sock in server.sockets
+        )
         # always shown: with --port 0 it is how a caller learns the port
-        _status(True, [f"listening on {bound[0]}:{bound[1]}"])
+        _status(True, [f"listening on {bound}"])
         await stop.wait()
+
+
+def _announced(items: Sequence[str], port: int) -> list[tuple[str, int]]:
+    """``--announce`` values; the port defaults to the server's own."""
+    announced = [parse_announce(item, port) for item in items]
+    if any(announced_port == 0 for _, announced_port in announced):
+        raise UsageError(
+            "with --port 0 each --announce needs its own port (IP:PORT)"
+        )
+    return announced
+
+
+def _listen_hosts(
+    host: str,
+    port: int,
+    announce: Sequence[tuple[str, int]],
+    backend: str,
+) -> str | list[str]:
+    """The userspace server also listens where it tells clients to join:
+    an announced address on its own port is useless otherwise."""
+    if backend != "userspace":
+        return host
+    hosts = [host]
+    for address, announced_port in announce:
+        if announced_port == port and address not in hosts:
+            hosts.append(address)
+    return hosts if len(hosts) > 1 else host
 
 
 def _token_ids(args: argparse.Namespace) -> dict[str, Any]:

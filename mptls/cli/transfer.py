@@ -28,7 +28,7 @@ import mptls
 from mptls.backends.base import MptcpInfo
 from mptls.cli.archive import Payload
 from mptls.cli.certs import DevelopmentPems, issue_development_pems
-from mptls.cli.common import client_options, server_options
+from mptls.cli.common import UsageError, client_options, server_options
 from mptls.errors import MptlsError, MptlsTimeoutError
 
 CHUNK_SIZE = 256 * 1024
@@ -49,6 +49,15 @@ class DemoSettings:
     paths: tuple[str, ...]
     timeout: float
     manage_paths: bool = False
+
+    def __post_init__(self) -> None:
+        # refuse what the backend cannot do before any file is built
+        if not self.paths:
+            raise UsageError("the demo needs at least one path")
+        if self.timeout <= 0:
+            raise UsageError("--timeout must be positive")
+        client_options(self.backend, self.mode, manage_paths=self.manage_paths)
+        server_options(self.backend, self.mode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,460 @@
+"""The ``mptls`` command line: parsing, certificates, the demo payload,
+and the commands end to end in subprocesses on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import stat
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from mptls.cli import main as cli_main
+from mptls.cli.archive import build_archive, existing_payload
+from mptls.cli.certs import (
+    DEVELOPMENT_IDENTITIES,
+    issue_development_pems,
+    write_development_certs,
+)
+from mptls.cli.common import (
+    ExitStatus,
+    UsageError,
+    client_options,
+    exit_status_for,
+    human_bytes,
+    parse_announce,
+    parse_paths,
+    parse_port,
+    server_options,
+)
+from mptls.errors import BackendError, MptlsTimeoutError, ProtocolError
+
+# every subprocess is bounded; together they stay well under 30 s
+COMMAND_TIMEOUT = 20.0
+
+
+def run_mptls(
+    *args: str, cwd: Path | None = None, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "mptls", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT,
+        cwd=cwd,
+        check=False,
+    )
+
+
+# argument parsing
+
+
+def test_paths_are_parsed_in_order_and_canonical() -> None:
+    assert parse_paths("127.0.0.1, 127.0.0.2,[::1]") == (
+        "127.0.0.1",
+        "127.0.0.2",
+        "::1",
+    )
+
+
+@pytest.mark.parametrize("text", ["", ",", "127.0.0.1,127.0.0.1", "1.2.3"])
+def test_bad_paths_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_paths(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.2", ("127.0.0.2", 4433)),
+        ("127.0.0.2:5000", ("127.0.0.2", 5000)),
+        ("::1", ("::1", 4433)),
+        ("[::1]", ("::1", 4433)),
+        ("[2001:db8::1]:7000", ("2001:db8::1", 7000)),
+    ],
+)
+def test_announce_forms(text: str, expected: tuple[str, int]) -> None:
+    assert parse_announce(text, 4433) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["localhost", "127.0.0.2:x", "127.0.0.2:70000", "[::1]x"]
+)
+def test_bad_announce_is_a_usage_error(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_announce(text, 4433)
+
+
+@pytest.mark.parametrize("text", ["-1", "65536", "http"])
+def test_bad_port_is_a_usage_error(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_port(text)
+
+
+def test_parser_defaults_aim_at_loopback() -> None:
+    parser = cli_main.build_parser()
+    demo = parser.parse_args(["demo"])
+    assert demo.paths == "127.0.0.1,127.0.0.2"
+    assert (demo.backend, demo.mode) == ("userspace", None)
+    serve = parser.parse_args(["serve"])
+    assert (serve.host, serve.port) == ("127.0.0.1", "4433")
+
+
+def test_parser_rejects_unknown_mode() -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli_main.build_parser().parse_args(["demo", "--mode", "H"])
+    assert raised.value.code == 2
+
+
+def test_each_backend_gets_its_own_keywords() -> None:
+    assert client_options("userspace", None) == {
+        "backend": "userspace",
+        "mode": "G",
+    }
+    assert client_options("kernel", None, manage_paths=True) == {
+        "backend": "kernel",
+        "manage_paths": True,
+    }
+    announce = [("127.0.0.3", 4433)]
+    assert server_options("userspace", "rfc8684", announce) == {
+        "backend": "userspace",
+        "modes": ("rfc8684",),
+        "announce_addrs": announce,
+    }
+    assert server_options("kernel", None, announce) == {
+        "backend": "kernel",
+        "announce": ["127.0.0.3"],
+    }
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: client_options("kernel", "G"),
+        lambda: client_options("userspace", None, manage_paths=True),
+        lambda: server_options("kernel", "rfc8684"),
+    ],
+)
+def test_options_a_backend_cannot_honour_are_refused(
+    call: Callable[[], object],
+) -> None:
+    with pytest.raises(UsageError):
+        call()
+
+
+def test_exit_status_separates_bad_input_from_failure() -> None:
+    refused = BackendError("connect failed")
+    refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    assert exit_status_for(UsageError("x")) is ExitStatus.USAGE
+    assert exit_status_for(FileNotFoundError(2, "x")) is ExitStatus.USAGE
+    assert exit_status_for(refused) is ExitStatus.USAGE
+    assert exit_status_for(ProtocolError("x")) is ExitStatus.FAILURE
+    assert exit_status_for(MptlsTimeoutError("x")) is ExitStatus.FAILURE
+
+
+def test_main_without_command_prints_usage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli_main.main([]) == ExitStatus.USAGE
+    assert "usage: mptls" in capsys.readouterr().err
+
+
+def test_human_bytes_uses_decimal_units() -> None:
+    assert human_bytes(999) == "999 B"
+    assert human_bytes(52_428_800) == "52.4 MB"
+    assert human_bytes(2.5e9) == "2.5 GB"
+
+
+# certificates
+
+
+def test_development_pems_cover_the_loopback_names() -> None:
+    pems = issue_development_pems()
+    chain = x509.load_pem_x509_certificates(pems.chain)
+    ca = x509.load_pem_x509_certificate(pems.ca)
+    assert chain[-1] == ca
+    names = (
+        chain[0]
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    dns = names.get_values_for_type(x509.DNSName)
+    ips = [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    assert sorted([*dns, *ips]) == sorted(DEVELOPMENT_IDENTITIES)
+    assert "PRIVATE KEY" not in repr(pems)
+
+
+def test_certs_are_written_and_never_overwritten(tmp_path: Path) -> None:
+    ca, chain, key = write_development_certs(tmp_path / "certs")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert b"PRIVATE KEY" in key.read_bytes()
+    before = ca.read_bytes()
+
+    with pytest.raises(UsageError, match="--force"):
+        write_development_certs(tmp_path / "certs")
+    assert ca.read_bytes() == before
+
+    write_development_certs(tmp_path / "certs", force=True)
+    assert ca.read_bytes() != before
+    assert chain.read_bytes().count(b"BEGIN CERTIFICATE") == 2
+
+
+def test_certs_command_refuses_overwrite(tmp_path: Path) -> None:
+    assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 0
+    assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 2
+
+
+# the demo payload
+
+
+def _tree(root: Path, sizes: dict[str, int], seed: int) -> None:
+    generator = random.Random(seed)
+    for name, size in sizes.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(generator.randbytes(size))
+
+
+def _members(archive: Path) -> list[str]:
+    with tarfile.open(archive) as opened:
+        return opened.getnames()
+
+
+def test_archive_holds_the_primary_tree_without_caches(
+    tmp_path: Path,
+) -> None:
+    stdlib = tmp_path / "lib"
+    _tree(
+        stdlib,
+        {
+            "os.py": 3000,
+            "json/__init__.py": 2000,
+            "json/__pycache__/x.pyc": 500,
+            "site-packages/other.py": 700,
+        },
+        seed=1,
+    )
+    payload = build_archive(tmp_path / "out.tar", stdlib, minimum=0)
+
+    assert sorted(_members(payload.path)) == [
+        "stdlib/json/__init__.py",
+        "stdlib/os.py",
+    ]
+    assert payload.size == payload.path.stat().st_size
+    assert "2 files" in payload.description
+    with tarfile.open(payload.path) as opened:
+        member = opened.extractfile("stdlib/os.py")
+        assert member is not None
+        assert member.read() == (stdlib / "os.py").read_bytes()
+
+
+def test_archive_appends_extras_only_up_to_the_minimum(
+    tmp_path: Path,
+) -> None:
+    stdlib, extra = tmp_path / "lib", tmp_path / "site-packages"
+    _tree(stdlib, {"a.py": 10_000}, seed=2)
+    _tree(extra, {f"pkg/m{i:02}.py": 10_000 for i in range(20)}, seed=3)
+
+    payload = build_archive(
+        tmp_path / "out.tar", stdlib, [extra], minimum=50_000
+    )
+
+    members = _members(payload.path)
+    extras = [name for name in members if not name.startswith("stdlib/")]
+    assert payload.size >= 50_000
+    # each 10 kB file takes 10.5 kB of tar: enough files, not all of them
+    assert 3 <= len(extras) < 20
+    assert f"{len(extras)} files from site-packages" in payload.description
+
+
+def test_archive_is_the_same_for_the_same_tree(tmp_path: Path) -> None:
+    stdlib = tmp_path / "lib"
+    _tree(stdlib, {"b.py": 100, "a.py": 100, "c/d.py": 100}, seed=4)
+    first = build_archive(tmp_path / "1.tar", stdlib, minimum=0)
+    second = build_archive(tmp_path / "2.tar", stdlib, minimum=0)
+    assert _members(first.path) == [
+        "stdlib/a.py",
+        "stdlib/b.py",
+        "stdlib/c/d.py",
+    ]
+    assert _members(first.path) == _members(second.path)
+
+
+def test_existing_payload_describes_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(1500))
+    payload = existing_payload(path)
+    assert payload.size == 1500
+    assert "1.5 kB" in payload.description
+
+
+# end to end, in subprocesses
+
+
+@pytest.fixture
+def two_mib_file(tmp_path: Path) -> tuple[Path, str]:
+    data = random.Random(5).randbytes(2 * 1024 * 1024)
+    path = tmp_path / "payload.bin"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def test_demo_sends_a_file_over_two_subflows(
+    two_mib_file: tuple[Path, str],
+) -> None:
+    path, sha256 = two_mib_file
+    result = run_mptls("demo", "--file", str(path), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert report["sha256"] == {
+        "client": sha256,
+        "server": sha256,
+        "match": True,
+    }
+    assert report["transfer"]["bytes_received"] == 2 * 1024 * 1024
+    assert report["mode"] == "G"
+    assert report["keys"]["match"] is True
+    assert len(report["keys"]["client_fingerprint"]) == 8
+
+    subflows = report["client"]["subflows"]
+    assert len(subflows) == 2
+    assert {subflow["local_address"][0] for subflow in subflows} == {
+        "127.0.0.1",
+        "127.0.0.2",
+    }
+    assert all(subflow["bytes_sent"] > 0 for subflow in subflows)
+
+
+def test_demo_report_for_people(two_mib_file: tuple[Path, str]) -> None:
+    path, sha256 = two_mib_file
+    result = run_mptls("demo", "--file", str(path))
+    assert result.returncode == 0, result.stderr.decode()
+
+    # not a terminal: no progress bar, no colour codes, the report only
+    report = result.stdout.decode()
+    assert "\x1b[" not in report
+    assert "mptls demo: OK" in report
+    assert "from the TLS exporter (EXPORTER-MPTCP)" in report
+    assert sha256 in report
+    assert "127.0.0.2:" in report
+
+
+def _kernel_mptcp() -> bool:
+    from mptls.backends.kernel.probe import probe
+
+    report = probe()
+    return report.enabled and report.mptcp_socket
+
+
+@pytest.mark.kernel
+def test_demo_over_the_kernel_backend(
+    two_mib_file: tuple[Path, str],
+) -> None:
+    if not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    path, sha256 = two_mib_file
+    result = run_mptls("demo", "--file", str(path), "--backend", "kernel")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "mode kernel" in result.stdout.decode()
+    assert sha256 in result.stdout.decode()
+
+
+def test_kernel_backend_refuses_a_mode(tmp_path: Path) -> None:
+    result = run_mptls("demo", "--backend", "kernel", "--mode", "G")
+    assert result.returncode == 2
+    assert "--mode applies to the userspace backend" in (
+        result.stderr.decode()
+    )
+
+
+def test_demo_with_a_missing_file_exits_2(tmp_path: Path) -> None:
+    result = run_mptls("demo", "--file", str(tmp_path / "absent.bin"))
+    assert result.returncode == 2
+    error = result.stderr.decode()
+    assert (
+        error.strip() == f"mptls: error: file not found: {tmp_path}/absent.bin"
+    )
+    assert "Traceback" not in error
+
+
+def test_connect_to_a_closed_port_exits_2(tmp_path: Path) -> None:
+    # a listening socket that is closed at once leaves a port nobody holds
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_mptls("connect", "127.0.0.1", str(port), "--insecure")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr.decode()
+    assert result.stderr.decode().count("\n") <= 2
+
+
+def test_serve_and_connect_echo_a_line(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    assert run_mptls("certs", "--dir", str(certs)).returncode == 0
+
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mptls",
+            "serve",
+            "--port",
+            "0",
+            "--cert",
+            str(certs / "server.pem"),
+            "--key",
+            str(certs / "server.key"),
+            "--echo",
+            "--once",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert server.stderr is not None
+        listening = server.stderr.readline().decode()
+        assert listening.startswith("listening on 127.0.0.1:"), listening
+        port = listening.rsplit(":", 1)[1].strip()
+
+        line = b"hello over two paths\n"
+        client = run_mptls(
+            "connect",
+            "127.0.0.1",
+            port,
+            "--cafile",
+            str(certs / "ca.pem"),
+            "--paths",
+            "127.0.0.1,127.0.0.2",
+            stdin=line,
+        )
+        assert client.returncode == 0, client.stderr.decode()
+        assert client.stdout == line
+        assert server.wait(timeout=COMMAND_TIMEOUT) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=COMMAND_TIMEOUT)
+
+
+def test_info_json_parses() -> None:
+    result = run_mptls("info", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    assert isinstance(json.loads(result.stdout), dict)
+
+
+def test_python_m_runs_the_command() -> None:
+    result = run_mptls("--version")
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith("mptls ")
