@@ -61,10 +61,10 @@ _STOP = "stop"
 class WorkerStats:
     """What one worker did, reported when it stops.
 
-    ``first_subflows``: new MPTCP connections it accepted;
-    ``joins``: joins it routed to its own connections (adopted ones
-    included); ``handed_off``: joins it passed to a sibling;
-    ``adopted``: sockets a sibling passed to it.
+    ``first_subflows``: MP_CAPABLE SYNs it took; ``joins``: MP_JOIN
+    SYNs it routed through its own table, adopted ones included, be they
+    accepted or refused there; ``handed_off``: joins it passed to a
+    sibling; ``adopted``: sockets a sibling passed to it.
     """
 
     worker_id: int

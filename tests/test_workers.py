@@ -1,0 +1,348 @@
+"""Worker processes on one port: every join reaches the worker owning it.
+
+The in-process tests put two routers side by side on two ports, so the
+join certainly reaches the wrong worker; the pool tests run real worker
+processes behind SO_REUSEPORT, where the kernel picks the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import multiprocessing
+import os
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pki import Pki, make_pki
+
+import mptls
+from mptls.backends.userspace.workers import (
+    JoinRouter,
+    WorkerPool,
+    start_workers,
+)
+from mptls.mptcp.tokens import TokenLayout, token_fields
+
+SERVER_ID = 9
+CHUNK = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+async def echo(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """The workers' handler: send everything back, then close."""
+    while data := await reader.read(CHUNK):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+
+
+async def transfer_with_join(
+    pki: Pki, port: int, payload: bytes, *, join_port: int | None = None
+) -> tuple[bytes, mptls.MptcpInfo]:
+    """Connect, join a second subflow from 127.0.0.2, echo ``payload``.
+
+    Returns the SHA-256 of what came back and the client's last view.
+    """
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", port, ssl=pki.client()
+    )
+    try:
+        await writer.transport.add_path(  # type: ignore[attr-defined]
+            ("127.0.0.1", join_port or port), local="127.0.0.2"
+        )
+        writer.write(payload)
+        writer.write_eof()
+        echoed = await asyncio.wait_for(reader.read(), 30)
+        info = writer.get_extra_info("mptcp")
+    finally:
+        writer.close()
+    return hashlib.sha256(echoed).digest(), info
+
+
+# two routers in one process: the join goes to the other worker's port
+
+
+class TwoWorkers:
+    """Workers 0 and 1 of one server, each on its own port."""
+
+    def __init__(self) -> None:
+        self.routers: list[JoinRouter] = []
+        self.servers: list[asyncio.AbstractServer] = []
+
+    def port(self, worker_id: int) -> int:
+        return int(self.servers[worker_id].sockets[0].getsockname()[1])
+
+
+@pytest.fixture
+async def two_workers(pki: Pki, tmp_path: Path) -> AsyncIterator[TwoWorkers]:
+    pair = TwoWorkers()
+    for worker_id in (0, 1):
+        router = JoinRouter(
+            socket_dir=tmp_path,
+            server_id=SERVER_ID,
+            worker_id=worker_id,
+            workers=2,
+            layout=TokenLayout(),
+        )
+        router.open()
+        server = await mptls.start_server(
+            echo,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            server_id=SERVER_ID,
+            worker_id=worker_id,
+            join_handoff=router.handoff,
+        )
+        router.attach(server.mptls_listener)  # type: ignore[attr-defined]
+        pair.routers.append(router)
+        pair.servers.append(server)
+    yield pair
+    for router, server in zip(pair.routers, pair.servers, strict=True):
+        router.close()
+        server.close()
+
+
+async def test_join_at_the_wrong_worker_is_passed_to_its_owner(
+    pki: Pki, two_workers: TwoWorkers
+) -> None:
+    payload = random.Random(1).randbytes(300_000)
+    digest, info = await transfer_with_join(
+        pki, two_workers.port(0), payload, join_port=two_workers.port(1)
+    )
+    assert digest == hashlib.sha256(payload).digest()
+
+    # the token names server 9, worker 0: the owner of the first subflow
+    assert info.remote_token is not None
+    fields = token_fields(bytes.fromhex(info.remote_token))
+    assert (fields.server_id, fields.worker_id) == (SERVER_ID, 0)
+    owner, other = (router.stats() for router in two_workers.routers)
+    assert (other.handed_off, owner.adopted) == (1, 1)
+    assert (owner.first_subflows, owner.joins) == (1, 1)
+    assert (other.first_subflows, other.joins) == (0, 0)
+    assert len(info.subflows) == 2
+    assert {s.subflow_id: s.bytes_sent > 0 for s in info.subflows}[1]
+
+
+async def test_join_at_its_own_worker_stays(
+    pki: Pki, two_workers: TwoWorkers
+) -> None:
+    payload = b"stay" * 1000
+    digest, _ = await transfer_with_join(pki, two_workers.port(1), payload)
+    assert digest == hashlib.sha256(payload).digest()
+    stats = [router.stats() for router in two_workers.routers]
+    assert [s.handed_off for s in stats] == [0, 0]
+    assert (stats[1].first_subflows, stats[1].joins) == (1, 1)
+
+
+async def test_join_naming_an_absent_worker_is_refused_here(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # worker 1 of a pool of one: no sibling 1 exists, so nothing is sent
+    # anywhere and the join is refused like any unknown token
+    router = JoinRouter(
+        socket_dir=tmp_path,
+        server_id=SERVER_ID,
+        worker_id=0,
+        workers=1,
+        layout=TokenLayout(),
+    )
+    router.open()
+    owner = await mptls.start_server(
+        echo,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        server_id=SERVER_ID,
+        worker_id=1,
+    )
+    stray = await mptls.start_server(
+        echo,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        server_id=SERVER_ID,
+        join_handoff=router.handoff,
+    )
+    router.attach(stray.mptls_listener)  # type: ignore[attr-defined]
+    try:
+        _, writer = await mptls.open_connection(
+            "127.0.0.1", owner.sockets[0].getsockname()[1], ssl=pki.client()
+        )
+        with pytest.raises(mptls.JoinRefusedError):
+            await writer.transport.add_path(  # type: ignore[attr-defined]
+                ("127.0.0.1", stray.sockets[0].getsockname()[1])
+            )
+        writer.close()
+    finally:
+        router.close()
+        owner.close()
+        stray.close()
+    assert router.stats().handed_off == 0
+
+
+# a real pool of processes
+
+
+@pytest.fixture
+async def pool(pki: Pki) -> AsyncIterator[WorkerPool]:
+    workers = await start_workers(
+        echo, "127.0.0.1", 0, workers=4, ssl=pki.server(), server_id=SERVER_ID
+    )
+    try:
+        yield workers
+    finally:
+        await workers.stop()
+
+
+async def test_four_workers_two_hundred_connections(
+    pki: Pki, pool: WorkerPool
+) -> None:
+    port = pool.address[1]
+    rng = random.Random(4)
+    failures: list[BaseException] = []
+    owners: set[int] = set()
+    for _ in range(10):
+        payloads = [rng.randbytes(rng.randrange(1, 40_000)) for _ in range(20)]
+        results = await asyncio.gather(
+            *(transfer_with_join(pki, port, p) for p in payloads),
+            return_exceptions=True,
+        )
+        for payload, result in zip(payloads, results, strict=True):
+            if isinstance(result, BaseException):
+                failures.append(result)
+                continue
+            digest, info = result
+            assert digest == hashlib.sha256(payload).digest()
+            assert info.remote_token is not None
+            owners.add(
+                token_fields(bytes.fromhex(info.remote_token)).worker_id
+            )
+    assert failures == []
+    assert owners == {0, 1, 2, 3}
+
+    stats = await pool.stop()
+    assert sorted(s.worker_id for s in stats) == [0, 1, 2, 3]
+    assert sum(s.first_subflows for s in stats) == 200
+    assert sum(s.joins for s in stats) == 200
+    handed = sum(s.handed_off for s in stats)
+    # SO_REUSEPORT spreads joins by address hash: about 3 in 4 go astray
+    assert handed == sum(s.adopted for s in stats)
+    assert 50 <= handed <= 200
+
+
+async def test_stop_leaves_no_process_or_socket(pki: Pki) -> None:
+    pool = WorkerPool(echo, "127.0.0.1", 0, workers=2, ssl=pki.server())
+    await pool.start()
+    pids = pool.pids
+    assert len(pids) == 2
+    for pid in pids:
+        os.kill(pid, 0)  # alive
+    stats = await pool.stop()
+    assert [s.first_subflows for s in stats] == [0, 0]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert pool.pids == ()
+    assert multiprocessing.active_children() == []
+
+
+async def test_a_worker_that_cannot_start_fails_the_pool(
+    tmp_path: Path,
+) -> None:
+    missing = mptls.TLSConfig(
+        certfile=tmp_path / "absent.pem", keyfile=tmp_path / "absent.key"
+    )
+    pool = WorkerPool(echo, "127.0.0.1", 0, workers=2, ssl=missing)
+    with pytest.raises(mptls.BackendError, match="failed to start"):
+        await pool.start()
+    assert pool.pids == ()
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"workers": 0}, "workers must be"),
+        ({"workers": 3, "token_layout": TokenLayout(8, 1)}, "do not fit"),
+        ({"workers": 2, "worker_id": 1}, "sets worker_id itself"),
+    ],
+)
+def test_pool_settings_are_checked(
+    pki: Pki, keywords: dict[str, object], message: str
+) -> None:
+    with pytest.raises(mptls.ConfigurationError, match=message):
+        WorkerPool(
+            echo,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            **keywords,  # type: ignore[arg-type]
+        )
+
+
+def test_handler_must_pickle(pki: Pki) -> None:
+    async def local_handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.close()
+
+    with pytest.raises(mptls.ConfigurationError, match="pickle"):
+        WorkerPool(local_handler, "127.0.0.1", 0, workers=2, ssl=pki.server())
+    # a partial of a module-level function is fine
+    WorkerPool(
+        functools.partial(echo), "127.0.0.1", 0, workers=2, ssl=pki.server()
+    )
+
+
+# the command line
+
+
+async def test_serve_workers_command(pki: Pki) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mptls",
+        "serve",
+        "--workers",
+        "3",
+        "--server-id",
+        str(SERVER_ID),
+        "--echo",
+        "--port",
+        "0",
+        "--cert",
+        str(pki.cert_pem),
+        "--key",
+        str(pki.key_pem),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), 30)
+        assert line.startswith(b"listening on 127.0.0.1:"), line
+        assert line.rstrip().endswith(b"(3 workers)")
+        port = int(line.split()[2].split(b":")[1])
+        for size in (10, 100_000):
+            payload = os.urandom(size)
+            digest, info = await transfer_with_join(pki, port, payload)
+            assert digest == hashlib.sha256(payload).digest()
+            assert info.remote_token is not None
+            assert info.remote_token.startswith(f"{SERVER_ID:02x}")
+    finally:
+        process.send_signal(signal.SIGINT)
+        status = await asyncio.wait_for(process.wait(), 30)
+    assert status == 0
