@@ -332,10 +332,20 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Accept secure multipath connections, one at a time; "
         "print what each client sends, or echo it back with --echo.",
     )
-    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on"
+    )
     server.add_argument("--port", default="4433", help="0 = any free port")
-    server.add_argument("--cert", default=str(Path("certs", "server.pem")))
-    server.add_argument("--key", default=str(Path("certs", "server.key")))
+    server.add_argument(
+        "--cert",
+        default=str(Path("certs", "server.pem")),
+        help="PEM certificate chain, leaf first (default: certs/server.pem)",
+    )
+    server.add_argument(
+        "--key",
+        default=str(Path("certs", "server.key")),
+        help="PEM private key (default: certs/server.key)",
+    )
     server.add_argument(
         "--announce",
         action="append",
@@ -343,7 +353,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         metavar="IP[:PORT]",
         help="an address to announce with ADD_ADDR (repeatable)",
     )
-    server.add_argument("--echo", action="store_true")
+    server.add_argument(
+        "--echo",
+        action="store_true",
+        help="send what a client sends back to it instead of printing it",
+    )
     server.add_argument(
         "--workers",
         type=int,
