@@ -419,7 +419,7 @@ def shape(namespace: Namespace, interface: str, rate_mbit: float) -> None:
     burst = max(int(bytes_per_second * 0.004), 4 * 65536)
     run(
         [
-            "tc", "-n", namespace.name, "qdisc", "add", "dev", interface,
+            "tc", "-n", namespace.name, "qdisc", "replace", "dev", interface,
             "root", "tbf", "rate", f"{rate_mbit:g}mbit",
             "burst", str(burst), "latency", "20ms",
         ]

@@ -32,6 +32,7 @@ from typing import Any
 import trustme
 
 import mptls
+from mptls.backends.kernel.sockets import connect_socket
 from mptls.errors import MptlsError
 
 IPPROTO_MPTCP = 262
@@ -181,7 +182,9 @@ async def _mptcp_socket(
     try:
         if local:
             sock.bind((local, 0))
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        # loop.sock_connect would re-resolve with protocol 262, which
+        # getaddrinfo refuses; the kernel backend's connect does not
+        await connect_socket(asyncio.get_running_loop(), sock, (host, port))
     except BaseException:
         sock.close()
         raise
