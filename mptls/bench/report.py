@@ -126,12 +126,9 @@ def write_png(directory: Path, result: ScenarioResult) -> Path:
     path = directory / f"{result.name}.png"
     figure, axes = pyplot.subplots(figsize=(8, 4.5))
     names = [variant.name for variant in result.variants]
-    axes.boxplot(
-        [variant.samples for variant in result.variants],
-        tick_labels=names,
-        vert=False,
-    )
-    axes.set_xlabel(result.unit)
+    axes.boxplot([variant.samples for variant in result.variants])
+    axes.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
+    axes.set_ylabel(result.unit)
     axes.set_title(result.title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -1,0 +1,151 @@
+"""``mptls bench --quick``: the harness works and its figures are sane.
+
+Speed is not judged here (timed tests on shared machines prove
+nothing); what is checked is that each scenario runs, gives positive
+figures for every variant, computes its ratios from them and writes
+JSON of the documented schema. The namespace and kernel scenarios need
+root and kernel MPTCP and say why they skip otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mptls.bench import harness
+from mptls.bench.common import namespaces_reason
+from mptls.bench.harness import Variant, interleave, paired_ratio
+from mptls.cli.main import main
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _kernel_reason() -> str | None:
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    except OSError as exc:
+        return f"the kernel refuses IPPROTO_MPTCP: {exc}"
+    probe.close()
+    return None
+
+
+async def test_interleave_runs_a_b_a_b_and_pairs_rounds() -> None:
+    order: list[str] = []
+    figures = {"a": iter([4.0, 6.0, 8.0]), "b": iter([2.0, 2.0, 4.0])}
+
+    def measure(name: str) -> float:
+        order.append(name)
+        return next(figures[name])
+
+    variants = [
+        Variant("a", lambda: measure("a")),
+        Variant("b", lambda: measure("b")),
+    ]
+    results = await interleave(variants, 3, warmup=False)
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    ratio = paired_ratio(results[0], results[1])
+    assert ratio.values == (2.0, 3.0, 2.0)
+    assert ratio.spread.median == 2.0
+    assert (ratio.spread.low, ratio.spread.high) == (2.0, 3.0)
+
+
+async def test_a_figure_that_is_not_positive_is_refused() -> None:
+    with pytest.raises(ValueError, match="broken"):
+        await interleave([Variant("broken", lambda: 0.0)], 1, warmup=False)
+
+
+def test_goals_are_judged_only_when_asked() -> None:
+    assert harness.at_least("x", 1.2, 1.0).met is True
+    assert harness.at_most("x", 1.6, 1.5).met is False
+    assert harness.at_least("x", 0.2, 1.0, judge=False).met is None
+
+
+def _check_schema(document: dict[str, Any]) -> None:
+    assert document["schema"] == harness.SCHEMA
+    assert document["quick"] is True
+    assert document["machine"]["python"]
+    names = {variant["name"] for variant in document["variants"]}
+    assert len(names) >= 2
+    for variant in document["variants"]:
+        assert len(variant["samples"]) == document["rounds"]
+        assert all(value > 0 for value in variant["samples"])
+        assert variant["min"] <= variant["median"] <= variant["max"]
+    assert document["ratios"], "every scenario compares something"
+    for ratio in document["ratios"]:
+        assert {ratio["variant"], ratio["baseline"]} <= names
+        assert ratio["values"]
+        assert all(v > 0 and math.isfinite(v) for v in ratio["values"])
+    for goal in document["goals"]:
+        assert set(goal) == {"name", "value", "target", "met", "note"}
+
+
+def _run_quick(scenario: str, output: Path) -> dict[str, Any]:
+    status = main(
+        ["bench", scenario, "--quick", "--output", str(output), "--plot"]
+    )
+    assert status == 0
+    document: dict[str, Any] = json.loads(
+        (output / f"{scenario}.json").read_text(encoding="utf-8")
+    )
+    assert (output / f"{scenario}.png").stat().st_size > 0
+    return document
+
+
+@pytest.mark.parametrize("scenario", ["bulk", "connect", "memory"])
+def test_quick_loopback_scenarios(scenario: str, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    _check_schema(_run_quick(scenario, tmp_path))
+
+
+def test_quick_tokens_find_no_search_for_server_ids(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    document = _run_quick("tokens", tmp_path)
+    _check_schema(document)
+    goals = {goal["name"]: goal for goal in document["goals"]}
+    assert goals["mptls draws to carry a server id"]["met"] is True
+    # an 8-bit id costs RFC 8684 about 256 draws; allow for chance
+    draws = document["details"]["rfc8684_draws_per_server_id_token"]
+    assert 64 < draws < 1024
+
+
+def test_quick_keys_scenario(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    document = _run_quick("keys", tmp_path)
+    _check_schema(document)
+    # each operation is a small share of a whole handshake
+    for ratio in document["ratios"]:
+        assert ratio["median"] < 1.0
+
+
+@pytest.mark.kernel
+def test_quick_kernel_scenario(tmp_path: Path) -> None:
+    reason = _kernel_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    pytest.importorskip("matplotlib")
+    _check_schema(_run_quick("kernel", tmp_path))
+
+
+@pytest.mark.root
+def test_quick_paths_scenario(tmp_path: Path) -> None:
+    reason = namespaces_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    pytest.importorskip("matplotlib")
+    document = _run_quick("paths", tmp_path)
+    _check_schema(document)
+    shares = document["details"]["share_of_sum@100+100"]
+    # shaped at 100+100 Mbit/s: nobody can beat the sum of the rates
+    assert all(0 < share < 1.1 for share in shares.values())
+
+
+def test_unknown_scenario_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "nonsense", "--quick"]) == 2
+    assert "unknown scenario" in capsys.readouterr().err
