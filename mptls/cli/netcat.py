@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,9 @@ from mptls.cli.common import (
 from mptls.errors import MptlsError
 
 CHUNK_SIZE = 64 * 1024
+
+# how long a stopping server lets its connections close in order
+CLOSE_WAIT = 2.0
 
 # how many stdin chunks may wait for the connection before reading stops
 STDIN_BACKLOG = 8
@@ -133,13 +137,19 @@ async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     one_at_a_time = asyncio.Lock()
 
+    clients: dict[asyncio.Task[Any] | None, asyncio.StreamWriter] = {}
+
     async def on_client(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        async with one_at_a_time:
-            await _handle_client(
-                reader, writer, echo=args.echo, verbose=args.verbose
-            )
+        clients[asyncio.current_task()] = writer
+        try:
+            async with one_at_a_time:
+                await _handle_client(
+                    reader, writer, echo=args.echo, verbose=args.verbose
+                )
+        finally:
+            del clients[asyncio.current_task()]
         if args.once:
             stop.set()
 
@@ -158,6 +168,23 @@ async def serve(args: argparse.Namespace) -> None:
         # always shown: with --port 0 it is how a caller learns the port
         _status(True, [f"listening on {bound}"])
         await stop.wait()
+        await _close_clients(clients)
+
+
+async def _close_clients(
+    clients: dict[asyncio.Task[Any] | None, asyncio.StreamWriter],
+) -> None:
+    """On stop, end every connection in order: its peer sees the end of
+    the stream, and no handler is left behind to be cancelled."""
+    for writer in clients.values():
+        writer.close()
+    handlers = {task for task in clients if task is not None}
+    if handlers:
+        _, late = await asyncio.wait(handlers, timeout=CLOSE_WAIT)
+        for writer in clients.values():
+            writer.transport.abort()
+        if late:
+            await asyncio.wait(late, timeout=CLOSE_WAIT)
 
 
 def _announced(items: Sequence[str], port: int) -> list[tuple[str, int]]:
@@ -241,12 +268,17 @@ def _read_stdin(
     loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]
 ) -> None:
     """Runs in a daemon thread: a blocked read of a terminal must not keep
-    the process alive once the connection is over."""
-    stdin = sys.stdin.buffer if sys.stdin is not None else None
+    the process alive once the connection is over. It reads the file
+    descriptor itself, never ``sys.stdin``'s buffer, whose lock a thread
+    blocked at interpreter shutdown would still hold."""
+    try:
+        descriptor = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        descriptor = -1
     while True:
         try:
-            chunk = stdin.read1(CHUNK_SIZE) if stdin is not None else b""
-        except (OSError, ValueError):
+            chunk = os.read(descriptor, CHUNK_SIZE) if descriptor >= 0 else b""
+        except OSError:
             chunk = b""
         try:
             asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
