@@ -40,7 +40,9 @@ def unavailable_reason() -> str | None:
 
 
 async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
-    size = options.size(256 * MIB, 4 * MIB)
+    # kernel MPTCP over loopback is far slower than TCP here: a smaller
+    # transfer keeps a full run within minutes
+    size = options.size(64 * MIB, 4 * MIB)
     rounds = options.rounds_or(5)
     result = ScenarioResult(NAME, TITLE, "MB/s", True, rounds, options.quick)
     reason = unavailable_reason()
