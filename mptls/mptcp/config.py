@@ -58,6 +58,22 @@ class ConnectionConfig:
     subflow_inflight_limit: int = 2 * MIB
     join_rto: float = 0.2
     join_timeout: float = 10.0
+    # the MP_CAPABLE exchange must finish within this (both ends)
+    handshake_timeout: float = 30.0
+    # data-level retransmission timeout of a subflow: with data in
+    # flight and no Data ACK progress for max(min_rto, rto_srtt_factor
+    # x srtt), the subflow is taken for a blackhole, closed, and its
+    # data sent again on the others (RFC 8684 section 3.3.6)
+    min_rto: float = 1.0
+    rto_srtt_factor: float = 4.0
+    # with no usable subflow left the connection keeps its state this
+    # long, waiting for a new join (or for a stalled path to move)
+    path_loss_timeout: float = 30.0
+    # failed joins (bad HMAC, timeout) per connection: a token bucket of
+    # join_failure_burst, refilled at join_failure_rate per second;
+    # while it is empty every join SYN is refused
+    join_failure_burst: int = 16
+    join_failure_rate: float = 2.0
     max_subflows: int = 8
     max_pending_joins: int = 8
     # a pure Data ACK goes out once this many bytes arrived without one,
@@ -97,8 +113,28 @@ class ConnectionConfig:
             raise ConfigurationError(
                 "join_rto must be positive and at most join_timeout"
             )
+        _check_seconds("handshake_timeout", self.handshake_timeout)
+        _check_seconds("min_rto", self.min_rto)
+        _check_seconds("path_loss_timeout", self.path_loss_timeout)
+        if not 1.0 <= self.rto_srtt_factor <= 64.0:
+            raise ConfigurationError("rto_srtt_factor must be in [1, 64]")
+        _check_range("join_failure_burst", self.join_failure_burst, 1, 2**20)
+        if not 0 < self.join_failure_rate <= 1e6:
+            raise ConfigurationError(
+                "join_failure_rate must be positive (failures per second)"
+            )
         if not 0 < self.ack_delay <= 1.0:
             raise ConfigurationError("ack_delay must be in (0, 1] seconds")
+
+
+def _check_seconds(name: str, value: float) -> None:
+    # a bounded, positive duration: no wait may be infinite
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be a number of seconds")
+    if not 0 < value <= 86400:
+        raise ConfigurationError(
+            f"{name} must be in (0, 86400] seconds, got {value}"
+        )
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

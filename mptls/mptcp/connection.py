@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from hmac import compare_digest
 
-from mptls.errors import MptlsError, PeerResetError
+from mptls.errors import MptlsError, MptlsTimeoutError, PeerResetError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.crypto import (
@@ -42,6 +42,7 @@ from mptls.mptcp.options import (
     MpTcpRst,
     ResetReason,
 )
+from mptls.mptcp.recovery import RecoveryMixin
 from mptls.mptcp.scheduler import Chunk, Subflow, SubflowState, pick_subflow
 from mptls.mptcp.state import SEQ_MOD, RandomSource, options_of
 from mptls.mptcp.tokens import TokenAllocator
@@ -53,6 +54,7 @@ logger = logging.getLogger("mptls.mptcp")
 
 # how many closed subflows info() keeps reporting
 _CLOSED_KEPT = 16
+_NO_LIMIT = 2**62
 _S = SubflowState
 
 
@@ -70,7 +72,7 @@ def _widen(value: int, reference: int) -> int:
     return candidate % SEQ_MOD
 
 
-class Connection(HandshakeMixin, JoinsMixin):
+class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
     """An MPTCP connection; build one with :meth:`initiator` or let an
     :class:`~mptls.mptcp.endpoint.Endpoint` build responders."""
 
@@ -100,7 +102,9 @@ class Connection(HandshakeMixin, JoinsMixin):
             self._local_key = random(8)
         if config.mode is Mode.RFC8684:
             self._local_token = rfc8684_token(self._local_key)
-        self._subflows[0] = Subflow(0, _S.SYN_SENT)
+        self._subflows[0] = Subflow(
+            0, _S.SYN_SENT, deadline=now + config.handshake_timeout
+        )
         return self
 
     @classmethod
@@ -129,7 +133,9 @@ class Connection(HandshakeMixin, JoinsMixin):
             self._local_key = local_secret
             self._local_token = rfc8684_token(local_secret)
             self._local_idsn = rfc8684_idsn(local_secret)
-        subflow = Subflow(0, _S.SYN_RECEIVED)
+        subflow = Subflow(
+            0, _S.SYN_RECEIVED, deadline=now + config.handshake_timeout
+        )
         self._subflows[0] = subflow
         # the SYN's window counts from offset 0: nothing is acked yet
         self._peer_edge = syn.window
@@ -187,6 +193,7 @@ class Connection(HandshakeMixin, JoinsMixin):
 
     def segments_to_send(self, now: float) -> list[tuple[int, Segment]]:
         """Everything to write now, as (subflow id, segment) pairs."""
+        self._now = now
         out: list[tuple[int, Segment]] = []
         self._emit_handshake(out, now)
         self._emit_outboxes(out)
@@ -240,7 +247,11 @@ class Connection(HandshakeMixin, JoinsMixin):
                 self._peer_edge
             ):
                 return
-            subflow = pick_subflow(self._subflows.values(), limit)
+            # a reinjection fills the hole the others' data waits
+            # behind: the in-flight limit, which that data holds up, must
+            # not block it
+            room = _NO_LIMIT if reinject else limit
+            subflow = pick_subflow(self._subflows.values(), room)
             if subflow is None:
                 return
             if reinject:
@@ -258,8 +269,13 @@ class Connection(HandshakeMixin, JoinsMixin):
         self, subflow: Subflow, chunk: Chunk, now: float
     ) -> Segment:
         chunk.subflow_id = subflow.subflow_id
+        if not any(s.inflight for s in self._subflows.values()):
+            # nothing was outstanding: the no-progress clock starts now
+            self._last_progress = now
         subflow.inflight += len(chunk.data)
         subflow.start_probe(chunk.end, now)
+        if subflow.data_deadline is None:
+            subflow.data_deadline = now + self._rto(subflow)
         ack = self._data_ack()
         local_idsn = self._local_idsn or 0
         # RFC 8684 section 3.3.1: a DATA_FIN alone has ssn 0, length 1
@@ -302,6 +318,7 @@ class Connection(HandshakeMixin, JoinsMixin):
         self, subflow_id: int, segment: Segment, now: float
     ) -> None:
         """Take one segment that arrived on ``subflow_id``."""
+        self._now = now
         subflow = self._subflows.get(subflow_id)
         if subflow is None or not subflow.live or self._closed:
             logger.debug(
@@ -355,6 +372,7 @@ class Connection(HandshakeMixin, JoinsMixin):
             return
         subflow.deadline = None
         subflow.set_state(_S.ESTABLISHED)
+        self._paths_lost_at = None
         self._events.append(ev.SubflowEstablished(subflow.subflow_id))
         self._on_established(subflow, segment, now)
 
@@ -419,10 +437,15 @@ class Connection(HandshakeMixin, JoinsMixin):
     def _on_data_ack(self, subflow: Subflow, offset: int, now: float) -> None:
         fin_was_acked = self._send.fin_acked
         subflow.ack_arrived(offset, now)
-        for chunk in self._send.ack(offset):
+        # an ACK that arrived here shows this path works again
+        subflow.suspect = False
+        freed = self._send.ack(offset)
+        for chunk in freed:
             owner = self._subflows.get(chunk.subflow_id)
             if owner is not None:
                 owner.inflight -= len(chunk.data)
+        if freed:
+            self._on_progress(now)
         if self._send.fin_acked and not fin_was_acked:
             self._maybe_finish()
 
@@ -497,6 +520,7 @@ class Connection(HandshakeMixin, JoinsMixin):
 
     def subflow_lost(self, subflow_id: int, now: float) -> None:
         """The TCP connection under ``subflow_id`` died."""
+        self._now = now
         subflow = self._subflows.get(subflow_id)
         if subflow is None or not subflow.live:
             return
@@ -604,24 +628,42 @@ class Connection(HandshakeMixin, JoinsMixin):
         for subflow in self._subflows.values():
             if not subflow.live:
                 continue
-            for when in (subflow.retransmit_at, subflow.deadline):
+            for when in (
+                subflow.retransmit_at,
+                subflow.deadline,
+                subflow.data_deadline,
+            ):
                 if when is not None:
                     deadlines.append(when)
-            if subflow.ack_due_bytes and subflow.ack_due_since is not None:
+            if (
+                subflow.ack_due_bytes
+                and subflow.ack_due_since is not None
+                and subflow.carries_data
+                and self._remote_idsn is not None
+            ):
+                # as in _emit_acks: only an ACK that can be sent is due
                 deadlines.append(subflow.ack_due_since + self.config.ack_delay)
+        limit = self.config.path_loss_timeout
+        if self._paths_lost_at is not None:
+            deadlines.append(self._paths_lost_at + limit)
+        elif self._outstanding():
+            deadlines.append(self._last_progress + limit)
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
-        """Retransmit join SYNs, expire joins; delayed ACKs go out with
-        the next :meth:`segments_to_send`."""
-        if self._closed:
+        """Retransmit join SYNs, expire handshakes and joins, detect dead
+        paths; delayed ACKs go out with the next :meth:`segments_to_send`.
+        """
+        self._now = now
+        if self._closed or self._path_loss_expired(now):
             return
         for subflow in list(self._subflows.values()):
             if not subflow.live:
                 continue
             if subflow.deadline is not None and now >= subflow.deadline:
-                subflow.outbox.append(self._reset_segment(None))
-                self._close_subflow(subflow, "join timed out", None)
+                self._expire(subflow)
+                if self._closed:
+                    return
                 continue
             retransmit_at = subflow.retransmit_at
             if retransmit_at is not None and now >= retransmit_at:
@@ -629,6 +671,21 @@ class Connection(HandshakeMixin, JoinsMixin):
                     subflow.outbox.append(subflow.syn)
                 subflow.rto *= 2
                 subflow.retransmit_at = now + subflow.rto
+        self._check_data_timeouts(now)
+
+    def _expire(self, subflow: Subflow) -> None:
+        if subflow.subflow_id == 0 and not self.handshake_complete:
+            self._give_up(
+                MptlsTimeoutError(
+                    "MPTCP handshake did not complete within "
+                    f"{self.config.handshake_timeout} s"
+                )
+            )
+            return
+        if subflow.is_join and not self.is_initiator:
+            self._note_join_failure()
+        subflow.outbox.append(self._reset_segment(None))
+        self._close_subflow(subflow, "join timed out", None)
 
     # reporting
 

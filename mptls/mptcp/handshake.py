@@ -148,6 +148,7 @@ class HandshakeMixin(ConnectionState):
             self._remote_idsn = rfc8684_idsn(secret)
         # nothing of ours is acknowledged yet: the window counts from 0
         self._peer_edge = segment.window
+        subflow.deadline = None
         subflow.set_state(_S.ESTABLISHED)
         self._third_ack_due = True
         self._complete_handshake()
@@ -189,6 +190,7 @@ class HandshakeMixin(ConnectionState):
             self._remote_key = remote
             self._remote_token = rfc8684_token(remote)
             self._remote_idsn = rfc8684_idsn(remote)
+        subflow.deadline = None
         subflow.set_state(_S.ESTABLISHED)
         self._complete_handshake()
         # the SYN's data could not be acknowledged before Token-A was known

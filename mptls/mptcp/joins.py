@@ -125,8 +125,16 @@ class JoinsMixin(ConnectionState):
         option = options_of(syn).get(MpJoinSyn)
         if not isinstance(option, MpJoinSyn):
             raise JoinRefusedError("not an MP_JOIN SYN")
+        self._now = now
         if self._closed or not self.handshake_complete:
             raise JoinRefusedError("the connection takes no joins now")
+        if self._refill_join_credit(now) < 1.0:
+            # forged joins with a sniffed token cost this connection
+            # nothing more than one refusal each while the bucket is dry
+            raise JoinRefusedError(
+                "too many failed joins on this connection; try later",
+                reset_reason=ResetReason.ADMINISTRATIVELY_PROHIBITED,
+            )
         if self.mode is Mode.RFC8684 and not self.config.allow_cleartext_keys:
             raise JoinRefusedError(
                 "joins keyed by cleartext keys are not allowed",
@@ -184,6 +192,7 @@ class JoinsMixin(ConnectionState):
         option = options_of(segment).get(MpJoinAck)
         keys = self._join_keys()
         if not isinstance(option, MpJoinAck) or keys is None:
+            self._note_join_failure()
             self._reset_subflow(
                 subflow, ResetReason.MPTCP_ERROR, "join ACK without MP_JOIN"
             )
@@ -193,16 +202,33 @@ class JoinsMixin(ConnectionState):
             remote, local, subflow.remote_nonce, subflow.local_nonce
         )
         if not compare_digest(expected[:20], option.hmac):
+            self._note_join_failure()
             self._reset_subflow(
                 subflow, ResetReason.MPTCP_ERROR, "bad MP_JOIN HMAC"
             )
             return
         subflow.deadline = None
         subflow.set_state(_S.ESTABLISHED)
+        self._paths_lost_at = None
         self._events.append(ev.SubflowEstablished(subflow.subflow_id))
         # RFC 8684 section 3.2: this ACK moves the initiator's subflow
         # out of PRE_ESTABLISHED
         subflow.outbox.append(self._ack_segment(subflow))
+
+    def _refill_join_credit(self, now: float) -> float:
+        """The failed-join bucket refilled up to ``now``."""
+        config = self.config
+        elapsed = max(0.0, now - self._join_credit_at)
+        self._join_credit = min(
+            float(config.join_failure_burst),
+            self._join_credit + elapsed * config.join_failure_rate,
+        )
+        self._join_credit_at = max(now, self._join_credit_at)
+        return self._join_credit
+
+    def _note_join_failure(self) -> None:
+        credit = self._refill_join_credit(self._now)
+        self._join_credit = max(0.0, credit - 1.0)
 
     # addresses (RFC 8684 section 3.4)
 

@@ -85,6 +85,12 @@ class Subflow:
     retransmit_at: float | None = None
     rto: float = 0.0
     deadline: float | None = None
+    # data-level retransmission timeout: when data in flight here has
+    # seen no Data ACK progress by then, the path is suspect
+    data_deadline: float | None = None
+    # the data-level timeout expired while no other subflow could take
+    # the data: still used, but no longer trusted
+    suspect: bool = False
     outbox: list[Segment] = field(default_factory=list)
 
     def set_state(self, new: SubflowState) -> None:
@@ -240,6 +246,14 @@ class SendBuffer:
             freed.append(chunk)
         return freed
 
+    def head_subflow(self) -> int | None:
+        """The subflow the oldest unacknowledged chunk was last sent on.
+
+        None if nothing is unacknowledged; -1 if it waits for
+        reinjection.
+        """
+        return self._unacked[0].subflow_id if self._unacked else None
+
     def requeue(self, subflow_id: int) -> list[Chunk]:
         """Queue every unacked chunk last sent on ``subflow_id`` again."""
         moved = [c for c in self._unacked if c.subflow_id == subflow_id]
@@ -277,10 +291,13 @@ def pick_subflow(
     The lowest smoothed RTT among established, writable subflows with
     room wins; ties go to the one with less in flight. Backup subflows
     are used only when no other subflow is established (RFC 8684
-    section 3.3.8).
+    section 3.3.8), suspect ones only when nothing else is left.
     An unmeasured subflow counts as fastest so that it gets measured.
     """
     alive = [s for s in subflows if s.carries_data]
+    # a suspect path (its data-level timeout expired) only while no
+    # other can carry data
+    alive = [s for s in alive if not s.suspect] or alive
     # a full or congested regular subflow is no reason to use a backup
     pool = [s for s in alive if not s.backup] or alive
     ready = [s for s in pool if s.writable and s.inflight < inflight_limit]

@@ -96,6 +96,16 @@ class ConnectionState:
         self._window_update_due = False
         self._announcements: list[AddAddr] = []
         self._remote_addresses: dict[int, tuple[object, int | None]] = {}
+        # the latest time an entry point was given: steps that have no
+        # ``now`` of their own (closing a subflow) use it
+        self._now = now
+        # when the last subflow went away; None while one is live
+        self._paths_lost_at: float | None = None
+        # last time the Data ACK moved or data left with none in flight
+        self._last_progress = now
+        # failed-join token bucket (config.join_failure_burst / _rate)
+        self._join_credit = float(config.join_failure_burst)
+        self._join_credit_at = now
 
     @property
     def local_token(self) -> bytes | None:
@@ -105,6 +115,11 @@ class ConnectionState:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def live_subflows(self) -> int:
+        """Subflows not closed, joins in progress included."""
+        return self._live_count()
 
     @property
     def send_buffer_size(self) -> int:
@@ -237,8 +252,27 @@ class ConnectionState:
         self._events.append(
             ev.SubflowClosed(subflow.subflow_id, why, reset_reason)
         )
+        subflow.data_deadline = None
         if not self._closed and self._live_count() == 0:
+            self._all_paths_lost()
+
+    def _all_paths_lost(self) -> None:
+        """No subflow is left: wait for a join, or finish if none can come.
+
+        RFC 8684 section 3.3.3 keeps a connection whose subflows all
+        closed without a DATA_FIN for a while; here that while is
+        ``path_loss_timeout``, and only if a join is possible at all.
+        """
+        if not self.handshake_complete or self._join_keys() is None:
             self._finish(MptlsError("every subflow of the connection closed"))
+            return
+        if self._paths_lost_at is None:
+            self._paths_lost_at = self._now
+        logger.debug(
+            "[%s] every subflow closed; waiting %.1f s for a join",
+            self._tag(),
+            self.config.path_loss_timeout,
+        )
 
     def _finish(self, error: MptlsError | None) -> None:
         if self._closed:

@@ -1,0 +1,117 @@
+"""Dead paths and lost connections, sans I/O.
+
+:class:`RecoveryMixin` holds the data-level retransmission timeout of
+each subflow (a path that stops delivering without a RST is found by
+the Data ACK not moving, RFC 8684 section 3.3.6) and the connection's
+``path_loss_timeout``: how long it keeps its state with no working path
+before it fails with :class:`~mptls.errors.MptlsTimeoutError`.
+
+It must never perform I/O or read a clock: time is an argument.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mptls.errors import MptlsError, MptlsTimeoutError
+from mptls.mptcp.options import ResetReason
+from mptls.mptcp.scheduler import Subflow, SubflowState
+from mptls.mptcp.state import ConnectionState
+
+__all__ = ["RecoveryMixin"]
+
+logger = logging.getLogger("mptls.mptcp")
+
+_S = SubflowState
+# RFC 6298 section 2.1: the RTO before a round trip is measured
+_INITIAL_RTO = 1.0
+
+
+class RecoveryMixin(ConnectionState):
+    """Data-level RTO per subflow and the path-loss limit."""
+
+    def _rto(self, subflow: Subflow) -> float:
+        if subflow.srtt is None:
+            # RFC 6298 section 2.1: 1 s until a round trip is measured
+            return max(self.config.min_rto, _INITIAL_RTO)
+        srtt = subflow.srtt
+        return max(self.config.min_rto, self.config.rto_srtt_factor * srtt)
+
+    def _outstanding(self) -> bool:
+        return any(s.inflight > 0 for s in self._subflows.values() if s.live)
+
+    def _on_progress(self, now: float) -> None:
+        """The Data ACK moved: every path's no-progress clock restarts."""
+        self._last_progress = now
+        for subflow in self._subflows.values():
+            if subflow.live:
+                subflow.data_deadline = (
+                    now + self._rto(subflow) if subflow.inflight > 0 else None
+                )
+
+    def _check_data_timeouts(self, now: float) -> None:
+        expired = [
+            s
+            for s in self._subflows.values()
+            if s.live
+            and s.data_deadline is not None
+            and now >= s.data_deadline
+        ]
+        if not expired:
+            return
+        # only the path holding the oldest unacknowledged chunk is to
+        # blame: the others wait behind its hole in the data stream
+        head = self._send.head_subflow()
+        for subflow in expired:
+            if subflow.inflight <= 0:
+                subflow.data_deadline = None
+            elif subflow.subflow_id != head:
+                subflow.data_deadline = now + self._rto(subflow)
+            else:
+                self._data_timeout(subflow, now)
+
+    def _data_timeout(self, subflow: Subflow, now: float) -> None:
+        rto = self._rto(subflow)
+        others = [
+            s
+            for s in self._subflows.values()
+            if s is not subflow and s.carries_data and not s.suspect
+        ]
+        if not others:
+            # nowhere else to send: keep the path, distrust it, back off
+            # (RFC 6298 section 5.5); path_loss_timeout bounds the wait
+            subflow.suspect = True
+            subflow.data_deadline = now + 2 * rto
+            return
+        # RFC 8684 section 3.3.6: a subflow that stopped delivering is
+        # closed and its unacknowledged data reinjected on the others
+        self._reset_subflow(
+            subflow,
+            ResetReason.UNACCEPTABLE_PERFORMANCE,
+            f"no Data ACK progress for {rto:.2f} s",
+        )
+
+    def _path_loss_expired(self, now: float) -> bool:
+        limit = self.config.path_loss_timeout
+        if self._paths_lost_at is not None:
+            if now < self._paths_lost_at + limit:
+                return False
+            error = MptlsTimeoutError(
+                f"every path was lost and none came back within {limit} s"
+            )
+        elif self._outstanding() and now >= self._last_progress + limit:
+            error = MptlsTimeoutError(
+                f"no path delivered data for {limit} s (path_loss_timeout)"
+            )
+        else:
+            return False
+        self._give_up(error)
+        return True
+
+    def _give_up(self, error: MptlsError) -> None:
+        logger.info("[%s] connection failed: %s", self._tag(), error)
+        for subflow in self._subflows.values():
+            if subflow.live:
+                subflow.outbox.append(self._reset_segment(None))
+                subflow.set_state(_S.CLOSED)
+        self._finish(error)

@@ -1,0 +1,405 @@
+"""Path failures, timeouts and forged input against the sans-I/O core.
+
+Everything runs on the in-memory network (tests/memnet.py) with a fake
+clock, so the timings asserted here are exact: a blackholed subflow is
+found by the data-level retransmission timeout and its data reinjected,
+a connection whose paths all die waits ``path_loss_timeout`` for a join
+and then fails with :class:`~mptls.errors.MptlsTimeoutError`, a stalled
+MP_CAPABLE exchange times out, failed joins are rate-limited, and
+10,000 forged joins with a sniffed token all fail. DSS mappings outside
+the window, conflicting copies and an early DATA_FIN leave the stream
+intact.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from memnet import MemNet
+from test_connection import established, has_data, join, stream
+
+from mptls.errors import MptlsError, MptlsTimeoutError
+from mptls.mptcp import events as ev
+from mptls.mptcp.config import ConnectionConfig
+from mptls.mptcp.crypto import idsn_from_token
+from mptls.mptcp.endpoint import Accepted, Refused
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import (
+    Dss,
+    MpJoinAck,
+    MpJoinSyn,
+    MpJoinSynAck,
+    MpTcpRst,
+    ResetReason,
+)
+
+SEQ_MOD = 2**64
+
+
+def slow(net: MemNet, delay: float = 0.005) -> MemNet:
+    """Give the first path a one-way delay, so data is really in flight."""
+    net.link(0).delay = delay
+    return net
+
+
+def ready(net: MemNet) -> MemNet:
+    """Established, and the client holds its keys (joins may start)."""
+    established(net)
+    assert net.run(lambda: net.client.info().keys_installed)
+    return net
+
+
+def blackhole(net: MemNet, client_id: int) -> None:
+    """The path drops everything both ways and nobody is told (no RST)."""
+    link = net.link(client_id)
+    link.dead = True
+    link.to_server.queue.clear()
+    link.to_client.queue.clear()
+
+
+# blackhole detection (RFC 8684 section 3.3.6)
+
+
+def test_blackholed_subflow_is_detected_and_its_data_reinjected() -> None:
+    # a small window keeps data in flight for many round trips
+    server = ConnectionConfig(receive_window=256 * 1024)
+    net = ready(slow(MemNet(server_config=server, seed=3)))
+    second = join(net, delay=0.005)
+    size = 2 * 1024 * 1024
+    up = stream(size, 11)
+    net.client.send(up)
+    assert net.run(has_data(net.server_side, size // 4))
+    blackhole(net, second)
+    lost_at = net.now
+    assert net.run(has_data(net.server_side, size + 5))
+    assert bytes(net.server_side.data[5:]) == up
+    closed = [
+        e
+        for e in net.client_side.of_type(ev.SubflowClosed)
+        if isinstance(e, ev.SubflowClosed) and e.subflow_id == second
+    ]
+    assert closed and closed[0].reset_reason == (
+        ResetReason.UNACCEPTABLE_PERFORMANCE
+    )
+    # detection takes the data-level RTO: its 1 s floor on a fast path
+    recovery = net.now - lost_at
+    assert 1.0 <= recovery < 1.5
+    assert net.client_side.closed is None
+
+
+def test_rto_follows_a_slow_paths_srtt() -> None:
+    # a small in-flight limit per subflow keeps both paths busy
+    config = ConnectionConfig(
+        min_rto=0.05, rto_srtt_factor=4.0, subflow_inflight_limit=64 * 1024
+    )
+    server = ConnectionConfig(receive_window=128 * 1024)
+    net = ready(
+        slow(MemNet(client_config=config, server_config=server, seed=4))
+    )
+    # 0.2 s each way: srtt about 0.4 s, RTO about 1.6 s
+    second = join(net, delay=0.2)
+    size = 2 * 1024 * 1024
+    net.client.send(stream(size, 12))
+    assert net.run(
+        lambda: any(
+            s.subflow_id == second and s.srtt is not None and s.bytes_sent
+            for s in net.client.info().subflows
+        )
+    )
+    blackhole(net, second)
+    lost_at = net.now
+    assert net.run(
+        lambda: any(
+            isinstance(e, ev.SubflowClosed) and e.subflow_id == second
+            for e in net.client_side.events
+        )
+    )
+    assert 0.8 < net.now - lost_at < 3.5
+    assert net.run(has_data(net.server_side, size + 5))
+
+
+def test_only_path_blackholed_fails_after_path_loss_timeout() -> None:
+    config = ConnectionConfig(path_loss_timeout=5.0)
+    net = ready(slow(MemNet(client_config=config, server_config=config)))
+    size = 512 * 1024
+    up = stream(size, 13)
+    net.client.send(up)
+    assert net.run(has_data(net.server_side, 64 * 1024))
+    blackhole(net, 0)
+    stalled_at = net.now
+    net.run()
+    closed = net.client_side.closed
+    assert closed is not None
+    assert isinstance(closed.error, MptlsTimeoutError)
+    assert "path_loss_timeout" in str(closed.error)
+    assert 4.9 < net.now - stalled_at <= 5.1
+    # nothing corrupt: what arrived is a prefix of what was sent
+    got = bytes(net.server_side.data[5:])
+    assert up.startswith(got)
+
+
+# every path lost, then one back
+
+
+def test_all_paths_lost_then_a_join_resumes_the_transfer() -> None:
+    config = ConnectionConfig(path_loss_timeout=10.0)
+    net = established(MemNet(client_config=config, server_config=config))
+    second = join(net)
+    size = 1024 * 1024
+    up = stream(size, 14)
+    net.client.send(up)
+    assert net.run(has_data(net.server_side, size // 3))
+    net.kill(0)
+    net.kill(second)
+    assert net.client.live_subflows == 0
+    assert net.client_side.closed is None
+    # the client comes back on a new path 4 s later
+    net.run(max_time=net.now + 4.0)
+    assert net.client_side.closed is None and net.server_side.closed is None
+    third = join(net)
+    assert net.run(has_data(net.server_side, size + 5))
+    assert bytes(net.server_side.data[5:]) == up
+    assert ev.SubflowEstablished(third) in net.client_side.events
+    assert net.client_side.closed is None
+
+
+def test_all_paths_lost_for_good_fails_both_ends_in_time() -> None:
+    config = ConnectionConfig(path_loss_timeout=3.0)
+    net = established(MemNet(client_config=config, server_config=config))
+    net.client.send(stream(100_000, 15))
+    net.kill(0)
+    lost_at = net.now
+    net.run()
+    for side in (net.client_side, net.server_side):
+        assert side.closed is not None
+        assert isinstance(side.closed.error, MptlsTimeoutError)
+        assert "none came back within 3.0 s" in str(side.closed.error)
+    assert net.now == pytest.approx(lost_at + 3.0)
+
+
+def test_without_join_keys_losing_every_path_ends_at_once() -> None:
+    net = established(MemNet(keys=None))
+    net.kill(0)
+    net.run(max_time=net.now)
+    closed = net.client_side.closed
+    assert closed is not None and isinstance(closed.error, MptlsError)
+    assert not isinstance(closed.error, MptlsTimeoutError)
+
+
+# the MPTCP handshake timeout
+
+
+def test_unanswered_mp_capable_syn_times_out() -> None:
+    config = ConnectionConfig(handshake_timeout=2.5)
+    net = MemNet(client_config=config)
+    blackhole(net, 0)
+    net.client.send(b"ClientHello")
+    net.run()
+    closed = net.client_side.closed
+    assert closed is not None
+    assert isinstance(closed.error, MptlsTimeoutError)
+    assert "MPTCP handshake" in str(closed.error)
+    assert net.now == pytest.approx(2.5)
+
+
+def test_responder_without_a_third_ack_times_out() -> None:
+    config = ConnectionConfig(handshake_timeout=4.0)
+    net = slow(MemNet(server_config=config), 0.01)
+    net.client.send(b"ClientHello")
+    # deliver the SYN, then the path dies before the third ACK
+    assert net.run(lambda: net.server is not None)
+    blackhole(net, 0)
+    assert net.run(lambda: net.server_side.closed is not None)
+    closed = net.server_side.closed
+    assert closed is not None
+    assert isinstance(closed.error, MptlsTimeoutError)
+    assert net.now == pytest.approx(4.01)
+
+
+# forged joins (RFC 8684 section 3.2)
+
+
+def _forged_join(
+    net: MemNet, token: bytes, rng: random.Random, now: float
+) -> str:
+    """One join with a sniffed token and a random HMAC: its outcome."""
+    syn = Segment(
+        flags=Flag.SYN,
+        options=(
+            MpJoinSyn(token=token, nonce=rng.getrandbits(32), address_id=0),
+        ),
+    )
+    result = net.endpoint.receive_first(syn, now)
+    if isinstance(result, Refused):
+        return "refused at SYN"
+    assert isinstance(result, Accepted)
+    server = result.connection
+    answers = [s for sid, s in server.segments_to_send(now)]
+    assert any(
+        any(isinstance(o, MpJoinSynAck) for o in s.options) for s in answers
+    )
+    ack = Segment(flags=Flag.ACK, options=(MpJoinAck(hmac=rng.randbytes(20)),))
+    server.receive_segment(result.subflow_id, ack, now)
+    replies = [s for sid, s in server.segments_to_send(now)]
+    resets = [s for s in replies if s.flags & Flag.RST]
+    assert resets, "a forged third ACK must be reset"
+    return "refused at third ACK"
+
+
+def test_ten_thousand_forged_joins_are_all_refused() -> None:
+    config = ConnectionConfig(join_failure_burst=16, join_failure_rate=2.0)
+    net = established(MemNet(server_config=config))
+    assert net.server is not None
+    token = net.server.local_token
+    assert token is not None
+    rng = random.Random(99)
+    outcomes: dict[str, int] = {}
+    start = net.now
+    # 10,000 attempts over 10 s of fake time
+    for attempt in range(10_000):
+        now = start + attempt * 0.001
+        outcome = _forged_join(net, token, rng, now)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if attempt % 1000 == 0:
+            events = _drain(net.server)
+            assert not any(
+                isinstance(e, ev.SubflowEstablished) for e in events
+            )
+    # the bucket: 16 at once, then 2 per second over 10 s
+    assert outcomes["refused at third ACK"] <= 16 + 2 * 10 + 1
+    assert outcomes["refused at SYN"] >= 10_000 - 37
+    assert not any(
+        isinstance(e, ev.SubflowEstablished) for e in _drain(net.server)
+    )
+    # the table of subflows did not grow with the attack
+    assert len(net.server.info().subflows) <= 16 + 1
+    # the real client is still served, and can join once the bucket
+    # has refilled
+    net.now = start + 30.0
+    net.client.send(b"still here")
+    assert net.run(has_data(net.server_side, 15))
+    join(net)
+
+
+def _drain(connection: object) -> list[ev.Event]:
+    events: list[ev.Event] = []
+    next_event = connection.next_event  # type: ignore[attr-defined]
+    while (event := next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def test_failed_joins_are_rate_limited_per_connection() -> None:
+    config = ConnectionConfig(join_failure_burst=3, join_failure_rate=1.0)
+    net = established(MemNet(server_config=config))
+    assert net.server is not None
+    token = net.server.local_token
+    assert token is not None
+    rng = random.Random(5)
+    now = net.now
+    outcomes = [_forged_join(net, token, rng, now) for _ in range(5)]
+    assert outcomes == ["refused at third ACK"] * 3 + ["refused at SYN"] * 2
+    syn = Segment(
+        flags=Flag.SYN,
+        options=(MpJoinSyn(token=token, nonce=1, address_id=0),),
+    )
+    refused = net.endpoint.receive_first(syn, now)
+    assert isinstance(refused, Refused) and refused.reply is not None
+    assert (
+        MpTcpRst(reason=ResetReason.ADMINISTRATIVELY_PROHIBITED)
+        in refused.reply.options
+    )
+    # one second later one more attempt is allowed
+    assert _forged_join(net, token, rng, now + 1.0) == "refused at third ACK"
+    assert _forged_join(net, token, rng, now + 1.0) == "refused at SYN"
+
+
+def test_pending_half_open_joins_stay_bounded() -> None:
+    config = ConnectionConfig(max_pending_joins=4)
+    net = established(MemNet(server_config=config))
+    assert net.server is not None
+    token = net.server.local_token
+    assert token is not None
+    results = []
+    for nonce in range(50):
+        syn = Segment(
+            flags=Flag.SYN,
+            options=(MpJoinSyn(token=token, nonce=nonce, address_id=0),),
+        )
+        results.append(net.endpoint.receive_first(syn, net.now))
+    accepted = [r for r in results if isinstance(r, Accepted)]
+    assert len(accepted) == 4
+    live = [s for s in net.server.info().subflows if s.state != "CLOSED"]
+    assert len(live) == 1 + 4
+
+
+# DSS mappings from a hostile sender (RFC 8684 section 3.3)
+
+
+def _client_dsn(net: MemNet, offset: int) -> int:
+    token = net.client.local_token
+    assert token is not None
+    return (
+        idsn_from_token(token, net.client.config.idsn_rule) + 1 + offset
+    ) % SEQ_MOD
+
+
+def _mapped(dsn: int, payload: bytes, *, fin: bool = False) -> Segment:
+    length = len(payload) + (1 if fin else 0)
+    return Segment(
+        flags=Flag.ACK,
+        options=(Dss(dsn=dsn, ssn=1, data_length=length, data_fin=fin),),
+        payload=payload,
+    )
+
+
+def test_mappings_outside_the_window_are_dropped() -> None:
+    window = 64 * 1024
+    net = established(
+        MemNet(server_config=ConnectionConfig(receive_window=window))
+    )
+    sent = 5  # "hello"
+    far = _mapped(_client_dsn(net, sent + 10 * window), b"X" * 1000)
+    behind = _mapped(_client_dsn(net, 0), b"Z" * 5)
+    net.inject_to_server(0, far)
+    net.inject_to_server(0, behind)
+    net.client.send(b"real data")
+    assert net.run(has_data(net.server_side, 14))
+    net.run()
+    assert bytes(net.server_side.data) == b"helloreal data"
+    assert net.server_side.closed is None
+
+
+def test_conflicting_copies_never_change_taken_bytes() -> None:
+    net = established(MemNet())
+    second = join(net)
+    payload = stream(4096, 16)
+    # a forger maps different bytes onto the same range, first on one
+    # subflow, then the real data follows; whichever arrives first wins
+    # and the rest is trimmed, so the stream keeps the forged-first
+    # bytes only where they came first and never mixes two copies
+    net.inject_to_server(
+        second, _mapped(_client_dsn(net, 5 + 4096), b"Q" * 100)
+    )
+    net.client.send(payload + b"tail")
+    assert net.run(has_data(net.server_side, 5 + 4096 + 4))
+    data = bytes(net.server_side.data)
+    assert data[: 5 + 4096] == b"hello" + payload
+    # bytes past the real stream are taken as sent: TLS above rejects
+    # them; what matters is that no taken byte is ever replaced
+    assert data[5 + 4096 : 5 + 4096 + 4] in (b"tail", b"QQQQ")
+    assert set(data[5 + 4096 + 4 :]) <= {ord("Q")}
+
+
+def test_early_data_fin_waits_for_the_bytes_before_it() -> None:
+    net = established(MemNet())
+    assert net.server is not None
+    # a DATA_FIN at offset 5 + 20 arrives before bytes 5..25
+    net.inject_to_server(0, _mapped(_client_dsn(net, 25), b"", fin=True))
+    net.run()
+    assert not net.server_side.eof
+    net.client.send(stream(20, 17) + b"beyond the fin")
+    assert net.run(lambda: net.server_side.eof)
+    # RFC 8684 section 3.3.3: the stream ends at the DATA_FIN
+    assert bytes(net.server_side.data) == b"hello" + stream(20, 17)
