@@ -43,6 +43,10 @@ logger = logging.getLogger("mptls.userspace")
 _READ_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_LOW_WATER = 1024 * 1024
+# a client that lost every subflow tries its local addresses again,
+# waiting this long before the first attempt and doubling up to the cap
+_REJOIN_FIRST_DELAY = 0.1
+_REJOIN_MAX_DELAY = 2.0
 
 
 class SegmentSink(Protocol):
@@ -184,6 +188,7 @@ class MultipathTransport(asyncio.Transport):
         self._timer_deadline: float | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._paths_started = False
+        self._rejoining = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     # wiring
@@ -337,6 +342,18 @@ class MultipathTransport(asyncio.Transport):
         )
         # closed after the next flush: a final RST or FIN may be queued
         self._closing_subflows.append(event.subflow_id)
+        if (
+            self._initiator
+            and self._remote is not None
+            and self._paths_started
+            and not self._rejoining
+            and not self._closing
+            and self._core.live_subflows == 0
+            and not self._core.closed
+        ):
+            # the core waits path_loss_timeout for a join: offer one
+            self._rejoining = True
+            self._spawn(self._rejoin(self._remote))
 
     def _on_join_refused(self, event: events.JoinRefused) -> None:
         logger.warning(
@@ -441,18 +458,46 @@ class MultipathTransport(asyncio.Transport):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _rejoin(self, remote: tuple[str, int]) -> None:
+        """Join again from each local address in turn until one holds.
+
+        Runs while no subflow is live; the core ends the connection with
+        a timeout error after ``path_loss_timeout`` if none comes back.
+        """
+        locals_: list[str | None] = [*self._local_addrs] or [None]
+        delay = _REJOIN_FIRST_DELAY
+        attempt = 0
+        try:
+            while not self._closing and self._core.live_subflows == 0:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REJOIN_MAX_DELAY)
+                local = locals_[attempt % len(locals_)]
+                attempt += 1
+                logger.debug(
+                    "%s: no subflow left, joining again from %s",
+                    self._tag(),
+                    local,
+                )
+                await self._open_subflow(local, remote)
+        finally:
+            self._rejoining = False
+
     async def _open_subflow(
         self, local: str | None, remote: tuple[str, int]
     ) -> None:
         subflow = SubflowProtocol(self, initiator=True)
         try:
-            await self._loop.create_connection(
-                lambda: subflow,
-                remote[0],
-                remote[1],
-                local_addr=(local, 0) if local else None,
+            # a path that blackholes SYNs must not hold the task forever
+            await asyncio.wait_for(
+                self._loop.create_connection(
+                    lambda: subflow,
+                    remote[0],
+                    remote[1],
+                    local_addr=(local, 0) if local else None,
+                ),
+                self._core.config.join_timeout,
             )
-        except OSError as exc:
+        except (OSError, TimeoutError) as exc:
             logger.warning(
                 "%s: cannot open a subflow %s -> %s: %s",
                 self._tag(),
