@@ -261,6 +261,62 @@ async def test_stop_leaves_no_process_or_socket(pki: Pki) -> None:
     assert multiprocessing.active_children() == []
 
 
+PARENT_DIES = """
+import asyncio, functools, os, sys
+import mptls
+from mptls.backends.userspace.workers import start_workers
+from mptls.cli.netcat import _handle_client
+
+async def main():
+    tls = mptls.TLSConfig(certfile=sys.argv[1], keyfile=sys.argv[2])
+    handler = functools.partial(_handle_client, echo=True, verbose=False)
+    pool = await start_workers(handler, "127.0.0.1", 0, workers=2, ssl=tls)
+    print(*pool.pids, flush=True)
+    os._exit(0)  # no stop(): the workers must notice on their own
+
+asyncio.run(main())
+"""
+
+
+async def wait_exited(pid: int, timeout: float) -> None:
+    """Wait for ``pid`` to exit, woken by its pidfd (no polling)."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    exited = loop.create_future()
+    loop.add_reader(pidfd, exited.set_result, None)
+    try:
+        await asyncio.wait_for(exited, timeout)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+async def test_workers_stop_when_the_parent_dies(
+    pki: Pki, tmp_path: Path
+) -> None:
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        PARENT_DIES,
+        str(pki.cert_pem),
+        str(pki.key_pem),
+        stdout=asyncio.subprocess.PIPE,
+        # the pool's socket directory, left behind by a parent that dies
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    output, _ = await asyncio.wait_for(parent.communicate(), 60)
+    pids = [int(pid) for pid in output.split()]
+    assert len(pids) == 2
+    for pid in pids:
+        await wait_exited(pid, 30)
+    # each worker removed its own socket on the way out
+    (socket_dir,) = tmp_path.glob("mptls-workers-*")
+    assert list(socket_dir.iterdir()) == []
+
+
 async def test_a_worker_that_cannot_start_fails_the_pool(
     tmp_path: Path,
 ) -> None:

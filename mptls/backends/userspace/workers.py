@@ -124,6 +124,8 @@ class JoinRouter:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            # gone even if the parent, which removes the directory, is not
+            self._path(self._worker_id).unlink(missing_ok=True)
         for task in self._tasks:
             task.cancel()
 
