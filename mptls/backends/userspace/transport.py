@@ -523,6 +523,14 @@ class MultipathTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "mptcp":
             return self.mptcp_info()
+        if name == "subflow_transports":
+            # the TCP transport of each live subflow, by subflow id: for
+            # diagnostics and for tests that break one path on purpose
+            return {
+                subflow_id: subflow.transport
+                for subflow_id, subflow in self._subflows.items()
+                if subflow.transport is not None and not subflow.closed
+            }
         primary = self._primary()
         if primary is None or primary.transport is None:
             return default
