@@ -152,8 +152,9 @@ class JoinRouter:
         if owner is None:
             return False
         transport = subflow.transport
+        # the decoder's own count: bytes of a frame not yet complete
+        # could not be sent on, so such a join is refused here instead
         if transport is None or subflow._decoder.buffered:
-            # bytes of a frame not yet complete would be lost on the way
             return False
         sock = transport.get_extra_info("socket")
         if sock is None or self._sock is None:
@@ -304,9 +305,6 @@ def _worker_main(spec: _WorkerSpec, pipe: Pipe) -> None:
 
 
 async def _serve(spec: _WorkerSpec, pipe: Pipe) -> None:
-    from mptls.aio.streams import start_server
-
-    loop = asyncio.get_running_loop()
     router = JoinRouter(
         socket_dir=spec.socket_dir,
         server_id=spec.server_id,
@@ -315,6 +313,20 @@ async def _serve(spec: _WorkerSpec, pipe: Pipe) -> None:
         layout=spec.layout,
     )
     router.open()
+    try:
+        await _serve_until_stopped(spec, pipe, router)
+    finally:
+        router.close()
+    with contextlib.suppress(OSError):
+        pipe.send(("stats", router.stats()))
+
+
+async def _serve_until_stopped(
+    spec: _WorkerSpec, pipe: Pipe, router: JoinRouter
+) -> None:
+    from mptls.aio.streams import start_server
+
+    loop = asyncio.get_running_loop()
     server = await start_server(
         spec.client_connected_cb,
         spec.host,
@@ -350,9 +362,6 @@ async def _serve(spec: _WorkerSpec, pipe: Pipe) -> None:
 
     server.close()
     await _drain(listener, spec.grace)
-    router.close()
-    with contextlib.suppress(OSError):
-        pipe.send(("stats", router.stats()))
 
 
 def _set_stop(stop: asyncio.Future[None]) -> None:
