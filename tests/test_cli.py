@@ -3,14 +3,16 @@ and the commands end to end in subprocesses on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
+import signal
 import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -399,10 +401,11 @@ def test_connect_to_a_closed_port_exits_2(tmp_path: Path) -> None:
     assert result.stderr.decode().count("\n") <= 2
 
 
-def test_serve_and_connect_echo_a_line(tmp_path: Path) -> None:
-    certs = tmp_path / "certs"
-    assert run_mptls("certs", "--dir", str(certs)).returncode == 0
-
+@contextlib.contextmanager
+def serving(
+    certs: Path, *options: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``mptls serve`` on a free port; yields the process and its port."""
     server = subprocess.Popen(
         [
             sys.executable,
@@ -415,8 +418,7 @@ def test_serve_and_connect_echo_a_line(tmp_path: Path) -> None:
             str(certs / "server.pem"),
             "--key",
             str(certs / "server.key"),
-            "--echo",
-            "--once",
+            *options,
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -426,8 +428,22 @@ def test_serve_and_connect_echo_a_line(tmp_path: Path) -> None:
         assert server.stderr is not None
         listening = server.stderr.readline().decode()
         assert listening.startswith("listening on 127.0.0.1:"), listening
-        port = listening.rsplit(":", 1)[1].strip()
+        yield server, listening.rsplit(":", 1)[1].strip()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=COMMAND_TIMEOUT)
 
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    directory = tmp_path / "certs"
+    assert run_mptls("certs", "--dir", str(directory)).returncode == 0
+    return directory
+
+
+def test_serve_and_connect_echo_a_line(certs: Path) -> None:
+    with serving(certs, "--echo", "--once") as (server, port):
         line = b"hello over two paths\n"
         client = run_mptls(
             "connect",
@@ -442,10 +458,41 @@ def test_serve_and_connect_echo_a_line(tmp_path: Path) -> None:
         assert client.returncode == 0, client.stderr.decode()
         assert client.stdout == line
         assert server.wait(timeout=COMMAND_TIMEOUT) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=COMMAND_TIMEOUT)
+
+
+def test_stopped_server_ends_a_connected_client(certs: Path) -> None:
+    with serving(certs) as (server, port):
+        client = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mptls",
+                "connect",
+                "127.0.0.1",
+                port,
+                "--cafile",
+                str(certs / "ca.pem"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert client.stdin is not None and server.stdout is not None
+            client.stdin.write(b"first line\n")
+            client.stdin.flush()
+            # the server prints it: the connection is up
+            assert server.stdout.readline() == b"first line\n"
+
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=COMMAND_TIMEOUT) == 0
+            # stdin is still open, yet the client sees the end and exits
+            _, error = client.communicate(timeout=COMMAND_TIMEOUT)
+            assert client.returncode == 0, error.decode()
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait(timeout=COMMAND_TIMEOUT)
 
 
 def test_info_json_parses() -> None:
