@@ -33,7 +33,7 @@ SERVER_IDS = (1, 2, 3)
 CLIENTS = 30
 CHUNK = 64 * 1024
 
-pytestmark = pytest.mark.skipif(
+needs_haproxy = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed"
 )
 
@@ -260,6 +260,7 @@ def owner_of(info: mptls.MptcpInfo) -> int:
     return token_fields(bytes.fromhex(info.local_token)).server_id
 
 
+@needs_haproxy
 async def test_joins_through_a_second_balancer(
     pki: Pki, farm: Farm, balancers: tuple[Balancer, Balancer]
 ) -> None:
@@ -287,6 +288,7 @@ async def test_joins_through_a_second_balancer(
         assert joined <= CLIENTS - 10
 
 
+@needs_haproxy
 @pytest.mark.parametrize("farm", ["G"], indirect=True)
 async def test_restart_between_first_subflow_and_join(
     pki: Pki, farm: Farm, balancers: tuple[Balancer, Balancer]
@@ -307,6 +309,7 @@ async def test_restart_between_first_subflow_and_join(
         assert digest == hashlib.sha256(client.payload).digest()
 
 
+@needs_haproxy
 async def test_the_example_configuration_is_valid(tmp_path: Path) -> None:
     assert HAPROXY is not None
     env = {
@@ -327,3 +330,68 @@ async def test_the_example_configuration_is_valid(tmp_path: Path) -> None:
     assert check.returncode == 0, output.decode()
     with contextlib.suppress(ProcessLookupError):
         check.kill()
+
+
+# the path calls the balancer tests rely on
+
+
+@pytest.fixture
+async def one_server(pki: Pki) -> AsyncIterator[int]:
+    farm = await start_farm(pki, "G")
+    yield farm.ports[SERVER_IDS[0]]
+    for server in farm.servers:
+        server.close()
+
+
+async def test_remove_path_leaves_the_other_subflow(
+    pki: Pki, one_server: int
+) -> None:
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", one_server, ssl=pki.client()
+    )
+    transport = writer.transport
+    subflow_id = await transport.add_path(  # type: ignore[attr-defined]
+        ("127.0.0.1", one_server), local="127.0.0.2"
+    )
+    assert subflow_id == 1
+    with pytest.raises(mptls.PathError, match="no open subflow 7"):
+        await transport.remove_path(7)  # type: ignore[attr-defined]
+
+    # the first subflow goes; the data goes over the join
+    await transport.remove_path(0)  # type: ignore[attr-defined]
+    with pytest.raises(mptls.PathError, match="last one"):
+        await transport.remove_path(1)  # type: ignore[attr-defined]
+    client = Client(reader, writer, random.Random(3).randbytes(100_000))
+    assert await transfer(client) == hashlib.sha256(client.payload).digest()
+    sent = {
+        s.subflow_id: s.bytes_sent
+        for s in writer.get_extra_info("mptcp").subflows
+    }
+    assert sent[1] >= len(client.payload)
+
+
+async def test_add_path_to_nowhere_is_a_path_error(
+    pki: Pki, one_server: int
+) -> None:
+    _, writer = await mptls.open_connection(
+        "127.0.0.1", one_server, ssl=pki.client()
+    )
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        with pytest.raises(mptls.PathError, match="cannot open a path"):
+            await writer.transport.add_path(  # type: ignore[attr-defined]
+                ("127.0.0.1", port)
+            )
+    writer.close()
+
+
+async def test_kernel_backend_says_why_it_adds_no_path() -> None:
+    from mptls.backends.kernel.backend import KernelBackend
+
+    backend = KernelBackend()
+    transport = asyncio.Transport()
+    with pytest.raises(mptls.PathError, match="manage_paths"):
+        await backend.add_path(transport, ("127.0.0.1", 1))
+    with pytest.raises(mptls.PathError, match="kernel"):
+        await backend.remove_path(transport, 1)
