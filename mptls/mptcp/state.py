@@ -122,6 +122,14 @@ class ConnectionState:
         return self._live_count()
 
     @property
+    def receive_buffered(self) -> int:
+        """Bytes held here: out of order, or delivered and not consumed.
+
+        Never more than ``config.receive_window``.
+        """
+        return self._receive.held + self._receive.unconsumed
+
+    @property
     def send_buffer_size(self) -> int:
         return self._send.size
 
