@@ -338,7 +338,11 @@ async def connect(args: argparse.Namespace) -> None:
         upload.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await upload
+        # an orderly close ends every subflow, so the server need not
+        # wait for subflows this process would otherwise just drop
         writer.close()
+        with contextlib.suppress(MptlsError, OSError):
+            await writer.wait_closed()
 
 
 # the command line
