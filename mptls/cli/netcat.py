@@ -95,7 +95,7 @@ async def _handle_client(
     echo: bool,
     verbose: bool,
 ) -> None:
-    peer = writer.get_extra_info("peername")
+    peer = format_address(writer.get_extra_info("peername"))
     _status(verbose, [f"connection from {peer}"])
     _status(verbose, describe_connection(writer.get_extra_info("mptcp")))
     try:
