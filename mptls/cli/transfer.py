@@ -2,11 +2,9 @@
 
 A server and a client run in this process on loopback. The client sends
 the payload over subflows from each of its local addresses; the server
-hashes what it receives and answers with its digest. The report shows
-what an operator wants to see: the negotiated mode, the tokens, that the
-keys came from the TLS exporter on both ends (by fingerprint: the keys
-themselves must never be shown), each subflow's share of the bytes, and
-whether the SHA-256 digests match.
+hashes what it receives and answers with its digest. The resulting
+:class:`DemoReport` holds both ends' MPTCP state, key fingerprints (the
+keys themselves must never reach it), digests and timing.
 """
 
 from __future__ import annotations
@@ -107,7 +105,7 @@ class DemoReport:
 
     @property
     def ok(self) -> bool:
-        # without keys (kernel backend) there is nothing to compare
+        # ends that exported no keys have no fingerprints to compare
         keys_agree = self.fingerprints_match or not (
             self.client.info.key_fingerprint
             or self.server.info.key_fingerprint
