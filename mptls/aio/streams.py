@@ -9,7 +9,6 @@ mptls's own keywords, and give real ``asyncio.StreamReader`` /
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -88,9 +87,17 @@ async def create_connection(
             waiter=waiter,
         )
 
-    transport, tls = await backend_obj.create_connection(
-        tls_factory, host, port, local_addrs=local_addrs, **backend_options
-    )
+    try:
+        transport, tls = await backend_obj.create_connection(
+            tls_factory, host, port, local_addrs=local_addrs, **backend_options
+        )
+    except BaseException:
+        # the TLS protocol may have failed the waiter already; nobody
+        # will await it now
+        if waiter.done() and not waiter.cancelled():
+            waiter.exception()
+        waiter.cancel()
+        raise
     try:
         await waiter
     except BaseException:
@@ -186,11 +193,3 @@ async def start_server(
         )
 
     return await create_server(factory, host, port, **kwds)
-
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
