@@ -50,13 +50,18 @@ from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.tls")
 
-# one SSL_read returns at most one record (16 KiB); a large buffer costs
-# nothing more and lets a future multi-record read fill it
-RECEIVE_CHUNK = 256 * 1024
-# ciphertext taken from the outgoing memory BIO per BIO_read
-TRANSMIT_CHUNK = 256 * 1024
+# one SSL_read returns at most one record, whose plaintext is at most
+# 2^14 bytes (RFC 8446 section 5.1): a larger buffer is allocated per
+# call for nothing
+RECEIVE_CHUNK = 2**14
+# ciphertext taken from the outgoing memory BIO per BIO_read, on top of
+# what the plaintext written since the last read will have become
+TRANSMIT_CHUNK = 64 * 1024
 # plaintext handed to one SSL_write (which cuts it into records)
 WRITE_CHUNK = 1024 * 1024
+# what TLS 1.3 adds to a full record: header 5, content type 1, AEAD
+# tag 16 (RFC 8446 section 5.2), with room to spare
+_RECORD_OVERHEAD = 32
 
 _X509_V_OK = 0
 _NAME_MISMATCH = {
@@ -210,6 +215,12 @@ class TLSEngine:
         self._connection = SSL.Connection(context, None)
         self._connection.set_options(POLICY_OPTIONS)
         self._connection.set_info_callback(self._alerts.on_info)
+        # pyOpenSSL turns partial writes on, so one SSL_write stops
+        # after one record; with a memory BIO that never blocks, all the
+        # records of a write are better cut in one call
+        _lib.SSL_clear_mode(
+            ssl_pointer(self._connection), _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+        )
         if server_side:
             self._connection.set_accept_state()
         else:
@@ -223,6 +234,8 @@ class TLSEngine:
         self._handshake_done = False
         self._incoming: list[bytes] = []
         self._pending: list[bytes] = []
+        # plaintext written since data_to_send last drained the BIO
+        self._unsent = 0
         self._close_requested = False
         self._eof_received = False
 
@@ -340,9 +353,18 @@ class TLSEngine:
         """
         chunks = []
         bio_read = self._connection.bio_read
+        # one read sized for everything written since the last one: a
+        # memory BIO hands over all it holds, so a short read means empty
+        # and no WantReadError needs raising
+        size = self._unsent
+        size += (size >> 14) * _RECORD_OVERHEAD + TRANSMIT_CHUNK
+        self._unsent = 0
         try:
             while True:
-                chunks.append(bio_read(TRANSMIT_CHUNK))
+                chunk = bio_read(size)
+                chunks.append(chunk)
+                if len(chunk) < size:
+                    break
         except SSL.WantReadError:
             pass
         except SSL.Error as exc:
@@ -536,6 +558,7 @@ class TLSEngine:
     def _write(self, data: bytes) -> None:
         view = memoryview(data).cast("B")
         send = self._connection.send
+        self._unsent += len(view)
         offset = 0
         try:
             while offset < len(view):
