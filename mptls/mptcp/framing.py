@@ -25,6 +25,7 @@ from mptls.mptcp.options import (
     MPTCP_KIND,
     Option,
     decode_options,
+    encode_option,
     encode_options,
 )
 
@@ -36,9 +37,11 @@ __all__ = [
     "NOT_MPTLS_REPLY",
     "PREAMBLE",
     "Flag",
+    "Payload",
     "Segment",
     "SegmentDecoder",
     "describe_foreign_bytes",
+    "encode_head",
     "encode_segment",
 ]
 
@@ -66,6 +69,10 @@ class Flag(IntFlag):
     ACK = 0x10
 
 
+# A frame's payload: the decoder makes bytes; the sender passes views of
+# the application's bytes through to the write without copying them.
+Payload = bytes | memoryview
+
 _ALL_FLAGS = 0x1F
 # One prebuilt member per flag byte: no enum construction per frame.
 _FLAGS = tuple(Flag(value) for value in range(_ALL_FLAGS + 1))
@@ -77,7 +84,7 @@ class Segment:
 
     flags: Flag
     options: tuple[Option, ...] = ()
-    payload: bytes = b""
+    payload: Payload = b""
     window: int = 0
 
 
@@ -88,25 +95,37 @@ def encode_segment(segment: Segment) -> bytes:
     fit the header, or :class:`~mptls.errors.OptionError` when an option
     is malformed.
     """
+    head = encode_head(segment)
+    return head + segment.payload if segment.payload else head
+
+
+def encode_head(segment: Segment) -> bytes:
+    """The frame for ``segment`` without its payload: header, options.
+
+    A sender that gathers several frames into one write appends the
+    payload itself, so that the payload is copied once, by that join.
+    Raises as :func:`encode_segment` does.
+    """
     flags = int(segment.flags)
     if not 0 <= flags <= _ALL_FLAGS:
         raise FramingError(f"frame flags {flags:#x} outside FIN..ACK")
-    options = encode_options(segment.options) if segment.options else b""
-    if len(options) > MAX_OPTIONS_LENGTH:
+    options = segment.options
+    if len(options) == 1:
+        encoded = encode_option(options[0])
+    else:
+        encoded = encode_options(options) if options else b""
+    if len(encoded) > MAX_OPTIONS_LENGTH:
         raise FramingError(
-            f"{len(options)} bytes of options, at most "
+            f"{len(encoded)} bytes of options, at most "
             f"{MAX_OPTIONS_LENGTH} fit in a frame"
         )
-    payload = segment.payload
-    if len(payload) > MAX_PAYLOAD:
-        raise FramingError(
-            f"payload of {len(payload)} bytes, at most {MAX_PAYLOAD}"
-        )
+    length = len(segment.payload)
+    if length > MAX_PAYLOAD:
+        raise FramingError(f"payload of {length} bytes, at most {MAX_PAYLOAD}")
     window = segment.window
     if not isinstance(window, int) or not 0 <= window <= MAX_WINDOW:
         raise FramingError("receive window must be an unsigned 32-bit int")
-    header = _HEADER.pack(flags, len(options), len(payload), window)
-    return b"".join((header, options, payload))
+    return _HEADER.pack(flags, len(encoded), length, window) + encoded
 
 
 def _check_option_kinds(options: memoryview) -> None:

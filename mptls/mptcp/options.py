@@ -476,37 +476,53 @@ _DSS_BY_LENGTH = {
 }
 
 
+# The flag bits as plain ints: IntFlag arithmetic builds an enum member
+# per operation, and a DSS goes out with every frame.
+_A = int(DssFlag.DATA_ACK)
+_A64 = int(DssFlag.DATA_ACK_64)
+_M = int(DssFlag.MAPPING)
+_M64 = int(DssFlag.DSN_64)
+_F = int(DssFlag.DATA_FIN)
+_DSS_HEAD = Subtype.DSS << 4
+# One struct per layout that packs the option whole, head included.
+_DSS_PACKERS = {
+    key: struct.Struct(">BBBB" + layout.fields.format[1:])
+    for key, layout in _DSS_BY_FLAGS.items()
+}
+
+
 def _encode_dss(option: Dss) -> bytes:
     flags = 0
     values: list[int] = []
-    if option.data_ack is not None:
-        flags |= DssFlag.DATA_ACK
-        if option.data_ack_64:
-            flags |= DssFlag.DATA_ACK_64
-        width = 64 if option.data_ack_64 else 32
-        _check_uint(option.data_ack, width, "DSS data ACK")
-        values.append(option.data_ack)
-    if option.dsn is not None:
-        flags |= DssFlag.MAPPING
-        if option.dsn_64:
-            flags |= DssFlag.DSN_64
-        width = 64 if option.dsn_64 else 32
-        _check_uint(option.dsn, width, "DSS DSN")
-        if option.ssn is None or option.data_length is None:
+    data_ack = option.data_ack
+    if data_ack is not None:
+        wide = option.data_ack_64
+        flags = _A | _A64 if wide else _A
+        _check_uint(data_ack, 64 if wide else 32, "DSS data ACK")
+        values.append(data_ack)
+    dsn = option.dsn
+    if dsn is not None:
+        wide = option.dsn_64
+        flags |= _M | _M64 if wide else _M
+        _check_uint(dsn, 64 if wide else 32, "DSS DSN")
+        ssn, length = option.ssn, option.data_length
+        if ssn is None or length is None:
             raise OptionError("a DSS mapping needs ssn and data_length")
-        _check_uint(option.ssn, 32, "DSS subflow sequence number")
-        _check_uint(option.data_length, 16, "DSS data-level length")
-        values += (option.dsn, option.ssn, option.data_length)
+        _check_uint(ssn, 32, "DSS subflow sequence number")
+        _check_uint(length, 16, "DSS data-level length")
+        values += (dsn, ssn, length)
         if option.checksum is not None:
             _check_uint(option.checksum, 16, "DSS checksum")
             values.append(option.checksum)
     elif (option.ssn, option.data_length, option.checksum) != (None,) * 3:
         raise OptionError("DSS ssn, data_length and checksum need a dsn")
-    layout = _DSS_BY_FLAGS[flags, option.checksum is not None]
+    key = (flags, option.checksum is not None)
+    length = _DSS_BY_FLAGS[key].length
     if option.data_fin:
-        flags |= DssFlag.DATA_FIN
-    head = bytes((MPTCP_KIND, layout.length, Subtype.DSS << 4, flags))
-    return head + layout.fields.pack(*values)
+        flags |= _F
+    return _DSS_PACKERS[key].pack(
+        MPTCP_KIND, length, _DSS_HEAD, flags, *values
+    )
 
 
 def _decode_dss(

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mptls.errors import ProtocolError
-from mptls.mptcp.framing import Segment
+from mptls.mptcp.framing import Payload, Segment
 
 __all__ = [
     "Chunk",
@@ -142,7 +142,8 @@ class Chunk:
     """A mapped piece of the stream: offsets never change once sent."""
 
     offset: int
-    data: bytes
+    # a view of what the application wrote (see SendBuffer.write)
+    data: Payload
     fin: bool = False
     # -1 while queued for (re)injection, else where it was last sent
     subflow_id: int = -1
@@ -157,7 +158,10 @@ class SendBuffer:
     """Unmapped bytes, mapped chunks until acknowledged, reinjections."""
 
     def __init__(self) -> None:
-        self._pending = bytearray()
+        # what the application wrote and nothing mapped yet, as views of
+        # its own bytes: a chunk is a slice of one of them, not a copy
+        self._pending: deque[memoryview] = deque()
+        self._pending_bytes = 0
         # offset of the first unmapped byte
         self.next_offset = 0
         # the peer's cumulative Data ACK, as an offset
@@ -171,11 +175,11 @@ class SendBuffer:
     @property
     def size(self) -> int:
         """Bytes queued or in flight (for the adapter's flow control)."""
-        return len(self._pending) + self._unacked_bytes
+        return self._pending_bytes + self._unacked_bytes
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._pending_bytes
 
     @property
     def mapped_end(self) -> int:
@@ -194,7 +198,14 @@ class SendBuffer:
         return bool(self._reinject)
 
     def write(self, data: bytes) -> None:
-        self._pending += data
+        if not data:
+            return
+        # bytes are immutable and can be sliced without a copy; anything
+        # else (a bytearray the caller may reuse) is copied once here
+        if type(data) is not bytes:
+            data = bytes(data)
+        self._pending.append(memoryview(data))
+        self._pending_bytes += len(data)
 
     def wants_new_chunk(self, limit: int) -> bool:
         """Whether :meth:`take_new` would give a chunk under ``limit``."""
@@ -211,20 +222,47 @@ class SendBuffer:
         carries the DATA_FIN; with nothing left to map it is a FIN alone.
         A DATA_FIN may sit at the window's edge: it takes no buffer.
         """
-        room = min(max_length, limit - self.next_offset, len(self._pending))
+        room = min(max_length, limit - self.next_offset, self._pending_bytes)
         if room <= 0 and not (fin_allowed and self._fin_due()):
             return None
         room = max(room, 0)
-        data = bytes(self._pending[:room])
-        del self._pending[:room]
-        chunk = Chunk(self.next_offset, data)
+        chunk = Chunk(self.next_offset, self._take_pending(room))
         self.next_offset += room
         if fin_allowed and self._fin_due():
             chunk.fin = True
             self.fin_offset = self.next_offset
         self._unacked.append(chunk)
-        self._unacked_bytes += len(data)
+        self._unacked_bytes += len(chunk.data)
         return chunk
+
+    def _take_pending(self, count: int) -> Payload:
+        """The next ``count`` unmapped bytes, sliced rather than copied.
+
+        A view of the written bytes when one write holds them all (the
+        usual case: TLS hands over whole batches of records); joined
+        when the chunk spans writes.
+        """
+        if not count:
+            return b""
+        self._pending_bytes -= count
+        pending = self._pending
+        head = pending[0]
+        if len(head) > count:
+            pending[0] = head[count:]
+            return head[:count]
+        if len(head) == count:
+            pending.popleft()
+            return head
+        parts: list[memoryview] = []
+        while count:
+            head = pending[0]
+            if len(head) > count:
+                parts.append(head[:count])
+                pending[0] = head[count:]
+                break
+            parts.append(pending.popleft())
+            count -= len(head)
+        return b"".join(parts)
 
     def take_reinjection(self) -> Chunk | None:
         self._skip_acked_reinjections()

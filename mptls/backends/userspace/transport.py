@@ -29,8 +29,10 @@ from mptls.mptcp.framing import (
     NOT_MPTLS_REPLY,
     PREAMBLE,
     Flag,
+    Payload,
     Segment,
     SegmentDecoder,
+    encode_head,
     encode_segment,
 )
 from mptls.tls.keys import KeyMaterial
@@ -47,6 +49,7 @@ _WRITE_LOW_WATER = 1024 * 1024
 # waiting this long before the first attempt and doubling up to the cap
 _REJOIN_FIRST_DELAY = 0.1
 _REJOIN_MAX_DELAY = 2.0
+_CLOSING_FLAGS = Flag.FIN | Flag.RST
 
 
 class SegmentSink(Protocol):
@@ -272,11 +275,16 @@ class MultipathTransport(asyncio.Transport):
 
     def _flush(self) -> None:
         now = self._loop.time()
-        out: dict[int, list[bytes]] = {}
+        out: dict[int, list[Payload]] = {}
         closing: list[int] = []
         for subflow_id, segment in self._core.segments_to_send(now):
-            out.setdefault(subflow_id, []).append(encode_segment(segment))
-            if segment.flags & (Flag.FIN | Flag.RST):
+            # header and payload apart: the join below is the one copy
+            # of the payload between the TLS layer and the socket
+            parts = out.setdefault(subflow_id, [])
+            parts.append(encode_head(segment))
+            if segment.payload:
+                parts.append(segment.payload)
+            if segment.flags & _CLOSING_FLAGS:
                 closing.append(subflow_id)
         for subflow_id, chunks in out.items():
             subflow = self._subflows.get(subflow_id)
