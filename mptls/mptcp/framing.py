@@ -68,6 +68,27 @@ class Flag(IntFlag):
     PSH = 0x08
     ACK = 0x10
 
+    # IntFlag's own operators build a member in Python for every test of
+    # a bit, and every frame is tested a few times: look members up in
+    # the prebuilt table instead
+    def __and__(self, other: object) -> Flag:
+        value = int.__and__(self, other)  # type: ignore[operator]
+        if value is NotImplemented:
+            return NotImplemented
+        return _FLAGS[value]
+
+    __rand__ = __and__
+
+    def __or__(self, other: object) -> Flag:
+        value = int.__or__(self, other)  # type: ignore[operator]
+        if value is NotImplemented:
+            return NotImplemented
+        if 0 <= value <= _ALL_FLAGS:
+            return _FLAGS[value]
+        return IntFlag.__or__(self, other)  # type: ignore[operator]
+
+    __ror__ = __or__
+
 
 # A frame's payload: the decoder makes bytes; the sender passes views of
 # the application's bytes through to the write without copying them.
@@ -221,9 +242,12 @@ class SegmentDecoder:
         partial += view[:missing]
         if missing > len(view):
             return view[len(view) :]
-        frame, _ = _parse_frames(memoryview(bytes(partial)))
+        # parsed in place (the payload is copied out once); a new buffer
+        # for the next frame, since a view of this one was exported
+        with memoryview(partial) as whole:
+            frame, _ = _parse_frames(whole)
         segments += frame
-        partial.clear()
+        self._partial = bytearray()
         return view[missing:]
 
     def _match_preamble(self, seen: bytes, view: memoryview) -> memoryview:
