@@ -6,14 +6,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
+import select
 import signal
 import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from cryptography import x509
@@ -37,6 +41,30 @@ from mptls.cli.common import (
     server_options,
 )
 from mptls.errors import BackendError, MptlsTimeoutError, ProtocolError
+
+
+def readline_within(stream: IO[bytes], timeout: float) -> bytes:
+    """One line from a child's pipe, or a test failure after ``timeout``.
+
+    Reads the descriptor directly, so a silent child cannot hang the
+    test until the suite's own timeout.
+    """
+    deadline = time.monotonic() + timeout
+    line = bytearray()
+    fd = stream.fileno()
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(remaining, 0))
+        if not ready:
+            pytest.fail(
+                f"no complete line within {timeout} s: {bytes(line)!r}"
+            )
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        line += chunk
+    return bytes(line)
+
 
 # every subprocess is bounded; together they stay well under 30 s
 COMMAND_TIMEOUT = 20.0
@@ -426,7 +454,7 @@ def serving(
     )
     try:
         assert server.stderr is not None
-        listening = server.stderr.readline().decode()
+        listening = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
         assert listening.startswith("listening on 127.0.0.1:"), listening
         yield server, listening.rsplit(":", 1)[1].strip()
     finally:
@@ -482,7 +510,10 @@ def test_stopped_server_ends_a_connected_client(certs: Path) -> None:
             client.stdin.write(b"first line\n")
             client.stdin.flush()
             # the server prints it: the connection is up
-            assert server.stdout.readline() == b"first line\n"
+            assert (
+                readline_within(server.stdout, COMMAND_TIMEOUT)
+                == b"first line\n"
+            )
 
             server.send_signal(signal.SIGTERM)
             assert server.wait(timeout=COMMAND_TIMEOUT) == 0
