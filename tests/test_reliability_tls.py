@@ -4,7 +4,9 @@ A server that never speaks TLS makes the client fail with
 :class:`~mptls.errors.MptlsTimeoutError` within ``ssl_handshake_timeout``;
 a client that closes right after the handshake gives the server a clean
 end of stream; a peer that never answers close_notify cannot hold
-``wait_closed()`` past ``close_timeout``. The engine-level TLS cases
+``wait_closed()`` past ``close_timeout``; records a peer sends after its
+own close_notify are ignored (RFC 8446 section 6.1), not delivered and
+not buffered. The other engine-level TLS cases
 (one byte at a time, session tickets, renegotiation, exporter before
 completion) are in tests/test_tls_engine.py.
 """
@@ -12,13 +14,17 @@ completion) are in tests/test_tls_engine.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 
 import pytest
+from OpenSSL import SSL
 from pki import Pki, make_pki
 
 import mptls
 from mptls.errors import MptlsTimeoutError
+from mptls.tls.engine import TLSEngine
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +101,111 @@ async def test_close_returns_when_close_notify_is_never_answered(
         elapsed = time.monotonic() - started
         release.set()
     assert 0.4 <= elapsed < 2.0
+
+
+# data after close_notify (RFC 8446 section 6.1: it MUST be ignored)
+
+
+def _raw_server(pki: Pki) -> SSL.Connection:
+    """A pyOpenSSL server on memory BIOs: it can be made to misbehave."""
+    server = SSL.Connection(pki.server().server_context(), None)
+    server.set_accept_state()
+    return server
+
+
+def _pump(client: TLSEngine, server: SSL.Connection) -> None:
+    for _ in range(10):
+        moved = False
+        if outgoing := client.data_to_send():
+            server.bio_write(outgoing)
+            moved = True
+        with contextlib.suppress(SSL.WantReadError):
+            server.do_handshake()
+        with contextlib.suppress(SSL.WantReadError):
+            while server.recv(65536):
+                pass
+        with contextlib.suppress(SSL.WantReadError):
+            while incoming := server.bio_read(65536):
+                client.receive(incoming)
+                moved = True
+        if not moved:
+            return
+
+
+def _records_after_close_notify(server: SSL.Connection) -> tuple[bytes, bytes]:
+    """("before" + close_notify, a record sent after it) as ciphertext."""
+    server.send(b"before")
+    server.shutdown()
+    closing = _drain(server)
+    # a broken peer: clear its sent-shutdown flag and write on
+    server.set_shutdown(0)
+    server.send(b"after close_notify")
+    return closing, _drain(server)
+
+
+def _drain(server: SSL.Connection) -> bytes:
+    chunks = []
+    with contextlib.suppress(SSL.WantReadError):
+        while True:
+            chunks.append(server.bio_read(65536))
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["same", "later"])
+def test_records_after_close_notify_are_ignored(
+    pki: Pki, together: bool
+) -> None:
+    client = TLSEngine(
+        pki.client().client_context(),
+        server_side=False,
+        server_hostname="localhost",
+    )
+    server = _raw_server(pki)
+    client.start()
+    _pump(client, server)
+    assert client.handshake_complete
+    closing, after = _records_after_close_notify(server)
+    assert after  # the misbehaving peer really produced a record
+
+    if together:
+        client.receive(closing + after)
+    else:
+        client.receive(closing)
+        client.receive(after)
+
+    # the bytes before close_notify arrive, the end is clean, and
+    # nothing after it is ever delivered or raised
+    assert client.read() == b"before"
+    assert client.eof_received
+    for _ in range(3):
+        client.receive(after)
+        client.receive(b"\x17\x03\x03\x00\x05junk!")
+    assert client.read() == b""
+    # our own direction still works after the peer's close_notify
+    client.send(b"reply")
+    assert client.data_to_send()
+
+
+def test_bytes_after_close_notify_are_not_buffered(pki: Pki) -> None:
+    client = TLSEngine(
+        pki.client().client_context(),
+        server_side=False,
+        server_hostname="localhost",
+    )
+    server = _raw_server(pki)
+    client.start()
+    _pump(client, server)
+    closing, _ = _records_after_close_notify(server)
+    client.receive(closing)
+    before = _rss()
+    # 256 MiB of trailing bytes: kept in a BIO, they would show in RSS
+    chunk = bytes(1024 * 1024)
+    for _ in range(256):
+        client.receive(chunk)
+    assert _rss() - before < 64 * 1024 * 1024
+    assert client.read() == b"before"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

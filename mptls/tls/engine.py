@@ -322,6 +322,13 @@ class TLSEngine:
         verify) when the connection fails.
         """
         self._raise_if_failed()
+        if self._eof_received:
+            # RFC 8446 section 6.1: data after a closure alert MUST be
+            # ignored. Not even buffered: a peer cannot grow our memory
+            # (what shared the close_notify's own bytes stays unread)
+            if data:
+                logger.debug("TLS: %d bytes after close_notify", len(data))
+            return
         if self._state is _State.NEW:
             self.start()
         if data:
