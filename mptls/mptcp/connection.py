@@ -21,7 +21,13 @@ import logging
 from collections.abc import Callable
 from hmac import compare_digest
 
-from mptls.errors import MptlsError, MptlsTimeoutError, PeerResetError
+from mptls.errors import (
+    JoinRefusedError,
+    MptlsError,
+    MptlsTimeoutError,
+    PeerResetError,
+    ProtocolError,
+)
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.crypto import (
@@ -56,6 +62,17 @@ logger = logging.getLogger("mptls.mptcp")
 _CLOSED_KEPT = 16
 _NO_LIMIT = 2**62
 _S = SubflowState
+
+# RFC 8684 section 3.7: the first DSS mappings continue the implicitly
+# mapped bytes, so mappings far outside the window before any fitted mean
+# the IDSN the peer derived differs from ours: a token or key was
+# rewritten on the way (G-mode tokens are not authenticated). Strays
+# after a mapping fitted are only dropped.
+_MAPPING_STRIKES = 2
+_IDSN_MISMATCH = (
+    "the peer's first DSS mapping lies outside the receive window: a "
+    "token or key of the MP_CAPABLE handshake was changed on the way"
+)
 
 
 def _widen(value: int, reference: int) -> int:
@@ -482,7 +499,27 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             reference = remote_idsn + 1 + self._receive.next_offset
             dsn = _widen(dsn, reference % SEQ_MOD)
         offset = (dsn - remote_idsn - 1) % SEQ_MOD
+        if not self._mapping_seen and not self._check_first_mapping(offset):
+            return
         self._take_payload(subflow, payload, offset, dss.data_fin, now)
+
+    def _check_first_mapping(self, offset: int) -> bool:
+        """False (and the connection failed) if the IDSNs disagree."""
+        if offset <= self._receive.limit:
+            self._mapping_seen = True
+            return True
+        # one stray frame is dropped, as any out-of-window mapping; a
+        # second one before any mapping fitted is the IDSN's fault
+        self._mapping_strikes += 1
+        if self._mapping_strikes < _MAPPING_STRIKES:
+            return True
+        self._fail_established(
+            ProtocolError(
+                _IDSN_MISMATCH,
+                reset_reason=ResetReason.MIDDLEBOX_INTERFERENCE,
+            )
+        )
+        return False
 
     def _take_payload(
         self,
@@ -560,7 +597,31 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
                 )
             )
             return
+        was_join = subflow.is_join and subflow.state in (
+            _S.SYN_SENT,
+            _S.PRE_ESTABLISHED,
+        )
         self._close_subflow(subflow, "reset by peer", code)
+        if was_join and code == ResetReason.MPTCP_ERROR:
+            self._join_refused_for_good()
+
+    def _join_refused_for_good(self) -> None:
+        """A join failed on its token or HMAC while no subflow is left.
+
+        MP_TCPRST 0x01 on a join means the peer does not know the token
+        or the keys disagree (RFC 8684 sections 3.2, 3.6); with no other
+        subflow no later join can do better, so waiting out
+        ``path_loss_timeout`` would only hide a tampered handshake or a
+        peer that has forgotten the connection.
+        """
+        if self._closed or self._live_count():
+            return
+        self._finish(
+            JoinRefusedError(
+                "every subflow is gone and the peer refused the join "
+                "(unknown token or keys that disagree)"
+            )
+        )
 
     def _fastclose_value(self, key: bytes) -> bytes:
         if self.mode is Mode.G:
@@ -600,6 +661,28 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
                 subflow.outbox.append(Segment(flags=Flag.RST, options=options))
                 subflow.set_state(_S.CLOSED)
         self._finish(None)
+
+    def _fail_established(self, error: ProtocolError) -> None:
+        """Fail a connection whose peer may hold keys and wait for joins.
+
+        MP_FASTCLOSE next to the MP_TCPRST tells the peer the whole
+        connection is gone (RFC 8684 section 3.5), so that it does not
+        keep it for ``path_loss_timeout``.
+        """
+        logger.info("[%s] connection failed: %s", self._tag(), error)
+        keys = self._hmac_keys()
+        options: list[MpTcpRst | MpFastclose] = []
+        if error.reset_reason is not None:
+            options.append(MpTcpRst(reason=error.reset_reason))
+        if keys is not None:
+            options.append(MpFastclose(key=self._fastclose_value(keys[1])))
+        for subflow in self._subflows.values():
+            if subflow.live:
+                subflow.outbox.append(
+                    Segment(flags=Flag.RST, options=tuple(options))
+                )
+                subflow.set_state(_S.CLOSED)
+        self._finish(error)
 
     def _maybe_finish(self) -> None:
         """Both DATA_FINs acknowledged: FIN every subflow and finish."""

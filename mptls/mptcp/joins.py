@@ -113,6 +113,15 @@ class JoinsMixin(ConnectionState):
     def _refuse_join(self, subflow: Subflow, reason: str) -> None:
         self._events.append(ev.JoinRefused(subflow.subflow_id, reason))
         self._reset_subflow(subflow, ResetReason.MPTCP_ERROR, reason)
+        if not self._closed and not self._live_count():
+            # the peer's HMAC does not match our keys and nothing else is
+            # left: no later join can succeed
+            self._finish(
+                JoinRefusedError(
+                    "every subflow is gone and the peer's join answer "
+                    f"failed: {reason}"
+                )
+            )
 
     # joins, responder side
 

@@ -85,6 +85,9 @@ class ConnectionState:
         self._capable_sent = False
         self._third_ack_due = False
         self._implicit_receive = True
+        # a DSS mapping inside the window has arrived (the IDSNs agree)
+        self._mapping_seen = False
+        self._mapping_strikes = 0
         self._send = SendBuffer()
         self._receive = ReceiveBuffer(config.receive_window)
         self._peer_edge = config.max_payload
@@ -115,6 +118,16 @@ class ConnectionState:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def joins_allowed(self) -> bool:
+        """Whether joins may run now: keys exist and policy allows them.
+
+        False in RFC 8684 mode without ``allow_cleartext_keys``, so that
+        an adapter opens no TCP connection for a join that would be
+        refused locally anyway (protocol.md section 11 item 16).
+        """
+        return not self._closed and self._join_keys() is not None
 
     @property
     def live_subflows(self) -> int:
