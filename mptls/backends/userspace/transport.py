@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mptls.backends.base import MptcpInfo, SubflowInfo
 from mptls.errors import MptlsError, NotMptlsPeerError, ProtocolError
 from mptls.mptcp import events
+from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import (
     NOT_MPTLS_REPLY,
@@ -191,6 +192,10 @@ class MultipathTransport(asyncio.Transport):
         self._timer_deadline: float | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._paths_started = False
+        # extra subflows' TCP connections, opened while TLS runs and
+        # joined the moment the keys are installed
+        self._preconnected = False
+        self._parked: list[SubflowProtocol] = []
         self._rejoining = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -210,6 +215,7 @@ class MultipathTransport(asyncio.Transport):
         self._protocol = protocol
         protocol.connection_made(self)
         self.process()
+        self._preconnect()
 
     # SegmentSink
 
@@ -329,6 +335,26 @@ class MultipathTransport(asyncio.Transport):
     def _on_handshake(self, event: events.HandshakeComplete) -> None:
         logger.debug("%s: MPTCP handshake complete", self._tag())
 
+    def _preconnect(self) -> None:
+        # G mode: a join needs the TLS keys, but its TCP connection does
+        # not; opened now, in parallel with the MPTCP and TLS handshakes,
+        # the join SYN leaves with the keys instead of a TCP connect
+        # later. Only where G is the one mode offered: a fallback to
+        # cleartext keys might forbid joins, and then no TCP connection
+        # should be opened for one.
+        config = self._core.config
+        if (
+            self._preconnected
+            or not self._initiator
+            or self._remote is None
+            or config.mode is not Mode.G
+            or config.allow_legacy_fallback
+        ):
+            return
+        self._preconnected = True
+        for local in self._local_addrs[1:]:
+            self._spawn(self._open_subflow(local, self._remote))
+
     def _on_subflow_established(
         self, event: events.SubflowEstablished
     ) -> None:
@@ -387,9 +413,10 @@ class MultipathTransport(asyncio.Transport):
             return
         self._closed = True
         self._closing = True
-        for subflow in list(self._subflows.values()):
+        for subflow in [*self._subflows.values(), *self._parked]:
             subflow.close()
         self._subflows.clear()
+        self._parked.clear()
         for handle in (self._timer, self._close_timer):
             if handle is not None:
                 handle.cancel()
@@ -440,6 +467,10 @@ class MultipathTransport(asyncio.Transport):
     def install_keys(self, keys: KeyMaterial) -> bool:
         installed = self._core.install_keys(keys)
         self._start_paths()
+        parked, self._parked = self._parked, []
+        for subflow in parked:
+            if not subflow.closed:
+                self._join(subflow)
         self.process()
         return installed
 
@@ -457,7 +488,7 @@ class MultipathTransport(asyncio.Transport):
             )
             return
         if self._initiator:
-            if self._remote is None:
+            if self._remote is None or self._preconnected:
                 return
             for local in self._local_addrs[1:]:
                 self._spawn(self._open_subflow(local, self._remote))
@@ -526,6 +557,15 @@ class MultipathTransport(asyncio.Transport):
         if self._closed or self._closing:
             subflow.close()
             return
+        if not self._paths_started:
+            # connected before the keys: install_keys joins it
+            self._parked.append(subflow)
+            return
+        self._join(subflow)
+        self.process()
+
+    def _join(self, subflow: SubflowProtocol) -> None:
+        """Start the MP_JOIN on a connected subflow (sent by process)."""
         try:
             subflow_id = self._core.open_subflow(self._loop.time())
         except MptlsError as exc:
@@ -533,7 +573,6 @@ class MultipathTransport(asyncio.Transport):
             subflow.close()
             return
         self.attach(subflow_id, subflow)
-        self.process()
 
     # asyncio.Transport
 
