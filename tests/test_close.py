@@ -1,0 +1,159 @@
+"""Closing while joins are in flight, and a server that dies, on sockets.
+
+A client with two local addresses that closes right after
+``open_connection`` returns closes while its second subflow is still
+connecting or joining: both ends must finish promptly, far inside
+``close_timeout``, and the late subflow must not be attached to the
+closed connection. A client whose server process is killed (no close,
+no MP_FASTCLOSE) must end within ``path_loss_timeout`` with
+:class:`~mptls.errors.MptlsTimeoutError`, not retry for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from pki import Pki, make_pki
+
+import mptls
+from mptls.errors import MptlsTimeoutError
+
+CLOSE_TIMEOUT = 5.0
+# far inside close_timeout: a close that waits for it fails the test
+PROMPT = 1.0
+ROUNDS = 40
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+async def test_close_with_a_join_in_flight_is_prompt_on_both_ends(
+    pki: Pki,
+) -> None:
+    server_closes: list[float] = []
+    handlers_done = asyncio.Event()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        await reader.read()
+        started = loop.time()
+        writer.close()
+        await writer.wait_closed()
+        server_closes.append(loop.time() - started)
+        if len(server_closes) == ROUNDS:
+            handlers_done.set()
+
+    server = await mptls.start_server(
+        handler,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        close_timeout=CLOSE_TIMEOUT,
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    loop = asyncio.get_running_loop()
+    client_closes: list[float] = []
+    async with server:
+        for round_number in range(ROUNDS):
+            _, writer = await mptls.open_connection(
+                "127.0.0.1",
+                port,
+                ssl=pki.client(),
+                local_addrs=["127.0.0.1", "127.0.0.2"],
+                close_timeout=CLOSE_TIMEOUT,
+            )
+            # close at a different point of the join each round: at once,
+            # or after a few turns of the loop
+            for _ in range(round_number % 5):
+                await asyncio.sleep(0)
+            started = loop.time()
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT * 2)
+            client_closes.append(loop.time() - started)
+            info = writer.get_extra_info("mptcp")
+            assert all(s.state == "CLOSED" for s in info.subflows)
+        await asyncio.wait_for(handlers_done.wait(), CLOSE_TIMEOUT * 2)
+        assert server.mptls_listener.transports == []
+
+    assert len(client_closes) == len(server_closes) == ROUNDS
+    assert max(client_closes) < PROMPT
+    assert max(server_closes) < PROMPT
+
+
+_SERVER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    import mptls
+    from mptls.tls.config import TLSConfig
+
+    async def echo(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+
+    async def main():
+        folder = Path(sys.argv[1])
+        tls = TLSConfig(
+            certfile=folder / "server.pem", keyfile=folder / "server.key"
+        )
+        server = await mptls.start_server(echo, "127.0.0.1", 0, ssl=tls)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "local_addrs", [["127.0.0.1"], ["127.0.0.1", "127.0.0.2"]]
+)
+async def test_a_killed_server_ends_the_client_within_path_loss_timeout(
+    pki: Pki, local_addrs: list[str]
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _SERVER,
+        str(Path(pki.cert_pem).parent),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        port = int(line)
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=pki.client(),
+            local_addrs=local_addrs,
+            path_loss_timeout=1.0,
+        )
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+
+        # no close_notify, no DATA_FIN, no MP_FASTCLOSE: the process is gone
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        started = time.monotonic()
+        with pytest.raises(MptlsTimeoutError, match="none came back"):
+            await asyncio.wait_for(reader.read(), 10)
+        elapsed = time.monotonic() - started
+        # the client tried to join again (refused: nothing listens), then
+        # gave up once path_loss_timeout had passed
+        assert 0.9 <= elapsed < 2.0
+        writer.close()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
