@@ -281,3 +281,45 @@ def test_permutation_checks_its_domain() -> None:
     with pytest.raises(ConfigurationError):
         permutation.forward_many(0, -1)
     assert permutation.forward_many(3, 0) == []
+
+
+def test_batched_allocation_is_the_one_by_one_sequence() -> None:
+    # across two batch boundaries, from a start that is not a multiple
+    # of the batch: each token is the permutation of its own counter
+    start = 1000
+    count = 2 * tokens_module.ALLOCATION_BATCH + 77
+    allocator = TokenAllocator(SECRET, server_id=3, worker_id=4, start=start)
+    permutation = allocator.permutation
+    prefix = (3 << 8 | 4) << permutation.bits
+    issued = [allocator.allocate() for _ in range(count)]
+    expected = [
+        (prefix | permutation.forward(counter)).to_bytes(8, "big")
+        for counter in range(start, start + count)
+    ]
+    assert issued == expected
+    assert allocator.next_counter == start + count
+    assert allocator.live == count
+
+
+def test_a_restart_from_next_counter_skips_nothing_made_ahead() -> None:
+    first = TokenAllocator(SECRET)
+    issued = [first.allocate() for _ in range(5)]
+    # the first allocator made a whole batch; only five were handed out
+    second = TokenAllocator(SECRET, start=first.next_counter)
+    assert second.allocate() == first.allocate()
+    assert second.next_counter == first.next_counter == 6
+    assert len(set(issued)) == 5
+
+
+def test_forward_bytes_carries_the_prefix_beside_the_serial() -> None:
+    permutation = SerialPermutation(SECRET, 48)
+    prefix = 0xABCD << 48
+    blobs = permutation.forward_bytes(70, 40, prefix=prefix)
+    assert [int.from_bytes(b, "big") for b in blobs] == [
+        prefix | image for image in permutation.forward_many(70, 40)
+    ]
+    assert permutation.forward_bytes(0, 0) == ()
+    with pytest.raises(ConfigurationError, match="overlaps"):
+        permutation.forward_bytes(0, 4, prefix=1 << 47)
+    with pytest.raises(ConfigurationError, match="64-bit"):
+        permutation.forward_bytes(0, 4, prefix=1 << 64)

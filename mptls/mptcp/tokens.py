@@ -17,7 +17,8 @@ The permutation is an alternating Feistel network over the two halves
 of the serial, with round functions taken from AES. The halves may
 differ by one bit, as in FF1 (NIST SP 800-38G), which uses modular
 addition where this uses XOR. So any width works, even or odd, with no
-cycle walking.
+cycle walking. The allocator makes its tokens ahead, a batch at a time,
+with one AES call per round for the whole batch.
 
 This module imports no random source: the caller passes in the secret.
 The secret never appears in a repr or an error message.
@@ -25,6 +26,7 @@ The secret never appears in a repr or an error message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import struct
@@ -59,6 +61,38 @@ FEISTEL_ROUNDS = 10
 _ROUND_KEY_LABEL = b"mptls token serial round key"
 _ROUND_KEY_CONTEXT = struct.Struct(">BBII")
 _BLOCK = 16
+# Tokens an allocator makes at a time: each round of the permutation is
+# then one AES call over 16 KiB, and the Python work per token a list
+# pop. Measured (mptls bench tokens): about 0.4 us per token in batches
+# of 1024, against 6 us one by one.
+ALLOCATION_BATCH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Lanes:
+    """``count`` 16-byte lanes in one big integer, and how to read them.
+
+    Building these takes longer than a batch's AES rounds, hence the
+    cache below.
+    """
+
+    # reads the low 8 bytes of every lane as an int, or as bytes
+    ints: struct.Struct
+    blobs: struct.Struct
+    # a 1 in every lane, and 0, 1, 2, ... lane by lane
+    ones: int
+    ramp: int
+
+
+@functools.lru_cache(maxsize=8)
+def _lanes(count: int) -> _Lanes:
+    ints = struct.Struct(">" + "8xQ" * count)
+    return _Lanes(
+        ints,
+        struct.Struct(">" + "8x8s" * count),
+        int.from_bytes((b"\x00" * (_BLOCK - 1) + b"\x01") * count),
+        int.from_bytes(ints.pack(*range(count))),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,30 +218,58 @@ class SerialPermutation:
         which is also the AES block. Each round is then one AES call, one
         AND and one XOR over the whole batch, all in C.
         """
+        if not self._check_batch(start, count):
+            return []
+        images = self._forward_lanes(start, count).to_bytes(_BLOCK * count)
+        return list(_lanes(count).ints.unpack(images))
+
+    def forward_bytes(
+        self, start: int, count: int, *, prefix: int = 0
+    ) -> tuple[bytes, ...]:
+        """``forward_many`` as 8-byte big-endian values, ``prefix`` OR-ed in.
+
+        ``prefix`` must leave the low ``bits`` bits clear: the token
+        allocator puts its server and worker ids there.
+        """
+        if not self._check_batch(start, count):
+            return ()
+        if not isinstance(prefix, int) or not 0 <= prefix < 1 << TOKEN_BITS:
+            raise ConfigurationError("prefix must be an unsigned 64-bit int")
+        if prefix & ((1 << self._bits) - 1):
+            raise ConfigurationError("prefix overlaps the serial bits")
+        lanes = _lanes(count)
+        # the prefix lands in every lane's low 8 bytes, beside its serial
+        images = self._forward_lanes(start, count) | lanes.ones * prefix
+        return lanes.blobs.unpack(images.to_bytes(_BLOCK * count))
+
+    def _check_batch(self, start: int, count: int) -> bool:
+        """Whether there is a batch to make; raises if it is not valid."""
         if not isinstance(count, int) or count < 0:
             raise ConfigurationError("count must be an int >= 0")
         if count == 0:
-            return []
+            return False
         self._check(start)
         self._check(start + count - 1)
-        lanes = struct.Struct(">" + "8xQ" * count)
+        return True
+
+    def _forward_lanes(self, start: int, count: int) -> int:
+        lanes = _lanes(count)
         size = _BLOCK * count
-        values = int.from_bytes(lanes.pack(*range(start, start + count)))
+        # start, start + 1, ... lane by lane: no carry crosses a lane,
+        # since every value fits in 8 of its 16 bytes
+        values = lanes.ones * start + lanes.ramp
         # A lane mask of w bits is w ones repeated in every lane.
-        ones = int.from_bytes((b"\x00" * (_BLOCK - 1) + b"\x01") * count)
-        masks = {
-            width: ones * ((1 << width) - 1)
-            for width in (self._high_bits, self._low_bits)
-        }
-        changing = (values >> self._low_bits) & masks[self._high_bits]
-        other = values & masks[self._low_bits]
+        high = lanes.ones * ((1 << self._high_bits) - 1)
+        low = lanes.ones * ((1 << self._low_bits) - 1)
+        changing = (values >> self._low_bits) & high
+        other = values & low
+        rounds = self._rounds
         for number in range(FEISTEL_ROUNDS):
-            width_mask = masks[self._changing_width(number)]
-            output = self._rounds[number].update(other.to_bytes(size))
-            changed = changing ^ (int.from_bytes(output) & width_mask)
+            output = rounds[number].update(other.to_bytes(size))
+            mask = high if number % 2 == 0 else low
+            changed = changing ^ (int.from_bytes(output) & mask)
             changing, other = other, changed
-        result = changing << self._low_bits | other
-        return list(lanes.unpack(result.to_bytes(size)))
+        return changing << self._low_bits | other
 
     def _check(self, value: int) -> None:
         if not isinstance(value, int) or not 0 <= value < 1 << self._bits:
@@ -242,6 +304,7 @@ class TokenAllocator:
     """
 
     __slots__ = (
+        "_batch",
         "_counter",
         "_layout",
         "_live",
@@ -286,6 +349,8 @@ class TokenAllocator:
             server_id << layout.worker_id_bits | worker_id
         ) << serial_bits
         self._counter = start
+        # tokens made ahead for the next counters, the next one last
+        self._batch: list[bytes] = []
         self._live: set[bytes] = set()
 
     @property
@@ -316,19 +381,34 @@ class TokenAllocator:
         return self._counter
 
     def allocate(self) -> bytes:
-        """A fresh 8-byte token that this allocator has never returned."""
-        counter = self._counter
-        if counter >> self._permutation.bits:
-            raise MptlsError(
-                f"token space exhausted: all 2**{self._permutation.bits} "
-                "serials of this worker are used; restart it with a new "
-                "worker id or secret"
-            )
-        serial = self._permutation.forward(counter)
-        self._counter = counter + 1
-        token = (self._prefix | serial).to_bytes(TOKEN_LENGTH, "big")
+        """A fresh 8-byte token that this allocator has never returned.
+
+        Tokens are made ``ALLOCATION_BATCH`` at a time, for the counters
+        that come next; the one returned is always that of
+        :attr:`next_counter`, so the sequence is the same as one by one.
+        """
+        batch = self._batch
+        if not batch:
+            self._refill()
+        token = batch.pop()
+        self._counter += 1
         self._live.add(token)
         return token
+
+    def _refill(self) -> None:
+        counter = self._counter
+        bits = self._permutation.bits
+        if counter >> bits:
+            raise MptlsError(
+                f"token space exhausted: all 2**{bits} serials of this "
+                "worker are used; restart it with a new worker id or "
+                "secret"
+            )
+        count = min(ALLOCATION_BATCH, (1 << bits) - counter)
+        made = self._permutation.forward_bytes(
+            counter, count, prefix=self._prefix
+        )
+        self._batch[:] = made[::-1]
 
     def release(self, token: bytes) -> None:
         """Mark ``token`` as no longer in use. It is never handed out again."""
