@@ -313,3 +313,35 @@ async def test_slow_reader_pushes_back(pki: Pki) -> None:
         assert total == written
         writer.close()
         await writer.wait_closed()
+
+
+def test_runs_on_uvloop_with_two_subflows(pki: Pki) -> None:
+    # uvloop's transports are not asyncio.Transport subclasses and its
+    # servers take no attributes: neither may stop the backend
+    uvloop = pytest.importorskip("uvloop")
+    data = hashlib.sha256(b"uvloop").digest() * (4 * 1024 * 1024 // 32)
+
+    async def main() -> tuple[bytes, int, object]:
+        served = await serve(pki, echo)
+        assert served.server is not None
+        async with served.server:
+            reader, writer = await mptls.open_connection(
+                "127.0.0.1",
+                served.port,
+                ssl=pki.client(),
+                local_addrs=["127.0.0.1", "127.0.0.2"],
+            )
+            writer.write(data)
+            writer.write_eof()
+            echoed = await reader.read(-1)
+            info = writer.get_extra_info("mptcp")
+            writer.close()
+            await writer.wait_closed()
+            listener = getattr(served.server, "mptls_listener", None)
+        return echoed, len(info.subflows), listener
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        echoed, subflows, listener = runner.run(main())
+    assert echoed == data
+    assert subflows == 2
+    assert listener is not None

@@ -27,7 +27,7 @@ NAME = "bulk"
 TITLE = "Bulk throughput, one loopback path"
 HOST = "127.0.0.1"
 STACKS = ("mptls", "ssl", "tcp")
-UVLOOP_STACKS = ("ssl", "tcp")
+UVLOOP_STACKS = STACKS
 DESCRIPTIONS = {
     "mptls": "mptls userspace, one subflow, TLS 1.3",
     "ssl": "asyncio streams + stdlib ssl, TLS 1.3",
@@ -65,9 +65,7 @@ async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
     result = ScenarioResult(NAME, TITLE, "MB/s", True, rounds, options.quick)
     result.details["bytes_per_transfer"] = size
     loops = ["asyncio"] + (["uvloop"] if uvloop_available() else [])
-    # the userspace backend does not run on uvloop (its transports are
-    # not asyncio.Transport subclasses, its servers take no attributes):
-    # uvloop variants exist for the stacks a user could move to uvloop
+    # on uvloop both ends run on it: the client's loop and the peer's
     peers = {
         loop: PeerProcess(
             STACKS if loop == "asyncio" else UVLOOP_STACKS,
@@ -94,11 +92,8 @@ async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
     result.add_ratio("mptls", "tcp")
     if "uvloop" in loops:
         result.add_ratio("mptls", "ssl+uvloop")
-        result.notes.append(
-            "no mptls+uvloop: the userspace backend needs asyncio's own "
-            "transports and servers (uvloop's are not asyncio.Transport "
-            "subclasses and take no attributes)"
-        )
+        result.add_ratio("mptls+uvloop", "ssl+uvloop")
+        result.add_ratio("mptls+uvloop", "mptls")
     else:
         result.notes.append("uvloop is not installed: no uvloop variants")
     result.goals.append(

@@ -51,6 +51,46 @@ def _shared_client_tokens() -> TokenAllocator:
         return _client_tokens
 
 
+class MptlsServer(asyncio.AbstractServer):
+    """The loop's server with the mptls listener beside it.
+
+    Every call goes to the loop's own server (asyncio's or uvloop's,
+    which takes no new attributes); ``mptls_listener`` is the
+    :class:`~mptls.backends.userspace.transport.Listener` that owns the
+    accepted subflows, for workers and diagnostics.
+    """
+
+    def __init__(self, server: asyncio.AbstractServer, listener: Listener):
+        self._server = server
+        self.mptls_listener = listener
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        """The listening sockets, as the loop's server gives them."""
+        return tuple(getattr(self._server, "sockets", ()) or ())
+
+    def close(self) -> None:
+        self._server.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._server.get_loop()
+
+    def is_serving(self) -> bool:
+        return self._server.is_serving()
+
+    async def start_serving(self) -> None:
+        await self._server.start_serving()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    def __repr__(self) -> str:
+        return f"<MptlsServer {self._server!r}>"
+
+
 def parse_mode(mode: str | Mode) -> Mode:
     """``"G"`` or ``"rfc8684"`` (any case), or a :class:`Mode`."""
     if isinstance(mode, Mode):
@@ -247,8 +287,7 @@ class UserspaceBackend(Backend):
             reuse_port=reuse_port,
             backlog=backlog,
         )
-        server.mptls_listener = listener  # type: ignore[attr-defined]
-        return server
+        return MptlsServer(server, listener)
 
     def install_keys(
         self, transport: asyncio.BaseTransport, keys: KeyMaterial

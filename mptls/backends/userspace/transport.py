@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from mptls.backends.base import MptcpInfo, SubflowInfo
 from mptls.errors import MptlsError, NotMptlsPeerError, ProtocolError
@@ -82,8 +82,9 @@ class SubflowProtocol(asyncio.Protocol):
         self._decoder = SegmentDecoder(preamble=True)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # asyncio's transports subclass asyncio.Transport; uvloop's have
+        # the same methods without the base class, so no isinstance here
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # pure Data ACK frames are small: Nagle would hold them back
