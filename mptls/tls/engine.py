@@ -50,18 +50,13 @@ from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.tls")
 
-# one SSL_read returns at most one record, whose plaintext is at most
-# 2^14 bytes (RFC 8446 section 5.1): a larger buffer is allocated per
-# call for nothing
+# one SSL_read returns at most one record, of at most 2^14 bytes of
+# plaintext (RFC 8446 section 5.1): a larger buffer is wasted per call
 RECEIVE_CHUNK = 2**14
-# ciphertext taken from the outgoing memory BIO per BIO_read, on top of
-# what the plaintext written since the last read will have become
+# ciphertext dropped per BIO_read when output is discarded
 TRANSMIT_CHUNK = 64 * 1024
 # plaintext handed to one SSL_write (which cuts it into records)
 WRITE_CHUNK = 1024 * 1024
-# what TLS 1.3 adds to a full record: header 5, content type 1, AEAD
-# tag 16 (RFC 8446 section 5.2), with room to spare
-_RECORD_OVERHEAD = 32
 
 _X509_V_OK = 0
 _NAME_MISMATCH = {
@@ -215,9 +210,8 @@ class TLSEngine:
         self._connection = SSL.Connection(context, None)
         self._connection.set_options(POLICY_OPTIONS)
         self._connection.set_info_callback(self._alerts.on_info)
-        # pyOpenSSL turns partial writes on, so one SSL_write stops
-        # after one record; with a memory BIO that never blocks, all the
-        # records of a write are better cut in one call
+        # pyOpenSSL turns partial writes on: one SSL_write per record; a
+        # memory BIO never blocks, so let one call cut all the records
         _lib.SSL_clear_mode(
             ssl_pointer(self._connection), _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
         )
@@ -234,8 +228,9 @@ class TLSEngine:
         self._handshake_done = False
         self._incoming: list[bytes] = []
         self._pending: list[bytes] = []
-        # plaintext written since data_to_send last drained the BIO
-        self._unsent = 0
+        # the outgoing memory BIO (pyOpenSSL has no public accessor)
+        self._output_bio = self._connection._from_ssl
+        self._mem_data = _ffi.new("char **")
         self._close_requested = False
         self._eof_received = False
 
@@ -358,27 +353,16 @@ class TLSEngine:
 
         Works after a failure too, so that an alert still goes out.
         """
-        chunks = []
-        bio_read = self._connection.bio_read
-        # one read sized for everything written since the last one: a
-        # memory BIO hands over all it holds, so a short read means empty
-        # and no WantReadError needs raising
-        size = self._unsent
-        size += (size >> 14) * _RECORD_OVERHEAD + TRANSMIT_CHUNK
-        self._unsent = 0
+        # the memory BIO tells how much it holds: one read of exactly
+        # that, and none when it is empty (after most received frames),
+        # where pyOpenSSL would raise and catch WantReadError
+        pending = _lib.BIO_get_mem_data(self._output_bio, self._mem_data)
+        if pending <= 0:
+            return b""
         try:
-            while True:
-                chunk = bio_read(size)
-                chunks.append(chunk)
-                if len(chunk) < size:
-                    break
-        except SSL.WantReadError:
-            pass
+            return self._connection.bio_read(pending)
         except SSL.Error as exc:
             raise self._fail(self._translate(exc)) from exc
-        if len(chunks) == 1:
-            return chunks[0]
-        return b"".join(chunks)
 
     def read(self) -> bytes:
         """Application bytes decrypted so far and not yet read, or ``b""``."""
@@ -565,7 +549,6 @@ class TLSEngine:
     def _write(self, data: bytes) -> None:
         view = memoryview(data).cast("B")
         send = self._connection.send
-        self._unsent += len(view)
         offset = 0
         try:
             while offset < len(view):
