@@ -345,3 +345,26 @@ def test_runs_on_uvloop_with_two_subflows(pki: Pki) -> None:
     assert echoed == data
     assert subflows == 2
     assert listener is not None
+
+
+@pytest.mark.parametrize(
+    "sent", [b"", b"MPTLS/1\n"], ids=["nothing", "preamble"]
+)
+async def test_silent_subflow_is_closed_after_handshake_timeout(
+    pki: Pki, sent: bytes
+) -> None:
+    served = await serve(pki, echo, handshake_timeout=0.3)
+    assert served.server is not None
+    async with served.server:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", served.port
+        )
+        started = loop.time()
+        writer.write(sent)
+        # the server ends the TCP connection; without a limit this read
+        # waits for ever and the wait_for below fails the test
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.25 <= loop.time() - started < 3.0
+        assert served.server.mptls_listener.transports == []
+        writer.close()

@@ -774,9 +774,32 @@ class Listener:
         self._announce = list(announce)
         self._close_timeout = close_timeout
         self._transports: dict[int, MultipathTransport] = {}
+        # accepted TCP connections whose first segment has not come yet
+        self._waiting: dict[SubflowProtocol, asyncio.TimerHandle] = {}
 
     def __call__(self) -> SubflowProtocol:
-        return SubflowProtocol(self, initiator=False)
+        subflow = SubflowProtocol(self, initiator=False)
+        # a TCP connection that sends nothing, or the preamble alone,
+        # would hold its socket forever: its first segment opens the
+        # MP_CAPABLE or MP_JOIN exchange, so it gets the MPTCP
+        # handshake's limit to arrive
+        self._waiting[subflow] = self._loop.call_later(
+            self._endpoint.config.handshake_timeout,
+            self._first_segment_overdue,
+            subflow,
+        )
+        return subflow
+
+    def _first_segment_overdue(self, subflow: SubflowProtocol) -> None:
+        self._waiting.pop(subflow, None)
+        if subflow.sink is self and not subflow.closed:
+            logger.debug("no first segment within handshake_timeout")
+            subflow.close()
+
+    def _first_segment_came(self, subflow: SubflowProtocol) -> None:
+        handle = self._waiting.pop(subflow, None)
+        if handle is not None:
+            handle.cancel()
 
     @property
     def transports(self) -> list[MultipathTransport]:
@@ -787,6 +810,7 @@ class Listener:
     ) -> None:
         from mptls.mptcp.endpoint import Refused
 
+        self._first_segment_came(subflow)
         if self._handoff is not None and self._handoff(subflow, segments):
             return  # another process owns the token this join names
         result = self._endpoint.receive_first(segments[0], self._loop.time())
@@ -823,6 +847,7 @@ class Listener:
     def subflow_lost(
         self, subflow: SubflowProtocol, exc: BaseException | None
     ) -> None:
+        self._first_segment_came(subflow)
         logger.debug("a subflow closed before its first segment: %s", exc)
 
     def subflow_writable(
