@@ -8,6 +8,7 @@ is the sans-I/O core in :mod:`mptls.mptcp`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import secrets
 import threading
@@ -101,6 +102,56 @@ def parse_mode(mode: str | Mode) -> Mode:
         raise ConfigurationError(
             f"unknown MPTCP mode {mode!r}; choose 'G' or 'rfc8684'"
         ) from None
+
+
+def _check_port(port: object, what: str, *, low: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ConfigurationError(f"{what} must be an int, got {port!r}")
+    if not low <= port <= 65535:
+        raise ConfigurationError(
+            f"{what} must be between {low} and 65535, got {port}"
+        )
+    return port
+
+
+def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
+    """``announce_addrs`` as (IP literal, port) pairs, checked up front.
+
+    A bad entry found only when keys exist would fail every connection;
+    port 0 announces the address alone (the peer keeps the port it used).
+    """
+    if announce_addrs is None:
+        return []
+    if isinstance(announce_addrs, str | bytes) or not isinstance(
+        announce_addrs, Sequence
+    ):
+        raise ConfigurationError(
+            "announce_addrs must be a list of (address, port) pairs, "
+            f"got {announce_addrs!r}"
+        )
+    checked = []
+    for item in announce_addrs:
+        if (
+            isinstance(item, str | bytes)
+            or not isinstance(item, Sequence)
+            or len(item) != 2
+        ):
+            raise ConfigurationError(
+                f"announce_addrs entry {item!r} is not an (address, port) pair"
+            )
+        host, port = item
+        try:
+            if not isinstance(host, str):
+                raise ValueError(host)
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigurationError(
+                f"announce_addrs address {host!r} is not an IPv4 or IPv6 "
+                "literal"
+            ) from None
+        _check_port(port, "announce_addrs port", low=0)
+        checked.append((str(address), port))
+    return checked
 
 
 def client_config(
@@ -250,16 +301,18 @@ class UserspaceBackend(Backend):
     ) -> asyncio.AbstractServer:
         """Listen; each accepted TCP connection is a new or joining subflow.
 
-        ``announce_addrs`` are (address, port) pairs the server announces
-        with ADD_ADDR once keys exist. ``server_id`` and ``worker_id`` are
-        written into every token this server allocates (see
-        :mod:`mptls.mptcp.tokens`), so that a load balancer, or a sibling
-        worker process, can tell from a join's token which server owns
-        it. ``join_handoff`` sees each new subflow's first segments
-        before this server routes them, and may take the TCP connection
-        away (see :mod:`mptls.backends.userspace.workers`).
+        ``announce_addrs`` are (IP address, port) pairs the server
+        announces with ADD_ADDR once keys exist; they are checked here.
+        ``server_id`` and ``worker_id`` are written into every token
+        this server allocates (see :mod:`mptls.mptcp.tokens`), so that a
+        load balancer, or a sibling worker process, can tell from a
+        join's token which server owns it. ``join_handoff`` sees each
+        new subflow's first segments before this server routes them,
+        and may take the TCP connection away (see
+        :mod:`mptls.backends.userspace.workers`).
         """
         loop = asyncio.get_running_loop()
+        announce = check_announce(announce_addrs)
         if config is None:
             config = server_config(modes, **settings)
         elif settings:
@@ -276,7 +329,7 @@ class UserspaceBackend(Backend):
         listener = Listener(
             endpoint,
             protocol_factory,
-            announce=list(announce_addrs or ()),
+            announce=announce,
             close_timeout=close_timeout,
             handoff=join_handoff,
         )
