@@ -8,6 +8,7 @@ is the sans-I/O core in :mod:`mptls.mptcp`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import os
 import secrets
@@ -154,6 +155,43 @@ def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
     return checked
 
 
+def server_modes(
+    mode: str | Mode | None, modes: str | Mode | Sequence[str | Mode] | None
+) -> tuple[str | Mode, ...]:
+    """The modes a server accepts from ``mode=`` (one) or ``modes=``.
+
+    A single string given as ``modes`` is one mode, never its letters.
+    """
+    if mode is not None and modes is not None:
+        raise ConfigurationError(
+            "give mode= (one mode) or modes= (a list of modes), not both"
+        )
+    if mode is not None:
+        return (parse_mode(mode),)
+    if modes is None:
+        return ("G",)
+    if isinstance(modes, str | Mode):
+        return (parse_mode(modes),)
+    if not isinstance(modes, Sequence | frozenset | set):
+        raise ConfigurationError(
+            f"modes must be a mode or a list of modes, got {modes!r}"
+        )
+    return tuple(parse_mode(one) for one in modes)
+
+
+_SETTINGS = frozenset(f.name for f in dataclasses.fields(ConnectionConfig))
+
+
+def _check_settings(settings: dict[str, Any], taken: frozenset[str]) -> None:
+    # ConnectionConfig would raise TypeError; name the keyword instead
+    unknown = sorted(set(settings) - (_SETTINGS - taken))
+    if unknown:
+        raise ConfigurationError(
+            f"unknown keyword(s) {', '.join(unknown)}: the userspace "
+            "backend takes ConnectionConfig fields and its own options"
+        )
+
+
 def client_config(
     mode: str | Mode = "G",
     *,
@@ -166,6 +204,7 @@ def client_config(
     Asking for ``rfc8684`` mode is asking for keys in the clear, so joins
     are then allowed unless ``allow_cleartext_keys=False``.
     """
+    _check_settings(settings, frozenset({"mode"}))
     chosen = parse_mode(mode)
     if allow_cleartext_keys is None:
         allow_cleartext_keys = chosen is Mode.RFC8684
@@ -184,6 +223,7 @@ def server_config(
     **settings: Any,
 ) -> ConnectionConfig:
     """A server's :class:`ConnectionConfig`: which modes it accepts."""
+    _check_settings(settings, frozenset({"mode", "accept_modes"}))
     accepted = frozenset(parse_mode(mode) for mode in modes)
     if not accepted:
         raise ConfigurationError("a server must accept at least one mode")
@@ -287,7 +327,8 @@ class UserspaceBackend(Backend):
         host: str | Sequence[str] | None,
         port: int,
         *,
-        modes: Sequence[str | Mode] = ("G",),
+        mode: str | Mode | None = None,
+        modes: str | Mode | Sequence[str | Mode] | None = None,
         config: ConnectionConfig | None = None,
         announce_addrs: Sequence[tuple[str, int]] | None = None,
         server_id: int = 0,
@@ -301,6 +342,9 @@ class UserspaceBackend(Backend):
     ) -> asyncio.AbstractServer:
         """Listen; each accepted TCP connection is a new or joining subflow.
 
+        ``mode`` is the one MPTCP mode accepted (``"G"`` or
+        ``"rfc8684"``), or ``modes`` a list of them (a single string is
+        one mode); the default accepts G only.
         ``announce_addrs`` are (IP address, port) pairs the server
         announces with ADD_ADDR once keys exist; they are checked here.
         ``server_id`` and ``worker_id`` are written into every token
@@ -312,9 +356,10 @@ class UserspaceBackend(Backend):
         :mod:`mptls.backends.userspace.workers`).
         """
         loop = asyncio.get_running_loop()
+        accepted = server_modes(mode, modes)
         announce = check_announce(announce_addrs)
         if config is None:
-            config = server_config(modes, **settings)
+            config = server_config(accepted, **settings)
         elif settings:
             raise ConfigurationError(
                 "pass either config= or individual settings, not both"
