@@ -40,7 +40,12 @@ from mptls.cli.common import (
     parse_port,
     server_options,
 )
-from mptls.errors import BackendError, MptlsTimeoutError, ProtocolError
+from mptls.errors import (
+    BackendError,
+    MptlsTimeoutError,
+    NotMptlsPeerError,
+    ProtocolError,
+)
 
 
 def readline_within(stream: IO[bytes], timeout: float) -> bytes:
@@ -186,6 +191,7 @@ def test_exit_status_separates_bad_input_from_failure() -> None:
     assert exit_status_for(FileNotFoundError(2, "x")) is ExitStatus.USAGE
     assert exit_status_for(refused) is ExitStatus.USAGE
     assert exit_status_for(ProtocolError("x")) is ExitStatus.FAILURE
+    assert exit_status_for(NotMptlsPeerError("x")) is ExitStatus.USAGE
     assert exit_status_for(MptlsTimeoutError("x")) is ExitStatus.FAILURE
 
 
@@ -427,6 +433,35 @@ def test_connect_to_a_closed_port_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr.decode()
     assert result.stderr.decode().count("\n") <= 2
+
+
+def test_connect_to_a_server_that_is_not_mptls_exits_2() -> None:
+    # a plain TCP server that reads the first bytes and closes, as a
+    # plain TLS server does with the mptls preamble
+    import socket
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(COMMAND_TIMEOUT)
+        port = listener.getsockname()[1]
+
+        def answer_once() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(COMMAND_TIMEOUT)
+                    conn.recv(64)
+
+        thread = threading.Thread(target=answer_once)
+        thread.start()
+        result = run_mptls("connect", "127.0.0.1", str(port), "--insecure")
+        thread.join(COMMAND_TIMEOUT)
+    error = result.stderr.decode()
+    assert result.returncode == 2, error
+    assert "not an mptls server" in error
+    assert "Traceback" not in error
 
 
 @contextlib.contextmanager

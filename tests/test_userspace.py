@@ -368,3 +368,51 @@ async def test_silent_subflow_is_closed_after_handshake_timeout(
         assert 0.25 <= loop.time() - started < 3.0
         assert served.server.mptls_listener.transports == []
         writer.close()
+
+
+async def test_plain_tls_server_is_named_not_mptls(pki: Pki) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.cert_pem, pki.key_pem)
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(
+        handler, "127.0.0.1", 0, ssl=context, ssl_handshake_timeout=5
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(mptls.NotMptlsPeerError, match="not an mptls"):
+            await asyncio.wait_for(
+                mptls.open_connection("127.0.0.1", port, ssl=pki.client()),
+                10,
+            )
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_server_ending_before_the_preamble_is_not_mptls(
+    pki: Pki, how: str
+) -> None:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(1)
+        if how == "reset":
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(mptls.NotMptlsPeerError, match="preamble"):
+            # a lost subflow would wait path_loss_timeout (30 s) instead
+            await asyncio.wait_for(
+                mptls.open_connection("127.0.0.1", port, ssl=pki.client()),
+                10,
+            )
+        assert loop.time() - started < 2.0

@@ -19,7 +19,12 @@ from typing import Any
 
 from rich.console import Console
 
-from mptls.errors import BackendError, ConfigurationError, MptlsError
+from mptls.errors import (
+    BackendError,
+    ConfigurationError,
+    MptlsError,
+    NotMptlsPeerError,
+)
 
 logger = logging.getLogger("mptls.cli")
 
@@ -151,12 +156,13 @@ def exit_status_for(exc: BaseException) -> ExitStatus:
 
     A backend error caused by the operating system (refused connection,
     address in use, unknown host) is bad input too: the user named a port
-    or address that cannot be used.
+    or address that cannot be used; so is a peer that does not speak
+    mptls at all (a plain TLS server, say).
     """
     # a timeout is an OSError to Python, but no input of the user's
     if isinstance(exc, TimeoutError):
         return ExitStatus.FAILURE
-    if isinstance(exc, ConfigurationError | OSError):
+    if isinstance(exc, ConfigurationError | OSError | NotMptlsPeerError):
         return ExitStatus.USAGE
     if isinstance(exc, BackendError) and isinstance(exc.__cause__, OSError):
         return ExitStatus.USAGE

@@ -29,11 +29,13 @@ from mptls.errors import (
     JoinRefusedError,
     MptlsError,
     MptlsTimeoutError,
+    NotMptlsPeerError,
     PathError,
 )
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Endpoint
+from mptls.mptcp.framing import PREAMBLE
 from mptls.mptcp.tokens import TokenAllocator, TokenLayout
 from mptls.tls.keys import KeyMaterial
 
@@ -282,7 +284,7 @@ class UserspaceBackend(Backend):
 
         # the first subflow's TCP connection
         placeholder = _PendingSink()
-        subflow = SubflowProtocol(placeholder, initiator=True)
+        subflow = _FirstSubflow(placeholder)
         try:
             await asyncio.wait_for(
                 loop.create_connection(
@@ -539,6 +541,41 @@ def _retrieve(outcome: asyncio.Future[int]) -> None:
     # "exception was never retrieved"
     if not outcome.cancelled():
         outcome.exception()
+
+
+class _FirstSubflow(SubflowProtocol):
+    """The client's first subflow, which finds out what the server is.
+
+    An mptls server answers the first segment with :data:`PREAMBLE`
+    (docs/wire.md). Bytes that cannot begin it already fail in the
+    decoder; a TCP connection that ends (FIN or RST) before all of it
+    arrived means a server that does not speak the wire, such as a plain
+    TLS server giving up on our preamble: :class:`NotMptlsPeerError`, not
+    a lost subflow that would wait for joins.
+    """
+
+    def __init__(self, sink: Any) -> None:
+        super().__init__(sink, initiator=True)
+        self._received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed or self._received >= len(PREAMBLE):
+            super().connection_lost(exc)
+            return
+        self.closed = True
+        how = "reset" if exc is not None else "closed"
+        peer = self.address("peername")
+        where = f"{peer[0]}:{peer[1]}" if peer else "the server"
+        error = NotMptlsPeerError(
+            f"{where} {how} the connection before answering with the "
+            f"mptls preamble ({self._received} bytes came): it is not an "
+            "mptls server (a plain TLS or TCP server?)"
+        )
+        self.sink.subflow_lost(self, error)
 
 
 class _PendingSink:
