@@ -87,6 +87,31 @@ class BackendError(MptlsError):
     """A backend could not do what was asked (socket, kernel, netlink)."""
 
 
+class ConnectError(BackendError, OSError):
+    """The operating system refused to connect, listen or resolve a name.
+
+    It is an :class:`OSError` too, with the original ``errno`` and a
+    ``strerror`` that names the host and port, so that code written for
+    asyncio that catches ``OSError`` keeps working. ``host`` and ``port``
+    say where it was aimed.
+    """
+
+    def __init__(
+        self,
+        errno: int | None,
+        strerror: str,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        super().__init__(errno, strerror)
+        self.host = host
+        self.port = port
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class PathError(BackendError):
     """A path could not be added or removed."""
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 
 import pytest
 from pki import Pki, make_pki
 
 import mptls
-from mptls.errors import ConfigurationError
+from mptls.errors import ConfigurationError, ConnectError
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +136,174 @@ async def test_rfc8684_server_serves_an_rfc8684_client(pki: Pki) -> None:
         assert await asyncio.wait_for(reader.read(), 10) == b"ping"
         assert writer.get_extra_info("mptcp").mode == "rfc8684"
         writer.close()
+
+
+# open_connection / start_server arguments
+
+
+@pytest.mark.parametrize("port", [-1, 70000, "abc", None, 1.5, True])
+async def test_bad_client_port(pki: Pki, port: object) -> None:
+    with pytest.raises(ConfigurationError, match="port"):
+        await mptls.open_connection("127.0.0.1", port, ssl=pki.client())
+
+
+@pytest.mark.parametrize("port", [-1, 70000, "abc", 1.5])
+async def test_bad_server_port(pki: Pki, port: object) -> None:
+    with pytest.raises(ConfigurationError, match="port"):
+        await mptls.start_server(noop, "127.0.0.1", port, ssl=pki.server())
+
+
+@pytest.mark.parametrize("host", [127, b"127.0.0.1", ["127.0.0.1"], ""])
+async def test_client_host_must_be_a_str(pki: Pki, host: object) -> None:
+    with pytest.raises(ConfigurationError, match="host"):
+        await mptls.open_connection(host, 4433, ssl=pki.client())
+
+
+async def test_server_host_must_be_str_or_list(pki: Pki) -> None:
+    with pytest.raises(ConfigurationError, match="host"):
+        await mptls.start_server(noop, 127, 0, ssl=pki.server())
+
+
+@pytest.mark.parametrize(
+    ("local_addrs", "match"),
+    [
+        ("127.0.0.1", "list of addresses"),
+        (b"127.0.0.1", "list of addresses"),
+        ([127], "entries"),
+        (["127.0.0.1", None], "entries"),
+    ],
+)
+async def test_bad_local_addrs(
+    pki: Pki, local_addrs: object, match: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        await mptls.open_connection(
+            "127.0.0.1", 4433, ssl=pki.client(), local_addrs=local_addrs
+        )
+
+
+async def test_unknown_keyword_is_named(pki: Pki) -> None:
+    server = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ConfigurationError, match="recieve_window"):
+            await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client(), recieve_window=1
+            )
+    with pytest.raises(ConfigurationError, match="colour"):
+        await mptls.start_server(
+            noop, "127.0.0.1", 0, ssl=pki.server(), colour="red"
+        )
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, "5", float("inf")])
+async def test_bad_ssl_handshake_timeout(pki: Pki, timeout: object) -> None:
+    with pytest.raises(ConfigurationError, match="ssl_handshake_timeout"):
+        await mptls.open_connection(
+            "127.0.0.1",
+            4433,
+            ssl=pki.client(),
+            ssl_handshake_timeout=timeout,
+        )
+    with pytest.raises(ConfigurationError, match="ssl_handshake_timeout"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            ssl_handshake_timeout=timeout,
+        )
+
+
+@pytest.mark.parametrize("limit", [0, -1, "64"])
+async def test_bad_limit(pki: Pki, limit: object) -> None:
+    with pytest.raises(ConfigurationError, match="limit"):
+        await mptls.open_connection(
+            "127.0.0.1", 4433, ssl=pki.client(), limit=limit
+        )
+    with pytest.raises(ConfigurationError, match="limit"):
+        await mptls.start_server(
+            noop, "127.0.0.1", 0, ssl=pki.server(), limit=limit
+        )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"cafile": 123},
+        {"certfile": 1.5},
+        {"cadata": "not bytes"},
+        {"ciphers": 5},
+        {"verify": "no"},
+    ],
+)
+def test_tls_config_types(kw: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError, match=next(iter(kw))):
+        mptls.TLSConfig(**kw)  # type: ignore[arg-type]
+
+
+# what the operating system refuses: typed, and still an OSError
+
+
+async def test_refused_connection_is_a_connect_error(pki: Pki) -> None:
+    server = await asyncio.start_server(noop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(ConnectError) as caught:
+        await mptls.open_connection("127.0.0.1", port, ssl=pki.client())
+    error = caught.value
+    assert isinstance(error, OSError)
+    assert isinstance(error, mptls.MptlsError)
+    assert error.errno == errno.ECONNREFUSED
+    assert f"127.0.0.1:{port}" in str(error)
+    assert (error.host, error.port) == ("127.0.0.1", port)
+
+
+async def test_port_in_use_is_a_connect_error(pki: Pki) -> None:
+    first = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    async with first:
+        port = first.sockets[0].getsockname()[1]
+        with pytest.raises(OSError) as caught:
+            await mptls.start_server(
+                noop, "127.0.0.1", port, ssl=pki.server(), reuse_port=False
+            )
+    assert isinstance(caught.value, ConnectError)
+    assert caught.value.errno == errno.EADDRINUSE
+    assert f"127.0.0.1:{port}" in str(caught.value)
+
+
+async def test_unknown_host_is_named(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def no_such_name(*args: object, **kw: object) -> object:
+        # no lookup leaves the process: the resolver's answer is faked
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(loop, "getaddrinfo", no_such_name)
+    with pytest.raises(ConnectError) as caught:
+        await mptls.open_connection(
+            "no-such-host.invalid", 4433, ssl=pki.client()
+        )
+    message = str(caught.value)
+    assert "'no-such-host.invalid'" in message
+    assert "Name or service not known" in message
+    assert caught.value.errno == socket.EAI_NONAME
+
+
+@pytest.mark.parametrize("announce", ["127.0.0.2", ["x"], [("127.0.0.2", 1)]])
+async def test_kernel_backend_checks_announce_first(
+    pki: Pki, announce: object
+) -> None:
+    # refused before any socket or netlink request exists
+    with pytest.raises(ConfigurationError, match="announce"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            backend="kernel",
+            announce=announce,
+        )

@@ -4,18 +4,26 @@ Both take the arguments of the asyncio functions of the same name plus
 mptls's own keywords, and give real ``asyncio.StreamReader`` /
 ``asyncio.StreamWriter`` objects. ``create_connection`` and
 ``create_server`` are the protocol-level forms, like the loop methods.
+
+Arguments are checked here, before any socket exists: a bad one is a
+:class:`~mptls.errors.ConfigurationError`, never a ``TypeError`` from
+deep inside. What the operating system refuses (a port in use, a refused
+connection, an unknown host) is a :class:`~mptls.errors.ConnectError`,
+which is an ``OSError`` too. This module must never swallow an error or
+put key material in one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from mptls.aio.protocol import TLSProtocol
 from mptls.backends import get_backend
 from mptls.backends.base import Backend
-from mptls.errors import ConfigurationError
+from mptls.errors import ConfigurationError, ConnectError, MptlsError
 from mptls.tls.config import to_openssl_context
 
 _DEFAULT_LIMIT = 2**16
@@ -29,6 +37,102 @@ def _resolve_backend(backend: str | Backend) -> Backend:
     if isinstance(backend, Backend):
         return backend
     return get_backend(backend)
+
+
+def _check_port(port: object, *, server: bool) -> int:
+    # asyncio would take a service name ("https"); mptls wants a number
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ConfigurationError(f"port must be an int, got {port!r}")
+    low = 0 if server else 1
+    if not low <= port <= 65535:
+        raise ConfigurationError(
+            f"port must be between {low} and 65535, got {port}"
+        )
+    return port
+
+
+def _check_client_args(
+    host: object, local_addrs: object, server_hostname: object
+) -> list[str] | None:
+    if not isinstance(host, str) or not host:
+        raise ConfigurationError(f"host must be a non-empty str, got {host!r}")
+    if server_hostname is not None and not isinstance(server_hostname, str):
+        raise ConfigurationError(
+            f"server_hostname must be a str, got {server_hostname!r}"
+        )
+    if local_addrs is None:
+        return None
+    if isinstance(local_addrs, str | bytes) or not isinstance(
+        local_addrs, Sequence
+    ):
+        # a str is a sequence too: its characters are no addresses
+        raise ConfigurationError(
+            "local_addrs must be a list of addresses, got "
+            f"{local_addrs!r}; write [{local_addrs!r}] for one"
+        )
+    for address in local_addrs:
+        if not isinstance(address, str) or not address:
+            raise ConfigurationError(
+                f"local_addrs entries must be non-empty str, got {address!r}"
+            )
+    return list(local_addrs)
+
+
+def _check_server_host(host: object) -> None:
+    if host is None or (isinstance(host, str) and host):
+        return
+    if (
+        isinstance(host, Sequence)
+        and not isinstance(host, bytes)
+        and host
+        and all(isinstance(h, str) and h for h in host)
+    ):
+        return
+    raise ConfigurationError(
+        f"host must be a str, a list of str or None, got {host!r}"
+    )
+
+
+def _check_timeout(value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(
+            f"ssl_handshake_timeout must be seconds or None, got {value!r}"
+        )
+    if not 0 < value <= 86400:
+        raise ConfigurationError(
+            f"ssl_handshake_timeout must be in (0, 86400] seconds, got {value}"
+        )
+
+
+def _check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ConfigurationError(
+            f"limit must be a positive int, got {limit!r}"
+        )
+
+
+def _connect_error(
+    exc: OSError, what: str, host: object, port: int
+) -> ConnectError:
+    """``exc`` from the OS, with the host and port it was aimed at."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, socket.gaierror):
+        message = f"cannot resolve host {host!r}: {reason}"
+    else:
+        message = f"cannot {what} {host}:{port}: {reason}"
+    where = host if isinstance(host, str) else None
+    return ConnectError(exc.errno, message, host=where, port=port)
+
+
+def _is_plain_os_error(exc: BaseException) -> bool:
+    # timeouts are MptlsTimeoutError already, or a wait of the caller's
+    return isinstance(exc, OSError) and not isinstance(
+        exc, MptlsError | TimeoutError
+    )
 
 
 def _default_server_hostname(host: str | None) -> str | None:
@@ -62,6 +166,9 @@ async def create_connection(
     """
     if host is None or port is None:
         raise ConfigurationError("host and port are required")
+    port = _check_port(port, server=False)
+    local_addrs = _check_client_args(host, local_addrs, server_hostname)
+    _check_timeout(ssl_handshake_timeout)
     if ssl is None or ssl is False:
         raise ConfigurationError(
             "mptls always runs TLS: its MPTCP keys come from the TLS "
@@ -91,12 +198,14 @@ async def create_connection(
         transport, tls = await backend_obj.create_connection(
             tls_factory, host, port, local_addrs=local_addrs, **backend_options
         )
-    except BaseException:
+    except BaseException as exc:
         # the TLS protocol may have failed the waiter already; nobody
         # will await it now
         if waiter.done() and not waiter.cancelled():
             waiter.exception()
         waiter.cancel()
+        if isinstance(exc, OSError) and _is_plain_os_error(exc):
+            raise _connect_error(exc, "connect to", host, port) from exc
         raise
     try:
         await waiter
@@ -131,6 +240,9 @@ async def create_server(
             "a server needs ssl=TLSConfig(certfile=..., keyfile=...) or "
             "an OpenSSL.SSL.Context holding its certificate and key"
         )
+    _check_server_host(host)
+    port = _check_port(0 if port is None else port, server=True)
+    _check_timeout(ssl_handshake_timeout)
     context, _ = to_openssl_context(ssl, server_side=True)
     backend_obj = _resolve_backend(backend)
 
@@ -144,9 +256,14 @@ async def create_server(
             handshake_timeout=ssl_handshake_timeout,
         )
 
-    return await backend_obj.create_server(
-        tls_factory, host, port or 0, **backend_options
-    )
+    try:
+        return await backend_obj.create_server(
+            tls_factory, host, port, **backend_options
+        )
+    except OSError as exc:
+        if not _is_plain_os_error(exc):
+            raise
+        raise _connect_error(exc, "listen on", host, port) from exc
 
 
 async def open_connection(
@@ -161,6 +278,7 @@ async def open_connection(
     Takes :func:`create_connection`'s keywords; returns real asyncio
     streams.
     """
+    _check_limit(limit)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -184,6 +302,7 @@ async def start_server(
     ``client_connected_cb(reader, writer)`` runs once the TLS handshake is
     complete and the MPTCP keys are installed.
     """
+    _check_limit(limit)
     loop = asyncio.get_running_loop()
 
     def factory() -> asyncio.StreamReaderProtocol:

@@ -167,6 +167,7 @@ class TLSConfig:
     ciphers: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         version = _as_tls_version(self.minimum_version, "minimum_version")
         object.__setattr__(self, "minimum_version", version)
         if isinstance(self.alpn_protocols, str):
@@ -183,6 +184,30 @@ class TLSConfig:
                 "require_client_cert needs cafile or cadata to check "
                 "client certificates against"
             )
+
+    def _check_types(self) -> None:
+        # a wrong type would surface only when a context is built, as a
+        # TypeError from deep inside open() or OpenSSL
+        for name in ("certfile", "keyfile", "cafile"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(
+                value, str | bytes | os.PathLike
+            ):
+                raise ConfigurationError(
+                    f"{name} must be a path (str, bytes or os.PathLike), "
+                    f"got {type(value).__name__}"
+                )
+        if self.cadata is not None and not isinstance(self.cadata, bytes):
+            raise ConfigurationError(
+                f"cadata must be bytes, got {type(self.cadata).__name__}"
+            )
+        if self.ciphers is not None and not isinstance(self.ciphers, str):
+            raise ConfigurationError(
+                f"ciphers must be a str, got {type(self.ciphers).__name__}"
+            )
+        for name in ("verify", "check_hostname", "require_client_cert"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(f"{name} must be True or False")
 
     @property
     def _has_ca(self) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import socket
 import weakref
@@ -52,6 +53,27 @@ def _check_options(given: dict[str, Any], known: frozenset[str]) -> None:
             f"the kernel backend does not know option(s) "
             f"{', '.join(unknown)}; it takes {', '.join(sorted(known))}"
         )
+
+
+def _check_announce(announce: object) -> list[str]:
+    # checked before the listen: a bad entry would otherwise surface as a
+    # netlink error after the endpoint table was already half changed
+    if announce is None:
+        return []
+    if isinstance(announce, str | bytes) or not isinstance(announce, Sequence):
+        raise ConfigurationError(
+            f"announce must be a list of IP addresses, got {announce!r}"
+        )
+    for address in announce:
+        try:
+            if not isinstance(address, str):
+                raise ValueError(address)
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigurationError(
+                f"announce entry {address!r} is not an IPv4 or IPv6 literal"
+            ) from None
+    return list(announce)
 
 
 def _transport_socket(transport: asyncio.BaseTransport) -> Any:
@@ -185,7 +207,7 @@ class KernelBackend(Backend):
         announced address reach only a wildcard listener (``host=None``).
         """
         _check_options(options, SERVER_OPTIONS)
-        announce = list(options.get("announce") or ())
+        announce = _check_announce(options.get("announce"))
         if announce:
 
             def add() -> None:
