@@ -416,3 +416,23 @@ async def test_server_ending_before_the_preamble_is_not_mptls(
                 10,
             )
         assert loop.time() - started < 2.0
+
+
+async def test_addresses_outlive_the_connection(
+    pki: Pki, echo_server: Served
+) -> None:
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", echo_server.port, ssl=pki.client()
+    )
+    peername = writer.get_extra_info("peername")
+    sockname = writer.get_extra_info("sockname")
+    assert peername[1] == echo_server.port
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await writer.wait_closed()
+    # as with asyncio's own transports, the first subflow's addresses
+    # stay readable once the connection closed
+    assert writer.get_extra_info("peername") == peername
+    assert writer.get_extra_info("sockname") == sockname
+    assert writer.get_extra_info("socket") is None

@@ -590,8 +590,17 @@ class MultipathTransport(asyncio.Transport):
             }
         primary = self._primary()
         if primary is None or primary.transport is None:
-            return default
+            return self._closed_extra_info(name, default)
         return primary.transport.get_extra_info(name, default)
+
+    def _closed_extra_info(self, name: str, default: Any) -> Any:
+        # asyncio keeps peername and sockname after close: answer from
+        # the addresses cached when the first subflow was attached
+        index = _ADDRESS_INDEX.get(name)
+        if index is None or not self._addresses:
+            return default
+        address = self._addresses[min(self._addresses)][index]
+        return default if address is None else address
 
     def _primary(self) -> SubflowProtocol | None:
         if not self._subflows:
@@ -743,6 +752,10 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
     events.AddressAnnounced: MultipathTransport._on_address,
     events.ConnectionClosed: MultipathTransport._on_closed,
 }
+
+
+# where get_extra_info finds a name in a cached (sockname, peername) pair
+_ADDRESS_INDEX = {"sockname": 0, "peername": 1}
 
 
 # Takes a new subflow's first segments before the Endpoint does; True
