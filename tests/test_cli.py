@@ -120,7 +120,8 @@ def test_announce_forms(text: str, expected: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["localhost", "127.0.0.2:x", "127.0.0.2:70000", "[::1]x"]
+    "text",
+    ["localhost", "127.0.0.2:x", "127.0.0.2:70000", "[::1]x", "[::1", "["],
 )
 def test_bad_announce_is_a_usage_error(text: str) -> None:
     with pytest.raises(UsageError):
@@ -400,8 +401,81 @@ def test_demo_over_the_kernel_backend(
     path, sha256 = two_mib_file
     result = run_mptls("demo", "--file", str(path), "--backend", "kernel")
     assert result.returncode == 0, result.stderr.decode()
-    assert "mode kernel" in result.stdout.decode()
-    assert sha256 in result.stdout.decode()
+    report = result.stdout.decode()
+    assert "mode kernel" in report
+    assert sha256 in report
+    # no released kernel takes the keys: the report must not say it did
+    assert (
+        "exported (EXPORTER-MPTCP), not installed:" in report
+        or "from the TLS exporter" in report
+    )
+    assert not (
+        "from the TLS exporter" in report and "not installed" in report
+    )
+
+
+def test_demo_fails_when_a_path_never_carries_data(
+    two_mib_file: tuple[Path, str],
+) -> None:
+    # the server listens on 127.0.0.1: a subflow from ::1 cannot reach it,
+    # and nothing leaves loopback
+    path, _ = two_mib_file
+    result = run_mptls(
+        "demo", "--file", str(path), "--paths", "127.0.0.1,::1", "--json"
+    )
+    error = result.stderr.decode()
+    assert result.returncode == 1, error
+    assert "path ::1 never carried data" in error
+    assert "Traceback" not in error
+    report = json.loads(result.stdout)
+    assert report["ok"] is False
+    assert report["idle_paths"] == ["::1"]
+    assert report["sha256"]["match"] is True
+
+
+def test_demo_with_a_directory_says_so(tmp_path: Path) -> None:
+    result = run_mptls("demo", "--file", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == (
+        f"mptls: error: file is a directory: {tmp_path}"
+    )
+
+
+@pytest.mark.parametrize("command", ["demo", "connect"])
+def test_empty_paths_are_refused(command: str) -> None:
+    args = ["127.0.0.1", "4433"] if command == "connect" else []
+    result = run_mptls(command, *args, "--paths", "")
+    assert result.returncode == 2
+    assert "--paths needs at least one local address" in (
+        result.stderr.decode()
+    )
+
+
+def test_info_never_splits_a_name_at_80_columns() -> None:
+    import io
+
+    from rich.console import Console
+
+    from mptls.cli.info import report_table
+
+    names = [
+        "net.mptcp.allow_join_initial_addr_port",
+        "net.mptcp.syn_retrans_before_tcp_fallback",
+        "net.mptcp.available_path_managers",
+    ]
+    report = {
+        "kernel release": "6.1.0",
+        "mptcp socket detail": "socket(IPPROTO_MPTCP) works",
+        "sysctls": {name: "kernel userspace" for name in names},
+    }
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(
+        report_table(report, "kernel MPTCP")
+    )
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for name in names:
+        assert name in text
 
 
 def test_kernel_backend_refuses_a_mode(tmp_path: Path) -> None:

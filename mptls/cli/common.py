@@ -132,7 +132,9 @@ def parse_announce(text: str, default_port: int) -> tuple[str, int]:
     ``[ipv6]:port``."""
     host, port = text, default_port
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise UsageError(f"unclosed '[' in address to announce: {text!r}")
         if rest:
             if not rest.startswith(":"):
                 raise UsageError(f"bad address to announce: {text!r}")
@@ -146,6 +148,8 @@ def parse_announce(text: str, default_port: int) -> tuple[str, int]:
 def existing_file(text: str, what: str) -> Path:
     """A path that must name a readable regular file."""
     path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"{what} is a directory: {text}")
     if not path.is_file():
         raise UsageError(f"{what} not found: {text}")
     return path

@@ -99,6 +99,11 @@ def run(args: argparse.Namespace) -> ExitStatus:
         render_report(console, report)
     if not report.sha256_match:
         raise ProtocolError("SHA-256 mismatch: the file did not arrive intact")
+    if report.idle_paths:
+        raise MptlsError(
+            f"path {', '.join(report.idle_paths)} never carried data: "
+            "its subflow did not open or join (run with --debug to see why)"
+        )
     if not report.ok:
         raise MptlsError("the two ends disagree on the key fingerprint")
     return ExitStatus.OK

@@ -105,17 +105,20 @@ def _key_rows(report: DemoReport) -> list[Row]:
         reason = client.keys_reason or "the backend installed no TLS keys"
         return [("keys", f"not from TLS: {reason}")]
     agree = _YES if report.fingerprints_match else _NO
-    rows = [
-        ("keys", "from the TLS exporter (EXPORTER-MPTCP)"),
+    source = "from the TLS exporter (EXPORTER-MPTCP)"
+    if not client.keys_installed:
+        # the kernel backend exports them but no released kernel takes
+        # them: the subflows run on the kernel's own keys
+        reason = client.keys_reason or "the backend did not take them"
+        source = f"exported (EXPORTER-MPTCP), not installed: {reason}"
+    return [
+        ("keys", source),
         (
             "fingerprint",
             f"client {client.key_fingerprint or '-'}  "
             f"server {server.key_fingerprint or '-'}  match {agree}",
         ),
     ]
-    if not client.keys_installed:
-        rows.append(("", f"not installed: {client.keys_reason}"))
-    return rows
 
 
 def summary_rows(report: DemoReport) -> list[Row]:
@@ -145,7 +148,15 @@ def summary_rows(report: DemoReport) -> list[Row]:
         ),
         ("sha256", report.client.sha256),
         ("", f"match {_YES if report.sha256_match else _NO}"),
+        *_path_rows(report),
     ]
+
+
+def _path_rows(report: DemoReport) -> list[Row]:
+    idle = report.idle_paths
+    if not idle:
+        return []
+    return [("paths", f"[red]never carried data: {', '.join(idle)}[/]")]
 
 
 def render_report(console: Console, report: DemoReport) -> None:

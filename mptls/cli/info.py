@@ -66,8 +66,13 @@ def _rows_table(rows: list[Mapping[str, Any]] | tuple[Any, ...]) -> Table:
 
 def report_table(report: Mapping[str, Any], title: str | None = None) -> Table:
     """A report as a two-column table of names and values."""
-    table = Table(box=box.SIMPLE, show_header=False, title=title)
-    table.add_column(style="bold", overflow="fold")
+    table = Table(
+        box=box.SIMPLE, show_header=False, title=title, pad_edge=False
+    )
+    # a name (a sysctl, say) is never split: its column is as wide as the
+    # longest; the values fold into what is left
+    width = max((len(_label(key)) for key in report), default=0)
+    table.add_column(style="bold", no_wrap=True, min_width=width)
     table.add_column(overflow="fold")
     for key, value in report.items():
         table.add_row(_label(key), _cell(value))

@@ -305,7 +305,8 @@ async def connect(args: argparse.Namespace) -> None:
     port = parse_port(args.port)
     if port == 0:
         raise UsageError("port 0 cannot be connected to")
-    paths = parse_paths(args.paths) if args.paths else None
+    # an empty --paths is a mistake, not "no paths given"
+    paths = parse_paths(args.paths) if args.paths is not None else None
     cafile = existing_file(args.cafile, "CA file") if args.cafile else None
     if args.insecure:
         _status(True, ["mptls: warning: --insecure: certificate not checked"])

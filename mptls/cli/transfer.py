@@ -104,13 +104,29 @@ class DemoReport:
         )
 
     @property
+    def idle_paths(self) -> tuple[str, ...]:
+        """The requested local addresses no subflow sent data from.
+
+        Empty where the kernel's own endpoints decide the extra
+        subflows: then the paths asked for are not the demo's to open.
+        """
+        if _expected_subflows(self.settings) < len(self.settings.paths):
+            return ()
+        used = {
+            subflow.local_address[0]
+            for subflow in self.client.info.subflows
+            if subflow.local_address is not None and subflow.bytes_sent > 0
+        }
+        return tuple(path for path in self.settings.paths if path not in used)
+
+    @property
     def ok(self) -> bool:
         # ends that exported no keys have no fingerprints to compare
         keys_agree = self.fingerprints_match or not (
             self.client.info.key_fingerprint
             or self.server.info.key_fingerprint
         )
-        return self.sha256_match and keys_agree
+        return self.sha256_match and keys_agree and not self.idle_paths
 
     @property
     def throughput(self) -> float:
@@ -128,12 +144,15 @@ class DemoReport:
             "backend": self.settings.backend,
             "mode": self.client.info.mode,
             "paths": list(self.settings.paths),
+            "idle_paths": list(self.idle_paths),
             "tls": {
                 "version": self.client.tls_version,
                 "cipher": self.client.cipher,
             },
             "keys": {
                 "source": "TLS exporter (EXPORTER-MPTCP)",
+                "installed": self.client.info.keys_installed,
+                "reason": self.client.info.keys_reason,
                 "client_fingerprint": self.client.info.key_fingerprint,
                 "server_fingerprint": self.server.info.key_fingerprint,
                 "match": self.fingerprints_match,
