@@ -144,6 +144,18 @@ def test_quick_paths_scenario(tmp_path: Path) -> None:
     assert all(0 < share < 1.1 for share in shares.values())
 
 
+def test_quick_figures_are_labelled_as_smoke_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a quick paths run once printed an mptls share of 0.505 as if it
+    # were a result; every quick run now says what its figures are
+    status = main(["bench", "tokens", "--quick", "--output", str(tmp_path)])
+    assert status == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("quick run: smoke figures, not results.")
+    assert out.endswith("Run without --quick for figures.")
+
+
 def test_unknown_scenario_is_a_usage_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
