@@ -335,6 +335,65 @@ def test_openssl_context_gets_the_policy_options(files: Files) -> None:
     assert to_openssl_context(lenient, server_side=False)[1] is False
 
 
+def test_openssl_context_serves_several_connections(files: Files) -> None:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.load_verify_locations(str(files.ca_file))
+    context.set_verify(SSL.VERIFY_PEER)
+    server = server_context(files)
+
+    for _ in range(3):
+        converted, check = to_openssl_context(context, server_side=False)
+        assert converted is context and check is True
+        handshake(converted, server)
+
+
+def test_openssl_context_used_elsewhere_first(files: Files) -> None:
+    # pyOpenSSL refuses set_options once a context made a connection;
+    # the engine's per-connection options must be enough then
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_verify(SSL.VERIFY_NONE)
+    SSL.Connection(context, None)
+
+    converted, check = to_openssl_context(context, server_side=False)
+
+    assert converted is context and check is False
+    client, _ = handshake(
+        converted, server_context(files), check_hostname=check
+    )
+    connection_options = client._connection.set_options(0)
+    assert connection_options & POLICY_OPTIONS == POLICY_OPTIONS
+
+
+def test_tls_config_builds_each_side_once(files: Files) -> None:
+    config = TLSConfig(certfile=files.chain_file, cafile=files.ca_file)
+
+    clients = {
+        id(to_openssl_context(config, server_side=False)[0]) for _ in range(3)
+    }
+    servers = {
+        id(to_openssl_context(config, server_side=True)[0]) for _ in range(3)
+    }
+
+    assert len(clients) == 1 and len(servers) == 1
+    assert clients != servers
+    client_context = to_openssl_context(config, server_side=False)[0]
+    server = to_openssl_context(config, server_side=True)[0]
+    for _ in range(3):
+        handshake(client_context, server)
+    # the cache is no setting: equal configs stay equal and hash alike
+    assert config == TLSConfig(certfile=files.chain_file, cafile=files.ca_file)
+    assert hash(config) == hash(
+        TLSConfig(certfile=files.chain_file, cafile=files.ca_file)
+    )
+    assert "_contexts" not in repr(config)
+
+
+def test_true_builds_its_context_once() -> None:
+    first, _ = to_openssl_context(True, server_side=False)
+    second, _ = to_openssl_context(True, server_side=False)
+    assert first is second
+
+
 def test_true_means_system_trust_for_clients(files: Files) -> None:
     context, check = to_openssl_context(True, server_side=False)
     assert check is True

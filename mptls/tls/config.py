@@ -6,12 +6,19 @@ turns whatever the public ``ssl=`` argument holds into an
 
 What ``ssl=`` accepts, and what each form gives:
 
-- a :class:`TLSConfig`: a fresh context built from it (see below);
+- a :class:`TLSConfig`: a context built from it on first use and kept
+  by the config for every later connection of the same side (a context
+  holds the trust store, which is the costly part of a connect); files
+  are read when that context is built, as stdlib ``ssl`` reads them in
+  ``load_verify_locations``;
 - an ``OpenSSL.SSL.Context``: used as it is, with renegotiation and
-  compression switched off on top; clients check the host name when the
-  context verifies peers (``VERIFY_PEER``);
+  compression switched off on top (on the context when it has made no
+  connection yet, and always on each connection by the engine); clients
+  check the host name when the context verifies peers (``VERIFY_PEER``);
+  one context serves any number of connections;
 - ``True`` (clients only): ``TLSConfig()``, that is TLS 1.3, the system's
-  CA certificates and a host name check;
+  CA certificates and a host name check; its context is built once per
+  process;
 - a client-side ``ssl.SSLContext`` (``PROTOCOL_TLS_CLIENT`` or
   ``PROTOCOL_TLS``), carried over as far as Python lets it be read:
 
@@ -53,9 +60,11 @@ turn renegotiation back on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import ssl
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -165,6 +174,12 @@ class TLSConfig:
     minimum_version: TLSVersion = TLSVersion.TLS1_3
     alpn_protocols: tuple[str, ...] = ()
     ciphers: str | None = None
+    # the built contexts by side (True: server), so that a config reused
+    # for many connections loads its trust store once; no part of the
+    # settings, so neither compared nor shown
+    _contexts: dict[bool, SSL.Context] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -394,6 +409,39 @@ def _add_anchors(
 
 # ssl= in the public API
 
+# contexts handed in that this module has put its policy options on;
+# pyOpenSSL refuses set_options once a context has made a connection
+_POLICED: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+
+
+@functools.cache
+def _default_client() -> TLSConfig:
+    # ssl=True: one TLSConfig(), so its context is built once per process
+    return TLSConfig()
+
+
+def _cached_context(config: TLSConfig, server_side: bool) -> SSL.Context:
+    context = config._contexts.get(server_side)
+    if context is None:
+        if server_side:
+            context = config.server_context()
+        else:
+            context = config.client_context()
+        config._contexts[server_side] = context
+    return context
+
+
+def _police(context: SSL.Context) -> None:
+    if context in _POLICED:
+        return
+    try:
+        context.set_options(POLICY_OPTIONS)
+    except ValueError:
+        # already made a connection elsewhere, so it can no longer be
+        # changed; the engine sets the same options on every connection
+        logger.debug("OpenSSL context in use; policy set per connection")
+    _POLICED.add(context)
+
 
 def to_openssl_context(
     ssl_arg: object, *, server_side: bool
@@ -405,11 +453,10 @@ def to_openssl_context(
     servers). See the module docstring for what each form carries.
     """
     if isinstance(ssl_arg, TLSConfig):
-        if server_side:
-            return ssl_arg.server_context(), False
-        return ssl_arg.client_context(), ssl_arg.hostname_checked
+        context = _cached_context(ssl_arg, server_side)
+        return context, ssl_arg.hostname_checked and not server_side
     if isinstance(ssl_arg, SSL.Context):
-        ssl_arg.set_options(POLICY_OPTIONS)
+        _police(ssl_arg)
         verifies = bool(ssl_arg.get_verify_mode() & SSL.VERIFY_PEER)
         return ssl_arg, verifies and not server_side
     if ssl_arg is True:
@@ -418,8 +465,8 @@ def to_openssl_context(
                 "a server needs a certificate: pass a TLSConfig with "
                 "certfile, or an OpenSSL context"
             )
-        config = TLSConfig()
-        return config.client_context(), config.hostname_checked
+        config = _default_client()
+        return _cached_context(config, False), config.hostname_checked
     if isinstance(ssl_arg, ssl.SSLContext):
         if server_side:
             raise ConfigurationError(
