@@ -307,3 +307,47 @@ async def test_kernel_backend_checks_announce_first(
             backend="kernel",
             announce=announce,
         )
+
+
+def _kernel_mptcp() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262).close()
+    except OSError:
+        return False
+    return True
+
+
+async def test_kernel_backend_refusals_are_connect_errors(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    first = await mptls.start_server(
+        noop, "127.0.0.1", 0, ssl=pki.server(), backend="kernel"
+    )
+    async with first:
+        port = first.sockets[0].getsockname()[1]
+        with pytest.raises(ConnectError) as caught:
+            await mptls.start_server(
+                noop,
+                "127.0.0.1",
+                port,
+                ssl=pki.server(),
+                backend="kernel",
+                reuse_address=False,
+            )
+        assert caught.value.errno == errno.EADDRINUSE
+        assert str(port) in str(caught.value)
+
+    async def no_such_name(*args: object, **kw: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(
+        asyncio.get_running_loop(), "getaddrinfo", no_such_name
+    )
+    with pytest.raises(OSError) as looked_up:
+        await mptls.open_connection(
+            "no-such-host.invalid", 4433, ssl=pki.client(), backend="kernel"
+        )
+    assert isinstance(looked_up.value, ConnectError)
+    assert "'no-such-host.invalid'" in str(looked_up.value)

@@ -18,12 +18,17 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from mptls.aio.protocol import TLSProtocol
 from mptls.backends import get_backend
 from mptls.backends.base import Backend
-from mptls.errors import ConfigurationError, ConnectError, MptlsError
+from mptls.errors import (
+    BackendError,
+    ConfigurationError,
+    ConnectError,
+    MptlsError,
+)
 from mptls.tls.config import to_openssl_context
 
 _DEFAULT_LIMIT = 2**16
@@ -81,7 +86,7 @@ def _check_client_args(
 
 
 def _check_server_host(host: object) -> None:
-    if host is None or (isinstance(host, str) and host):
+    if host is None or isinstance(host, str):
         return
     if (
         isinstance(host, Sequence)
@@ -128,7 +133,27 @@ def _connect_error(
     return ConnectError(exc.errno, message, host=where, port=port)
 
 
-def _is_plain_os_error(exc: BaseException) -> bool:
+def _os_refusal(
+    exc: BaseException, what: str, host: object, port: int
+) -> ConnectError | None:
+    """The :class:`ConnectError` for ``exc`` if the OS refused, else None.
+
+    A backend may have wrapped the OS error in a ``BackendError`` of its
+    own (the kernel backend does); its message is kept, and its errno.
+    """
+    if isinstance(exc, ConnectError):
+        return None
+    if _is_plain_os_error(exc):
+        return _connect_error(cast(OSError, exc), what, host, port)
+    cause = exc.__cause__
+    if isinstance(exc, BackendError) and _is_plain_os_error(cause):
+        where = host if isinstance(host, str) else None
+        errno = cast(OSError, cause).errno
+        return ConnectError(errno, str(exc), host=where, port=port)
+    return None
+
+
+def _is_plain_os_error(exc: BaseException | None) -> bool:
     # timeouts are MptlsTimeoutError already, or a wait of the caller's
     return isinstance(exc, OSError) and not isinstance(
         exc, MptlsError | TimeoutError
@@ -204,8 +229,9 @@ async def create_connection(
         if waiter.done() and not waiter.cancelled():
             waiter.exception()
         waiter.cancel()
-        if isinstance(exc, OSError) and _is_plain_os_error(exc):
-            raise _connect_error(exc, "connect to", host, port) from exc
+        refusal = _os_refusal(exc, "connect to", host, port)
+        if refusal is not None:
+            raise refusal from exc
         raise
     try:
         await waiter
@@ -260,10 +286,11 @@ async def create_server(
         return await backend_obj.create_server(
             tls_factory, host, port, **backend_options
         )
-    except OSError as exc:
-        if not _is_plain_os_error(exc):
+    except (MptlsError, OSError) as exc:
+        refusal = _os_refusal(exc, "listen on", host, port)
+        if refusal is None:
             raise
-        raise _connect_error(exc, "listen on", host, port) from exc
+        raise refusal from exc
 
 
 async def open_connection(
