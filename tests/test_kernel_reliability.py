@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import hashlib
-import os
 import random
-import resource
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -36,6 +32,7 @@ from pathlib import Path
 
 import netns
 import pytest
+from test_load import EchoServer, file_limit, open_fds, settled_rss
 
 import mptls
 from mptls.backends.kernel.pathmanager import (
@@ -452,3 +449,100 @@ async def test_kernel_transfers_survive_a_withdrawn_announcement(
     await configure(lab, announce=True)
     trials = await run_trials(lab, WITHDRAWN)
     assert max(t.pause for t in trials) < 1.0
+
+
+# load: many kernel-backend TLS connections on a namespace's loopback
+
+CONNECTIONS = 1000
+PAYLOAD = 16 * 1024
+
+
+@pytest.fixture
+def private_loopback() -> Iterator[netns.Namespace]:
+    """A namespace of our own: no endpoints, its own backlog limits."""
+    if NETNS_REASON is not None:
+        pytest.skip(NETNS_REASON)
+    with netns.topology(0) as topology:
+        yield topology.client
+
+
+async def echo_client(pki: netns.ServerPki, port: int, seed: int) -> str:
+    """Echo PAYLOAD once; the connection's MPTCP mode."""
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1",
+        port,
+        ssl=TLSConfig(cafile=pki.ca_pem),
+        backend="kernel",
+        ssl_handshake_timeout=120.0,
+    )
+    try:
+        mode = str(writer.get_extra_info("mptcp").mode)
+        payload = random.Random(seed).randbytes(PAYLOAD)
+        writer.write(payload)
+        writer.write_eof()
+        echoed = await reader.read()
+        assert hashlib.sha256(echoed).digest() == (
+            hashlib.sha256(payload).digest()
+        )
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return mode
+
+
+async def echo_round(pki: netns.ServerPki, count: int) -> list[str]:
+    echo = EchoServer(count)
+    server = await mptls.start_server(
+        echo.handle,
+        "127.0.0.1",
+        0,
+        ssl=TLSConfig(certfile=pki.server_pem),
+        backend="kernel",
+        backlog=4096,
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        modes = await asyncio.wait_for(
+            asyncio.gather(
+                *(echo_client(pki, port, seed) for seed in range(count))
+            ),
+            120.0,
+        )
+        await asyncio.wait_for(echo.all_closed.wait(), 60.0)
+    assert not echo.failures, echo.failures[:3]
+    # let the loop run the transports' last connection_lost callbacks
+    for _ in range(10):
+        await asyncio.sleep(0)
+    return modes
+
+
+@pytest.mark.slow
+async def test_a_thousand_kernel_connections(
+    private_loopback: netns.Namespace, tmp_path: Path
+) -> None:
+    pki = netns.write_pki(str(tmp_path))
+    # every socket of the test is made inside the namespace
+    with private_loopback.entered(), file_limit(4 * CONNECTIONS + 1024):
+        # warm up caches and the allocator with a small round
+        await echo_round(pki, 20)
+        tasks_before = len(asyncio.all_tasks())
+        fds_before = open_fds()
+        rss_before = settled_rss()
+
+        started = time.monotonic()
+        modes = await echo_round(pki, CONNECTIONS)
+        elapsed = time.monotonic() - started
+
+        tasks_after = len(asyncio.all_tasks())
+        fds_after = open_fds()
+        rss_after = settled_rss()
+    print(
+        f"kernel: {CONNECTIONS} connections in {elapsed:.1f} s; fds "
+        f"{fds_before} -> {fds_after}; RSS {rss_before / MIB:.0f} -> "
+        f"{rss_after / MIB:.0f} MiB; tasks {tasks_before} -> {tasks_after}"
+    )
+    assert modes == ["kernel"] * CONNECTIONS
+    assert tasks_after == tasks_before
+    assert fds_after <= fds_before
+    # a leak of 32 KiB per connection would show as 32 MiB
+    assert rss_after - rss_before < 32 * MIB
