@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import socket
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +36,7 @@ import pytest
 from test_load import EchoServer, file_limit, open_fds, settled_rss
 
 import mptls
+from mptls.backends.kernel import KernelBackend
 from mptls.backends.kernel.pathmanager import (
     EndpointFlag,
     PathManager,
@@ -449,6 +451,59 @@ async def test_kernel_transfers_survive_a_withdrawn_announcement(
     await configure(lab, announce=True)
     trials = await run_trials(lab, WITHDRAWN)
     assert max(t.pause for t in trials) < 1.0
+
+
+# Nagle: asyncio leaves it on for MPTCP sockets unless the backend acts
+
+
+def _mptcp_reason() -> str | None:
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    except OSError as exc:
+        return f"the kernel refuses IPPROTO_MPTCP: {exc}"
+    probe.close()
+    return None
+
+
+def nodelay(transport: asyncio.BaseTransport) -> int:
+    sock = transport.get_extra_info("socket")
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+@pytest.mark.skipif(_mptcp_reason() is not None, reason=_mptcp_reason() or "")
+@pytest.mark.parametrize("client_protocol", [262, socket.IPPROTO_TCP])
+async def test_kernel_sockets_turn_nagle_off(client_protocol: int) -> None:
+    # with Nagle on, a small TLS record behind unacknowledged data waited
+    # for the peer's delayed ACK: every trial above paused about 45 ms
+    backend = KernelBackend()
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[asyncio.BaseTransport] = loop.create_future()
+
+    class Keep(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)
+
+    server = await backend.create_server(Keep, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    try:
+        if client_protocol == 262:
+            transport, _ = await backend.create_connection(
+                asyncio.Protocol, "127.0.0.1", port
+            )
+        else:  # a plain TCP client: the server's socket falls back
+            transport, _ = await loop.create_connection(
+                asyncio.Protocol, "127.0.0.1", port
+            )
+        served = await asyncio.wait_for(accepted, 5.0)
+        assert nodelay(served) == 1
+        assert nodelay(transport) == 1
+        for listener in server.sockets:
+            assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        transport.close()
+        served.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # load: many kernel-backend TLS connections on a namespace's loopback

@@ -70,6 +70,13 @@ def mptcp_socket(family: int) -> socket.socket:
             "MPTCP is not built in or net.mptcp.enabled is 0"
         ) from exc
     sock.setblocking(False)
+    # asyncio turns Nagle off only for IPPROTO_TCP sockets
+    # (base_events._set_nodelay), so MPTCP ones would keep it: a small
+    # write behind unacknowledged data (a TLS record, an answer) then
+    # waits for the peer's delayed ACK, about 40 ms. The kernel applies
+    # the option to every subflow, and accepted sockets inherit it from
+    # the listener, fallen-back plain TCP ones included.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
