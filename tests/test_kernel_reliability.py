@@ -218,6 +218,7 @@ class Trial:
 
     pause: float  # the server's longest pause between two reads
     reply: float  # from the client's EOF to the server's answer
+    victim: int  # the path broken
 
 
 def established(writer: asyncio.StreamWriter) -> Subflows:
@@ -288,7 +289,7 @@ async def upload_trial(
     digest, received, pause = reply.decode().split()
     assert int(received) == size
     assert digest == hashlib.sha256(payload).hexdigest()
-    return Trial(float(pause), replied)
+    return Trial(float(pause), replied, victim)
 
 
 @dataclass(frozen=True)
@@ -339,11 +340,15 @@ def milliseconds(values: list[float]) -> str:
 
 
 def summary(name: str, trials: list[Trial]) -> str:
-    return (
-        f"{name}: {len(trials)} trials; longest read pause "
-        f"{milliseconds([t.pause for t in trials])}; answer after EOF "
-        f"{milliseconds([t.reply for t in trials])}"
-    )
+    lines = [f"{name}: {len(trials)} trials"]
+    for victim in sorted({trial.victim for trial in trials}):
+        some = [trial for trial in trials if trial.victim == victim]
+        lines.append(
+            f"  path {victim} broken ({len(some)}): longest read pause "
+            f"{milliseconds([t.pause for t in some])}; answer after EOF "
+            f"{milliseconds([t.reply for t in some])}"
+        )
+    return "\n".join(lines)
 
 
 # the kinds of path failure
@@ -401,9 +406,9 @@ def only_path_0(subflows: Subflows) -> bool:
     return bool(subflows) and all(pair == path_0 for pair in subflows)
 
 
-# a blackhole costs the kernel a subflow RTO or more per trial (about
-# 0.9 s with the answer); 30 of them fit the time the file may take
-BLACKHOLE = Kind("veth link down", (0, 1), 30, link_down, links_up)
+# a blackhole costs a subflow RTO or more per trial, each way (about
+# 0.7 s a trial here)
+BLACKHOLE = Kind("veth link down", (0, 1), TRIALS, link_down, links_up)
 ENDPOINT = Kind(
     "client endpoint removed",
     (1,),
