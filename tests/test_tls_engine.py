@@ -673,6 +673,37 @@ def test_sends_before_completion_are_buffered_in_order(pki: Pki) -> None:
     assert client.read() == b"three"
 
 
+def test_pieces_received_at_once_read_as_one(pki: Pki) -> None:
+    client, server = connected(pki)
+    # more than one receive buffer of plaintext, in many records
+    message = bytes(range(256)) * 1500
+    client.send(message)
+    client.close()
+    wire = client.data_to_send()
+    pieces = [wire[i : i + 5000] for i in range(0, len(wire), 5000)]
+
+    server.receive_all(pieces)
+
+    assert server.read() == message
+    assert server.read() == b""
+    assert server.eof_received
+    # after close_notify nothing more is taken (RFC 8446 section 6.1)
+    server.receive_all([b"ignored", b"too"])
+    assert server.read() == b""
+
+
+def test_records_cut_anywhere_are_all_read(pki: Pki) -> None:
+    client, server = connected(pki)
+    client.send(b"a" * 40_000)
+    wire = client.data_to_send()
+
+    server.receive_all([wire[:7], wire[7:20_001]])
+    first = server.read()
+    server.receive_all([wire[20_001:]])
+
+    assert first + server.read() == b"a" * 40_000
+
+
 @pytest.mark.parametrize("tls12", [False, True], ids=["tls13", "tls12"])
 def test_half_close_keeps_the_other_direction(pki: Pki, tls12: bool) -> None:
     client, server = connected(pki, tls12=tls12)

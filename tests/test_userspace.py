@@ -436,3 +436,72 @@ async def test_addresses_outlive_the_connection(
     assert writer.get_extra_info("peername") == peername
     assert writer.get_extra_info("sockname") == sockname
     assert writer.get_extra_info("socket") is None
+
+
+async def test_one_read_of_frames_is_one_tls_pass(pki: Pki) -> None:
+    received: list[int] = []
+
+    async def sink(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        tls = writer.transport._tls  # type: ignore[attr-defined]
+        many = tls.data_received_many
+
+        def counted(chunks: list[bytes]) -> None:
+            received.append(len(chunks))
+            many(chunks)
+
+        tls.data_received_many = counted
+        total = 0
+        while data := await reader.read(CHUNK):
+            total += len(data)
+        writer.write(total.to_bytes(8, "big"))
+        await writer.drain()
+        writer.close()
+
+    served = await serve(pki, sink)
+    try:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", served.port, ssl=pki.client()
+        )
+        writer.write(bytes(4 * 1024 * 1024))
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.readexactly(8), 30)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        assert served.server is not None
+        served.server.close()
+        await served.server.wait_closed()
+
+    assert int.from_bytes(answer, "big") == 4 * 1024 * 1024
+    # frames of one socket read reached TLS together, at least once
+    assert max(received) > 1
+
+
+async def test_close_notify_and_data_fin_leave_in_one_write(
+    pki: Pki, echo_server: Served
+) -> None:
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", echo_server.port, ssl=pki.client()
+    )
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    multipath = writer.transport._tls._transport  # type: ignore[attr-defined]
+    subflow = multipath._subflows[0]
+    sent: list[int] = []
+    send = subflow.send
+
+    def counted(data: bytes) -> None:
+        sent.append(len(data))
+        send(data)
+
+    subflow.send = counted
+
+    writer.close()
+
+    # one write: the close_notify record and the DATA_FIN in one frame
+    assert len(sent) == 1
+    # the DATA_FIN is mapped (RFC 8684 section 3.3.3), so it went too
+    assert multipath._core._send.fin_offset is not None
+    await writer.wait_closed()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from OpenSSL import SSL
@@ -95,8 +95,17 @@ class TLSProtocol(asyncio.Protocol):
             self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self.data_received_many((data,))
+
+    def data_received_many(self, chunks: Sequence[bytes]) -> None:
+        """Consecutive pieces of the data-level stream, taken at once.
+
+        The multipath transport hands over every frame payload of one
+        socket read in one call: one TLS pass decrypts them all and the
+        application gets the plaintext in one piece.
+        """
         try:
-            self._engine.receive(data)
+            self._engine.receive_all(chunks)
             if self._app_transport is None:
                 if not self._engine.handshake_complete:
                     self._flush()
@@ -228,7 +237,7 @@ class TLSProtocol(asyncio.Protocol):
         protocol = self._app_protocol
         assert isinstance(protocol, asyncio.Protocol)
         while self._app_reading:
-            data = self._engine.read()
+            data = self._engine.read_piece()
             if not data:
                 break
             protocol.data_received(data)
@@ -258,9 +267,19 @@ class TLSProtocol(asyncio.Protocol):
 
     def _app_write_eof(self) -> None:
         self._engine.close()
-        self._flush()
-        assert self._transport is not None
-        self._transport.write_eof()
+        if not self._flush_final():
+            self._flush()
+            assert self._transport is not None
+            self._transport.write_eof()
+
+    def _flush_final(self) -> bool:
+        # close_notify and the end of the stream in one frame, where the
+        # transport can (the multipath one); False: nothing was sent
+        final = getattr(self._transport, "write_final", None)
+        if final is None:
+            return False
+        final(self._engine.data_to_send())
+        return True
 
     def _app_close(self) -> None:
         if self._transport is None or self._transport.is_closing():
@@ -268,7 +287,8 @@ class TLSProtocol(asyncio.Protocol):
         if not self._engine.closed:
             try:
                 self._engine.close()
-                self._flush()
+                if not self._flush_final():
+                    self._flush()
             except MptlsError:
                 pass
         self._transport.close()

@@ -27,6 +27,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import threading
+from collections.abc import Iterable
 from enum import Enum, IntEnum
 from typing import Any
 
@@ -50,15 +52,33 @@ from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.tls")
 
-# one SSL_read returns at most one record, of at most 2^14 bytes of
-# plaintext (RFC 8446 section 5.1): a larger buffer is wasted per call
-RECEIVE_CHUNK = 2**14
+# plaintext decrypted into one buffer before it becomes one bytes object:
+# one SSL_read returns at most one record of at most 2^14 bytes (RFC 8446
+# section 5.1), so a batch of received ciphertext takes many calls, all
+# into the same buffer (one per thread: SSL_read runs without the GIL).
+# Below malloc's mmap threshold (128 KiB): a larger piece is fresh pages,
+# faulted in and zeroed by the kernel, for every piece
+RECEIVE_BUFFER = 64 * 1024
 # ciphertext dropped per BIO_read when output is discarded
 TRANSMIT_CHUNK = 64 * 1024
 # plaintext handed to one SSL_write (which cuts it into records)
 WRITE_CHUNK = 1024 * 1024
 
 _X509_V_OK = 0
+
+_thread_buffers = threading.local()
+_ALLOCATE = _ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def _receive_buffer() -> Any:
+    buffer = getattr(_thread_buffers, "receive", None)
+    if buffer is None:
+        # not zeroed: only what SSL_read wrote is ever read back
+        buffer = _ALLOCATE("char[]", RECEIVE_BUFFER)
+        _thread_buffers.receive = buffer
+    return buffer
+
+
 _NAME_MISMATCH = {
     _lib.X509_V_ERR_HOSTNAME_MISMATCH,
     _lib.X509_V_ERR_IP_ADDRESS_MISMATCH,
@@ -316,21 +336,32 @@ class TLSEngine:
         (:class:`~mptls.errors.CertificateError` for a peer that did not
         verify) when the connection fails.
         """
+        self.receive_all((data,))
+
+    def receive_all(self, chunks: Iterable[bytes]) -> None:
+        """:meth:`receive` of consecutive pieces of ciphertext at once.
+
+        One pass of the handshake and of record reading for all of them,
+        however the transport cut the stream.
+        """
         self._raise_if_failed()
         if self._eof_received:
             # RFC 8446 section 6.1: data after a closure alert MUST be
             # ignored. Not even buffered: a peer cannot grow our memory
             # (what shared the close_notify's own bytes stays unread)
-            if data:
-                logger.debug("TLS: %d bytes after close_notify", len(data))
+            ignored = sum(len(data) for data in chunks)
+            if ignored:
+                logger.debug("TLS: %d bytes after close_notify", ignored)
             return
         if self._state is _State.NEW:
             self.start()
-        if data:
-            try:
-                self._connection.bio_write(data)
-            except SSL.Error as exc:
-                raise self._fail(self._translate(exc)) from exc
+        write = self._connection.bio_write
+        try:
+            for data in chunks:
+                if data:
+                    write(data)
+        except SSL.Error as exc:
+            raise self._fail(self._translate(exc)) from exc
         if self._state is _State.HANDSHAKING:
             self._advance_handshake()
         if self._state is _State.ESTABLISHED:
@@ -370,6 +401,16 @@ class TLSEngine:
         if len(chunks) == 1:
             return chunks[0]
         return b"".join(chunks)
+
+    def read_piece(self) -> bytes:
+        """The oldest decrypted piece not yet read, or ``b""``.
+
+        What :meth:`read` returns, without joining: pieces of up to 64 KiB
+        in order, so that a reader that pauses stops at a piece boundary
+        and nothing is copied just to be handed on.
+        """
+        incoming = self._incoming
+        return incoming.pop(0) if incoming else b""
 
     def close(self) -> None:
         """Send close_notify: the end of our direction, not of the peer's.
@@ -532,11 +573,30 @@ class TLSEngine:
         if self._eof_received:
             # nothing may follow close_notify (RFC 8446 section 6.1)
             return
-        recv = self._connection.recv
-        chunks = self._incoming
+        connection = self._connection
+        ssl = ssl_pointer(connection)
+        buffer = _receive_buffer()
+        ssl_read = _lib.SSL_read
         try:
             while True:
-                chunks.append(recv(RECEIVE_CHUNK))
+                # SSL_read straight into the buffer: pyOpenSSL's recv
+                # allocates, copies and raises WantReadError per record
+                filled = 0
+                result = 1
+                while filled < RECEIVE_BUFFER:
+                    result = ssl_read(
+                        ssl, buffer + filled, RECEIVE_BUFFER - filled
+                    )
+                    if result <= 0:
+                        break
+                    filled += result
+                if filled:
+                    self._incoming.append(_ffi.buffer(buffer, filled)[:])
+                if result <= 0:
+                    # pyOpenSSL's own reading of the error, so that it is
+                    # the exception its recv would have raised
+                    connection._raise_ssl_error(ssl, result)
+                    return
         except SSL.WantReadError:
             # also what a NewSessionTicket or KeyUpdate alone gives
             pass

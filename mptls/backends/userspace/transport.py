@@ -266,11 +266,7 @@ class MultipathTransport(asyncio.Transport):
             return
         self._processing = True
         try:
-            while True:
-                event = self._core.next_event()
-                if event is None:
-                    break
-                self._handle_event(event)
+            self._handle_events()
             self._flush()
         finally:
             self._processing = False
@@ -304,20 +300,49 @@ class MultipathTransport(asyncio.Transport):
             if subflow is not None:
                 subflow.close()
 
-    def _handle_event(self, event: object) -> None:
-        handler = _EVENT_HANDLERS.get(type(event))
-        if handler is not None:
-            handler(self, event)
+    def _handle_events(self) -> None:
+        # the data of consecutive DataReceived events (every frame of a
+        # socket read) goes to the protocol in one call: one TLS pass
+        # for the lot instead of one per frame
+        next_event = self._core.next_event
+        batch: list[bytes] = []
+        while True:
+            event = next_event()
+            if event is None:
+                break
+            if type(event) is events.DataReceived:
+                batch.append(event.data)
+                continue
+            if batch:
+                self._on_data(batch)
+                batch = []
+            handler = _EVENT_HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        if batch:
+            self._on_data(batch)
 
-    def _on_data(self, event: events.DataReceived) -> None:
+    def _on_data(self, batch: list[bytes]) -> None:
+        many = getattr(self._protocol, "data_received_many", None)
+        if many is None or self._discarding:
+            for data in batch:
+                self._on_data_piece(data)
+            return
+        if not self._reading or self._held:
+            self._held.extend(batch)
+            return
+        many(batch)
+        self._core.consumed(sum(map(len, batch)))
+
+    def _on_data_piece(self, data: bytes) -> None:
         if self._discarding:
-            self._core.consumed(len(event.data))
+            self._core.consumed(len(data))
             return
         if not self._reading or self._held or self._protocol is None:
-            self._held.append(event.data)
+            self._held.append(data)
             return
-        self._protocol.data_received(event.data)
-        self._core.consumed(len(event.data))
+        self._protocol.data_received(data)
+        self._core.consumed(len(data))
 
     def _on_end_of_stream(self, event: events.EndOfStream) -> None:
         if self._held or not self._reading:
@@ -633,6 +658,23 @@ class MultipathTransport(asyncio.Transport):
         self._core.close()
         self.process()
 
+    def write_final(self, data: bytes) -> None:
+        """:meth:`write` then :meth:`write_eof`, in one flush.
+
+        The last bytes and the DATA_FIN share one frame (RFC 8684 section
+        3.3.3 lets a DSS mapping carry both): a TLS close_notify and the
+        end of the data-level stream leave in one write, not two.
+        """
+        if self._eof_written or self._closing:
+            if data:
+                raise RuntimeError("cannot write after close() or write_eof()")
+            return
+        if data:
+            self._core.send(bytes(data))
+        self._eof_written = True
+        self._core.close()
+        self.process()
+
     def can_write_eof(self) -> bool:
         return True
 
@@ -743,7 +785,6 @@ class MultipathTransport(asyncio.Transport):
 
 
 _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
-    events.DataReceived: MultipathTransport._on_data,
     events.EndOfStream: MultipathTransport._on_end_of_stream,
     events.HandshakeComplete: MultipathTransport._on_handshake,
     events.SubflowEstablished: MultipathTransport._on_subflow_established,
