@@ -36,7 +36,7 @@ from mptls.mptcp.crypto import (
     rfc8684_idsn,
     rfc8684_token,
 )
-from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.framing import Flag, Payload, Segment
 from mptls.mptcp.handshake import HandshakeMixin
 from mptls.mptcp.joins import JoinsMixin
 from mptls.mptcp.options import (
@@ -116,9 +116,11 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         else:
             self._offered = CapableFlag.H
         if self._offered & CapableFlag.H:
-            self._local_key = random(8)
-        if config.mode is Mode.RFC8684:
-            self._local_token = rfc8684_token(self._local_key)
+            local_key = random(8)
+            self._local_key = local_key
+            # RFC 8684 mode always offers H, so its token comes from here
+            if config.mode is Mode.RFC8684:
+                self._local_token = rfc8684_token(local_key)
         self._subflows[0] = Subflow(
             0, _S.SYN_SENT, deadline=now + config.handshake_timeout
         )
@@ -524,7 +526,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
     def _take_payload(
         self,
         subflow: Subflow,
-        payload: bytes,
+        payload: Payload,
         offset: int,
         fin: bool,
         now: float,

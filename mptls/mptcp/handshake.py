@@ -19,7 +19,7 @@ from mptls.errors import ProtocolError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import Mode
 from mptls.mptcp.crypto import idsn_from_token, rfc8684_idsn, rfc8684_token
-from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.framing import Flag, Payload, Segment
 from mptls.mptcp.options import CapableFlag, MpCapable
 from mptls.mptcp.scheduler import Subflow, SubflowState
 from mptls.mptcp.state import ConnectionState, options_of
@@ -55,7 +55,7 @@ class HandshakeMixin(ConnectionState):
             self._third_ack_due = False
             out.append((0, self._capable_third_ack(first, now)))
 
-    def _implicit_chunk(self, subflow: Subflow, now: float) -> bytes:
+    def _implicit_chunk(self, subflow: Subflow, now: float) -> Payload:
         """New data for an implicitly mapped frame on the first subflow.
 
         Such a frame has no DSS, so it cannot carry a DATA_FIN: that

@@ -15,6 +15,7 @@ import bisect
 import logging
 
 from mptls.errors import ProtocolError
+from mptls.mptcp.framing import Payload
 
 __all__ = ["ReceiveBuffer"]
 
@@ -40,7 +41,7 @@ class ReceiveBuffer:
         self.fin_offset: int | None = None
         self.fin_reached = False
         self._starts: list[int] = []
-        self._pieces: dict[int, bytes] = {}
+        self._pieces: dict[int, Payload] = {}
         # right edge last advertised, as an offset; never moves left
         self._advertised_edge = 0
 
@@ -54,7 +55,7 @@ class ReceiveBuffer:
         """The first offset that does not fit in the buffer."""
         return self.next_offset - self.unconsumed + self.capacity
 
-    def insert(self, offset: int, data: bytes, fin: bool = False) -> bytes:
+    def insert(self, offset: int, data: Payload, fin: bool = False) -> bytes:
         """Take one mapped piece; return the bytes it made in order.
 
         ``fin`` says a DATA_FIN follows the piece, at ``offset +
@@ -122,7 +123,7 @@ class ReceiveBuffer:
         elif fin_offset != self.fin_offset:
             logger.debug("ignoring a second DATA_FIN at another offset")
 
-    def _hold(self, offset: int, data: bytes, start: int, end: int) -> None:
+    def _hold(self, offset: int, data: Payload, start: int, end: int) -> None:
         # fill only the gaps between pieces already held, so that bytes
         # taken once are never replaced by a later copy
         index = max(bisect.bisect_right(self._starts, start) - 1, 0)
@@ -145,13 +146,13 @@ class ReceiveBuffer:
         if position < end:
             self._add(position, data[position - offset : end - offset])
 
-    def _add(self, start: int, piece: bytes) -> None:
+    def _add(self, start: int, piece: Payload) -> None:
         bisect.insort(self._starts, start)
         self._pieces[start] = piece
         self.held += len(piece)
 
     def _deliver(self) -> bytes:
-        out: list[bytes] = []
+        out: list[Payload] = []
         while self._starts and self._starts[0] == self.next_offset:
             piece = self._pieces.pop(self._starts.pop(0))
             self.held -= len(piece)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from mptls.errors import MptlsError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
-from mptls.mptcp.framing import MAX_OPTIONS_LENGTH, Flag, Segment
+from mptls.mptcp.framing import MAX_OPTIONS_LENGTH, Flag, Payload, Segment
 from mptls.mptcp.options import (
     AddAddr,
     CapableFlag,
@@ -204,7 +204,7 @@ class ConnectionState:
         subflow: Subflow,
         flags: Flag,
         options: tuple[Option, ...] = (),
-        payload: bytes = b"",
+        payload: Payload = b"",
     ) -> Segment:
         """A frame on ``subflow``: header window, Data ACK if it fits."""
         if payload:
@@ -312,7 +312,7 @@ class ConnectionState:
     def _take_payload(
         self,
         subflow: Subflow,
-        payload: bytes,
+        payload: Payload,
         offset: int,
         fin: bool,
         now: float,
