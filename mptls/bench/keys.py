@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 
 from mptls.bench.common import BenchOptions
 from mptls.bench.harness import ScenarioResult, Variant, interleave
 from mptls.bench.stacks import Pki
 from mptls.mptcp.crypto import add_addr_hmac, join_hmac
+from mptls.tls.config import parse_private_key
 from mptls.tls.exporter import export_mptcp_keys
 
 NAME = "keys"
@@ -38,7 +38,9 @@ def _contexts(pki: Pki) -> tuple[SSL.Context, SSL.Context]:
     server.use_certificate(chain[0])
     for extra in chain[1:]:
         server.add_extra_chain_cert(extra)
-    server.use_privatekey(load_pem_private_key(pki.key.read_bytes(), None))
+    server.use_privatekey(
+        parse_private_key(pki.key.read_bytes(), repr(str(pki.key)))
+    )
     client = SSL.Context(SSL.TLS_METHOD)
     client.set_min_proto_version(SSL.TLS1_3_VERSION)
     client.load_verify_locations(str(pki.ca))

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 
 import mptls
@@ -28,6 +27,7 @@ from mptls.cli.archive import Payload
 from mptls.cli.certs import DevelopmentPems, issue_development_pems
 from mptls.cli.common import UsageError, client_options, server_options
 from mptls.errors import MptlsError, MptlsTimeoutError
+from mptls.tls.config import parse_private_key
 
 CHUNK_SIZE = 256 * 1024
 DEFAULT_PATHS = "127.0.0.1,127.0.0.2"
@@ -293,7 +293,7 @@ def _server_tls(pems: DevelopmentPems) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.use_certificate(x509.load_pem_x509_certificates(pems.chain)[0])
-    context.use_privatekey(load_pem_private_key(pems.key, password=None))
+    context.use_privatekey(parse_private_key(pems.key, "the demo key"))
     context.check_privatekey()
     return context
 

@@ -333,6 +333,15 @@ def _read_private_key(keyfile: str) -> PrivateKey:
         raise ConfigurationError(
             f"cannot read the key file {keyfile!r}"
         ) from exc
+    return parse_private_key(data, repr(keyfile))
+
+
+def parse_private_key(data: bytes, source: str) -> PrivateKey:
+    """The unencrypted PEM or DER private key in ``data``.
+
+    Only the key types a TLS context takes pass; ``source`` names where
+    ``data`` came from in the error, which never shows the key itself.
+    """
     try:
         if b"-----BEGIN" in data:
             key = serialization.load_pem_private_key(data, password=None)
@@ -340,11 +349,11 @@ def _read_private_key(keyfile: str) -> PrivateKey:
             key = serialization.load_der_private_key(data, password=None)
     except (TypeError, ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigurationError(
-            f"{keyfile!r} holds no unencrypted private key mptls can use"
+            f"{source} holds no unencrypted private key mptls can use"
         ) from exc
     if not isinstance(key, _USABLE_KEYS):
         raise ConfigurationError(
-            f"{keyfile!r} holds a {type(key).__name__}, not a TLS key"
+            f"{source} holds a {type(key).__name__}, not a TLS key"
         )
     return key
 
