@@ -20,9 +20,11 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
+from OpenSSL import SSL
+
 from mptls.aio.protocol import TLSProtocol
 from mptls.backends import get_backend
-from mptls.backends.base import Backend
+from mptls.backends.base import Backend, Server
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -194,12 +196,7 @@ async def create_connection(
     port = _check_port(port, server=False)
     local_addrs = _check_client_args(host, local_addrs, server_hostname)
     _check_timeout(ssl_handshake_timeout)
-    if ssl is None or ssl is False:
-        raise ConfigurationError(
-            "mptls always runs TLS: its MPTCP keys come from the TLS "
-            "exporter; pass ssl=True, a TLSConfig or a context"
-        )
-    context, check_hostname = to_openssl_context(ssl, server_side=False)
+    context, check_hostname = _client_context(ssl)
     if server_hostname is None:
         server_hostname = _default_server_hostname(host)
     backend_obj = _resolve_backend(backend)
@@ -238,6 +235,24 @@ async def create_connection(
     except BaseException:
         transport.abort()
         raise
+    return _application_side(tls)
+
+
+def _client_context(ssl: Any) -> tuple[SSL.Context, bool]:
+    """The client's OpenSSL context and whether to check the host name."""
+    if ssl is None or ssl is False:
+        raise ConfigurationError(
+            "mptls always runs TLS: its MPTCP keys come from the TLS "
+            "exporter; pass ssl=True, a TLSConfig or a context"
+        )
+    return to_openssl_context(ssl, server_side=False)
+
+
+def _application_side(
+    tls: asyncio.BaseProtocol,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """The application's transport and protocol over a completed
+    handshake; both exist once the waiter has resolved."""
     assert isinstance(tls, TLSProtocol)
     app_transport = tls._app_transport
     app_protocol = tls._app_protocol
@@ -255,7 +270,7 @@ async def create_server(
     require_app_keys: bool = False,
     ssl_handshake_timeout: float | None = 30.0,
     **backend_options: Any,
-) -> asyncio.AbstractServer:
+) -> Server:
     """Listen for secure multipath connections; like ``loop.create_server``.
 
     ``ssl`` is an :class:`mptls.TLSConfig` or an ``OpenSSL.SSL.Context``
@@ -323,7 +338,7 @@ async def start_server(
     *,
     limit: int = _DEFAULT_LIMIT,
     **kwds: Any,
-) -> asyncio.AbstractServer:
+) -> Server:
     """A drop-in for ``asyncio.start_server`` over secure multipath.
 
     ``client_connected_cb(reader, writer)`` runs once the TLS handshake is

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -20,6 +21,16 @@ from mptls.errors import PathError
 from mptls.tls.keys import KeyMaterial
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+class Server(asyncio.AbstractServer):
+    """What a backend's ``create_server`` returns: an asyncio server
+    that also lists its listening sockets, as ``asyncio.Server`` does."""
+
+    @property
+    @abc.abstractmethod
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets, one per address listened on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +110,7 @@ class Backend(abc.ABC):
         host: str | Sequence[str] | None,
         port: int,
         **options: Any,
-    ) -> asyncio.AbstractServer:
+    ) -> Server:
         """Listen for MPTCP connections; like ``loop.create_server``."""
 
     @abc.abstractmethod

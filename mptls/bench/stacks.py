@@ -32,6 +32,7 @@ from typing import Any
 import trustme
 
 import mptls
+from mptls.backends.base import Server
 from mptls.backends.kernel.sockets import connect_socket
 from mptls.errors import MptlsError
 
@@ -139,7 +140,7 @@ async def start_stack_server(
     stack: str,
     host: str,
     pki: Pki,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server | Server:
     """Listen on ``host`` (any free port) with ``stack``."""
     if stack in ("mptls", "mptls-kernel"):
         backend = "userspace" if stack == "mptls" else "kernel"

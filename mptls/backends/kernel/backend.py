@@ -26,6 +26,7 @@ from mptls.backends.base import (
     KeyInstall,
     MptcpInfo,
     ProtocolFactory,
+    Server,
     SubflowInfo,
 )
 from mptls.backends.kernel import info as kernel_info
@@ -199,7 +200,7 @@ class KernelBackend(Backend):
         host: str | Sequence[str] | None,
         port: int,
         **options: Any,
-    ) -> asyncio.AbstractServer:
+    ) -> Server:
         """Listen on MPTCP sockets; both families when ``host`` is None.
 
         ``announce``: addresses to add as kernel ``signal`` endpoints

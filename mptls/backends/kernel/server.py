@@ -3,7 +3,7 @@
 ``loop.create_server(sock=...)`` takes a single socket, while an MPTCP
 server listening on both address families (or several hosts) has one
 socket each. :class:`MultiServer` presents their servers as one
-``asyncio.AbstractServer``. It does no I/O of its own.
+:class:`~mptls.backends.base.Server`. It does no I/O of its own.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import asyncio
 import socket
 from collections.abc import Sequence
 
+from mptls.backends.base import Server
 
-class MultiServer(asyncio.AbstractServer):
+
+class MultiServer(Server):
     """Several ``asyncio.Server`` objects acting as one."""
 
     def __init__(
