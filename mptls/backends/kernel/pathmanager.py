@@ -23,6 +23,7 @@ from enum import IntFlag
 from types import TracebackType
 from typing import Any, TypeVar
 
+from mptls.backends.kernel.sockets import numeric_family
 from mptls.errors import PathError
 
 logger = logging.getLogger("mptls.backends.kernel.paths")
@@ -146,7 +147,8 @@ class PathManager:
 
     def __init__(self) -> None:
         try:
-            from pyroute2 import MPTCP
+            # pyroute2 ships neither stubs nor a py.typed marker
+            from pyroute2 import MPTCP  # type: ignore[import-untyped]
 
             self._netlink: Any = MPTCP()
         except Exception as exc:
@@ -278,13 +280,10 @@ class PathManager:
 
 
 def _family(address: str) -> int:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, address)
-        except OSError:
-            continue
-        return family
-    raise PathError(f"not a numeric IPv4 or IPv6 address: {address!r}")
+    family = numeric_family(address)
+    if family is None:
+        raise PathError(f"not a numeric IPv4 or IPv6 address: {address!r}")
+    return family
 
 
 async def run_in_thread(work: Callable[[], T]) -> T:

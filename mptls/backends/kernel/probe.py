@@ -29,6 +29,7 @@ from mptls.backends.kernel.sockets import (
     TCP_IS_MPTCP,
     MptcpSockopt,
 )
+from mptls.errors import PathError
 
 SYSCTL_DIR = "/proc/sys/net/mptcp"
 PROBE_TIMEOUT = 2.0
@@ -211,7 +212,7 @@ def _read_paths() -> tuple[
     try:
         with pathmanager.PathManager() as paths:
             return paths.endpoints(), paths.limits(), "mptcp_pm netlink works"
-    except pathmanager.PathError as exc:
+    except PathError as exc:
         return (), None, str(exc)
 
 

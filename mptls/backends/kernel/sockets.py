@@ -154,7 +154,7 @@ async def connect(
     With ``local_addr`` the first subflow leaves from that address, and
     only addresses of its family are tried.
     """
-    family = socket.AF_UNSPEC
+    family: int = socket.AF_UNSPEC
     if local_addr is not None:
         family = address_family(local_addr)
     errors: list[str] = []
@@ -212,15 +212,23 @@ async def connect_socket(
         raise OSError(code, os.strerror(code))
 
 
-def address_family(address: str) -> int:
-    """AF_INET or AF_INET6 for a numeric address."""
+def numeric_family(address: str) -> int | None:
+    """AF_INET or AF_INET6 for a numeric address, else ``None``."""
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, address)
         except OSError:
             continue
         return family
-    raise BackendError(f"not a numeric IPv4 or IPv6 address: {address!r}")
+    return None
+
+
+def address_family(address: str) -> int:
+    """AF_INET or AF_INET6 for a numeric address."""
+    family = numeric_family(address)
+    if family is None:
+        raise BackendError(f"not a numeric IPv4 or IPv6 address: {address!r}")
+    return family
 
 
 async def listening_sockets(
