@@ -16,10 +16,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from mptls.backends.base import Backend, KeyInstall, MptcpInfo
+from mptls.backends.base import Backend, KeyInstall, MptcpInfo, Server
+from mptls.backends.userspace.listener import Handoff, Listener
 from mptls.backends.userspace.transport import (
-    Handoff,
-    Listener,
     MultipathTransport,
     SubflowProtocol,
 )
@@ -55,12 +54,12 @@ def _shared_client_tokens() -> TokenAllocator:
         return _client_tokens
 
 
-class MptlsServer(asyncio.AbstractServer):
+class MptlsServer(Server):
     """The loop's server with the mptls listener beside it.
 
     Every call goes to the loop's own server (asyncio's or uvloop's,
     which takes no new attributes); ``mptls_listener`` is the
-    :class:`~mptls.backends.userspace.transport.Listener` that owns the
+    :class:`~mptls.backends.userspace.listener.Listener` that owns the
     accepted subflows, for workers and diagnostics.
     """
 
@@ -249,6 +248,31 @@ def _transport_of(transport: asyncio.BaseTransport) -> MultipathTransport:
     return transport
 
 
+async def _connect_first_subflow(
+    subflow: _FirstSubflow,
+    host: str,
+    port: int,
+    local: str | None,
+    timeout: float | None,
+) -> None:
+    """The first subflow's TCP connection, from ``local`` if given."""
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(
+            loop.create_connection(
+                lambda: subflow,
+                host,
+                port,
+                local_addr=(local, 0) if local else None,
+            ),
+            timeout,
+        )
+    except TimeoutError as exc:
+        raise MptlsTimeoutError(
+            f"TCP connect to {host}:{port} timed out"
+        ) from exc
+
+
 class UserspaceBackend(Backend):
     """MPTCP in userspace over ordinary TCP connections."""
 
@@ -281,24 +305,11 @@ class UserspaceBackend(Backend):
             )
         local_addrs = list(local_addrs or ())
         first_local = local_addrs[0] if local_addrs else None
-
-        # the first subflow's TCP connection
         placeholder = _PendingSink()
         subflow = _FirstSubflow(placeholder)
-        try:
-            await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: subflow,
-                    host,
-                    port,
-                    local_addr=(first_local, 0) if first_local else None,
-                ),
-                connect_timeout,
-            )
-        except TimeoutError as exc:
-            raise MptlsTimeoutError(
-                f"TCP connect to {host}:{port} timed out"
-            ) from exc
+        await _connect_first_subflow(
+            subflow, host, port, first_local, connect_timeout
+        )
         peer = subflow.address("peername")
 
         # the MPTCP connection; its SYN rides with the ClientHello
@@ -341,7 +352,7 @@ class UserspaceBackend(Backend):
         backlog: int = 1024,
         join_handoff: Handoff | None = None,
         **settings: Any,
-    ) -> asyncio.AbstractServer:
+    ) -> Server:
         """Listen; each accepted TCP connection is a new or joining subflow.
 
         ``mode`` is the one MPTCP mode accepted (``"G"`` or

@@ -36,7 +36,8 @@ from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
 
-from mptls.backends.userspace.transport import Listener, SubflowProtocol
+from mptls.backends.userspace.listener import Listener
+from mptls.backends.userspace.transport import SubflowProtocol
 from mptls.errors import BackendError, ConfigurationError, MptlsTimeoutError
 from mptls.mptcp.framing import PREAMBLE, Segment, encode_segment
 from mptls.mptcp.options import MpCapable, MpJoinSyn

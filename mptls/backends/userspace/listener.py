@@ -1,0 +1,140 @@
+"""The userspace backend's listening side: first segments to connections.
+
+:class:`Listener` is the protocol factory of the server's TCP socket. It
+holds each accepted TCP connection until its first segment, asks the
+sans-I/O :class:`mptls.mptcp.endpoint.Endpoint` whether that segment
+opens a connection or joins one, and attaches the subflow to the right
+:class:`~mptls.backends.userspace.transport.MultipathTransport`.
+
+It makes no protocol decisions of its own, and it never keeps a TCP
+connection that sends nothing past the MPTCP handshake limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from mptls.backends.userspace.transport import (
+    MultipathTransport,
+    SubflowProtocol,
+)
+from mptls.mptcp.framing import Segment, encode_segment
+
+if TYPE_CHECKING:
+    from mptls.mptcp.endpoint import Endpoint
+
+logger = logging.getLogger("mptls.userspace")
+
+
+# Takes a new subflow's first segments before the Endpoint does; True
+# means it took the TCP connection away (to the worker owning the token)
+Handoff = Callable[[SubflowProtocol, list[Segment]], bool]
+
+
+class Listener:
+    """Routes each new TCP connection's first segment through an Endpoint.
+
+    A first subflow becomes a new :class:`MultipathTransport` with a fresh
+    application protocol; a join is attached to the transport that owns
+    the token it names.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        *,
+        announce: Sequence[tuple[str, int]] = (),
+        close_timeout: float = 10.0,
+        handoff: Handoff | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._endpoint = endpoint
+        self._handoff = handoff
+        self._protocol_factory = protocol_factory
+        self._announce = list(announce)
+        self._close_timeout = close_timeout
+        self._transports: dict[int, MultipathTransport] = {}
+        # accepted TCP connections whose first segment has not come yet
+        self._waiting: dict[SubflowProtocol, asyncio.TimerHandle] = {}
+
+    def __call__(self) -> SubflowProtocol:
+        subflow = SubflowProtocol(self, initiator=False)
+        # a TCP connection that sends nothing, or the preamble alone,
+        # would hold its socket forever: its first segment opens the
+        # MP_CAPABLE or MP_JOIN exchange, so it gets the MPTCP
+        # handshake's limit to arrive
+        self._waiting[subflow] = self._loop.call_later(
+            self._endpoint.config.handshake_timeout,
+            self._first_segment_overdue,
+            subflow,
+        )
+        return subflow
+
+    def _first_segment_overdue(self, subflow: SubflowProtocol) -> None:
+        self._waiting.pop(subflow, None)
+        if subflow.sink is self and not subflow.closed:
+            logger.debug("no first segment within handshake_timeout")
+            subflow.close()
+
+    def _first_segment_came(self, subflow: SubflowProtocol) -> None:
+        handle = self._waiting.pop(subflow, None)
+        if handle is not None:
+            handle.cancel()
+
+    @property
+    def transports(self) -> list[MultipathTransport]:
+        return list(self._transports.values())
+
+    def segments_received(
+        self, subflow: SubflowProtocol, segments: list[Segment]
+    ) -> None:
+        from mptls.mptcp.endpoint import Refused
+
+        self._first_segment_came(subflow)
+        if self._handoff is not None and self._handoff(subflow, segments):
+            return  # another process owns the token this join names
+        result = self._endpoint.receive_first(segments[0], self._loop.time())
+        if isinstance(result, Refused):
+            logger.debug("refused a subflow: %s", result.reason)
+            if result.reply is not None:
+                subflow.send(encode_segment(result.reply))
+            subflow.close()
+            return
+        core, subflow_id = result.connection, result.subflow_id
+        transport = self._transports.get(id(core))
+        fresh = transport is None
+        if transport is None:
+            transport = MultipathTransport(
+                core,
+                initiator=False,
+                announce=self._announce,
+                close_timeout=self._close_timeout,
+                on_closed=self._forget,
+            )
+            self._transports[id(core)] = transport
+        transport.attach(subflow_id, subflow)
+        if fresh:
+            transport.start(self._protocol_factory())
+        if len(segments) > 1:
+            transport.segments_received(subflow, segments[1:])
+        else:
+            transport.process()
+
+    def _forget(self, transport: MultipathTransport) -> None:
+        self._transports.pop(id(transport._core), None)
+        self._endpoint.remove(transport._core)
+
+    def subflow_lost(
+        self, subflow: SubflowProtocol, exc: BaseException | None
+    ) -> None:
+        self._first_segment_came(subflow)
+        logger.debug("a subflow closed before its first segment: %s", exc)
+
+    def subflow_writable(
+        self, subflow: SubflowProtocol, writable: bool
+    ) -> None:
+        return None
