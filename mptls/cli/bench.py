@@ -23,7 +23,9 @@ QUICK_NOTE = (
 )
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     from mptls.bench.common import SCENARIO_MODULES
 
     parser = subparsers.add_parser(

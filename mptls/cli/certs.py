@@ -93,7 +93,9 @@ def write_development_certs(
     return paths
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     parser = subparsers.add_parser(
         "certs",
         help="write a development CA and a loopback server certificate",

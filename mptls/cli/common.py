@@ -8,6 +8,7 @@ never prints key material: commands show key fingerprints only.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
 import logging
@@ -30,6 +31,18 @@ logger = logging.getLogger("mptls.cli")
 
 BACKENDS = ("userspace", "kernel")
 MODES = ("G", "rfc8684")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--mode``, as every command that connects
+    takes them."""
+    parser.add_argument("--backend", choices=BACKENDS, default="userspace")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        help="userspace backend: G, keys from TLS (default), or rfc8684, "
+        "keys in the clear",
+    )
 
 
 def _userspace_client(mode: str | None, manage_paths: bool) -> dict[str, Any]:

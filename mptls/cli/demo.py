@@ -14,9 +14,8 @@ from pathlib import Path
 
 from mptls.cli.archive import existing_payload, stdlib_archive
 from mptls.cli.common import (
-    BACKENDS,
-    MODES,
     ExitStatus,
+    add_backend_arguments,
     existing_file,
     parse_paths,
     print_json,
@@ -27,7 +26,9 @@ from mptls.cli.transfer import DEFAULT_PATHS, DemoSettings, run_demo
 from mptls.errors import MptlsError, ProtocolError
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="send a real file over two loopback paths and check it",
@@ -39,13 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--file", help="send this file instead")
-    parser.add_argument("--backend", choices=BACKENDS, default="userspace")
-    parser.add_argument(
-        "--mode",
-        choices=MODES,
-        help="userspace backend: G, keys from TLS (default), or rfc8684, "
-        "keys in the clear",
-    )
+    add_backend_arguments(parser)
     parser.add_argument(
         "--manage-paths",
         action="store_true",

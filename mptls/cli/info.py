@@ -79,7 +79,9 @@ def report_table(report: Mapping[str, Any], title: str | None = None) -> Table:
     return table
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     parser = subparsers.add_parser(
         "info",
         help="what the kernel offers for MPTCP",

@@ -23,10 +23,9 @@ from typing import Any
 import mptls
 from mptls.backends.base import MptcpInfo
 from mptls.cli.common import (
-    BACKENDS,
-    MODES,
     ExitStatus,
     UsageError,
+    add_backend_arguments,
     client_options,
     existing_file,
     format_address,
@@ -350,19 +349,22 @@ async def connect(args: argparse.Namespace) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=BACKENDS, default="userspace")
-    parser.add_argument(
-        "--mode",
-        choices=MODES,
-        help="userspace backend: G, keys from TLS (default), or rfc8684, "
-        "keys in the clear",
-    )
+    add_backend_arguments(parser)
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="status lines on stderr"
     )
 
 
-def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+def add_parsers(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    _add_serve_parser(subparsers)
+    _add_connect_parser(subparsers)
+
+
+def _add_serve_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     server = subparsers.add_parser(
         "serve",
         help="netcat-style server: print or echo what clients send",
@@ -417,6 +419,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     _add_common(server)
     server.set_defaults(run=functools.partial(_run, serve))
 
+
+def _add_connect_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     client = subparsers.add_parser(
         "connect",
         help="netcat-style client: stdin to the server, answers to stdout",
