@@ -57,6 +57,11 @@ def unavailable_reason() -> str | None:
         return "needs root to create network namespaces"
     if shutil.which("ip") is None:
         return "needs iproute2's ip command"
+    return mptcp_unavailable_reason()
+
+
+def mptcp_unavailable_reason() -> str | None:
+    """Why this kernel opens no MPTCP socket, or ``None`` if it does."""
     try:
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
     except OSError as exc:
@@ -357,7 +362,7 @@ class PacketCapture:
 
     def segments(self, port: int) -> list[TcpSegment]:
         """The TCP segments to or from ``port`` captured so far."""
-        found = []
+        found: list[TcpSegment] = []
         while True:
             try:
                 frame = self._sock.recv(65535)

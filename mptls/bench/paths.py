@@ -17,6 +17,7 @@ are removed in a ``finally``; the server process is stopped by PID.
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable
 
 from mptls.bench import netns
 from mptls.bench.bulk import transfer
@@ -88,9 +89,11 @@ def _variants(
     return variants
 
 
-async def _mbit(factory: functools.partial[object], **kwargs: object) -> float:
-    megabytes = await in_fresh_loop(factory, **kwargs)  # type: ignore[arg-type]
-    return float(megabytes) * 8  # type: ignore[arg-type]
+async def _mbit(
+    factory: Callable[[], Awaitable[float]], *, namespace: netns.Namespace
+) -> float:
+    megabytes = await in_fresh_loop(factory, namespace=namespace)
+    return megabytes * 8
 
 
 async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
