@@ -35,7 +35,14 @@ from pathlib import Path
 
 import netns
 import pytest
-from test_load import EchoServer, file_limit, open_fds, settled_rss
+from support import (
+    EchoServer,
+    check_echo,
+    digest_handler,
+    file_limit,
+    open_fds,
+    settled_rss,
+)
 
 import mptls
 from mptls.backends.kernel import KernelBackend
@@ -44,7 +51,6 @@ from mptls.backends.kernel.pathmanager import (
     PathManager,
     run_in_thread,
 )
-from mptls.errors import MptlsError
 from mptls.tls.config import TLSConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
@@ -162,31 +168,6 @@ async def configure(lab: Lab, *, announce: bool) -> None:
 
     await in_namespace(lab.server, server_side)
     await in_namespace(lab.client, client_side)
-
-
-# the server: SHA-256 of the upload and the longest pause between reads
-
-
-async def digest_handler(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    digest = hashlib.sha256()
-    size = 0
-    longest = 0.0
-    last = time.monotonic()
-    try:
-        while data := await reader.read(PIECE):
-            now = time.monotonic()
-            longest = max(longest, now - last)
-            last = now
-            digest.update(data)
-            size += len(data)
-        writer.write(f"{digest.hexdigest()} {size} {longest:.4f}".encode())
-        await writer.drain()
-    except (MptlsError, ConnectionError):
-        pass
-    finally:
-        writer.close()
 
 
 @contextlib.asynccontextmanager
@@ -464,21 +445,15 @@ async def test_kernel_transfers_survive_a_withdrawn_announcement(
 # Nagle: asyncio leaves it on for MPTCP sockets unless the backend acts
 
 
-def _mptcp_reason() -> str | None:
-    try:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
-    except OSError as exc:
-        return f"the kernel refuses IPPROTO_MPTCP: {exc}"
-    probe.close()
-    return None
-
-
 def nodelay(transport: asyncio.BaseTransport) -> int:
     sock = transport.get_extra_info("socket")
     return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
-@pytest.mark.skipif(_mptcp_reason() is not None, reason=_mptcp_reason() or "")
+@pytest.mark.skipif(
+    netns.mptcp_unavailable_reason() is not None,
+    reason=netns.mptcp_unavailable_reason() or "",
+)
 @pytest.mark.parametrize("client_protocol", [262, socket.IPPROTO_TCP])
 async def test_kernel_sockets_turn_nagle_off(client_protocol: int) -> None:
     # with Nagle on, a small TLS record behind unacknowledged data waited
@@ -540,13 +515,7 @@ async def echo_client(pki: netns.ServerPki, port: int, seed: int) -> str:
     )
     try:
         mode = str(writer.get_extra_info("mptcp").mode)
-        payload = random.Random(seed).randbytes(PAYLOAD)
-        writer.write(payload)
-        writer.write_eof()
-        echoed = await reader.read()
-        assert hashlib.sha256(echoed).digest() == (
-            hashlib.sha256(payload).digest()
-        )
+        await check_echo(reader, writer, seed, PAYLOAD)
     finally:
         writer.close()
         await writer.wait_closed()

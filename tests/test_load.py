@@ -10,97 +10,24 @@ blocks and the bytes buffered between the two stay bounded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import gc
-import hashlib
-import os
-import random
-import resource
 import time
-from collections.abc import Iterator
 
 import pytest
-from pki import Pki, make_pki
+from pki import Pki
+from support import (
+    EchoServer,
+    check_echo,
+    file_limit,
+    open_fds,
+    rss,
+    settled_rss,
+)
 
 import mptls
 
 CONNECTIONS = 1000
 PAYLOAD = 16 * 1024
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def settled_rss() -> int:
-    """RSS after a full collection and, on glibc, malloc_trim(0).
-
-    Freed memory the allocator keeps is not a leak; trimming gives it
-    back so that what remains is what is still referenced.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return rss()
-
-
-def rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-@contextlib.contextmanager
-def file_limit(needed: int) -> Iterator[None]:
-    """Raise the soft RLIMIT_NOFILE to ``needed`` for the block."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= needed:
-        yield
-        return
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        pytest.skip(f"needs {needed} file descriptors, hard limit {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-class EchoServer:
-    """Echoes each connection; counts the ones fully closed."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.closed = 0
-        self.failures: list[BaseException] = []
-        self.all_closed = asyncio.Event()
-
-    async def handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            while data := await reader.read(64 * 1024):
-                writer.write(data)
-                await writer.drain()
-            writer.write_eof()
-        except Exception as exc:  # reported through failures
-            self.failures.append(exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            self.closed += 1
-            if self.closed >= self.expected:
-                self.all_closed.set()
 
 
 async def one_client(pki: Pki, port: int, seed: int) -> int:
@@ -116,13 +43,7 @@ async def one_client(pki: Pki, port: int, seed: int) -> int:
             ("127.0.0.1", port), local="127.0.0.2", timeout=120.0
         )
         subflows = len(writer.get_extra_info("subflow_transports"))
-        payload = random.Random(seed).randbytes(PAYLOAD)
-        writer.write(payload)
-        writer.write_eof()
-        echoed = await reader.read()
-        assert hashlib.sha256(echoed).digest() == (
-            hashlib.sha256(payload).digest()
-        )
+        await check_echo(reader, writer, seed, PAYLOAD)
     finally:
         writer.close()
         await writer.wait_closed()

@@ -26,43 +26,14 @@ from typing import Any
 
 import netns
 import pytest
-from pki import Pki, make_pki
+from pki import Pki
+from support import digest_handler
 
 import mptls
-from mptls.errors import MptlsError, MptlsTimeoutError
+from mptls.errors import MptlsTimeoutError
 
 TRIALS = 50
 PIECE = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-# the server: SHA-256 of the upload and the longest pause between reads
-
-
-async def digest_handler(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    digest = hashlib.sha256()
-    size = 0
-    longest = 0.0
-    last = time.monotonic()
-    try:
-        while data := await reader.read(PIECE):
-            now = time.monotonic()
-            longest = max(longest, now - last)
-            last = now
-            digest.update(data)
-            size += len(data)
-        writer.write(f"{digest.hexdigest()} {size} {longest:.4f}".encode())
-        await writer.drain()
-    except (MptlsError, ConnectionError):
-        pass
-    finally:
-        writer.close()
 
 
 async def start_digest_server(

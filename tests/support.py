@@ -1,0 +1,139 @@
+"""Helpers several test modules share: servers and process measurements.
+
+Echo and digest handlers for served connections, a seeded echo check,
+and the file-descriptor, RSS and RLIMIT_NOFILE helpers the load tests
+use. Nothing here opens a socket or starts a task by itself; the tests
+decide what runs and for how long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import hashlib
+import os
+import random
+import resource
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mptls.errors import MptlsError
+
+# the digest handler's read size
+PIECE = 64 * 1024
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def settled_rss() -> int:
+    """RSS after a full collection and, on glibc, malloc_trim(0).
+
+    Freed memory the allocator keeps is not a leak; trimming gives it
+    back so that what remains is what is still referenced.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss()
+
+
+def rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@contextlib.contextmanager
+def file_limit(needed: int) -> Iterator[None]:
+    """Raise the soft RLIMIT_NOFILE to ``needed`` for the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"needs {needed} file descriptors, hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class EchoServer:
+    """Echoes each connection; counts the ones fully closed."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.closed = 0
+        self.failures: list[BaseException] = []
+        self.all_closed = asyncio.Event()
+
+    async def handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while data := await reader.read(64 * 1024):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+        except Exception as exc:  # reported through failures
+            self.failures.append(exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self.closed += 1
+            if self.closed >= self.expected:
+                self.all_closed.set()
+
+
+async def check_echo(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    seed: int,
+    size: int,
+) -> None:
+    """Send ``size`` seeded bytes, half-close, and check that the same
+    bytes come back before the server closes."""
+    payload = random.Random(seed).randbytes(size)
+    writer.write(payload)
+    writer.write_eof()
+    echoed = await reader.read()
+    assert hashlib.sha256(echoed).digest() == (
+        hashlib.sha256(payload).digest()
+    )
+
+
+# the server: SHA-256 of the upload and the longest pause between reads
+
+
+async def digest_handler(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Answer ``"<sha256 hex> <size> <longest pause>"`` once the client
+    has sent everything."""
+    digest = hashlib.sha256()
+    size = 0
+    longest = 0.0
+    last = time.monotonic()
+    try:
+        while data := await reader.read(PIECE):
+            now = time.monotonic()
+            longest = max(longest, now - last)
+            last = now
+            digest.update(data)
+            size += len(data)
+        writer.write(f"{digest.hexdigest()} {size} {longest:.4f}".encode())
+        await writer.drain()
+    except (MptlsError, ConnectionError):
+        pass
+    finally:
+        writer.close()
