@@ -1,4 +1,4 @@
-"""Shared fixtures: the known-answer vectors.
+"""Shared fixtures: the known-answer vectors, a test PKI, a namespace lab.
 
 ``tests/vectors.json`` is a copy of the project's shared vectors file, so
 that the tests run on a clean clone. The shared file next to the
@@ -8,10 +8,13 @@ repository is used only when the copy is missing.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import netns
 import pytest
+from pki import Pki, make_pki
 
 _LOCAL_VECTORS = Path(__file__).parent / "vectors.json"
 _SHARED_VECTORS = Path(__file__).parents[2] / "shared" / "vectors.json"
@@ -24,3 +27,21 @@ def vectors() -> dict[str, Any]:
     with path.open(encoding="utf-8") as file:
         loaded: dict[str, Any] = json.load(file)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA and a server identity for 127.0.0.1; modules that need
+    another PKI define their own ``pki``."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def topology() -> Iterator[netns.Topology]:
+    """Two namespaces joined by two paths, or a skip where they cannot
+    be made; torn down after the test."""
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns.topology(2) as built:
+        yield built

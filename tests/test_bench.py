@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+from netns import mptcp_unavailable_reason
 
 from mptls.bench import harness
 from mptls.bench.common import namespaces_reason
@@ -23,15 +23,6 @@ from mptls.bench.harness import Variant, interleave, paired_ratio
 from mptls.cli.main import main
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _kernel_reason() -> str | None:
-    try:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
-    except OSError as exc:
-        return f"the kernel refuses IPPROTO_MPTCP: {exc}"
-    probe.close()
-    return None
 
 
 async def test_interleave_runs_a_b_a_b_and_pairs_rounds() -> None:
@@ -124,7 +115,7 @@ def test_quick_keys_scenario(tmp_path: Path) -> None:
 
 @pytest.mark.kernel
 def test_quick_kernel_scenario(tmp_path: Path) -> None:
-    reason = _kernel_reason()
+    reason = mptcp_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     pytest.importorskip("matplotlib")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pki import Pki, make_pki
+from pki import Pki
 
 import mptls
 from mptls.errors import MptlsTimeoutError
@@ -28,11 +28,6 @@ CLOSE_TIMEOUT = 5.0
 # far inside close_timeout: a close that waits for it fails the test
 PROMPT = 1.0
 ROUNDS = 40
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 async def test_close_with_a_join_in_flight_is_prompt_on_both_ends(

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from pki import Pki, make_pki
+from pki import Pki
 
 import mptls
 from mptls.errors import (
@@ -51,11 +51,6 @@ WAIT = 10.0
 
 # rewrites one frame: (direction, index of the frame in it, frame)
 Rewrite = Callable[[str, int, Segment], Segment]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def capable_of(segment: Segment) -> MpCapable | None:

@@ -16,7 +16,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from pki import Pki, make_pki
+from pki import Pki
 
 import mptls
 from mptls.mptcp.crypto import join_hmac, rfc8684_token
@@ -35,11 +35,6 @@ from mptls.mptcp.options import (
     MpTcpRst,
     ResetReason,
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class Tap:

@@ -12,6 +12,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from netns import mptcp_unavailable_reason
 
 from mptls.backends.base import KeyInstall
 from mptls.backends.kernel import KernelBackend
@@ -28,15 +29,6 @@ pytestmark = pytest.mark.kernel
 EKM = bytes(range(16))
 
 
-def _mptcp_missing() -> str | None:
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
-    except OSError as exc:
-        return f"no kernel MPTCP here: {exc}"
-    sock.close()
-    return None
-
-
 def _ipv6_missing() -> str | None:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
@@ -48,7 +40,7 @@ def _ipv6_missing() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _needs_mptcp() -> None:
-    reason = _mptcp_missing()
+    reason = mptcp_unavailable_reason()
     if reason:
         pytest.skip(reason)
 

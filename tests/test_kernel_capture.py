@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
 
@@ -50,15 +50,6 @@ pytestmark = [pytest.mark.root, pytest.mark.kernel]
 PORT = 4434
 MESSAGE = bytes(range(256)) * 8
 SETTLE_TIMEOUT = 10.0
-
-
-@pytest.fixture
-def topology() -> Iterator[netns.Topology]:
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with netns.topology(2) as built:
-        yield built
 
 
 class Echo(asyncio.Protocol):

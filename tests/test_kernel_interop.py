@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -32,11 +31,9 @@ def _needs_tools() -> None:
     for tool in ("mptcpize", "openssl"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (Debian packages mptcpd, openssl)")
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
-    except OSError as exc:
-        pytest.skip(f"no kernel MPTCP here: {exc}")
-    sock.close()
+    reason = netns.mptcp_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import netns
@@ -33,15 +32,6 @@ PORT = 4433
 MIB = 1 << 20
 TRANSFER = 64 * MIB
 CHUNK = 256 * 1024
-
-
-@pytest.fixture
-def topology() -> Iterator[netns.Topology]:
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with netns.topology(2) as built:
-        yield built
 
 
 class Sink(asyncio.Protocol):

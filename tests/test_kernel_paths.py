@@ -11,7 +11,6 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 
 import netns
 import pytest
@@ -28,15 +27,6 @@ from mptls.backends.kernel.pathmanager import (
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
 
 PORT = 4435
-
-
-@pytest.fixture
-def topology() -> Iterator[netns.Topology]:
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with netns.topology(2) as built:
-        yield built
 
 
 def test_endpoints_and_limits_round_trip(topology: netns.Topology) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
+from netns import mptcp_unavailable_reason
 
 import mptls.backends.kernel.probe as probe_module
 from mptls.backends.kernel.pathmanager import (
@@ -17,15 +17,6 @@ from mptls.backends.kernel.pathmanager import (
     flag_names,
 )
 from mptls.backends.kernel.probe import KernelReport, SockoptReport, probe
-
-
-def _mptcp_missing() -> str | None:
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
-    except OSError as exc:
-        return f"no kernel MPTCP here: {exc}"
-    sock.close()
-    return None
 
 
 def test_read_sysctls_sorted_and_named(tmp_path: Path) -> None:
@@ -106,7 +97,7 @@ def test_report_as_dict_is_plain_json() -> None:
 
 @pytest.mark.kernel
 def test_probe_on_this_kernel() -> None:
-    reason = _mptcp_missing()
+    reason = mptcp_unavailable_reason()
     if reason:
         pytest.skip(reason)
     report = probe()

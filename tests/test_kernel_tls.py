@@ -29,11 +29,9 @@ HOSTS = ["127.0.0.1", "::1"]
 
 @pytest.fixture(autouse=True)
 def _needs_mptcp() -> None:
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
-    except OSError as exc:
-        pytest.skip(f"no kernel MPTCP here: {exc}")
-    sock.close()
+    reason = netns.mptcp_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture

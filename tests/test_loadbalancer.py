@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from pki import Pki, make_pki
+from pki import Pki
 
 import mptls
 from mptls.mptcp.tokens import token_fields
@@ -36,11 +36,6 @@ CHUNK = 64 * 1024
 needs_haproxy = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed"
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # the servers

@@ -20,16 +20,11 @@ import time
 
 import pytest
 from OpenSSL import SSL
-from pki import Pki, make_pki
+from pki import Pki
 
 import mptls
 from mptls.errors import MptlsTimeoutError
 from mptls.tls.engine import TLSEngine
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 async def test_silent_server_times_out_the_handshake(pki: Pki) -> None:

@@ -8,7 +8,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from pki import Pki, make_pki
+from pki import Pki
 
 import mptls
 from mptls.mptcp.framing import NOT_MPTLS_REPLY
@@ -18,11 +18,6 @@ Handler = Callable[
 ]
 
 CHUNK = 256 * 1024
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 async def echo(

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pki import Pki, make_pki
+from pki import Pki
 
 import mptls
 from mptls.backends.userspace.workers import (
@@ -31,11 +31,6 @@ from mptls.mptcp.tokens import TokenLayout, token_fields
 
 SERVER_ID = 9
 CHUNK = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 async def echo(
