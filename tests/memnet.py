@@ -360,3 +360,36 @@ class MemNet:
         for connection in (self.client, self.server):
             if connection is not None:
                 connection.handle_timer(self.now)
+
+
+# shortcuts the connection tests share
+
+
+def stream(size: int, seed: int = 7) -> bytes:
+    """``size`` seeded bytes for the application to send."""
+    return random.Random(seed).randbytes(size)
+
+
+def established(net: MemNet) -> MemNet:
+    """Run the MPTCP handshake (and the fake TLS) to completion."""
+    net.client.send(b"hello")
+    assert net.run(
+        lambda: (
+            net.server is not None and bytes(net.server_side.data) == b"hello"
+        )
+    )
+    return net
+
+
+def join(net: MemNet, **kwargs: float) -> int:
+    """Open one more subflow and run until the client sees it up."""
+    subflow_id = net.open_subflow(**kwargs)
+    assert net.run(
+        lambda: ev.SubflowEstablished(subflow_id) in net.client_side.events
+    )
+    return subflow_id
+
+
+def has_data(side: Side, size: int) -> Callable[[], bool]:
+    """A condition for :meth:`MemNet.run`: ``side`` got ``size`` bytes."""
+    return lambda: len(side.data) >= size

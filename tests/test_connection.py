@@ -15,7 +15,15 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
-from memnet import KEYS, MemNet, Side, seeded_bytes
+from memnet import (
+    KEYS,
+    MemNet,
+    established,
+    has_data,
+    join,
+    seeded_bytes,
+    stream,
+)
 
 from mptls.errors import (
     ConfigurationError,
@@ -63,35 +71,8 @@ RFC8684_SERVER = ConnectionConfig(
 )
 
 
-def stream(size: int, seed: int = 7) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
 def option_of(segment: Segment, kind: type) -> object | None:
     return next((o for o in segment.options if isinstance(o, kind)), None)
-
-
-def established(net: MemNet) -> MemNet:
-    """Run the MPTCP handshake (and the fake TLS) to completion."""
-    net.client.send(b"hello")
-    assert net.run(
-        lambda: (
-            net.server is not None and bytes(net.server_side.data) == b"hello"
-        )
-    )
-    return net
-
-
-def join(net: MemNet, **kwargs: float) -> int:
-    subflow_id = net.open_subflow(**kwargs)
-    assert net.run(
-        lambda: ev.SubflowEstablished(subflow_id) in net.client_side.events
-    )
-    return subflow_id
-
-
-def has_data(side: Side, size: int) -> Callable[[], bool]:
-    return lambda: len(side.data) >= size
 
 
 # handshake

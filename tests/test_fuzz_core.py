@@ -23,8 +23,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memnet import MemNet
-from test_connection import established
+from memnet import MemNet, established
 
 from mptls.errors import OptionError, ProtocolError
 from mptls.mptcp.config import ConnectionConfig

@@ -16,8 +16,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from memnet import MemNet
-from test_connection import established, has_data, join, stream
+from memnet import MemNet, established, has_data, join, stream
 
 from mptls.errors import MptlsError, MptlsTimeoutError
 from mptls.mptcp import events as ev
