@@ -174,13 +174,16 @@ class TLSProtocol(asyncio.Protocol):
                 f"{self._backend.name} backend could not install them: "
                 f"{self._key_install.reason}"
             )
-        logger.info(
-            "TLS %s %s complete; MPTCP keys %s (fingerprint %s)",
-            self._engine.version(),
-            (self._engine.cipher() or ("?",))[0],
-            "installed" if self._key_install.installed else "not installed",
-            self._key_fingerprint,
-        )
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "TLS %s %s complete; MPTCP keys %s (fingerprint %s)",
+                self._engine.version(),
+                (self._engine.cipher() or ("?",))[0],
+                "installed"
+                if self._key_install.installed
+                else "not installed",
+                self._key_fingerprint,
+            )
 
         # the application sees the connection only now
         self._app_transport = TLSTransport(self)

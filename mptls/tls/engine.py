@@ -551,14 +551,16 @@ class TLSEngine:
 
         self._set_state(_State.ESTABLISHED)
         self._handshake_done = True
-        logger.info(
-            "TLS %s established: %s, %s, ALPN %s, resumed %s",
-            "server" if self._server_side else "client",
-            self.version(),
-            (self.cipher() or ("?",))[0],
-            self.alpn_protocol(),
-            self.session_reused(),
-        )
+        # four calls into OpenSSL: made only when the line is logged
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "TLS %s established: %s, %s, ALPN %s, resumed %s",
+                "server" if self._server_side else "client",
+                self.version(),
+                (self.cipher() or ("?",))[0],
+                self.alpn_protocol(),
+                self.session_reused(),
+            )
 
         # what the application sent early, then its close if it asked
         pending, self._pending = self._pending, []

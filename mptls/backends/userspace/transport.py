@@ -372,7 +372,9 @@ class MultipathTransport(asyncio.Transport):
             self.close()
 
     def _on_handshake(self, event: events.HandshakeComplete) -> None:
-        logger.debug("%s: MPTCP handshake complete", self._tag())
+        # _tag() takes a snapshot of the core: only when it is logged
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: MPTCP handshake complete", self._tag())
 
     def _preconnect(self) -> None:
         # G mode: a join needs the TLS keys, but its TCP connection does
@@ -397,6 +399,8 @@ class MultipathTransport(asyncio.Transport):
     def _on_subflow_established(
         self, event: events.SubflowEstablished
     ) -> None:
+        if not logger.isEnabledFor(logging.DEBUG):
+            return
         subflow = self._subflows.get(event.subflow_id)
         logger.debug(
             "%s: subflow %d established %s -> %s",
@@ -407,12 +411,13 @@ class MultipathTransport(asyncio.Transport):
         )
 
     def _on_subflow_closed(self, event: events.SubflowClosed) -> None:
-        logger.debug(
-            "%s: subflow %d closed: %s",
-            self._tag(),
-            event.subflow_id,
-            event.reason,
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s: subflow %d closed: %s",
+                self._tag(),
+                event.subflow_id,
+                event.reason,
+            )
         # closed after the next flush: a final RST or FIN may be queued
         self._closing_subflows.append(event.subflow_id)
         if (
