@@ -185,7 +185,6 @@ class MultipathTransport(asyncio.Transport):
         self._closed = False
         self._eof_written = False
         self._processing = False
-        self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -227,12 +226,7 @@ class MultipathTransport(asyncio.Transport):
         receive = self._core.receive_segment
         for segment in segments:
             receive(subflow_id, segment, now)
-        self.process(defer_flush=True)
-
-    def _deferred_flush(self) -> None:
-        self._flush_pending = False
-        if not self._closed:
-            self.process()
+        self.process()
 
     def subflow_lost(
         self, subflow: SubflowProtocol, exc: BaseException | None
@@ -262,25 +256,14 @@ class MultipathTransport(asyncio.Transport):
 
     # the engine: events in, segments out
 
-    def process(self, *, defer_flush: bool = False) -> None:
-        """Handle the core's events, then send what it has to send.
-
-        ``defer_flush`` (a socket read): the frames go out one step of
-        the event loop later, after the tasks this read woke up have
-        run, so that what they write (a handshake step's reply, the
-        close that follows a read of EOF) leaves in the same write as
-        the handshake output and Data ACKs this read produced.
-        """
+    def process(self) -> None:
+        """Handle the core's events, then send what it has to send."""
         if self._processing:
             return
         self._processing = True
         try:
             self._handle_events()
-            if not defer_flush or self._closed_by_core is not None:
-                self._flush()
-            elif not self._flush_pending:
-                self._flush_pending = True
-                self._loop.call_soon(self._deferred_flush)
+            self._flush()
         finally:
             self._processing = False
         if self._closed_by_core is not None:
