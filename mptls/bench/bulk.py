@@ -27,7 +27,6 @@ NAME = "bulk"
 TITLE = "Bulk throughput, one loopback path"
 HOST = "127.0.0.1"
 STACKS = ("mptls", "ssl", "tcp")
-UVLOOP_STACKS = STACKS
 DESCRIPTIONS = {
     "mptls": "mptls userspace, one subflow, TLS 1.3",
     "ssl": "asyncio streams + stdlib ssl, TLS 1.3",
@@ -66,15 +65,7 @@ async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
     result.details["bytes_per_transfer"] = size
     loops = ["asyncio"] + (["uvloop"] if uvloop_available() else [])
     # on uvloop both ends run on it: the client's loop and the peer's
-    peers = {
-        loop: PeerProcess(
-            STACKS if loop == "asyncio" else UVLOOP_STACKS,
-            HOST,
-            pki,
-            loop=loop,
-        )
-        for loop in loops
-    }
+    peers = {loop: PeerProcess(STACKS, HOST, pki, loop=loop) for loop in loops}
     try:
         ports = {loop: peer.wait_ready() for loop, peer in peers.items()}
         variants = [
