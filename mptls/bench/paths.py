@@ -47,7 +47,9 @@ def _configure(topology: netns.Topology) -> None:
     """Route path 1's source out of path 1; kernel MPTCP endpoints."""
     client, server = topology.client, topology.server
     second = topology.paths[1]
-    netns.route_source(client, second.client_address, second.interface, 101)
+    netns.route_source(
+        client, second.client_address, second.interface, SOURCE_TABLE
+    )
     client.ip(
         "mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "0"
     )
