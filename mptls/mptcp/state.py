@@ -68,7 +68,6 @@ class ConnectionState:
         self.config = config
         self.is_initiator = initiator
         self._random = random
-        self._created = now
         self.mode: Mode | None = None
         self._tokens: TokenAllocator | None = None
         self._offered = CapableFlag(0)
