@@ -1,9 +1,10 @@
 """Helpers several test modules share: servers and process measurements.
 
 Echo and digest handlers for served connections, a seeded echo check,
-and the file-descriptor, RSS and RLIMIT_NOFILE helpers the load tests
-use. Nothing here opens a socket or starts a task by itself; the tests
-decide what runs and for how long.
+the file-descriptor, RSS and RLIMIT_NOFILE helpers the load tests use,
+and the IPv6 loopback check the kernel tests skip by. Nothing here
+connects or starts a task by itself; the tests decide what runs and for
+how long.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import os
 import random
 import resource
+import socket
 import time
 from collections.abc import Iterator
 
@@ -49,6 +51,18 @@ def rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def skip_without_ipv6(host: str | None) -> None:
+    """Skip the test when ``host`` is IPv6 (or ``None``: every family)
+    and no socket can bind ::1 here."""
+    if host is not None and ":" not in host:
+        return
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback: {exc}")
 
 
 @contextlib.contextmanager

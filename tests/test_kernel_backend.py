@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from netns import mptcp_unavailable_reason
+from support import skip_without_ipv6
 
 from mptls.backends.base import KeyInstall
 from mptls.backends.kernel import KernelBackend
@@ -27,15 +28,6 @@ from mptls.tls.keys import KeyMaterial
 pytestmark = pytest.mark.kernel
 
 EKM = bytes(range(16))
-
-
-def _ipv6_missing() -> str | None:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError as exc:
-        return f"no IPv6 loopback: {exc}"
-    return None
 
 
 @pytest.fixture(autouse=True)
@@ -119,8 +111,7 @@ async def _echo_round_trip(
 async def test_mptcp_both_ends_report_kernel_mode(
     backend: KernelBackend, host: str
 ) -> None:
-    if ":" in host and _ipv6_missing():
-        pytest.skip(str(_ipv6_missing()))
+    skip_without_ipv6(host)
     transport, _, accepted = await _echo_round_trip(backend, host)
     client_info = backend.info(transport)
     assert client_info.backend == "kernel"
@@ -151,8 +142,7 @@ async def test_mptcp_both_ends_report_kernel_mode(
 async def test_plain_tcp_server_gives_reported_fallback(
     backend: KernelBackend, host: str
 ) -> None:
-    if ":" in host and _ipv6_missing():
-        pytest.skip(str(_ipv6_missing()))
+    skip_without_ipv6(host)
     loop = asyncio.get_running_loop()
     plain = await loop.create_server(Echo, host, 0)
     port = plain.sockets[0].getsockname()[1]
@@ -182,8 +172,7 @@ async def test_plain_tcp_server_gives_reported_fallback(
 async def test_plain_tcp_client_seen_by_server_as_fallback(
     backend: KernelBackend, host: str
 ) -> None:
-    if ":" in host and _ipv6_missing():
-        pytest.skip(str(_ipv6_missing()))
+    skip_without_ipv6(host)
     accepted: list[Echo] = []
 
     def make_echo() -> Echo:
@@ -251,8 +240,7 @@ async def test_key_hook_is_the_one_place_keys_go() -> None:
 async def test_server_on_both_families_when_host_is_none(
     backend: KernelBackend,
 ) -> None:
-    if _ipv6_missing():
-        pytest.skip(str(_ipv6_missing()))
+    skip_without_ipv6(None)
     server = await backend.create_server(Echo, None, 0)
     families = sorted(sock.family for sock in server.sockets)
     assert families == sorted([socket.AF_INET, socket.AF_INET6])

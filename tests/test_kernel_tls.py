@@ -10,13 +10,13 @@ since no released kernel can take TLS-derived keys.
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import netns
 import pytest
+from support import skip_without_ipv6
 
 import mptls
 from mptls.errors import KeysUnavailableError
@@ -37,16 +37,6 @@ def _needs_mptcp() -> None:
 @pytest.fixture
 def pki(tmp_path: Path) -> Iterator[netns.ServerPki]:
     yield netns.write_pki(str(tmp_path))
-
-
-def _skip_without_ipv6(host: str) -> None:
-    if ":" not in host:
-        return
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback: {exc}")
 
 
 class EchoServer:
@@ -73,7 +63,7 @@ class EchoServer:
 
 @pytest.mark.parametrize("host", HOSTS)
 async def test_tls_over_kernel_mptcp(pki: netns.ServerPki, host: str) -> None:
-    _skip_without_ipv6(host)
+    skip_without_ipv6(host)
     echo = EchoServer()
     server = await mptls.start_server(
         echo.handle,
@@ -159,7 +149,7 @@ async def test_require_app_keys_fails_before_application_data(
 async def test_plain_tls_server_gives_reported_fallback(
     pki: netns.ServerPki, host: str
 ) -> None:
-    _skip_without_ipv6(host)
+    skip_without_ipv6(host)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.server_pem)
 
