@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from pki import Pki
@@ -139,47 +140,26 @@ def syn_ack_selects_h(direction: str, index: int, segment: Segment) -> Segment:
     return segment
 
 
-def syn_offers_only_h(direction: str, index: int, segment: Segment) -> Segment:
-    """The client's G|H offer stripped to H: the server answers legacy."""
-    option = capable_of(segment)
-    if direction == "up" and index == 0 and option is not None:
-        return with_capable(
-            segment, dataclasses.replace(option, flags=CapableFlag.H)
-        )
-    return segment
+def capable_rewrite(direction: str, index: int, **changes: Any) -> Rewrite:
+    """A rewrite of the MP_CAPABLE in one frame of the first connection:
+    frame ``index`` going ``direction``, its fields set to ``changes``."""
+
+    def rewrite(going: str, seen: int, segment: Segment) -> Segment:
+        option = capable_of(segment)
+        if going == direction and seen == index and option is not None:
+            return with_capable(
+                segment, dataclasses.replace(option, **changes)
+            )
+        return segment
+
+    return rewrite
 
 
-def token_b_in_syn_ack(
-    direction: str, index: int, segment: Segment
-) -> Segment:
-    option = capable_of(segment)
-    if direction == "down" and index == 0 and option is not None:
-        return with_capable(
-            segment, dataclasses.replace(option, sender_key=FORGED)
-        )
-    return segment
-
-
-def token_b_in_third_ack(
-    direction: str, index: int, segment: Segment
-) -> Segment:
-    option = capable_of(segment)
-    if direction == "up" and index == 1 and option is not None:
-        return with_capable(
-            segment, dataclasses.replace(option, receiver_key=FORGED)
-        )
-    return segment
-
-
-def token_a_in_third_ack(
-    direction: str, index: int, segment: Segment
-) -> Segment:
-    option = capable_of(segment)
-    if direction == "up" and index == 1 and option is not None:
-        return with_capable(
-            segment, dataclasses.replace(option, sender_key=FORGED)
-        )
-    return segment
+# the client's G|H offer stripped to H: the server answers legacy
+syn_offers_only_h = capable_rewrite("up", 0, flags=CapableFlag.H)
+token_b_in_syn_ack = capable_rewrite("down", 0, sender_key=FORGED)
+token_b_in_third_ack = capable_rewrite("up", 1, receiver_key=FORGED)
+token_a_in_third_ack = capable_rewrite("up", 1, sender_key=FORGED)
 
 
 class Hidden:
