@@ -46,7 +46,6 @@ class BenchOptions:
 
     quick: bool = False
     rounds: int | None = None
-    loop: str = "asyncio"
 
     def rounds_or(self, full: int, quick: int = 2) -> int:
         if self.rounds is not None:
