@@ -161,8 +161,6 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         self._take_payload(subflow, syn.payload, 0, False, now)
         return self
 
-    # public state
-
     # application calls
 
     def send(self, data: bytes) -> None:
@@ -239,8 +237,6 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         ]
         for sid in closed[: max(0, len(closed) - _CLOSED_KEPT)]:
             del self._subflows[sid]
-
-    # handshake out
 
     # data out
 
@@ -423,8 +419,6 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         if segment.flags & Flag.FIN and not self._closed:
             self._on_subflow_fin(subflow)
 
-    # handshake in
-
     # data in
 
     def _on_window(
@@ -548,12 +542,6 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             )
             self._events.append(ev.EndOfStream())
             self._maybe_finish()
-
-    # joins, initiator side (RFC 8684 section 3.2, docs/wire.md "Joins")
-
-    # joins, responder side
-
-    # addresses (RFC 8684 section 3.4)
 
     # subflow and connection ends
 
