@@ -13,6 +13,7 @@ import functools
 import time
 
 from mptls.bench.common import (
+    HOST,
     MB,
     MIB,
     BenchOptions,
@@ -25,7 +26,6 @@ from mptls.bench.stacks import Pki, close_quietly, open_stack, send_bulk
 
 NAME = "bulk"
 TITLE = "Bulk throughput, one loopback path"
-HOST = "127.0.0.1"
 STACKS = ("mptls", "ssl", "tcp")
 DESCRIPTIONS = {
     "mptls": "mptls userspace, one subflow, TLS 1.3",

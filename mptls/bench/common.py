@@ -29,6 +29,11 @@ T = TypeVar("T")
 MIB = 1 << 20
 MB = 1e6
 
+# the loopback scenarios' server address, and the client's two local
+# addresses when a connection should get a second subflow
+HOST = "127.0.0.1"
+PATHS = ("127.0.0.1", "127.0.0.2")
+
 SCENARIO_MODULES = (
     "bulk",
     "paths",

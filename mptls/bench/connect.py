@@ -16,7 +16,7 @@ import statistics
 import time
 from typing import Any
 
-from mptls.bench.common import BenchOptions, in_fresh_loop
+from mptls.bench.common import HOST, PATHS, BenchOptions, in_fresh_loop
 from mptls.bench.harness import (
     ScenarioResult,
     Spread,
@@ -31,8 +31,6 @@ from mptls.errors import MptlsTimeoutError
 
 NAME = "connect"
 TITLE = "Connection setup, loopback"
-HOST = "127.0.0.1"
-PATHS = ("127.0.0.1", "127.0.0.2")
 STACKS = ("mptls", "ssl")
 DESCRIPTIONS = {
     "mptls": "mptls userspace: TLS 1.3 + MP_CAPABLE + key export",

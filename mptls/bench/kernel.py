@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import socket
 
-from mptls.bench.bulk import HOST, transfer
-from mptls.bench.common import MIB, BenchOptions, in_fresh_loop
+from mptls.bench.bulk import transfer
+from mptls.bench.common import HOST, MIB, BenchOptions, in_fresh_loop
 from mptls.bench.harness import ScenarioResult, Variant, at_least, interleave
 from mptls.bench.peer import PeerProcess
 from mptls.bench.stacks import IPPROTO_MPTCP, Pki

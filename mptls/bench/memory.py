@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mptls.bench.common import BenchOptions
+from mptls.bench.common import HOST, PATHS, BenchOptions
 from mptls.bench.harness import ScenarioResult, Variant, at_most, interleave
 from mptls.bench.peer import read_rss
 from mptls.bench.stacks import (
@@ -35,8 +35,6 @@ from mptls.errors import MptlsError, MptlsTimeoutError
 
 NAME = "memory"
 TITLE = "Memory per idle connection (both ends)"
-HOST = "127.0.0.1"
-PATHS = ("127.0.0.1", "127.0.0.2")
 STACKS = ("mptls", "ssl")
 DESCRIPTIONS = {
     "mptls": "mptls userspace, two subflows",
