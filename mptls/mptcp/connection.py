@@ -165,15 +165,14 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
 
     def send(self, data: bytes) -> None:
         """Queue bytes of the data-level stream."""
-        if self._closed or self._close_called:
+        if self._closed or self._send.fin_wanted:
             raise MptlsError("send() after close() or on a closed connection")
         self._send.write(data)
 
     def close(self) -> None:
         """Send a DATA_FIN once everything queued is mapped."""
-        if self._closed or self._close_called:
+        if self._closed or self._send.fin_wanted:
             return
-        self._close_called = True
         self._send.close()
 
     def consumed(self, n: int) -> None:

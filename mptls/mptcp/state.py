@@ -94,7 +94,6 @@ class ConnectionState:
         self._next_subflow_id = 1
         self._events: deque[ev.Event] = deque()
         self._closed = False
-        self._close_called = False
         self._window_update_due = False
         self._announcements: list[AddAddr] = []
         self._remote_addresses: dict[int, tuple[object, int | None]] = {}
