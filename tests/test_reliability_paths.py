@@ -308,42 +308,57 @@ FAST = {"min_rto": 0.25}
 NAMED = {"server_hostname": "localhost"}
 
 
+async def blackhole_trials(
+    pki: Pki,
+    lab: netns.Topology,
+    port: int,
+    blackhole: Breaker,
+    count: int,
+    seed: str,
+    **options: Any,
+) -> list[float]:
+    """``count`` seeded upload trials over both paths, each breaking one
+    with ``blackhole``; every link is up again after each trial."""
+    first, second = lab.paths
+    rng = random.Random(seed)
+    pauses = []
+    for _ in range(count):
+        try:
+            pauses.append(
+                await upload_trial(
+                    pki,
+                    rng,
+                    (first.server_address, port, first.client_address),
+                    (second.server_address, port, second.client_address),
+                    blackhole,
+                    **options,
+                    **NAMED,
+                )
+            )
+        finally:
+            set_link(lab, 0, True)
+            set_link(lab, 1, True)
+    return pauses
+
+
 @needs_netns
 @pytest.mark.root
 def test_fifty_transfers_survive_a_blackholed_subflow(
     pki: Pki, lab: netns.Topology
 ) -> None:
-    first, second = lab.paths
     with NamespaceServer(pki, lab.server, **FAST) as server:
 
         async def blackhole(writer: asyncio.StreamWriter, victim: int) -> None:
             index = 0 if victim == 0 else 1
             set_link(lab, index, False)
 
-        async def trials() -> list[float]:
-            rng = random.Random("blackhole")
-            pauses = []
-            for _ in range(TRIALS):
-                try:
-                    pauses.append(
-                        await upload_trial(
-                            pki,
-                            rng,
-                            (first.server_address, server.port,
-                             first.client_address),
-                            (second.server_address, server.port,
-                             second.client_address),
-                            blackhole,
-                            **FAST,
-                            **NAMED,
-                        )
-                    )  # fmt: skip
-                finally:
-                    set_link(lab, 0, True)
-                    set_link(lab, 1, True)
-            return pauses
-
-        pauses = run_in_namespace(lab.client, trials, timeout=180.0)
+        pauses = run_in_namespace(
+            lab.client,
+            lambda: blackhole_trials(
+                pki, lab, server.port, blackhole, TRIALS, "blackhole", **FAST
+            ),
+            timeout=180.0,
+        )
     print(f"blackhole (min_rto 0.25 s): longest read pause {summary(pauses)}")
     # found by the data-level RTO (at least its floor), never by TCP
     assert statistics.median(pauses) >= 0.2
@@ -355,34 +370,18 @@ def test_fifty_transfers_survive_a_blackholed_subflow(
 def test_blackhole_recovery_with_the_default_rto(
     pki: Pki, lab: netns.Topology
 ) -> None:
-    first, second = lab.paths
     with NamespaceServer(pki, lab.server) as server:
 
         async def blackhole(writer: asyncio.StreamWriter, victim: int) -> None:
             set_link(lab, 1, False)
 
-        async def trials() -> list[float]:
-            rng = random.Random("default-rto")
-            pauses = []
-            for _ in range(3):
-                try:
-                    pauses.append(
-                        await upload_trial(
-                            pki,
-                            rng,
-                            (first.server_address, server.port,
-                             first.client_address),
-                            (second.server_address, server.port,
-                             second.client_address),
-                            blackhole,
-                            **NAMED,
-                        )
-                    )  # fmt: skip
-                finally:
-                    set_link(lab, 1, True)
-            return pauses
-
-        pauses = run_in_namespace(lab.client, trials, timeout=60.0)
+        pauses = run_in_namespace(
+            lab.client,
+            lambda: blackhole_trials(
+                pki, lab, server.port, blackhole, 3, "default-rto"
+            ),
+            timeout=60.0,
+        )
     print(f"blackhole (default RTO): longest read pause {summary(pauses)}")
     assert all(0.9 <= pause < 4.0 for pause in pauses)
 
