@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import random
 import select
 import signal
@@ -635,10 +636,13 @@ def test_stopped_server_ends_a_connected_client(certs: Path) -> None:
                 client.wait(timeout=COMMAND_TIMEOUT)
 
 
-def test_info_json_parses() -> None:
+def test_info_json_is_the_kernel_report() -> None:
     result = run_mptls("info", "--json")
     assert result.returncode == 0, result.stderr.decode()
-    assert isinstance(json.loads(result.stdout), dict)
+    report = json.loads(result.stdout)
+    # the probe's own fields, about this machine's kernel
+    assert report["kernel_release"] == platform.release()
+    assert {"enabled", "getsockopts", "external_keys"} <= set(report)
 
 
 def test_python_m_runs_the_command() -> None:
