@@ -101,8 +101,9 @@ async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
     rounds = options.rounds_or(5)
     handshakes = options.size(200, 10)
     calls = options.size(20_000, 500)
-    result = ScenarioResult(NAME, TITLE, "us/operation", False, rounds, False)
-    result.quick = options.quick
+    result = ScenarioResult(
+        NAME, TITLE, "us/operation", False, rounds, options.quick
+    )
     server_context, client_context = _contexts(pki)
     client = handshake(server_context, client_context)
     keys = export_mptcp_keys(client)
