@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from OpenSSL import SSL
 
-from mptls.backends.base import Backend, KeyInstall
+from mptls.backends.base import Backend, KeyInstall, MptcpInfo
 from mptls.errors import (
     KeysUnavailableError,
     MptlsError,
@@ -314,45 +315,41 @@ class TLSProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _extra_info(self, name: str, default: Any) -> Any:
-        engine = self._engine
+        from_engine = _ENGINE_INFO.get(name)
+        if from_engine is not None:
+            return from_engine(self._engine)
         transport = self._transport
+        if name == "backend":
+            return self._backend.name
+        # asyncio's StreamReaderProtocol closes the transport at EOF when
+        # it sees an SSL context ("sslcontext"); this transport half-closes
+        if name == "sslcontext" or transport is None:
+            return default
         if name == "mptcp":
-            if transport is None:
-                return default
             info = self._backend.info(transport)
             return _with_key_state(
                 info, self._key_install, self._key_fingerprint
             )
-        if name == "peercert":
-            return engine.peer_certificate()
-        if name == "peercert_binary":
-            return engine.peer_certificate(binary=True)
-        if name == "cipher":
-            return engine.cipher()
-        if name == "tls_version":
-            return engine.version()
-        if name == "alpn_protocol":
-            return engine.alpn_protocol()
-        if name == "backend":
-            return self._backend.name
-        if name == "sslcontext":
-            # asyncio's StreamReaderProtocol closes the transport at EOF
-            # when it sees an SSL context; this transport half-closes
-            return default
-        if transport is None:
-            return default
         return transport.get_extra_info(name, default)
 
 
-def _with_key_state(
-    info: Any, install: KeyInstall | None, fingerprint: str | None
-) -> Any:
-    from dataclasses import replace
+# get_extra_info names the TLS engine answers
+_ENGINE_INFO: dict[str, Callable[[TLSEngine], Any]] = {
+    "peercert": lambda engine: engine.peer_certificate(),
+    "peercert_binary": lambda engine: engine.peer_certificate(binary=True),
+    "cipher": lambda engine: engine.cipher(),
+    "tls_version": lambda engine: engine.version(),
+    "alpn_protocol": lambda engine: engine.alpn_protocol(),
+}
 
+
+def _with_key_state(
+    info: MptcpInfo, install: KeyInstall | None, fingerprint: str | None
+) -> MptcpInfo:
     if install is None:
         return info
     reason = info.keys_reason or install.reason
-    return replace(
+    return dataclasses.replace(
         info,
         keys_installed=info.keys_installed or install.installed,
         keys_reason=reason,
