@@ -104,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pki", required=True)
     args = parser.parse_args(argv)
     _raise_fd_limit()
-    directory = Path(args.pki)
-    pki = Pki(directory / "ca.pem", directory / "chain.pem", directory / "k")
+    pki = Pki.in_directory(Path(args.pki))
     figures = asyncio.run(_child(args.stack, args.count, pki))
     print(json.dumps(figures), flush=True)
 

@@ -124,11 +124,7 @@ def read_rss(pid: int | None = None) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    pki = Pki(
-        Path(args.pki) / "ca.pem",
-        Path(args.pki) / "chain.pem",
-        Path(args.pki) / "k",
-    )
+    pki = Pki.in_directory(Path(args.pki))
     servers = {}
     for stack in args.stacks.split(","):
         servers[stack] = await start_stack_server(stack, args.host, pki)

@@ -73,12 +73,20 @@ class Pki:
     chain: Path
     key: Path
 
+    @classmethod
+    def in_directory(cls, directory: Path) -> Pki:
+        """The files :func:`write_pki` writes into ``directory``; child
+        processes find them by the directory alone."""
+        return cls(
+            directory / "ca.pem", directory / "chain.pem", directory / "k"
+        )
+
 
 def write_pki(directory: Path) -> Pki:
     """A fresh CA and server certificate in ``directory``."""
     authority = trustme.CA(organization_name="mptls benchmark CA")
     leaf = authority.issue_cert(*CERT_NAMES)
-    pki = Pki(directory / "ca.pem", directory / "chain.pem", directory / "k")
+    pki = Pki.in_directory(directory)
     authority.cert_pem.write_to_path(str(pki.ca))
     leaf.private_key_pem.write_to_path(str(pki.key))
     pki.chain.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
