@@ -15,16 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from mptls.backends.userspace.transport import (
     MultipathTransport,
     SubflowProtocol,
 )
+from mptls.mptcp.endpoint import Endpoint, Refused
 from mptls.mptcp.framing import Segment, encode_segment
-
-if TYPE_CHECKING:
-    from mptls.mptcp.endpoint import Endpoint
 
 logger = logging.getLogger("mptls.userspace")
 
@@ -92,8 +89,6 @@ class Listener:
     def segments_received(
         self, subflow: SubflowProtocol, segments: list[Segment]
     ) -> None:
-        from mptls.mptcp.endpoint import Refused
-
         self._first_segment_came(subflow)
         if self._handoff is not None and self._handoff(subflow, segments):
             return  # another process owns the token this join names
