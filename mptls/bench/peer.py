@@ -66,10 +66,6 @@ class PeerProcess:
         )
         self.ports: dict[str, int] = {}
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def wait_ready(self) -> dict[str, int]:
         """Block until the server prints its ports (or fails)."""
         stdout = self.process.stdout
@@ -81,10 +77,6 @@ class PeerProcess:
             raise MptlsError(f"benchmark server exited ({code})")
         self.ports = {k: int(v) for k, v in json.loads(line).items()}
         return self.ports
-
-    def rss_bytes(self) -> int:
-        """The server process's resident set size, from /proc."""
-        return read_rss(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None and self.process.stdin is not None:
@@ -115,10 +107,9 @@ class PeerProcess:
         self.stop()
 
 
-def read_rss(pid: int | None = None) -> int:
-    """Resident set size in bytes of ``pid`` (default: this process)."""
-    where = "self" if pid is None else str(pid)
-    with open(f"/proc/{where}/statm", encoding="ascii") as statm:
+def read_rss() -> int:
+    """This process's resident set size in bytes."""
+    with open("/proc/self/statm", encoding="ascii") as statm:
         resident_pages = int(statm.read().split()[1])
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
