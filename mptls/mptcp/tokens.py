@@ -63,8 +63,8 @@ _ROUND_KEY_CONTEXT = struct.Struct(">BBII")
 _BLOCK = 16
 # Tokens an allocator makes at a time: each round of the permutation is
 # then one AES call over 16 KiB, and the Python work per token a list
-
-
+# pop. Measured (mptls bench tokens): about 0.2 us per token in batches
+# of 1024, against 6 us one by one.
 ALLOCATION_BATCH = 1024
 
 
