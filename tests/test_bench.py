@@ -87,10 +87,27 @@ def _run_quick(scenario: str, output: Path) -> dict[str, Any]:
     return document
 
 
-@pytest.mark.parametrize("scenario", ["bulk", "connect", "memory"])
+@pytest.mark.parametrize("scenario", ["bulk", "memory"])
 def test_quick_loopback_scenarios(scenario: str, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     _check_schema(_run_quick(scenario, tmp_path))
+
+
+def test_quick_connect_times_joins_on_loopback_and_relayed(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("matplotlib")
+    document = _run_quick("connect", tmp_path)
+    _check_schema(document)
+    details = document["details"]
+    for side in ("client", "server"):
+        for path in ("relayed", "loopback"):
+            join = details[f"join ({side}, {path})"]
+            assert join["second_subflow_data_ms"]["min"] > 0
+            assert len(join["trials"]) == 2 * document["rounds"]
+        # the relayed round trip is at least the relay's two delays
+        relayed = details[f"join ({side}, relayed)"]["echo_rtt_ms"]
+        assert relayed["min"] >= 2 * details["relay_one_way_delay_ms"]
 
 
 def test_quick_tokens_find_no_search_for_server_ids(tmp_path: Path) -> None:

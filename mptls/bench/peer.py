@@ -21,45 +21,28 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
+from mptls.backends.base import Server
 from mptls.bench.stacks import Pki, start_stack_server
 from mptls.errors import MptlsError
 
 START_TIMEOUT = 30.0
+# the connect scenario's join probe server (mptls.bench.connect)
+JOIN_STACK = "mptls-join"
 STOP_TIMEOUT = 10.0
 
 
-class PeerProcess:
-    """A running benchmark server; a context manager that stops it."""
+class ChildServer:
+    """A server process that prints one JSON line ``{name: port}``.
 
-    def __init__(
-        self,
-        stacks: Sequence[str],
-        host: str,
-        pki: Pki,
-        *,
-        loop: str = "asyncio",
-        lifetime: float = 1800.0,
-        prefix: Sequence[str] = (),
-    ) -> None:
-        command = [
-            *prefix,
-            sys.executable,
-            "-m",
-            "mptls.bench.peer",
-            "--stacks",
-            ",".join(stacks),
-            "--host",
-            host,
-            "--pki",
-            str(pki.ca.parent),
-            "--loop",
-            loop,
-            "--lifetime",
-            str(lifetime),
-        ]
+    A context manager: it waits for that line, and stops the process
+    (closing its standard input, then by PID) on the way out.
+    """
+
+    def __init__(self, command: Sequence[str]) -> None:
         self.process = subprocess.Popen(
-            command,
+            list(command),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -90,7 +73,7 @@ class PeerProcess:
         if self.process.stdout is not None:
             self.process.stdout.close()
 
-    def __enter__(self) -> PeerProcess:
+    def __enter__(self) -> Self:
         try:
             self.wait_ready()
         except BaseException:
@@ -107,6 +90,38 @@ class PeerProcess:
         self.stop()
 
 
+class PeerProcess(ChildServer):
+    """A running benchmark server; a context manager that stops it."""
+
+    def __init__(
+        self,
+        stacks: Sequence[str],
+        host: str,
+        pki: Pki,
+        *,
+        loop: str = "asyncio",
+        lifetime: float = 1800.0,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        command = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "mptls.bench.peer",
+            "--stacks",
+            ",".join(stacks),
+            "--host",
+            host,
+            "--pki",
+            str(pki.ca.parent),
+            "--loop",
+            loop,
+            "--lifetime",
+            str(lifetime),
+        ]
+        super().__init__(command)
+
+
 def read_rss() -> int:
     """This process's resident set size in bytes."""
     with open("/proc/self/statm", encoding="ascii") as statm:
@@ -116,13 +131,24 @@ def read_rss() -> int:
 
 async def _serve(args: argparse.Namespace) -> None:
     pki = Pki.in_directory(Path(args.pki))
-    servers = {}
+    servers: dict[str, asyncio.Server | Server] = {}
     for stack in args.stacks.split(","):
+        if stack == JOIN_STACK:
+            # imported here: the connect scenario itself imports this
+            from mptls.bench.connect import start_join_server
+
+            servers[stack] = await start_join_server(args.host, pki)
+            continue
         servers[stack] = await start_stack_server(stack, args.host, pki)
     ports = {s: v.sockets[0].getsockname()[1] for s, v in servers.items()}
     print(json.dumps(ports), flush=True)
+    await until_parent_leaves(args.lifetime)
+    for server in servers.values():
+        server.close()
 
-    # stop when the parent closes our stdin, or at the end of our life
+
+async def until_parent_leaves(lifetime: float) -> None:
+    """Return when our standard input closes or ``lifetime`` is over."""
     loop = asyncio.get_running_loop()
     stdin_closed = asyncio.Event()
     descriptor = sys.stdin.fileno()
@@ -134,9 +160,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
     loop.add_reader(descriptor, on_stdin)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stdin_closed.wait(), args.lifetime)
-    for server in servers.values():
-        server.close()
+        await asyncio.wait_for(stdin_closed.wait(), lifetime)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
