@@ -186,6 +186,12 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         if subflow is not None:
             subflow.writable = writable
 
+    def set_queue_room(self, subflow_id: int, room: int) -> None:
+        """The transport can queue ``room`` more bytes on the subflow."""
+        subflow = self._subflows.get(subflow_id)
+        if subflow is not None:
+            subflow.set_queue_room(room)
+
     def next_event(self) -> ev.Event | None:
         return self._events.popleft() if self._events else None
 

@@ -31,6 +31,9 @@ __all__ = [
 
 logger = logging.getLogger("mptls.mptcp")
 
+# a subflow whose transport reports no queue room is never capped
+UNCAPPED = 1 << 62
+
 
 class SubflowState(enum.Enum):
     """Where a subflow is in its life (RFC 8684 sections 3.1, 3.2)."""
@@ -68,6 +71,9 @@ class Subflow:
     writable: bool = True
     # data-level bytes sent here and not yet covered by a Data ACK
     inflight: int = 0
+    # new data only while inflight is below this: set from the room
+    # left in the transport's socket queue (see set_queue_room)
+    inflight_cap: int = UNCAPPED
     srtt: float | None = None
     # one timed chunk at a time: its end offset and when it left
     probe_end: int | None = None
@@ -110,6 +116,17 @@ class Subflow:
             new.value,
         )
         self.state = new
+
+    def set_queue_room(self, room: int) -> None:
+        """The transport's queue for this subflow takes ``room`` more bytes.
+
+        Beyond that, data would wait in a socket buffer instead of on
+        the path, where no other subflow can take it any more: on a
+        slow path that is delay every later byte of the stream waits
+        behind at the receiver (head-of-line blocking), so the
+        scheduler hands this subflow no more until it has room again.
+        """
+        self.inflight_cap = self.inflight + max(room, 0)
 
     def start_probe(self, end: int, now: float) -> None:
         """Time the chunk ending at ``end`` unless one is timed already."""
@@ -327,7 +344,8 @@ def pick_subflow(
     """The subflow for the next chunk, or None if none has room.
 
     The lowest smoothed RTT among established, writable subflows with
-    room wins; ties go to the one with less in flight. Backup subflows
+    room (below the in-flight limit and their queue cap) wins; ties go
+    to the one with less in flight. Backup subflows
     are used only when no other subflow is established (RFC 8684
     section 3.3.8), suspect ones only when nothing else is left.
     An unmeasured subflow counts as fastest so that it gets measured.
@@ -338,7 +356,11 @@ def pick_subflow(
     alive = [s for s in alive if not s.suspect] or alive
     # a full or congested regular subflow is no reason to use a backup
     pool = [s for s in alive if not s.backup] or alive
-    ready = [s for s in pool if s.writable and s.inflight < inflight_limit]
+    ready = [
+        s
+        for s in pool
+        if s.writable and s.inflight < min(inflight_limit, s.inflight_cap)
+    ]
     if not ready:
         return None
     return min(ready, key=lambda s: (s.srtt or 0.0, s.inflight, s.subflow_id))

@@ -144,6 +144,11 @@ class ConnectionState:
     def send_buffer_size(self) -> int:
         return self._send.size
 
+    @property
+    def send_pending(self) -> int:
+        """Bytes written and not yet handed to any subflow."""
+        return self._send.pending
+
     def __repr__(self) -> str:
         role = "initiator" if self.is_initiator else "responder"
         mode = self.mode.value if self.mode else "-"
