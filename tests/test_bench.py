@@ -136,7 +136,16 @@ def test_quick_kernel_scenario(tmp_path: Path) -> None:
     if reason is not None:
         pytest.skip(reason)
     pytest.importorskip("matplotlib")
-    _check_schema(_run_quick("kernel", tmp_path))
+    document = _run_quick("kernel", tmp_path)
+    _check_schema(document)
+    ratios = {(r["variant"], r["baseline"]) for r in document["ratios"]}
+    assert ("mptls-kernel@loopback", "ssl@loopback") in ratios
+    if namespaces_reason() is None:
+        # the judged line: the same three stacks on one veth path
+        assert ("mptls-kernel@veth", "ssl@veth") in ratios
+        assert "veth_skipped" not in document["details"]
+    else:
+        assert document["details"]["veth_skipped"]
 
 
 @pytest.mark.root
