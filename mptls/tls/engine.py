@@ -24,6 +24,7 @@ secret reach a log, a ``repr`` or an error message.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import threading
@@ -566,8 +567,7 @@ class TLSEngine:
         if (
             not self._server_side
             and self._connection.get_verify_mode() & SSL.VERIFY_PEER
-            and self._connection.get_peer_certificate(as_cryptography=True)
-            is None
+            and not self._has_peer_certificate()
         ):
             self._discard_output()
             raise self._fail(
@@ -593,6 +593,17 @@ class TLSEngine:
             self._write(data)
         if self._close_requested:
             self._send_close_notify()
+
+    def _has_peer_certificate(self) -> bool:
+        # whether there is one, without pyOpenSSL's wrapper or a
+        # cryptography object (an encode and a parse per connection)
+        certificate = _lib.SSL_get_peer_certificate(
+            ssl_pointer(self._connection)
+        )
+        if certificate == _ffi.NULL:
+            return False
+        _lib.X509_free(certificate)
+        return True
 
     def _read_records(self) -> None:
         if self._eof_received:
@@ -727,6 +738,10 @@ def _reasons(exc: SSL.Error) -> str:
     return "; ".join(t for t in texts if " alert " not in t)
 
 
+# a client names the same few servers again and again: parsing the name
+# (a failed IPv4 and IPv6 parse for a host name) and the Python IDNA codec
+# cost more than the rest of the engine's setup
+@functools.lru_cache(maxsize=256)
 def _ip_address(
     name: str,
 ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -736,6 +751,7 @@ def _ip_address(
         return None
 
 
+@functools.lru_cache(maxsize=256)
 def _idna(name: str) -> bytes:
     try:
         return name.encode("idna")
