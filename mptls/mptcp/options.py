@@ -544,16 +544,17 @@ def _decode_dss(
         if layout.has_checksum:
             checksum = values[-1]
     # Without its field, a width bit means nothing: keep the default so
-    # that the option compares equal to the one that was encoded.
+    # that the option compares equal to the one that was encoded. The
+    # masks are plain ints: an int & an IntFlag member builds a member
     return Dss(
         data_ack,
-        not layout.has_data_ack or bool(flags & DssFlag.DATA_ACK_64),
+        not layout.has_data_ack or bool(flags & _A64),
         dsn,
-        not layout.has_mapping or bool(flags & DssFlag.DSN_64),
+        not layout.has_mapping or bool(flags & _M64),
         ssn,
         data_length,
         checksum,
-        bool(flags & DssFlag.DATA_FIN),
+        bool(flags & _F),
     )
 
 
