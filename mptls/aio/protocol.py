@@ -259,13 +259,17 @@ class TLSProtocol(asyncio.Protocol):
             self._app_transport.close()
 
     def _flush(self) -> None:
-        data = self._engine.data_to_send()
+        data = self._engine.take_output()
         if data and self._transport is not None:
-            self._transport.write(data)
+            # the view is ours alone: the multipath transport keeps it
+            # (until the Data ACK) without a copy; others copy what
+            # they cannot send at once, as for any write
+            write = getattr(self._transport, "write_owned", None)
+            (write or self._transport.write)(data)
 
     # called by TLSTransport
 
-    def _app_write(self, data: bytes) -> None:
+    def _app_write(self, data: bytes | bytearray | memoryview) -> None:
         self._engine.send(data)
         self._flush()
 
@@ -404,7 +408,9 @@ class TLSTransport(asyncio.Transport):
         if self._closing:
             raise RuntimeError("cannot write to a closing transport")
         if data:
-            self._tls._app_write(bytes(data))
+            # encrypted before this returns (or copied by the engine
+            # until the handshake ends): the caller's buffer is not kept
+            self._tls._app_write(data)
 
     def write_eof(self) -> None:
         if self._eof_written or self._closing:

@@ -163,11 +163,16 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
 
     # application calls
 
-    def send(self, data: bytes) -> None:
-        """Queue bytes of the data-level stream."""
+    def send(self, data: Payload, *, owned: bool = False) -> None:
+        """Queue bytes of the data-level stream.
+
+        ``bytes`` are kept as they are, and so is a view the caller
+        hands over for good (``owned``: nobody changes it again); any
+        other buffer is copied, since its owner may reuse it.
+        """
         if self._closed or self._send.fin_wanted:
             raise MptlsError("send() after close() or on a closed connection")
-        self._send.write(data)
+        self._send.write(data, owned=owned)
 
     def close(self) -> None:
         """Send a DATA_FIN once everything queued is mapped."""
@@ -259,27 +264,28 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
                 out.append((0, self._segment(first, Flag.ACK, (), payload)))
 
     def _emit_mapped(self, out: list[tuple[int, Segment]], now: float) -> None:
+        # once per flush, not per frame: nothing below moves them
         limit = self.config.subflow_inflight_limit
+        max_payload = self.config.max_payload
+        edge = self._peer_edge
+        send = self._send
+        subflows = self._subflows.values()
         while True:
             # reinjections first (RFC 8684 section 3.3.6), then new data
-            reinject = self._send.has_reinjection
-            if not reinject and not self._send.wants_new_chunk(
-                self._peer_edge
-            ):
+            reinject = send.has_reinjection
+            if not reinject and not send.wants_new_chunk(edge):
                 return
             # a reinjection fills the hole the others' data waits
             # behind: the in-flight limit, which that data holds up, must
             # not block it
             room = _NO_LIMIT if reinject else limit
-            subflow = pick_subflow(self._subflows.values(), room)
+            subflow = pick_subflow(subflows, room)
             if subflow is None:
                 return
             if reinject:
-                chunk = self._send.take_reinjection()
+                chunk = send.take_reinjection()
             else:
-                chunk = self._send.take_new(
-                    self.config.max_payload, self._peer_edge
-                )
+                chunk = send.take_new(max_payload, edge)
             if chunk is None:
                 return
             segment = self._data_segment(subflow, chunk, now)
@@ -289,18 +295,24 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         self, subflow: Subflow, chunk: Chunk, now: float
     ) -> Segment:
         chunk.subflow_id = subflow.subflow_id
-        if not any(s.inflight for s in self._subflows.values()):
+        # this subflow's own count answers it during a transfer
+        if not subflow.inflight and not any(
+            s.inflight for s in self._subflows.values()
+        ):
             # nothing was outstanding: the no-progress clock starts now
             self._last_progress = now
         subflow.inflight += len(chunk.data)
         subflow.start_probe(chunk.end, now)
         if subflow.data_deadline is None:
             subflow.data_deadline = now + self._rto(subflow)
-        ack = self._data_ack()
+        # the Data ACK of _data_ack(), without a Dss built to carry it
+        remote_idsn = self._remote_idsn
         local_idsn = self._local_idsn or 0
         # RFC 8684 section 3.3.1: a DATA_FIN alone has ssn 0, length 1
         mapping = Dss(
-            data_ack=None if ack is None else ack.data_ack,
+            data_ack=None
+            if remote_idsn is None
+            else (remote_idsn + 1 + self._receive.ack_offset) % SEQ_MOD,
             dsn=(local_idsn + 1 + chunk.offset) % SEQ_MOD,
             ssn=subflow.bytes_sent + 1 if chunk.data else 0,
             data_length=len(chunk.data) + (1 if chunk.fin else 0),

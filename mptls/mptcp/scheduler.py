@@ -211,15 +211,19 @@ class SendBuffer:
 
     @property
     def has_reinjection(self) -> bool:
+        # checked before every frame: empty unless a subflow failed
+        if not self._reinject:
+            return False
         self._skip_acked_reinjections()
         return bool(self._reinject)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Payload, *, owned: bool = False) -> None:
         if not data:
             return
-        # bytes are immutable and can be sliced without a copy; anything
-        # else (a bytearray the caller may reuse) is copied once here
-        if type(data) is not bytes:
+        # bytes are immutable and can be sliced without a copy, and so
+        # can a buffer handed over for good; anything else (a bytearray
+        # the caller may reuse) is copied once here
+        if type(data) is not bytes and not owned:
             data = bytes(data)
         self._pending.append(memoryview(data))
         self._pending_bytes += len(data)

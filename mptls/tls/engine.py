@@ -68,6 +68,7 @@ _X509_V_OK = 0
 
 _thread_buffers = threading.local()
 _ALLOCATE = _ffi.new_allocator(should_clear_after_alloc=False)
+_NO_OUTPUT = memoryview(b"")
 
 
 def _receive_buffer() -> Any:
@@ -391,7 +392,7 @@ class TLSEngine:
         if self._state is _State.ESTABLISHED:
             self._read_records()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt application bytes (buffered until the handshake ends)."""
         self._raise_if_failed()
         if self._close_requested:
@@ -408,16 +409,30 @@ class TLSEngine:
 
         Works after a failure too, so that an alert still goes out.
         """
+        output = self.take_output()
+        return output.tobytes() if output else b""
+
+    def take_output(self) -> memoryview:
+        """:meth:`data_to_send` as a read-only view, copied once.
+
+        The view is the only reference to a buffer made for this call,
+        so a transport may keep it (until the peer acknowledges the
+        bytes) instead of copying it: pyOpenSSL's ``bio_read`` copies
+        the ciphertext twice, into a scratch buffer and then into
+        ``bytes``; this copies it once, out of OpenSSL.
+        """
         # the memory BIO tells how much it holds: one read of exactly
         # that, and none when it is empty (after most received frames),
         # where pyOpenSSL would raise and catch WantReadError
-        pending = _lib.BIO_get_mem_data(self._output_bio, self._mem_data)
+        bio = self._output_bio
+        pending = _lib.BIO_get_mem_data(bio, self._mem_data)
         if pending <= 0:
-            return b""
-        try:
-            return self._connection.bio_read(pending)
-        except SSL.Error as exc:
-            raise self._fail(self._translate(exc)) from exc
+            return _NO_OUTPUT
+        # not zeroed: BIO_read fills all of it
+        buffer = _ALLOCATE("char[]", pending)
+        if _lib.BIO_read(bio, buffer, pending) != pending:
+            raise self._fail(TLSError("TLS output could not be read"))
+        return memoryview(_ffi.buffer(buffer, pending)).toreadonly()
 
     def read(self) -> bytes:
         """Application bytes decrypted so far and not yet read, or ``b""``."""
@@ -642,8 +657,11 @@ class TLSEngine:
         except SSL.Error as exc:
             raise self._fail(self._translate(exc)) from exc
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data).cast("B")
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())
+        view = view.cast("B")
         send = self._connection.send
         offset = 0
         try:

@@ -498,7 +498,12 @@ class MultipathTransport(asyncio.Transport):
         if self._closed:
             return
         deadline = self._core.get_timer()
-        if deadline == self._timer_deadline:
+        armed = self._timer_deadline
+        # a timer that fires no later than needed stays armed: fired
+        # early, handle_timer finds nothing due and process() arms the
+        # next. Every Data ACK moves the data-level deadline, and
+        # re-arming for each cost a cancel and a new handle per flush
+        if deadline is None or (armed is not None and armed <= deadline):
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -686,11 +691,21 @@ class MultipathTransport(asyncio.Transport):
         return self._closing
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        # the caller may reuse its buffer: bytes(data) copies all else
+        self.write_owned(bytes(data))
+
+    def write_owned(self, data: bytes | memoryview) -> None:
+        """:meth:`write` of a buffer nobody changes again: not copied.
+
+        The TLS layer hands over its output this way (see
+        ``TLSEngine.take_output``); the core keeps the view until the
+        peer's Data ACK covers it.
+        """
         if self._eof_written or self._closing:
             raise RuntimeError("cannot write after close() or write_eof()")
         if not data:
             return
-        self._core.send(bytes(data))
+        self._core.send(data, owned=True)
         self.process()
 
     def write_eof(self) -> None:
