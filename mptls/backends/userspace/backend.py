@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import os
 import secrets
@@ -217,6 +218,13 @@ def client_config(
     )
 
 
+@functools.cache
+def _default_client_config() -> ConnectionConfig:
+    # frozen, so every default connection can share one instead of
+    # building and checking its own (about 6 us per connect)
+    return client_config()
+
+
 def server_config(
     modes: Sequence[str | Mode] = ("G",),
     *,
@@ -298,7 +306,11 @@ class UserspaceBackend(Backend):
         """
         loop = asyncio.get_running_loop()
         if config is None:
-            config = client_config(mode, **settings)
+            config = (
+                client_config(mode, **settings)
+                if settings or mode != "G"
+                else _default_client_config()
+            )
         elif settings:
             raise ConfigurationError(
                 "pass either config= or individual settings, not both"
