@@ -151,13 +151,21 @@ class SubflowProtocol(asyncio.Protocol):
                 size += count[0]
         return size
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | list[Payload]) -> None:
+        """Write frames: one buffer, or headers and payload views.
+
+        One ``writelines`` either way: uvloop (and asyncio from Python
+        3.12) give the pieces to one vectored send without joining
+        them; asyncio 3.11 joins them, the one copy between TLS and the
+        socket (and none for a single ``bytes``).
+        """
         if self.transport is None or self.closed:
             return
+        parts = [data] if isinstance(data, bytes) else data
         if not self.preamble_sent:
             self.preamble_sent = True
-            data = PREAMBLE + data
-        self.transport.write(data)
+            parts = [PREAMBLE, *parts]
+        self.transport.writelines(parts)
 
     def close(self) -> None:
         self.closed = True
@@ -314,8 +322,7 @@ class MultipathTransport(asyncio.Transport):
         out: dict[int, list[Payload]] = {}
         closing: list[int] = []
         for subflow_id, segment in self._core.segments_to_send(now):
-            # header and payload apart: the join below is the one copy
-            # of the payload between the TLS layer and the socket
+            # header and payload apart: send gathers them
             parts = out.setdefault(subflow_id, [])
             parts.append(encode_head(segment))
             if segment.payload:
@@ -325,7 +332,7 @@ class MultipathTransport(asyncio.Transport):
         for subflow_id, chunks in out.items():
             subflow = self._subflows.get(subflow_id)
             if subflow is not None:
-                subflow.send(b"".join(chunks))
+                subflow.send(chunks)
         closing.extend(self._closing_subflows)
         self._closing_subflows.clear()
         for subflow_id in closing:
