@@ -10,6 +10,7 @@ fast close, and the hijack that G mode prevents and RFC 8684 allows.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
@@ -262,6 +263,50 @@ def test_responder_fails_a_third_ack_with_a_foreign_token() -> None:
     closed = server.next_event()
     assert isinstance(closed, ev.ConnectionClosed)
     assert isinstance(closed.error, ProtocolError)
+
+
+def drain(connection: Connection) -> list[ev.Event]:
+    events = []
+    while (event := connection.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def test_a_forged_token_a_fails_at_the_first_mapped_frame() -> None:
+    # G-mode tokens are not authenticated: a rewritten Token-A in the
+    # third ACK gives the server a wrong IDSN for the client's data. One
+    # mapped frame must be enough to catch it: its bytes were delivered
+    # by the subflow and will not come again.
+    net = MemNet()
+    client = net.client
+    client.send(b"ClientHello")
+    (syn,) = [s for _, s in client.segments_to_send(0.0)]
+    accepted = net.endpoint.receive_first(syn, 0.0)
+    server = accepted.connection  # type: ignore[union-attr]
+    server.send(b"ServerHello..Finished")
+    (reply,) = [s for _, s in server.segments_to_send(0.0)]
+    client.receive_segment(0, reply, 0.01)
+    client.send(b"client Finished")
+    for _, segment in client.segments_to_send(0.01):
+        echo = option_of(segment, MpCapable)
+        if isinstance(echo, MpCapable):
+            forged = dataclasses.replace(echo, sender_key=b"\x42" * 8)
+            segment = dataclasses.replace(segment, options=(forged,))
+        server.receive_segment(0, segment, 0.02)
+    assert not any(isinstance(e, ev.ConnectionClosed) for e in drain(server))
+
+    client.send(b"application data")
+    (mapped,) = [s for _, s in client.segments_to_send(0.03)]
+    assert isinstance(option_of(mapped, Dss), Dss)
+    server.receive_segment(0, mapped, 0.04)
+    events = drain(server)
+    (closed,) = [e for e in events if isinstance(e, ev.ConnectionClosed)]
+    assert isinstance(closed.error, ProtocolError)
+    assert "changed on the way" in str(closed.error)
+    received = b"".join(
+        e.data for e in events if isinstance(e, ev.DataReceived)
+    )
+    assert b"application" not in received
 
 
 # joins

@@ -358,15 +358,20 @@ def test_mappings_outside_the_window_are_dropped() -> None:
     net = established(
         MemNet(server_config=ConnectionConfig(receive_window=window))
     )
-    sent = 5  # "hello"
+    # once a mapping fitted (the IDSNs agree), strays are only dropped;
+    # a first mapping outside the window fails the connection instead
+    # (test_connection: a forged Token-A)
+    net.client.send(b"real data")
+    assert net.run(has_data(net.server_side, 14))
+    sent = 14  # "hello" and "real data"
     far = _mapped(_client_dsn(net, sent + 10 * window), b"X" * 1000)
     behind = _mapped(_client_dsn(net, 0), b"Z" * 5)
     net.inject_to_server(0, far)
     net.inject_to_server(0, behind)
-    net.client.send(b"real data")
-    assert net.run(has_data(net.server_side, 14))
+    net.client.send(b" and more")
+    assert net.run(has_data(net.server_side, 23))
     net.run()
-    assert bytes(net.server_side.data) == b"helloreal data"
+    assert bytes(net.server_side.data) == b"helloreal data and more"
     assert net.server_side.closed is None
 
 

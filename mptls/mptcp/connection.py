@@ -64,11 +64,12 @@ _NO_LIMIT = 2**62
 _S = SubflowState
 
 # RFC 8684 section 3.7: the first DSS mappings continue the implicitly
-# mapped bytes, so mappings far outside the window before any fitted mean
-# the IDSN the peer derived differs from ours: a token or key was
-# rewritten on the way (G-mode tokens are not authenticated). Strays
-# after a mapping fitted are only dropped.
-_MAPPING_STRIKES = 2
+# mapped bytes, so a first mapping outside the window means the IDSN the
+# peer derived differs from ours: a token or key was rewritten on the
+# way (G-mode tokens are not authenticated). It fails the connection at
+# once: its bytes were acknowledged by the subflow and would never come
+# again, so dropping them would only stall. Strays after a mapping
+# fitted are dropped.
 _IDSN_MISMATCH = (
     "the peer's first DSS mapping lies outside the receive window: a "
     "token or key of the MP_CAPABLE handshake was changed on the way"
@@ -520,11 +521,6 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         """False (and the connection failed) if the IDSNs disagree."""
         if offset <= self._receive.limit:
             self._mapping_seen = True
-            return True
-        # one stray frame is dropped, as any out-of-window mapping; a
-        # second one before any mapping fitted is the IDSN's fault
-        self._mapping_strikes += 1
-        if self._mapping_strikes < _MAPPING_STRIKES:
             return True
         self._fail_established(
             ProtocolError(

@@ -86,7 +86,6 @@ class ConnectionState:
         self._implicit_receive = True
         # a DSS mapping inside the window has arrived (the IDSNs agree)
         self._mapping_seen = False
-        self._mapping_strikes = 0
         self._send = SendBuffer()
         self._receive = ReceiveBuffer(config.receive_window)
         self._peer_edge = config.max_payload
