@@ -191,8 +191,12 @@ class SegmentDecoder:
         """Bytes received and not yet returned as segments."""
         return len(self._partial) + len(self._preamble_seen or b"")
 
-    def feed(self, data: bytes) -> list[Segment]:
-        """Take the next bytes from the subflow; return whole frames."""
+    def feed(self, data: bytes | memoryview) -> list[Segment]:
+        """Take the next bytes from the subflow; return whole frames.
+
+        Nothing returned or kept refers to ``data``: a caller may reuse
+        its buffer for the next read.
+        """
         if self._error is not None:
             raise type(self._error)(
                 f"decoder already failed: {self._error}"
