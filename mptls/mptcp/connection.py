@@ -711,16 +711,19 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         if self._closed:
             return None
         deadlines: list[float] = []
+        # _outstanding(), found in the same pass: this runs every flush
+        outstanding = False
         for subflow in self._subflows.values():
             if not subflow.live:
                 continue
-            for when in (
-                subflow.retransmit_at,
-                subflow.deadline,
-                subflow.data_deadline,
-            ):
-                if when is not None:
-                    deadlines.append(when)
+            if subflow.retransmit_at is not None:
+                deadlines.append(subflow.retransmit_at)
+            if subflow.deadline is not None:
+                deadlines.append(subflow.deadline)
+            if subflow.data_deadline is not None:
+                deadlines.append(subflow.data_deadline)
+            if subflow.inflight > 0:
+                outstanding = True
             if (
                 subflow.ack_due_bytes
                 and subflow.ack_due_since is not None
@@ -732,7 +735,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         limit = self.config.path_loss_timeout
         if self._paths_lost_at is not None:
             deadlines.append(self._paths_lost_at + limit)
-        elif self._outstanding():
+        elif outstanding:
             deadlines.append(self._last_progress + limit)
         return min(deadlines, default=None)
 
