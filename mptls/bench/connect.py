@@ -90,6 +90,8 @@ async def _trickle_until_joined(
         if time.perf_counter() - started > JOIN_LIMIT:
             raise MptlsTimeoutError("the second subflow never sent")
         writer.write(bytes(PROBE))
+        # bounded by the peer's reading, not only by the time limit
+        await writer.drain()
         await asyncio.sleep(pause)
     return time.perf_counter() - started
 

@@ -29,6 +29,8 @@ from mptls.errors import ConfigurationError
 
 DEFAULT_DELAY = 0.010
 READ_SIZE = 1 << 16
+# reads a direction holds back at most (each up to READ_SIZE bytes)
+QUEUE_READS = 64
 # (deliver at, bytes); None marks the end of the direction
 _Item = tuple[float, bytes | None]
 
@@ -72,12 +74,13 @@ async def _read_into(
 ) -> None:
     loop = asyncio.get_running_loop()
     try:
+        # a full queue stops the reading: the sender then sees the
+        # relay's TCP window close, as behind a slow path
         while data := await reader.read(READ_SIZE):
-            queue.put_nowait((max(loop.time(), not_before) + delay, data))
+            await queue.put((max(loop.time(), not_before) + delay, data))
     except ConnectionError:
         pass
-    finally:
-        queue.put_nowait((max(loop.time(), not_before) + delay, None))
+    await queue.put((max(loop.time(), not_before) + delay, None))
 
 
 async def _write_from(
@@ -105,30 +108,36 @@ async def _relay(
 ) -> None:
     loop = asyncio.get_running_loop()
     accepted = loop.time()
-    outbound: asyncio.Queue[_Item] = asyncio.Queue()
-    inbound: asyncio.Queue[_Item] = asyncio.Queue()
+    outbound: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_READS)
+    inbound: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_READS)
     # the client's bytes are timed from now, though they may leave only
     # when its SYN|ACK would have arrived
     reading = loop.create_task(
         _read_into(client_reader, outbound, delay, accepted + 2 * delay)
     )
+    tasks = [reading]
     server_writer = None
     try:
         await asyncio.sleep(delay)
         server_reader, server_writer = await asyncio.open_connection(*upstream)
-        await asyncio.gather(
-            reading,
-            _write_from(outbound, server_writer),
-            _read_into(server_reader, inbound, delay, 0.0),
-            _write_from(inbound, client_writer),
-        )
+        tasks += [
+            loop.create_task(work)
+            for work in (
+                _write_from(outbound, server_writer),
+                _read_into(server_reader, inbound, delay, 0.0),
+                _write_from(inbound, client_writer),
+            )
+        ]
+        await asyncio.gather(*tasks)
     except (ConnectionError, OSError):
         pass
     except asyncio.CancelledError:
         # the relay's own shutdown: the connection ends with it
         pass
     finally:
-        reading.cancel()
+        # one direction failing ends the others too
+        for task in tasks:
+            task.cancel()
         for writer in (client_writer, server_writer):
             if writer is not None:
                 writer.close()
