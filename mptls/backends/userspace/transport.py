@@ -19,7 +19,9 @@ import contextlib
 import fcntl
 import ipaddress
 import logging
+import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
@@ -58,6 +60,13 @@ _CLOSING_FLAGS = Flag.FIN | Flag.RST
 _SUBFLOW_QUEUE = 256 * 1024
 # Linux's ioctl for the bytes of a TCP socket's queue not yet sent
 _SIOCOUTQNSD = 0x894B
+# asyncio's own socket transport joins what writelines gets before
+# Python 3.12 (a copy of every flush); from 3.12 it sends them gathered
+_JOINING_TRANSPORT = (
+    "asyncio.selector_events" if sys.version_info < (3, 12) else None
+)
+# pieces per writev: Linux takes up to 1024 (IOV_MAX)
+_MAX_IOV = 1024
 
 
 class SegmentSink(Protocol):
@@ -103,6 +112,8 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self.preamble_sent = False
         self.closed = False
         self._outq_works = True
+        self._gather = False
+        self._fileno = -1
         self._decoder = SegmentDecoder(preamble=True)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,6 +125,9 @@ class SubflowProtocol(asyncio.BufferedProtocol):
             # pure Data ACK frames are small: Nagle would hold them back
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if type(transport).__module__ == _JOINING_TRANSPORT:
+                self._fileno = sock.fileno()
+                self._gather = self._fileno >= 0
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _read_buffer()
@@ -179,18 +193,48 @@ class SubflowProtocol(asyncio.BufferedProtocol):
     def send(self, data: bytes | list[Payload]) -> None:
         """Write frames: one buffer, or headers and payload views.
 
-        One ``writelines`` either way: uvloop (and asyncio from Python
-        3.12) give the pieces to one vectored send without joining
-        them; asyncio 3.11 joins them, the one copy between TLS and the
-        socket (and none for a single ``bytes``).
+        uvloop (and asyncio from Python 3.12) give the pieces of one
+        ``writelines`` to one vectored send; asyncio 3.11 would join
+        them (a copy of every byte), so there the pieces go to the
+        socket in one ``writev`` while the transport holds nothing.
         """
-        if self.transport is None or self.closed:
+        transport = self.transport
+        if transport is None or self.closed:
             return
-        parts = [data] if isinstance(data, bytes) else data
+        parts: list[Payload] = [data] if isinstance(data, bytes) else data
         if not self.preamble_sent:
             self.preamble_sent = True
             parts = [PREAMBLE, *parts]
-        self.transport.writelines(parts)
+        if self._gather and len(parts) > 1:
+            parts = self._write_gathered(transport, parts)
+            if not parts:
+                return
+        transport.writelines(parts)
+
+    def _write_gathered(
+        self, transport: asyncio.Transport, parts: list[Payload]
+    ) -> list[Payload]:
+        """Send what the socket takes now; return what it did not take.
+
+        Only while the transport's buffer is empty, so that the stream
+        keeps its order. On any error nothing is sent here and all goes
+        to the transport, which reports the error its usual way.
+        """
+        if transport.get_write_buffer_size() or transport.is_closing():
+            return parts
+        try:
+            sent = os.writev(self._fileno, parts[:_MAX_IOV])
+        except OSError:
+            return parts
+        for index, part in enumerate(parts):
+            size = len(part)
+            if sent < size:
+                rest = parts[index:]
+                if sent:
+                    rest[0] = memoryview(part)[sent:]
+                return rest
+            sent -= size
+        return []
 
     def close(self) -> None:
         self.closed = True

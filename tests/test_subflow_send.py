@@ -1,0 +1,67 @@
+"""A subflow's gathered writes keep the stream whole and in order.
+
+On asyncio's own socket transport (before Python 3.12) a subflow sends
+the pieces of a flush with one ``writev`` while the transport holds
+nothing, and hands the transport whatever the socket did not take. A
+small send buffer makes the socket take part of a flush, so the
+remainder, and every later flush, must queue behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+from mptls.backends.userspace.transport import SubflowProtocol
+from mptls.mptcp.framing import PREAMBLE, Payload
+
+
+class _Sink:
+    def segments_received(self, subflow: object, segments: object) -> None:
+        pass
+
+    def subflow_lost(self, subflow: object, exc: object) -> None:
+        pass
+
+    def subflow_writable(self, subflow: object, writable: bool) -> None:
+        pass
+
+
+async def _read_all(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    while len(received) < size:
+        chunk = await loop.sock_recv(sock, 256 * 1024)
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
+async def test_flushes_arrive_whole_and_in_order() -> None:
+    rng = random.Random(11)
+    near, far = socket.socketpair()
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    far.setblocking(False)
+    loop = asyncio.get_running_loop()
+    subflow = SubflowProtocol(_Sink(), initiator=True)  # type: ignore[arg-type]
+    transport, _ = await loop.connect_accepted_socket(lambda: subflow, near)
+    flushes: list[list[Payload]] = []
+    for _ in range(6):
+        parts: list[Payload] = []
+        for _ in range(rng.randrange(1, 9)):
+            parts.append(rng.randbytes(rng.randrange(1, 40)))
+            parts.append(memoryview(rng.randbytes(rng.randrange(1, 65536))))
+        flushes.append(parts)
+    expected = PREAMBLE + b"".join(
+        bytes(part) for parts in flushes for part in parts
+    )
+    try:
+        reader = asyncio.ensure_future(_read_all(far, len(expected)))
+        for parts in flushes:
+            subflow.send(list(parts))
+        assert await asyncio.wait_for(reader, 10) == expected
+    finally:
+        transport.close()
+        far.close()
