@@ -49,6 +49,7 @@ from mptls.tls.certinfo import describe_certificate
 from mptls.tls.config import POLICY_OPTIONS
 from mptls.tls.exporter import export_mptcp_keys, policy_problem, ssl_pointer
 from mptls.tls.keys import KeyMaterial
+from mptls.tls.outbuf import OUTPUT_POOL, POOLED_MIN, POOLED_SIZE
 
 logger = logging.getLogger("mptls.tls")
 
@@ -429,7 +430,10 @@ class TLSEngine:
         if pending <= 0:
             return _NO_OUTPUT
         # not zeroed: BIO_read fills all of it
-        buffer = _ALLOCATE("char[]", pending)
+        if POOLED_MIN <= pending <= POOLED_SIZE:
+            buffer = OUTPUT_POOL.allocate("char[]", pending)
+        else:
+            buffer = _ALLOCATE("char[]", pending)
         if _lib.BIO_read(bio, buffer, pending) != pending:
             raise self._fail(TLSError("TLS output could not be read"))
         return memoryview(_ffi.buffer(buffer, pending)).toreadonly()
