@@ -10,6 +10,7 @@ since no released kernel can take TLS-derived keys.
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +177,48 @@ async def test_plain_tls_server_gives_reported_fallback(
     writer.close()
     plain.close()
     await plain.wait_closed()
+
+
+async def _echo_over_kernel(
+    pki: netns.ServerPki, payload: bytes, limit: int
+) -> bytes:
+    async def echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(await reader.readexactly(len(payload)))
+        await writer.drain()
+        writer.close()
+
+    server = await mptls.start_server(
+        echo,
+        "127.0.0.1",
+        0,
+        ssl=TLSConfig(certfile=pki.server_pem),
+        backend="kernel",
+        limit=limit,
+    )
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1",
+        port,
+        ssl=TLSConfig(cafile=pki.ca_pem),
+        backend="kernel",
+        limit=limit,
+    )
+    writer.write(payload)
+    try:
+        return await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_readexactly_of_more_than_twice_the_limit(
+    pki: netns.ServerPki,
+) -> None:
+    # the reader pauses the TLS transport at twice its limit (64 KiB by
+    # default) and resumes it right before it waits: what TLS delivers
+    # on resume must come after that wait began, or the reader hangs
+    payload = random.Random(6).randbytes(1 << 20)
+    assert await _echo_over_kernel(pki, payload, 64 * 1024) == payload

@@ -314,6 +314,23 @@ class TLSProtocol(asyncio.Protocol):
         if self._app_reading:
             return
         self._app_reading = True
+        if hasattr(self._transport, "write_owned"):
+            # the multipath transport hands over what it holds inside
+            # its own resume_reading, so its order is kept as it is
+            self._resume_delivery()
+            return
+        # a socket transport (the kernel backend): later, not inside
+        # this call. asyncio's StreamReader resumes reading right before
+        # it makes the future it waits on, so plaintext handed over now
+        # can pause it again before that future exists, with the socket
+        # paused and nothing left to wake it: a readexactly() of more
+        # than twice the reader's limit hung (asyncio's TLS transport
+        # defers the same way)
+        self._loop.call_soon(self._resume_delivery)
+
+    def _resume_delivery(self) -> None:
+        if not self._app_reading:
+            return
         self._deliver()
         if self._transport is not None and self._app_reading:
             self._transport.resume_reading()
