@@ -9,6 +9,8 @@ namespaces the scenarios create themselves.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 from mptls.cli.common import ExitStatus, UsageError, stdout_console
@@ -52,11 +54,12 @@ def add_parser(
         "harness, not results",
     )
     parser.add_argument(
-        "--rounds", type=int, help="interleaved rounds per scenario"
+        "--rounds",
+        type=int,
+        help="interleaved rounds per scenario, 1 to 100",
     )
     parser.add_argument(
         "--output",
-        type=Path,
         help="directory for the JSON (and PNG) files "
         "(default: ./bench-results)",
     )
@@ -64,6 +67,46 @@ def add_parser(
         "--plot", action="store_true", help="also write a PNG per scenario"
     )
     parser.set_defaults(run=run)
+
+
+def output_directory(text: str | None) -> Path:
+    """The ``--output`` directory, created and proven writable before
+    any scenario runs: a bad one must not throw a finished measurement
+    away."""
+    if text is None:
+        text = "bench-results"
+    if not text:
+        raise UsageError("--output needs a directory name")
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        # a file, or a symlink to nothing (mkdir does not follow it)
+        raise UsageError(f"--output {text} is not a directory") from None
+    except OSError as exc:
+        raise UsageError(
+            f"--output {text}: cannot create: {exc.strerror or exc}"
+        ) from None
+    if not path.is_dir():
+        raise UsageError(f"--output {text} is not a directory")
+    try:
+        # a real write: os.access says yes to root on a read-only mount
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"--output {text} is not writable: {exc.strerror or exc}"
+        ) from None
+    return path
+
+
+def written_files(
+    output: Path, names: list[str], plotted: list[str]
+) -> list[str]:
+    """The files a run wrote, as the bench's report names them."""
+    files = [f"{name}.json" for name in names]
+    files += [f"{name}.png" for name in plotted]
+    return [os.path.join(output, file) for file in files]
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
@@ -79,6 +122,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         )
     if args.rounds is not None and not 1 <= args.rounds <= 100:
         raise UsageError("--rounds must be 1 to 100")
+    output = output_directory(args.output)
     if args.plot:
         from mptls.bench.report import plot_available
 
@@ -90,13 +134,21 @@ def run(args: argparse.Namespace) -> ExitStatus:
     console = stdout_console()
     if args.quick:
         console.print(f"[bold yellow]{QUICK_NOTE}[/]")
-    run_scenarios(
+    results = run_scenarios(
         names,
         options,
-        output=args.output or Path("bench-results"),
+        output=output,
         console=console,
         plot=args.plot,
     )
+    plotted = [
+        result.name
+        for result in results
+        if args.plot and not result.skipped and result.variants
+    ]
+    files = written_files(output, [r.name for r in results], plotted)
+    # a run replaces the files of the scenarios it ran: say which
+    console.print(f"wrote {', '.join(files)}", markup=False, soft_wrap=True)
     if args.quick:
         # said again under the tables, where the figures are read
         console.print(f"[bold yellow]{QUICK_NOTE}[/]")
