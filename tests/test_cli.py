@@ -3,6 +3,7 @@ and the commands end to end in subprocesses on loopback."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -23,6 +24,7 @@ from typing import IO
 import pytest
 from cryptography import x509
 
+from mptls.bench.harness import ScenarioResult
 from mptls.cli import main as cli_main
 from mptls.cli.archive import build_archive, existing_payload
 from mptls.cli.certs import (
@@ -598,7 +600,7 @@ def test_serve_and_connect_echo_a_line(certs: Path) -> None:
         assert server.wait(timeout=COMMAND_TIMEOUT) == 0
 
 
-def test_stopped_server_ends_a_connected_client(certs: Path) -> None:
+def test_stopped_server_fails_a_client_with_input_left(certs: Path) -> None:
     with serving(certs) as (server, port):
         client = subprocess.Popen(
             [
@@ -627,9 +629,13 @@ def test_stopped_server_ends_a_connected_client(certs: Path) -> None:
 
             server.send_signal(signal.SIGTERM)
             assert server.wait(timeout=COMMAND_TIMEOUT) == 0
-            # stdin is still open, yet the client sees the end and exits
+            # stdin is still open, yet the client sees the end and exits;
+            # input it could not send is lost, and that is no success
             _, error = client.communicate(timeout=COMMAND_TIMEOUT)
-            assert client.returncode == 0, error.decode()
+            assert client.returncode == 1, error.decode()
+            assert error.decode().splitlines() == [
+                "mptls: error: the server closed before reading all input"
+            ]
         finally:
             if client.poll() is None:
                 client.kill()
@@ -649,3 +655,193 @@ def test_python_m_runs_the_command() -> None:
     result = run_mptls("--version")
     assert result.returncode == 0
     assert result.stdout.decode().startswith("mptls ")
+
+
+def test_serve_once_with_its_output_closed_fails(certs: Path) -> None:
+    with serving(certs, "--once") as (server, port):
+        assert server.stdout is not None
+        # whoever read the server's output went away (``| head``)
+        server.stdout.close()
+        client = run_mptls(
+            "connect",
+            "127.0.0.1",
+            port,
+            "--cafile",
+            str(certs / "ca.pem"),
+            stdin=b"nobody reads this\n",
+        )
+        assert server.wait(timeout=COMMAND_TIMEOUT) == 1
+        assert server.stderr is not None
+        assert server.stderr.read().decode().splitlines() == [
+            "mptls: error: output closed"
+        ]
+        # the server never read it all: the client says so in one line
+        assert client.returncode == 1
+        lines = client.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mptls: error: ")
+
+
+def test_connect_with_its_output_closed_fails(certs: Path) -> None:
+    with serving(certs, "--echo", "--once") as (server, port):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            client = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mptls",
+                    "connect",
+                    "127.0.0.1",
+                    port,
+                    "--cafile",
+                    str(certs / "ca.pem"),
+                ],
+                input=b"echoed to nobody\n" * 1000,
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+            )
+        finally:
+            os.close(write_end)
+        server.wait(timeout=COMMAND_TIMEOUT)
+    # one line, no thread traceback, no warning about an unawaited put
+    assert client.returncode == 1
+    assert client.stderr.decode().splitlines() == [
+        "mptls: error: output closed"
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--rounds", "many"],
+        ["serve", "--workers", "two"],
+        ["demo", "--timeout", "soon"],
+        ["connect", "127.0.0.1", "4433", "--mode", "H"],
+        ["connect", "127.0.0.1", "4433", "--backend", "carrier-pigeon"],
+        ["connect"],
+        ["frobnicate"],
+    ],
+)
+def test_argument_errors_are_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli_main.main(argv)
+    assert raised.value.code == ExitStatus.USAGE
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("mptls: error: argument ") or lines[
+        0
+    ].startswith("mptls: error: the following arguments are required")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--debug", "bench", "no-such-scenario"],
+        ["bench", "no-such-scenario", "--debug"],
+    ],
+)
+def test_debug_goes_before_or_after_the_command(
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert cli_main.main(argv) == ExitStatus.USAGE
+    # --debug logs the traceback the one-line error otherwise hides
+    failed = [r for r in caplog.records if r.getMessage() == "command failed"]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    error = capsys.readouterr().err
+    assert error.splitlines()[-1].startswith("mptls: error: unknown scenario")
+
+
+def test_without_debug_no_traceback_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert cli_main.main(["bench", "no-such-scenario"]) == ExitStatus.USAGE
+    assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_rounds_help_gives_the_range() -> None:
+    parser = cli_main.build_parser()
+    subparsers = next(
+        action
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    bench_help = " ".join(subparsers.choices["bench"].format_help().split())
+    assert "1 to 100" in bench_help
+
+
+@pytest.fixture
+def no_measuring(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """``run_scenarios`` replaced: records what it was asked to run and
+    writes nothing."""
+    import mptls.bench
+
+    runs: list[list[str]] = []
+
+    def fake(
+        names: list[str], options: object, *, output: Path, **_: object
+    ) -> list[ScenarioResult]:
+        runs.append(list(names))
+        results = []
+        for name in names:
+            results.append(
+                ScenarioResult(
+                    name=name,
+                    title=name,
+                    unit="MB/s",
+                    higher_is_better=True,
+                    rounds=1,
+                    quick=True,
+                )
+            )
+        return results
+
+    monkeypatch.setattr(mptls.bench, "run_scenarios", fake)
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling symlink"])
+def test_bench_output_that_is_no_directory_fails_before_measuring(
+    kind: str,
+    tmp_path: Path,
+    no_measuring: list[list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    output = tmp_path / "results"
+    if kind == "file":
+        output.write_text("not a directory\n", encoding="utf-8")
+    else:
+        output.symlink_to(tmp_path / "nowhere")
+    status = cli_main.main(["bench", "bulk", "--output", str(output)])
+    assert status == ExitStatus.USAGE
+    assert no_measuring == []
+    assert capsys.readouterr().err.splitlines() == [
+        f"mptls: error: --output {output} is not a directory"
+    ]
+
+
+def test_bench_output_must_be_named(
+    no_measuring: list[list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main.main(["bench", "bulk", "--output", ""]) == 2
+    assert no_measuring == []
+    assert capsys.readouterr().err.startswith("mptls: error: --output ")
+
+
+def test_bench_output_is_created_and_files_written_are_named(
+    tmp_path: Path,
+    no_measuring: list[list[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    output = tmp_path / "new" / "results"
+    argv = ["bench", "bulk", "paths", "--output", str(output)]
+    assert cli_main.main(argv) == ExitStatus.OK
+    assert no_measuring == [["bulk", "paths"]]
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"wrote {output / 'bulk.json'}, {output / 'paths.json'}"

@@ -108,6 +108,11 @@ class UsageError(ConfigurationError):
     """The command line asked for something that cannot be done."""
 
 
+class OutputClosedError(MptlsError):
+    """Whoever read stdout went away (``| head``): a failure, exit 1,
+    not bad input, though the operating system calls it an OSError."""
+
+
 def parse_address(text: str) -> str:
     """Check one IP address literal and return it in canonical form."""
     try:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn, cast
 
 from mptls.cli import bench, certs, demo, info, netcat
-from mptls.cli.common import ExitStatus, report_error
+from mptls.cli.common import ExitStatus, OutputClosedError, report_error
 
 _COMMANDS = (
     demo.add_parser,
@@ -34,9 +36,20 @@ def _version() -> str:
         return "unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line style of every other
+    ``mptls`` error; subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            ExitStatus.USAGE,
+            f"mptls: error: {message} (see: {self.prog} --help)\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command line, every subcommand included."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mptls",
         description="Secure multipath connections: TLS over Multipath "
         "TCP, with the MPTCP keys taken from TLS.",
@@ -44,13 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"mptls {_version()}"
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="debug logging and full tracebacks on stderr",
+    )
+    # the commands' parsers are _Parsers, though typed as the base class
+    subparsers = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", metavar="COMMAND"),
+    )
     for add in _COMMANDS:
         add(subparsers)
     for subparser in subparsers.choices.values():
+        # SUPPRESS: a subcommand without --debug keeps the global one
         subparser.add_argument(
             "--debug",
             action="store_true",
+            default=argparse.SUPPRESS,
             help="debug logging and full tracebacks on stderr",
         )
     return parser
@@ -77,5 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
     except Exception as exc:
+        if isinstance(exc, OutputClosedError):
+            _drop_stdout()
         # the command line's boundary: one line, no traceback
         return report_error(exc, debug=args.debug)
+
+
+def _drop_stdout() -> None:
+    """Nobody reads stdout any more: point it at /dev/null, or the
+    interpreter's last flush at exit fails with a second message."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -24,9 +25,11 @@ import mptls
 from mptls.backends.base import MptcpInfo
 from mptls.cli.common import (
     ExitStatus,
+    OutputClosedError,
     UsageError,
     add_backend_arguments,
     client_options,
+    describe_error,
     existing_file,
     format_address,
     parse_address,
@@ -45,6 +48,20 @@ CLOSE_WAIT = 2.0
 
 # how many stdin chunks may wait for the connection before reading stops
 STDIN_BACKLOG = 8
+
+
+class InputNotDeliveredError(MptlsError):
+    """The server ended the connection before all of stdin reached it:
+    the data-level stream (RFC 8684 section 3.3.3) did not close in
+    order, so some input may never have been read."""
+
+    def __init__(self, unsent: int) -> None:
+        detail = f" (at least {unsent} bytes not delivered)" if unsent else ""
+        super().__init__(f"the server closed before reading all input{detail}")
+
+
+class ConnectionFailedError(MptlsError):
+    """``serve --once``: its one connection failed."""
 
 
 def describe_connection(info: MptcpInfo | None) -> list[str]:
@@ -83,8 +100,12 @@ def _status(verbose: bool, lines: Sequence[str]) -> None:
 
 
 def _write_stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError as exc:
+        # the reader went away (``| head``): nothing more can be shown
+        raise OutputClosedError("output closed") from exc
 
 
 async def _handle_client(
@@ -93,8 +114,14 @@ async def _handle_client(
     *,
     echo: bool,
     verbose: bool,
-) -> None:
+) -> str | None:
+    """Serve one client; returns why it failed, or None.
+
+    A closed stdout (``| head``) is no failure of the client's: it raises
+    :class:`OutputClosedError`, for the server cannot print any more.
+    """
     peer = format_address(writer.get_extra_info("peername"))
+    failure = None
     _status(verbose, [f"connection from {peer}"])
     _status(verbose, describe_connection(writer.get_extra_info("mptcp")))
     try:
@@ -107,11 +134,28 @@ async def _handle_client(
         # the client half-closed: everything is echoed, so close too
         writer.close()
         await writer.wait_closed()
+    except OutputClosedError:
+        writer.transport.abort()
+        raise
     except (MptlsError, OSError) as exc:
-        _status(True, [f"mptls: connection from {peer} failed: {exc}"])
+        failure = f"connection from {peer} failed: {describe_error(exc)}"
         writer.close()
     _status(verbose, [f"connection from {peer} closed"])
     _status(verbose, describe_connection(writer.get_extra_info("mptcp")))
+    return failure
+
+
+async def _handle_and_report(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    echo: bool,
+    verbose: bool,
+) -> None:
+    """A server that goes on after a failed client says so and goes on."""
+    failure = await _handle_client(reader, writer, echo=echo, verbose=verbose)
+    if failure is not None:
+        _status(True, [f"mptls: {failure}"])
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -135,6 +179,8 @@ async def serve(args: argparse.Namespace) -> None:
         return
     stop = asyncio.Event()
     one_at_a_time = asyncio.Lock()
+    # why the server failed: a closed stdout, or --once's one client
+    failures: list[MptlsError] = []
 
     clients: dict[asyncio.Task[Any] | None, asyncio.StreamWriter] = {}
 
@@ -142,13 +188,21 @@ async def serve(args: argparse.Namespace) -> None:
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         clients[asyncio.current_task()] = writer
+        failure = None
         try:
             async with one_at_a_time:
-                await _handle_client(
+                failure = await _handle_client(
                     reader, writer, echo=args.echo, verbose=args.verbose
                 )
+        except OutputClosedError as exc:
+            failures.append(exc)
+            stop.set()
         finally:
             del clients[asyncio.current_task()]
+        if failure is not None and not args.once:
+            _status(True, [f"mptls: {failure}"])
+        elif failure is not None:
+            failures.append(ConnectionFailedError(failure))
         if args.once:
             stop.set()
 
@@ -168,6 +222,8 @@ async def serve(args: argparse.Namespace) -> None:
         _status(True, [f"listening on {bound}"])
         await stop.wait()
         await _close_clients(clients)
+    if failures:
+        raise failures[0]
 
 
 async def _close_clients(
@@ -244,7 +300,7 @@ async def _serve_workers(
     options.pop("backend", None)
     # runs in the workers, concurrently: each handles its own clients
     handler = functools.partial(
-        _handle_client, echo=args.echo, verbose=args.verbose
+        _handle_and_report, echo=args.echo, verbose=args.verbose
     )
     pool = WorkerPool(
         handler, host, port, workers=args.workers, ssl=tls, **options
@@ -279,17 +335,22 @@ def _read_stdin(
             chunk = os.read(descriptor, CHUNK_SIZE) if descriptor >= 0 else b""
         except OSError:
             chunk = b""
+        put = queue.put(chunk)
         try:
-            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-        except RuntimeError:
-            return  # the loop is gone
+            asyncio.run_coroutine_threadsafe(put, loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError):
+            # the loop is gone, or stopped waiting for stdin: a put it
+            # never ran is closed here, not warned about at exit
+            put.close()
+            return
         if not chunk:
             return
 
 
-async def _stdin_to_connection(writer: asyncio.StreamWriter) -> None:
+async def _stdin_to_connection(
+    writer: asyncio.StreamWriter, queue: asyncio.Queue[bytes]
+) -> None:
     """Copy stdin to the connection, then half-close it."""
-    queue: asyncio.Queue[bytes] = asyncio.Queue(STDIN_BACKLOG)
     loop = asyncio.get_running_loop()
     threading.Thread(
         target=_read_stdin, args=(loop, queue), daemon=True
@@ -298,6 +359,14 @@ async def _stdin_to_connection(writer: asyncio.StreamWriter) -> None:
         writer.write(chunk)
         await writer.drain()
     writer.write_eof()
+
+
+def _unsent(queue: asyncio.Queue[bytes], writer: asyncio.StreamWriter) -> int:
+    """Input read from stdin that never left: queued or still buffered."""
+    queued = 0
+    while not queue.empty():
+        queued += len(queue.get_nowait())
+    return queued + writer.transport.get_write_buffer_size()
 
 
 async def connect(args: argparse.Namespace) -> None:
@@ -325,12 +394,17 @@ async def connect(args: argparse.Namespace) -> None:
         ),
     )
     _status(args.verbose, describe_connection(writer.get_extra_info("mptcp")))
-    upload = asyncio.create_task(_stdin_to_connection(writer))
+    queue: asyncio.Queue[bytes] = asyncio.Queue(STDIN_BACKLOG)
+    upload = asyncio.create_task(_stdin_to_connection(writer, queue))
     try:
         while chunk := await reader.read(CHUNK_SIZE):
             _write_stdout(chunk)
-        if upload.done():
-            upload.result()
+        if not upload.done():
+            # the server ended first while stdin still had input (or
+            # had not ended): what it did not read is lost
+            raise InputNotDeliveredError(_unsent(queue, writer))
+        upload.result()
+        await _close_in_order(writer)
         _status(
             args.verbose, describe_connection(writer.get_extra_info("mptcp"))
         )
@@ -343,6 +417,17 @@ async def connect(args: argparse.Namespace) -> None:
         writer.close()
         with contextlib.suppress(MptlsError, OSError):
             await writer.wait_closed()
+
+
+async def _close_in_order(writer: asyncio.StreamWriter) -> None:
+    """Close after all input was sent: a close that does not end in
+    order (our DATA_FIN never acknowledged, the peer reset) means the
+    server may not have read everything."""
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (MptlsError, OSError) as exc:
+        raise InputNotDeliveredError(0) from exc
 
 
 # the command line
