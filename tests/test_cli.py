@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,6 +37,8 @@ from mptls.cli.common import (
     ExitStatus,
     UsageError,
     client_options,
+    describe_error,
+    existing_file,
     exit_status_for,
     human_bytes,
     parse_announce,
@@ -45,6 +48,7 @@ from mptls.cli.common import (
 )
 from mptls.errors import (
     BackendError,
+    ConnectError,
     MptlsTimeoutError,
     NotMptlsPeerError,
     ProtocolError,
@@ -510,6 +514,9 @@ def test_connect_to_a_closed_port_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr.decode()
     assert result.stderr.decode().count("\n") <= 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"mptls: error: cannot connect to 127.0.0.1:{port}: connection refused"
+    )
 
 
 def test_connect_to_a_server_that_is_not_mptls_exits_2() -> None:
@@ -845,3 +852,58 @@ def test_bench_output_is_created_and_files_written_are_named(
     assert no_measuring == [["bulk", "paths"]]
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == f"wrote {output / 'bulk.json'}, {output / 'paths.json'}"
+
+
+@pytest.mark.parametrize(
+    ("code", "asyncio_text", "reason"),
+    [
+        (
+            errno.ECONNREFUSED,
+            "Connect call failed ('127.0.0.1', 9)",
+            "connection refused",
+        ),
+        (
+            errno.EADDRINUSE,
+            "error while attempting to bind on address ('127.0.0.1', 9): "
+            "address already in use",
+            "address already in use",
+        ),
+    ],
+)
+def test_os_refusals_are_said_in_short(
+    code: int, asyncio_text: str, reason: str
+) -> None:
+    what = (
+        "cannot connect to"
+        if code == errno.ECONNREFUSED
+        else "cannot listen on"
+    )
+    error = ConnectError(code, f"{what} 127.0.0.1:9: {asyncio_text}")
+    assert describe_error(error) == f"{what} 127.0.0.1:9: {reason}"
+
+
+def test_announce_errors_name_the_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["serve", "--announce", "127.0.0.1:70000"]
+    assert cli_main.main(argv) == ExitStatus.USAGE
+    assert capsys.readouterr().err.splitlines() == [
+        "mptls: error: --announce 127.0.0.1:70000: port out of range "
+        "0-65535: 70000"
+    ]
+
+
+def test_paths_of_the_other_ip_version_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # refused before any connection is tried: port 9 is never used
+    argv = ["connect", "127.0.0.1", "9", "--paths", "::1", "--insecure"]
+    assert cli_main.main(argv) == ExitStatus.USAGE
+    assert capsys.readouterr().err.splitlines() == [
+        "mptls: error: --paths ::1 is IPv6 and the server 127.0.0.1 is IPv4"
+    ]
+
+
+def test_a_device_is_not_a_regular_file() -> None:
+    with pytest.raises(UsageError, match="file is not a regular file"):
+        existing_file(os.devnull, "file")

@@ -9,6 +9,7 @@ never prints key material: commands show key fingerprints only.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import logging
@@ -168,6 +169,9 @@ def existing_file(text: str, what: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise UsageError(f"{what} is a directory: {text}")
+    if path.exists() and not path.is_file():
+        # a device or a pipe (/dev/null): there is no file to send
+        raise UsageError(f"{what} is not a regular file: {text}")
     if not path.is_file():
         raise UsageError(f"{what} not found: {text}")
     return path
@@ -191,8 +195,29 @@ def exit_status_for(exc: BaseException) -> ExitStatus:
     return ExitStatus.FAILURE
 
 
+# what the OS said, in the words of the command line's other errors;
+# asyncio's own text ("Connect call failed (...)", "error while attempting
+# to bind on address (...)") repeats the address the message names
+_OS_REASONS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.EADDRINUSE: "address already in use",
+}
+
+
+def _short_os_reason(exc: OSError) -> str | None:
+    """``cannot connect to H:P: connection refused`` for a refusal that
+    the library wrapped with the address it was aimed at."""
+    reason = _OS_REASONS.get(exc.errno or 0)
+    if reason is None or not exc.strerror:
+        return None
+    where, colon, _ = exc.strerror.partition(": ")
+    return f"{where}: {reason}" if colon else reason
+
+
 def describe_error(exc: BaseException) -> str:
     """One line that says what went wrong, without a traceback."""
+    if isinstance(exc, OSError) and (short := _short_os_reason(exc)):
+        return short
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused ({exc.strerror or exc})"
     if isinstance(exc, OSError) and exc.strerror:

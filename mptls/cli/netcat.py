@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import ipaddress
 import os
 import signal
 import sys
@@ -244,7 +245,12 @@ async def _close_clients(
 
 def _announced(items: Sequence[str], port: int) -> list[tuple[str, int]]:
     """``--announce`` values; the port defaults to the server's own."""
-    announced = [parse_announce(item, port) for item in items]
+    announced = []
+    for item in items:
+        try:
+            announced.append(parse_announce(item, port))
+        except UsageError as exc:
+            raise UsageError(f"--announce {item}: {exc}") from None
     if any(announced_port == 0 for _, announced_port in announced):
         raise UsageError(
             "with --port 0 each --announce needs its own port (IP:PORT)"
@@ -369,12 +375,29 @@ def _unsent(queue: asyncio.Queue[bytes], writer: asyncio.StreamWriter) -> int:
     return queued + writer.transport.get_write_buffer_size()
 
 
+def _check_path_families(host: str, paths: Sequence[str]) -> None:
+    """A local address of the other IP version than a literal server
+    address can carry no subflow to it."""
+    try:
+        server = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return  # a name: its addresses are the resolver's to pick
+    for path in paths:
+        local = ipaddress.ip_address(path)
+        if local.version != server.version:
+            raise UsageError(
+                f"--paths {path} is IPv{local.version} and the server "
+                f"{host} is IPv{server.version}"
+            )
+
+
 async def connect(args: argparse.Namespace) -> None:
     port = parse_port(args.port)
     if port == 0:
         raise UsageError("port 0 cannot be connected to")
     # an empty --paths is a mistake, not "no paths given"
     paths = parse_paths(args.paths) if args.paths is not None else None
+    _check_path_families(args.host, paths or ())
     cafile = existing_file(args.cafile, "CA file") if args.cafile else None
     if args.insecure:
         _status(True, ["mptls: warning: --insecure: certificate not checked"])
