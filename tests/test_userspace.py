@@ -500,3 +500,31 @@ async def test_close_notify_and_data_fin_leave_in_one_write(
     # the DATA_FIN is mapped (RFC 8684 section 3.3.3), so it went too
     assert multipath._core._send.fin_offset is not None
     await writer.wait_closed()
+
+
+async def test_close_that_times_out_with_data_unacknowledged_fails(
+    pki: Pki,
+) -> None:
+    release = asyncio.Event()
+
+    async def stalled(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # never reads: the receive window fills and the Data ACK stops
+        await release.wait()
+
+    served = await serve(pki, stalled)
+    assert served.server is not None
+    async with served.server:
+        _reader, writer = await mptls.open_connection(
+            "127.0.0.1", served.port, ssl=pki.client(), close_timeout=0.3
+        )
+        # far more than the 4 MiB window and the sockets' buffers
+        writer.write(b"x" * (32 * 1024 * 1024))
+        writer.write_eof()
+        writer.close()
+        # bytes the peer never acknowledged may be lost: not a clean close
+        with pytest.raises(mptls.MptlsTimeoutError, match="unacknowledged"):
+            await writer.wait_closed()
+        release.set()
+        assert await served.done.get() is None

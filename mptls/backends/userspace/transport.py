@@ -27,7 +27,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 from mptls.backends.base import MptcpInfo, SubflowInfo
-from mptls.errors import MptlsError, NotMptlsPeerError, ProtocolError
+from mptls.errors import (
+    MptlsError,
+    MptlsTimeoutError,
+    NotMptlsPeerError,
+    ProtocolError,
+)
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
@@ -829,9 +834,22 @@ class MultipathTransport(asyncio.Transport):
 
     def _on_close_timeout(self) -> None:
         self._close_timer = None
-        if not self._closed:
-            logger.debug("%s: close timed out, aborting", self._tag())
-            self.abort()
+        if self._closed:
+            return
+        logger.debug("%s: close timed out, aborting", self._tag())
+        unacked = self._core.send_buffer_size
+        self._closing = True
+        self._core.abort()
+        self._flush()
+        # bytes the peer never acknowledged at the data level (RFC 8684
+        # section 3.3.3) may be lost: the close was no clean one
+        self._finish(
+            MptlsTimeoutError(
+                f"close timed out with {unacked} bytes unacknowledged"
+            )
+            if unacked
+            else None
+        )
 
     def abort(self) -> None:
         if self._closed:
