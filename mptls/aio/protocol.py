@@ -339,18 +339,15 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if self._app_reading:
             return
         self._app_reading = True
-        if hasattr(self._transport, "write_owned"):
-            # the multipath transport hands over what it holds inside
-            # its own resume_reading, so its order is kept as it is
-            self._resume_delivery()
-            return
-        # a socket transport (the kernel backend): later, not inside
-        # this call. asyncio's StreamReader resumes reading right before
-        # it makes the future it waits on, so plaintext handed over now
-        # can pause it again before that future exists, with the socket
-        # paused and nothing left to wake it: a readexactly() of more
-        # than twice the reader's limit hung (asyncio's TLS transport
-        # defers the same way)
+        # later, not inside this call. asyncio's StreamReader resumes
+        # reading right before it makes the future it waits on, so
+        # plaintext handed over now can pause it again before that
+        # future exists, with the transport paused and nothing left to
+        # wake it: a readexactly() of more than twice the reader's limit
+        # hung (asyncio's TLS transport defers the same way). The
+        # multipath transport below may hand over what it holds inside
+        # its own resume_reading: its reader is this protocol, which
+        # makes no such future.
         self._loop.call_soon(self._resume_delivery)
 
     def _resume_delivery(self) -> None:
