@@ -19,13 +19,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from OpenSSL import SSL
 
 from mptls.backends.base import Backend, KeyInstall, MptcpInfo
+from mptls.backends.buffers import read_buffer
 from mptls.errors import (
     KeysUnavailableError,
     MptlsError,
@@ -37,23 +37,6 @@ from mptls.tls.engine import TLSEngine
 from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.aio")
-
-# What one read of a kernel MPTCP socket takes. As a plain protocol,
-# asyncio's socket transport makes a fresh 256 KiB bytes per recv: above
-# malloc's mmap threshold, so new pages, faulted in and zeroed, for every
-# read (about 30% of a kernel-backend receiver's busy samples). As a
-# buffered protocol it reads into one buffer per thread, reused: the TLS
-# engine copies the ciphertext into its memory BIO before the next read.
-# (The multipath transport calls data_received_many and never this.)
-_READ_SIZE = 512 * 1024
-_read_buffers = threading.local()
-
-
-def _read_buffer() -> memoryview:
-    buffer: memoryview | None = getattr(_read_buffers, "buffer", None)
-    if buffer is None:
-        buffer = _read_buffers.buffer = memoryview(bytearray(_READ_SIZE))
-    return buffer
 
 
 class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
@@ -117,11 +100,13 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self.data_received_many((data,))
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer()
+        # the kernel backend's socket transport reads here (the multipath
+        # transport calls data_received_many instead)
+        return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         # a view, not a copy: receive_all copies it into the TLS engine
-        self.data_received_many((cast(bytes, _read_buffer()[:nbytes]),))
+        self.data_received_many((cast(bytes, read_buffer()[:nbytes]),))
 
     def data_received_many(self, chunks: Sequence[bytes]) -> None:
         """Consecutive pieces of the data-level stream, taken at once.

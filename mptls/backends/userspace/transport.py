@@ -22,11 +22,11 @@ import logging
 import os
 import socket
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 from mptls.backends.base import MptcpInfo, SubflowInfo
+from mptls.backends.buffers import read_buffer
 from mptls.errors import (
     MptlsError,
     MptlsTimeoutError,
@@ -90,22 +90,6 @@ class SegmentSink(Protocol):
     ) -> None: ...
 
 
-# One socket read: a bulk transfer's frames come in batches of up to this
-# (asyncio reads 256 KiB), so the receiver sends half the Data ACKs and
-# both ends wake up less. One buffer per thread, reused: the decoder
-# copies out all it keeps before the next read. 512 KiB stays in cache;
-# 1 MiB cost the receiver more system time than it saved
-_READ_SIZE = 512 * 1024
-_read_buffers = threading.local()
-
-
-def _read_buffer() -> memoryview:
-    buffer: memoryview | None = getattr(_read_buffers, "buffer", None)
-    if buffer is None:
-        buffer = _read_buffers.buffer = memoryview(bytearray(_READ_SIZE))
-    return buffer
-
-
 class SubflowProtocol(asyncio.BufferedProtocol):
     """One TCP connection carrying one subflow's frames."""
 
@@ -135,12 +119,12 @@ class SubflowProtocol(asyncio.BufferedProtocol):
                 self._gather = self._fileno >= 0
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer()
+        return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         # a view of the shared buffer, not bytes: the decoder takes any
         # buffer and copies what it keeps; subclasses count and forward
-        self.data_received(cast(bytes, _read_buffer()[:nbytes]))
+        self.data_received(cast(bytes, read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         try:
