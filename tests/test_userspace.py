@@ -74,6 +74,18 @@ async def echo_server(pki: Pki) -> AsyncIterator[Served]:
         yield served
 
 
+async def open_two_paths(
+    pki: Pki, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with a subflow from 127.0.0.1 and one from 127.0.0.2."""
+    return await mptls.open_connection(
+        "127.0.0.1",
+        port,
+        ssl=pki.client(),
+        local_addrs=["127.0.0.1", "127.0.0.2"],
+    )
+
+
 async def exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
 ) -> bytes:
@@ -91,12 +103,7 @@ async def exchange(
 
 
 async def test_echo_over_two_paths(pki: Pki, echo_server: Served) -> None:
-    reader, writer = await mptls.open_connection(
-        "127.0.0.1",
-        echo_server.port,
-        ssl=pki.client(),
-        local_addrs=["127.0.0.1", "127.0.0.2"],
-    )
+    reader, writer = await open_two_paths(pki, echo_server.port)
     payload = bytes(range(256)) * 4096
     assert await exchange(reader, writer, payload) == payload
 
@@ -134,12 +141,7 @@ async def test_64_mib_over_two_subflows(pki: Pki) -> None:
     served = await serve(pki, sink)
     assert served.server is not None
     async with served.server:
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1",
-            served.port,
-            ssl=pki.client(),
-            local_addrs=["127.0.0.1", "127.0.0.2"],
-        )
+        reader, writer = await open_two_paths(pki, served.port)
         block = hashlib.sha256(b"mptls").digest() * (CHUNK // 32)
         sent = hashlib.sha256()
         total = 64 * 1024 * 1024
@@ -180,12 +182,7 @@ async def test_readexactly_of_more_than_twice_the_limit(
     served = await serve(pki, echo_whole)
     assert served.server is not None
     async with served.server:
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1",
-            served.port,
-            ssl=pki.client(),
-            local_addrs=["127.0.0.1", "127.0.0.2"],
-        )
+        reader, writer = await open_two_paths(pki, served.port)
         writer.write(payload)
         echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 20)
         writer.close()
@@ -316,12 +313,7 @@ async def test_slow_reader_pushes_back(pki: Pki) -> None:
     served = await serve(pki, lazy)
     assert served.server is not None
     async with served.server:
-        _reader, writer = await mptls.open_connection(
-            "127.0.0.1",
-            served.port,
-            ssl=pki.client(),
-            local_addrs=["127.0.0.1", "127.0.0.2"],
-        )
+        _reader, writer = await open_two_paths(pki, served.port)
         block = b"x" * CHUNK
         written = 0
         # the reader does not read: drain() must stop returning long
@@ -354,12 +346,7 @@ def test_runs_on_uvloop_with_two_subflows(pki: Pki) -> None:
         served = await serve(pki, echo)
         assert served.server is not None
         async with served.server:
-            reader, writer = await mptls.open_connection(
-                "127.0.0.1",
-                served.port,
-                ssl=pki.client(),
-                local_addrs=["127.0.0.1", "127.0.0.2"],
-            )
+            reader, writer = await open_two_paths(pki, served.port)
             writer.write(data)
             writer.write_eof()
             echoed = await reader.read(-1)
