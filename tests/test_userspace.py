@@ -7,6 +7,7 @@ import hashlib
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from pki import Pki
@@ -549,3 +550,45 @@ async def test_close_that_times_out_with_data_unacknowledged_fails(
             await writer.wait_closed()
         release.set()
         assert await served.done.get() is None
+
+
+def multipath_of(writer: asyncio.StreamWriter) -> Any:
+    """The client's multipath transport under its TLS transport."""
+    return writer.transport._tls._transport  # type: ignore[attr-defined]
+
+
+async def test_a_paused_reader_gets_everything_after_a_clean_end(
+    pki: Pki,
+) -> None:
+    # the client half-closes and does not read; the server answers 1 MiB
+    # and closes. The connection ends cleanly while the client's reader
+    # is paused with most of the answer held below it: the end must
+    # reach the reader only after all of it
+    answer = random.Random(7).randbytes(1 << 20)
+
+    async def answer_and_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        assert await reader.read() == b"?"
+        writer.write(answer)
+        await writer.drain()
+
+    served = await serve(pki, answer_and_close)
+    assert served.server is not None
+    async with served.server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", served.port, ssl=pki.client()
+        )
+        writer.write(b"?")
+        writer.write_eof()
+        assert await served.done.get() is None
+        multipath = multipath_of(writer)
+        for _ in range(10_000):
+            if multipath.is_closing() and multipath._closed:
+                break
+            await asyncio.sleep(0)
+        assert multipath._closed, "the connection did not end"
+        received = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        await writer.wait_closed()
+    assert received == answer

@@ -82,6 +82,11 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._eof_delivered = False
         self._write_paused = False
         self._lost = False
+        # the application has been told of the end (connection_lost)
+        self._app_lost = False
+        # the connection ended cleanly while the paused application had
+        # plaintext left: it is told once it has taken it
+        self._lost_pending = False
 
     # backend transport -> TLS
 
@@ -154,7 +159,23 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             )
             return
         self._app_transport._closing = True
-        assert self._app_protocol is not None
+        if exc is None and not self._app_reading and self._undelivered():
+            # a clean end while the paused application still has
+            # plaintext to take: it hears of the end after that
+            self._lost_pending = True
+            return
+        self._tell_app_lost(exc)
+
+    def _undelivered(self) -> bool:
+        engine = self._engine
+        return engine.unread or (
+            engine.eof_received and not self._eof_delivered
+        )
+
+    def _tell_app_lost(self, exc: Exception | None) -> None:
+        if self._app_lost or self._app_protocol is None:
+            return
+        self._app_lost = True
         self._loop.call_soon(self._app_protocol.connection_lost, exc)
 
     def pause_writing(self) -> None:
@@ -240,13 +261,19 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             self._resolve_waiter(exc)
         elif self._app_protocol is not None and not self._lost:
             self._lost = True
+            self._app_lost = True
             self._app_transport._closing = True
             self._app_protocol.connection_lost(exc)
 
     # TLS -> application
 
     def _deliver(self) -> None:
-        if not self._app_reading or self._app_protocol is None:
+        # after connection_lost the application has had its last call
+        if (
+            not self._app_reading
+            or self._app_protocol is None
+            or self._app_lost
+        ):
             return
         protocol = self._app_protocol
         assert isinstance(protocol, asyncio.Protocol)
@@ -336,9 +363,14 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._loop.call_soon(self._resume_delivery)
 
     def _resume_delivery(self) -> None:
-        if not self._app_reading:
+        if not self._app_reading or self._app_lost:
             return
         self._deliver()
+        if self._lost_pending:
+            if not self._undelivered():
+                self._lost_pending = False
+                self._tell_app_lost(None)
+            return
         if self._transport is not None and self._app_reading:
             self._transport.resume_reading()
 

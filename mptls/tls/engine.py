@@ -445,6 +445,11 @@ class TLSEngine:
             return chunks[0]
         return b"".join(chunks)
 
+    @property
+    def unread(self) -> bool:
+        """Whether decrypted application bytes wait to be read."""
+        return bool(self._incoming)
+
     def read_piece(self) -> bytes:
         """The oldest decrypted piece not yet read, or ``b""``.
 

@@ -271,6 +271,9 @@ class MultipathTransport(asyncio.Transport):
         self._protocol: asyncio.Protocol | None = None
         self._held: list[bytes] = []
         self._held_eof = False
+        # the connection ended cleanly while the paused reader still had
+        # held data: connection_lost waits until it has taken it
+        self._lost_after_held = False
         self._reading = True
         self._discarding = False
         self._write_paused = False
@@ -554,8 +557,14 @@ class MultipathTransport(asyncio.Transport):
             task.cancel()
         if self._closed_callback is not None:
             self._closed_callback(self)
-        if self._protocol is not None:
-            self._loop.call_soon(self._protocol.connection_lost, error)
+        if self._protocol is None:
+            return
+        if error is None and (self._held or self._held_eof):
+            # a clean end with data the paused reader has not taken yet:
+            # connection_lost comes after it, as a socket's would
+            self._lost_after_held = True
+            return
+        self._loop.call_soon(self._protocol.connection_lost, error)
 
     # timers and flow control
 
@@ -839,6 +848,9 @@ class MultipathTransport(asyncio.Transport):
         if self._closed:
             return
         self._closing = True
+        # an abort drops what the paused reader has not taken
+        self._held.clear()
+        self._held_eof = False
         self._core.abort()
         self._flush()
         self._finish(None)
@@ -859,6 +871,10 @@ class MultipathTransport(asyncio.Transport):
             self._core.consumed(len(data))
         if self._held_eof and not self._held and self._reading:
             self._deliver_eof()
+        if self._lost_after_held and not (self._held or self._held_eof):
+            self._lost_after_held = False
+            if self._protocol is not None:
+                self._loop.call_soon(self._protocol.connection_lost, None)
         self.process()
 
     def get_write_buffer_size(self) -> int:
