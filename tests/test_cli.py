@@ -503,14 +503,19 @@ def test_demo_with_a_missing_file_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in error
 
 
-def test_connect_to_a_closed_port_exits_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+def test_connect_to_a_closed_port_exits_2(backend: str) -> None:
+    if backend == "kernel" and not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
     # a listening socket that is closed at once leaves a port nobody holds
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    result = run_mptls("connect", "127.0.0.1", str(port), "--insecure")
+    result = run_mptls(
+        "connect", "127.0.0.1", str(port), "--insecure", "--backend", backend
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr.decode()
     assert result.stderr.decode().count("\n") <= 2

@@ -158,6 +158,7 @@ async def connect(
     if local_addr is not None:
         family = address_family(local_addr)
     errors: list[str] = []
+    last: OSError | None = None
     for addr_family, address in await resolve(loop, host, port, family=family):
         sock = mptcp_socket(addr_family)
         try:
@@ -166,16 +167,24 @@ async def connect(
             await connect_socket(loop, sock, address)
         except OSError as exc:
             sock.close()
-            errors.append(f"{address[0]} port {address[1]}: {exc}")
+            errors.append(
+                f"{address[0]} port {address[1]}: {exc.strerror or exc}"
+            )
+            last = exc
             continue
         except BaseException:
             sock.close()
             raise
         logger.debug("connected %s -> %s", sock.getsockname(), address)
         return sock
-    raise BackendError(
-        f"cannot connect to {host!r} port {port}: " + "; ".join(errors)
-    )
+    if len(errors) == 1 and last is not None:
+        # one address: the host and port are said once
+        detail = last.strerror or str(last)
+    else:
+        detail = "; ".join(errors) or "no address to try"
+    # the OS error as the cause: the streams layer turns it into a
+    # ConnectError with its errno, as for the userspace backend
+    raise BackendError(f"cannot connect to {host}:{port}: {detail}") from last
 
 
 async def connect_socket(
