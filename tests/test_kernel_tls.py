@@ -10,6 +10,7 @@ since no released kernel can take TLS-derived keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 from collections.abc import Iterator
@@ -248,3 +249,46 @@ async def test_readexactly_of_more_than_twice_the_limit(
     # on resume must come after that wait began, or the reader hangs
     payload = random.Random(6).randbytes(1 << 20)
     assert await _echo_over_kernel(pki, payload, 64 * 1024) == payload
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_leaving_while_paused_with_unread_data_ends(
+    pki: netns.ServerPki, how: str
+) -> None:
+    answer = random.Random(8).randbytes(1 << 20)
+
+    async def stream_answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(answer)
+        with contextlib.suppress(ConnectionError, mptls.MptlsError):
+            await writer.drain()
+
+    server = await mptls.start_server(
+        stream_answer,
+        "127.0.0.1",
+        0,
+        ssl=TLSConfig(certfile=pki.server_pem),
+        backend="kernel",
+    )
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=TLSConfig(cafile=pki.ca_pem),
+            backend="kernel",
+        )
+        assert await reader.readexactly(10) == answer[:10]
+        for _ in range(10_000):
+            if reader._paused:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0)
+        assert reader._paused  # type: ignore[attr-defined]
+        if how == "close":
+            writer.close()
+        else:
+            writer.transport.abort()
+        with contextlib.suppress(ConnectionError, mptls.MptlsError):
+            await asyncio.wait_for(writer.wait_closed(), 15)
+        assert writer.transport.is_closing()

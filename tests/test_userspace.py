@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import ssl
@@ -592,3 +593,76 @@ async def test_a_paused_reader_gets_everything_after_a_clean_end(
         writer.close()
         await writer.wait_closed()
     assert received == answer
+
+
+async def until_paused(reader: asyncio.StreamReader) -> None:
+    """Steps the loop until ``reader`` has paused its transport."""
+    for _ in range(10_000):
+        if reader._paused:  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the reader never paused")
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_leaving_while_paused_with_unread_data_ends(
+    pki: Pki, how: str
+) -> None:
+    # the application reads a little and leaves while the rest waits
+    # below its paused reader: it is told of the end at once
+    answer = random.Random(8).randbytes(1 << 20)
+
+    async def stream_answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(answer)
+        with contextlib.suppress(ConnectionError, mptls.MptlsError):
+            await writer.drain()
+
+    served = await serve(pki, stream_answer)
+    assert served.server is not None
+    async with served.server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", served.port, ssl=pki.client()
+        )
+        assert await reader.readexactly(10) == answer[:10]
+        await until_paused(reader)
+        if how == "close":
+            writer.close()
+        else:
+            writer.transport.abort()
+        with contextlib.suppress(ConnectionError, mptls.MptlsError):
+            await asyncio.wait_for(writer.wait_closed(), 15)
+        assert writer.transport.is_closing()
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_leaving_after_a_clean_end_without_reading_ends(
+    pki: Pki, how: str
+) -> None:
+    async def answer_and_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(bytes(1 << 18))
+        await writer.drain()
+
+    served = await serve(pki, answer_and_close)
+    assert served.server is not None
+    async with served.server:
+        _reader, writer = await mptls.open_connection(
+            "127.0.0.1", served.port, ssl=pki.client()
+        )
+        writer.write_eof()
+        multipath = multipath_of(writer)
+        for _ in range(10_000):
+            if multipath._closed:
+                break
+            await asyncio.sleep(0)
+        assert multipath._closed, "the connection did not end"
+        if how == "close":
+            writer.close()
+        else:
+            writer.transport.abort()
+        with contextlib.suppress(ConnectionError, mptls.MptlsError):
+            await asyncio.wait_for(writer.wait_closed(), 15)
+        assert not multipath._held

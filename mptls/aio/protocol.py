@@ -158,8 +158,16 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                 exc or TLSError("connection closed during the TLS handshake")
             )
             return
+        # an end the application asked for (close, abort) is told at
+        # once: it will not read what is left
+        asked = self._app_transport._closing
         self._app_transport._closing = True
-        if exc is None and not self._app_reading and self._undelivered():
+        if (
+            exc is None
+            and not asked
+            and not self._app_reading
+            and self._undelivered()
+        ):
             # a clean end while the paused application still has
             # plaintext to take: it hears of the end after that
             self._lost_pending = True
@@ -327,7 +335,13 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         return True
 
     def _app_close(self) -> None:
-        if self._transport is None or self._transport.is_closing():
+        self._drop_pending_lost()
+        if self._transport is None:
+            return
+        if self._transport.is_closing():
+            # an ended transport may still hold what the paused reader
+            # never took: its close lets that go
+            self._transport.close()
             return
         if not self._engine.closed:
             try:
@@ -338,7 +352,14 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                 pass
         self._transport.close()
 
+    def _drop_pending_lost(self) -> None:
+        # the application leaves without taking what was held for it
+        if self._lost_pending:
+            self._lost_pending = False
+            self._tell_app_lost(None)
+
     def _app_abort(self) -> None:
+        self._drop_pending_lost()
         if self._transport is not None:
             self._transport.abort()
 

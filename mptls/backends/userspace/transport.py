@@ -559,7 +559,11 @@ class MultipathTransport(asyncio.Transport):
             self._closed_callback(self)
         if self._protocol is None:
             return
-        if error is None and (self._held or self._held_eof):
+        if (
+            error is None
+            and not self._discarding
+            and (self._held or self._held_eof)
+        ):
             # a clean end with data the paused reader has not taken yet:
             # connection_lost comes after it, as a socket's would
             self._lost_after_held = True
@@ -809,7 +813,18 @@ class MultipathTransport(asyncio.Transport):
     def can_write_eof(self) -> bool:
         return True
 
+    def _drop_held_after_end(self) -> None:
+        # the reader leaves without taking what the clean end left held
+        if not self._lost_after_held:
+            return
+        self._lost_after_held = False
+        self._held.clear()
+        self._held_eof = False
+        if self._protocol is not None:
+            self._loop.call_soon(self._protocol.connection_lost, None)
+
     def close(self) -> None:
+        self._drop_held_after_end()
         if self._closing:
             return
         self._closing = True
@@ -845,6 +860,7 @@ class MultipathTransport(asyncio.Transport):
         )
 
     def abort(self) -> None:
+        self._drop_held_after_end()
         if self._closed:
             return
         self._closing = True
