@@ -39,6 +39,10 @@ from mptls.tls.keys import KeyMaterial
 logger = logging.getLogger("mptls.aio")
 
 
+def _not_connected(data: memoryview) -> None:
+    raise RuntimeError("TLS output before the transport exists")
+
+
 class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     """Runs TLS on a backend transport and serves one application protocol.
 
@@ -73,6 +77,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._handshake_timeout = handshake_timeout
         self._waiter = waiter
         self._transport: asyncio.Transport | None = None
+        # set in connection_made: how TLS output reaches the transport
+        self._write_out: Callable[[memoryview], None] = _not_connected
+        self._write_final: Callable[[bytes], None] | None = None
         self._app_transport: TLSTransport | None = None
         self._app_protocol: asyncio.BaseProtocol | None = None
         self._timeout_handle: asyncio.TimerHandle | None = None
@@ -93,6 +100,11 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        # the multipath transport keeps TLS output without a copy (until
+        # the Data ACK) and sends close_notify with the end of the stream
+        # in one frame; a socket transport does neither
+        self._write_out = getattr(transport, "write_owned", transport.write)
+        self._write_final = getattr(transport, "write_final", None)
         if self._handshake_timeout is not None:
             self._timeout_handle = self._loop.call_later(
                 self._handshake_timeout, self._on_handshake_timeout
@@ -306,11 +318,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     def _flush(self) -> None:
         data = self._engine.take_output()
         if data and self._transport is not None:
-            # the view is ours alone: the multipath transport keeps it
-            # (until the Data ACK) without a copy; others copy what
-            # they cannot send at once, as for any write
-            write = getattr(self._transport, "write_owned", None)
-            (write or self._transport.write)(data)
+            # the view is ours alone; a socket transport copies what it
+            # cannot send at once, as for any write
+            self._write_out(data)
 
     # called by TLSTransport
 
@@ -328,10 +338,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     def _flush_final(self) -> bool:
         # close_notify and the end of the stream in one frame, where the
         # transport can (the multipath one); False: nothing was sent
-        final = getattr(self._transport, "write_final", None)
-        if final is None:
+        if self._write_final is None:
             return False
-        final(self._engine.data_to_send())
+        self._write_final(self._engine.data_to_send())
         return True
 
     def _app_close(self) -> None:

@@ -114,9 +114,11 @@ class SubflowProtocol(asyncio.BufferedProtocol):
             # pure Data ACK frames are small: Nagle would hold them back
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if type(transport).__module__ == _JOINING_TRANSPORT:
-                self._fileno = sock.fileno()
-                self._gather = self._fileno >= 0
+            self._fileno = sock.fileno()
+            self._gather = (
+                type(transport).__module__ == _JOINING_TRANSPORT
+                and self._fileno >= 0
+            )
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()
@@ -167,11 +169,10 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         if transport is None or self.closed:
             return 0
         size = transport.get_write_buffer_size()
-        sock = transport.get_extra_info("socket")
-        if sock is not None and self._outq_works:
+        if self._fileno >= 0 and self._outq_works:
             count = array.array("i", [0])
             try:
-                fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, count)
+                fcntl.ioctl(self._fileno, _SIOCOUTQNSD, count)
             except (OSError, ValueError):
                 # not Linux, or not TCP: asyncio's buffer alone
                 self._outq_works = False
@@ -846,12 +847,9 @@ class MultipathTransport(asyncio.Transport):
             return
         logger.debug("%s: close timed out, aborting", self._tag())
         unacked = self._core.send_buffer_size
-        self._closing = True
-        self._core.abort()
-        self._flush()
         # bytes the peer never acknowledged at the data level (RFC 8684
         # section 3.3.3) may be lost: the close was no clean one
-        self._finish(
+        self._reset(
             MptlsTimeoutError(
                 f"close timed out with {unacked} bytes unacknowledged"
             )
@@ -859,17 +857,21 @@ class MultipathTransport(asyncio.Transport):
             else None
         )
 
+    def _reset(self, error: Exception | None) -> None:
+        """End at once: MP_FASTCLOSE to the peer, then connection_lost."""
+        self._closing = True
+        self._core.abort()
+        self._flush()
+        self._finish(error)
+
     def abort(self) -> None:
         self._drop_held_after_end()
         if self._closed:
             return
-        self._closing = True
         # an abort drops what the paused reader has not taken
         self._held.clear()
         self._held_eof = False
-        self._core.abort()
-        self._flush()
-        self._finish(None)
+        self._reset(None)
 
     def is_reading(self) -> bool:
         return self._reading
