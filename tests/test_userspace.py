@@ -76,6 +76,15 @@ async def echo_server(pki: Pki) -> AsyncIterator[Served]:
         yield served
 
 
+async def open_one_path(
+    pki: Pki, port: int, **options: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with one subflow, from the default address."""
+    return await mptls.open_connection(
+        "127.0.0.1", port, ssl=pki.client(), **options
+    )
+
+
 async def open_two_paths(
     pki: Pki, port: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -215,9 +224,7 @@ async def test_half_close_lets_the_peer_answer(pki: Pki) -> None:
     served = await serve(pki, upper)
     assert served.server is not None
     async with served.server:
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1", served.port, ssl=pki.client()
-        )
+        reader, writer = await open_one_path(pki, served.port)
         writer.write(b"half ")
         writer.write(b"close")
         assert writer.can_write_eof()
@@ -479,9 +486,7 @@ async def test_one_read_of_frames_is_one_tls_pass(pki: Pki) -> None:
 
     served = await serve(pki, sink)
     try:
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1", served.port, ssl=pki.client()
-        )
+        reader, writer = await open_one_path(pki, served.port)
         writer.write(bytes(4 * 1024 * 1024))
         writer.write_eof()
         answer = await asyncio.wait_for(reader.readexactly(8), 30)
@@ -539,8 +544,8 @@ async def test_close_that_times_out_with_data_unacknowledged_fails(
     served = await serve(pki, stalled)
     assert served.server is not None
     async with served.server:
-        _reader, writer = await mptls.open_connection(
-            "127.0.0.1", served.port, ssl=pki.client(), close_timeout=0.3
+        _reader, writer = await open_one_path(
+            pki, served.port, close_timeout=0.3
         )
         # far more than the 4 MiB window and the sockets' buffers
         writer.write(b"x" * (32 * 1024 * 1024))
@@ -577,31 +582,39 @@ async def test_a_paused_reader_gets_everything_after_a_clean_end(
     served = await serve(pki, answer_and_close)
     assert served.server is not None
     async with served.server:
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1", served.port, ssl=pki.client()
-        )
+        reader, writer = await open_one_path(pki, served.port)
         writer.write(b"?")
         writer.write_eof()
         assert await served.done.get() is None
         multipath = multipath_of(writer)
-        for _ in range(10_000):
-            if multipath.is_closing() and multipath._closed:
-                break
-            await asyncio.sleep(0)
-        assert multipath._closed, "the connection did not end"
+        await until(lambda: multipath._closed, "the end of the connection")
         received = await asyncio.wait_for(reader.read(), 20)
         writer.close()
         await writer.wait_closed()
     assert received == answer
 
 
-async def until_paused(reader: asyncio.StreamReader) -> None:
-    """Steps the loop until ``reader`` has paused its transport."""
+async def until(condition: Callable[[], object], what: str) -> None:
+    """Steps the loop (a bounded number of times) until ``condition``."""
     for _ in range(10_000):
-        if reader._paused:  # type: ignore[attr-defined]
+        if condition():
             return
         await asyncio.sleep(0)
-    raise AssertionError("the reader never paused")
+    raise AssertionError(f"{what} never happened")
+
+
+def is_paused(reader: asyncio.StreamReader) -> bool:
+    return bool(reader._paused)  # type: ignore[attr-defined]
+
+
+async def leave(writer: asyncio.StreamWriter, how: str) -> None:
+    """Close or abort, and wait until the connection has ended."""
+    if how == "close":
+        writer.close()
+    else:
+        writer.transport.abort()
+    with contextlib.suppress(ConnectionError, mptls.MptlsError):
+        await asyncio.wait_for(writer.wait_closed(), 15)
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])
@@ -622,17 +635,10 @@ async def test_leaving_while_paused_with_unread_data_ends(
     served = await serve(pki, stream_answer)
     assert served.server is not None
     async with served.server:
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1", served.port, ssl=pki.client()
-        )
+        reader, writer = await open_one_path(pki, served.port)
         assert await reader.readexactly(10) == answer[:10]
-        await until_paused(reader)
-        if how == "close":
-            writer.close()
-        else:
-            writer.transport.abort()
-        with contextlib.suppress(ConnectionError, mptls.MptlsError):
-            await asyncio.wait_for(writer.wait_closed(), 15)
+        await until(lambda: is_paused(reader), "the reader's pause")
+        await leave(writer, how)
         assert writer.transport.is_closing()
 
 
@@ -649,20 +655,9 @@ async def test_leaving_after_a_clean_end_without_reading_ends(
     served = await serve(pki, answer_and_close)
     assert served.server is not None
     async with served.server:
-        _reader, writer = await mptls.open_connection(
-            "127.0.0.1", served.port, ssl=pki.client()
-        )
+        _reader, writer = await open_one_path(pki, served.port)
         writer.write_eof()
         multipath = multipath_of(writer)
-        for _ in range(10_000):
-            if multipath._closed:
-                break
-            await asyncio.sleep(0)
-        assert multipath._closed, "the connection did not end"
-        if how == "close":
-            writer.close()
-        else:
-            writer.transport.abort()
-        with contextlib.suppress(ConnectionError, mptls.MptlsError):
-            await asyncio.wait_for(writer.wait_closed(), 15)
+        await until(lambda: multipath._closed, "the end of the connection")
+        await leave(writer, how)
         assert not multipath._held
