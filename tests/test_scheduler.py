@@ -115,7 +115,7 @@ def test_lowest_rtt_wins_and_ties_go_to_less_in_flight() -> None:
 def test_full_unwritable_or_unready_subflows_are_skipped() -> None:
     full = subflow(1, srtt=0.001, inflight=100)
     blocked = subflow(2, srtt=0.001, writable=False)
-    joining = subflow(3, state=SubflowState.PRE_ESTABLISHED)
+    joining = subflow(3, state=SubflowState.SYN_SENT)
     ok = subflow(4, srtt=0.5)
     assert pick_subflow([full, blocked, joining, ok], 100) is ok
     assert pick_subflow([full, blocked, joining], 100) is None

@@ -396,8 +396,9 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
     def _on_pre_established(
         self, subflow: Subflow, segment: Segment, now: float
     ) -> None:
-        # RFC 8684 section 3.2: the join is usable once the responder
-        # acknowledged the third ACK
+        # RFC 8684 section 3.2: the join is open once the responder
+        # acknowledged the third ACK (data may already ride behind that
+        # ACK on this wire: see _CARRIES_DATA in the scheduler)
         dss = options_of(segment).get(Dss)
         if segment.flags & Flag.SYN or not isinstance(dss, Dss):
             return

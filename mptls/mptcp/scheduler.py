@@ -43,6 +43,8 @@ class SubflowState(enum.Enum):
     # a join SYN with a known token arrived before the keys: it was
     # dropped and the subflow waits for the retransmitted SYN
     WAITING_KEYS = "WAITING_KEYS"
+    # the initiator sent the third ACK of a join; the responder has not
+    # acknowledged it yet
     PRE_ESTABLISHED = "PRE_ESTABLISHED"
     ESTABLISHED = "ESTABLISHED"
     CLOSED = "CLOSED"
@@ -57,6 +59,14 @@ _EDGES: dict[SubflowState, frozenset[SubflowState]] = {
     _S.ESTABLISHED: frozenset({_S.CLOSED}),
     _S.CLOSED: frozenset(),
 }
+# RFC 8684 section 3.2 holds a join's data back until the responder
+# acknowledged the third ACK, because a lost pure ACK is never sent again
+# and data would reach a responder that has not checked HMAC-A. A
+# subflow of the userspace wire is one TCP connection: the ACK frame can
+# be neither lost nor overtaken, so the responder checks it before the
+# data behind it, and the initiator sends at once (docs/wire.md "Joins").
+# A refused ACK resets the subflow and its data is reinjected elsewhere.
+_CARRIES_DATA = frozenset({_S.PRE_ESTABLISHED, _S.ESTABLISHED})
 
 
 @dataclass(slots=True)
@@ -151,7 +161,7 @@ class Subflow:
 
     @property
     def carries_data(self) -> bool:
-        return self.state is SubflowState.ESTABLISHED and not self.fin_sent
+        return self.state in _CARRIES_DATA and not self.fin_sent
 
 
 @dataclass(slots=True)
