@@ -395,3 +395,35 @@ def test_descriptions_are_bounded_and_printable() -> None:
     assert describe_foreign_bytes(b"") == "no bytes"
     assert describe_foreign_bytes(b"\xff\xfe") == "bytes ff fe"
     assert describe_foreign_bytes(b"hello\r\nworld") == "text: 'hello'"
+
+
+def test_payload_views_lend_whole_frames_and_copy_a_split_one() -> None:
+    frames = b"".join(
+        encode_segment(Segment(Flag.ACK, payload=bytes([n]) * 100))
+        for n in (1, 2)
+    )
+    buffer = bytearray(PREAMBLE + frames)
+    decoder = SegmentDecoder()
+    decoder.payload_views = True
+    # the second frame's last byte comes in the next read
+    first = decoder.feed(memoryview(buffer)[:-1])
+    assert [type(s.payload) for s in first] == [memoryview]
+    buffer[len(PREAMBLE) + 20] = 9  # the owner reuses its buffer
+    assert first[0].payload[12] == 9
+    (second,) = decoder.feed(memoryview(buffer)[-1:])
+    assert second.payload == bytes([2]) * 100
+    assert type(second.payload) is bytes
+
+
+def test_payloads_are_copies_by_default() -> None:
+    buffer = bytearray(encode_segment(Segment(Flag.ACK, payload=b"abc")))
+    (segment,) = SegmentDecoder(preamble=False).feed(buffer)
+    buffer[-1] = 0
+    assert segment.payload == b"abc"
+
+
+def test_an_empty_payload_is_bytes_even_with_views() -> None:
+    decoder = SegmentDecoder(preamble=False)
+    decoder.payload_views = True
+    (segment,) = decoder.feed(encode_segment(Segment(Flag.ACK)))
+    assert segment.payload == b"" and type(segment.payload) is bytes

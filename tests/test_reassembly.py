@@ -124,3 +124,23 @@ def test_any_arrival_order_gives_back_the_stream(
     out = b"".join(buffer.insert(offset, piece) for offset, piece in pieces)
     assert out == data
     assert buffer.held == 0
+
+
+def test_an_in_order_view_is_passed_on_and_a_held_one_copied() -> None:
+    read = bytearray(b"abcdefgh")
+    buffer = ReceiveBuffer(1000)
+    first = memoryview(read)[:3]
+    assert buffer.insert(0, first) is first
+    # out of order: kept past this read, so copied out of its buffer
+    assert buffer.insert(5, memoryview(read)[5:]) == b""
+    read[5:] = b"XYZ"
+    assert buffer.insert(3, memoryview(read)[3:5]) == b"defgh"
+    assert buffer.next_offset == 8 and buffer.unconsumed == 8
+
+
+def test_a_view_next_to_held_data_is_delivered_with_it() -> None:
+    buffer = ReceiveBuffer(1000)
+    assert buffer.insert(3, b"def") == b""
+    read = bytearray(b"abc")
+    assert buffer.insert(0, memoryview(read)) == b"abcdef"
+    assert buffer.held == 0

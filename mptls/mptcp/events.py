@@ -40,9 +40,14 @@ class HandshakeComplete:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """In-order bytes of the data-level stream."""
+    """In-order bytes of the data-level stream.
 
-    data: bytes = field(repr=False)
+    A view when the segment's payload was one (see
+    ``SegmentDecoder.payload_views``): valid only until the adapter
+    reads its socket again, so an adapter that keeps it copies it.
+    """
+
+    data: bytes | memoryview = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)

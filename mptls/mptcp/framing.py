@@ -177,7 +177,7 @@ class SegmentDecoder:
     :meth:`feed` raises again.
     """
 
-    __slots__ = ("_error", "_partial", "_preamble_seen")
+    __slots__ = ("_error", "_partial", "_preamble_seen", "payload_views")
 
     def __init__(self, *, preamble: bool = True) -> None:
         # The start of a frame whose end has not arrived yet.
@@ -185,6 +185,10 @@ class SegmentDecoder:
         # Bytes of the preamble matched so far; None once it is done.
         self._preamble_seen: bytes | None = b"" if preamble else None
         self._error: ProtocolError | None = None
+        # Payloads of frames that arrived whole are views of the bytes
+        # fed, not copies: only for an owner that is done with every
+        # segment (or has copied what it keeps) before it reuses them.
+        self.payload_views = False
 
     @property
     def buffered(self) -> int:
@@ -194,8 +198,10 @@ class SegmentDecoder:
     def feed(self, data: bytes | memoryview) -> list[Segment]:
         """Take the next bytes from the subflow; return whole frames.
 
-        Nothing returned or kept refers to ``data``: a caller may reuse
-        its buffer for the next read.
+        Nothing kept refers to ``data``, and nothing returned does
+        unless :attr:`payload_views` is set: then the payloads of frames
+        that arrived whole are views of ``data``, valid until the caller
+        reuses its buffer.
         """
         if self._error is not None:
             raise type(self._error)(
@@ -219,7 +225,7 @@ class SegmentDecoder:
                 return segments
         # Frames that arrived whole are parsed straight from the read;
         # only an incomplete tail is copied.
-        parsed, used = _parse_frames(view)
+        parsed, used = _parse_frames(view, self.payload_views)
         if used < len(view):
             self._partial += view[used:]
         if segments:
@@ -287,8 +293,13 @@ def _decode_frame_options(raw: memoryview, flags: int) -> tuple[Option, ...]:
     )
 
 
-def _parse_frames(view: memoryview) -> tuple[list[Segment], int]:
-    """Every whole frame at the start of ``view``, and bytes consumed."""
+def _parse_frames(
+    view: memoryview, views: bool = False
+) -> tuple[list[Segment], int]:
+    """Every whole frame at the start of ``view``, and bytes consumed.
+
+    Payloads are copies, or with ``views`` slices of ``view`` itself.
+    """
     segments: list[Segment] = []
     offset = 0
     end = len(view)
@@ -308,11 +319,12 @@ def _parse_frames(view: memoryview) -> tuple[list[Segment], int]:
             options = _decode_frame_options(
                 view[offset + HEADER_LENGTH : payload_start], flags
             )
+        payload = view[payload_start:frame_end]
         segments.append(
             Segment(
                 _FLAGS[flags],
                 options,
-                view[payload_start:frame_end].tobytes(),
+                payload if views and payload_length else payload.tobytes(),
                 window,
             )
         )

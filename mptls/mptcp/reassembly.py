@@ -55,17 +55,27 @@ class ReceiveBuffer:
         """The first offset that does not fit in the buffer."""
         return self.next_offset - self.unconsumed + self.capacity
 
-    def insert(self, offset: int, data: Payload, fin: bool = False) -> bytes:
+    def insert(self, offset: int, data: Payload, fin: bool = False) -> Payload:
         """Take one mapped piece; return the bytes it made in order.
 
         ``fin`` says a DATA_FIN follows the piece, at ``offset +
-        len(data)`` (RFC 8684 section 3.3.3).
+        len(data)`` (RFC 8684 section 3.3.3). A piece that is next in
+        order, with nothing held, comes back as it is (a view stays a
+        view: the caller's to copy if it keeps it); a piece held for
+        later is copied, so that a peer cannot pin the caller's buffer.
         """
         if offset < 0:
             raise ProtocolError(f"data offset {offset} before the stream")
         if fin:
             self._note_fin(offset + len(data))
         end = offset + len(data)
+        if (
+            offset == self.next_offset
+            and not self._starts
+            and self.fin_offset is None
+            and end <= self.limit
+        ):
+            return self._pass_on(data)
         if self.fin_offset is not None:
             end = min(end, self.fin_offset)
         if end > self.limit:
@@ -146,9 +156,16 @@ class ReceiveBuffer:
         if position < end:
             self._add(position, data[position - offset : end - offset])
 
+    def _pass_on(self, data: Payload) -> Payload:
+        # the common case of a bulk transfer: in order, nothing waiting
+        self.next_offset += len(data)
+        self.unconsumed += len(data)
+        return data
+
     def _add(self, start: int, piece: Payload) -> None:
         bisect.insort(self._starts, start)
-        self._pieces[start] = piece
+        # a view may be of a buffer its owner reuses: held bytes are ours
+        self._pieces[start] = piece if type(piece) is bytes else bytes(piece)
         self.held += len(piece)
 
     def _deliver(self) -> bytes:

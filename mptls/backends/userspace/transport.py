@@ -123,6 +123,15 @@ class SubflowProtocol(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()
 
+    def lend_payloads(self) -> None:
+        """Hand payloads on as views of the read buffer, not copies.
+
+        Only for a sink that is done with every segment, or has copied
+        what it keeps, when ``segments_received`` returns: the next read
+        on this thread, on any socket, overwrites the buffer.
+        """
+        self._decoder.payload_views = True
+
     def buffer_updated(self, nbytes: int) -> None:
         # a view of the shared buffer, not bytes: the decoder takes any
         # buffer and copies what it keeps; subclasses count and forward
@@ -300,6 +309,11 @@ class MultipathTransport(asyncio.Transport):
     def attach(self, subflow_id: int, subflow: SubflowProtocol) -> None:
         subflow.subflow_id = subflow_id
         subflow.sink = self
+        # segments_received leaves nothing referring to a payload: the
+        # core copies what it holds out of order, TLS what it decrypts,
+        # and _on_data what a paused reader leaves (one copy less per
+        # byte on the receiving end)
+        subflow.lend_payloads()
         self._subflows[subflow_id] = subflow
         # kept after the TCP connection is gone, for the final snapshot
         self._addresses[subflow_id] = (
@@ -407,7 +421,7 @@ class MultipathTransport(asyncio.Transport):
         # socket read) goes to the protocol in one call: one TLS pass
         # for the lot instead of one per frame
         next_event = self._core.next_event
-        batch: list[bytes] = []
+        batch: list[Payload] = []
         while True:
             event = next_event()
             if event is None:
@@ -424,26 +438,29 @@ class MultipathTransport(asyncio.Transport):
         if batch:
             self._on_data(batch)
 
-    def _on_data(self, batch: list[bytes]) -> None:
+    def _on_data(self, batch: list[Payload]) -> None:
+        # the pieces may be views of the read buffer (lend_payloads):
+        # data_received_many copies them into TLS at once; all else gets
+        # or keeps bytes
         many = getattr(self._protocol, "data_received_many", None)
         if many is None or self._discarding:
             for data in batch:
                 self._on_data_piece(data)
             return
         if not self._reading or self._held:
-            self._held.extend(batch)
+            self._held.extend(map(bytes, batch))
             return
         many(batch)
         self._core.consumed(sum(map(len, batch)))
 
-    def _on_data_piece(self, data: bytes) -> None:
+    def _on_data_piece(self, data: Payload) -> None:
         if self._discarding:
             self._core.consumed(len(data))
             return
         if not self._reading or self._held or self._protocol is None:
-            self._held.append(data)
+            self._held.append(bytes(data))
             return
-        self._protocol.data_received(data)
+        self._protocol.data_received(bytes(data))
         self._core.consumed(len(data))
 
     def _on_end_of_stream(self, event: events.EndOfStream) -> None:
