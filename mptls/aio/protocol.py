@@ -98,12 +98,12 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     # backend transport -> TLS
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses
+        self._transport = sent_to = cast(asyncio.Transport, transport)
         # the multipath transport keeps TLS output without a copy (until
         # the Data ACK) and sends close_notify with the end of the stream
         # in one frame; a socket transport does neither
-        self._write_out = getattr(transport, "write_owned", transport.write)
+        self._write_out = getattr(sent_to, "write_owned", sent_to.write)
         self._write_final = getattr(transport, "write_final", None)
         if self._handshake_timeout is not None:
             self._timeout_handle = self._loop.call_later(
