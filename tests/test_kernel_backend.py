@@ -17,6 +17,7 @@ from support import skip_without_ipv6
 
 from mptls.backends.base import KeyInstall
 from mptls.backends.kernel import KernelBackend
+from mptls.backends.kernel import sockets as kernel_sockets
 from mptls.backends.kernel.keys import (
     KernelKeyHook,
     KeySupport,
@@ -301,3 +302,79 @@ async def test_info_after_close_keeps_the_last_snapshot(
     # a backend that never saw the connection open has nothing to say
     with pytest.raises(BackendError, match="closed"):
         KernelBackend().info(transport)
+
+
+# the receive window every kernel-backend socket starts with
+
+
+def _receive_options(transport: asyncio.BaseTransport) -> tuple[int, int]:
+    sock = transport.get_extra_info("socket")
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT),
+    )
+
+
+def _widened_floor() -> int:
+    # the kernel caps the low-water mark at half of tcp_rmem's maximum
+    with open("/proc/sys/net/ipv4/tcp_rmem", encoding="ascii") as rmem:
+        maximum = int(rmem.read().split()[2])
+    return min(kernel_sockets.RECEIVE_WINDOW, maximum // 2)
+
+
+async def test_sockets_start_with_a_wider_receive_window(
+    backend: KernelBackend,
+) -> None:
+    # a fresh MPTCP socket gets tcp_rmem's default (128 KiB here): a
+    # reader slower than the path then closed its window early, which
+    # is what the kernel's 200 ms stalls need
+    transport, _, accepted = await _echo_round_trip(backend, "127.0.0.1")
+    served = accepted[0].transport
+    assert served is not None
+    for end in (transport, served):
+        receive_buffer, low_water = _receive_options(end)
+        assert receive_buffer >= _widened_floor()
+        # the mark is back at one byte: a small message still wakes
+        # the reader (the round trip above was 1,000 bytes)
+        assert low_water == 1
+    transport.close()
+    served.close()
+
+
+async def test_a_small_message_wakes_the_reader_at_once(
+    backend: KernelBackend,
+) -> None:
+    server = await backend.create_server(Echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, client = await backend.create_connection(
+        lambda: Collect(1), "127.0.0.1", port
+    )
+    assert isinstance(client, Collect)
+    transport.write(b"x")
+    assert await asyncio.wait_for(client.done, 5) == b"x"
+    transport.close()
+    server.close()
+
+
+class RefusingSocket:
+    """A socket whose kernel knows no SO_RCVLOWAT; records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, name: int, value: int) -> None:
+        self.calls.append((level, name, value))
+        raise OSError(92, "Protocol not available")
+
+
+def test_a_kernel_refusing_the_mark_keeps_its_default_window() -> None:
+    sock = RefusingSocket()
+    kernel_sockets.open_receive_window(sock)  # type: ignore[arg-type]
+    # refused once: no second call, nothing raised
+    assert sock.calls == [
+        (
+            socket.SOL_SOCKET,
+            socket.SO_RCVLOWAT,
+            kernel_sockets.RECEIVE_WINDOW,
+        )
+    ]

@@ -32,6 +32,12 @@ SOL_MPTCP = 284
 # runs MPTCP (0 once a connection has fallen back to TCP).
 TCP_IS_MPTCP = 43
 
+# The receive window every kernel-backend socket starts with (see
+# open_receive_window): the low-water mark the kernel sizes the receive
+# buffer for. It grows the buffer to about twice this, up to half of
+# net.ipv4.tcp_rmem's maximum, and autotuning goes on from there.
+RECEIVE_WINDOW = 2 * 1024 * 1024
+
 # The errors MPTCP_INFO gives once a connection has fallen back to TCP:
 # the request then reaches the plain TCP socket, whose IPv4 side answers
 # EOPNOTSUPP and whose IPv6 side answers ENOPROTOOPT.
@@ -77,7 +83,31 @@ def mptcp_socket(family: int) -> socket.socket:
     # the option to every subflow, and accepted sockets inherit it from
     # the listener, fallen-back plain TCP ones included.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    open_receive_window(sock)
     return sock
+
+
+def open_receive_window(sock: socket.socket) -> None:
+    """Start ``sock`` with a receive buffer for :data:`RECEIVE_WINDOW`.
+
+    Linux MPTCP (6.x) stalls a transfer for its 200 ms retransmission
+    timer each time a receiver that reads slower than the path has let
+    its window close and then fails to announce the reopened window
+    (mptcp_cleanup_rbuf in net/mptcp/protocol.c). A buffer that starts
+    large instead of growing from tcp_rmem's default makes that rarer.
+    SO_RCVLOWAT is the one way to grow it without SO_RCVBUF, which
+    would cap it at net.core.rmem_max and turn autotuning off: the
+    kernel sizes the buffer for the low-water mark
+    (mptcp_set_rcvlowat in net/mptcp/sockopt.c), and a mark set back
+    to 1 at once leaves the larger buffer. Accepted sockets inherit it
+    from their listener. A kernel that refuses the option only loses
+    the head start.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RECEIVE_WINDOW)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    except OSError as exc:
+        logger.debug("receive window left to the kernel: %s", exc)
 
 
 def socket_protocol(sock: socket.socket) -> int:
