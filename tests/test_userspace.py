@@ -14,7 +14,9 @@ import pytest
 from pki import Pki
 
 import mptls
-from mptls.mptcp.framing import NOT_MPTLS_REPLY
+from mptls.mptcp.framing import NOT_MPTLS_REPLY, Segment
+from mptls.mptcp.options import Dss
+from mptls.mptcp.state import options_of
 
 Handler = Callable[
     [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
@@ -528,6 +530,34 @@ async def test_close_notify_and_data_fin_leave_in_one_write(
     # the DATA_FIN is mapped (RFC 8684 section 3.3.3), so it went too
     assert multipath._core._send.fin_offset is not None
     await writer.wait_closed()
+
+
+async def test_closing_when_the_peer_closed_sends_one_frame(
+    pki: Pki, echo_server: Served
+) -> None:
+    # the server acknowledges the client's DATA_FIN one loop step late,
+    # so that its own close_notify and DATA_FIN carry that Data ACK: no
+    # frame that is only an ACK comes back between the two DATA_FINs
+    _, writer = await open_one_path(pki, echo_server.port)
+    multipath = multipath_of(writer)
+    received: list[Segment] = []
+    segments_received = multipath.segments_received
+
+    def recorded(subflow: object, segments: list[Segment]) -> None:
+        received.extend(segments)
+        segments_received(subflow, segments)
+
+    multipath.segments_received = recorded
+    writer.close()
+    await asyncio.wait_for(writer.wait_closed(), 10)
+
+    signals = [(s, options_of(s).get(Dss)) for s in received]
+    data_fin = next(
+        i
+        for i, (_, dss) in enumerate(signals)
+        if isinstance(dss, Dss) and dss.data_fin
+    )
+    assert [s for s, _ in signals[:data_fin] if not s.payload] == []
 
 
 async def test_close_that_times_out_with_data_unacknowledged_fails(

@@ -293,6 +293,9 @@ class MultipathTransport(asyncio.Transport):
         self._closed = False
         self._eof_written = False
         self._processing = False
+        # the peer ended its direction in this step: what is due goes out
+        # one loop step later, with the application's answer if any
+        self._answer_awaited = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -376,7 +379,15 @@ class MultipathTransport(asyncio.Transport):
         self._processing = True
         try:
             self._handle_events()
-            self._flush()
+            if self._answer_awaited and self._closed_by_core is None:
+                # most applications close when the peer has: their
+                # close_notify and DATA_FIN then carry the Data ACK of
+                # the peer's DATA_FIN, one frame and one write instead
+                # of two (the application's task runs before this)
+                self._answer_awaited = False
+                self._loop.call_soon(self._process_open)
+            else:
+                self._flush()
         finally:
             self._processing = False
         if self._closed_by_core is not None:
@@ -384,6 +395,10 @@ class MultipathTransport(asyncio.Transport):
             return
         self._update_timer()
         self._update_write_flow()
+
+    def _process_open(self) -> None:
+        if not self._closed:
+            self.process()
 
     def _flush(self) -> None:
         now = self._loop.time()
@@ -464,6 +479,7 @@ class MultipathTransport(asyncio.Transport):
         self._core.consumed(len(data))
 
     def _on_end_of_stream(self, event: events.EndOfStream) -> None:
+        self._answer_awaited = True
         if self._held or not self._reading:
             self._held_eof = True
             return
