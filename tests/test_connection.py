@@ -343,22 +343,53 @@ def test_open_subflow_needs_keys() -> None:
         net.client.announce(1, IPv4Address("192.0.2.1"), None)
 
 
-def test_join_before_server_keys_is_dropped_then_retried() -> None:
+def test_join_before_server_keys_is_held_until_they_come() -> None:
     net = established(MemNet(server_keys_at=0.3))
     start = net.now
     sid = net.open_subflow()
     link = net.link(sid)
     assert net.run(lambda: net.now >= start + 0.25, max_time=0.29) is False
-    # the SYN went out twice (RTO 0.2) and got no answer at all
+    # the SYN went out twice (RTO 0.2) and got no answer at all: no RST
     assert len(link.to_server.sent) == 2
     assert link.to_client.sent == []
     assert net.refusals == []
     assert net.run(
         lambda: ev.SubflowEstablished(sid) in net.client_side.events
     )
-    # third try, at RTO 0.2 + 0.4, found the keys
-    assert len([s for s in link.to_server.sent if s.flags == Flag.SYN]) == 3
-    assert net.now == pytest.approx(start + 0.6)
+    # answered when the keys came, not at the third SYN (0.2 + 0.4)
+    assert len([s for s in link.to_server.sent if s.flags == Flag.SYN]) == 2
+    assert net.now == pytest.approx(start + 0.3)
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [(None, None), (RFC8684_CLIENT, RFC8684_SERVER)],
+    ids=["g", "rfc8684"],
+)
+def test_join_that_overtakes_the_handshake_is_held_not_refused(
+    configs: tuple[ConnectionConfig | None, ConnectionConfig | None],
+) -> None:
+    # the first path is slow, the second fast: the join SYN, sent when
+    # the client's handshake ends, reaches the server before the third
+    # ACK (and the Finished) that end the server's
+    net = MemNet(*configs)
+    net.links[0].delay = 0.05
+    net.client.send(b"hello")
+    assert net.run(lambda: net.client.handshake_complete)
+    assert net.server is not None and not net.server.handshake_complete
+    sid = net.open_subflow(delay=0.001)
+    assert net.run(
+        lambda: ev.SubflowEstablished(sid) in net.client_side.events
+    )
+    assert net.refusals == []
+    assert net.client_side.of_type(ev.JoinRefused) == []
+    # answered as the third ACK arrived, one way of the slow path after
+    # the SYN: no retransmission of the SYN was needed
+    link = net.link(sid)
+    assert len([s for s in link.to_server.sent if s.flags == Flag.SYN]) == 1
+    net.client.send(stream(300_000))
+    assert net.run(has_data(net.server_side, 300_000 + len(b"hello")))
+    assert bytes(net.server_side.data) == b"hello" + stream(300_000)
 
 
 def test_join_times_out_when_keys_never_come() -> None:

@@ -16,6 +16,7 @@ from mptls.mptcp.options import (
     CapableFlag,
     MpCapable,
     MpJoinSyn,
+    MpJoinSynAck,
     MpTcpRst,
     ResetReason,
 )
@@ -123,14 +124,25 @@ def test_joins_are_routed_by_the_local_token() -> None:
     assert token is not None
     join = Segment(Flag.SYN, (MpJoinSyn(token, nonce=7, address_id=1),))
 
-    # before the MPTCP handshake is complete the token takes no joins
-    assert reset_reason(table.receive_first(join, 0.0)) == 1
+    # before the MPTCP handshake is complete a join is held unanswered
+    # (its SYN may have overtaken the third ACK on a faster path)
+    held = table.receive_first(join, 0.0)
+    assert isinstance(held, Accepted)
+    assert held.connection is server and held.subflow_id == 1
 
     complete(server)
     assert server.install_keys(KEYS)
+    # the keys release its SYN|ACK
+    answers = [
+        segment
+        for subflow_id, segment in server.segments_to_send(0.0)
+        if subflow_id == 1
+    ]
+    assert [answer.flags for answer in answers] == [Flag.SYN | Flag.ACK]
+    assert isinstance(answers[0].options[0], MpJoinSynAck)
     routed = table.receive_first(join, 0.0)
     assert isinstance(routed, Accepted)
-    assert routed.connection is server and routed.subflow_id == 1
+    assert routed.connection is server and routed.subflow_id == 2
 
 
 def test_unknown_token_is_refused() -> None:

@@ -215,6 +215,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             self._tag(),
             keys.fingerprint(),
         )
+        self._answer_held_joins()
         return True
 
     # segments out
@@ -382,7 +383,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         syn = options_of(segment).get(MpJoinSyn)
         if segment.flags & Flag.SYN and isinstance(syn, MpJoinSyn):
             # the SYN|ACK crossed a retransmitted SYN: answer it again
-            self._answer_join(subflow, syn)
+            self._answer_join(subflow, syn.nonce)
             return
         self._on_join_third_ack(subflow, segment)
 
@@ -391,7 +392,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
     ) -> None:
         syn = options_of(segment).get(MpJoinSyn)
         if segment.flags & Flag.SYN and isinstance(syn, MpJoinSyn):
-            self._answer_join(subflow, syn)
+            self._answer_join(subflow, syn.nonce)
 
     def _on_pre_established(
         self, subflow: Subflow, segment: Segment, now: float

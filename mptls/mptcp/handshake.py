@@ -215,6 +215,7 @@ class HandshakeMixin(ConnectionState):
                 remote_token=self._remote_token or b"",
             )
         )
+        self._answer_held_joins()
 
     def _fail(self, error: ProtocolError) -> None:
         logger.info("[%s] connection failed: %s", self._tag(), error)

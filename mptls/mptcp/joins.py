@@ -135,7 +135,7 @@ class JoinsMixin(ConnectionState):
         if not isinstance(option, MpJoinSyn):
             raise JoinRefusedError("not an MP_JOIN SYN")
         self._now = now
-        if self._closed or not self.handshake_complete:
+        if self._closed:
             raise JoinRefusedError("the connection takes no joins now")
         if self._refill_join_credit(now) < 1.0:
             # forged joins with a sniffed token cost this connection
@@ -173,23 +173,40 @@ class JoinsMixin(ConnectionState):
             deadline=now + self.config.join_timeout,
         )
         self._subflows[subflow_id] = subflow
-        self._answer_join(subflow, option)
+        self._answer_join(subflow, option.nonce)
         return subflow_id
 
-    def _answer_join(self, subflow: Subflow, option: MpJoinSyn) -> None:
+    def _answer_held_joins(self) -> None:
+        """Answer the join SYNs that came before the keys, now they came.
+
+        On two paths of different delay a join SYN can overtake the
+        third ACK of MP_CAPABLE and the TLS Finished that ride together
+        on the first path. Its subflow waits in WAITING_KEYS with the
+        SYN's nonce, and gets its SYN|ACK the moment the keys are there
+        (at the end of the MPTCP handshake for cleartext keys, at their
+        installation in G mode) rather than after the initiator's
+        retransmission, ``join_rto`` later.
+        """
+        for subflow in self._subflows.values():
+            held = subflow.remote_nonce
+            if subflow.state is _S.WAITING_KEYS and held is not None:
+                self._answer_join(subflow, held)
+
+    def _answer_join(self, subflow: Subflow, nonce: int) -> None:
         keys = self._join_keys()
         if keys is None:
             # draft-paasch-mptcp-application-authentication section 3:
-            # a known token before the keys is dropped silently; the
-            # initiator's retransmitted SYN tries again
-            logger.debug("[%s] join SYN before keys dropped", self._tag())
+            # a known token before the keys gets no answer (no RST); the
+            # SYN's subflow waits, and is answered when the keys come
+            # (_answer_held_joins) or when the SYN comes again
+            logger.debug("[%s] join SYN before keys held", self._tag())
             return
         if subflow.state is _S.WAITING_KEYS:
             subflow.local_nonce = int.from_bytes(self._random(4), "big")
             subflow.set_state(_S.SYN_RECEIVED)
-        subflow.remote_nonce = option.nonce
+        subflow.remote_nonce = nonce
         local, remote = keys
-        mac = join_hmac(local, remote, subflow.local_nonce, option.nonce)
+        mac = join_hmac(local, remote, subflow.local_nonce, nonce)
         reply = MpJoinSynAck(
             hmac=mac[:8], nonce=subflow.local_nonce, address_id=0
         )

@@ -325,3 +325,9 @@ class ConnectionState:
         self, subflow: Subflow, dss: Dss | None, window: int, now: float
     ) -> None:
         raise NotImplementedError
+
+    # joins, defined by JoinsMixin; the handshake and the keys release
+    # the ones that came early
+
+    def _answer_held_joins(self) -> None:
+        raise NotImplementedError
