@@ -9,17 +9,29 @@ root and kernel MPTCP and say why they skip otherwise.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import json
 import math
+import os
+import socket
+import struct
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from netns import mptcp_unavailable_reason
 
-from mptls.bench import harness
+from mptls.bench import harness, relay, stacks
 from mptls.bench.common import namespaces_reason
-from mptls.bench.harness import Variant, interleave, paired_ratio
+from mptls.bench.harness import (
+    Variant,
+    interleave,
+    paired_ratio,
+)
+from mptls.bench.peer import ChildServer
 from mptls.cli.main import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -178,3 +190,101 @@ def test_unknown_scenario_is_a_usage_error(
 ) -> None:
     assert main(["bench", "nonsense", "--quick"]) == 2
     assert "unknown scenario" in capsys.readouterr().err
+
+
+async def test_relay_retrieves_a_reset_peers_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a client that resets its connection left the relay's stream close
+    # future holding ConnectionResetError, which asyncio then printed as
+    # "Future exception was never retrieved": wait_closed() retrieves it
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    awaited: list[asyncio.StreamWriter] = []
+    wait_closed = asyncio.StreamWriter.wait_closed
+
+    async def spy(writer: asyncio.StreamWriter) -> None:
+        awaited.append(writer)
+        await wait_closed(writer)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "wait_closed", spy)
+
+    async def upstream_echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(1024):
+                writer.write(data)
+        writer.close()
+
+    upstream = await asyncio.start_server(upstream_echo, "127.0.0.1", 0)
+    address = upstream.sockets[0].getsockname()[:2]
+    done = asyncio.Event()
+
+    async def relay_once(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await relay._relay(reader, writer, address, 0.001)
+        done.set()
+
+    front = await asyncio.start_server(relay_once, "127.0.0.1", 0)
+    port = front.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"x" * 4096)
+    await writer.drain()
+    sock = writer.get_extra_info("socket")
+    # linger 0: close() sends a reset, not a FIN
+    sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+    )
+    writer.transport.abort()
+    await asyncio.wait_for(done.wait(), 10)
+    relayed = len(awaited)
+    for server in (front, upstream):
+        server.close()
+        await server.wait_closed()
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not reported, reported
+    # both of the relay's writers: the client's and the upstream's
+    assert relayed == 2
+
+
+def test_servers_do_not_see_the_terminals_ctrl_c() -> None:
+    # Ctrl-C signals the terminal's whole process group: a server in it
+    # printed its own CancelledError traceback
+    child = ChildServer(
+        [sys.executable, "-c", "import os; print('{\"x\": 1}', flush=True)"]
+    )
+    with child:
+        assert os.getpgid(child.process.pid) != os.getpgid(0)
+
+
+async def test_a_server_shutting_down_mid_transfer_prints_nothing() -> None:
+    # the server process cancels its handlers when the bench leaves; a
+    # handler that ended cancelled was printed as "Exception in callback"
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    before = asyncio.all_tasks()
+    server = await asyncio.start_server(stacks._serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"S" + struct.pack("!Q", 1 << 20) + b"x" * 1024)
+    await writer.drain()
+    handlers: set[asyncio.Task[Any]] = set()
+    for _ in range(100):
+        handlers = asyncio.all_tasks() - before - {asyncio.current_task()}
+        if handlers:
+            break
+        await asyncio.sleep(0)
+    assert handlers
+    for handler in handlers:
+        handler.cancel()
+    await asyncio.wait(handlers)
+    await asyncio.sleep(0)
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    assert not reported, reported

@@ -41,11 +41,15 @@ class ChildServer:
     """
 
     def __init__(self, command: Sequence[str]) -> None:
+        # a process group of its own: Ctrl-C at the terminal reaches
+        # only the bench, which stops this server itself (stop()); the
+        # server then never prints a traceback of its own
         self.process = subprocess.Popen(
             list(command),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            process_group=0,
         )
         self.ports: dict[str, int] = {}
 

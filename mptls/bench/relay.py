@@ -31,6 +31,8 @@ DEFAULT_DELAY = 0.010
 READ_SIZE = 1 << 16
 # reads a direction holds back at most (each up to READ_SIZE bytes)
 QUEUE_READS = 64
+# how long closing may wait to flush bytes to a peer that reads nothing
+CLOSE_TIMEOUT = 2.0
 # (deliver at, bytes); None marks the end of the direction
 _Item = tuple[float, bytes | None]
 
@@ -140,7 +142,23 @@ async def _relay(
             task.cancel()
         for writer in (client_writer, server_writer):
             if writer is not None:
-                writer.close()
+                await _close(writer)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close ``writer`` and retrieve how its connection ended.
+
+    A peer's reset leaves its error in the stream's close future; unless
+    ``wait_closed`` retrieves it, asyncio prints "Future exception was
+    never retrieved" when the stream is collected.
+    """
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    except (ConnectionError, OSError, asyncio.CancelledError):
+        # TimeoutError too: a peer that reads nothing keeps the close
+        # waiting on unsent bytes; abort() then ends it at once
+        writer.transport.abort()
 
 
 async def _serve(args: argparse.Namespace) -> None:

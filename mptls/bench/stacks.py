@@ -112,6 +112,11 @@ async def _serve(
                 await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError, MptlsError):
         return
+    except asyncio.CancelledError:
+        # the server process's own shutdown ends its connections; a
+        # handler that ends cancelled makes Python 3.11's stream callback
+        # raise from task.exception() and print a traceback
+        return
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError, MptlsError, ssl.SSLError):
