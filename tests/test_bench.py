@@ -19,19 +19,25 @@ import socket
 import struct
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 from netns import mptcp_unavailable_reason
+from rich.console import Console
 
+import mptls.bench as bench
 from mptls.bench import harness, relay, stacks
 from mptls.bench.common import namespaces_reason
 from mptls.bench.harness import (
+    ScenarioResult,
     Variant,
+    VariantResult,
     interleave,
     paired_ratio,
 )
 from mptls.bench.peer import ChildServer
+from mptls.bench.report import render
 from mptls.cli.main import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -251,6 +257,92 @@ async def test_relay_retrieves_a_reset_peers_error(
     assert relayed == 2
 
 
+def test_a_single_round_is_singular(tmp_path: Path) -> None:
+    result = ScenarioResult("x", "Title", "u", True, 1, True)
+    result.variants.append(VariantResult("a", (1.0,)))
+    console = Console(record=True, width=200)
+    render(console, result)
+    assert "1 interleaved round)" in console.export_text()
+
+
+def _fake_scenarios(
+    monkeypatch: pytest.MonkeyPatch, interrupt_at: str | None = None
+) -> list[str]:
+    """Scenarios that measure nothing; the one named ``interrupt_at``
+    raises KeyboardInterrupt as Ctrl-C would."""
+    ran: list[str] = []
+
+    def module(name: str) -> ModuleType:
+        async def run(options: Any, pki: Any) -> ScenarioResult:
+            ran.append(name)
+            if name == interrupt_at:
+                raise KeyboardInterrupt
+            result = ScenarioResult(name, name, "u", True, 1, options.quick)
+            result.variants.append(VariantResult("a", (1.0,)))
+            return result
+
+        return SimpleNamespace(NAME=name, run=run)  # type: ignore[return-value]
+
+    monkeypatch.setattr(bench, "scenario", module)
+    monkeypatch.setattr(bench, "write_pki", lambda directory: None)
+    monkeypatch.setattr(bench, "machine", lambda: {"python": "3"})
+    return ran
+
+
+def test_each_scenario_runs_once_in_the_order_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = _fake_scenarios(monkeypatch)
+    argv = ["bench", "keys", "bulk", "keys", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    assert ran == ["keys", "bulk"]
+
+
+def test_an_unwritable_result_is_named_and_exits_1(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _fake_scenarios(monkeypatch)
+    (tmp_path / "keys.json").mkdir()
+    argv = ["bench", "bulk", "keys", "memory", "--output", str(tmp_path)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    out = " ".join(captured.out.split())
+    assert f"wrote {tmp_path / 'bulk.json'}, {tmp_path / 'memory.json'}" in out
+    err = " ".join(captured.err.split())
+    assert f"keys: could not write {tmp_path / 'keys.json'}: Is a dir" in err
+    # the samples of the failed file are kept elsewhere, and said where
+    spare = Path(err.rsplit("its samples are in ", 1)[1].strip())
+    try:
+        assert json.loads(spare.read_text())["scenario"] == "keys"
+    finally:
+        spare.unlink()
+
+
+@pytest.mark.parametrize(
+    ("interrupt_at", "said"),
+    [
+        ("bulk", "no result files were written"),
+        ("keys", "wrote {bulk} before the interrupt"),
+    ],
+)
+def test_an_interrupted_run_says_what_it_wrote_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    interrupt_at: str,
+    said: str,
+) -> None:
+    _fake_scenarios(monkeypatch, interrupt_at)
+    argv = ["bench", "bulk", "keys", "--output", str(tmp_path)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "interrupted" in err
+    assert said.format(bulk=tmp_path / "bulk.json") in err
+
+
 def test_servers_do_not_see_the_terminals_ctrl_c() -> None:
     # Ctrl-C signals the terminal's whole process group: a server in it
     # printed its own CancelledError traceback
@@ -259,6 +351,33 @@ def test_servers_do_not_see_the_terminals_ctrl_c() -> None:
     )
     with child:
         assert os.getpgid(child.process.pid) != os.getpgid(0)
+
+
+def test_quick_with_rounds_says_how_many(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _fake_scenarios(monkeypatch)
+    argv = ["bench", "keys", "--quick", "--rounds", "9"]
+    assert main([*argv, "--output", str(tmp_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Tiny transfers and 9 rounds check" in out
+    assert "two rounds" not in out
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "two rounds unless --rounds is given" in usage
+    assert "paths needs root; kernel needs Linux with MPTCP enabled" in usage
+
+
+def test_an_output_that_cannot_be_created_says_why(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "keys", "--output", "/proc/mptls-bench"]) == 2
+    err = capsys.readouterr().err
+    assert "could not create the directory /proc/mptls-bench" in err
+    assert "does not allow new directories" in err
 
 
 async def test_a_server_shutting_down_mid_transfer_prints_nothing() -> None:

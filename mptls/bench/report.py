@@ -47,7 +47,8 @@ def render(console: Console, result: ScenarioResult) -> None:
     better = "higher" if result.higher_is_better else "lower"
     table = Table(
         title=f"{result.title} ({result.unit}, {better} is better; "
-        f"{result.rounds} interleaved rounds)",
+        f"{result.rounds} interleaved "
+        f"{'round' if result.rounds == 1 else 'rounds'})",
         title_justify="left",
     )
     table.add_column("variant")

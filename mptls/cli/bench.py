@@ -9,20 +9,47 @@ namespaces the scenarios create themselves.
 from __future__ import annotations
 
 import argparse
-import os
+import errno
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mptls.cli.common import ExitStatus, UsageError, stdout_console
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from mptls.bench import RunRecord, ScenarioResult
 
 # --quick moves a few MiB per transfer: enough to prove the harness runs,
 # far too little for a figure (a 2 MiB transfer over two shaped paths
 # ends before the second subflow carries its share)
 QUICK_NOTE = (
-    "quick run: smoke figures, not results. Tiny transfers and two rounds "
+    "quick run: smoke figures, not results. Tiny transfers and {rounds} "
     "check that every scenario runs; their speeds, shares and ratios say "
     "nothing about mptls. Run without --quick for figures."
 )
+
+# mkdir's errors in plain words; ENOENT after parents=True means the
+# file system itself refuses new entries (/proc, /sys)
+_MKDIR_REASONS = {
+    errno.ENOENT: "the file system there does not allow new directories",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+}
+
+
+def quick_note(rounds: int | None) -> str:
+    """The quick run's warning, with the rounds it really runs."""
+    if rounds is None:
+        text = "two rounds"
+    else:
+        text = f"{rounds} round" + ("" if rounds == 1 else "s")
+    return QUICK_NOTE.format(rounds=text)
 
 
 def add_parser(
@@ -38,20 +65,21 @@ def add_parser(
             "Run benchmark scenarios with interleaved rounds (A B A B ...) "
             "and report medians, spreads and per-round ratios. Scenarios: "
             + ", ".join(SCENARIO_MODULES)
-            + ". The namespace and kernel scenarios need root."
+            + ". paths needs root; kernel needs Linux with MPTCP enabled."
         ),
     )
     parser.add_argument(
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help="which scenarios to run (default: all)",
+        help="which scenarios to run, each once, in the order given "
+        "(default: all)",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="small sizes and two rounds: smoke figures that check the "
-        "harness, not results",
+        help="small sizes, and two rounds unless --rounds is given: smoke "
+        "figures that check the harness, not results",
     )
     parser.add_argument(
         "--rounds",
@@ -84,8 +112,11 @@ def output_directory(text: str | None) -> Path:
         # a file, or a symlink to nothing (mkdir does not follow it)
         raise UsageError(f"--output {text} is not a directory") from None
     except OSError as exc:
+        reason = _MKDIR_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+        where = exc.filename or text
         raise UsageError(
-            f"--output {text}: cannot create: {exc.strerror or exc}"
+            f"--output {text}: could not create the directory {where}: "
+            f"{reason}"
         ) from None
     if not path.is_dir():
         raise UsageError(f"--output {text} is not a directory")
@@ -101,19 +132,62 @@ def output_directory(text: str | None) -> Path:
 
 
 def written_files(
-    output: Path, names: list[str], plotted: list[str]
-) -> list[str]:
-    """The files a run wrote, as the bench's report names them."""
-    files = [f"{name}.json" for name in names]
-    files += [f"{name}.png" for name in plotted]
-    return [os.path.join(output, file) for file in files]
+    output: Path,
+    results: list[ScenarioResult],
+    record: RunRecord,
+    *,
+    plot: bool,
+) -> list[Path]:
+    """The files a finished run wrote: each scenario's JSON (and PNG),
+    but for those ``record`` says could not be written."""
+    files = [output / f"{result.name}.json" for result in results]
+    files += [
+        output / f"{result.name}.png"
+        for result in results
+        if plot and not result.skipped and result.variants
+    ]
+    failed = {failure.path for failure in record.failures}
+    return [path for path in files if path not in failed]
+
+
+def report_files(
+    console: Console, written: list[Path], record: RunRecord
+) -> None:
+    """Name the files a run wrote (it replaced them) and the ones it
+    could not write, with the OS's reason and where the samples went."""
+    if written:
+        console.print(
+            f"wrote {', '.join(str(path) for path in written)}",
+            markup=False,
+            soft_wrap=True,
+        )
+    for failure in record.failures:
+        kept = (
+            f"; its samples are in {failure.kept}"
+            if failure.kept is not None
+            else ""
+        )
+        print(
+            f"mptls: error: {failure.scenario}: could not write "
+            f"{failure.path}: {failure.reason}{kept}",
+            file=sys.stderr,
+        )
+
+
+def interrupted(record: RunRecord) -> str:
+    """The one line an interrupted run ends with."""
+    if record.written:
+        files = ", ".join(str(path) for path in record.written)
+        return f"mptls: interrupted; wrote {files} before the interrupt"
+    return "mptls: interrupted; no result files were written"
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
-    from mptls.bench import run_scenarios
+    from mptls.bench import RunRecord, run_scenarios
     from mptls.bench.common import SCENARIO_MODULES, BenchOptions
 
-    names = args.scenarios or list(SCENARIO_MODULES)
+    # each scenario once, in the order first given
+    names = list(dict.fromkeys(args.scenarios or SCENARIO_MODULES))
     unknown = [name for name in names if name not in SCENARIO_MODULES]
     if unknown:
         raise UsageError(
@@ -132,24 +206,28 @@ def run(args: argparse.Namespace) -> ExitStatus:
             )
     options = BenchOptions(quick=args.quick, rounds=args.rounds)
     console = stdout_console()
+    note = quick_note(args.rounds)
     if args.quick:
-        console.print(f"[bold yellow]{QUICK_NOTE}[/]")
-    results = run_scenarios(
-        names,
-        options,
-        output=output,
-        console=console,
-        plot=args.plot,
-    )
-    plotted = [
-        result.name
-        for result in results
-        if args.plot and not result.skipped and result.variants
-    ]
-    files = written_files(output, [r.name for r in results], plotted)
+        console.print(f"[bold yellow]{note}[/]")
+    record = RunRecord()
+    try:
+        results = run_scenarios(
+            names,
+            options,
+            output=output,
+            console=console,
+            plot=args.plot,
+            record=record,
+        )
+    except KeyboardInterrupt:
+        # Ctrl-C: the scenario's own cleanup ran on the way out; one
+        # line says what is left in --output
+        print(interrupted(record), file=sys.stderr)
+        return ExitStatus.INTERRUPTED
     # a run replaces the files of the scenarios it ran: say which
-    console.print(f"wrote {', '.join(files)}", markup=False, soft_wrap=True)
+    written = written_files(output, results, record, plot=args.plot)
+    report_files(console, written, record)
     if args.quick:
         # said again under the tables, where the figures are read
-        console.print(f"[bold yellow]{QUICK_NOTE}[/]")
-    return ExitStatus.OK
+        console.print(f"[bold yellow]{note}[/]")
+    return ExitStatus.FAILURE if record.failures else ExitStatus.OK
