@@ -27,7 +27,7 @@ from netns import mptcp_unavailable_reason
 from rich.console import Console
 
 import mptls.bench as bench
-from mptls.bench import harness, relay, stacks
+from mptls.bench import harness, paths, relay, stacks
 from mptls.bench.common import namespaces_reason
 from mptls.bench.harness import (
     ScenarioResult,
@@ -255,6 +255,20 @@ async def test_relay_retrieves_a_reset_peers_error(
     assert not reported, reported
     # both of the relay's writers: the client's and the upstream's
     assert relayed == 2
+
+
+def test_quick_paths_shows_no_share() -> None:
+    result = ScenarioResult("paths", "t", "Mbit/s", True, 2, True)
+    result.variants += [
+        VariantResult(f"{name}@100+100", (107.0, 105.0))
+        for name in ("mptls", "kernel-mptcp", "one-path")
+    ]
+    paths._judge(result, result.variants, "100+100", 200, quick=True)
+    paths._judge(result, result.variants, "100+100", 200, quick=True)
+    share = result.goals[0]
+    assert share.name.startswith("mptls share")
+    assert share.value is None and share.met is None
+    assert result.notes == [paths.QUICK_SHARES_NOTE]
 
 
 def test_a_single_round_is_singular(tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ NAME = "paths"
 TITLE = "Aggregation over two shaped paths"
 RATES = ((100, 100), (100, 50))
 SOURCE_TABLE = 101
+QUICK_SHARES_NOTE = (
+    "quick run: the shares of the sum of the rates are not shown; so small "
+    "a transfer ends within the shapers' bursts and can even pass 100%"
+)
 
 
 def _configure(topology: netns.Topology) -> None:
@@ -140,9 +144,18 @@ def _judge(
     result.add_ratio(f"mptls@{tag}", f"kernel-mptcp@{tag}")
     result.add_ratio(f"mptls@{tag}", f"one-path@{tag}")
     versus_kernel = result.ratio(f"mptls@{tag}", f"kernel-mptcp@{tag}")
-    result.goals.append(
-        at_least(f"mptls share of {tag} Mbit/s", share, 0.95, judge=not quick)
-    )
+    if quick:
+        # a quick transfer ends inside the shapers' bursts, so a share
+        # can pass 1.0: no figure at all rather than a wrong one
+        result.goals.append(
+            at_least(f"mptls share of {tag} Mbit/s", None, 0.95)
+        )
+        if QUICK_SHARES_NOTE not in result.notes:
+            result.notes.append(QUICK_SHARES_NOTE)
+    else:
+        result.goals.append(
+            at_least(f"mptls share of {tag} Mbit/s", share, 0.95)
+        )
     result.goals.append(
         at_least(
             f"mptls / kernel MPTCP at {tag} Mbit/s",
