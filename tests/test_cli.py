@@ -4,10 +4,12 @@ and the commands end to end in subprocesses on loopback."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import platform
 import random
@@ -25,6 +27,7 @@ from typing import IO
 import pytest
 from cryptography import x509
 
+import mptls
 from mptls.bench.harness import ScenarioResult
 from mptls.cli import main as cli_main
 from mptls.cli.archive import build_archive, existing_payload
@@ -652,6 +655,46 @@ def test_stopped_server_fails_a_client_with_input_left(certs: Path) -> None:
             if client.poll() is None:
                 client.kill()
                 client.wait(timeout=COMMAND_TIMEOUT)
+
+
+async def test_a_killed_server_ends_a_client_in_one_line(
+    certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mptls")
+    with serving(certs) as (server, port):
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            int(port),
+            ssl=mptls.TLSConfig(cafile=str(certs / "ca.pem")),
+            path_loss_timeout=1.0,
+        )
+        try:
+            writer.write(b"first line\n")
+            await writer.drain()
+            assert server.stdout is not None
+            assert (
+                readline_within(server.stdout, COMMAND_TIMEOUT)
+                == b"first line\n"
+            )
+            server.kill()
+            server.wait(timeout=COMMAND_TIMEOUT)
+            # every rejoin is refused until path_loss_timeout ends it
+            with pytest.raises(MptlsTimeoutError, match="every path"):
+                await asyncio.wait_for(reader.read(), COMMAND_TIMEOUT)
+        finally:
+            writer.close()
+    attempts = [
+        record
+        for record in caplog.records
+        if "cannot open a subflow" in record.getMessage()
+    ]
+    assert attempts, "no rejoin was tried"
+    # shown with -v or --debug only, and with no "None" for the address
+    assert {record.levelno for record in attempts} == {logging.INFO}
+    assert all(
+        "from any local address to 127.0.0.1:" in record.getMessage()
+        for record in attempts
+    )
 
 
 def test_info_json_is_the_kernel_report() -> None:

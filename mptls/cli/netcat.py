@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import functools
 import ipaddress
+import logging
 import os
 import signal
 import sys
@@ -406,6 +407,9 @@ async def connect(args: argparse.Namespace) -> None:
         verify=not args.insecure,
         check_hostname=not args.insecure,
     )
+    if args.verbose:
+        # rejoin attempts after a lost path are detail for -v
+        logging.getLogger("mptls.userspace").setLevel(logging.INFO)
     reader, writer = await mptls.open_connection(
         args.host,
         port,

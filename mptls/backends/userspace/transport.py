@@ -731,11 +731,15 @@ class MultipathTransport(asyncio.Transport):
                 self._core.config.join_timeout,
             )
         except (OSError, TimeoutError) as exc:
-            logger.warning(
-                "%s: cannot open a subflow %s -> %s: %s",
+            # a refused rejoin is tried again until path_loss_timeout
+            # ends the connection with its own error: detail, not news
+            logger.log(
+                logging.INFO if self._rejoining else logging.WARNING,
+                "%s: cannot open a subflow from %s to %s:%s: %s",
                 self._tag(),
-                local,
-                remote,
+                local or "any local address",
+                f"[{remote[0]}]" if ":" in remote[0] else remote[0],
+                remote[1],
                 exc,
             )
             return
