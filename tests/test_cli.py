@@ -30,6 +30,7 @@ from cryptography import x509
 import mptls
 from mptls.bench.harness import ScenarioResult
 from mptls.cli import main as cli_main
+from mptls.cli import netcat
 from mptls.cli.archive import build_archive, existing_payload
 from mptls.cli.certs import (
     DEVELOPMENT_IDENTITIES,
@@ -695,6 +696,23 @@ async def test_a_killed_server_ends_a_client_in_one_line(
         "from any local address to 127.0.0.1:" in record.getMessage()
         for record in attempts
     )
+
+
+async def test_serve_listens_on_a_name_or_an_address() -> None:
+    assert await netcat._listen_address("[::1]") == "::1"
+    # a name of the machine's own, resolved without any query sent out
+    assert await netcat._listen_address("localhost") in {"127.0.0.1", "::1"}
+
+
+def test_serve_help_shows_its_defaults(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        cli_main.main(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "IP address or name to listen on" in shown
+    assert "(default: 127.0.0.1)" in shown
+    assert "(default: 4433)" in shown
 
 
 def test_info_json_is_the_kernel_report() -> None:

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -168,7 +169,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     port = parse_port(args.port)
-    host = parse_address(args.host)
+    host = await _listen_address(args.host)
     announce = _announced(args.announce, port)
     tls = mptls.TLSConfig(
         certfile=str(existing_file(args.cert, "certificate file")),
@@ -242,6 +243,25 @@ async def _close_clients(
             writer.transport.abort()
         if late:
             await asyncio.wait(late, timeout=CLOSE_WAIT)
+
+
+async def _listen_address(text: str) -> str:
+    """``--host``: an IP literal, or a name whose first address (in the
+    resolver's order, RFC 6724 section 6) the server listens on."""
+    try:
+        return parse_address(text)
+    except UsageError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        found = await loop.getaddrinfo(
+            text, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"--host {text}: cannot resolve: {exc}") from None
+    if not found:
+        raise UsageError(f"--host {text}: the name has no address")
+    return str(found[0][4][0])
 
 
 def _announced(items: Sequence[str], port: int) -> list[tuple[str, int]]:
@@ -484,9 +504,16 @@ def _add_serve_parser(
         "print what each client sends, or echo it back with --echo.",
     )
     server.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on"
+        "--host",
+        default="127.0.0.1",
+        help="IP address or name to listen on; a name listens on its "
+        "first address (default: %(default)s)",
     )
-    server.add_argument("--port", default="4433", help="0 = any free port")
+    server.add_argument(
+        "--port",
+        default="4433",
+        help="0 = any free port (default: %(default)s)",
+    )
     server.add_argument(
         "--cert",
         default=str(Path("certs", "server.pem")),
