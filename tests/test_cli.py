@@ -698,6 +698,31 @@ async def test_a_killed_server_ends_a_client_in_one_line(
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        ([], "(pass the server's CA with --cafile)"),
+        (
+            ["--cafile", "ca.pem", "--mode", "rfc8684"],
+            "(the server may not accept --mode rfc8684)",
+        ),
+    ],
+    ids=["no-cafile", "rfc8684-to-G"],
+)
+def test_failed_handshakes_say_what_to_try(
+    certs: Path, argv: list[str], hint: str
+) -> None:
+    with serving(certs) as (_, port):
+        client = run_mptls(
+            "connect", "127.0.0.1", port, *argv, cwd=certs, stdin=b"x\n"
+        )
+    error = client.stderr.decode()
+    assert client.returncode == 1, error
+    [line] = error.splitlines()
+    assert line.startswith("mptls: error: ")
+    assert line.endswith(hint)
+
+
 async def test_serve_listens_on_a_name_or_an_address() -> None:
     assert await netcat._listen_address("[::1]") == "::1"
     # a name of the machine's own, resolved without any query sent out

@@ -42,7 +42,7 @@ from mptls.cli.common import (
     server_options,
     stderr_console,
 )
-from mptls.errors import MptlsError
+from mptls.errors import CertificateError, MptlsError, PeerResetError
 
 CHUNK_SIZE = 64 * 1024
 
@@ -430,16 +430,22 @@ async def connect(args: argparse.Namespace) -> None:
     if args.verbose:
         # rejoin attempts after a lost path are detail for -v
         logging.getLogger("mptls.userspace").setLevel(logging.INFO)
-    reader, writer = await mptls.open_connection(
-        args.host,
-        port,
-        ssl=tls,
-        server_hostname=args.server_name,
-        local_addrs=list(paths) if paths else None,
-        **client_options(
-            args.backend, args.mode, manage_paths=args.manage_paths
-        ),
-    )
+    try:
+        reader, writer = await mptls.open_connection(
+            args.host,
+            port,
+            ssl=tls,
+            server_hostname=args.server_name,
+            local_addrs=list(paths) if paths else None,
+            **client_options(
+                args.backend, args.mode, manage_paths=args.manage_paths
+            ),
+        )
+    except (CertificateError, PeerResetError) as exc:
+        hinted = _with_hint(exc, args)
+        if hinted is exc:
+            raise
+        raise hinted from exc
     _status(args.verbose, describe_connection(writer.get_extra_info("mptcp")))
     queue: asyncio.Queue[bytes] = asyncio.Queue(STDIN_BACKLOG)
     upload = asyncio.create_task(_stdin_to_connection(writer, queue))
@@ -464,6 +470,30 @@ async def connect(args: argparse.Namespace) -> None:
         writer.close()
         with contextlib.suppress(MptlsError, OSError):
             await writer.wait_closed()
+
+
+# what a failed handshake most likely means, for the user to act on
+_UNTRUSTED = ("self-signed", "self signed", "unable to get local issuer")
+
+
+def _with_hint(
+    exc: CertificateError | PeerResetError, args: argparse.Namespace
+) -> MptlsError:
+    """The handshake error with what to try next, where it is likely."""
+    text = str(exc)
+    if isinstance(exc, CertificateError):
+        if args.cafile or not any(word in text for word in _UNTRUSTED):
+            return exc
+        return CertificateError(
+            f"{text} (pass the server's CA with --cafile)", alert=exc.alert
+        )
+    if args.mode != "rfc8684":
+        return exc
+    # a G-only server resets an MP_CAPABLE that carries keys in the clear
+    return PeerResetError(
+        f"{text} (the server may not accept --mode rfc8684)",
+        reset_reason=exc.reset_reason,
+    )
 
 
 async def _close_in_order(writer: asyncio.StreamWriter) -> None:
@@ -571,7 +601,11 @@ def _add_connect_parser(
     )
     client.add_argument("host")
     client.add_argument("port")
-    client.add_argument("--cafile", help="trust this CA (PEM)")
+    client.add_argument(
+        "--cafile",
+        metavar="FILE",
+        help="trust this CA (PEM) (default: the system trust store)",
+    )
     client.add_argument(
         "--paths",
         help="local addresses, comma separated; first = first subflow",
