@@ -72,7 +72,15 @@ def _server_view(
 def subflow_table(report: DemoReport) -> Table:
     """Each subflow's bytes as the client sent and the server received
     them (TLS records and framing included)."""
-    table = Table(box=box.SIMPLE_HEAD, title="subflows", show_edge=False)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title="subflows",
+        show_edge=False,
+        # why the shares are uneven: the scheduler (mptls.mptcp.scheduler)
+        # fills the lowest-RTT subflow first and spills to the others
+        caption="each write goes to the subflow with the lowest round-trip "
+        "time that has room; the others carry what it cannot take",
+    )
     table.add_column("id", no_wrap=True)
     table.add_column("client -> server", overflow="fold")
     for heading in ("sent", "share", "received", "rtt"):
