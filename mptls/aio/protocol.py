@@ -104,7 +104,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # the Data ACK) and sends close_notify with the end of the stream
         # in one frame; a socket transport does neither
         self._write_out = getattr(sent_to, "write_owned", sent_to.write)
-        self._write_final = getattr(transport, "write_final", None)
+        self._write_final = getattr(sent_to, "write_final", None)
         if self._handshake_timeout is not None:
             self._timeout_handle = self._loop.call_later(
                 self._handshake_timeout, self._on_handshake_timeout

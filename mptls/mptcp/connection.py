@@ -307,14 +307,10 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         subflow.start_probe(chunk.end, now)
         if subflow.data_deadline is None:
             subflow.data_deadline = now + self._rto(subflow)
-        # the Data ACK of _data_ack(), without a Dss built to carry it
-        remote_idsn = self._remote_idsn
         local_idsn = self._local_idsn or 0
         # RFC 8684 section 3.3.1: a DATA_FIN alone has ssn 0, length 1
         mapping = Dss(
-            data_ack=None
-            if remote_idsn is None
-            else (remote_idsn + 1 + self._receive.ack_offset) % SEQ_MOD,
+            data_ack=self._data_ack_number(),
             dsn=(local_idsn + 1 + chunk.offset) % SEQ_MOD,
             ssn=subflow.bytes_sent + 1 if chunk.data else 0,
             data_length=len(chunk.data) + (1 if chunk.fin else 0),

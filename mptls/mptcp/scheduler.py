@@ -40,8 +40,8 @@ class SubflowState(enum.Enum):
 
     SYN_SENT = "SYN_SENT"
     SYN_RECEIVED = "SYN_RECEIVED"
-    # a join SYN with a known token arrived before the keys: it was
-    # dropped and the subflow waits for the retransmitted SYN
+    # a join SYN with a known token arrived before the keys: it waits,
+    # unanswered, and is answered when they come (or when it comes again)
     WAITING_KEYS = "WAITING_KEYS"
     # the initiator sent the third ACK of a join; the responder has not
     # acknowledged it yet

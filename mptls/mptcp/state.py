@@ -195,11 +195,15 @@ class ConnectionState:
 
     # frames
 
-    def _data_ack(self) -> Dss | None:
+    def _data_ack_number(self) -> int | None:
+        """The Data ACK as it goes on the wire, or None before Token-A."""
         if self._remote_idsn is None:
             return None
-        wire = (self._remote_idsn + 1 + self._receive.ack_offset) % SEQ_MOD
-        return Dss(data_ack=wire)
+        return (self._remote_idsn + 1 + self._receive.ack_offset) % SEQ_MOD
+
+    def _data_ack(self) -> Dss | None:
+        number = self._data_ack_number()
+        return None if number is None else Dss(data_ack=number)
 
     def _segment(
         self,
