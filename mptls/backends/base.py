@@ -41,6 +41,14 @@ class KeyInstall:
     reason: str = ""
 
 
+def format_address(address: tuple[Any, ...] | None) -> str:
+    """``host:port``, with brackets around an IPv6 host; ``-`` for None."""
+    if address is None:
+        return "-"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class SubflowInfo:
     """One subflow as a backend sees it. Never holds key material."""

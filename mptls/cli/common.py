@@ -256,14 +256,6 @@ def print_json(document: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def format_address(address: tuple[Any, ...] | None) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    if address is None:
-        return "-"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
 def human_bytes(count: float) -> str:
     """A byte count in decimal units (MB = 10**6 bytes)."""
     units = ("B", "kB", "MB", "GB")

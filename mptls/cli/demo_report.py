@@ -22,8 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mptls.backends.base import SubflowInfo
-from mptls.cli.common import format_address, human_bytes
+from mptls.backends.base import SubflowInfo, format_address
+from mptls.cli.common import human_bytes
 from mptls.cli.transfer import DemoReport
 from mptls.cli.transfer import Progress as ProgressCallback
 

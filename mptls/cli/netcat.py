@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import mptls
-from mptls.backends.base import MptcpInfo
+from mptls.backends.base import MptcpInfo, format_address
 from mptls.cli.common import (
     ExitStatus,
     OutputClosedError,
@@ -34,7 +34,6 @@ from mptls.cli.common import (
     client_options,
     describe_error,
     existing_file,
-    format_address,
     parse_address,
     parse_announce,
     parse_paths,

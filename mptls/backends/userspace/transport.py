@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
-from mptls.backends.base import MptcpInfo, SubflowInfo
+from mptls.backends.base import MptcpInfo, SubflowInfo, format_address
 from mptls.backends.buffers import read_buffer
 from mptls.errors import (
     MptlsError,
@@ -735,11 +735,10 @@ class MultipathTransport(asyncio.Transport):
             # ends the connection with its own error: detail, not news
             logger.log(
                 logging.INFO if self._rejoining else logging.WARNING,
-                "%s: cannot open a subflow from %s to %s:%s: %s",
+                "%s: cannot open a subflow from %s to %s: %s",
                 self._tag(),
                 local or "any local address",
-                f"[{remote[0]}]" if ":" in remote[0] else remote[0],
-                remote[1],
+                format_address(remote),
                 exc,
             )
             return
