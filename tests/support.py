@@ -19,7 +19,7 @@ import random
 import resource
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
@@ -151,3 +151,47 @@ async def digest_handler(
         pass
     finally:
         writer.close()
+
+
+# leaving a connection while its reader is paused
+
+
+Handler = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
+]
+
+
+def answer_streamer(answer: bytes) -> Handler:
+    """A handler that writes ``answer`` at once and reads nothing."""
+
+    async def stream_answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(answer)
+        with contextlib.suppress(ConnectionError, MptlsError):
+            await writer.drain()
+
+    return stream_answer
+
+
+async def until(condition: Callable[[], object], what: str) -> None:
+    """Steps the loop (a bounded number of times) until ``condition``."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{what} never happened")
+
+
+def is_paused(reader: asyncio.StreamReader) -> bool:
+    return bool(reader._paused)  # type: ignore[attr-defined]
+
+
+async def leave(writer: asyncio.StreamWriter, how: str) -> None:
+    """Close or abort, and wait until the connection has ended."""
+    if how == "close":
+        writer.close()
+    else:
+        writer.transport.abort()
+    with contextlib.suppress(ConnectionError, MptlsError):
+        await asyncio.wait_for(writer.wait_closed(), 15)

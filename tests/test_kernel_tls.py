@@ -10,18 +10,25 @@ since no released kernel can take TLS-derived keys.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import netns
 import pytest
-from support import skip_without_ipv6
+from support import (
+    answer_streamer,
+    is_paused,
+    leave,
+    skip_without_ipv6,
+    until,
+)
 
 import mptls
 from mptls.aio.protocol import TLSProtocol
+from mptls.backends.base import Server
 from mptls.errors import KeysUnavailableError
 from mptls.tls.config import TLSConfig
 
@@ -40,6 +47,39 @@ def _needs_mptcp() -> None:
 @pytest.fixture
 def pki(tmp_path: Path) -> Iterator[netns.ServerPki]:
     yield netns.write_pki(str(tmp_path))
+
+
+async def kernel_server(
+    handler: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
+    ],
+    pki: netns.ServerPki,
+    *,
+    host: str = "127.0.0.1",
+    **options: Any,
+) -> Server:
+    """An mptls server on the kernel backend, on any free port."""
+    return await mptls.start_server(
+        handler,
+        host,
+        0,
+        ssl=TLSConfig(certfile=pki.server_pem),
+        backend="kernel",
+        **options,
+    )
+
+
+async def kernel_client(
+    pki: netns.ServerPki, port: int, *, host: str = "127.0.0.1", **options: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An mptls client on the kernel backend, trusting the test CA."""
+    return await mptls.open_connection(
+        host,
+        port,
+        ssl=TLSConfig(cafile=pki.ca_pem),
+        backend="kernel",
+        **options,
+    )
 
 
 class EchoServer:
@@ -68,17 +108,9 @@ class EchoServer:
 async def test_tls_over_kernel_mptcp(pki: netns.ServerPki, host: str) -> None:
     skip_without_ipv6(host)
     echo = EchoServer()
-    server = await mptls.start_server(
-        echo.handle,
-        host,
-        0,
-        ssl=TLSConfig(certfile=pki.server_pem),
-        backend="kernel",
-    )
+    server = await kernel_server(echo.handle, pki, host=host)
     port = server.sockets[0].getsockname()[1]
-    reader, writer = await mptls.open_connection(
-        host, port, ssl=TLSConfig(cafile=pki.ca_pem), backend="kernel"
-    )
+    reader, writer = await kernel_client(pki, port, host=host)
     writer.write(b"over kernel mptcp\n")
     assert await asyncio.wait_for(reader.readline(), 10) == (
         b"over kernel mptcp\n"
@@ -104,38 +136,14 @@ async def test_require_app_keys_fails_before_application_data(
     pki: netns.ServerPki,
 ) -> None:
     echo = EchoServer()
-    server = await mptls.start_server(
-        echo.handle,
-        "127.0.0.1",
-        0,
-        ssl=TLSConfig(certfile=pki.server_pem),
-        backend="kernel",
-    )
+    server = await kernel_server(echo.handle, pki)
     port = server.sockets[0].getsockname()[1]
     with pytest.raises(KeysUnavailableError, match="no interface"):
-        await mptls.open_connection(
-            "127.0.0.1",
-            port,
-            ssl=TLSConfig(cafile=pki.ca_pem),
-            backend="kernel",
-            require_app_keys=True,
-        )
+        await kernel_client(pki, port, require_app_keys=True)
     # the server side requires them too and refuses the same way
-    strict = await mptls.start_server(
-        echo.handle,
-        "127.0.0.1",
-        0,
-        ssl=TLSConfig(certfile=pki.server_pem),
-        backend="kernel",
-        require_app_keys=True,
-    )
+    strict = await kernel_server(echo.handle, pki, require_app_keys=True)
     strict_port = strict.sockets[0].getsockname()[1]
-    reader, writer = await mptls.open_connection(
-        "127.0.0.1",
-        strict_port,
-        ssl=TLSConfig(cafile=pki.ca_pem),
-        backend="kernel",
-    )
+    reader, writer = await kernel_client(pki, strict_port)
     writer.write(b"must not arrive\n")
     with pytest.raises((mptls.MptlsError, ConnectionError)):
         line = await asyncio.wait_for(reader.readline(), 10)
@@ -165,9 +173,7 @@ async def test_plain_tls_server_gives_reported_fallback(
 
     plain = await asyncio.start_server(handle, host, 0, ssl=context)
     port = plain.sockets[0].getsockname()[1]
-    reader, writer = await mptls.open_connection(
-        host, port, ssl=TLSConfig(cafile=pki.ca_pem), backend="kernel"
-    )
+    reader, writer = await kernel_client(pki, port, host=host)
     writer.write(b"plain tcp underneath\n")
     assert await asyncio.wait_for(reader.readline(), 10) == (
         b"plain tcp underneath\n"
@@ -191,22 +197,9 @@ async def _echo_over_kernel(
         await writer.drain()
         writer.close()
 
-    server = await mptls.start_server(
-        echo,
-        "127.0.0.1",
-        0,
-        ssl=TLSConfig(certfile=pki.server_pem),
-        backend="kernel",
-        limit=limit,
-    )
+    server = await kernel_server(echo, pki, limit=limit)
     port = server.sockets[0].getsockname()[1]
-    reader, writer = await mptls.open_connection(
-        "127.0.0.1",
-        port,
-        ssl=TLSConfig(cafile=pki.ca_pem),
-        backend="kernel",
-        limit=limit,
-    )
+    reader, writer = await kernel_client(pki, port, limit=limit)
     writer.write(payload)
     try:
         return await asyncio.wait_for(reader.readexactly(len(payload)), 20)
@@ -275,39 +268,11 @@ def test_runs_on_uvloop(pki: netns.ServerPki, how: str) -> None:
 async def _leave_while_paused(pki: netns.ServerPki, how: str) -> None:
     """Close or abort while the reader is paused over unread data."""
     answer = random.Random(8).randbytes(1 << 20)
-
-    async def stream_answer(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        writer.write(answer)
-        with contextlib.suppress(ConnectionError, mptls.MptlsError):
-            await writer.drain()
-
-    server = await mptls.start_server(
-        stream_answer,
-        "127.0.0.1",
-        0,
-        ssl=TLSConfig(certfile=pki.server_pem),
-        backend="kernel",
-    )
+    server = await kernel_server(answer_streamer(answer), pki)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1",
-            port,
-            ssl=TLSConfig(cafile=pki.ca_pem),
-            backend="kernel",
-        )
+        reader, writer = await kernel_client(pki, port)
         assert await reader.readexactly(10) == answer[:10]
-        for _ in range(10_000):
-            if reader._paused:  # type: ignore[attr-defined]
-                break
-            await asyncio.sleep(0)
-        assert reader._paused  # type: ignore[attr-defined]
-        if how == "close":
-            writer.close()
-        else:
-            writer.transport.abort()
-        with contextlib.suppress(ConnectionError, mptls.MptlsError):
-            await asyncio.wait_for(writer.wait_closed(), 15)
+        await until(lambda: is_paused(reader), "the reader's pause")
+        await leave(writer, how)
         assert writer.transport.is_closing()

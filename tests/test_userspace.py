@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import random
 import ssl
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 from pki import Pki
+from support import answer_streamer, is_paused, leave, until
 
 import mptls
 from mptls.mptcp.framing import NOT_MPTLS_REPLY, Segment
@@ -624,29 +624,6 @@ async def test_a_paused_reader_gets_everything_after_a_clean_end(
     assert received == answer
 
 
-async def until(condition: Callable[[], object], what: str) -> None:
-    """Steps the loop (a bounded number of times) until ``condition``."""
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"{what} never happened")
-
-
-def is_paused(reader: asyncio.StreamReader) -> bool:
-    return bool(reader._paused)  # type: ignore[attr-defined]
-
-
-async def leave(writer: asyncio.StreamWriter, how: str) -> None:
-    """Close or abort, and wait until the connection has ended."""
-    if how == "close":
-        writer.close()
-    else:
-        writer.transport.abort()
-    with contextlib.suppress(ConnectionError, mptls.MptlsError):
-        await asyncio.wait_for(writer.wait_closed(), 15)
-
-
 @pytest.mark.parametrize("how", ["close", "abort"])
 async def test_leaving_while_paused_with_unread_data_ends(
     pki: Pki, how: str
@@ -654,15 +631,7 @@ async def test_leaving_while_paused_with_unread_data_ends(
     # the application reads a little and leaves while the rest waits
     # below its paused reader: it is told of the end at once
     answer = random.Random(8).randbytes(1 << 20)
-
-    async def stream_answer(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        writer.write(answer)
-        with contextlib.suppress(ConnectionError, mptls.MptlsError):
-            await writer.drain()
-
-    served = await serve(pki, stream_answer)
+    served = await serve(pki, answer_streamer(answer))
     assert served.server is not None
     async with served.server:
         reader, writer = await open_one_path(pki, served.port)
