@@ -99,6 +99,12 @@ def run_mptls(
     )
 
 
+def connect_args(port: str, certs: Path) -> list[str]:
+    """``mptls connect`` to a local ``serve`` on ``port``, trusting the
+    development CA in ``certs``."""
+    return ["connect", "127.0.0.1", port, "--cafile", str(certs / "ca.pem")]
+
+
 # argument parsing
 
 
@@ -602,11 +608,7 @@ def test_serve_and_connect_echo_a_line(certs: Path) -> None:
     with serving(certs, "--echo", "--once") as (server, port):
         line = b"hello over two paths\n"
         client = run_mptls(
-            "connect",
-            "127.0.0.1",
-            port,
-            "--cafile",
-            str(certs / "ca.pem"),
+            *connect_args(port, certs),
             "--paths",
             "127.0.0.1,127.0.0.2",
             stdin=line,
@@ -619,16 +621,7 @@ def test_serve_and_connect_echo_a_line(certs: Path) -> None:
 def test_stopped_server_fails_a_client_with_input_left(certs: Path) -> None:
     with serving(certs) as (server, port):
         client = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mptls",
-                "connect",
-                "127.0.0.1",
-                port,
-                "--cafile",
-                str(certs / "ca.pem"),
-            ],
+            [sys.executable, "-m", "mptls", *connect_args(port, certs)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -761,11 +754,7 @@ def test_serve_once_with_its_output_closed_fails(certs: Path) -> None:
         # whoever read the server's output went away (``| head``)
         server.stdout.close()
         client = run_mptls(
-            "connect",
-            "127.0.0.1",
-            port,
-            "--cafile",
-            str(certs / "ca.pem"),
+            *connect_args(port, certs),
             stdin=b"nobody reads this\n",
         )
         assert server.wait(timeout=COMMAND_TIMEOUT) == 1
@@ -785,16 +774,7 @@ def test_connect_with_its_output_closed_fails(certs: Path) -> None:
         os.close(read_end)
         try:
             client = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "mptls",
-                    "connect",
-                    "127.0.0.1",
-                    port,
-                    "--cafile",
-                    str(certs / "ca.pem"),
-                ],
+                [sys.executable, "-m", "mptls", *connect_args(port, certs)],
                 input=b"echoed to nobody\n" * 1000,
                 stdout=write_end,
                 stderr=subprocess.PIPE,
