@@ -272,7 +272,6 @@ Option = (
 # shared helpers
 
 _U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _JOIN_SYN_SHORT = struct.Struct(">BBBB4sI")
 _JOIN_SYN_LONG = struct.Struct(">BBBB8sI")

@@ -70,7 +70,6 @@ ALLOCATION_BATCH = 1024
 
 _WORD = 4
 _WORD_BITS = 32
-_TOKEN_BYTES = struct.Struct(">Q")
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,6 @@ from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.userspace")
 
-_READ_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_LOW_WATER = 1024 * 1024
 # a client that lost every subflow tries its local addresses again,
