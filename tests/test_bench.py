@@ -27,7 +27,7 @@ from netns import mptcp_unavailable_reason
 from rich.console import Console
 
 import mptls.bench as bench
-from mptls.bench import harness, paths, relay, stacks
+from mptls.bench import connect, harness, paths, relay, stacks
 from mptls.bench.common import namespaces_reason
 from mptls.bench.harness import (
     ScenarioResult,
@@ -126,6 +126,48 @@ def test_quick_connect_times_joins_on_loopback_and_relayed(
         # the relayed round trip is at least the relay's two delays
         relayed = details[f"join ({side}, relayed)"]["echo_rtt_ms"]
         assert relayed["min"] >= 2 * details["relay_one_way_delay_ms"]
+
+
+async def test_the_join_probe_times_the_write_a_join_carried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the second write is the one a join carries: the probe must stop
+    # right after it, not after the drain and the pause that follow
+    class Writer:
+        def __init__(self) -> None:
+            self.writes = 0
+            self.drains = 0
+
+        def write(self, data: bytes) -> None:
+            self.writes += 1
+
+        async def drain(self) -> None:
+            self.drains += 1
+
+        def get_extra_info(self, name: str) -> SimpleNamespace:
+            assert name == "mptcp"
+            sent = 1024 if self.writes >= 2 else 0
+            subflows = [SimpleNamespace(bytes_sent=1024)] * 2
+            subflows[1] = SimpleNamespace(bytes_sent=sent)
+            return SimpleNamespace(subflows=subflows)
+
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    monkeypatch.setattr(connect.asyncio, "sleep", pause)
+    writer = Writer()
+    started = connect.time.perf_counter()
+    taken = await connect._trickle_until_joined(
+        writer,  # type: ignore[arg-type]
+        started,
+        3.0,
+    )
+    assert writer.writes == 2
+    assert writer.drains == 1
+    assert pauses == [3.0]
+    assert 0 <= taken < connect.JOIN_LIMIT
 
 
 def test_quick_tokens_find_no_search_for_server_ids(tmp_path: Path) -> None:
