@@ -22,6 +22,7 @@ from mptls.backends.userspace.transport import (
 )
 from mptls.mptcp.endpoint import Endpoint, Refused
 from mptls.mptcp.framing import Segment, encode_segment
+from mptls.trace import pcap
 
 logger = logging.getLogger("mptls.userspace")
 
@@ -96,6 +97,8 @@ class Listener:
         if isinstance(result, Refused):
             logger.debug("refused a subflow: %s", result.reason)
             if result.reply is not None:
+                if (capture := pcap.active) is not None:
+                    capture.frame_sent(subflow, result.reply)
                 subflow.send(encode_segment(result.reply))
             subflow.close()
             return

@@ -47,6 +47,7 @@ from mptls.mptcp.framing import (
 )
 from mptls.mptcp.scheduler import UNCAPPED
 from mptls.tls.keys import KeyMaterial
+from mptls.trace import pcap
 
 logger = logging.getLogger("mptls.userspace")
 
@@ -148,6 +149,11 @@ class SubflowProtocol(asyncio.BufferedProtocol):
             self.close()
             return
         if segments:
+            # a packet capture (mptls.trace) records them; none running
+            # costs this one test per read (read once: another thread
+            # may stop it meanwhile)
+            if (capture := pcap.active) is not None:
+                capture.frames_received(self, segments)
             self.sink.segments_received(self, segments)
 
     def _refuse_foreign(self, exc: NotMptlsPeerError) -> None:
@@ -411,7 +417,10 @@ class MultipathTransport(asyncio.Transport):
                 room(subflow_id, free)
         out: dict[int, list[Payload]] = {}
         closing: list[int] = []
-        for subflow_id, segment in self._core.segments_to_send(now):
+        sent = self._core.segments_to_send(now)
+        if (capture := pcap.active) is not None:
+            capture.frames_sent(self._subflows, sent)
+        for subflow_id, segment in sent:
             # header and payload apart: send gathers them
             parts = out.setdefault(subflow_id, [])
             parts.append(encode_head(segment))
