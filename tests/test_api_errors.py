@@ -166,6 +166,10 @@ async def test_server_host_must_be_str_or_list(pki: Pki) -> None:
         (b"127.0.0.1", "list of addresses"),
         ([127], "entries"),
         (["127.0.0.1", None], "entries"),
+        # names are refused before any lookup, bad literals too
+        (["localhost"], "IP addresses"),
+        (["127.0.0.1", "999.1.1.1"], "IP addresses"),
+        (["127.0.0.1:5"], "IP addresses"),
     ],
 )
 async def test_bad_local_addrs(
@@ -174,6 +178,15 @@ async def test_bad_local_addrs(
     with pytest.raises(ConfigurationError, match=match):
         await mptls.open_connection(
             "127.0.0.1", 4433, ssl=pki.client(), local_addrs=local_addrs
+        )
+
+
+async def test_an_empty_server_hostname_is_refused(pki: Pki) -> None:
+    # OpenSSL would take "" as no name to check, so any certificate the
+    # CA signed would pass: refused before anything is sent
+    with pytest.raises(ConfigurationError, match="server_hostname"):
+        await mptls.open_connection(
+            "127.0.0.1", 4433, ssl=pki.client(), server_hostname=""
         )
 
 

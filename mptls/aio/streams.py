@@ -16,6 +16,7 @@ put key material in one.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -70,6 +71,13 @@ def _check_client_args(
         raise ConfigurationError(
             f"server_hostname must be a str, got {server_hostname!r}"
         )
+    if server_hostname == "":
+        # OpenSSL takes an empty name as no name to check: the server's
+        # certificate would pass for any host (stdlib ssl refuses it too)
+        raise ConfigurationError(
+            "server_hostname must not be empty; to skip the host name "
+            "check pass a TLSConfig with check_hostname=False"
+        )
     if local_addrs is None:
         return None
     if isinstance(local_addrs, str | bytes) or not isinstance(
@@ -85,6 +93,14 @@ def _check_client_args(
             raise ConfigurationError(
                 f"local_addrs entries must be non-empty str, got {address!r}"
             )
+        try:
+            # addresses of this host, not names: a name would be looked
+            # up on the network, and could stand for several addresses
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigurationError(
+                f"local_addrs entries must be IP addresses, got {address!r}"
+            ) from None
     return list(local_addrs)
 
 
