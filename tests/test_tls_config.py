@@ -163,6 +163,15 @@ def test_inconsistent_settings_are_refused(files: Files) -> None:
         TLSConfig().server_context()
 
 
+@pytest.mark.parametrize("name", ["certfile", "keyfile", "cafile"])
+def test_a_path_with_a_nul_is_refused(files: Files, name: str) -> None:
+    # OpenSSL would open the file named by what comes before the NUL
+    settings: dict[str, Any] = {"certfile": files.chain_file}
+    settings[name] = str(files.chain_file) + "\0other"
+    with pytest.raises(ConfigurationError, match=f"{name} contains a NUL"):
+        TLSConfig(**settings)
+
+
 # contexts
 
 

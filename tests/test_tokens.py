@@ -34,7 +34,7 @@ def test_default_layout() -> None:
 
 @pytest.mark.parametrize(
     ("server_bits", "worker_bits"),
-    [(33, 0), (16, 17), (-1, 8), (8, -1)],
+    [(33, 0), (16, 17), (-1, 8), (8, -1), (True, 8), (8, False)],
 )
 def test_layout_must_leave_32_serial_bits(
     server_bits: int, worker_bits: int
@@ -323,3 +323,17 @@ def test_forward_bytes_carries_the_prefix_beside_the_serial() -> None:
         permutation.forward_bytes(0, 4, prefix=1 << 47)
     with pytest.raises(ConfigurationError, match="64-bit"):
         permutation.forward_bytes(0, 4, prefix=1 << 64)
+
+
+@pytest.mark.parametrize("server_id", [True, False, 1.0, "1"])
+def test_an_id_that_is_not_an_int_is_refused(server_id: object) -> None:
+    # a bool is an int to Python, never an id to a load balancer
+    with pytest.raises(ConfigurationError, match="server id"):
+        TokenAllocator(SECRET, server_id=server_id)  # type: ignore[arg-type]
+
+
+def test_a_layout_that_is_not_a_token_layout_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="TokenLayout"):
+        TokenAllocator(SECRET, layout=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="TokenLayout"):
+        token_fields(bytes(8), 5)  # type: ignore[arg-type]

@@ -114,7 +114,7 @@ class TokenLayout:
     def __post_init__(self) -> None:
         for name in ("server_id_bits", "worker_id_bits"):
             bits = getattr(self, name)
-            if not isinstance(bits, int) or bits < 0:
+            if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
                 raise ConfigurationError(f"{name} must be an int >= 0")
         if self.serial_bits < MIN_SERIAL_BITS:
             raise ConfigurationError(
@@ -143,6 +143,7 @@ def token_fields(
     """The server and worker ids in ``token``, as a load balancer reads."""
     if not isinstance(token, bytes | bytearray) or len(token) != TOKEN_LENGTH:
         raise ConfigurationError(f"a token is {TOKEN_LENGTH} bytes")
+    _check_layout(layout)
     value = int.from_bytes(token, "big")
     ids = value >> layout.serial_bits
     worker_mask = (1 << layout.worker_id_bits) - 1
@@ -365,6 +366,7 @@ class TokenAllocator:
         worker_id: int = 0,
         start: int = 0,
     ) -> None:
+        _check_layout(layout)
         _check_id(server_id, layout.server_id_bits, "server id")
         _check_id(worker_id, layout.worker_id_bits, "worker id")
         serial_bits = layout.serial_bits
@@ -468,8 +470,19 @@ class TokenAllocator:
         )
 
 
+def _check_layout(layout: object) -> None:
+    if not isinstance(layout, TokenLayout):
+        raise ConfigurationError(
+            f"layout must be a TokenLayout, got {type(layout).__name__}"
+        )
+
+
 def _check_id(value: int, bits: int, what: str) -> None:
-    if not isinstance(value, int) or not 0 <= value < 1 << bits:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 <= value < 1 << bits
+    ):
         raise ConfigurationError(
             f"{what} {value!r} does not fit in {bits} bits"
         )

@@ -212,6 +212,10 @@ class TLSConfig:
                     f"{name} must be a path (str, bytes or os.PathLike), "
                     f"got {type(value).__name__}"
                 )
+            if value is not None and "\0" in os.fsdecode(value):
+                # OpenSSL reads a C string: it would open the file named
+                # by what comes before the NUL, silently
+                raise ConfigurationError(f"{name} contains a NUL character")
         if self.cadata is not None and not isinstance(self.cadata, bytes):
             raise ConfigurationError(
                 f"cadata must be bytes, got {type(self.cadata).__name__}"
