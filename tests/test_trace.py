@@ -6,24 +6,31 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import random
+import select
 import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from pki import Pki
 from support import skip_without_ipv6
 
 import mptls
+from mptls.cli import demo as demo_command
+from mptls.cli import main as cli_main
 from mptls.errors import ConfigurationError, MptlsError
 from mptls.mptcp.crypto import idsn_from_token
 from mptls.mptcp.options import (
@@ -678,3 +685,213 @@ async def test_a_failed_write_stops_the_capture_not_the_connection(
     # what was written before the failure is a readable file
     _, packets = read_pcap(path)
     assert len(packets) >= 9
+
+
+# the command line
+
+
+COMMAND_TIMEOUT = 20.0
+
+
+def mptls_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mptls", *args]
+
+
+def first_line(stream: IO[bytes], timeout: float) -> bytes:
+    """One line from a child's pipe, or a failure after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select(
+            [stream.fileno()], [], [], max(deadline - time.monotonic(), 0)
+        )
+        if not ready:
+            pytest.fail(f"no line within {timeout} s: {bytes(line)!r}")
+        chunk = os.read(stream.fileno(), 1)
+        if not chunk:
+            break
+        line += chunk
+    return bytes(line)
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    directory = tmp_path / "certs"
+    result = subprocess.run(
+        mptls_command("certs", "--dir", str(directory)),
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return directory
+
+
+def frames_of(packets: list[Packet]) -> dict[Any, list[tuple[Any, ...]]]:
+    """Per direction, what both ends of a TCP connection must agree on."""
+    return {
+        direction: [
+            (p.seq, p.flags, p.window, p.options, p.payload) for p in packets
+        ]
+        for direction, packets in by_direction(packets).items()
+    }
+
+
+def test_serve_and_connect_capture_the_same_frames(
+    certs: Path, tmp_path: Path
+) -> None:
+    server_pcap, client_pcap = tmp_path / "serve.pcap", tmp_path / "conn.pcap"
+    server = subprocess.Popen(
+        mptls_command(
+            *served_by(certs), "--echo", "--once", "--pcap", str(server_pcap)
+        ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert server.stderr is not None
+        listening = first_line(server.stderr, COMMAND_TIMEOUT).decode()
+        port = listening.rsplit(":", 1)[1].strip()
+        line = b"hello over two paths\n" * 1000
+        client = subprocess.run(
+            mptls_command(
+                "connect",
+                "127.0.0.1",
+                port,
+                "--cafile",
+                str(certs / "ca.pem"),
+                "--paths",
+                "127.0.0.1,127.0.0.2",
+                "--pcap",
+                str(client_pcap),
+                "-v",
+            ),
+            input=line,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        assert client.returncode == 0, client.stderr.decode()
+        assert client.stdout == line
+        assert server.wait(timeout=COMMAND_TIMEOUT) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=COMMAND_TIMEOUT)
+    assert b"packet capture: " in client.stderr
+
+    _, at_server = read_pcap(server_pcap)
+    _, at_client = read_pcap(client_pcap)
+    sequence_check(at_server)
+    sequence_check(at_client)
+    # each end wrote what it sent and what it read; a frame one end read
+    # is the frame the other end sent, byte for byte (the ACK numbers
+    # differ: each end acknowledges what it had seen when it wrote)
+    server_frames, client_frames = frames_of(at_server), frames_of(at_client)
+    assert server_frames.keys() == client_frames.keys()
+    assert len(server_frames) == 4
+    for direction, frames in client_frames.items():
+        shorter = min(len(frames), len(server_frames[direction]))
+        assert shorter >= len(frames) - 1  # a last FIN may go unread
+        assert frames[:shorter] == server_frames[direction][:shorter]
+
+
+def served_by(certs: Path) -> list[str]:
+    """``mptls serve`` with the development certificate in ``certs``."""
+    return [
+        "serve",
+        "--port",
+        "0",
+        "--cert",
+        str(certs / "server.pem"),
+        "--key",
+        str(certs / "server.key"),
+    ]
+
+
+@pytest.mark.parametrize("command", ["connect", "serve", "demo"])
+def test_an_unwritable_pcap_is_one_line_and_exit_2(
+    command: str,
+    certs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "missing" / "x.pcap"
+    argv = {
+        "connect": ["connect", "127.0.0.1", "9"],
+        "serve": served_by(certs),
+        "demo": ["demo"],
+    }[command]
+    status = cli_main.main([*argv, "--pcap", str(path)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "mptls: error: cannot write the packet capture "
+        f"{path}: No such file or directory"
+    ]
+    assert pcap.active is None
+
+
+@pytest.mark.parametrize("command", ["kernel", "workers"])
+def test_pcap_refuses_what_it_cannot_record(
+    command: str,
+    certs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv, reason = {
+        "kernel": (
+            ["connect", "127.0.0.1", "9", "--backend", "kernel"],
+            "tcpdump",
+        ),
+        "workers": ([*served_by(certs), "--workers", "2"], "--workers"),
+    }[command]
+    status = cli_main.main([*argv, "--pcap", str(tmp_path / "x.pcap")])
+    assert status == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("mptls: error: --pcap ") and reason in line
+    assert not (tmp_path / "x.pcap").exists()
+
+
+def test_the_demo_captures_both_of_its_ends(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = seeded(1024 * 1024, 7)
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(data)
+    path = tmp_path / "demo.pcap"
+    started: list[Capture] = []
+    pcap_capture: Callable[..., Any] = demo_command.pcap_capture
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        made = pcap_capture(*args, **kwargs)
+        started.append(made)
+        return made
+
+    monkeypatch.setattr(demo_command, "pcap_capture", recorded)
+    argv = ["demo", "--file", str(payload), "--json", "--pcap", str(path)]
+    assert cli_main.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True
+    assert report["sha256"]["client"] == hashlib.sha256(data).hexdigest()
+
+    # every frame one end received, the other end sent in this process
+    summary = report["pcap"]
+    assert summary["file"] == str(path)
+    assert summary["received"] == summary["seen_twice"] > 0
+    assert summary["frames"] == summary["sent"] == started[0].frames
+    _, packets = read_pcap(path)
+    sequence_check(packets)
+    subflows = {
+        sub["local_address"][0] for sub in report["client"]["subflows"]
+    }
+    assert subflows == {"127.0.0.1", "127.0.0.2"}
+    # both directions of both subflows, each opened and closed
+    directions = by_direction(packets)
+    assert len(directions) == 4
+    for packets_one_way in directions.values():
+        assert packets_one_way[0].flags & SYN
+        assert packets_one_way[-1].flags & FIN

@@ -9,6 +9,7 @@ never prints key material: commands show key fingerprints only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ipaddress
 import json
@@ -27,6 +28,7 @@ from mptls.errors import (
     MptlsError,
     NotMptlsPeerError,
 )
+from mptls.trace import Capture, capture
 
 logger = logging.getLogger("mptls.cli")
 
@@ -94,6 +96,38 @@ def server_options(
 ) -> dict[str, Any]:
     """The keywords for a backend's ``create_server``."""
     return {"backend": backend, **_SERVER_OPTIONS[backend](mode, announce)}
+
+
+def add_pcap_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--pcap FILE``: a packet capture of the userspace frames."""
+    parser.add_argument(
+        "--pcap",
+        metavar="FILE",
+        help=f"write every userspace frame {what} to FILE as a pcap "
+        "(IPv4/IPv6 + TCP with the MPTCP options, for Wireshark or "
+        "tshark); never holds keys",
+    )
+
+
+def pcap_capture(
+    path: str | None, backend: str
+) -> contextlib.AbstractContextManager[Capture | None]:
+    """The capture ``--pcap`` asks for, or a context that does nothing.
+
+    Entering it opens the file: an unwritable one is a
+    :class:`~mptls.errors.ConfigurationError` naming it, before any
+    connection.
+    """
+    if path is None:
+        return contextlib.nullcontext()
+    if not path:
+        raise UsageError("--pcap needs a file name")
+    if backend != "userspace":
+        raise UsageError(
+            "--pcap records the userspace backend's frames; the kernel "
+            "backend's subflows are real TCP: capture them with tcpdump"
+        )
+    return capture(path)
 
 
 class ExitStatus(IntEnum):

@@ -11,19 +11,23 @@ import argparse
 import asyncio
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mptls.cli.archive import existing_payload, stdlib_archive
 from mptls.cli.common import (
     ExitStatus,
     add_backend_arguments,
+    add_pcap_argument,
     existing_file,
     parse_paths,
+    pcap_capture,
     print_json,
     stdout_console,
 )
 from mptls.cli.demo_report import render_report, transfer_progress
 from mptls.cli.transfer import DEFAULT_PATHS, DemoSettings, run_demo
 from mptls.errors import MptlsError, ProtocolError
+from mptls.trace import Capture
 
 
 def add_parser(
@@ -63,6 +67,11 @@ def add_parser(
         "--json", action="store_true", help="print the report as JSON"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_pcap_argument(
+        parser,
+        "of both ends (the server and the client run in this process, so "
+        "the one capture holds each frame once, as its sender wrote it)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -78,7 +87,10 @@ def run(args: argparse.Namespace) -> ExitStatus:
     console = stdout_console()
     quiet = args.quiet or args.json
 
-    with tempfile.TemporaryDirectory(prefix="mptls-demo-") as directory:
+    with (
+        pcap_capture(args.pcap, args.backend) as capture,
+        tempfile.TemporaryDirectory(prefix="mptls-demo-") as directory,
+    ):
         if given is None:
             payload = stdlib_archive(Path(directory))
         else:
@@ -89,9 +101,18 @@ def run(args: argparse.Namespace) -> ExitStatus:
             report = asyncio.run(run_demo(settings, payload, progress))
 
     if args.json:
-        print_json(report.as_dict())
+        document = report.as_dict()
+        if capture is not None:
+            document["pcap"] = _capture_summary(capture)
+        print_json(document)
     else:
         render_report(console, report)
+        if capture is not None:
+            console.print(
+                f"packet capture: {capture.frames} frames of both ends in "
+                f"{capture.path}",
+                markup=False,
+            )
     if not report.sha256_match:
         raise ProtocolError("SHA-256 mismatch: the file did not arrive intact")
     if report.idle_paths:
@@ -102,3 +123,16 @@ def run(args: argparse.Namespace) -> ExitStatus:
     if not report.ok:
         raise MptlsError("the two ends disagree on the key fingerprint")
     return ExitStatus.OK
+
+
+def _capture_summary(capture: Capture) -> dict[str, Any]:
+    """What ``--json`` says of the capture: ``seen_twice`` equal to
+    ``received`` shows that every frame one end received, the other end
+    sent in this process."""
+    return {
+        "file": str(capture.path),
+        "frames": capture.frames,
+        "sent": capture.sent,
+        "received": capture.received,
+        "seen_twice": capture.seen_twice,
+    }

@@ -31,6 +31,7 @@ from mptls.cli.common import (
     OutputClosedError,
     UsageError,
     add_backend_arguments,
+    add_pcap_argument,
     client_options,
     describe_error,
     existing_file,
@@ -38,10 +39,12 @@ from mptls.cli.common import (
     parse_announce,
     parse_paths,
     parse_port,
+    pcap_capture,
     server_options,
     stderr_console,
 )
 from mptls.errors import CertificateError, MptlsError, PeerResetError
+from mptls.trace import Capture
 
 CHUNK_SIZE = 64 * 1024
 
@@ -160,6 +163,14 @@ async def _handle_and_report(
         _status(True, [f"mptls: {failure}"])
 
 
+def _capture_status(verbose: bool, capture: Capture | None) -> None:
+    if capture is not None:
+        _status(
+            verbose,
+            [f"packet capture: {capture.frames} frames in {capture.path}"],
+        )
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -177,8 +188,26 @@ async def serve(args: argparse.Namespace) -> None:
     options = server_options(args.backend, args.mode, announce)
     options.update(_token_ids(args))
     if args.workers > 1:
+        if args.pcap is not None:
+            raise UsageError(
+                "--pcap records one process: it cannot go with --workers"
+            )
         await _serve_workers(args, host, port, tls, options)
         return
+    with pcap_capture(args.pcap, args.backend) as capture:
+        await _serve_one(args, host, port, announce, tls, options)
+    _capture_status(args.verbose, capture)
+
+
+async def _serve_one(
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    announce: Sequence[tuple[str, int]],
+    tls: mptls.TLSConfig,
+    options: dict[str, Any],
+) -> None:
+    """``serve`` in this process, until a signal (or ``--once``)."""
     stop = asyncio.Event()
     one_at_a_time = asyncio.Lock()
     # why the server failed: a closed stdout, or --once's one client
@@ -429,6 +458,19 @@ async def connect(args: argparse.Namespace) -> None:
     if args.verbose:
         # rejoin attempts after a lost path are detail for -v
         logging.getLogger("mptls.userspace").setLevel(logging.INFO)
+    with pcap_capture(args.pcap, args.backend) as capture:
+        await _converse(args, port, paths, tls)
+    _capture_status(args.verbose, capture)
+
+
+async def _converse(
+    args: argparse.Namespace,
+    port: int,
+    paths: Sequence[str] | None,
+    tls: mptls.TLSConfig,
+) -> None:
+    """``connect`` once the command line is checked: stdin to the
+    server, its answer to stdout."""
     try:
         reader, writer = await mptls.open_connection(
             args.host,
@@ -584,6 +626,7 @@ def _add_serve_parser(
     server.add_argument(
         "--once", action="store_true", help="exit after one connection"
     )
+    add_pcap_argument(server, "this server sends and receives")
     _add_common(server)
     server.set_defaults(run=functools.partial(_run, serve))
 
@@ -621,6 +664,7 @@ def _add_connect_parser(
         action="store_true",
         help="do not verify the server's certificate",
     )
+    add_pcap_argument(client, "this client sends and receives")
     _add_common(client)
     client.set_defaults(run=functools.partial(_run, connect))
 
