@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import random
 import ssl
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ from pki import Pki
 from support import answer_streamer, is_paused, leave, until
 
 import mptls
+from mptls.backends.userspace.backend import _shared_client_tokens
 from mptls.mptcp.framing import NOT_MPTLS_REPLY, Segment
 from mptls.mptcp.options import Dss
 from mptls.mptcp.state import options_of
@@ -660,3 +663,70 @@ async def test_leaving_after_a_clean_end_without_reading_ends(
         await until(lambda: multipath._closed, "the end of the connection")
         await leave(writer, how)
         assert not multipath._held
+
+
+def test_shared_client_tokens_stay_unique_across_threads() -> None:
+    # event loops in several threads open connections through one
+    # allocator; each token must still be handed out once
+    tokens = _shared_client_tokens()
+    made: list[list[bytes]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def allocate(into: list[bytes]) -> None:
+        try:
+            for _ in range(3000):
+                into.append(tokens.allocate())
+        except BaseException as exc:
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [
+            threading.Thread(target=allocate, args=(into,)) for into in made
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    everything = [token for into in made for token in into]
+    for token in set(everything):
+        tokens.release(token)
+    assert errors == []
+    assert len(set(everything)) == len(everything) == 12000
+
+
+@pytest.mark.parametrize("name", ["a" * 70, ".x"])
+async def test_a_refused_server_name_closes_the_tcp_connection(
+    pki: Pki, name: str
+) -> None:
+    # TLS refuses the name after the first subflow's TCP connection is
+    # open: the connection must go, and the token it was given
+    ended = asyncio.get_running_loop().create_future()
+
+    async def listener(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read()
+        ended.set_result(True)
+        writer.close()
+
+    server = await asyncio.start_server(listener, "127.0.0.1", 0)
+    live = _shared_client_tokens().live
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(mptls.ConfigurationError):
+            await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client(), server_hostname=name
+            )
+        assert await asyncio.wait_for(ended, 5)
+    assert _shared_client_tokens().live == live
+
+
+async def test_a_config_of_the_wrong_type_is_refused_before_connecting(
+    pki: Pki,
+) -> None:
+    with pytest.raises(mptls.ConfigurationError, match="ConnectionConfig"):
+        await mptls.open_connection("127.0.0.1", 9, ssl=pki.client(), config=5)

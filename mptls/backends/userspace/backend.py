@@ -41,17 +41,42 @@ from mptls.tls.keys import KeyMaterial
 
 _MODES = {"g": Mode.G, "rfc8684": Mode.RFC8684}
 
+
+class _SharedTokens(TokenAllocator):
+    """A token allocator for event loops in several threads at once.
+
+    A plain allocator's batch, counter and AES contexts belong to one
+    thread: two at once would hand out the same token, and a cipher
+    context refuses a second caller while the first is in it.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, secret: bytes) -> None:
+        super().__init__(secret)
+        self._lock = threading.Lock()
+
+    def allocate(self) -> bytes:
+        with self._lock:
+            return super().allocate()
+
+    def release(self, token: bytes) -> None:
+        with self._lock:
+            super().release(token)
+
+
 _client_tokens: TokenAllocator | None = None
 _client_tokens_lock = threading.Lock()
 
 
 def _shared_client_tokens() -> TokenAllocator:
     # Token-A must be unique among this host's connections: one allocator
-    # for every client connection of the process
+    # for every client connection of the process, whichever thread's
+    # event loop opens it
     global _client_tokens
     with _client_tokens_lock:
         if _client_tokens is None:
-            _client_tokens = TokenAllocator(secrets.token_bytes(32))
+            _client_tokens = _SharedTokens(secrets.token_bytes(32))
         return _client_tokens
 
 
@@ -315,6 +340,11 @@ class UserspaceBackend(Backend):
             raise ConfigurationError(
                 "pass either config= or individual settings, not both"
             )
+        elif not isinstance(config, ConnectionConfig):
+            raise ConfigurationError(
+                "config must be a ConnectionConfig, got "
+                f"{type(config).__name__}"
+            )
         local_addrs = list(local_addrs or ())
         first_local = local_addrs[0] if local_addrs else None
         placeholder = _PendingSink()
@@ -340,8 +370,19 @@ class UserspaceBackend(Backend):
         )
         # subflow 0 is the initial subflow (address id 0, RFC 8684 3.2)
         transport.attach(0, subflow)
-        protocol = protocol_factory()
-        transport.start(protocol)
+        try:
+            protocol = protocol_factory()
+        except BaseException:
+            # refused before anything was sent (a bad server name, say):
+            # the token and the TCP connection are this call's alone
+            core.abort()
+            subflow.close()
+            raise
+        try:
+            transport.start(protocol)
+        except BaseException:
+            transport.abort()
+            raise
         if placeholder.lost is not None:
             transport.subflow_lost(subflow, placeholder.lost)
         return transport, protocol
