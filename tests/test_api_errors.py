@@ -359,3 +359,36 @@ async def test_kernel_backend_refusals_are_connect_errors(
         )
     assert isinstance(looked_up.value, ConnectError)
     assert "'no-such-host.invalid'" in str(looked_up.value)
+
+
+async def test_a_failing_protocol_factory_is_raised_at_once(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the client raises the factory's own error as soon as TLS is up,
+    # not the handshake timeout; the server logs its own and resets
+    class Refused(Exception):
+        pass
+
+    def refuse() -> asyncio.Protocol:
+        raise Refused("no protocol today")
+
+    server = await mptls.create_server(
+        refuse, "127.0.0.1", 0, ssl=pki.server()
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(Refused):
+            await asyncio.wait_for(
+                mptls.create_connection(
+                    refuse, "127.0.0.1", port, ssl=pki.client()
+                ),
+                5,
+            )
+        _, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        # the server's factory fails once the client's Finished is in,
+        # and the server resets the connection
+        with pytest.raises(mptls.PeerResetError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+    assert "protocol factory failed" in caplog.text

@@ -139,6 +139,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                     self._flush()
                     return
                 self._on_handshake_complete()
+                if self._app_transport is None:
+                    # the application's protocol factory failed
+                    return
             self._deliver()
             self._flush()
         except MptlsError as exc:
@@ -238,8 +241,18 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             )
 
         # the application sees the connection only now
+        try:
+            protocol = self._app_protocol_factory()
+        except Exception as exc:
+            # its own error, raised where it waits for the connection
+            # rather than left to the handshake timeout
+            if self._waiter is None:
+                # a server: nobody waits for this connection to hear it
+                logger.exception("the application's protocol factory failed")
+            self._fail(exc)
+            return
         self._app_transport = TLSTransport(self)
-        self._app_protocol = self._app_protocol_factory()
+        self._app_protocol = protocol
         self._app_protocol.connection_made(self._app_transport)
         if self._write_paused:
             self._app_protocol.pause_writing()
