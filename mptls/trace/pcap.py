@@ -54,8 +54,8 @@ __all__ = [
 
 logger = logging.getLogger("mptls.trace")
 
-# the pcap file format (draft-ietf-opsawg-pcap section 4): magic for
-# microsecond timestamps, version 2.4
+# the pcap file header (draft-ietf-opsawg-pcap, "File Header"): the
+# magic for microsecond timestamps, version 2.4
 LINKTYPE_RAW = 101
 _MAGIC = 0xA1B2C3D4
 _VERSION = (2, 4)
