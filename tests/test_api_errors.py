@@ -392,3 +392,37 @@ async def test_a_failing_protocol_factory_is_raised_at_once(
         with pytest.raises(mptls.PeerResetError):
             await asyncio.wait_for(writer.wait_closed(), 5)
     assert "protocol factory failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("connect_timeout", "5"),
+        ("connect_timeout", -1),
+        ("connect_timeout", float("nan")),
+        ("close_timeout", "x"),
+        ("close_timeout", 0),
+        ("config", 5),
+    ],
+)
+async def test_client_backend_options_are_checked_at_the_call(
+    pki: Pki, option: str, value: object
+) -> None:
+    # refused before any connect (port 9 would only refuse it)
+    with pytest.raises(ConfigurationError, match=option):
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), **{option: value}
+        )
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("close_timeout", "x"), ("join_handoff", 5), ("config", 5)],
+)
+async def test_server_backend_options_are_checked_at_the_call(
+    pki: Pki, option: str, value: object
+) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        await mptls.start_server(
+            noop, "127.0.0.1", 0, ssl=pki.server(), **{option: value}
+        )

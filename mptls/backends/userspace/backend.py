@@ -281,6 +281,23 @@ def _transport_of(transport: asyncio.BaseTransport) -> MultipathTransport:
     return transport
 
 
+def _check_seconds(
+    name: str, value: object, *, optional: bool = False
+) -> None:
+    """A timeout in seconds: a positive finite number (or None)."""
+    if value is None and optional:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < float("inf")
+    ):
+        allowed = "a positive number of seconds" + (
+            " or None" if optional else ""
+        )
+        raise ConfigurationError(f"{name} must be {allowed}, got {value!r}")
+
+
 async def _connect_first_subflow(
     subflow: _FirstSubflow,
     host: str,
@@ -345,6 +362,8 @@ class UserspaceBackend(Backend):
                 "config must be a ConnectionConfig, got "
                 f"{type(config).__name__}"
             )
+        _check_seconds("connect_timeout", connect_timeout, optional=True)
+        _check_seconds("close_timeout", close_timeout)
         local_addrs = list(local_addrs or ())
         first_local = local_addrs[0] if local_addrs else None
         placeholder = _PendingSink()
@@ -429,6 +448,17 @@ class UserspaceBackend(Backend):
         elif settings:
             raise ConfigurationError(
                 "pass either config= or individual settings, not both"
+            )
+        elif not isinstance(config, ConnectionConfig):
+            raise ConfigurationError(
+                "config must be a ConnectionConfig, got "
+                f"{type(config).__name__}"
+            )
+        _check_seconds("close_timeout", close_timeout)
+        if join_handoff is not None and not callable(join_handoff):
+            raise ConfigurationError(
+                "join_handoff must be callable, got "
+                f"{type(join_handoff).__name__}"
             )
         tokens = TokenAllocator(
             secrets.token_bytes(32),
