@@ -2,9 +2,10 @@
 
 Echo and digest handlers for served connections, a seeded echo check,
 the file-descriptor, RSS and RLIMIT_NOFILE helpers the load tests use,
-and the IPv6 loopback check the kernel tests skip by. Nothing here
-connects or starts a task by itself; the tests decide what runs and for
-how long.
+the IPv6 loopback check the kernel tests skip by, and the bounded runs
+of the ``mptls`` command (``run_mptls``, ``serving``) that the command
+line's tests share. Nothing here connects or starts a task by itself;
+the tests decide what runs and for how long.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ import hashlib
 import os
 import random
 import resource
+import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -195,3 +201,82 @@ async def leave(writer: asyncio.StreamWriter, how: str) -> None:
         writer.transport.abort()
     with contextlib.suppress(ConnectionError, MptlsError):
         await asyncio.wait_for(writer.wait_closed(), 15)
+
+
+# the command line, in child processes
+
+
+def readline_within(stream: IO[bytes], timeout: float) -> bytes:
+    """One line from a child's pipe, or a test failure after ``timeout``.
+
+    Reads the descriptor directly, so a silent child cannot hang the
+    test until the suite's own timeout.
+    """
+    deadline = time.monotonic() + timeout
+    line = bytearray()
+    fd = stream.fileno()
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(remaining, 0))
+        if not ready:
+            pytest.fail(
+                f"no complete line within {timeout} s: {bytes(line)!r}"
+            )
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        line += chunk
+    return bytes(line)
+
+
+# every subprocess is bounded; together they stay well under 30 s
+COMMAND_TIMEOUT = 20.0
+
+
+def run_mptls(
+    *args: str, cwd: Path | None = None, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "mptls", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def served_by(certs: Path) -> list[str]:
+    """``mptls serve`` arguments: any free port, the development
+    certificate that ``mptls certs --dir certs`` wrote."""
+    return [
+        "serve",
+        "--port",
+        "0",
+        "--cert",
+        str(certs / "server.pem"),
+        "--key",
+        str(certs / "server.key"),
+    ]
+
+
+@contextlib.contextmanager
+def serving(
+    certs: Path, *options: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``mptls serve`` on a free port; yields the process and its port."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mptls", *served_by(certs), *options],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert server.stderr is not None
+        listening = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+        assert listening.startswith("listening on 127.0.0.1:"), listening
+        yield server, listening.rsplit(":", 1)[1].strip()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=COMMAND_TIMEOUT)

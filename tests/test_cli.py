@@ -13,19 +13,17 @@ import logging
 import os
 import platform
 import random
-import select
 import signal
 import stat
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import pytest
 from cryptography import x509
+from support import COMMAND_TIMEOUT, readline_within, run_mptls, serving
 
 import mptls
 from mptls.bench.harness import ScenarioResult
@@ -57,46 +55,6 @@ from mptls.errors import (
     NotMptlsPeerError,
     ProtocolError,
 )
-
-
-def readline_within(stream: IO[bytes], timeout: float) -> bytes:
-    """One line from a child's pipe, or a test failure after ``timeout``.
-
-    Reads the descriptor directly, so a silent child cannot hang the
-    test until the suite's own timeout.
-    """
-    deadline = time.monotonic() + timeout
-    line = bytearray()
-    fd = stream.fileno()
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        ready, _, _ = select.select([fd], [], [], max(remaining, 0))
-        if not ready:
-            pytest.fail(
-                f"no complete line within {timeout} s: {bytes(line)!r}"
-            )
-        chunk = os.read(fd, 1)
-        if not chunk:
-            break
-        line += chunk
-    return bytes(line)
-
-
-# every subprocess is bounded; together they stay well under 30 s
-COMMAND_TIMEOUT = 20.0
-
-
-def run_mptls(
-    *args: str, cwd: Path | None = None, stdin: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "mptls", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=COMMAND_TIMEOUT,
-        cwd=cwd,
-        check=False,
-    )
 
 
 def connect_args(port: str, certs: Path) -> list[str]:
@@ -561,40 +519,6 @@ def test_connect_to_a_server_that_is_not_mptls_exits_2() -> None:
     assert result.returncode == 2, error
     assert "not an mptls server" in error
     assert "Traceback" not in error
-
-
-@contextlib.contextmanager
-def serving(
-    certs: Path, *options: str
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``mptls serve`` on a free port; yields the process and its port."""
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mptls",
-            "serve",
-            "--port",
-            "0",
-            "--cert",
-            str(certs / "server.pem"),
-            "--key",
-            str(certs / "server.key"),
-            *options,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert server.stderr is not None
-        listening = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
-        assert listening.startswith("listening on 127.0.0.1:"), listening
-        yield server, listening.rsplit(":", 1)[1].strip()
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(timeout=COMMAND_TIMEOUT)
 
 
 @pytest.fixture

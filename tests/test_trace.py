@@ -10,16 +10,13 @@ import json
 import logging
 import os
 import random
-import select
 import shutil
 import struct
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 from pcapfile import (
@@ -33,7 +30,13 @@ from pcapfile import (
     sequence_check,
 )
 from pki import Pki
-from support import skip_without_ipv6
+from support import (
+    COMMAND_TIMEOUT,
+    run_mptls,
+    served_by,
+    serving,
+    skip_without_ipv6,
+)
 
 import mptls
 from mptls.cli import demo as demo_command
@@ -561,39 +564,10 @@ async def test_a_failed_write_stops_the_capture_not_the_connection(
 # the command line
 
 
-COMMAND_TIMEOUT = 20.0
-
-
-def mptls_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mptls", *args]
-
-
-def first_line(stream: IO[bytes], timeout: float) -> bytes:
-    """One line from a child's pipe, or a failure after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select(
-            [stream.fileno()], [], [], max(deadline - time.monotonic(), 0)
-        )
-        if not ready:
-            pytest.fail(f"no line within {timeout} s: {bytes(line)!r}")
-        chunk = os.read(stream.fileno(), 1)
-        if not chunk:
-            break
-        line += chunk
-    return bytes(line)
-
-
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
     directory = tmp_path / "certs"
-    result = subprocess.run(
-        mptls_command("certs", "--dir", str(directory)),
-        capture_output=True,
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
+    result = run_mptls("certs", "--dir", str(directory))
     assert result.returncode == 0, result.stderr.decode()
     return directory
 
@@ -612,44 +586,27 @@ def test_serve_and_connect_capture_the_same_frames(
     certs: Path, tmp_path: Path
 ) -> None:
     server_pcap, client_pcap = tmp_path / "serve.pcap", tmp_path / "conn.pcap"
-    server = subprocess.Popen(
-        mptls_command(
-            *served_by(certs), "--echo", "--once", "--pcap", str(server_pcap)
-        ),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert server.stderr is not None
-        listening = first_line(server.stderr, COMMAND_TIMEOUT).decode()
-        port = listening.rsplit(":", 1)[1].strip()
+    with serving(certs, "--echo", "--once", "--pcap", str(server_pcap)) as (
+        server,
+        port,
+    ):
         line = b"hello over two paths\n" * 1000
-        client = subprocess.run(
-            mptls_command(
-                "connect",
-                "127.0.0.1",
-                port,
-                "--cafile",
-                str(certs / "ca.pem"),
-                "--paths",
-                "127.0.0.1,127.0.0.2",
-                "--pcap",
-                str(client_pcap),
-                "-v",
-            ),
-            input=line,
-            capture_output=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
+        client = run_mptls(
+            "connect",
+            "127.0.0.1",
+            port,
+            "--cafile",
+            str(certs / "ca.pem"),
+            "--paths",
+            "127.0.0.1,127.0.0.2",
+            "--pcap",
+            str(client_pcap),
+            "-v",
+            stdin=line,
         )
         assert client.returncode == 0, client.stderr.decode()
         assert client.stdout == line
         assert server.wait(timeout=COMMAND_TIMEOUT) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=COMMAND_TIMEOUT)
     assert b"packet capture: " in client.stderr
 
     _, at_server = read_pcap(server_pcap)
@@ -666,19 +623,6 @@ def test_serve_and_connect_capture_the_same_frames(
         shorter = min(len(frames), len(server_frames[direction]))
         assert shorter >= len(frames) - 1  # a last FIN may go unread
         assert frames[:shorter] == server_frames[direction][:shorter]
-
-
-def served_by(certs: Path) -> list[str]:
-    """``mptls serve`` with the development certificate in ``certs``."""
-    return [
-        "serve",
-        "--port",
-        "0",
-        "--cert",
-        str(certs / "server.pem"),
-        "--key",
-        str(certs / "server.key"),
-    ]
 
 
 @pytest.mark.parametrize("command", ["connect", "serve", "demo"])
