@@ -105,7 +105,7 @@ def add_pcap_argument(parser: argparse.ArgumentParser, what: str) -> None:
         metavar="FILE",
         help=f"write every userspace frame {what} to FILE as a pcap "
         "(IPv4/IPv6 + TCP with the MPTCP options, for Wireshark or "
-        "tshark); never holds keys",
+        "tshark); never holds keys taken from TLS",
     )
 
 

@@ -16,8 +16,9 @@ the module-level :data:`active` once per flush and once per received
 batch; with no capture running that is all a trace costs.
 
 A trace holds what crosses the wire and nothing else: tokens, nonces,
-truncated HMACs and TLS ciphertext, never the TLS exporter output or
-any key taken from it. It must never disturb a connection it watches:
+truncated HMACs and TLS ciphertext (and the keys the legacy rfc8684
+mode sends in the clear), never the TLS exporter output or any key
+taken from it. It must never disturb a connection it watches:
 a failed write stops the capture with one warning, and the frames go on
 as if no capture had run.
 """
