@@ -1,4 +1,5 @@
-"""The multipath transport's hand-over of lent payloads to its protocol.
+"""The multipath transport's hand-over of lent payloads to its protocol,
+and the order in which one flush writes to its subflows.
 
 Subflows lend their payloads as views of the reused read buffer; what
 the transport keeps past a read (for a paused reader) must be bytes of
@@ -12,6 +13,7 @@ from typing import Any, cast
 
 from mptls.backends.userspace.transport import MultipathTransport
 from mptls.mptcp.connection import Connection
+from mptls.mptcp.framing import Flag, Segment
 
 
 class StubCore:
@@ -91,3 +93,34 @@ async def test_a_plain_protocol_gets_bytes_of_lent_views() -> None:
     read[:] = b"XYZ"
     assert received == [b"abc"] and type(received[0]) is bytes
     assert core.consumed_bytes == 3
+
+
+class WriteLog:
+    """A subflow's TCP connection that notes each write, in order."""
+
+    def __init__(self, subflow_id: int, log: list[int]) -> None:
+        self.subflow_id = subflow_id
+        self.log = log
+
+    def send(self, chunks: list[Any]) -> None:
+        self.log.append(self.subflow_id)
+
+    def unsent(self) -> int:
+        return 0
+
+
+async def test_a_join_syn_is_written_before_the_first_subflows_data() -> None:
+    # one flush with the Finished on subflow 0 and a join's SYN on 1:
+    # the SYN leaves first, so that a server on a path of like delay
+    # holds it before the Finished brings the keys
+    transport, core, _ = make_transport()
+    sent = [
+        (0, Segment(Flag.ACK, (), b"finished")),
+        (1, Segment(Flag.SYN, ())),
+        (0, Segment(Flag.ACK, (), b"more data")),
+    ]
+    core.segments_to_send = lambda now: sent  # type: ignore[method-assign]
+    log: list[int] = []
+    transport._subflows = {0: WriteLog(0, log), 1: WriteLog(1, log)}  # type: ignore[dict-item]
+    transport._flush()
+    assert log == [1, 0]

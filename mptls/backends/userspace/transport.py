@@ -421,6 +421,13 @@ class MultipathTransport(asyncio.Transport):
         if (capture := pcap.active) is not None:
             capture.frames_sent(self._subflows, sent)
         for subflow_id, segment in sent:
+            if segment.flags & Flag.SYN and subflow_id not in out:
+                # a join's SYN goes out ahead of the first subflow's data
+                # of the same flush (the TLS Finished, when the keys have
+                # just come): on paths of like delay the server then
+                # holds it and answers it as the Finished installs the
+                # keys, not after all the Finished's work
+                out = {subflow_id: [], **out}
             # header and payload apart: send gathers them
             parts = out.setdefault(subflow_id, [])
             parts.append(encode_head(segment))
