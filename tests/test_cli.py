@@ -902,3 +902,19 @@ def test_paths_of_the_other_ip_version_are_refused(
 def test_a_device_is_not_a_regular_file() -> None:
     with pytest.raises(UsageError, match="file is not a regular file"):
         existing_file(os.devnull, "file")
+
+
+def test_connect_refuses_an_empty_server_name_and_names_in_paths(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["connect", "127.0.0.1", "9", "--server-name", ""]
+    assert cli_main.main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "--server-name must not be empty" in line
+    argv = ["connect", "127.0.0.1", "9", "--paths", "127.0.0.1,localhost"]
+    assert cli_main.main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        "mptls: error: --paths takes IP addresses: not an IP address: "
+        "'localhost'"
+    )

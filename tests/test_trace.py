@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -553,12 +554,18 @@ async def test_a_failed_write_stops_the_capture_not_the_connection(
     assert [(r.name, r.getMessage()) for r in warnings] == [
         (
             "mptls.trace",
-            f"packet capture to {path} stopped: No space left on device",
+            f"packet capture to {path} stopped: No space left on device "
+            "(the file ends with the last whole batch, "
+            f"{path.stat().st_size} bytes)",
         )
     ]
-    # what was written before the failure is a readable file
+    assert running.stopped_by == "No space left on device"
+    # what was written before the failure is a readable file that ends
+    # with a whole packet: the batch that failed left nothing behind
     _, packets = read_pcap(path)
-    assert len(packets) >= 9
+    assert 1 <= len(packets) <= 9
+    size = 24 + sum(16 + packet.captured for packet in packets)
+    assert path.stat().st_size == size
 
 
 # the command line
@@ -669,6 +676,34 @@ def test_pcap_refuses_what_it_cannot_record(
     assert not (tmp_path / "x.pcap").exists()
 
 
+@pytest.mark.parametrize("command", ["serve", "connect", "demo"])
+def test_pcap_will_not_overwrite_the_commands_own_files(
+    command: str,
+    certs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"the demo's input")
+    argv, victim, option = {
+        "serve": (served_by(certs), certs / "server.key", "--key"),
+        "connect": (
+            ["connect", "127.0.0.1", "9", "--cafile", str(certs / "ca.pem")],
+            certs / "ca.pem",
+            "--cafile",
+        ),
+        "demo": (["demo", "--file", str(payload)], payload, "--file"),
+    }[command]
+    before = victim.read_bytes()
+    assert cli_main.main([*argv, "--pcap", str(victim)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"mptls: error: --pcap {victim} is the {option} file: the capture "
+        "would overwrite it"
+    )
+    assert victim.read_bytes() == before
+
+
 def test_the_demo_captures_both_of_its_ends(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -695,7 +730,7 @@ def test_the_demo_captures_both_of_its_ends(
 
     # every frame one end received, the other end sent in this process
     summary = report["pcap"]
-    assert summary["file"] == str(path)
+    assert summary["file"] == str(path) and summary["stopped"] is None
     assert summary["received"] == summary["seen_twice"] > 0
     assert summary["frames"] == summary["sent"] == started[0].frames
     _, packets = read_pcap(path)
@@ -710,3 +745,96 @@ def test_the_demo_captures_both_of_its_ends(
     for packets_one_way in directions.values():
         assert packets_one_way[0].flags & SYN
         assert packets_one_way[-1].flags & FIN
+
+
+async def test_a_disk_that_fills_mid_packet_leaves_whole_packets(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the disk takes part of a write, then no more: the file must not
+    # end with the part, which would read as a packet cut short
+    class FillingDisk(io.FileIO):
+        room = 6000
+
+        def write(self, data: Any) -> int:
+            if len(data) > self.room:
+                if self.room:
+                    taken = super().write(memoryview(data)[: self.room])
+                    self.room -= taken
+                    return taken
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            taken = super().write(data)
+            self.room -= taken
+            return taken
+
+    def filling_open(path: Any, mode: str = "r") -> Any:
+        if "w" not in mode:
+            return open(path, mode)
+        return io.BufferedWriter(FillingDisk(path, "w"))
+
+    monkeypatch.setattr(pcap, "open", filling_open, raising=False)
+    path = tmp_path / "filling.pcap"
+    with capture(path) as running:
+        run = await transfer(pki, seeded(300 * 1024, 7))
+    assert run.answer == PLAINTEXT
+    assert running.stopped_by == "No space left on device"
+    _, packets = read_pcap(path)
+    assert packets
+    assert path.stat().st_size == 24 + sum(16 + p.captured for p in packets)
+    assert path.stat().st_size < 6000
+
+
+def test_a_file_that_is_not_a_capture_is_not_overwritten(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "server.key"
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(ConfigurationError, match="not a packet capture"):
+        capture(key).start()
+    assert key.read_bytes() == b"-----BEGIN PRIVATE KEY-----\n"
+    assert pcap.active is None
+    # an earlier capture, or an empty file, is replaced
+    earlier = tmp_path / "earlier.pcap"
+    with capture(earlier):
+        pass
+    empty = tmp_path / "empty"
+    empty.touch()
+    for path in (earlier, empty):
+        with capture(path) as running:
+            pass
+        assert read_pcap(path)[1] == [] and running.stopped_by is None
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "match"),
+    [
+        (None, True, "file path"),
+        (3, True, "file path"),
+        ("", True, "empty"),
+        ("x.pcap", "no", "payload"),
+    ],
+)
+def test_bad_capture_arguments_are_refused(
+    path: Any, payload: Any, match: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        capture(path, payload=payload)
+
+
+def test_a_capture_file_that_cannot_be_started_is_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class NoRoom(io.FileIO):
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def no_room(path: Any, mode: str = "r") -> Any:
+        if "w" not in mode:
+            return open(path, mode)
+        return io.BufferedWriter(NoRoom(path, "w"))
+
+    monkeypatch.setattr(pcap, "open", no_room, raising=False)
+    path = tmp_path / "new.pcap"
+    with pytest.raises(ConfigurationError, match="No space left"):
+        capture(path).start()
+    assert not path.exists()
+    assert pcap.active is None

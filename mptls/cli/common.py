@@ -14,8 +14,9 @@ import errno
 import ipaddress
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -110,11 +111,16 @@ def add_pcap_argument(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def pcap_capture(
-    path: str | None, backend: str
+    path: str | None,
+    backend: str,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> contextlib.AbstractContextManager[Capture | None]:
     """The capture ``--pcap`` asks for, or a context that does nothing.
 
-    Entering it opens the file: an unwritable one is a
+    ``inputs`` are the command's own files by option (``--key``...):
+    ``--pcap`` naming one of them is refused, for the capture would
+    overwrite it. Entering the context opens the file: an unwritable
+    one, or one that is not a capture already, is a
     :class:`~mptls.errors.ConfigurationError` naming it, before any
     connection.
     """
@@ -127,7 +133,30 @@ def pcap_capture(
             "--pcap records the userspace backend's frames; the kernel "
             "backend's subflows are real TCP: capture them with tcpdump"
         )
+    for option, given in (inputs or {}).items():
+        if given is not None and _same_file(path, given):
+            raise UsageError(
+                f"--pcap {path} is the {option} file: the capture would "
+                "overwrite it"
+            )
     return capture(path)
+
+
+def summarize_capture(capture: Capture, what: str = "") -> str:
+    """The line that ends a command run with ``--pcap``."""
+    if capture.stopped_by is not None:
+        return (
+            f"packet capture stopped after {capture.frames} frames "
+            f"({capture.stopped_by}): {capture.path}"
+        )
+    return f"packet capture: {capture.frames} frames{what} in {capture.path}"
+
+
+def _same_file(first: str, second: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False  # one of them does not exist (yet)
 
 
 class ExitStatus(IntEnum):
@@ -159,9 +188,12 @@ def parse_address(text: str) -> str:
 def parse_paths(text: str) -> tuple[str, ...]:
     """Parse ``--paths``: a comma list of local addresses, first = first
     subflow."""
-    paths = tuple(
-        parse_address(item) for item in text.split(",") if item.strip()
-    )
+    try:
+        paths = tuple(
+            parse_address(item) for item in text.split(",") if item.strip()
+        )
+    except UsageError as exc:
+        raise UsageError(f"--paths takes IP addresses: {exc}") from None
     if not paths:
         raise UsageError("--paths needs at least one local address")
     if len(set(paths)) != len(paths):

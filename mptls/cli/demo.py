@@ -23,6 +23,7 @@ from mptls.cli.common import (
     pcap_capture,
     print_json,
     stdout_console,
+    summarize_capture,
 )
 from mptls.cli.demo_report import render_report, transfer_progress
 from mptls.cli.transfer import DEFAULT_PATHS, DemoSettings, run_demo
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
     quiet = args.quiet or args.json
 
     with (
-        pcap_capture(args.pcap, args.backend) as capture,
+        pcap_capture(args.pcap, args.backend, {"--file": given}) as capture,
         tempfile.TemporaryDirectory(prefix="mptls-demo-") as directory,
     ):
         if given is None:
@@ -109,9 +110,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         render_report(console, report)
         if capture is not None:
             console.print(
-                f"packet capture: {capture.frames} frames of both ends in "
-                f"{capture.path}",
-                markup=False,
+                summarize_capture(capture, " of both ends"), markup=False
             )
     if not report.sha256_match:
         raise ProtocolError("SHA-256 mismatch: the file did not arrive intact")
@@ -135,4 +134,5 @@ def _capture_summary(capture: Capture) -> dict[str, Any]:
         "sent": capture.sent,
         "received": capture.received,
         "seen_twice": capture.seen_twice,
+        "stopped": capture.stopped_by,
     }

@@ -42,6 +42,7 @@ from mptls.cli.common import (
     pcap_capture,
     server_options,
     stderr_console,
+    summarize_capture,
 )
 from mptls.errors import CertificateError, MptlsError, PeerResetError
 from mptls.trace import Capture
@@ -165,9 +166,10 @@ async def _handle_and_report(
 
 def _capture_status(verbose: bool, capture: Capture | None) -> None:
     if capture is not None:
+        # a capture that stopped short is news without -v too
         _status(
-            verbose,
-            [f"packet capture: {capture.frames} frames in {capture.path}"],
+            verbose or capture.stopped_by is not None,
+            [summarize_capture(capture)],
         )
 
 
@@ -194,7 +196,8 @@ async def serve(args: argparse.Namespace) -> None:
             )
         await _serve_workers(args, host, port, tls, options)
         return
-    with pcap_capture(args.pcap, args.backend) as capture:
+    files = {"--cert": args.cert, "--key": args.key}
+    with pcap_capture(args.pcap, args.backend, files) as capture:
         await _serve_one(args, host, port, announce, tls, options)
     _capture_status(args.verbose, capture)
 
@@ -444,6 +447,12 @@ async def connect(args: argparse.Namespace) -> None:
     port = parse_port(args.port)
     if port == 0:
         raise UsageError("port 0 cannot be connected to")
+    if args.server_name == "":
+        # asyncio's way to skip the check; mptls says so out loud
+        raise UsageError(
+            "--server-name must not be empty; --insecure skips the "
+            "certificate check"
+        )
     # an empty --paths is a mistake, not "no paths given"
     paths = parse_paths(args.paths) if args.paths is not None else None
     _check_path_families(args.host, paths or ())
@@ -458,7 +467,8 @@ async def connect(args: argparse.Namespace) -> None:
     if args.verbose:
         # rejoin attempts after a lost path are detail for -v
         logging.getLogger("mptls.userspace").setLevel(logging.INFO)
-    with pcap_capture(args.pcap, args.backend) as capture:
+    files = {"--cafile": cafile}
+    with pcap_capture(args.pcap, args.backend, files) as capture:
         await _converse(args, port, paths, tls)
     _capture_status(args.verbose, capture)
 

@@ -65,6 +65,18 @@ SNAPLEN = 65535
 # headers only: an IPv6 header (40) and the longest TCP header (60)
 HEADERS_SNAPLEN = 100
 
+# the first four bytes of the files a capture may replace: pcap in
+# either byte order, with microsecond or nanosecond times, and pcapng
+_CAPTURE_MAGICS = frozenset(
+    {
+        b"\xd4\xc3\xb2\xa1",
+        b"\xa1\xb2\xc3\xd4",
+        b"\x4d\x3c\xb2\xa1",
+        b"\xa1\xb2\x3c\x4d",
+        b"\x0a\x0d\x0d\x0a",
+    }
+)
+
 _FILE_HEADER = struct.Struct("<IHHiIII")
 _RECORD = struct.Struct("<IIII")
 _IPV4 = struct.Struct(">BBHHHBBH4s4s")
@@ -386,7 +398,13 @@ class Capture:
     written once, when it was sent. ``frames`` counts the frames written,
     ``sent`` and ``received`` the frames this process's subflows sent
     and received, and ``seen_twice`` the received ones that an end in
-    this process had sent (so were not written again).
+    this process had sent (so were not written again). ``stopped_by``
+    says why a capture stopped on its own (a failed write), or is None.
+
+    A capture replaces an existing file only if that file is empty or a
+    packet capture itself: anything else (a key, say) is left alone and
+    :meth:`start` refuses. Started again after :meth:`stop`, a capture
+    begins its file anew.
     """
 
     def __init__(
@@ -396,6 +414,15 @@ class Capture:
         payload: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise ConfigurationError(
+                "a packet capture needs a file path, got "
+                f"{type(path).__name__}"
+            )
+        if not os.fspath(path):
+            raise ConfigurationError("the packet capture's file name is empty")
+        if not isinstance(payload, bool):
+            raise ConfigurationError("payload must be True or False")
         self.path = Path(path)
         self.payload = payload
         self._clock = clock
@@ -407,6 +434,9 @@ class Capture:
         self.sent = 0
         self.received = 0
         self.seen_twice = 0
+        self.stopped_by: str | None = None
+        # the file's length after the last batch that reached it whole
+        self._complete = 0
 
     @property
     def running(self) -> bool:
@@ -417,7 +447,8 @@ class Capture:
         """Open the file and start recording; returns this capture.
 
         Raises :class:`~mptls.errors.ConfigurationError` when another
-        capture is running or when the file cannot be written, before
+        capture is running, when the file cannot be written, or when it
+        exists and is neither empty nor a packet capture, before
         anything is recorded.
         """
         global active
@@ -433,27 +464,51 @@ class Capture:
                 self._pending.clear()
                 self.frames = self.sent = self.received = 0
                 self.seen_twice = 0
+                self.stopped_by = None
+                self._complete = file.tell()
             active = self
         return self
 
     def _open(self) -> tuple[BinaryIO, PcapWriter]:
+        existed = self._check_replaceable()
         try:
             file = open(self.path, "wb")  # noqa: SIM115 (kept open)
         except OSError as exc:
-            raise ConfigurationError(
-                f"cannot write the packet capture {self.path}: "
-                f"{exc.strerror or exc}"
-            ) from exc
+            raise self._unwritable(exc) from exc
         try:
             writer = PcapWriter(file, payload=self.payload, clock=self._clock)
             file.flush()
         except OSError as exc:
             _close_quietly(file)
-            raise ConfigurationError(
-                f"cannot write the packet capture {self.path}: "
-                f"{exc.strerror or exc}"
-            ) from exc
+            if not existed:
+                # an empty file of ours would only mislead
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            raise self._unwritable(exc) from exc
         return file, writer
+
+    def _check_replaceable(self) -> bool:
+        """Whether the path exists; refuses a file that is not a capture."""
+        try:
+            with open(self.path, "rb") as existing:
+                head = existing.read(4)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            # a directory, no permission...: open for writing says why
+            return True
+        if head and head not in _CAPTURE_MAGICS:
+            raise ConfigurationError(
+                f"{self.path} exists and is not a packet capture: not "
+                "overwritten (remove it, or name another file)"
+            )
+        return True
+
+    def _unwritable(self, exc: OSError) -> ConfigurationError:
+        return ConfigurationError(
+            f"cannot write the packet capture {self.path}: "
+            f"{exc.strerror or exc}"
+        )
 
     def stop(self) -> None:
         """Stop recording and close the file; nothing if not running.
@@ -469,12 +524,14 @@ class Capture:
         with self._lock:
             file, self._file, self._writer = self._file, None, None
             self._pending.clear()
+            complete = self._complete
         if file is None:
             return
         try:
             file.close()
         except OSError as exc:
-            _warn_stopped(self.path, exc)
+            self._stopped(exc, complete)
+            self._cut_back(complete)
 
     def __enter__(self) -> Capture:
         return self.start()
@@ -604,27 +661,38 @@ class Capture:
         # runs, or left by a killed process, ends at a packet boundary
         if self._file is not None:
             self._file.flush()
+            self._complete = self._file.tell()
 
     def _fail(self, exc: Exception) -> None:
         with self._lock:
             file, self._file, self._writer = self._file, None, None
             self._pending.clear()
+            complete = self._complete
         if file is None:
             return  # stopped meanwhile, or another thread reported it
         global active
         with _activation:
             if active is self:
                 active = None
-        _warn_stopped(self.path, exc)
+        self._stopped(exc, complete)
         _close_quietly(file)
+        self._cut_back(complete)
 
+    def _stopped(self, exc: Exception, complete: int) -> None:
+        self.stopped_by = str(getattr(exc, "strerror", None) or exc)
+        logger.warning(
+            "packet capture to %s stopped: %s (the file ends with the "
+            "last whole batch, %d bytes)",
+            self.path,
+            self.stopped_by,
+            complete,
+        )
 
-def _warn_stopped(path: Path, exc: Exception) -> None:
-    logger.warning(
-        "packet capture to %s stopped: %s",
-        path,
-        getattr(exc, "strerror", None) or exc,
-    )
+    def _cut_back(self, complete: int) -> None:
+        # what a failed batch left of itself would read as a packet cut
+        # short: the file ends with the last batch that reached it whole
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, complete)
 
 
 def _close_quietly(file: BinaryIO) -> None:
