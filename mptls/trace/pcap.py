@@ -31,6 +31,7 @@ import functools
 import ipaddress
 import logging
 import os
+import stat
 import struct
 import threading
 import time
@@ -340,10 +341,13 @@ def _pieces(
 ) -> list[tuple[int, int, Flag]]:
     """How one frame's payload is cut into packets: (start, end, flags).
 
-    IPv4's total length counts its own header; IPv6's payload length
-    does not (RFC 8200 section 3). Either is at most 65,535.
+    A packet, IP header included, is at most the snap length: IPv4's
+    total length allows no more, and IPv6's payload length, which
+    leaves its header out (RFC 8200 section 3), would allow 40 bytes
+    more than a reader such as libpcap keeps of a record.
     """
-    room = SNAPLEN - (_IPV4_HEADER if version == 4 else 0) - _TCP_HEADER
+    ip_header = _IPV4_HEADER if version == 4 else _IPV6_HEADER
+    room = SNAPLEN - ip_header - _TCP_HEADER
     first_end = min(payload_length, room - options_length)
     if first_end == payload_length:
         return [(0, payload_length, flags)]
@@ -465,7 +469,7 @@ class Capture:
                 self.frames = self.sent = self.received = 0
                 self.seen_twice = 0
                 self.stopped_by = None
-                self._complete = file.tell()
+                self._complete = _position(file)
             active = self
         return self
 
@@ -490,6 +494,10 @@ class Capture:
     def _check_replaceable(self) -> bool:
         """Whether the path exists; refuses a file that is not a capture."""
         try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                # a FIFO (a live Wireshark) or a device holds nothing to
+                # lose, and reading one would wait for a writer
+                return True
             with open(self.path, "rb") as existing:
                 head = existing.read(4)
         except FileNotFoundError:
@@ -518,20 +526,24 @@ class Capture:
         is done.
         """
         global active
-        with _activation:
-            if active is self:
-                active = None
         with self._lock:
             file, self._file, self._writer = self._file, None, None
             self._pending.clear()
             complete = self._complete
-        if file is None:
-            return
-        try:
-            file.close()
-        except OSError as exc:
-            self._stopped(exc, complete)
-            self._cut_back(complete)
+        failure: OSError | None = None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as exc:
+                failure = exc
+                self._cut_back(complete)
+        # only now may another capture start, to this path too: the cut
+        # above must not shorten or pad that capture's file
+        with _activation:
+            if active is self:
+                active = None
+        if failure is not None:
+            self._stopped(failure, complete)
 
     def __enter__(self) -> Capture:
         return self.start()
@@ -661,7 +673,7 @@ class Capture:
         # runs, or left by a killed process, ends at a packet boundary
         if self._file is not None:
             self._file.flush()
-            self._complete = self._file.tell()
+            self._complete = _position(self._file)
 
     def _fail(self, exc: Exception) -> None:
         with self._lock:
@@ -670,13 +682,15 @@ class Capture:
             complete = self._complete
         if file is None:
             return  # stopped meanwhile, or another thread reported it
+        _close_quietly(file)
+        self._cut_back(complete)
+        # only now may another capture start, to this path too: the cut
+        # above must not shorten or pad that capture's file
         global active
         with _activation:
             if active is self:
                 active = None
         self._stopped(exc, complete)
-        _close_quietly(file)
-        self._cut_back(complete)
 
     def _stopped(self, exc: Exception, complete: int) -> None:
         self.stopped_by = str(getattr(exc, "strerror", None) or exc)
@@ -691,8 +705,15 @@ class Capture:
     def _cut_back(self, complete: int) -> None:
         # what a failed batch left of itself would read as a packet cut
         # short: the file ends with the last batch that reached it whole
+        # (a FIFO or a device keeps what it was given)
         with contextlib.suppress(OSError):
-            os.truncate(self.path, complete)
+            if stat.S_ISREG(os.stat(self.path).st_mode):
+                os.truncate(self.path, complete)
+
+
+def _position(file: BinaryIO) -> int:
+    # a FIFO has no position, and nothing that could be cut back
+    return file.tell() if file.seekable() else 0
 
 
 def _close_quietly(file: BinaryIO) -> None:
