@@ -26,6 +26,7 @@ from cryptography import x509
 from support import COMMAND_TIMEOUT, readline_within, run_mptls, serving
 
 import mptls
+from mptls.bench import RunRecord
 from mptls.bench.harness import ScenarioResult
 from mptls.cli import main as cli_main
 from mptls.cli import netcat
@@ -781,17 +782,24 @@ def test_rounds_help_gives_the_range() -> None:
 @pytest.fixture
 def no_measuring(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """``run_scenarios`` replaced: records what it was asked to run and
-    writes nothing."""
+    writes nothing, but notes each JSON file as written, as the real
+    one does once it wrote it."""
     import mptls.bench
 
     runs: list[list[str]] = []
 
     def fake(
-        names: list[str], options: object, *, output: Path, **_: object
+        names: list[str],
+        options: object,
+        *,
+        output: Path,
+        record: RunRecord,
+        **_: object,
     ) -> list[ScenarioResult]:
         runs.append(list(names))
         results = []
         for name in names:
+            record.written.append(output / f"{name}.json")
             results.append(
                 ScenarioResult(
                     name=name,

@@ -20,7 +20,7 @@ from mptls.cli.common import ExitStatus, UsageError, stdout_console
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from mptls.bench import RunRecord, ScenarioResult
+    from mptls.bench import RunRecord
 
 # --quick moves a few MiB per transfer: enough to prove the harness runs,
 # far too little for a figure (a 2 MiB transfer over two shaped paths
@@ -131,33 +131,12 @@ def output_directory(text: str | None) -> Path:
     return path
 
 
-def written_files(
-    output: Path,
-    results: list[ScenarioResult],
-    record: RunRecord,
-    *,
-    plot: bool,
-) -> list[Path]:
-    """The files a finished run wrote: each scenario's JSON (and PNG),
-    but for those ``record`` says could not be written."""
-    files = [output / f"{result.name}.json" for result in results]
-    files += [
-        output / f"{result.name}.png"
-        for result in results
-        if plot and not result.skipped and result.variants
-    ]
-    failed = {failure.path for failure in record.failures}
-    return [path for path in files if path not in failed]
-
-
-def report_files(
-    console: Console, written: list[Path], record: RunRecord
-) -> None:
+def report_files(console: Console, record: RunRecord) -> None:
     """Name the files a run wrote (it replaced them) and the ones it
     could not write, with the OS's reason and where the samples went."""
-    if written:
+    if record.written:
         console.print(
-            f"wrote {', '.join(str(path) for path in written)}",
+            f"wrote {', '.join(str(path) for path in record.written)}",
             markup=False,
             soft_wrap=True,
         )
@@ -211,7 +190,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         console.print(f"[bold yellow]{note}[/]")
     record = RunRecord()
     try:
-        results = run_scenarios(
+        run_scenarios(
             names,
             options,
             output=output,
@@ -225,8 +204,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         print(interrupted(record), file=sys.stderr)
         return ExitStatus.INTERRUPTED
     # a run replaces the files of the scenarios it ran: say which
-    written = written_files(output, results, record, plot=args.plot)
-    report_files(console, written, record)
+    report_files(console, record)
     if args.quick:
         # said again under the tables, where the figures are read
         console.print(f"[bold yellow]{note}[/]")
