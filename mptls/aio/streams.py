@@ -33,6 +33,7 @@ from mptls.errors import (
     ConnectError,
     MptlsError,
 )
+from mptls.mptcp.config import check_seconds
 from mptls.tls.config import to_openssl_context
 
 _DEFAULT_LIMIT = 2**16
@@ -120,16 +121,8 @@ def _check_server_host(host: object) -> None:
 
 
 def _check_timeout(value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(
-            f"ssl_handshake_timeout must be seconds or None, got {value!r}"
-        )
-    if not 0 < value <= 86400:
-        raise ConfigurationError(
-            f"ssl_handshake_timeout must be in (0, 86400] seconds, got {value}"
-        )
+    if value is not None:
+        check_seconds("ssl_handshake_timeout", value)
 
 
 def _check_limit(limit: object) -> None:

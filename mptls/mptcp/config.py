@@ -14,7 +14,7 @@ from mptls.errors import ConfigurationError
 from mptls.mptcp.crypto import IdsnRule
 from mptls.mptcp.framing import MAX_PAYLOAD
 
-__all__ = ["ConnectionConfig", "Mode"]
+__all__ = ["ConnectionConfig", "Mode", "check_seconds"]
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -113,9 +113,9 @@ class ConnectionConfig:
             raise ConfigurationError(
                 "join_rto must be positive and at most join_timeout"
             )
-        _check_seconds("handshake_timeout", self.handshake_timeout)
-        _check_seconds("min_rto", self.min_rto)
-        _check_seconds("path_loss_timeout", self.path_loss_timeout)
+        check_seconds("handshake_timeout", self.handshake_timeout)
+        check_seconds("min_rto", self.min_rto)
+        check_seconds("path_loss_timeout", self.path_loss_timeout)
         if not 1.0 <= self.rto_srtt_factor <= 64.0:
             raise ConfigurationError("rto_srtt_factor must be in [1, 64]")
         _check_range("join_failure_burst", self.join_failure_burst, 1, 2**20)
@@ -127,8 +127,12 @@ class ConnectionConfig:
             raise ConfigurationError("ack_delay must be in (0, 1] seconds")
 
 
-def _check_seconds(name: str, value: float) -> None:
-    # a bounded, positive duration: no wait may be infinite
+def check_seconds(name: str, value: object) -> None:
+    """A wait of ``name``: a number of seconds in (0, 86400].
+
+    Bounded, so that no wait is infinite; a wait that may be "none"
+    is checked only when it is given.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{name} must be a number of seconds")
     if not 0 < value <= 86400:

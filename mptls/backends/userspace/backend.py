@@ -14,7 +14,7 @@ import ipaddress
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mptls.backends.base import Backend, KeyInstall, MptcpInfo, Server
@@ -32,7 +32,7 @@ from mptls.errors import (
     NotMptlsPeerError,
     PathError,
 )
-from mptls.mptcp.config import ConnectionConfig, Mode
+from mptls.mptcp.config import ConnectionConfig, Mode, check_seconds
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Endpoint
 from mptls.mptcp.framing import PREAMBLE
@@ -281,21 +281,24 @@ def _transport_of(transport: asyncio.BaseTransport) -> MultipathTransport:
     return transport
 
 
-def _check_seconds(
-    name: str, value: object, *, optional: bool = False
-) -> None:
-    """A timeout in seconds: a positive finite number (or None)."""
-    if value is None and optional:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 < value < float("inf")
-    ):
-        allowed = "a positive number of seconds" + (
-            " or None" if optional else ""
+def _given_config(
+    config: object,
+    settings: dict[str, Any],
+    make: Callable[[], ConnectionConfig],
+) -> ConnectionConfig:
+    """``config`` as given, or the one ``make`` builds from ``settings``
+    (individual ConnectionConfig fields); not both."""
+    if config is None:
+        return make()
+    if settings:
+        raise ConfigurationError(
+            "pass either config= or individual settings, not both"
         )
-        raise ConfigurationError(f"{name} must be {allowed}, got {value!r}")
+    if not isinstance(config, ConnectionConfig):
+        raise ConfigurationError(
+            f"config must be a ConnectionConfig, got {type(config).__name__}"
+        )
+    return config
 
 
 async def _connect_first_subflow(
@@ -347,23 +350,18 @@ class UserspaceBackend(Backend):
         ``allow_legacy_fallback``, ``receive_window``).
         """
         loop = asyncio.get_running_loop()
-        if config is None:
-            config = (
+        config = _given_config(
+            config,
+            settings,
+            lambda: (
                 client_config(mode, **settings)
                 if settings or mode != "G"
                 else _default_client_config()
-            )
-        elif settings:
-            raise ConfigurationError(
-                "pass either config= or individual settings, not both"
-            )
-        elif not isinstance(config, ConnectionConfig):
-            raise ConfigurationError(
-                "config must be a ConnectionConfig, got "
-                f"{type(config).__name__}"
-            )
-        _check_seconds("connect_timeout", connect_timeout, optional=True)
-        _check_seconds("close_timeout", close_timeout)
+            ),
+        )
+        if connect_timeout is not None:
+            check_seconds("connect_timeout", connect_timeout)
+        check_seconds("close_timeout", close_timeout)
         local_addrs = list(local_addrs or ())
         first_local = local_addrs[0] if local_addrs else None
         placeholder = _PendingSink()
@@ -443,18 +441,10 @@ class UserspaceBackend(Backend):
         loop = asyncio.get_running_loop()
         accepted = server_modes(mode, modes)
         announce = check_announce(announce_addrs)
-        if config is None:
-            config = server_config(accepted, **settings)
-        elif settings:
-            raise ConfigurationError(
-                "pass either config= or individual settings, not both"
-            )
-        elif not isinstance(config, ConnectionConfig):
-            raise ConfigurationError(
-                "config must be a ConnectionConfig, got "
-                f"{type(config).__name__}"
-            )
-        _check_seconds("close_timeout", close_timeout)
+        config = _given_config(
+            config, settings, lambda: server_config(accepted, **settings)
+        )
+        check_seconds("close_timeout", close_timeout)
         if join_handoff is not None and not callable(join_handoff):
             raise ConfigurationError(
                 "join_handoff must be callable, got "
