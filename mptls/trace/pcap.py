@@ -601,9 +601,7 @@ class Capture:
     def _record_sent(
         self, writer: PcapWriter, subflow: SubflowLike, segment: Segment
     ) -> None:
-        local = subflow.address("sockname")
-        remote = subflow.address("peername")
-        options = encode_options(segment.options)
+        local, remote, options = _as_framed(subflow, segment)
         self.sent += 1
         self._write(writer, local, remote, segment, options)
         key = _endpoints(local, remote)
@@ -622,9 +620,7 @@ class Capture:
     def _record_received(
         self, writer: PcapWriter, subflow: SubflowLike, segment: Segment
     ) -> None:
-        local = subflow.address("sockname")
-        remote = subflow.address("peername")
-        options = encode_options(segment.options)
+        local, remote, options = _as_framed(subflow, segment)
         self.received += 1
         key = _endpoints(remote, local)
         back_key = (key[1], key[0])
@@ -709,6 +705,17 @@ class Capture:
         with contextlib.suppress(OSError):
             if stat.S_ISREG(os.stat(self.path).st_mode):
                 os.truncate(self.path, complete)
+
+
+def _as_framed(
+    subflow: SubflowLike, segment: Segment
+) -> tuple[SocketAddress, SocketAddress, bytes]:
+    """The subflow's two ends and the segment's option bytes."""
+    return (
+        subflow.address("sockname"),
+        subflow.address("peername"),
+        encode_options(segment.options),
+    )
 
 
 def _position(file: BinaryIO) -> int:
