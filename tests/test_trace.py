@@ -747,23 +747,18 @@ def test_the_demo_captures_both_of_its_ends(
         assert packets_one_way[-1].flags & FIN
 
 
-async def test_a_disk_that_fills_mid_packet_leaves_whole_packets(
-    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the disk takes part of a write, then no more: the file must not
-    # end with the part, which would read as a packet cut short
+def disk_with_room(monkeypatch: pytest.MonkeyPatch, room: int) -> None:
+    """Captures write to files that take ``room`` bytes, then refuse
+    with ENOSPC (a write that does not fit takes what fits first)."""
+
     class FillingDisk(io.FileIO):
-        room = 6000
+        left = room
 
         def write(self, data: Any) -> int:
-            if len(data) > self.room:
-                if self.room:
-                    taken = super().write(memoryview(data)[: self.room])
-                    self.room -= taken
-                    return taken
+            if not self.left:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            taken = super().write(data)
-            self.room -= taken
+            taken = super().write(memoryview(data)[: self.left])
+            self.left -= taken
             return taken
 
     def filling_open(path: Any, mode: str = "r") -> Any:
@@ -772,6 +767,14 @@ async def test_a_disk_that_fills_mid_packet_leaves_whole_packets(
         return io.BufferedWriter(FillingDisk(path, "w"))
 
     monkeypatch.setattr(pcap, "open", filling_open, raising=False)
+
+
+async def test_a_disk_that_fills_mid_packet_leaves_whole_packets(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the disk takes part of a write, then no more: the file must not
+    # end with the part, which would read as a packet cut short
+    disk_with_room(monkeypatch, 6000)
     path = tmp_path / "filling.pcap"
     with capture(path) as running:
         run = await transfer(pki, seeded(300 * 1024, 7))
@@ -823,16 +826,7 @@ def test_bad_capture_arguments_are_refused(
 def test_a_capture_file_that_cannot_be_started_is_not_left_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class NoRoom(io.FileIO):
-        def write(self, data: Any) -> int:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def no_room(path: Any, mode: str = "r") -> Any:
-        if "w" not in mode:
-            return open(path, mode)
-        return io.BufferedWriter(NoRoom(path, "w"))
-
-    monkeypatch.setattr(pcap, "open", no_room, raising=False)
+    disk_with_room(monkeypatch, 0)
     path = tmp_path / "new.pcap"
     with pytest.raises(ConfigurationError, match="No space left"):
         capture(path).start()
