@@ -57,7 +57,10 @@ _WRITE_LOW_WATER = 1024 * 1024
 # waiting this long before the first attempt and doubling up to the cap
 _REJOIN_FIRST_DELAY = 0.1
 _REJOIN_MAX_DELAY = 2.0
-_CLOSING_FLAGS = Flag.FIN | Flag.RST
+# the flag bits that open or end a subflow, as plain ints
+_SYN_BIT = int(Flag.SYN)
+_CLOSING_BITS = int(Flag.FIN | Flag.RST)
+_EDGE_BITS = _SYN_BIT | _CLOSING_BITS
 # what a subflow may hold unsent (asyncio's buffer and the kernel's send
 # queue) before the scheduler gives the next data to another subflow:
 # about 20 ms at 100 Mbit/s; bytes queued past it would make the stream
@@ -421,20 +424,25 @@ class MultipathTransport(asyncio.Transport):
         if (capture := pcap.active) is not None:
             capture.frames_sent(self._subflows, sent)
         for subflow_id, segment in sent:
-            if segment.flags & Flag.SYN and subflow_id not in out:
-                # a join's SYN goes out ahead of the first subflow's data
-                # of the same flush (the TLS Finished, when the keys have
-                # just come): on paths of like delay the server then
-                # holds it and answers it as the Finished installs the
-                # keys, not after all the Finished's work
-                out = {subflow_id: [], **out}
+            # plain ints: one C-level test for each data frame of a
+            # transfer, where Flag's operators are Python calls
+            edge = int(segment.flags) & _EDGE_BITS
+            if edge:
+                if edge & _SYN_BIT and subflow_id not in out:
+                    # a join's SYN goes out ahead of the first subflow's
+                    # data of the same flush (the TLS Finished, when the
+                    # keys have just come): on paths of like delay the
+                    # server then holds it and answers it as the
+                    # Finished installs the keys, not after all the
+                    # Finished's work
+                    out = {subflow_id: [], **out}
+                if edge & _CLOSING_BITS:
+                    closing.append(subflow_id)
             # header and payload apart: send gathers them
             parts = out.setdefault(subflow_id, [])
             parts.append(encode_head(segment))
             if segment.payload:
                 parts.append(segment.payload)
-            if segment.flags & _CLOSING_FLAGS:
-                closing.append(subflow_id)
         for subflow_id, chunks in out.items():
             subflow = self._subflows.get(subflow_id)
             if subflow is not None:
