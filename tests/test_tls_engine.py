@@ -816,6 +816,67 @@ def test_large_transfer_both_ways(pki: Pki) -> None:
     assert received.digest() == sent.digest()
 
 
+def test_a_plaintext_sink_takes_views_in_order(pki: Pki) -> None:
+    client, server = connected(pki)
+    message = random.Random(7).randbytes(200_000)
+    taken: list[bytes] = []
+    views: list[memoryview] = []
+
+    def sink(view: memoryview) -> None:
+        taken.append(bytes(view))
+        views.append(view)
+
+    server.set_plaintext_sink(sink)
+    client.send(message)
+    server.receive(client.data_to_send())
+
+    assert b"".join(taken) == message
+    # more than one receive buffer, each handed over as it filled
+    assert len(taken) > 1
+    assert server.read() == b""
+    assert not server.unread
+    # a view lives only for its call: a sink that kept one cannot read
+    # bytes that were since overwritten
+    with pytest.raises(ValueError):
+        bytes(views[0])
+
+
+def test_a_sink_that_withdraws_leaves_the_rest_to_read(pki: Pki) -> None:
+    client, server = connected(pki)
+    message = random.Random(8).randbytes(300_000)
+    taken: list[bytes] = []
+
+    def sink(view: memoryview) -> None:
+        # as a stream reader pausing its transport from within its call
+        taken.append(bytes(view))
+        server.set_plaintext_sink(None)
+
+    server.set_plaintext_sink(sink)
+    client.send(message)
+    server.receive(client.data_to_send())
+
+    assert len(taken) == 1
+    assert taken[0] + server.read() == message
+
+
+def test_a_sink_never_overtakes_what_waits_to_be_read(pki: Pki) -> None:
+    client, server = connected(pki)
+    client.send(b"first ")
+    server.receive(client.data_to_send())
+    taken: list[bytes] = []
+    server.set_plaintext_sink(lambda view: taken.append(bytes(view)))
+
+    client.send(b"second")
+    server.receive(client.data_to_send())
+
+    # "first " waited for read(): "second" waits behind it
+    assert taken == []
+    assert server.read() == b"first second"
+    client.send(b" third")
+    server.receive(client.data_to_send())
+    assert taken == [b" third"]
+
+
 def test_big_write_comes_out_in_one_pull(pki: Pki) -> None:
     client, server = connected(pki)
     payload = bytes(4 << 20)

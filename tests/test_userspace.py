@@ -207,6 +207,34 @@ async def test_readexactly_of_more_than_twice_the_limit(
     assert echoed == payload
 
 
+async def test_a_protocol_of_its_own_gets_bytes_it_may_keep(
+    pki: Pki, echo_server: Served
+) -> None:
+    # mptls's own stream protocol takes plaintext as views of the TLS
+    # engine's buffer (it copies them at once); any other protocol gets
+    # bytes that stay what they were after its data_received returns
+    payload = random.Random(9).randbytes(300_000)
+    kept: list[object] = []
+    arrived = asyncio.get_running_loop().create_future()
+
+    class Keeper(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            kept.append(data)
+            if sum(map(len, kept)) >= len(payload):
+                arrived.set_result(None)
+
+    transport, _ = await mptls.create_connection(
+        Keeper, "127.0.0.1", echo_server.port, ssl=pki.client()
+    )
+    try:
+        transport.write(payload)
+        await asyncio.wait_for(arrived, 10)
+    finally:
+        transport.close()
+    assert {type(data) for data in kept} == {bytes}
+    assert b"".join(map(bytes, kept)) == payload
+
+
 async def test_client_with_one_address(pki: Pki, echo_server: Served) -> None:
     reader, writer = await mptls.open_connection(
         "127.0.0.1", echo_server.port, ssl=pki.client()

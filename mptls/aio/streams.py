@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from OpenSSL import SSL
 
-from mptls.aio.protocol import TLSProtocol
+from mptls.aio.protocol import StreamProtocol, TLSProtocol
 from mptls.backends import get_backend
 from mptls.backends.base import Backend, Server
 from mptls.errors import (
@@ -364,7 +364,7 @@ async def open_connection(
     _check_limit(limit)
     loop = asyncio.get_running_loop()
     reader = _new_reader(limit, loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    protocol = StreamProtocol(reader, loop=loop)
     transport, _ = await create_connection(
         lambda: protocol, host, port, **kwds
     )
@@ -388,10 +388,8 @@ async def start_server(
     _check_limit(limit)
     loop = asyncio.get_running_loop()
 
-    def factory() -> asyncio.StreamReaderProtocol:
+    def factory() -> StreamProtocol:
         reader = _new_reader(limit, loop)
-        return asyncio.StreamReaderProtocol(
-            reader, client_connected_cb, loop=loop
-        )
+        return StreamProtocol(reader, client_connected_cb, loop=loop)
 
     return await create_server(factory, host, port, **kwds)

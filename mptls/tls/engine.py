@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum, IntEnum
 from typing import Any
 
@@ -273,6 +273,9 @@ class TLSEngine:
         self._error: TLSError | None = None
         self._handshake_done = False
         self._incoming: list[bytes] = []
+        # takes plaintext as a view while nothing older waits (see
+        # set_plaintext_sink)
+        self._sink: Callable[[memoryview], object] | None = None
         self._pending: list[bytes] = []
         # the outgoing memory BIO (pyOpenSSL has no public accessor)
         self._output_bio = self._connection._from_ssl
@@ -449,6 +452,22 @@ class TLSEngine:
     def unread(self) -> bool:
         """Whether decrypted application bytes wait to be read."""
         return bool(self._incoming)
+
+    def set_plaintext_sink(
+        self, sink: Callable[[memoryview], object] | None
+    ) -> None:
+        """Hand decrypted bytes to ``sink`` as they come, or stop (None).
+
+        While a sink is set and nothing decrypted earlier waits to be
+        read, each piece goes to ``sink`` as a view of the engine's own
+        buffer instead of becoming a ``bytes`` kept for :meth:`read`:
+        one copy less per byte for a sink that copies anyway (a stream
+        reader's buffer). The view is valid only during the call, so a
+        sink must copy what it keeps. A sink may take itself away from
+        within its call; what is decrypted after that waits for
+        :meth:`read` as before.
+        """
+        self._sink = sink
 
     def read_piece(self) -> bytes:
         """The oldest decrypted piece not yet read, or ``b""``.
@@ -651,7 +670,7 @@ class TLSEngine:
                         break
                     filled += result
                 if filled:
-                    self._incoming.append(_ffi.buffer(buffer, filled)[:])
+                    self._take_plaintext(buffer, filled)
                 if result <= 0:
                     # pyOpenSSL's own reading of the error, so that it is
                     # the exception its recv would have raised
@@ -665,6 +684,15 @@ class TLSEngine:
             logger.debug("TLS close_notify received")
         except SSL.Error as exc:
             raise self._fail(self._translate(exc)) from exc
+
+    def _take_plaintext(self, buffer: Any, filled: int) -> None:
+        sink = self._sink
+        if sink is None or self._incoming:
+            self._incoming.append(_ffi.buffer(buffer, filled)[:])
+            return
+        # the sink copies what it keeps: the view dies with the call
+        with memoryview(_ffi.buffer(buffer, filled)) as view:
+            sink(view)
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
