@@ -252,6 +252,37 @@ async def test_server_on_both_families_when_host_is_none(
     assert not server.is_serving()
 
 
+async def test_asyncio_server_keywords_are_taken(
+    backend: KernelBackend,
+) -> None:
+    # asyncio.start_server's own keywords, as a drop-in is called
+    server = await backend.create_server(
+        Echo,
+        "127.0.0.1",
+        0,
+        start_serving=False,
+        reuse_address=True,
+        reuse_port=True,
+        backlog=8,
+    )
+    try:
+        (sock,) = server.sockets
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        assert not server.is_serving()
+        await server.start_serving()
+        assert server.is_serving()
+        payload = b"served once started"
+        transport, client = await backend.create_connection(
+            lambda: Collect(len(payload)), *sock.getsockname()[:2]
+        )
+        transport.write(payload)
+        assert await asyncio.wait_for(client.done, 5) == payload
+        transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_unknown_options_are_refused(backend: KernelBackend) -> None:
     with pytest.raises(ConfigurationError, match="require_app_key"):
         await backend.create_connection(

@@ -44,7 +44,9 @@ from mptls.tls.keys import KeyMaterial
 logger = logging.getLogger("mptls.backends.kernel")
 
 CONNECTION_OPTIONS = frozenset({"manage_paths"})
-SERVER_OPTIONS = frozenset({"announce", "backlog", "reuse_address"})
+SERVER_OPTIONS = frozenset(
+    {"announce", "backlog", "reuse_address", "reuse_port", "start_serving"}
+)
 
 
 def _check_options(given: dict[str, Any], known: frozenset[str]) -> None:
@@ -224,12 +226,18 @@ class KernelBackend(Backend):
             port,
             backlog=int(options.get("backlog", 100)),
             reuse_address=bool(options.get("reuse_address", True)),
+            reuse_port=bool(options.get("reuse_port", False)),
         )
+        start_serving = bool(options.get("start_serving", True))
         servers: list[asyncio.Server] = []
         try:
             for listener in listeners:
                 servers.append(
-                    await loop.create_server(protocol_factory, sock=listener)
+                    await loop.create_server(
+                        protocol_factory,
+                        sock=listener,
+                        start_serving=start_serving,
+                    )
                 )
         except BaseException:
             for server in servers:

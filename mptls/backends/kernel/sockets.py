@@ -277,6 +277,7 @@ async def listening_sockets(
     *,
     backlog: int = 100,
     reuse_address: bool = True,
+    reuse_port: bool = False,
 ) -> list[socket.socket]:
     """MPTCP listening sockets for ``host``; both families when ``None``.
 
@@ -296,7 +297,9 @@ async def listening_sockets(
                 loop, one_host, port, passive=True
             ):
                 sockets.append(
-                    _listen(family, address, backlog, reuse_address)
+                    _listen(
+                        family, address, backlog, reuse_address, reuse_port
+                    )
                 )
     except BaseException:
         for sock in sockets:
@@ -310,11 +313,14 @@ def _listen(
     address: tuple[str, int],
     backlog: int,
     reuse_address: bool,
+    reuse_port: bool,
 ) -> socket.socket:
     sock = mptcp_socket(family)
     try:
         if reuse_address:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # Each family gets its own listener, as asyncio does.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -418,8 +418,10 @@ class UserspaceBackend(Backend):
         worker_id: int = 0,
         token_layout: TokenLayout | None = None,
         close_timeout: float = 10.0,
+        reuse_address: bool | None = None,
         reuse_port: bool | None = None,
         backlog: int = 1024,
+        start_serving: bool = True,
         join_handoff: Handoff | None = None,
         **settings: Any,
     ) -> Server:
@@ -436,7 +438,8 @@ class UserspaceBackend(Backend):
         join's token which server owns it. ``join_handoff`` sees each
         new subflow's first segments before this server routes them,
         and may take the TCP connection away (see
-        :mod:`mptls.backends.userspace.workers`).
+        :mod:`mptls.backends.userspace.workers`). ``reuse_address``,
+        ``reuse_port``, ``backlog`` and ``start_serving`` are asyncio's.
         """
         loop = asyncio.get_running_loop()
         accepted = server_modes(mode, modes)
@@ -468,8 +471,10 @@ class UserspaceBackend(Backend):
             listener,
             host,
             port,
+            reuse_address=reuse_address,
             reuse_port=reuse_port,
             backlog=backlog,
+            start_serving=start_serving,
         )
         return MptlsServer(server, listener)
 
