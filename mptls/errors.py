@@ -4,9 +4,21 @@ Every error mptls raises on purpose derives from :class:`MptlsError`.
 Protocol errors carry their wire reason (an MP_TCPRST reason code, a TLS
 alert) so that callers and logs can tell what the peer was told. No error
 message ever contains key material.
+
+Where asyncio with stdlib ``ssl`` raises a standard exception for the
+same event, the mptls error is one too, so that code written for asyncio
+streams catches it unchanged: a TLS failure is an ``ssl.SSLError``, a
+certificate that does not verify an ``ssl.SSLCertVerificationError``, a
+peer's reset or a connection that lost every path a
+``ConnectionResetError``, a refused connect a ``ConnectionRefusedError``
+(any other refusal of the OS an ``OSError`` with its ``errno``), a
+timeout a ``TimeoutError``.
 """
 
 from __future__ import annotations
+
+import errno as _errno
+import ssl
 
 
 class MptlsError(Exception):
@@ -50,24 +62,67 @@ class JoinRefusedError(ProtocolError):
     """An MP_JOIN was refused (bad HMAC, unknown token, policy)."""
 
 
-class PeerResetError(ProtocolError):
-    """The peer reset the MPTCP connection (MP_FASTCLOSE or MP_TCPRST)."""
+class PeerResetError(ProtocolError, ConnectionResetError):
+    """The peer reset the MPTCP connection (MP_FASTCLOSE or MP_TCPRST).
+
+    A ``ConnectionResetError`` too, as a reset TCP connection is.
+    """
 
 
-class TLSError(MptlsError):
+class PathsLostError(MptlsError, ConnectionResetError):
+    """Every subflow closed without a DATA_FIN, and no join can follow.
+
+    The connection cannot go on (it has no keys to join with yet, or
+    joins are off), so its end is as abrupt as a TCP reset and is a
+    ``ConnectionResetError`` too.
+    """
+
+
+class TLSError(MptlsError, ssl.SSLError):
     """The TLS layer failed: handshake, certificate, alert or policy.
 
     ``alert`` is the TLS alert description when one was sent or
-    received, else ``None``.
+    received, else ``None``. An ``ssl.SSLError`` too, as stdlib TLS
+    failures are: ``library`` is ``"SSL"`` and ``reason`` empty (the
+    message says what OpenSSL reported).
     """
+
+    library = "SSL"
+    reason = ""
 
     def __init__(self, message: str, *, alert: int | None = None):
         super().__init__(message)
         self.alert = alert
 
+    def __str__(self) -> str:
+        # ssl.SSLError shows its args as a tuple unless given an errno
+        return str(self.args[0]) if self.args else ""
 
-class CertificateError(TLSError):
-    """The peer's certificate or host name did not verify."""
+
+# OpenSSL's X509_V_ERR_UNSPECIFIED, for a failure with no verify result
+UNSPECIFIED_VERIFY_CODE = 1
+
+
+class CertificateError(TLSError, ssl.SSLCertVerificationError):
+    """The peer's certificate or host name did not verify.
+
+    An ``ssl.SSLCertVerificationError`` too, with stdlib's ``reason``:
+    ``verify_code`` is OpenSSL's verify result (an ``X509_V_ERR_*``
+    value) and ``verify_message`` the message.
+    """
+
+    reason = "CERTIFICATE_VERIFY_FAILED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        alert: int | None = None,
+        verify_code: int = UNSPECIFIED_VERIFY_CODE,
+    ):
+        super().__init__(message, alert=alert)
+        self.verify_code = verify_code
+        self.verify_message = message
 
 
 class HandshakeIncompleteError(TLSError):
@@ -110,6 +165,30 @@ class ConnectError(BackendError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+    @staticmethod
+    def of(
+        errno: int | None,
+        strerror: str,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> ConnectError:
+        """The error for ``errno``: a refusal is a ConnectRefusedError."""
+        kind = (
+            ConnectRefusedError
+            if errno == _errno.ECONNREFUSED
+            else ConnectError
+        )
+        return kind(errno, strerror, host=host, port=port)
+
+
+class ConnectRefusedError(ConnectError, ConnectionRefusedError):
+    """Nothing listens where the connection was aimed (ECONNREFUSED).
+
+    A ``ConnectionRefusedError`` too, as asyncio raises for a refused
+    connect: a loop that waits for a server to come up keeps working.
+    """
 
 
 class PathError(BackendError):

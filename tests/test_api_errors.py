@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 
 import pytest
 from pki import Pki
 
 import mptls
 from mptls.errors import ConfigurationError, ConnectError
+
+# OpenSSL's verify result for a certificate of another host
+X509_V_ERR_HOSTNAME_MISMATCH = 62
 
 
 async def noop(
@@ -263,9 +267,36 @@ async def test_refused_connection_is_a_connect_error(pki: Pki) -> None:
     error = caught.value
     assert isinstance(error, OSError)
     assert isinstance(error, mptls.MptlsError)
+    # what asyncio raises there, for code that waits for a server
+    assert isinstance(error, ConnectionRefusedError)
+    assert isinstance(error, mptls.ConnectRefusedError)
     assert error.errno == errno.ECONNREFUSED
     assert f"127.0.0.1:{port}" in str(error)
     assert (error.host, error.port) == ("127.0.0.1", port)
+
+
+async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(
+    pki: Pki,
+) -> None:
+    # code written for asyncio streams over stdlib ssl catches a failed
+    # certificate check as ssl.SSLCertVerificationError; so it does here
+    server = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ssl.SSLCertVerificationError) as caught:
+            await mptls.open_connection(
+                "127.0.0.1",
+                port,
+                ssl=pki.client(),
+                server_hostname="not-this-host.example",
+            )
+    error = caught.value
+    assert isinstance(error, mptls.CertificateError)
+    assert isinstance(error, ssl.SSLError)
+    assert error.reason == "CERTIFICATE_VERIFY_FAILED"
+    assert error.verify_code == X509_V_ERR_HOSTNAME_MISMATCH
+    assert str(error) == error.verify_message
+    assert str(error).startswith("server certificate verify failed")
 
 
 async def test_port_in_use_is_a_connect_error(pki: Pki) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import socket
 import ssl
 import sys
 import threading
@@ -233,6 +234,71 @@ async def test_a_protocol_of_its_own_gets_bytes_it_may_keep(
         transport.close()
     assert {type(data) for data in kept} == {bytes}
     assert b"".join(map(bytes, kept)) == payload
+
+
+@pytest.mark.parametrize("reuse_address", [True, False])
+async def test_asyncio_server_keywords_are_taken(
+    pki: Pki, reuse_address: bool
+) -> None:
+    # asyncio.start_server's own keywords, as a drop-in is called
+    server = await mptls.start_server(
+        echo,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        start_serving=False,
+        reuse_address=reuse_address,
+        backlog=8,
+    )
+    async with server:
+        (sock,) = server.sockets
+        reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert bool(reuse) is reuse_address
+        assert not server.is_serving()
+        await server.start_serving()
+        assert server.is_serving()
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", sock.getsockname()[1], ssl=pki.client()
+        )
+        assert await exchange(reader, writer, b"once started") == (
+            b"once started"
+        )
+
+
+async def test_an_abort_right_after_connect_is_not_a_send_error(
+    pki: Pki,
+) -> None:
+    # the client's MP_FASTCLOSE reaches the server in the read that
+    # completes its handshake: the server's session tickets then met an
+    # ended connection, and its reader failed with a "send() after
+    # close()" it never made
+    seen: asyncio.Queue[BaseException | None] = asyncio.Queue()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            await reader.read()
+        except Exception as exc:  # reported to the test through the queue
+            await seen.put(exc)
+        else:
+            await seen.put(None)
+        finally:
+            writer.close()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(5):
+            _, writer = await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client()
+            )
+            writer.transport.abort()
+            error = await asyncio.wait_for(seen.get(), 10)
+            assert isinstance(error, ConnectionResetError), repr(error)
+            assert "send()" not in str(error)
 
 
 async def test_client_with_one_address(pki: Pki, echo_server: Served) -> None:

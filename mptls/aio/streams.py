@@ -142,7 +142,7 @@ def _connect_error(
     else:
         message = f"cannot {what} {host}:{port}: {reason}"
     where = host if isinstance(host, str) else None
-    return ConnectError(exc.errno, message, host=where, port=port)
+    return ConnectError.of(exc.errno, message, host=where, port=port)
 
 
 def _os_refusal(
@@ -161,7 +161,7 @@ def _os_refusal(
     if isinstance(exc, BackendError) and _is_plain_os_error(cause):
         where = host if isinstance(host, str) else None
         errno = cast(OSError, cause).errno
-        return ConnectError(errno, str(exc), host=where, port=port)
+        return ConnectError.of(errno, str(exc), host=where, port=port)
     return None
 
 

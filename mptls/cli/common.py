@@ -26,6 +26,7 @@ from rich.console import Console
 from mptls.errors import (
     BackendError,
     ConfigurationError,
+    ConnectError,
     MptlsError,
     NotMptlsPeerError,
 )
@@ -254,9 +255,13 @@ def exit_status_for(exc: BaseException) -> ExitStatus:
     # a timeout is an OSError to Python, but no input of the user's
     if isinstance(exc, TimeoutError):
         return ExitStatus.FAILURE
-    if isinstance(exc, ConfigurationError | OSError | NotMptlsPeerError):
+    if isinstance(exc, ConfigurationError | ConnectError | NotMptlsPeerError):
         return ExitStatus.USAGE
     if isinstance(exc, BackendError) and isinstance(exc.__cause__, OSError):
+        return ExitStatus.USAGE
+    # mptls's TLS and reset errors are OSErrors too (as stdlib's are),
+    # but what failed there is the connection, not the user's input
+    if isinstance(exc, OSError) and not isinstance(exc, MptlsError):
         return ExitStatus.USAGE
     return ExitStatus.FAILURE
 

@@ -536,7 +536,9 @@ def _with_hint(
         if args.cafile or not any(word in text for word in _UNTRUSTED):
             return exc
         return CertificateError(
-            f"{text} (pass the server's CA with --cafile)", alert=exc.alert
+            f"{text} (pass the server's CA with --cafile)",
+            alert=exc.alert,
+            verify_code=exc.verify_code,
         )
     if args.mode != "rfc8684":
         return exc

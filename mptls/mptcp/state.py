@@ -17,7 +17,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from mptls.errors import MptlsError
+from mptls.errors import MptlsError, PathsLostError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.framing import MAX_OPTIONS_LENGTH, Flag, Payload, Segment
@@ -291,7 +291,9 @@ class ConnectionState:
         ``path_loss_timeout``, and only if a join is possible at all.
         """
         if not self.handshake_complete or self._join_keys() is None:
-            self._finish(MptlsError("every subflow of the connection closed"))
+            self._finish(
+                PathsLostError("every subflow of the connection closed")
+            )
             return
         if self._paths_lost_at is None:
             self._paths_lost_at = self._now

@@ -748,7 +748,9 @@ class TLSEngine:
             and self._connection.get_verify_mode() & SSL.VERIFY_PEER
         ):
             return CertificateError(
-                self._certificate_message(verify, sent), alert=sent
+                self._certificate_message(verify, sent),
+                alert=sent,
+                verify_code=verify,
             )
         if received is not None:
             message = f"peer sent TLS alert {alert_name(received)}"

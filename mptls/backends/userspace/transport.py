@@ -841,7 +841,11 @@ class MultipathTransport(asyncio.Transport):
         """
         if self._eof_written or self._closing:
             raise RuntimeError("cannot write after close() or write_eof()")
-        if not data:
+        if not data or self._core.closed:
+            # a connection that ended (the peer's MP_FASTCLOSE in the
+            # read being handled) takes nothing more, as asyncio's socket
+            # transports drop writes after a loss: the end reaches the
+            # protocol as connection_lost, with its own reason
             return
         self._core.send(data, owned=True)
         self.process()
