@@ -51,10 +51,14 @@ from mptls.cli.common import (
 )
 from mptls.errors import (
     BackendError,
+    CertificateError,
     ConnectError,
     MptlsTimeoutError,
     NotMptlsPeerError,
+    PathsLostError,
+    PeerResetError,
     ProtocolError,
+    TLSError,
 )
 
 
@@ -170,6 +174,17 @@ def test_exit_status_separates_bad_input_from_failure() -> None:
     assert exit_status_for(ProtocolError("x")) is ExitStatus.FAILURE
     assert exit_status_for(NotMptlsPeerError("x")) is ExitStatus.USAGE
     assert exit_status_for(MptlsTimeoutError("x")) is ExitStatus.FAILURE
+    refusal = ConnectError.of(111, "connection refused", port=1)
+    assert exit_status_for(refusal) is ExitStatus.USAGE
+    # OSErrors too (as stdlib's TLS and reset errors are), yet failures
+    # of the connection rather than of the user's input
+    for failure in (
+        TLSError,
+        CertificateError,
+        PeerResetError,
+        PathsLostError,
+    ):
+        assert exit_status_for(failure("x")) is ExitStatus.FAILURE
 
 
 def test_main_without_command_prints_usage(
