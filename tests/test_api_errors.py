@@ -208,22 +208,18 @@ async def test_unknown_keyword_is_named(pki: Pki) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "name", ["ssl_handshake_timeout", "ssl_shutdown_timeout"]
+)
 @pytest.mark.parametrize("timeout", [-1, 0, "5", float("inf")])
-async def test_bad_ssl_handshake_timeout(pki: Pki, timeout: object) -> None:
-    with pytest.raises(ConfigurationError, match="ssl_handshake_timeout"):
+async def test_bad_ssl_timeouts(pki: Pki, name: str, timeout: object) -> None:
+    with pytest.raises(ConfigurationError, match=name):
         await mptls.open_connection(
-            "127.0.0.1",
-            4433,
-            ssl=pki.client(),
-            ssl_handshake_timeout=timeout,
+            "127.0.0.1", 4433, ssl=pki.client(), **{name: timeout}
         )
-    with pytest.raises(ConfigurationError, match="ssl_handshake_timeout"):
+    with pytest.raises(ConfigurationError, match=name):
         await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            ssl_handshake_timeout=timeout,
+            noop, "127.0.0.1", 0, ssl=pki.server(), **{name: timeout}
         )
 
 

@@ -132,6 +132,37 @@ async def test_tls_over_kernel_mptcp(pki: netns.ServerPki, host: str) -> None:
     await server.wait_closed()
 
 
+async def test_a_close_right_after_connect_ends_both_sides_cleanly(
+    pki: netns.ServerPki,
+) -> None:
+    # the client closes before it has read the server's session tickets:
+    # a socket closed with unread bytes answers the server with a TCP
+    # reset. As asyncio's TLS does, the client waits for the server's
+    # close_notify (reading what came before it) and then closes.
+    ends: asyncio.Queue[BaseException | None] = asyncio.Queue()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+        except Exception as exc:  # reported to the test through the queue
+            await ends.put(exc)
+        else:
+            await ends.put(None)
+
+    server = await kernel_server(handler, pki)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(5):
+            _, writer = await kernel_client(pki, port)
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), 10)
+            assert await asyncio.wait_for(ends.get(), 10) is None
+
+
 async def test_require_app_keys_fails_before_application_data(
     pki: netns.ServerPki,
 ) -> None:
@@ -271,7 +302,11 @@ async def _leave_while_paused(pki: netns.ServerPki, how: str) -> None:
     server = await kernel_server(answer_streamer(answer), pki)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        reader, writer = await kernel_client(pki, port)
+        # the server never closes: a close gives up waiting for its
+        # close_notify after ssl_shutdown_timeout
+        reader, writer = await kernel_client(
+            pki, port, ssl_shutdown_timeout=0.5
+        )
         assert await reader.readexactly(10) == answer[:10]
         await until(lambda: is_paused(reader), "the reader's pause")
         await leave(writer, how)

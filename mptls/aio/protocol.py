@@ -38,6 +38,11 @@ from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.aio")
 
+# how long a socket transport that the application closed waits for the
+# peer's close_notify before it gives up (asyncio's default)
+SHUTDOWN_TIMEOUT = 30.0
+
+
 _Sink = Callable[[memoryview], object]
 
 
@@ -63,6 +68,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         check_hostname: bool = True,
         require_app_keys: bool = False,
         handshake_timeout: float | None = 30.0,
+        shutdown_timeout: float | None = 30.0,
         waiter: asyncio.Future[None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -77,6 +83,10 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._server_side = server_side
         self._require_app_keys = require_app_keys
         self._handshake_timeout = handshake_timeout
+        # None is asyncio's default, as for asyncio's own keyword
+        self._shutdown_timeout = (
+            SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
+        )
         self._waiter = waiter
         self._transport: asyncio.Transport | None = None
         # set in connection_made: how TLS output reaches the transport
@@ -85,6 +95,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._app_transport: TLSTransport | None = None
         self._app_protocol: asyncio.BaseProtocol | None = None
         self._timeout_handle: asyncio.TimerHandle | None = None
+        # the application closed a socket transport: waiting for the
+        # peer's close_notify, with this limit
+        self._shutdown: asyncio.TimerHandle | None = None
         self._key_install: KeyInstall | None = None
         self._key_fingerprint: str | None = None
         self._app_reading = True
@@ -136,6 +149,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         """
         try:
             self._engine.receive_all(chunks)
+            if self._shutdown is not None:
+                self._read_until_peer_closes()
+                return
             if self._app_transport is None:
                 if not self._engine.handshake_complete:
                     self._flush()
@@ -152,6 +168,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         # the data-level stream ended; a clean peer sent close_notify
         # first, which _deliver() has already turned into an EOF
+        if self._shutdown is not None:
+            # the application closed and waits for nothing more
+            return False
         if self._app_transport is None:
             self._fail(TLSError("peer closed during the TLS handshake"))
             return False
@@ -170,6 +189,8 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._cancel_timeout()
+        if self._shutdown is not None:
+            self._shutdown.cancel()
         if self._app_transport is None:
             self._resolve_waiter(
                 exc or TLSError("connection closed during the TLS handshake")
@@ -377,7 +398,40 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                     self._flush()
             except MptlsError:
                 pass
+        if self._awaits_peer_close():
+            # a socket closed with unread bytes (the peer's session
+            # tickets, say) answers the peer with a TCP reset; as
+            # asyncio's TLS does, read until the peer's close_notify
+            self._engine.set_plaintext_sink(None)
+            self._transport.write_eof()
+            self._shutdown = self._loop.call_later(
+                self._shutdown_timeout, self._transport.abort
+            )
+            # what a paused application left unread is dropped, and the
+            # rest read until the peer's close_notify
+            self._engine.read()
+            self._app_reading = True
+            self._transport.resume_reading()
+            return
         self._transport.close()
+
+    def _awaits_peer_close(self) -> bool:
+        # the multipath transport ends the data-level stream in order
+        # itself (DATA_FIN both ways); a socket transport does not
+        transport = self._transport
+        return (
+            self._write_final is None
+            and transport is not None
+            and transport.can_write_eof()
+            and not self._engine.eof_received
+        )
+
+    def _read_until_peer_closes(self) -> None:
+        # what arrives after the application closed is not for it
+        self._engine.read()
+        self._flush()
+        if self._engine.eof_received and self._transport is not None:
+            self._transport.close()
 
     def _drop_pending_lost(self) -> None:
         # the application leaves without taking what was held for it

@@ -120,9 +120,9 @@ def _check_server_host(host: object) -> None:
     )
 
 
-def _check_timeout(value: object) -> None:
+def _check_timeout(value: object, name: str = "ssl_handshake_timeout") -> None:
     if value is not None:
-        check_seconds("ssl_handshake_timeout", value)
+        check_seconds(name, value)
 
 
 def _check_limit(limit: object) -> None:
@@ -189,6 +189,7 @@ async def create_connection(
     backend: str | Backend = "userspace",
     require_app_keys: bool = False,
     ssl_handshake_timeout: float | None = 30.0,
+    ssl_shutdown_timeout: float | None = 30.0,
     **backend_options: Any,
 ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
     """Open a secure multipath connection; like ``loop.create_connection``.
@@ -199,13 +200,18 @@ async def create_connection(
     ``local_addrs`` lists local addresses: the first carries the first
     subflow, each further one an extra subflow. ``require_app_keys``
     fails the connection before any application data if the backend
-    cannot install the TLS-derived keys.
+    cannot install the TLS-derived keys. ``ssl_shutdown_timeout`` is how
+    long a close waits for the peer's close_notify over a socket
+    transport (the kernel backend), as asyncio's does (``None``: its
+    default, 30 s); the userspace backend ends the stream in order
+    itself, within its ``close_timeout``.
     """
     if host is None or port is None:
         raise ConfigurationError("host and port are required")
     port = _check_port(port, server=False)
     local_addrs = _check_client_args(host, local_addrs, server_hostname)
     _check_timeout(ssl_handshake_timeout)
+    _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
     context, check_hostname = _client_context(ssl)
     if server_hostname is None:
         server_hostname = _default_server_hostname(host)
@@ -223,6 +229,7 @@ async def create_connection(
             check_hostname=check_hostname,
             require_app_keys=require_app_keys,
             handshake_timeout=ssl_handshake_timeout,
+            shutdown_timeout=ssl_shutdown_timeout,
             waiter=waiter,
         )
 
@@ -279,6 +286,7 @@ async def create_server(
     backend: str | Backend = "userspace",
     require_app_keys: bool = False,
     ssl_handshake_timeout: float | None = 30.0,
+    ssl_shutdown_timeout: float | None = 30.0,
     **backend_options: Any,
 ) -> Server:
     """Listen for secure multipath connections; like ``loop.create_server``.
@@ -294,6 +302,7 @@ async def create_server(
     _check_server_host(host)
     port = _check_port(0 if port is None else port, server=True)
     _check_timeout(ssl_handshake_timeout)
+    _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
     context, _ = to_openssl_context(ssl, server_side=True)
     backend_obj = _resolve_backend(backend)
 
@@ -305,6 +314,7 @@ async def create_server(
             server_side=True,
             require_app_keys=require_app_keys,
             handshake_timeout=ssl_handshake_timeout,
+            shutdown_timeout=ssl_shutdown_timeout,
         )
 
     try:
