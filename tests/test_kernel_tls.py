@@ -14,7 +14,7 @@ import random
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import netns
 import pytest
@@ -161,6 +161,56 @@ async def test_a_close_right_after_connect_ends_both_sides_cleanly(
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 10)
             assert await asyncio.wait_for(ends.get(), 10) is None
+
+
+async def test_nothing_reaches_the_application_after_its_close(
+    pki: netns.ServerPki,
+) -> None:
+    # the close waits for the peer's close_notify and reads what comes
+    # before it: that is dropped, as asyncio's transports deliver
+    # nothing after close()
+    answer = random.Random(10).randbytes(1 << 20)
+
+    async def stream_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(answer)
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    class CloseAtFirstData(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport | None = None
+            self.after_close = 0
+            self.lost = asyncio.get_running_loop().create_future()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+
+        def data_received(self, data: bytes) -> None:
+            assert self.transport is not None
+            if self.transport.is_closing():
+                self.after_close += len(data)
+            else:
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.lost.set_result(exc)
+
+    server = await kernel_server(stream_then_close, pki)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _, client = await mptls.create_connection(
+            CloseAtFirstData,
+            "127.0.0.1",
+            port,
+            ssl=TLSConfig(cafile=pki.ca_pem),
+            backend="kernel",
+        )
+        assert isinstance(client, CloseAtFirstData)
+        assert await asyncio.wait_for(client.lost, 10) is None
+    assert client.after_close == 0
 
 
 async def test_require_app_keys_fails_before_application_data(

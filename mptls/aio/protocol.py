@@ -327,11 +327,13 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     # TLS -> application
 
     def _deliver(self) -> None:
-        # after connection_lost the application has had its last call
+        # after connection_lost the application has had its last call,
+        # and after its close() nothing more is for it
         if (
             not self._app_reading
             or self._app_protocol is None
             or self._app_lost
+            or self._shutdown is not None
         ):
             return
         protocol = self._app_protocol
@@ -410,7 +412,6 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             # what a paused application left unread is dropped, and the
             # rest read until the peer's close_notify
             self._engine.read()
-            self._app_reading = True
             self._transport.resume_reading()
             return
         self._transport.close()
@@ -487,6 +488,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             type(protocol) is StreamProtocol
             and self._app_reading
             and not self._app_lost
+            and self._shutdown is None
         )
         if not copies:
             self._engine.set_plaintext_sink(None)
