@@ -269,8 +269,11 @@ async def test_asyncio_server_keywords_are_taken(
         (sock,) = server.sockets
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
         assert not server.is_serving()
+        # not listening yet, as asyncio's own server: a connect is refused
+        assert not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         await server.start_serving()
         assert server.is_serving()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         payload = b"served once started"
         transport, client = await backend.create_connection(
             lambda: Collect(len(payload)), *sock.getsockname()[:2]

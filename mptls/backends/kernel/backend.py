@@ -224,10 +224,11 @@ class KernelBackend(Backend):
             loop,
             host,
             port,
-            backlog=int(options.get("backlog", 100)),
             reuse_address=bool(options.get("reuse_address", True)),
             reuse_port=bool(options.get("reuse_port", False)),
         )
+        # asyncio's server listens, with this backlog, once it serves
+        backlog = int(options.get("backlog", 100))
         start_serving = bool(options.get("start_serving", True))
         servers: list[asyncio.Server] = []
         try:
@@ -236,6 +237,7 @@ class KernelBackend(Backend):
                     await loop.create_server(
                         protocol_factory,
                         sock=listener,
+                        backlog=backlog,
                         start_serving=start_serving,
                     )
                 )

@@ -275,15 +275,16 @@ async def listening_sockets(
     host: str | Sequence[str] | None,
     port: int,
     *,
-    backlog: int = 100,
     reuse_address: bool = True,
     reuse_port: bool = False,
 ) -> list[socket.socket]:
-    """MPTCP listening sockets for ``host``; both families when ``None``.
+    """Bound MPTCP sockets for ``host``; both families when ``None``.
 
-    A wildcard listener is what takes joins aimed at an address the
-    server announced with ADD_ADDR, so ``host=None`` suits a server that
-    announces more than one address.
+    They listen once an asyncio server serves on them (with its
+    ``backlog``), as its own sockets do. A wildcard listener is what
+    takes joins aimed at an address the server announced with ADD_ADDR,
+    so ``host=None`` suits a server that announces more than one
+    address.
     """
     hosts: list[str | None] = []
     if host is None or isinstance(host, str):
@@ -297,9 +298,7 @@ async def listening_sockets(
                 loop, one_host, port, passive=True
             ):
                 sockets.append(
-                    _listen(
-                        family, address, backlog, reuse_address, reuse_port
-                    )
+                    _listen(family, address, reuse_address, reuse_port)
                 )
     except BaseException:
         for sock in sockets:
@@ -311,7 +310,6 @@ async def listening_sockets(
 def _listen(
     family: int,
     address: tuple[str, int],
-    backlog: int,
     reuse_address: bool,
     reuse_port: bool,
 ) -> socket.socket:
@@ -325,7 +323,6 @@ def _listen(
             # Each family gets its own listener, as asyncio does.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
-        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise BackendError(
