@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import ssl
 
@@ -268,6 +269,9 @@ async def test_refused_connection_is_a_connect_error(pki: Pki) -> None:
     assert isinstance(error, mptls.ConnectRefusedError)
     assert error.errno == errno.ECONNREFUSED
     assert f"127.0.0.1:{port}" in str(error)
+    # the system's words, not asyncio's "Connect call failed (...)",
+    # which repeats the address
+    assert str(error).endswith(os.strerror(errno.ECONNREFUSED))
     assert (error.host, error.port) == ("127.0.0.1", port)
 
 

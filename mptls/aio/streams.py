@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -140,6 +141,10 @@ def _connect_error(
     if isinstance(exc, socket.gaierror):
         message = f"cannot resolve host {host!r}: {reason}"
     else:
+        if exc.errno:
+            # the system's words: asyncio's own text ("Connect call
+            # failed (...)") repeats the address the message names
+            reason = os.strerror(exc.errno)
         message = f"cannot {what} {host}:{port}: {reason}"
     where = host if isinstance(host, str) else None
     return ConnectError.of(exc.errno, message, host=where, port=port)
