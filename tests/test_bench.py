@@ -323,6 +323,27 @@ def test_quick_paths_shows_no_share() -> None:
     assert result.notes == [paths.QUICK_SHARES_NOTE]
 
 
+@pytest.mark.parametrize(
+    ("quick", "value", "why"),
+    [
+        (True, 1.2, "quick run"),
+        (False, None, "no figure"),
+        (False, 1.2, "shown for comparison"),
+    ],
+)
+def test_a_goal_not_judged_says_why(
+    quick: bool, value: float | None, why: str
+) -> None:
+    result = ScenarioResult("x", "Title", "u", True, 1, quick)
+    result.variants.append(VariantResult("a", (1.0,)))
+    result.goals.append(harness.at_least("a goal", value, 1.0, judge=False))
+    console = Console(record=True, width=200)
+    render(console, result)
+    text = console.export_text()
+    assert "goal: a goal: " in text
+    assert f"not judged ({why})" in text
+
+
 def test_a_single_round_is_singular(tmp_path: Path) -> None:
     result = ScenarioResult("x", "Title", "u", True, 1, True)
     result.variants.append(VariantResult("a", (1.0,)))

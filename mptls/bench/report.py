@@ -31,9 +31,15 @@ def _figure(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def _verdict(goal: Goal) -> str:
+def _verdict(goal: Goal, *, quick: bool) -> str:
     if goal.met is None:
-        return "[dim]not judged[/dim]"
+        if quick:
+            why = "quick run"
+        elif goal.value is None or math.isnan(goal.value):
+            why = "no figure"
+        else:
+            why = "shown for comparison"
+        return f"[dim]not judged ({why})[/dim]"
     return "[green]met[/green]" if goal.met else "[red]not met[/red]"
 
 
@@ -87,7 +93,7 @@ def render(console: Console, result: ScenarioResult) -> None:
     for goal in result.goals:
         console.print(
             f"goal: {goal.name}: {_figure(goal.value)} "
-            f"(target {goal.target}) {_verdict(goal)}"
+            f"(target {goal.target}) {_verdict(goal, quick=result.quick)}"
             + (f" - {goal.note}" if goal.note else "")
         )
     for note in result.notes:
