@@ -60,6 +60,7 @@ turn renegotiation back on.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -93,6 +94,7 @@ POLICY_OPTIONS = SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
 # the session id context OpenSSL needs on a server that verifies clients
 # and resumes sessions
 _SESSION_ID_CONTEXT = b"mptls"
+_NO_SUCH_FILE = os.strerror(errno.ENOENT)
 
 # ALPN protocol ids are 1 to 255 bytes (RFC 7301 section 3.1)
 _ALPN_MAX = 255
@@ -283,8 +285,11 @@ class TLSConfig:
         try:
             context.use_certificate_chain_file(chain)
         except SSL.Error as exc:
+            # OpenSSL's reason for a missing file is a library code; say
+            # it as the system would
+            why = "" if os.path.isfile(chain) else f": {_NO_SUCH_FILE}"
             raise ConfigurationError(
-                f"cannot load the certificate chain from {chain!r}"
+                f"cannot load the certificate chain from {chain!r}{why}"
             ) from exc
         keyfile = os.fsdecode(self.keyfile or certfile)
         try:
@@ -306,7 +311,7 @@ class TLSConfig:
                     anchors.extend(_parse_certificates(handle.read(), cafile))
             except OSError as exc:
                 raise ConfigurationError(
-                    f"cannot read the CA file {cafile!r}"
+                    f"cannot read the CA file {cafile!r}: {exc.strerror}"
                 ) from exc
         if self.cadata is not None:
             anchors.extend(_parse_certificates(self.cadata, "cadata"))
@@ -335,7 +340,7 @@ def _read_private_key(keyfile: str) -> PrivateKey:
             data = handle.read()
     except OSError as exc:
         raise ConfigurationError(
-            f"cannot read the key file {keyfile!r}"
+            f"cannot read the key file {keyfile!r}: {exc.strerror}"
         ) from exc
     return parse_private_key(data, repr(keyfile))
 
