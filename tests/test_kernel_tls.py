@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -211,6 +213,55 @@ async def test_nothing_reaches_the_application_after_its_close(
         assert isinstance(client, CloseAtFirstData)
         assert await asyncio.wait_for(client.lost, 10) is None
     assert client.after_close == 0
+
+
+async def test_an_abort_reaches_the_peer_as_a_reset(
+    pki: netns.ServerPki,
+) -> None:
+    # as the userspace backend's MP_FASTCLOSE does: the peer's reader
+    # fails with a ConnectionResetError (PeerResetError), not with an end
+    # without close_notify
+    async def abort_after_five(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(5)
+        writer.transport.abort()
+
+    server = await kernel_server(abort_after_five, pki)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await kernel_client(pki, port)
+        writer.write(b"hello, and more the server never reads")
+        with pytest.raises(ConnectionResetError) as caught:
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert isinstance(caught.value, mptls.PeerResetError)
+    assert "reset" in str(caught.value)
+
+
+async def test_a_reset_during_the_handshake_is_an_mptls_error(
+    pki: netns.ServerPki,
+) -> None:
+    # a plain TCP server that resets the connection as the ClientHello
+    # arrives: the client's error is in mptls's tree, and still a
+    # ConnectionResetError
+    async def reset_at_hello(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset_at_hello, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(mptls.PeerResetError) as caught:
+            await asyncio.wait_for(kernel_client(pki, port), 10)
+    assert isinstance(caught.value, ConnectionResetError)
+    assert "during the TLS handshake" in str(caught.value)
 
 
 async def test_require_app_keys_fails_before_application_data(

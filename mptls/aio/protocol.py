@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -31,6 +33,8 @@ from mptls.errors import (
     MptlsError,
     MptlsTimeoutError,
     PathError,
+    PathsLostError,
+    PeerResetError,
     TLSError,
 )
 from mptls.tls.engine import TLSEngine
@@ -44,6 +48,34 @@ SHUTDOWN_TIMEOUT = 30.0
 
 
 _Sink = Callable[[memoryview], object]
+
+# SO_LINGER on, with no time: close() resets the connection
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+def _in_mptls_tree(exc: Exception | None, when: str) -> Exception | None:
+    """A socket transport's own error as an mptls error of the same kind.
+
+    A reset stays a ``ConnectionResetError`` (as :class:`PeerResetError`)
+    and any other failure of the socket an ``OSError`` (as
+    :class:`PathsLostError`), so code written for asyncio still catches
+    them; what is already mptls's passes through.
+    """
+    if exc is None or isinstance(exc, MptlsError):
+        return exc
+    if not isinstance(exc, OSError):
+        return exc
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" {when}" if when else ""
+    error: MptlsError
+    if isinstance(exc, ConnectionError):
+        error = PeerResetError(
+            f"the peer reset the connection{where}: {reason}"
+        )
+    else:
+        error = PathsLostError(f"the connection failed{where}: {reason}")
+    error.__cause__ = exc
+    return error
 
 
 def _not_connected(data: memoryview) -> None:
@@ -193,9 +225,11 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             self._shutdown.cancel()
         if self._app_transport is None:
             self._resolve_waiter(
-                exc or TLSError("connection closed during the TLS handshake")
+                _in_mptls_tree(exc, "during the TLS handshake")
+                or TLSError("connection closed during the TLS handshake")
             )
             return
+        exc = _in_mptls_tree(exc, "")
         # an end the application asked for (close, abort) is told at
         # once: it will not read what is left
         asked = self._app_transport._closing
@@ -442,8 +476,19 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
 
     def _app_abort(self) -> None:
         self._drop_pending_lost()
-        if self._transport is not None:
-            self._transport.abort()
+        if self._transport is None:
+            return
+        if self._write_final is None:
+            # a socket transport: the peer learns of the abort from a TCP
+            # reset, as the multipath transport's MP_FASTCLOSE tells it,
+            # rather than from an end without close_notify
+            sock = self._transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE
+                    )
+        self._transport.abort()
 
     def _app_pause_reading(self) -> None:
         self._app_reading = False
