@@ -187,6 +187,20 @@ def test_exit_status_separates_bad_input_from_failure() -> None:
         assert exit_status_for(failure("x")) is ExitStatus.FAILURE
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionResetError(104, "Connection reset by peer"),
+        ConnectionAbortedError(103, "Software caused connection abort"),
+        BrokenPipeError(32, "Broken pipe"),
+    ],
+)
+def test_a_connection_that_ended_is_a_failure_not_bad_input(
+    error: OSError,
+) -> None:
+    assert exit_status_for(error) is ExitStatus.FAILURE
+
+
 def test_main_without_command_prints_usage(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -264,6 +264,45 @@ async def test_a_reset_during_the_handshake_is_an_mptls_error(
     assert "during the TLS handshake" in str(caught.value)
 
 
+async def test_a_close_right_after_a_read_resumed_delivers_nothing(
+    pki: netns.ServerPki,
+) -> None:
+    # a read from a paused reader resumes it (later, in a callback) and
+    # returns at once; a close in the same step must not let that
+    # callback hand the shutdown's plaintext to the closed reader, whose
+    # limit would pause the socket until ssl_shutdown_timeout aborts
+    answer = random.Random(10).randbytes(4 << 20)
+    ends: asyncio.Queue[BaseException | None] = asyncio.Queue()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            writer.write(answer)
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+        except Exception as exc:  # reported to the test through the queue
+            await ends.put(exc)
+        else:
+            await ends.put(None)
+
+    server = await kernel_server(handler, pki)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await kernel_client(
+            pki, port, ssl_shutdown_timeout=30
+        )
+        assert await reader.readexactly(10) == answer[:10]
+        await until(lambda: is_paused(reader), "the reader's pause")
+        held = len(reader._buffer)  # type: ignore[attr-defined]
+        assert await reader.read(held) == answer[10 : 10 + held]
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 10)
+        assert reader._buffer == b""  # type: ignore[attr-defined]
+        assert await asyncio.wait_for(ends.get(), 10) is None
+
+
 async def test_require_app_keys_fails_before_application_data(
     pki: netns.ServerPki,
 ) -> None:

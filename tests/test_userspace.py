@@ -301,6 +301,68 @@ async def test_an_abort_right_after_connect_is_not_a_send_error(
             assert "send()" not in str(error)
 
 
+async def test_a_protocol_set_on_a_stream_gets_what_follows(
+    pki: Pki, echo_server: Served
+) -> None:
+    # set_protocol hands the stream's transport to another protocol:
+    # what arrives after that is the new protocol's, not the old
+    # reader's (which took plaintext as views of the TLS buffer)
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", echo_server.port, ssl=pki.client()
+    )
+    writer.write(b"first")
+    assert await reader.readexactly(5) == b"first"
+    payload = random.Random(11).randbytes(50_000)
+    kept: list[bytes] = []
+    arrived = asyncio.get_running_loop().create_future()
+
+    class Taker(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            kept.append(bytes(data))
+            if sum(map(len, kept)) >= len(payload):
+                arrived.set_result(None)
+
+    writer.transport.set_protocol(Taker())
+    try:
+        writer.write(payload)
+        await asyncio.wait_for(arrived, 10)
+    finally:
+        writer.transport.abort()
+    assert b"".join(kept) == payload
+    assert not reader._buffer  # type: ignore[attr-defined]
+
+
+async def test_a_missing_client_certificate_is_the_tls_alert(
+    pki: Pki,
+) -> None:
+    # the server's alert is written while it handles the read that
+    # brought the client's Finished, and must leave before its reset:
+    # the client then fails with the alert, not with a refused rejoin
+    async def never(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.close()
+
+    server = await mptls.start_server(
+        never,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(cafile=pki.ca_pem, require_client_cert=True),
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        # TLS 1.3: the client's handshake is over before the server has
+        # checked its (missing) certificate
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        with pytest.raises(ssl.SSLError) as caught:
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert isinstance(caught.value, mptls.TLSError)
+    assert "certificate_required" in str(caught.value)
+
+
 async def test_client_with_one_address(pki: Pki, echo_server: Served) -> None:
     reader, writer = await mptls.open_connection(
         "127.0.0.1", echo_server.port, ssl=pki.client()

@@ -349,7 +349,10 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         with contextlib.suppress(MptlsError):
             self._flush()
         if self._transport is not None:
-            self._transport.abort()
+            # the multipath transport may hold the alert until the read
+            # it is handling ends: it sends it before the reset
+            transport = self._transport
+            getattr(transport, "abort_after_sending", transport.abort)()
         if self._app_transport is None:
             self._resolve_waiter(exc)
         elif self._app_protocol is not None and not self._lost:
@@ -491,6 +494,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._transport.abort()
 
     def _app_pause_reading(self) -> None:
+        if self._shutdown is not None:
+            # closed: the shutdown reads until the peer's close_notify
+            return
         self._app_reading = False
         self._engine.set_plaintext_sink(None)
         if self._transport is not None:
@@ -512,7 +518,13 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._loop.call_soon(self._resume_delivery)
 
     def _resume_delivery(self) -> None:
-        if not self._app_reading or self._app_lost:
+        # a close since the resume reads for itself: nothing more is for
+        # the application, and its reader must not pause the shutdown
+        if (
+            not self._app_reading
+            or self._app_lost
+            or self._shutdown is not None
+        ):
             return
         self._deliver()
         if self._lost_pending:
@@ -614,6 +626,8 @@ class TLSTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._tls._app_protocol = protocol
+        # views of the TLS buffer went to the old protocol's reader
+        self._tls._update_sink()
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         protocol = self._tls._app_protocol

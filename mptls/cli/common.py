@@ -244,6 +244,12 @@ def existing_file(text: str, what: str) -> Path:
     return path
 
 
+# how an established connection ends abruptly, in the system's words
+_CONNECTION_ENDED = (
+    ConnectionResetError | ConnectionAbortedError | BrokenPipeError
+)
+
+
 def exit_status_for(exc: BaseException) -> ExitStatus:
     """Bad input exits with 2, anything else that failed with 1.
 
@@ -252,8 +258,9 @@ def exit_status_for(exc: BaseException) -> ExitStatus:
     or address that cannot be used; so is a peer that does not speak
     mptls at all (a plain TLS server, say).
     """
-    # a timeout is an OSError to Python, but no input of the user's
-    if isinstance(exc, TimeoutError):
+    # a timeout is an OSError to Python, but no input of the user's;
+    # nor is a connection that a peer reset or that broke
+    if isinstance(exc, TimeoutError | _CONNECTION_ENDED):
         return ExitStatus.FAILURE
     if isinstance(exc, ConfigurationError | ConnectError | NotMptlsPeerError):
         return ExitStatus.USAGE

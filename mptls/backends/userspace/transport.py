@@ -936,6 +936,18 @@ class MultipathTransport(asyncio.Transport):
         self._held_eof = False
         self._reset(None)
 
+    def abort_after_sending(self) -> None:
+        """:meth:`abort`, once what was written has gone to the subflows.
+
+        The TLS layer's last words, an alert, are written while a read
+        is being handled, when the flush that would send them waits for
+        the end of that read: a plain abort then dropped them, and the
+        peer saw a reset with no reason.
+        """
+        if not self._closed and self._core.send_buffer_size:
+            self._flush()
+        self.abort()
+
     def is_reading(self) -> bool:
         return self._reading
 
