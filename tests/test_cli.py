@@ -547,7 +547,7 @@ def test_connect_to_a_server_that_is_not_mptls_exits_2() -> None:
         thread.join(COMMAND_TIMEOUT)
     error = result.stderr.decode()
     assert result.returncode == 2, error
-    assert "not an mptls server" in error
+    assert "not an mptls userspace server" in error
     assert "Traceback" not in error
 
 

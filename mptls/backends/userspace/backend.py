@@ -662,7 +662,9 @@ class _FirstSubflow(SubflowProtocol):
         error = NotMptlsPeerError(
             f"{where} {how} the connection before answering with the "
             f"mptls preamble ({self._received} bytes came): it is not an "
-            "mptls server (a plain TLS or TCP server?)"
+            "mptls userspace server (a plain TLS or TCP server, or an "
+            "mptls server on the kernel backend: use the same backend "
+            "on both ends?)"
         )
         self.sink.subflow_lost(self, error)
 
