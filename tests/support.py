@@ -167,6 +167,28 @@ Handler = Callable[
 ]
 
 
+def reporting_to(
+    ends: asyncio.Queue[BaseException | None], body: Handler
+) -> Handler:
+    """A handler that runs ``body`` and puts how it ended on ``ends``.
+
+    ``None`` for a clean end, else the exception, so that the test (not
+    the server's task) sees a failure of the server's side.
+    """
+
+    async def report(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            await body(reader, writer)
+        except Exception as exc:  # reported to the test through the queue
+            await ends.put(exc)
+        else:
+            await ends.put(None)
+
+    return report
+
+
 def answer_streamer(answer: bytes) -> Handler:
     """A handler that writes ``answer`` at once and reads nothing."""
 

@@ -12,6 +12,7 @@ import pytest
 from pki import Pki
 
 import mptls
+from mptls.aio.protocol import _in_mptls_tree
 from mptls.errors import ConfigurationError, ConnectError
 
 # OpenSSL's verify result for a certificate of another host
@@ -297,6 +298,47 @@ async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(
     assert error.verify_code == X509_V_ERR_HOSTNAME_MISMATCH
     assert str(error) == error.verify_message
     assert str(error).startswith("server certificate verify failed")
+
+
+@pytest.mark.parametrize(
+    ("raised", "kind", "also"),
+    [
+        (
+            ConnectionResetError(errno.ECONNRESET, "reset"),
+            mptls.PeerResetError,
+            ConnectionResetError,
+        ),
+        (
+            BrokenPipeError(errno.EPIPE, "pipe"),
+            mptls.PeerResetError,
+            ConnectionResetError,
+        ),
+        (
+            TimeoutError(errno.ETIMEDOUT, "timed out"),
+            mptls.MptlsTimeoutError,
+            TimeoutError,
+        ),
+        (
+            OSError(errno.EHOSTUNREACH, "unreachable"),
+            mptls.PathsLostError,
+            OSError,
+        ),
+    ],
+)
+def test_a_socket_transports_error_keeps_its_kind(
+    raised: OSError, kind: type[Exception], also: type[Exception]
+) -> None:
+    # the kernel backend's socket ends a connection with the system's
+    # errors: the application gets them in mptls's tree, of the kind
+    # asyncio's code catches (a timeout is no reset)
+    error = _in_mptls_tree(raised, "")
+    assert isinstance(error, kind)
+    assert isinstance(error, also)
+    assert error.__cause__ is raised
+    assert raised.strerror in str(error)
+    already = mptls.TLSError("x")
+    assert _in_mptls_tree(already, "") is already
+    assert _in_mptls_tree(None, "") is None
 
 
 async def test_port_in_use_is_a_connect_error(pki: Pki) -> None:

@@ -24,6 +24,7 @@ from support import (
     answer_streamer,
     is_paused,
     leave,
+    reporting_to,
     skip_without_ipv6,
     until,
 )
@@ -146,16 +147,11 @@ async def test_a_close_right_after_connect_ends_both_sides_cleanly(
     async def handler(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        try:
-            assert await reader.read() == b""
-            writer.close()
-            await writer.wait_closed()
-        except Exception as exc:  # reported to the test through the queue
-            await ends.put(exc)
-        else:
-            await ends.put(None)
+        assert await reader.read() == b""
+        writer.close()
+        await writer.wait_closed()
 
-    server = await kernel_server(handler, pki)
+    server = await kernel_server(reporting_to(ends, handler), pki)
     async with server:
         port = server.sockets[0].getsockname()[1]
         for _ in range(5):
@@ -277,17 +273,12 @@ async def test_a_close_right_after_a_read_resumed_delivers_nothing(
     async def handler(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        try:
-            writer.write(answer)
-            assert await reader.read() == b""
-            writer.close()
-            await writer.wait_closed()
-        except Exception as exc:  # reported to the test through the queue
-            await ends.put(exc)
-        else:
-            await ends.put(None)
+        writer.write(answer)
+        assert await reader.read() == b""
+        writer.close()
+        await writer.wait_closed()
 
-    server = await kernel_server(handler, pki)
+    server = await kernel_server(reporting_to(ends, handler), pki)
     async with server:
         port = server.sockets[0].getsockname()[1]
         reader, writer = await kernel_client(

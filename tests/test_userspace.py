@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from pki import Pki
-from support import answer_streamer, is_paused, leave, until
+from support import answer_streamer, is_paused, leave, reporting_to, until
 
 import mptls
 from mptls.backends.userspace.backend import _shared_client_tokens
@@ -279,15 +279,11 @@ async def test_an_abort_right_after_connect_is_not_a_send_error(
     ) -> None:
         try:
             await reader.read()
-        except Exception as exc:  # reported to the test through the queue
-            await seen.put(exc)
-        else:
-            await seen.put(None)
         finally:
             writer.close()
 
     server = await mptls.start_server(
-        handler, "127.0.0.1", 0, ssl=pki.server()
+        reporting_to(seen, handler), "127.0.0.1", 0, ssl=pki.server()
     )
     async with server:
         port = server.sockets[0].getsockname()[1]

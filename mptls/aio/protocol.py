@@ -56,9 +56,10 @@ _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 def _in_mptls_tree(exc: Exception | None, when: str) -> Exception | None:
     """A socket transport's own error as an mptls error of the same kind.
 
-    A reset stays a ``ConnectionResetError`` (as :class:`PeerResetError`)
-    and any other failure of the socket an ``OSError`` (as
-    :class:`PathsLostError`), so code written for asyncio still catches
+    A reset stays a ``ConnectionResetError`` (as :class:`PeerResetError`),
+    a timeout a ``TimeoutError`` (as :class:`MptlsTimeoutError`), and any
+    other failure of the socket ends the connection as
+    :class:`PathsLostError`, so code written for asyncio still catches
     them; what is already mptls's passes through.
     """
     if exc is None or isinstance(exc, MptlsError):
@@ -72,6 +73,10 @@ def _in_mptls_tree(exc: Exception | None, when: str) -> Exception | None:
         error = PeerResetError(
             f"the peer reset the connection{where}: {reason}"
         )
+    elif isinstance(exc, TimeoutError):
+        # ETIMEDOUT: unanswered retransmissions, which asyncio's code
+        # catches as a TimeoutError, not as a reset
+        error = MptlsTimeoutError(f"the connection timed out{where}: {reason}")
     else:
         error = PathsLostError(f"the connection failed{where}: {reason}")
     error.__cause__ = exc
