@@ -294,6 +294,31 @@ async def test_a_close_right_after_a_read_resumed_delivers_nothing(
         assert await asyncio.wait_for(ends.get(), 10) is None
 
 
+async def test_a_close_the_peer_never_answers_ends_in_a_timeout(
+    pki: netns.ServerPki,
+) -> None:
+    # as asyncio's TLS: no close_notify within ssl_shutdown_timeout makes
+    # wait_closed() raise a TimeoutError
+    release = asyncio.Event()
+
+    async def hold(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await release.wait()
+        writer.close()
+
+    server = await kernel_server(hold, pki)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await kernel_client(pki, port, ssl_shutdown_timeout=0.3)
+        writer.close()
+        with pytest.raises(TimeoutError) as caught:
+            await asyncio.wait_for(writer.wait_closed(), 10)
+        release.set()
+    assert isinstance(caught.value, mptls.MptlsTimeoutError)
+    assert "ssl_shutdown_timeout" in str(caught.value)
+
+
 async def test_require_app_keys_fails_before_application_data(
     pki: netns.ServerPki,
 ) -> None:

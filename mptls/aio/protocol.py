@@ -135,6 +135,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # the application closed a socket transport: waiting for the
         # peer's close_notify, with this limit
         self._shutdown: asyncio.TimerHandle | None = None
+        self._shutdown_error: MptlsTimeoutError | None = None
         self._key_install: KeyInstall | None = None
         self._key_fingerprint: str | None = None
         self._app_reading = True
@@ -234,7 +235,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                 or TLSError("connection closed during the TLS handshake")
             )
             return
-        exc = _in_mptls_tree(exc, "")
+        exc = self._shutdown_error or _in_mptls_tree(exc, "")
         # an end the application asked for (close, abort) is told at
         # once: it will not read what is left
         asked = self._app_transport._closing
@@ -449,7 +450,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             self._engine.set_plaintext_sink(None)
             self._transport.write_eof()
             self._shutdown = self._loop.call_later(
-                self._shutdown_timeout, self._transport.abort
+                self._shutdown_timeout, self._on_shutdown_timeout
             )
             # what a paused application left unread is dropped, and the
             # rest read until the peer's close_notify
@@ -468,6 +469,16 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             and transport.can_write_eof()
             and not self._engine.eof_received
         )
+
+    def _on_shutdown_timeout(self) -> None:
+        # as asyncio's TLS: the close ends in a TimeoutError, which
+        # wait_closed() raises
+        self._shutdown_error = MptlsTimeoutError(
+            "the peer sent no TLS close_notify within "
+            f"ssl_shutdown_timeout ({self._shutdown_timeout} s)"
+        )
+        if self._transport is not None:
+            self._transport.abort()
 
     def _read_until_peer_closes(self) -> None:
         # what arrives after the application closed is not for it
