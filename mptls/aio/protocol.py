@@ -243,12 +243,14 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if (
             exc is None
             and not asked
-            and not self._app_reading
             and self._undelivered()
         ):
-            # a clean end while the paused application still has
-            # plaintext to take: it hears of the end after that
+            # a clean end while the application still has plaintext to
+            # take (paused, or resumed with the delivery still to come):
+            # it hears of the end after that
             self._lost_pending = True
+            if self._app_reading:
+                self._loop.call_soon(self._resume_delivery)
             return
         self._tell_app_lost(exc)
 
