@@ -27,7 +27,7 @@ from netns import mptcp_unavailable_reason
 from rich.console import Console
 
 import mptls.bench as bench
-from mptls.bench import connect, harness, paths, relay, stacks
+from mptls.bench import connect, harness, kernel, paths, relay, stacks
 from mptls.bench.common import namespaces_reason
 from mptls.bench.harness import (
     ScenarioResult,
@@ -200,6 +200,8 @@ def test_quick_kernel_scenario(tmp_path: Path) -> None:
     _check_schema(document)
     ratios = {(r["variant"], r["baseline"]) for r in document["ratios"]}
     assert ("mptls-kernel@loopback", "ssl@loopback") in ratios
+    # the loopback line says why it is not judged
+    assert kernel.LOOPBACK_NOTE in document["notes"]
     if namespaces_reason() is None:
         # the judged line: the same three stacks on one veth path
         assert ("mptls-kernel@veth", "ssl@veth") in ratios

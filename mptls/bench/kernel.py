@@ -33,6 +33,11 @@ from mptls.bench.stacks import IPPROTO_MPTCP, Pki
 
 NAME = "kernel"
 TITLE = "Kernel backend: TLS over kernel MPTCP, one veth path and loopback"
+LOOPBACK_NOTE = (
+    "loopback is shown, not judged: there kernel MPTCP itself is the "
+    "limit (see ssl-mptcp / ssl), and it stalls for about 200 ms "
+    "whenever the reader falls behind (README, Limitations)"
+)
 STACKS = ("mptls-kernel", "ssl", "ssl-mptcp")
 DESCRIPTIONS = {
     "mptls-kernel": "mptls kernel backend (pyOpenSSL TLS over MPTCP)",
@@ -138,4 +143,5 @@ async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
                 judge=not options.quick and tag == VETH,
             )
         )
+    result.notes.append(LOOPBACK_NOTE)
     return result
