@@ -194,7 +194,10 @@ async def serve(args: argparse.Namespace) -> None:
             raise UsageError(
                 "--pcap records one process: it cannot go with --workers"
             )
-        await _serve_workers(args, host, port, tls, options)
+        # the workers listen where clients are told to join, as one
+        # process does
+        hosts = _listen_hosts(host, port, announce, args.backend)
+        await _serve_workers(args, hosts, port, tls, options)
         return
     files = {"--cert": args.cert, "--key": args.key}
     with pcap_capture(args.pcap, args.backend, files) as capture:
@@ -345,7 +348,7 @@ def _token_ids(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _serve_workers(
     args: argparse.Namespace,
-    host: str,
+    host: str | list[str],
     port: int,
     tls: mptls.TLSConfig,
     options: dict[str, Any],
@@ -366,11 +369,10 @@ async def _serve_workers(
     stop = asyncio.Event()
     async with pool:
         _stop_on_signals(stop)
-        bound = pool.address
-        _status(
-            True,
-            [f"listening on {bound[0]}:{bound[1]} ({args.workers} workers)"],
-        )
+        port = pool.address[1]
+        hosts = [host] if isinstance(host, str) else host
+        bound = ", ".join(format_address((one, port)) for one in hosts)
+        _status(True, [f"listening on {bound} ({args.workers} workers)"])
         await stop.wait()
 
 

@@ -142,6 +142,32 @@ def _check_port(port: object, what: str, *, low: int) -> int:
     return port
 
 
+def _check_path(remote: object, local: object) -> None:
+    """``add_path``'s addresses, checked before any socket is made.
+
+    A string is a sequence too: read as a pair it named a host "1" and
+    a port "2", which the resolver took for an address elsewhere.
+    """
+    if (
+        isinstance(remote, str | bytes)
+        or not isinstance(remote, Sequence)
+        or len(remote) != 2
+        or not isinstance(remote[0], str)
+    ):
+        raise ConfigurationError(
+            f"remote must be a (host, port) pair, got {remote!r}"
+        )
+    _check_port(remote[1], "remote port", low=1)
+    if local is None:
+        return
+    try:
+        ipaddress.ip_address(local if isinstance(local, str) else "")
+    except ValueError:
+        raise ConfigurationError(
+            f"local must be an IPv4 or IPv6 literal, got {local!r}"
+        ) from None
+
+
 def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
     """``announce_addrs`` as (IP literal, port) pairs, checked up front.
 
@@ -505,6 +531,10 @@ class UserspaceBackend(Backend):
         Only the initiator (the client) opens subflows (RFC 8684 section
         3.2), so this is a client-side call.
         """
+        _check_path(remote, local)
+        check_seconds("timeout", timeout)
+        if not isinstance(backup, bool):
+            raise ConfigurationError(f"backup must be a bool, got {backup!r}")
         multipath = _transport_of(transport)
         if not multipath._initiator:
             raise PathError("only the client side opens subflows")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
@@ -280,7 +281,7 @@ class _WorkerSpec:
 
     worker_id: int
     workers: int
-    host: str
+    host: str | Sequence[str]
     port: int
     socket_dir: Path
     server_id: int
@@ -329,7 +330,7 @@ async def _serve_until_stopped(
 
     loop = asyncio.get_running_loop()
     server = await start_server(
-        spec.client_connected_cb,
+        functools.partial(_run_handler, spec.client_connected_cb),
         spec.host,
         spec.port,
         ssl=spec.ssl,
@@ -365,6 +366,27 @@ async def _serve_until_stopped(
     await _drain(listener, spec.grace)
 
 
+async def _run_handler(
+    client_connected_cb: ClientConnectedCallback,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """The application's handler, ended quietly when the worker stops.
+
+    A handler still running after ``grace`` is cancelled as the
+    worker's loop ends; asyncio 3.11's stream callback then reads the
+    cancelled task's exception and prints a traceback per connection.
+    Its connection is aborted and the cancellation ends here.
+    """
+    try:
+        # a plain callable, as asyncio takes, returns no awaitable
+        running = client_connected_cb(reader, writer)
+        if running is not None:
+            await running
+    except asyncio.CancelledError:
+        writer.transport.abort()
+
+
 def _set_stop(stop: asyncio.Future[None]) -> None:
     if not stop.done():
         stop.set_result(None)
@@ -398,7 +420,7 @@ class WorkerPool:
     def __init__(
         self,
         client_connected_cb: ClientConnectedCallback,
-        host: str,
+        host: str | Sequence[str],
         port: int,
         *,
         workers: int,
@@ -444,8 +466,8 @@ class WorkerPool:
 
     @property
     def address(self) -> tuple[str, int]:
-        """The (host, port) the workers listen on."""
-        return (self._template.host, self._port)
+        """The (host, port) the workers listen on (the first host)."""
+        return (_first_host(self._template.host), self._port)
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -464,7 +486,7 @@ class WorkerPool:
         self._dir = Path(tempfile.mkdtemp(prefix="mptls-workers-"))
         # held until every worker has bound the port with SO_REUSEPORT,
         # so that port 0 means the same free port for all of them
-        placeholder = _reserve(self._template.host, self._port)
+        placeholder = _reserve(_first_host(self._template.host), self._port)
         self._port = placeholder.getsockname()[1]
         try:
             self._spawn(self._dir)
@@ -537,7 +559,7 @@ class WorkerPool:
         logger.info(
             "%d workers listening on %s:%d",
             len(self._processes),
-            self._template.host,
+            _first_host(self._template.host),
             self._port,
         )
 
@@ -563,7 +585,7 @@ class WorkerPool:
 
 async def start_workers(
     client_connected_cb: ClientConnectedCallback,
-    host: str,
+    host: str | Sequence[str],
     port: int,
     *,
     workers: int,
@@ -590,6 +612,12 @@ def _check_pickles(spec: _WorkerSpec) -> None:
             "module-level coroutine function (or a functools.partial of "
             f"one) and ssl=TLSConfig(...); {exc}"
         ) from exc
+
+
+def _first_host(host: str | Sequence[str]) -> str:
+    # a list of hosts, as asyncio's create_server takes: every worker
+    # listens on each of them, on the port reserved on the first
+    return host if isinstance(host, str) else host[0]
 
 
 def _reserve(host: str, port: int) -> socket.socket:

@@ -1,0 +1,179 @@
+"""add_path arguments and worker pools: bad input is a ConfigurationError
+raised before any socket is made; a pool listens where its clients are
+told to join, and stops its handlers quietly."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from pki import Pki
+
+import mptls
+from mptls.backends.userspace.workers import WorkerPool
+
+
+@pytest.fixture
+async def server_port(pki: Pki) -> AsyncIterator[int]:
+    async def echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        data = await reader.read()
+        writer.write(data)
+        writer.close()
+
+    server = await mptls.start_server(echo, "127.0.0.1", 0, ssl=pki.server())
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+# each would reach no address beyond loopback even unchecked: a bare
+# string, which did, is refused by the same check as these
+BAD_PATHS = [
+    ({"remote": None}, "remote must be"),
+    ({"remote": ("127.0.0.1",)}, "remote must be"),
+    ({"remote": 443}, "remote must be"),
+    ({"remote": (1270001, 1)}, "remote must be"),
+    ({"remote": ("127.0.0.1", 70000)}, "remote port"),
+    ({"remote": ("127.0.0.1", -1)}, "remote port"),
+    ({"remote": ("127.0.0.1", "443")}, "remote port"),
+    ({"local": 123}, "local must be"),
+    ({"local": "localhost"}, "local must be"),
+    ({"timeout": math.nan}, "timeout"),
+    ({"timeout": -1}, "timeout"),
+    ({"timeout": None}, "timeout"),
+    ({"backup": "yes"}, "backup"),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), BAD_PATHS)
+async def test_add_path_refuses_bad_arguments(
+    pki: Pki, server_port: int, change: dict[str, object], match: str
+) -> None:
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    arguments: dict[str, object] = {
+        "remote": ("127.0.0.1", server_port),
+        "local": "127.0.0.2",
+        **change,
+    }
+    remote = arguments.pop("remote")
+    transport = writer.transport
+    with pytest.raises(mptls.ConfigurationError, match=match):
+        await transport.add_path(remote, **arguments)  # type: ignore[attr-defined]
+    # nothing was opened, and the connection still works
+    subflows = writer.get_extra_info("mptcp").subflows
+    assert [s.subflow_id for s in subflows] == [0]
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await reader.read() == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_bare_string_is_no_remote(pki: Pki, server_port: int) -> None:
+    # read as a (host, port) pair, "127.0.0.1" named host "1", port "2":
+    # an address beyond loopback. It is refused before any socket.
+    _, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    transport = writer.transport
+    with pytest.raises(mptls.ConfigurationError, match="remote must be"):
+        await transport.add_path("127.0.0.1")  # type: ignore[attr-defined]
+    writer.close()
+    await writer.wait_closed()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_serve_workers_listen_on_an_announced_address(
+    pki: Pki,
+) -> None:
+    # one process listens where it tells clients to join (an announced
+    # address on its own port); a pool of workers must do the same
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mptls",
+        "serve",
+        "--workers",
+        "2",
+        "--echo",
+        "--port",
+        str(port),
+        "--announce",
+        "127.0.0.3",
+        "--cert",
+        str(pki.cert_pem),
+        "--key",
+        str(pki.key_pem),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), 30)
+        assert f"127.0.0.3:{port}".encode() in line, line
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        transport = writer.transport
+        joined = await transport.add_path(  # type: ignore[attr-defined]
+            ("127.0.0.3", port), timeout=10
+        )
+        assert joined >= 1
+        writer.write(b"over the announced address")
+        writer.write_eof()
+        assert await reader.read() == b"over the announced address"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        process.send_signal(signal.SIGINT)
+        status = await asyncio.wait_for(process.wait(), 30)
+    assert status == 0
+
+
+async def answer_then_hang(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    writer.write(await reader.readline())
+    await asyncio.Event().wait()
+
+
+async def test_a_pool_stops_handlers_without_tracebacks(
+    pki: Pki, capfd: pytest.CaptureFixture[str]
+) -> None:
+    pool = WorkerPool(
+        answer_then_hang,
+        "127.0.0.1",
+        0,
+        workers=2,
+        ssl=pki.server(),
+        grace=0.2,
+    )
+    writers = []
+    async with pool:
+        for _ in range(4):
+            reader, writer = await mptls.open_connection(
+                "127.0.0.1", pool.address[1], ssl=pki.client()
+            )
+            writer.write(b"hello\n")
+            # answered: the handler runs, and outlives the grace
+            assert await reader.readline() == b"hello\n"
+            writers.append(writer)
+    for writer in writers:
+        writer.close()
+    assert sum(s.first_subflows for s in pool.stats) == 4
+    assert "Traceback" not in capfd.readouterr().err
