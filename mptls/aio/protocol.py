@@ -240,11 +240,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # once: it will not read what is left
         asked = self._app_transport._closing
         self._app_transport._closing = True
-        if (
-            exc is None
-            and not asked
-            and self._undelivered()
-        ):
+        if exc is None and not asked and self._undelivered():
             # a clean end while the application still has plaintext to
             # take (paused, or resumed with the delivery still to come):
             # it hears of the end after that
