@@ -5,6 +5,7 @@ told to join, and stops its handlers quietly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import signal
 import socket
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from pki import Pki
+from support import until
 
 import mptls
 from mptls.backends.userspace.workers import WorkerPool
@@ -87,6 +89,52 @@ async def test_a_bare_string_is_no_remote(pki: Pki, server_port: int) -> None:
     transport = writer.transport
     with pytest.raises(mptls.ConfigurationError, match="remote must be"):
         await transport.add_path("127.0.0.1")  # type: ignore[attr-defined]
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_the_last_subflow_that_carries_data_stays_while_a_join_waits(
+    pki: Pki, server_port: int
+) -> None:
+    # a join to a TCP server that never answers its MP_JOIN stays under
+    # way: removing the one established subflow would leave none
+    async def silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read()
+        writer.close()
+
+    quiet = await asyncio.start_server(silent, "127.0.0.1", 0)
+    quiet_port = quiet.sockets[0].getsockname()[1]
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    transport = writer.transport
+    joining = asyncio.create_task(
+        transport.add_path(  # type: ignore[attr-defined]
+            ("127.0.0.1", quiet_port), local="127.0.0.2", timeout=2
+        )
+    )
+    try:
+        await until(
+            lambda: len(writer.get_extra_info("mptcp").subflows) == 2,
+            "the join's TCP connection",
+        )
+        states = {
+            s.subflow_id: s.state
+            for s in writer.get_extra_info("mptcp").subflows
+        }
+        assert states == {0: "ESTABLISHED", 1: "SYN_SENT"}, states
+        with pytest.raises(mptls.PathError, match="last one"):
+            await transport.remove_path(0)  # type: ignore[attr-defined]
+    finally:
+        joining.cancel()
+        with contextlib.suppress(asyncio.CancelledError, mptls.MptlsError):
+            await joining
+        quiet.close()
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await reader.read() == b"still here"
     writer.close()
     await writer.wait_closed()
 

@@ -36,6 +36,7 @@ from mptls.mptcp.config import ConnectionConfig, Mode, check_seconds
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Endpoint
 from mptls.mptcp.framing import PREAMBLE
+from mptls.mptcp.scheduler import SubflowState
 from mptls.mptcp.tokens import TokenAllocator, TokenLayout
 from mptls.tls.keys import KeyMaterial
 
@@ -140,6 +141,12 @@ def _check_port(port: object, what: str, *, low: int) -> int:
             f"{what} must be between {low} and 65535, got {port}"
         )
     return port
+
+
+# the states in which a subflow carries data (SubflowInfo.state)
+_CARRIES_DATA = frozenset(
+    {SubflowState.PRE_ESTABLISHED.value, SubflowState.ESTABLISHED.value}
+)
 
 
 def _check_path(remote: object, local: object) -> None:
@@ -562,14 +569,19 @@ class UserspaceBackend(Backend):
         peer sees that TCP connection end.
         """
         multipath = _transport_of(transport)
-        subflows = multipath._subflows
-        subflow = subflows.get(subflow_id)
+        subflow = multipath._subflows.get(subflow_id)
         if subflow is None:
             raise PathError(f"no open subflow {subflow_id}")
-        if len(subflows) == 1:
+        # a join still under way does not count: it may yet be refused
+        carrying = {
+            info.subflow_id
+            for info in multipath.mptcp_info().subflows
+            if info.state in _CARRIES_DATA
+        }
+        if carrying <= {subflow_id}:
             raise PathError(
-                f"subflow {subflow_id} is the last one: close the "
-                "connection instead"
+                f"subflow {subflow_id} is the last one that carries data: "
+                "close the connection instead"
             )
         subflow.close()
         multipath.subflow_lost(subflow, None)
