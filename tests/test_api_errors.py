@@ -49,6 +49,7 @@ async def echo(
         [("127.0.0.2", 4473, 1)],
         [(None, 4473)],
         [(4473, 4473)],
+        [("127.0.0.2", 4473), ("127.0.0.2", 4473)],
     ],
 )
 async def test_bad_announce_addrs_fail_start_server(

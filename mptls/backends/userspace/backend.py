@@ -211,6 +211,11 @@ def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
                 "literal"
             ) from None
         _check_port(port, "announce_addrs port", low=0)
+        if (str(address), port) in checked:
+            # each would be joined: two subflows on one path
+            raise ConfigurationError(
+                f"announce_addrs lists {host} port {port} twice"
+            )
         checked.append((str(address), port))
     return checked
 

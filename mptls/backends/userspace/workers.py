@@ -128,6 +128,10 @@ class JoinRouter:
             self._sock = None
             # gone even if the parent, which removes the directory, is not
             self._path(self._worker_id).unlink(missing_ok=True)
+            # and the last worker out takes the directory (a killed
+            # parent would leave it): only an empty one goes
+            with contextlib.suppress(OSError):
+                self._dir.rmdir()
         for task in self._tasks:
             task.cancel()
 
