@@ -62,9 +62,7 @@ def _in_mptls_tree(exc: Exception | None, when: str) -> Exception | None:
     :class:`PathsLostError`, so code written for asyncio still catches
     them; what is already mptls's passes through.
     """
-    if exc is None or isinstance(exc, MptlsError):
-        return exc
-    if not isinstance(exc, OSError):
+    if not isinstance(exc, OSError) or isinstance(exc, MptlsError):
         return exc
     reason = exc.strerror or str(exc) or type(exc).__name__
     where = f" {when}" if when else ""
@@ -260,7 +258,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if self._app_lost or self._app_protocol is None:
             return
         self._app_lost = True
-        self._engine.set_plaintext_sink(None)
+        self._update_sink()
         self._loop.call_soon(self._app_protocol.connection_lost, exc)
 
     def pause_writing(self) -> None:
@@ -445,11 +443,11 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             # a socket closed with unread bytes (the peer's session
             # tickets, say) answers the peer with a TCP reset; as
             # asyncio's TLS does, read until the peer's close_notify
-            self._engine.set_plaintext_sink(None)
             self._transport.write_eof()
             self._shutdown = self._loop.call_later(
                 self._shutdown_timeout, self._on_shutdown_timeout
             )
+            self._update_sink()
             # what a paused application left unread is dropped, and the
             # rest read until the peer's close_notify
             self._engine.read()
@@ -457,12 +455,17 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             return
         self._transport.close()
 
-    def _awaits_peer_close(self) -> bool:
+    @property
+    def _over_socket(self) -> bool:
+        # a socket transport (the kernel backend's) has no write_final:
         # the multipath transport ends the data-level stream in order
-        # itself (DATA_FIN both ways); a socket transport does not
+        # itself (DATA_FIN both ways) and resets with MP_FASTCLOSE
+        return self._write_final is None
+
+    def _awaits_peer_close(self) -> bool:
         transport = self._transport
         return (
-            self._write_final is None
+            self._over_socket
             and transport is not None
             and transport.can_write_eof()
             and not self._engine.eof_received
@@ -495,10 +498,10 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._drop_pending_lost()
         if self._transport is None:
             return
-        if self._write_final is None:
-            # a socket transport: the peer learns of the abort from a TCP
-            # reset, as the multipath transport's MP_FASTCLOSE tells it,
-            # rather than from an end without close_notify
+        if self._over_socket:
+            # the peer learns of the abort from a TCP reset, as the
+            # multipath transport's MP_FASTCLOSE tells it, rather than
+            # from an end without close_notify
             sock = self._transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
@@ -512,7 +515,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             # closed: the shutdown reads until the peer's close_notify
             return
         self._app_reading = False
-        self._engine.set_plaintext_sink(None)
+        self._update_sink()
         if self._transport is not None:
             self._transport.pause_reading()
 
