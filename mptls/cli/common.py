@@ -258,17 +258,22 @@ def exit_status_for(exc: BaseException) -> ExitStatus:
     or address that cannot be used; so is a peer that does not speak
     mptls at all (a plain TLS server, say).
     """
-    # a timeout is an OSError to Python, but no input of the user's;
-    # nor is a connection that a peer reset or that broke
+    if isinstance(exc, MptlsError):
+        # mptls's TLS, reset and timeout errors are OSErrors too (as
+        # stdlib's are), but what failed there is the connection
+        bad_input = isinstance(
+            exc, ConfigurationError | ConnectError | NotMptlsPeerError
+        ) or (
+            isinstance(exc, BackendError)
+            and isinstance(exc.__cause__, OSError)
+        )
+        return ExitStatus.USAGE if bad_input else ExitStatus.FAILURE
+    # the system's own: a timeout or a connection that a peer reset or
+    # that broke is no input of the user's; any other OSError (a file, a
+    # port) is
     if isinstance(exc, TimeoutError | _CONNECTION_ENDED):
         return ExitStatus.FAILURE
-    if isinstance(exc, ConfigurationError | ConnectError | NotMptlsPeerError):
-        return ExitStatus.USAGE
-    if isinstance(exc, BackendError) and isinstance(exc.__cause__, OSError):
-        return ExitStatus.USAGE
-    # mptls's TLS and reset errors are OSErrors too (as stdlib's are),
-    # but what failed there is the connection, not the user's input
-    if isinstance(exc, OSError) and not isinstance(exc, MptlsError):
+    if isinstance(exc, OSError):
         return ExitStatus.USAGE
     return ExitStatus.FAILURE
 
