@@ -369,9 +369,10 @@ async def _serve_workers(
     stop = asyncio.Event()
     async with pool:
         _stop_on_signals(stop)
-        port = pool.address[1]
+        # the port the pool bound (port 0 picks one), on every host
+        bound_port = pool.address[1]
         hosts = [host] if isinstance(host, str) else host
-        bound = ", ".join(format_address((one, port)) for one in hosts)
+        bound = ", ".join(format_address((one, bound_port)) for one in hosts)
         _status(True, [f"listening on {bound} ({args.workers} workers)"])
         await stop.wait()
 
