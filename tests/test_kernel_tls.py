@@ -10,11 +10,12 @@ since no released kernel can take TLS-derived keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -70,6 +71,20 @@ async def kernel_server(
         backend="kernel",
         **options,
     )
+
+
+@contextlib.asynccontextmanager
+async def kernel_serving(
+    handler: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
+    ],
+    pki: netns.ServerPki,
+    **options: Any,
+) -> AsyncIterator[int]:
+    """:func:`kernel_server` while the block runs; its port."""
+    server = await kernel_server(handler, pki, **options)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
 
 
 async def kernel_client(
@@ -151,9 +166,7 @@ async def test_a_close_right_after_connect_ends_both_sides_cleanly(
         writer.close()
         await writer.wait_closed()
 
-    server = await kernel_server(reporting_to(ends, handler), pki)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with kernel_serving(reporting_to(ends, handler), pki) as port:
         for _ in range(5):
             _, writer = await kernel_client(pki, port)
             writer.close()
@@ -196,9 +209,7 @@ async def test_nothing_reaches_the_application_after_its_close(
         def connection_lost(self, exc: Exception | None) -> None:
             self.lost.set_result(exc)
 
-    server = await kernel_server(stream_then_close, pki)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with kernel_serving(stream_then_close, pki) as port:
         _, client = await mptls.create_connection(
             CloseAtFirstData,
             "127.0.0.1",
@@ -223,9 +234,7 @@ async def test_an_abort_reaches_the_peer_as_a_reset(
         await reader.readexactly(5)
         writer.transport.abort()
 
-    server = await kernel_server(abort_after_five, pki)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with kernel_serving(abort_after_five, pki) as port:
         reader, writer = await kernel_client(pki, port)
         writer.write(b"hello, and more the server never reads")
         with pytest.raises(ConnectionResetError) as caught:
@@ -278,9 +287,7 @@ async def test_a_close_right_after_a_read_resumed_delivers_nothing(
         writer.close()
         await writer.wait_closed()
 
-    server = await kernel_server(reporting_to(ends, handler), pki)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with kernel_serving(reporting_to(ends, handler), pki) as port:
         reader, writer = await kernel_client(
             pki, port, ssl_shutdown_timeout=30
         )
@@ -307,9 +314,7 @@ async def test_a_close_the_peer_never_answers_ends_in_a_timeout(
         await release.wait()
         writer.close()
 
-    server = await kernel_server(hold, pki)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
+    async with kernel_serving(hold, pki) as port:
         _, writer = await kernel_client(pki, port, ssl_shutdown_timeout=0.3)
         writer.close()
         with pytest.raises(TimeoutError) as caught:
