@@ -62,11 +62,35 @@ class JoinRefusedError(ProtocolError):
     """An MP_JOIN was refused (bad HMAC, unknown token, policy)."""
 
 
+def _set_errno(error: OSError, code: int, message: str) -> None:
+    """Give ``error`` the ``errno`` and ``strerror`` stdlib's would have.
+
+    Set after ``__init__`` rather than passed to it, so that ``args``
+    (and so pickling and ``str``) keep the message alone.
+    """
+    error.errno = code
+    error.strerror = message
+
+
+def _message_of(error: BaseException) -> str:
+    # an OSError with an errno shows "[Errno N] ..."; these show the
+    # message alone, as they did before they had one
+    return str(error.args[0]) if error.args else ""
+
+
 class PeerResetError(ProtocolError, ConnectionResetError):
     """The peer reset the MPTCP connection (MP_FASTCLOSE or MP_TCPRST).
 
-    A ``ConnectionResetError`` too, as a reset TCP connection is.
+    A ``ConnectionResetError`` too, as a reset TCP connection is, with
+    its ``errno`` (``ECONNRESET``).
     """
+
+    def __init__(self, message: str, *, reset_reason: int | None = None):
+        super().__init__(message, reset_reason=reset_reason)
+        _set_errno(self, _errno.ECONNRESET, message)
+
+    def __str__(self) -> str:
+        return _message_of(self)
 
 
 class PathsLostError(MptlsError, ConnectionResetError):
@@ -74,8 +98,15 @@ class PathsLostError(MptlsError, ConnectionResetError):
 
     The connection cannot go on (it has no keys to join with yet, or
     joins are off), so its end is as abrupt as a TCP reset and is a
-    ``ConnectionResetError`` too.
+    ``ConnectionResetError`` too (``errno`` ``ECONNRESET``).
     """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        _set_errno(self, _errno.ECONNRESET, message)
+
+    def __str__(self) -> str:
+        return _message_of(self)
 
 
 class TLSError(MptlsError, ssl.SSLError):
@@ -83,8 +114,9 @@ class TLSError(MptlsError, ssl.SSLError):
 
     ``alert`` is the TLS alert description when one was sent or
     received, else ``None``. An ``ssl.SSLError`` too, as stdlib TLS
-    failures are: ``library`` is ``"SSL"`` and ``reason`` empty (the
-    message says what OpenSSL reported).
+    failures are: ``errno`` is ``ssl.SSL_ERROR_SSL``, ``library``
+    ``"SSL"`` and ``reason`` empty (the message says what OpenSSL
+    reported).
     """
 
     library = "SSL"
@@ -92,11 +124,11 @@ class TLSError(MptlsError, ssl.SSLError):
 
     def __init__(self, message: str, *, alert: int | None = None):
         super().__init__(message)
+        _set_errno(self, ssl.SSL_ERROR_SSL, message)
         self.alert = alert
 
     def __str__(self) -> str:
-        # ssl.SSLError shows its args as a tuple unless given an errno
-        return str(self.args[0]) if self.args else ""
+        return _message_of(self)
 
 
 # OpenSSL's X509_V_ERR_UNSPECIFIED, for a failure with no verify result

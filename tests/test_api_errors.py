@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import pickle
 import socket
 import ssl
 
@@ -299,6 +300,33 @@ async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(
     assert error.verify_code == X509_V_ERR_IP_ADDRESS_MISMATCH
     assert str(error) == error.verify_message
     assert str(error).startswith("server certificate verify failed")
+    # stdlib's errno for a failure in the TLS library itself
+    assert error.errno == ssl.SSL_ERROR_SSL
+    assert error.strerror == str(error)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (mptls.PeerResetError("peer reset", reset_reason=6), errno.ECONNRESET),
+        (mptls.PathsLostError("every subflow closed"), errno.ECONNRESET),
+        (mptls.TLSError("handshake failure", alert=40), ssl.SSL_ERROR_SSL),
+        (mptls.CertificateError("verify failed", verify_code=10), 1),
+    ],
+)
+def test_errors_carry_the_errno_stdlib_gives_the_same_failure(
+    error: OSError, code: int
+) -> None:
+    # code written for asyncio may test e.errno (ECONNRESET after a
+    # reset, SSL_ERROR_SSL after a TLS failure); the message reads as
+    # it did, without "[Errno N]", and survives a pickle
+    assert error.errno == code
+    assert error.strerror == error.args[0]
+    assert str(error) == error.args[0]
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert (copy.errno, str(copy)) == (code, str(error))
+    assert copy.__dict__ == error.__dict__
 
 
 @pytest.mark.parametrize(
