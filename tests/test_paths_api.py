@@ -225,3 +225,40 @@ async def test_a_pool_stops_handlers_without_tracebacks(
         writer.close()
     assert sum(s.first_subflows for s in pool.stats) == 4
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_a_cancelled_add_path_leaves_no_join(pki: Pki) -> None:
+    async def echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    server = await mptls.start_server(echo, "127.0.0.1", 0, ssl=pki.server())
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        transport = writer.transport
+        joining = asyncio.create_task(
+            transport.add_path(("127.0.0.1", port), local="127.0.0.2")  # type: ignore[attr-defined]
+        )
+        # cancelled once the TCP connection is up and the MP_JOIN sent:
+        # the join would otherwise complete without the caller knowing
+        async with asyncio.timeout(10):
+            while len(writer.get_extra_info("mptcp").subflows) < 2:
+                await asyncio.sleep(0)
+        joining.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await joining
+        writer.write(b"ping")
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(4) == b"ping"
+        states = [s.state for s in writer.get_extra_info("mptcp").subflows]
+        # the given-up join is closed, as after add_path's own timeout
+        assert states == ["ESTABLISHED", "CLOSED"]
+        writer.close()
+        async with asyncio.timeout(10):
+            await writer.wait_closed()

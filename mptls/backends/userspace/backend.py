@@ -556,10 +556,14 @@ class UserspaceBackend(Backend):
                 await _connect(watch, remote, local)
                 _start_join(multipath, watch, backup)
                 return await asyncio.shield(watch.outcome)
-        except TimeoutError as exc:
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            # given up, by its own limit or the caller's cancel: the
+            # join must not go on to add a subflow nobody asked for
             watch.close()
             if watch.subflow_id is not None:
                 multipath.subflow_lost(watch, None)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             raise MptlsTimeoutError(
                 f"join to {remote[0]}:{remote[1]} took over {timeout} s"
             ) from exc
