@@ -152,3 +152,46 @@ async def test_a_killed_server_ends_the_client_within_path_loss_timeout(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize("size", [100_001, 3_000_001])
+async def test_a_clean_close_loses_nothing_for_a_late_reader(
+    pki: Pki, size: int
+) -> None:
+    # the client's close times out waiting for the server's own end
+    # (its handler is busy) and ends with MP_FASTCLOSE; everything it
+    # wrote was acknowledged and its DATA_FIN taken in order, so the
+    # server's reader must still get every byte and a clean EOF
+    loop = asyncio.get_running_loop()
+    busy = asyncio.Event()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        first = await reader.readexactly(1)
+        await busy.wait()
+        try:
+            got.set_result(first + await reader.read())
+        except Exception as exc:
+            got.set_exception(exc)
+        writer.close()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client(), close_timeout=0.2
+        )
+        payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+        async with asyncio.timeout(10):
+            await writer.wait_closed()
+        busy.set()
+        async with asyncio.timeout(10):
+            received = await got
+        assert received == payload

@@ -234,6 +234,13 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             )
             return
         exc = self._shutdown_error or _in_mptls_tree(exc, "")
+        if isinstance(exc, ConnectionResetError) and self._engine.eof_received:
+            # the peer's close_notify came first: every byte it sent is
+            # here, complete (RFC 8446 section 6.1). A reset after it (a
+            # userspace closer's MP_FASTCLOSE at close_timeout while this
+            # application had not read yet) truncates nothing, and must
+            # not make the reader raise instead of giving those bytes
+            exc = None
         # an end the application asked for (close, abort) is told at
         # once: it will not read what is left
         asked = self._app_transport._closing

@@ -31,6 +31,7 @@ from mptls.errors import (
     MptlsError,
     MptlsTimeoutError,
     NotMptlsPeerError,
+    PeerResetError,
     ProtocolError,
 )
 from mptls.mptcp import events
@@ -331,6 +332,18 @@ class MultipathTransport(asyncio.Transport):
             subflow.address("sockname"),
             subflow.address("peername"),
         )
+        self._forget_addresses()
+
+    def _forget_addresses(self) -> None:
+        # the core forgets all but its last closed subflows; their
+        # addresses go with them, or every join a long-lived connection
+        # ever saw (refused ones included) would stay here. The first
+        # subflow's remain: a closed connection's peername and sockname
+        first = min(self._addresses)
+        reported = {sub.subflow_id for sub in self._core.info().subflows}
+        for subflow_id in list(self._addresses):
+            if subflow_id != first and subflow_id not in reported:
+                del self._addresses[subflow_id]
 
     def start(self, protocol: asyncio.Protocol) -> None:
         self._protocol = protocol
@@ -616,6 +629,11 @@ class MultipathTransport(asyncio.Transport):
             self._closed_callback(self)
         if self._protocol is None:
             return
+        if self._held_eof and isinstance(error, PeerResetError):
+            # the peer's DATA_FIN came in order before its MP_FASTCLOSE:
+            # its stream is complete here (RFC 8684 section 3.3.3), and
+            # a closer that gave up waiting for our end loses nothing
+            error = None
         if (
             error is None
             and not self._discarding
