@@ -600,6 +600,37 @@ async def test_server_ending_before_the_preamble_is_not_mptls(
         assert loop.time() - started < 2.0
 
 
+async def test_listener_closed_with_the_connection_queued_is_a_reset(
+    pki: Pki,
+) -> None:
+    # what the kernel does to connections queued on the listening socket
+    # of a pool worker that dies (net.ipv4.tcp_migrate_req=0): a reset
+    # before the preamble, which a retry may get past
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    queued: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not queued.done():
+            queued.set_result(None)
+
+    loop.add_reader(listener.fileno(), readable)
+    connecting = asyncio.create_task(
+        mptls.open_connection("127.0.0.1", port, ssl=pki.client())
+    )
+    try:
+        await asyncio.wait_for(queued, 10)
+    finally:
+        loop.remove_reader(listener.fileno())
+        listener.close()  # never accepted: the kernel resets the queue
+    with pytest.raises(mptls.PeerResetError, match="preamble") as caught:
+        await asyncio.wait_for(connecting, 10)
+    assert isinstance(caught.value, ConnectionResetError)
+    assert "not an mptls" not in str(caught.value)
+
+
 async def test_addresses_outlive_the_connection(
     pki: Pki, echo_server: Served
 ) -> None:

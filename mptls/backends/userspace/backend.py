@@ -31,6 +31,8 @@ from mptls.errors import (
     MptlsTimeoutError,
     NotMptlsPeerError,
     PathError,
+    PeerResetError,
+    ProtocolError,
 )
 from mptls.mptcp.config import ConnectionConfig, Mode, check_seconds
 from mptls.mptcp.connection import Connection
@@ -691,7 +693,10 @@ class _FirstSubflow(SubflowProtocol):
     decoder; a TCP connection that ends (FIN or RST) before all of it
     arrived means a server that does not speak the wire, such as a plain
     TLS server giving up on our preamble: :class:`NotMptlsPeerError`, not
-    a lost subflow that would wait for joins.
+    a lost subflow that would wait for joins. A reset says nothing of
+    what the server speaks (a pool worker that dies resets the
+    connections queued on its listening socket): :class:`PeerResetError`,
+    a ``ConnectionResetError`` as asyncio raises for it.
     """
 
     def __init__(self, sink: Any) -> None:
@@ -707,16 +712,26 @@ class _FirstSubflow(SubflowProtocol):
             super().connection_lost(exc)
             return
         self.closed = True
-        how = "reset" if exc is not None else "closed"
         peer = self.address("peername")
         where = f"{peer[0]}:{peer[1]}" if peer else "the server"
-        error = NotMptlsPeerError(
-            f"{where} {how} the connection before answering with the "
-            f"mptls preamble ({self._received} bytes came): it is not an "
-            "mptls userspace server (a plain TLS or TCP server, or an "
-            "mptls server on the kernel backend: use the same backend "
-            "on both ends?)"
+        before = (
+            "the connection before answering with the mptls preamble "
+            f"({self._received} bytes came)"
         )
+        error: ProtocolError
+        if isinstance(exc, ConnectionResetError):
+            error = PeerResetError(
+                f"{where} reset {before}: the server went away with the "
+                "connection unserved (a worker that died, a restart; a "
+                "retry may succeed) or does not speak the mptls wire"
+            )
+            error.__cause__ = exc
+        else:
+            error = NotMptlsPeerError(
+                f"{where} closed {before}: it is not an mptls userspace "
+                "server (a plain TLS or TCP server, or an mptls server on "
+                "the kernel backend: use the same backend on both ends?)"
+            )
         self.sink.subflow_lost(self, error)
 
 

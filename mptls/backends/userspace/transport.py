@@ -374,8 +374,9 @@ class MultipathTransport(asyncio.Transport):
         del self._subflows[subflow_id]
         if self._closed:
             return
-        if isinstance(exc, NotMptlsPeerError):
-            # the wrong kind of peer: nothing more will come of this
+        if isinstance(exc, NotMptlsPeerError | PeerResetError):
+            # the wrong kind of peer, or a first subflow reset before the
+            # preamble: no connection exists that a join could carry on
             self._finish(exc)
             return
         logger.debug("%s: subflow %d lost (%s)", self._tag(), subflow_id, exc)
