@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import multiprocessing
 import os
 import random
@@ -253,6 +254,50 @@ async def test_stop_leaves_no_process_or_socket(pki: Pki) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert pool.pids == ()
+    assert multiprocessing.active_children() == []
+
+
+class _Records(logging.Handler):
+    """Resolves ``seen`` with the first record at WARNING or above."""
+
+    def __init__(self, seen: asyncio.Future[logging.LogRecord]) -> None:
+        super().__init__(logging.WARNING)
+        self._loop = asyncio.get_running_loop()
+        self._seen = seen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._loop.call_soon_threadsafe(_resolve, self._seen, record)
+
+
+def _resolve(
+    seen: asyncio.Future[logging.LogRecord], record: logging.LogRecord
+) -> None:
+    if not seen.done():
+        seen.set_result(record)
+
+
+async def test_the_pool_notices_a_worker_that_dies(pki: Pki) -> None:
+    pool = WorkerPool(echo, "127.0.0.1", 0, workers=3, ssl=pki.server())
+    await pool.start()
+    seen: asyncio.Future[logging.LogRecord] = (
+        asyncio.get_running_loop().create_future()
+    )
+    handler = _Records(seen)
+    logging.getLogger("mptls.workers").addHandler(handler)
+    try:
+        victim = pool.pids[1]
+        os.kill(victim, signal.SIGKILL)
+        record = await asyncio.wait_for(seen, 10)
+        message = record.getMessage()
+        assert f"worker 1 (pid {victim})" in message
+        assert "2 of 3" in message
+        assert pool.exited == {1: -signal.SIGKILL}
+    finally:
+        logging.getLogger("mptls.workers").removeHandler(handler)
+        stats = await pool.stop()
+    # the others stopped as asked: not reported as exits
+    assert sorted(s.worker_id for s in stats) == [0, 2]
+    assert pool.exited == {1: -signal.SIGKILL}
     assert multiprocessing.active_children() == []
 
 

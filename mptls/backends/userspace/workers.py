@@ -467,6 +467,9 @@ class WorkerPool:
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._pipes: list[Pipe] = []
         self._stats: tuple[WorkerStats, ...] = ()
+        # workers that ended while the pool served, by worker id
+        self._exited: dict[int, int | None] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -482,12 +485,22 @@ class WorkerPool:
         """Each worker's counts, once :meth:`stop` has returned."""
         return self._stats
 
+    @property
+    def exited(self) -> Mapping[int, int | None]:
+        """Workers that ended while serving: worker id to exit code.
+
+        A negative code is the signal that ended the process. Such a
+        worker is not restarted and has no entry in :attr:`stats`.
+        """
+        return dict(self._exited)
+
     async def start(self) -> None:
         """Start the workers; return once every one of them listens."""
         if self._processes:
             raise BackendError("the pool is already started")
         # private (0700): only this user's processes can hand sockets
         self._dir = Path(tempfile.mkdtemp(prefix="mptls-workers-"))
+        self._exited.clear()
         # held until every worker has bound the port with SO_REUSEPORT,
         # so that port 0 means the same free port for all of them
         placeholder = _reserve(_first_host(self._template.host), self._port)
@@ -495,6 +508,7 @@ class WorkerPool:
         try:
             self._spawn(self._dir)
             await self._wait_ready()
+            self._watch()
         except BaseException:
             await self._halt()
             raise
@@ -503,6 +517,7 @@ class WorkerPool:
 
     async def stop(self) -> tuple[WorkerStats, ...]:
         """Stop every worker (open connections get ``grace`` s to end)."""
+        self._unwatch()
         for pipe in self._pipes:
             with contextlib.suppress(OSError):
                 pipe.send(_STOP)
@@ -567,8 +582,51 @@ class WorkerPool:
             self._port,
         )
 
+    def _watch(self) -> None:
+        """Report a worker that ends before :meth:`stop` asks it to."""
+        loop = asyncio.get_running_loop()
+        for worker_id, process in enumerate(self._processes):
+            loop.add_reader(
+                process.sentinel, self._on_exit, worker_id, process
+            )
+
+    def _unwatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        for process in self._processes:
+            loop.remove_reader(process.sentinel)
+
+    def _on_exit(
+        self, worker_id: int, process: multiprocessing.process.BaseProcess
+    ) -> None:
+        asyncio.get_running_loop().remove_reader(process.sentinel)
+        task = asyncio.get_running_loop().create_task(
+            self._report_exit(worker_id, process)
+        )
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _report_exit(
+        self, worker_id: int, process: multiprocessing.process.BaseProcess
+    ) -> None:
+        # the sentinel closes as the process exits; reaping follows
+        await asyncio.to_thread(process.join, 5.0)
+        self._exited[worker_id] = process.exitcode
+        left = len(self._processes) - len(self._exited)
+        # the kernel reset the connections queued on its listening socket
+        # (unless net.ipv4.tcp_migrate_req=1 moved them to a sibling)
+        logger.warning(
+            "worker %d (pid %s) exited with code %s while serving; %d of "
+            "%d workers left, not restarted",
+            worker_id,
+            process.pid,
+            process.exitcode,
+            left,
+            len(self._processes),
+        )
+
     async def _halt(self) -> None:
         """Wait for the processes to exit; end the stragglers."""
+        self._unwatch()
         for pipe in self._pipes:
             with contextlib.suppress(OSError):
                 pipe.send(_STOP)
@@ -580,6 +638,9 @@ class WorkerPool:
                 await asyncio.to_thread(process.join, 5.0)
         for pipe in self._pipes:
             pipe.close()
+        # a report under way finishes (its process is gone) before the
+        # list it counts is cleared
+        await asyncio.gather(*self._watchers)
         self._processes.clear()
         self._pipes.clear()
         if self._dir is not None:
