@@ -10,24 +10,13 @@ for the connection's whole life.
 
 from __future__ import annotations
 
-import asyncio
-
 from pki import Pki
-from test_hijack import join_as_observer
+from test_hijack import echo, join_as_observer
 
 import mptls
 from mptls.mptcp.framing import Flag
 
 JOINS = 40
-
-
-async def echo(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
 
 
 def addresses_beyond_reported(transport: object) -> int:
