@@ -20,6 +20,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from mptls.errors import BackendError
 
@@ -142,8 +143,8 @@ async def resolve(
     *,
     family: int = socket.AF_UNSPEC,
     passive: bool = False,
-) -> list[tuple[int, tuple[str, int]]]:
-    """``(family, (address, port))`` pairs for ``host``.
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """``(family, sockaddr)`` pairs for ``host``.
 
     ``getaddrinfo`` is asked for TCP stream addresses: glibc has no entry
     for protocol 262 and fails with it, and the addresses are the same.
@@ -160,11 +161,13 @@ async def resolve(
         )
     except socket.gaierror as exc:
         raise BackendError(f"cannot resolve {host!r}: {exc}") from exc
-    pairs: list[tuple[int, tuple[str, int]]] = []
+    pairs: list[tuple[int, tuple[Any, ...]]] = []
     for info_family, _, _, _, address in infos:
         if info_family not in (socket.AF_INET, socket.AF_INET6):
             continue
-        pair = (int(info_family), (str(address[0]), int(address[1])))
+        # the whole sockaddr: an IPv6 one ends with the scope id that a
+        # link-local address ("fe80::1%eth0") cannot be used without
+        pair = (int(info_family), tuple(address))
         if pair not in pairs:
             pairs.append(pair)
     if not pairs:
@@ -185,15 +188,17 @@ async def connect(
     only addresses of its family are tried.
     """
     family: int = socket.AF_UNSPEC
+    local: tuple[Any, ...] | None = None
     if local_addr is not None:
-        family = address_family(local_addr)
+        family = address_family(local_addr.partition("%")[0])
+        local = (await resolve(loop, local_addr, 0, family=family))[0][1]
     errors: list[str] = []
     last: OSError | None = None
     for addr_family, address in await resolve(loop, host, port, family=family):
         sock = mptcp_socket(addr_family)
         try:
-            if local_addr is not None:
-                sock.bind((local_addr, 0))
+            if local is not None:
+                sock.bind(local)
             await connect_socket(loop, sock, address)
         except OSError as exc:
             sock.close()
@@ -220,7 +225,7 @@ async def connect(
 async def connect_socket(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
-    address: tuple[str, int],
+    address: tuple[Any, ...],
 ) -> None:
     """Non-blocking connect of ``sock`` to a numeric ``address``.
 
@@ -288,7 +293,8 @@ async def listening_sockets(
     """
     hosts: list[str | None] = []
     if host is None or isinstance(host, str):
-        hosts.append(host)
+        # "" is every interface, as None is (asyncio's create_server)
+        hosts.append(host or None)
     else:
         hosts.extend(host)
     sockets: list[socket.socket] = []
@@ -309,7 +315,7 @@ async def listening_sockets(
 
 def _listen(
     family: int,
-    address: tuple[str, int],
+    address: tuple[Any, ...],
     reuse_address: bool,
     reuse_port: bool,
 ) -> socket.socket:

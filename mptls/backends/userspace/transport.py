@@ -249,13 +249,15 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.close()
 
-    def address(self, which: str) -> tuple[str, int] | None:
+    def name(self, which: str) -> Any:
+        """``sockname`` or ``peername`` as asyncio gives it (four items
+        for IPv6), or None."""
         if self.transport is None:
             return None
-        value = self.transport.get_extra_info(which)
-        if not value:
-            return None
-        return (str(value[0]), int(value[1]))
+        return self.transport.get_extra_info(which) or None
+
+    def address(self, which: str) -> tuple[str, int] | None:
+        return _host_port(self.name(which))
 
 
 class MultipathTransport(asyncio.Transport):
@@ -283,9 +285,8 @@ class MultipathTransport(asyncio.Transport):
         self._closed_callback = on_closed
         self._subflows: dict[int, SubflowProtocol] = {}
         self._closing_subflows: list[int] = []
-        self._addresses: dict[
-            int, tuple[tuple[str, int] | None, tuple[str, int] | None]
-        ] = {}
+        # each subflow's (sockname, peername) as asyncio gave them
+        self._addresses: dict[int, tuple[Any, Any]] = {}
         self._closed_by_core: events.ConnectionClosed | None = None
         self._protocol: asyncio.Protocol | None = None
         self._held: list[bytes] = []
@@ -329,8 +330,8 @@ class MultipathTransport(asyncio.Transport):
         self._subflows[subflow_id] = subflow
         # kept after the TCP connection is gone, for the final snapshot
         self._addresses[subflow_id] = (
-            subflow.address("sockname"),
-            subflow.address("peername"),
+            subflow.name("sockname"),
+            subflow.name("peername"),
         )
         self._forget_addresses()
 
@@ -604,7 +605,18 @@ class MultipathTransport(asyncio.Transport):
         if not self._initiator or self._remote is None:
             return
         port = event.port or self._remote[1]
-        local = self._local_addrs[0] if self._local_addrs else None
+        # either family may be announced (RFC 8684 section 3.4.1): join
+        # from a given local address of the announced one's family, or
+        # let the system pick one when none was given
+        version = event.address.version
+        local = next(
+            (
+                address
+                for address in self._local_addrs
+                if ipaddress.ip_address(address).version == version
+            ),
+            None,
+        )
         self._spawn(self._open_subflow(local, (str(event.address), port)))
 
     def _on_closed(self, event: events.ConnectionClosed) -> None:
@@ -1013,7 +1025,8 @@ class MultipathTransport(asyncio.Transport):
         info = self._core.info()
         subflows = []
         for sub in info.subflows:
-            local, remote = self._addresses.get(sub.subflow_id, (None, None))
+            names = self._addresses.get(sub.subflow_id, (None, None))
+            local, remote = (_host_port(name) for name in names)
             subflows.append(
                 SubflowInfo(
                     subflow_id=sub.subflow_id,
@@ -1060,3 +1073,8 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
 
 # where get_extra_info finds a name in a cached (sockname, peername) pair
 _ADDRESS_INDEX = {"sockname": 0, "peername": 1}
+
+
+def _host_port(name: Any) -> tuple[str, int] | None:
+    """The host and port of a socket name (an IPv6 one has four items)."""
+    return None if name is None else (str(name[0]), int(name[1]))
