@@ -11,6 +11,7 @@ import ssl
 
 import pytest
 from pki import Pki
+from support import skip_without_ipv6
 
 import mptls
 from mptls.aio.protocol import _in_mptls_tree
@@ -257,13 +258,26 @@ def test_tls_config_types(kw: dict[str, object]) -> None:
 # what the operating system refuses: typed, and still an OSError
 
 
-async def test_refused_connection_is_a_connect_error(pki: Pki) -> None:
-    server = await asyncio.start_server(noop, "127.0.0.1", 0)
+@pytest.mark.parametrize(
+    ("host", "shown"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")]
+)
+@pytest.mark.parametrize(
+    "backend", ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+)
+async def test_refused_connection_is_a_connect_error(
+    pki: Pki, host: str, shown: str, backend: str
+) -> None:
+    skip_without_ipv6(host)
+    if backend == "kernel" and not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    server = await asyncio.start_server(noop, host, 0)
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
     with pytest.raises(ConnectError) as caught:
-        await mptls.open_connection("127.0.0.1", port, ssl=pki.client())
+        await mptls.open_connection(
+            host, port, ssl=pki.client(), backend=backend
+        )
     error = caught.value
     assert isinstance(error, OSError)
     assert isinstance(error, mptls.MptlsError)
@@ -271,11 +285,12 @@ async def test_refused_connection_is_a_connect_error(pki: Pki) -> None:
     assert isinstance(error, ConnectionRefusedError)
     assert isinstance(error, mptls.ConnectRefusedError)
     assert error.errno == errno.ECONNREFUSED
-    assert f"127.0.0.1:{port}" in str(error)
+    # an IPv6 host in brackets, or its port would read as part of it
+    assert f"cannot connect to {shown}:{port}: " in str(error)
     # the system's words, not asyncio's "Connect call failed (...)",
     # which repeats the address
     assert str(error).endswith(os.strerror(errno.ECONNREFUSED))
-    assert (error.host, error.port) == ("127.0.0.1", port)
+    assert (error.host, error.port) == (host, port)
 
 
 async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(

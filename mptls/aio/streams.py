@@ -27,7 +27,7 @@ from OpenSSL import SSL
 
 from mptls.aio.protocol import StreamProtocol, TLSProtocol
 from mptls.backends import get_backend
-from mptls.backends.base import Backend, Server
+from mptls.backends.base import Backend, Server, format_address
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -145,7 +145,7 @@ def _connect_error(
             # the system's words: asyncio's own text ("Connect call
             # failed (...)") repeats the address the message names
             reason = os.strerror(exc.errno)
-        message = f"cannot {what} {host}:{port}: {reason}"
+        message = f"cannot {what} {format_address((host, port))}: {reason}"
     where = host if isinstance(host, str) else None
     return ConnectError.of(exc.errno, message, host=where, port=port)
 

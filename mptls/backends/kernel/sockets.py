@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from mptls.backends.base import format_address
 from mptls.errors import BackendError
 
 logger = logging.getLogger("mptls.backends.kernel")
@@ -219,7 +220,8 @@ async def connect(
         detail = "; ".join(errors) or "no address to try"
     # the OS error as the cause: the streams layer turns it into a
     # ConnectError with its errno, as for the userspace backend
-    raise BackendError(f"cannot connect to {host}:{port}: {detail}") from last
+    where = format_address((host, port))
+    raise BackendError(f"cannot connect to {where}: {detail}") from last
 
 
 async def connect_socket(

@@ -17,7 +17,13 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mptls.backends.base import Backend, KeyInstall, MptcpInfo, Server
+from mptls.backends.base import (
+    Backend,
+    KeyInstall,
+    MptcpInfo,
+    Server,
+    format_address,
+)
 from mptls.backends.userspace.listener import Handoff, Listener
 from mptls.backends.userspace.transport import (
     MultipathTransport,
@@ -362,7 +368,7 @@ async def _connect_first_subflow(
         )
     except TimeoutError as exc:
         raise MptlsTimeoutError(
-            f"TCP connect to {host}:{port} timed out"
+            f"TCP connect to {format_address((host, port))} timed out"
         ) from exc
 
 

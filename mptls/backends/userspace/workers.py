@@ -37,6 +37,7 @@ from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
 
+from mptls.backends.base import format_address
 from mptls.backends.userspace.listener import Listener
 from mptls.backends.userspace.transport import SubflowProtocol
 from mptls.errors import BackendError, ConfigurationError, MptlsTimeoutError
@@ -698,7 +699,8 @@ def _reserve(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise BackendError(f"cannot bind {host}:{port}: {exc}") from exc
+        where = format_address((host, port))
+        raise BackendError(f"cannot bind {where}: {exc}") from exc
     return sock
 
 
