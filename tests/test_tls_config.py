@@ -540,3 +540,30 @@ def test_stdlib_forms_that_cannot_be_carried(files: Files) -> None:
     crossed.maximum_version = ssl.TLSVersion.TLSv1_2
     with pytest.raises(ConfigurationError, match="above"):
         to_openssl_context(crossed, server_side=False)
+
+
+def test_stdlib_version_options_are_carried(files: Files) -> None:
+    # OP_NO_TLSv1_2 is how older code asks for TLS 1.3 only: the stdlib
+    # refuses a TLS 1.2 server then, and so must the carried context
+    no_tls12 = stdlib_context(files)
+    with pytest.warns(DeprecationWarning):
+        no_tls12.options |= ssl.OP_NO_TLSv1_2
+    context, _ = to_openssl_context(no_tls12, server_side=False)
+    with pytest.raises(TLSError) as raised:
+        handshake(context, tls12_server(files))
+    assert raised.value.alert == AlertDescription.PROTOCOL_VERSION
+
+    no_tls13 = stdlib_context(files)
+    with pytest.warns(DeprecationWarning):
+        no_tls13.options |= ssl.OP_NO_TLSv1_3
+    context, _ = to_openssl_context(no_tls13, server_side=False)
+    client, _ = handshake(
+        context, server_context(files, minimum_version=TLSVersion.TLS1_2)
+    )
+    assert client.version() == "TLSv1.2"
+
+    neither = stdlib_context(files)
+    with pytest.warns(DeprecationWarning):
+        neither.options |= ssl.OP_NO_TLSv1_2 | ssl.OP_NO_TLSv1_3
+    with pytest.raises(ConfigurationError, match="above"):
+        to_openssl_context(neither, server_side=False)

@@ -28,8 +28,10 @@ What ``ssl=`` accepts, and what each form gives:
                               ``VERIFY_PEER``
   ``check_hostname``          carried over
   ``minimum_version``         carried over, raised to TLS 1.2 when lower
-                              (mptls never runs below TLS 1.2)
-  ``maximum_version``         carried over; below TLS 1.2 is an error
+                              (mptls never runs below TLS 1.2), and to
+                              TLS 1.3 by ``OP_NO_TLSv1_2``
+  ``maximum_version``         carried over; below TLS 1.2 is an error;
+                              ``OP_NO_TLSv1_3`` caps it at TLS 1.2
   CA certificates             the ones ``get_ca_certs(binary_form=True)``
                               returns; when there are none and the context
                               verifies, OpenSSL's default verify paths
@@ -41,11 +43,11 @@ What ``ssl=`` accepts, and what each form gives:
   Not carried over, because Python offers no way to read them: ALPN
   protocols (``set_alpn_protocols``), a client certificate and key
   (``load_cert_chain``), CA directories loaded lazily through ``capath``,
-  ``options`` bits, ``sni_callback``, ``keylog_filename`` and
-  ``post_handshake_auth``. ``hostname_checks_common_name`` does not
-  apply: mptls never matches a host name against the subject's common
-  name. Use a :class:`TLSConfig` or an ``OpenSSL.SSL.Context`` when any
-  of these matters.
+  ``sni_callback``, ``keylog_filename`` and ``post_handshake_auth``; nor
+  are ``options`` bits other than the two above.
+  ``hostname_checks_common_name`` does not apply: mptls never matches a
+  host name against the subject's common name. Use a :class:`TLSConfig`
+  or an ``OpenSSL.SSL.Context`` when any of these matters.
 
 What cannot be carried over is a :class:`~mptls.errors.ConfigurationError`,
 never a silent downgrade: a server-side ``ssl.SSLContext`` (its private key
@@ -556,9 +558,19 @@ def _stdlib_versions(
         minimum = TLSVersion.TLS1_2
     else:
         minimum = _as_tls_version(low, "minimum_version")
+    # the older way to bound versions, which stdlib ssl still obeys:
+    # dropping it would let TLS 1.2 through a context that refuses it
+    if source.options & ssl.Options.OP_NO_TLSv1_2:
+        minimum = max(minimum, TLSVersion.TLS1_3)
+    if source.options & ssl.Options.OP_NO_TLSv1_3 and (
+        maximum is None or maximum > TLSVersion.TLS1_2
+    ):
+        maximum = TLSVersion.TLS1_2
     if maximum is not None and minimum > maximum:
         raise ConfigurationError(
-            f"minimum_version {low.name} is above maximum_version {high.name}"
+            f"the ssl.SSLContext's floor, {minimum.name}, is above its "
+            f"ceiling, {maximum.name} (from minimum_version, "
+            "maximum_version and the OP_NO_TLSv1_* options)"
         )
     return minimum, maximum
 
