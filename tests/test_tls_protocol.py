@@ -7,10 +7,14 @@ import asyncio
 import random
 from typing import Any
 
+import pytest
 from pki import Pki
 
 from mptls.aio.protocol import StreamProtocol, TLSProtocol
 from mptls.backends.base import KeyInstall
+from mptls.errors import TLSError
+from mptls.tls.config import TLSConfig
+from mptls.tls.engine import AlertDescription
 from mptls.tls.keys import KeyMaterial
 
 
@@ -64,7 +68,9 @@ class MemoryTransport(asyncio.Transport):
 
 
 async def connected_pair(
-    pki: Pki, client_protocol: asyncio.BaseProtocol
+    pki: Pki,
+    client_protocol: asyncio.BaseProtocol,
+    server_config: TLSConfig | None = None,
 ) -> tuple[TLSProtocol, TLSProtocol, asyncio.Queue[asyncio.Transport]]:
     loop = asyncio.get_running_loop()
     backend: Any = NoKeysBackend()
@@ -85,7 +91,10 @@ async def connected_pair(
         waiter=waiter,
     )
     server = TLSProtocol(
-        backend, pki.server().server_context(), Accept, server_side=True
+        backend,
+        (server_config or pki.server()).server_context(),
+        Accept,
+        server_side=True,
     )
     to_server, to_client = MemoryTransport(), MemoryTransport()
     to_server.peer, to_client.peer = server, client
@@ -122,3 +131,30 @@ async def test_a_clean_end_right_after_a_resume_loses_nothing(
 
     assert first + taken + rest == answer
     assert reader.at_eof()
+
+
+async def test_a_write_after_the_peer_refused_the_client_is_dropped(
+    pki: Pki,
+) -> None:
+    # TLS 1.3: the client's handshake is complete before the server
+    # reads its (missing) certificate, so the refusal reaches a client
+    # that already holds its streams. Its write must not raise a bare
+    # RuntimeError, as asyncio's would not: drain() says why it ended
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    protocol = StreamProtocol(reader, loop=loop)
+    strict = pki.server(cafile=pki.ca_pem, require_client_cert=True)
+    client, _, _ = await connected_pair(pki, protocol, strict)
+    for _ in range(100):
+        if reader.exception() is not None:
+            break
+        await asyncio.sleep(0)
+    assert reader.exception() is not None, "the server's alert never came"
+    transport = client._app_transport
+    assert transport is not None
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    writer.write(b"request")
+    with pytest.raises(TLSError) as raised:
+        await writer.drain()
+    assert raised.value.alert == AlertDescription.CERTIFICATE_REQUIRED

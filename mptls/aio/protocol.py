@@ -679,6 +679,11 @@ class TLSTransport(asyncio.Transport):
         if self._eof_written:
             raise RuntimeError("cannot write after write_eof()")
         if self._closing:
+            if self._tls._lost:
+                # ended under the application (a peer's TLS alert, a
+                # reset): dropped, as asyncio's transports drop it;
+                # drain() and the reader raise why it ended
+                return
             raise RuntimeError("cannot write to a closing transport")
         if data:
             # encrypted before this returns (or copied by the engine
