@@ -7,15 +7,19 @@ against an engine on the other end, not by reading its internals.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ssl
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
 
 from mptls.errors import CertificateError, ConfigurationError, TLSError
 from mptls.tls.config import (
@@ -567,3 +571,64 @@ def test_stdlib_version_options_are_carried(files: Files) -> None:
         neither.options |= ssl.OP_NO_TLSv1_2 | ssl.OP_NO_TLSv1_3
     with pytest.raises(ConfigurationError, match="above"):
         to_openssl_context(neither, server_side=False)
+
+
+def _ca_with_serial_zero() -> tuple[bytes, x509.Certificate]:
+    """A self-signed CA whose serial number is 0, as DER, and a leaf.
+
+    RFC 5280 wants it positive, yet system stores still hold such roots;
+    ``cryptography`` builds none, so serial 1 is rewritten to 0 in the
+    encoding (a trust anchor's own signature is not checked).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "serial 0")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    # [0] version 3, then INTEGER 1: the serial
+    version_and_serial = bytes.fromhex("a003020102020101")
+    assert der.count(version_and_serial) == 1
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")])
+        )
+        .issuer_name(name)
+        .public_key(leaf_key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    zero = version_and_serial[:-1] + b"\0"
+    return der.replace(version_and_serial, zero), leaf
+
+
+def test_stdlib_trust_is_read_as_openssl_reads_it() -> None:
+    # a stdlib context loads what OpenSSL loads; carrying its CAs over
+    # must neither warn about nor refuse a root that cryptography's
+    # stricter parse flags (a serial of 0 in a system store)
+    root, leaf = _ca_with_serial_zero()
+    source = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    source.load_verify_locations(cadata=root)
+    assert len(source.get_ca_certs()) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        context, _ = to_openssl_context(source, server_side=False)
+    store = context.get_cert_store()
+    assert store is not None
+    # the root is trusted: a certificate it issued verifies
+    crypto.X509StoreContext(
+        store, crypto.X509.from_cryptography(leaf)
+    ).verify_certificate()

@@ -427,6 +427,26 @@ def _add_anchors(
         store.add_cert(crypto.X509.from_cryptography(anchor))
 
 
+def _add_der_anchors(context: SSL.Context, anchors: Iterable[bytes]) -> None:
+    """Trust what a stdlib context trusts, read by OpenSSL as it read it.
+
+    Not through ``cryptography``, whose stricter parse warns about (and
+    in later releases refuses) CA certificates that system stores still
+    hold, such as one with a serial number of zero.
+    """
+    store = context.get_cert_store()
+    if store is None:
+        raise ConfigurationError("the OpenSSL context has no X509 store")
+    for der in anchors:
+        try:
+            store.add_cert(crypto.load_certificate(crypto.FILETYPE_ASN1, der))
+        except crypto.Error as exc:
+            raise ConfigurationError(
+                "the ssl.SSLContext trusts a CA certificate OpenSSL cannot "
+                "read back"
+            ) from exc
+
+
 # ssl= in the public API
 
 # contexts handed in that this module has put its policy options on;
@@ -517,10 +537,7 @@ def _from_stdlib(source: ssl.SSLContext) -> tuple[SSL.Context, bool]:
         context.set_verify(SSL.VERIFY_PEER)
         der_anchors = source.get_ca_certs(binary_form=True)
         if der_anchors:
-            _add_anchors(
-                context,
-                (x509.load_der_x509_certificate(der) for der in der_anchors),
-            )
+            _add_der_anchors(context, der_anchors)
         else:
             _load_default_trust(context)
         store = context.get_cert_store()
