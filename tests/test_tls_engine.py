@@ -297,6 +297,30 @@ def test_server_refuses_tls12_without_extended_master_secret(
 # certificates and names
 
 
+def test_an_absolute_host_name_is_the_same_host(pki: Pki) -> None:
+    # "localhost." is "localhost": SNI without the dot (RFC 6066 section
+    # 3), checked against the certificate's "localhost"
+    client, server = engines(
+        pki.client().client_context(),
+        pki.server().server_context(),
+        server_hostname="localhost.",
+    )
+    client.start()
+    exchange(client, server)
+    assert client.handshake_complete
+    assert server._connection.get_servername() == b"localhost"
+
+
+@pytest.mark.parametrize("name", [".", ""])
+def test_a_host_name_of_nothing_is_refused(pki: Pki, name: str) -> None:
+    with pytest.raises(ConfigurationError, match="not a valid host name"):
+        TLSEngine(
+            pki.client().client_context(),
+            server_side=False,
+            server_hostname=name,
+        )
+
+
 def test_wrong_host_name_is_refused(pki: Pki) -> None:
     client, server = engines(
         pki.client().client_context(),

@@ -810,9 +810,18 @@ def _ip_address(
 
 @functools.lru_cache(maxsize=256)
 def _idna(name: str) -> bytes:
+    # an absolute name ("example.com.") names the same host; SNI carries
+    # it without the trailing dot (RFC 6066 section 3), and certificates
+    # name hosts without one
+    relative = name.removesuffix(".")
     try:
-        return name.encode("idna")
+        encoded = relative.encode("idna")
     except UnicodeError as exc:
         raise ConfigurationError(
             f"server_hostname {name!r} is not a valid host name"
         ) from exc
+    if not encoded:
+        raise ConfigurationError(
+            f"server_hostname {name!r} is not a valid host name"
+        )
+    return encoded
