@@ -255,6 +255,8 @@ def test_key_must_match_the_certificate(files: Files) -> None:
     [
         ({"certfile": "missing-chain.pem"}, "certificate chain.*No such file"),
         ({"cafile": "missing-ca.pem"}, "CA file.*No such file"),
+        ({"certfile": "."}, "certificate chain.*Is a directory"),
+        ({"cafile": "."}, "CA file.*Is a directory"),
         ({"cadata": b"not a certificate"}, "cadata"),
         ({"ciphers": "NOT-A-CIPHER"}, "cipher"),
     ],

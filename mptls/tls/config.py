@@ -96,7 +96,17 @@ POLICY_OPTIONS = SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
 # the session id context OpenSSL needs on a server that verifies clients
 # and resumes sessions
 _SESSION_ID_CONTEXT = b"mptls"
-_NO_SUCH_FILE = os.strerror(errno.ENOENT)
+
+
+def _missing_file_reason(path: str) -> str:
+    """``": No such file or directory"`` (or "Is a directory") when
+    ``path`` is no regular file, else empty: OpenSSL's own reason is a
+    library code."""
+    if os.path.isfile(path):
+        return ""
+    code = errno.EISDIR if os.path.isdir(path) else errno.ENOENT
+    return f": {os.strerror(code)}"
+
 
 # ALPN protocol ids are 1 to 255 bytes (RFC 7301 section 3.1)
 _ALPN_MAX = 255
@@ -289,7 +299,7 @@ class TLSConfig:
         except SSL.Error as exc:
             # OpenSSL's reason for a missing file is a library code; say
             # it as the system would
-            why = "" if os.path.isfile(chain) else f": {_NO_SUCH_FILE}"
+            why = _missing_file_reason(chain)
             raise ConfigurationError(
                 f"cannot load the certificate chain from {chain!r}{why}"
             ) from exc
