@@ -870,6 +870,10 @@ class MultipathTransport(asyncio.Transport):
         ``TLSEngine.take_output``); the core keeps the view until the
         peer's Data ACK covers it.
         """
+        if self._closed and not self._eof_written:
+            # ended by the peer or a failure, not by a close of ours:
+            # dropped like the writes below (connection_lost is coming)
+            return
         if self._eof_written or self._closing:
             raise RuntimeError("cannot write after close() or write_eof()")
         if not data or self._core.closed:
@@ -895,6 +899,8 @@ class MultipathTransport(asyncio.Transport):
         3.3.3 lets a DSS mapping carry both): a TLS close_notify and the
         end of the data-level stream leave in one write, not two.
         """
+        if self._closed and not self._eof_written:
+            return  # as in write_owned: the end is on its way
         if self._eof_written or self._closing:
             if data:
                 raise RuntimeError("cannot write after close() or write_eof()")
