@@ -333,7 +333,10 @@ class MultipathTransport(asyncio.Transport):
             subflow.name("sockname"),
             subflow.name("peername"),
         )
-        self._forget_addresses()
+        if len(self._addresses) > 1:
+            # a join: the first subflow has nothing to forget (and the
+            # core's snapshot costs a connection's setup)
+            self._forget_addresses()
 
     def _forget_addresses(self) -> None:
         # the core forgets all but its last closed subflows; their
