@@ -138,6 +138,9 @@ class MemNet:
         self.refusals: list[Refused] = []
         # client segments for subflows the test opened without a link
         self.unrouted: list[tuple[int, Segment]] = []
+        # the adapter's part in a join: the id of the server address a
+        # join SYN reached (None: the Endpoint answers with id 0)
+        self.server_address_id: Callable[[Connection], int] | None = None
 
     # knobs
 
@@ -156,8 +159,12 @@ class MemNet:
                 return link
         return None
 
-    def open_subflow(self, *, delay: float = 0.0, backup: bool = False) -> int:
-        subflow_id = self.client.open_subflow(self.now, backup=backup)
+    def open_subflow(
+        self, *, delay: float = 0.0, backup: bool = False, address_id: int = 0
+    ) -> int:
+        subflow_id = self.client.open_subflow(
+            self.now, backup=backup, address_id=address_id
+        )
         self.links.append(Link(client_id=subflow_id, delay=delay))
         return subflow_id
 
@@ -269,7 +276,9 @@ class MemNet:
             self.server.receive_segment(link.server_id, segment, self.now)
 
     def _first(self, link: Link, segment: Segment) -> None:
-        result = self.endpoint.receive_first(segment, self.now)
+        result = self.endpoint.receive_first(
+            segment, self.now, local_address_id=self.server_address_id
+        )
         if isinstance(result, Refused):
             link.refused = result
             self.refusals.append(result)

@@ -122,8 +122,13 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             # RFC 8684 mode always offers H, so its token comes from here
             if config.mode is Mode.RFC8684:
                 self._local_token = rfc8684_token(local_key)
+        # RFC 8684 section 3.2: the first subflow's address ids are
+        # implicit, 0 on both sides
         self._subflows[0] = Subflow(
-            0, _S.SYN_SENT, deadline=now + config.handshake_timeout
+            0,
+            _S.SYN_SENT,
+            remote_address_id=0,
+            deadline=now + config.handshake_timeout,
         )
         return self
 
@@ -154,7 +159,10 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             self._local_token = rfc8684_token(local_secret)
             self._local_idsn = rfc8684_idsn(local_secret)
         subflow = Subflow(
-            0, _S.SYN_RECEIVED, deadline=now + config.handshake_timeout
+            0,
+            _S.SYN_RECEIVED,
+            remote_address_id=0,
+            deadline=now + config.handshake_timeout,
         )
         self._subflows[0] = subflow
         # the SYN's window counts from offset 0: nothing is acked yet
@@ -786,6 +794,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
                 srtt=s.srtt,
                 backup=s.backup,
                 address_id=s.address_id,
+                remote_address_id=s.remote_address_id,
             )
             for s in self._subflows.values()
         )

@@ -11,9 +11,10 @@ never perform I/O; randomness is injected.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from mptls.errors import JoinRefusedError
+from mptls.errors import JoinRefusedError, MptlsError
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.connection import Connection, RandomSource
 from mptls.mptcp.crypto import rfc8684_token
@@ -84,9 +85,19 @@ class Endpoint:
         return f"<Endpoint connections={len(self._table)}>"
 
     def receive_first(
-        self, segment: Segment, now: float
+        self,
+        segment: Segment,
+        now: float,
+        *,
+        local_address_id: Callable[[Connection], int] | None = None,
     ) -> Accepted | Refused:
-        """Handle the first segment of a new TCP connection."""
+        """Handle the first segment of a new TCP connection.
+
+        ``local_address_id`` gives, for the connection a join SYN names,
+        the id of the local address the SYN reached: its SYN|ACK carries
+        it (RFC 8684 section 3.2). The adapter knows the addresses;
+        without it every join is answered with id 0.
+        """
         if segment.flags & Flag.RST:
             # never answer a reset (RFC 9293 section 3.10.7.1)
             return Refused(reply=None, reason="first segment is a RST")
@@ -98,7 +109,7 @@ class Endpoint:
             if isinstance(option, MpCapable):
                 return self._open(segment, option, now)
             if isinstance(option, MpJoinSyn):
-                return self._join(segment, option, now)
+                return self._join(segment, option, now, local_address_id)
         return _refusal(
             "SYN without MP_CAPABLE or MP_JOIN", ResetReason.MPTCP_ERROR
         )
@@ -169,7 +180,11 @@ class Endpoint:
         return None
 
     def _join(
-        self, segment: Segment, option: MpJoinSyn, now: float
+        self,
+        segment: Segment,
+        option: MpJoinSyn,
+        now: float,
+        local_address_id: Callable[[Connection], int] | None,
     ) -> Accepted | Refused:
         connection = self._table.get(option.token)
         if connection is None:
@@ -178,7 +193,16 @@ class Endpoint:
                 "MP_JOIN names an unknown token", ResetReason.MPTCP_ERROR
             )
         try:
-            subflow_id = connection.accept_join(segment, now)
+            address_id = (
+                0 if local_address_id is None else local_address_id(connection)
+            )
+        except MptlsError as exc:
+            # no id left for one more local address: one octet holds 256
+            return _refusal(str(exc), ResetReason.LACK_OF_RESOURCES)
+        try:
+            subflow_id = connection.accept_join(
+                segment, now, address_id=address_id
+            )
         except JoinRefusedError as exc:
             code = exc.reset_reason
             if code is None:

@@ -109,7 +109,11 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class SubflowStatus:
-    """One subflow as the core sees it; ``srtt`` in seconds."""
+    """One subflow as the core sees it; ``srtt`` in seconds.
+
+    ``address_id`` is this end's address id on the subflow,
+    ``remote_address_id`` the peer's (None until its MP_JOIN told it).
+    """
 
     subflow_id: int
     state: str
@@ -118,6 +122,7 @@ class SubflowStatus:
     srtt: float | None
     backup: bool
     address_id: int
+    remote_address_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

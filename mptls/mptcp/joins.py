@@ -17,7 +17,12 @@ import logging
 from hmac import compare_digest
 from ipaddress import IPv4Address, IPv6Address
 
-from mptls.errors import JoinRefusedError, KeysUnavailableError, MptlsError
+from mptls.errors import (
+    ConfigurationError,
+    JoinRefusedError,
+    KeysUnavailableError,
+    MptlsError,
+)
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import Mode
 from mptls.mptcp.crypto import add_addr_hmac, join_hmac
@@ -49,7 +54,14 @@ class JoinsMixin(ConnectionState):
     def open_subflow(
         self, now: float, *, backup: bool = False, address_id: int = 0
     ) -> int:
-        """Start a join on a TCP connection the adapter just opened."""
+        """Start a join on a TCP connection the adapter just opened.
+
+        ``address_id`` is the id of the local address the TCP connection
+        left from (RFC 8684 section 3.2): 0 for the first subflow's, one
+        id of its own for each other address. The core knows no
+        addresses; the adapter, which does, picks it.
+        """
+        _check_address_id(address_id)
         if not self.is_initiator:
             raise MptlsError("only the initiator opens subflows")
         if self._closed:
@@ -102,6 +114,8 @@ class JoinsMixin(ConnectionState):
             self._refuse_join(subflow, "bad MP_JOIN HMAC in the SYN|ACK")
             return
         subflow.remote_nonce = option.nonce
+        # the id of the address the SYN reached, as the peer numbers it
+        subflow.remote_address_id = option.address_id
         subflow.retransmit_at = None
         subflow.syn = None
         subflow.set_state(_S.PRE_ESTABLISHED)
@@ -125,12 +139,18 @@ class JoinsMixin(ConnectionState):
 
     # joins, responder side
 
-    def accept_join(self, syn: Segment, now: float) -> int:
+    def accept_join(
+        self, syn: Segment, now: float, *, address_id: int = 0
+    ) -> int:
         """Take a join SYN routed here by the Endpoint; the subflow id.
 
-        Raises :class:`~mptls.errors.JoinRefusedError` whose
-        ``reset_reason`` goes into the MP_TCPRST of the refusal.
+        ``address_id`` is the id of the local address the SYN reached,
+        which the SYN|ACK carries (RFC 8684 section 3.2): the adapter
+        knows the address, the core only its id. Raises
+        :class:`~mptls.errors.JoinRefusedError` whose ``reset_reason``
+        goes into the MP_TCPRST of the refusal.
         """
+        _check_address_id(address_id)
         option = options_of(syn).get(MpJoinSyn)
         if not isinstance(option, MpJoinSyn):
             raise JoinRefusedError("not an MP_JOIN SYN")
@@ -168,7 +188,8 @@ class JoinsMixin(ConnectionState):
             _S.WAITING_KEYS,
             is_join=True,
             backup=option.backup,
-            address_id=option.address_id,
+            address_id=address_id,
+            remote_address_id=option.address_id,
             remote_nonce=option.nonce,
             deadline=now + self.config.join_timeout,
         )
@@ -208,7 +229,9 @@ class JoinsMixin(ConnectionState):
         local, remote = keys
         mac = join_hmac(local, remote, subflow.local_nonce, nonce)
         reply = MpJoinSynAck(
-            hmac=mac[:8], nonce=subflow.local_nonce, address_id=0
+            hmac=mac[:8],
+            nonce=subflow.local_nonce,
+            address_id=subflow.address_id,
         )
         subflow.outbox.append(
             self._segment(subflow, Flag.SYN | Flag.ACK, (reply,))
@@ -298,12 +321,50 @@ class JoinsMixin(ConnectionState):
             self._on_add_addr(subflow, add)
         remove = options.get(RemoveAddr)
         if isinstance(remove, RemoveAddr):
-            # RFC 8684 section 3.4.2: an unknown address id is ignored
-            for address_id in remove.address_ids:
-                self._remote_addresses.pop(address_id, None)
+            self._on_remove_addr(remove)
         prio = options.get(MpPrio)
         if isinstance(prio, MpPrio):
             subflow.backup = prio.backup
+
+    def _on_remove_addr(self, option: RemoveAddr) -> None:
+        """Forget the peer's addresses and end the subflows using them.
+
+        RFC 8684 section 3.4.2: an id nobody uses is ignored, and a
+        subflow that still works is closed with a FIN exchange, never
+        torn down with a bare reset; a join still under way is reset.
+        A path in use must not be removed: the last working subflow
+        that carries data stays, and the peer, who removed its address,
+        closes it itself. The RFC's keepalive probe has no counterpart
+        on this wire; a path that stopped answering is the data-level
+        timeout's to reset (recovery). What a closed subflow carried
+        unacknowledged goes out again on the others (section 3.3.6).
+        """
+        for address_id in option.address_ids:
+            self._remote_addresses.pop(address_id, None)
+            for subflow in list(self._subflows.values()):
+                if subflow.live and subflow.remote_address_id == address_id:
+                    self._retire(subflow, address_id)
+
+    def _retire(self, subflow: Subflow, address_id: int) -> None:
+        why = f"the peer removed its address id {address_id}"
+        if not subflow.carries_data:
+            if subflow.is_join:
+                self._reset_subflow(subflow, ResetReason.UNSPECIFIED, why)
+            return
+        if not any(
+            other.carries_data and not other.suspect and other is not subflow
+            for other in self._subflows.values()
+        ):
+            logger.debug(
+                "[%s] subflow %d kept: %s, but it is the last one",
+                self._tag(),
+                subflow.subflow_id,
+                why,
+            )
+            return
+        subflow.fin_sent = True
+        subflow.outbox.append(self._ack_segment(subflow, Flag.FIN | Flag.ACK))
+        self._close_subflow(subflow, why, None)
 
     def _on_add_addr(self, subflow: Subflow, option: AddAddr) -> None:
         if option.echo:
@@ -335,3 +396,15 @@ class JoinsMixin(ConnectionState):
                     option.address_id, option.address, option.port
                 )
             )
+
+
+def _check_address_id(address_id: object) -> None:
+    # one octet on the wire (RFC 8684 section 3.2)
+    if (
+        isinstance(address_id, bool)
+        or not isinstance(address_id, int)
+        or not 0 <= address_id <= 0xFF
+    ):
+        raise ConfigurationError(
+            f"address_id must be an int from 0 to 255, got {address_id!r}"
+        )

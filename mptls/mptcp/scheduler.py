@@ -77,7 +77,11 @@ class Subflow:
     state: SubflowState
     is_join: bool = False
     backup: bool = False
+    # RFC 8684 section 3.2: the id of this end's address, which its
+    # MP_JOIN carries, and the peer's id (known from its MP_JOIN, and
+    # 0 on the first subflow); the adapter names the local one
     address_id: int = 0
+    remote_address_id: int | None = None
     writable: bool = True
     # data-level bytes sent here and not yet covered by a Data ACK
     inflight: int = 0

@@ -1,0 +1,259 @@
+"""Address ids of joins and REMOVE_ADDR in the sans-I/O core.
+
+RFC 8684 section 3.2: an MP_JOIN carries the id of its sender's
+address, 0 being the first subflow's on both sides; the core takes the
+local id from its adapter and learns the peer's from the MP_JOIN it
+receives. Section 3.4.2: a REMOVE_ADDR ends the subflows that use the
+removed id with a FIN exchange and the data goes on over the others,
+except the last working subflow, which stays. Every segment crosses the
+wire codec of tests/memnet.py; time is its fake clock.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+from typing import cast
+
+import pytest
+from memnet import MemNet, established, has_data, join, stream
+
+from mptls.errors import ConfigurationError, MptlsError
+from mptls.mptcp import events as ev
+from mptls.mptcp.connection import Connection
+from mptls.mptcp.endpoint import Refused
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import (
+    AddAddr,
+    MpJoinSyn,
+    MpJoinSynAck,
+    MpTcpRst,
+    RemoveAddr,
+    ResetReason,
+)
+
+
+def status(connection: Connection | None, subflow_id: int) -> ev.SubflowStatus:
+    assert connection is not None
+    (found,) = [
+        s for s in connection.info().subflows if s.subflow_id == subflow_id
+    ]
+    return found
+
+
+def server_id_of(net: MemNet, client_id: int) -> int:
+    server_id = net.link(client_id).server_id
+    assert server_id is not None
+    return server_id
+
+
+def only(segments: list[Segment], kind: type) -> list[object]:
+    return [o for s in segments for o in s.options if isinstance(o, kind)]
+
+
+# address ids on the wire and in info()
+
+
+def test_first_subflow_has_id_zero_on_both_sides() -> None:
+    net = established(MemNet())
+    for connection in (net.client, net.server):
+        first = status(connection, 0)
+        assert (first.address_id, first.remote_address_id) == (0, 0)
+
+
+def test_join_syn_carries_the_local_id_the_adapter_names() -> None:
+    net = established(MemNet())
+    sid = join(net, address_id=1)
+    (syn,) = only(net.link(sid).to_server.sent, MpJoinSyn)
+    assert isinstance(syn, MpJoinSyn) and syn.address_id == 1
+    # no adapter on the server side: the SYN|ACK says id 0
+    (syn_ack,) = only(net.link(sid).to_client.sent, MpJoinSynAck)
+    assert isinstance(syn_ack, MpJoinSynAck) and syn_ack.address_id == 0
+    client = status(net.client, sid)
+    assert (client.address_id, client.remote_address_id) == (1, 0)
+    server = status(net.server, server_id_of(net, sid))
+    assert (server.address_id, server.remote_address_id) == (0, 1)
+
+
+def test_syn_ack_carries_the_id_of_the_address_the_syn_reached() -> None:
+    net = established(MemNet())
+    asked: list[Connection] = []
+
+    def announced_id(connection: Connection) -> int:
+        asked.append(connection)
+        return 2
+
+    net.server_address_id = announced_id
+    sid = join(net, address_id=3)
+    assert asked == [net.server]
+    (syn_ack,) = only(net.link(sid).to_client.sent, MpJoinSynAck)
+    assert isinstance(syn_ack, MpJoinSynAck) and syn_ack.address_id == 2
+    client = status(net.client, sid)
+    assert (client.address_id, client.remote_address_id) == (3, 2)
+    server = status(net.server, server_id_of(net, sid))
+    assert (server.address_id, server.remote_address_id) == (2, 3)
+
+
+def test_a_held_join_is_answered_with_its_address_id() -> None:
+    # the SYN comes before the server's keys: the SYN|ACK that the keys
+    # release carries the id named when the SYN arrived
+    net = established(MemNet(server_keys_at=1.0))
+    net.server_address_id = lambda connection: 5
+    sid = join(net, address_id=1)
+    (syn_ack, *_) = only(net.link(sid).to_client.sent, MpJoinSynAck)
+    assert isinstance(syn_ack, MpJoinSynAck) and syn_ack.address_id == 5
+    assert net.now >= 1.0
+
+
+def test_no_id_left_refuses_the_join_for_lack_of_resources() -> None:
+    net = established(MemNet())
+
+    def exhausted(connection: Connection) -> int:
+        raise MptlsError("no address id left for one more local address")
+
+    net.server_address_id = exhausted
+    net.open_subflow(address_id=1)
+    net.run()
+    (refused,) = net.refusals
+    assert isinstance(refused, Refused) and refused.reply is not None
+    assert refused.reply.options == (
+        MpTcpRst(reason=ResetReason.LACK_OF_RESOURCES),
+    )
+    assert net.client_side.closed is None
+
+
+@pytest.mark.parametrize("address_id", [-1, 256, True, 1.0])
+def test_an_address_id_must_fit_its_octet(address_id: object) -> None:
+    bad = cast(int, address_id)
+    net = established(MemNet())
+    with pytest.raises(ConfigurationError, match="address_id"):
+        net.client.open_subflow(net.now, address_id=bad)
+    assert net.server is not None
+    syn = Segment(Flag.SYN, (MpJoinSyn(net.server.local_token or b"", 1, 1),))
+    with pytest.raises(ConfigurationError, match="address_id"):
+        net.server.accept_join(syn, net.now, address_id=bad)
+
+
+# REMOVE_ADDR (RFC 8684 section 3.4.2)
+
+
+def remove(ids: tuple[int, ...]) -> Segment:
+    return Segment(Flag.ACK, (RemoveAddr(ids),))
+
+
+def closed_ids(side: list[ev.Event]) -> list[tuple[int, str]]:
+    return [
+        (e.subflow_id, e.reason)
+        for e in side
+        if isinstance(e, ev.SubflowClosed)
+    ]
+
+
+def test_remove_addr_closes_the_subflows_of_that_id_with_a_fin() -> None:
+    net = established(MemNet(reorder=True, seed=3))
+    kept = join(net, address_id=1, delay=0.003)
+    removed = join(net, address_id=2, delay=0.001)
+    size = 2 * 1024 * 1024
+    up, down = stream(size, 1), stream(size, 2)
+    assert net.server is not None
+    net.client.send(up)
+    net.server.send(down)
+    assert net.run(has_data(net.server_side, size // 4))
+    sent_before = status(net.server, server_id_of(net, removed)).bytes_sent
+
+    # the client removes its address id 2; the frame goes on subflow 0
+    net.inject_to_server(0, remove((2,)))
+    assert net.run(
+        lambda: (
+            len(net.server_side.data) >= size + 5
+            and len(net.client_side.data) >= size
+        )
+    )
+    assert bytes(net.server_side.data[5:]) == up
+    assert bytes(net.client_side.data) == down
+    net.run()  # the FIN may still be on its way
+
+    server_sid = server_id_of(net, removed)
+    assert closed_ids(net.server_side.events) == [
+        (server_sid, "the peer removed its address id 2")
+    ]
+    fins = [s for s in net.link(removed).to_client.sent if s.flags & Flag.FIN]
+    assert [s.flags for s in fins] == [Flag.FIN | Flag.ACK]
+    assert not any(
+        s.flags & Flag.RST for s in net.link(removed).to_client.sent
+    )
+    # the client answers the FIN and closes its side of that subflow
+    assert closed_ids(net.client_side.events) == [
+        (removed, "peer closed the subflow")
+    ]
+    assert status(net.server, server_id_of(net, kept)).state == "ESTABLISHED"
+    assert sent_before > 0
+    assert net.client_side.closed is None and net.server_side.closed is None
+
+
+def test_remove_addr_of_id_zero_closes_the_first_subflow() -> None:
+    # id 0 is the address of the first subflow (RFC 8684 section 3.2);
+    # nothing in section 3.4.2 sets it apart
+    net = established(MemNet())
+    sid = join(net, address_id=1)
+    net.inject(sid, remove((0,)))
+    net.run()
+    assert closed_ids(net.client_side.events) == [
+        (0, "the peer removed its address id 0")
+    ]
+    net.client.send(b" on the join")
+    assert net.run(has_data(net.server_side, len(b"hello on the join")))
+    assert bytes(net.server_side.data) == b"hello on the join"
+    assert status(net.client, sid).bytes_sent > 0
+
+
+def test_the_last_working_subflow_is_not_removed() -> None:
+    net = established(MemNet())
+    net.inject_to_server(0, remove((0,)))
+    net.run()
+    assert closed_ids(net.server_side.events) == []
+    net.client.send(b" still here")
+    assert net.run(has_data(net.server_side, len(b"hello still here")))
+    assert net.server_side.closed is None
+
+
+def test_remove_addr_naming_every_subflow_keeps_the_last_one() -> None:
+    net = established(MemNet())
+    sid = join(net, address_id=1)
+    net.inject_to_server(0, remove((0, 1)))
+    net.run()
+    # subflow 0 went first; the join, alone then, stays
+    assert [i for i, _ in closed_ids(net.server_side.events)] == [0]
+    net.client.send(b"!")
+    assert net.run(has_data(net.server_side, 6))
+    assert status(net.client, sid).state == "ESTABLISHED"
+
+
+def test_unknown_ids_are_ignored() -> None:
+    net = established(MemNet())
+    join(net, address_id=1)
+    net.inject_to_server(0, remove((7, 200)))
+    net.run()
+    assert closed_ids(net.server_side.events) == []
+
+
+def test_a_removed_announcement_may_be_replaced() -> None:
+    # section 3.4.1: an id names one address until it is removed
+    net = established(MemNet())
+    assert net.server is not None
+    net.server.announce(1, IPv4Address("192.0.2.1"), 443)
+    net.run()
+    net.server.announce(1, IPv6Address("2001:db8::1"), 443)
+    net.run()
+    announced = net.client_side.of_type(ev.AddressAnnounced)
+    assert [a.address for a in announced] == [IPv4Address("192.0.2.1")]
+    net.inject(0, remove((1,)))
+    net.run()
+    net.server.announce(1, IPv6Address("2001:db8::1"), 443)
+    net.run()
+    announced = net.client_side.of_type(ev.AddressAnnounced)
+    assert [a.address for a in announced] == [
+        IPv4Address("192.0.2.1"),
+        IPv6Address("2001:db8::1"),
+    ]
+    echoes = only(net.link(0).to_server.sent, AddAddr)
+    assert all(isinstance(e, AddAddr) and e.echo for e in echoes)
