@@ -1,19 +1,34 @@
 """The multipath transport's hand-over of lent payloads to its protocol,
-and the order in which one flush writes to its subflows.
+the order in which one flush writes to its subflows, and the address ids
+its joins carry.
 
 Subflows lend their payloads as views of the reused read buffer; what
 the transport keeps past a read (for a paused reader) must be bytes of
-its own.
+its own. The transport numbers local addresses for the core (RFC 8684
+section 3.2): a join from a second client address says id 1, the
+server's SYN|ACK from an announced address says its ADD_ADDR id, on the
+wire as in ``get_extra_info("mptcp")``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
+from pcapfile import read_pcap
+from pki import Pki
+
+import mptls
+import mptls.trace
+from mptls.backends.base import SubflowInfo
 from mptls.backends.userspace.transport import MultipathTransport
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import MpJoinSyn, MpJoinSynAck
 
 
 class StubCore:
@@ -36,6 +51,10 @@ class StubCore:
 
     def get_timer(self) -> None:
         return None
+
+    def info(self) -> Any:
+        # attach() asks which subflows the core still reports
+        return SimpleNamespace(subflows=())
 
 
 class Recorder(asyncio.Protocol):
@@ -124,3 +143,168 @@ async def test_a_join_syn_is_written_before_the_first_subflows_data() -> None:
     transport._subflows = {0: WriteLog(0, log), 1: WriteLog(1, log)}  # type: ignore[dict-item]
     transport._flush()
     assert log == [1, 0]
+
+
+# address ids (RFC 8684 sections 3.2 and 3.4.1), over loopback
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _joined(writer: asyncio.StreamWriter, count: int) -> None:
+    """Steps the loop until ``count`` subflows are established."""
+    async with asyncio.timeout(10):
+        while True:
+            subflows = writer.get_extra_info("mptcp").subflows
+            if sum(s.state == "ESTABLISHED" for s in subflows) >= count:
+                return
+            await asyncio.sleep(0)
+
+
+def _ids(subflows: tuple[SubflowInfo, ...]) -> set[tuple[Any, ...]]:
+    """(local host, remote host, local id, remote id) of each subflow."""
+    return {
+        (
+            s.local_address and s.local_address[0],
+            s.remote_address and s.remote_address[0],
+            s.address_id,
+            s.remote_address_id,
+        )
+        for s in subflows
+        if s.state == "ESTABLISHED"
+    }
+
+
+async def test_joins_carry_the_ids_of_their_addresses(
+    pki: Pki, tmp_path: Path
+) -> None:
+    port = _free_port()
+    server_views: list[tuple[SubflowInfo, ...]] = []
+
+    async def echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        data = await reader.read()
+        server_views.append(writer.get_extra_info("mptcp").subflows)
+        writer.write(data)
+        writer.write_eof()
+        with contextlib.suppress(ConnectionError, mptls.MptlsError):
+            await writer.drain()
+        writer.close()
+
+    trace = tmp_path / "ids.pcap"
+    with mptls.trace.capture(trace):
+        server = await mptls.start_server(
+            echo,
+            ["127.0.0.1", "127.0.0.3"],
+            port,
+            ssl=pki.server(),
+            announce_addrs=[("127.0.0.3", port)],
+        )
+        async with server:
+            reader, writer = await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client(), local_addrs=["127.0.0.1"]
+            )
+            # the announced 127.0.0.3 is joined from 127.0.0.1 (id 0)
+            await _joined(writer, 2)
+            await writer.transport.add_path(  # type: ignore[attr-defined]
+                ("127.0.0.1", port), local="127.0.0.2"
+            )
+            client_view = writer.get_extra_info("mptcp").subflows
+            writer.write(b"three paths")
+            writer.write_eof()
+            assert await reader.read() == b"three paths"
+            writer.close()
+            await writer.wait_closed()
+
+    assert _ids(client_view) == {
+        ("127.0.0.1", "127.0.0.1", 0, 0),
+        ("127.0.0.1", "127.0.0.3", 0, 1),
+        ("127.0.0.2", "127.0.0.1", 1, 0),
+    }
+    (server_view,) = server_views
+    assert _ids(server_view) == {
+        ("127.0.0.1", "127.0.0.1", 0, 0),
+        ("127.0.0.3", "127.0.0.1", 1, 0),
+        ("127.0.0.1", "127.0.0.2", 0, 1),
+    }
+
+    # the same ids on the wire: the join SYNs and their SYN|ACKs
+    _, packets = read_pcap(trace)
+    syns = {
+        (p.source[0], p.destination[0], o.address_id)
+        for p in packets
+        for o in p.only(MpJoinSyn)
+    }
+    assert syns == {
+        ("127.0.0.1", "127.0.0.3", 0),
+        ("127.0.0.2", "127.0.0.1", 1),
+    }
+    syn_acks = {
+        (p.source[0], p.destination[0], o.address_id)
+        for p in packets
+        for o in p.only(MpJoinSynAck)
+    }
+    assert syn_acks == {
+        ("127.0.0.3", "127.0.0.1", 1),
+        ("127.0.0.1", "127.0.0.2", 0),
+    }
+
+
+class NamedSubflow:
+    """A subflow's TCP connection that only knows its socket names."""
+
+    def __init__(self, sockname: tuple[Any, ...]) -> None:
+        self.sockname = sockname
+        self.subflow_id: int | None = None
+        self.sink: object = None
+
+    def name(self, which: str) -> Any:
+        return self.sockname if which == "sockname" else ("127.0.0.9", 1)
+
+    def lend_payloads(self) -> None:
+        return None
+
+
+def numbered(initiator: bool, announce: list[tuple[str, int]]) -> Any:
+    transport = MultipathTransport(
+        cast(Connection, StubCore()), initiator=initiator, announce=announce
+    )
+    first = NamedSubflow(("127.0.0.1", 4433))
+    transport.attach(0, cast(Any, first))
+    return transport
+
+
+async def test_a_client_numbers_its_addresses_in_order_of_first_use() -> None:
+    transport = numbered(True, [])
+    ids = [
+        transport.local_address_id(name)
+        for name in (
+            ("127.0.0.2", 50001),
+            ("::1", 50002, 0, 0),
+            ("127.0.0.1", 50003),
+            ("127.0.0.2", 50004),
+        )
+    ]
+    # the first subflow's address is 0 whatever the port; a port never
+    # makes a new id on the client
+    assert ids == [1, 2, 0, 1]
+
+
+async def test_a_server_keeps_announced_ids_and_numbers_others_after() -> None:
+    transport = numbered(False, [("127.0.0.3", 0), ("::1", 8443)])
+    ids = [
+        transport.local_address_id(name)
+        for name in (
+            ("127.0.0.3", 4433),  # port 0 announced: the first's port
+            ("::1", 8443, 0, 0),
+            ("127.0.0.2", 4433),
+            ("127.0.0.1", 4433),
+            ("127.0.0.2", 4433),
+            ("127.0.0.3", 9999),
+        )
+    ]
+    assert ids == [1, 2, 3, 0, 3, 4]

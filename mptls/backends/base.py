@@ -51,7 +51,14 @@ def format_address(address: tuple[Any, ...] | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SubflowInfo:
-    """One subflow as a backend sees it. Never holds key material."""
+    """One subflow as a backend sees it. Never holds key material.
+
+    ``address_id`` is the id this end gives the subflow's local address
+    in its MP_JOIN (RFC 8684 section 3.2; 0 on the first subflow), and
+    ``remote_address_id`` the id the peer gave its own, None where it
+    is not known (a join not answered yet, or a backend that cannot
+    tell).
+    """
 
     subflow_id: int
     local_address: tuple[str, int] | None
@@ -62,6 +69,7 @@ class SubflowInfo:
     rtt_ms: float | None = None
     backup: bool = False
     address_id: int | None = None
+    remote_address_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -675,7 +675,10 @@ def _start_join(
         raise PathError("the connection is closing: no new subflows")
     loop = asyncio.get_running_loop()
     try:
-        subflow_id = multipath._core.open_subflow(loop.time(), backup=backup)
+        address_id = multipath.local_address_id(watch.name("sockname"))
+        subflow_id = multipath._core.open_subflow(
+            loop.time(), backup=backup, address_id=address_id
+        )
     except MptlsError as exc:
         watch.close()
         raise PathError(f"no join: {exc}") from exc

@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from mptls.backends.userspace.transport import (
     MultipathTransport,
     SubflowProtocol,
 )
+from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Endpoint, Refused
 from mptls.mptcp.framing import Segment, encode_segment
 from mptls.trace import pcap
@@ -93,7 +95,12 @@ class Listener:
         self._first_segment_came(subflow)
         if self._handoff is not None and self._handoff(subflow, segments):
             return  # another process owns the token this join names
-        result = self._endpoint.receive_first(segments[0], self._loop.time())
+        sockname = subflow.name("sockname")
+        result = self._endpoint.receive_first(
+            segments[0],
+            self._loop.time(),
+            local_address_id=lambda core: self._address_id(core, sockname),
+        )
         if isinstance(result, Refused):
             logger.debug("refused a subflow: %s", result.reason)
             if result.reply is not None:
@@ -121,6 +128,14 @@ class Listener:
             transport.segments_received(subflow, segments[1:])
         else:
             transport.process()
+
+    def _address_id(self, core: Connection, sockname: Any) -> int:
+        """The id of the local address a join SYN reached (RFC 8684 3.2).
+
+        Its connection's transport numbers that connection's addresses.
+        """
+        transport = self._transports.get(id(core))
+        return 0 if transport is None else transport.local_address_id(sockname)
 
     def _forget(self, transport: MultipathTransport) -> None:
         self._transports.pop(id(transport._core), None)

@@ -287,6 +287,11 @@ class MultipathTransport(asyncio.Transport):
         self._closing_subflows: list[int] = []
         # each subflow's (sockname, peername) as asyncio gave them
         self._addresses: dict[int, tuple[Any, Any]] = {}
+        # RFC 8684 section 3.2: the id of each local address, which its
+        # joins carry; the first subflow's is 0, an announced one keeps
+        # its ADD_ADDR id, any other gets the next free one
+        self._address_ids: dict[tuple[Any, int | None], int] = {}
+        self._next_address_id = 1 if initiator else len(self._announce) + 1
         self._closed_by_core: events.ConnectionClosed | None = None
         self._protocol: asyncio.Protocol | None = None
         self._held: list[bytes] = []
@@ -333,10 +338,48 @@ class MultipathTransport(asyncio.Transport):
             subflow.name("sockname"),
             subflow.name("peername"),
         )
+        if subflow_id == 0:
+            self._number_addresses(subflow.name("sockname"))
         if len(self._addresses) > 1:
             # a join: the first subflow has nothing to forget (and the
             # core's snapshot costs a connection's setup)
             self._forget_addresses()
+
+    def _number_addresses(self, sockname: Any) -> None:
+        """Ids for the first subflow's local address and the announced."""
+        if sockname is None:
+            return
+        first = self._address_key(sockname)
+        self._address_ids.setdefault(first, 0)
+        for address_id, (host, port) in enumerate(self._announce, start=1):
+            # port 0 announces the address alone: joins to it come to
+            # the port the first subflow reached
+            key = (_address_of(host), port or first[1])
+            self._address_ids.setdefault(key, address_id)
+
+    def _address_key(self, sockname: Any) -> tuple[Any, int | None]:
+        host, port = _host_port(sockname) or ("", 0)
+        # the client's ports are ephemeral: its ids name addresses. The
+        # server's name what it may announce, an address and a port
+        return (_address_of(host), None if self._initiator else port)
+
+    def local_address_id(self, sockname: Any) -> int:
+        """The address id of a subflow's local address (RFC 8684 3.2).
+
+        The same address always gets the same id on this connection.
+        Raises :class:`~mptls.errors.MptlsError` when the 256 ids of
+        the option's octet are used up.
+        """
+        key = self._address_key(sockname)
+        known = self._address_ids.get(key)
+        if known is not None:
+            return known
+        address_id = self._next_address_id
+        if address_id > 0xFF:
+            raise MptlsError("no address id left for one more local address")
+        self._next_address_id += 1
+        self._address_ids[key] = address_id
+        return address_id
 
     def _forget_addresses(self) -> None:
         # the core forgets all but its last closed subflows; their
@@ -812,7 +855,10 @@ class MultipathTransport(asyncio.Transport):
     def _join(self, subflow: SubflowProtocol) -> None:
         """Start the MP_JOIN on a connected subflow (sent by process)."""
         try:
-            subflow_id = self._core.open_subflow(self._loop.time())
+            address_id = self.local_address_id(subflow.name("sockname"))
+            subflow_id = self._core.open_subflow(
+                self._loop.time(), address_id=address_id
+            )
         except MptlsError as exc:
             logger.warning("%s: no join: %s", self._tag(), exc)
             subflow.close()
@@ -1047,6 +1093,7 @@ class MultipathTransport(asyncio.Transport):
                     rtt_ms=None if sub.srtt is None else sub.srtt * 1000.0,
                     backup=sub.backup,
                     address_id=sub.address_id,
+                    remote_address_id=sub.remote_address_id,
                 )
             )
         return MptcpInfo(
@@ -1082,6 +1129,14 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
 
 # where get_extra_info finds a name in a cached (sockname, peername) pair
 _ADDRESS_INDEX = {"sockname": 0, "peername": 1}
+
+
+def _address_of(host: str) -> Any:
+    """An IP literal as an address object (one spelling per address)."""
+    try:
+        return ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
 
 
 def _host_port(name: Any) -> tuple[str, int] | None:
