@@ -195,3 +195,44 @@ async def test_a_clean_close_loses_nothing_for_a_late_reader(
         async with asyncio.timeout(10):
             received = await got
         assert received == payload
+
+
+async def test_a_reply_into_a_reset_connection_is_heard(pki: Pki) -> None:
+    # the client's close times out (the handler is busy) and ends with
+    # MP_FASTCLOSE. The handler's reply can reach nobody: as asyncio's
+    # transports end on a failed write, the reader raises after it
+    loop = asyncio.get_running_loop()
+    busy = asyncio.Event()
+    outcome: asyncio.Future[None] = loop.create_future()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(1)
+        await busy.wait()
+        try:
+            writer.write(b"reply")
+            await writer.drain()
+            await reader.read()
+            outcome.set_result(None)
+        except Exception as exc:
+            outcome.set_exception(exc)
+        writer.close()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client(), close_timeout=0.2
+        )
+        writer.write(bytes(3_000_000))
+        await writer.drain()
+        writer.close()
+        async with asyncio.timeout(10):
+            await writer.wait_closed()
+        busy.set()
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(10):
+                await outcome

@@ -24,6 +24,7 @@ from support import skip_without_ipv6
 import mptls
 from mptls.backends.kernel import sockets as kernel_sockets
 from mptls.bench.netns import Namespace, new_namespace
+from mptls.errors import PathError
 
 LINK_LOCAL = "fe80::1"
 
@@ -212,3 +213,56 @@ async def test_link_local_round_trip(
             assert await reader.read() == b"link-local"
             writer.close()
             await writer.wait_closed()
+
+
+async def test_a_reset_before_the_preamble_brackets_an_ipv6_host(
+    pki: Pki,
+) -> None:
+    skip_without_ipv6("::1")
+    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    queued: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not queued.done():
+            queued.set_result(None)
+
+    loop.add_reader(listener.fileno(), readable)
+    connecting = asyncio.create_task(
+        mptls.open_connection("::1", port, ssl=pki.client())
+    )
+    try:
+        await asyncio.wait_for(queued, 10)
+    finally:
+        loop.remove_reader(listener.fileno())
+        listener.close()  # never accepted: the kernel resets the queue
+    with pytest.raises(mptls.PeerResetError) as caught:
+        await asyncio.wait_for(connecting, 10)
+    assert str(caught.value).startswith(f"[::1]:{port} reset")
+
+
+async def test_a_refused_path_brackets_an_ipv6_host(pki: Pki) -> None:
+    skip_without_ipv6("::1")
+
+    async def echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(await reader.read())
+        writer.close()
+
+    closed = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    refused_port = closed.getsockname()[1]
+    closed.close()
+    server = await mptls.start_server(echo, "::1", 0, ssl=pki.server())
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await mptls.open_connection(
+            "::1", port, ssl=pki.client()
+        )
+        with pytest.raises(PathError) as caught:
+            await writer.transport.add_path(("::1", refused_port))  # type: ignore[attr-defined]
+        assert f"[::1]:{refused_port}:" in str(caught.value)
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 10)

@@ -4,6 +4,7 @@ cannot be made to produce on demand."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 from typing import Any
 
@@ -158,3 +159,58 @@ async def test_a_write_after_the_peer_refused_the_client_is_dropped(
     with pytest.raises(TLSError) as raised:
         await writer.drain()
     assert raised.value.alert == AlertDescription.CERTIFICATE_REQUIRED
+
+
+async def test_a_write_after_a_held_back_reset_makes_drain_raise(
+    pki: Pki,
+) -> None:
+    # the peer sent all it had and close_notify, then reset; the paused
+    # application has bytes left to read. Its reply cannot reach the
+    # peer: the write is dropped, and drain() must say so
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1024, loop=loop)
+    protocol = StreamProtocol(reader, loop=loop)
+    client, _, servers = await connected_pair(pki, protocol)
+    server_transport = await asyncio.wait_for(servers.get(), 10)
+    server_transport.write(random.Random(7).randbytes(100_000))
+    server_transport.close()  # close_notify
+    await reader.readexactly(10)
+    for _ in range(100):
+        if client._engine.eof_received:
+            break
+        await asyncio.sleep(0)
+    assert client._engine.eof_received, "the close_notify never came"
+    client.connection_lost(ConnectionResetError(errno.ECONNRESET, "reset"))
+    transport = client._app_transport
+    assert transport is not None
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    writer.write(b"reply")
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(writer.drain(), 10)
+
+
+async def test_a_reply_lost_to_a_broken_pipe_is_not_a_clean_end(
+    pki: Pki,
+) -> None:
+    # the application read the whole request and its close_notify, then
+    # replied; the socket's send failed (EPIPE: the peer had reset). The
+    # reply is lost, so wait_closed() must not report a clean end
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    protocol = StreamProtocol(reader, loop=loop)
+    client, _, servers = await connected_pair(pki, protocol)
+    server_transport = await asyncio.wait_for(servers.get(), 10)
+    server_transport.write(b"request")
+    server_transport.close()  # close_notify
+    assert await asyncio.wait_for(reader.read(), 10) == b"request"
+    transport = client._app_transport
+    assert transport is not None
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    writer.write(b"reply")
+    await writer.drain()
+    client.connection_lost(BrokenPipeError(errno.EPIPE, "Broken pipe"))
+
+    writer.close()
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(writer.wait_closed(), 10)

@@ -26,6 +26,8 @@ import mptls
 import mptls.trace
 from mptls.backends.base import SubflowInfo
 from mptls.backends.userspace.transport import MultipathTransport
+from mptls.errors import PeerResetError
+from mptls.mptcp import events
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import Flag, Segment
 from mptls.mptcp.options import MpJoinSyn, MpJoinSynAck
@@ -308,3 +310,63 @@ async def test_a_server_keeps_announced_ids_and_numbers_others_after() -> None:
         )
     ]
     assert ids == [1, 2, 3, 0, 3, 4]
+
+
+class Ends(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.eof = False
+        self.lost: asyncio.Future[Exception | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+def reset_after_held_end(
+    unacknowledged: int,
+) -> tuple[MultipathTransport, Ends]:
+    core = StubCore()
+    core.send_buffer_size = unacknowledged
+    transport = MultipathTransport(cast(Connection, core), initiator=True)
+    protocol = Ends()
+    transport.set_protocol(protocol)
+    transport.pause_reading()
+    transport._on_data([b"the whole stream"])
+    transport._on_end_of_stream(events.EndOfStream())
+    transport._finish(PeerResetError("MP_FASTCLOSE"))
+    return transport, protocol
+
+
+async def test_a_reset_that_lost_our_data_is_no_clean_end() -> None:
+    # the peer's stream is complete, but 100 bytes of ours were never
+    # acknowledged: the reset lost them, and must be told
+    transport, protocol = reset_after_held_end(100)
+    transport.resume_reading()
+    lost = await asyncio.wait_for(protocol.lost, 10)
+    assert protocol.data == b"the whole stream"
+    assert isinstance(lost, PeerResetError)
+
+
+async def test_a_write_after_a_held_back_reset_is_told() -> None:
+    # everything of ours was acknowledged: the paused reader may still
+    # take the peer's stream, but a write cannot reach the peer
+    transport, protocol = reset_after_held_end(0)
+    transport.write(b"reply")
+    lost = await asyncio.wait_for(protocol.lost, 10)
+    assert isinstance(lost, PeerResetError)
+
+
+async def test_a_reader_alone_still_gets_a_clean_end() -> None:
+    transport, protocol = reset_after_held_end(0)
+    transport.resume_reading()
+    assert await asyncio.wait_for(protocol.lost, 10) is None
+    assert protocol.data == b"the whole stream" and protocol.eof

@@ -145,6 +145,12 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # the connection ended cleanly while the paused application had
         # plaintext left: it is told once it has taken it
         self._lost_pending = False
+        # the application wrote after the peer's close_notify: a reset
+        # now may have lost that, and is no clean end
+        self._sent_after_peer_end = False
+        # a reset after the peer's close_notify, held back so that the
+        # reader gets the whole stream: a later write is told of it
+        self._held_reset: Exception | None = None
 
     # backend transport -> TLS
 
@@ -234,12 +240,17 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             )
             return
         exc = self._shutdown_error or _in_mptls_tree(exc, "")
-        if isinstance(exc, ConnectionResetError) and self._engine.eof_received:
+        if (
+            isinstance(exc, ConnectionResetError)
+            and self._engine.eof_received
+            and not self._sent_after_peer_end
+        ):
             # the peer's close_notify came first: every byte it sent is
             # here, complete (RFC 8446 section 6.1). A reset after it (a
             # userspace closer's MP_FASTCLOSE at close_timeout while this
             # application had not read yet) truncates nothing, and must
             # not make the reader raise instead of giving those bytes
+            self._held_reset = exc
             exc = None
         # an end the application asked for (close, abort) is told at
         # once: it will not read what is left
@@ -412,6 +423,8 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     # called by TLSTransport
 
     def _app_write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._engine.eof_received:
+            self._sent_after_peer_end = True
         self._engine.send(data)
         self._flush()
 
@@ -494,6 +507,15 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._flush()
         if self._engine.eof_received and self._transport is not None:
             self._transport.close()
+
+    def _write_after_loss(self) -> None:
+        # the write reaches nobody: as asyncio's transports end on a
+        # failed write, the reset held back for the reader is the
+        # application's news now, and drain() or the reader raise it
+        reset, self._held_reset = self._held_reset, None
+        if reset is not None and self._lost_pending:
+            self._lost_pending = False
+            self._tell_app_lost(reset)
 
     def _drop_pending_lost(self) -> None:
         # the application leaves without taking what was held for it
@@ -683,6 +705,7 @@ class TLSTransport(asyncio.Transport):
                 # ended under the application (a peer's TLS alert, a
                 # reset): dropped, as asyncio's transports drop it;
                 # drain() and the reader raise why it ended
+                self._tls._write_after_loss()
                 return
             raise RuntimeError("cannot write to a closing transport")
         if data:

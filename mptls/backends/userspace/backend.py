@@ -573,7 +573,7 @@ class UserspaceBackend(Backend):
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise MptlsTimeoutError(
-                f"join to {remote[0]}:{remote[1]} took over {timeout} s"
+                f"join to {format_address(remote)} took over {timeout} s"
             ) from exc
 
     async def remove_path(
@@ -662,7 +662,7 @@ async def _connect(
         )
     except OSError as exc:
         raise PathError(
-            f"cannot open a path to {remote[0]}:{remote[1]}: {exc}"
+            f"cannot open a path to {format_address(remote)}: {exc}"
         ) from exc
 
 
@@ -722,7 +722,7 @@ class _FirstSubflow(SubflowProtocol):
             return
         self.closed = True
         peer = self.address("peername")
-        where = f"{peer[0]}:{peer[1]}" if peer else "the server"
+        where = format_address(peer) if peer else "the server"
         before = (
             "the connection before answering with the mptls preamble "
             f"({self._received} bytes came)"

@@ -299,6 +299,9 @@ class MultipathTransport(asyncio.Transport):
         # the connection ended cleanly while the paused reader still had
         # held data: connection_lost waits until it has taken it
         self._lost_after_held = False
+        # the peer's reset after its whole stream, held back for the
+        # paused reader: a write before it has read is told of it
+        self._held_reset: PeerResetError | None = None
         self._reading = True
         self._discarding = False
         self._write_paused = False
@@ -653,7 +656,7 @@ class MultipathTransport(asyncio.Transport):
         port = event.port or self._remote[1]
         # either family may be announced (RFC 8684 section 3.4.1): join
         # from a given local address of the announced one's family, or
-        # let the system pick one when none was given
+        # let the system pick one when none of that family was given
         version = event.address.version
         local = next(
             (
@@ -688,10 +691,16 @@ class MultipathTransport(asyncio.Transport):
             self._closed_callback(self)
         if self._protocol is None:
             return
-        if self._held_eof and isinstance(error, PeerResetError):
+        if (
+            self._held_eof
+            and isinstance(error, PeerResetError)
+            and not self._core.send_buffer_size
+        ):
             # the peer's DATA_FIN came in order before its MP_FASTCLOSE:
             # its stream is complete here (RFC 8684 section 3.3.3), and
-            # a closer that gave up waiting for our end loses nothing
+            # it acknowledged all of ours: a closer that gave up waiting
+            # for our end loses nothing
+            self._held_reset = error
             error = None
         if (
             error is None
@@ -922,6 +931,7 @@ class MultipathTransport(asyncio.Transport):
         if self._closed and not self._eof_written:
             # ended by the peer or a failure, not by a close of ours:
             # dropped like the writes below (connection_lost is coming)
+            self._lose_held_on_write()
             return
         if self._eof_written or self._closing:
             raise RuntimeError("cannot write after close() or write_eof()")
@@ -962,6 +972,19 @@ class MultipathTransport(asyncio.Transport):
 
     def can_write_eof(self) -> bool:
         return True
+
+    def _lose_held_on_write(self) -> None:
+        # a write after the peer's reset reaches nobody: as an asyncio
+        # transport whose send fails, the end comes now, with the reset,
+        # and what the paused reader had not taken goes with it
+        reset, self._held_reset = self._held_reset, None
+        if reset is None or not self._lost_after_held:
+            return
+        self._lost_after_held = False
+        self._held.clear()
+        self._held_eof = False
+        if self._protocol is not None:
+            self._loop.call_soon(self._protocol.connection_lost, reset)
 
     def _drop_held_after_end(self) -> None:
         # the reader leaves without taking what the clean end left held
