@@ -19,14 +19,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from pcapfile import read_pcap
 from pki import Pki
 
 import mptls
 import mptls.trace
 from mptls.backends.base import SubflowInfo
+from mptls.backends.userspace import transport as transport_module
 from mptls.backends.userspace.transport import MultipathTransport
-from mptls.errors import PeerResetError
+from mptls.errors import MptlsError, PeerResetError
 from mptls.mptcp import events
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import Flag, Segment
@@ -370,3 +372,64 @@ async def test_a_reader_alone_still_gets_a_clean_end() -> None:
     transport.resume_reading()
     assert await asyncio.wait_for(protocol.lost, 10) is None
     assert protocol.data == b"the whole stream" and protocol.eof
+
+
+async def test_scoped_link_local_addresses_get_their_own_ids() -> None:
+    # fe80::1 on two interfaces is two addresses: one id would make a
+    # REMOVE_ADDR of one end the subflows of the other
+    transport = numbered(True, [])
+    first = transport.local_address_id(("fe80::1%eth0", 50001, 0, 2))
+    second = transport.local_address_id(("fe80::1%eth1", 50002, 0, 3))
+    assert first != second
+    assert transport.local_address_id(("fe80::1%eth0", 50003, 0, 2)) == first
+
+
+async def test_a_client_has_255_ids_beside_the_first() -> None:
+    transport = numbered(True, [])
+    ids = [
+        transport.local_address_id((f"10.0.{n // 250}.{n % 250 + 1}", 1))
+        for n in range(255)
+    ]
+    assert ids == list(range(1, 256))
+    # known addresses keep their ids once all are used
+    assert transport.local_address_id(("10.0.0.1", 9)) == 1
+    assert transport.local_address_id(("127.0.0.1", 9)) == 0
+    with pytest.raises(MptlsError, match="no address id left"):
+        transport.local_address_id(("10.9.9.9", 1))
+
+
+async def test_a_server_numbers_after_255_announced() -> None:
+    announce = [(f"10.1.{n // 250}.{n % 250 + 1}", 0) for n in range(255)]
+    transport = numbered(False, announce)
+    assert transport.local_address_id(("10.1.1.5", 4433)) == 255
+    with pytest.raises(MptlsError, match="no address id left"):
+        transport.local_address_id(("127.0.0.2", 4433))
+
+
+async def test_announcing_the_first_address_keeps_id_zero() -> None:
+    # the first subflow reached 127.0.0.1:4433, which is also announced:
+    # one address, one id (0); no ADD_ADDR goes out for it
+    transport = numbered(False, [("127.0.0.1", 4433), ("127.0.0.3", 0)])
+    assert transport.local_address_id(("127.0.0.1", 4433)) == 0
+    assert transport.local_address_id(("127.0.0.3", 4433)) == 2
+    assert transport.local_address_id(("127.0.0.2", 4433)) == 3
+    assert [i for i, _, _ in transport._announcements()] == [2]
+
+
+async def test_a_first_subflow_numbers_no_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the setup path of a connection that never joins stays as it was
+
+    parsed: list[str] = []
+    real = transport_module._address_of
+
+    def counting(host: str) -> object:
+        parsed.append(host)
+        return real(host)
+
+    monkeypatch.setattr(transport_module, "_address_of", counting)
+    transport = numbered(False, [("127.0.0.3", 0)])
+    assert parsed == []
+    assert transport.local_address_id(("127.0.0.3", 4433)) == 1
+    assert transport.local_address_id(("127.0.0.1", 4433)) == 0

@@ -327,17 +327,15 @@ class JoinsMixin(ConnectionState):
             subflow.backup = prio.backup
 
     def _on_remove_addr(self, option: RemoveAddr) -> None:
-        """Forget the peer's addresses and end the subflows using them.
+        """Forget the peer's addresses; reset joins under way from them.
 
-        RFC 8684 section 3.4.2: an id nobody uses is ignored, and a
-        subflow that still works is closed with a FIN exchange, never
-        torn down with a bare reset; a join still under way is reset.
-        A path in use must not be removed: the last working subflow
-        that carries data stays, and the peer, who removed its address,
-        closes it itself. The RFC's keepalive probe has no counterpart
-        on this wire; a path that stopped answering is the data-level
-        timeout's to reset (recovery). What a closed subflow carried
-        unacknowledged goes out again on the others (section 3.3.6).
+        RFC 8684 section 3.4.2: an id nobody uses is ignored, and a path
+        still in use is not torn down by the receiver: the end that
+        removed the address closes it. A subflow that carries data is
+        such a path (the RFC's keepalive probe has no counterpart on
+        this wire; a path that stopped answering is the data-level
+        timeout's to reset), and a REMOVE_ADDR has no HMAC: one that
+        came, or was forged, on one path must not end another.
         """
         for address_id in option.address_ids:
             self._remote_addresses.pop(address_id, None)
@@ -347,24 +345,20 @@ class JoinsMixin(ConnectionState):
 
     def _retire(self, subflow: Subflow, address_id: int) -> None:
         why = f"the peer removed its address id {address_id}"
-        if not subflow.carries_data:
-            if subflow.is_join:
-                self._reset_subflow(subflow, ResetReason.UNSPECIFIED, why)
-            return
-        if not any(
-            other.carries_data and not other.suspect and other is not subflow
-            for other in self._subflows.values()
-        ):
+        if subflow.carries_data:
+            # RFC 8684 section 3.4.2: a path still in use is not torn
+            # down by the receiver; the host that removed the address
+            # shuts it down. A REMOVE_ADDR that came (or was forged) on
+            # one path must not end a working subflow on another
             logger.debug(
-                "[%s] subflow %d kept: %s, but it is the last one",
+                "[%s] subflow %d kept: %s, and it still works",
                 self._tag(),
                 subflow.subflow_id,
                 why,
             )
             return
-        subflow.fin_sent = True
-        subflow.outbox.append(self._ack_segment(subflow, Flag.FIN | Flag.ACK))
-        self._close_subflow(subflow, why, None)
+        if subflow.is_join:
+            self._reset_subflow(subflow, ResetReason.UNSPECIFIED, why)
 
     def _on_add_addr(self, subflow: Subflow, option: AddAddr) -> None:
         if option.echo:

@@ -95,11 +95,13 @@ class Listener:
         self._first_segment_came(subflow)
         if self._handoff is not None and self._handoff(subflow, segments):
             return  # another process owns the token this join names
-        sockname = subflow.name("sockname")
         result = self._endpoint.receive_first(
             segments[0],
             self._loop.time(),
-            local_address_id=lambda core: self._address_id(core, sockname),
+            # asked for joins only: a first subflow pays nothing
+            local_address_id=lambda core: self._address_id(
+                core, subflow.name("sockname")
+            ),
         )
         if isinstance(result, Refused):
             logger.debug("refused a subflow: %s", result.reason)

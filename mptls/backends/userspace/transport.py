@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, cast
 
 from mptls.backends.base import MptcpInfo, SubflowInfo, format_address
@@ -341,8 +341,6 @@ class MultipathTransport(asyncio.Transport):
             subflow.name("sockname"),
             subflow.name("peername"),
         )
-        if subflow_id == 0:
-            self._number_addresses(subflow.name("sockname"))
         if len(self._addresses) > 1:
             # a join: the first subflow has nothing to forget (and the
             # core's snapshot costs a connection's setup)
@@ -352,13 +350,27 @@ class MultipathTransport(asyncio.Transport):
         """Ids for the first subflow's local address and the announced."""
         if sockname is None:
             return
-        first = self._address_key(sockname)
-        self._address_ids.setdefault(first, 0)
+        self._address_ids.setdefault(self._address_key(sockname), 0)
+        for address_id, key, _ in self._announcements():
+            self._address_ids.setdefault(key, address_id)
+
+    def _announcements(
+        self,
+    ) -> Iterator[tuple[int, tuple[Any, int | None], tuple[str, int]]]:
+        """Each announced address: its ADD_ADDR id, key and entry.
+
+        Ids count 1, 2, ... in ``announce`` order, for ADD_ADDR and the
+        joins to it alike. The address and port the first subflow
+        reached is left out: the peer knows it already, as id 0.
+        """
+        names = self._addresses.get(0)
+        first = None if names is None else self._address_key(names[0])
         for address_id, (host, port) in enumerate(self._announce, start=1):
             # port 0 announces the address alone: joins to it come to
             # the port the first subflow reached
-            key = (_address_of(host), port or first[1])
-            self._address_ids.setdefault(key, address_id)
+            key = (_address_of(host), port or (first and first[1]))
+            if key != first:
+                yield address_id, key, (host, port)
 
     def _address_key(self, sockname: Any) -> tuple[Any, int | None]:
         host, port = _host_port(sockname) or ("", 0)
@@ -373,6 +385,9 @@ class MultipathTransport(asyncio.Transport):
         Raises :class:`~mptls.errors.MptlsError` when the 256 ids of
         the option's octet are used up.
         """
+        if not self._address_ids and 0 in self._addresses:
+            # numbered at the first join, not on every connection's setup
+            self._number_addresses(self._addresses[0][0])
         key = self._address_key(sockname)
         known = self._address_ids.get(key)
         if known is not None:
@@ -787,7 +802,7 @@ class MultipathTransport(asyncio.Transport):
             for local in self._local_addrs[1:]:
                 self._spawn(self._open_subflow(local, self._remote))
             return
-        for address_id, (host, port) in enumerate(self._announce, start=1):
+        for address_id, _, (host, port) in self._announcements():
             try:
                 self._core.announce(
                     address_id, ipaddress.ip_address(host), port
@@ -1155,9 +1170,12 @@ _ADDRESS_INDEX = {"sockname": 0, "peername": 1}
 
 
 def _address_of(host: str) -> Any:
-    """An IP literal as an address object (one spelling per address)."""
+    """An IP literal as an address object (one spelling per address).
+
+    The zone stays: fe80::1 on two links is two addresses (RFC 4007).
+    """
     try:
-        return ipaddress.ip_address(host.partition("%")[0])
+        return ipaddress.ip_address(host)
     except ValueError:
         return host
 
