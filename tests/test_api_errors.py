@@ -543,3 +543,22 @@ async def test_server_backend_options_are_checked_at_the_call(
         await mptls.start_server(
             noop, "127.0.0.1", 0, ssl=pki.server(), **{option: value}
         )
+
+
+async def test_a_userspace_option_on_the_kernel_backend_names_its_stand_in(
+    pki: Pki,
+) -> None:
+    # close_timeout is the userspace backend's; the kernel backend's
+    # close is bounded by asyncio's own ssl_shutdown_timeout
+    with pytest.raises(ConfigurationError) as caught:
+        await mptls.open_connection(
+            "127.0.0.1",
+            9,
+            ssl=pki.client(),
+            backend="kernel",
+            close_timeout=1.0,
+        )
+    message = str(caught.value)
+    assert "close_timeout" in message
+    assert "for close_timeout, use ssl_shutdown_timeout" in message
+    assert "manage_paths" in message

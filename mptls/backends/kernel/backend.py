@@ -49,12 +49,22 @@ SERVER_OPTIONS = frozenset(
 )
 
 
+# userspace backend options and what stands for them here
+_EQUIVALENTS = {"close_timeout": "ssl_shutdown_timeout"}
+
+
 def _check_options(given: dict[str, Any], known: frozenset[str]) -> None:
     unknown = sorted(set(given) - known)
     if unknown:
+        hints = "".join(
+            f"; for {name}, use {_EQUIVALENTS[name]}"
+            for name in unknown
+            if name in _EQUIVALENTS
+        )
         raise ConfigurationError(
             f"the kernel backend does not know option(s) "
-            f"{', '.join(unknown)}; it takes {', '.join(sorted(known))}"
+            f"{', '.join(unknown)}; beside the keywords of asyncio's call "
+            f"it takes {', '.join(sorted(known))}{hints}"
         )
 
 
