@@ -275,3 +275,16 @@ def test_remove_addr_resets_a_join_still_under_way() -> None:
     assert status(net.client, sid).state != "ESTABLISHED"
     net.client.send(b" on the first")
     assert net.run(has_data(net.server_side, len(b"hello on the first")))
+
+
+def test_a_join_syn_advertises_the_receive_window() -> None:
+    # every frame carries the data-level receive window (RFC 8684
+    # section 3.3.5); a join SYN that said 0 read as a closed window
+    net = established(MemNet())
+    sid = join(net, address_id=1)
+    syns = [s for s in net.link(sid).to_server.sent if s.flags & Flag.SYN]
+    assert syns
+    assert all(s.window > 0 for s in syns)
+    # as large as what the first subflow's frames advertise
+    first = [s.window for s in net.link(0).to_server.sent if s.window]
+    assert syns[0].window >= min(first)

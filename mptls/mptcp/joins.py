@@ -81,7 +81,11 @@ class JoinsMixin(ConnectionState):
             address_id=address_id,
             backup=backup,
         )
-        syn = Segment(flags=Flag.SYN, options=(option,))
+        # the data-level receive window, as every other frame carries it
+        # (RFC 8684 section 3.3.5): a SYN saying 0 read as a closed window
+        syn = Segment(
+            flags=Flag.SYN, options=(option,), window=self._receive.window()
+        )
         subflow = Subflow(
             subflow_id,
             _S.SYN_SENT,
