@@ -1,49 +1,59 @@
 """Several worker processes serving one port, each join sent to its owner.
 
-N processes listen on the same address and port with ``SO_REUSEPORT``;
-the kernel spreads new TCP connections over them by a hash of the
-addresses, so a connection's first subflow and its joins usually reach
-different workers. Every worker writes its own worker id into the tokens
-it allocates (:mod:`mptls.mptcp.tokens`). When a join's first frame
-names a token of a sibling, the worker that got it passes the TCP socket
-and the bytes it already read to that sibling over a Unix datagram
-socket (``SCM_RIGHTS``), and the sibling carries on as if it had
-accepted the connection itself. The token alone says where to go: the
-workers share no table and no memory.
+:class:`WorkerPool` starts N processes that listen on one port with
+``SO_REUSEPORT``; in each, a
+:class:`~mptls.backends.userspace.router.JoinRouter` passes a join that
+names a sibling's token to that sibling.
+The parent watches its workers: one that exits unasked is started again
+with the same worker id, so that the port keeps N workers and joins to
+that id find an owner again, unless it keeps dying
+(:mod:`mptls.backends.userspace.restarts`).
 
-This module must never hand a socket to anything but a sibling's socket
-in the pool's own private directory, never read or write a token's
-secret serial, and never leave a worker process behind: the pool stops
-them on exit, and a worker whose parent is gone stops by itself.
+This module must never leave a worker process behind: the pool stops
+them on exit, and a worker whose parent is gone stops by itself. It must
+never restart a worker after :meth:`WorkerPool.stop` was called.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
 import multiprocessing
-import os
 import pickle
 import shutil
 import signal
 import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection as Pipe
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from mptls.backends.base import format_address
 from mptls.backends.userspace.listener import Listener
-from mptls.backends.userspace.transport import SubflowProtocol
-from mptls.errors import BackendError, ConfigurationError, MptlsTimeoutError
-from mptls.mptcp.framing import PREAMBLE, Segment, encode_segment
-from mptls.mptcp.options import MpCapable, MpJoinSyn
-from mptls.mptcp.tokens import TOKEN_LENGTH, TokenLayout, token_fields
+from mptls.backends.userspace.restarts import (
+    RestartBudget,
+    clear_socket_path,
+    reap,
+    receive,
+)
+from mptls.backends.userspace.router import (
+    SOCKET_NAME,
+    JoinRouter,
+    WorkerStats,
+)
+from mptls.errors import (
+    BackendError,
+    ConfigurationError,
+    MptlsError,
+    MptlsTimeoutError,
+)
+from mptls.mptcp.tokens import TokenLayout
 
 __all__ = ["JoinRouter", "WorkerPool", "WorkerStats", "start_workers"]
 
@@ -53,228 +63,7 @@ ClientConnectedCallback = Callable[
     [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None
 ]
 
-# a join's first bytes are the preamble and one 32-byte SYN frame; a few
-# retransmitted SYN frames still fit with room to spare
-_MAX_FIRST_BYTES = 4096
-_SOCKET_NAME = "worker-{}.sock"
 _STOP = "stop"
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerStats:
-    """What one worker did, reported when it stops.
-
-    ``first_subflows``: MP_CAPABLE SYNs it took; ``joins``: MP_JOIN
-    SYNs it routed through its own table, adopted ones included, be they
-    accepted or refused there; ``handed_off``: joins it passed to a
-    sibling; ``adopted``: sockets a sibling passed to it.
-    """
-
-    worker_id: int
-    first_subflows: int = 0
-    joins: int = 0
-    handed_off: int = 0
-    adopted: int = 0
-
-
-class JoinRouter:
-    """One worker's side of the routing: hand off joins, adopt sockets.
-
-    ``handoff`` is the listener's hook (``join_handoff`` of the
-    userspace backend's ``create_server``). It is called with a new
-    subflow's first segments and takes the TCP connection away when the
-    MP_JOIN's token names a sibling worker of the same server.
-    """
-
-    def __init__(
-        self,
-        *,
-        socket_dir: Path,
-        server_id: int,
-        worker_id: int,
-        workers: int,
-        layout: TokenLayout,
-    ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._dir = socket_dir
-        self._server_id = server_id
-        self._worker_id = worker_id
-        self._workers = workers
-        self._layout = layout
-        self._listener: Listener | None = None
-        self._sock: socket.socket | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._counts = {"first": 0, "joins": 0, "out": 0, "in": 0}
-
-    def open(self) -> None:
-        """Bind this worker's socket; siblings may hand off from now on."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(str(self._path(self._worker_id)))
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-        self._loop.add_reader(sock.fileno(), self._on_readable)
-
-    def attach(self, listener: Listener) -> None:
-        """The listener that adopted sockets are given to."""
-        self._listener = listener
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-            # gone even if the parent, which removes the directory, is not
-            self._path(self._worker_id).unlink(missing_ok=True)
-            # and the last worker out takes the directory (a killed
-            # parent would leave it): only an empty one goes
-            with contextlib.suppress(OSError):
-                self._dir.rmdir()
-        for task in self._tasks:
-            task.cancel()
-
-    def stats(self) -> WorkerStats:
-        counts = self._counts
-        return WorkerStats(
-            worker_id=self._worker_id,
-            first_subflows=counts["first"],
-            joins=counts["joins"],
-            handed_off=counts["out"],
-            adopted=counts["in"],
-        )
-
-    def _path(self, worker_id: int) -> Path:
-        return self._dir / _SOCKET_NAME.format(worker_id)
-
-    # sending side
-
-    def handoff(
-        self, subflow: SubflowProtocol, segments: list[Segment]
-    ) -> bool:
-        """Pass ``subflow`` to the worker its join token names, if another."""
-        owner = self._owner(segments[0])
-        if owner is None:
-            return False
-        transport = subflow.transport
-        # the decoder's own count: bytes of a frame not yet complete
-        # could not be sent on, so such a join is refused here instead
-        if transport is None or subflow._decoder.buffered:
-            return False
-        sock = transport.get_extra_info("socket")
-        if sock is None or self._sock is None:
-            return False
-        # the frames as the client sent them; the owner decodes them again
-        first = PREAMBLE + b"".join(encode_segment(s) for s in segments)
-        try:
-            # sendmsg, not socket.send_fds: that one drops the address
-            self._sock.sendmsg(
-                [first],
-                [_rights(sock.fileno())],
-                0,
-                str(self._path(owner)),
-            )
-        except OSError as exc:
-            # the owner is gone or swamped: let this worker refuse the
-            # join with an RST, as for any token it does not know
-            logger.warning("cannot hand a join to worker %d: %s", owner, exc)
-            return False
-        self._counts["out"] += 1
-        # this process's copy goes; the owner holds the connection now, so
-        # closing here sends no FIN
-        subflow.close()
-        return True
-
-    def _owner(self, segment: Segment) -> int | None:
-        """The sibling worker that owns the join in ``segment``, if any."""
-        for option in segment.options:
-            if isinstance(option, MpCapable):
-                self._counts["first"] += 1
-                return None
-            if isinstance(option, MpJoinSyn):
-                return self._sibling(option.token)
-        return None
-
-    def _sibling(self, token: bytes) -> int | None:
-        if len(token) != TOKEN_LENGTH:
-            # an RFC 8684 token is a hash of a key: it names no worker
-            return None
-        fields = token_fields(token, self._layout)
-        if (
-            fields.server_id != self._server_id
-            or fields.worker_id == self._worker_id
-            or fields.worker_id >= self._workers
-        ):
-            self._counts["joins"] += 1
-            return None
-        return fields.worker_id
-
-    # receiving side
-
-    def _on_readable(self) -> None:
-        while self._sock is not None:
-            try:
-                first, fds, flags, _ = socket.recv_fds(
-                    self._sock, _MAX_FIRST_BYTES, 1
-                )
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                logger.warning("handoff socket failed: %s", exc)
-                return
-            if not fds:
-                continue
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                for fd in fds:
-                    os.close(fd)
-                continue
-            self._adopt(socket.socket(fileno=fds[0]), first)
-
-    def _adopt(self, sock: socket.socket, first: bytes) -> None:
-        listener = self._listener
-        if listener is None:
-            sock.close()
-            return
-        self._counts["in"] += 1
-        task = self._loop.create_task(self._connect(listener, sock, first))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _connect(
-        self, listener: Listener, sock: socket.socket, first: bytes
-    ) -> None:
-        try:
-            await self._loop.connect_accepted_socket(
-                lambda: _AdoptedSubflow(listener, first), sock
-            )
-        except OSError as exc:
-            logger.debug("an adopted subflow failed: %s", exc)
-            sock.close()
-
-
-def _rights(fd: int) -> tuple[int, int, bytes]:
-    """The SCM_RIGHTS control message that passes ``fd``."""
-    return (
-        socket.SOL_SOCKET,
-        socket.SCM_RIGHTS,
-        array.array("i", [fd]).tobytes(),
-    )
-
-
-class _AdoptedSubflow(SubflowProtocol):
-    """A subflow another worker accepted: its first bytes come along."""
-
-    def __init__(self, listener: Listener, first: bytes) -> None:
-        super().__init__(listener, initiator=False)
-        self._first = first
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        # before anything read from the socket itself, which comes later
-        first, self._first = self._first, b""
-        self.data_received(first)
 
 
 # the worker process
@@ -420,6 +209,12 @@ class WorkerPool:
     :class:`mptls.TLSConfig`. Other keywords go to each worker's
     ``mptls.start_server`` (``modes``, ``announce_addrs``, ...).
     ``port=0`` picks one free port for all workers.
+
+    A worker that exits before :meth:`stop` asks it to is started again
+    with the same worker id (``restart=True``), up to
+    :data:`~mptls.backends.userspace.restarts.RESTART_LIMIT` times
+    within :data:`~mptls.backends.userspace.restarts.RESTART_WINDOW`
+    seconds; then it is left down.
     """
 
     def __init__(
@@ -434,6 +229,7 @@ class WorkerPool:
         token_layout: TokenLayout | None = None,
         start_timeout: float = 30.0,
         grace: float = 5.0,
+        restart: bool = True,
         **server_options: Any,
     ) -> None:
         layout = token_layout or TokenLayout()
@@ -444,6 +240,8 @@ class WorkerPool:
                 f"{workers} workers do not fit in "
                 f"{layout.worker_id_bits} worker id bits"
             )
+        if not isinstance(restart, bool):
+            raise ConfigurationError(f"restart must be a bool: {restart!r}")
         for name in ("join_handoff", "worker_id", "reuse_port"):
             if name in server_options:
                 raise ConfigurationError(f"the pool sets {name} itself")
@@ -464,13 +262,16 @@ class WorkerPool:
         self._start_timeout = start_timeout
         self._grace = grace
         self._port = port
+        self._restart = restart
         self._dir: Path | None = None
-        self._processes: list[multiprocessing.process.BaseProcess] = []
+        # the current process of each worker id, and its pipe
+        self._processes: list[BaseProcess] = []
         self._pipes: list[Pipe] = []
         self._stats: tuple[WorkerStats, ...] = ()
-        # workers that ended while the pool served, by worker id
-        self._exited: dict[int, int | None] = {}
+        self._state = _PoolState()
         self._watchers: set[asyncio.Task[None]] = set()
+        # the watchers that are starting a replacement: stop cancels them
+        self._restarting: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -479,21 +280,48 @@ class WorkerPool:
 
     @property
     def pids(self) -> tuple[int, ...]:
-        return tuple(p.pid for p in self._processes if p.pid is not None)
+        """The worker processes running now, in worker id order.
+
+        A replacement counts from the moment it is started; a worker
+        that is dead, waiting for its replacement or down, has none.
+        """
+        dead = self._state.dead
+        return tuple(
+            process.pid
+            for worker_id, process in enumerate(self._processes)
+            if worker_id not in dead and process.pid is not None
+        )
 
     @property
     def stats(self) -> tuple[WorkerStats, ...]:
-        """Each worker's counts, once :meth:`stop` has returned."""
+        """Each worker's counts, once :meth:`stop` has returned.
+
+        One entry per worker id that was running at the stop. A worker
+        that was restarted reports what its last process did alone: the
+        counts of the one that died are lost with it.
+        """
         return self._stats
 
     @property
     def exited(self) -> Mapping[int, int | None]:
         """Workers that ended while serving: worker id to exit code.
 
-        A negative code is the signal that ended the process. Such a
-        worker is not restarted and has no entry in :attr:`stats`.
+        The code of the last unexpected exit of each worker id (a
+        replacement that failed to start included); a negative code is
+        the signal that ended the process. :attr:`restarts` and
+        :attr:`down` say what became of them.
         """
-        return dict(self._exited)
+        return dict(self._state.exited)
+
+    @property
+    def restarts(self) -> Mapping[int, int]:
+        """Worker id to the number of its replacements that came up."""
+        return dict(self._state.restarts)
+
+    @property
+    def down(self) -> frozenset[int]:
+        """Worker ids that died and will not be started again."""
+        return frozenset(self._state.down)
 
     async def start(self) -> None:
         """Start the workers; return once every one of them listens."""
@@ -501,31 +329,58 @@ class WorkerPool:
             raise BackendError("the pool is already started")
         # private (0700): only this user's processes can hand sockets
         self._dir = Path(tempfile.mkdtemp(prefix="mptls-workers-"))
-        self._exited.clear()
+        self._state = _PoolState()
         # held until every worker has bound the port with SO_REUSEPORT,
         # so that port 0 means the same free port for all of them
         placeholder = _reserve(_first_host(self._template.host), self._port)
         self._port = placeholder.getsockname()[1]
         try:
-            self._spawn(self._dir)
+            for worker_id in range(self._template.workers):
+                process, pipe = self._spawn(worker_id)
+                self._processes.append(process)
+                self._pipes.append(pipe)
             await self._wait_ready()
-            self._watch()
+            for worker_id in range(self._template.workers):
+                self._watch(worker_id)
         except BaseException:
             await self._halt()
             raise
         finally:
             placeholder.close()
 
+    async def serve_forever(self) -> None:
+        """Wait while the pool serves; return once :meth:`stop` is called.
+
+        Raises :class:`~mptls.errors.BackendError` when every worker is
+        down and none will be started again: the port is served no more.
+        """
+        state = self._state
+        if not self._processes:
+            raise BackendError("the pool is not started")
+        await state.ended.wait()
+        if not state.stopping:
+            raise BackendError(
+                f"all {self._template.workers} workers are down and none "
+                "will be restarted"
+            )
+
     async def stop(self) -> tuple[WorkerStats, ...]:
         """Stop every worker (open connections get ``grace`` s to end)."""
+        self._state.stopping = True
+        self._state.ended.set()
         self._unwatch()
+        # a replacement that is still starting is terminated; one that
+        # already listens is stopped below like the others
+        for task in self._restarting:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         for pipe in self._pipes:
             with contextlib.suppress(OSError):
                 pipe.send(_STOP)
         # a worker reads only the first "stop"; _halt sends another, unread
         deadline = self._grace + self._start_timeout
         replies = await asyncio.gather(
-            *(_receive(pipe, deadline) for pipe in self._pipes)
+            *(_final_reply(pipe, deadline) for pipe in self._pipes)
         )
         self._stats = tuple(
             body
@@ -542,32 +397,36 @@ class WorkerPool:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def _spawn(self, socket_dir: Path) -> None:
-        from dataclasses import replace
-
+    def _spawn(self, worker_id: int) -> tuple[BaseProcess, Pipe]:
+        """Start the process of ``worker_id``; it says "ready" on its pipe."""
+        if self._dir is None:
+            raise BackendError("the pool is not started")
+        spec = replace(
+            self._template,
+            worker_id=worker_id,
+            port=self._port,
+            socket_dir=self._dir,
+        )
         context = multiprocessing.get_context("spawn")
-        for worker_id in range(self._template.workers):
-            spec = replace(
-                self._template,
-                worker_id=worker_id,
-                port=self._port,
-                socket_dir=socket_dir,
-            )
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=_worker_main,
-                args=(spec, child_end),
-                name=f"mptls-worker-{worker_id}",
-                daemon=True,
-            )
+        parent_end, child_end = context.Pipe()
+        process = context.Process(
+            target=_worker_main,
+            args=(spec, child_end),
+            name=f"mptls-worker-{worker_id}",
+            daemon=True,
+        )
+        try:
             process.start()
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
             child_end.close()
-            self._processes.append(process)
-            self._pipes.append(parent_end)
+        return process, parent_end
 
     async def _wait_ready(self) -> None:
         replies = await asyncio.gather(
-            *(_receive(pipe, self._start_timeout) for pipe in self._pipes)
+            *(receive(pipe, self._start_timeout) for pipe in self._pipes)
         )
         for kind, body in replies:
             if kind == "timeout":
@@ -583,47 +442,151 @@ class WorkerPool:
             self._port,
         )
 
-    def _watch(self) -> None:
-        """Report a worker that ends before :meth:`stop` asks it to."""
-        loop = asyncio.get_running_loop()
-        for worker_id, process in enumerate(self._processes):
-            loop.add_reader(
-                process.sentinel, self._on_exit, worker_id, process
-            )
+    def _watch(self, worker_id: int) -> None:
+        """Notice when the process of ``worker_id`` ends unasked."""
+        process = self._processes[worker_id]
+        asyncio.get_running_loop().add_reader(
+            process.sentinel, self._on_exit, worker_id, process
+        )
 
     def _unwatch(self) -> None:
         loop = asyncio.get_running_loop()
         for process in self._processes:
             loop.remove_reader(process.sentinel)
 
-    def _on_exit(
-        self, worker_id: int, process: multiprocessing.process.BaseProcess
-    ) -> None:
-        asyncio.get_running_loop().remove_reader(process.sentinel)
-        task = asyncio.get_running_loop().create_task(
-            self._report_exit(worker_id, process)
-        )
+    def _on_exit(self, worker_id: int, process: BaseProcess) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(process.sentinel)
+        self._state.dead.add(worker_id)
+        task = loop.create_task(self._supervise(worker_id, process))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    async def _report_exit(
-        self, worker_id: int, process: multiprocessing.process.BaseProcess
-    ) -> None:
+    async def _supervise(self, worker_id: int, process: BaseProcess) -> None:
+        """Log an unexpected exit, then restart the worker or leave it."""
         # the sentinel closes as the process exits; reaping follows
-        await asyncio.to_thread(process.join, 5.0)
-        self._exited[worker_id] = process.exitcode
-        left = len(self._processes) - len(self._exited)
+        await reap(process, 5.0)
+        state = self._state
+        state.exited[worker_id] = process.exitcode
+        restart = self._restart and not state.stopping
         # the kernel reset the connections queued on its listening socket
         # (unless net.ipv4.tcp_migrate_req=1 moved them to a sibling)
         logger.warning(
             "worker %d (pid %s) exited with code %s while serving; %d of "
-            "%d workers left, not restarted",
+            "%d workers left, %s",
             worker_id,
             process.pid,
             process.exitcode,
-            left,
+            len(self._processes) - len(state.dead),
             len(self._processes),
+            "restarting it" if restart else "not restarted",
         )
+        if not restart:
+            if not state.stopping:
+                self._leave_down(worker_id)
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._restarting.add(task)
+        try:
+            await self._restart_worker(worker_id)
+        finally:
+            self._restarting.discard(task)
+
+    async def _restart_worker(self, worker_id: int) -> None:
+        """Start ``worker_id`` again until it listens or the budget ends."""
+        state = self._state
+        budget = state.budget(worker_id)
+        loop = asyncio.get_running_loop()
+        while True:
+            if not budget.spend(loop.time()):
+                logger.error(
+                    "worker %d was restarted %d times within %g s and "
+                    "exited again: left down; %d of %d workers left",
+                    worker_id,
+                    budget.limit,
+                    budget.window,
+                    len(self._processes) - len(state.dead),
+                    len(self._processes),
+                )
+                break
+            process = self._start_replacement(worker_id)
+            if process is None:
+                break
+            try:
+                kind, body = await receive(
+                    self._pipes[worker_id], self._start_timeout
+                )
+            except asyncio.CancelledError:
+                # stop() came first: a process that serves nothing yet is
+                # ended now rather than waited for until it listens
+                process.terminate()
+                raise
+            if kind == "ready":
+                state.restarts[worker_id] += 1
+                self._watch(worker_id)
+                logger.info(
+                    "worker %d restarted (pid %s)", worker_id, process.pid
+                )
+                return
+            logger.warning(
+                "the replacement of worker %d (pid %s) did not start: %s",
+                worker_id,
+                process.pid,
+                body if kind == "error" else kind,
+            )
+            # one that hangs in its start is not waited for any longer
+            if kind == "timeout":
+                process.kill()
+            state.dead.add(worker_id)
+            await reap(process, 5.0)
+            state.exited[worker_id] = process.exitcode
+        self._leave_down(worker_id)
+
+    def _start_replacement(self, worker_id: int) -> BaseProcess | None:
+        """Spawn a new process for ``worker_id`` in its predecessor's place.
+
+        Tokens: the replacement's ``start_server`` draws a fresh secret
+        for its TokenAllocator, as every server start does, so its
+        serials are a new keyed permutation. Carrying the old one on
+        would need the counter the dead process had reached (the
+        allocator's own way to restart), which a SIGKILLed worker never
+        reports, and a counter short by one repeats a token outright.
+        With a fresh secret a new token equals one still held from
+        before only by chance: n * m / 2**serial_bits for n old tokens
+        and m new ones. The old ones go out of use at once: a
+        connection's subflows all live in its owner, so the kernel
+        closed every one of them, and a stale join that met a reused
+        token would fail its HMAC, whose keys are another connection's.
+        """
+        if self._dir is None:
+            return None
+        old_process = self._processes[worker_id]
+        old_pipe = self._pipes[worker_id]
+        try:
+            # siblings find the worker by this path alone
+            clear_socket_path(self._dir, SOCKET_NAME.format(worker_id))
+            process, pipe = self._spawn(worker_id)
+        except (MptlsError, OSError) as exc:
+            logger.error("cannot restart worker %d: %s", worker_id, exc)
+            return None
+        self._processes[worker_id] = process
+        self._pipes[worker_id] = pipe
+        self._state.dead.discard(worker_id)
+        old_pipe.close()
+        # reaped: its sentinel is no longer needed
+        with contextlib.suppress(ValueError):
+            old_process.close()
+        logger.info(
+            "starting worker %d again (pid %s)", worker_id, process.pid
+        )
+        return process
+
+    def _leave_down(self, worker_id: int) -> None:
+        state = self._state
+        state.down.add(worker_id)
+        if len(state.down) == len(self._processes):
+            state.ended.set()
 
     async def _halt(self) -> None:
         """Wait for the processes to exit; end the stragglers."""
@@ -641,12 +604,32 @@ class WorkerPool:
             pipe.close()
         # a report under way finishes (its process is gone) before the
         # list it counts is cleared
-        await asyncio.gather(*self._watchers)
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         self._processes.clear()
         self._pipes.clear()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+@dataclass
+class _PoolState:
+    """What happened to the workers since :meth:`WorkerPool.start`."""
+
+    # worker ids without a running process: dead, restarting or down
+    dead: set[int] = field(default_factory=set)
+    down: set[int] = field(default_factory=set)
+    exited: dict[int, int | None] = field(default_factory=dict)
+    restarts: collections.Counter[int] = field(
+        default_factory=collections.Counter
+    )
+    budgets: dict[int, RestartBudget] = field(default_factory=dict)
+    stopping: bool = False
+    # set by stop(), or when the last worker is left down
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def budget(self, worker_id: int) -> RestartBudget:
+        return self.budgets.setdefault(worker_id, RestartBudget())
 
 
 async def start_workers(
@@ -661,12 +644,23 @@ async def start_workers(
     """Start a :class:`WorkerPool`; like ``mptls.start_server`` times N.
 
     Stop it with ``await pool.stop()``, or use it as ``async with``.
+    ``restart=False`` leaves a worker that dies down.
     """
     pool = WorkerPool(
         client_connected_cb, host, port, workers=workers, ssl=ssl, **kwds
     )
     await pool.start()
     return pool
+
+
+async def _final_reply(pipe: Pipe, timeout: float) -> tuple[str, object]:
+    """A stopping worker's last message: a replacement says "ready" first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        kind, body = await receive(pipe, max(deadline - loop.time(), 0.0))
+        if kind != "ready":
+            return (kind, body)
 
 
 def _check_pickles(spec: _WorkerSpec) -> None:
@@ -702,15 +696,3 @@ def _reserve(host: str, port: int) -> socket.socket:
         where = format_address((host, port))
         raise BackendError(f"cannot bind {where}: {exc}") from exc
     return sock
-
-
-async def _receive(pipe: Pipe, timeout: float) -> tuple[str, object]:
-    """One message from a worker, ("timeout", None) or ("gone", None)."""
-    ready = await asyncio.to_thread(pipe.poll, timeout)
-    if not ready:
-        return ("timeout", None)
-    try:
-        kind, body = pipe.recv()
-    except (EOFError, OSError):
-        return ("gone", None)
-    return (str(kind), body)
