@@ -22,7 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mptls
 from mptls.backends.base import MptcpInfo, format_address
@@ -46,6 +46,9 @@ from mptls.cli.common import (
 )
 from mptls.errors import CertificateError, MptlsError, PeerResetError
 from mptls.trace import Capture
+
+if TYPE_CHECKING:
+    from mptls.backends.userspace.workers import WorkerPool
 
 CHUNK_SIZE = 64 * 1024
 
@@ -189,6 +192,8 @@ async def serve(args: argparse.Namespace) -> None:
     )
     options = server_options(args.backend, args.mode, announce)
     options.update(_token_ids(args))
+    if args.no_restart and args.workers == 1:
+        raise UsageError("--no-restart goes with --workers N, N > 1")
     if args.workers > 1:
         if args.pcap is not None:
             raise UsageError(
@@ -364,7 +369,13 @@ async def _serve_workers(
         _handle_and_report, echo=args.echo, verbose=args.verbose
     )
     pool = WorkerPool(
-        handler, host, port, workers=args.workers, ssl=tls, **options
+        handler,
+        host,
+        port,
+        workers=args.workers,
+        ssl=tls,
+        restart=not args.no_restart,
+        **options,
     )
     stop = asyncio.Event()
     async with pool:
@@ -374,7 +385,25 @@ async def _serve_workers(
         hosts = [host] if isinstance(host, str) else host
         bound = ", ".join(format_address((one, bound_port)) for one in hosts)
         _status(True, [f"listening on {bound} ({args.workers} workers)"])
-        await stop.wait()
+        await _until_stopped_or_down(pool, stop)
+
+
+async def _until_stopped_or_down(
+    pool: WorkerPool, stop: asyncio.Event
+) -> None:
+    """Wait for a signal; raise the pool's error once no worker is left,
+    which ends ``serve`` with one line and exit status 1."""
+    serving = asyncio.ensure_future(pool.serve_forever())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait(
+            (serving, stopping), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        serving.cancel()
+        stopping.cancel()
+    if serving.done() and not serving.cancelled():
+        serving.result()
 
 
 # connect
@@ -629,6 +658,12 @@ def _add_serve_parser(
         metavar="N",
         help="userspace backend: N processes sharing the port; a join "
         "that reaches the wrong one is passed to its owner",
+    )
+    server.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="with --workers: leave a worker that dies down instead of "
+        "starting it again",
     )
     server.add_argument(
         "--server-id",
