@@ -14,15 +14,17 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from pki import Pki
 
 import mptls
+from mptls.backends.userspace.restarts import RESTART_LIMIT
 from mptls.backends.userspace.workers import (
     JoinRouter,
     WorkerPool,
@@ -276,8 +278,10 @@ def _resolve(
         seen.set_result(record)
 
 
-async def test_the_pool_notices_a_worker_that_dies(pki: Pki) -> None:
-    pool = WorkerPool(echo, "127.0.0.1", 0, workers=3, ssl=pki.server())
+async def test_without_restart_a_dead_worker_stays_down(pki: Pki) -> None:
+    pool = WorkerPool(
+        echo, "127.0.0.1", 0, workers=3, ssl=pki.server(), restart=False
+    )
     await pool.start()
     seen: asyncio.Future[logging.LogRecord] = (
         asyncio.get_running_loop().create_future()
@@ -291,7 +295,12 @@ async def test_the_pool_notices_a_worker_that_dies(pki: Pki) -> None:
         message = record.getMessage()
         assert f"worker 1 (pid {victim})" in message
         assert "2 of 3" in message
+        assert message.endswith("not restarted")
         assert pool.exited == {1: -signal.SIGKILL}
+        assert pool.down == {1}
+        assert pool.restarts == {}
+        assert victim not in pool.pids
+        assert len(pool.pids) == 2
     finally:
         logging.getLogger("mptls.workers").removeHandler(handler)
         stats = await pool.stop()
@@ -299,6 +308,185 @@ async def test_the_pool_notices_a_worker_that_dies(pki: Pki) -> None:
     assert sorted(s.worker_id for s in stats) == [0, 2]
     assert pool.exited == {1: -signal.SIGKILL}
     assert multiprocessing.active_children() == []
+
+
+class LogWatch(logging.Handler):
+    """Keeps the records of ``mptls.workers`` and wakes who waits on one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._loop.call_soon_threadsafe(self._add, record)
+
+    def _add(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    def messages(self, text: str) -> list[str]:
+        return [
+            message
+            for record in self.records
+            if text in (message := record.getMessage())
+        ]
+
+    async def wait_for(
+        self, text: str, timeout: float, *, count: int = 1
+    ) -> logging.LogRecord:
+        """The ``count``-th record whose message holds ``text``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                found = [r for r in self.records if text in r.getMessage()]
+                if len(found) >= count:
+                    return found[count - 1]
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+async def log_watch() -> AsyncIterator[LogWatch]:
+    logger = logging.getLogger("mptls.workers")
+    level = logger.level
+    watch = LogWatch()
+    logger.addHandler(watch)
+    logger.setLevel(logging.INFO)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(level)
+
+
+def assert_gone(pids: Iterator[int] | tuple[int, ...]) -> None:
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert multiprocessing.active_children() == []
+
+
+async def test_a_killed_worker_is_replaced(
+    pki: Pki, log_watch: LogWatch
+) -> None:
+    pool = WorkerPool(
+        echo, "127.0.0.1", 0, workers=3, ssl=pki.server(), server_id=SERVER_ID
+    )
+    await pool.start()
+    first_pids = pool.pids
+    try:
+        os.kill(first_pids[1], signal.SIGKILL)
+        await log_watch.wait_for("worker 1 restarted", 30)
+        pids = pool.pids
+        assert len(pids) == 3
+        assert (pids[0], pids[2]) == (first_pids[0], first_pids[2])
+        assert pids[1] not in first_pids
+        assert pool.exited == {1: -signal.SIGKILL}
+        assert pool.restarts == {1: 1}
+        assert pool.down == frozenset()
+        (warning,) = log_watch.messages("exited with code")
+        assert f"worker 1 (pid {first_pids[1]})" in warning
+        assert warning.endswith("2 of 3 workers left, restarting it")
+
+        # the port is served by three again, the new worker 1 included:
+        # every join reaches its owner, the ones naming worker 1 too
+        owned = []
+        rng = random.Random(12)
+        for _ in range(3):
+            payloads = [
+                rng.randbytes(rng.randrange(1, 20_000)) for _ in range(10)
+            ]
+            results = await asyncio.gather(
+                *(
+                    transfer_with_join(pki, pool.address[1], p)
+                    for p in payloads
+                )
+            )
+            for payload, (digest, info) in zip(payloads, results, strict=True):
+                assert digest == hashlib.sha256(payload).digest()
+                assert len(info.subflows) == 2
+                assert info.remote_token is not None
+                token = bytes.fromhex(info.remote_token)
+                owned.append(token_fields(token).worker_id)
+        assert set(owned) == {0, 1, 2}
+    finally:
+        stats = await pool.stop()
+    new_one = {s.worker_id: s for s in stats}[1]
+    # the replacement's own counts: it took these first subflows and
+    # routed every join to its tokens, some handed over by a sibling
+    assert new_one.first_subflows == owned.count(1)
+    assert new_one.joins == owned.count(1)
+    assert sorted(s.worker_id for s in stats) == [0, 1, 2]
+    assert_gone(first_pids + pids)
+
+
+async def test_a_worker_that_dies_at_once_is_given_up(
+    pki: Pki, tmp_path: Path, log_watch: LogWatch
+) -> None:
+    # replacements read the certificate again, and it is gone
+    cert = shutil.copy(pki.cert_pem, tmp_path / "cert.pem")
+    key = shutil.copy(pki.key_pem, tmp_path / "key.pem")
+    tls = mptls.TLSConfig(certfile=cert, keyfile=key)
+    pool = WorkerPool(echo, "127.0.0.1", 0, workers=2, ssl=tls)
+    await pool.start()
+    first_pids = pool.pids
+    Path(cert).unlink()
+    serving = asyncio.ensure_future(pool.serve_forever())
+    try:
+        os.kill(first_pids[0], signal.SIGKILL)
+        given_up = await log_watch.wait_for("left down", 30)
+        assert given_up.levelno == logging.ERROR
+        assert given_up.getMessage() == (
+            f"worker 0 was restarted {RESTART_LIMIT} times within 60 s "
+            "and exited again: left down; 1 of 2 workers left"
+        )
+        failed = log_watch.messages("replacement of worker 0")
+        assert len(failed) == RESTART_LIMIT
+        assert all("did not start" in message for message in failed)
+        assert (pool.down, pool.restarts) == ({0}, {})
+        assert pool.pids == (first_pids[1],)
+        assert not serving.done()
+
+        # the last one down ends the pool's service
+        os.kill(first_pids[1], signal.SIGKILL)
+        with pytest.raises(mptls.BackendError, match="all 2 workers are down"):
+            await asyncio.wait_for(serving, 30)
+        assert pool.down == {0, 1}
+        assert pool.pids == ()
+    finally:
+        serving.cancel()
+        await pool.stop()
+    assert pool.stats == ()
+    assert_gone(first_pids)
+
+
+async def test_stop_during_a_restart_leaves_no_process(
+    pki: Pki, log_watch: LogWatch
+) -> None:
+    pool = WorkerPool(echo, "127.0.0.1", 0, workers=2, ssl=pki.server())
+    await pool.start()
+    first_pids = pool.pids
+    os.kill(first_pids[0], signal.SIGKILL)
+    starting = await log_watch.wait_for("starting worker 0 again", 30)
+    replacement = pool.pids[0]
+    assert f"(pid {replacement})" in starting.getMessage()
+
+    # the replacement is still importing: it is ended, not waited for,
+    # and has no counts to report
+    stats = await pool.stop()
+    assert pool.restarts == {}
+    assert [s.worker_id for s in stats] == [1]
+    assert pool.pids == ()
+    assert_gone((*first_pids, replacement))
+    assert [
+        record.getMessage()
+        for record in log_watch.records
+        if record.levelno >= logging.WARNING
+    ] == [
+        f"worker 0 (pid {first_pids[0]}) exited with code -9 while "
+        "serving; 1 of 2 workers left, restarting it"
+    ]
 
 
 PARENT_DIES = """
@@ -442,3 +630,75 @@ async def test_serve_workers_command(pki: Pki) -> None:
         process.send_signal(signal.SIGINT)
         status = await asyncio.wait_for(process.wait(), 30)
     assert status == 0
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The pool workers among ``parent``'s children (not its tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+    return [
+        int(pid)
+        for pid in children.split()
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+async def test_serve_workers_exits_when_every_worker_is_down(
+    pki: Pki,
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mptls",
+        "serve",
+        "--workers",
+        "2",
+        "--no-restart",
+        "--echo",
+        "--port",
+        "0",
+        "--cert",
+        str(pki.cert_pem),
+        "--key",
+        str(pki.key_pem),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), 30)
+        assert line.rstrip().endswith(b"(2 workers)"), line
+        workers = worker_pids(process.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        rest = await asyncio.wait_for(process.stderr.read(), 30)
+        status = await asyncio.wait_for(process.wait(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = rest.decode().splitlines()
+    assert status == 1
+    assert lines[-1] == (
+        "mptls: error: all 2 workers are down and none will be restarted"
+    )
+    assert sum("not restarted" in one for one in lines) == 2
+    assert "Traceback" not in rest.decode()
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_no_restart_needs_workers(pki: Pki) -> None:
+    from mptls.cli.main import main
+
+    status = main(
+        [
+            "serve",
+            "--no-restart",
+            "--cert",
+            str(pki.cert_pem),
+            "--key",
+            str(pki.key_pem),
+        ]
+    )
+    assert status == 2
