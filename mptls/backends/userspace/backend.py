@@ -484,7 +484,7 @@ class UserspaceBackend(Backend):
         join's token which server owns it. ``join_handoff`` sees each
         new subflow's first segments before this server routes them,
         and may take the TCP connection away (see
-        :mod:`mptls.backends.userspace.workers`). ``reuse_address``,
+        :mod:`mptls.backends.userspace.router`). ``reuse_address``,
         ``reuse_port``, ``backlog`` and ``start_serving`` are asyncio's.
         """
         loop = asyncio.get_running_loop()
