@@ -215,34 +215,6 @@ async def test_link_local_round_trip(
             await writer.wait_closed()
 
 
-async def test_a_reset_before_the_preamble_brackets_an_ipv6_host(
-    pki: Pki,
-) -> None:
-    skip_without_ipv6("::1")
-    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
-    listener.setblocking(False)
-    port = listener.getsockname()[1]
-    loop = asyncio.get_running_loop()
-    queued: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not queued.done():
-            queued.set_result(None)
-
-    loop.add_reader(listener.fileno(), readable)
-    connecting = asyncio.create_task(
-        mptls.open_connection("::1", port, ssl=pki.client())
-    )
-    try:
-        await asyncio.wait_for(queued, 10)
-    finally:
-        loop.remove_reader(listener.fileno())
-        listener.close()  # never accepted: the kernel resets the queue
-    with pytest.raises(mptls.PeerResetError) as caught:
-        await asyncio.wait_for(connecting, 10)
-    assert str(caught.value).startswith(f"[::1]:{port} reset")
-
-
 async def test_a_refused_path_brackets_an_ipv6_host(pki: Pki) -> None:
     skip_without_ipv6("::1")
 

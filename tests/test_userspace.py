@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 from pki import Pki
-from support import answer_streamer, is_paused, leave, reporting_to, until
+from support import (
+    answer_streamer,
+    is_paused,
+    leave,
+    reporting_to,
+    skip_without_ipv6,
+    until,
+)
 
 import mptls
 from mptls.backends.userspace.backend import _shared_client_tokens
@@ -600,13 +607,18 @@ async def test_server_ending_before_the_preamble_is_not_mptls(
         assert loop.time() - started < 2.0
 
 
+@pytest.mark.parametrize(
+    ("host", "shown"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")]
+)
 async def test_listener_closed_with_the_connection_queued_is_a_reset(
-    pki: Pki,
+    pki: Pki, host: str, shown: str
 ) -> None:
     # what the kernel does to connections queued on the listening socket
     # of a pool worker that dies (net.ipv4.tcp_migrate_req=0): a reset
     # before the preamble, which a retry may get past
-    listener = socket.create_server(("127.0.0.1", 0))
+    skip_without_ipv6(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
     listener.setblocking(False)
     port = listener.getsockname()[1]
     loop = asyncio.get_running_loop()
@@ -618,7 +630,7 @@ async def test_listener_closed_with_the_connection_queued_is_a_reset(
 
     loop.add_reader(listener.fileno(), readable)
     connecting = asyncio.create_task(
-        mptls.open_connection("127.0.0.1", port, ssl=pki.client())
+        mptls.open_connection(host, port, ssl=pki.client())
     )
     try:
         await asyncio.wait_for(queued, 10)
@@ -628,6 +640,8 @@ async def test_listener_closed_with_the_connection_queued_is_a_reset(
     with pytest.raises(mptls.PeerResetError, match="preamble") as caught:
         await asyncio.wait_for(connecting, 10)
     assert isinstance(caught.value, ConnectionResetError)
+    # an IPv6 host in brackets, or its port would read as part of it
+    assert str(caught.value).startswith(f"{shown}:{port} reset")
     assert "not an mptls" not in str(caught.value)
 
 
