@@ -16,7 +16,9 @@ import signal
 import sys
 import textwrap
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from pki import Pki
@@ -28,6 +30,8 @@ CLOSE_TIMEOUT = 5.0
 # far inside close_timeout: a close that waits for it fails the test
 PROMPT = 1.0
 ROUNDS = 40
+
+T = TypeVar("T")
 
 
 async def test_close_with_a_join_in_flight_is_prompt_on_both_ends(
@@ -154,17 +158,23 @@ async def test_a_killed_server_ends_the_client_within_path_loss_timeout(
             await process.wait()
 
 
-@pytest.mark.parametrize("size", [100_001, 3_000_001])
-async def test_a_clean_close_loses_nothing_for_a_late_reader(
-    pki: Pki, size: int
-) -> None:
-    # the client's close times out waiting for the server's own end
-    # (its handler is busy) and ends with MP_FASTCLOSE; everything it
-    # wrote was acknowledged and its DATA_FIN taken in order, so the
-    # server's reader must still get every byte and a clean EOF
+async def _closed_while_busy(
+    pki: Pki,
+    payload: bytes,
+    then: Callable[
+        [bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[T]
+    ],
+) -> T:
+    """What ``then`` makes of a connection its client closed meanwhile.
+
+    The client writes ``payload`` and closes; the server's handler waits
+    after the first byte until the client's close has timed out (its
+    close_timeout, 0.2 s) and ended with MP_FASTCLOSE. Then ``then``
+    runs in the handler, with that first byte.
+    """
     loop = asyncio.get_running_loop()
     busy = asyncio.Event()
-    got: asyncio.Future[bytes] = loop.create_future()
+    outcome: asyncio.Future[T] = loop.create_future()
 
     async def handler(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -172,49 +182,7 @@ async def test_a_clean_close_loses_nothing_for_a_late_reader(
         first = await reader.readexactly(1)
         await busy.wait()
         try:
-            got.set_result(first + await reader.read())
-        except Exception as exc:
-            got.set_exception(exc)
-        writer.close()
-
-    server = await mptls.start_server(
-        handler, "127.0.0.1", 0, ssl=pki.server()
-    )
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        _reader, writer = await mptls.open_connection(
-            "127.0.0.1", port, ssl=pki.client(), close_timeout=0.2
-        )
-        payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
-        writer.write(payload)
-        await writer.drain()
-        writer.close()
-        async with asyncio.timeout(10):
-            await writer.wait_closed()
-        busy.set()
-        async with asyncio.timeout(10):
-            received = await got
-        assert received == payload
-
-
-async def test_a_reply_into_a_reset_connection_is_heard(pki: Pki) -> None:
-    # the client's close times out (the handler is busy) and ends with
-    # MP_FASTCLOSE. The handler's reply can reach nobody: as asyncio's
-    # transports end on a failed write, the reader raises after it
-    loop = asyncio.get_running_loop()
-    busy = asyncio.Event()
-    outcome: asyncio.Future[None] = loop.create_future()
-
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await reader.readexactly(1)
-        await busy.wait()
-        try:
-            writer.write(b"reply")
-            await writer.drain()
-            await reader.read()
-            outcome.set_result(None)
+            outcome.set_result(await then(first, reader, writer))
         except Exception as exc:
             outcome.set_exception(exc)
         writer.close()
@@ -227,12 +195,42 @@ async def test_a_reply_into_a_reset_connection_is_heard(pki: Pki) -> None:
         _reader, writer = await mptls.open_connection(
             "127.0.0.1", port, ssl=pki.client(), close_timeout=0.2
         )
-        writer.write(bytes(3_000_000))
+        writer.write(payload)
         await writer.drain()
         writer.close()
         async with asyncio.timeout(10):
             await writer.wait_closed()
         busy.set()
-        with pytest.raises(ConnectionResetError):
-            async with asyncio.timeout(10):
-                await outcome
+        async with asyncio.timeout(10):
+            return await outcome
+
+
+@pytest.mark.parametrize("size", [100_001, 3_000_001])
+async def test_a_clean_close_loses_nothing_for_a_late_reader(
+    pki: Pki, size: int
+) -> None:
+    # everything the client wrote was acknowledged and its DATA_FIN
+    # taken in order before its MP_FASTCLOSE: the server's reader still
+    # gets every byte and a clean end
+    payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+
+    async def read_the_rest(
+        first: bytes, reader: asyncio.StreamReader, _: asyncio.StreamWriter
+    ) -> bytes:
+        return first + await reader.read()
+
+    assert await _closed_while_busy(pki, payload, read_the_rest) == payload
+
+
+async def test_a_reply_into_a_reset_connection_is_heard(pki: Pki) -> None:
+    # the handler's reply can reach nobody: as asyncio's transports end
+    # on a failed write, the reader raises after it
+    async def reply(
+        _: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"reply")
+        await writer.drain()
+        await reader.read()
+
+    with pytest.raises(ConnectionResetError):
+        await _closed_while_busy(pki, bytes(3_000_000), reply)
