@@ -211,6 +211,16 @@ async def until(condition: Callable[[], object], what: str) -> None:
     raise AssertionError(f"{what} never happened")
 
 
+async def established(writer: asyncio.StreamWriter, count: int) -> None:
+    """Steps the loop until ``count`` subflows are established (10 s)."""
+    async with asyncio.timeout(10):
+        while True:
+            subflows = writer.get_extra_info("mptcp").subflows
+            if sum(s.state == "ESTABLISHED" for s in subflows) >= count:
+                return
+            await asyncio.sleep(0)
+
+
 def is_paused(reader: asyncio.StreamReader) -> bool:
     return bool(reader._paused)  # type: ignore[attr-defined]
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from netns import mptcp_unavailable_reason, run, unavailable_reason
 from pki import Pki
-from support import skip_without_ipv6
+from support import established, skip_without_ipv6
 
 import mptls
 from mptls.backends.kernel import sockets as kernel_sockets
@@ -57,16 +57,6 @@ async def _echo(
     writer.close()
 
 
-async def _established(writer: asyncio.StreamWriter, count: int) -> None:
-    """Steps the loop until ``count`` subflows are established."""
-    async with asyncio.timeout(10):
-        while True:
-            subflows = writer.get_extra_info("mptcp").subflows
-            if sum(s.state == "ESTABLISHED" for s in subflows) >= count:
-                return
-            await asyncio.sleep(0)
-
-
 @pytest.mark.parametrize(
     ("first", "announced"), [("127.0.0.1", "::1"), ("::1", "127.0.0.1")]
 )
@@ -88,7 +78,7 @@ async def test_an_announced_address_of_the_other_family_is_joined(
         reader, writer = await mptls.open_connection(
             first, port, ssl=pki.client(), local_addrs=[first]
         )
-        await _established(writer, 2)
+        await established(writer, 2)
         writer.write(b"over both families")
         writer.write_eof()
         assert await reader.read() == b"over both families"

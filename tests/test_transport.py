@@ -22,6 +22,7 @@ from typing import Any, cast
 import pytest
 from pcapfile import read_pcap
 from pki import Pki
+from support import established
 
 import mptls
 import mptls.trace
@@ -158,16 +159,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _joined(writer: asyncio.StreamWriter, count: int) -> None:
-    """Steps the loop until ``count`` subflows are established."""
-    async with asyncio.timeout(10):
-        while True:
-            subflows = writer.get_extra_info("mptcp").subflows
-            if sum(s.state == "ESTABLISHED" for s in subflows) >= count:
-                return
-            await asyncio.sleep(0)
-
-
 def _ids(subflows: tuple[SubflowInfo, ...]) -> set[tuple[Any, ...]]:
     """(local host, remote host, local id, remote id) of each subflow."""
     return {
@@ -213,7 +204,7 @@ async def test_joins_carry_the_ids_of_their_addresses(
                 "127.0.0.1", port, ssl=pki.client(), local_addrs=["127.0.0.1"]
             )
             # the announced 127.0.0.3 is joined from 127.0.0.1 (id 0)
-            await _joined(writer, 2)
+            await established(writer, 2)
             await writer.transport.add_path(  # type: ignore[attr-defined]
                 ("127.0.0.1", port), local="127.0.0.2"
             )
