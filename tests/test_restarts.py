@@ -6,6 +6,8 @@ clock of their own; the socket path tests work in a temporary directory.
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import os
 import socket
 import stat
@@ -18,6 +20,7 @@ from mptls.backends.userspace.restarts import (
     RESTART_WINDOW,
     RestartBudget,
     clear_socket_path,
+    receive,
 )
 from mptls.errors import BackendError, ConfigurationError
 
@@ -114,3 +117,22 @@ def test_a_link_in_place_of_the_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="no longer the pool's own"):
         clear_socket_path(tmp_path / "pool", "worker-0.sock")
     assert kept.exists()
+
+
+@pytest.mark.parametrize("steps", range(4))
+async def test_a_cancelled_receive_never_returns_a_message(steps: int) -> None:
+    # stop() cancels a restart waiting for "ready"; a message that
+    # arrives in the same loop pass must not swallow the cancellation
+    parent_end, child_end = multiprocessing.Pipe()
+    try:
+        child_end.send(("ready", 1))
+        waiting = asyncio.ensure_future(receive(parent_end, 5.0))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        parent_end.close()
+        child_end.close()

@@ -702,3 +702,26 @@ def test_no_restart_needs_workers(pki: Pki) -> None:
         ]
     )
     assert status == 2
+
+
+async def test_a_worker_left_down_leaves_no_socket(
+    pki: Pki, log_watch: LogWatch
+) -> None:
+    # the survivors remove the pool's directory when the parent is
+    # killed, but only an empty one: a dead worker's socket must go
+    pool = WorkerPool(
+        echo, "127.0.0.1", 0, workers=2, ssl=pki.server(), restart=False
+    )
+    await pool.start()
+    first_pids = pool.pids
+    directory = pool._dir
+    assert directory is not None
+    try:
+        os.kill(first_pids[1], signal.SIGKILL)
+        await log_watch.wait_for("not restarted", 30)
+        assert pool.down == {1}
+        assert sorted(p.name for p in directory.iterdir()) == ["worker-0.sock"]
+    finally:
+        await pool.stop()
+    assert not directory.exists()
+    assert_gone(first_pids)

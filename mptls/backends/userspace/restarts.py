@@ -128,7 +128,10 @@ async def receive(pipe: Pipe, timeout: float) -> tuple[str, object]:
     readable: asyncio.Future[None] = loop.create_future()
     loop.add_reader(pipe.fileno(), _resolve, readable)
     try:
-        await asyncio.wait_for(readable, timeout)
+        # not wait_for: in 3.11 it returns a result that came with a
+        # cancel and drops the cancel, and stop() would go unheard
+        async with asyncio.timeout(timeout):
+            await readable
     except TimeoutError:
         return ("timeout", None)
     finally:

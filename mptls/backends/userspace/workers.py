@@ -477,7 +477,7 @@ class WorkerPool:
             worker_id,
             process.pid,
             process.exitcode,
-            len(self._processes) - len(state.dead),
+            len(self._processes) - len(state.dead | state.starting),
             len(self._processes),
             "restarting it" if restart else "not restarted",
         )
@@ -506,7 +506,7 @@ class WorkerPool:
                     worker_id,
                     budget.limit,
                     budget.window,
-                    len(self._processes) - len(state.dead),
+                    len(self._processes) - len(state.dead | state.starting),
                     len(self._processes),
                 )
                 break
@@ -518,10 +518,12 @@ class WorkerPool:
                     self._pipes[worker_id], self._start_timeout
                 )
             except asyncio.CancelledError:
+                state.starting.discard(worker_id)
                 # stop() came first: a process that serves nothing yet is
                 # ended now rather than waited for until it listens
                 process.terminate()
                 raise
+            state.starting.discard(worker_id)
             if kind == "ready":
                 state.restarts[worker_id] += 1
                 self._watch(worker_id)
@@ -573,6 +575,7 @@ class WorkerPool:
         self._processes[worker_id] = process
         self._pipes[worker_id] = pipe
         self._state.dead.discard(worker_id)
+        self._state.starting.add(worker_id)
         old_pipe.close()
         # reaped: its sentinel is no longer needed
         with contextlib.suppress(ValueError):
@@ -585,6 +588,11 @@ class WorkerPool:
     def _leave_down(self, worker_id: int) -> None:
         state = self._state
         state.down.add(worker_id)
+        if self._dir is not None:
+            # a killed process leaves its socket, and the survivors take
+            # the directory with them only when it is empty
+            with contextlib.suppress(OSError):
+                (self._dir / SOCKET_NAME.format(worker_id)).unlink()
         if len(state.down) == len(self._processes):
             state.ended.set()
 
@@ -595,11 +603,11 @@ class WorkerPool:
             with contextlib.suppress(OSError):
                 pipe.send(_STOP)
         for process in self._processes:
-            await asyncio.to_thread(process.join, self._grace + 5.0)
+            await reap(process, self._grace + 5.0)
             if process.is_alive():
                 logger.warning("worker %s did not stop: killing", process.pid)
                 process.kill()
-                await asyncio.to_thread(process.join, 5.0)
+                await reap(process, 5.0)
         for pipe in self._pipes:
             pipe.close()
         # a report under way finishes (its process is gone) before the
@@ -624,6 +632,8 @@ class _PoolState:
         default_factory=collections.Counter
     )
     budgets: dict[int, RestartBudget] = field(default_factory=dict)
+    # worker ids whose replacement is started but does not listen yet
+    starting: set[int] = field(default_factory=set)
     stopping: bool = False
     # set by stop(), or when the last worker is left down
     ended: asyncio.Event = field(default_factory=asyncio.Event)
