@@ -136,3 +136,14 @@ async def test_a_cancelled_receive_never_returns_a_message(steps: int) -> None:
     finally:
         parent_end.close()
         child_end.close()
+
+
+def test_allows_says_what_spend_would_and_spends_nothing() -> None:
+    # the warning of a death says "restarting it" only when the restart
+    # that follows will be granted
+    budget = RestartBudget(limit=2, window=10.0)
+    for now in (0.0, 1.0, 2.0, 9.9, 10.0, 11.5, 25.0):
+        for _ in range(2):
+            assert budget.allows(now) is budget.allows(now)
+        said = budget.allows(now)
+        assert budget.spend(now) is said

@@ -725,3 +725,36 @@ async def test_a_worker_left_down_leaves_no_socket(
         await pool.stop()
     assert not directory.exists()
     assert_gone(first_pids)
+
+
+async def logging_echo(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    logging.getLogger("mptls.test").warning("worker handled a connection")
+    await echo(reader, writer)
+
+
+async def test_workers_log_as_their_parent_does(
+    pki: Pki,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a spawned process inherits no logging: a worker's warnings came
+    # out as bare lines (Python's last-resort handler), and the CLI's
+    # --debug never reached it. It now logs with its parent's format
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    )
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    pool = WorkerPool(
+        logging_echo, "127.0.0.1", 0, workers=1, ssl=pki.server()
+    )
+    await pool.start()
+    try:
+        digest, _ = await transfer_with_join(pki, pool.address[1], b"x")
+        assert digest == hashlib.sha256(b"x").digest()
+    finally:
+        await pool.stop()
+    err = capfd.readouterr().err
+    assert "WARNING mptls.test: worker handled a connection" in err

@@ -64,6 +64,11 @@ class RestartBudget:
     def window(self) -> float:
         return self._window
 
+    def allows(self, now: float) -> bool:
+        """Whether :meth:`spend` at ``now`` would grant a restart."""
+        recent = sum(1 for time in self._times if time > now - self._window)
+        return recent < self._limit
+
     def spend(self, now: float) -> bool:
         """Take one restart at ``now``; False when the budget is spent."""
         times = self._times

@@ -21,6 +21,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -163,7 +164,14 @@ class JoinRouter:
         except OSError as exc:
             # the owner is gone or swamped: let this worker refuse the
             # join with an RST, as for any token it does not know
-            logger.warning("cannot hand a join to worker %d: %s", owner, exc)
+            gone = exc.errno in (errno.ENOENT, errno.ECONNREFUSED)
+            logger.warning(
+                "cannot hand a join to worker %d: %s; refused",
+                owner,
+                "it is not running (it died, or is being restarted)"
+                if gone
+                else os.strerror(exc.errno or 0),
+            )
             return False
         self._counts["out"] += 1
         # this process's copy goes; the owner holds the connection now, so

@@ -26,6 +26,7 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -84,6 +85,9 @@ class _WorkerSpec:
     ssl: Any
     grace: float
     options: Mapping[str, Any] = field(default_factory=dict)
+    # the parent's logging, which a spawned process does not inherit
+    log_level: int = logging.WARNING
+    log_format: str | None = None
 
 
 def _worker_main(spec: _WorkerSpec, pipe: Pipe) -> None:
@@ -91,6 +95,10 @@ def _worker_main(spec: _WorkerSpec, pipe: Pipe) -> None:
     # the parent stops the workers on Ctrl-C; a terminal's SIGINT reaches
     # the whole process group and must not kill them half-way
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.log_format is not None:
+        logging.basicConfig(
+            level=spec.log_level, format=spec.log_format, stream=sys.stderr
+        )
     try:
         asyncio.run(_serve(spec, pipe))
     except Exception as exc:
@@ -406,6 +414,8 @@ class WorkerPool:
             worker_id=worker_id,
             port=self._port,
             socket_dir=self._dir,
+            log_level=logging.getLogger("mptls").getEffectiveLevel(),
+            log_format=_root_log_format(),
         )
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe()
@@ -469,6 +479,10 @@ class WorkerPool:
         state = self._state
         state.exited[worker_id] = process.exitcode
         restart = self._restart and not state.stopping
+        # said as it will be: a worker out of restarts is left down
+        allowed = restart and state.budget(worker_id).allows(
+            asyncio.get_running_loop().time()
+        )
         # the kernel reset the connections queued on its listening socket
         # (unless net.ipv4.tcp_migrate_req=1 moved them to a sibling)
         logger.warning(
@@ -479,7 +493,7 @@ class WorkerPool:
             process.exitcode,
             len(self._processes) - len(state.dead | state.starting),
             len(self._processes),
-            "restarting it" if restart else "not restarted",
+            "restarting it" if allowed else "not restarted",
         )
         if not restart:
             if not state.stopping:
@@ -682,6 +696,19 @@ def _check_pickles(spec: _WorkerSpec) -> None:
             "module-level coroutine function (or a functools.partial of "
             f"one) and ssl=TLSConfig(...); {exc}"
         ) from exc
+
+
+def _root_log_format() -> str | None:
+    """The format of the parent's first root handler, if it logs at all.
+
+    A worker logs as its parent does: the same lines, prefixes and
+    level, where a spawned process would fall back to bare messages.
+    """
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        fmt = getattr(formatter, "_fmt", None) if formatter else None
+        return fmt if isinstance(fmt, str) else logging.BASIC_FORMAT
+    return None
 
 
 def _first_host(host: str | Sequence[str]) -> str:
