@@ -48,6 +48,25 @@ async def echo(
     writer.close()
 
 
+async def serve_workers(pki: Pki, *options: str) -> asyncio.subprocess.Process:
+    """``mptls serve --echo`` on a free port with ``options``; stderr piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mptls",
+        "serve",
+        *options,
+        "--echo",
+        "--port",
+        "0",
+        "--cert",
+        str(pki.cert_pem),
+        "--key",
+        str(pki.key_pem),
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def transfer_with_join(
     pki: Pki, port: int, payload: bytes, *, join_port: int | None = None
 ) -> tuple[bytes, mptls.MptcpInfo]:
@@ -596,23 +615,8 @@ def test_handler_must_pickle(pki: Pki) -> None:
 
 
 async def test_serve_workers_command(pki: Pki) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mptls",
-        "serve",
-        "--workers",
-        "3",
-        "--server-id",
-        str(SERVER_ID),
-        "--echo",
-        "--port",
-        "0",
-        "--cert",
-        str(pki.cert_pem),
-        "--key",
-        str(pki.key_pem),
-        stderr=asyncio.subprocess.PIPE,
+    process = await serve_workers(
+        pki, "--workers", "3", "--server-id", str(SERVER_ID)
     )
     assert process.stderr is not None
     try:
@@ -645,23 +649,7 @@ def worker_pids(parent: int) -> list[int]:
 async def test_serve_workers_exits_when_every_worker_is_down(
     pki: Pki,
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mptls",
-        "serve",
-        "--workers",
-        "2",
-        "--no-restart",
-        "--echo",
-        "--port",
-        "0",
-        "--cert",
-        str(pki.cert_pem),
-        "--key",
-        str(pki.key_pem),
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await serve_workers(pki, "--workers", "2", "--no-restart")
     assert process.stderr is not None
     try:
         line = await asyncio.wait_for(process.stderr.readline(), 30)
