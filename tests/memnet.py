@@ -402,3 +402,11 @@ def join(net: MemNet, **kwargs: float) -> int:
 def has_data(side: Side, size: int) -> Callable[[], bool]:
     """A condition for :meth:`MemNet.run`: ``side`` got ``size`` bytes."""
     return lambda: len(side.data) >= size
+
+
+def both_have(net: MemNet, server: int, client: int) -> Callable[[], bool]:
+    """A condition for :meth:`MemNet.run`: each side got its bytes."""
+    return lambda: (
+        len(net.server_side.data) >= server
+        and len(net.client_side.data) >= client
+    )

@@ -19,6 +19,7 @@ import pytest
 from memnet import (
     KEYS,
     MemNet,
+    both_have,
     established,
     has_data,
     join,
@@ -529,12 +530,7 @@ def test_transfer_survives_a_subflow_killed_midway() -> None:
     net.server.send(down)
     assert net.run(has_data(net.server_side, size // 3))
     net.kill(first)
-    assert net.run(
-        lambda: (
-            len(net.server_side.data) >= size + 5
-            and len(net.client_side.data) >= size
-        )
-    )
+    assert net.run(both_have(net, size + 5, size))
     assert bytes(net.server_side.data[5:]) == up
     assert bytes(net.client_side.data) == down
     assert ev.SubflowClosed(first, "subflow lost") in net.client_side.events

@@ -15,7 +15,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import cast
 
 import pytest
-from memnet import MemNet, established, has_data, join, stream
+from memnet import MemNet, both_have, established, has_data, join, stream
 
 from mptls.errors import ConfigurationError, MptlsError
 from mptls.mptcp import events as ev
@@ -164,12 +164,7 @@ def test_remove_addr_keeps_a_working_subflow_of_that_id() -> None:
     assert net.run(has_data(net.server_side, size // 4))
 
     net.inject_to_server(0, remove((2,)))
-    assert net.run(
-        lambda: (
-            len(net.server_side.data) >= size + 5
-            and len(net.client_side.data) >= size
-        )
-    )
+    assert net.run(both_have(net, size + 5, size))
     assert bytes(net.server_side.data[5:]) == up
     assert bytes(net.client_side.data) == down
     net.run()
