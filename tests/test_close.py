@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from netns import mptcp_unavailable_reason
 from pki import Pki
+from support import until
 
 import mptls
 from mptls.errors import MptlsTimeoutError
@@ -234,3 +236,129 @@ async def test_a_reply_into_a_reset_connection_is_heard(pki: Pki) -> None:
 
     with pytest.raises(ConnectionResetError):
         await _closed_while_busy(pki, bytes(3_000_000), reply)
+
+
+# a server handler that returns without closing its writer
+
+
+def _backend(name: str) -> str:
+    if name == "kernel":
+        reason = mptcp_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+    return name
+
+
+async def _sloppy_exchange(
+    pki: Pki,
+    backend: str,
+    handler: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
+    ],
+    client: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
+    ],
+) -> asyncio.StreamWriter:
+    """Run ``client`` against ``handler``, close, and give the server's
+    writer. Both ends' close timeouts are far above the test's limit:
+    a close that waits for them fails the test."""
+    handed: asyncio.Future[asyncio.StreamWriter] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        handed.set_result(writer)
+        await handler(reader, writer)
+
+    limits = (
+        {"ssl_shutdown_timeout": 30.0}
+        if backend == "kernel"
+        else {"close_timeout": 30.0, "ssl_shutdown_timeout": 30.0}
+    )
+    server = await mptls.start_server(
+        handle, "127.0.0.1", 0, ssl=pki.server(), backend=backend, **limits
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client(), backend=backend, **limits
+        )
+        await client(reader, writer)
+        writer.close()
+        async with asyncio.timeout(PROMPT * 5):
+            await writer.wait_closed()
+            server_writer = await handed
+            await server_writer.wait_closed()
+    return server_writer
+
+
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+async def test_a_handler_that_returns_unclosed_ends_with_the_peer(
+    pki: Pki, backend: str
+) -> None:
+    # asyncio's TLS server closes at the peer's close_notify whatever its
+    # handler does; mptls waits for a handler that may still answer, and
+    # once it has returned, the peer's end closes the connection
+    async def echo_line(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(await reader.readline())
+        await writer.drain()
+
+    async def ask(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"one line\n")
+        assert await reader.readline() == b"one line\n"
+
+    served = await _sloppy_exchange(pki, _backend(backend), echo_line, ask)
+    assert served.transport.is_closing()
+
+
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+async def test_a_returned_handlers_writer_serves_until_the_peer_ends(
+    pki: Pki, backend: str
+) -> None:
+    # the writer outlives its handler, kept for later: the connection
+    # stays open for it until the peer's close
+    kept: list[asyncio.StreamWriter] = []
+
+    async def keep(
+        _: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        kept.append(writer)
+
+    async def hear_later(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # the handler returns in the step that keeps the writer
+        await until(lambda: kept, "the handler's return")
+        assert not kept[0].transport.is_closing()
+        kept[0].write(b"later\n")
+        assert await reader.readline() == b"later\n"
+
+    served = await _sloppy_exchange(pki, _backend(backend), keep, hear_later)
+    assert served is kept[0]
+
+
+async def test_a_half_closed_peer_still_gets_the_handlers_answer(
+    pki: Pki,
+) -> None:
+    # the peer's end does not close a handler that is still running: it
+    # answers after the end, and its return closes
+    async def answer_after_end(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        data = await reader.read()
+        writer.write(data[::-1])
+
+    async def half_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"abc")
+        writer.write_eof()
+        assert await reader.read() == b"cba"
+
+    await _sloppy_exchange(pki, "userspace", answer_after_end, half_close)

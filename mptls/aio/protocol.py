@@ -151,6 +151,8 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # a reset after the peer's close_notify, held back so that the
         # reader gets the whole stream: a later write is told of it
         self._held_reset: Exception | None = None
+        # the server's handler is done: the peer's end closes
+        self._ends_with_peer = False
 
     # backend transport -> TLS
 
@@ -204,6 +206,8 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                     return
             self._deliver()
             self._flush()
+            if self._ends_with_peer and self._engine.eof_received:
+                self._end_with_peer()
         except MptlsError as exc:
             self._fail(exc)
 
@@ -501,6 +505,21 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def _end_with_peer(self) -> None:
+        """Close once the peer has ended its stream (close_notify).
+
+        Called when nobody will answer the peer any more: what the
+        paused application left unread goes with the close.
+        """
+        self._ends_with_peer = True
+        transport = self._app_transport
+        if (
+            self._engine.eof_received
+            and transport is not None
+            and not transport.is_closing()
+        ):
+            transport.close()
+
     def _read_until_peer_closes(self) -> None:
         # what arrives after the application closed is not for it
         self._engine.read()
@@ -692,6 +711,16 @@ class TLSTransport(asyncio.Transport):
     def abort(self) -> None:
         self._closing = True
         self._tls._app_abort()
+
+    def _end_with_peer(self) -> None:
+        """Close this transport once the peer has ended its stream.
+
+        For a server's handler that is done: what it wrote goes out,
+        and the peer's close_notify (already received, or still to
+        come) closes the connection, as asyncio's TLS server does.
+        """
+        if not self._closing:
+            self._tls._end_with_peer()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, bytes | bytearray | memoryview):

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 from OpenSSL import SSL
 
-from mptls.aio.protocol import StreamProtocol, TLSProtocol
+from mptls.aio.protocol import StreamProtocol, TLSProtocol, TLSTransport
 from mptls.backends import get_backend
 from mptls.backends.base import Backend, Server, format_address
 from mptls.errors import (
@@ -402,9 +402,45 @@ async def start_server(
     """
     _check_limit(limit)
     loop = asyncio.get_running_loop()
+    connected = _ending_with_handler(client_connected_cb)
 
     def factory() -> StreamProtocol:
         reader = _new_reader(limit, loop)
-        return StreamProtocol(reader, client_connected_cb, loop=loop)
+        return StreamProtocol(reader, connected, loop=loop)
 
     return await create_server(factory, host, port, **kwds)
+
+
+def _ending_with_handler(
+    callback: ClientConnectedCallback,
+) -> ClientConnectedCallback:
+    """``callback``, after whose coroutine the connection ends with the peer.
+
+    asyncio's TLS server closes a connection at the peer's close_notify,
+    whatever its handler does. mptls keeps a half-closed connection open
+    for a handler that still answers, so a handler that returned without
+    closing its writer would hold it for good, and the peer's close
+    would wait out its timeout. Once the handler's coroutine is done,
+    the peer's end (already here, or still to come) closes it.
+    """
+
+    def connected(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Awaitable[None] | None:
+        result = callback(reader, writer)
+        if asyncio.iscoroutine(result):
+            return _handle_then_end(result, writer)
+        return result
+
+    return connected
+
+
+async def _handle_then_end(
+    handler: Awaitable[None], writer: asyncio.StreamWriter
+) -> None:
+    try:
+        await handler
+    finally:
+        transport = writer.transport
+        if isinstance(transport, TLSTransport):
+            transport._end_with_peer()
