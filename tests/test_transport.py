@@ -424,3 +424,25 @@ async def test_a_first_subflow_numbers_no_address(
     assert parsed == []
     assert transport.local_address_id(("127.0.0.3", 4433)) == 1
     assert transport.local_address_id(("127.0.0.1", 4433)) == 0
+
+
+class _ClosedUnder(asyncio.Transport):
+    """A socket transport closed under its subflow, as asyncio 3.12 and
+    3.13 leave one: ``writelines`` fails with a TypeError."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def writelines(self, list_of_data: Any) -> None:
+        raise TypeError("'NoneType' object is not callable")
+
+
+def test_a_subflow_sends_nothing_into_a_transport_closed_under_it() -> None:
+    # the frame is dropped: the transport's connection_lost, a loop step
+    # later, makes the subflow lost and its data is sent again elsewhere
+    subflow = transport_module.SubflowProtocol(
+        cast(Any, SimpleNamespace()), initiator=True
+    )
+    subflow.connection_made(_ClosedUnder())
+    subflow.send(b"a frame")
+    assert not subflow.preamble_sent

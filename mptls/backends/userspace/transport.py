@@ -207,7 +207,10 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         socket in one ``writev`` while the transport holds nothing.
         """
         transport = self.transport
-        if transport is None or self.closed:
+        if transport is None or self.closed or transport.is_closing():
+            # a transport closed under the subflow (its connection_lost
+            # comes a loop step later) takes no more: asyncio 3.12 and
+            # 3.13 fail writelines() on one with a TypeError
             return
         parts: list[Payload] = [data] if isinstance(data, bytes) else data
         if not self.preamble_sent:
