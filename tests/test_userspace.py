@@ -24,7 +24,10 @@ from support import (
 )
 
 import mptls
-from mptls.backends.userspace.backend import _shared_client_tokens
+from mptls.backends.userspace.backend import (
+    _FirstSubflow,
+    _shared_client_tokens,
+)
 from mptls.mptcp.framing import NOT_MPTLS_REPLY, Segment
 from mptls.mptcp.options import Dss
 from mptls.mptcp.state import options_of
@@ -643,6 +646,27 @@ async def test_listener_closed_with_the_connection_queued_is_a_reset(
     # an IPv6 host in brackets, or its port would read as part of it
     assert str(caught.value).startswith(f"{shown}:{port} reset")
     assert "not an mptls" not in str(caught.value)
+
+
+class _LostSink:
+    def __init__(self) -> None:
+        self.lost: list[BaseException | None] = []
+
+    def subflow_lost(self, _: object, exc: BaseException | None) -> None:
+        self.lost.append(exc)
+
+
+def test_a_reset_before_the_transport_names_the_address_connected_to() -> None:
+    # a reset that comes before asyncio builds the transport leaves it no
+    # peername (Python 3.12 gets there first): the address connected to
+    # names the server all the same
+    sink = _LostSink()
+    subflow = _FirstSubflow(sink)
+    subflow.target = ("::1", 4433)
+    subflow.connection_lost(ConnectionResetError())
+    (error,) = sink.lost
+    assert isinstance(error, mptls.PeerResetError)
+    assert str(error).startswith("[::1]:4433 reset")
 
 
 async def test_addresses_outlive_the_connection(

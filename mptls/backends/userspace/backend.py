@@ -356,6 +356,7 @@ async def _connect_first_subflow(
 ) -> None:
     """The first subflow's TCP connection, from ``local`` if given."""
     loop = asyncio.get_running_loop()
+    subflow.target = (host, port)
     try:
         await asyncio.wait_for(
             loop.create_connection(
@@ -711,6 +712,9 @@ class _FirstSubflow(SubflowProtocol):
     def __init__(self, sink: Any) -> None:
         super().__init__(sink, initiator=True)
         self._received = 0
+        # the (host, port) connected to: a socket reset before its
+        # transport existed has no peername to name it by
+        self.target: tuple[str, int] | None = None
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
@@ -721,7 +725,7 @@ class _FirstSubflow(SubflowProtocol):
             super().connection_lost(exc)
             return
         self.closed = True
-        peer = self.address("peername")
+        peer = self.address("peername") or self.target
         where = format_address(peer) if peer else "the server"
         before = (
             "the connection before answering with the mptls preamble "
