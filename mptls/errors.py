@@ -82,12 +82,25 @@ class PeerResetError(ProtocolError, ConnectionResetError):
     """The peer reset the MPTCP connection (MP_FASTCLOSE or MP_TCPRST).
 
     A ``ConnectionResetError`` too, as a reset TCP connection is, with
-    its ``errno`` (``ECONNRESET``).
+    its ``errno`` (``ECONNRESET``). ``unacknowledged`` is how many bytes
+    this end had sent or queued that the peer had not acknowledged at
+    the data level when it reset; ``None`` where that is not known (the
+    kernel backend's resets).
     """
 
-    def __init__(self, message: str, *, reset_reason: int | None = None):
+    unacknowledged: int | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reset_reason: int | None = None,
+        unacknowledged: int | None = None,
+    ):
         super().__init__(message, reset_reason=reset_reason)
         _set_errno(self, _errno.ECONNRESET, message)
+        if unacknowledged is not None:
+            self.unacknowledged = unacknowledged
 
     def __str__(self) -> str:
         return _message_of(self)

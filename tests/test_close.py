@@ -26,7 +26,7 @@ from pki import Pki
 from support import until
 
 import mptls
-from mptls.errors import MptlsTimeoutError
+from mptls.errors import MptlsTimeoutError, PeerResetError
 
 CLOSE_TIMEOUT = 5.0
 # far inside close_timeout: a close that waits for it fails the test
@@ -236,6 +236,50 @@ async def test_a_reply_into_a_reset_connection_is_heard(pki: Pki) -> None:
 
     with pytest.raises(ConnectionResetError):
         await _closed_while_busy(pki, bytes(3_000_000), reply)
+
+
+async def test_a_reset_after_the_peers_end_that_lost_our_data_is_heard(
+    pki: Pki,
+) -> None:
+    # the client's stream is complete (close_notify, DATA_FIN) and the
+    # server's reader has its clean end; then the client resets without
+    # having taken what the server sent. The reset truncates nothing the
+    # server reads, but loses what it wrote, and the server hears of it
+    ended = asyncio.Event()
+    outcome: asyncio.Future[BaseException | None] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(bytes(8 << 20))
+        assert await reader.read() == b""
+        ended.set()
+        try:
+            await writer.wait_closed()
+        except PeerResetError as exc:
+            outcome.set_result(exc)
+        else:
+            outcome.set_result(None)
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        await reader.readexactly(10)
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            await ended.wait()
+            writer.transport.abort()
+            error = await outcome
+    assert isinstance(error, PeerResetError)
+    assert error.unacknowledged
+    assert f"{error.unacknowledged} bytes of ours" in str(error)
 
 
 # a server handler that returns without closing its writer

@@ -335,7 +335,9 @@ def reset_after_held_end(
     transport.pause_reading()
     transport._on_data([b"the whole stream"])
     transport._on_end_of_stream(events.EndOfStream())
-    transport._finish(PeerResetError("MP_FASTCLOSE"))
+    transport._finish(
+        PeerResetError("MP_FASTCLOSE", unacknowledged=unacknowledged)
+    )
     return transport, protocol
 
 

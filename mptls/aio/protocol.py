@@ -248,12 +248,15 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             isinstance(exc, ConnectionResetError)
             and self._engine.eof_received
             and not self._sent_after_peer_end
+            and not getattr(exc, "unacknowledged", None)
         ):
             # the peer's close_notify came first: every byte it sent is
             # here, complete (RFC 8446 section 6.1). A reset after it (a
             # userspace closer's MP_FASTCLOSE at close_timeout while this
             # application had not read yet) truncates nothing, and must
-            # not make the reader raise instead of giving those bytes
+            # not make the reader raise instead of giving those bytes;
+            # unless what this end sent was not all acknowledged (the
+            # userspace backend knows; the kernel's cannot say)
             self._held_reset = exc
             exc = None
         # an end the application asked for (close, abort) is told at

@@ -653,9 +653,14 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
                 other.outbox.append(self._reset_segment(None))
             if other.live:
                 other.set_state(_S.CLOSED)
-        self._finish(
-            PeerResetError("peer closed the connection with MP_FASTCLOSE")
-        )
+        unacknowledged = self._send.size
+        message = "peer closed the connection with MP_FASTCLOSE"
+        if unacknowledged:
+            message += (
+                f", {unacknowledged} bytes of ours not acknowledged: they "
+                "may be lost"
+            )
+        self._finish(PeerResetError(message, unacknowledged=unacknowledged))
 
     def abort(self) -> None:
         """RST + MP_FASTCLOSE on every subflow (RFC 8684 section 3.5)."""

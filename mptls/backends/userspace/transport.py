@@ -712,7 +712,7 @@ class MultipathTransport(asyncio.Transport):
         if (
             self._held_eof
             and isinstance(error, PeerResetError)
-            and not self._core.send_buffer_size
+            and not error.unacknowledged
         ):
             # the peer's DATA_FIN came in order before its MP_FASTCLOSE:
             # its stream is complete here (RFC 8684 section 3.3.3), and
