@@ -624,9 +624,22 @@ def test_serve_and_connect_capture_the_same_frames(
     # is the frame the other end sent, byte for byte (the ACK numbers
     # differ: each end acknowledges what it had seen when it wrote)
     server_frames, client_frames = frames_of(at_server), frames_of(at_client)
-    assert server_frames.keys() == client_frames.keys()
-    assert len(server_frames) == 4
-    for direction, frames in client_frames.items():
+    first = {
+        direction
+        for direction in server_frames
+        if "127.0.0.2" not in (direction[0][0], direction[1][0])
+    }
+    assert len(first) == 2
+    assert first <= client_frames.keys()
+    # an exchange this short can end before the join does: a direction of
+    # the join that one end wrote and the other never read holds its SYN
+    # or SYN/ACK and at most the subflow's end
+    for direction in server_frames.keys() ^ client_frames.keys():
+        assert "127.0.0.2" in (direction[0][0], direction[1][0])
+        written = server_frames.get(direction) or client_frames[direction]
+        assert len(written) <= 2
+    for direction in server_frames.keys() & client_frames.keys():
+        frames = client_frames[direction]
         shorter = min(len(frames), len(server_frames[direction]))
         assert shorter >= len(frames) - 1  # a last FIN may go unread
         assert frames[:shorter] == server_frames[direction][:shorter]
