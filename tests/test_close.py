@@ -12,6 +12,7 @@ no MP_FASTCLOSE) must end within ``path_loss_timeout`` with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import textwrap
@@ -26,7 +27,7 @@ from pki import Pki
 from support import until
 
 import mptls
-from mptls.errors import MptlsTimeoutError, PeerResetError
+from mptls.errors import MptlsError, MptlsTimeoutError, PeerResetError
 
 CLOSE_TIMEOUT = 5.0
 # far inside close_timeout: a close that waits for it fails the test
@@ -406,3 +407,69 @@ async def test_a_half_closed_peer_still_gets_the_handlers_answer(
         assert await reader.read() == b"cba"
 
     await _sloppy_exchange(pki, "userspace", answer_after_end, half_close)
+
+
+async def test_a_late_write_the_peer_acknowledged_is_not_lost_by_its_reset(
+    pki: Pki,
+) -> None:
+    # the client writes after the server's end; the server reads it (so
+    # acknowledges it) and then resets: nothing was lost, a clean end
+    async def end_then_reset(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"bye")
+        writer.write_eof()
+        assert await reader.readexactly(4) == b"late"
+        writer.transport.abort()
+
+    server = await mptls.start_server(
+        end_then_reset, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        async with asyncio.timeout(10):
+            assert await reader.read() == b"bye"
+            writer.write(b"late")
+            await writer.wait_closed()
+
+
+# asyncio's servers close and abort their clients from Python 3.13; the
+# kernel backend's are asyncio's, the userspace backend's are mptls's own
+_ENDING_BACKENDS = ["userspace"] + (
+    ["kernel"] if hasattr(asyncio.Server, "abort_clients") else []
+)
+
+
+@pytest.mark.parametrize("how", ["close_clients", "abort_clients"])
+@pytest.mark.parametrize("backend", _ENDING_BACKENDS)
+async def test_a_server_ends_its_clients_as_python_3_13s_do(
+    pki: Pki, backend: str, how: str
+) -> None:
+    holding = asyncio.Event()
+
+    async def hold(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        holding.set()
+        with contextlib.suppress(MptlsError, ConnectionError):
+            await reader.read()
+
+    server = await mptls.start_server(
+        hold, "127.0.0.1", 0, ssl=pki.server(), backend=_backend(backend)
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", port, ssl=pki.client(), backend=backend
+    )
+    async with asyncio.timeout(PROMPT * 5):
+        await holding.wait()
+        server.close()
+        getattr(server, how)()
+        # no close_notify came first: an end, not a clean one
+        with pytest.raises(MptlsError):
+            await reader.read()
+        await server.wait_closed()
+    writer.close()

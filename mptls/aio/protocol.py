@@ -53,6 +53,19 @@ _Sink = Callable[[memoryview], object]
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
+def _may_have_lost(reset: Exception, wrote_after_end: bool) -> bool:
+    """Whether ``reset``, after the peer's whole stream, lost ours.
+
+    The userspace backend counts what the peer had not acknowledged at
+    the data level; where no count exists (the kernel backend), what was
+    written after the peer's close_notify may not have reached it.
+    """
+    unacknowledged: int | None = getattr(reset, "unacknowledged", None)
+    if unacknowledged is None:
+        return wrote_after_end
+    return unacknowledged > 0
+
+
 def _in_mptls_tree(exc: Exception | None, when: str) -> Exception | None:
     """A socket transport's own error as an mptls error of the same kind.
 
@@ -247,8 +260,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if (
             isinstance(exc, ConnectionResetError)
             and self._engine.eof_received
-            and not self._sent_after_peer_end
-            and not getattr(exc, "unacknowledged", None)
+            and not _may_have_lost(exc, self._sent_after_peer_end)
         ):
             # the peer's close_notify came first: every byte it sent is
             # here, complete (RFC 8446 section 6.1). A reset after it (a
