@@ -44,6 +44,13 @@ class MultiServer(Server):
             if close_clients is not None:
                 close_clients()
 
+    def abort_clients(self) -> None:
+        """Abort every accepted connection (Python 3.13 servers only)."""
+        for server in self._servers:
+            abort_clients = getattr(server, "abort_clients", None)
+            if abort_clients is not None:
+                abort_clients()
+
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 

@@ -110,6 +110,21 @@ class MptlsServer(Server):
     def close(self) -> None:
         self._server.close()
 
+    def close_clients(self) -> None:
+        """Close every connection accepted, as Python 3.13's servers do.
+
+        Each ends at the MPTCP level (DATA_FIN) under its TLS layer, as
+        asyncio's close of a TLS server's socket transports does.
+        """
+        for transport in self.mptls_listener.transports:
+            transport.close()
+
+    def abort_clients(self) -> None:
+        """Reset every connection accepted (MP_FASTCLOSE), as Python
+        3.13's servers abort theirs."""
+        for transport in self.mptls_listener.transports:
+            transport.abort()
+
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._server.get_loop()
 
