@@ -19,7 +19,7 @@ import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 from netns import mptcp_unavailable_reason
@@ -27,6 +27,7 @@ from pki import Pki
 from support import until
 
 import mptls
+from mptls.backends.kernel.server import MultiServer
 from mptls.errors import MptlsError, MptlsTimeoutError, PeerResetError
 
 CLOSE_TIMEOUT = 5.0
@@ -409,21 +410,23 @@ async def test_a_half_closed_peer_still_gets_the_handlers_answer(
     await _sloppy_exchange(pki, "userspace", answer_after_end, half_close)
 
 
-async def test_a_late_write_the_peer_acknowledged_is_not_lost_by_its_reset(
+async def test_a_write_after_the_peers_full_close_is_heard_as_lost(
     pki: Pki,
 ) -> None:
-    # the client writes after the server's end; the server reads it (so
-    # acknowledges it) and then resets: nothing was lost, a clean end
-    async def end_then_reset(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    # the server closes without reading; the client writes after the
+    # server's end. MPTCP acknowledges those bytes, but the server's TLS
+    # layer drops what comes after its close: the reset at its
+    # close_timeout may have lost them, and the client hears of it
+    async def close_at_once(
+        _: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         writer.write(b"bye")
-        writer.write_eof()
-        assert await reader.readexactly(4) == b"late"
-        writer.transport.abort()
+        writer.close()
+        with contextlib.suppress(MptlsError):
+            await writer.wait_closed()
 
     server = await mptls.start_server(
-        end_then_reset, "127.0.0.1", 0, ssl=pki.server()
+        close_at_once, "127.0.0.1", 0, ssl=pki.server(), close_timeout=0.5
     )
     port = int(server.sockets[0].getsockname()[1])
     async with server:
@@ -433,7 +436,49 @@ async def test_a_late_write_the_peer_acknowledged_is_not_lost_by_its_reset(
         async with asyncio.timeout(10):
             assert await reader.read() == b"bye"
             writer.write(b"late")
+            with pytest.raises(PeerResetError):
+                await writer.wait_closed()
+
+
+async def test_an_unacknowledged_close_notify_alone_is_no_loss(
+    pki: Pki,
+) -> None:
+    # the client resets right after its own end, before it reads the
+    # server's close: only the server's close_notify is unacknowledged,
+    # none of its application's bytes, and the server's end is clean
+    answered = asyncio.Event()
+    outcome: asyncio.Future[BaseException | None] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def answer_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"hello")
+        assert await reader.read() == b""
+        answered.set()
+        writer.close()
+        try:
             await writer.wait_closed()
+        except PeerResetError as exc:
+            outcome.set_result(exc)
+        else:
+            outcome.set_result(None)
+
+    server = await mptls.start_server(
+        answer_then_close, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(5) == b"hello"
+            writer.write_eof()
+            await answered.wait()
+            writer.transport.abort()
+            assert await outcome is None
 
 
 # asyncio's servers close and abort their clients from Python 3.13; the
@@ -448,12 +493,14 @@ _ENDING_BACKENDS = ["userspace"] + (
 async def test_a_server_ends_its_clients_as_python_3_13s_do(
     pki: Pki, backend: str, how: str
 ) -> None:
-    holding = asyncio.Event()
+    held: asyncio.Future[asyncio.StreamWriter] = (
+        asyncio.get_running_loop().create_future()
+    )
 
     async def hold(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        holding.set()
+        held.set_result(writer)
         with contextlib.suppress(MptlsError, ConnectionError):
             await reader.read()
 
@@ -465,11 +512,45 @@ async def test_a_server_ends_its_clients_as_python_3_13s_do(
         "127.0.0.1", port, ssl=pki.client(), backend=backend
     )
     async with asyncio.timeout(PROMPT * 5):
-        await holding.wait()
+        served = await held
         server.close()
         getattr(server, how)()
+        # a handler's write after that is dropped, as asyncio's transports
+        # drop it, not an error of its own
+        served.write(b"after the end")
         # no close_notify came first: an end, not a clean one
         with pytest.raises(MptlsError):
             await reader.read()
         await server.wait_closed()
     writer.close()
+
+
+class _Held:
+    """A stand-in for one of asyncio's servers, with or without 3.13's
+    methods for ending its clients."""
+
+    def __init__(self, *, ends_clients: bool) -> None:
+        self.calls: list[str] = []
+        if ends_clients:
+            self.close_clients = lambda: self.calls.append("close")
+            self.abort_clients = lambda: self.calls.append("abort")
+
+
+def test_the_kernel_servers_end_clients_only_where_asyncio_can() -> None:
+    # before Python 3.13 asyncio's servers do not track their clients:
+    # a call that did nothing would let the caller believe them ended
+    loop = asyncio.new_event_loop()
+    try:
+        able = _Held(ends_clients=True)
+        both = MultiServer(loop, [cast(asyncio.Server, able)] * 2)
+        both.close_clients()
+        both.abort_clients()
+        assert able.calls == ["close", "close", "abort", "abort"]
+        unable = MultiServer(
+            loop, [cast(asyncio.Server, _Held(ends_clients=False))]
+        )
+        for how in ("close_clients", "abort_clients"):
+            with pytest.raises(NotImplementedError, match=r"Python 3\.13"):
+                getattr(unable, how)()
+    finally:
+        loop.close()

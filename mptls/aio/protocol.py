@@ -53,17 +53,22 @@ _Sink = Callable[[memoryview], object]
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
-def _may_have_lost(reset: Exception, wrote_after_end: bool) -> bool:
+def _may_have_lost(
+    reset: Exception, wrote_after_end: bool, trailing: int
+) -> bool:
     """Whether ``reset``, after the peer's whole stream, lost ours.
 
-    The userspace backend counts what the peer had not acknowledged at
-    the data level; where no count exists (the kernel backend), what was
-    written after the peer's close_notify may not have reached it.
+    What was written after the peer's close_notify may have reached a
+    peer that had closed and drops what comes (a Data ACK says its MPTCP
+    layer took the bytes, not that its application read them). Else the
+    userspace backend counts what the peer had not acknowledged at the
+    data level, of which ``trailing`` bytes are TLS output after the
+    last application data; the kernel backend has no count.
     """
+    if wrote_after_end:
+        return True
     unacknowledged: int | None = getattr(reset, "unacknowledged", None)
-    if unacknowledged is None:
-        return wrote_after_end
-    return unacknowledged > 0
+    return unacknowledged is not None and unacknowledged > trailing
 
 
 def _in_mptls_tree(exc: Exception | None, when: str) -> Exception | None:
@@ -164,6 +169,10 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # a reset after the peer's close_notify, held back so that the
         # reader gets the whole stream: a later write is told of it
         self._held_reset: Exception | None = None
+        # the application wrote, and no TLS output since carried it
+        self._app_unsent = False
+        # bytes of TLS output after the last that carried application data
+        self._trailing = 0
         # the server's handler is done: the peer's end closes
         self._ends_with_peer = False
 
@@ -260,7 +269,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if (
             isinstance(exc, ConnectionResetError)
             and self._engine.eof_received
-            and not _may_have_lost(exc, self._sent_after_peer_end)
+            and not _may_have_lost(
+                exc, self._sent_after_peer_end, self._trailing
+            )
         ):
             # the peer's close_notify came first: every byte it sent is
             # here, complete (RFC 8446 section 6.1). A reset after it (a
@@ -435,15 +446,32 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     def _flush(self) -> None:
         data = self._engine.take_output()
         if data and self._transport is not None:
+            self._count_sent(len(data))
             # the view is ours alone; a socket transport copies what it
             # cannot send at once, as for any write
             self._write_out(data)
+
+    def _count_sent(self, size: int) -> None:
+        # TLS output after the last that carried the application's
+        # data (close_notify, say): a reset that leaves only these bytes
+        # unacknowledged has lost none of the application's. Output that
+        # may carry some counts as the application's; what a closing
+        # transport drops counts as none
+        assert self._transport is not None
+        if self._transport.is_closing():
+            return
+        if self._app_unsent and self._engine.handshake_complete:
+            self._app_unsent = False
+            self._trailing = 0
+        else:
+            self._trailing += size
 
     # called by TLSTransport
 
     def _app_write(self, data: bytes | bytearray | memoryview) -> None:
         if self._engine.eof_received:
             self._sent_after_peer_end = True
+        self._app_unsent = True
         self._engine.send(data)
         self._flush()
 
@@ -459,7 +487,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # transport can (the multipath one); False: nothing was sent
         if self._write_final is None:
             return False
-        self._write_final(self._engine.data_to_send())
+        data = self._engine.data_to_send()
+        self._count_sent(len(data))
+        self._write_final(data)
         return True
 
     def _app_close(self) -> None:
