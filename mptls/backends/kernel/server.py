@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mptls.backends.base import Server
 
@@ -38,18 +38,14 @@ class MultiServer(Server):
             server.close()
 
     def close_clients(self) -> None:
-        """Close every accepted connection (Python 3.13 servers only)."""
+        """Close every accepted connection (asyncio's, from Python 3.13)."""
         for server in self._servers:
-            close_clients = getattr(server, "close_clients", None)
-            if close_clients is not None:
-                close_clients()
+            _clients_method(server, "close_clients")()
 
     def abort_clients(self) -> None:
-        """Abort every accepted connection (Python 3.13 servers only)."""
+        """Abort every accepted connection (asyncio's, from Python 3.13)."""
         for server in self._servers:
-            abort_clients = getattr(server, "abort_clients", None)
-            if abort_clients is not None:
-                abort_clients()
+            _clients_method(server, "abort_clients")()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -69,3 +65,14 @@ class MultiServer(Server):
     async def wait_closed(self) -> None:
         for server in self._servers:
             await server.wait_closed()
+
+
+def _clients_method(server: asyncio.Server, name: str) -> Callable[[], None]:
+    method: Callable[[], None] | None = getattr(server, name, None)
+    if method is None:
+        # asyncio's servers track their connections from Python 3.13;
+        # doing nothing would let the caller believe they were ended
+        raise NotImplementedError(
+            f"{name}() on the kernel backend needs Python 3.13 or later"
+        )
+    return method

@@ -712,7 +712,7 @@ class MultipathTransport(asyncio.Transport):
         if (
             self._held_eof
             and isinstance(error, PeerResetError)
-            and not error.unacknowledged
+            and error.unacknowledged == 0
         ):
             # the peer's DATA_FIN came in order before its MP_FASTCLOSE:
             # its stream is complete here (RFC 8684 section 3.3.3), and
@@ -951,8 +951,14 @@ class MultipathTransport(asyncio.Transport):
             # dropped like the writes below (connection_lost is coming)
             self._lose_held_on_write()
             return
-        if self._eof_written or self._closing:
-            raise RuntimeError("cannot write after close() or write_eof()")
+        if self._closing:
+            # closed, under its protocol too (a server's close_clients()):
+            # the DATA_FIN is queued, so the bytes are dropped, as
+            # asyncio's transports drop writes after a loss; the end
+            # reaches the protocol as connection_lost
+            return
+        if self._eof_written:
+            raise RuntimeError("cannot write after write_eof()")
         if not data or self._core.closed:
             # a connection that ended (the peer's MP_FASTCLOSE in the
             # read being handled) takes nothing more, as asyncio's socket
@@ -978,9 +984,11 @@ class MultipathTransport(asyncio.Transport):
         """
         if self._closed and not self._eof_written:
             return  # as in write_owned: the end is on its way
-        if self._eof_written or self._closing:
+        if self._closing:
+            return  # as in write_owned: closed, under its protocol too
+        if self._eof_written:
             if data:
-                raise RuntimeError("cannot write after close() or write_eof()")
+                raise RuntimeError("cannot write after write_eof()")
             return
         if data:
             self._core.send(bytes(data))
