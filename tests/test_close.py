@@ -240,13 +240,16 @@ async def test_a_reply_into_a_reset_connection_is_heard(pki: Pki) -> None:
         await _closed_while_busy(pki, bytes(3_000_000), reply)
 
 
-async def test_a_reset_after_the_peers_end_that_lost_our_data_is_heard(
-    pki: Pki,
-) -> None:
-    # the client's stream is complete (close_notify, DATA_FIN) and the
-    # server's reader has its clean end; then the client resets without
-    # having taken what the server sent. The reset truncates nothing the
-    # server reads, but loses what it wrote, and the server hears of it
+async def _reset_after_the_clients_end(
+    pki: Pki, answer: bytes, *, server_closes: bool
+) -> BaseException | None:
+    """What the server's ``wait_closed()`` raises, if anything.
+
+    The server writes ``answer``; the client reads five bytes of it and
+    ends its stream (close_notify, DATA_FIN), and resets once the
+    server's reader has that end (and the server has closed, with
+    ``server_closes``), before it reads anything more.
+    """
     ended = asyncio.Event()
     outcome: asyncio.Future[BaseException | None] = (
         asyncio.get_running_loop().create_future()
@@ -255,9 +258,11 @@ async def test_a_reset_after_the_peers_end_that_lost_our_data_is_heard(
     async def handler(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        writer.write(bytes(8 << 20))
+        writer.write(answer)
         assert await reader.read() == b""
         ended.set()
+        if server_closes:
+            writer.close()
         try:
             await writer.wait_closed()
         except PeerResetError as exc:
@@ -273,12 +278,22 @@ async def test_a_reset_after_the_peers_end_that_lost_our_data_is_heard(
         reader, writer = await mptls.open_connection(
             "127.0.0.1", port, ssl=pki.client()
         )
-        await reader.readexactly(10)
-        writer.write_eof()
         async with asyncio.timeout(10):
+            await reader.readexactly(5)
+            writer.write_eof()
             await ended.wait()
             writer.transport.abort()
-            error = await outcome
+            return await outcome
+
+
+async def test_a_reset_after_the_peers_end_that_lost_our_data_is_heard(
+    pki: Pki,
+) -> None:
+    # the reset truncates nothing the server reads, but loses what it
+    # wrote and the client never took, and the server hears of it
+    error = await _reset_after_the_clients_end(
+        pki, bytes(8 << 20), server_closes=False
+    )
     assert isinstance(error, PeerResetError)
     assert error.unacknowledged
     assert f"{error.unacknowledged} bytes of ours" in str(error)
@@ -443,42 +458,13 @@ async def test_a_write_after_the_peers_full_close_is_heard_as_lost(
 async def test_an_unacknowledged_close_notify_alone_is_no_loss(
     pki: Pki,
 ) -> None:
-    # the client resets right after its own end, before it reads the
-    # server's close: only the server's close_notify is unacknowledged,
-    # none of its application's bytes, and the server's end is clean
-    answered = asyncio.Event()
-    outcome: asyncio.Future[BaseException | None] = (
-        asyncio.get_running_loop().create_future()
+    # the client resets before it reads the server's close: only the
+    # server's close_notify is unacknowledged, none of its application's
+    # bytes, and the server's end is clean
+    error = await _reset_after_the_clients_end(
+        pki, b"hello", server_closes=True
     )
-
-    async def answer_then_close(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        writer.write(b"hello")
-        assert await reader.read() == b""
-        answered.set()
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except PeerResetError as exc:
-            outcome.set_result(exc)
-        else:
-            outcome.set_result(None)
-
-    server = await mptls.start_server(
-        answer_then_close, "127.0.0.1", 0, ssl=pki.server()
-    )
-    port = int(server.sockets[0].getsockname()[1])
-    async with server:
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1", port, ssl=pki.client()
-        )
-        async with asyncio.timeout(10):
-            assert await reader.readexactly(5) == b"hello"
-            writer.write_eof()
-            await answered.wait()
-            writer.transport.abort()
-            assert await outcome is None
+    assert error is None
 
 
 # asyncio's servers close and abort their clients from Python 3.13; the
