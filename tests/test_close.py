@@ -504,9 +504,15 @@ async def test_a_server_ends_its_clients_as_python_3_13s_do(
         # a handler's write after that is dropped, as asyncio's transports
         # drop it, not an error of its own
         served.write(b"after the end")
-        # no close_notify came first: an end, not a clean one
-        with pytest.raises(MptlsError):
-            await reader.read()
+        if how == "close_clients" and backend == "userspace":
+            # each connection closes as its application's close() does
+            assert await reader.read() == b""
+            writer.close()
+        else:
+            # asyncio closes a TLS server's sockets under the TLS layer:
+            # no close_notify came first, an end but not a clean one
+            with pytest.raises(MptlsError):
+                await reader.read()
         await server.wait_closed()
     writer.close()
 

@@ -781,7 +781,10 @@ class TLSTransport(asyncio.Transport):
                 # drain() and the reader raise why it ended
                 self._tls._write_after_loss()
                 return
-            raise RuntimeError("cannot write to a closing transport")
+            # closed by the application or by its server's
+            # close_clients(): dropped, as asyncio's transports (its TLS
+            # one too) drop a write after close()
+            return
         if data:
             # encrypted before this returns (or copied by the engine
             # until the handshake ends): the caller's buffer is not kept

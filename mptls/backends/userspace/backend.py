@@ -113,11 +113,18 @@ class MptlsServer(Server):
     def close_clients(self) -> None:
         """Close every connection accepted, as Python 3.13's servers do.
 
-        Each ends at the MPTCP level (DATA_FIN) under its TLS layer, as
-        asyncio's close of a TLS server's socket transports does.
+        Each closes as its application's ``close()`` would: TLS
+        close_notify, then DATA_FIN, waiting up to ``close_timeout`` for
+        the peer's end. (asyncio closes a TLS server's socket transports
+        under the TLS layer, which its peers see as a truncation.)
         """
         for transport in self.mptls_listener.transports:
-            transport.close()
+            protocol = transport._protocol
+            app = getattr(protocol, "_app_transport", None)
+            if isinstance(app, asyncio.Transport):
+                app.close()
+            else:
+                transport.close()
 
     def abort_clients(self) -> None:
         """Reset every connection accepted (MP_FASTCLOSE), as Python
