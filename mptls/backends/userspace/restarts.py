@@ -66,17 +66,18 @@ class RestartBudget:
 
     def allows(self, now: float) -> bool:
         """Whether :meth:`spend` at ``now`` would grant a restart."""
-        recent = sum(1 for time in self._times if time > now - self._window)
-        return recent < self._limit
+        times = self._times
+        # restarts that left the window no longer count (the clock is
+        # monotonic: they never come back into it)
+        while times and times[0] <= now - self._window:
+            times.popleft()
+        return len(times) < self._limit
 
     def spend(self, now: float) -> bool:
         """Take one restart at ``now``; False when the budget is spent."""
-        times = self._times
-        while times and times[0] <= now - self._window:
-            times.popleft()
-        if len(times) >= self._limit:
+        if not self.allows(now):
             return False
-        times.append(now)
+        self._times.append(now)
         return True
 
 
