@@ -491,8 +491,7 @@ class WorkerPool:
             worker_id,
             process.pid,
             process.exitcode,
-            len(self._processes) - len(state.dead | state.starting),
-            len(self._processes),
+            *self._workers_left(),
             "restarting it" if allowed else "not restarted",
         )
         if not restart:
@@ -520,8 +519,7 @@ class WorkerPool:
                     worker_id,
                     budget.limit,
                     budget.window,
-                    len(self._processes) - len(state.dead | state.starting),
-                    len(self._processes),
+                    *self._workers_left(),
                 )
                 break
             process = self._start_replacement(worker_id)
@@ -598,6 +596,13 @@ class WorkerPool:
             "starting worker %d again (pid %s)", worker_id, process.pid
         )
         return process
+
+    def _workers_left(self) -> tuple[int, int]:
+        """Workers listening (replacements still starting left out), and
+        the pool's size: the "N of M workers left" of the log lines."""
+        state = self._state
+        total = len(self._processes)
+        return total - len(state.dead | state.starting), total
 
     def _leave_down(self, worker_id: int) -> None:
         state = self._state
