@@ -764,8 +764,7 @@ class TLSTransport(asyncio.Transport):
         and the peer's close_notify (already received, or still to
         come) closes the connection, as asyncio's TLS server does.
         """
-        if not self._closing:
-            self._tls._end_with_peer()
+        self._tls._end_with_peer()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, bytes | bytearray | memoryview):
