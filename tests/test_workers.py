@@ -16,7 +16,9 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -574,6 +576,76 @@ async def test_a_worker_that_cannot_start_fails_the_pool(
     with pytest.raises(mptls.BackendError, match="failed to start"):
         await pool.start()
     assert pool.pids == ()
+
+
+def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A plain (non-async) callback that writes and never closes."""
+    writer.write(b"hello")
+
+
+async def test_a_started_pool_enters_as_it_is(pki: Pki) -> None:
+    # `async with await start_server(...)` is how asyncio servers are
+    # used; the pool that start_workers() returns is already started
+    async with await start_workers(
+        greet, "127.0.0.1", 0, workers=1, ssl=pki.server()
+    ) as pool:
+        pids = pool.pids
+        assert len(pids) == 1
+        reader, writer = await mptls.open_connection(
+            *pool.address, ssl=pki.client()
+        )
+        writer.write_eof()
+        # the worker runs the callback in a coroutine: once it has
+        # returned, the client's end closes the connection there too
+        async with asyncio.timeout(20):
+            assert await reader.read() == b"hello"
+            writer.close()
+            await writer.wait_closed()
+    for pid in pids:
+        await wait_exited(pid, 30)
+    assert pool.pids == ()
+
+
+def test_a_pool_started_without_the_main_guard_says_so(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # spawned workers import the main script again: without the guard
+    # each one dies starting a pool of its own, before it listens
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            """\
+            import asyncio, sys
+            import mptls
+            from mptls.backends.userspace.workers import start_workers
+
+            async def handler(reader, writer):
+                writer.close()
+
+            async def main():
+                cert, key = sys.argv[1:3]
+                tls = mptls.TLSConfig(certfile=cert, keyfile=key)
+                pool = await start_workers(
+                    handler, "127.0.0.1", 0, workers=1, ssl=tls,
+                    start_timeout=20,
+                )
+                await pool.stop()
+
+            asyncio.run(main())
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(pki.cert_pem), str(pki.key_pem)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mptls.errors.BackendError: a worker failed"), last
+    assert "__main__" in last
 
 
 @pytest.mark.parametrize(

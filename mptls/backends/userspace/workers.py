@@ -399,7 +399,11 @@ class WorkerPool:
         return self._stats
 
     async def __aenter__(self) -> WorkerPool:
-        await self.start()
+        # start_workers() hands over a started pool, as asyncio's
+        # start_server() a serving server: `async with await
+        # start_workers(...)` enters it as it is
+        if not self._processes:
+            await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -442,6 +446,13 @@ class WorkerPool:
             if kind == "timeout":
                 raise MptlsTimeoutError(
                     f"a worker did not start within {self._start_timeout} s"
+                )
+            if kind == "gone":
+                raise BackendError(
+                    "a worker failed to start: it exited before it "
+                    "listened (its error is on stderr; a script that "
+                    'starts a pool needs an `if __name__ == "__main__":` '
+                    "guard)"
                 )
             if kind != "ready":
                 raise BackendError(f"a worker failed to start: {body}")
