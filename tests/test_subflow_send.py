@@ -13,7 +13,7 @@ import asyncio
 import random
 import socket
 
-from mptls.backends.userspace.transport import SubflowProtocol
+from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.mptcp.framing import PREAMBLE, Payload
 
 

@@ -28,6 +28,7 @@ import mptls
 import mptls.trace
 from mptls.backends.base import SubflowInfo
 from mptls.backends.userspace import transport as transport_module
+from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.backends.userspace.transport import MultipathTransport
 from mptls.errors import MptlsError, PeerResetError
 from mptls.mptcp import events
@@ -442,9 +443,7 @@ class _ClosedUnder(asyncio.Transport):
 def test_a_subflow_sends_nothing_into_a_transport_closed_under_it() -> None:
     # the frame is dropped: the transport's connection_lost, a loop step
     # later, makes the subflow lost and its data is sent again elsewhere
-    subflow = transport_module.SubflowProtocol(
-        cast(Any, SimpleNamespace()), initiator=True
-    )
+    subflow = SubflowProtocol(cast(Any, SimpleNamespace()), initiator=True)
     subflow.connection_made(_ClosedUnder())
     subflow.send(b"a frame")
     assert not subflow.preamble_sent

@@ -25,10 +25,8 @@ from mptls.backends.base import (
     format_address,
 )
 from mptls.backends.userspace.listener import Handoff, Listener
-from mptls.backends.userspace.transport import (
-    MultipathTransport,
-    SubflowProtocol,
-)
+from mptls.backends.userspace.subflow import SubflowProtocol
+from mptls.backends.userspace.transport import MultipathTransport
 from mptls.errors import (
     BackendError,
     ConfigurationError,

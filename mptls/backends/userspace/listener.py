@@ -17,10 +17,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mptls.backends.userspace.transport import (
-    MultipathTransport,
-    SubflowProtocol,
-)
+from mptls.backends.userspace.subflow import SubflowProtocol
+from mptls.backends.userspace.transport import MultipathTransport
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Endpoint, Refused
 from mptls.mptcp.framing import Segment, encode_segment

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mptls.backends.userspace.listener import Listener
-from mptls.backends.userspace.transport import SubflowProtocol
+from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.mptcp.framing import PREAMBLE, Segment, encode_segment
 from mptls.mptcp.options import MpCapable, MpJoinSyn
 from mptls.mptcp.tokens import TOKEN_LENGTH, TokenLayout, token_fields

@@ -1,11 +1,10 @@
-"""The userspace backend's asyncio glue: subflows on TCP, one transport.
+"""The userspace backend's asyncio glue: one transport over subflows.
 
-:class:`SubflowProtocol` is an ``asyncio.Protocol`` on one TCP connection:
-it speaks the frames of docs/wire.md and hands decoded segments to its
-owner. :class:`MultipathTransport` is the ``asyncio.Transport`` the TLS
-layer writes to: it owns the sans-I/O :class:`mptls.mptcp.connection.
+:class:`MultipathTransport` is the ``asyncio.Transport`` the TLS layer
+writes to: it owns the sans-I/O :class:`mptls.mptcp.connection.
 Connection`, feeds it segments, time and the application's bytes, and
-writes what it pulls out of it to the right TCP connection.
+writes what it pulls out of it to the right subflow's TCP connection
+(:class:`~mptls.backends.userspace.subflow.SubflowProtocol`).
 
 All protocol decisions are the core's; this module only moves bytes,
 keeps timers and maps subflow ids to TCP connections.
@@ -13,39 +12,24 @@ keeps timers and maps subflow ids to TCP connections.
 
 from __future__ import annotations
 
-import array
 import asyncio
-import contextlib
-import fcntl
 import ipaddress
 import logging
-import os
-import socket
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, cast
+from typing import Any
 
 from mptls.backends.base import MptcpInfo, SubflowInfo, format_address
-from mptls.backends.buffers import read_buffer
+from mptls.backends.userspace.subflow import SubflowProtocol, host_port
 from mptls.errors import (
     MptlsError,
     MptlsTimeoutError,
     NotMptlsPeerError,
     PeerResetError,
-    ProtocolError,
 )
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
-from mptls.mptcp.framing import (
-    NOT_MPTLS_REPLY,
-    PREAMBLE,
-    Flag,
-    Payload,
-    Segment,
-    SegmentDecoder,
-    encode_head,
-)
+from mptls.mptcp.framing import Flag, Payload, Segment, encode_head
 from mptls.mptcp.scheduler import UNCAPPED
 from mptls.tls.keys import KeyMaterial
 from mptls.trace import pcap
@@ -67,200 +51,6 @@ _EDGE_BITS = _SYN_BIT | _CLOSING_BITS
 # about 20 ms at 100 Mbit/s; bytes queued past it would make the stream
 # wait for a slow path rather than leave on a faster one
 _SUBFLOW_QUEUE = 256 * 1024
-# Linux's ioctl for the bytes of a TCP socket's queue not yet sent
-_SIOCOUTQNSD = 0x894B
-# asyncio's own socket transport joins what writelines gets before
-# Python 3.12 (a copy of every flush); from 3.12 it sends them gathered
-_JOINING_TRANSPORT = (
-    "asyncio.selector_events" if sys.version_info < (3, 12) else None
-)
-# pieces per writev: Linux takes up to 1024 (IOV_MAX)
-_MAX_IOV = 1024
-
-
-class SegmentSink(Protocol):
-    """Who receives a subflow's segments: a listener, then a transport."""
-
-    def segments_received(
-        self, subflow: SubflowProtocol, segments: list[Segment]
-    ) -> None: ...
-
-    def subflow_lost(
-        self, subflow: SubflowProtocol, exc: BaseException | None
-    ) -> None: ...
-
-    def subflow_writable(
-        self, subflow: SubflowProtocol, writable: bool
-    ) -> None: ...
-
-
-class SubflowProtocol(asyncio.BufferedProtocol):
-    """One TCP connection carrying one subflow's frames."""
-
-    def __init__(self, sink: SegmentSink, *, initiator: bool) -> None:
-        self.sink = sink
-        self.initiator = initiator
-        self.subflow_id: int | None = None
-        self.transport: asyncio.Transport | None = None
-        self.preamble_sent = False
-        self.closed = False
-        self._outq_works = True
-        self._gather = False
-        self._fileno = -1
-        self._decoder = SegmentDecoder(preamble=True)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # asyncio's transports subclass asyncio.Transport; uvloop's have
-        # the same methods without the base class, so no isinstance here
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # pure Data ACK frames are small: Nagle would hold them back
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._fileno = sock.fileno()
-            self._gather = (
-                type(transport).__module__ == _JOINING_TRANSPORT
-                and self._fileno >= 0
-            )
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return read_buffer()
-
-    def lend_payloads(self) -> None:
-        """Hand payloads on as views of the read buffer, not copies.
-
-        Only for a sink that is done with every segment, or has copied
-        what it keeps, when ``segments_received`` returns: the next read
-        on this thread, on any socket, overwrites the buffer.
-        """
-        self._decoder.payload_views = True
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # a view of the shared buffer, not bytes: the decoder takes any
-        # buffer and copies what it keeps; subclasses count and forward
-        self.data_received(cast(bytes, read_buffer()[:nbytes]))
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            segments = self._decoder.feed(data)
-        except NotMptlsPeerError as exc:
-            self._refuse_foreign(exc)
-            return
-        except ProtocolError as exc:
-            logger.debug("subflow framing error: %s", exc)
-            self.sink.subflow_lost(self, exc)
-            self.close()
-            return
-        if segments:
-            # a packet capture (mptls.trace) records them; none running
-            # costs this one test per read (read once: another thread
-            # may stop it meanwhile)
-            if (capture := pcap.active) is not None:
-                capture.frames_received(self, segments)
-            self.sink.segments_received(self, segments)
-
-    def _refuse_foreign(self, exc: NotMptlsPeerError) -> None:
-        if not self.initiator and self.transport is not None:
-            # wire.md: a plain TLS or HTTP client sees this line
-            self.transport.write(NOT_MPTLS_REPLY)
-        self.sink.subflow_lost(self, exc)
-        self.close()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        was_closed, self.closed = self.closed, True
-        if not was_closed:
-            self.sink.subflow_lost(self, exc)
-
-    def pause_writing(self) -> None:
-        self.sink.subflow_writable(self, False)
-
-    def resume_writing(self) -> None:
-        self.sink.subflow_writable(self, True)
-
-    def unsent(self) -> int:
-        """Bytes written here that have not left for the network yet."""
-        transport = self.transport
-        if transport is None or self.closed:
-            return 0
-        size = transport.get_write_buffer_size()
-        if self._fileno >= 0 and self._outq_works:
-            count = array.array("i", [0])
-            try:
-                fcntl.ioctl(self._fileno, _SIOCOUTQNSD, count)
-            except (OSError, ValueError):
-                # not Linux, or not TCP: asyncio's buffer alone
-                self._outq_works = False
-            else:
-                size += count[0]
-        return size
-
-    def send(self, data: bytes | list[Payload]) -> None:
-        """Write frames: one buffer, or headers and payload views.
-
-        uvloop (and asyncio from Python 3.12) give the pieces of one
-        ``writelines`` to one vectored send; asyncio 3.11 would join
-        them (a copy of every byte), so there the pieces go to the
-        socket in one ``writev`` while the transport holds nothing.
-        """
-        transport = self.transport
-        if transport is None or self.closed or transport.is_closing():
-            # a transport closed under the subflow (its connection_lost
-            # comes a loop step later) takes no more: asyncio 3.12 and
-            # 3.13 fail writelines() on one with a TypeError
-            return
-        parts: list[Payload] = [data] if isinstance(data, bytes) else data
-        if not self.preamble_sent:
-            self.preamble_sent = True
-            parts = [PREAMBLE, *parts]
-        if self._gather and len(parts) > 1:
-            parts = self._write_gathered(transport, parts)
-            if not parts:
-                return
-        transport.writelines(parts)
-
-    def _write_gathered(
-        self, transport: asyncio.Transport, parts: list[Payload]
-    ) -> list[Payload]:
-        """Send what the socket takes now; return what it did not take.
-
-        Only while the transport's buffer is empty, so that the stream
-        keeps its order. On any error nothing is sent here and all goes
-        to the transport, which reports the error its usual way.
-        """
-        if transport.get_write_buffer_size() or transport.is_closing():
-            return parts
-        try:
-            sent = os.writev(self._fileno, parts[:_MAX_IOV])
-        except OSError:
-            return parts
-        for index, part in enumerate(parts):
-            size = len(part)
-            if sent < size:
-                rest = parts[index:]
-                if sent:
-                    rest[0] = memoryview(part)[sent:]
-                return rest
-            sent -= size
-        return []
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def name(self, which: str) -> Any:
-        """``sockname`` or ``peername`` as asyncio gives it (four items
-        for IPv6), or None."""
-        if self.transport is None:
-            return None
-        return self.transport.get_extra_info(which) or None
-
-    def address(self, which: str) -> tuple[str, int] | None:
-        return _host_port(self.name(which))
 
 
 class MultipathTransport(asyncio.Transport):
@@ -376,7 +166,7 @@ class MultipathTransport(asyncio.Transport):
                 yield address_id, key, (host, port)
 
     def _address_key(self, sockname: Any) -> tuple[Any, int | None]:
-        host, port = _host_port(sockname) or ("", 0)
+        host, port = host_port(sockname) or ("", 0)
         # the client's ports are ephemeral: its ids name addresses. The
         # server's name what it may announce, an address and a port
         return (_address_of(host), None if self._initiator else port)
@@ -1130,7 +920,7 @@ class MultipathTransport(asyncio.Transport):
         subflows = []
         for sub in info.subflows:
             names = self._addresses.get(sub.subflow_id, (None, None))
-            local, remote = (_host_port(name) for name in names)
+            local, remote = (host_port(name) for name in names)
             subflows.append(
                 SubflowInfo(
                     subflow_id=sub.subflow_id,
@@ -1189,8 +979,3 @@ def _address_of(host: str) -> Any:
         return ipaddress.ip_address(host)
     except ValueError:
         return host
-
-
-def _host_port(name: Any) -> tuple[str, int] | None:
-    """The host and port of a socket name (an IPv6 one has four items)."""
-    return None if name is None else (str(name[0]), int(name[1]))
