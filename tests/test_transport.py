@@ -27,7 +27,8 @@ from support import established
 import mptls
 import mptls.trace
 from mptls.backends.base import SubflowInfo
-from mptls.backends.userspace import transport as transport_module
+from mptls.backends.userspace import paths as paths_module
+from mptls.backends.userspace.paths import Paths
 from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.backends.userspace.transport import MultipathTransport
 from mptls.errors import MptlsError, PeerResetError
@@ -265,19 +266,19 @@ class NamedSubflow:
         return None
 
 
-def numbered(initiator: bool, announce: list[tuple[str, int]]) -> Any:
+def numbered(initiator: bool, announce: list[tuple[str, int]]) -> Paths:
     transport = MultipathTransport(
         cast(Connection, StubCore()), initiator=initiator, announce=announce
     )
     first = NamedSubflow(("127.0.0.1", 4433))
     transport.attach(0, cast(Any, first))
-    return transport
+    return transport.paths
 
 
 async def test_a_client_numbers_its_addresses_in_order_of_first_use() -> None:
-    transport = numbered(True, [])
+    paths = numbered(True, [])
     ids = [
-        transport.local_address_id(name)
+        paths.local_address_id(name)
         for name in (
             ("127.0.0.2", 50001),
             ("::1", 50002, 0, 0),
@@ -291,9 +292,9 @@ async def test_a_client_numbers_its_addresses_in_order_of_first_use() -> None:
 
 
 async def test_a_server_keeps_announced_ids_and_numbers_others_after() -> None:
-    transport = numbered(False, [("127.0.0.3", 0), ("::1", 8443)])
+    paths = numbered(False, [("127.0.0.3", 0), ("::1", 8443)])
     ids = [
-        transport.local_address_id(name)
+        paths.local_address_id(name)
         for name in (
             ("127.0.0.3", 4433),  # port 0 announced: the first's port
             ("::1", 8443, 0, 0),
@@ -371,43 +372,43 @@ async def test_a_reader_alone_still_gets_a_clean_end() -> None:
 async def test_scoped_link_local_addresses_get_their_own_ids() -> None:
     # fe80::1 on two interfaces is two addresses: one id would make a
     # REMOVE_ADDR of one end the subflows of the other
-    transport = numbered(True, [])
-    first = transport.local_address_id(("fe80::1%eth0", 50001, 0, 2))
-    second = transport.local_address_id(("fe80::1%eth1", 50002, 0, 3))
+    paths = numbered(True, [])
+    first = paths.local_address_id(("fe80::1%eth0", 50001, 0, 2))
+    second = paths.local_address_id(("fe80::1%eth1", 50002, 0, 3))
     assert first != second
-    assert transport.local_address_id(("fe80::1%eth0", 50003, 0, 2)) == first
+    assert paths.local_address_id(("fe80::1%eth0", 50003, 0, 2)) == first
 
 
 async def test_a_client_has_255_ids_beside_the_first() -> None:
-    transport = numbered(True, [])
+    paths = numbered(True, [])
     ids = [
-        transport.local_address_id((f"10.0.{n // 250}.{n % 250 + 1}", 1))
+        paths.local_address_id((f"10.0.{n // 250}.{n % 250 + 1}", 1))
         for n in range(255)
     ]
     assert ids == list(range(1, 256))
     # known addresses keep their ids once all are used
-    assert transport.local_address_id(("10.0.0.1", 9)) == 1
-    assert transport.local_address_id(("127.0.0.1", 9)) == 0
+    assert paths.local_address_id(("10.0.0.1", 9)) == 1
+    assert paths.local_address_id(("127.0.0.1", 9)) == 0
     with pytest.raises(MptlsError, match="no address id left"):
-        transport.local_address_id(("10.9.9.9", 1))
+        paths.local_address_id(("10.9.9.9", 1))
 
 
 async def test_a_server_numbers_after_255_announced() -> None:
     announce = [(f"10.1.{n // 250}.{n % 250 + 1}", 0) for n in range(255)]
-    transport = numbered(False, announce)
-    assert transport.local_address_id(("10.1.1.5", 4433)) == 255
+    paths = numbered(False, announce)
+    assert paths.local_address_id(("10.1.1.5", 4433)) == 255
     with pytest.raises(MptlsError, match="no address id left"):
-        transport.local_address_id(("127.0.0.2", 4433))
+        paths.local_address_id(("127.0.0.2", 4433))
 
 
 async def test_announcing_the_first_address_keeps_id_zero() -> None:
     # the first subflow reached 127.0.0.1:4433, which is also announced:
     # one address, one id (0); no ADD_ADDR goes out for it
-    transport = numbered(False, [("127.0.0.1", 4433), ("127.0.0.3", 0)])
-    assert transport.local_address_id(("127.0.0.1", 4433)) == 0
-    assert transport.local_address_id(("127.0.0.3", 4433)) == 2
-    assert transport.local_address_id(("127.0.0.2", 4433)) == 3
-    assert [i for i, _, _ in transport._announcements()] == [2]
+    paths = numbered(False, [("127.0.0.1", 4433), ("127.0.0.3", 0)])
+    assert paths.local_address_id(("127.0.0.1", 4433)) == 0
+    assert paths.local_address_id(("127.0.0.3", 4433)) == 2
+    assert paths.local_address_id(("127.0.0.2", 4433)) == 3
+    assert [i for i, _, _ in paths._announcements()] == [2]
 
 
 async def test_a_first_subflow_numbers_no_address(
@@ -416,17 +417,17 @@ async def test_a_first_subflow_numbers_no_address(
     # the setup path of a connection that never joins stays as it was
 
     parsed: list[str] = []
-    real = transport_module._address_of
+    real = paths_module._address_of
 
     def counting(host: str) -> object:
         parsed.append(host)
         return real(host)
 
-    monkeypatch.setattr(transport_module, "_address_of", counting)
-    transport = numbered(False, [("127.0.0.3", 0)])
+    monkeypatch.setattr(paths_module, "_address_of", counting)
+    paths = numbered(False, [("127.0.0.3", 0)])
     assert parsed == []
-    assert transport.local_address_id(("127.0.0.3", 4433)) == 1
-    assert transport.local_address_id(("127.0.0.1", 4433)) == 0
+    assert paths.local_address_id(("127.0.0.3", 4433)) == 1
+    assert paths.local_address_id(("127.0.0.1", 4433)) == 0
 
 
 class _ClosedUnder(asyncio.Transport):

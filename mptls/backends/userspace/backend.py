@@ -696,7 +696,7 @@ def _start_join(
         raise PathError("the connection is closing: no new subflows")
     loop = asyncio.get_running_loop()
     try:
-        address_id = multipath.local_address_id(watch.name("sockname"))
+        address_id = multipath.paths.local_address_id(watch.name("sockname"))
         subflow_id = multipath._core.open_subflow(
             loop.time(), backup=backup, address_id=address_id
         )

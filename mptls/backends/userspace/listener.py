@@ -132,10 +132,13 @@ class Listener:
     def _address_id(self, core: Connection, sockname: Any) -> int:
         """The id of the local address a join SYN reached (RFC 8684 3.2).
 
-        Its connection's transport numbers that connection's addresses.
+        The paths of its connection's transport number that
+        connection's addresses.
         """
         transport = self._transports.get(id(core))
-        return 0 if transport is None else transport.local_address_id(sockname)
+        if transport is None:
+            return 0
+        return transport.paths.local_address_id(sockname)
 
     def _forget(self, transport: MultipathTransport) -> None:
         self._transports.pop(id(transport._core), None)

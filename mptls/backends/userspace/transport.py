@@ -13,21 +13,19 @@ keeps timers and maps subflow ids to TCP connections.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from mptls.backends.base import MptcpInfo, SubflowInfo, format_address
+from mptls.backends.base import MptcpInfo, SubflowInfo
+from mptls.backends.userspace.paths import Paths
 from mptls.backends.userspace.subflow import SubflowProtocol, host_port
 from mptls.errors import (
-    MptlsError,
     MptlsTimeoutError,
     NotMptlsPeerError,
     PeerResetError,
 )
 from mptls.mptcp import events
-from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import Flag, Payload, Segment, encode_head
 from mptls.mptcp.scheduler import UNCAPPED
@@ -38,10 +36,6 @@ logger = logging.getLogger("mptls.userspace")
 
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_LOW_WATER = 1024 * 1024
-# a client that lost every subflow tries its local addresses again,
-# waiting this long before the first attempt and doubling up to the cap
-_REJOIN_FIRST_DELAY = 0.1
-_REJOIN_MAX_DELAY = 2.0
 # the flag bits that open or end a subflow, as plain ints
 _SYN_BIT = int(Flag.SYN)
 _CLOSING_BITS = int(Flag.FIN | Flag.RST)
@@ -71,20 +65,23 @@ class MultipathTransport(asyncio.Transport):
         self._loop = asyncio.get_running_loop()
         self._core = core
         self._initiator = initiator
-        self._local_addrs = list(local_addrs)
-        self._remote = remote
-        self._announce = list(announce)
         self._close_timeout = close_timeout
         self._closed_callback = on_closed
         self._subflows: dict[int, SubflowProtocol] = {}
         self._closing_subflows: list[int] = []
         # each subflow's (sockname, peername) as asyncio gave them
         self._addresses: dict[int, tuple[Any, Any]] = {}
-        # RFC 8684 section 3.2: the id of each local address, which its
-        # joins carry; the first subflow's is 0, an announced one keeps
-        # its ADD_ADDR id, any other gets the next free one
-        self._address_ids: dict[tuple[Any, int | None], int] = {}
-        self._next_address_id = 1 if initiator else len(self._announce) + 1
+        # the local address ids, and the subflows opened beside the first
+        self.paths = Paths(
+            self,
+            core,
+            self._loop,
+            initiator=initiator,
+            local_addrs=local_addrs,
+            remote=remote,
+            announce=announce,
+            names=self._addresses,
+        )
         self._closed_by_core: events.ConnectionClosed | None = None
         self._protocol: asyncio.Protocol | None = None
         self._held: list[bytes] = []
@@ -110,13 +107,6 @@ class MultipathTransport(asyncio.Transport):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._close_timer: asyncio.TimerHandle | None = None
-        self._paths_started = False
-        # extra subflows' TCP connections, opened while TLS runs and
-        # joined the moment the keys are installed
-        self._preconnected = False
-        self._parked: list[SubflowProtocol] = []
-        self._rejoining = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # wiring
 
@@ -139,59 +129,6 @@ class MultipathTransport(asyncio.Transport):
             # core's snapshot costs a connection's setup)
             self._forget_addresses()
 
-    def _number_addresses(self, sockname: Any) -> None:
-        """Ids for the first subflow's local address and the announced."""
-        if sockname is None:
-            return
-        self._address_ids.setdefault(self._address_key(sockname), 0)
-        for address_id, key, _ in self._announcements():
-            self._address_ids.setdefault(key, address_id)
-
-    def _announcements(
-        self,
-    ) -> Iterator[tuple[int, tuple[Any, int | None], tuple[str, int]]]:
-        """Each announced address: its ADD_ADDR id, key and entry.
-
-        Ids count 1, 2, ... in ``announce`` order, for ADD_ADDR and the
-        joins to it alike. The address and port the first subflow
-        reached is left out: the peer knows it already, as id 0.
-        """
-        names = self._addresses.get(0)
-        first = None if names is None else self._address_key(names[0])
-        for address_id, (host, port) in enumerate(self._announce, start=1):
-            # port 0 announces the address alone: joins to it come to
-            # the port the first subflow reached
-            key = (_address_of(host), port or (first and first[1]))
-            if key != first:
-                yield address_id, key, (host, port)
-
-    def _address_key(self, sockname: Any) -> tuple[Any, int | None]:
-        host, port = host_port(sockname) or ("", 0)
-        # the client's ports are ephemeral: its ids name addresses. The
-        # server's name what it may announce, an address and a port
-        return (_address_of(host), None if self._initiator else port)
-
-    def local_address_id(self, sockname: Any) -> int:
-        """The address id of a subflow's local address (RFC 8684 3.2).
-
-        The same address always gets the same id on this connection.
-        Raises :class:`~mptls.errors.MptlsError` when the 256 ids of
-        the option's octet are used up.
-        """
-        if not self._address_ids and 0 in self._addresses:
-            # numbered at the first join, not on every connection's setup
-            self._number_addresses(self._addresses[0][0])
-        key = self._address_key(sockname)
-        known = self._address_ids.get(key)
-        if known is not None:
-            return known
-        address_id = self._next_address_id
-        if address_id > 0xFF:
-            raise MptlsError("no address id left for one more local address")
-        self._next_address_id += 1
-        self._address_ids[key] = address_id
-        return address_id
-
     def _forget_addresses(self) -> None:
         # the core forgets all but its last closed subflows; their
         # addresses go with them, or every join a long-lived connection
@@ -207,7 +144,7 @@ class MultipathTransport(asyncio.Transport):
         self._protocol = protocol
         protocol.connection_made(self)
         self.process()
-        self._preconnect()
+        self.paths.preconnect()
 
     # SegmentSink
 
@@ -237,7 +174,7 @@ class MultipathTransport(asyncio.Transport):
             # preamble: no connection exists that a join could carry on
             self._finish(exc)
             return
-        logger.debug("%s: subflow %d lost (%s)", self._tag(), subflow_id, exc)
+        logger.debug("%s: subflow %d lost (%s)", self.tag(), subflow_id, exc)
         self._core.subflow_lost(subflow_id, self._loop.time())
         self.process()
 
@@ -389,29 +326,9 @@ class MultipathTransport(asyncio.Transport):
             self.close()
 
     def _on_handshake(self, event: events.HandshakeComplete) -> None:
-        # _tag() takes a snapshot of the core: only when it is logged
+        # tag() takes a snapshot of the core: only when it is logged
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: MPTCP handshake complete", self._tag())
-
-    def _preconnect(self) -> None:
-        # G mode: a join needs the TLS keys, but its TCP connection does
-        # not; opened now, in parallel with the MPTCP and TLS handshakes,
-        # the join SYN leaves with the keys instead of a TCP connect
-        # later. Only where G is the one mode offered: a fallback to
-        # cleartext keys might forbid joins, and then no TCP connection
-        # should be opened for one.
-        config = self._core.config
-        if (
-            self._preconnected
-            or not self._initiator
-            or self._remote is None
-            or config.mode is not Mode.G
-            or config.allow_legacy_fallback
-        ):
-            return
-        self._preconnected = True
-        for local in self._local_addrs[1:]:
-            self._spawn(self._open_subflow(local, self._remote))
+            logger.debug("%s: MPTCP handshake complete", self.tag())
 
     def _on_subflow_established(
         self, event: events.SubflowEstablished
@@ -421,7 +338,7 @@ class MultipathTransport(asyncio.Transport):
         subflow = self._subflows.get(event.subflow_id)
         logger.debug(
             "%s: subflow %d established %s -> %s",
-            self._tag(),
+            self.tag(),
             event.subflow_id,
             subflow and subflow.address("sockname"),
             subflow and subflow.address("peername"),
@@ -431,50 +348,24 @@ class MultipathTransport(asyncio.Transport):
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s: subflow %d closed: %s",
-                self._tag(),
+                self.tag(),
                 event.subflow_id,
                 event.reason,
             )
         # closed after the next flush: a final RST or FIN may be queued
         self._closing_subflows.append(event.subflow_id)
-        if (
-            self._initiator
-            and self._remote is not None
-            and self._paths_started
-            and not self._rejoining
-            and not self._closing
-            and self._core.live_subflows == 0
-            and not self._core.closed
-        ):
-            # the core waits path_loss_timeout for a join: offer one
-            self._rejoining = True
-            self._spawn(self._rejoin(self._remote))
+        self.paths.subflow_closed()
 
     def _on_join_refused(self, event: events.JoinRefused) -> None:
         logger.warning(
             "%s: join on subflow %d refused: %s",
-            self._tag(),
+            self.tag(),
             event.subflow_id,
             event.reason,
         )
 
     def _on_address(self, event: events.AddressAnnounced) -> None:
-        if not self._initiator or self._remote is None:
-            return
-        port = event.port or self._remote[1]
-        # either family may be announced (RFC 8684 section 3.4.1): join
-        # from a given local address of the announced one's family, or
-        # let the system pick one when none of that family was given
-        version = event.address.version
-        local = next(
-            (
-                address
-                for address in self._local_addrs
-                if ipaddress.ip_address(address).version == version
-            ),
-            None,
-        )
-        self._spawn(self._open_subflow(local, (str(event.address), port)))
+        self.paths.address_announced(event)
 
     def _on_closed(self, event: events.ConnectionClosed) -> None:
         # finished after the next flush: the last FIN or RST must go out
@@ -485,16 +376,14 @@ class MultipathTransport(asyncio.Transport):
             return
         self._closed = True
         self._closing = True
-        for subflow in [*self._subflows.values(), *self._parked]:
+        for subflow in self._subflows.values():
             subflow.close()
         self._subflows.clear()
-        self._parked.clear()
+        self.paths.close()
         for handle in (self._timer, self._close_timer):
             if handle is not None:
                 handle.cancel()
         self._timer = self._close_timer = None
-        for task in self._tasks:
-            task.cancel()
         if self._closed_callback is not None:
             self._closed_callback(self)
         if self._protocol is None:
@@ -564,123 +453,13 @@ class MultipathTransport(asyncio.Transport):
             self._write_paused = False
             self._protocol.resume_writing()
 
-    # paths
+    # keys: the paths may open
 
     def install_keys(self, keys: KeyMaterial) -> bool:
         installed = self._core.install_keys(keys)
-        self._start_paths()
-        parked, self._parked = self._parked, []
-        for subflow in parked:
-            if not subflow.closed:
-                self._join(subflow)
+        self.paths.keys_installed()
         self.process()
         return installed
-
-    def _start_paths(self) -> None:
-        if self._paths_started or self._closed:
-            return
-        self._paths_started = True
-        if not self._core.joins_allowed:
-            # a downgraded connection (keys in the clear, not allowed)
-            # or one without keys: no join and no ADD_ADDR may follow
-            logger.debug(
-                "%s: no extra paths: %s",
-                self._tag(),
-                self._core.info().keys_reason,
-            )
-            return
-        if self._initiator:
-            if self._remote is None or self._preconnected:
-                return
-            for local in self._local_addrs[1:]:
-                self._spawn(self._open_subflow(local, self._remote))
-            return
-        for address_id, _, (host, port) in self._announcements():
-            try:
-                self._core.announce(
-                    address_id, ipaddress.ip_address(host), port
-                )
-            except MptlsError as exc:
-                logger.warning("cannot announce %s: %s", host, exc)
-
-    def _spawn(self, coro: Any) -> None:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _rejoin(self, remote: tuple[str, int]) -> None:
-        """Join again from each local address in turn until one holds.
-
-        Runs while no subflow is live; the core ends the connection with
-        a timeout error after ``path_loss_timeout`` if none comes back.
-        """
-        locals_: list[str | None] = [*self._local_addrs] or [None]
-        delay = _REJOIN_FIRST_DELAY
-        attempt = 0
-        try:
-            while not self._closing and self._core.live_subflows == 0:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _REJOIN_MAX_DELAY)
-                local = locals_[attempt % len(locals_)]
-                attempt += 1
-                logger.debug(
-                    "%s: no subflow left, joining again from %s",
-                    self._tag(),
-                    local,
-                )
-                await self._open_subflow(local, remote)
-        finally:
-            self._rejoining = False
-
-    async def _open_subflow(
-        self, local: str | None, remote: tuple[str, int]
-    ) -> None:
-        subflow = SubflowProtocol(self, initiator=True)
-        try:
-            # a path that blackholes SYNs must not hold the task forever
-            await asyncio.wait_for(
-                self._loop.create_connection(
-                    lambda: subflow,
-                    remote[0],
-                    remote[1],
-                    local_addr=(local, 0) if local else None,
-                ),
-                self._core.config.join_timeout,
-            )
-        except (OSError, TimeoutError) as exc:
-            # a refused rejoin is tried again until path_loss_timeout
-            # ends the connection with its own error: detail, not news
-            logger.log(
-                logging.INFO if self._rejoining else logging.WARNING,
-                "%s: cannot open a subflow from %s to %s: %s",
-                self._tag(),
-                local or "any local address",
-                format_address(remote),
-                exc,
-            )
-            return
-        if self._closed or self._closing:
-            subflow.close()
-            return
-        if not self._paths_started:
-            # connected before the keys: install_keys joins it
-            self._parked.append(subflow)
-            return
-        self._join(subflow)
-        self.process()
-
-    def _join(self, subflow: SubflowProtocol) -> None:
-        """Start the MP_JOIN on a connected subflow (sent by process)."""
-        try:
-            address_id = self.local_address_id(subflow.name("sockname"))
-            subflow_id = self._core.open_subflow(
-                self._loop.time(), address_id=address_id
-            )
-        except MptlsError as exc:
-            logger.warning("%s: no join: %s", self._tag(), exc)
-            subflow.close()
-            return
-        self.attach(subflow_id, subflow)
 
     # asyncio.Transport
 
@@ -833,7 +612,7 @@ class MultipathTransport(asyncio.Transport):
         self._close_timer = None
         if self._closed:
             return
-        logger.debug("%s: close timed out, aborting", self._tag())
+        logger.debug("%s: close timed out, aborting", self.tag())
         unacked = self._core.send_buffer_size
         # bytes the peer never acknowledged at the data level (RFC 8684
         # section 3.3.3) may be lost: the close was no clean one
@@ -947,12 +726,13 @@ class MultipathTransport(asyncio.Transport):
             subflows=tuple(subflows),
         )
 
-    def _tag(self) -> str:
+    def tag(self) -> str:
+        """The connection's token prefix that begins its log lines."""
         token = self._core.info().local_token
         return f"[{token[:8] if token else '-'}]"
 
     def __repr__(self) -> str:
-        return f"<mptls.MultipathTransport {self._tag()}>"
+        return f"<mptls.MultipathTransport {self.tag()}>"
 
 
 _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
@@ -968,14 +748,3 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
 
 # where get_extra_info finds a name in a cached (sockname, peername) pair
 _ADDRESS_INDEX = {"sockname": 0, "peername": 1}
-
-
-def _address_of(host: str) -> Any:
-    """An IP literal as an address object (one spelling per address).
-
-    The zone stays: fe80::1 on two links is two addresses (RFC 4007).
-    """
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return host

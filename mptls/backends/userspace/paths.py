@@ -1,0 +1,342 @@
+"""The paths of one userspace connection: address ids, subflows opened.
+
+:class:`Paths` numbers the local addresses of one connection (RFC 8684
+section 3.2: the ids its joins and ADD_ADDR options carry) and opens
+its extra subflows: the TCP connections made while TLS runs, the joins
+once the keys are installed, the joins to the addresses the peer
+announces and the rejoins of a client that lost every subflow; a server
+announces its addresses from here. The transport that owns it
+(:class:`PathOwner`) is handed each subflow once its join has started.
+
+It never moves a segment or handles an event of the core's: what a
+subflow sends and receives is the transport's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from mptls.backends.base import format_address
+from mptls.backends.userspace.subflow import (
+    SegmentSink,
+    SubflowProtocol,
+    host_port,
+)
+from mptls.errors import MptlsError
+from mptls.mptcp import events
+from mptls.mptcp.config import Mode
+from mptls.mptcp.connection import Connection
+
+logger = logging.getLogger("mptls.userspace")
+
+# a client that lost every subflow tries its local addresses again,
+# waiting this long before the first attempt and doubling up to the cap
+_REJOIN_FIRST_DELAY = 0.1
+_REJOIN_MAX_DELAY = 2.0
+
+
+class PathOwner(SegmentSink, Protocol):
+    """The transport, as its paths see it: it takes the subflows."""
+
+    def attach(self, subflow_id: int, subflow: SubflowProtocol) -> None: ...
+
+    def process(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def tag(self) -> str: ...
+
+
+class Paths:
+    """The local addresses and extra subflows of one connection."""
+
+    def __init__(
+        self,
+        owner: PathOwner,
+        core: Connection,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        initiator: bool,
+        local_addrs: Sequence[str],
+        remote: tuple[str, int] | None,
+        announce: Sequence[tuple[str, int]],
+        names: Mapping[int, tuple[Any, Any]],
+    ) -> None:
+        self._owner = owner
+        self._core = core
+        self._loop = loop
+        self._initiator = initiator
+        self._local_addrs = list(local_addrs)
+        self._remote = remote
+        self._announce = list(announce)
+        # the owner's (sockname, peername) of each subflow, read only
+        # here: the first subflow's local address has id 0
+        self._names = names
+        # RFC 8684 section 3.2: the id of each local address, which its
+        # joins carry; the first subflow's is 0, an announced one keeps
+        # its ADD_ADDR id, any other gets the next free one
+        self._address_ids: dict[tuple[Any, int | None], int] = {}
+        self._next_address_id = 1 if initiator else len(self._announce) + 1
+        self._closed = False
+        self._paths_started = False
+        # extra subflows' TCP connections, opened while TLS runs and
+        # joined the moment the keys are installed
+        self._preconnected = False
+        self._parked: list[SubflowProtocol] = []
+        self._rejoining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # address ids
+
+    def _number_addresses(self, sockname: Any) -> None:
+        """Ids for the first subflow's local address and the announced."""
+        if sockname is None:
+            return
+        self._address_ids.setdefault(self._address_key(sockname), 0)
+        for address_id, key, _ in self._announcements():
+            self._address_ids.setdefault(key, address_id)
+
+    def _announcements(
+        self,
+    ) -> Iterator[tuple[int, tuple[Any, int | None], tuple[str, int]]]:
+        """Each announced address: its ADD_ADDR id, key and entry.
+
+        Ids count 1, 2, ... in ``announce`` order, for ADD_ADDR and the
+        joins to it alike. The address and port the first subflow
+        reached is left out: the peer knows it already, as id 0.
+        """
+        names = self._names.get(0)
+        first = None if names is None else self._address_key(names[0])
+        for address_id, (host, port) in enumerate(self._announce, start=1):
+            # port 0 announces the address alone: joins to it come to
+            # the port the first subflow reached
+            key = (_address_of(host), port or (first and first[1]))
+            if key != first:
+                yield address_id, key, (host, port)
+
+    def _address_key(self, sockname: Any) -> tuple[Any, int | None]:
+        host, port = host_port(sockname) or ("", 0)
+        # the client's ports are ephemeral: its ids name addresses. The
+        # server's name what it may announce, an address and a port
+        return (_address_of(host), None if self._initiator else port)
+
+    def local_address_id(self, sockname: Any) -> int:
+        """The address id of a subflow's local address (RFC 8684 3.2).
+
+        The same address always gets the same id on this connection.
+        Raises :class:`~mptls.errors.MptlsError` when the 256 ids of
+        the option's octet are used up.
+        """
+        if not self._address_ids and 0 in self._names:
+            # numbered at the first join, not on every connection's setup
+            self._number_addresses(self._names[0][0])
+        key = self._address_key(sockname)
+        known = self._address_ids.get(key)
+        if known is not None:
+            return known
+        address_id = self._next_address_id
+        if address_id > 0xFF:
+            raise MptlsError("no address id left for one more local address")
+        self._next_address_id += 1
+        self._address_ids[key] = address_id
+        return address_id
+
+    # what the transport tells its paths
+
+    def preconnect(self) -> None:
+        """Open the extra subflows' TCP connections while TLS runs."""
+        # G mode: a join needs the TLS keys, but its TCP connection does
+        # not; opened now, in parallel with the MPTCP and TLS handshakes,
+        # the join SYN leaves with the keys instead of a TCP connect
+        # later. Only where G is the one mode offered: a fallback to
+        # cleartext keys might forbid joins, and then no TCP connection
+        # should be opened for one.
+        config = self._core.config
+        if (
+            self._preconnected
+            or not self._initiator
+            or self._remote is None
+            or config.mode is not Mode.G
+            or config.allow_legacy_fallback
+        ):
+            return
+        self._preconnected = True
+        for local in self._local_addrs[1:]:
+            self._spawn(self._open_subflow(local, self._remote))
+
+    def keys_installed(self) -> None:
+        """Join the TCP connections opened so far, open the others or
+        announce the server's addresses."""
+        self._start_paths()
+        parked, self._parked = self._parked, []
+        for subflow in parked:
+            if not subflow.closed:
+                self._join(subflow)
+
+    def subflow_closed(self) -> None:
+        """A subflow closed: a client left with none joins again."""
+        if (
+            self._initiator
+            and self._remote is not None
+            and self._paths_started
+            and not self._rejoining
+            and not self._owner.is_closing()
+            and self._core.live_subflows == 0
+            and not self._core.closed
+        ):
+            # the core waits path_loss_timeout for a join: offer one
+            self._rejoining = True
+            self._spawn(self._rejoin(self._remote))
+
+    def address_announced(self, event: events.AddressAnnounced) -> None:
+        """The peer announced an address (ADD_ADDR): a client joins it."""
+        if not self._initiator or self._remote is None:
+            return
+        port = event.port or self._remote[1]
+        # either family may be announced (RFC 8684 section 3.4.1): join
+        # from a given local address of the announced one's family, or
+        # let the system pick one when none of that family was given
+        version = event.address.version
+        local = next(
+            (
+                address
+                for address in self._local_addrs
+                if ipaddress.ip_address(address).version == version
+            ),
+            None,
+        )
+        self._spawn(self._open_subflow(local, (str(event.address), port)))
+
+    def close(self) -> None:
+        """The connection is finished: nothing more is opened."""
+        self._closed = True
+        for subflow in self._parked:
+            subflow.close()
+        self._parked.clear()
+        for task in self._tasks:
+            task.cancel()
+
+    # opening subflows
+
+    def _start_paths(self) -> None:
+        if self._paths_started or self._closed:
+            return
+        self._paths_started = True
+        if not self._core.joins_allowed:
+            # a downgraded connection (keys in the clear, not allowed)
+            # or one without keys: no join and no ADD_ADDR may follow
+            logger.debug(
+                "%s: no extra paths: %s",
+                self._owner.tag(),
+                self._core.info().keys_reason,
+            )
+            return
+        if self._initiator:
+            if self._remote is None or self._preconnected:
+                return
+            for local in self._local_addrs[1:]:
+                self._spawn(self._open_subflow(local, self._remote))
+            return
+        for address_id, _, (host, port) in self._announcements():
+            try:
+                self._core.announce(
+                    address_id, ipaddress.ip_address(host), port
+                )
+            except MptlsError as exc:
+                logger.warning("cannot announce %s: %s", host, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _rejoin(self, remote: tuple[str, int]) -> None:
+        """Join again from each local address in turn until one holds.
+
+        Runs while no subflow is live; the core ends the connection with
+        a timeout error after ``path_loss_timeout`` if none comes back.
+        """
+        locals_: list[str | None] = [*self._local_addrs] or [None]
+        delay = _REJOIN_FIRST_DELAY
+        attempt = 0
+        try:
+            while (
+                not self._owner.is_closing() and self._core.live_subflows == 0
+            ):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REJOIN_MAX_DELAY)
+                local = locals_[attempt % len(locals_)]
+                attempt += 1
+                logger.debug(
+                    "%s: no subflow left, joining again from %s",
+                    self._owner.tag(),
+                    local,
+                )
+                await self._open_subflow(local, remote)
+        finally:
+            self._rejoining = False
+
+    async def _open_subflow(
+        self, local: str | None, remote: tuple[str, int]
+    ) -> None:
+        subflow = SubflowProtocol(self._owner, initiator=True)
+        try:
+            # a path that blackholes SYNs must not hold the task forever
+            await asyncio.wait_for(
+                self._loop.create_connection(
+                    lambda: subflow,
+                    remote[0],
+                    remote[1],
+                    local_addr=(local, 0) if local else None,
+                ),
+                self._core.config.join_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            # a refused rejoin is tried again until path_loss_timeout
+            # ends the connection with its own error: detail, not news
+            logger.log(
+                logging.INFO if self._rejoining else logging.WARNING,
+                "%s: cannot open a subflow from %s to %s: %s",
+                self._owner.tag(),
+                local or "any local address",
+                format_address(remote),
+                exc,
+            )
+            return
+        if self._closed or self._owner.is_closing():
+            subflow.close()
+            return
+        if not self._paths_started:
+            # connected before the keys: keys_installed joins it
+            self._parked.append(subflow)
+            return
+        self._join(subflow)
+        self._owner.process()
+
+    def _join(self, subflow: SubflowProtocol) -> None:
+        """Start the MP_JOIN on a connected subflow (sent by process)."""
+        try:
+            address_id = self.local_address_id(subflow.name("sockname"))
+            subflow_id = self._core.open_subflow(
+                self._loop.time(), address_id=address_id
+            )
+        except MptlsError as exc:
+            logger.warning("%s: no join: %s", self._owner.tag(), exc)
+            subflow.close()
+            return
+        self._owner.attach(subflow_id, subflow)
+
+
+def _address_of(host: str) -> Any:
+    """An IP literal as an address object (one spelling per address).
+
+    The zone stays: fe80::1 on two links is two addresses (RFC 4007).
+    """
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host
