@@ -542,7 +542,11 @@ def test_the_kernel_servers_end_clients_only_where_asyncio_can() -> None:
             loop, [cast(asyncio.Server, _Held(ends_clients=False))]
         )
         for how in ("close_clients", "abort_clients"):
-            with pytest.raises(NotImplementedError, match=r"Python 3\.13"):
+            with pytest.raises(NotImplementedError) as raised:
                 getattr(unable, how)()
+            # the loop's server is named: uvloop's lacks them on 3.13 too
+            assert f"{how}()" in str(raised.value)
+            assert "test_close._Held has not" in str(raised.value)
+            assert "Python 3.13" in str(raised.value)
     finally:
         loop.close()

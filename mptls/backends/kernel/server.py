@@ -70,9 +70,13 @@ class MultiServer(Server):
 def _clients_method(server: asyncio.Server, name: str) -> Callable[[], None]:
     method: Callable[[], None] | None = getattr(server, name, None)
     if method is None:
-        # asyncio's servers track their connections from Python 3.13;
-        # doing nothing would let the caller believe they were ended
+        # asyncio's servers track their connections from Python 3.13,
+        # other loops' (uvloop's) may not; doing nothing would let the
+        # caller believe they were ended
+        kind = type(server)
         raise NotImplementedError(
-            f"{name}() on the kernel backend needs Python 3.13 or later"
+            f"{name}() on the kernel backend needs the event loop's "
+            f"server to have it, and {kind.__module__}.{kind.__qualname__} "
+            "has not (asyncio's servers have it from Python 3.13)"
         )
     return method
