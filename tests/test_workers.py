@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -212,6 +213,23 @@ async def test_join_naming_an_absent_worker_is_refused_here(
         owner.close()
         stray.close()
     assert router.stats().handed_off == 0
+
+
+async def test_a_socket_adopted_as_the_router_closes_is_closed(
+    two_workers: TwoWorkers,
+) -> None:
+    # a sibling's socket arrives and the worker stops before the task
+    # that hands it to asyncio has run: the socket must not be left to
+    # the garbage collector
+    router = two_workers.routers[1]
+    ours, theirs = socket.socketpair()
+    with ours:
+        router._adopt(theirs, b"")
+        adopting = list(router._tasks)
+        router.close()
+        await asyncio.gather(*adopting, return_exceptions=True)
+        assert theirs.fileno() == -1
+        assert ours.recv(1) == b""  # the peer end saw it close
 
 
 # a real pool of processes

@@ -233,6 +233,12 @@ class JoinRouter:
         task = self._loop.create_task(self._connect(listener, sock, first))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # a task cancelled by close() before it ran never reaches its
+        # own cleanup; one cancelled inside asyncio's connect has had
+        # its transport closed, and a second close() does nothing
+        task.add_done_callback(
+            lambda done: sock.close() if done.cancelled() else None
+        )
 
     async def _connect(
         self, listener: Listener, sock: socket.socket, first: bytes
