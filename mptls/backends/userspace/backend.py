@@ -694,16 +694,10 @@ def _start_join(
     if multipath.is_closing():
         watch.close()
         raise PathError("the connection is closing: no new subflows")
-    loop = asyncio.get_running_loop()
     try:
-        address_id = multipath.paths.local_address_id(watch.name("sockname"))
-        subflow_id = multipath._core.open_subflow(
-            loop.time(), backup=backup, address_id=address_id
-        )
+        subflow_id = multipath.paths.join(watch, backup=backup)
     except MptlsError as exc:
-        watch.close()
         raise PathError(f"no join: {exc}") from exc
-    multipath.attach(subflow_id, watch)
     multipath.process()
     return subflow_id
 

@@ -317,18 +317,30 @@ class Paths:
         self._join(subflow)
         self._owner.process()
 
-    def _join(self, subflow: SubflowProtocol) -> None:
-        """Start the MP_JOIN on a connected subflow (sent by process)."""
+    def join(self, subflow: SubflowProtocol, *, backup: bool = False) -> int:
+        """Start the MP_JOIN on a connected subflow; its subflow id.
+
+        The owner sends it at its next ``process()``. Raises
+        :class:`~mptls.errors.MptlsError` (and closes ``subflow``) when
+        the core takes no more subflows or no address id is left.
+        """
         try:
             address_id = self.local_address_id(subflow.name("sockname"))
             subflow_id = self._core.open_subflow(
-                self._loop.time(), address_id=address_id
+                self._loop.time(), backup=backup, address_id=address_id
             )
+        except MptlsError:
+            subflow.close()
+            raise
+        self._owner.attach(subflow_id, subflow)
+        return subflow_id
+
+    def _join(self, subflow: SubflowProtocol) -> None:
+        """Join a subflow mptls opened itself: a refusal is logged."""
+        try:
+            self.join(subflow)
         except MptlsError as exc:
             logger.warning("%s: no join: %s", self._owner.tag(), exc)
-            subflow.close()
-            return
-        self._owner.attach(subflow_id, subflow)
 
 
 def _address_of(host: str) -> Any:
