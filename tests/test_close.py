@@ -548,5 +548,16 @@ def test_the_kernel_servers_end_clients_only_where_asyncio_can() -> None:
             assert f"{how}()" in str(raised.value)
             assert "test_close._Held has not" in str(raised.value)
             assert "Python 3.13" in str(raised.value)
+        # one server that cannot: the others' clients are left alone too
+        mixed = MultiServer(
+            loop,
+            [
+                cast(asyncio.Server, able),
+                cast(asyncio.Server, _Held(ends_clients=False)),
+            ],
+        )
+        with pytest.raises(NotImplementedError):
+            mixed.close_clients()
+        assert able.calls == ["close", "close", "abort", "abort"]
     finally:
         loop.close()

@@ -619,6 +619,10 @@ async def test_a_started_pool_enters_as_it_is(pki: Pki) -> None:
             assert await reader.read() == b"hello"
             writer.close()
             await writer.wait_closed()
+        stats = await pool.stop()
+        assert [s.first_subflows for s in stats] == [1]
+    # the block's exit stopped the pool again and kept what it reported
+    assert pool.stats == stats
     for pid in pids:
         await wait_exited(pid, 30)
     assert pool.pids == ()
@@ -663,6 +667,7 @@ def test_a_pool_started_without_the_main_guard_says_so(
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("mptls.errors.BackendError: a worker failed"), last
+    assert "exited with code 1 before it listened" in last
     assert "__main__" in last
 
 

@@ -39,13 +39,13 @@ class MultiServer(Server):
 
     def close_clients(self) -> None:
         """Close every accepted connection (asyncio's, from Python 3.13)."""
-        for server in self._servers:
-            _clients_method(server, "close_clients")()
+        for close in _clients_methods(self._servers, "close_clients"):
+            close()
 
     def abort_clients(self) -> None:
         """Abort every accepted connection (asyncio's, from Python 3.13)."""
-        for server in self._servers:
-            _clients_method(server, "abort_clients")()
+        for abort in _clients_methods(self._servers, "abort_clients"):
+            abort()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -67,16 +67,24 @@ class MultiServer(Server):
             await server.wait_closed()
 
 
-def _clients_method(server: asyncio.Server, name: str) -> Callable[[], None]:
-    method: Callable[[], None] | None = getattr(server, name, None)
-    if method is None:
-        # asyncio's servers track their connections from Python 3.13,
-        # other loops' (uvloop's) may not; doing nothing would let the
-        # caller believe they were ended
-        kind = type(server)
-        raise NotImplementedError(
-            f"{name}() on the kernel backend needs the event loop's "
-            f"server to have it, and {kind.__module__}.{kind.__qualname__} "
-            "has not (asyncio's servers have it from Python 3.13)"
-        )
-    return method
+def _clients_methods(
+    servers: Sequence[asyncio.Server], name: str
+) -> list[Callable[[], None]]:
+    """Each server's ``name`` method, all looked up before any is called:
+    no server's clients are ended when another's cannot be."""
+    methods = []
+    for server in servers:
+        method: Callable[[], None] | None = getattr(server, name, None)
+        if method is None:
+            # asyncio's servers track their connections from Python
+            # 3.13, other loops' (uvloop's) may not; doing nothing would
+            # let the caller believe they were ended
+            kind = type(server)
+            raise NotImplementedError(
+                f"{name}() on the kernel backend needs the event loop's "
+                f"server to have it, and "
+                f"{kind.__module__}.{kind.__qualname__} has not "
+                "(asyncio's servers have it from Python 3.13)"
+            )
+        methods.append(method)
+    return methods

@@ -8,8 +8,9 @@ announces and the rejoins of a client that lost every subflow; a server
 announces its addresses from here. The transport that owns it
 (:class:`PathOwner`) is handed each subflow once its join has started.
 
-It never moves a segment or handles an event of the core's: what a
-subflow sends and receives is the transport's.
+It never moves a segment: what a subflow sends and receives, and the
+core's events, are the transport's, which tells it of the few that
+concern paths (keys installed, a subflow closed, an address announced).
 """
 
 from __future__ import annotations
@@ -247,7 +248,9 @@ class Paths:
                     address_id, ipaddress.ip_address(host), port
                 )
             except MptlsError as exc:
-                logger.warning("cannot announce %s: %s", host, exc)
+                logger.warning(
+                    "%s: cannot announce %s: %s", self._owner.tag(), host, exc
+                )
 
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)

@@ -230,19 +230,21 @@ class JoinRouter:
             sock.close()
             return
         self._counts["in"] += 1
-        task = self._loop.create_task(self._connect(listener, sock, first))
+        # the socket waits here until _connect takes it: a task that
+        # close() cancels before it ran closes it as it ends, where one
+        # that ran leaves it to asyncio's transport
+        unclaimed = [sock]
+        task = self._loop.create_task(
+            self._connect(listener, unclaimed, first)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        # a task cancelled by close() before it ran never reaches its
-        # own cleanup; one cancelled inside asyncio's connect has had
-        # its transport closed, and a second close() does nothing
-        task.add_done_callback(
-            lambda done: sock.close() if done.cancelled() else None
-        )
+        task.add_done_callback(lambda _: _close_all(unclaimed))
 
     async def _connect(
-        self, listener: Listener, sock: socket.socket, first: bytes
+        self, listener: Listener, unclaimed: list[socket.socket], first: bytes
     ) -> None:
+        sock = unclaimed.pop()
         try:
             await self._loop.connect_accepted_socket(
                 lambda: _AdoptedSubflow(listener, first), sock
@@ -250,6 +252,11 @@ class JoinRouter:
         except OSError as exc:
             logger.debug("an adopted subflow failed: %s", exc)
             sock.close()
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _rights(fd: int) -> tuple[int, int, bytes]:

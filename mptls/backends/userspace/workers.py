@@ -276,6 +276,7 @@ class WorkerPool:
         self._processes: list[BaseProcess] = []
         self._pipes: list[Pipe] = []
         self._stats: tuple[WorkerStats, ...] = ()
+        self._stopped = False
         self._state = _PoolState()
         self._watchers: set[asyncio.Task[None]] = set()
         # the watchers that are starting a replacement: stop cancels them
@@ -338,6 +339,7 @@ class WorkerPool:
         # private (0700): only this user's processes can hand sockets
         self._dir = Path(tempfile.mkdtemp(prefix="mptls-workers-"))
         self._state = _PoolState()
+        self._stopped = False
         # held until every worker has bound the port with SO_REUSEPORT,
         # so that port 0 means the same free port for all of them
         placeholder = _reserve(_first_host(self._template.host), self._port)
@@ -373,7 +375,13 @@ class WorkerPool:
             )
 
     async def stop(self) -> tuple[WorkerStats, ...]:
-        """Stop every worker (open connections get ``grace`` s to end)."""
+        """Stop every worker (open connections get ``grace`` s to end).
+
+        Returns the workers' :attr:`stats`; a second call returns them
+        again (``async with`` stops a pool its block already stopped).
+        """
+        if self._stopped:
+            return self._stats
         self._state.stopping = True
         self._state.ended.set()
         self._unwatch()
@@ -396,6 +404,7 @@ class WorkerPool:
             if kind == "stats" and isinstance(body, WorkerStats)
         )
         await self._halt()
+        self._stopped = True
         return self._stats
 
     async def __aenter__(self) -> WorkerPool:
@@ -442,17 +451,19 @@ class WorkerPool:
         replies = await asyncio.gather(
             *(receive(pipe, self._start_timeout) for pipe in self._pipes)
         )
-        for kind, body in replies:
+        pairs = zip(self._processes, replies, strict=True)
+        for process, (kind, body) in pairs:
             if kind == "timeout":
                 raise MptlsTimeoutError(
                     f"a worker did not start within {self._start_timeout} s"
                 )
             if kind == "gone":
+                await reap(process, self._start_timeout)
                 raise BackendError(
-                    "a worker failed to start: it exited before it "
-                    "listened (its error is on stderr; a script that "
-                    'starts a pool needs an `if __name__ == "__main__":` '
-                    "guard)"
+                    "a worker failed to start: it exited with code "
+                    f"{process.exitcode} before it listened (any error "
+                    "it had is on stderr; a script that starts a pool "
+                    'needs an `if __name__ == "__main__":` guard)'
                 )
             if kind != "ready":
                 raise BackendError(f"a worker failed to start: {body}")
