@@ -13,6 +13,9 @@ import asyncio
 import random
 import socket
 
+import pytest
+
+from mptls.backends.userspace import subflow as subflow_module
 from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.mptcp.framing import PREAMBLE, Payload
 
@@ -64,4 +67,67 @@ async def test_flushes_arrive_whole_and_in_order() -> None:
         assert await asyncio.wait_for(reader, 10) == expected
     finally:
         transport.close()
+        far.close()
+
+
+class _Watched(SubflowProtocol):
+    """Resolves ``lost`` when its TCP connection is gone."""
+
+    def __init__(self) -> None:
+        super().__init__(_Sink(), initiator=True)  # type: ignore[arg-type]
+        self.lost: asyncio.Future[None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def test_a_subflow_closed_with_frames_its_path_never_takes_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a path that takes nothing more (a blackhole, a peer that stopped
+    # reading): asyncio's close() would wait for the socket to drain,
+    # which holds the fd and the frames until TCP gives up, minutes on
+    monkeypatch.setattr(subflow_module, "CLOSE_LINGER", 0.05)
+    near, far = socket.socketpair()
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    loop = asyncio.get_running_loop()
+    subflow = _Watched()
+    transport, _ = await loop.connect_accepted_socket(lambda: subflow, near)
+    try:
+        while not transport.get_write_buffer_size():
+            subflow.send([bytes(256 * 1024)])
+        subflow.close()
+        await asyncio.wait_for(subflow.lost, 10)
+        assert near.fileno() == -1
+    finally:
+        if not subflow.lost.done():
+            transport.abort()
+        far.close()
+
+
+async def test_a_subflow_closed_on_a_live_path_sends_what_it_held() -> None:
+    # the last frames (a FIN, an RST with its reason) still go out
+    near, far = socket.socketpair()
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    far.setblocking(False)
+    loop = asyncio.get_running_loop()
+    subflow = _Watched()
+    transport, _ = await loop.connect_accepted_socket(lambda: subflow, near)
+    payload = random.Random(5).randbytes(1 << 20)
+    try:
+        subflow.send([payload])
+        assert transport.get_write_buffer_size()
+        subflow.close()
+        received = await asyncio.wait_for(
+            _read_all(far, len(PREAMBLE) + len(payload)), 10
+        )
+        assert received == PREAMBLE + payload
+        await asyncio.wait_for(subflow.lost, 10)
+    finally:
+        if not subflow.lost.done():
+            transport.abort()
         far.close()

@@ -43,6 +43,10 @@ _JOINING_TRANSPORT = (
 )
 # pieces per writev: Linux takes up to 1024 (IOV_MAX)
 _MAX_IOV = 1024
+# seconds a closed subflow may take to send what asyncio still holds for
+# it (its last frames) before its TCP connection is reset: a path that
+# takes nothing more would otherwise keep the socket until TCP gives up
+CLOSE_LINGER = 10.0
 
 
 class SegmentSink(Protocol):
@@ -71,6 +75,8 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.preamble_sent = False
         self.closed = False
+        # connection_lost has come: the transport is finished
+        self.gone = False
         self._outq_works = True
         self._gather = False
         self._fileno = -1
@@ -138,6 +144,7 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
         was_closed, self.closed = self.closed, True
         if not was_closed:
             self.sink.subflow_lost(self, exc)
@@ -215,9 +222,28 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         return []
 
     def close(self) -> None:
+        """Close the TCP connection once asyncio has sent what it holds.
+
+        A subflow is mostly closed because its path failed (RFC 8684
+        section 3.3.6), and what it held is sent again on the others:
+        if its last frames have not gone within :data:`CLOSE_LINGER`,
+        the connection is reset rather than left to TCP's own timeout.
+        """
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None or self.gone:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(
+                    CLOSE_LINGER, self._abort_lingering
+                )
+
+    def _abort_lingering(self) -> None:
+        # not once connection_lost came: asyncio's abort() then fails
+        if not self.gone and self.transport is not None:
+            self.transport.abort()
 
     def name(self, which: str) -> Any:
         """``sockname`` or ``peername`` as asyncio gives it (four items
