@@ -396,6 +396,74 @@ def test_conflicting_copies_never_change_taken_bytes() -> None:
     assert set(data[5 + 4096 + 4 :]) <= {ord("Q")}
 
 
+def _server_dsn_ack(net: MemNet, offset: int) -> int:
+    """The Data ACK, as the server would write it, for client offset."""
+    return _client_dsn(net, offset)
+
+
+def test_a_hole_that_never_fills_fails_the_receiver_in_time() -> None:
+    # a Data ACK forged on the first path frees the client's chunks in
+    # flight on the second; that path then dies, so nothing sends them
+    # again, and the client has nothing outstanding: no timer of the
+    # sender's fires. The server, holding later bytes behind the hole,
+    # is the one that can tell
+    config = ConnectionConfig(path_loss_timeout=5.0)
+    net = established(MemNet(client_config=config, server_config=config))
+    second = join(net, delay=0.05)
+    up = stream(400_000, 17)
+    net.client.send(up)
+    assert net.run(
+        lambda: net.link(second).to_server.queue != [], max_time=net.now + 1
+    )
+    mapped = net.client._send.mapped_end
+    forged = Dss(data_ack=_server_dsn_ack(net, mapped))
+    net.inject(0, Segment(Flag.ACK, (forged,), window=1 << 22))
+    assert net.run(
+        lambda: net.client._send.acked >= mapped, max_time=net.now + 1
+    )
+    net.kill(second)
+    lost_at = net.now
+    assert net.run(
+        lambda: net.server_side.closed is not None, max_time=net.now + 600
+    )
+    assert net.now - lost_at <= 5.0
+    closed = net.server_side.closed
+    assert closed is not None
+    assert isinstance(closed.error, MptlsTimeoutError)
+    assert "never came" in str(closed.error)
+    # the client hears of it too, and what arrived is a prefix
+    net.run(max_time=net.now + 600)
+    assert net.client_side.closed is not None
+    assert net.client_side.closed.error is not None
+    assert up.startswith(bytes(net.server_side.data[5:]))
+
+
+def test_a_hole_that_moves_is_no_failure() -> None:
+    # holes open and fill, each for less than the timeout and all of
+    # them for more: only a hole that stays where it is counts
+    config = ConnectionConfig(path_loss_timeout=1.0)
+    net = established(MemNet(client_config=config, server_config=config))
+    pieces = [stream(1000, 20 + index) for index in range(8)]
+    started = net.now
+    for index in range(0, 8, 2):
+        first, second = 5 + 1000 * index, 5 + 1000 * (index + 1)
+        net.inject_to_server(
+            0, _mapped(_client_dsn(net, second), pieces[index + 1])
+        )
+        net.run(max_time=net.now)
+        assert net.server._hole_since is not None
+        net.now += 0.8
+        net.run(max_time=net.now)
+        net.inject_to_server(
+            0, _mapped(_client_dsn(net, first), pieces[index])
+        )
+        net.run(max_time=net.now)
+        assert net.server._hole_since is None
+    assert net.now - started > config.path_loss_timeout
+    assert net.server_side.closed is None
+    assert bytes(net.server_side.data) == b"hello" + b"".join(pieces)
+
+
 def test_early_data_fin_waits_for_the_bytes_before_it() -> None:
     net = established(MemNet())
     assert net.server is not None

@@ -550,10 +550,20 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         subflow.ack_due_bytes += len(payload) + (1 if fin else 0)
         if subflow.ack_due_since is None:
             subflow.ack_due_since = now
-        had_fin = self._receive.fin_reached
-        data = self._receive.insert(offset, payload, fin)
+        receive = self._receive
+        had_fin = receive.fin_reached
+        data = receive.insert(offset, payload, fin)
         if data:
             self._events.append(ev.DataReceived(data))
+        if receive.held:
+            if (
+                self._hole_since is None
+                or receive.next_offset != self._hole_at
+            ):
+                self._hole_since = now
+                self._hole_at = receive.next_offset
+        elif self._hole_since is not None:
+            self._hole_since = None
         if self._receive.fin_reached and not had_fin:
             # RFC 8684 section 3.3.3: acknowledge the DATA_FIN at once
             subflow.ack_due_bytes = max(
@@ -748,6 +758,8 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             deadlines.append(self._paths_lost_at + limit)
         elif outstanding:
             deadlines.append(self._last_progress + limit)
+        if self._hole_since is not None:
+            deadlines.append(self._hole_since + limit)
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:

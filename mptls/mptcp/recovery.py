@@ -103,6 +103,15 @@ class RecoveryMixin(ConnectionState):
             error = MptlsTimeoutError(
                 f"no path delivered data for {limit} s (path_loss_timeout)"
             )
+        elif self._hole_since is not None and now >= self._hole_since + limit:
+            # later bytes arrived, the ones before them did not, and the
+            # peer sends them nowhere again: it took them as delivered
+            # (a Data ACK forged on a path can do that) or lost track
+            error = MptlsTimeoutError(
+                f"the peer's data at offset {self._hole_at} never came, "
+                f"though later data did, within {limit} s "
+                "(path_loss_timeout)"
+            )
         else:
             return False
         self._give_up(error)

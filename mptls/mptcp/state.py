@@ -103,6 +103,10 @@ class ConnectionState:
         self._paths_lost_at: float | None = None
         # last time the Data ACK moved or data left with none in flight
         self._last_progress = now
+        # since when bytes are held behind a hole in the peer's stream
+        # that has not moved (None: no hole), and where the hole starts
+        self._hole_since: float | None = None
+        self._hole_at = 0
         # failed-join token bucket (config.join_failure_burst / _rate)
         self._join_credit = float(config.join_failure_burst)
         self._join_credit_at = now
