@@ -33,12 +33,13 @@ from mptls.backends.kernel import info as kernel_info
 from mptls.backends.kernel import keys as kernel_keys
 from mptls.backends.kernel import sockets
 from mptls.backends.kernel.pathmanager import (
+    Endpoint,
     EndpointFlag,
     PathManager,
     run_in_thread,
 )
 from mptls.backends.kernel.server import MultiServer
-from mptls.errors import BackendError, ConfigurationError
+from mptls.errors import BackendError, ConfigurationError, PathError
 from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.backends.kernel")
@@ -87,6 +88,46 @@ def _check_announce(announce: object) -> list[str]:
                 f"announce entry {address!r} is not an IPv4 or IPv6 literal"
             ) from None
     return list(announce)
+
+
+def _check_mptcp_socket(first_local: str) -> None:
+    """Raise BackendError now if the kernel refuses an MPTCP socket.
+
+    Checked before any endpoint is added, so that a kernel with
+    net.mptcp.enabled = 0 leaves the endpoint table as it was.
+    """
+    family = sockets.numeric_family(first_local.partition("%")[0])
+    sockets.mptcp_socket(family or socket.AF_INET).close()
+
+
+async def _announce(announce: Sequence[str]) -> tuple[Endpoint, ...]:
+    """Signal endpoints for ``announce``; returns those added."""
+    if not announce:
+        return ()
+
+    def add() -> tuple[Endpoint, ...]:
+        with PathManager() as paths:
+            return paths.ensure_endpoints(announce, EndpointFlag.SIGNAL).added
+
+    return await run_in_thread(add)
+
+
+async def _take_back(added: Sequence[Endpoint]) -> None:
+    """Remove the endpoints a failed call added, and only those."""
+    if not added:
+        return
+
+    def remove() -> None:
+        with PathManager() as paths:
+            paths.remove_added(added)
+
+    try:
+        await run_in_thread(remove)
+    except PathError as exc:
+        # the call's own error is the one to raise
+        logger.warning(
+            "endpoints added for a failed call stay in place: %s", exc
+        )
 
 
 def _transport_socket(transport: asyncio.BaseTransport) -> Any:
@@ -162,13 +203,19 @@ class KernelBackend(Backend):
         _check_options(options, CONNECTION_OPTIONS)
         loop = asyncio.get_running_loop()
         addrs = list(local_addrs or ())
+        added: tuple[Endpoint, ...] = ()
         if len(addrs) > 1:
-            await self._subflow_endpoints(
-                addrs[1:], bool(options.get("manage_paths"))
+            manage = bool(options.get("manage_paths"))
+            if manage:
+                _check_mptcp_socket(addrs[0])
+            added = await self._subflow_endpoints(addrs[1:], manage)
+        try:
+            sock = await sockets.connect(
+                loop, host, port, local_addr=addrs[0] if addrs else None
             )
-        sock = await sockets.connect(
-            loop, host, port, local_addr=addrs[0] if addrs else None
-        )
+        except BaseException:
+            await _take_back(added)
+            raise
         try:
             state = sockets.fallback_state(sock)
             if state.fallback:
@@ -183,28 +230,34 @@ class KernelBackend(Backend):
             )
         except BaseException:
             sock.close()
+            await _take_back(added)
             raise
         return transport, protocol
 
     async def _subflow_endpoints(
         self, addresses: Sequence[str], manage: bool
-    ) -> None:
+    ) -> tuple[Endpoint, ...]:
+        """Subflow endpoints for ``addresses``; returns those added."""
         if not manage:
             logger.info(
                 "extra local addresses %s left to the kernel's endpoints "
                 "(pass manage_paths=True to add them)",
                 list(addresses),
             )
-            return
+            return ()
 
-        def add() -> None:
+        def add() -> tuple[Endpoint, ...]:
             with PathManager() as paths:
-                for address in addresses:
-                    paths.ensure_endpoint(address, EndpointFlag.SUBFLOW)
-                if paths.limits().subflows < len(addresses):
-                    paths.set_limits(subflows=len(addresses))
+                claim = paths.ensure_endpoints(addresses, EndpointFlag.SUBFLOW)
+                try:
+                    # re-read right before the write: only ever raised
+                    paths.raise_limits(subflows=len(claim.endpoints))
+                except BaseException:
+                    paths.remove_added(claim.added)
+                    raise
+                return claim.added
 
-        await run_in_thread(add)
+        return await run_in_thread(add)
 
     async def create_server(
         self,
@@ -221,15 +274,9 @@ class KernelBackend(Backend):
         """
         _check_options(options, SERVER_OPTIONS)
         announce = _check_announce(options.get("announce"))
-        if announce:
-
-            def add() -> None:
-                with PathManager() as paths:
-                    for address in announce:
-                        paths.ensure_endpoint(address, EndpointFlag.SIGNAL)
-
-            await run_in_thread(add)
         loop = asyncio.get_running_loop()
+        # the MPTCP sockets first: a kernel that refuses them is found
+        # out before the endpoint table changes
         listeners = await sockets.listening_sockets(
             loop,
             host,
@@ -237,6 +284,12 @@ class KernelBackend(Backend):
             reuse_address=bool(options.get("reuse_address", True)),
             reuse_port=bool(options.get("reuse_port", False)),
         )
+        try:
+            added = await _announce(announce)
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            raise
         # asyncio's server listens, with this backlog, once it serves
         backlog = int(options.get("backlog", 100))
         start_serving = bool(options.get("start_serving", True))
@@ -256,6 +309,7 @@ class KernelBackend(Backend):
                 server.close()
             for listener in listeners[len(servers) :]:
                 listener.close()
+            await _take_back(added)
             raise
         return MultiServer(loop, servers)
 

@@ -8,16 +8,19 @@ namespace and shared by every connection in it.
 
 Reading needs no privilege; changing needs CAP_NET_ADMIN, and without it
 this module says what is missing rather than trying and failing deep in
-netlink. It talks netlink through pyroute2 and never runs ``ip``.
+netlink. It talks netlink through pyroute2 and never runs ``ip``. It
+must never lower a limit it was asked to raise, compare addresses as
+text, or remove an endpoint it did not add.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
-import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntFlag
 from types import TracebackType
@@ -32,6 +35,21 @@ T = TypeVar("T")
 
 # include/uapi/linux/capability.h
 CAP_NET_ADMIN = 12
+
+# net/mptcp: MPTCP_PM_ADDR_MAX (8; MPTCP_SUBFLOWS_MAX in later kernels)
+# caps the endpoints of a namespace and each of the two limits
+MAX_ENDPOINTS = 8
+MAX_LIMIT = 8
+
+# a limit written, then found lower (another writer), is written again
+# this many times at most
+RAISE_ATTEMPTS = 3
+
+# raises from threads of this process run one at a time: between them
+# the read-then-write window is closed (across processes it is not)
+_LIMIT_WRITES = threading.Lock()
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class EndpointFlag(IntFlag):
@@ -76,6 +94,14 @@ class Endpoint:
             "port": self.port,
             "interface": self.interface,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointClaim:
+    """Endpoints one call needed: all of them, and those it added."""
+
+    endpoints: tuple[Endpoint, ...]
+    added: tuple[Endpoint, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +234,17 @@ class PathManager:
         if not has_net_admin():
             raise PathError(missing_capability_reason())
 
+    def find_endpoint(
+        self, address: str, port: int | None = None
+    ) -> Endpoint | None:
+        """The endpoint for ``address`` (and ``port``), if there is one.
+
+        Addresses are compared as values: the kernel writes its own
+        spelling (``2001:db8:2::1``), which the caller's need not be.
+        """
+        wanted = parse_address(address)
+        return _find(self.endpoints(), wanted, port)
+
     def add_endpoint(
         self,
         address: str,
@@ -216,32 +253,91 @@ class PathManager:
         address_id: int | None = None,
         port: int | None = None,
     ) -> Endpoint:
-        """Add an endpoint and return it as the kernel recorded it."""
+        """Add an endpoint and return it as the kernel recorded it.
+
+        An endpoint already there for the address (another process may
+        have added it a moment ago) is returned as it is.
+        """
+        return self._add(address, flags, address_id=address_id, port=port)[0]
+
+    def _add(
+        self,
+        address: str,
+        flags: int,
+        *,
+        address_id: int | None = None,
+        port: int | None = None,
+    ) -> tuple[Endpoint, bool]:
+        """The endpoint, and whether this call is what added it."""
         self._require_capability()
-        family = _family(address)
+        wanted = parse_address(address)
         fields: dict[str, Any] = {
-            "addr4" if family == socket.AF_INET else "addr6": address,
+            "addr4" if wanted.version == 4 else "addr6": str(wanted),
             "flags": int(flags),
         }
         if address_id is not None:
             fields["id"] = address_id
         if port is not None:
             fields["port"] = port
-        self._request(
-            f"add endpoint {address}", self._mptcp().endpoint, "add", **fields
-        )
-        logger.debug("added endpoint %s %s", address, flag_names(flags))
-        for endpoint in self.endpoints():
-            if endpoint.address == address and endpoint.port == port:
-                return endpoint
-        raise PathError(f"endpoint {address} vanished after it was added")
+        added = True
+        try:
+            self._mptcp().endpoint("add", **fields)
+        except PathError:
+            raise
+        except Exception as exc:
+            if getattr(exc, "code", None) != errno.EEXIST:
+                raise PathError(
+                    f"netlink refused to add endpoint {address}: {exc}"
+                ) from exc
+            # the kernel has this address (and port) already: a
+            # concurrent add won, which is what this call wanted
+            added = False
+        found = _find(self.endpoints(), wanted, port)
+        if found is None:
+            verb = "was added" if added else "was reported to exist"
+            raise PathError(f"endpoint {address} vanished after it {verb}")
+        if added:
+            logger.debug(
+                "added endpoint %s %s", found.address, flag_names(flags)
+            )
+        return found, added
 
     def ensure_endpoint(self, address: str, flags: int) -> Endpoint:
         """The endpoint for ``address``, added if there is none yet."""
-        for endpoint in self.endpoints():
-            if endpoint.address == address and endpoint.port is None:
-                return endpoint
-        return self.add_endpoint(address, flags)
+        return self.ensure_endpoints([address], flags).endpoints[0]
+
+    def ensure_endpoints(
+        self, addresses: Sequence[str], flags: int
+    ) -> EndpointClaim:
+        """Endpoints for every address: all of them, or none added.
+
+        Every address is checked, and the namespace's endpoint count
+        against the kernel's maximum, before anything changes; when an
+        add still fails, the endpoints this call added are removed.
+        An endpoint already there is kept as it is, whatever its flags.
+        """
+        self._require_capability()
+        wanted = _distinct(addresses)
+        existing = self.endpoints()
+        missing = [a for a in wanted if _find(existing, a, None) is None]
+        if len(existing) + len(missing) > MAX_ENDPOINTS:
+            raise PathError(
+                f"{len(missing)} more endpoint(s) would make "
+                f"{len(existing) + len(missing)} in this namespace; the "
+                f"kernel takes at most {MAX_ENDPOINTS}"
+            )
+        endpoints: list[Endpoint] = []
+        added: list[Endpoint] = []
+        try:
+            for address in wanted:
+                endpoint, new = self._add(str(address), flags)
+                endpoints.append(endpoint)
+                if new:
+                    added.append(endpoint)
+        except BaseException:
+            self.remove_added(added)
+            raise
+        return EndpointClaim(tuple(endpoints), tuple(added))
 
     def remove_endpoint(self, address_id: int) -> None:
         """Remove the endpoint with this address id."""
@@ -254,29 +350,142 @@ class PathManager:
         )
         logger.debug("removed endpoint id %d", address_id)
 
+    def remove_added(self, added: Sequence[Endpoint]) -> None:
+        """Take back endpoints this process added, if still as recorded.
+
+        An id that now names another address, or an endpoint someone
+        already removed, is left alone: it is no longer the one added.
+        """
+        if not added:
+            return
+        current = set(self.endpoints())
+        failures: list[str] = []
+        for endpoint in added:
+            if endpoint not in current:
+                continue
+            try:
+                self.remove_endpoint(endpoint.address_id)
+            except PathError as exc:
+                failures.append(str(exc))
+        if failures:
+            raise PathError("; ".join(failures))
+
     def set_limits(
         self,
         *,
         subflows: int | None = None,
         add_addr_accepted: int | None = None,
     ) -> Limits:
-        """Change one or both limits (0 to 8 each); returns the new ones."""
+        """Write the limits given (0 to 8 each); returns the new ones.
+
+        A limit not given is not written, so a change another process
+        makes to it meanwhile stays.
+        """
         self._require_capability()
-        current = self.limits()
-        wanted = Limits(
-            subflows=current.subflows if subflows is None else subflows,
-            add_addr_accepted=current.add_addr_accepted
-            if add_addr_accepted is None
-            else add_addr_accepted,
-        )
-        self._request(
-            "set limits",
-            self._mptcp().limits,
-            "set",
-            subflows=wanted.subflows,
-            rcv_add_addrs=wanted.add_addr_accepted,
-        )
+        fields = _limit_fields(subflows, add_addr_accepted)
+        if fields:
+            self._request("set limits", self._mptcp().limits, "set", **fields)
         return self.limits()
+
+    def raise_limits(
+        self,
+        *,
+        subflows: int | None = None,
+        add_addr_accepted: int | None = None,
+    ) -> Limits:
+        """Raise each limit given to at least that value; never lower one.
+
+        The limits are read right before each write and only a limit
+        below its wanted value is written. Netlink has no compare and
+        set, so a writer between that read and the write can still be
+        overwritten; a limit found lower after the write is written
+        again, a few times at most.
+        """
+        self._require_capability()
+        _limit_fields(subflows, add_addr_accepted)
+        with _LIMIT_WRITES:
+            current = self.limits()
+            for _ in range(RAISE_ATTEMPTS):
+                fields = _below(current, subflows, add_addr_accepted)
+                if not fields:
+                    return current
+                self._request(
+                    "raise limits", self._mptcp().limits, "set", **fields
+                )
+                logger.debug("raised limits %s", fields)
+                current = self.limits()
+        if _below(current, subflows, add_addr_accepted):
+            logger.warning(
+                "MPTCP limits keep falling back to %s: another process "
+                "lowers them",
+                current.as_dict(),
+            )
+        return current
+
+
+def parse_address(address: str) -> IPAddress:
+    """``address`` as a value; :class:`PathError` if not numeric."""
+    _family(address)
+    return ipaddress.ip_address(address)
+
+
+def _distinct(addresses: Sequence[str]) -> list[IPAddress]:
+    # every address is parsed before any is added: a bad one later in
+    # the list must not leave the earlier ones behind
+    wanted: list[IPAddress] = []
+    for address in addresses:
+        value = parse_address(address)
+        if value not in wanted:
+            wanted.append(value)
+    return wanted
+
+
+def _find(
+    endpoints: Sequence[Endpoint], wanted: IPAddress, port: int | None
+) -> Endpoint | None:
+    for endpoint in endpoints:
+        if endpoint.port != port:
+            continue
+        try:
+            if ipaddress.ip_address(endpoint.address) == wanted:
+                return endpoint
+        except ValueError:
+            continue
+    return None
+
+
+def _limit_fields(
+    subflows: int | None, add_addr_accepted: int | None
+) -> dict[str, int]:
+    fields = {
+        name: value
+        for name, value in (
+            ("subflows", subflows),
+            ("rcv_add_addrs", add_addr_accepted),
+        )
+        if value is not None
+    }
+    for name, value in fields.items():
+        if not 0 <= value <= MAX_LIMIT:
+            raise PathError(
+                f"MPTCP limit {name}={value} is out of range: the kernel "
+                f"takes 0 to {MAX_LIMIT}"
+            )
+    return fields
+
+
+def _below(
+    current: Limits, subflows: int | None, add_addr_accepted: int | None
+) -> dict[str, int]:
+    """The fields to write: only the limits below what is wanted."""
+    fields: dict[str, int] = {}
+    if subflows is not None and current.subflows < subflows:
+        fields["subflows"] = subflows
+    if add_addr_accepted is not None and (
+        current.add_addr_accepted < add_addr_accepted
+    ):
+        fields["rcv_add_addrs"] = add_addr_accepted
+    return fields
 
 
 def _family(address: str) -> int:
