@@ -577,6 +577,26 @@ def test_serve_and_connect_echo_a_line(certs: Path) -> None:
         assert server.wait(timeout=COMMAND_TIMEOUT) == 0
 
 
+async def test_an_idle_client_holds_up_no_echo_client(certs: Path) -> None:
+    with serving(certs, "--echo") as (_, port):
+        # a client that connects and says nothing, for the whole test
+        _, idle = await mptls.open_connection(
+            "127.0.0.1",
+            int(port),
+            ssl=mptls.TLSConfig(cafile=certs / "ca.pem"),
+            server_hostname="localhost",
+        )
+        try:
+            line = b"not kept waiting\n"
+            client = await asyncio.to_thread(
+                run_mptls, *connect_args(port, certs), stdin=line
+            )
+            assert client.returncode == 0, client.stderr.decode()
+            assert client.stdout == line
+        finally:
+            idle.close()
+
+
 def test_stopped_server_fails_a_client_with_input_left(certs: Path) -> None:
     with serving(certs) as (server, port):
         client = subprocess.Popen(

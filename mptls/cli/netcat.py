@@ -231,8 +231,11 @@ async def _serve_one(
     ) -> None:
         clients[asyncio.current_task()] = writer
         failure = None
+        # printed clients take turns on stdout; echoed ones need nothing
+        # shared, and an idle one must not hold up the others
+        turn = contextlib.nullcontext() if args.echo else one_at_a_time
         try:
-            async with one_at_a_time:
+            async with turn:
                 failure = await _handle_client(
                     reader, writer, echo=args.echo, verbose=args.verbose
                 )
@@ -615,8 +618,9 @@ def _add_serve_parser(
     server = subparsers.add_parser(
         "serve",
         help="netcat-style server: print or echo what clients send",
-        description="Accept secure multipath connections, one at a time; "
-        "print what each client sends, or echo it back with --echo.",
+        description="Accept secure multipath connections; print what "
+        "each client sends (one client at a time), or echo it back to "
+        "every client at once with --echo.",
     )
     server.add_argument(
         "--host",

@@ -487,7 +487,7 @@ class UserspaceBackend(Backend):
         close_timeout: float = 10.0,
         reuse_address: bool | None = None,
         reuse_port: bool | None = None,
-        backlog: int = 1024,
+        backlog: int = 100,
         start_serving: bool = True,
         join_handoff: Handoff | None = None,
         **settings: Any,
@@ -506,7 +506,10 @@ class UserspaceBackend(Backend):
         new subflow's first segments before this server routes them,
         and may take the TCP connection away (see
         :mod:`mptls.backends.userspace.router`). ``reuse_address``,
-        ``reuse_port``, ``backlog`` and ``start_serving`` are asyncio's.
+        ``reuse_port``, ``backlog`` and ``start_serving`` are asyncio's,
+        with its defaults: on Python 3.11 a server out of file
+        descriptors logs one error for each of ``backlog`` accepts it
+        tries per wakeup, so a larger default multiplies that storm.
         """
         loop = asyncio.get_running_loop()
         accepted = server_modes(mode, modes)
