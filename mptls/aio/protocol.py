@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import socket
 import struct
@@ -97,6 +98,19 @@ def _in_mptls_tree(exc: Exception | None, when: str) -> Exception | None:
         error = PathsLostError(f"the connection failed{where}: {reason}")
     error.__cause__ = exc
     return error
+
+
+def _into_buffers(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """Hand ``data`` to a buffered protocol through its own buffers."""
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view))).cast("B")
+        size = min(len(buffer), len(view))
+        if not size:
+            raise RuntimeError("get_buffer() returned an empty buffer")
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
 
 
 def _not_connected(data: memoryview) -> None:
@@ -227,6 +241,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                     # the application's protocol factory failed
                     return
             self._deliver()
+            if self._app_lost:
+                # the application's callback failed and ended it
+                return
             self._flush()
             if self._ends_with_peer and self._engine.eof_received:
                 self._end_with_peer()
@@ -361,7 +378,11 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             return
         self._app_transport = TLSTransport(self)
         self._app_protocol = protocol
-        self._app_protocol.connection_made(self._app_transport)
+        try:
+            protocol.connection_made(self._app_transport)
+        except Exception as exc:
+            self._app_failed(exc, "connection_made")
+            return
         self._update_sink()
         if self._write_paused:
             self._app_protocol.pause_writing()
@@ -424,12 +445,20 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         ):
             return
         protocol = self._app_protocol
-        assert isinstance(protocol, asyncio.Protocol)
-        while self._app_reading:
-            data = self._engine.read_piece()
-            if not data:
-                break
-            protocol.data_received(data)
+        take: Callable[[bytes], None]
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            take = functools.partial(_into_buffers, protocol)
+        else:
+            take = cast(asyncio.Protocol, protocol).data_received
+        try:
+            while self._app_reading:
+                data = self._engine.read_piece()
+                if not data:
+                    break
+                take(data)
+        except Exception as exc:
+            self._app_failed(exc, "data_received")
+            return
         if self._engine.eof_received and self._app_reading:
             self._deliver_eof()
 
@@ -437,11 +466,40 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if self._eof_delivered or self._app_protocol is None:
             return
         self._eof_delivered = True
-        protocol = self._app_protocol
-        assert isinstance(protocol, asyncio.Protocol)
-        keep_open = protocol.eof_received()
+        # asyncio.Protocol and BufferedProtocol both have it
+        protocol = cast(asyncio.Protocol, self._app_protocol)
+        try:
+            keep_open = protocol.eof_received()
+        except Exception as exc:
+            self._app_failed(exc, "eof_received")
+            return
         if not keep_open and self._app_transport is not None:
             self._app_transport.close()
+
+    def _app_failed(self, exc: Exception, callback: str) -> None:
+        """The application's ``callback`` raised ``exc``: end the connection.
+
+        As asyncio's TLS transport does: the loop's exception handler
+        hears of it, the connection is aborted, and the application's
+        ``connection_lost`` gets the error (a client still waiting for
+        its connection gets it raised instead).
+        """
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():
+            self._loop.call_exception_handler(
+                {
+                    "message": f"the application protocol's {callback}() "
+                    "raised; the connection is aborted",
+                    "exception": exc,
+                    "transport": self._app_transport,
+                    "protocol": self._app_protocol,
+                }
+            )
+        self._fail(exc)
+        if waiter is not None and not waiter.done():
+            # raised where the client waits for its connection, as
+            # asyncio's create_connection raises it
+            waiter.set_exception(exc)
 
     def _flush(self) -> None:
         data = self._engine.take_output()

@@ -1,0 +1,195 @@
+"""Application protocols below the streams, as asyncio's TLS takes them.
+
+``create_connection`` / ``create_server`` hand the plaintext to any
+protocol asyncio's own TLS transport serves: an ``asyncio.Protocol``, an
+``asyncio.BufferedProtocol`` (through its ``get_buffer``), and a protocol
+whose callbacks raise, which ends its connection with the error instead
+of leaving it open and silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from pki import Pki
+
+import mptls
+
+BACKENDS = ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+WAIT = 10.0
+
+
+class Sink(asyncio.Protocol):
+    """A server that keeps what it is sent and says when it ended."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost: asyncio.Future[Exception | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+class Buffered(asyncio.BufferedProtocol):
+    """Reads into buffers of a few odd sizes, as a parser might."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._rng = random.Random(3)
+        self._buffer = bytearray()
+        self.eof: asyncio.Future[None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._buffer = bytearray(self._rng.choice((1, 7, 100, 4096)))
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += self._buffer[:nbytes]
+
+    def eof_received(self) -> bool:
+        self.eof.set_result(None)
+        return False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_buffered_protocol_gets_every_byte(
+    pki: Pki, backend: str
+) -> None:
+    payload = random.Random(4).randbytes(200_000)
+
+    def send_and_end() -> asyncio.Protocol:
+        class Sender(asyncio.Protocol):
+            def connection_made(
+                self, transport: asyncio.BaseTransport
+            ) -> None:
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(payload)
+                transport.write_eof()
+
+        return Sender()
+
+    server = await mptls.create_server(
+        send_and_end, "127.0.0.1", 0, ssl=pki.server(), backend=backend
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        transport, client = await mptls.create_connection(
+            Buffered, "127.0.0.1", port, ssl=pki.client(), backend=backend
+        )
+        try:
+            await asyncio.wait_for(client.eof, WAIT)
+            assert bytes(client.data) == payload
+        finally:
+            transport.close()
+
+
+class Failing(Exception):
+    pass
+
+
+class RaisesOnData(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.lost: asyncio.Future[Exception | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        raise Failing("the application's parser failed")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_an_error_in_data_received_ends_the_connection(
+    pki: Pki, backend: str
+) -> None:
+    # as asyncio's TLS does: the loop's exception handler hears it, the
+    # connection is aborted and connection_lost gets the error; the
+    # peer hears an end instead of waiting on a silent connection
+    loop = asyncio.get_running_loop()
+    heard: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: heard.append(context))
+    sinks: asyncio.Queue[Sink] = asyncio.Queue()
+
+    def sink() -> Sink:
+        made = Sink()
+        sinks.put_nowait(made)
+        return made
+
+    server = await mptls.create_server(
+        sink, "127.0.0.1", 0, ssl=pki.server(), backend=backend
+    )
+    try:
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            transport, client = await mptls.create_connection(
+                RaisesOnData,
+                "127.0.0.1",
+                port,
+                ssl=pki.client(),
+                backend=backend,
+            )
+            server_side = await asyncio.wait_for(sinks.get(), WAIT)
+            server_side.transport.write(b"breaks the parser")  # type: ignore[attr-defined]
+            error = await asyncio.wait_for(client.lost, WAIT)
+            assert isinstance(error, Failing)
+            assert transport.is_closing()
+            assert isinstance(
+                await asyncio.wait_for(server_side.lost, WAIT), Exception
+            )
+    finally:
+        loop.set_exception_handler(None)
+    assert [type(c.get("exception")) for c in heard] == [Failing]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_an_error_in_connection_made_is_raised_by_create_connection(
+    pki: Pki, backend: str
+) -> None:
+    class RaisesOnMade(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            raise Failing("not today")
+
+    sinks: asyncio.Queue[Sink] = asyncio.Queue()
+
+    def sink() -> Sink:
+        made = Sink()
+        sinks.put_nowait(made)
+        return made
+
+    server = await mptls.create_server(
+        sink, "127.0.0.1", 0, ssl=pki.server(), backend=backend
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(Failing):
+            await asyncio.wait_for(
+                mptls.create_connection(
+                    RaisesOnMade,
+                    "127.0.0.1",
+                    port,
+                    ssl=pki.client(),
+                    backend=backend,
+                ),
+                WAIT,
+            )
+        # and the server's connection ends too
+        server_side = await asyncio.wait_for(sinks.get(), WAIT)
+        await asyncio.wait_for(server_side.lost, WAIT)
