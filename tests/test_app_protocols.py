@@ -193,3 +193,42 @@ async def test_an_error_in_connection_made_is_raised_by_create_connection(
         # and the server's connection ends too
         server_side = await asyncio.wait_for(sinks.get(), WAIT)
         await asyncio.wait_for(server_side.lost, WAIT)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_connection_lost_that_raises_is_reported_once(
+    pki: Pki, backend: str
+) -> None:
+    # connection_made fails, and so does the connection_lost that tells
+    # the application: create_connection still raises the first error,
+    # and the second reaches the loop's handler, once, not the socket
+    class RaisesTwice(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            raise Failing("first")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            raise Failing("second")
+
+    loop = asyncio.get_running_loop()
+    heard: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: heard.append(context))
+    server = await mptls.create_server(
+        Sink, "127.0.0.1", 0, ssl=pki.server(), backend=backend
+    )
+    try:
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            with pytest.raises(Failing, match="first"):
+                await asyncio.wait_for(
+                    mptls.create_connection(
+                        RaisesTwice,
+                        "127.0.0.1",
+                        port,
+                        ssl=pki.client(),
+                        backend=backend,
+                    ),
+                    WAIT,
+                )
+    finally:
+        loop.set_exception_handler(None)
+    assert [str(c.get("exception")) for c in heard] == ["second"]

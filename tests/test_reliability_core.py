@@ -438,6 +438,26 @@ def test_a_hole_that_never_fills_fails_the_receiver_in_time() -> None:
     assert up.startswith(bytes(net.server_side.data[5:]))
 
 
+def test_a_new_path_gives_a_hole_its_full_time_again() -> None:
+    # what a lost path carried may come again on the path that joins:
+    # the hole's clock starts over when a subflow is established
+    config = ConnectionConfig(path_loss_timeout=5.0)
+    net = established(MemNet(client_config=config, server_config=config))
+    net.inject_to_server(0, _mapped(_client_dsn(net, 5 + 1000), b"later"))
+    net.run(max_time=net.now)
+    opened = net.server._hole_since
+    assert opened is not None
+    net.now += 4.0
+    net.run(max_time=net.now)
+    join(net)
+    assert net.run(
+        lambda: net.server_side.closed is not None, max_time=net.now + 60
+    )
+    assert net.now >= opened + 4.0 + 5.0
+    closed = net.server_side.closed
+    assert closed is not None and "never came" in str(closed.error)
+
+
 def test_a_hole_that_moves_is_no_failure() -> None:
     # holes open and fill, each for less than the timeout and all of
     # them for more: only a hole that stays where it is counts

@@ -85,15 +85,25 @@ class _Watched(SubflowProtocol):
             self.lost.set_result(None)
 
 
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one TCP connection on loopback: (near, far)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
 async def test_a_subflow_closed_with_frames_its_path_never_takes_goes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # a path that takes nothing more (a blackhole, a peer that stopped
     # reading): asyncio's close() would wait for the socket to drain,
-    # which holds the fd and the frames until TCP gives up, minutes on
+    # which holds the fd and the frames until TCP gives up, minutes on;
+    # after CLOSE_LINGER the connection is reset instead
     monkeypatch.setattr(subflow_module, "CLOSE_LINGER", 0.05)
-    near, far = socket.socketpair()
+    near, far = _tcp_pair()
     near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
     loop = asyncio.get_running_loop()
     subflow = _Watched()
     transport, _ = await loop.connect_accepted_socket(lambda: subflow, near)
@@ -103,6 +113,11 @@ async def test_a_subflow_closed_with_frames_its_path_never_takes_goes(
         subflow.close()
         await asyncio.wait_for(subflow.lost, 10)
         assert near.fileno() == -1
+        # the far end hears a reset, not an end it would wait on
+        far.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            while far.recv(1 << 20):
+                pass
     finally:
         if not subflow.lost.done():
             transport.abort()

@@ -430,7 +430,19 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             self._lost = True
             self._app_lost = True
             self._app_transport._closing = True
-            self._app_protocol.connection_lost(exc)
+            try:
+                self._app_protocol.connection_lost(exc)
+            except Exception as error:
+                # called here, not from the loop: its error must not
+                # escape into the backend transport's read
+                self._loop.call_exception_handler(
+                    {
+                        "message": "the application protocol's "
+                        "connection_lost() raised",
+                        "exception": error,
+                        "protocol": self._app_protocol,
+                    }
+                )
 
     # TLS -> application
 
@@ -485,7 +497,11 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         its connection gets it raised instead).
         """
         waiter, self._waiter = self._waiter, None
-        if waiter is None or waiter.done():
+        if waiter is not None and not waiter.done():
+            # raised where the client waits for its connection, as
+            # asyncio's create_connection raises it
+            waiter.set_exception(exc)
+        else:
             self._loop.call_exception_handler(
                 {
                     "message": f"the application protocol's {callback}() "
@@ -496,10 +512,6 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                 }
             )
         self._fail(exc)
-        if waiter is not None and not waiter.done():
-            # raised where the client waits for its connection, as
-            # asyncio's create_connection raises it
-            waiter.set_exception(exc)
 
     def _flush(self) -> None:
         data = self._engine.take_output()

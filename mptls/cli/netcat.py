@@ -231,9 +231,11 @@ async def _serve_one(
     ) -> None:
         clients[asyncio.current_task()] = writer
         failure = None
-        # printed clients take turns on stdout; echoed ones need nothing
-        # shared, and an idle one must not hold up the others
-        turn = contextlib.nullcontext() if args.echo else one_at_a_time
+        # printed clients take turns on stdout, and --once serves one;
+        # echoed ones need nothing shared, and an idle one must not
+        # hold up the others
+        shared = args.echo and not args.once
+        turn = contextlib.nullcontext() if shared else one_at_a_time
         try:
             async with turn:
                 failure = await _handle_client(
@@ -620,7 +622,7 @@ def _add_serve_parser(
         help="netcat-style server: print or echo what clients send",
         description="Accept secure multipath connections; print what "
         "each client sends (one client at a time), or echo it back to "
-        "every client at once with --echo.",
+        "every client at once with --echo (one, with --once).",
     )
     server.add_argument(
         "--host",

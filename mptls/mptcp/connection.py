@@ -411,7 +411,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             return
         subflow.deadline = None
         subflow.set_state(_S.ESTABLISHED)
-        self._paths_lost_at = None
+        self._path_up(now)
         self._events.append(ev.SubflowEstablished(subflow.subflow_id))
         self._on_established(subflow, segment, now)
 

@@ -262,7 +262,7 @@ class JoinsMixin(ConnectionState):
             return
         subflow.deadline = None
         subflow.set_state(_S.ESTABLISHED)
-        self._paths_lost_at = None
+        self._path_up(self._now)
         self._events.append(ev.SubflowEstablished(subflow.subflow_id))
         # RFC 8684 section 3.2: this ACK moves the initiator's subflow
         # out of PRE_ESTABLISHED

@@ -254,6 +254,14 @@ class ConnectionState:
 
     # subflow and connection ends
 
+    def _path_up(self, now: float) -> None:
+        """A subflow is established: a wait for one ends, and a hole in
+        the received stream gets its full time again (what its lost
+        path carried may now come on this one)."""
+        self._paths_lost_at = None
+        if self._hole_since is not None:
+            self._hole_since = now
+
     def _live_count(self) -> int:
         return sum(1 for s in self._subflows.values() if s.live)
 

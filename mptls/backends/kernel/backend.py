@@ -39,7 +39,7 @@ from mptls.backends.kernel.pathmanager import (
     run_in_thread,
 )
 from mptls.backends.kernel.server import MultiServer
-from mptls.errors import BackendError, ConfigurationError, PathError
+from mptls.errors import BackendError, ConfigurationError
 from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.backends.kernel")
@@ -100,34 +100,16 @@ def _check_mptcp_socket(first_local: str) -> None:
     sockets.mptcp_socket(family or socket.AF_INET).close()
 
 
-async def _announce(announce: Sequence[str]) -> tuple[Endpoint, ...]:
-    """Signal endpoints for ``announce``; returns those added."""
+async def _announce(announce: Sequence[str]) -> None:
+    """Signal endpoints for ``announce``: all of them, or none added."""
     if not announce:
-        return ()
-
-    def add() -> tuple[Endpoint, ...]:
-        with PathManager() as paths:
-            return paths.ensure_endpoints(announce, EndpointFlag.SIGNAL).added
-
-    return await run_in_thread(add)
-
-
-async def _take_back(added: Sequence[Endpoint]) -> None:
-    """Remove the endpoints a failed call added, and only those."""
-    if not added:
         return
 
-    def remove() -> None:
+    def add() -> None:
         with PathManager() as paths:
-            paths.remove_added(added)
+            paths.ensure_endpoints(announce, EndpointFlag.SIGNAL)
 
-    try:
-        await run_in_thread(remove)
-    except PathError as exc:
-        # the call's own error is the one to raise
-        logger.warning(
-            "endpoints added for a failed call stay in place: %s", exc
-        )
+    await run_in_thread(add)
 
 
 def _transport_socket(transport: asyncio.BaseTransport) -> Any:
@@ -203,19 +185,17 @@ class KernelBackend(Backend):
         _check_options(options, CONNECTION_OPTIONS)
         loop = asyncio.get_running_loop()
         addrs = list(local_addrs or ())
-        added: tuple[Endpoint, ...] = ()
         if len(addrs) > 1:
             manage = bool(options.get("manage_paths"))
             if manage:
                 _check_mptcp_socket(addrs[0])
-            added = await self._subflow_endpoints(addrs[1:], manage)
-        try:
-            sock = await sockets.connect(
-                loop, host, port, local_addr=addrs[0] if addrs else None
-            )
-        except BaseException:
-            await _take_back(added)
-            raise
+            await self._subflow_endpoints(addrs[1:], manage)
+        # endpoints added stay, after a failure as after a success: by
+        # now another connection in the namespace may use them, and
+        # removing one would cut that connection's subflows
+        sock = await sockets.connect(
+            loop, host, port, local_addr=addrs[0] if addrs else None
+        )
         try:
             state = sockets.fallback_state(sock)
             if state.fallback:
@@ -230,7 +210,6 @@ class KernelBackend(Backend):
             )
         except BaseException:
             sock.close()
-            await _take_back(added)
             raise
         return transport, protocol
 
@@ -285,7 +264,7 @@ class KernelBackend(Backend):
             reuse_port=bool(options.get("reuse_port", False)),
         )
         try:
-            added = await _announce(announce)
+            await _announce(announce)
         except BaseException:
             for listener in listeners:
                 listener.close()
@@ -309,7 +288,6 @@ class KernelBackend(Backend):
                 server.close()
             for listener in listeners[len(servers) :]:
                 listener.close()
-            await _take_back(added)
             raise
         return MultiServer(loop, servers)
 

@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import socket
+import struct
 import sys
 from typing import Any, Protocol, cast
 
@@ -47,6 +48,8 @@ _MAX_IOV = 1024
 # it (its last frames) before its TCP connection is reset: a path that
 # takes nothing more would otherwise keep the socket until TCP gives up
 CLOSE_LINGER = 10.0
+# SO_LINGER on, with a zero timeout: close() sends a reset
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 class SegmentSink(Protocol):
@@ -242,8 +245,16 @@ class SubflowProtocol(asyncio.BufferedProtocol):
 
     def _abort_lingering(self) -> None:
         # not once connection_lost came: asyncio's abort() then fails
-        if not self.gone and self.transport is not None:
-            self.transport.abort()
+        if self.gone or self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            # a reset, not a close the kernel would go on sending for
+            with contextlib.suppress(OSError):
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE
+                )
+        self.transport.abort()
 
     def name(self, which: str) -> Any:
         """``sockname`` or ``peername`` as asyncio gives it (four items
