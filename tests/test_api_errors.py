@@ -562,3 +562,36 @@ async def test_a_userspace_option_on_the_kernel_backend_names_its_stand_in(
     assert "close_timeout" in message
     assert "for close_timeout, use ssl_shutdown_timeout" in message
     assert "manage_paths" in message
+
+
+@pytest.mark.parametrize(
+    ("keyword", "advice"),
+    [
+        ("local_addr", "use local_addrs="),
+        ("sock", "opens its own sockets"),
+        ("happy_eyeballs_delay", "one after the other"),
+        ("family", "IP literals"),
+    ],
+)
+async def test_asyncio_keywords_mptls_does_not_take_say_what_to_do(
+    pki: Pki, keyword: str, advice: str
+) -> None:
+    # a program moved from asyncio meets these first
+    with pytest.raises(ConfigurationError, match=f"{keyword}= is asyncio's"):
+        await mptls.open_connection(
+            "127.0.0.1", 4433, ssl=pki.client(), **{keyword: None}
+        )
+    with pytest.raises(ConfigurationError, match=advice):
+        await mptls.open_connection(
+            "127.0.0.1", 4433, ssl=pki.client(), **{keyword: None}
+        )
+
+
+async def test_a_server_without_ssl_says_what_it_needs() -> None:
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.close()
+
+    with pytest.raises(ConfigurationError, match="a server needs ssl="):
+        await mptls.start_server(handle, "127.0.0.1", 0)

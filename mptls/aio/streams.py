@@ -126,6 +126,30 @@ def _check_timeout(value: object, name: str = "ssl_handshake_timeout") -> None:
         check_seconds(name, value)
 
 
+# asyncio's keywords mptls does not take, and what to do instead
+_ASYNCIO_ONLY = {
+    "local_addr": "use local_addrs=[address, ...]: each local address "
+    "carries one subflow",
+    "sock": "mptls opens its own sockets, one per subflow",
+    "family": "pass IP literals (local_addrs too) of the family wanted",
+    "proto": "mptls chooses the sockets' protocol",
+    "flags": "mptls resolves host names itself",
+    "happy_eyeballs_delay": "mptls tries the host's addresses one after "
+    "the other",
+    "interleave": "mptls tries the host's addresses one after the other",
+    "all_errors": "mptls raises one error, an OSError with the cause",
+}
+
+
+def _refuse_asyncio_only(options: dict[str, Any]) -> None:
+    """A clear error for an asyncio keyword mptls does not take."""
+    for name, instead in _ASYNCIO_ONLY.items():
+        if name in options:
+            raise ConfigurationError(
+                f"{name}= is asyncio's, and mptls does not take it: {instead}"
+            )
+
+
 def _check_limit(limit: object) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise ConfigurationError(
@@ -211,6 +235,7 @@ async def create_connection(
     default, 30 s); the userspace backend ends the stream in order
     itself, within its ``close_timeout``.
     """
+    _refuse_asyncio_only(backend_options)
     if host is None or port is None:
         raise ConfigurationError("host and port are required")
     port = _check_port(port, server=False)
@@ -287,7 +312,7 @@ async def create_server(
     host: str | Sequence[str] | None = None,
     port: int | None = None,
     *,
-    ssl: Any,
+    ssl: Any = None,
     backend: str | Backend = "userspace",
     require_app_keys: bool = False,
     ssl_handshake_timeout: float | None = 30.0,
@@ -299,6 +324,7 @@ async def create_server(
     ``ssl`` is an :class:`mptls.TLSConfig` or an ``OpenSSL.SSL.Context``
     with the server's certificate and key.
     """
+    _refuse_asyncio_only(backend_options)
     if ssl is None or ssl is False or ssl is True:
         raise ConfigurationError(
             "a server needs ssl=TLSConfig(certfile=..., keyfile=...) or "
