@@ -10,6 +10,7 @@ of leaving it open and silent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 
 import pytest
@@ -39,6 +40,13 @@ class Sink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(exc)
+
+
+def queued_sink(sinks: asyncio.Queue[Sink]) -> Sink:
+    """A server's protocol factory that hands each new Sink to the test."""
+    made = Sink()
+    sinks.put_nowait(made)
+    return made
 
 
 class Buffered(asyncio.BufferedProtocol):
@@ -127,12 +135,7 @@ async def test_an_error_in_data_received_ends_the_connection(
     heard: list[dict[str, object]] = []
     loop.set_exception_handler(lambda _, context: heard.append(context))
     sinks: asyncio.Queue[Sink] = asyncio.Queue()
-
-    def sink() -> Sink:
-        made = Sink()
-        sinks.put_nowait(made)
-        return made
-
+    sink = functools.partial(queued_sink, sinks)
     server = await mptls.create_server(
         sink, "127.0.0.1", 0, ssl=pki.server(), backend=backend
     )
@@ -168,12 +171,7 @@ async def test_an_error_in_connection_made_is_raised_by_create_connection(
             raise Failing("not today")
 
     sinks: asyncio.Queue[Sink] = asyncio.Queue()
-
-    def sink() -> Sink:
-        made = Sink()
-        sinks.put_nowait(made)
-        return made
-
+    sink = functools.partial(queued_sink, sinks)
     server = await mptls.create_server(
         sink, "127.0.0.1", 0, ssl=pki.server(), backend=backend
     )

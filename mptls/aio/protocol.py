@@ -20,14 +20,17 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import socket
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from OpenSSL import SSL
 
-from mptls.backends.base import Backend, KeyInstall, MptcpInfo
+from mptls.backends.base import (
+    Backend,
+    KeyInstall,
+    MptcpInfo,
+    reset_on_close,
+)
 from mptls.backends.buffers import read_buffer
 from mptls.errors import (
     KeysUnavailableError,
@@ -49,9 +52,6 @@ SHUTDOWN_TIMEOUT = 30.0
 
 
 _Sink = Callable[[memoryview], object]
-
-# SO_LINGER on, with no time: close() resets the connection
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 def _may_have_lost(
@@ -665,12 +665,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             # the peer learns of the abort from a TCP reset, as the
             # multipath transport's MP_FASTCLOSE tells it, rather than
             # from an end without close_notify
-            sock = self._transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE
-                    )
+            reset_on_close(self._transport)
         self._transport.abort()
 
     def _app_pause_reading(self) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -39,6 +41,21 @@ class KeyInstall:
 
     installed: bool
     reason: str = ""
+
+
+# SO_LINGER on, with a zero timeout: close() sends a TCP reset
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(transport: asyncio.BaseTransport) -> None:
+    """Make the socket under ``transport`` end with a TCP reset when it
+    closes, rather than with a FIN that unsent data would go before."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE
+            )
 
 
 def format_address(address: tuple[Any, ...] | None) -> str:

@@ -18,10 +18,10 @@ import fcntl
 import logging
 import os
 import socket
-import struct
 import sys
 from typing import Any, Protocol, cast
 
+from mptls.backends.base import reset_on_close
 from mptls.backends.buffers import read_buffer
 from mptls.errors import NotMptlsPeerError, ProtocolError
 from mptls.mptcp.framing import (
@@ -48,8 +48,6 @@ _MAX_IOV = 1024
 # it (its last frames) before its TCP connection is reset: a path that
 # takes nothing more would otherwise keep the socket until TCP gives up
 CLOSE_LINGER = 10.0
-# SO_LINGER on, with a zero timeout: close() sends a reset
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 class SegmentSink(Protocol):
@@ -247,13 +245,8 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         # not once connection_lost came: asyncio's abort() then fails
         if self.gone or self.transport is None:
             return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            # a reset, not a close the kernel would go on sending for
-            with contextlib.suppress(OSError):
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE
-                )
+        # a reset, not a close the kernel would go on sending for
+        reset_on_close(self.transport)
         self.transport.abort()
 
     def name(self, which: str) -> Any:
