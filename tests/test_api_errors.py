@@ -587,6 +587,41 @@ async def test_asyncio_keywords_mptls_does_not_take_say_what_to_do(
         )
 
 
+@pytest.mark.parametrize(
+    ("keyword", "advice"),
+    [
+        ("sock", "its own listening sockets"),
+        ("keep_alive", "find dead paths"),
+        ("family", "host as an IP literal"),
+    ],
+)
+async def test_asyncio_server_keywords_say_what_to_do(
+    pki: Pki, keyword: str, advice: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=advice):
+        await mptls.create_server(
+            asyncio.Protocol,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            **{keyword: None},
+        )
+
+
+async def test_a_server_is_not_told_of_client_keywords(pki: Pki) -> None:
+    # local_addr is asyncio's for clients only: a server names it as
+    # unknown rather than pointing to local_addrs, which it does not take
+    with pytest.raises(ConfigurationError) as raised:
+        await mptls.create_server(
+            asyncio.Protocol,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            local_addr=("127.0.0.1", 0),
+        )
+    assert "local_addrs" not in str(raised.value)
+
+
 async def test_a_server_without_ssl_says_what_it_needs() -> None:
     async def handle(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -126,8 +126,9 @@ def _check_timeout(value: object, name: str = "ssl_handshake_timeout") -> None:
         check_seconds(name, value)
 
 
-# asyncio's keywords mptls does not take, and what to do instead
-_ASYNCIO_ONLY = {
+# asyncio's keywords mptls does not take, and what to do instead: of
+# loop.create_connection, then of loop.create_server
+_ASYNCIO_CLIENT_ONLY = {
     "local_addr": "use local_addrs=[address, ...]: each local address "
     "carries one subflow",
     "sock": "mptls opens its own sockets, one per subflow",
@@ -139,11 +140,19 @@ _ASYNCIO_ONLY = {
     "interleave": "mptls tries the host's addresses one after the other",
     "all_errors": "mptls raises one error, an OSError with the cause",
 }
+_ASYNCIO_SERVER_ONLY = {
+    "sock": "mptls makes its own listening sockets",
+    "family": "pass the host as an IP literal of the family wanted",
+    "flags": "mptls resolves host names itself",
+    "keep_alive": "mptls's own timeouts find dead paths (docs/reliability.md)",
+}
 
 
-def _refuse_asyncio_only(options: dict[str, Any]) -> None:
+def _refuse_asyncio_only(
+    options: dict[str, Any], asyncio_only: dict[str, str]
+) -> None:
     """A clear error for an asyncio keyword mptls does not take."""
-    for name, instead in _ASYNCIO_ONLY.items():
+    for name, instead in asyncio_only.items():
         if name in options:
             raise ConfigurationError(
                 f"{name}= is asyncio's, and mptls does not take it: {instead}"
@@ -235,7 +244,7 @@ async def create_connection(
     default, 30 s); the userspace backend ends the stream in order
     itself, within its ``close_timeout``.
     """
-    _refuse_asyncio_only(backend_options)
+    _refuse_asyncio_only(backend_options, _ASYNCIO_CLIENT_ONLY)
     if host is None or port is None:
         raise ConfigurationError("host and port are required")
     port = _check_port(port, server=False)
@@ -324,7 +333,7 @@ async def create_server(
     ``ssl`` is an :class:`mptls.TLSConfig` or an ``OpenSSL.SSL.Context``
     with the server's certificate and key.
     """
-    _refuse_asyncio_only(backend_options)
+    _refuse_asyncio_only(backend_options, _ASYNCIO_SERVER_ONLY)
     if ssl is None or ssl is False or ssl is True:
         raise ConfigurationError(
             "a server needs ssl=TLSConfig(certfile=..., keyfile=...) or "
