@@ -29,6 +29,7 @@ from typing import IO
 
 import pytest
 
+from mptls.bench.netns import mptcp_unavailable_reason
 from mptls.errors import MptlsError
 
 # the digest handler's read size
@@ -312,3 +313,13 @@ def serving(
         if server.poll() is None:
             server.kill()
         server.wait(timeout=COMMAND_TIMEOUT)
+
+
+def usable_backend(name: str) -> str:
+    """``name``, or a skip with the reason where the kernel backend
+    cannot run here (no MPTCP in the running kernel)."""
+    if name == "kernel":
+        reason = mptcp_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+    return name

@@ -15,10 +15,19 @@ import random
 
 import pytest
 from pki import Pki
+from support import usable_backend
 
 import mptls
 
-BACKENDS = ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+
+@pytest.fixture(
+    params=["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each backend, the kernel's skipped where this kernel has no MPTCP."""
+    return usable_backend(request.param)
+
+
 WAIT = 10.0
 
 
@@ -75,7 +84,6 @@ class Buffered(asyncio.BufferedProtocol):
         return False
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_buffered_protocol_gets_every_byte(
     pki: Pki, backend: str
 ) -> None:
@@ -124,7 +132,6 @@ class RaisesOnData(asyncio.Protocol):
         self.lost.set_result(exc)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 async def test_an_error_in_data_received_ends_the_connection(
     pki: Pki, backend: str
 ) -> None:
@@ -162,7 +169,6 @@ async def test_an_error_in_data_received_ends_the_connection(
     assert [type(c.get("exception")) for c in heard] == [Failing]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 async def test_an_error_in_connection_made_is_raised_by_create_connection(
     pki: Pki, backend: str
 ) -> None:
@@ -193,7 +199,6 @@ async def test_an_error_in_connection_made_is_raised_by_create_connection(
         await asyncio.wait_for(server_side.lost, WAIT)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_connection_lost_that_raises_is_reported_once(
     pki: Pki, backend: str
 ) -> None:

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 import pytest
-from netns import mptcp_unavailable_reason
 from pki import Pki
-from support import until
+from support import until, usable_backend
 
 import mptls
 from mptls.backends.kernel.server import MultiServer
@@ -302,14 +301,6 @@ async def test_a_reset_after_the_peers_end_that_lost_our_data_is_heard(
 # a server handler that returns without closing its writer
 
 
-def _backend(name: str) -> str:
-    if name == "kernel":
-        reason = mptcp_unavailable_reason()
-        if reason:
-            pytest.skip(reason)
-    return name
-
-
 async def _sloppy_exchange(
     pki: Pki,
     backend: str,
@@ -374,7 +365,9 @@ async def test_a_handler_that_returns_unclosed_ends_with_the_peer(
         writer.write(b"one line\n")
         assert await reader.readline() == b"one line\n"
 
-    served = await _sloppy_exchange(pki, _backend(backend), echo_line, ask)
+    served = await _sloppy_exchange(
+        pki, usable_backend(backend), echo_line, ask
+    )
     assert served.transport.is_closing()
 
 
@@ -400,7 +393,9 @@ async def test_a_returned_handlers_writer_serves_until_the_peer_ends(
         kept[0].write(b"later\n")
         assert await reader.readline() == b"later\n"
 
-    served = await _sloppy_exchange(pki, _backend(backend), keep, hear_later)
+    served = await _sloppy_exchange(
+        pki, usable_backend(backend), keep, hear_later
+    )
     assert served is kept[0]
 
 
@@ -491,7 +486,7 @@ async def test_a_server_ends_its_clients_as_python_3_13s_do(
             await reader.read()
 
     server = await mptls.start_server(
-        hold, "127.0.0.1", 0, ssl=pki.server(), backend=_backend(backend)
+        hold, "127.0.0.1", 0, ssl=pki.server(), backend=usable_backend(backend)
     )
     port = int(server.sockets[0].getsockname()[1])
     reader, writer = await mptls.open_connection(
