@@ -564,7 +564,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
                 self._hole_at = receive.next_offset
         elif self._hole_since is not None:
             self._hole_since = None
-        if self._receive.fin_reached and not had_fin:
+        if receive.fin_reached and not had_fin:
             # RFC 8684 section 3.3.3: acknowledge the DATA_FIN at once
             subflow.ack_due_bytes = max(
                 subflow.ack_due_bytes, self.config.ack_threshold
