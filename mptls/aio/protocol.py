@@ -562,6 +562,15 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._write_final(data)
         return True
 
+    def close_application(self) -> None:
+        """Close the connection as its application's ``close()`` would
+        (close_notify, then the transport's end); before the handshake
+        is over, close the transport. A server's ``close_clients()``."""
+        if self._app_transport is not None:
+            self._app_transport.close()
+        elif self._transport is not None:
+            self._transport.close()
+
     def _app_close(self) -> None:
         self._drop_pending_lost()
         if self._transport is None:

@@ -117,12 +117,12 @@ class MptlsServer(Server):
         under the TLS layer, which its peers see as a truncation.)
         """
         for transport in self.mptls_listener.transports:
-            protocol = transport._protocol
-            app = getattr(protocol, "_app_transport", None)
-            if isinstance(app, asyncio.Transport):
-                app.close()
-            else:
-                transport.close()
+            # the TLS layer closes as its application would; another
+            # protocol, or none yet, is closed under it
+            close = getattr(
+                transport._protocol, "close_application", transport.close
+            )
+            close()
 
     def abort_clients(self) -> None:
         """Reset every connection accepted (MP_FASTCLOSE), as Python
