@@ -185,6 +185,8 @@ def test_quick_keys_scenario(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     document = _run_quick("keys", tmp_path)
     _check_schema(document)
+    names = {variant["name"] for variant in document["variants"]}
+    assert "rotation" in names
     # each operation is a small share of a whole handshake
     for ratio in document["ratios"]:
         assert ratio["median"] < 1.0

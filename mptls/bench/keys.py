@@ -3,7 +3,9 @@
 Per connection, mptls exports its MPTCP keys once from TLS
 (RFC 5705 / RFC 8446 section 7.5); per join each end computes HMAC-A
 and HMAC-B (RFC 8684 section 3.2); per ADD_ADDR one HMAC (section
-3.4.1). Each is timed in microseconds next to a whole TLS 1.3 handshake
+3.4.1); per key rotation of the E profile each end exports the next
+generation (context ``uint32(n)``) and computes two NEW_KEY tags, its
+own and the one it checks the peer's against. Each is timed in microseconds next to a whole TLS 1.3 handshake
 over memory BIOs (same certificate, no sockets), so the ratios show the
 share of the handshake they add. The key material stays in this
 process and is never printed.
@@ -22,13 +24,17 @@ from OpenSSL import SSL
 from mptls.bench.common import BenchOptions
 from mptls.bench.harness import ScenarioResult, Variant, interleave
 from mptls.bench.stacks import Pki
-from mptls.mptcp.crypto import add_addr_hmac, join_hmac
+from mptls.mptcp.crypto import add_addr_hmac, join_hmac, new_key_tag
 from mptls.tls.config import parse_private_key
 from mptls.tls.exporter import export_mptcp_keys
 
 NAME = "keys"
 TITLE = "Key export and HMAC costs"
 ANNOUNCED = ipaddress.ip_address("192.0.2.2")
+# E-profile tokens are 4 bytes; any pair serves to time the tags
+TOKEN_A = bytes.fromhex("0a0b0c0d")
+TOKEN_B = bytes.fromhex("01020304")
+ROTATED_GENERATION = 1
 
 
 def _contexts(pki: Pki) -> tuple[SSL.Context, SSL.Context]:
@@ -113,6 +119,13 @@ async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
         join_hmac(key_a, key_b, 0x01020304, 0x05060708)
         join_hmac(key_b, key_a, 0x05060708, 0x01020304)
 
+    def rotation() -> None:
+        # one end's work for one rotation: the next generation, its own
+        # tag and the tag the peer's NEW_KEY must match
+        fresh = export_mptcp_keys(client, generation=ROTATED_GENERATION)
+        new_key_tag(TOKEN_A, TOKEN_B, fresh)
+        new_key_tag(TOKEN_B, TOKEN_A, fresh)
+
     variants = [
         Variant(
             "tls-handshake",
@@ -140,9 +153,14 @@ async def run(options: BenchOptions, pki: Pki) -> ScenarioResult:
             ),
             "one ADD_ADDR HMAC",
         ),
+        Variant(
+            "rotation",
+            lambda: _per_call(rotation, calls),
+            "E profile key rotation, one end: export + two NEW_KEY tags",
+        ),
     ]
     result.variants = await interleave(variants, rounds)
-    for name in ("exporter", "join-hmacs", "add-addr-hmac"):
+    for name in ("exporter", "join-hmacs", "add-addr-hmac", "rotation"):
         result.add_ratio(name, "tls-handshake")
     result.notes.append(
         "ratios to tls-handshake are the share of one handshake that each "
