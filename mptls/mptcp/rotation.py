@@ -62,15 +62,15 @@ class RotationMixin(ConnectionState):
         is active.
         """
         self._check_rotation_allowed()
-        if self._pending is not None:
-            return self._pending
-        if self._requested is not None:
-            return self._requested
         current = self._generation
         if current is None:
             raise KeysUnavailableError(
                 self._keys_reason() or "no key generation is active"
             )
+        if self._pending is not None:
+            return self._pending
+        if self._requested is not None:
+            return self._requested
         if current >= MAX_GENERATION:
             raise MptlsError("every key generation of the connection is used")
         return self._ask_keys(current + 1)
@@ -207,8 +207,11 @@ class RotationMixin(ConnectionState):
 
     def _on_matching_new_key(self, key_id: int, slot: KeySlot) -> None:
         if slot.active:
-            # the peer goes on sending: it did not hear ours
-            self._send_new_key(key_id)
+            # the peer goes on sending: it did not hear ours. Once: an
+            # active peer that heard it answers this one in turn
+            if not slot.answered:
+                slot.answered = True
+                self._send_new_key(key_id)
             return
         slot.confirmed = True
         if slot.sent:
@@ -276,6 +279,10 @@ class RotationMixin(ConnectionState):
         if generation == 0:
             self._first_keys_failed = True
         self._peer_tags[generation & 1] = None
+        # the peer may start this generation again: its NEW_KEY may ask
+        # for it once more (a forger gains one exporter call per
+        # join_timeout at most, and only by stopping the real NEW_KEYs)
+        self._peer_asked = min(self._peer_asked, generation - 1)
         logger.info(
             "[%s] key generation %d dropped: %s",
             self._tag(),

@@ -78,6 +78,9 @@ class KeySlot:
     confirmed: bool = False
     # ours is owed and no subflow could carry it yet
     send_due: bool = False
+    # once active, ours went out again for a peer's NEW_KEY: only once,
+    # as two active ends would otherwise answer each other forever
+    answered: bool = False
     retransmit_at: float | None = None
 
     @property
