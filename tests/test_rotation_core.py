@@ -887,3 +887,31 @@ def test_no_key_or_tag_in_reprs_events_info_or_logs(
         for secret in secrets:
             assert secret.hex() not in text
     assert "generation 1" in caplog.text
+
+
+def test_new_key_is_retransmitted_on_another_subflow() -> None:
+    net = confirmed(established(e_net()))
+    sid = join(net)
+    net.derive = None
+    assert net.client.install_keys(generation_keys(1))
+    run_for(net, 0.3)
+    first = new_keys(net.link(0).to_server.sent)
+    again = new_keys(net.link(sid).to_server.sent)
+    assert [o.key_id for o in first] == [0, 1]
+    assert [o.key_id for o in again] == [1]
+
+
+def test_a_new_key_waits_for_a_subflow_that_can_carry_it() -> None:
+    net = confirmed(established(e_net()))
+    net.derive = None
+    assert net.client.install_keys(generation_keys(1))
+    settle(net)
+    net.kill(0)
+    server = server_of(net)
+    # the server had the client's NEW_KEY: its own waits for a path
+    assert server.install_keys(generation_keys(1))
+    run_for(net, 1.0)
+    assert net.client.key_generation == 0
+    sid = join(net)
+    confirmed(net, 1)
+    assert [o.key_id for o in new_keys(net.link(sid).to_client.sent)] == [1]
