@@ -118,6 +118,14 @@ def tokens(net: MemNet) -> tuple[bytes, bytes]:
     return token_a, token_b
 
 
+def status_of(connection: Connection, subflow_id: int) -> str:
+    return next(
+        s.state
+        for s in connection.info().subflows
+        if s.subflow_id == subflow_id
+    )
+
+
 def count(side_events: list[ev.Event], event: ev.Event) -> int:
     return sum(1 for e in side_events if e == event)
 
@@ -915,3 +923,41 @@ def test_a_new_key_waits_for_a_subflow_that_can_carry_it() -> None:
     sid = join(net)
     confirmed(net, 1)
     assert [o.key_id for o in new_keys(net.link(sid).to_client.sent)] == [1]
+
+
+def test_a_syn_ack_must_echo_the_joins_k() -> None:
+    net = confirmed(established(e_net()))
+    results = []
+    for key_id in (1, 0):
+        sid = net.client.open_subflow(net.now)
+        (_, syn_segment), *_ = [
+            (i, s) for i, s in net.client.segments_to_send(net.now) if i == sid
+        ]
+        syn = option_of(syn_segment, MpJoinSyn)
+        assert isinstance(syn, MpJoinSyn) and syn.key_id == 0
+        mac = join_hmac(KEYS.key_b, KEYS.key_a, 9, syn.nonce)[:8]
+        reply = MpJoinSynAck(mac, 9, 0, key_id=key_id)
+        net.client.receive_segment(
+            sid, Segment(Flag.SYN | Flag.ACK, (reply,)), net.now
+        )
+        results.append(status_of(net.client, sid))
+    assert results == ["CLOSED", "PRE_ESTABLISHED"]
+    settle(net)
+    refused = net.client_side.of_type(ev.JoinRefused)
+    assert [r.reason for r in refused] == ["SYN|ACK names another key (K)"]
+
+
+def test_a_join_answered_with_one_generation_ends_with_it() -> None:
+    net = confirmed(established(e_net()))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    # answered with generation 0, which K=0 names now
+    raw = raw_join(net, key_id=0)
+    net.run(lambda: raw.inbox != [])
+    assert syn_ack_matches(raw, KEYS, key_id=0)
+    # generation 2 takes slot 0 before the third ACK
+    net.client.request_rotation()
+    confirmed(net, 2)
+    last = finish_raw_join(net, raw, generation_keys(2))
+    assert last.flags == Flag.RST
+    assert net.server_side.of_type(ev.SubflowEstablished) == []

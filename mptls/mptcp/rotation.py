@@ -15,8 +15,9 @@ ADD_ADDRs that name its K, until the next rotation replaces it. A key
 the peer does not confirm within ``join_timeout`` is dropped.
 
 A NEW_KEY that matches nothing costs at most one exporter call per
-generation: it can make the core ask for the next generation once, and
-its tag is only compared, never trusted.
+generation (or per ``join_timeout`` while rotations fail): it can make
+the core ask for the next generation, and its tag is only compared,
+never trusted.
 
 It must never perform I/O, read a clock or draw randomness itself, and
 no key or tag may reach a log line, an event or an error.
@@ -224,8 +225,12 @@ class RotationMixin(ConnectionState):
 
         Only the slot of the next generation can hold what the peer
         starts; its tag is kept (the latest one) and checked when those
-        keys come. They are asked for once per generation at most, and
-        not before generation 0 was installed: TLS brings that one.
+        keys come. They are asked for unless they are already asked for
+        or pending, and not before generation 0 was installed (TLS
+        brings that one). The request either brings the generation in,
+        after which only the one after it can be asked for, or fails
+        after ``join_timeout``: whatever a forger sends, it costs one
+        exporter call per generation, or per ``join_timeout`` at most.
         """
         generation = self._next_generation()
         if key_id != generation & 1 or generation > MAX_GENERATION:
@@ -235,13 +240,8 @@ class RotationMixin(ConnectionState):
         first_not_yet = (
             self._generation is None and not self._first_keys_failed
         )
-        if (
-            first_not_yet
-            or self._requested is not None
-            or generation <= self._peer_asked
-        ):
+        if first_not_yet or self._requested is not None:
             return
-        self._peer_asked = generation
         self._ask_keys(generation)
 
     # activation and failure
@@ -279,10 +279,6 @@ class RotationMixin(ConnectionState):
         if generation == 0:
             self._first_keys_failed = True
         self._peer_tags[generation & 1] = None
-        # the peer may start this generation again: its NEW_KEY may ask
-        # for it once more (a forger gains one exporter call per
-        # join_timeout at most, and only by stopping the real NEW_KEYs)
-        self._peer_asked = min(self._peer_asked, generation - 1)
         logger.info(
             "[%s] key generation %d dropped: %s",
             self._tag(),

@@ -129,9 +129,6 @@ class ConnectionState:
         self._pending: int | None = None
         self._requested: int | None = None
         self._requested_until = 0.0
-        # the highest generation a peer's NEW_KEY made us ask for: one
-        # exporter call per generation at most, whatever it sends
-        self._peer_asked = -1
         # per K, the latest peer NEW_KEY tag that matched nothing yet
         self._peer_tags: list[bytes | None] = [None, None]
         self._first_keys_failed = False
