@@ -961,3 +961,16 @@ def test_a_join_answered_with_one_generation_ends_with_it() -> None:
     last = finish_raw_join(net, raw, generation_keys(2))
     assert last.flags == Flag.RST
     assert net.server_side.of_type(ev.SubflowEstablished) == []
+
+
+def test_g_mode_has_no_generation_and_ignores_new_key() -> None:
+    net = established(MemNet())
+    token_a, token_b = tokens(net)
+    net.inject(0, forged(0, new_key_tag(token_b, token_a, KEYS)))
+    settle(net)
+    assert net.client.info().key_generation is None
+    assert net.client.key_generation is None
+    assert net.client.info().keys_installed
+    kinds = {type(e) for e in net.client_side.events}
+    assert not kinds & {ev.KeysRequested, ev.KeysActivated}
+    assert new_keys(net.link(0).to_server.sent) == []
