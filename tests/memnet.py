@@ -7,19 +7,21 @@ the real wire format is exercised. Time is a fake clock that jumps to the
 next delivery or timer; randomness comes from a seeded ``random.Random``.
 Knobs: a per-subflow delay, a seeded shuffle of deliveries across
 subflows, killing a subflow, a fake TLS layer that installs fixed keys
-after the MPTCP handshake, and raw subflows that a test drives by hand
-(an observer trying to join). Nothing here sleeps or touches a socket.
+after the MPTCP handshake (and, in mode E, the generations the core asks
+for), and raw subflows that a test drives by hand (an observer trying to
+join). Nothing here sleeps or touches a socket.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mptls.mptcp import events as ev
-from mptls.mptcp.config import ConnectionConfig
+from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Accepted, Endpoint, Refused
 from mptls.mptcp.framing import (
@@ -28,10 +30,23 @@ from mptls.mptcp.framing import (
     SegmentDecoder,
     encode_segment,
 )
-from mptls.mptcp.tokens import TokenAllocator
+from mptls.mptcp.tokens import TokenAllocator, TokenLayout
 from mptls.tls.keys import KeyMaterial
 
 KEYS = KeyMaterial(bytes.fromhex("89a873a3e2e80ec30b5eba7b3c4541df"))
+# mode E's 32-bit tokens carry no server or worker id
+E_LAYOUT = TokenLayout(0, 0, token_bits=32)
+
+
+def generation_keys(generation: int) -> KeyMaterial:
+    """Fixed keys of one generation, as a TLS exporter would give:
+    KEYS for generation 0, a distinct seeded 16 bytes for the others."""
+    if generation == 0:
+        return KEYS
+    seed = b"memnet generation %d" % generation
+    return KeyMaterial(
+        hashlib.sha256(seed).digest()[:16], generation=generation
+    )
 
 
 def seeded_bytes(rng: random.Random) -> Callable[[int], bytes]:
@@ -51,8 +66,10 @@ class Pipe:
     decoder: SegmentDecoder = field(default_factory=SegmentDecoder)
     started: bool = False
     sent: list[Segment] = field(default_factory=list)
+    # when each of ``sent`` was written (the fake clock)
+    sent_at: list[float] = field(default_factory=list)
 
-    def put(self, segment: Segment, at: float) -> None:
+    def put(self, segment: Segment, at: float, now: float) -> None:
         data = encode_segment(segment)
         if not self.started:
             self.started = True
@@ -62,6 +79,7 @@ class Pipe:
             at = max(at, self.queue[-1][0])
         self.queue.append((at, data))
         self.sent.append(segment)
+        self.sent_at.append(now)
 
 
 @dataclass
@@ -109,6 +127,7 @@ class MemNet:
         auto_consume: bool = True,
         on_accept: Callable[[Connection], None] | None = None,
         on_event: Callable[[Connection, ev.Event], None] | None = None,
+        derive: Callable[[int], KeyMaterial] | None = generation_keys,
     ) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
@@ -118,16 +137,29 @@ class MemNet:
         self.auto_consume = auto_consume
         self.on_accept = on_accept
         self.on_event = on_event
-        self.client_tokens = TokenAllocator(bytes(range(32)), server_id=1)
-        self.server_tokens = TokenAllocator(bytes(range(1, 33)), server_id=2)
+        # the fake TLS layer's answer to KeysRequested (mode E)
+        self.derive = derive
+        client_config = client_config or ConnectionConfig()
+        server_config = server_config or ConnectionConfig()
+        if client_config.mode is Mode.E:
+            self.client_tokens = TokenAllocator(
+                bytes(range(32)), layout=E_LAYOUT
+            )
+        else:
+            self.client_tokens = TokenAllocator(bytes(range(32)), server_id=1)
+        # an endpoint that accepts E routes no joins by server id
+        server_id = 0 if Mode.E in server_config.accept_modes else 2
+        self.server_tokens = TokenAllocator(
+            bytes(range(1, 33)), server_id=server_id
+        )
         self.client = Connection.initiator(
-            client_config or ConnectionConfig(),
+            client_config,
             tokens=self.client_tokens,
             random=seeded_bytes(random.Random(seed + 1)),
             now=self.now,
         )
         self.endpoint = Endpoint(
-            server_config or ConnectionConfig(),
+            server_config,
             tokens=self.server_tokens,
             random=seeded_bytes(random.Random(seed + 2)),
         )
@@ -175,7 +207,7 @@ class MemNet:
         return link
 
     def raw_send(self, link: Link, segment: Segment) -> None:
-        link.to_server.put(segment, self.now + link.delay)
+        link.to_server.put(segment, self.now + link.delay, self.now)
 
     def kill(self, client_id: int) -> None:
         """The subflow's TCP connection dies: both ends are told."""
@@ -212,8 +244,9 @@ class MemNet:
         while True:
             self._flush()
             delivered = self._deliver_ready()
-            self._drain_events()
-            if not delivered:
+            # keys a KeysRequested brought send a NEW_KEY: flush again
+            answered = self._drain_events()
+            if not delivered and not answered:
                 return
 
     def _flush(self) -> None:
@@ -222,13 +255,13 @@ class MemNet:
             if link is None:
                 self.unrouted.append((subflow_id, segment))
             elif not link.dead:
-                link.to_server.put(segment, self.now + link.delay)
+                link.to_server.put(segment, self.now + link.delay, self.now)
         if self.server is None:
             return
         for subflow_id, segment in self.server.segments_to_send(self.now):
             link = self.server_link(subflow_id)
             if link is not None:
-                link.to_client.put(segment, self.now + link.delay)
+                link.to_client.put(segment, self.now + link.delay, self.now)
 
     def _ready(self) -> list[tuple[Link, bool]]:
         ready = []
@@ -283,7 +316,9 @@ class MemNet:
             link.refused = result
             self.refusals.append(result)
             if result.reply is not None:
-                link.to_client.put(result.reply, self.now + link.delay)
+                link.to_client.put(
+                    result.reply, self.now + link.delay, self.now
+                )
             return
         assert isinstance(result, Accepted)
         link.server_id = result.subflow_id
@@ -292,12 +327,15 @@ class MemNet:
             if self.on_accept is not None:
                 self.on_accept(result.connection)
 
-    def _drain_events(self) -> None:
-        self._drain(self.client, self.client_side)
+    def _drain_events(self) -> bool:
+        """Hand out the events; True if keys were installed for some."""
+        answered = self._drain(self.client, self.client_side)
         if self.server is not None:
-            self._drain(self.server, self.server_side)
+            answered |= self._drain(self.server, self.server_side)
+        return answered
 
-    def _drain(self, connection: Connection, side: Side) -> None:
+    def _drain(self, connection: Connection, side: Side) -> bool:
+        answered = False
         while (event := connection.next_event()) is not None:
             side.events.append(event)
             if self.on_event is not None:
@@ -313,6 +351,10 @@ class MemNet:
                 side.closed = event
             elif isinstance(event, ev.HandshakeComplete):
                 self._fake_tls(connection)
+            elif isinstance(event, ev.KeysRequested) and self.derive:
+                connection.install_keys(self.derive(event.generation))
+                answered = True
+        return answered
 
     def consume(self, connection: Connection, side: Side) -> None:
         connection.consumed(side.unconsumed)
@@ -321,12 +363,12 @@ class MemNet:
     def inject(self, client_id: int, segment: Segment) -> None:
         """Put a forged segment on the wire towards the client."""
         link = self.link(client_id)
-        link.to_client.put(segment, self.now + link.delay)
+        link.to_client.put(segment, self.now + link.delay, self.now)
 
     def inject_to_server(self, client_id: int, segment: Segment) -> None:
         """Put a forged segment on the wire towards the server."""
         link = self.link(client_id)
-        link.to_server.put(segment, self.now + link.delay)
+        link.to_server.put(segment, self.now + link.delay, self.now)
 
     def _fake_tls(self, connection: Connection) -> None:
         # stands in for TLS: the keys appear once the MPTCP handshake is

@@ -1,12 +1,14 @@
 """One MPTCP connection, sans I/O: handshake, joins, data, close.
 
-:class:`Connection` runs RFC 8684 and its token-only "G" mode over the
-userspace wire of docs/wire.md. The MP_CAPABLE handshake lives in
-:mod:`mptls.mptcp.handshake`, joins and addresses in
-:mod:`mptls.mptcp.joins`, the shared fields in :mod:`mptls.mptcp.state`;
-this module holds the data path, the close, the timers and the entry
-points. An adapter feeds it segments, time and
-the application's bytes, and pulls segments and events out of it. Data
+:class:`Connection` runs RFC 8684, its token-only "G" mode and the
+rotation profile "E" over the userspace wire of docs/wire.md. The
+MP_CAPABLE handshake lives in :mod:`mptls.mptcp.handshake`, joins and
+addresses in :mod:`mptls.mptcp.joins`, resets and MP_FASTCLOSE in
+:mod:`mptls.mptcp.resets`, mode E's keys in :mod:`mptls.mptcp.rotation`,
+the shared fields in :mod:`mptls.mptcp.state`; this module holds the
+data path, the close, the timers and the entry points. An adapter feeds
+it segments, time and the application's bytes, and pulls segments and
+events out of it. Data
 positions are kept as offsets from IDSN+1 and turned into 64-bit DSNs
 and Data ACKs only on the wire.
 
@@ -19,25 +21,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from hmac import compare_digest
 
 from mptls.errors import (
-    JoinRefusedError,
     MptlsError,
     MptlsTimeoutError,
-    PeerResetError,
     ProtocolError,
 )
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
-from mptls.mptcp.crypto import (
-    fastclose_value,
-    idsn_from_token,
-    rfc8684_idsn,
-    rfc8684_token,
-)
+from mptls.mptcp.crypto import idsn_from_token, rfc8684_idsn, rfc8684_token
 from mptls.mptcp.framing import Flag, Payload, Segment
-from mptls.mptcp.handshake import HandshakeMixin
+from mptls.mptcp.handshake import (
+    TOKEN_MODES,
+    HandshakeMixin,
+    offered_flags,
+    own_token,
+)
 from mptls.mptcp.joins import JoinsMixin
 from mptls.mptcp.options import (
     CapableFlag,
@@ -45,10 +44,11 @@ from mptls.mptcp.options import (
     MpFastclose,
     MpJoinAck,
     MpJoinSyn,
-    MpTcpRst,
     ResetReason,
 )
 from mptls.mptcp.recovery import RecoveryMixin
+from mptls.mptcp.resets import ResetsMixin
+from mptls.mptcp.rotation import RotationMixin
 from mptls.mptcp.scheduler import Chunk, Subflow, SubflowState, pick_subflow
 from mptls.mptcp.state import SEQ_MOD, RandomSource, options_of
 from mptls.mptcp.tokens import TokenAllocator
@@ -90,7 +90,9 @@ def _widen(value: int, reference: int) -> int:
     return candidate % SEQ_MOD
 
 
-class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
+class Connection(
+    HandshakeMixin, JoinsMixin, RecoveryMixin, ResetsMixin, RotationMixin
+):
     """An MPTCP connection; build one with :meth:`initiator` or let an
     :class:`~mptls.mptcp.endpoint.Endpoint` build responders."""
 
@@ -108,14 +110,12 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         """A client connection; its SYN leaves with the first
         :meth:`segments_to_send`."""
         self = cls(config, initiator=True, random=random, now=now)
-        if config.mode is Mode.G:
+        self._offered = offered_flags(
+            config.mode, config.allow_legacy_fallback
+        )
+        if config.mode in TOKEN_MODES:
             self._tokens = tokens
-            self._local_token = tokens.allocate()
-            self._offered = CapableFlag.G
-            if config.allow_legacy_fallback:
-                self._offered |= CapableFlag.H
-        else:
-            self._offered = CapableFlag.H
+            self._local_token = own_token(tokens, config.mode)
         if self._offered & CapableFlag.H:
             local_key = random(8)
             self._local_key = local_key
@@ -145,13 +145,14 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
     ) -> Connection:
         """A server connection for an accepted MP_CAPABLE SYN.
 
-        ``local_secret`` is Token-B in G mode and Key-B in RFC 8684 mode;
-        the :class:`~mptls.mptcp.endpoint.Endpoint` picks it so that it
-        is unique in its table.
+        ``local_secret`` is Token-B in G and E mode (8 and 4 bytes) and
+        Key-B in RFC 8684 mode; the
+        :class:`~mptls.mptcp.endpoint.Endpoint` picks it so that it is
+        unique in its table.
         """
         self = cls(config, initiator=False, random=random, now=now)
         self.mode = mode
-        if mode is Mode.G:
+        if mode in TOKEN_MODES:
             self._local_token = local_secret
             self._local_idsn = idsn_from_token(local_secret, config.idsn_rule)
         else:
@@ -212,7 +213,15 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
     # keys
 
     def install_keys(self, keys: KeyMaterial) -> bool:
-        """Take the TLS-derived keys; False (no effect) if not G mode."""
+        """Take the TLS-derived keys; False (no effect) if not taken.
+
+        G mode takes one pair. Mode E takes the next generation, when
+        none is pending: generation 0 when TLS completes, then the one a
+        :class:`~mptls.mptcp.events.KeysRequested` asked for (see
+        :class:`~mptls.mptcp.rotation.RotationMixin`).
+        """
+        if self.mode is Mode.E and self.handshake_complete:
+            return self._install_rotation_keys(keys)
         if self.mode is not Mode.G or not self.handshake_complete:
             return False
         if self._keys is not None:
@@ -233,6 +242,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         self._now = now
         out: list[tuple[int, Segment]] = []
         self._emit_handshake(out, now)
+        self._emit_due_new_keys()
         self._emit_outboxes(out)
         if not self._closed:
             self._emit_announcements(out)
@@ -592,122 +602,6 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             )
         self._close_subflow(subflow, "peer closed the subflow", None)
 
-    def _on_reset(self, subflow: Subflow, segment: Segment) -> None:
-        options = options_of(segment)
-        fastclose = options.get(MpFastclose)
-        if isinstance(fastclose, MpFastclose) and self._fastclose_valid(
-            fastclose
-        ):
-            self._on_peer_fastclose(subflow, from_reset=True)
-            return
-        rst = options.get(MpTcpRst)
-        code = rst.reason if isinstance(rst, MpTcpRst) else None
-        if subflow.is_join and subflow.state in (
-            _S.SYN_SENT,
-            _S.PRE_ESTABLISHED,
-        ):
-            reason = f"peer reset the join (MP_TCPRST {code})"
-            self._events.append(ev.JoinRefused(subflow.subflow_id, reason))
-        if subflow.subflow_id == 0 and not self.handshake_complete:
-            subflow.set_state(_S.CLOSED)
-            self._finish(
-                PeerResetError(
-                    "peer reset the MPTCP handshake", reset_reason=code
-                )
-            )
-            return
-        was_join = subflow.is_join and subflow.state in (
-            _S.SYN_SENT,
-            _S.PRE_ESTABLISHED,
-        )
-        self._close_subflow(subflow, "reset by peer", code)
-        if was_join and code == ResetReason.MPTCP_ERROR:
-            self._join_refused_for_good()
-
-    def _join_refused_for_good(self) -> None:
-        """A join failed on its token or HMAC while no subflow is left.
-
-        MP_TCPRST 0x01 on a join means the peer does not know the token
-        or the keys disagree (RFC 8684 sections 3.2, 3.6); with no other
-        subflow no later join can do better, so waiting out
-        ``path_loss_timeout`` would only hide a tampered handshake or a
-        peer that has forgotten the connection.
-        """
-        if self._closed or self._live_count():
-            return
-        self._finish(
-            JoinRefusedError(
-                "every subflow is gone and the peer refused the join "
-                "(unknown token or keys that disagree)"
-            )
-        )
-
-    def _fastclose_value(self, key: bytes) -> bytes:
-        if self.mode is Mode.G:
-            return fastclose_value(key, self.config.idsn_rule)
-        return key
-
-    def _fastclose_valid(self, option: MpFastclose) -> bool:
-        keys = self._hmac_keys()
-        if keys is None:
-            return False
-        expected = self._fastclose_value(keys[0])
-        return compare_digest(expected, option.key)
-
-    def _on_peer_fastclose(
-        self, subflow: Subflow, *, from_reset: bool
-    ) -> None:
-        # RFC 8684 section 3.5: reset every subflow, the connection is gone
-        for other in self._subflows.values():
-            if other.live and (other is not subflow or not from_reset):
-                other.outbox.append(self._reset_segment(None))
-            if other.live:
-                other.set_state(_S.CLOSED)
-        unacknowledged = self._send.size
-        message = "peer closed the connection with MP_FASTCLOSE"
-        if unacknowledged:
-            message += (
-                f", {unacknowledged} bytes of ours not acknowledged: they "
-                "may be lost"
-            )
-        self._finish(PeerResetError(message, unacknowledged=unacknowledged))
-
-    def abort(self) -> None:
-        """RST + MP_FASTCLOSE on every subflow (RFC 8684 section 3.5)."""
-        if self._closed:
-            return
-        keys = self._hmac_keys()
-        options: tuple[MpFastclose, ...] = ()
-        if keys is not None:
-            options = (MpFastclose(key=self._fastclose_value(keys[1])),)
-        for subflow in self._subflows.values():
-            if subflow.live:
-                subflow.outbox.append(Segment(flags=Flag.RST, options=options))
-                subflow.set_state(_S.CLOSED)
-        self._finish(None)
-
-    def _fail_established(self, error: ProtocolError) -> None:
-        """Fail a connection whose peer may hold keys and wait for joins.
-
-        MP_FASTCLOSE next to the MP_TCPRST tells the peer the whole
-        connection is gone (RFC 8684 section 3.5), so that it does not
-        keep it for ``path_loss_timeout``.
-        """
-        logger.info("[%s] connection failed: %s", self._tag(), error)
-        keys = self._hmac_keys()
-        options: list[MpTcpRst | MpFastclose] = []
-        if error.reset_reason is not None:
-            options.append(MpTcpRst(reason=error.reset_reason))
-        if keys is not None:
-            options.append(MpFastclose(key=self._fastclose_value(keys[1])))
-        for subflow in self._subflows.values():
-            if subflow.live:
-                subflow.outbox.append(
-                    Segment(flags=Flag.RST, options=tuple(options))
-                )
-                subflow.set_state(_S.CLOSED)
-        self._finish(error)
-
     def _maybe_finish(self) -> None:
         """Both DATA_FINs acknowledged: FIN every subflow and finish."""
         if self._closed:
@@ -760,6 +654,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             deadlines.append(self._last_progress + limit)
         if self._hole_since is not None:
             deadlines.append(self._hole_since + limit)
+        deadlines.extend(self._rotation_deadlines())
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -784,6 +679,8 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
                 subflow.rto *= 2
                 subflow.retransmit_at = now + subflow.rto
         self._check_data_timeouts(now)
+        if not self._closed:
+            self._handle_rotation_timers(now)
 
     def _expire(self, subflow: Subflow) -> None:
         if subflow.subflow_id == 0 and not self.handshake_complete:
@@ -815,6 +712,9 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             )
             for s in self._subflows.values()
         )
+        keys = self._keys
+        if self.mode is Mode.E:
+            keys = self._active_keys(self._current_key_id())
         return ev.ConnectionInfo(
             role="initiator" if self.is_initiator else "responder",
             mode=self.mode.value if self.mode else None,
@@ -822,10 +722,11 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             remote_token=(
                 self._remote_token.hex() if self._remote_token else None
             ),
-            keys_installed=self._keys is not None,
+            keys_installed=keys is not None,
             keys_reason=self._keys_reason(),
-            key_fingerprint=self._keys.fingerprint() if self._keys else None,
+            key_fingerprint=keys.fingerprint() if keys else None,
             subflows=subflows,
+            key_generation=self._generation,
         )
 
 
