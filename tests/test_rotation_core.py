@@ -57,6 +57,7 @@ from mptls.mptcp.options import (
     ResetReason,
     encode_option,
 )
+from mptls.mptcp.rotation import NEW_KEY_ANSWERS
 from mptls.mptcp.tokens import TokenAllocator
 from mptls.tls.keys import KeyMaterial
 
@@ -600,7 +601,7 @@ def test_a_new_key_before_generation_0_is_checked_on_install() -> None:
     confirmed(net)
 
 
-def test_a_matching_new_key_for_the_active_key_is_answered_once() -> None:
+def test_a_matching_new_key_for_the_active_key_is_answered() -> None:
     net = confirmed(established(e_net()))
     token_a, token_b = tokens(net)
     client_before = len(new_keys(net.link(0).to_server.sent))
@@ -611,6 +612,28 @@ def test_a_matching_new_key_for_the_active_key_is_answered_once() -> None:
     assert len(up) == client_before + 1
     assert up[-1] == NewKey(0, new_key_tag(token_a, token_b, KEYS))
     assert net.client_side.of_type(ev.KeysRequested) == []
+
+
+def test_answers_to_a_repeating_peer_are_spaced_and_few() -> None:
+    # the server repeats its NEW_KEY because the client's answers keep
+    # getting lost: each repeat a join_rto later is answered, up to
+    # NEW_KEY_ANSWERS, and repeats closer together than that are not
+    net = confirmed(established(e_net()))
+    token_a, token_b = tokens(net)
+    sent = net.link(0).to_server.sent
+    before = len(new_keys(sent))
+    repeat = forged(0, new_key_tag(token_b, token_a, KEYS))
+    rto = net.client.config.join_rto
+    answered = []
+    for _ in range(NEW_KEY_ANSWERS + 2):
+        net.inject(0, repeat)
+        net.inject(0, repeat)  # at once: no second answer
+        settle(net)
+        answered.append(len(new_keys(sent)) - before)
+        net.now += rto  # nothing is due: the clock moves by hand
+    expected = [min(n, NEW_KEY_ANSWERS) for n in range(1, NEW_KEY_ANSWERS + 3)]
+    assert answered == expected
+    assert net.client.key_generation == 0
 
 
 # joins, ADD_ADDR and MP_FASTCLOSE under E

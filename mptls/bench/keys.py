@@ -5,9 +5,10 @@ Per connection, mptls exports its MPTCP keys once from TLS
 and HMAC-B (RFC 8684 section 3.2); per ADD_ADDR one HMAC (section
 3.4.1); per key rotation of the E profile each end exports the next
 generation (context ``uint32(n)``) and computes two NEW_KEY tags, its
-own and the one it checks the peer's against. Each is timed in microseconds next to a whole TLS 1.3 handshake
-over memory BIOs (same certificate, no sockets), so the ratios show the
-share of the handshake they add. The key material stays in this
+own and the one it checks the peer's against. Each is timed in
+microseconds next to a whole TLS 1.3 handshake over memory BIOs (same
+certificate, no sockets), so the ratios show the share of the handshake
+they add. The key material stays in this
 process and is never printed.
 """
 

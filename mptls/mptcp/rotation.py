@@ -41,6 +41,11 @@ __all__ = ["RotationMixin"]
 
 logger = logging.getLogger("mptls.mptcp")
 
+# how often an active key's NEW_KEY goes out again for a peer that
+# keeps sending its own: each answer may be lost with its subflow, and
+# a peer left unconfirmed drops the generation this end already uses
+NEW_KEY_ANSWERS = 3
+
 
 class RotationMixin(ConnectionState):
     """The two key slots of mode E and the NEW_KEY exchange."""
@@ -208,11 +213,16 @@ class RotationMixin(ConnectionState):
 
     def _on_matching_new_key(self, key_id: int, slot: KeySlot) -> None:
         if slot.active:
-            # the peer goes on sending: it did not hear ours. Once: an
-            # active peer that heard it answers this one in turn
-            if not slot.answered:
-                slot.answered = True
-                self._send_new_key(key_id)
+            # the peer goes on sending: it did not hear ours (its subflow
+            # may have died with it). Answered a few times, a join_rto
+            # apart, on another subflow where there is one: an active
+            # peer that heard ours answers each answer in turn
+            last = slot.answered_at
+            spaced = last is None or self._now - last >= self.config.join_rto
+            if slot.answers < NEW_KEY_ANSWERS and spaced:
+                slot.answers += 1
+                slot.answered_at = self._now
+                self._send_new_key(key_id, again=True)
             return
         slot.confirmed = True
         if slot.sent:

@@ -77,9 +77,11 @@ class KeySlot:
     confirmed: bool = False
     # ours is owed and no subflow could carry it yet
     send_due: bool = False
-    # once active, ours went out again for a peer's NEW_KEY: only once,
-    # as two active ends would otherwise answer each other forever
-    answered: bool = False
+    # once active, how often ours went out again for a peer's NEW_KEY,
+    # and when last: a few times, spaced, as two active ends would
+    # otherwise answer each other forever
+    answers: int = 0
+    answered_at: float | None = None
     retransmit_at: float | None = None
 
     @property
