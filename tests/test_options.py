@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import struct
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mptls.errors import OptionError
+from mptls.errors import ConfigurationError, OptionError
 from mptls.mptcp.options import (
     MPTCP_KIND,
     AddAddr,
@@ -23,6 +24,7 @@ from mptls.mptcp.options import (
     MpJoinSynAck,
     MpPrio,
     MpTcpRst,
+    NewKey,
     Option,
     RemoveAddr,
     ResetReason,
@@ -59,8 +61,10 @@ def roundtrip(option: Option, state: dict[str, bool]) -> bytes:
 
 def test_wire_values() -> None:
     assert MPTCP_KIND == 30
-    assert [int(subtype) for subtype in Subtype] == [*range(9), 0xF]
+    assert [int(subtype) for subtype in Subtype] == [*range(10), 0xF]
+    assert int(Subtype.NEW_KEY) == 0x9
     assert int(CapableFlag.A) == 0x80
+    assert int(CapableFlag.E) == 0x08
     assert int(CapableFlag.G) == 0x02
     assert int(CapableFlag.H) == 0x01
     assert int(ResetReason.ADMINISTRATIVELY_PROHIBITED) == 3
@@ -400,10 +404,10 @@ def test_small_option_encode_checks(option: Option) -> None:
 
 
 def test_unknown_subtypes_are_kept_byte_for_byte() -> None:
-    new_key = bytes.fromhex("1e0c9100") + bytes(range(8))  # Baerts NEW_KEY
-    (option,) = decode_options(new_key, **ACK)
-    assert option == UnknownMptcpOption(0x9, new_key[2:])
-    assert encode_option(option) == new_key
+    unassigned = bytes.fromhex("1e0ca100") + bytes(range(8))
+    (option,) = decode_options(unassigned, **ACK)
+    assert option == UnknownMptcpOption(0xA, unassigned[2:])
+    assert encode_option(option) == unassigned
     experimental = bytes.fromhex("1e03f7")
     (option,) = decode_options(experimental, **SYN)
     assert option == UnknownMptcpOption(0xF, b"\xf7")
@@ -414,10 +418,11 @@ def test_unknown_subtypes_are_kept_byte_for_byte() -> None:
     "option",
     [
         UnknownMptcpOption(0x2, b"\x20"),  # DSS has its own class
-        UnknownMptcpOption(0x9, b""),
-        UnknownMptcpOption(0x9, b"\xa0"),  # subtype nibble disagrees
+        UnknownMptcpOption(0x9, b"\x91\x00" + bytes(8)),  # NEW_KEY has too
+        UnknownMptcpOption(0xA, b""),
+        UnknownMptcpOption(0xA, b"\xb0"),  # subtype nibble disagrees
         UnknownMptcpOption(0x10, b"\x00"),
-        UnknownMptcpOption(0x9, b"\x90" * 254),
+        UnknownMptcpOption(0xA, b"\xa0" * 254),
     ],
 )
 def test_unknown_encode_checks(option: UnknownMptcpOption) -> None:
@@ -548,23 +553,30 @@ def options_with_state(draw: st.DrawFn) -> tuple[Option, dict[str, bool]]:
     u32 = st.integers(0, 0xFFFFFFFF)
     u64 = st.integers(0, 2**64 - 1)
     key = st.binary(min_size=8, max_size=8)
-    kind = draw(st.sampled_from(range(14)))
+    key_id = st.integers(0, 1)
+    kind = draw(st.sampled_from(range(15)))
     if kind == 0:
         flags = CapableFlag(draw(u8))
         version = draw(st.integers(0, 15))
         form = draw(st.integers(0, 4))
-        keys = [draw(key) if form >= 1 else None]
-        keys.append(draw(key) if form >= 2 else None)
+        # flag E: 4-byte tokens where the others have 8-byte fields
+        size = 4 if flags & CapableFlag.E else 8
+        fields = st.binary(min_size=size, max_size=size)
+        keys = [draw(fields) if form >= 1 else None]
+        keys.append(draw(fields) if form >= 2 else None)
         data_length = draw(u16) if form >= 3 else None
         checksum = draw(u16) if form >= 4 else None
         state = [SYN, SYN_ACK, ACK, ACK, ACK][form]
         return MpCapable(flags, *keys, data_length, checksum, version), state
     if kind == 1:
         token = draw(st.binary(min_size=4, max_size=4) | key)
-        return MpJoinSyn(token, draw(u32), draw(u8), draw(st.booleans())), SYN
+        join = MpJoinSyn(
+            token, draw(u32), draw(u8), draw(st.booleans()), draw(key_id)
+        )
+        return join, SYN
     if kind == 2:
         option = MpJoinSynAck(
-            draw(key), draw(u32), draw(u8), draw(st.booleans())
+            draw(key), draw(u32), draw(u8), draw(st.booleans()), draw(key_id)
         )
         return option, SYN_ACK
     if kind == 3:
@@ -581,13 +593,15 @@ def options_with_state(draw: st.DrawFn) -> tuple[Option, dict[str, bool]]:
     if kind == 10:
         return MpFail(draw(u64)), ACK
     if kind == 11:
-        return MpFastclose(draw(key)), ACK
+        return MpFastclose(draw(key), draw(key_id)), ACK
     if kind == 12:
         reset = MpTcpRst(
             draw(u8), draw(st.booleans()), draw(st.integers(0, 7))
         )
         return reset, ACK
-    subtype = draw(st.sampled_from([9, 10, 11, 12, 13, 14, 15]))
+    if kind == 13:
+        return NewKey(draw(key_id), draw(key)), ACK
+    subtype = draw(st.sampled_from([10, 11, 12, 13, 14, 15]))
     low = draw(st.integers(0, 15))
     rest = draw(st.binary(max_size=20))
     return UnknownMptcpOption(subtype, bytes((subtype << 4 | low,)) + rest), (
@@ -635,6 +649,7 @@ def add_addr_options(draw: st.DrawFn) -> AddAddr:
         draw(st.none() | st.integers(0, 0xFFFF)),
         hmac,
         echo,
+        draw(st.integers(0, 1)),
     )
 
 

@@ -337,3 +337,34 @@ def test_a_layout_that_is_not_a_token_layout_is_refused() -> None:
         TokenAllocator(SECRET, layout=5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="TokenLayout"):
         token_fields(bytes(8), 5)  # type: ignore[arg-type]
+
+
+# 64-bit tokens stay what they were
+
+
+def test_64_bit_tokens_are_pinned() -> None:
+    # Made before 32-bit tokens existed: a server that restarts with its
+    # secret and counter must go on with the very same tokens.
+    default = TokenAllocator(SECRET, server_id=0x12, worker_id=0x34)
+    assert [default.allocate().hex() for _ in range(3)] == [
+        "12349999b0c8c9e1",
+        "123404127ef7e811",
+        "1234ab40a3953475",
+    ]
+    no_ids = TokenAllocator(SECRET, layout=TokenLayout(0, 0), start=1000)
+    assert [no_ids.allocate().hex() for _ in range(3)] == [
+        "499e9b48d20d7ac9",
+        "b533f94460aa672f",
+        "acf3a87b838644a4",
+    ]
+    wide_ids = TokenAllocator(
+        SECRET,
+        layout=TokenLayout(12, 4),
+        server_id=0xABC,
+        worker_id=5,
+        start=2**40,
+    )
+    assert [wide_ids.allocate().hex() for _ in range(2)] == [
+        "abc5309bc70e79b6",
+        "abc599b9c55cf7ee",
+    ]

@@ -30,6 +30,9 @@ class Mode(enum.Enum):
     # draft-paasch-mptcp-application-authentication: tokens in
     # MP_CAPABLE, keys from TLS (flag G, 0x02)
     G = "G"
+    # draft-baerts-tcpm-mptcpext: 32-bit tokens in MP_CAPABLE, keys
+    # from TLS confirmed and rotated with NEW_KEY (flag E, 0x08)
+    E = "E"
     # RFC 8684 section 3.1: keys in the clear (flag H, 0x01)
     RFC8684 = "rfc8684"
 
@@ -80,6 +83,10 @@ class ConnectionConfig:
     # or when ack_delay has passed since the first of them
     ack_threshold: int = 1
     ack_delay: float = 0.02
+    # mode E: ask for the next key generation this long after each one
+    # became active (None: only when asked, or when the peer starts
+    # one); ignored in the other modes
+    key_rotation_interval: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
@@ -125,6 +132,8 @@ class ConnectionConfig:
             )
         if not 0 < self.ack_delay <= 1.0:
             raise ConfigurationError("ack_delay must be in (0, 1] seconds")
+        if self.key_rotation_interval is not None:
+            check_seconds("key_rotation_interval", self.key_rotation_interval)
 
 
 def check_seconds(name: str, value: object) -> None:

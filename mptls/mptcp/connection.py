@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from hmac import compare_digest
 
 from mptls.errors import (
     JoinRefusedError,
@@ -30,12 +29,7 @@ from mptls.errors import (
 )
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
-from mptls.mptcp.crypto import (
-    fastclose_value,
-    idsn_from_token,
-    rfc8684_idsn,
-    rfc8684_token,
-)
+from mptls.mptcp.crypto import idsn_from_token, rfc8684_idsn, rfc8684_token
 from mptls.mptcp.framing import Flag, Payload, Segment
 from mptls.mptcp.handshake import HandshakeMixin
 from mptls.mptcp.joins import JoinsMixin
@@ -642,18 +636,6 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             )
         )
 
-    def _fastclose_value(self, key: bytes) -> bytes:
-        if self.mode is Mode.G:
-            return fastclose_value(key, self.config.idsn_rule)
-        return key
-
-    def _fastclose_valid(self, option: MpFastclose) -> bool:
-        keys = self._hmac_keys()
-        if keys is None:
-            return False
-        expected = self._fastclose_value(keys[0])
-        return compare_digest(expected, option.key)
-
     def _on_peer_fastclose(
         self, subflow: Subflow, *, from_reset: bool
     ) -> None:
@@ -676,10 +658,8 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         """RST + MP_FASTCLOSE on every subflow (RFC 8684 section 3.5)."""
         if self._closed:
             return
-        keys = self._hmac_keys()
-        options: tuple[MpFastclose, ...] = ()
-        if keys is not None:
-            options = (MpFastclose(key=self._fastclose_value(keys[1])),)
+        fastclose = self._fastclose_option()
+        options = () if fastclose is None else (fastclose,)
         for subflow in self._subflows.values():
             if subflow.live:
                 subflow.outbox.append(Segment(flags=Flag.RST, options=options))
@@ -694,12 +674,12 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         keep it for ``path_loss_timeout``.
         """
         logger.info("[%s] connection failed: %s", self._tag(), error)
-        keys = self._hmac_keys()
+        fastclose = self._fastclose_option()
         options: list[MpTcpRst | MpFastclose] = []
         if error.reset_reason is not None:
             options.append(MpTcpRst(reason=error.reset_reason))
-        if keys is not None:
-            options.append(MpFastclose(key=self._fastclose_value(keys[1])))
+        if fastclose is not None:
+            options.append(fastclose)
         for subflow in self._subflows.values():
             if subflow.live:
                 subflow.outbox.append(

@@ -23,6 +23,9 @@ __all__ = [
     "Event",
     "HandshakeComplete",
     "JoinRefused",
+    "KeyRotationFailed",
+    "KeysActivated",
+    "KeysRequested",
     "SubflowClosed",
     "SubflowEstablished",
     "SubflowStatus",
@@ -89,6 +92,37 @@ class JoinRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class KeysRequested:
+    """Mode E: the core needs the keys of ``generation``.
+
+    The adapter answers with ``install_keys`` of the TLS exporter's
+    keys for that generation (context ``uint32(generation)``).
+    """
+
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeysActivated:
+    """Mode E: both ends confirmed ``generation`` with NEW_KEY.
+
+    It is now the one new joins, ADD_ADDR and MP_FASTCLOSE use;
+    ``fingerprint`` is the keys' one-way tag, never the keys.
+    """
+
+    generation: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRotationFailed:
+    """Mode E: ``generation`` was dropped unconfirmed; keys unchanged."""
+
+    generation: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The MPTCP connection is over; ``error`` is None for a clean close."""
 
@@ -103,6 +137,9 @@ Event = (
     | SubflowClosed
     | AddressAnnounced
     | JoinRefused
+    | KeysRequested
+    | KeysActivated
+    | KeyRotationFailed
     | ConnectionClosed
 )
 
@@ -127,7 +164,11 @@ class SubflowStatus:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
-    """A snapshot of a connection. Tokens are hex; no key material."""
+    """A snapshot of a connection. Tokens are hex; no key material.
+
+    ``key_generation`` is the active key generation in mode E (None
+    before the first is confirmed, and in the other modes).
+    """
 
     role: str
     mode: str | None
@@ -137,3 +178,4 @@ class ConnectionInfo:
     keys_reason: str
     key_fingerprint: str | None
     subflows: tuple[SubflowStatus, ...]
+    key_generation: int | None = None

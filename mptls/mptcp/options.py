@@ -1,9 +1,12 @@
 """Byte-exact codec for the MPTCP TCP option (kind 30).
 
 The layouts are those of RFC 8684 section 3, plus the G-mode forms of
-draft-paasch-mptcp-application-authentication. G mode puts 64-bit tokens
-where RFC 8684 puts keys, and its MP_JOIN SYN is 16 bytes long because
-it carries a 64-bit token. Each option is a frozen dataclass.
+draft-paasch-mptcp-application-authentication and the E-mode forms of
+draft-baerts-tcpm-mptcpext. G mode puts 64-bit tokens where RFC 8684
+puts keys, and its MP_JOIN SYN is 16 bytes long because it carries a
+64-bit token. E mode puts 32-bit tokens there, names one of two keys
+with a K bit in MP_JOIN, ADD_ADDR and MP_FASTCLOSE, and agrees on each
+key with NEW_KEY. Each option is a frozen dataclass.
 :func:`encode_option` turns one into the bytes it has in a TCP header,
 and :func:`decode_options` turns a TCP option list back into dataclasses.
 
@@ -24,7 +27,7 @@ from enum import IntEnum, IntFlag
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from mptls.errors import OptionError
+from mptls.errors import ConfigurationError, OptionError
 
 __all__ = [
     "MPTCP_KIND",
@@ -40,6 +43,7 @@ __all__ = [
     "MpJoinSynAck",
     "MpPrio",
     "MpTcpRst",
+    "NewKey",
     "Option",
     "RemoveAddr",
     "ResetReason",
@@ -68,6 +72,7 @@ class Subtype(IntEnum):
     MP_FAIL = 0x6
     MP_FASTCLOSE = 0x7
     MP_TCPRST = 0x8
+    NEW_KEY = 0x9  # draft-baerts-tcpm-mptcpext (suggested value)
     MP_EXPERIMENTAL = 0xF
 
 
@@ -106,18 +111,40 @@ class ResetReason(IntEnum):
     MIDDLEBOX_INTERFERENCE = 0x06
 
 
+# key ids (E mode)
+
+
+class _KeyIdError(OptionError, ConfigurationError):
+    """A key id other than 0 or 1.
+
+    The contract of the E profile calls it a ConfigurationError; it is
+    an OptionError too, so that :func:`encode_option` still raises only
+    OptionErrors for fields out of range.
+    """
+
+
+def _check_key_id(value: object, what: str) -> None:
+    # A bool is refused although it equals 0 or 1: the field names a
+    # key slot, and a flag there is more likely a mistake than a choice.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _KeyIdError(f"{what} key id must be the int 0 or 1")
+    if value not in (0, 1):
+        raise _KeyIdError(f"{what} key id must be 0 or 1, got {value}")
+
+
 # options
 
 
 @dataclass(frozen=True, slots=True)
 class MpCapable:
-    """MP_CAPABLE (RFC 8684 3.1).
+    """MP_CAPABLE (RFC 8684 3.1; draft-baerts for flag E).
 
-    ``sender_key`` and ``receiver_key`` are 8 bytes each. They hold keys
-    in RFC 8684 (H) mode and 64-bit tokens in G mode; the codec treats
-    both the same way. Which fields are present sets the length:
-    4 (SYN), 12 (SYN/ACK), 20 (third ACK), 22 (with ``data_length``),
-    24 (with ``checksum`` as well).
+    ``sender_key`` and ``receiver_key`` hold keys in RFC 8684 (H) mode
+    and tokens in G and E mode; the codec treats both the same way.
+    They are 8 bytes each, or 4 bytes each when ``flags`` has E set.
+    Which fields are present sets the length: 4 (SYN), 12 (SYN/ACK),
+    20 (third ACK), 22 (with ``data_length``), 24 (with ``checksum`` as
+    well); under E 4, 8, 12, 14 and 16.
     """
 
     flags: CapableFlag
@@ -133,23 +160,36 @@ class MpJoinSyn:
     """MP_JOIN on a SYN: the receiver's token and the sender's nonce.
 
     A 4-byte token gives the RFC 8684 layout (length 12). An 8-byte
-    token gives the G-mode layout (length 16).
+    token gives the G-mode layout (length 16). ``key_id`` is E mode's K
+    bit (0x02 of byte 2): which of the two keys the join uses. It is 0
+    or 1, checked when the option is built.
     """
 
     token: bytes
     nonce: int
     address_id: int
     backup: bool = False
+    key_id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_key_id(self.key_id, "MP_JOIN")
 
 
 @dataclass(frozen=True, slots=True)
 class MpJoinSynAck:
-    """MP_JOIN on a SYN/ACK: the leftmost 8 bytes of HMAC-B (length 16)."""
+    """MP_JOIN on a SYN/ACK: the leftmost 8 bytes of HMAC-B (length 16).
+
+    ``key_id`` echoes the SYN's K bit, at the same place.
+    """
 
     hmac: bytes
     nonce: int
     address_id: int
     backup: bool = False
+    key_id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_key_id(self.key_id, "MP_JOIN")
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +225,7 @@ class AddAddr:
 
     With ``echo`` set, the option carries no HMAC (E=1). Otherwise
     ``hmac`` holds the rightmost 8 bytes of the ADD_ADDR HMAC.
+    ``key_id`` is E mode's K bit (0x02 of byte 2): the key of the HMAC.
     """
 
     address_id: int
@@ -192,6 +233,10 @@ class AddAddr:
     port: int | None = None
     hmac: bytes | None = None
     echo: bool = False
+    key_id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_key_id(self.key_id, "ADD_ADDR")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,11 +264,17 @@ class MpFail:
 class MpFastclose:
     """MP_FASTCLOSE (RFC 8684 3.5).
 
-    ``key`` is 8 bytes: the receiver's key in RFC 8684 mode, or the G-mode
-    hash of that key (see :func:`mptls.mptcp.crypto.fastclose_value`).
+    ``key`` is 8 bytes: the receiver's key in RFC 8684 mode, the G-mode
+    hash of that key (see :func:`mptls.mptcp.crypto.fastclose_value`),
+    or in E mode the tag of :func:`mptls.mptcp.crypto.fastclose_tag`.
+    ``key_id`` is E mode's K bit (0x01 of byte 2): the key of that tag.
     """
 
     key: bytes = field(repr=False)
+    key_id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_key_id(self.key_id, "MP_FASTCLOSE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +289,21 @@ class MpTcpRst:
     reason: int
     transient: bool = False
     flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """NEW_KEY (draft-baerts-tcpm-mptcpext, subtype 0x9, length 12).
+
+    ``key_id`` (0 or 1, the K bit) names the key slot and ``tag`` holds
+    the 8 bytes of :func:`mptls.mptcp.crypto.new_key_tag` for that key.
+    """
+
+    key_id: int
+    tag: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_key_id(self.key_id, "NEW_KEY")
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +332,7 @@ Option = (
     | MpFail
     | MpFastclose
     | MpTcpRst
+    | NewKey
     | UnknownMptcpOption
 )
 
@@ -305,27 +372,51 @@ _SEGMENT_KINDS = {
 
 # MP_CAPABLE (RFC 8684 3.1)
 
-# Which lengths each segment kind allows: the SYN carries no key, the
-# SYN/ACK the sender's, the third ACK both, and 22/24 add data parameters.
-_CAPABLE_LENGTHS: dict[tuple[bool, bool], frozenset[int]] = {
-    (True, False): frozenset({4}),
-    (True, True): frozenset({12}),
-    (False, True): frozenset({20, 22, 24}),
-    (False, False): frozenset(),
+_E = int(CapableFlag.E)
+
+
+def _capable_lengths(
+    field_size: int,
+) -> dict[tuple[bool, bool], frozenset[int]]:
+    """Which lengths each segment kind allows, for one key/token size.
+
+    The SYN carries no key, the SYN/ACK the sender's, the third ACK
+    both, and 2 or 4 more bytes add the data parameters.
+    """
+    both = 4 + 2 * field_size
+    return {
+        (True, False): frozenset({4}),
+        (True, True): frozenset({4 + field_size}),
+        (False, True): frozenset({both, both + 2, both + 4}),
+        (False, False): frozenset(),
+    }
+
+
+# By the E bit of the flags byte: 8-byte keys or tokens (RFC 8684, G),
+# 4-byte tokens (E, draft-baerts).
+_CAPABLE_FIELD_SIZES = {False: 8, True: 4}
+_CAPABLE_LENGTHS = {
+    external: _capable_lengths(size)
+    for external, size in _CAPABLE_FIELD_SIZES.items()
 }
 
 
 def _encode_mp_capable(option: MpCapable) -> bytes:
     _check_uint(option.version, 4, "MP_CAPABLE version")
     _check_uint(int(option.flags), 8, "MP_CAPABLE flags")
+    external = bool(int(option.flags) & _E)
+    sizes = (_CAPABLE_FIELD_SIZES[external],)
+    where = " under flag E" if external else ""
     body = [bytes((int(option.flags),))]
     if option.sender_key is not None:
-        _check_bytes(option.sender_key, (8,), "MP_CAPABLE sender key")
+        _check_bytes(option.sender_key, sizes, f"MP_CAPABLE sender key{where}")
         body.append(option.sender_key)
     if option.receiver_key is not None:
         if option.sender_key is None:
             raise OptionError("MP_CAPABLE receiver key needs a sender key")
-        _check_bytes(option.receiver_key, (8,), "MP_CAPABLE receiver key")
+        _check_bytes(
+            option.receiver_key, sizes, f"MP_CAPABLE receiver key{where}"
+        )
         body.append(option.receiver_key)
     if option.data_length is not None:
         if option.receiver_key is None:
@@ -345,20 +436,26 @@ def _encode_mp_capable(option: MpCapable) -> bytes:
 def _decode_mp_capable(
     data: bytes | memoryview, start: int, length: int, syn: bool, ack: bool
 ) -> MpCapable:
-    if length not in _CAPABLE_LENGTHS[syn, ack]:
+    # A length of 3 has no flags byte; it fits no segment either way.
+    external = length > 3 and bool(data[start + 3] & _E)
+    if length not in _CAPABLE_LENGTHS[external][syn, ack]:
         raise OptionError(
             f"MP_CAPABLE of length {length} on a "
             f"{_SEGMENT_KINDS[syn, ack]} segment"
+            + (" with flag E" if external else "")
         )
+    size = _CAPABLE_FIELD_SIZES[external]
+    receiver_at = start + 4 + size
+    data_at = receiver_at + size
     sender_key = receiver_key = data_length = checksum = None
-    if length >= 12:
-        sender_key = bytes(data[start + 4 : start + 12])
-    if length >= 20:
-        receiver_key = bytes(data[start + 12 : start + 20])
-    if length >= 22:
-        (data_length,) = _U16.unpack_from(data, start + 20)
-    if length == 24:
-        (checksum,) = _U16.unpack_from(data, start + 22)
+    if length > 4:
+        sender_key = bytes(data[start + 4 : receiver_at])
+    if length >= data_at - start:
+        receiver_key = bytes(data[receiver_at:data_at])
+    if length >= data_at - start + 2:
+        (data_length,) = _U16.unpack_from(data, data_at)
+    if length == data_at - start + 4:
+        (checksum,) = _U16.unpack_from(data, data_at + 2)
     return MpCapable(
         flags=CapableFlag(data[start + 3]),
         sender_key=sender_key,
@@ -369,7 +466,20 @@ def _decode_mp_capable(
     )
 
 
-# MP_JOIN (RFC 8684 3.2; 64-bit token SYN from protocol.md 11 item 2)
+# MP_JOIN (RFC 8684 3.2; 64-bit token SYN from protocol.md 11 item 2;
+# the K bit of draft-baerts on the SYN and, item 13, on the SYN/ACK)
+
+_JOIN_BACKUP = 0x01
+_JOIN_KEY_ID_SHIFT = 1  # K: [1:4][rsv:2][K:1][B:1]
+
+
+def _join_flags(backup: bool, key_id: int) -> int:
+    _check_key_id(key_id, "MP_JOIN")
+    return (
+        Subtype.MP_JOIN << 4
+        | key_id << _JOIN_KEY_ID_SHIFT
+        | (_JOIN_BACKUP if backup else 0)
+    )
 
 
 def _encode_join_syn(option: MpJoinSyn) -> bytes:
@@ -380,7 +490,7 @@ def _encode_join_syn(option: MpJoinSyn) -> bytes:
     return layout.pack(
         MPTCP_KIND,
         layout.size,
-        Subtype.MP_JOIN << 4 | bool(option.backup),
+        _join_flags(option.backup, option.key_id),
         option.address_id,
         option.token,
         option.nonce,
@@ -394,7 +504,7 @@ def _encode_join_syn_ack(option: MpJoinSynAck) -> bytes:
     return _JOIN_SYN_ACK.pack(
         MPTCP_KIND,
         _JOIN_SYN_ACK.size,
-        Subtype.MP_JOIN << 4 | bool(option.backup),
+        _join_flags(option.backup, option.key_id),
         option.address_id,
         option.hmac,
         option.nonce,
@@ -414,12 +524,24 @@ def _decode_mp_join(
     if syn and not ack and length in (12, 16):
         layout = _JOIN_SYN_SHORT if length == 12 else _JOIN_SYN_LONG
         _, _, flags, address_id, token, nonce = layout.unpack_from(data, start)
-        return MpJoinSyn(token, nonce, address_id, bool(flags & 0x01))
+        return MpJoinSyn(
+            token,
+            nonce,
+            address_id,
+            bool(flags & _JOIN_BACKUP),
+            flags >> _JOIN_KEY_ID_SHIFT & 1,
+        )
     if syn and ack and length == 16:
         _, _, flags, address_id, hmac, nonce = _JOIN_SYN_ACK.unpack_from(
             data, start
         )
-        return MpJoinSynAck(hmac, nonce, address_id, bool(flags & 0x01))
+        return MpJoinSynAck(
+            hmac,
+            nonce,
+            address_id,
+            bool(flags & _JOIN_BACKUP),
+            flags >> _JOIN_KEY_ID_SHIFT & 1,
+        )
     if ack and not syn and length == 24:
         return MpJoinAck(bytes(data[start + 4 : start + 24]))
     raise OptionError(
@@ -573,8 +695,13 @@ _ADDRESS_TYPES: dict[int, type[IPv4Address] | type[IPv6Address]] = {
 }
 
 
+_ADD_ADDR_ECHO = 0x01  # E: [3:4][rsv:2][K:1][E:1]
+_ADD_ADDR_KEY_ID_SHIFT = 1
+
+
 def _encode_add_addr(option: AddAddr) -> bytes:
     _check_uint(option.address_id, 8, "ADD_ADDR address id")
+    _check_key_id(option.key_id, "ADD_ADDR")
     if not isinstance(option.address, IPv4Address | IPv6Address):
         raise OptionError("ADD_ADDR address must be an IPv4 or IPv6 address")
     body = [bytes((option.address_id,)), option.address.packed]
@@ -588,14 +715,17 @@ def _encode_add_addr(option: AddAddr) -> bytes:
         _check_bytes(option.hmac, (8,), "ADD_ADDR HMAC")
         body.append(bytes(option.hmac or b""))
     length = 3 + sum(len(part) for part in body)
-    header = _header(Subtype.ADD_ADDR, length, int(bool(option.echo)))
+    low_nibble = option.key_id << _ADD_ADDR_KEY_ID_SHIFT | (
+        _ADD_ADDR_ECHO if option.echo else 0
+    )
+    header = _header(Subtype.ADD_ADDR, length, low_nibble)
     return header + b"".join(body)
 
 
 def _decode_add_addr(
     data: bytes | memoryview, start: int, length: int, syn: bool, ack: bool
 ) -> AddAddr:
-    echo = bool(data[start + 2] & 0x01)
+    echo = bool(data[start + 2] & _ADD_ADDR_ECHO)
     layout = _ADD_ADDR_LAYOUTS.get((echo, length))
     if layout is None:
         raise OptionError(f"ADD_ADDR of length {length} with E={int(echo)}")
@@ -607,7 +737,8 @@ def _decode_add_addr(
         (port,) = _U16.unpack_from(data, offset)
         offset += 2
     hmac = None if echo else bytes(data[offset : offset + 8])
-    return AddAddr(data[start + 3], address, port, hmac, echo)
+    key_id = data[start + 2] >> _ADD_ADDR_KEY_ID_SHIFT & 1
+    return AddAddr(data[start + 3], address, port, hmac, echo, key_id)
 
 
 # REMOVE_ADDR, MP_PRIO, MP_FAIL, MP_FASTCLOSE, MP_TCPRST, unknown
@@ -658,9 +789,15 @@ def _decode_mp_fail(
     return MpFail(_U64.unpack_from(data, start + 4)[0])
 
 
+# MP_FASTCLOSE and NEW_KEY share a shape: [subtype:4][rsv:3][K:1], a
+# reserved byte, then 8 bytes (a key, a hash or a truncated HMAC).
+
+
 def _encode_mp_fastclose(option: MpFastclose) -> bytes:
     _check_bytes(option.key, (8,), "MP_FASTCLOSE key")
-    return _header(Subtype.MP_FASTCLOSE, 12) + b"\x00" + option.key
+    _check_key_id(option.key_id, "MP_FASTCLOSE")
+    header = _header(Subtype.MP_FASTCLOSE, 12, option.key_id)
+    return header + b"\x00" + option.key
 
 
 def _decode_mp_fastclose(
@@ -668,7 +805,23 @@ def _decode_mp_fastclose(
 ) -> MpFastclose:
     if length != 12:
         raise OptionError(f"MP_FASTCLOSE of length {length}, expected 12")
-    return MpFastclose(bytes(data[start + 4 : start + 12]))
+    return MpFastclose(
+        bytes(data[start + 4 : start + 12]), data[start + 2] & 0x01
+    )
+
+
+def _encode_new_key(option: NewKey) -> bytes:
+    _check_bytes(option.tag, (8,), "NEW_KEY tag")
+    _check_key_id(option.key_id, "NEW_KEY")
+    return _header(Subtype.NEW_KEY, 12, option.key_id) + b"\x00" + option.tag
+
+
+def _decode_new_key(
+    data: bytes | memoryview, start: int, length: int, syn: bool, ack: bool
+) -> NewKey:
+    if length != 12:
+        raise OptionError(f"NEW_KEY of length {length}, expected 12")
+    return NewKey(data[start + 2] & 0x01, bytes(data[start + 4 : start + 12]))
 
 
 _RESET_REASONS = {int(reason): reason for reason in ResetReason}
@@ -730,6 +883,7 @@ _KNOWN_DECODERS: dict[int, _Decoder] = {
     Subtype.MP_FAIL: _decode_mp_fail,
     Subtype.MP_FASTCLOSE: _decode_mp_fastclose,
     Subtype.MP_TCPRST: _decode_mp_tcprst,
+    Subtype.NEW_KEY: _decode_new_key,
 }
 _ASSIGNED_SUBTYPES = frozenset(_KNOWN_DECODERS)
 # Indexed by subtype nibble; every nibble has an entry, so the lookup on
@@ -750,6 +904,7 @@ _ENCODERS: dict[type, Callable[[Any], bytes]] = {
     MpFail: _encode_mp_fail,
     MpFastclose: _encode_mp_fastclose,
     MpTcpRst: _encode_mp_tcprst,
+    NewKey: _encode_new_key,
     UnknownMptcpOption: _encode_unknown,
 }
 

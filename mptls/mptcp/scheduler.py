@@ -101,6 +101,11 @@ class Subflow:
     ack_due_since: float | None = None
     local_nonce: int = 0
     remote_nonce: int = 0
+    # mode E: the key id (K) the join's SYN named, and the generation
+    # of the keys that slot held when the join took them: a join keeps
+    # its keys even if a rotation makes another generation current
+    key_id: int = 0
+    key_generation: int | None = None
     syn: Segment | None = None
     retransmit_at: float | None = None
     rto: float = 0.0

@@ -16,15 +16,19 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from hmac import compare_digest
 
 from mptls.errors import MptlsError, PathsLostError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
+from mptls.mptcp.crypto import fastclose_tag, fastclose_value
 from mptls.mptcp.framing import MAX_OPTIONS_LENGTH, Flag, Payload, Segment
 from mptls.mptcp.options import (
     AddAddr,
     CapableFlag,
     Dss,
+    MpFastclose,
     MpTcpRst,
     Option,
     encode_option,
@@ -34,7 +38,13 @@ from mptls.mptcp.scheduler import SendBuffer, Subflow, SubflowState
 from mptls.mptcp.tokens import TokenAllocator
 from mptls.tls.keys import KeyMaterial
 
-__all__ = ["SEQ_MOD", "ConnectionState", "RandomSource", "options_of"]
+__all__ = [
+    "SEQ_MOD",
+    "ConnectionState",
+    "KeySlot",
+    "RandomSource",
+    "options_of",
+]
 
 logger = logging.getLogger("mptls.mptcp")
 
@@ -44,6 +54,34 @@ SEQ_MOD = 2**64
 # a pure Data ACK option: 4 bytes of header and a 64-bit Data ACK
 _DATA_ACK_LENGTH = 12
 _S = SubflowState
+
+
+@dataclass(slots=True)
+class KeySlot:
+    """Mode E: the keys one key id (K) names, and how far they got.
+
+    A key is *active* once our NEW_KEY for it went out and the peer's
+    NEW_KEY with a matching tag came in (draft-baerts-tcpm-mptcpext);
+    until then it is pending: our NEW_KEY goes out again at ``rto``
+    intervals, doubling, and the key is dropped at ``deadline``.
+    """
+
+    keys: KeyMaterial = field(repr=False)
+    deadline: float
+    rto: float
+    active: bool = False
+    # our NEW_KEY went out at least once (on subflow ``sent_on``)
+    sent: bool = False
+    sent_on: int | None = None
+    # the peer's NEW_KEY with a matching tag arrived
+    confirmed: bool = False
+    # ours is owed and no subflow could carry it yet
+    send_due: bool = False
+    retransmit_at: float | None = None
+
+    @property
+    def generation(self) -> int:
+        return self.keys.generation
 
 
 def options_of(segment: Segment) -> dict[type, object]:
@@ -80,6 +118,21 @@ class ConnectionState:
         self._local_idsn: int | None = None
         self._remote_idsn: int | None = None
         self._keys: KeyMaterial | None = None
+        # mode E (protocol.md section 11 item 14): slots K = 0 and 1,
+        # generation n in slot n & 1; the active generation, the one
+        # being confirmed, and the one asked of the adapter
+        self._slots: list[KeySlot | None] = [None, None]
+        self._generation: int | None = None
+        self._pending: int | None = None
+        self._requested: int | None = None
+        self._requested_until = 0.0
+        # the highest generation a peer's NEW_KEY made us ask for: one
+        # exporter call per generation at most, whatever it sends
+        self._peer_asked = -1
+        # per K, the latest peer NEW_KEY tag that matched nothing yet
+        self._peer_tags: list[bytes | None] = [None, None]
+        self._first_keys_failed = False
+        self._rotate_at: float | None = None
         self.handshake_complete = False
         self._capable_sent = False
         self._third_ack_due = False
@@ -164,13 +217,40 @@ class ConnectionState:
 
     # keys
 
-    def _hmac_keys(self) -> tuple[bytes, bytes] | None:
-        """(local key, remote key) for joins, ADD_ADDR and fast close."""
+    def _oriented(self, keys: KeyMaterial) -> tuple[bytes, bytes]:
+        """(local key, remote key): Key-A is the MPTCP initiator's."""
+        if self.is_initiator:
+            return keys.key_a, keys.key_b
+        return keys.key_b, keys.key_a
+
+    def _current_key_id(self) -> int:
+        """The K that new joins, ADD_ADDR and fast closes carry."""
+        if self.mode is Mode.E and self._generation is not None:
+            return self._generation & 1
+        return 0
+
+    def _active_keys(self, key_id: int) -> KeyMaterial | None:
+        """Mode E: the keys in slot ``key_id`` if they are active."""
+        slot = self._slots[key_id & 1]
+        if slot is None or not slot.active:
+            return None
+        return slot.keys
+
+    def _hmac_keys(
+        self, key_id: int | None = None
+    ) -> tuple[bytes, bytes] | None:
+        """(local key, remote key) for joins, ADD_ADDR and fast close.
+
+        In mode E those of the active slot ``key_id`` names (the current
+        one when None); the other modes have one pair and ignore it.
+        """
+        if self.mode is Mode.E:
+            if key_id is None:
+                key_id = self._current_key_id()
+            active = self._active_keys(key_id)
+            return None if active is None else self._oriented(active)
         if self.mode is Mode.G and self._keys is not None:
-            keys = self._keys
-            if self.is_initiator:
-                return keys.key_a, keys.key_b
-            return keys.key_b, keys.key_a
+            return self._oriented(self._keys)
         if (
             self.mode is Mode.RFC8684
             and self.handshake_complete
@@ -180,11 +260,13 @@ class ConnectionState:
             return self._local_key, self._remote_key
         return None
 
-    def _join_keys(self) -> tuple[bytes, bytes] | None:
+    def _join_keys(
+        self, key_id: int | None = None
+    ) -> tuple[bytes, bytes] | None:
         """Keys for joins and ADD_ADDR: cleartext ones only if allowed."""
         if self.mode is Mode.RFC8684 and not self.config.allow_cleartext_keys:
             return None
-        return self._hmac_keys()
+        return self._hmac_keys(key_id)
 
     def _keys_reason(self) -> str:
         if self.mode is None or not self.handshake_complete:
@@ -193,9 +275,65 @@ class ConnectionState:
             if self.config.allow_cleartext_keys:
                 return "RFC 8684 mode: the keys crossed the wire in clear"
             return "RFC 8684 mode: cleartext keys are not allowed for joins"
+        if self.mode is Mode.E:
+            return self._rotation_reason()
         if self._keys is None:
             return "waiting for the TLS handshake to export keys"
         return ""
+
+    def _rotation_reason(self) -> str:
+        """Mode E: why joins wait, or "" once a generation is active."""
+        if self._generation is not None:
+            return ""
+        if self._pending is not None:
+            return "waiting for the peer to confirm the keys (NEW_KEY)"
+        if self._first_keys_failed:
+            return (
+                "the peer did not confirm the keys (NEW_KEY) within "
+                f"{self.config.join_timeout} s"
+            )
+        return "waiting for the TLS handshake to export keys"
+
+    def _fastclose_option(self) -> MpFastclose | None:
+        """The MP_FASTCLOSE to send, or None (a plain RST) before keys.
+
+        RFC 8684 section 3.5 sends the receiver's key, G mode a hash of
+        it (protocol.md section 11 item 11), mode E the fast-close tag
+        of the current keys with their K (draft-baerts-tcpm-mptcpext).
+        """
+        if self.mode is Mode.E:
+            key_id = self._current_key_id()
+            keys = self._active_keys(key_id)
+            if keys is None:
+                return None
+            local, remote = self._local_token, self._remote_token
+            tag = fastclose_tag(local or b"", remote or b"", keys)
+            return MpFastclose(key=tag, key_id=key_id)
+        pair = self._hmac_keys()
+        if pair is None:
+            return None
+        return MpFastclose(key=self._fastclose_value(pair[1]))
+
+    def _fastclose_valid(self, option: MpFastclose) -> bool:
+        """Whether a received MP_FASTCLOSE carries what ours would."""
+        if self.mode is Mode.E:
+            keys = self._active_keys(option.key_id)
+            if keys is None:
+                return False
+            # the sender's token first
+            local, remote = self._local_token, self._remote_token
+            expected = fastclose_tag(remote or b"", local or b"", keys)
+        else:
+            pair = self._hmac_keys()
+            if pair is None:
+                return False
+            expected = self._fastclose_value(pair[0])
+        return compare_digest(expected, option.key)
+
+    def _fastclose_value(self, key: bytes) -> bytes:
+        if self.mode is Mode.G:
+            return fastclose_value(key, self.config.idsn_rule)
+        return key
 
     # frames
 
@@ -243,7 +381,7 @@ class ConnectionState:
         options = () if reason is None else (MpTcpRst(reason=reason),)
         return Segment(flags=Flag.RST, options=options)
 
-    def _option_segment(self, subflow: Subflow, option: AddAddr) -> Segment:
+    def _option_segment(self, subflow: Subflow, option: Option) -> Segment:
         """A frame for a path option, with a Data ACK if both fit."""
         ack = self._data_ack()
         options: tuple[Option, ...] = (option,)

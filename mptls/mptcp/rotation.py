@@ -1,0 +1,341 @@
+"""Mode E keys, sans I/O: confirmation with NEW_KEY, and rotation.
+
+:class:`RotationMixin` runs the external-key part of
+draft-baerts-tcpm-mptcpext with the picks of protocol.md section 11
+(items 12 and 14). A connection has two key slots, K = 0 and K = 1;
+generation n of the TLS exporter's keys lives in slot ``n & 1``. The
+MP_CAPABLE exchange leaves no key at all: the adapter installs
+generation 0 when TLS completes and generation n when the core asks for
+it (:class:`~mptls.mptcp.events.KeysRequested`). An installed key is
+*pending*: our NEW_KEY for it goes out, again and again with a doubling
+interval, and it becomes *active* once the peer's NEW_KEY with a
+matching tag has come too. Then it is the current key; the other slot
+keeps the generation before, which still verifies the joins and
+ADD_ADDRs that name its K, until the next rotation replaces it. A key
+the peer does not confirm within ``join_timeout`` is dropped.
+
+A NEW_KEY that matches nothing costs at most one exporter call per
+generation: it can make the core ask for the next generation once, and
+its tag is only compared, never trusted.
+
+It must never perform I/O, read a clock or draw randomness itself, and
+no key or tag may reach a log line, an event or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from hmac import compare_digest
+
+from mptls.errors import ConfigurationError, KeysUnavailableError, MptlsError
+from mptls.mptcp import events as ev
+from mptls.mptcp.config import Mode
+from mptls.mptcp.crypto import new_key_tag
+from mptls.mptcp.options import NewKey
+from mptls.mptcp.scheduler import Subflow
+from mptls.mptcp.state import ConnectionState, KeySlot
+from mptls.tls.keys import MAX_GENERATION, KeyMaterial
+
+__all__ = ["RotationMixin"]
+
+logger = logging.getLogger("mptls.mptcp")
+
+
+class RotationMixin(ConnectionState):
+    """The two key slots of mode E and the NEW_KEY exchange."""
+
+    @property
+    def key_generation(self) -> int | None:
+        """Mode E: the active key generation, None before the first."""
+        return self._generation
+
+    # the next generation, asked for
+
+    def request_rotation(self) -> int:
+        """Ask for the next key generation; the generation under way.
+
+        Emits :class:`~mptls.mptcp.events.KeysRequested` unless a
+        rotation is already asked for or pending, in which case that
+        one's generation comes back and nothing more happens. Raises
+        :class:`~mptls.errors.ConfigurationError` outside mode E and
+        :class:`~mptls.errors.KeysUnavailableError` before generation 0
+        is active.
+        """
+        self._check_rotation_allowed()
+        if self._pending is not None:
+            return self._pending
+        if self._requested is not None:
+            return self._requested
+        current = self._generation
+        if current is None:
+            raise KeysUnavailableError(
+                self._keys_reason() or "no key generation is active"
+            )
+        if current >= MAX_GENERATION:
+            raise MptlsError("every key generation of the connection is used")
+        return self._ask_keys(current + 1)
+
+    def _check_rotation_allowed(self) -> None:
+        mode = self.mode
+        if mode is None and self.config.mode is Mode.E:
+            raise KeysUnavailableError("the MPTCP handshake is not complete")
+        if mode is not Mode.E:
+            runs = "no mode yet" if mode is None else f"mode {mode.value}"
+            raise ConfigurationError(
+                f"only mode E rotates keys; this connection runs {runs}"
+            )
+        if self._closed:
+            raise MptlsError("the connection is closed")
+
+    def _next_generation(self) -> int:
+        return 0 if self._generation is None else self._generation + 1
+
+    def _ask_keys(self, generation: int) -> int:
+        """Ask the adapter for ``generation``; it has join_timeout."""
+        self._requested = generation
+        self._requested_until = self._now + self.config.join_timeout
+        logger.debug("[%s] asking for key generation %d", self._tag(), generation)
+        self._events.append(ev.KeysRequested(generation))
+        return generation
+
+    # keys in
+
+    def _install_rotation_keys(self, keys: KeyMaterial) -> bool:
+        """Take generation n keys if n is the next one and none pends."""
+        generation = keys.generation
+        if (
+            self._closed
+            or self._pending is not None
+            or generation != self._next_generation()
+        ):
+            return False
+        key_id = generation & 1
+        deadline = self._now + self.config.join_timeout
+        if self._requested == generation:
+            # the clock started when the core asked for them
+            deadline = self._requested_until
+        slot = KeySlot(keys, deadline=deadline, rto=self.config.join_rto)
+        # this replaces generation n - 2: joins naming its K now wait
+        self._slots[key_id] = slot
+        self._pending = generation
+        self._requested = None
+        tag, self._peer_tags[key_id] = self._peer_tags[key_id], None
+        if tag is not None and self._peer_tag_matches(keys, tag):
+            # the peer sent its NEW_KEY first: it asked for this one
+            slot.confirmed = True
+        logger.info(
+            "[%s] key generation %d installed (fingerprint %s)",
+            self._tag(),
+            generation,
+            keys.fingerprint(),
+        )
+        self._send_new_key(key_id)
+        return True
+
+    # NEW_KEY out
+
+    def _our_tag(self, keys: KeyMaterial) -> bytes:
+        local, remote = self._local_token or b"", self._remote_token or b""
+        return new_key_tag(local, remote, keys)
+
+    def _peer_tag_matches(self, keys: KeyMaterial, tag: bytes) -> bool:
+        # protocol.md section 11 item 12: the sender's token first
+        local, remote = self._local_token or b"", self._remote_token or b""
+        return compare_digest(new_key_tag(remote, local, keys), tag)
+
+    def _key_subflow(self, avoid: int | None) -> Subflow | None:
+        """A subflow for a NEW_KEY: another than ``avoid`` if one works."""
+        usable = [s for s in self._subflows.values() if s.carries_data]
+        preferred = [
+            s for s in usable if s.subflow_id != avoid and not s.suspect
+        ]
+        return (preferred or usable or [None])[0]
+
+    def _send_new_key(self, key_id: int, *, again: bool = False) -> None:
+        """Queue our NEW_KEY for slot ``key_id`` on a working subflow.
+
+        A pending key is timed for its retransmission and becomes active
+        here if the peer's NEW_KEY already confirmed it. With no subflow
+        to carry it, it waits for the next one (``send_due``).
+        """
+        slot = self._slots[key_id]
+        if slot is None:
+            return
+        target = self._key_subflow(slot.sent_on if again else None)
+        if target is None:
+            slot.send_due = True
+            slot.retransmit_at = None
+            return
+        option = NewKey(key_id=key_id, tag=self._our_tag(slot.keys))
+        target.outbox.append(self._option_segment(target, option))
+        slot.send_due = False
+        slot.sent = True
+        slot.sent_on = target.subflow_id
+        if slot.active:
+            return
+        slot.retransmit_at = self._now + slot.rto
+        if slot.confirmed:
+            self._activate(key_id)
+
+    def _emit_due_new_keys(self) -> None:
+        """NEW_KEYs that waited for a subflow able to carry them."""
+        for key_id, slot in enumerate(self._slots):
+            if slot is not None and slot.send_due and not self._closed:
+                self._send_new_key(key_id)
+
+    # NEW_KEY in
+
+    def _on_new_key(self, subflow: Subflow, option: NewKey) -> None:
+        if self.mode is not Mode.E:
+            logger.debug("[%s] NEW_KEY outside mode E ignored", self._tag())
+            return
+        key_id = option.key_id & 1
+        slot = self._slots[key_id]
+        if slot is not None and self._peer_tag_matches(slot.keys, option.tag):
+            self._on_matching_new_key(key_id, slot)
+        elif slot is not None and not slot.active:
+            # draft-baerts: a NEW_KEY that matches no stored key is
+            # discarded (a forgery, or a stale rotation)
+            logger.debug(
+                "[%s] NEW_KEY does not match the pending keys", self._tag()
+            )
+        else:
+            self._on_unknown_new_key(key_id, option.tag)
+
+    def _on_matching_new_key(self, key_id: int, slot: KeySlot) -> None:
+        if slot.active:
+            # the peer goes on sending: it did not hear ours
+            self._send_new_key(key_id)
+            return
+        slot.confirmed = True
+        if slot.sent:
+            self._activate(key_id)
+        else:
+            self._send_new_key(key_id)
+
+    def _on_unknown_new_key(self, key_id: int, tag: bytes) -> None:
+        """A NEW_KEY for keys we do not have: maybe the peer's rotation.
+
+        Only the slot of the next generation can hold what the peer
+        starts; its tag is kept (the latest one) and checked when those
+        keys come. They are asked for once per generation at most, and
+        not before generation 0 was installed: TLS brings that one.
+        """
+        generation = self._next_generation()
+        if key_id != generation & 1 or generation > MAX_GENERATION:
+            logger.debug("[%s] NEW_KEY matches no key", self._tag())
+            return
+        self._peer_tags[key_id] = tag
+        first_not_yet = self._generation is None and not self._first_keys_failed
+        if (
+            first_not_yet
+            or self._requested is not None
+            or generation <= self._peer_asked
+        ):
+            return
+        self._peer_asked = generation
+        self._ask_keys(generation)
+
+    # activation and failure
+
+    def _activate(self, key_id: int) -> None:
+        slot = self._slots[key_id]
+        if slot is None:
+            return
+        slot.active = True
+        slot.retransmit_at = None
+        slot.send_due = False
+        self._generation = slot.generation
+        self._pending = None
+        self._first_keys_failed = False
+        self._schedule_rotation()
+        fingerprint = slot.keys.fingerprint()
+        logger.info(
+            "[%s] key generation %d active (fingerprint %s)",
+            self._tag(),
+            slot.generation,
+            fingerprint,
+        )
+        self._events.append(ev.KeysActivated(slot.generation, fingerprint))
+        # joins that named this K waited for it
+        self._answer_held_joins()
+
+    def _schedule_rotation(self) -> None:
+        interval = self.config.key_rotation_interval
+        active = self._generation is not None
+        self._rotate_at = (
+            self._now + interval if interval is not None and active else None
+        )
+
+    def _rotation_failed(self, generation: int, reason: str) -> None:
+        if generation == 0:
+            self._first_keys_failed = True
+        self._peer_tags[generation & 1] = None
+        logger.info(
+            "[%s] key generation %d dropped: %s",
+            self._tag(),
+            generation,
+            reason,
+        )
+        self._events.append(ev.KeyRotationFailed(generation, reason))
+        self._schedule_rotation()
+
+    # timers
+
+    def _rotation_deadlines(self) -> list[float]:
+        """When :meth:`_handle_rotation_timers` has work next."""
+        times: list[float] = []
+        for slot in self._slots:
+            if slot is not None and not slot.active:
+                times.append(slot.deadline)
+                if slot.retransmit_at is not None:
+                    times.append(slot.retransmit_at)
+        if self._requested is not None:
+            times.append(self._requested_until)
+        if self._rotate_at is not None:
+            times.append(self._rotate_at)
+        return times
+
+    def _handle_rotation_timers(self, now: float) -> None:
+        """Retransmit NEW_KEY, drop late keys, start periodic rotations."""
+        for key_id, slot in enumerate(self._slots):
+            if slot is None or slot.active:
+                continue
+            if now >= slot.deadline:
+                self._drop_pending(key_id, slot)
+            elif slot.retransmit_at is not None and now >= slot.retransmit_at:
+                slot.rto *= 2
+                self._send_new_key(key_id, again=True)
+        requested = self._requested
+        if requested is not None and now >= self._requested_until:
+            self._requested = None
+            self._rotation_failed(
+                requested,
+                f"the keys of generation {requested} were not installed "
+                f"within {self.config.join_timeout} s",
+            )
+        if self._rotate_at is not None and now >= self._rotate_at:
+            self._rotate_at = None
+            self._periodic_rotation()
+
+    def _drop_pending(self, key_id: int, slot: KeySlot) -> None:
+        self._slots[key_id] = None
+        self._pending = None
+        self._rotation_failed(
+            slot.generation,
+            f"the peer did not confirm key generation {slot.generation} "
+            f"(NEW_KEY) within {self.config.join_timeout} s",
+        )
+
+    def _periodic_rotation(self) -> None:
+        """key_rotation_interval passed: the next generation, unless one
+        is under way already (its end schedules the next)."""
+        current = self._generation
+        if (
+            self._pending is not None
+            or self._requested is not None
+            or current is None
+            or current >= MAX_GENERATION
+        ):
+            return
+        self._ask_keys(current + 1)
