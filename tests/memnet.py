@@ -7,19 +7,21 @@ the real wire format is exercised. Time is a fake clock that jumps to the
 next delivery or timer; randomness comes from a seeded ``random.Random``.
 Knobs: a per-subflow delay, a seeded shuffle of deliveries across
 subflows, killing a subflow, a fake TLS layer that installs fixed keys
-after the MPTCP handshake, and raw subflows that a test drives by hand
-(an observer trying to join). Nothing here sleeps or touches a socket.
+after the MPTCP handshake (and, in mode E, the generations the core asks
+for), and raw subflows that a test drives by hand (an observer trying to
+join). Nothing here sleeps or touches a socket.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mptls.mptcp import events as ev
-from mptls.mptcp.config import ConnectionConfig
+from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Accepted, Endpoint, Refused
 from mptls.mptcp.framing import (
@@ -28,10 +30,23 @@ from mptls.mptcp.framing import (
     SegmentDecoder,
     encode_segment,
 )
-from mptls.mptcp.tokens import TokenAllocator
+from mptls.mptcp.tokens import TokenAllocator, TokenLayout
 from mptls.tls.keys import KeyMaterial
 
 KEYS = KeyMaterial(bytes.fromhex("89a873a3e2e80ec30b5eba7b3c4541df"))
+# mode E's 32-bit tokens carry no server or worker id
+E_LAYOUT = TokenLayout(0, 0, token_bits=32)
+
+
+def generation_keys(generation: int) -> KeyMaterial:
+    """Fixed keys of one generation, as a TLS exporter would give:
+    KEYS for generation 0, a distinct seeded 16 bytes for the others."""
+    if generation == 0:
+        return KEYS
+    seed = b"memnet generation %d" % generation
+    return KeyMaterial(
+        hashlib.sha256(seed).digest()[:16], generation=generation
+    )
 
 
 def seeded_bytes(rng: random.Random) -> Callable[[int], bytes]:
@@ -109,6 +124,7 @@ class MemNet:
         auto_consume: bool = True,
         on_accept: Callable[[Connection], None] | None = None,
         on_event: Callable[[Connection, ev.Event], None] | None = None,
+        derive: Callable[[int], KeyMaterial] | None = generation_keys,
     ) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
@@ -118,16 +134,29 @@ class MemNet:
         self.auto_consume = auto_consume
         self.on_accept = on_accept
         self.on_event = on_event
-        self.client_tokens = TokenAllocator(bytes(range(32)), server_id=1)
-        self.server_tokens = TokenAllocator(bytes(range(1, 33)), server_id=2)
+        # the fake TLS layer's answer to KeysRequested (mode E)
+        self.derive = derive
+        client_config = client_config or ConnectionConfig()
+        server_config = server_config or ConnectionConfig()
+        if client_config.mode is Mode.E:
+            self.client_tokens = TokenAllocator(
+                bytes(range(32)), layout=E_LAYOUT
+            )
+        else:
+            self.client_tokens = TokenAllocator(bytes(range(32)), server_id=1)
+        # an endpoint that accepts E routes no joins by server id
+        server_id = 0 if Mode.E in server_config.accept_modes else 2
+        self.server_tokens = TokenAllocator(
+            bytes(range(1, 33)), server_id=server_id
+        )
         self.client = Connection.initiator(
-            client_config or ConnectionConfig(),
+            client_config,
             tokens=self.client_tokens,
             random=seeded_bytes(random.Random(seed + 1)),
             now=self.now,
         )
         self.endpoint = Endpoint(
-            server_config or ConnectionConfig(),
+            server_config,
             tokens=self.server_tokens,
             random=seeded_bytes(random.Random(seed + 2)),
         )
@@ -313,6 +342,8 @@ class MemNet:
                 side.closed = event
             elif isinstance(event, ev.HandshakeComplete):
                 self._fake_tls(connection)
+            elif isinstance(event, ev.KeysRequested) and self.derive:
+                connection.install_keys(self.derive(event.generation))
 
     def consume(self, connection: Connection, side: Side) -> None:
         connection.consumed(side.unconsumed)

@@ -9,6 +9,7 @@ a wrong slice in the module fails them.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
@@ -18,14 +19,24 @@ from mptls.errors import ConfigurationError
 from mptls.mptcp.crypto import (
     IdsnRule,
     add_addr_hmac,
+    fastclose_tag,
     fastclose_value,
     idsn_from_token,
     join_hmac,
     mptcp_hmac,
+    new_key_tag,
     rfc8684_idsn,
     rfc8684_token,
 )
-from mptls.mptcp.options import CapableFlag, MpCapable, encode_option
+from mptls.mptcp.options import (
+    CapableFlag,
+    MpCapable,
+    MpFastclose,
+    NewKey,
+    decode_options,
+    encode_option,
+)
+from mptls.tls.keys import KeyMaterial
 
 # protocol.md 9.3: Key-A/Key-B from the RFC 8448 exporter trace, and
 # their RFC 8684 tokens and IDSNs (derived).
@@ -269,6 +280,109 @@ def test_g_mode_wire_examples() -> None:
     # The responder's IDSN comes from the token it chose.
     assert idsn_from_token(token_b) == int.from_bytes(
         hashlib.sha256(token_b).digest()[24:], "big"
+    )
+
+
+# E mode (draft-baerts): NEW_KEY and MP_FASTCLOSE tags, protocol.md
+# section 7 and section 11 item 12. Hand-derived, with the protocol.md
+# 9.3 exporter output as generation 0 and 32-bit tokens.
+
+E_KEYS = KeyMaterial(KEY_A + KEY_B)
+E_TOKEN_A = bytes.fromhex("01020304")
+E_TOKEN_B = bytes.fromhex("a1a2a3a4")
+# HMAC-SHA256(Token-A || Token-B, Key-A || Key-B), and B's with the
+# tokens swapped.
+E_HMAC_FROM_A = bytes.fromhex(
+    "d9a70e22be22576c10460509ea3e1412520c7d001dc022487984307b74476873"
+)
+E_HMAC_FROM_B = bytes.fromhex(
+    "f2b599ef93c62655845eaf8d243c5167b82f5d4264fe8cacc296759ebb13391b"
+)
+
+
+def test_new_key_tag_is_the_rightmost_8_bytes() -> None:
+    from_a = new_key_tag(E_TOKEN_A, E_TOKEN_B, E_KEYS)
+    from_b = new_key_tag(E_TOKEN_B, E_TOKEN_A, E_KEYS)
+    assert from_a == bytes.fromhex("7984307b74476873") == E_HMAC_FROM_A[24:]
+    assert from_b == bytes.fromhex("c296759ebb13391b") == E_HMAC_FROM_B[24:]
+
+
+def test_fastclose_tag_is_the_leftmost_8_bytes() -> None:
+    from_a = fastclose_tag(E_TOKEN_A, E_TOKEN_B, E_KEYS)
+    from_b = fastclose_tag(E_TOKEN_B, E_TOKEN_A, E_KEYS)
+    assert from_a == bytes.fromhex("d9a70e22be22576c") == E_HMAC_FROM_A[:8]
+    assert from_b == bytes.fromhex("f2b599ef93c62655") == E_HMAC_FROM_B[:8]
+
+
+def test_e_mode_tags_match_the_formula() -> None:
+    # The formula written out again, for 64-bit tokens and another
+    # generation: the tokens key the HMAC, the 16 exporter bytes are the
+    # message.
+    exporter_output = bytes(range(0x30, 0x40))
+    keys = KeyMaterial(exporter_output, generation=7)
+    token_a = bytes(range(1, 9))
+    token_b = bytes(range(0xA1, 0xA9))
+    full = hmac.new(token_a + token_b, exporter_output, "sha256").digest()
+    assert new_key_tag(token_a, token_b, keys) == full[-8:]
+    assert fastclose_tag(token_a, token_b, keys) == full[:8]
+
+
+def test_e_mode_tags_depend_on_every_input() -> None:
+    other_keys = KeyMaterial(KEY_B + KEY_A, generation=1)
+    tags = {
+        new_key_tag(E_TOKEN_A, E_TOKEN_B, E_KEYS),
+        new_key_tag(E_TOKEN_B, E_TOKEN_A, E_KEYS),
+        new_key_tag(E_TOKEN_A, E_TOKEN_B, other_keys),
+        new_key_tag(E_TOKEN_A, b"\xa1\xa2\xa3\xa5", E_KEYS),
+        fastclose_tag(E_TOKEN_A, E_TOKEN_B, E_KEYS),
+        fastclose_tag(E_TOKEN_B, E_TOKEN_A, E_KEYS),
+    }
+    assert len(tags) == 6
+
+
+@pytest.mark.parametrize(
+    ("sender", "receiver", "keys", "message"),
+    [
+        (b"", E_TOKEN_B, E_KEYS, "sender token"),
+        (b"123", E_TOKEN_B, E_KEYS, "sender token"),
+        (E_TOKEN_A, b"12345", E_KEYS, "receiver token"),
+        (E_TOKEN_A, b"123456789", E_KEYS, "receiver token"),
+        ("0102", E_TOKEN_B, E_KEYS, "sender token"),
+        (E_TOKEN_A, None, E_KEYS, "receiver token"),
+        (E_TOKEN_A, bytes(range(8)), E_KEYS, "same length"),
+        (E_TOKEN_A, E_TOKEN_B, KEY_A + KEY_B, "KeyMaterial"),
+        (E_TOKEN_A, E_TOKEN_B, None, "KeyMaterial"),
+    ],
+)
+def test_e_mode_tags_refuse_bad_inputs(
+    sender: Any, receiver: Any, keys: Any, message: str
+) -> None:
+    for function in (new_key_tag, fastclose_tag):
+        with pytest.raises(ConfigurationError, match=message) as caught:
+            function(sender, receiver, keys)
+        text = str(caught.value)
+        for secret in (KEY_A, KEY_B, E_TOKEN_A, E_TOKEN_B):
+            assert secret.hex() not in text
+            assert repr(secret) not in text
+
+
+def test_e_mode_wire_examples() -> None:
+    # A confirms generation 0 in slot 0, B closes with the key of slot 1.
+    new_key = NewKey(0, new_key_tag(E_TOKEN_A, E_TOKEN_B, E_KEYS))
+    assert encode_option(new_key) == bytes.fromhex("1e0c90007984307b74476873")
+    fastclose = MpFastclose(
+        fastclose_tag(E_TOKEN_B, E_TOKEN_A, E_KEYS), key_id=1
+    )
+    wire = encode_option(fastclose)
+    assert wire == bytes.fromhex("1e0c7100f2b599ef93c62655")
+    assert decode_options(wire, syn=False, ack=True) == (fastclose,)
+    third_ack = MpCapable(CapableFlag.E, E_TOKEN_A, E_TOKEN_B)
+    assert encode_option(third_ack) == bytes.fromhex(
+        "1e0c010801020304a1a2a3a4"
+    )
+    # the IDSN of an E token is the 32-bit token rule of idsn_from_token
+    assert idsn_from_token(E_TOKEN_A) == int.from_bytes(
+        hashlib.sha256(E_TOKEN_A).digest()[24:], "big"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -398,6 +399,242 @@ def test_small_option_length_errors(hex_wire: str) -> None:
 def test_small_option_encode_checks(option: Option) -> None:
     with pytest.raises(OptionError):
         encode_option(option)
+
+
+# E mode (draft-baerts-tcpm-mptcpext): 32-bit tokens, K bits, NEW_KEY
+
+TOKEN_A4 = bytes.fromhex("01020304")
+TOKEN_B4 = bytes.fromhex("a1a2a3a4")
+TAG = bytes.fromhex("0011223344556677")
+E = CapableFlag.E
+
+
+def test_e_mode_mp_capable_forms_and_lengths() -> None:
+    head = struct.Struct(">BBBB")  # kind, length, subtype|version, flags
+    assert roundtrip(MpCapable(E), SYN) == head.pack(30, 4, 0x01, 0x08)
+    assert roundtrip(MpCapable(E, TOKEN_B4), SYN_ACK) == (
+        head.pack(30, 8, 0x01, 0x08) + TOKEN_B4
+    )
+    assert roundtrip(MpCapable(E, TOKEN_A4, TOKEN_B4), ACK) == (
+        head.pack(30, 12, 0x01, 0x08) + TOKEN_A4 + TOKEN_B4
+    )
+    with_length = MpCapable(E, TOKEN_A4, TOKEN_B4, data_length=517)
+    assert roundtrip(with_length, ACK) == (
+        head.pack(30, 14, 0x01, 0x08) + TOKEN_A4 + TOKEN_B4 + b"\x02\x05"
+    )
+    with_checksum = MpCapable(
+        CapableFlag.A | E, TOKEN_A4, TOKEN_B4, 517, 0xBEEF
+    )
+    assert roundtrip(with_checksum, ACK) == bytes.fromhex(
+        "1e10018801020304a1a2a3a40205beef"
+    )
+
+
+@pytest.mark.parametrize(
+    ("length", "allowed"),
+    [(4, [SYN]), (8, [SYN_ACK]), (12, [ACK]), (14, [ACK]), (16, [ACK])],
+)
+def test_e_mode_mp_capable_length_must_fit_the_segment(
+    length: int, allowed: list[dict[str, bool]]
+) -> None:
+    wire = bytes((30, length, 0x01, 0x08)) + bytes(range(length - 4))
+    for state in STATES:
+        if state in allowed:
+            (option,) = decode_options(wire, **state)
+            assert isinstance(option, MpCapable)
+            assert encode_option(option) == wire
+        else:
+            with pytest.raises(OptionError, match="MP_CAPABLE"):
+                decode_options(wire, **state)
+
+
+def test_the_e_bit_picks_the_field_size() -> None:
+    fields = bytes(range(1, 9))
+    # Twelve bytes: both E tokens on a third ACK, one 8-byte field on a
+    # SYN/ACK, and never the other way round.
+    with_e = bytes((30, 12, 0x01, 0x08)) + fields
+    without_e = bytes((30, 12, 0x01, 0x02)) + fields
+    assert decode_options(with_e, **ACK) == (
+        MpCapable(E, fields[:4], fields[4:]),
+    )
+    assert decode_options(without_e, **SYN_ACK) == (
+        MpCapable(CapableFlag.G, fields),
+    )
+    with pytest.raises(OptionError, match="with flag E"):
+        decode_options(with_e, **SYN_ACK)
+    with pytest.raises(OptionError, match="MP_CAPABLE"):
+        decode_options(without_e, **ACK)
+    # E wins over G and H set beside it: the size follows the E bit.
+    mixed = bytes((30, 8, 0x01, 0x0B)) + fields[:4]
+    (option,) = decode_options(mixed, **SYN_ACK)
+    assert isinstance(option, MpCapable)
+    assert option.sender_key == fields[:4]
+    # RFC 8684 lengths under E are errors.
+    for length, state in ((12, SYN_ACK), (20, ACK), (22, ACK), (24, ACK)):
+        wire = bytes((30, length, 0x01, 0x08)) + bytes(length - 4)
+        with pytest.raises(OptionError, match="with flag E"):
+            decode_options(wire, **state)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (MpCapable(E, TOKEN_B), "sender key under flag E must be 4"),
+        (MpCapable(E, TOKEN_A4, TOKEN_B), "receiver key under flag E"),
+        (MpCapable(CapableFlag.G, TOKEN_B4), "sender key must be 8"),
+        (MpCapable(CapableFlag.H, TOKEN_A, TOKEN_B4), "receiver key must"),
+        (MpCapable(E, None, TOKEN_B4), "needs a sender key"),
+        (MpCapable(E, TOKEN_A4, None, 5), "needs both keys"),
+        (MpCapable(E, TOKEN_A4, TOKEN_B4, None, 1), "checksum"),
+    ],
+)
+def test_e_mode_mp_capable_encode_checks(
+    option: MpCapable, message: str
+) -> None:
+    with pytest.raises(OptionError, match=message):
+        encode_option(option)
+
+
+def test_mp_capable_hostile_flags_and_lengths() -> None:
+    # Every flags byte at every length a TCP header can hold: an
+    # OptionError or an option that re-encodes to the same bytes.
+    for flags in range(256):
+        for length in range(3, 41):
+            body = bytes((flags,)) + bytes(range(length - 4))
+            wire = bytes((30, length, 0x01)) + body[: length - 3]
+            for state in STATES:
+                try:
+                    (option,) = decode_options(wire, **state)
+                except OptionError:
+                    continue
+                assert encode_option(option) == wire
+
+
+def test_join_key_id_is_bit_0x02_of_byte_2() -> None:
+    syn_layout = struct.Struct(">BBBB4sI")
+    syn = MpJoinSyn(TOKEN_B4, 0xDEADBEEF, 3, backup=True, key_id=1)
+    assert roundtrip(syn, SYN) == syn_layout.pack(
+        30, 12, 0x10 | 1 << 1 | 1, 3, TOKEN_B4, 0xDEADBEEF
+    )
+    long_syn = MpJoinSyn(TOKEN_B, 7, 2, key_id=1)
+    assert roundtrip(long_syn, SYN)[:4] == bytes.fromhex("1e101202")
+    syn_ack_layout = struct.Struct(">BBBB8sI")
+    syn_ack = MpJoinSynAck(TAG, 0x376288F1, 0, key_id=1)
+    assert roundtrip(syn_ack, SYN_ACK) == syn_ack_layout.pack(
+        30, 16, 0x10 | 1 << 1, 0, TAG, 0x376288F1
+    )
+    # key_id 0 is what the option always sent.
+    assert encode_option(MpJoinSyn(TOKEN_B4, 1, 1, key_id=0)) == (
+        encode_option(MpJoinSyn(TOKEN_B4, 1, 1))
+    )
+
+
+def test_join_decoders_read_k_and_b_from_any_byte_2() -> None:
+    for low in range(16):
+        syn = bytes((30, 12, 0x10 | low, 5)) + TOKEN_B4 + bytes(4)
+        long_syn = bytes((30, 16, 0x10 | low, 5)) + TOKEN_B + bytes(4)
+        for wire, state in ((syn, SYN), (long_syn, SYN), (long_syn, SYN_ACK)):
+            (option,) = decode_options(wire, **state)
+            assert isinstance(option, MpJoinSyn | MpJoinSynAck)
+            assert option.key_id == (low >> 1) & 1
+            assert option.backup == bool(low & 1)
+            # the reserved bits (0x0c) are not kept
+            assert encode_option(option)[2] == 0x10 | (low & 0x03)
+
+
+def test_add_addr_key_id_is_bit_0x02_of_byte_2() -> None:
+    address = IPv4Address("192.0.2.1")
+    signed = AddAddr(1, address, 443, TAG, key_id=1)
+    assert roundtrip(signed, ACK) == (
+        bytes((30, 18, 0x30 | 1 << 1, 1))
+        + address.packed
+        + struct.pack(">H", 443)
+        + TAG
+    )
+    echoed = AddAddr(1, address, echo=True, key_id=1)
+    assert roundtrip(echoed, ACK)[:4] == bytes((30, 8, 0x33, 1))
+    for low in range(16):
+        wire = bytes((30, 16, 0x30 | low, 1)) + address.packed + TAG
+        if low & 1:
+            continue  # E=1 at length 16 is malformed (tested above)
+        (option,) = decode_options(wire, **ACK)
+        assert isinstance(option, AddAddr)
+        assert option.key_id == (low >> 1) & 1
+
+
+def test_fastclose_key_id_is_bit_0x01_of_byte_2() -> None:
+    assert roundtrip(MpFastclose(TAG, key_id=1), ACK) == (
+        bytes.fromhex("1e0c7100") + TAG
+    )
+    assert roundtrip(MpFastclose(TAG, key_id=0), ACK) == (
+        bytes.fromhex("1e0c7000") + TAG
+    )
+    # reserved bits and byte 3 are read past, not kept
+    (option,) = decode_options(bytes.fromhex("1e0c7fff") + TAG, **ACK)
+    assert option == MpFastclose(TAG, key_id=1)
+
+
+def test_new_key_layout() -> None:
+    for key_id in (0, 1):
+        option = NewKey(key_id, TAG)
+        expected = struct.pack(">BBBB8s", 30, 12, 0x9 << 4 | key_id, 0, TAG)
+        for state in STATES:
+            assert roundtrip(option, state) == expected
+    (option,) = decode_options(bytes.fromhex("1e0c9eff") + TAG, **ACK)
+    assert option == NewKey(0, TAG)
+    assert encode_option(option) == bytes.fromhex("1e0c9000") + TAG
+
+
+@pytest.mark.parametrize("length", [3, 4, 11, 13, 20, 40])
+def test_new_key_of_another_length_is_malformed(length: int) -> None:
+    wire = bytes((30, length, 0x91)) + bytes(length - 3)
+    for state in STATES:
+        with pytest.raises(OptionError, match=f"NEW_KEY of length {length}"):
+            decode_options(wire, **state)
+
+
+@pytest.mark.parametrize("tag", [b"", TAG[:7], TAG + b"\x00", "0" * 8, None])
+def test_new_key_encode_checks_the_tag(tag: object) -> None:
+    with pytest.raises(OptionError, match="NEW_KEY tag"):
+        encode_option(NewKey(0, tag))  # type: ignore[arg-type]
+
+
+def test_new_key_tag_stays_out_of_the_repr() -> None:
+    text = repr(NewKey(1, b"\x5a" * 8))
+    assert "key_id=1" in text
+    assert "Z" not in text
+    assert "5a" not in text
+    assert "tag" not in text
+
+
+KEY_ID_OPTIONS = [
+    lambda key_id: MpJoinSyn(TOKEN_B4, 1, 1, key_id=key_id),
+    lambda key_id: MpJoinSynAck(TAG, 1, 1, key_id=key_id),
+    lambda key_id: AddAddr(
+        1, IPv4Address("192.0.2.1"), None, TAG, False, key_id
+    ),
+    lambda key_id: MpFastclose(TAG, key_id=key_id),
+    lambda key_id: NewKey(key_id, TAG),
+]
+
+
+@pytest.mark.parametrize("build", KEY_ID_OPTIONS)
+@pytest.mark.parametrize("key_id", [2, -1, 255, True, False, "1", 1.0, None])
+def test_bad_key_ids_are_refused_when_built(build: Any, key_id: Any) -> None:
+    with pytest.raises(ConfigurationError, match="key id must be") as caught:
+        build(key_id)
+    # also an OptionError, like every other field the codec refuses
+    assert isinstance(caught.value, OptionError)
+
+
+@pytest.mark.parametrize("build", KEY_ID_OPTIONS)
+@pytest.mark.parametrize("key_id", [2, True])
+def test_bad_key_ids_are_refused_when_encoded(build: Any, key_id: Any) -> None:
+    option = build(0)
+    object.__setattr__(option, "key_id", key_id)  # past the build check
+    with pytest.raises(OptionError, match="key id must be") as caught:
+        encode_option(option)
+    assert isinstance(caught.value, ConfigurationError)
 
 
 # unassigned and experimental subtypes

@@ -1,10 +1,11 @@
-"""Owner-chosen 64-bit tokens: layout, uniqueness, the keyed permutation."""
+"""Owner-chosen tokens, 64-bit and 32-bit: layout, uniqueness, permutation."""
 
 from __future__ import annotations
 
 import ast
 import inspect
 import itertools
+import struct
 from typing import Any
 
 import pytest
@@ -368,3 +369,231 @@ def test_64_bit_tokens_are_pinned() -> None:
         "abc5309bc70e79b6",
         "abc599b9c55cf7ee",
     ]
+
+
+# 32-bit tokens (the rotation profile, E)
+
+NARROW = TokenLayout(0, 0, token_bits=32)
+
+
+def test_token_width_sets_length_and_serial() -> None:
+    assert TokenLayout().token_bits == 64
+    assert TokenLayout().token_length == 8
+    assert (NARROW.token_length, NARROW.serial_bits) == (4, 32)
+    layout = TokenLayout(8, 8, token_bits=32)
+    assert (layout.token_length, layout.serial_bits) == (4, 16)
+
+
+@pytest.mark.parametrize(
+    "token_bits", [0, 16, 48, 128, -64, True, 64.0, "64", None]
+)
+def test_token_width_is_32_or_64(token_bits: Any) -> None:
+    with pytest.raises(ConfigurationError, match="32 or 64"):
+        TokenLayout(0, 0, token_bits=token_bits)
+
+
+@pytest.mark.parametrize(
+    ("server_bits", "worker_bits"), [(17, 0), (0, 17), (9, 8), (16, 1)]
+)
+def test_32_bit_layout_must_leave_16_serial_bits(
+    server_bits: int, worker_bits: int
+) -> None:
+    with pytest.raises(ConfigurationError, match="at least 16"):
+        TokenLayout(server_bits, worker_bits, token_bits=32)
+
+
+@pytest.mark.parametrize(
+    ("layout", "server_id", "worker_id"),
+    [
+        (NARROW, 0, 0),
+        (TokenLayout(8, 8, token_bits=32), 0xAB, 0xCD),
+        (TokenLayout(16, 0, token_bits=32), 0xFFFF, 0),
+        (TokenLayout(0, 3, token_bits=32), 0, 5),
+        (TokenLayout(1, 0, token_bits=32), 1, 0),
+    ],
+)
+def test_32_bit_tokens_carry_their_ids(
+    layout: TokenLayout, server_id: int, worker_id: int
+) -> None:
+    allocator = TokenAllocator(
+        SECRET, layout=layout, server_id=server_id, worker_id=worker_id
+    )
+    for _ in range(50):
+        token = allocator.allocate()
+        assert len(token) == 4
+        assert token_fields(token, layout) == TokenFields(server_id, worker_id)
+
+
+def test_32_bit_server_id_is_the_leading_bits() -> None:
+    layout = TokenLayout(8, 8, token_bits=32)
+    allocator = TokenAllocator(
+        SECRET, layout=layout, server_id=0x5A, worker_id=0xC3
+    )
+    token = allocator.allocate()
+    assert token[:2] == b"\x5a\xc3"
+    assert allocator.permutation.bits == 16
+
+
+@pytest.mark.parametrize(
+    ("token", "layout", "message"),
+    [
+        (bytes(4), TokenLayout(), "64-bit .* 4 bytes.*token_bits=32"),
+        (bytes(8), NARROW, "32-bit .* 8 bytes.*token_bits=64"),
+        (bytes(5), TokenLayout(), "8-byte tokens, got 5 bytes$"),
+        (bytes(3), NARROW, "4-byte tokens, got 3 bytes$"),
+        ("1234", NARROW, "bytes, got str"),
+    ],
+)
+def test_token_fields_says_which_width_a_token_needs(
+    token: Any, layout: TokenLayout, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        token_fields(token, layout)
+
+
+def test_32_bit_tokens_are_unique_and_counted() -> None:
+    allocator = TokenAllocator(SECRET, layout=NARROW)
+    issued = [allocator.allocate() for _ in range(300_000)]
+    assert {len(token) for token in issued} == {4}
+    assert len(set(issued)) == len(issued)
+    assert allocator.live == 300_000
+    for token in issued[:1000]:
+        allocator.release(token)
+    assert allocator.live == 299_000
+
+
+def test_a_16_bit_serial_covers_its_space_then_runs_out() -> None:
+    layout = TokenLayout(8, 8, token_bits=32)
+    allocator = TokenAllocator(SECRET, layout=layout, server_id=1, worker_id=2)
+    issued = [allocator.allocate() for _ in range(2**16)]
+    assert {token[:2] for token in issued} == {b"\x01\x02"}
+    serials = [int.from_bytes(token[2:], "big") for token in issued]
+    # every serial once, in an order that is not the counter's
+    assert sorted(serials) == list(range(2**16))
+    assert serials != sorted(serials)
+    with pytest.raises(MptlsError, match=r"exhausted: all 2\*\*16"):
+        allocator.allocate()
+
+
+def test_32_bit_exhaustion_from_a_late_start() -> None:
+    layout = TokenLayout(8, 8, token_bits=32)
+    allocator = TokenAllocator(SECRET, layout=layout, start=2**16 - 2)
+    assert len({allocator.allocate(), allocator.allocate()}) == 2
+    for _ in range(2):
+        with pytest.raises(MptlsError, match="exhausted"):
+            allocator.allocate()
+    assert TokenAllocator(SECRET, layout=layout, start=2**16).live == 0
+    with pytest.raises(ConfigurationError, match="start"):
+        TokenAllocator(SECRET, layout=layout, start=2**16 + 1)
+
+
+def test_32_bit_batches_are_the_one_by_one_sequence() -> None:
+    # a 24-bit serial splits its batches where the low part wraps, so
+    # this run crosses batch and piece boundaries
+    layout = TokenLayout(4, 4, token_bits=32)
+    start = 1000
+    count = 2 * tokens_module.ALLOCATION_BATCH + 77
+    allocator = TokenAllocator(
+        SECRET, layout=layout, server_id=3, worker_id=4, start=start
+    )
+    permutation = allocator.permutation
+    prefix = (3 << 4 | 4) << 24
+    issued = [allocator.allocate() for _ in range(count)]
+    expected = [
+        (prefix | permutation.forward(counter)).to_bytes(4, "big")
+        for counter in range(start, start + count)
+    ]
+    assert issued == expected
+    resumed = TokenAllocator(
+        SECRET, layout=layout, server_id=3, worker_id=4, start=start + 500
+    )
+    assert resumed.allocate() == issued[500]
+
+
+def test_32_bit_serials_do_not_look_like_a_counter() -> None:
+    allocator = TokenAllocator(SECRET, layout=NARROW)
+    values = [int.from_bytes(allocator.allocate()) for _ in range(4000)]
+    steps = {b - a for a, b in itertools.pairwise(values)}
+    assert len(steps) > 3900
+    for bit in range(32):
+        ones = sum(value >> bit & 1 for value in values)
+        assert 1800 < ones < 2200, bit
+
+
+def test_32_and_64_bit_allocators_with_one_secret_are_unrelated() -> None:
+    # Same secret, same id widths and ids: only the token width differs.
+    # A 64-bit allocator's tweak is its id widths and ids (pinned above
+    # through its tokens); the 32-bit one's must add its width, or both
+    # would run the same round keys.
+    wide = TokenAllocator(SECRET, layout=TokenLayout(0, 0))
+    narrow = TokenAllocator(SECRET, layout=NARROW)
+    ids_only = struct.pack(">BBII", 0, 0, 0, 0)
+    assert wide.permutation.forward_many(0, 64) == SerialPermutation(
+        SECRET, 64, tweak=ids_only
+    ).forward_many(0, 64)
+    same_keys = SerialPermutation(SECRET, 32, tweak=ids_only)
+    assert narrow.permutation.forward_many(0, 64) != (
+        same_keys.forward_many(0, 64)
+    )
+    # and the narrow tokens are not the wide ones cut short
+    narrow_tokens = [narrow.allocate() for _ in range(1000)]
+    wide_tokens = [wide.allocate() for _ in range(1000)]
+    assert not set(narrow_tokens) & {token[:4] for token in wide_tokens}
+    assert not set(narrow_tokens) & {token[4:] for token in wide_tokens}
+
+
+def test_32_bit_allocators_of_other_ids_are_unrelated() -> None:
+    layout = TokenLayout(0, 8, token_bits=32)
+
+    def serials(worker_id: int) -> set[int]:
+        allocator = TokenAllocator(SECRET, layout=layout, worker_id=worker_id)
+        return {int.from_bytes(allocator.allocate()[1:]) for _ in range(200)}
+
+    # were the ids not in the tweak, both would be the same 200 serials
+    assert not serials(1) & serials(2)
+
+
+# forward_bytes at both lengths
+
+
+def test_forward_bytes_makes_4_byte_values() -> None:
+    permutation = SerialPermutation(SECRET, 24)
+    prefix = 0xAB << 24
+    blobs = permutation.forward_bytes(5000, 300, prefix=prefix, length=4)
+    assert [int.from_bytes(blob) for blob in blobs] == [
+        prefix | image for image in permutation.forward_many(5000, 300)
+    ]
+    assert {len(blob) for blob in blobs} == {4}
+    assert permutation.forward_bytes(0, 0, length=4) == ()
+
+
+@pytest.mark.parametrize("length", [4, 8])
+def test_forward_bytes_keeps_a_prefix_beside_a_narrow_serial(
+    length: int,
+) -> None:
+    # below 32 serial bits the prefix shares the low word with it
+    permutation = SerialPermutation(SECRET, 8)
+    prefix = 0xCDAB << 8
+    blobs = permutation.forward_bytes(0, 256, prefix=prefix, length=length)
+    assert [int.from_bytes(blob) for blob in blobs] == [
+        prefix | image for image in permutation.forward_many(0, 256)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bits", "arguments", "message"),
+    [
+        (24, {"length": 5}, "4 or 8"),
+        (24, {"length": True}, "4 or 8"),
+        (24, {"length": 4.0}, "4 or 8"),
+        (33, {"length": 4}, "33-bit value does not fit in 4 bytes"),
+        (24, {"length": 4, "prefix": 1 << 32}, "32-bit"),
+        (24, {"length": 4, "prefix": 1 << 23}, "overlaps"),
+    ],
+)
+def test_forward_bytes_checks_its_length(
+    bits: int, arguments: dict[str, Any], message: str
+) -> None:
+    permutation = SerialPermutation(SECRET, bits)
+    with pytest.raises(ConfigurationError, match=message):
+        permutation.forward_bytes(0, 4, **arguments)

@@ -31,7 +31,12 @@ from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.crypto import idsn_from_token, rfc8684_idsn, rfc8684_token
 from mptls.mptcp.framing import Flag, Payload, Segment
-from mptls.mptcp.handshake import HandshakeMixin
+from mptls.mptcp.handshake import (
+    TOKEN_MODES,
+    HandshakeMixin,
+    offered_flags,
+    own_token,
+)
 from mptls.mptcp.joins import JoinsMixin
 from mptls.mptcp.options import (
     CapableFlag,
@@ -43,6 +48,7 @@ from mptls.mptcp.options import (
     ResetReason,
 )
 from mptls.mptcp.recovery import RecoveryMixin
+from mptls.mptcp.rotation import RotationMixin
 from mptls.mptcp.scheduler import Chunk, Subflow, SubflowState, pick_subflow
 from mptls.mptcp.state import SEQ_MOD, RandomSource, options_of
 from mptls.mptcp.tokens import TokenAllocator
@@ -84,7 +90,7 @@ def _widen(value: int, reference: int) -> int:
     return candidate % SEQ_MOD
 
 
-class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
+class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin, RotationMixin):
     """An MPTCP connection; build one with :meth:`initiator` or let an
     :class:`~mptls.mptcp.endpoint.Endpoint` build responders."""
 
@@ -102,14 +108,12 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         """A client connection; its SYN leaves with the first
         :meth:`segments_to_send`."""
         self = cls(config, initiator=True, random=random, now=now)
-        if config.mode is Mode.G:
+        self._offered = offered_flags(
+            config.mode, config.allow_legacy_fallback
+        )
+        if config.mode in TOKEN_MODES:
             self._tokens = tokens
-            self._local_token = tokens.allocate()
-            self._offered = CapableFlag.G
-            if config.allow_legacy_fallback:
-                self._offered |= CapableFlag.H
-        else:
-            self._offered = CapableFlag.H
+            self._local_token = own_token(tokens, config.mode)
         if self._offered & CapableFlag.H:
             local_key = random(8)
             self._local_key = local_key
@@ -139,13 +143,14 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
     ) -> Connection:
         """A server connection for an accepted MP_CAPABLE SYN.
 
-        ``local_secret`` is Token-B in G mode and Key-B in RFC 8684 mode;
-        the :class:`~mptls.mptcp.endpoint.Endpoint` picks it so that it
-        is unique in its table.
+        ``local_secret`` is Token-B in G and E mode (8 and 4 bytes) and
+        Key-B in RFC 8684 mode; the
+        :class:`~mptls.mptcp.endpoint.Endpoint` picks it so that it is
+        unique in its table.
         """
         self = cls(config, initiator=False, random=random, now=now)
         self.mode = mode
-        if mode is Mode.G:
+        if mode in TOKEN_MODES:
             self._local_token = local_secret
             self._local_idsn = idsn_from_token(local_secret, config.idsn_rule)
         else:
@@ -206,7 +211,15 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
     # keys
 
     def install_keys(self, keys: KeyMaterial) -> bool:
-        """Take the TLS-derived keys; False (no effect) if not G mode."""
+        """Take the TLS-derived keys; False (no effect) if not taken.
+
+        G mode takes one pair. Mode E takes the next generation, when
+        none is pending: generation 0 when TLS completes, then the one a
+        :class:`~mptls.mptcp.events.KeysRequested` asked for (see
+        :class:`~mptls.mptcp.rotation.RotationMixin`).
+        """
+        if self.mode is Mode.E and self.handshake_complete:
+            return self._install_rotation_keys(keys)
         if self.mode is not Mode.G or not self.handshake_complete:
             return False
         if self._keys is not None:
@@ -227,6 +240,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
         self._now = now
         out: list[tuple[int, Segment]] = []
         self._emit_handshake(out, now)
+        self._emit_due_new_keys()
         self._emit_outboxes(out)
         if not self._closed:
             self._emit_announcements(out)
@@ -740,6 +754,7 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             deadlines.append(self._last_progress + limit)
         if self._hole_since is not None:
             deadlines.append(self._hole_since + limit)
+        deadlines.extend(self._rotation_deadlines())
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -764,6 +779,8 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
                 subflow.rto *= 2
                 subflow.retransmit_at = now + subflow.rto
         self._check_data_timeouts(now)
+        if not self._closed:
+            self._handle_rotation_timers(now)
 
     def _expire(self, subflow: Subflow) -> None:
         if subflow.subflow_id == 0 and not self.handshake_complete:
@@ -795,6 +812,9 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             )
             for s in self._subflows.values()
         )
+        keys = self._keys
+        if self.mode is Mode.E:
+            keys = self._active_keys(self._current_key_id())
         return ev.ConnectionInfo(
             role="initiator" if self.is_initiator else "responder",
             mode=self.mode.value if self.mode else None,
@@ -802,10 +822,11 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin):
             remote_token=(
                 self._remote_token.hex() if self._remote_token else None
             ),
-            keys_installed=self._keys is not None,
+            keys_installed=keys is not None,
             keys_reason=self._keys_reason(),
-            key_fingerprint=self._keys.fingerprint() if self._keys else None,
+            key_fingerprint=keys.fingerprint() if keys else None,
             subflows=subflows,
+            key_generation=self._generation,
         )
 
 

@@ -1,13 +1,14 @@
 """The hashes and HMACs of MPTCP: tokens, IDSNs, join and ADD_ADDR HMACs.
 
-Formulas come from RFC 8684 (sections 3.1, 3.2, 3.4.1 and 3.5) and
-from the G mode of draft-paasch-mptcp-application-authentication, with
-the choices recorded in protocol.md section 11 (items 4, 10 and 11).
-Every HMAC is HMAC-SHA256, keyed with the sender's key followed by the
-receiver's key.
+Formulas come from RFC 8684 (sections 3.1, 3.2, 3.4.1 and 3.5), from
+the G mode of draft-paasch-mptcp-application-authentication and from
+the E mode of draft-baerts-tcpm-mptcpext, with the choices recorded in
+protocol.md section 11 (items 4, 10, 11, 12 and 14). Every HMAC is
+HMAC-SHA256, keyed with the sender's key (or token) followed by the
+receiver's.
 
-Keys are 8-byte strings. These functions are pure: no I/O, no logging,
-and no error message ever quotes a key or a digest.
+Keys are 8-byte strings, tokens 4 or 8. These functions are pure: no
+I/O, no logging, and no error message ever quotes a key or a digest.
 """
 
 from __future__ import annotations
@@ -19,19 +20,24 @@ from enum import Enum
 from ipaddress import IPv4Address, IPv6Address
 
 from mptls.errors import ConfigurationError
+from mptls.tls.keys import KeyMaterial
 
 __all__ = [
     "IdsnRule",
     "add_addr_hmac",
+    "fastclose_tag",
     "fastclose_value",
     "idsn_from_token",
     "join_hmac",
     "mptcp_hmac",
+    "new_key_tag",
     "rfc8684_idsn",
     "rfc8684_token",
 ]
 
 KEY_LENGTH = 8
+TAG_LENGTH = 8
+_TOKEN_LENGTHS = (4, 8)
 _NONCES = struct.Struct(">II")
 _ID_AND_PORT = struct.Struct(">BH")
 
@@ -51,6 +57,12 @@ class IdsnRule(Enum):
 def _check_key(key: bytes, what: str) -> None:
     if not isinstance(key, bytes | bytearray) or len(key) != KEY_LENGTH:
         raise ConfigurationError(f"{what} must be {KEY_LENGTH} bytes")
+
+
+def _check_token(token: bytes, what: str) -> None:
+    valid = isinstance(token, bytes | bytearray)
+    if not valid or len(token) not in _TOKEN_LENGTHS:
+        raise ConfigurationError(f"{what} must be 4 or 8 bytes")
 
 
 def _check_u32(value: int, what: str) -> None:
@@ -156,3 +168,49 @@ def fastclose_value(receiver_key: bytes, rule: IdsnRule) -> bytes:
     if rule is IdsnRule.PAASCH2016:
         return hashlib.sha1(receiver_key).digest()[:8]
     raise ConfigurationError(f"unknown IDSN rule {rule!r}")
+
+
+def _key_hmac(
+    sender_token: bytes, receiver_token: bytes, keys: KeyMaterial
+) -> bytes:
+    """HMAC-SHA256(sender_token || receiver_token, Key-A || Key-B).
+
+    The E profile's one HMAC over a key generation; both tags below are
+    halves of it. The tokens key it, the 16 exporter bytes are the
+    message (draft-baerts, protocol.md section 7).
+    """
+    _check_token(sender_token, "sender token")
+    _check_token(receiver_token, "receiver token")
+    if not isinstance(keys, KeyMaterial):
+        raise ConfigurationError("keys must be a KeyMaterial")
+    if len(sender_token) != len(receiver_token):
+        raise ConfigurationError("the two tokens must have the same length")
+    return mptcp_hmac(sender_token, receiver_token, keys.key_a + keys.key_b)
+
+
+def new_key_tag(
+    sender_token: bytes, receiver_token: bytes, keys: KeyMaterial
+) -> bytes:
+    """The 8-byte tag a NEW_KEY carries for one key generation.
+
+    The rightmost 8 bytes of ``HMAC-SHA256(sender_token ||
+    receiver_token, Key-A || Key-B)``: the draft's "low-order 64 bits".
+    A sends it with ``(Token-A, Token-B)`` and B with ``(Token-B,
+    Token-A)`` (protocol.md section 11 item 12), so the two ends' tags
+    for the same keys differ.
+    """
+    return _key_hmac(sender_token, receiver_token, keys)[-TAG_LENGTH:]
+
+
+def fastclose_tag(
+    sender_token: bytes, receiver_token: bytes, keys: KeyMaterial
+) -> bytes:
+    """The 8 bytes an E-mode MP_FASTCLOSE carries.
+
+    The leftmost 8 bytes of the same HMAC as :func:`new_key_tag`. The
+    draft truncates that HMAC for both options; with the same half, the
+    NEW_KEY an end sends (and repeats) would be a valid MP_FASTCLOSE of
+    that end for anyone on the path. The other half keeps the two apart:
+    seeing one tells nothing about the other.
+    """
+    return _key_hmac(sender_token, receiver_token, keys)[:TAG_LENGTH]

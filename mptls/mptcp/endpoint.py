@@ -6,6 +6,11 @@ server accepts: an MP_CAPABLE SYN makes a new responder
 the connection whose token it names, and anything else is refused with
 the RST the peer should get (RFC 8684 sections 3.2 and 3.8). It must
 never perform I/O; randomness is injected.
+
+Tokens of three sizes share the table: 64-bit G-mode tokens, and two
+kinds of 4-byte ones, mode E's (from a 32-bit allocator) and RFC 8684's
+(hashes of keys). A new token of either 4-byte kind that is already in
+the table is skipped for the next one.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mptls.errors import JoinRefusedError, MptlsError
+from mptls.errors import ConfigurationError, JoinRefusedError, MptlsError
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.connection import Connection, RandomSource
 from mptls.mptcp.crypto import rfc8684_token
@@ -26,7 +31,7 @@ from mptls.mptcp.options import (
     MpTcpRst,
     ResetReason,
 )
-from mptls.mptcp.tokens import TokenAllocator
+from mptls.mptcp.tokens import TokenAllocator, TokenLayout
 
 __all__ = ["Accepted", "Endpoint", "Refused"]
 
@@ -36,7 +41,14 @@ logger = logging.getLogger("mptls.mptcp")
 # not in use; a random 64-bit key collides so rarely that a handful of
 # draws is plenty
 _KEY_ATTEMPTS = 16
-_MODE_FLAGS = ((Mode.G, CapableFlag.G), (Mode.RFC8684, CapableFlag.H))
+# the responder's preference among the modes it accepts
+_MODE_FLAGS = (
+    (Mode.G, CapableFlag.G),
+    (Mode.E, CapableFlag.E),
+    (Mode.RFC8684, CapableFlag.H),
+)
+_E_TOKEN_LENGTH = 4
+_SECRET_LENGTH = 32
 # checksums (A) and the extensibility bit (B) are not implemented; other
 # algorithm bits may be offered next to G or H and are simply not chosen
 _UNSUPPORTED = CapableFlag.A | CapableFlag.B
@@ -64,7 +76,12 @@ def _refusal(reason: str, code: int) -> Refused:
 
 
 class Endpoint:
-    """Routes first segments to connections by their local token."""
+    """Routes first segments to connections by their local token.
+
+    ``tokens`` hands out G-mode tokens; ``e_tokens``, 32-bit tokens for
+    mode E (draft-baerts-tcpm-mptcpext). Without it, an endpoint that
+    accepts E makes its own from a secret drawn from ``random``.
+    """
 
     def __init__(
         self,
@@ -72,11 +89,15 @@ class Endpoint:
         *,
         tokens: TokenAllocator,
         random: RandomSource,
+        e_tokens: TokenAllocator | None = None,
     ) -> None:
         self.config = config
         self._tokens = tokens
         self._random = random
         self._table: dict[bytes, Connection] = {}
+        self._e_tokens: TokenAllocator | None = None
+        if Mode.E in config.accept_modes:
+            self._e_tokens = _e_allocator(tokens, e_tokens, random)
 
     def __len__(self) -> int:
         return len(self._table)
@@ -122,10 +143,12 @@ class Endpoint:
         del self._table[token]
         if connection.mode is Mode.G:
             self._tokens.release(token)
+        elif connection.mode is Mode.E and self._e_tokens is not None:
+            self._e_tokens.release(token)
 
     def _choose_mode(self, option: MpCapable) -> Mode | None:
         # RFC 8684 section 3.1: the responder echoes exactly one of the
-        # algorithms offered; G is preferred when both are acceptable
+        # algorithms offered; G, then E, then H when several would do
         for mode, flag in _MODE_FLAGS:
             if option.flags & flag and mode in self.config.accept_modes:
                 return mode
@@ -169,14 +192,36 @@ class Endpoint:
         return Accepted(connection=connection, subflow_id=0)
 
     def _new_secret(self, mode: Mode) -> bytes | None:
-        """Token-B (G mode) or Key-B whose token is free (RFC 8684)."""
+        """Token-B (G, E mode) or Key-B whose token is free (RFC 8684)."""
         if mode is Mode.G:
             # tokens are unique by construction: no check, no retry
             return self._tokens.allocate()
+        if mode is Mode.E:
+            return self._new_e_token()
         for _ in range(_KEY_ATTEMPTS):
             key = self._random(8)
             if rfc8684_token(key) not in self._table:
                 return key
+        return None
+
+    def _tokens_of_e(self) -> TokenAllocator:
+        if self._e_tokens is None:
+            raise MptlsError("mode E is not accepted here")
+        return self._e_tokens
+
+    def _new_e_token(self) -> bytes | None:
+        """A 32-bit token no connection here holds.
+
+        E tokens never repeat, but an RFC 8684 token (a hash of a key)
+        may already hold the same 4 bytes: that one is skipped, for
+        good, and the next is taken.
+        """
+        tokens = self._tokens_of_e()
+        for _ in range(_KEY_ATTEMPTS):
+            token = tokens.allocate()
+            if token not in self._table:
+                return token
+            tokens.release(token)
         return None
 
     def _join(
@@ -209,3 +254,30 @@ class Endpoint:
                 code = ResetReason.MPTCP_ERROR
             return _refusal(str(exc), code)
         return Accepted(connection=connection, subflow_id=subflow_id)
+
+
+def _e_allocator(
+    tokens: TokenAllocator,
+    given: TokenAllocator | None,
+    random: RandomSource,
+) -> TokenAllocator:
+    """The 32-bit allocator of an endpoint that accepts mode E.
+
+    32-bit tokens have no room for the server and worker ids that route
+    a join to its owner, so an endpoint whose tokens carry such ids
+    cannot take E (the load balancer would misroute its joins).
+    """
+    if tokens.server_id or tokens.worker_id:
+        raise ConfigurationError(
+            "mode E cannot be accepted with a server or worker id: its "
+            "32-bit tokens have no room to route joins"
+        )
+    if given is None:
+        layout = TokenLayout(0, 0, token_bits=32)
+        return TokenAllocator(random(_SECRET_LENGTH), layout=layout)
+    if given.layout.token_length != _E_TOKEN_LENGTH:
+        raise ConfigurationError(
+            "e_tokens must hand out 4-byte tokens "
+            "(TokenLayout(0, 0, token_bits=32))"
+        )
+    return given

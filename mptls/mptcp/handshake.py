@@ -1,8 +1,9 @@
 """The MP_CAPABLE handshake of one connection, sans I/O.
 
 :class:`HandshakeMixin` sends and checks the three MP_CAPABLE frames of
-docs/wire.md in G mode (tokens) and RFC 8684 mode (keys), picks the mode
-and refuses a downgrade the user did not allow. The first flights of TLS
+docs/wire.md in G mode (64-bit tokens), mode E (32-bit tokens) and
+RFC 8684 mode (keys), picks the mode and refuses a downgrade the user
+did not allow. The first flights of TLS
 ride these frames, implicitly mapped.
 
 It must never perform I/O, read a clock or draw randomness itself, and
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 from hmac import compare_digest
 
-from mptls.errors import ProtocolError
+from mptls.errors import ConfigurationError, ProtocolError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import Mode
 from mptls.mptcp.crypto import idsn_from_token, rfc8684_idsn, rfc8684_token
@@ -23,15 +24,46 @@ from mptls.mptcp.framing import Flag, Payload, Segment
 from mptls.mptcp.options import CapableFlag, MpCapable
 from mptls.mptcp.scheduler import Subflow, SubflowState
 from mptls.mptcp.state import ConnectionState, options_of
+from mptls.mptcp.tokens import TokenAllocator
 
-__all__ = ["HandshakeMixin"]
+__all__ = ["TOKEN_MODES", "HandshakeMixin", "offered_flags", "own_token"]
 
 logger = logging.getLogger("mptls.mptcp")
 
-_ALGORITHMS = CapableFlag.G | CapableFlag.H
-_MODE_FLAG = {Mode.G: CapableFlag.G, Mode.RFC8684: CapableFlag.H}
-_FLAG_MODE = {CapableFlag.G: Mode.G, CapableFlag.H: Mode.RFC8684}
+_ALGORITHMS = CapableFlag.G | CapableFlag.E | CapableFlag.H
+_MODE_FLAG = {
+    Mode.G: CapableFlag.G,
+    Mode.E: CapableFlag.E,
+    Mode.RFC8684: CapableFlag.H,
+}
+_FLAG_MODE = {flag: mode for mode, flag in _MODE_FLAG.items()}
+# the modes whose MP_CAPABLE carries tokens rather than keys
+TOKEN_MODES = frozenset({Mode.G, Mode.E})
+# draft-baerts-tcpm-mptcpext section 3: 32-bit tokens under flag E
+_E_TOKEN_LENGTH = 4
 _S = SubflowState
+
+
+def own_token(tokens: TokenAllocator, mode: Mode) -> bytes:
+    """An initiator's token from ``tokens``: 4 bytes under mode E."""
+    token = tokens.allocate()
+    if mode is Mode.E and len(token) != _E_TOKEN_LENGTH:
+        tokens.release(token)
+        raise ConfigurationError(
+            "mode E needs 4-byte tokens: give the initiator a "
+            "TokenAllocator with a 32-bit layout "
+            "(TokenLayout(0, 0, token_bits=32))"
+        )
+    return token
+
+
+def offered_flags(config_mode: Mode, legacy_fallback: bool) -> CapableFlag:
+    """What an initiator's SYN offers: its mode, H next to it if the
+    user allows a fallback to keys in the clear."""
+    offered = _MODE_FLAG[config_mode]
+    if legacy_fallback:
+        offered |= CapableFlag.H
+    return offered
 
 
 class HandshakeMixin(ConnectionState):
@@ -79,13 +111,13 @@ class HandshakeMixin(ConnectionState):
     def _capable_syn_ack(self, subflow: Subflow, now: float) -> Segment:
         payload = self._implicit_chunk(subflow, now)
         mode = self.mode or Mode.G
-        secret = self._local_token if mode is Mode.G else self._local_key
+        secret = self._local_token if mode in TOKEN_MODES else self._local_key
         option = MpCapable(flags=_MODE_FLAG[mode], sender_key=secret)
         return self._segment(subflow, Flag.SYN | Flag.ACK, (option,), payload)
 
     def _capable_third_ack(self, subflow: Subflow, now: float) -> Segment:
         payload = self._implicit_chunk(subflow, now)
-        if self.mode is Mode.G:
+        if self.mode in TOKEN_MODES:
             local, remote = self._local_token, self._remote_token
         else:
             local, remote = self._local_key, self._remote_key
@@ -112,7 +144,9 @@ class HandshakeMixin(ConnectionState):
             raise ProtocolError(f"MPTCP version {option.version} is not 1")
         chosen = _FLAG_MODE.get(CapableFlag(option.flags & _ALGORITHMS))
         if chosen is None:
-            raise ProtocolError("the SYN|ACK must select exactly one of G, H")
+            raise ProtocolError(
+                "the SYN|ACK must select exactly one of G, E, H"
+            )
         if not _MODE_FLAG[chosen] & self._offered:
             # protocol.md section 11 item 16: H instead of G puts the keys
             # on the wire; only a user who allowed it may get it
@@ -134,7 +168,8 @@ class HandshakeMixin(ConnectionState):
             return
         self.mode = mode
         rule = self.config.idsn_rule
-        if mode is Mode.G:
+        if mode in TOKEN_MODES:
+            # mode E: IDSNs from the 4-byte tokens, by the same rule
             self._remote_token = secret
             self._remote_idsn = idsn_from_token(secret, rule)
             self._local_idsn = idsn_from_token(self._local_token or b"", rule)
@@ -164,7 +199,7 @@ class HandshakeMixin(ConnectionState):
         mode = self.mode or Mode.G
         if option.flags & _ALGORITHMS != _MODE_FLAG[mode]:
             raise ProtocolError("the third ACK does not echo the chosen mode")
-        local = self._local_token if mode is Mode.G else self._local_key
+        local = self._local_token if mode in TOKEN_MODES else self._local_key
         if option.sender_key is None or option.receiver_key is None:
             raise ProtocolError("the third ACK lacks a token or key")
         if not compare_digest(option.receiver_key, local or b""):
@@ -183,7 +218,7 @@ class HandshakeMixin(ConnectionState):
         except ProtocolError as exc:
             self._fail(exc)
             return
-        if self.mode is Mode.G:
+        if self.mode in TOKEN_MODES:
             self._remote_token = remote
             self._remote_idsn = idsn_from_token(remote, self.config.idsn_rule)
         else:

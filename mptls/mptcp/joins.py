@@ -4,8 +4,9 @@
 docs/wire.md "Joins"): the initiator opens and checks joins, the
 responder answers, checks the third ACK and refuses what it must.
 It also sends and checks ADD_ADDR, REMOVE_ADDR and MP_PRIO (section
-3.4). Joins and ADD_ADDR are keyed by the TLS-derived keys in G mode and
-by cleartext keys only when the user allowed them.
+3.4). Joins and ADD_ADDR are keyed by the TLS-derived keys in G mode,
+by the key their K bit names in mode E (draft-baerts-tcpm-mptcpext),
+and by cleartext keys only when the user allowed them.
 
 It must never perform I/O, read a clock or draw randomness itself, and
 no key, nonce or HMAC may reach a log line, an event or an error.
@@ -33,6 +34,7 @@ from mptls.mptcp.options import (
     MpJoinSyn,
     MpJoinSynAck,
     MpPrio,
+    NewKey,
     RemoveAddr,
     ResetReason,
 )
@@ -75,11 +77,14 @@ class JoinsMixin(ConnectionState):
             )
         subflow_id = self._new_subflow_id()
         nonce = int.from_bytes(self._random(4), "big")
+        # mode E: the current key, named by its K
+        key_id = self._current_key_id()
         option = MpJoinSyn(
             token=self._remote_token or b"",
             nonce=nonce,
             address_id=address_id,
             backup=backup,
+            key_id=key_id,
         )
         # the data-level receive window, as every other frame carries it
         # (RFC 8684 section 3.3.5): a SYN saying 0 read as a closed window
@@ -93,6 +98,8 @@ class JoinsMixin(ConnectionState):
             backup=backup,
             address_id=address_id,
             local_nonce=nonce,
+            key_id=key_id,
+            key_generation=self._generation,
             syn=syn,
             rto=self.config.join_rto,
             retransmit_at=now + self.config.join_rto,
@@ -104,13 +111,18 @@ class JoinsMixin(ConnectionState):
 
     def _on_join_syn_ack(self, subflow: Subflow, segment: Segment) -> None:
         option = options_of(segment).get(MpJoinSynAck)
-        keys = self._join_keys()
+        keys = self._subflow_keys(subflow)
         if (
             not isinstance(option, MpJoinSynAck)
             or keys is None
             or segment.flags & (Flag.SYN | Flag.ACK) != Flag.SYN | Flag.ACK
         ):
             self._refuse_join(subflow, "SYN|ACK without MP_JOIN")
+            return
+        if self.mode is Mode.E and option.key_id != subflow.key_id:
+            # draft-baerts: the SYN's K governs the join; the SYN|ACK
+            # echoes it (protocol.md section 11 item 13)
+            self._refuse_join(subflow, "SYN|ACK names another key (K)")
             return
         local, remote = keys
         expected = join_hmac(remote, local, option.nonce, subflow.local_nonce)
@@ -195,6 +207,8 @@ class JoinsMixin(ConnectionState):
             address_id=address_id,
             remote_address_id=option.address_id,
             remote_nonce=option.nonce,
+            # the K bit is reserved outside mode E
+            key_id=option.key_id if self.mode is Mode.E else 0,
             deadline=now + self.config.join_timeout,
         )
         self._subflows[subflow_id] = subflow
@@ -217,13 +231,35 @@ class JoinsMixin(ConnectionState):
             if subflow.state is _S.WAITING_KEYS and held is not None:
                 self._answer_join(subflow, held)
 
+    def _subflow_keys(self, subflow: Subflow) -> tuple[bytes, bytes] | None:
+        """The keys a join uses: in mode E those of the generation it
+        took, while its slot still holds them; else the connection's."""
+        if self.mode is not Mode.E:
+            return self._join_keys()
+        keys = self._active_keys(subflow.key_id)
+        if keys is None or keys.generation != subflow.key_generation:
+            return None
+        return self._oriented(keys)
+
+    def _take_join_keys(self, subflow: Subflow) -> tuple[bytes, bytes] | None:
+        """Keys for the answer to a join SYN, or None to hold it.
+
+        A join waiting for keys takes, in mode E, the generation active
+        in the slot its K names when that slot becomes active.
+        """
+        if subflow.state is _S.WAITING_KEYS and self.mode is Mode.E:
+            keys = self._active_keys(subflow.key_id)
+            subflow.key_generation = None if keys is None else keys.generation
+        return self._subflow_keys(subflow)
+
     def _answer_join(self, subflow: Subflow, nonce: int) -> None:
-        keys = self._join_keys()
+        keys = self._take_join_keys(subflow)
         if keys is None:
             # draft-paasch-mptcp-application-authentication section 3:
             # a known token before the keys gets no answer (no RST); the
             # SYN's subflow waits, and is answered when the keys come
-            # (_answer_held_joins) or when the SYN comes again
+            # (_answer_held_joins) or when the SYN comes again. In mode
+            # E the keys are those of the slot its K names
             logger.debug("[%s] join SYN before keys held", self._tag())
             return
         if subflow.state is _S.WAITING_KEYS:
@@ -236,6 +272,7 @@ class JoinsMixin(ConnectionState):
             hmac=mac[:8],
             nonce=subflow.local_nonce,
             address_id=subflow.address_id,
+            key_id=subflow.key_id,
         )
         subflow.outbox.append(
             self._segment(subflow, Flag.SYN | Flag.ACK, (reply,))
@@ -243,7 +280,7 @@ class JoinsMixin(ConnectionState):
 
     def _on_join_third_ack(self, subflow: Subflow, segment: Segment) -> None:
         option = options_of(segment).get(MpJoinAck)
-        keys = self._join_keys()
+        keys = self._subflow_keys(subflow)
         if not isinstance(option, MpJoinAck) or keys is None:
             self._note_join_failure()
             self._reset_subflow(
@@ -299,8 +336,15 @@ class JoinsMixin(ConnectionState):
             raise KeysUnavailableError(self._keys_reason() or "no keys")
         local, remote = keys
         mac = add_addr_hmac(local, remote, address_id, address, port)
+        # mode E: keyed by the current key, named by its K
         self._announcements.append(
-            AddAddr(address_id, address, port, hmac=mac)
+            AddAddr(
+                address_id,
+                address,
+                port,
+                hmac=mac,
+                key_id=self._current_key_id(),
+            )
         )
 
     def _emit_announcements(self, out: list[tuple[int, Segment]]) -> None:
@@ -329,6 +373,9 @@ class JoinsMixin(ConnectionState):
         prio = options.get(MpPrio)
         if isinstance(prio, MpPrio):
             subflow.backup = prio.backup
+        new_key = options.get(NewKey)
+        if isinstance(new_key, NewKey):
+            self._on_new_key(subflow, new_key)
 
     def _on_remove_addr(self, option: RemoveAddr) -> None:
         """Forget the peer's addresses; reset joins under way from them.
@@ -367,7 +414,9 @@ class JoinsMixin(ConnectionState):
     def _on_add_addr(self, subflow: Subflow, option: AddAddr) -> None:
         if option.echo:
             return
-        keys = self._join_keys()
+        # mode E: the keys of its K (ignored as a bad HMAC is if that
+        # slot is not active); the other modes have one pair
+        keys = self._join_keys(option.key_id)
         if keys is None or option.hmac is None:
             logger.debug("[%s] ADD_ADDR without usable keys", self._tag())
             return

@@ -94,7 +94,9 @@ class RotationMixin(ConnectionState):
         """Ask the adapter for ``generation``; it has join_timeout."""
         self._requested = generation
         self._requested_until = self._now + self.config.join_timeout
-        logger.debug("[%s] asking for key generation %d", self._tag(), generation)
+        logger.debug(
+            "[%s] asking for key generation %d", self._tag(), generation
+        )
         self._events.append(ev.KeysRequested(generation))
         return generation
 
@@ -149,7 +151,8 @@ class RotationMixin(ConnectionState):
         preferred = [
             s for s in usable if s.subflow_id != avoid and not s.suspect
         ]
-        return (preferred or usable or [None])[0]
+        choice = preferred or usable
+        return choice[0] if choice else None
 
     def _send_new_key(self, key_id: int, *, again: bool = False) -> None:
         """Queue our NEW_KEY for slot ``key_id`` on a working subflow.
@@ -226,7 +229,9 @@ class RotationMixin(ConnectionState):
             logger.debug("[%s] NEW_KEY matches no key", self._tag())
             return
         self._peer_tags[key_id] = tag
-        first_not_yet = self._generation is None and not self._first_keys_failed
+        first_not_yet = (
+            self._generation is None and not self._first_keys_failed
+        )
         if (
             first_not_yet
             or self._requested is not None

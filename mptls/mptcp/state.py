@@ -30,6 +30,7 @@ from mptls.mptcp.options import (
     Dss,
     MpFastclose,
     MpTcpRst,
+    NewKey,
     Option,
     encode_option,
 )
@@ -486,4 +487,10 @@ class ConnectionState:
     # the ones that came early
 
     def _answer_held_joins(self) -> None:
+        raise NotImplementedError
+
+    # mode E keys, defined by RotationMixin; the path options bring
+    # the peer's NEW_KEY
+
+    def _on_new_key(self, subflow: Subflow, option: NewKey) -> None:
         raise NotImplementedError

@@ -1,8 +1,9 @@
-"""64-bit MPTCP tokens chosen by their owner, unique by construction.
+"""MPTCP tokens chosen by their owner, unique by construction.
 
 In G mode a token is no longer a hash of a key, so whoever hands it out
 must keep it unique (draft-paasch-mptcp-application-authentication,
-protocol.md section 11 item 17). A token here is, big-endian::
+protocol.md section 11 item 17). G tokens have 64 bits; the rotation
+profile's (E, draft-baerts) have 32. A token here is, big-endian::
 
     [server id][worker id][serial]
 
@@ -53,6 +54,9 @@ __all__ = [
 TOKEN_LENGTH = 8
 TOKEN_BITS = 64
 MIN_SERIAL_BITS = 32
+# The least serial a layout must keep, by token width: a 32-bit token
+# with ids in it still gives each worker 2**16 tokens.
+_MIN_SERIAL_BITS = {TOKEN_BITS: MIN_SERIAL_BITS, 32: 16}
 MIN_SECRET_LENGTH = 16
 # Ten rounds, as FF1 uses: at these narrow widths extra rounds are cheap
 # and widen the margin over the 4-round Luby-Rackoff bound.
@@ -82,8 +86,7 @@ class _Lanes:
     Building these takes longer than a batch's rounds, hence the cache.
     """
 
-    # reads 8-byte tokens as bytes, or as ints
-    blobs: struct.Struct
+    # reads 8-byte values as ints
     ints: struct.Struct
     # a 1 in every lane, and 0, 1, 2, ... lane by lane
     ones: int
@@ -93,40 +96,63 @@ class _Lanes:
 @functools.lru_cache(maxsize=8)
 def _lanes(count: int) -> _Lanes:
     return _Lanes(
-        struct.Struct(">" + "8s" * count),
         struct.Struct(f">{count}Q"),
         int.from_bytes(b"\x00\x00\x00\x01" * count),
         int.from_bytes(struct.pack(f">{count}I", *range(count))),
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _blobs(count: int, length: int) -> struct.Struct:
+    """Splits a run of ``count`` values of ``length`` bytes into bytes."""
+    return struct.Struct(">" + f"{length}s" * count)
+
+
 @dataclass(frozen=True, slots=True)
 class TokenLayout:
-    """How a 64-bit token is split: server id, worker id, serial.
+    """How a token is split: server id, worker id, serial.
 
-    The serial gets what is left, and must keep at least 32 bits so that
-    one allocator can hand out 2**32 tokens.
+    ``token_bits`` is 64 (G mode) or 32 (the rotation profile, E). The
+    serial gets what is left, and must keep at least 32 bits of a 64-bit
+    token, so that one allocator can hand out 2**32 tokens, or 16 bits
+    of a 32-bit one.
     """
 
     server_id_bits: int = 8
     worker_id_bits: int = 8
+    token_bits: int = TOKEN_BITS
 
     def __post_init__(self) -> None:
         for name in ("server_id_bits", "worker_id_bits"):
             bits = getattr(self, name)
             if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
                 raise ConfigurationError(f"{name} must be an int >= 0")
-        if self.serial_bits < MIN_SERIAL_BITS:
+        width = self.token_bits
+        if (
+            isinstance(width, bool)
+            or not isinstance(width, int)
+            or width not in _MIN_SERIAL_BITS
+        ):
+            raise ConfigurationError(
+                f"token_bits must be 32 or 64, not {width!r}"
+            )
+        needed = _MIN_SERIAL_BITS[width]
+        if self.serial_bits < needed:
             raise ConfigurationError(
                 "server and worker ids leave "
-                f"{self.serial_bits} serial bits, at least "
-                f"{MIN_SERIAL_BITS} are needed"
+                f"{self.serial_bits} serial bits of a {width}-bit token, "
+                f"at least {needed} are needed"
             )
 
     @property
     def serial_bits(self) -> int:
-        """Width of the serial: 64 minus the two id widths."""
-        return TOKEN_BITS - self.server_id_bits - self.worker_id_bits
+        """Width of the serial: the token's minus the two id widths."""
+        return self.token_bits - self.server_id_bits - self.worker_id_bits
+
+    @property
+    def token_length(self) -> int:
+        """Bytes in a token of this layout: 8, or 4 for 32-bit tokens."""
+        return self.token_bits // 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +166,18 @@ class TokenFields:
 def token_fields(
     token: bytes, layout: TokenLayout = TokenLayout()
 ) -> TokenFields:
-    """The server and worker ids in ``token``, as a load balancer reads."""
-    if not isinstance(token, bytes | bytearray) or len(token) != TOKEN_LENGTH:
-        raise ConfigurationError(f"a token is {TOKEN_LENGTH} bytes")
+    """The server and worker ids in ``token``, as a load balancer reads.
+
+    The token's length must be the layout's: 4-byte tokens are read with
+    a 32-bit layout, 8-byte ones with a 64-bit layout.
+    """
     _check_layout(layout)
+    if not isinstance(token, bytes | bytearray):
+        raise ConfigurationError(
+            f"a token is bytes, got {type(token).__name__}"
+        )
+    if len(token) != layout.token_length:
+        raise ConfigurationError(_length_mismatch(len(token), layout))
     value = int.from_bytes(token, "big")
     ids = value >> layout.serial_bits
     worker_mask = (1 << layout.worker_id_bits) - 1
@@ -151,6 +185,17 @@ def token_fields(
         server_id=ids >> layout.worker_id_bits,
         worker_id=ids & worker_mask,
     )
+
+
+def _length_mismatch(length: int, layout: TokenLayout) -> str:
+    """Why a ``length``-byte token does not fit ``layout``, and the fix."""
+    message = (
+        f"a {layout.token_bits}-bit token layout reads "
+        f"{layout.token_length}-byte tokens, got {length} bytes"
+    )
+    if length * 8 in _MIN_SERIAL_BITS:
+        return f"{message}; read those with token_bits={length * 8}"
+    return message
 
 
 class SerialPermutation:
@@ -229,21 +274,35 @@ class SerialPermutation:
         return list(_lanes(count).ints.unpack(self._forward_run(start, count)))
 
     def forward_bytes(
-        self, start: int, count: int, *, prefix: int = 0
+        self, start: int, count: int, *, prefix: int = 0, length: int = 8
     ) -> tuple[bytes, ...]:
-        """``forward_many`` as 8-byte big-endian values, ``prefix`` OR-ed in.
+        """``forward_many`` as big-endian values, ``prefix`` OR-ed in.
 
-        ``prefix`` must leave the low ``bits`` bits clear: the token
-        allocator puts its server and worker ids there.
+        Each value is ``length`` bytes: 8, or 4 for a width of at most
+        32 bits. ``prefix`` must fit in them and leave the low ``bits``
+        bits clear: the token allocator puts its server and worker ids
+        there.
         """
+        if (
+            isinstance(length, bool)
+            or not isinstance(length, int)
+            or length not in (_WORD, 2 * _WORD)
+        ):
+            raise ConfigurationError("length must be 4 or 8 bytes")
+        if self._bits > 8 * length:
+            raise ConfigurationError(
+                f"a {self._bits}-bit value does not fit in {length} bytes"
+            )
         if not self._check_batch(start, count):
             return ()
-        if not isinstance(prefix, int) or not 0 <= prefix < 1 << TOKEN_BITS:
-            raise ConfigurationError("prefix must be an unsigned 64-bit int")
+        if not isinstance(prefix, int) or not 0 <= prefix < 1 << 8 * length:
+            raise ConfigurationError(
+                f"prefix must be an unsigned {8 * length}-bit int"
+            )
         if prefix & ((1 << self._bits) - 1):
             raise ConfigurationError("prefix overlaps the serial bits")
-        images = self._forward_run(start, count, prefix)
-        return _lanes(count).blobs.unpack(images)
+        images = self._forward_run(start, count, prefix, length)
+        return _blobs(count, length).unpack(images)
 
     def _check_batch(self, start: int, count: int) -> bool:
         """Whether there is a batch to make; raises if it is not valid."""
@@ -255,8 +314,10 @@ class SerialPermutation:
         self._check(start + count - 1)
         return True
 
-    def _forward_run(self, start: int, count: int, prefix: int = 0) -> bytes:
-        """The images of ``start ..``, as 8-byte big-endian values.
+    def _forward_run(
+        self, start: int, count: int, prefix: int = 0, length: int = 8
+    ) -> bytes:
+        """The images of ``start ..``, as ``length``-byte big-endian values.
 
         A piece of the run keeps one high part, so its low parts are
         consecutive and its lanes can be made with two multiplications.
@@ -267,12 +328,12 @@ class SerialPermutation:
         while start < end:
             high, low = divmod(start, low_size)
             size = min(end - start, low_size - low)
-            pieces.append(self._forward_piece(high, low, size, prefix))
+            pieces.append(self._forward_piece(high, low, size, prefix, length))
             start += size
         return b"".join(pieces)
 
     def _forward_piece(
-        self, high: int, low: int, count: int, prefix: int
+        self, high: int, low: int, count: int, prefix: int, length: int
     ) -> bytes:
         lanes = _lanes(count)
         ones = lanes.ones
@@ -293,23 +354,38 @@ class SerialPermutation:
             value = int.from_bytes(output[_BLOCK // _WORD - 1 :: 4].tobytes())
             changed = changing ^ (value & masks[number % 2])
             changing, other = other, changed
-        return self._join_words(lanes, changing, other, count, prefix)
+        return self._join_words(lanes, changing, other, count, prefix, length)
 
     def _join_words(
-        self, lanes: _Lanes, high: int, low: int, count: int, prefix: int
+        self,
+        lanes: _Lanes,
+        high: int,
+        low: int,
+        count: int,
+        prefix: int,
+        length: int,
     ) -> bytes:
-        """``prefix | high << low_bits | low`` lane by lane, as 8 bytes."""
+        """``prefix | high << low_bits | low`` lane by lane, ``length`` bytes.
+
+        ``forward_bytes`` has checked that the value fits the length.
+        """
         ones = lanes.ones
         shift = self._low_bits
         # the bits of the high part that fall in the token's low word
         kept = ones * ((1 << (_WORD_BITS - shift)) - 1)
         low_words = (high & kept) << shift | low
+        # a prefix reaches the low word only above a serial of < 32 bits
+        low_prefix = prefix & ((1 << _WORD_BITS) - 1)
+        if low_prefix:
+            low_words |= ones * low_prefix
+        size = _WORD * count
+        if length == _WORD:
+            return low_words.to_bytes(size)
         top = ones * ((1 << max(self._bits - _WORD_BITS, 0)) - 1)
         high_words = (high >> (_WORD_BITS - shift)) & top
         high_words |= ones * (prefix >> _WORD_BITS)
         tokens = bytearray(2 * _WORD * count)
         words = memoryview(tokens).cast("I")
-        size = _WORD * count
         words[0::2] = memoryview(high_words.to_bytes(size)).cast("I")
         words[1::2] = memoryview(low_words.to_bytes(size)).cast("I")
         return bytes(tokens)
@@ -337,11 +413,13 @@ def _round_cipher(key: bytes, tweak: bytes, number: int) -> CipherContext:
 
 
 class TokenAllocator:
-    """Hands out 64-bit tokens that never repeat, for one server worker.
+    """Hands out tokens that never repeat, for one server worker.
 
+    Tokens have the layout's width: 8 bytes, or 4 with ``token_bits=32``.
     ``secret`` (at least 16 bytes, from the caller's random source) keys
-    the serial permutation. Every worker's permutation is tweaked by its
-    own ids, so workers that share a secret still get unrelated serials.
+    the serial permutation. Every worker's permutation is tweaked by the
+    layout and its own ids, so workers that share a secret still get
+    unrelated serials, and so do 32-bit and 64-bit allocators.
     ``start`` is the first counter value. A worker that restarts with
     the same secret passes on the counter it had reached.
     """
@@ -354,6 +432,7 @@ class TokenAllocator:
         "_permutation",
         "_prefix",
         "_server_id",
+        "_token_length",
         "_worker_id",
     )
 
@@ -380,13 +459,13 @@ class TokenAllocator:
             raise ConfigurationError(
                 f"token secret must be at least {MIN_SECRET_LENGTH} bytes"
             )
-        tweak = _ROUND_KEY_CONTEXT.pack(
-            layout.server_id_bits, layout.worker_id_bits, server_id, worker_id
-        )
         self._permutation = SerialPermutation(
-            bytes(secret), serial_bits, tweak=tweak
+            bytes(secret),
+            serial_bits,
+            tweak=_allocator_tweak(layout, server_id, worker_id),
         )
         self._layout = layout
+        self._token_length = layout.token_length
         self._server_id = server_id
         self._worker_id = worker_id
         self._prefix = (
@@ -425,7 +504,9 @@ class TokenAllocator:
         return self._counter
 
     def allocate(self) -> bytes:
-        """A fresh 8-byte token that this allocator has never returned.
+        """A fresh token that this allocator has never returned.
+
+        It has :attr:`TokenLayout.token_length` bytes, 8 or 4.
 
         Tokens are made ``ALLOCATION_BATCH`` at a time, for the counters
         that come next; the one returned is always that of
@@ -450,7 +531,7 @@ class TokenAllocator:
             )
         count = min(ALLOCATION_BATCH, (1 << bits) - counter)
         made = self._permutation.forward_bytes(
-            counter, count, prefix=self._prefix
+            counter, count, prefix=self._prefix, length=self._token_length
         )
         self._batch[:] = made[::-1]
 
@@ -468,6 +549,25 @@ class TokenAllocator:
             f"<TokenAllocator server_id={self._server_id} "
             f"worker_id={self._worker_id} live={len(self._live)}>"
         )
+
+
+def _allocator_tweak(
+    layout: TokenLayout, server_id: int, worker_id: int
+) -> bytes:
+    """What sets one allocator's round keys apart from another's.
+
+    The id widths and ids, and the token width: without it a 32-bit and
+    a 64-bit allocator with the same ids would run the same round keys
+    over serials of different widths. A 64-bit tweak is the ten bytes
+    mptls used before 32-bit tokens, so 64-bit tokens stay as they were;
+    a 32-bit one has an eleventh byte, so the two never coincide.
+    """
+    tweak = _ROUND_KEY_CONTEXT.pack(
+        layout.server_id_bits, layout.worker_id_bits, server_id, worker_id
+    )
+    if layout.token_bits == TOKEN_BITS:
+        return tweak
+    return tweak + bytes((layout.token_bits,))
 
 
 def _check_layout(layout: object) -> None:
