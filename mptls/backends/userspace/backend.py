@@ -78,7 +78,7 @@ class _SharedTokens(TokenAllocator):
 
 
 _client_tokens: TokenAllocator | None = None
-_client_tokens32: TokenAllocator | None = None
+_client_e_tokens: TokenAllocator | None = None
 _client_tokens_lock = threading.Lock()
 
 
@@ -99,22 +99,22 @@ def _e_token_layout() -> TokenLayout:
     return TokenLayout(0, 0, token_bits=32)
 
 
-def _shared_client_tokens32() -> TokenAllocator:
+def _shared_client_e_tokens() -> TokenAllocator:
     # E mode's 4-byte Token-A, unique among the process's E connections
     # as the 8-byte ones are among G's
-    global _client_tokens32
+    global _client_e_tokens
     with _client_tokens_lock:
-        if _client_tokens32 is None:
-            _client_tokens32 = _SharedTokens(
+        if _client_e_tokens is None:
+            _client_e_tokens = _SharedTokens(
                 secrets.token_bytes(32), layout=_e_token_layout()
             )
-        return _client_tokens32
+        return _client_e_tokens
 
 
 def _client_tokens_for(config: ConnectionConfig) -> TokenAllocator:
     """The allocator of Token-A for the mode a client offers."""
     if config.mode is Mode.E:
-        return _shared_client_tokens32()
+        return _shared_client_e_tokens()
     return _shared_client_tokens()
 
 
@@ -414,7 +414,7 @@ def _e_tokens(config: ConnectionConfig) -> dict[str, TokenAllocator]:
     if Mode.E not in config.accept_modes:
         return {}
     return {
-        "tokens32": TokenAllocator(
+        "e_tokens": TokenAllocator(
             secrets.token_bytes(32), layout=_e_token_layout()
         )
     }
