@@ -104,7 +104,7 @@ def _generation(info: MptcpInfo) -> str:
     if info.mode != "E":
         return ""
     if info.key_generation is None:
-        return f", not in use yet ({info.keys_reason or 'unconfirmed'})"
+        return f", not in use yet: {info.keys_reason or 'unconfirmed'}"
     return f", generation {info.key_generation}"
 
 

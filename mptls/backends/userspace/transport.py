@@ -409,7 +409,8 @@ class MultipathTransport(asyncio.Transport):
             )
 
     def _on_keys_activated(self, event: events.KeysActivated) -> None:
-        logger.info(
+        # the core says so at INFO; here it is the transport's step
+        logger.debug(
             "%s: key generation %d in use (fingerprint %s)",
             self.tag(),
             event.generation,
