@@ -21,7 +21,6 @@ from mptls.backends.base import KeyDerivation, MptcpInfo, SubflowInfo
 from mptls.backends.userspace.paths import Paths
 from mptls.backends.userspace.subflow import SubflowProtocol, host_port
 from mptls.errors import (
-    ConfigurationError,
     KeysUnavailableError,
     MptlsError,
     MptlsTimeoutError,
@@ -571,12 +570,7 @@ class MultipathTransport(asyncio.Transport):
             raise KeysUnavailableError(
                 "the connection is closed: no keys to rotate"
             )
-        mode = self._core.mode
-        if mode is not Mode.E:
-            running = f"runs {mode.value}" if mode else "has no mode yet"
-            raise ConfigurationError(
-                f"key rotation needs the E mode; this connection {running}"
-            )
+        # the core checks the mode and that generation 0 is in use
         generation = self._core.request_rotation()
         waiter = self._rotations.get(generation)
         if waiter is None:
