@@ -66,8 +66,10 @@ class Pipe:
     decoder: SegmentDecoder = field(default_factory=SegmentDecoder)
     started: bool = False
     sent: list[Segment] = field(default_factory=list)
+    # when each of ``sent`` was written (the fake clock)
+    sent_at: list[float] = field(default_factory=list)
 
-    def put(self, segment: Segment, at: float) -> None:
+    def put(self, segment: Segment, at: float, now: float) -> None:
         data = encode_segment(segment)
         if not self.started:
             self.started = True
@@ -77,6 +79,7 @@ class Pipe:
             at = max(at, self.queue[-1][0])
         self.queue.append((at, data))
         self.sent.append(segment)
+        self.sent_at.append(now)
 
 
 @dataclass
@@ -204,7 +207,7 @@ class MemNet:
         return link
 
     def raw_send(self, link: Link, segment: Segment) -> None:
-        link.to_server.put(segment, self.now + link.delay)
+        link.to_server.put(segment, self.now + link.delay, self.now)
 
     def kill(self, client_id: int) -> None:
         """The subflow's TCP connection dies: both ends are told."""
@@ -241,8 +244,9 @@ class MemNet:
         while True:
             self._flush()
             delivered = self._deliver_ready()
-            self._drain_events()
-            if not delivered:
+            # keys a KeysRequested brought send a NEW_KEY: flush again
+            answered = self._drain_events()
+            if not delivered and not answered:
                 return
 
     def _flush(self) -> None:
@@ -251,13 +255,13 @@ class MemNet:
             if link is None:
                 self.unrouted.append((subflow_id, segment))
             elif not link.dead:
-                link.to_server.put(segment, self.now + link.delay)
+                link.to_server.put(segment, self.now + link.delay, self.now)
         if self.server is None:
             return
         for subflow_id, segment in self.server.segments_to_send(self.now):
             link = self.server_link(subflow_id)
             if link is not None:
-                link.to_client.put(segment, self.now + link.delay)
+                link.to_client.put(segment, self.now + link.delay, self.now)
 
     def _ready(self) -> list[tuple[Link, bool]]:
         ready = []
@@ -312,7 +316,9 @@ class MemNet:
             link.refused = result
             self.refusals.append(result)
             if result.reply is not None:
-                link.to_client.put(result.reply, self.now + link.delay)
+                link.to_client.put(
+                    result.reply, self.now + link.delay, self.now
+                )
             return
         assert isinstance(result, Accepted)
         link.server_id = result.subflow_id
@@ -321,12 +327,15 @@ class MemNet:
             if self.on_accept is not None:
                 self.on_accept(result.connection)
 
-    def _drain_events(self) -> None:
-        self._drain(self.client, self.client_side)
+    def _drain_events(self) -> bool:
+        """Hand out the events; True if keys were installed for some."""
+        answered = self._drain(self.client, self.client_side)
         if self.server is not None:
-            self._drain(self.server, self.server_side)
+            answered |= self._drain(self.server, self.server_side)
+        return answered
 
-    def _drain(self, connection: Connection, side: Side) -> None:
+    def _drain(self, connection: Connection, side: Side) -> bool:
+        answered = False
         while (event := connection.next_event()) is not None:
             side.events.append(event)
             if self.on_event is not None:
@@ -344,6 +353,8 @@ class MemNet:
                 self._fake_tls(connection)
             elif isinstance(event, ev.KeysRequested) and self.derive:
                 connection.install_keys(self.derive(event.generation))
+                answered = True
+        return answered
 
     def consume(self, connection: Connection, side: Side) -> None:
         connection.consumed(side.unconsumed)
@@ -352,12 +363,12 @@ class MemNet:
     def inject(self, client_id: int, segment: Segment) -> None:
         """Put a forged segment on the wire towards the client."""
         link = self.link(client_id)
-        link.to_client.put(segment, self.now + link.delay)
+        link.to_client.put(segment, self.now + link.delay, self.now)
 
     def inject_to_server(self, client_id: int, segment: Segment) -> None:
         """Put a forged segment on the wire towards the server."""
         link = self.link(client_id)
-        link.to_server.put(segment, self.now + link.delay)
+        link.to_server.put(segment, self.now + link.delay, self.now)
 
     def _fake_tls(self, connection: Connection) -> None:
         # stands in for TLS: the keys appear once the MPTCP handshake is

@@ -7,7 +7,8 @@ Two properties, several thousand cases each:
   error); the decoder never buffers more than one frame;
 - any frame a peer can send to an established connection, on either
   end, with well-formed but hostile options (mappings anywhere, forged
-  join ACKs, fast close, ADD_ADDR, resets) and any flags, raises
+  join ACKs, fast close, ADD_ADDR, NEW_KEY, resets) and any flags, in
+  G mode or mode E, raises
   nothing, and leaves the connection's memory bounded: out-of-order data
   within the receive window and a bounded subflow table (addresses are
   keyed by their 8-bit id, so that table is bounded by construction).
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from memnet import MemNet, established
 
 from mptls.errors import OptionError, ProtocolError
-from mptls.mptcp.config import ConnectionConfig
+from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.framing import (
     MAX_OPTIONS_LENGTH,
     PREAMBLE,
@@ -42,6 +43,7 @@ from mptls.mptcp.options import (
     MpJoinSyn,
     MpPrio,
     MpTcpRst,
+    NewKey,
     RemoveAddr,
     encode_option,
 )
@@ -51,6 +53,7 @@ FRAME_HEADER = struct.Struct("!BBHI")
 
 u64 = st.integers(0, 2**64 - 1)
 u32 = st.integers(0, 2**32 - 1)
+key_ids = st.integers(0, 1)
 
 options = st.one_of(
     st.tuples(st.none() | u64, u64, st.integers(0, 2048), st.booleans()).map(
@@ -62,11 +65,16 @@ options = st.one_of(
     st.builds(MpJoinAck, hmac=st.binary(min_size=20, max_size=20)),
     st.builds(
         MpJoinSyn,
-        token=st.binary(min_size=8, max_size=8),
+        token=st.binary(min_size=8, max_size=8)
+        | st.binary(min_size=4, max_size=4),
         nonce=u32,
         address_id=st.integers(0, 255),
+        key_id=key_ids,
     ),
-    st.builds(MpFastclose, key=st.binary(min_size=8, max_size=8)),
+    st.builds(
+        MpFastclose, key=st.binary(min_size=8, max_size=8), key_id=key_ids
+    ),
+    st.builds(NewKey, key_id=key_ids, tag=st.binary(min_size=8, max_size=8)),
     st.builds(MpTcpRst, reason=st.integers(0, 255)),
     st.builds(MpPrio, backup=st.booleans()),
     st.builds(
@@ -81,6 +89,7 @@ options = st.one_of(
         address=st.builds(IPv4Address, u32),
         port=st.none() | st.integers(1, 65535),
         hmac=st.binary(min_size=8, max_size=8),
+        key_id=key_ids,
     ),
     st.builds(
         AddAddr,
@@ -93,6 +102,12 @@ options = st.one_of(
         flags=st.sampled_from([0x01, 0x02, 0x81]),
         sender_key=st.binary(min_size=8, max_size=8),
         receiver_key=st.binary(min_size=8, max_size=8),
+    ),
+    st.builds(
+        MpCapable,
+        flags=st.just(0x08),
+        sender_key=st.binary(min_size=4, max_size=4),
+        receiver_key=st.binary(min_size=4, max_size=4),
     ),
 )
 
@@ -149,11 +164,17 @@ def _decoded(frame: bytes) -> list[Segment]:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(st.lists(frames(), min_size=1, max_size=12), st.booleans())
+@given(
+    st.lists(frames(), min_size=1, max_size=12),
+    st.booleans(),
+    st.sampled_from([Mode.G, Mode.E]),
+)
 def test_hostile_frames_never_escape_or_grow_memory(
-    batch: list[bytes], to_server: bool
+    batch: list[bytes], to_server: bool, mode: Mode
 ) -> None:
-    config = ConnectionConfig(receive_window=WINDOW)
+    config = ConnectionConfig(
+        mode=mode, accept_modes=frozenset({mode}), receive_window=WINDOW
+    )
     net = established(MemNet(client_config=config, server_config=config))
     target = net.server if to_server else net.client
     assert target is not None

@@ -1,12 +1,14 @@
 """One MPTCP connection, sans I/O: handshake, joins, data, close.
 
-:class:`Connection` runs RFC 8684 and its token-only "G" mode over the
-userspace wire of docs/wire.md. The MP_CAPABLE handshake lives in
-:mod:`mptls.mptcp.handshake`, joins and addresses in
-:mod:`mptls.mptcp.joins`, the shared fields in :mod:`mptls.mptcp.state`;
-this module holds the data path, the close, the timers and the entry
-points. An adapter feeds it segments, time and
-the application's bytes, and pulls segments and events out of it. Data
+:class:`Connection` runs RFC 8684, its token-only "G" mode and the
+rotation profile "E" over the userspace wire of docs/wire.md. The
+MP_CAPABLE handshake lives in :mod:`mptls.mptcp.handshake`, joins and
+addresses in :mod:`mptls.mptcp.joins`, resets and MP_FASTCLOSE in
+:mod:`mptls.mptcp.resets`, mode E's keys in :mod:`mptls.mptcp.rotation`,
+the shared fields in :mod:`mptls.mptcp.state`; this module holds the
+data path, the close, the timers and the entry points. An adapter feeds
+it segments, time and the application's bytes, and pulls segments and
+events out of it. Data
 positions are kept as offsets from IDSN+1 and turned into 64-bit DSNs
 and Data ACKs only on the wire.
 
@@ -21,10 +23,8 @@ import logging
 from collections.abc import Callable
 
 from mptls.errors import (
-    JoinRefusedError,
     MptlsError,
     MptlsTimeoutError,
-    PeerResetError,
     ProtocolError,
 )
 from mptls.mptcp import events as ev
@@ -44,10 +44,10 @@ from mptls.mptcp.options import (
     MpFastclose,
     MpJoinAck,
     MpJoinSyn,
-    MpTcpRst,
     ResetReason,
 )
 from mptls.mptcp.recovery import RecoveryMixin
+from mptls.mptcp.resets import ResetsMixin
 from mptls.mptcp.rotation import RotationMixin
 from mptls.mptcp.scheduler import Chunk, Subflow, SubflowState, pick_subflow
 from mptls.mptcp.state import SEQ_MOD, RandomSource, options_of
@@ -90,7 +90,9 @@ def _widen(value: int, reference: int) -> int:
     return candidate % SEQ_MOD
 
 
-class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin, RotationMixin):
+class Connection(
+    HandshakeMixin, JoinsMixin, RecoveryMixin, ResetsMixin, RotationMixin
+):
     """An MPTCP connection; build one with :meth:`initiator` or let an
     :class:`~mptls.mptcp.endpoint.Endpoint` build responders."""
 
@@ -599,108 +601,6 @@ class Connection(HandshakeMixin, JoinsMixin, RecoveryMixin, RotationMixin):
                 self._ack_segment(subflow, Flag.FIN | Flag.ACK)
             )
         self._close_subflow(subflow, "peer closed the subflow", None)
-
-    def _on_reset(self, subflow: Subflow, segment: Segment) -> None:
-        options = options_of(segment)
-        fastclose = options.get(MpFastclose)
-        if isinstance(fastclose, MpFastclose) and self._fastclose_valid(
-            fastclose
-        ):
-            self._on_peer_fastclose(subflow, from_reset=True)
-            return
-        rst = options.get(MpTcpRst)
-        code = rst.reason if isinstance(rst, MpTcpRst) else None
-        if subflow.is_join and subflow.state in (
-            _S.SYN_SENT,
-            _S.PRE_ESTABLISHED,
-        ):
-            reason = f"peer reset the join (MP_TCPRST {code})"
-            self._events.append(ev.JoinRefused(subflow.subflow_id, reason))
-        if subflow.subflow_id == 0 and not self.handshake_complete:
-            subflow.set_state(_S.CLOSED)
-            self._finish(
-                PeerResetError(
-                    "peer reset the MPTCP handshake", reset_reason=code
-                )
-            )
-            return
-        was_join = subflow.is_join and subflow.state in (
-            _S.SYN_SENT,
-            _S.PRE_ESTABLISHED,
-        )
-        self._close_subflow(subflow, "reset by peer", code)
-        if was_join and code == ResetReason.MPTCP_ERROR:
-            self._join_refused_for_good()
-
-    def _join_refused_for_good(self) -> None:
-        """A join failed on its token or HMAC while no subflow is left.
-
-        MP_TCPRST 0x01 on a join means the peer does not know the token
-        or the keys disagree (RFC 8684 sections 3.2, 3.6); with no other
-        subflow no later join can do better, so waiting out
-        ``path_loss_timeout`` would only hide a tampered handshake or a
-        peer that has forgotten the connection.
-        """
-        if self._closed or self._live_count():
-            return
-        self._finish(
-            JoinRefusedError(
-                "every subflow is gone and the peer refused the join "
-                "(unknown token or keys that disagree)"
-            )
-        )
-
-    def _on_peer_fastclose(
-        self, subflow: Subflow, *, from_reset: bool
-    ) -> None:
-        # RFC 8684 section 3.5: reset every subflow, the connection is gone
-        for other in self._subflows.values():
-            if other.live and (other is not subflow or not from_reset):
-                other.outbox.append(self._reset_segment(None))
-            if other.live:
-                other.set_state(_S.CLOSED)
-        unacknowledged = self._send.size
-        message = "peer closed the connection with MP_FASTCLOSE"
-        if unacknowledged:
-            message += (
-                f", {unacknowledged} bytes of ours not acknowledged: they "
-                "may be lost"
-            )
-        self._finish(PeerResetError(message, unacknowledged=unacknowledged))
-
-    def abort(self) -> None:
-        """RST + MP_FASTCLOSE on every subflow (RFC 8684 section 3.5)."""
-        if self._closed:
-            return
-        fastclose = self._fastclose_option()
-        options = () if fastclose is None else (fastclose,)
-        for subflow in self._subflows.values():
-            if subflow.live:
-                subflow.outbox.append(Segment(flags=Flag.RST, options=options))
-                subflow.set_state(_S.CLOSED)
-        self._finish(None)
-
-    def _fail_established(self, error: ProtocolError) -> None:
-        """Fail a connection whose peer may hold keys and wait for joins.
-
-        MP_FASTCLOSE next to the MP_TCPRST tells the peer the whole
-        connection is gone (RFC 8684 section 3.5), so that it does not
-        keep it for ``path_loss_timeout``.
-        """
-        logger.info("[%s] connection failed: %s", self._tag(), error)
-        fastclose = self._fastclose_option()
-        options: list[MpTcpRst | MpFastclose] = []
-        if error.reset_reason is not None:
-            options.append(MpTcpRst(reason=error.reset_reason))
-        if fastclose is not None:
-            options.append(fastclose)
-        for subflow in self._subflows.values():
-            if subflow.live:
-                subflow.outbox.append(
-                    Segment(flags=Flag.RST, options=tuple(options))
-                )
-                subflow.set_state(_S.CLOSED)
-        self._finish(error)
 
     def _maybe_finish(self) -> None:
         """Both DATA_FINs acknowledged: FIN every subflow and finish."""

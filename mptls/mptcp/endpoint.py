@@ -204,11 +204,6 @@ class Endpoint:
                 return key
         return None
 
-    def _tokens_of_e(self) -> TokenAllocator:
-        if self._e_tokens is None:
-            raise MptlsError("mode E is not accepted here")
-        return self._e_tokens
-
     def _new_e_token(self) -> bytes | None:
         """A 32-bit token no connection here holds.
 
@@ -216,7 +211,9 @@ class Endpoint:
         may already hold the same 4 bytes: that one is skipped, for
         good, and the next is taken.
         """
-        tokens = self._tokens_of_e()
+        tokens = self._e_tokens
+        if tokens is None:
+            return None
         for _ in range(_KEY_ATTEMPTS):
             token = tokens.allocate()
             if token not in self._table:

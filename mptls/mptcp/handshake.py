@@ -3,8 +3,8 @@
 :class:`HandshakeMixin` sends and checks the three MP_CAPABLE frames of
 docs/wire.md in G mode (64-bit tokens), mode E (32-bit tokens) and
 RFC 8684 mode (keys), picks the mode and refuses a downgrade the user
-did not allow. The first flights of TLS
-ride these frames, implicitly mapped.
+did not allow. The first flights of TLS ride these frames, implicitly
+mapped.
 
 It must never perform I/O, read a clock or draw randomness itself, and
 no token or key may reach a log line or an error beyond the public

@@ -114,10 +114,13 @@ class JoinsMixin(ConnectionState):
         keys = self._subflow_keys(subflow)
         if (
             not isinstance(option, MpJoinSynAck)
-            or keys is None
             or segment.flags & (Flag.SYN | Flag.ACK) != Flag.SYN | Flag.ACK
         ):
             self._refuse_join(subflow, "SYN|ACK without MP_JOIN")
+            return
+        if keys is None:
+            # mode E: two rotations replaced the generation it took
+            self._refuse_join(subflow, "the join's keys were rotated out")
             return
         if self.mode is Mode.E and option.key_id != subflow.key_id:
             # draft-baerts: the SYN's K governs the join; the SYN|ACK

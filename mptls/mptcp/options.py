@@ -370,7 +370,7 @@ _SEGMENT_KINDS = {
     (False, False): "non-SYN, non-ACK",
 }
 
-# MP_CAPABLE (RFC 8684 3.1)
+# MP_CAPABLE (RFC 8684 3.1; flag E from draft-baerts)
 
 _E = int(CapableFlag.E)
 

@@ -15,8 +15,9 @@ ADD_ADDRs that name its K, until the next rotation replaces it. A key
 the peer does not confirm within ``join_timeout`` is dropped.
 
 A NEW_KEY that matches nothing costs at most one exporter call per
-generation: it can make the core ask for the next generation once, and
-its tag is only compared, never trusted.
+generation (or per ``join_timeout`` while rotations fail): it can make
+the core ask for the next generation, and its tag is only compared,
+never trusted.
 
 It must never perform I/O, read a clock or draw randomness itself, and
 no key or tag may reach a log line, an event or an error.
@@ -62,15 +63,15 @@ class RotationMixin(ConnectionState):
         is active.
         """
         self._check_rotation_allowed()
-        if self._pending is not None:
-            return self._pending
-        if self._requested is not None:
-            return self._requested
         current = self._generation
         if current is None:
             raise KeysUnavailableError(
                 self._keys_reason() or "no key generation is active"
             )
+        if self._pending is not None:
+            return self._pending
+        if self._requested is not None:
+            return self._requested
         if current >= MAX_GENERATION:
             raise MptlsError("every key generation of the connection is used")
         return self._ask_keys(current + 1)
@@ -207,8 +208,11 @@ class RotationMixin(ConnectionState):
 
     def _on_matching_new_key(self, key_id: int, slot: KeySlot) -> None:
         if slot.active:
-            # the peer goes on sending: it did not hear ours
-            self._send_new_key(key_id)
+            # the peer goes on sending: it did not hear ours. Once: an
+            # active peer that heard it answers this one in turn
+            if not slot.answered:
+                slot.answered = True
+                self._send_new_key(key_id)
             return
         slot.confirmed = True
         if slot.sent:
@@ -221,8 +225,12 @@ class RotationMixin(ConnectionState):
 
         Only the slot of the next generation can hold what the peer
         starts; its tag is kept (the latest one) and checked when those
-        keys come. They are asked for once per generation at most, and
-        not before generation 0 was installed: TLS brings that one.
+        keys come. They are asked for unless they are already asked for
+        or pending, and not before generation 0 was installed (TLS
+        brings that one). The request either brings the generation in,
+        after which only the one after it can be asked for, or fails
+        after ``join_timeout``: whatever a forger sends, it costs one
+        exporter call per generation, or per ``join_timeout`` at most.
         """
         generation = self._next_generation()
         if key_id != generation & 1 or generation > MAX_GENERATION:
@@ -232,13 +240,8 @@ class RotationMixin(ConnectionState):
         first_not_yet = (
             self._generation is None and not self._first_keys_failed
         )
-        if (
-            first_not_yet
-            or self._requested is not None
-            or generation <= self._peer_asked
-        ):
+        if first_not_yet or self._requested is not None:
             return
-        self._peer_asked = generation
         self._ask_keys(generation)
 
     # activation and failure

@@ -1,11 +1,13 @@
 """The state every part of an MPTCP connection shares, sans I/O.
 
 :class:`ConnectionState` holds the fields of one connection (tokens,
-keys, IDSNs, subflows, buffers, events) and the small steps the
-handshake, the joins and the data path all use: building frames,
-choosing join keys, closing a subflow, finishing the connection. The
-parts live in :mod:`mptls.mptcp.handshake`, :mod:`mptls.mptcp.joins` and
-:mod:`mptls.mptcp.connection`, which puts them together.
+keys and mode E's key slots, IDSNs, subflows, buffers, events) and the
+small steps the handshake, the joins and the data path all use:
+building frames, choosing join keys, closing a subflow, finishing the
+connection. The parts live in :mod:`mptls.mptcp.handshake`,
+:mod:`mptls.mptcp.joins`, :mod:`mptls.mptcp.resets`,
+:mod:`mptls.mptcp.rotation` and :mod:`mptls.mptcp.connection`, which
+puts them together.
 
 It must never perform I/O, read a clock or draw randomness itself, and
 no key material may reach a log line, a repr, an event or an error.
@@ -17,18 +19,15 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from hmac import compare_digest
 
 from mptls.errors import MptlsError, PathsLostError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
-from mptls.mptcp.crypto import fastclose_tag, fastclose_value
 from mptls.mptcp.framing import MAX_OPTIONS_LENGTH, Flag, Payload, Segment
 from mptls.mptcp.options import (
     AddAddr,
     CapableFlag,
     Dss,
-    MpFastclose,
     MpTcpRst,
     NewKey,
     Option,
@@ -78,6 +77,9 @@ class KeySlot:
     confirmed: bool = False
     # ours is owed and no subflow could carry it yet
     send_due: bool = False
+    # once active, ours went out again for a peer's NEW_KEY: only once,
+    # as two active ends would otherwise answer each other forever
+    answered: bool = False
     retransmit_at: float | None = None
 
     @property
@@ -127,9 +129,6 @@ class ConnectionState:
         self._pending: int | None = None
         self._requested: int | None = None
         self._requested_until = 0.0
-        # the highest generation a peer's NEW_KEY made us ask for: one
-        # exporter call per generation at most, whatever it sends
-        self._peer_asked = -1
         # per K, the latest peer NEW_KEY tag that matched nothing yet
         self._peer_tags: list[bytes | None] = [None, None]
         self._first_keys_failed = False
@@ -294,47 +293,6 @@ class ConnectionState:
                 f"{self.config.join_timeout} s"
             )
         return "waiting for the TLS handshake to export keys"
-
-    def _fastclose_option(self) -> MpFastclose | None:
-        """The MP_FASTCLOSE to send, or None (a plain RST) before keys.
-
-        RFC 8684 section 3.5 sends the receiver's key, G mode a hash of
-        it (protocol.md section 11 item 11), mode E the fast-close tag
-        of the current keys with their K (draft-baerts-tcpm-mptcpext).
-        """
-        if self.mode is Mode.E:
-            key_id = self._current_key_id()
-            keys = self._active_keys(key_id)
-            if keys is None:
-                return None
-            local, remote = self._local_token, self._remote_token
-            tag = fastclose_tag(local or b"", remote or b"", keys)
-            return MpFastclose(key=tag, key_id=key_id)
-        pair = self._hmac_keys()
-        if pair is None:
-            return None
-        return MpFastclose(key=self._fastclose_value(pair[1]))
-
-    def _fastclose_valid(self, option: MpFastclose) -> bool:
-        """Whether a received MP_FASTCLOSE carries what ours would."""
-        if self.mode is Mode.E:
-            keys = self._active_keys(option.key_id)
-            if keys is None:
-                return False
-            # the sender's token first
-            local, remote = self._local_token, self._remote_token
-            expected = fastclose_tag(remote or b"", local or b"", keys)
-        else:
-            pair = self._hmac_keys()
-            if pair is None:
-                return False
-            expected = self._fastclose_value(pair[0])
-        return compare_digest(expected, option.key)
-
-    def _fastclose_value(self, key: bytes) -> bytes:
-        if self.mode is Mode.G:
-            return fastclose_value(key, self.config.idsn_rule)
-        return key
 
     # frames
 

@@ -51,6 +51,7 @@ __all__ = [
     "token_fields",
 ]
 
+# The default width, G mode's; a layout's own is TokenLayout.token_bits.
 TOKEN_LENGTH = 8
 TOKEN_BITS = 64
 MIN_SERIAL_BITS = 32

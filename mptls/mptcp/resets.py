@@ -1,0 +1,183 @@
+"""Resets and MP_FASTCLOSE of one connection, sans I/O.
+
+:class:`ResetsMixin` takes the peer's resets (a refused join, a reset
+handshake, MP_FASTCLOSE) and sends this end's: :meth:`abort` and the
+failure of an established connection. What MP_FASTCLOSE carries depends
+on the mode (RFC 8684 section 3.5, protocol.md section 11 item 11,
+draft-baerts-tcpm-mptcpext for mode E); before any key exists a plain
+RST is all an end can send.
+
+It must never perform I/O, read a clock or draw randomness itself, and
+no key or tag may reach a log line, an event or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from hmac import compare_digest
+
+from mptls.errors import JoinRefusedError, PeerResetError, ProtocolError
+from mptls.mptcp import events as ev
+from mptls.mptcp.config import Mode
+from mptls.mptcp.crypto import fastclose_tag, fastclose_value
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import MpFastclose, MpTcpRst, ResetReason
+from mptls.mptcp.scheduler import Subflow, SubflowState
+from mptls.mptcp.state import ConnectionState, options_of
+
+__all__ = ["ResetsMixin"]
+
+logger = logging.getLogger("mptls.mptcp")
+
+_S = SubflowState
+
+
+class ResetsMixin(ConnectionState):
+    """Resets and MP_FASTCLOSE, both ways."""
+
+    # in
+
+    def _on_reset(self, subflow: Subflow, segment: Segment) -> None:
+        options = options_of(segment)
+        fastclose = options.get(MpFastclose)
+        if isinstance(fastclose, MpFastclose) and self._fastclose_valid(
+            fastclose
+        ):
+            self._on_peer_fastclose(subflow, from_reset=True)
+            return
+        rst = options.get(MpTcpRst)
+        code = rst.reason if isinstance(rst, MpTcpRst) else None
+        if subflow.is_join and subflow.state in (
+            _S.SYN_SENT,
+            _S.PRE_ESTABLISHED,
+        ):
+            reason = f"peer reset the join (MP_TCPRST {code})"
+            self._events.append(ev.JoinRefused(subflow.subflow_id, reason))
+        if subflow.subflow_id == 0 and not self.handshake_complete:
+            subflow.set_state(_S.CLOSED)
+            self._finish(
+                PeerResetError(
+                    "peer reset the MPTCP handshake", reset_reason=code
+                )
+            )
+            return
+        was_join = subflow.is_join and subflow.state in (
+            _S.SYN_SENT,
+            _S.PRE_ESTABLISHED,
+        )
+        self._close_subflow(subflow, "reset by peer", code)
+        if was_join and code == ResetReason.MPTCP_ERROR:
+            self._join_refused_for_good()
+
+    def _join_refused_for_good(self) -> None:
+        """A join failed on its token or HMAC while no subflow is left.
+
+        MP_TCPRST 0x01 on a join means the peer does not know the token
+        or the keys disagree (RFC 8684 sections 3.2, 3.6); with no other
+        subflow no later join can do better, so waiting out
+        ``path_loss_timeout`` would only hide a tampered handshake or a
+        peer that has forgotten the connection.
+        """
+        if self._closed or self._live_count():
+            return
+        self._finish(
+            JoinRefusedError(
+                "every subflow is gone and the peer refused the join "
+                "(unknown token or keys that disagree)"
+            )
+        )
+
+    def _on_peer_fastclose(
+        self, subflow: Subflow, *, from_reset: bool
+    ) -> None:
+        # RFC 8684 section 3.5: reset every subflow, the connection is gone
+        for other in self._subflows.values():
+            if other.live and (other is not subflow or not from_reset):
+                other.outbox.append(self._reset_segment(None))
+            if other.live:
+                other.set_state(_S.CLOSED)
+        unacknowledged = self._send.size
+        message = "peer closed the connection with MP_FASTCLOSE"
+        if unacknowledged:
+            message += (
+                f", {unacknowledged} bytes of ours not acknowledged: they "
+                "may be lost"
+            )
+        self._finish(PeerResetError(message, unacknowledged=unacknowledged))
+
+    # out
+
+    def abort(self) -> None:
+        """RST + MP_FASTCLOSE on every subflow (RFC 8684 section 3.5)."""
+        if self._closed:
+            return
+        fastclose = self._fastclose_option()
+        options = () if fastclose is None else (fastclose,)
+        for subflow in self._subflows.values():
+            if subflow.live:
+                subflow.outbox.append(Segment(flags=Flag.RST, options=options))
+                subflow.set_state(_S.CLOSED)
+        self._finish(None)
+
+    def _fail_established(self, error: ProtocolError) -> None:
+        """Fail a connection whose peer may hold keys and wait for joins.
+
+        MP_FASTCLOSE next to the MP_TCPRST tells the peer the whole
+        connection is gone (RFC 8684 section 3.5), so that it does not
+        keep it for ``path_loss_timeout``.
+        """
+        logger.info("[%s] connection failed: %s", self._tag(), error)
+        fastclose = self._fastclose_option()
+        options: list[MpTcpRst | MpFastclose] = []
+        if error.reset_reason is not None:
+            options.append(MpTcpRst(reason=error.reset_reason))
+        if fastclose is not None:
+            options.append(fastclose)
+        for subflow in self._subflows.values():
+            if subflow.live:
+                subflow.outbox.append(
+                    Segment(flags=Flag.RST, options=tuple(options))
+                )
+                subflow.set_state(_S.CLOSED)
+        self._finish(error)
+
+    def _fastclose_option(self) -> MpFastclose | None:
+        """The MP_FASTCLOSE to send, or None (a plain RST) before keys.
+
+        RFC 8684 section 3.5 sends the receiver's key, G mode a hash of
+        it (protocol.md section 11 item 11), mode E the fast-close tag
+        of the current keys with their K (draft-baerts-tcpm-mptcpext).
+        """
+        if self.mode is Mode.E:
+            key_id = self._current_key_id()
+            keys = self._active_keys(key_id)
+            if keys is None:
+                return None
+            local, remote = self._local_token, self._remote_token
+            tag = fastclose_tag(local or b"", remote or b"", keys)
+            return MpFastclose(key=tag, key_id=key_id)
+        pair = self._hmac_keys()
+        if pair is None:
+            return None
+        return MpFastclose(key=self._fastclose_value(pair[1]))
+
+    def _fastclose_valid(self, option: MpFastclose) -> bool:
+        """Whether a received MP_FASTCLOSE carries what ours would."""
+        if self.mode is Mode.E:
+            keys = self._active_keys(option.key_id)
+            if keys is None:
+                return False
+            # the sender's token first
+            local, remote = self._local_token, self._remote_token
+            expected = fastclose_tag(remote or b"", local or b"", keys)
+        else:
+            pair = self._hmac_keys()
+            if pair is None:
+                return False
+            expected = self._fastclose_value(pair[0])
+        return compare_digest(expected, option.key)
+
+    def _fastclose_value(self, key: bytes) -> bytes:
+        if self.mode is Mode.G:
+            return fastclose_value(key, self.config.idsn_rule)
+        return key

@@ -1,0 +1,976 @@
+"""Mode E in the sans-I/O core: 32-bit tokens, NEW_KEY and key rotation.
+
+Two cores wired in memory (tests/memnet.py), every segment through the
+real codec. Covered: the E handshake and mode preference, the endpoint's
+32-bit tokens, generation 0's confirmation by NEW_KEY (retransmission,
+timeout, recovery), rotations started by either end or both, forged
+NEW_KEYs, generations 0 -> 1 -> 2, joins, ADD_ADDR and MP_FASTCLOSE
+keyed by the slot their K names, the rotation interval, and secrets
+kept out of reprs, events and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Address
+
+import pytest
+from memnet import (
+    E_LAYOUT,
+    KEYS,
+    Link,
+    MemNet,
+    established,
+    generation_keys,
+    has_data,
+    join,
+)
+
+from mptls.errors import (
+    ConfigurationError,
+    KeysUnavailableError,
+    PeerResetError,
+)
+from mptls.mptcp import events as ev
+from mptls.mptcp.config import ConnectionConfig, Mode
+from mptls.mptcp.connection import Connection
+from mptls.mptcp.crypto import (
+    add_addr_hmac,
+    fastclose_tag,
+    idsn_from_token,
+    join_hmac,
+    new_key_tag,
+)
+from mptls.mptcp.endpoint import Accepted, Endpoint, Refused
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import (
+    AddAddr,
+    CapableFlag,
+    Dss,
+    MpCapable,
+    MpFastclose,
+    MpJoinAck,
+    MpJoinSyn,
+    MpJoinSynAck,
+    MpTcpRst,
+    NewKey,
+    ResetReason,
+    encode_option,
+)
+from mptls.mptcp.tokens import TokenAllocator
+from mptls.tls.keys import KeyMaterial
+
+E_CLIENT = ConnectionConfig(mode=Mode.E)
+E_SERVER = ConnectionConfig(accept_modes=frozenset({Mode.G, Mode.E}))
+WAITING = "waiting for the peer to confirm the keys (NEW_KEY)"
+
+
+def e_net(
+    client: ConnectionConfig = E_CLIENT,
+    server: ConnectionConfig = E_SERVER,
+    **kwargs: object,
+) -> MemNet:
+    return MemNet(client, server, **kwargs)  # type: ignore[arg-type]
+
+
+def server_of(net: MemNet) -> Connection:
+    assert net.server is not None
+    return net.server
+
+
+def active(net: MemNet, generation: int) -> bool:
+    server = net.server
+    return (
+        net.client.key_generation == generation
+        and server is not None
+        and server.key_generation == generation
+    )
+
+
+def confirmed(net: MemNet, generation: int = 0) -> MemNet:
+    """Run until both ends have ``generation`` active."""
+    assert net.run(lambda: active(net, generation))
+    return net
+
+
+def settle(net: MemNet) -> None:
+    """Deliver everything under way now, without moving the clock."""
+    net.run(lambda: True)
+
+
+def run_for(net: MemNet, seconds: float) -> None:
+    """Run what falls due in the next ``seconds``, and no later."""
+    end = net.now + seconds
+    net.run(lambda: net.now >= end, max_time=end)
+
+
+def option_of(segment: Segment, kind: type) -> object | None:
+    return next((o for o in segment.options if isinstance(o, kind)), None)
+
+
+def new_keys(segments: list[Segment]) -> list[NewKey]:
+    return [o for s in segments for o in s.options if isinstance(o, NewKey)]
+
+
+def tokens(net: MemNet) -> tuple[bytes, bytes]:
+    token_a, token_b = net.client.local_token, server_of(net).local_token
+    assert token_a is not None and token_b is not None
+    return token_a, token_b
+
+
+def status_of(connection: Connection, subflow_id: int) -> str:
+    return next(
+        s.state
+        for s in connection.info().subflows
+        if s.subflow_id == subflow_id
+    )
+
+
+def count(side_events: list[ev.Event], event: ev.Event) -> int:
+    return sum(1 for e in side_events if e == event)
+
+
+# the handshake
+
+
+def test_e_handshake_uses_4_byte_tokens_and_their_idsns() -> None:
+    net = established(e_net())
+    up, down = net.link(0).to_server.sent, net.link(0).to_client.sent
+    syn = option_of(up[0], MpCapable)
+    assert syn == MpCapable(flags=CapableFlag.E)
+    syn_ack = option_of(down[0], MpCapable)
+    assert isinstance(syn_ack, MpCapable)
+    assert syn_ack.flags == CapableFlag.E
+    token_a, token_b = tokens(net)
+    assert len(token_a) == len(token_b) == 4
+    assert syn_ack.sender_key == token_b
+    assert len(encode_option(syn_ack)) == 8
+    third = option_of(up[1], MpCapable)
+    assert isinstance(third, MpCapable)
+    assert (third.sender_key, third.receiver_key) == (token_a, token_b)
+    assert len(encode_option(third)) == 12
+
+    done = net.client_side.of_type(ev.HandshakeComplete)
+    assert done == [ev.HandshakeComplete(Mode.E, token_a, token_b)]
+    net.client.send(b"x" * 10)
+    assert net.run(has_data(net.server_side, 15))
+    mapped = [s for s in net.link(0).to_server.sent if option_of(s, Dss)]
+    dss = option_of(mapped[-1], Dss)
+    assert isinstance(dss, Dss)
+    # "hello" took offsets 0-4 implicitly
+    assert dss.dsn == (idsn_from_token(token_a) + 1 + 5) % 2**64
+
+
+def test_e_initiator_offers_h_only_with_the_legacy_fallback() -> None:
+    config = ConnectionConfig(mode=Mode.E, allow_legacy_fallback=True)
+    net = established(e_net(config))
+    offer = option_of(net.link(0).to_server.sent[0], MpCapable)
+    assert offer == MpCapable(flags=CapableFlag.E | CapableFlag.H)
+    assert net.client.mode is Mode.E
+
+
+@pytest.mark.parametrize(
+    ("accepted", "offered", "chosen"),
+    [
+        ({Mode.G, Mode.E, Mode.RFC8684}, "GEH", Mode.G),
+        ({Mode.E, Mode.RFC8684}, "GEH", Mode.E),
+        ({Mode.G, Mode.E}, "EH", Mode.E),
+        ({Mode.RFC8684}, "EH", Mode.RFC8684),
+        ({Mode.E, Mode.RFC8684}, "H", Mode.RFC8684),
+    ],
+)
+def test_responder_prefers_g_then_e_then_h(
+    accepted: set[Mode], offered: str, chosen: Mode
+) -> None:
+    flags = CapableFlag(0)
+    for name in offered:
+        flags |= CapableFlag[name]
+    config = ConnectionConfig(accept_modes=frozenset(accepted))
+    endpoint = Endpoint(config, tokens=TokenAllocator(bytes(32)), random=bytes)
+    syn = Segment(Flag.SYN, (MpCapable(flags=flags),))
+    result = endpoint.receive_first(syn, 0.0)
+    assert isinstance(result, Accepted)
+    assert result.connection.mode is chosen
+    token = result.connection.local_token
+    assert token is not None
+    assert len(token) == {Mode.G: 8, Mode.E: 4, Mode.RFC8684: 4}[chosen]
+
+
+def test_e_is_not_chosen_unless_accepted() -> None:
+    endpoint = Endpoint(
+        ConnectionConfig(), tokens=TokenAllocator(bytes(32)), random=bytes
+    )
+    syn = Segment(Flag.SYN, (MpCapable(flags=CapableFlag.E),))
+    result = endpoint.receive_first(syn, 0.0)
+    assert isinstance(result, Refused)
+    assert "no offered MPTCP mode" in result.reason
+
+
+class ScriptedTokens(TokenAllocator):
+    """A 32-bit allocator whose first tokens the test chooses."""
+
+    def __init__(self, first: list[bytes]) -> None:
+        super().__init__(bytes(range(32)), layout=E_LAYOUT)
+        self.first = first
+        self.released: list[bytes] = []
+
+    def allocate(self) -> bytes:
+        return self.first.pop(0) if self.first else super().allocate()
+
+    def release(self, token: bytes) -> None:
+        self.released.append(token)
+
+
+def test_endpoint_skips_an_e_token_an_rfc8684_connection_holds() -> None:
+    config = ConnectionConfig(accept_modes=frozenset({Mode.E, Mode.RFC8684}))
+    scripted = ScriptedTokens([])
+    endpoint = Endpoint(
+        config,
+        tokens=TokenAllocator(bytes(32)),
+        random=lambda n: bytes(range(n)),
+        e_tokens=scripted,
+    )
+    h_syn = Segment(Flag.SYN, (MpCapable(flags=CapableFlag.H),))
+    held = endpoint.receive_first(h_syn, 0.0)
+    assert isinstance(held, Accepted)
+    taken = held.connection.local_token
+    assert taken is not None and len(taken) == 4
+
+    scripted.first = [taken, b"\x00\x00\x00\x07"]
+    e_syn = Segment(Flag.SYN, (MpCapable(flags=CapableFlag.E),))
+    result = endpoint.receive_first(e_syn, 0.0)
+    assert isinstance(result, Accepted)
+    assert result.connection.local_token == b"\x00\x00\x00\x07"
+    # the skipped token is released for good, the holder keeps its own
+    assert scripted.released == [taken]
+    assert len(endpoint) == 2
+    endpoint.remove(result.connection)
+    assert scripted.released == [taken, b"\x00\x00\x00\x07"]
+
+
+def test_endpoint_makes_its_own_32_bit_allocator() -> None:
+    net = established(e_net())
+    assert net.server_tokens.live == 0
+    token = server_of(net).local_token
+    assert token is not None and len(token) == 4
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        # ids in the 64-bit tokens of a server that also accepts E
+        lambda: Endpoint(
+            E_SERVER,
+            tokens=TokenAllocator(bytes(32), server_id=3),
+            random=bytes,
+        ),
+        # an E allocator that hands out 8-byte tokens
+        lambda: Endpoint(
+            E_SERVER,
+            tokens=TokenAllocator(bytes(32)),
+            random=bytes,
+            e_tokens=TokenAllocator(bytes(32)),
+        ),
+        # an E initiator given 8-byte tokens
+        lambda: Connection.initiator(
+            E_CLIENT,
+            tokens=TokenAllocator(bytes(32)),
+            random=bytes,
+            now=0.0,
+        ),
+    ],
+)
+def test_e_refuses_tokens_that_do_not_fit(build: object) -> None:
+    with pytest.raises(ConfigurationError):
+        build()  # type: ignore[operator]
+
+
+# generation 0: confirmed by NEW_KEY both ways
+
+
+def test_generation_0_waits_for_both_new_keys() -> None:
+    net = e_net()
+    seen: list[tuple[bool, str]] = []
+
+    def on_event(connection: Connection, event: ev.Event) -> None:
+        if isinstance(event, ev.HandshakeComplete):
+            info = connection.info()
+            seen.append((connection.joins_allowed, info.keys_reason))
+
+    net.on_event = on_event
+    established(net)
+    # right after the handshake: no key, joins off, and why
+    assert seen[0] == (False, "waiting for the TLS handshake to export keys")
+    confirmed(net)
+
+    token_a, token_b = tokens(net)
+    up = new_keys(net.link(0).to_server.sent)
+    down = new_keys(net.link(0).to_client.sent)
+    assert up == [NewKey(0, new_key_tag(token_a, token_b, KEYS))]
+    assert down == [NewKey(0, new_key_tag(token_b, token_a, KEYS))]
+    for side in (net.client_side, net.server_side):
+        assert side.of_type(ev.KeysActivated) == [
+            ev.KeysActivated(0, KEYS.fingerprint())
+        ]
+        assert side.of_type(ev.KeysRequested) == []
+    for connection in (net.client, server_of(net)):
+        info = connection.info()
+        assert info.key_generation == 0 and connection.key_generation == 0
+        assert info.keys_installed and info.keys_reason == ""
+        assert info.key_fingerprint == KEYS.fingerprint()
+        assert connection.joins_allowed
+
+
+def test_pending_keys_allow_no_join_and_say_why() -> None:
+    net = e_net(server_keys_at=5.0)
+    established(net)
+    run_for(net, 1.0)
+    assert net.client.info().keys_reason == WAITING
+    assert not net.client.info().keys_installed
+    assert net.client.key_generation is None
+    assert not net.client.joins_allowed
+    with pytest.raises(KeysUnavailableError, match="NEW_KEY"):
+        net.client.open_subflow(net.now)
+    with pytest.raises(KeysUnavailableError, match="NEW_KEY"):
+        net.client.request_rotation()
+
+
+def test_new_key_is_retransmitted_with_backoff_until_confirmed() -> None:
+    net = e_net(server_keys_at=2.0)
+    established(net)
+    installed_at = net.now
+    confirmed(net)
+    pipe = net.link(0).to_server
+    times = [
+        t - installed_at
+        for s, t in zip(pipe.sent, pipe.sent_at, strict=True)
+        if option_of(s, NewKey)
+    ]
+    # join_rto 0.2, doubling: 0, 0.2, 0.6, 1.4 (the server's keys at 2.0)
+    assert times == pytest.approx([0.0, 0.2, 0.6, 1.4], abs=0.05)
+    # the server found the client's NEW_KEY on installing: active at once
+    server_active = net.server_side.of_type(ev.KeysActivated)
+    assert server_active == [ev.KeysActivated(0, KEYS.fingerprint())]
+    # nothing more once both agree
+    net.run(lambda: net.now >= 20.0)
+    assert len(new_keys(pipe.sent)) == 4
+    assert len(new_keys(net.link(0).to_client.sent)) == 1
+
+
+def test_unconfirmed_generation_0_fails_and_joins_stay_off() -> None:
+    net = e_net(server_keys_at=60.0)
+    established(net)
+    start = net.now
+    assert net.run(lambda: net.client_side.of_type(ev.KeyRotationFailed))
+    (failed,) = net.client_side.of_type(ev.KeyRotationFailed)
+    assert failed.generation == 0
+    assert "NEW_KEY" in failed.reason and "10.0 s" in failed.reason
+    assert net.now - start == pytest.approx(10.0, abs=0.05)
+    assert not net.client.joins_allowed
+    assert net.client.info().keys_reason == (
+        "the peer did not confirm the keys (NEW_KEY) within 10.0 s"
+    )
+    assert net.client.info().key_generation is None
+    # no more NEW_KEY from the client after it gave up
+    sent = len(new_keys(net.link(0).to_server.sent))
+    run_for(net, 30.0)
+    assert len(new_keys(net.link(0).to_server.sent)) == sent
+
+
+def test_a_late_peer_brings_generation_0_back() -> None:
+    # the client gave generation 0 up; the server's NEW_KEY, much later,
+    # makes it ask for generation 0 once and confirm at once
+    net = e_net(server_keys_at=60.0)
+    established(net)
+    confirmed(net)
+    assert net.now >= 60.0
+    assert net.client_side.of_type(ev.KeysRequested) == [ev.KeysRequested(0)]
+    assert net.client_side.of_type(ev.KeysActivated) == [
+        ev.KeysActivated(0, KEYS.fingerprint())
+    ]
+    assert net.client.joins_allowed
+
+
+def test_install_keys_takes_only_the_next_generation() -> None:
+    net = confirmed(established(e_net()))
+    client = net.client
+    assert not client.install_keys(KEYS)
+    assert not client.install_keys(generation_keys(2))
+    assert client.install_keys(generation_keys(1))
+    # one rotation at a time
+    assert not client.install_keys(generation_keys(1))
+    assert not client.install_keys(generation_keys(2))
+    confirmed(net, 1)
+
+
+def test_install_keys_before_the_handshake_is_refused() -> None:
+    net = e_net()
+    assert not net.client.install_keys(KEYS)
+
+
+# rotations
+
+
+def test_request_rotation_is_for_mode_e_with_active_keys() -> None:
+    g_net = established(MemNet())
+    with pytest.raises(ConfigurationError, match="mode E"):
+        g_net.client.request_rotation()
+    net = e_net()
+    with pytest.raises(KeysUnavailableError):
+        net.client.request_rotation()
+
+
+def test_rotation_started_by_the_client() -> None:
+    net = confirmed(established(e_net()))
+    assert net.client.request_rotation() == 1
+    # asked again while under way: the same one, and no second request
+    assert net.client.request_rotation() == 1
+    confirmed(net, 1)
+    assert net.client.request_rotation() == 2
+    confirmed(net, 2)
+    keys_1 = generation_keys(1)
+    token_a, token_b = tokens(net)
+    client_up = new_keys(net.link(0).to_server.sent)
+    assert NewKey(1, new_key_tag(token_a, token_b, keys_1)) in client_up
+    assert net.client_side.of_type(ev.KeysRequested) == [
+        ev.KeysRequested(1),
+        ev.KeysRequested(2),
+    ]
+    # the server learnt of each rotation from the client's NEW_KEY
+    assert net.server_side.of_type(ev.KeysRequested) == [
+        ev.KeysRequested(1),
+        ev.KeysRequested(2),
+    ]
+    assert [
+        e.generation for e in net.server_side.of_type(ev.KeysActivated)
+    ] == [
+        0,
+        1,
+        2,
+    ]
+
+
+def test_the_peer_that_follows_activates_at_once_and_sends_once() -> None:
+    net = confirmed(established(e_net()))
+    server = server_of(net)
+    assert server.request_rotation() == 1
+    confirmed(net, 1)
+    # the client's one NEW_KEY for K=1 both confirmed the server's and
+    # made its own key active: no retransmission was needed
+    client_k1 = [o for o in new_keys(net.link(0).to_server.sent) if o.key_id]
+    assert len(client_k1) == 1
+    server_k1 = [o for o in new_keys(net.link(0).to_client.sent) if o.key_id]
+    assert len(server_k1) == 1
+    assert count(net.client_side.events, ev.KeysRequested(1)) == 1
+
+
+def test_simultaneous_rotations_from_both_ends() -> None:
+    net = confirmed(established(e_net()))
+    assert net.client.request_rotation() == 1
+    assert server_of(net).request_rotation() == 1
+    confirmed(net, 1)
+    for side in (net.client_side, net.server_side):
+        assert count(side.events, ev.KeysRequested(1)) == 1
+        assert side.of_type(ev.KeyRotationFailed) == []
+    fingerprint = generation_keys(1).fingerprint()
+    assert net.client.info().key_fingerprint == fingerprint
+    assert server_of(net).info().key_fingerprint == fingerprint
+
+
+def test_generation_2_reuses_the_slot_of_generation_0() -> None:
+    net = confirmed(established(e_net()))
+    for generation in (1, 2):
+        net.client.request_rotation()
+        confirmed(net, generation)
+    down = new_keys(net.link(0).to_client.sent)
+    token_a, token_b = tokens(net)
+    assert [o.key_id for o in down] == [0, 1, 0]
+    assert down[2].tag == new_key_tag(token_b, token_a, generation_keys(2))
+    sid = join(net)
+    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
+    assert isinstance(syn, MpJoinSyn) and syn.key_id == 0
+
+
+def test_a_rotation_the_peer_never_confirms_fails_and_keeps_the_keys() -> None:
+    net = confirmed(established(e_net()))
+    net.derive = None  # neither end's TLS answers KeysRequested
+    net.client.install_keys(generation_keys(1))
+    start = net.now
+    assert net.run(lambda: net.client_side.of_type(ev.KeyRotationFailed))
+    (failed,) = net.client_side.of_type(ev.KeyRotationFailed)
+    assert failed.generation == 1 and "NEW_KEY" in failed.reason
+    assert net.now - start == pytest.approx(10.0, abs=0.05)
+    assert net.client.key_generation == 0
+    assert net.client.info().key_fingerprint == KEYS.fingerprint()
+    # the server's request failed the same way: the keys never came
+    assert net.run(lambda: net.server_side.of_type(ev.KeyRotationFailed))
+    (server_failed,) = net.server_side.of_type(ev.KeyRotationFailed)
+    assert server_failed.generation == 1
+    assert "not installed" in server_failed.reason
+    # joins go on with generation 0, and a new rotation can follow
+    sid = join(net)
+    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
+    assert isinstance(syn, MpJoinSyn) and syn.key_id == 0
+    net.derive = generation_keys
+    assert net.client.request_rotation() == 1
+    confirmed(net, 1)
+
+
+def test_keys_never_installed_fail_the_request() -> None:
+    net = confirmed(established(e_net()))
+    net.derive = None
+    assert net.client.request_rotation() == 1
+    assert net.run(lambda: net.client_side.of_type(ev.KeyRotationFailed))
+    (failed,) = net.client_side.of_type(ev.KeyRotationFailed)
+    assert failed == ev.KeyRotationFailed(
+        1, "the keys of generation 1 were not installed within 10.0 s"
+    )
+    # a new request asks again
+    assert net.client.request_rotation() == 1
+    settle(net)
+    assert count(net.client_side.events, ev.KeysRequested(1)) == 2
+
+
+# NEW_KEYs that match nothing
+
+
+def forged(key_id: int, tag: bytes = b"\x5a" * 8) -> Segment:
+    return Segment(Flag.ACK, (NewKey(key_id=key_id, tag=tag),))
+
+
+def test_forged_new_keys_cost_one_request_per_generation() -> None:
+    net = confirmed(established(e_net()))
+    net.derive = None
+    for _ in range(5):
+        net.inject(0, forged(1))
+    run_for(net, 1.0)
+    assert net.client_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
+    assert net.client.key_generation == 0
+    # the keys come: the remembered tag does not match, so the rotation
+    # waits for the real peer as if the client had started it
+    assert net.client.install_keys(generation_keys(1))
+    assert net.client.key_generation == 0
+    net.derive = generation_keys
+    confirmed(net, 1)
+    # more forgeries for the same generation ask for nothing more
+    net.inject(0, forged(0))
+    net.inject(0, forged(1))
+    settle(net)
+    assert count(net.client_side.events, ev.KeysRequested(1)) == 1
+
+
+def test_a_forged_new_key_for_the_current_slot_is_ignored() -> None:
+    net = confirmed(established(e_net()))
+    net.inject(0, forged(0))
+    net.inject(0, forged(0, new_key_tag(b"\0" * 4, b"\0" * 4, KEYS)))
+    run_for(net, 1.0)
+    assert net.client_side.of_type(ev.KeysRequested) == []
+    assert net.client.key_generation == 0
+
+
+def test_a_forged_tag_does_not_confirm_a_pending_key() -> None:
+    net = confirmed(established(e_net()))
+    net.derive = None
+    assert net.client.request_rotation() == 1
+    assert net.client.install_keys(generation_keys(1))
+    net.inject(0, forged(1))
+    run_for(net, 0.5)
+    assert net.client.key_generation == 0
+    server = server_of(net)
+    # the server asked once (the client's NEW_KEY) and now gets them
+    assert net.server_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
+    assert server.install_keys(generation_keys(1))
+    # the server had the client's NEW_KEY: active at once
+    assert server.key_generation == 1
+    confirmed(net, 1)
+
+
+def test_a_new_key_before_generation_0_is_checked_on_install() -> None:
+    # the server's keys come late; its NEW_KEY reaches a client whose
+    # TLS is later still
+    net = e_net(keys=None)
+    established(net)
+    server = server_of(net)
+    assert server.install_keys(KEYS)
+    run_for(net, 0.5)
+    assert net.client_side.of_type(ev.KeysRequested) == []
+    assert net.client.install_keys(KEYS)
+    # the server's NEW_KEY was remembered: active at once
+    assert net.client.key_generation == 0
+    confirmed(net)
+
+
+def test_a_matching_new_key_for_the_active_key_is_answered_once() -> None:
+    net = confirmed(established(e_net()))
+    token_a, token_b = tokens(net)
+    client_before = len(new_keys(net.link(0).to_server.sent))
+    # the server's NEW_KEY again, as if the client's had been lost
+    net.inject(0, forged(0, new_key_tag(token_b, token_a, KEYS)))
+    settle(net)
+    up = new_keys(net.link(0).to_server.sent)
+    assert len(up) == client_before + 1
+    assert up[-1] == NewKey(0, new_key_tag(token_a, token_b, KEYS))
+    assert net.client_side.of_type(ev.KeysRequested) == []
+
+
+# joins, ADD_ADDR and MP_FASTCLOSE under E
+
+
+def raw_join(net: MemNet, key_id: int, nonce: int = 0x01020304) -> Link:
+    raw = net.open_raw()
+    _, token_b = tokens(net)
+    syn = MpJoinSyn(token_b, nonce, 0, key_id=key_id)
+    net.raw_send(raw, Segment(Flag.SYN, (syn,)))
+    return raw
+
+
+def finish_raw_join(
+    net: MemNet, raw: Link, keys: KeyMaterial, nonce: int = 0x01020304
+) -> Segment:
+    """Check the SYN|ACK against ``keys``, answer with their HMAC-A."""
+    reply = option_of(raw.inbox[0], MpJoinSynAck)
+    assert isinstance(reply, MpJoinSynAck)
+    mac = join_hmac(keys.key_a, keys.key_b, nonce, reply.nonce)[:20]
+    net.raw_send(raw, Segment(Flag.ACK, (MpJoinAck(mac),)))
+    net.run(lambda: len(raw.inbox) > 1)
+    return raw.inbox[-1]
+
+
+def syn_ack_matches(
+    raw: Link, keys: KeyMaterial, key_id: int, nonce: int = 0x01020304
+) -> bool:
+    reply = option_of(raw.inbox[0], MpJoinSynAck)
+    assert isinstance(reply, MpJoinSynAck)
+    expected = join_hmac(keys.key_b, keys.key_a, reply.nonce, nonce)[:8]
+    return reply.key_id == key_id and reply.hmac == expected
+
+
+def test_joins_use_the_current_key_and_its_k() -> None:
+    net = confirmed(established(e_net()))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    sid = join(net)
+    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
+    syn_ack = option_of(net.link(sid).to_client.sent[0], MpJoinSynAck)
+    assert isinstance(syn, MpJoinSyn) and isinstance(syn_ack, MpJoinSynAck)
+    assert syn.key_id == syn_ack.key_id == 1
+    keys = generation_keys(1)
+    expected = join_hmac(keys.key_b, keys.key_a, syn_ack.nonce, syn.nonce)
+    assert syn_ack.hmac == expected[:8]
+    net.client.send(b"over the new path")
+    assert net.run(has_data(net.server_side, 22))
+
+
+def test_a_join_naming_an_empty_slot_waits_for_it() -> None:
+    net = confirmed(established(e_net()))
+    raw = raw_join(net, key_id=1)
+    run_for(net, 0.5)
+    assert raw.inbox == []
+    held = [s.state for s in server_of(net).info().subflows]
+    assert "WAITING_KEYS" in held
+    net.client.request_rotation()
+    confirmed(net, 1)
+    net.run(lambda: raw.inbox != [])
+    assert syn_ack_matches(raw, generation_keys(1), key_id=1)
+    last = finish_raw_join(net, raw, generation_keys(1))
+    assert last.flags == Flag.ACK
+    assert len(net.server_side.of_type(ev.SubflowEstablished)) == 1
+
+
+def test_a_join_naming_a_pending_slot_waits_then_times_out() -> None:
+    net = confirmed(established(e_net()))
+    net.derive = None
+    server = server_of(net)
+    assert server.install_keys(generation_keys(1))
+    raw = raw_join(net, key_id=1)
+    # never confirmed: the join is dropped with its rotation's clock
+    net.run(lambda: net.now >= 12.0)
+    assert all(s.flags & Flag.RST for s in raw.inbox)
+    assert server.key_generation == 0
+    closed = net.server_side.of_type(ev.SubflowClosed)
+    assert [c.reason for c in closed] == ["join timed out"]
+
+
+def test_the_previous_generation_verifies_until_replaced() -> None:
+    net = confirmed(established(e_net()))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    # K=0 still names generation 0
+    raw = raw_join(net, key_id=0)
+    net.run(lambda: raw.inbox != [])
+    assert syn_ack_matches(raw, KEYS, key_id=0)
+    assert finish_raw_join(net, raw, KEYS).flags == Flag.ACK
+    # generation 2 replaces it: a join keyed by generation 0 now fails
+    net.client.request_rotation()
+    confirmed(net, 2)
+    raw = raw_join(net, key_id=0, nonce=7)
+    net.run(lambda: raw.inbox != [])
+    assert syn_ack_matches(raw, generation_keys(2), key_id=0, nonce=7)
+    last = finish_raw_join(net, raw, KEYS, nonce=7)
+    assert last.flags == Flag.RST
+    assert option_of(last, MpTcpRst) == MpTcpRst(ResetReason.MPTCP_ERROR)
+
+
+def test_a_join_keyed_with_the_wrong_generation_fails_its_hmac() -> None:
+    net = confirmed(established(e_net()))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    raw = raw_join(net, key_id=1)
+    net.run(lambda: raw.inbox != [])
+    last = finish_raw_join(net, raw, KEYS)
+    assert last.flags == Flag.RST
+    assert option_of(last, MpTcpRst) == MpTcpRst(ResetReason.MPTCP_ERROR)
+    net.client.send(b"still fine")
+    assert net.run(has_data(net.server_side, 15))
+
+
+def test_a_join_under_way_keeps_its_generation_across_a_rotation() -> None:
+    net = confirmed(established(e_net()))
+    sid = net.open_subflow(delay=0.5)
+    net.client.request_rotation()
+    confirmed(net, 1)
+    assert net.run(
+        lambda: ev.SubflowEstablished(sid) in net.client_side.events
+    )
+    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
+    assert isinstance(syn, MpJoinSyn) and syn.key_id == 0
+
+
+def test_add_addr_carries_the_current_k() -> None:
+    net = confirmed(established(e_net()))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    address = IPv4Address("192.0.2.7")
+    server_of(net).announce(5, address, 4433)
+    assert net.run(lambda: net.client_side.of_type(ev.AddressAnnounced))
+    sent = [
+        o
+        for s in net.link(0).to_client.sent
+        for o in s.options
+        if isinstance(o, AddAddr)
+    ]
+    keys = generation_keys(1)
+    mac = add_addr_hmac(keys.key_b, keys.key_a, 5, address, 4433)
+    assert sent == [AddAddr(5, address, 4433, hmac=mac, key_id=1)]
+
+
+def test_add_addr_is_checked_with_the_slot_its_k_names() -> None:
+    net = confirmed(established(e_net()))
+    address = IPv4Address("198.51.100.9")
+    keys_1 = generation_keys(1)
+    # good HMAC under generation 1, which the client does not have yet
+    early = add_addr_hmac(keys_1.key_b, keys_1.key_a, 3, address, None)
+    net.inject(
+        0, Segment(Flag.ACK, (AddAddr(3, address, hmac=early, key_id=1),))
+    )
+    run_for(net, 0.5)
+    assert net.client_side.of_type(ev.AddressAnnounced) == []
+    net.client.request_rotation()
+    confirmed(net, 1)
+    # generation 0's K still verifies after the rotation
+    old = add_addr_hmac(KEYS.key_b, KEYS.key_a, 4, address, None)
+    net.inject(
+        0, Segment(Flag.ACK, (AddAddr(4, address, hmac=old, key_id=0),))
+    )
+    # and K=1 with generation 0's HMAC is a bad HMAC
+    net.inject(
+        0, Segment(Flag.ACK, (AddAddr(6, address, hmac=old, key_id=1),))
+    )
+    settle(net)
+    assert net.client_side.of_type(ev.AddressAnnounced) == [
+        ev.AddressAnnounced(4, address, None)
+    ]
+
+
+def test_fastclose_carries_the_e_tag_of_the_current_key() -> None:
+    net = confirmed(established(e_net()))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    net.client.abort()
+    net.run()
+    resets = [s for s in net.link(0).to_server.sent if s.flags & Flag.RST]
+    token_a, token_b = tokens(net)
+    keys = generation_keys(1)
+    assert option_of(resets[0], MpFastclose) == MpFastclose(
+        key=fastclose_tag(token_a, token_b, keys), key_id=1
+    )
+    closed = net.server_side.closed
+    assert closed is not None and isinstance(closed.error, PeerResetError)
+
+
+def test_fastclose_before_any_active_key_is_a_plain_reset() -> None:
+    net = e_net(server_keys_at=60.0)
+    established(net)
+    net.client.abort()
+    net.run()
+    resets = [s for s in net.link(0).to_server.sent if s.flags & Flag.RST]
+    assert resets and option_of(resets[0], MpFastclose) is None
+
+
+def test_a_new_key_tag_is_no_fastclose() -> None:
+    net = confirmed(established(e_net()))
+    token_a, token_b = tokens(net)
+    # what the client's NEW_KEY showed, tried as its MP_FASTCLOSE
+    seen = new_key_tag(token_a, token_b, KEYS)
+    for key_id in (0, 1):
+        option = MpFastclose(key=seen, key_id=key_id)
+        net.inject_to_server(0, Segment(Flag.ACK, (option,)))
+    settle(net)
+    assert net.server_side.closed is None
+    good = MpFastclose(key=fastclose_tag(token_a, token_b, KEYS), key_id=0)
+    net.inject_to_server(0, Segment(Flag.ACK, (good,)))
+    assert net.run(lambda: net.server_side.closed is not None)
+
+
+# the rotation interval
+
+
+def test_key_rotation_interval_rotates_after_each_activation() -> None:
+    config = ConnectionConfig(mode=Mode.E, key_rotation_interval=5.0)
+    net = established(e_net(config))
+    confirmed(net)
+    times = {}
+
+    def on_event(connection: Connection, event: ev.Event) -> None:
+        if connection is net.client and isinstance(event, ev.KeysActivated):
+            times[event.generation] = net.now
+
+    net.on_event = on_event
+    start = net.now
+    confirmed(net, 3)
+    assert times[1] - start == pytest.approx(5.0, abs=0.05)
+    assert times[2] - times[1] == pytest.approx(5.0, abs=0.05)
+    assert times[3] - times[2] == pytest.approx(5.0, abs=0.05)
+    # the server, without the setting, only followed
+    assert server_of(net).config.key_rotation_interval is None
+
+
+def test_key_rotation_interval_is_ignored_outside_e() -> None:
+    config = ConnectionConfig(key_rotation_interval=1.0)
+    net = established(MemNet(config))
+    net.run(lambda: net.now >= 5.0)
+    assert net.client_side.of_type(ev.KeysRequested) == []
+    assert net.client.key_generation is None
+
+
+@pytest.mark.parametrize("value", [0, -1.0, True, "5", 100000.0])
+def test_key_rotation_interval_is_checked(value: object) -> None:
+    with pytest.raises(ConfigurationError, match="key_rotation_interval"):
+        ConnectionConfig(key_rotation_interval=value)  # type: ignore[arg-type]
+
+
+# secrets
+
+
+def test_no_key_or_tag_in_reprs_events_info_or_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="mptls")
+    net = confirmed(established(e_net()))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    join(net)
+    net.client.abort()
+    net.run()
+    token_a, token_b = tokens(net)
+    secrets: list[bytes] = []
+    for generation in (0, 1):
+        keys = generation_keys(generation)
+        secrets += [keys.key_a, keys.key_b]
+        for pair in ((token_a, token_b), (token_b, token_a)):
+            secrets += [new_key_tag(*pair, keys), fastclose_tag(*pair, keys)]
+    wire = [
+        o
+        for link in net.links
+        for s in link.to_server.sent + link.to_client.sent
+        for o in s.options
+    ]
+    texts = [repr(net.client), repr(server_of(net))]
+    texts += [repr(net.client.info()), repr(server_of(net).info())]
+    texts += [repr(e) for e in net.client_side.events + net.server_side.events]
+    texts += [repr(o) for o in wire]
+    texts.append(caplog.text)
+    assert any(isinstance(o, NewKey) for o in wire)
+    for text in texts:
+        for secret in secrets:
+            assert secret.hex() not in text
+    assert "generation 1" in caplog.text
+
+
+def test_new_key_is_retransmitted_on_another_subflow() -> None:
+    net = confirmed(established(e_net()))
+    sid = join(net)
+    net.derive = None
+    assert net.client.install_keys(generation_keys(1))
+    run_for(net, 0.3)
+    first = new_keys(net.link(0).to_server.sent)
+    again = new_keys(net.link(sid).to_server.sent)
+    assert [o.key_id for o in first] == [0, 1]
+    assert [o.key_id for o in again] == [1]
+
+
+def test_a_new_key_waits_for_a_subflow_that_can_carry_it() -> None:
+    net = confirmed(established(e_net()))
+    net.derive = None
+    assert net.client.install_keys(generation_keys(1))
+    settle(net)
+    net.kill(0)
+    server = server_of(net)
+    # the server had the client's NEW_KEY: its own waits for a path
+    assert server.install_keys(generation_keys(1))
+    run_for(net, 1.0)
+    assert net.client.key_generation == 0
+    sid = join(net)
+    confirmed(net, 1)
+    assert [o.key_id for o in new_keys(net.link(sid).to_client.sent)] == [1]
+
+
+def test_a_syn_ack_must_echo_the_joins_k() -> None:
+    net = confirmed(established(e_net()))
+    results = []
+    for key_id in (1, 0):
+        sid = net.client.open_subflow(net.now)
+        (_, syn_segment), *_ = [
+            (i, s) for i, s in net.client.segments_to_send(net.now) if i == sid
+        ]
+        syn = option_of(syn_segment, MpJoinSyn)
+        assert isinstance(syn, MpJoinSyn) and syn.key_id == 0
+        mac = join_hmac(KEYS.key_b, KEYS.key_a, 9, syn.nonce)[:8]
+        reply = MpJoinSynAck(mac, 9, 0, key_id=key_id)
+        net.client.receive_segment(
+            sid, Segment(Flag.SYN | Flag.ACK, (reply,)), net.now
+        )
+        results.append(status_of(net.client, sid))
+    assert results == ["CLOSED", "PRE_ESTABLISHED"]
+    settle(net)
+    refused = net.client_side.of_type(ev.JoinRefused)
+    assert [r.reason for r in refused] == ["SYN|ACK names another key (K)"]
+
+
+def test_a_join_answered_with_one_generation_ends_with_it() -> None:
+    net = confirmed(established(e_net()))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    # answered with generation 0, which K=0 names now
+    raw = raw_join(net, key_id=0)
+    net.run(lambda: raw.inbox != [])
+    assert syn_ack_matches(raw, KEYS, key_id=0)
+    # generation 2 takes slot 0 before the third ACK
+    net.client.request_rotation()
+    confirmed(net, 2)
+    last = finish_raw_join(net, raw, generation_keys(2))
+    assert last.flags == Flag.RST
+    assert net.server_side.of_type(ev.SubflowEstablished) == []
+
+
+def test_g_mode_has_no_generation_and_ignores_new_key() -> None:
+    net = established(MemNet())
+    token_a, token_b = tokens(net)
+    net.inject(0, forged(0, new_key_tag(token_b, token_a, KEYS)))
+    settle(net)
+    assert net.client.info().key_generation is None
+    assert net.client.key_generation is None
+    assert net.client.info().keys_installed
+    kinds = {type(e) for e in net.client_side.events}
+    assert not kinds & {ev.KeysRequested, ev.KeysActivated}
+    assert new_keys(net.link(0).to_server.sent) == []
