@@ -98,6 +98,8 @@ async def _accepted_modes(pki: Pki, **kw: object) -> frozenset[str]:
         ({"mode": "g"}, {"G"}),
         ({"modes": "rfc8684"}, {"rfc8684"}),
         ({"modes": ["G", "rfc8684"]}, {"G", "rfc8684"}),
+        ({"mode": "e"}, {"E"}),
+        ({"modes": ["G", "E"]}, {"G", "E"}),
     ],
 )
 async def test_server_mode_keywords(
@@ -530,6 +532,34 @@ async def test_client_backend_options_are_checked_at_the_call(
         await mptls.open_connection(
             "127.0.0.1", 9, ssl=pki.client(), **{option: value}
         )
+
+
+@pytest.mark.parametrize("value", ["5", 0, -1, float("nan"), 1e9, True])
+async def test_a_bad_key_rotation_interval_is_refused_at_the_call(
+    pki: Pki, value: object
+) -> None:
+    with pytest.raises(ConfigurationError, match="key_rotation_interval"):
+        await mptls.open_connection(
+            "127.0.0.1",
+            9,
+            ssl=pki.client(),
+            mode="e",
+            key_rotation_interval=value,
+        )
+    with pytest.raises(ConfigurationError, match="key_rotation_interval"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            mode="e",
+            key_rotation_interval=value,
+        )
+
+
+async def test_an_unknown_mode_names_the_modes(pki: Pki) -> None:
+    with pytest.raises(ConfigurationError, match="'G', 'E' or 'rfc8684'"):
+        await mptls.open_connection("127.0.0.1", 9, ssl=pki.client(), mode="H")
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,60 @@ def test_parser_rejects_unknown_mode() -> None:
     assert raised.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("given", "mode"),
+    [("e", "E"), ("E", "E"), ("g", "G"), ("RFC8684", "rfc8684")],
+)
+@pytest.mark.parametrize(
+    "command", [["demo"], ["serve"], ["connect", "127.0.0.1", "4433"]]
+)
+def test_the_mode_is_taken_in_any_case(
+    command: list[str], given: str, mode: str
+) -> None:
+    parser = cli_main.build_parser()
+    args = parser.parse_args([*command, "--mode", given])
+    assert args.mode == mode
+    assert args.rotate_every is None
+
+
+def test_rotate_every_sets_the_rotation_interval() -> None:
+    assert client_options("userspace", "E", rotate_every=30.0) == {
+        "backend": "userspace",
+        "mode": "E",
+        "key_rotation_interval": 30.0,
+    }
+    assert server_options("userspace", "E", rotate_every=0.5) == {
+        "backend": "userspace",
+        "modes": ("E",),
+        "announce_addrs": [],
+        "key_rotation_interval": 0.5,
+    }
+
+
+def _userspace(mode: str | None, rotate_every: float) -> Callable[[], object]:
+    return lambda: client_options("userspace", mode, rotate_every=rotate_every)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (_userspace(None, 5), "--mode E"),
+        (_userspace("G", 5), "--mode E"),
+        (lambda: server_options("userspace", "rfc8684", rotate_every=5), "E"),
+        (lambda: client_options("kernel", None, rotate_every=5), "kernel"),
+        (lambda: server_options("kernel", None, rotate_every=5), "kernel"),
+        (_userspace("E", 0), "in [(]0"),
+        (_userspace("E", float("nan")), "in [(]0"),
+        (_userspace("E", 1e9), "in [(]0"),
+    ],
+)
+def test_rotate_every_goes_with_mode_e_only(
+    call: Callable[[], object], match: str
+) -> None:
+    with pytest.raises(UsageError, match=match):
+        call()
+
+
 def test_each_backend_gets_its_own_keywords() -> None:
     assert client_options("userspace", None) == {
         "backend": "userspace",
@@ -376,6 +430,36 @@ def test_demo_sends_a_file_over_two_subflows(
     assert all(subflow["bytes_sent"] > 0 for subflow in subflows)
 
 
+def test_demo_in_mode_e_rotates_its_keys(
+    two_mib_file: tuple[Path, str],
+) -> None:
+    path, _ = two_mib_file
+    result = run_mptls(
+        "demo",
+        "--file",
+        str(path),
+        "--json",
+        "--mode",
+        "e",
+        "--rotate-every",
+        "0.05",
+    )
+    assert result.returncode == 0, result.stderr.decode()
+
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert report["mode"] == "E"
+    assert report["sha256"]["match"] is True
+    keys = report["keys"]
+    assert isinstance(keys["client_generation"], int)
+    assert isinstance(keys["server_generation"], int)
+    # both paths joined under the keys the peer confirmed
+    subflows = report["client"]["subflows"]
+    assert len(subflows) == 2
+    assert all(subflow["bytes_sent"] > 0 for subflow in subflows)
+    assert len(report["client"]["local_token"]) == 8
+
+
 def test_demo_report_for_people(two_mib_file: tuple[Path, str]) -> None:
     path, sha256 = two_mib_file
     result = run_mptls("demo", "--file", str(path))
@@ -563,6 +647,57 @@ def certs(tmp_path: Path) -> Path:
     return directory
 
 
+def test_serve_and_connect_in_mode_e(certs: Path) -> None:
+    with serving(
+        certs, "--echo", "--once", "--mode", "e", "--rotate-every", "0.05"
+    ) as (server, port):
+        line = b"hello under rotating keys\n"
+        client = run_mptls(
+            *connect_args(port, certs),
+            "--paths",
+            "127.0.0.1,127.0.0.2",
+            "--mode",
+            "E",
+            "-v",
+            stdin=line,
+        )
+        status = client.stderr.decode()
+        assert client.returncode == 0, status
+        assert client.stdout == line
+        assert "mode E" in status
+        # the status after the close names the generation in use
+        assert ", generation " in status.splitlines()[-3], status
+        assert server.wait(timeout=COMMAND_TIMEOUT) == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (["--workers", "2"], "several workers"),
+        (["--server-id", "3"], "server_id"),
+    ],
+)
+def test_serve_refuses_mode_e_where_tokens_route_joins(
+    certs: Path, options: list[str], match: str
+) -> None:
+    result = run_mptls(
+        "serve",
+        "--port",
+        "0",
+        "--cert",
+        str(certs / "server.pem"),
+        "--key",
+        str(certs / "server.key"),
+        "--mode",
+        "e",
+        *options,
+    )
+    error = result.stderr.decode()
+    assert result.returncode == 2, error
+    [line] = error.splitlines()
+    assert line.startswith("mptls: error: ") and match in line
+
+
 def test_serve_and_connect_echo_a_line(certs: Path) -> None:
     with serving(certs, "--echo", "--once") as (server, port):
         line = b"hello over two paths\n"
@@ -678,8 +813,12 @@ async def test_a_killed_server_ends_a_client_in_one_line(
             ["--cafile", "ca.pem", "--mode", "rfc8684"],
             "(the server may not accept --mode rfc8684)",
         ),
+        (
+            ["--cafile", "ca.pem", "--mode", "e"],
+            "(the server may not accept --mode E)",
+        ),
     ],
-    ids=["no-cafile", "rfc8684-to-G"],
+    ids=["no-cafile", "rfc8684-to-G", "E-to-G"],
 )
 def test_failed_handshakes_say_what_to_try(
     certs: Path, argv: list[str], hint: str

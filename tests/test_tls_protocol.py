@@ -12,7 +12,7 @@ import pytest
 from pki import Pki
 
 from mptls.aio.protocol import StreamProtocol, TLSProtocol
-from mptls.backends.base import KeyInstall
+from mptls.backends.base import KeyDerivation, KeyInstall
 from mptls.errors import TLSError
 from mptls.tls.config import TLSConfig
 from mptls.tls.engine import AlertDescription
@@ -20,13 +20,23 @@ from mptls.tls.keys import KeyMaterial
 
 
 class NoKeysBackend:
-    """Takes no keys: enough for TLS alone."""
+    """Takes no keys: enough for TLS alone. Keeps each end's ``derive``,
+    the TLS layer's way to export later key generations."""
 
     name = "memory"
 
+    def __init__(self) -> None:
+        self.derives: list[KeyDerivation] = []
+
     def install_keys(
-        self, transport: asyncio.BaseTransport, keys: KeyMaterial
+        self,
+        transport: asyncio.BaseTransport,
+        keys: KeyMaterial,
+        *,
+        derive: KeyDerivation | None = None,
     ) -> KeyInstall:
+        assert derive is not None
+        self.derives.append(derive)
         return KeyInstall(False, "in memory")
 
 
@@ -72,9 +82,10 @@ async def connected_pair(
     pki: Pki,
     client_protocol: asyncio.BaseProtocol,
     server_config: TLSConfig | None = None,
+    backend: Any = None,
 ) -> tuple[TLSProtocol, TLSProtocol, asyncio.Queue[asyncio.Transport]]:
     loop = asyncio.get_running_loop()
-    backend: Any = NoKeysBackend()
+    backend = backend or NoKeysBackend()
     servers: asyncio.Queue[asyncio.Transport] = asyncio.Queue()
 
     class Accept(asyncio.Protocol):
@@ -103,6 +114,33 @@ async def connected_pair(
     client.connection_made(to_server)
     await asyncio.wait_for(waiter, 10)
     return client, server, servers
+
+
+async def test_the_backend_can_export_later_key_generations(
+    pki: Pki,
+) -> None:
+    # what the E mode's rotations ask for: generation n of the same TLS
+    # session, the same on both ends, and still once it is closing
+    loop = asyncio.get_running_loop()
+    backend = NoKeysBackend()
+    reader = asyncio.StreamReader(loop=loop)
+    _, _, servers = await connected_pair(
+        pki, StreamProtocol(reader), backend=backend
+    )
+    # both handshakes are complete once the server's application has
+    # its transport
+    server_transport = await asyncio.wait_for(servers.get(), 10)
+    assert len(backend.derives) == 2
+    first, second = backend.derives
+    generations = [first(n) for n in (1, 2)]
+    assert generations == [second(n) for n in (1, 2)]
+    assert [keys.generation for keys in generations] == [1, 2]
+    assert generations[0] != generations[1]
+
+    # after the server's close_notify the session still exports
+    server_transport.close()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    assert first(3) == second(3)
 
 
 async def test_a_clean_end_right_after_a_resume_loses_nothing(

@@ -342,11 +342,19 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._cancel_timeout()
 
         # keys: once, now that the handshake is complete and the peer
-        # verified (draft-paasch-mptcp-tls-authentication section 3)
+        # verified (draft-paasch-mptcp-tls-authentication section 3); a
+        # backend that rotates them exports later generations itself
         assert self._transport is not None
         keys: KeyMaterial = self._engine.export_keys()
         self._key_fingerprint = keys.fingerprint()
-        self._key_install = self._backend.install_keys(self._transport, keys)
+        engine = self._engine
+        self._key_install = self._backend.install_keys(
+            self._transport,
+            keys,
+            derive=lambda generation: engine.export_keys(
+                generation=generation
+            ),
+        )
         del keys
         if self._require_app_keys and not self._key_install.installed:
             raise KeysUnavailableError(
@@ -778,7 +786,8 @@ def _with_key_state(
         info,
         keys_installed=info.keys_installed or install.installed,
         keys_reason=reason,
-        key_fingerprint=fingerprint,
+        # a backend that rotates keys names the generation in use
+        key_fingerprint=info.key_fingerprint or fingerprint,
     )
 
 
@@ -898,6 +907,21 @@ class TLSTransport(asyncio.Transport):
         """Close one subflow; see ``Backend.remove_path``."""
         backend_transport = self._backend_transport()
         await self._tls._backend.remove_path(backend_transport, subflow_id)
+
+    async def rotate_keys(self) -> int:
+        """Move to the next MPTCP key generation; returns it once in use.
+
+        ``await writer.transport.rotate_keys()`` on either end of an E
+        mode connection: both ends export the next generation from this
+        TLS session and confirm it to each other (NEW_KEY); joins and
+        ADD_ADDR then use it. See ``Backend.rotate_keys`` for the errors.
+        """
+        transport = self._tls._transport
+        if transport is None or self._closing or self._tls._lost:
+            raise KeysUnavailableError(
+                "the connection is closed: no keys to rotate"
+            )
+        return await self._tls._backend.rotate_keys(transport)
 
     def _backend_transport(self) -> asyncio.Transport:
         transport = self._tls._transport

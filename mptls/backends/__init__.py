@@ -6,12 +6,19 @@ connection per subflow; ``kernel`` uses Linux MPTCP sockets.
 
 from __future__ import annotations
 
-from mptls.backends.base import Backend, KeyInstall, MptcpInfo, SubflowInfo
+from mptls.backends.base import (
+    Backend,
+    KeyDerivation,
+    KeyInstall,
+    MptcpInfo,
+    SubflowInfo,
+)
 from mptls.errors import ConfigurationError
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "KeyDerivation",
     "KeyInstall",
     "MptcpInfo",
     "SubflowInfo",

@@ -19,10 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from mptls.errors import PathError
+from mptls.errors import ConfigurationError, PathError
 from mptls.tls.keys import KeyMaterial
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
+# exports key generation n from the connection's TLS session: what a
+# backend that rotates keys calls when it needs the next generation
+KeyDerivation = Callable[[int], KeyMaterial]
 
 
 class Server(asyncio.AbstractServer):
@@ -93,9 +96,13 @@ class SubflowInfo:
 class MptcpInfo:
     """A snapshot of one MPTCP connection, for ``get_extra_info("mptcp")``.
 
-    ``mode`` is ``"G"`` (token-only MP_CAPABLE, keys from TLS),
-    ``"rfc8684"`` (keys in the clear), ``"kernel"`` (the kernel's own
-    RFC 8684 keys) or ``"fallback"`` (plain TCP). Tokens are hex strings.
+    ``mode`` is ``"G"`` (token-only MP_CAPABLE, keys from TLS), ``"E"``
+    (the rotation profile: 32-bit tokens, keys from TLS confirmed with
+    NEW_KEY and rotated), ``"rfc8684"`` (keys in the clear), ``"kernel"``
+    (the kernel's own RFC 8684 keys) or ``"fallback"`` (plain TCP).
+    Tokens are hex strings. ``key_generation`` is the generation of the
+    keys in use where the backend rotates them (E mode: 0 for the
+    handshake's keys once the peer confirmed them), else None.
     """
 
     backend: str
@@ -107,6 +114,7 @@ class MptcpInfo:
     key_fingerprint: str | None = None
     fallback: bool = False
     subflows: tuple[SubflowInfo, ...] = field(default_factory=tuple)
+    key_generation: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,13 +156,33 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def install_keys(
-        self, transport: asyncio.BaseTransport, keys: KeyMaterial
+        self,
+        transport: asyncio.BaseTransport,
+        keys: KeyMaterial,
+        *,
+        derive: KeyDerivation | None = None,
     ) -> KeyInstall:
         """Hand the TLS-derived keys to the connection behind ``transport``.
 
         Called once, when the TLS handshake is complete and the peer
-        verified. Returns whether the keys now protect joins.
+        verified. Returns whether the keys now protect joins (or, where
+        the peer must confirm them first, will once it has).
+        ``derive(n)`` exports key generation ``n`` from the same TLS
+        session: a backend that rotates keys keeps it for later
+        generations; others ignore it.
         """
+
+    async def rotate_keys(self, transport: asyncio.BaseTransport) -> int:
+        """Move the connection behind ``transport`` to its next keys.
+
+        Returns the new key generation once both ends use it. Raises
+        :class:`~mptls.errors.ConfigurationError` where the connection
+        or the backend cannot rotate keys,
+        :class:`~mptls.errors.KeysUnavailableError` before the first
+        keys are in use, :class:`~mptls.errors.MptlsTimeoutError` when
+        the peer never confirms the new ones.
+        """
+        raise ConfigurationError(f"the {self.name} backend cannot rotate keys")
 
     @abc.abstractmethod
     def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:

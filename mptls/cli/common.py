@@ -35,46 +35,96 @@ from mptls.trace import Capture, capture
 logger = logging.getLogger("mptls.cli")
 
 BACKENDS = ("userspace", "kernel")
-MODES = ("G", "rfc8684")
+MODES = ("G", "E", "rfc8684")
+# the longest --rotate-every: a day, as every other wait of mptls's
+MAX_ROTATE_EVERY = 86400.0
+
+
+def _mode_name(text: str) -> str:
+    """``--mode`` in any case, as the library takes it: its spelling in
+    :data:`MODES` (or the text itself, for argparse to refuse)."""
+    return next((mode for mode in MODES if mode.lower() == text.lower()), text)
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--backend`` and ``--mode``, as every command that connects
-    takes them."""
+    """``--backend``, ``--mode`` and ``--rotate-every``, as every command
+    that connects takes them."""
     parser.add_argument("--backend", choices=BACKENDS, default="userspace")
     parser.add_argument(
         "--mode",
         choices=MODES,
-        help="userspace backend: G, keys from TLS (default), or rfc8684, "
-        "keys in the clear",
+        type=_mode_name,
+        help="userspace backend: G, keys from TLS (default); E, keys from "
+        "TLS confirmed with NEW_KEY and rotatable, 32-bit tokens; or "
+        "rfc8684, keys in the clear (any case)",
+    )
+    parser.add_argument(
+        "--rotate-every",
+        type=float,
+        metavar="SECONDS",
+        help="with --mode E: move to the next key generation this long "
+        "after each one is in use",
     )
 
 
-def _userspace_client(mode: str | None, manage_paths: bool) -> dict[str, Any]:
+def _rotation(mode: str | None, rotate_every: float | None) -> dict[str, Any]:
+    """``key_rotation_interval`` for ``--rotate-every``, checked."""
+    if rotate_every is None:
+        return {}
+    if mode != "E":
+        raise UsageError(
+            "--rotate-every needs --mode E: only the E mode rotates keys"
+        )
+    if not 0 < rotate_every <= MAX_ROTATE_EVERY:
+        raise UsageError(
+            f"--rotate-every must be in (0, {MAX_ROTATE_EVERY:g}] seconds, "
+            f"got {rotate_every:g}"
+        )
+    return {"key_rotation_interval": rotate_every}
+
+
+def _userspace_client(
+    mode: str | None, manage_paths: bool, rotate_every: float | None
+) -> dict[str, Any]:
     if manage_paths:
         raise UsageError("--manage-paths applies to the kernel backend")
-    return {"mode": mode or "G"}
+    return {"mode": mode or "G", **_rotation(mode, rotate_every)}
 
 
-def _kernel_client(mode: str | None, manage_paths: bool) -> dict[str, Any]:
+def _kernel_client(
+    mode: str | None, manage_paths: bool, rotate_every: float | None
+) -> dict[str, Any]:
     if mode is not None:
         raise UsageError(
             "--mode applies to the userspace backend; the kernel runs its "
             "own RFC 8684 MPTCP"
         )
+    if rotate_every is not None:
+        raise UsageError(
+            "--rotate-every applies to the userspace backend's E mode: "
+            "the kernel backend cannot rotate keys"
+        )
     return {"manage_paths": manage_paths}
 
 
 def _userspace_server(
-    mode: str | None, announce: Sequence[tuple[str, int]]
+    mode: str | None,
+    announce: Sequence[tuple[str, int]],
+    rotate_every: float | None,
 ) -> dict[str, Any]:
-    return {"modes": (mode or "G",), "announce_addrs": list(announce)}
+    return {
+        "modes": (mode or "G",),
+        "announce_addrs": list(announce),
+        **_rotation(mode, rotate_every),
+    }
 
 
 def _kernel_server(
-    mode: str | None, announce: Sequence[tuple[str, int]]
+    mode: str | None,
+    announce: Sequence[tuple[str, int]],
+    rotate_every: float | None,
 ) -> dict[str, Any]:
-    _kernel_client(mode, manage_paths=False)
+    _kernel_client(mode, False, rotate_every)
     # the kernel announces addresses as endpoints, each on every port
     return {"announce": [address for address, _ in announce]}
 
@@ -84,20 +134,28 @@ _SERVER_OPTIONS = {"userspace": _userspace_server, "kernel": _kernel_server}
 
 
 def client_options(
-    backend: str, mode: str | None, *, manage_paths: bool = False
+    backend: str,
+    mode: str | None,
+    *,
+    manage_paths: bool = False,
+    rotate_every: float | None = None,
 ) -> dict[str, Any]:
     """The keywords that carry the command line's choices to a backend's
     ``create_connection``: each backend takes its own."""
-    return {"backend": backend, **_CLIENT_OPTIONS[backend](mode, manage_paths)}
+    chosen = _CLIENT_OPTIONS[backend](mode, manage_paths, rotate_every)
+    return {"backend": backend, **chosen}
 
 
 def server_options(
     backend: str,
     mode: str | None,
     announce: Sequence[tuple[str, int]] = (),
+    *,
+    rotate_every: float | None = None,
 ) -> dict[str, Any]:
     """The keywords for a backend's ``create_server``."""
-    return {"backend": backend, **_SERVER_OPTIONS[backend](mode, announce)}
+    chosen = _SERVER_OPTIONS[backend](mode, announce, rotate_every)
+    return {"backend": backend, **chosen}
 
 
 def add_pcap_argument(parser: argparse.ArgumentParser, what: str) -> None:

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         paths=parse_paths(args.paths),
         timeout=args.timeout,
         manage_paths=args.manage_paths,
+        rotate_every=args.rotate_every,
     )
     given = existing_file(args.file, "file") if args.file else None
     console = stdout_console()

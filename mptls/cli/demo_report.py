@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mptls.backends.base import SubflowInfo, format_address
+from mptls.backends.base import MptcpInfo, SubflowInfo, format_address
 from mptls.cli.common import human_bytes
 from mptls.cli.transfer import DemoReport
 from mptls.cli.transfer import Progress as ProgressCallback
@@ -113,6 +113,9 @@ def _key_rows(report: DemoReport) -> list[Row]:
         reason = client.keys_reason or "the backend installed no TLS keys"
         return [("keys", f"not from TLS: {reason}")]
     agree = _YES if report.fingerprints_match else _NO
+    if report.generations_differ:
+        # looked at on either side of a rotation: no match to expect
+        agree = "-"
     source = "from the TLS exporter (EXPORTER-MPTCP)"
     if not client.keys_installed:
         # the kernel backend exports them but no released kernel takes
@@ -123,10 +126,18 @@ def _key_rows(report: DemoReport) -> list[Row]:
         ("keys", source),
         (
             "fingerprint",
-            f"client {client.key_fingerprint or '-'}  "
-            f"server {server.key_fingerprint or '-'}  match {agree}",
+            f"client {client.key_fingerprint or '-'}{_generation(client)}  "
+            f"server {server.key_fingerprint or '-'}{_generation(server)}  "
+            f"match {agree}",
         ),
     ]
+
+
+def _generation(info: MptcpInfo) -> str:
+    """`` (generation n)`` where the backend rotates keys (E mode)."""
+    if info.key_generation is None:
+        return ""
+    return f" (generation {info.key_generation})"
 
 
 def summary_rows(report: DemoReport) -> list[Row]:

@@ -84,7 +84,7 @@ def describe_connection(info: MptcpInfo | None) -> list[str]:
         f"remote {info.remote_token or '-'}",
         "keys "
         + (
-            f"from TLS, fingerprint {info.key_fingerprint}"
+            f"from TLS, fingerprint {info.key_fingerprint}" + _generation(info)
             if info.keys_installed
             else f"not installed ({info.keys_reason or 'no reason given'})"
         ),
@@ -97,6 +97,15 @@ def describe_connection(info: MptcpInfo | None) -> list[str]:
             f"sent {subflow.bytes_sent} received {subflow.bytes_received}"
         )
     return lines
+
+
+def _generation(info: MptcpInfo) -> str:
+    # E mode: which key generation is in use, or that none is yet
+    if info.mode != "E":
+        return ""
+    if info.key_generation is None:
+        return f", not in use yet: {info.keys_reason or 'unconfirmed'}"
+    return f", generation {info.key_generation}"
 
 
 def _status(verbose: bool, lines: Sequence[str]) -> None:
@@ -190,7 +199,9 @@ async def serve(args: argparse.Namespace) -> None:
         certfile=str(existing_file(args.cert, "certificate file")),
         keyfile=str(existing_file(args.key, "key file")),
     )
-    options = server_options(args.backend, args.mode, announce)
+    options = server_options(
+        args.backend, args.mode, announce, rotate_every=args.rotate_every
+    )
     options.update(_token_ids(args))
     if args.no_restart and args.workers == 1:
         raise UsageError("--no-restart goes with --workers N, N > 1")
@@ -526,7 +537,10 @@ async def _converse(
             server_hostname=args.server_name,
             local_addrs=list(paths) if paths else None,
             **client_options(
-                args.backend, args.mode, manage_paths=args.manage_paths
+                args.backend,
+                args.mode,
+                manage_paths=args.manage_paths,
+                rotate_every=args.rotate_every,
             ),
         )
     except (CertificateError, PeerResetError) as exc:
@@ -577,11 +591,12 @@ def _with_hint(
             alert=exc.alert,
             verify_code=exc.verify_code,
         )
-    if args.mode != "rfc8684":
+    if args.mode not in ("rfc8684", "E"):
         return exc
-    # a G-only server resets an MP_CAPABLE that carries keys in the clear
+    # a G-only server resets an MP_CAPABLE that carries keys in the
+    # clear, or that asks for E
     return PeerResetError(
-        f"{text} (the server may not accept --mode rfc8684)",
+        f"{text} (the server may not accept --mode {args.mode})",
         reset_reason=exc.reset_reason,
     )
 

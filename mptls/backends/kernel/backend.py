@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from mptls.backends.base import (
     Backend,
+    KeyDerivation,
     KeyInstall,
     MptcpInfo,
     ProtocolFactory,
@@ -292,9 +293,17 @@ class KernelBackend(Backend):
         return MultiServer(loop, servers)
 
     def install_keys(
-        self, transport: asyncio.BaseTransport, keys: KeyMaterial
+        self,
+        transport: asyncio.BaseTransport,
+        keys: KeyMaterial,
+        *,
+        derive: KeyDerivation | None = None,
     ) -> KeyInstall:
-        """Offer the TLS keys to the kernel; say whether it took them."""
+        """Offer the TLS keys to the kernel; say whether it took them.
+
+        ``derive`` is not kept: the kernel has no key rotation (see
+        :meth:`~mptls.backends.base.Backend.rotate_keys`).
+        """
         sock = _transport_socket(transport)
         if sock is None:
             result = KeyInstall(False, "the connection is closed")

@@ -14,11 +14,12 @@ import ipaddress
 import os
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mptls.backends.base import (
     Backend,
+    KeyDerivation,
     KeyInstall,
     MptcpInfo,
     Server,
@@ -46,7 +47,9 @@ from mptls.mptcp.scheduler import SubflowState
 from mptls.mptcp.tokens import TokenAllocator, TokenLayout
 from mptls.tls.keys import KeyMaterial
 
-_MODES = {"g": Mode.G, "rfc8684": Mode.RFC8684}
+_MODES = {"g": Mode.G, "e": Mode.E, "rfc8684": Mode.RFC8684}
+# a server's pick among the modes a client offers and it accepts
+_SERVER_PREFERENCE = (Mode.G, Mode.E, Mode.RFC8684)
 
 
 class _SharedTokens(TokenAllocator):
@@ -59,8 +62,10 @@ class _SharedTokens(TokenAllocator):
 
     __slots__ = ("_lock",)
 
-    def __init__(self, secret: bytes) -> None:
-        super().__init__(secret)
+    def __init__(
+        self, secret: bytes, *, layout: TokenLayout | None = None
+    ) -> None:
+        super().__init__(secret, layout=layout or TokenLayout())
         self._lock = threading.Lock()
 
     def allocate(self) -> bytes:
@@ -73,6 +78,7 @@ class _SharedTokens(TokenAllocator):
 
 
 _client_tokens: TokenAllocator | None = None
+_client_e_tokens: TokenAllocator | None = None
 _client_tokens_lock = threading.Lock()
 
 
@@ -85,6 +91,31 @@ def _shared_client_tokens() -> TokenAllocator:
         if _client_tokens is None:
             _client_tokens = _SharedTokens(secrets.token_bytes(32))
         return _client_tokens
+
+
+def _e_token_layout() -> TokenLayout:
+    # E mode's tokens (draft-baerts-tcpm-mptcpext): 32 bits, no room for
+    # a server or worker id
+    return TokenLayout(0, 0, token_bits=32)
+
+
+def _shared_client_e_tokens() -> TokenAllocator:
+    # E mode's 4-byte Token-A, unique among the process's E connections
+    # as the 8-byte ones are among G's
+    global _client_e_tokens
+    with _client_tokens_lock:
+        if _client_e_tokens is None:
+            _client_e_tokens = _SharedTokens(
+                secrets.token_bytes(32), layout=_e_token_layout()
+            )
+        return _client_e_tokens
+
+
+def _client_tokens_for(config: ConnectionConfig) -> TokenAllocator:
+    """The allocator of Token-A for the mode a client offers."""
+    if config.mode is Mode.E:
+        return _shared_client_e_tokens()
+    return _shared_client_tokens()
 
 
 class MptlsServer(Server):
@@ -150,14 +181,14 @@ class MptlsServer(Server):
 
 
 def parse_mode(mode: str | Mode) -> Mode:
-    """``"G"`` or ``"rfc8684"`` (any case), or a :class:`Mode`."""
+    """``"G"``, ``"E"`` or ``"rfc8684"`` (any case), or a :class:`Mode`."""
     if isinstance(mode, Mode):
         return mode
     try:
         return _MODES[mode.lower()]
     except (KeyError, AttributeError):
         raise ConfigurationError(
-            f"unknown MPTCP mode {mode!r}; choose 'G' or 'rfc8684'"
+            f"unknown MPTCP mode {mode!r}; choose 'G', 'E' or 'rfc8684'"
         ) from None
 
 
@@ -272,6 +303,45 @@ def server_modes(
     return tuple(parse_mode(one) for one in modes)
 
 
+def accepted_modes(options: Mapping[str, Any]) -> frozenset[Mode]:
+    """The modes a server given ``options`` (``create_server``'s
+    keywords: ``config``, ``mode`` or ``modes``) accepts."""
+    config = options.get("config")
+    if isinstance(config, ConnectionConfig):
+        return config.accept_modes
+    accepted = server_modes(options.get("mode"), options.get("modes"))
+    return frozenset(parse_mode(mode) for mode in accepted)
+
+
+def check_e_server(
+    accepted: frozenset[Mode],
+    *,
+    server_id: int = 0,
+    worker_id: int = 0,
+    workers: int = 1,
+) -> None:
+    """Refuse E mode where a join must be routed by its token.
+
+    E mode's tokens are 32 bits with no server or worker id in them
+    (draft-baerts-tcpm-mptcpext): a load balancer, or a sibling worker,
+    could not tell from a join's token who owns its connection.
+    """
+    if Mode.E not in accepted:
+        return
+    if workers > 1 or worker_id:
+        raise ConfigurationError(
+            "E mode cannot be served by several workers: its 32-bit "
+            "tokens carry no worker id, so a join could not reach the "
+            "worker that owns its connection; serve E with one worker"
+        )
+    if server_id:
+        raise ConfigurationError(
+            "E mode cannot go with a server_id: its 32-bit tokens have "
+            "no room for one, so a load balancer could not route joins "
+            "by it; leave server_id at 0 or do not accept E"
+        )
+
+
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(ConnectionConfig))
 
 
@@ -329,13 +399,25 @@ def server_config(
         raise ConfigurationError("a server must accept at least one mode")
     if allow_cleartext_keys is None:
         allow_cleartext_keys = Mode.RFC8684 in accepted
-    preferred = Mode.G if Mode.G in accepted else Mode.RFC8684
+    preferred = next(mode for mode in _SERVER_PREFERENCE if mode in accepted)
     return ConnectionConfig(
         mode=preferred,
         accept_modes=accepted,
         allow_cleartext_keys=allow_cleartext_keys,
         **settings,
     )
+
+
+def _e_tokens(config: ConnectionConfig) -> dict[str, TokenAllocator]:
+    """The Endpoint's allocator of 4-byte tokens, for a server that
+    accepts E; none otherwise."""
+    if Mode.E not in config.accept_modes:
+        return {}
+    return {
+        "e_tokens": TokenAllocator(
+            secrets.token_bytes(32), layout=_e_token_layout()
+        )
+    }
 
 
 def _transport_of(transport: asyncio.BaseTransport) -> MultipathTransport:
@@ -441,7 +523,7 @@ class UserspaceBackend(Backend):
         # the MPTCP connection; its SYN rides with the ClientHello
         core = Connection.initiator(
             config,
-            tokens=_shared_client_tokens(),
+            tokens=_client_tokens_for(config),
             random=os.urandom,
             now=loop.time(),
         )
@@ -494,9 +576,11 @@ class UserspaceBackend(Backend):
     ) -> Server:
         """Listen; each accepted TCP connection is a new or joining subflow.
 
-        ``mode`` is the one MPTCP mode accepted (``"G"`` or
+        ``mode`` is the one MPTCP mode accepted (``"G"``, ``"E"`` or
         ``"rfc8684"``), or ``modes`` a list of them (a single string is
-        one mode); the default accepts G only.
+        one mode); the default accepts G only. A server that accepts E
+        takes neither a ``server_id`` nor a ``worker_id``: E's 32-bit
+        tokens have no room for them.
         ``announce_addrs`` are (IP address, port) pairs the server
         announces with ADD_ADDR once keys exist; they are checked here.
         ``server_id`` and ``worker_id`` are written into every token
@@ -523,13 +607,18 @@ class UserspaceBackend(Backend):
                 "join_handoff must be callable, got "
                 f"{type(join_handoff).__name__}"
             )
+        check_e_server(
+            config.accept_modes, server_id=server_id, worker_id=worker_id
+        )
         tokens = TokenAllocator(
             secrets.token_bytes(32),
             layout=token_layout or TokenLayout(),
             server_id=server_id,
             worker_id=worker_id,
         )
-        endpoint = Endpoint(config, tokens=tokens, random=os.urandom)
+        endpoint = Endpoint(
+            config, tokens=tokens, random=os.urandom, **_e_tokens(config)
+        )
         listener = Listener(
             endpoint,
             protocol_factory,
@@ -549,10 +638,14 @@ class UserspaceBackend(Backend):
         return MptlsServer(server, listener)
 
     def install_keys(
-        self, transport: asyncio.BaseTransport, keys: KeyMaterial
+        self,
+        transport: asyncio.BaseTransport,
+        keys: KeyMaterial,
+        *,
+        derive: KeyDerivation | None = None,
     ) -> KeyInstall:
         multipath = _transport_of(transport)
-        installed = multipath.install_keys(keys)
+        installed = multipath.install_keys(keys, derive=derive)
         if installed:
             return KeyInstall(True, "TLS exporter keys protect joins")
         info = multipath.mptcp_info()
@@ -560,6 +653,11 @@ class UserspaceBackend(Backend):
 
     def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
         return _transport_of(transport).mptcp_info()
+
+    async def rotate_keys(self, transport: asyncio.BaseTransport) -> int:
+        """Rotate an E-mode connection's keys (NEW_KEY exchange with the
+        next exporter generation); see ``MultipathTransport.rotate_keys``."""
+        return await _transport_of(transport).rotate_keys()
 
     async def add_path(
         self,

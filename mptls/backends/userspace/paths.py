@@ -150,18 +150,18 @@ class Paths:
 
     def preconnect(self) -> None:
         """Open the extra subflows' TCP connections while TLS runs."""
-        # G mode: a join needs the TLS keys, but its TCP connection does
-        # not; opened now, in parallel with the MPTCP and TLS handshakes,
-        # the join SYN leaves with the keys instead of a TCP connect
-        # later. Only where G is the one mode offered: a fallback to
-        # cleartext keys might forbid joins, and then no TCP connection
-        # should be opened for one.
+        # G and E modes: a join needs the TLS keys, but its TCP
+        # connection does not; opened now, in parallel with the MPTCP
+        # and TLS handshakes, the join SYN leaves with the keys instead
+        # of a TCP connect later. Only where G or E is the one mode
+        # offered: a fallback to cleartext keys might forbid joins, and
+        # then no TCP connection should be opened for one.
         config = self._core.config
         if (
             self._preconnected
             or not self._initiator
             or self._remote is None
-            or config.mode is not Mode.G
+            or config.mode not in (Mode.G, Mode.E)
             or config.allow_legacy_fallback
         ):
             return
@@ -171,12 +171,22 @@ class Paths:
 
     def keys_installed(self) -> None:
         """Join the TCP connections opened so far, open the others or
-        announce the server's addresses."""
+        announce the server's addresses.
+
+        Called once keys protect joins (in E mode: once the peer has
+        confirmed them), or once it is clear that none will: then the
+        connections opened ahead are closed.
+        """
         self._start_paths()
         parked, self._parked = self._parked, []
+        joining = self._core.joins_allowed
         for subflow in parked:
-            if not subflow.closed:
+            if subflow.closed:
+                continue
+            if joining:
                 self._join(subflow)
+            else:
+                subflow.close()
 
     def subflow_closed(self) -> None:
         """A subflow closed: a client left with none joins again."""

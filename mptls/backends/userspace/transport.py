@@ -17,15 +17,18 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mptls.backends.base import MptcpInfo, SubflowInfo
+from mptls.backends.base import KeyDerivation, MptcpInfo, SubflowInfo
 from mptls.backends.userspace.paths import Paths
 from mptls.backends.userspace.subflow import SubflowProtocol, host_port
 from mptls.errors import (
+    KeysUnavailableError,
+    MptlsError,
     MptlsTimeoutError,
     NotMptlsPeerError,
     PeerResetError,
 )
 from mptls.mptcp import events
+from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import Flag, Payload, Segment, encode_head
 from mptls.mptcp.scheduler import UNCAPPED
@@ -107,6 +110,10 @@ class MultipathTransport(asyncio.Transport):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        # E mode: exports a later key generation from the TLS session,
+        # and the rotate_keys() calls waiting for each generation
+        self._derive: KeyDerivation | None = None
+        self._rotations: dict[int, asyncio.Future[int]] = {}
 
     # wiring
 
@@ -371,6 +378,81 @@ class MultipathTransport(asyncio.Transport):
         # finished after the next flush: the last FIN or RST must go out
         self._closed_by_core = event
 
+    def _on_keys_requested(self, event: events.KeysRequested) -> None:
+        # the core wants the next key generation (a rotation asked for
+        # here, by the interval, or by the peer's NEW_KEY): it comes
+        # from the TLS exporter; without it the rotation times out
+        generation = event.generation
+        if self._derive is None:
+            logger.warning(
+                "%s: key generation %d wanted, but no TLS session to "
+                "export it from",
+                self.tag(),
+                generation,
+            )
+            return
+        try:
+            keys = self._derive(generation)
+        except MptlsError as exc:
+            # the error names what failed, never the keys
+            logger.warning(
+                "%s: cannot export key generation %d: %s",
+                self.tag(),
+                generation,
+                exc,
+            )
+            return
+        if not self._core.install_keys(keys):
+            logger.debug(
+                "%s: key generation %d not taken", self.tag(), generation
+            )
+
+    def _on_keys_activated(self, event: events.KeysActivated) -> None:
+        # the core says so at INFO; here it is the transport's step
+        logger.debug(
+            "%s: key generation %d in use (fingerprint %s)",
+            self.tag(),
+            event.generation,
+            event.fingerprint,
+        )
+        if event.generation == 0:
+            # the peer confirmed the first keys: joins and ADD_ADDR may go
+            self.paths.keys_installed()
+        waiter = self._rotations.pop(event.generation, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(event.generation)
+
+    def _on_key_rotation_failed(self, event: events.KeyRotationFailed) -> None:
+        logger.warning(
+            "%s: key generation %d not confirmed: %s",
+            self.tag(),
+            event.generation,
+            event.reason,
+        )
+        if event.generation == 0:
+            # no keys will protect joins: the paths say so and give up
+            self.paths.keys_installed()
+        waiter = self._rotations.pop(event.generation, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                MptlsTimeoutError(
+                    f"key generation {event.generation} was not confirmed "
+                    f"by the peer: {event.reason}"
+                )
+            )
+
+    def _fail_rotations(self, error: Exception | None) -> None:
+        rotations, self._rotations = self._rotations, {}
+        for generation, waiter in rotations.items():
+            if waiter.done():
+                continue
+            failure = KeysUnavailableError(
+                f"the connection ended before key generation {generation} "
+                "was confirmed"
+            )
+            failure.__cause__ = error
+            waiter.set_exception(failure)
+
     def _finish(self, error: Exception | None) -> None:
         if self._closed:
             return
@@ -380,6 +462,8 @@ class MultipathTransport(asyncio.Transport):
             subflow.close()
         self._subflows.clear()
         self.paths.close()
+        self._derive = None
+        self._fail_rotations(error)
         for handle in (self._timer, self._close_timer):
             if handle is not None:
                 handle.cancel()
@@ -455,11 +539,59 @@ class MultipathTransport(asyncio.Transport):
 
     # keys: the paths may open
 
-    def install_keys(self, keys: KeyMaterial) -> bool:
+    def install_keys(
+        self, keys: KeyMaterial, *, derive: KeyDerivation | None = None
+    ) -> bool:
+        """Hand the TLS session's keys to the core; whether it took them.
+
+        ``derive(n)`` exports key generation ``n`` later, for the E
+        mode's rotations. In E mode the paths open once the peer has
+        confirmed the keys (its NEW_KEY), not now.
+        """
+        if derive is not None:
+            self._derive = derive
         installed = self._core.install_keys(keys)
-        self.paths.keys_installed()
+        if self._core.mode is not Mode.E:
+            self.paths.keys_installed()
         self.process()
         return installed
+
+    async def rotate_keys(self) -> int:
+        """Move to the next key generation; returns it once it is in use.
+
+        E mode only (:class:`~mptls.errors.ConfigurationError`
+        otherwise). :class:`~mptls.errors.KeysUnavailableError` before
+        the first keys are confirmed, or when the connection ends first;
+        :class:`~mptls.errors.MptlsTimeoutError` when the peer does not
+        confirm the new keys. Calls made while a rotation is under way
+        wait for that one.
+        """
+        if self._closed or self._core.closed:
+            raise KeysUnavailableError(
+                "the connection is closed: no keys to rotate"
+            )
+        # the core checks the mode and that generation 0 is in use
+        generation = self._core.request_rotation()
+        waiter = self._rotations.get(generation)
+        if waiter is None:
+            waiter = self._loop.create_future()
+            waiter.add_done_callback(_retrieve)
+            self._rotations[generation] = waiter
+        # the request goes out (and may even be answered) in this step
+        self.process()
+        # the core gives up on its own after join_timeout; this bounds
+        # the wait should its word never come
+        limit = 2 * self._core.config.join_timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await asyncio.shield(waiter)
+        except MptlsTimeoutError:
+            raise  # the core's own word: the peer did not confirm
+        except TimeoutError as exc:
+            raise MptlsTimeoutError(
+                f"key generation {generation} was not confirmed within "
+                f"{limit} s"
+            ) from exc
 
     # asyncio.Transport
 
@@ -724,6 +856,7 @@ class MultipathTransport(asyncio.Transport):
             key_fingerprint=info.key_fingerprint,
             fallback=False,
             subflows=tuple(subflows),
+            key_generation=info.key_generation,
         )
 
     def tag(self) -> str:
@@ -743,7 +876,17 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
     events.JoinRefused: MultipathTransport._on_join_refused,
     events.AddressAnnounced: MultipathTransport._on_address,
     events.ConnectionClosed: MultipathTransport._on_closed,
+    events.KeysRequested: MultipathTransport._on_keys_requested,
+    events.KeysActivated: MultipathTransport._on_keys_activated,
+    events.KeyRotationFailed: MultipathTransport._on_key_rotation_failed,
 }
+
+
+def _retrieve(waiter: asyncio.Future[int]) -> None:
+    # a rotation that fails after its callers gave up must not log
+    # "exception was never retrieved"
+    if not waiter.cancelled():
+        waiter.exception()
 
 
 # where get_extra_info finds a name in a cached (sockname, peername) pair

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mptls.backends.base import format_address
+from mptls.backends.userspace.backend import accepted_modes, check_e_server
 from mptls.backends.userspace.listener import Listener
 from mptls.backends.userspace.restarts import (
     RestartBudget,
@@ -253,6 +254,12 @@ class WorkerPool:
         for name in ("join_handoff", "worker_id", "reuse_port"):
             if name in server_options:
                 raise ConfigurationError(f"the pool sets {name} itself")
+        # refused here, not by every worker as it starts
+        check_e_server(
+            accepted_modes(server_options),
+            server_id=server_id,
+            workers=workers,
+        )
         self._template = _WorkerSpec(
             worker_id=0,
             workers=workers,
