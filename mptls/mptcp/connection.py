@@ -242,7 +242,8 @@ class Connection(
         self._now = now
         out: list[tuple[int, Segment]] = []
         self._emit_handshake(out, now)
-        self._emit_due_new_keys()
+        if self.mode is Mode.E:
+            self._emit_due_new_keys()
         self._emit_outboxes(out)
         if not self._closed:
             self._emit_announcements(out)
@@ -654,7 +655,8 @@ class Connection(
             deadlines.append(self._last_progress + limit)
         if self._hole_since is not None:
             deadlines.append(self._hole_since + limit)
-        deadlines.extend(self._rotation_deadlines())
+        if self.mode is Mode.E:
+            deadlines.extend(self._rotation_deadlines())
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -679,7 +681,7 @@ class Connection(
                 subflow.rto *= 2
                 subflow.retransmit_at = now + subflow.rto
         self._check_data_timeouts(now)
-        if not self._closed:
+        if not self._closed and self.mode is Mode.E:
             self._handle_rotation_timers(now)
 
     def _expire(self, subflow: Subflow) -> None:
