@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -359,6 +360,52 @@ async def test_a_rotation_the_peer_never_confirms_times_out(
         writer.write_eof()
         assert await asyncio.wait_for(reader.read(), LIMIT) == (
             b"still keyed by generation 0"
+        )
+        await close(writer)
+
+
+class LateKeys(UserspaceBackend):
+    """A userspace backend whose core gets the TLS keys a while after
+    the handshake: a peer whose NEW_KEY comes late."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def install_keys(
+        self,
+        transport: asyncio.BaseTransport,
+        keys: KeyMaterial,
+        *,
+        derive: KeyDerivation | None = None,
+    ) -> mptls.KeyInstall:
+        install = functools.partial(
+            super().install_keys, transport, keys, derive=derive
+        )
+        asyncio.get_running_loop().call_later(self.delay, install)
+        return mptls.KeyInstall(True, "installed later")
+
+
+async def test_paths_open_when_a_late_peer_confirms_the_first_keys(
+    pki: Pki,
+) -> None:
+    # the client gives up on generation 0 before the server's keys are
+    # there; the server's NEW_KEY then brings it back, and the second
+    # path, which had no keys to join with, opens after all
+    async with echo_server(pki, backend=LateKeys(0.6)) as served:
+        reader, writer = await connect(
+            served.port,
+            pki,
+            local_addrs=["127.0.0.1", "127.0.0.2"],
+            join_timeout=0.3,
+            join_rto=0.1,
+        )
+        await generation(writer, 0)
+        await established(writer, 2)
+        writer.write(b"over two paths after all")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), LIMIT) == (
+            b"over two paths after all"
         )
         await close(writer)
 

@@ -20,6 +20,7 @@ from memnet import (
     KEYS,
     Link,
     MemNet,
+    Pipe,
     established,
     generation_keys,
     has_data,
@@ -634,6 +635,48 @@ def test_answers_to_a_repeating_peer_are_spaced_and_few() -> None:
     expected = [min(n, NEW_KEY_ANSWERS) for n in range(1, NEW_KEY_ANSWERS + 3)]
     assert answered == expected
     assert net.client.key_generation == 0
+
+
+def lose_new_keys(
+    monkeypatch: pytest.MonkeyPatch, pipe: Pipe
+) -> list[Segment]:
+    """Drop every NEW_KEY put on ``pipe`` from now on; the dropped ones."""
+    lost: list[Segment] = []
+    put = pipe.put
+
+    def lossy(segment: Segment, at: float, now: float) -> None:
+        if option_of(segment, NewKey) is not None:
+            lost.append(segment)
+        else:
+            put(segment, at, now)
+
+    monkeypatch.setattr(pipe, "put", lossy)
+    return lost
+
+
+def test_a_generation_the_peer_dropped_can_be_confirmed_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every NEW_KEY of the server is lost while the client rotates: the
+    # server heard the client's and uses generation 1, the client never
+    # heard the server's and drops it. Once NEW_KEYs get through again,
+    # the client's next try must still get the server's answer, or the
+    # two ends stay on different generations for good
+    net = confirmed(established(e_net()))
+    down = net.link(0).to_client
+    with monkeypatch.context() as patch:
+        lost = lose_new_keys(patch, down)
+        assert net.client.request_rotation() == 1
+        run_for(net, net.client.config.join_timeout + 1.0)
+    assert len(lost) == 1 + NEW_KEY_ANSWERS
+    assert server_of(net).key_generation == 1
+    assert net.client.key_generation == 0
+    assert net.client.request_rotation() == 1
+    assert net.run(lambda: active(net, 1), max_time=net.now + 15.0)
+    # and then all is quiet: the two active ends do not echo
+    answered = len(new_keys(down.sent))
+    run_for(net, 30.0)
+    assert len(new_keys(down.sent)) == answered
 
 
 # joins, ADD_ADDR and MP_FASTCLOSE under E

@@ -218,7 +218,13 @@ class RotationMixin(ConnectionState):
             # apart, on another subflow where there is one: an active
             # peer that heard ours answers each answer in turn
             last = slot.answered_at
-            spaced = last is None or self._now - last >= self.config.join_rto
+            since = None if last is None else self._now - last
+            if since is not None and since >= self.config.join_timeout:
+                # quiet for as long as a peer waits for a confirmation:
+                # no echo, but a peer that dropped this generation and
+                # tries it again; unanswered, it never could
+                slot.answers = 0
+            spaced = since is None or since >= self.config.join_rto
             if slot.answers < NEW_KEY_ANSWERS and spaced:
                 slot.answers += 1
                 slot.answered_at = self._now

@@ -79,7 +79,8 @@ class KeySlot:
     send_due: bool = False
     # once active, how often ours went out again for a peer's NEW_KEY,
     # and when last: a few times, spaced, as two active ends would
-    # otherwise answer each other forever
+    # otherwise answer each other forever; after a join_timeout without
+    # one, the peer asks anew and gets a few more
     answers: int = 0
     answered_at: float | None = None
     retransmit_at: float | None = None

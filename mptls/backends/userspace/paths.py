@@ -175,7 +175,9 @@ class Paths:
 
         Called once keys protect joins (in E mode: once the peer has
         confirmed them), or once it is clear that none will: then the
-        connections opened ahead are closed.
+        connections opened ahead are closed. In E mode a peer may still
+        confirm the first keys after that: called again then, it opens
+        the paths afresh.
         """
         self._start_paths()
         parked, self._parked = self._parked, []
@@ -187,6 +189,9 @@ class Paths:
                 self._join(subflow)
             else:
                 subflow.close()
+        if not joining:
+            # the subflows opened ahead are gone
+            self._preconnected = False
 
     def subflow_closed(self) -> None:
         """A subflow closed: a client left with none joins again."""
@@ -236,16 +241,17 @@ class Paths:
     def _start_paths(self) -> None:
         if self._paths_started or self._closed:
             return
-        self._paths_started = True
         if not self._core.joins_allowed:
             # a downgraded connection (keys in the clear, not allowed)
-            # or one without keys: no join and no ADD_ADDR may follow
+            # or one without keys: no join and no ADD_ADDR may follow,
+            # unless E mode's first keys are confirmed late after all
             logger.debug(
                 "%s: no extra paths: %s",
                 self._owner.tag(),
                 self._core.info().keys_reason,
             )
             return
+        self._paths_started = True
         if self._initiator:
             if self._remote is None or self._preconnected:
                 return
