@@ -540,24 +540,29 @@ def forged(key_id: int, tag: bytes = b"\x5a" * 8) -> Segment:
     return Segment(Flag.ACK, (NewKey(key_id=key_id, tag=tag),))
 
 
-def test_forged_new_keys_cost_one_request_per_generation() -> None:
+def test_forged_new_keys_cost_one_request_and_start_nothing() -> None:
     net = confirmed(established(e_net()))
     net.derive = None
+    up = net.link(0).to_server.sent
+    sent_before = len(new_keys(up))
     for _ in range(5):
         net.inject(0, forged(1))
     run_for(net, 1.0)
     assert net.client_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
-    assert net.client.key_generation == 0
-    # the keys come: the remembered tag does not match, so the rotation
-    # waits for the real peer as if the client had started it
-    assert net.client.install_keys(generation_keys(1))
-    assert net.client.key_generation == 0
-    net.derive = generation_keys
-    confirmed(net, 1)
-    # more forgeries for the same generation ask for nothing more
-    net.inject(0, forged(0))
+    # the keys come, and the forged tag does not match them: not taken,
+    # no NEW_KEY of the client's, slot 1 untouched
+    assert not net.client.install_keys(generation_keys(1))
     net.inject(0, forged(1))
-    settle(net)
+    run_for(net, 1.0)
+    assert net.client.key_generation == 0
+    assert len(new_keys(up)) == sent_before
+    assert net.server_side.of_type(ev.KeysRequested) == []
+    assert count(net.client_side.events, ev.KeysRequested(1)) == 1
+    # the server's own rotation is checked against the keys kept aside:
+    # no second request, active on both ends
+    net.derive = generation_keys
+    assert server_of(net).request_rotation() == 1
+    confirmed(net, 1)
     assert count(net.client_side.events, ev.KeysRequested(1)) == 1
 
 

@@ -96,9 +96,14 @@ class RotationMixin(ConnectionState):
     def _next_generation(self) -> int:
         return 0 if self._generation is None else self._generation + 1
 
-    def _ask_keys(self, generation: int) -> int:
-        """Ask the adapter for ``generation``; it has join_timeout."""
+    def _ask_keys(self, generation: int, *, by_peer: bool = False) -> int:
+        """Ask the adapter for ``generation``; it has join_timeout.
+
+        ``by_peer``: only a peer's NEW_KEY asked for it, so the keys are
+        taken only if that NEW_KEY's tag matches them.
+        """
         self._requested = generation
+        self._requested_by_peer = by_peer
         self._requested_until = self._now + self.config.join_timeout
         logger.debug(
             "[%s] asking for key generation %d", self._tag(), generation
@@ -118,17 +123,32 @@ class RotationMixin(ConnectionState):
         ):
             return False
         key_id = generation & 1
+        tag, self._peer_tags[key_id] = self._peer_tags[key_id], None
+        matched = tag is not None and self._peer_tag_matches(keys, tag)
         deadline = self._now + self.config.join_timeout
         if self._requested == generation:
             # the clock started when the core asked for them
             deadline = self._requested_until
+            if self._requested_by_peer and not matched:
+                # the NEW_KEY that asked for them was not the peer's: a
+                # forgery starts no rotation and replaces no slot. The
+                # keys wait for the peer's own NEW_KEY, if one comes
+                self._requested = None
+                self._spare_keys = keys
+                logger.debug(
+                    "[%s] the NEW_KEY that asked for key generation %d "
+                    "does not match it: not taken",
+                    self._tag(),
+                    generation,
+                )
+                return False
         slot = KeySlot(keys, deadline=deadline, rto=self.config.join_rto)
         # this replaces generation n - 2: joins naming its K now wait
         self._slots[key_id] = slot
         self._pending = generation
         self._requested = None
-        tag, self._peer_tags[key_id] = self._peer_tags[key_id], None
-        if tag is not None and self._peer_tag_matches(keys, tag):
+        self._spare_keys = None
+        if matched:
             # the peer sent its NEW_KEY first: it asked for this one
             slot.confirmed = True
         logger.info(
@@ -243,14 +263,21 @@ class RotationMixin(ConnectionState):
         starts; its tag is kept (the latest one) and checked when those
         keys come. They are asked for unless they are already asked for
         or pending, and not before generation 0 was installed (TLS
-        brings that one). The request either brings the generation in,
-        after which only the one after it can be asked for, or fails
-        after ``join_timeout``: whatever a forger sends, it costs one
-        exporter call per generation, or per ``join_timeout`` at most.
+        brings that one). Keys asked for this way are taken only if the
+        tag matches them; otherwise they are kept aside, and a later
+        NEW_KEY is checked against them with no new request. So a
+        forger's NEW_KEYs cost one exporter call per generation and
+        start nothing, while the peer's own still starts its rotation.
         """
         generation = self._next_generation()
         if key_id != generation & 1 or generation > MAX_GENERATION:
             logger.debug("[%s] NEW_KEY matches no key", self._tag())
+            return
+        spare = self._spare_keys
+        if spare is not None and spare.generation == generation:
+            if self._peer_tag_matches(spare, tag):
+                self._peer_tags[key_id] = tag
+                self._install_rotation_keys(spare)
             return
         self._peer_tags[key_id] = tag
         first_not_yet = (
@@ -258,7 +285,7 @@ class RotationMixin(ConnectionState):
         )
         if first_not_yet or self._requested is not None:
             return
-        self._ask_keys(generation)
+        self._ask_keys(generation, by_peer=True)
 
     # activation and failure
 

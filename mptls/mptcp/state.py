@@ -132,6 +132,11 @@ class ConnectionState:
         self._pending: int | None = None
         self._requested: int | None = None
         self._requested_until = 0.0
+        # asked for only because a peer's NEW_KEY named it: taken only
+        # if that NEW_KEY's tag matches the keys; if not, they wait here
+        # for a NEW_KEY that does, with no second exporter call
+        self._requested_by_peer = False
+        self._spare_keys: KeyMaterial | None = None
         # per K, the latest peer NEW_KEY tag that matched nothing yet
         self._peer_tags: list[bytes | None] = [None, None]
         self._first_keys_failed = False
