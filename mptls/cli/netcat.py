@@ -594,9 +594,11 @@ def _with_hint(
     if args.mode not in ("rfc8684", "E"):
         return exc
     # a G-only server resets an MP_CAPABLE that carries keys in the
-    # clear, or that asks for E
+    # clear, or that asks for E; the library's own hint speaks of the
+    # API's keywords, this one of the command's
     return PeerResetError(
-        f"{text} (the server may not accept --mode {args.mode})",
+        "peer reset the MPTCP handshake "
+        f"(the server may not accept --mode {args.mode})",
         reset_reason=exc.reset_reason,
     )
 
