@@ -557,6 +557,37 @@ async def test_a_bad_key_rotation_interval_is_refused_at_the_call(
         )
 
 
+async def test_a_rotation_interval_without_mode_e_is_refused(
+    pki: Pki,
+) -> None:
+    # only E rotates: without E the interval would be dropped in
+    # silence, where the CLI refuses --rotate-every
+    with pytest.raises(ConfigurationError, match="needs mode E"):
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), key_rotation_interval=5
+        )
+    with pytest.raises(ConfigurationError, match="needs mode E"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            modes=["G", "rfc8684"],
+            key_rotation_interval=5,
+        )
+    # a server that accepts E next to G rotates its E connections
+    server = await mptls.start_server(
+        noop,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        modes=["G", "E"],
+        key_rotation_interval=5,
+    )
+    server.close()
+    await server.wait_closed()
+
+
 async def test_an_unknown_mode_names_the_modes(pki: Pki) -> None:
     with pytest.raises(ConfigurationError, match="'G', 'E' or 'rfc8684'"):
         await mptls.open_connection("127.0.0.1", 9, ssl=pki.client(), mode="H")
