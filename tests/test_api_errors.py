@@ -626,6 +626,33 @@ async def test_a_userspace_option_on_the_kernel_backend_names_its_stand_in(
 
 
 @pytest.mark.parametrize(
+    "options",
+    [{"mode": "E"}, {"mode": "G"}, {"key_rotation_interval": 5.0}],
+    ids=["mode-E", "mode-G", "interval"],
+)
+async def test_a_mode_on_the_kernel_backend_says_which_backend_has_it(
+    pki: Pki, options: dict[str, object]
+) -> None:
+    # a newcomer trying mode E (or rotation) with backend="kernel" was
+    # told only that the option is unknown there
+    with pytest.raises(ConfigurationError) as caught:
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), backend="kernel", **options
+        )
+    assert "own RFC 8684 MPTCP" in str(caught.value)
+    assert "backend='userspace'" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="backend='userspace'"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            backend="kernel",
+            modes=["E"],
+        )
+
+
+@pytest.mark.parametrize(
     ("keyword", "advice"),
     [
         ("local_addr", "use local_addrs="),
