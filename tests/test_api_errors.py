@@ -557,6 +557,37 @@ async def test_a_bad_key_rotation_interval_is_refused_at_the_call(
         )
 
 
+async def test_a_rotation_interval_without_mode_e_is_refused(
+    pki: Pki,
+) -> None:
+    # only E rotates: without E the interval would be dropped in
+    # silence, where the CLI refuses --rotate-every
+    with pytest.raises(ConfigurationError, match="needs mode E"):
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), key_rotation_interval=5
+        )
+    with pytest.raises(ConfigurationError, match="needs mode E"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            modes=["G", "rfc8684"],
+            key_rotation_interval=5,
+        )
+    # a server that accepts E next to G rotates its E connections
+    server = await mptls.start_server(
+        noop,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        modes=["G", "E"],
+        key_rotation_interval=5,
+    )
+    server.close()
+    await server.wait_closed()
+
+
 async def test_an_unknown_mode_names_the_modes(pki: Pki) -> None:
     with pytest.raises(ConfigurationError, match="'G', 'E' or 'rfc8684'"):
         await mptls.open_connection("127.0.0.1", 9, ssl=pki.client(), mode="H")
@@ -592,6 +623,33 @@ async def test_a_userspace_option_on_the_kernel_backend_names_its_stand_in(
     assert "close_timeout" in message
     assert "for close_timeout, use ssl_shutdown_timeout" in message
     assert "manage_paths" in message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"mode": "E"}, {"mode": "G"}, {"key_rotation_interval": 5.0}],
+    ids=["mode-E", "mode-G", "interval"],
+)
+async def test_a_mode_on_the_kernel_backend_says_which_backend_has_it(
+    pki: Pki, options: dict[str, object]
+) -> None:
+    # a newcomer trying mode E (or rotation) with backend="kernel" was
+    # told only that the option is unknown there
+    with pytest.raises(ConfigurationError) as caught:
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), backend="kernel", **options
+        )
+    assert "own RFC 8684 MPTCP" in str(caught.value)
+    assert "backend='userspace'" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="backend='userspace'"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            backend="kernel",
+            modes=["E"],
+        )
 
 
 @pytest.mark.parametrize(

@@ -806,24 +806,31 @@ async def test_a_killed_server_ends_a_client_in_one_line(
 
 
 @pytest.mark.parametrize(
-    ("argv", "hint"),
+    ("served", "argv", "hint"),
     [
-        ([], "(pass the server's CA with --cafile)"),
+        ([], [], "(pass the server's CA with --cafile)"),
         (
+            [],
             ["--cafile", "ca.pem", "--mode", "rfc8684"],
             "(the server may not accept --mode rfc8684)",
         ),
         (
+            [],
             ["--cafile", "ca.pem", "--mode", "e"],
             "(the server may not accept --mode E)",
         ),
+        (
+            ["--mode", "E"],
+            ["--cafile", "ca.pem"],
+            "(the server may not accept --mode G)",
+        ),
     ],
-    ids=["no-cafile", "rfc8684-to-G", "E-to-G"],
+    ids=["no-cafile", "rfc8684-to-G", "E-to-G", "G-to-E"],
 )
 def test_failed_handshakes_say_what_to_try(
-    certs: Path, argv: list[str], hint: str
+    certs: Path, served: list[str], argv: list[str], hint: str
 ) -> None:
-    with serving(certs) as (_, port):
+    with serving(certs, *served) as (_, port):
         client = run_mptls(
             "connect", "127.0.0.1", port, *argv, cwd=certs, stdin=b"x\n"
         )

@@ -443,6 +443,25 @@ async def test_the_kernel_backend_cannot_rotate(pki: Pki) -> None:
         await close(writer)
 
 
+@pytest.mark.parametrize(
+    ("client", "server"),
+    [("E", "G"), ("G", "E")],
+    ids=["E-to-G", "G-to-E"],
+)
+async def test_a_mode_the_server_refuses_is_named_in_the_error(
+    pki: Pki, client: str, server: str
+) -> None:
+    # the server resets with MP_TCPRST 0x03; the bare "peer reset"
+    # left the user guessing that the modes differ
+    async with echo_server(pki, mode=server) as served:
+        with pytest.raises(
+            mptls.PeerResetError,
+            match=f"the server may not accept mode {client}",
+        ) as caught:
+            await connect(served.port, pki, mode=client)
+    assert caught.value.reset_reason == 0x03
+
+
 async def test_e_with_several_workers_is_refused(pki: Pki) -> None:
     # before any worker process starts
     with pytest.raises(mptls.ConfigurationError, match="several workers"):

@@ -337,6 +337,17 @@ def test_pending_keys_allow_no_join_and_say_why() -> None:
         net.client.request_rotation()
 
 
+def test_a_rotation_before_the_first_keys_says_when_to_ask() -> None:
+    # right after open_connection the client's first keys may still
+    # wait for the peer's NEW_KEY: the error says what to wait for
+    net = e_net(server_keys_at=5.0)
+    established(net)
+    with pytest.raises(
+        KeysUnavailableError, match=r"NEW_KEY.*once key_generation is set"
+    ):
+        net.client.request_rotation()
+
+
 def test_new_key_is_retransmitted_with_backoff_until_confirmed() -> None:
     net = e_net(server_keys_at=2.0)
     established(net)

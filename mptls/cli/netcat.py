@@ -45,6 +45,7 @@ from mptls.cli.common import (
     summarize_capture,
 )
 from mptls.errors import CertificateError, MptlsError, PeerResetError
+from mptls.mptcp.options import ResetReason
 from mptls.trace import Capture
 
 if TYPE_CHECKING:
@@ -591,12 +592,15 @@ def _with_hint(
             alert=exc.alert,
             verify_code=exc.verify_code,
         )
-    if args.mode not in ("rfc8684", "E"):
+    if exc.reset_reason != ResetReason.ADMINISTRATIVELY_PROHIBITED:
         return exc
-    # a G-only server resets an MP_CAPABLE that carries keys in the
-    # clear, or that asks for E
+    # a server resets an MP_CAPABLE that offers no mode it accepts: keys
+    # in the clear or E to a G-only server, G to an E-only one; the
+    # library's own hint speaks of the API's keywords, this one of the
+    # command's
     return PeerResetError(
-        f"{text} (the server may not accept --mode {args.mode})",
+        "peer reset the MPTCP handshake "
+        f"(the server may not accept --mode {args.mode or 'G'})",
         reset_reason=exc.reset_reason,
     )
 

@@ -85,7 +85,8 @@ class ConnectionConfig:
     ack_delay: float = 0.02
     # mode E: ask for the next key generation this long after each one
     # became active (None: only when asked, or when the peer starts
-    # one); ignored in the other modes
+    # one); ignored in the other modes (the public API refuses it where
+    # no E connection can come)
     key_rotation_interval: float | None = None
 
     def __post_init__(self) -> None:

@@ -57,7 +57,7 @@ class ResetsMixin(ConnectionState):
             subflow.set_state(_S.CLOSED)
             self._finish(
                 PeerResetError(
-                    "peer reset the MPTCP handshake", reset_reason=code
+                    self._handshake_reset_message(code), reset_reason=code
                 )
             )
             return
@@ -68,6 +68,26 @@ class ResetsMixin(ConnectionState):
         self._close_subflow(subflow, "reset by peer", code)
         if was_join and code == ResetReason.MPTCP_ERROR:
             self._join_refused_for_good()
+
+    def _handshake_reset_message(self, code: int | None) -> str:
+        """Why the peer reset the MPTCP handshake, as far as one can tell.
+
+        A server refuses an MP_CAPABLE that offers no mode it accepts
+        with MP_TCPRST 0x03 (administratively prohibited); an mptls
+        client asks for nothing else a server could prohibit, so its
+        mode is the likely cause and the user can act on it.
+        """
+        message = "peer reset the MPTCP handshake"
+        if (
+            self.is_initiator
+            and code == ResetReason.ADMINISTRATIVELY_PROHIBITED
+        ):
+            message += (
+                " (MP_TCPRST 0x03, administratively prohibited): the server "
+                f"may not accept mode {self.config.mode.value}; a server "
+                "accepts G only unless its mode= or modes= names others"
+            )
+        return message
 
     def _join_refused_for_good(self) -> None:
         """A join failed on its token or HMAC while no subflow is left.

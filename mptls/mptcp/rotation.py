@@ -70,9 +70,16 @@ class RotationMixin(ConnectionState):
         self._check_rotation_allowed()
         current = self._generation
         if current is None:
-            raise KeysUnavailableError(
-                self._keys_reason() or "no key generation is active"
-            )
+            reason = self._keys_reason() or "no key generation is active"
+            if self._pending is not None:
+                # right after the TLS handshake the first keys may still
+                # wait for the peer's NEW_KEY, about a round trip
+                reason += (
+                    ": there is no generation to rotate from yet; ask "
+                    "again once key_generation is set (in "
+                    "get_extra_info('mptcp') on a transport)"
+                )
+            raise KeysUnavailableError(reason)
         if self._pending is not None:
             return self._pending
         if self._requested is not None:

@@ -53,6 +53,9 @@ SERVER_OPTIONS = frozenset(
 
 # userspace backend options and what stands for them here
 _EQUIVALENTS = {"close_timeout": "ssl_shutdown_timeout"}
+# userspace backend options with no stand-in: the kernel's MPTCP has
+# no mode to choose and no keys of ours to rotate
+_USERSPACE_ONLY = frozenset({"mode", "modes", "key_rotation_interval"})
 
 
 def _check_options(given: dict[str, Any], known: frozenset[str]) -> None:
@@ -63,6 +66,12 @@ def _check_options(given: dict[str, Any], known: frozenset[str]) -> None:
             for name in unknown
             if name in _EQUIVALENTS
         )
+        if _USERSPACE_ONLY.intersection(unknown):
+            hints += (
+                "; the kernel runs its own RFC 8684 MPTCP: for a mode "
+                "(E, with key rotation, G or rfc8684) use "
+                "backend='userspace'"
+            )
         raise ConfigurationError(
             f"the kernel backend does not know option(s) "
             f"{', '.join(unknown)}; beside the keywords of asyncio's call "

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
 from mptls.backends.base import (
@@ -355,6 +355,24 @@ def _check_settings(settings: dict[str, Any], taken: frozenset[str]) -> None:
         )
 
 
+def _check_rotation(
+    settings: dict[str, Any], modes: Set[Mode], remedy: str
+) -> None:
+    """``key_rotation_interval`` only where an E connection can come.
+
+    The core ignores it in the other modes; a caller who set it expects
+    rotations, so it is refused here, as the CLI refuses --rotate-every
+    without --mode E.
+    """
+    if settings.get("key_rotation_interval") is None or Mode.E in modes:
+        return
+    named = ", ".join(sorted(mode.value for mode in modes))
+    raise ConfigurationError(
+        "key_rotation_interval needs mode E: only E rotates keys, and "
+        f"this end runs {named}; pass {remedy} or leave the interval out"
+    )
+
+
 def client_config(
     mode: str | Mode = "G",
     *,
@@ -369,6 +387,7 @@ def client_config(
     """
     _check_settings(settings, frozenset({"mode"}))
     chosen = parse_mode(mode)
+    _check_rotation(settings, {chosen}, 'mode="E"')
     if allow_cleartext_keys is None:
         allow_cleartext_keys = chosen is Mode.RFC8684
     return ConnectionConfig(
@@ -397,6 +416,7 @@ def server_config(
     accepted = frozenset(parse_mode(mode) for mode in modes)
     if not accepted:
         raise ConfigurationError("a server must accept at least one mode")
+    _check_rotation(settings, accepted, '"E" in modes=')
     if allow_cleartext_keys is None:
         allow_cleartext_keys = Mode.RFC8684 in accepted
     preferred = next(mode for mode in _SERVER_PREFERENCE if mode in accepted)
