@@ -410,6 +410,19 @@ async def test_paths_open_when_a_late_peer_confirms_the_first_keys(
         await close(writer)
 
 
+async def test_rotate_keys_right_after_connecting_waits_for_the_first_keys(
+    pki: Pki,
+) -> None:
+    # the server's NEW_KEY for generation 0 comes half a second after
+    # the handshake: a rotation asked for at once waits for it
+    async with echo_server(pki, backend=LateKeys(0.5)) as served:
+        _, writer = await connect(served.port, pki)
+        assert info(writer).key_generation is None
+        assert await rotate(writer) == 1
+        assert info(writer).key_generation == 1
+        await close(writer)
+
+
 # refusals
 
 

@@ -55,6 +55,11 @@ class RotationMixin(ConnectionState):
         """Mode E: the active key generation, None before the first."""
         return self._generation
 
+    @property
+    def first_keys_pending(self) -> bool:
+        """Mode E: generation 0 is installed and waits for the peer."""
+        return self._generation is None and self._pending == 0
+
     # the next generation, asked for
 
     def request_rotation(self) -> int:

@@ -560,8 +560,10 @@ class MultipathTransport(asyncio.Transport):
         """Move to the next key generation; returns it once it is in use.
 
         E mode only (:class:`~mptls.errors.ConfigurationError`
-        otherwise). :class:`~mptls.errors.KeysUnavailableError` before
-        the first keys are confirmed, or when the connection ends first;
+        otherwise). Right after the TLS handshake the first keys may
+        still wait for the peer's NEW_KEY: the call waits for them
+        first. :class:`~mptls.errors.KeysUnavailableError` when the
+        first keys were never confirmed, or the connection ends first;
         :class:`~mptls.errors.MptlsTimeoutError` when the peer does not
         confirm the new keys. Calls made while a rotation is under way
         wait for that one.
@@ -570,15 +572,29 @@ class MultipathTransport(asyncio.Transport):
             raise KeysUnavailableError(
                 "the connection is closed: no keys to rotate"
             )
+        if self._core.first_keys_pending:
+            try:
+                await self._generation_in_use(0)
+            except MptlsTimeoutError as exc:
+                raise KeysUnavailableError(
+                    f"no keys to rotate: {exc}"
+                ) from exc
         # the core checks the mode and that generation 0 is in use
         generation = self._core.request_rotation()
+        # the request goes out (and may even be answered) in this step
+        return await self._generation_in_use(generation, process=True)
+
+    async def _generation_in_use(
+        self, generation: int, *, process: bool = False
+    ) -> int:
+        """Wait until the core reports ``generation`` active (or not)."""
         waiter = self._rotations.get(generation)
         if waiter is None:
             waiter = self._loop.create_future()
             waiter.add_done_callback(_retrieve)
             self._rotations[generation] = waiter
-        # the request goes out (and may even be answered) in this step
-        self.process()
+        if process:
+            self.process()
         # the core gives up on its own after join_timeout; this bounds
         # the wait should its word never come
         limit = 2 * self._core.config.join_timeout
