@@ -417,8 +417,12 @@ async def test_rotate_keys_right_after_connecting_waits_for_the_first_keys(
     # the handshake: a rotation asked for at once waits for it
     async with echo_server(pki, backend=LateKeys(0.5)) as served:
         _, writer = await connect(served.port, pki)
-        assert info(writer).key_generation is None
+        waiting = info(writer)
+        assert waiting.key_generation is None
+        assert not waiting.keys_installed
+        assert "NEW_KEY" in waiting.keys_reason
         assert await rotate(writer) == 1
+        assert info(writer).keys_installed
         assert info(writer).key_generation == 1
         await close(writer)
 

@@ -782,9 +782,12 @@ def _with_key_state(
     if install is None:
         return info
     reason = info.keys_reason or install.reason
+    # mode E's keys are in use only once the peer confirmed them, which
+    # the backend alone knows
+    installed = info.keys_installed or (install.installed and info.mode != "E")
     return dataclasses.replace(
         info,
-        keys_installed=info.keys_installed or install.installed,
+        keys_installed=installed,
         keys_reason=reason,
         # a backend that rotates keys names the generation in use
         key_fingerprint=info.key_fingerprint or fingerprint,
