@@ -338,7 +338,7 @@ def check_e_server(
         raise ConfigurationError(
             "E mode cannot go with a server_id: its 32-bit tokens have "
             "no room for one, so a load balancer could not route joins "
-            "by it; leave server_id at 0 or do not accept E"
+            "by it; leave server_id (--server-id) at 0 or do not accept E"
         )
 
 
