@@ -577,6 +577,21 @@ def test_forged_new_keys_cost_one_request_and_start_nothing() -> None:
     assert count(net.client_side.events, ev.KeysRequested(1)) == 1
 
 
+def test_our_own_request_takes_the_keys_a_forged_new_key_asked_for() -> None:
+    # a forged NEW_KEY asked for generation 1; while its keys are on
+    # their way, this end wants the rotation too: the keys are then
+    # ours to start it with, whatever the forged tag said
+    net = confirmed(established(e_net()))
+    net.derive = None
+    net.inject(0, forged(1))
+    run_for(net, 0.1)
+    assert net.client_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
+    assert net.client.request_rotation() == 1
+    assert net.client.install_keys(generation_keys(1))
+    net.derive = generation_keys
+    confirmed(net, 1)
+
+
 def test_a_forged_new_key_for_the_current_slot_is_ignored() -> None:
     net = confirmed(established(e_net()))
     net.inject(0, forged(0))
@@ -925,6 +940,20 @@ def test_key_rotation_interval_rotates_after_each_activation() -> None:
     assert times[3] - times[2] == pytest.approx(5.0, abs=0.05)
     # the server, without the setting, only followed
     assert server_of(net).config.key_rotation_interval is None
+
+
+def test_the_interval_takes_the_keys_a_forged_new_key_asked_for() -> None:
+    # the interval falls due while a forged NEW_KEY's request is open:
+    # the keys that come start the rotation, and the interval goes on
+    config = ConnectionConfig(mode=Mode.E, key_rotation_interval=5.0)
+    net = confirmed(established(e_net(config)))
+    net.derive = None
+    net.inject(0, forged(1))
+    run_for(net, 5.5)
+    assert net.client_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
+    assert net.client.install_keys(generation_keys(1))
+    net.derive = generation_keys
+    confirmed(net, 2)
 
 
 def test_key_rotation_interval_is_ignored_outside_e() -> None:

@@ -88,7 +88,7 @@ class RotationMixin(ConnectionState):
         if self._pending is not None:
             return self._pending
         if self._requested is not None:
-            return self._requested
+            return self._claim_request(self._requested)
         if current >= MAX_GENERATION:
             raise MptlsError("every key generation of the connection is used")
         return self._ask_keys(current + 1)
@@ -104,6 +104,15 @@ class RotationMixin(ConnectionState):
             )
         if self._closed:
             raise MptlsError("the connection is closed")
+
+    def _claim_request(self, generation: int) -> int:
+        """This end wants ``generation`` too: its keys start a rotation.
+
+        Asked for by a peer's NEW_KEY alone, they would be put aside if
+        that tag did not match them, and this end's rotation with them.
+        """
+        self._requested_by_peer = False
+        return generation
 
     def _next_generation(self) -> int:
         return 0 if self._generation is None else self._generation + 1
@@ -394,9 +403,11 @@ class RotationMixin(ConnectionState):
         """key_rotation_interval passed: the next generation, unless one
         is under way already (its end schedules the next)."""
         current = self._generation
+        if self._requested is not None:
+            self._claim_request(self._requested)
+            return
         if (
             self._pending is not None
-            or self._requested is not None
             or current is None
             or current >= MAX_GENERATION
         ):
