@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -668,6 +669,31 @@ def test_serve_and_connect_in_mode_e(certs: Path) -> None:
         # the status after the close names the generation in use
         assert ", generation " in status.splitlines()[-3], status
         assert server.wait(timeout=COMMAND_TIMEOUT) == 0
+
+
+def test_status_line_of_mode_e_keys_not_in_use_yet() -> None:
+    # an E connection whose peer has not confirmed the first keys: they
+    # came from TLS (fingerprint) but protect nothing yet
+    waiting = "waiting for the peer to confirm the keys (NEW_KEY)"
+    info = mptls.MptcpInfo(
+        backend="userspace",
+        mode="E",
+        local_token="0a0b0c0d",
+        remote_token="01020304",
+        keys_installed=False,
+        keys_reason=waiting,
+        key_fingerprint="1a2b3c4d",
+    )
+    keys = netcat.describe_connection(info)[2]
+    assert (
+        keys
+        == f"keys from TLS, fingerprint 1a2b3c4d, not in use yet: {waiting}"
+    )
+    confirmed = dataclasses.replace(
+        info, keys_installed=True, keys_reason="", key_generation=2
+    )
+    keys = netcat.describe_connection(confirmed)[2]
+    assert keys == "keys from TLS, fingerprint 1a2b3c4d, generation 2"
 
 
 @pytest.mark.parametrize(

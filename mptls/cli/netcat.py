@@ -83,12 +83,7 @@ def describe_connection(info: MptcpInfo | None) -> list[str]:
         + (", fell back to plain TCP" if info.fallback else ""),
         f"tokens local {info.local_token or '-'} "
         f"remote {info.remote_token or '-'}",
-        "keys "
-        + (
-            f"from TLS, fingerprint {info.key_fingerprint}" + _generation(info)
-            if info.keys_installed
-            else f"not installed ({info.keys_reason or 'no reason given'})"
-        ),
+        _keys_line(info),
     ]
     for subflow in info.subflows:
         lines.append(
@@ -98,6 +93,17 @@ def describe_connection(info: MptcpInfo | None) -> list[str]:
             f"sent {subflow.bytes_sent} received {subflow.bytes_received}"
         )
     return lines
+
+
+def _keys_line(info: MptcpInfo) -> str:
+    # E mode's keys come from TLS but are in use only once the peer
+    # confirmed them; until then keys_installed is False, yet the
+    # fingerprint is worth showing beside the reason
+    pending_e = info.mode == "E" and info.key_fingerprint is not None
+    if info.keys_installed or pending_e:
+        fingerprint = f"from TLS, fingerprint {info.key_fingerprint}"
+        return "keys " + fingerprint + _generation(info)
+    return f"keys not installed ({info.keys_reason or 'no reason given'})"
 
 
 def _generation(info: MptcpInfo) -> str:
