@@ -175,7 +175,9 @@ class Backend(abc.ABC):
     async def rotate_keys(self, transport: asyncio.BaseTransport) -> int:
         """Move the connection behind ``transport`` to its next keys.
 
-        Returns the new key generation once both ends use it. Raises
+        Returns the new key generation once this end uses it, which is
+        only after the peer confirmed it (the peer may take one more
+        NEW_KEY to follow when it started the rotation itself). Raises
         :class:`~mptls.errors.ConfigurationError` where the connection
         or the backend cannot rotate keys,
         :class:`~mptls.errors.KeysUnavailableError` before the first
