@@ -88,6 +88,17 @@ def file_limit(needed: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+async def echo(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A server handler: send back everything read, then half-close."""
+    while data := await reader.read(PIECE):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    await writer.drain()
+
+
 class EchoServer:
     """Echoes each connection; counts the ones fully closed."""
 

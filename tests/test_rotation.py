@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from pcapfile import ACK, SYN, read_pcap
 from pki import Pki
-from support import established, usable_backend
+from support import echo, established, usable_backend
 
 import mptls
 from mptls.backends.base import KeyDerivation, Server
@@ -35,16 +35,6 @@ from mptls.trace import capture
 CHUNK = 64 * 1024
 # every wait of these tests ends within this, or the test fails
 LIMIT = 10.0
-
-
-async def echo(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    while data := await reader.read(CHUNK):
-        writer.write(data)
-        await writer.drain()
-    writer.write_eof()
-    await writer.drain()
 
 
 class EchoServer:
@@ -106,6 +96,18 @@ async def close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(ConnectionError, mptls.MptlsError):
         await asyncio.wait_for(writer.wait_closed(), LIMIT)
+
+
+async def echo_then_close(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    message: bytes,
+) -> None:
+    """Send ``message``, half-close, check it comes back whole, close."""
+    writer.write(message)
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), LIMIT) == message
+    await close(writer)
 
 
 def info(writer: asyncio.StreamWriter) -> mptls.MptcpInfo:
@@ -236,12 +238,7 @@ async def test_two_calls_at_once_share_one_rotation(pki: Pki) -> None:
         first, second = await asyncio.gather(rotate(writer), rotate(writer))
         assert first == second == 1
         assert await rotate(writer) == 2
-        writer.write(b"after two rotations")
-        writer.write_eof()
-        assert await asyncio.wait_for(reader.read(), LIMIT) == (
-            b"after two rotations"
-        )
-        await close(writer)
+        await echo_then_close(reader, writer, b"after two rotations")
 
 
 async def test_either_end_may_rotate(pki: Pki) -> None:
@@ -281,12 +278,7 @@ async def test_a_join_after_a_rotation_names_the_new_key(
         assert joined.local_address[0] == "127.0.0.2"
 
         # the data still flows, over both subflows now
-        writer.write(b"joined under generation 1")
-        writer.write_eof()
-        assert await asyncio.wait_for(reader.read(), LIMIT) == (
-            b"joined under generation 1"
-        )
-        await close(writer)
+        await echo_then_close(reader, writer, b"joined under generation 1")
 
     # the SYN named key id 1 (the slot of generation 1), the SYN/ACK
     # echoed it; the server's slot 0 still held generation 0, so a join
@@ -317,12 +309,7 @@ async def test_the_rotation_interval_rotates_by_itself(pki: Pki) -> None:
         await generation(writer, 2)
         server_side = await served.next_writer()
         await generation(server_side, 2)
-        writer.write(b"rotated twice")
-        writer.write_eof()
-        assert await asyncio.wait_for(reader.read(), LIMIT) == (
-            b"rotated twice"
-        )
-        await close(writer)
+        await echo_then_close(reader, writer, b"rotated twice")
 
 
 class NoLaterKeys(UserspaceBackend):
@@ -356,12 +343,7 @@ async def test_a_rotation_the_peer_never_confirms_times_out(
         # the server said why; the keys in use did not change
         assert "cannot export key generation 1" in caplog.text
         assert info(writer).key_generation == 0
-        writer.write(b"still keyed by generation 0")
-        writer.write_eof()
-        assert await asyncio.wait_for(reader.read(), LIMIT) == (
-            b"still keyed by generation 0"
-        )
-        await close(writer)
+        await echo_then_close(reader, writer, b"still keyed by generation 0")
 
 
 class LateKeys(UserspaceBackend):
@@ -402,12 +384,7 @@ async def test_paths_open_when_a_late_peer_confirms_the_first_keys(
         )
         await generation(writer, 0)
         await established(writer, 2)
-        writer.write(b"over two paths after all")
-        writer.write_eof()
-        assert await asyncio.wait_for(reader.read(), LIMIT) == (
-            b"over two paths after all"
-        )
-        await close(writer)
+        await echo_then_close(reader, writer, b"over two paths after all")
 
 
 async def test_rotate_keys_right_after_connecting_waits_for_the_first_keys(

@@ -16,6 +16,7 @@ import pytest
 from pki import Pki
 from support import (
     answer_streamer,
+    echo,
     is_paused,
     leave,
     reporting_to,
@@ -37,16 +38,6 @@ Handler = Callable[
 ]
 
 CHUNK = 256 * 1024
-
-
-async def echo(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    while data := await reader.read(CHUNK):
-        writer.write(data)
-        await writer.drain()
-    writer.write_eof()
-    await writer.drain()
 
 
 class Served:

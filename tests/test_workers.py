@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from pki import Pki
+from support import echo as echo_back
 
 import mptls
 from mptls.backends.userspace.restarts import RESTART_LIMIT
@@ -36,18 +37,13 @@ from mptls.backends.userspace.workers import (
 from mptls.mptcp.tokens import TokenLayout, token_fields
 
 SERVER_ID = 9
-CHUNK = 64 * 1024
 
 
 async def echo(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     """The workers' handler: send everything back, then close."""
-    while data := await reader.read(CHUNK):
-        writer.write(data)
-        await writer.drain()
-    writer.write_eof()
-    await writer.drain()
+    await echo_back(reader, writer)
     writer.close()
 
 
