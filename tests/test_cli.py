@@ -24,7 +24,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from support import COMMAND_TIMEOUT, readline_within, run_mptls, serving
+from support import (
+    COMMAND_TIMEOUT,
+    readline_within,
+    run_mptls,
+    served_by,
+    serving,
+)
 
 import mptls
 from mptls.bench import RunRecord
@@ -706,18 +712,7 @@ def test_status_line_of_mode_e_keys_not_in_use_yet() -> None:
 def test_serve_refuses_mode_e_where_tokens_route_joins(
     certs: Path, options: list[str], match: str
 ) -> None:
-    result = run_mptls(
-        "serve",
-        "--port",
-        "0",
-        "--cert",
-        str(certs / "server.pem"),
-        "--key",
-        str(certs / "server.key"),
-        "--mode",
-        "e",
-        *options,
-    )
+    result = run_mptls(*served_by(certs), "--mode", "e", *options)
     error = result.stderr.decode()
     assert result.returncode == 2, error
     [line] = error.splitlines()
