@@ -788,14 +788,20 @@ def test_a_join_naming_a_pending_slot_waits_then_times_out() -> None:
     assert [c.reason for c in closed] == ["join timed out"]
 
 
-def test_the_previous_generation_verifies_until_replaced() -> None:
-    net = confirmed(established(e_net()))
+def join_on_the_previous_key(net: MemNet) -> Link:
+    """Rotate to generation 1, then a raw join naming K = 0, which
+    generation 0 still holds: its SYN|ACK is keyed by generation 0."""
     net.client.request_rotation()
     confirmed(net, 1)
-    # K=0 still names generation 0
     raw = raw_join(net, key_id=0)
     net.run(lambda: raw.inbox != [])
     assert syn_ack_matches(raw, KEYS, key_id=0)
+    return raw
+
+
+def test_the_previous_generation_verifies_until_replaced() -> None:
+    net = confirmed(established(e_net()))
+    raw = join_on_the_previous_key(net)
     assert finish_raw_join(net, raw, KEYS).flags == Flag.ACK
     # generation 2 replaces it: a join keyed by generation 0 now fails
     net.client.request_rotation()
@@ -1060,12 +1066,7 @@ def test_a_syn_ack_must_echo_the_joins_k() -> None:
 
 def test_a_join_answered_with_one_generation_ends_with_it() -> None:
     net = confirmed(established(e_net()))
-    net.client.request_rotation()
-    confirmed(net, 1)
-    # answered with generation 0, which K=0 names now
-    raw = raw_join(net, key_id=0)
-    net.run(lambda: raw.inbox != [])
-    assert syn_ack_matches(raw, KEYS, key_id=0)
+    raw = join_on_the_previous_key(net)
     # generation 2 takes slot 0 before the third ACK
     net.client.request_rotation()
     confirmed(net, 2)
