@@ -4,7 +4,7 @@
 kernel-backend server, which sees an MPTCP connection (and sees a
 fallback when the same client runs without mptcpize); the mptls
 kernel-backend client talks to ``openssl s_server`` under mptcpize. All
-on loopback. Needs the ``mptcpd`` (mptcpize) and ``openssl`` packages.
+on loopback. Needs the ``mptcpize`` and ``openssl`` packages.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ TIMEOUT = 15.0
 def _needs_tools() -> None:
     for tool in ("mptcpize", "openssl"):
         if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool} (Debian packages mptcpd, openssl)")
+            pytest.skip(f"needs {tool} (Debian packages mptcpize, openssl)")
     reason = netns.mptcp_unavailable_reason()
     if reason:
         pytest.skip(reason)
