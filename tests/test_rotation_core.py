@@ -56,7 +56,7 @@ from mptls.mptcp.options import (
     NewKey,
     encode_option,
 )
-from mptls.mptcp.rotation import NEW_KEY_ANSWERS
+from mptls.mptcp.rotation import FIRST_KEY_RETRIES, NEW_KEY_ANSWERS
 from mptls.mptcp.tokens import TokenAllocator
 
 # the handshake
@@ -298,7 +298,7 @@ def test_new_key_is_retransmitted_with_backoff_until_confirmed() -> None:
 
 
 def test_unconfirmed_generation_0_fails_and_joins_stay_off() -> None:
-    net = e_net(server_keys_at=60.0)
+    net = e_net(server_keys_at=1000.0)
     established(net)
     start = net.now
     assert net.run(lambda: net.client_side.of_type(ev.KeyRotationFailed))
@@ -311,19 +311,49 @@ def test_unconfirmed_generation_0_fails_and_joins_stay_off() -> None:
         "the peer did not confirm the keys (NEW_KEY) within 10.0 s"
     )
     assert net.client.info().key_generation is None
-    # no more NEW_KEY from the client after it gave up
+    # tried again FIRST_KEY_RETRIES times, a join_timeout after each
+    # failure, then given up for good
+    run_for(net, 200.0)
+    failures = net.client_side.of_type(ev.KeyRotationFailed)
+    assert [f.generation for f in failures] == [0] * (1 + FIRST_KEY_RETRIES)
+    asked = count(net.client_side.events, ev.KeysRequested(0))
+    assert asked == FIRST_KEY_RETRIES
     sent = len(new_keys(net.link(0).to_server.sent))
-    run_for(net, 30.0)
+    run_for(net, 100.0)
     assert len(new_keys(net.link(0).to_server.sent)) == sent
+    assert not net.client.joins_allowed
+
+
+def test_generation_0_the_peer_confirmed_unheard_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every NEW_KEY of the server is lost while generation 0 is being
+    # confirmed: the server heard the client's and uses it, the client
+    # gives it up. Its next try, a join_timeout later, gets the answer
+    net = e_net(keys=None)
+    established(net)
+    with monkeypatch.context() as patch:
+        lost = lose_new_keys(patch, net.link(0).to_client)
+        assert net.client.install_keys(KEYS)
+        assert server_of(net).install_keys(KEYS)
+        run_for(net, net.client.config.join_timeout + 1.0)
+    assert len(lost) == 1 + NEW_KEY_ANSWERS
+    assert server_of(net).key_generation == 0
+    assert net.client.key_generation is None
+    assert not net.client.joins_allowed
+    assert net.run(lambda: active(net, 0), max_time=net.now + 15.0)
+    assert net.client.joins_allowed
+    assert count(net.client_side.events, ev.KeysRequested(0)) == 1
 
 
 def test_a_late_peer_brings_generation_0_back() -> None:
-    # the client gave generation 0 up; the server's NEW_KEY, much later,
-    # makes it ask for generation 0 once and confirm at once
-    net = e_net(server_keys_at=60.0)
+    # the client gave generation 0 up (at 10 s); the server's NEW_KEY,
+    # later but before the client's own retry (at 20 s), makes it ask
+    # for generation 0 once and confirm at once
+    net = e_net(server_keys_at=15.0)
     established(net)
     confirmed(net)
-    assert net.now >= 60.0
+    assert 15.0 <= net.now < 20.0
     assert net.client_side.of_type(ev.KeysRequested) == [ev.KeysRequested(0)]
     assert net.client_side.of_type(ev.KeysActivated) == [
         ev.KeysActivated(0, KEYS.fingerprint())

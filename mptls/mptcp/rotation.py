@@ -41,6 +41,12 @@ __all__ = ["RotationMixin"]
 
 logger = logging.getLogger("mptls.mptcp")
 
+# how often generation 0 is tried again after the peer did not confirm
+# it, a join_timeout apart: the peer may have confirmed it while every
+# one of its NEW_KEYs was lost, and then only a new NEW_KEY of ours
+# brings its answer
+FIRST_KEY_RETRIES = 3
+
 # how often an active key's NEW_KEY goes out again for a peer that
 # keeps sending its own: each answer may be lost with its subflow, and
 # a peer left unconfirmed drops the generation this end already uses
@@ -342,6 +348,9 @@ class RotationMixin(ConnectionState):
     def _rotation_failed(self, generation: int, reason: str) -> None:
         if generation == 0:
             self._first_keys_failed = True
+            if self._first_retries < FIRST_KEY_RETRIES:
+                self._first_retries += 1
+                self._first_retry_at = self._now + self.config.join_timeout
         self._peer_tags[generation & 1] = None
         logger.info(
             "[%s] key generation %d dropped: %s",
@@ -366,6 +375,8 @@ class RotationMixin(ConnectionState):
             times.append(self._requested_until)
         if self._rotate_at is not None:
             times.append(self._rotate_at)
+        if self._first_retry_at is not None:
+            times.append(self._first_retry_at)
         return times
 
     def _handle_rotation_timers(self, now: float) -> None:
@@ -389,6 +400,21 @@ class RotationMixin(ConnectionState):
         if self._rotate_at is not None and now >= self._rotate_at:
             self._rotate_at = None
             self._periodic_rotation()
+        retry_at = self._first_retry_at
+        if retry_at is not None and now >= retry_at:
+            self._first_retry_at = None
+            self._retry_first_keys()
+
+    def _retry_first_keys(self) -> None:
+        """Generation 0 failed a while ago: ask for it once more, unless
+        a peer's NEW_KEY has brought it (or asked for it) since."""
+        if (
+            self._generation is None
+            and self._first_keys_failed
+            and self._pending is None
+            and self._requested is None
+        ):
+            self._ask_keys(0)
 
     def _drop_pending(self, key_id: int, slot: KeySlot) -> None:
         self._slots[key_id] = None

@@ -140,6 +140,10 @@ class ConnectionState:
         # per K, the latest peer NEW_KEY tag that matched nothing yet
         self._peer_tags: list[bytes | None] = [None, None]
         self._first_keys_failed = False
+        # after generation 0 failed: when it is tried again, and how
+        # many tries are left
+        self._first_retry_at: float | None = None
+        self._first_retries = 0
         self._rotate_at: float | None = None
         self.handshake_complete = False
         self._capable_sent = False
