@@ -416,10 +416,13 @@ async def test_kernel_transfers_survive_a_blackholed_path(lab: Lab) -> None:
     await configure(lab, announce=True)
     trials = await run_trials(lab, BLACKHOLE)
     # the kernel's subflow RTO (200 ms floor) finds the dead path, not a
-    # minutes-long TCP give-up
+    # minutes-long TCP give-up. The worst trial may wait out a few
+    # doubled RTOs of the dead subflow first (one answer in 46 took
+    # 5.6 s, one pause 1.8 s, on a busy machine): the bounds leave room
+    # for about six doublings, and stay far below a give-up
     assert statistics.median(t.pause for t in trials) >= 0.15
-    assert max(t.pause for t in trials) < 3.0
-    assert max(t.reply for t in trials) < 5.0
+    assert max(t.pause for t in trials) < 10.0
+    assert max(t.reply for t in trials) < 15.0
 
 
 @needs_netns
