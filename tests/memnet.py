@@ -30,12 +30,11 @@ from mptls.mptcp.framing import (
     SegmentDecoder,
     encode_segment,
 )
-from mptls.mptcp.tokens import TokenAllocator, TokenLayout
+from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenAllocator
 from mptls.tls.keys import KeyMaterial
 
 KEYS = KeyMaterial(bytes.fromhex("89a873a3e2e80ec30b5eba7b3c4541df"))
 # mode E's 32-bit tokens carry no server or worker id
-E_LAYOUT = TokenLayout(0, 0, token_bits=32)
 
 
 def generation_keys(generation: int) -> KeyMaterial:
@@ -143,7 +142,7 @@ class MemNet:
         server_config = server_config or ConnectionConfig()
         if client_config.mode is Mode.E:
             self.client_tokens = TokenAllocator(
-                bytes(range(32)), layout=E_LAYOUT
+                bytes(range(32)), layout=E_TOKEN_LAYOUT
             )
         else:
             self.client_tokens = TokenAllocator(bytes(range(32)), server_id=1)

@@ -15,7 +15,6 @@ import logging
 
 import pytest
 from memnet import (
-    E_LAYOUT,
     KEYS,
     MemNet,
     Pipe,
@@ -57,7 +56,7 @@ from mptls.mptcp.options import (
     encode_option,
 )
 from mptls.mptcp.rotation import FIRST_KEY_RETRIES, NEW_KEY_ANSWERS
-from mptls.mptcp.tokens import TokenAllocator
+from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenAllocator
 
 # the handshake
 
@@ -139,7 +138,7 @@ class ScriptedTokens(TokenAllocator):
     """A 32-bit allocator whose first tokens the test chooses."""
 
     def __init__(self, first: list[bytes]) -> None:
-        super().__init__(bytes(range(32)), layout=E_LAYOUT)
+        super().__init__(bytes(range(32)), layout=E_TOKEN_LAYOUT)
         self.first = first
         self.released: list[bytes] = []
 

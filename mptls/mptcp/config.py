@@ -14,7 +14,12 @@ from mptls.errors import ConfigurationError
 from mptls.mptcp.crypto import IdsnRule
 from mptls.mptcp.framing import MAX_PAYLOAD
 
-__all__ = ["ConnectionConfig", "Mode", "check_seconds"]
+__all__ = [
+    "RESPONDER_PREFERENCE",
+    "ConnectionConfig",
+    "Mode",
+    "check_seconds",
+]
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -35,6 +40,10 @@ class Mode(enum.Enum):
     E = "E"
     # RFC 8684 section 3.1: keys in the clear (flag H, 0x01)
     RFC8684 = "rfc8684"
+
+
+# a responder's pick among the modes an initiator offers and it accepts
+RESPONDER_PREFERENCE = (Mode.G, Mode.E, Mode.RFC8684)
 
 
 @dataclass(frozen=True, slots=True)

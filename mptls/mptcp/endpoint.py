@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mptls.errors import ConfigurationError, JoinRefusedError, MptlsError
-from mptls.mptcp.config import ConnectionConfig, Mode
+from mptls.mptcp.config import RESPONDER_PREFERENCE, ConnectionConfig, Mode
 from mptls.mptcp.connection import Connection, RandomSource
 from mptls.mptcp.crypto import rfc8684_token
 from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.handshake import MODE_FLAG
 from mptls.mptcp.options import (
     CapableFlag,
     MpCapable,
@@ -31,7 +32,7 @@ from mptls.mptcp.options import (
     MpTcpRst,
     ResetReason,
 )
-from mptls.mptcp.tokens import TokenAllocator, TokenLayout
+from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenAllocator
 
 __all__ = ["Accepted", "Endpoint", "Refused"]
 
@@ -42,12 +43,7 @@ logger = logging.getLogger("mptls.mptcp")
 # draws is plenty
 _KEY_ATTEMPTS = 16
 # the responder's preference among the modes it accepts
-_MODE_FLAGS = (
-    (Mode.G, CapableFlag.G),
-    (Mode.E, CapableFlag.E),
-    (Mode.RFC8684, CapableFlag.H),
-)
-_E_TOKEN_LENGTH = 4
+_MODE_FLAGS = tuple((mode, MODE_FLAG[mode]) for mode in RESPONDER_PREFERENCE)
 _SECRET_LENGTH = 32
 # checksums (A) and the extensibility bit (B) are not implemented; other
 # algorithm bits may be offered next to G or H and are simply not chosen
@@ -270,11 +266,9 @@ def _e_allocator(
             "32-bit tokens have no room to route joins"
         )
     if given is None:
-        layout = TokenLayout(0, 0, token_bits=32)
-        return TokenAllocator(random(_SECRET_LENGTH), layout=layout)
-    if given.layout.token_length != _E_TOKEN_LENGTH:
+        return TokenAllocator(random(_SECRET_LENGTH), layout=E_TOKEN_LAYOUT)
+    if given.layout.token_length != E_TOKEN_LAYOUT.token_length:
         raise ConfigurationError(
-            "e_tokens must hand out 4-byte tokens "
-            "(TokenLayout(0, 0, token_bits=32))"
+            "e_tokens must hand out 4-byte tokens (E_TOKEN_LAYOUT)"
         )
     return given

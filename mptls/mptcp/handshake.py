@@ -24,35 +24,39 @@ from mptls.mptcp.framing import Flag, Payload, Segment
 from mptls.mptcp.options import CapableFlag, MpCapable
 from mptls.mptcp.scheduler import Subflow, SubflowState
 from mptls.mptcp.state import ConnectionState, options_of
-from mptls.mptcp.tokens import TokenAllocator
+from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenAllocator
 
-__all__ = ["TOKEN_MODES", "HandshakeMixin", "offered_flags", "own_token"]
+__all__ = [
+    "MODE_FLAG",
+    "TOKEN_MODES",
+    "HandshakeMixin",
+    "offered_flags",
+    "own_token",
+]
 
 logger = logging.getLogger("mptls.mptcp")
 
 _ALGORITHMS = CapableFlag.G | CapableFlag.E | CapableFlag.H
-_MODE_FLAG = {
+# the MP_CAPABLE algorithm bit of each mode
+MODE_FLAG = {
     Mode.G: CapableFlag.G,
     Mode.E: CapableFlag.E,
     Mode.RFC8684: CapableFlag.H,
 }
-_FLAG_MODE = {flag: mode for mode, flag in _MODE_FLAG.items()}
+_FLAG_MODE = {flag: mode for mode, flag in MODE_FLAG.items()}
 # the modes whose MP_CAPABLE carries tokens rather than keys
 TOKEN_MODES = frozenset({Mode.G, Mode.E})
-# draft-baerts-tcpm-mptcpext section 3: 32-bit tokens under flag E
-_E_TOKEN_LENGTH = 4
 _S = SubflowState
 
 
 def own_token(tokens: TokenAllocator, mode: Mode) -> bytes:
     """An initiator's token from ``tokens``: 4 bytes under mode E."""
     token = tokens.allocate()
-    if mode is Mode.E and len(token) != _E_TOKEN_LENGTH:
+    if mode is Mode.E and len(token) != E_TOKEN_LAYOUT.token_length:
         tokens.release(token)
         raise ConfigurationError(
             "mode E needs 4-byte tokens: give the initiator a "
-            "TokenAllocator with a 32-bit layout "
-            "(TokenLayout(0, 0, token_bits=32))"
+            "TokenAllocator with a 32-bit layout (E_TOKEN_LAYOUT)"
         )
     return token
 
@@ -60,7 +64,7 @@ def own_token(tokens: TokenAllocator, mode: Mode) -> bytes:
 def offered_flags(config_mode: Mode, legacy_fallback: bool) -> CapableFlag:
     """What an initiator's SYN offers: its mode, H next to it if the
     user allows a fallback to keys in the clear."""
-    offered = _MODE_FLAG[config_mode]
+    offered = MODE_FLAG[config_mode]
     if legacy_fallback:
         offered |= CapableFlag.H
     return offered
@@ -112,7 +116,7 @@ class HandshakeMixin(ConnectionState):
         payload = self._implicit_chunk(subflow, now)
         mode = self.mode or Mode.G
         secret = self._local_token if mode in TOKEN_MODES else self._local_key
-        option = MpCapable(flags=_MODE_FLAG[mode], sender_key=secret)
+        option = MpCapable(flags=MODE_FLAG[mode], sender_key=secret)
         return self._segment(subflow, Flag.SYN | Flag.ACK, (option,), payload)
 
     def _capable_third_ack(self, subflow: Subflow, now: float) -> Segment:
@@ -122,7 +126,7 @@ class HandshakeMixin(ConnectionState):
         else:
             local, remote = self._local_key, self._remote_key
         option = MpCapable(
-            flags=_MODE_FLAG[self.mode or Mode.G],
+            flags=MODE_FLAG[self.mode or Mode.G],
             sender_key=local,
             receiver_key=remote,
             data_length=len(payload) if payload else None,
@@ -147,7 +151,7 @@ class HandshakeMixin(ConnectionState):
             raise ProtocolError(
                 "the SYN|ACK must select exactly one of G, E, H"
             )
-        if not _MODE_FLAG[chosen] & self._offered:
+        if not MODE_FLAG[chosen] & self._offered:
             # protocol.md section 11 item 16: H instead of G puts the keys
             # on the wire; only a user who allowed it may get it
             raise ProtocolError(
@@ -197,7 +201,7 @@ class HandshakeMixin(ConnectionState):
         if not isinstance(option, MpCapable):
             raise ProtocolError("the third ACK carries no MP_CAPABLE")
         mode = self.mode or Mode.G
-        if option.flags & _ALGORITHMS != _MODE_FLAG[mode]:
+        if option.flags & _ALGORITHMS != MODE_FLAG[mode]:
             raise ProtocolError("the third ACK does not echo the chosen mode")
         local = self._local_token if mode in TOKEN_MODES else self._local_key
         if option.sender_key is None or option.receiver_key is None:

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.ciphers import (
 from mptls.errors import ConfigurationError, MptlsError
 
 __all__ = [
+    "E_TOKEN_LAYOUT",
     "TOKEN_LENGTH",
     "SerialPermutation",
     "TokenAllocator",
@@ -154,6 +155,11 @@ class TokenLayout:
     def token_length(self) -> int:
         """Bytes in a token of this layout: 8, or 4 for 32-bit tokens."""
         return self.token_bits // 8
+
+
+# mode E's tokens (draft-baerts-tcpm-mptcpext): 32 bits, with no room for
+# a server or worker id
+E_TOKEN_LAYOUT = TokenLayout(0, 0, token_bits=32)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,17 +39,20 @@ from mptls.errors import (
     PeerResetError,
     ProtocolError,
 )
-from mptls.mptcp.config import ConnectionConfig, Mode, check_seconds
+from mptls.mptcp.config import (
+    RESPONDER_PREFERENCE,
+    ConnectionConfig,
+    Mode,
+    check_seconds,
+)
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Endpoint
 from mptls.mptcp.framing import PREAMBLE
 from mptls.mptcp.scheduler import SubflowState
-from mptls.mptcp.tokens import TokenAllocator, TokenLayout
+from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenAllocator, TokenLayout
 from mptls.tls.keys import KeyMaterial
 
 _MODES = {"g": Mode.G, "e": Mode.E, "rfc8684": Mode.RFC8684}
-# a server's pick among the modes a client offers and it accepts
-_SERVER_PREFERENCE = (Mode.G, Mode.E, Mode.RFC8684)
 
 
 class _SharedTokens(TokenAllocator):
@@ -93,12 +96,6 @@ def _shared_client_tokens() -> TokenAllocator:
         return _client_tokens
 
 
-def _e_token_layout() -> TokenLayout:
-    # E mode's tokens (draft-baerts-tcpm-mptcpext): 32 bits, no room for
-    # a server or worker id
-    return TokenLayout(0, 0, token_bits=32)
-
-
 def _shared_client_e_tokens() -> TokenAllocator:
     # E mode's 4-byte Token-A, unique among the process's E connections
     # as the 8-byte ones are among G's
@@ -106,7 +103,7 @@ def _shared_client_e_tokens() -> TokenAllocator:
     with _client_tokens_lock:
         if _client_e_tokens is None:
             _client_e_tokens = _SharedTokens(
-                secrets.token_bytes(32), layout=_e_token_layout()
+                secrets.token_bytes(32), layout=E_TOKEN_LAYOUT
             )
         return _client_e_tokens
 
@@ -419,25 +416,13 @@ def server_config(
     _check_rotation(settings, accepted, '"E" in modes=')
     if allow_cleartext_keys is None:
         allow_cleartext_keys = Mode.RFC8684 in accepted
-    preferred = next(mode for mode in _SERVER_PREFERENCE if mode in accepted)
+    preferred = next(m for m in RESPONDER_PREFERENCE if m in accepted)
     return ConnectionConfig(
         mode=preferred,
         accept_modes=accepted,
         allow_cleartext_keys=allow_cleartext_keys,
         **settings,
     )
-
-
-def _e_tokens(config: ConnectionConfig) -> dict[str, TokenAllocator]:
-    """The Endpoint's allocator of 4-byte tokens, for a server that
-    accepts E; none otherwise."""
-    if Mode.E not in config.accept_modes:
-        return {}
-    return {
-        "e_tokens": TokenAllocator(
-            secrets.token_bytes(32), layout=_e_token_layout()
-        )
-    }
 
 
 def _transport_of(transport: asyncio.BaseTransport) -> MultipathTransport:
@@ -636,9 +621,8 @@ class UserspaceBackend(Backend):
             server_id=server_id,
             worker_id=worker_id,
         )
-        endpoint = Endpoint(
-            config, tokens=tokens, random=os.urandom, **_e_tokens(config)
-        )
+        # an endpoint that accepts E makes its own 32-bit allocator
+        endpoint = Endpoint(config, tokens=tokens, random=os.urandom)
         listener = Listener(
             endpoint,
             protocol_factory,
