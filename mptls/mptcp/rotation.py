@@ -172,7 +172,6 @@ class RotationMixin(ConnectionState):
         slot = KeySlot(keys, deadline=deadline, rto=self.config.join_rto)
         # this replaces generation n - 2: joins naming its K now wait
         self._slots[key_id] = slot
-        self._pending = generation
         self._requested = None
         self._spare_keys = None
         if matched:
@@ -225,7 +224,6 @@ class RotationMixin(ConnectionState):
         option = NewKey(key_id=key_id, tag=self._our_tag(slot.keys))
         target.outbox.append(self._option_segment(target, option))
         slot.send_due = False
-        slot.sent = True
         slot.sent_on = target.subflow_id
         if slot.active:
             return
@@ -324,7 +322,6 @@ class RotationMixin(ConnectionState):
         slot.retransmit_at = None
         slot.send_due = False
         self._generation = slot.generation
-        self._pending = None
         self._first_keys_failed = False
         self._schedule_rotation()
         fingerprint = slot.keys.fingerprint()
@@ -418,7 +415,6 @@ class RotationMixin(ConnectionState):
 
     def _drop_pending(self, key_id: int, slot: KeySlot) -> None:
         self._slots[key_id] = None
-        self._pending = None
         self._rotation_failed(
             slot.generation,
             f"the peer did not confirm key generation {slot.generation} "

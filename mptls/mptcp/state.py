@@ -70,8 +70,7 @@ class KeySlot:
     deadline: float
     rto: float
     active: bool = False
-    # our NEW_KEY went out at least once (on subflow ``sent_on``)
-    sent: bool = False
+    # the subflow our NEW_KEY last went out on (None: not sent yet)
     sent_on: int | None = None
     # the peer's NEW_KEY with a matching tag arrived
     confirmed: bool = False
@@ -88,6 +87,11 @@ class KeySlot:
     @property
     def generation(self) -> int:
         return self.keys.generation
+
+    @property
+    def sent(self) -> bool:
+        """Our NEW_KEY for these keys went out at least once."""
+        return self.sent_on is not None
 
 
 def options_of(segment: Segment) -> dict[type, object]:
@@ -125,11 +129,11 @@ class ConnectionState:
         self._remote_idsn: int | None = None
         self._keys: KeyMaterial | None = None
         # mode E (protocol.md section 11 item 14): slots K = 0 and 1,
-        # generation n in slot n & 1; the active generation, the one
-        # being confirmed, and the one asked of the adapter
+        # generation n in slot n & 1 (the one not active yet is being
+        # confirmed); the active generation, and the one asked of the
+        # adapter
         self._slots: list[KeySlot | None] = [None, None]
         self._generation: int | None = None
-        self._pending: int | None = None
         self._requested: int | None = None
         self._requested_until = 0.0
         # asked for only because a peer's NEW_KEY named it: taken only
@@ -292,6 +296,14 @@ class ConnectionState:
         if self._keys is None:
             return "waiting for the TLS handshake to export keys"
         return ""
+
+    @property
+    def _pending(self) -> int | None:
+        """Mode E: the generation installed and not yet confirmed."""
+        for slot in self._slots:
+            if slot is not None and not slot.active:
+                return slot.generation
+        return None
 
     def _rotation_reason(self) -> str:
         """Mode E: why joins wait, or "" once a generation is active."""
