@@ -415,11 +415,8 @@ class MultipathTransport(asyncio.Transport):
             event.generation,
             event.fingerprint,
         )
-        if event.generation == 0:
-            # the peer confirmed the first keys: joins and ADD_ADDR may go
-            self.paths.keys_installed()
-        waiter = self._rotations.pop(event.generation, None)
-        if waiter is not None and not waiter.done():
+        waiter = self._generation_settled(event.generation)
+        if waiter is not None:
             waiter.set_result(event.generation)
 
     def _on_key_rotation_failed(self, event: events.KeyRotationFailed) -> None:
@@ -429,17 +426,25 @@ class MultipathTransport(asyncio.Transport):
             event.generation,
             event.reason,
         )
-        if event.generation == 0:
-            # no keys will protect joins: the paths say so and give up
-            self.paths.keys_installed()
-        waiter = self._rotations.pop(event.generation, None)
-        if waiter is not None and not waiter.done():
+        waiter = self._generation_settled(event.generation)
+        if waiter is not None:
             waiter.set_exception(
                 MptlsTimeoutError(
                     f"key generation {event.generation} was not confirmed "
                     f"by the peer: {event.reason}"
                 )
             )
+
+    def _generation_settled(
+        self, generation: int
+    ) -> asyncio.Future[int] | None:
+        """``generation`` came into use or was given up: the first one
+        opens the paths (or tells them none will), and the waiter of a
+        rotate_keys() call still waiting for it is handed back."""
+        if generation == 0:
+            self.paths.keys_installed()
+        waiter = self._rotations.pop(generation, None)
+        return None if waiter is None or waiter.done() else waiter
 
     def _fail_rotations(self, error: Exception | None) -> None:
         rotations, self._rotations = self._rotations, {}
