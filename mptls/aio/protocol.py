@@ -781,13 +781,12 @@ def _with_key_state(
 ) -> MptcpInfo:
     if install is None:
         return info
+    # whether keys are in use is the backend's to say (in mode E only
+    # once the peer confirmed them); the TLS layer adds why not, where
+    # the backend gave no reason, and the fingerprint it exported
     reason = info.keys_reason or install.reason
-    # mode E's keys are in use only once the peer confirmed them, which
-    # the backend alone knows
-    installed = info.keys_installed or (install.installed and info.mode != "E")
     return dataclasses.replace(
         info,
-        keys_installed=installed,
         keys_reason=reason,
         # a backend that rotates keys names the generation in use
         key_fingerprint=info.key_fingerprint or fingerprint,
