@@ -116,6 +116,12 @@ async def test_server_mode_keywords(
         ({"modes": ["G", "tcp"]}, "unknown MPTCP mode 'tcp'"),
         ({"modes": []}, "at least one mode"),
         ({"mode": "G", "modes": ["G"]}, "not both"),
+        # bytes are a sequence of ints: b"E" read as the mode 69
+        (
+            {"modes": b"E"},
+            r"modes must be a mode or a list of modes, got b'E'",
+        ),
+        ({"modes": bytearray(b"GE")}, "modes must be a mode or a list"),
     ],
 )
 async def test_bad_server_modes(

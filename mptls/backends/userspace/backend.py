@@ -293,7 +293,10 @@ def server_modes(
         return ("G",)
     if isinstance(modes, str | Mode):
         return (parse_mode(modes),)
-    if not isinstance(modes, Sequence | frozenset | set):
+    # bytes are a Sequence too, of ints: b"E" would read as mode 69
+    if not isinstance(modes, Sequence | frozenset | set) or isinstance(
+        modes, bytes | bytearray
+    ):
         raise ConfigurationError(
             f"modes must be a mode or a list of modes, got {modes!r}"
         )
