@@ -270,6 +270,9 @@ def test_a_join_answered_with_one_generation_ends_with_it() -> None:
     last = finish_raw_join(net, raw, generation_keys(2))
     assert last.flags == Flag.RST
     assert net.server_side.of_type(ev.SubflowEstablished) == []
+    # the ACK carried its MP_JOIN: the reset names the rotation
+    closed = net.server_side.of_type(ev.SubflowClosed)
+    assert [c.reason for c in closed] == ["the join's keys were rotated out"]
 
 
 @pytest.mark.xfail(

@@ -285,10 +285,15 @@ class JoinsMixin(ConnectionState):
         option = options_of(segment).get(MpJoinAck)
         keys = self._subflow_keys(subflow)
         if not isinstance(option, MpJoinAck) or keys is None:
-            self._note_join_failure()
-            self._reset_subflow(
-                subflow, ResetReason.MPTCP_ERROR, "join ACK without MP_JOIN"
+            # mode E: two rotations may have replaced the generation
+            # that answered the SYN since
+            why = (
+                "join ACK without MP_JOIN"
+                if not isinstance(option, MpJoinAck)
+                else "the join's keys were rotated out"
             )
+            self._note_join_failure()
+            self._reset_subflow(subflow, ResetReason.MPTCP_ERROR, why)
             return
         local, remote = keys
         expected = join_hmac(
