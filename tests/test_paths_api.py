@@ -17,7 +17,10 @@ from pki import Pki
 from support import until
 
 import mptls
+from mptls.backends.base import KeyDerivation
+from mptls.backends.userspace.backend import UserspaceBackend
 from mptls.backends.userspace.workers import WorkerPool
+from mptls.tls.keys import KeyMaterial
 
 
 @pytest.fixture
@@ -262,3 +265,42 @@ async def test_a_cancelled_add_path_leaves_no_join(pki: Pki) -> None:
         writer.close()
         async with asyncio.timeout(10):
             await writer.wait_closed()
+
+
+class OtherKeys(UserspaceBackend):
+    """A userspace backend whose core takes keys other than its TLS
+    session's: its join answers fail the client's HMAC check."""
+
+    def install_keys(
+        self,
+        transport: asyncio.BaseTransport,
+        keys: KeyMaterial,
+        *,
+        derive: KeyDerivation | None = None,
+    ) -> mptls.KeyInstall:
+        other = KeyMaterial(bytes(16), generation=keys.generation)
+        return super().install_keys(transport, other, derive=derive)
+
+
+async def test_a_join_this_end_refuses_says_why(pki: Pki) -> None:
+    server = await mptls.start_server(
+        lambda r, w: None,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        backend=OtherKeys(),
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.wait_for(
+            mptls.open_connection("127.0.0.1", port, ssl=pki.client()), 10
+        )
+        transport = writer.transport
+        # the client checks the SYN|ACK's HMAC and refuses it itself
+        with pytest.raises(
+            mptls.JoinRefusedError, match=r"bad MP_JOIN HMAC in the SYN\|ACK"
+        ):
+            await transport.add_path(  # type: ignore[attr-defined]
+                ("127.0.0.1", port), local="127.0.0.2", timeout=10
+            )
+        writer.transport.abort()

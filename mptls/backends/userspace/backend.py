@@ -764,12 +764,15 @@ class _JoinWatch(SubflowProtocol):
         if state == "ESTABLISHED":
             self.outcome.set_result(self.subflow_id)
         elif lost or state in ("CLOSED", None):
-            self.outcome.set_exception(
-                JoinRefusedError(
-                    f"the join of subflow {self.subflow_id} was refused "
-                    "or reset by the far end"
-                )
-            )
+            self.outcome.set_exception(JoinRefusedError(self._refusal()))
+
+    def _refusal(self) -> str:
+        """Why the join failed: the core's reason where it gave one."""
+        refused = self._multipath.last_join_refusal
+        why = "or reset by the far end"
+        if refused is not None and refused.subflow_id == self.subflow_id:
+            why = f"({refused.reason})"
+        return f"the join of subflow {self.subflow_id} was refused {why}"
 
     def _state(self) -> str | None:
         for subflow in self._multipath.mptcp_info().subflows:

@@ -86,6 +86,9 @@ class MultipathTransport(asyncio.Transport):
             names=self._addresses,
         )
         self._closed_by_core: events.ConnectionClosed | None = None
+        # the latest refused join and why, for add_path's error: this
+        # end may refuse it as well as the peer
+        self.last_join_refusal: events.JoinRefused | None = None
         self._protocol: asyncio.Protocol | None = None
         self._held: list[bytes] = []
         self._held_eof = False
@@ -364,6 +367,7 @@ class MultipathTransport(asyncio.Transport):
         self.paths.subflow_closed()
 
     def _on_join_refused(self, event: events.JoinRefused) -> None:
+        self.last_join_refusal = event
         logger.warning(
             "%s: join on subflow %d refused: %s",
             self.tag(),
