@@ -206,7 +206,8 @@ class Backend(abc.ABC):
         or a second load balancer that routes the join by its token.
         Returns the new subflow's id once the join is established.
         Raises :class:`~mptls.errors.JoinRefusedError` when the far end
-        refuses the join, :class:`~mptls.errors.PathError` when the path
+        refuses the join or this end refuses its answer (the error says
+        why), :class:`~mptls.errors.PathError` when the path
         cannot be opened, :class:`~mptls.errors.MptlsTimeoutError` after
         ``timeout`` seconds. A backend that cannot open a subflow on
         demand raises :class:`~mptls.errors.PathError`.
