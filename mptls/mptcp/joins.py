@@ -285,8 +285,7 @@ class JoinsMixin(ConnectionState):
         option = options_of(segment).get(MpJoinAck)
         keys = self._subflow_keys(subflow)
         if not isinstance(option, MpJoinAck) or keys is None:
-            self._note_join_failure()
-            self._reset_subflow(
+            self._refuse_peer_join(
                 subflow, ResetReason.MPTCP_ERROR, "join ACK without MP_JOIN"
             )
             return
@@ -295,9 +294,10 @@ class JoinsMixin(ConnectionState):
             remote, local, subflow.remote_nonce, subflow.local_nonce
         )
         if not compare_digest(expected[:20], option.hmac):
-            self._note_join_failure()
-            self._reset_subflow(
-                subflow, ResetReason.MPTCP_ERROR, "bad MP_JOIN HMAC"
+            self._refuse_peer_join(
+                subflow,
+                ResetReason.MPTCP_ERROR,
+                "bad MP_JOIN HMAC in the third ACK",
             )
             return
         subflow.deadline = None
@@ -307,6 +307,19 @@ class JoinsMixin(ConnectionState):
         # RFC 8684 section 3.2: this ACK moves the initiator's subflow
         # out of PRE_ESTABLISHED
         subflow.outbox.append(self._ack_segment(subflow))
+
+    def _refuse_peer_join(
+        self, subflow: Subflow, reason: int, why: str
+    ) -> None:
+        """Reset a join the peer started and this end answered."""
+        self._peer_join_failed(subflow, why)
+        self._reset_subflow(subflow, reason, why)
+
+    def _peer_join_failed(self, subflow: Subflow, why: str) -> None:
+        # a failed join costs the bucket one, and the adapter hears why
+        # (it knows the peer's address; the core does not)
+        self._note_join_failure()
+        self._events.append(ev.PeerJoinRefused(subflow.subflow_id, why))
 
     def _refill_join_credit(self, now: float) -> float:
         """The failed-join bucket refilled up to ``now``."""
