@@ -319,7 +319,8 @@ def serving(
         assert server.stderr is not None
         listening = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
         assert listening.startswith("listening on 127.0.0.1:"), listening
-        yield server, listening.rsplit(":", 1)[1].strip()
+        # "listening on 127.0.0.1:PORT", "... (N workers)" with --workers
+        yield server, listening.rsplit(":", 1)[1].split()[0]
     finally:
         if server.poll() is None:
             server.kill()

@@ -862,6 +862,51 @@ def test_failed_handshakes_say_what_to_try(
     assert line.endswith(hint)
 
 
+# refused clients, as `serve -v` shows them
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_serve_v_says_which_client_it_refused_and_why(
+    certs: Path, workers: list[str]
+) -> None:
+    with serving(certs, "-v", *workers) as (server, port):
+        assert server.stderr is not None
+        wrong_mode = run_mptls(
+            *connect_args(port, certs), "--mode", "E", stdin=b"x\n"
+        )
+        assert wrong_mode.returncode == 1, wrong_mode.stderr.decode()
+        line = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+        assert line.startswith("refused 127.0.0.1:"), line
+        assert line.endswith(
+            ": the client asked for mode E, this server allows G\n"
+        )
+
+        # a client without the server's CA ends the TLS handshake
+        untrusting = run_mptls("connect", "127.0.0.1", port, stdin=b"x\n")
+        assert untrusting.returncode == 1, untrusting.stderr.decode()
+        line = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+        assert line.startswith("refused 127.0.0.1:"), line
+        assert "TLS handshake failed: peer sent TLS alert unknown_ca" in line
+
+
+def test_serve_without_v_prints_no_refusal(certs: Path) -> None:
+    with serving(certs) as (server, port):
+        wrong_mode = run_mptls(
+            *connect_args(port, certs), "--mode", "E", stdin=b"x\n"
+        )
+        assert wrong_mode.returncode == 1, wrong_mode.stderr.decode()
+        # the server logs a refusal before it sends the reset; a client
+        # served after it shows the server went on
+        served = run_mptls(*connect_args(port, certs), stdin=b"hello\n")
+        assert served.returncode == 0, served.stderr.decode()
+        server.send_signal(signal.SIGTERM)
+        output, error = server.communicate(timeout=COMMAND_TIMEOUT)
+    assert server.returncode == 0, error.decode()
+    assert output == b"hello\n"
+    # nothing after "listening on ...", which serving() read
+    assert error == b""
+
+
 async def test_serve_listens_on_a_name_or_an_address() -> None:
     assert await netcat._listen_address("[::1]") == "::1"
     # a name of the machine's own, resolved without any query sent out

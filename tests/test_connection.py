@@ -463,6 +463,21 @@ def test_replayed_third_ack_is_refused_and_the_connection_goes_on() -> None:
     assert net.run(has_data(net.server_side, 9))
 
 
+def test_a_join_left_without_its_third_ack_is_refused() -> None:
+    quick = ConnectionConfig(join_timeout=1.0)
+    net = established(MemNet(quick, quick))
+    token_b = sniffed_capable(net)[-1].receiver_key
+    assert token_b is not None
+    raw = net.open_raw()
+    net.raw_send(raw, Segment(Flag.SYN, (MpJoinSyn(token_b, 7, 0),)))
+    # answered with a SYN|ACK; the third ACK never comes
+    assert net.run(lambda: net.server_side.of_type(ev.PeerJoinRefused))
+    (refused,) = net.server_side.of_type(ev.PeerJoinRefused)
+    assert refused.reason == "join not completed within 1 s (join_timeout)"
+    assert raw.inbox[-1].flags == Flag.RST
+    assert net.server_side.closed is None
+
+
 def test_too_many_subflows_gets_lack_of_resources() -> None:
     server = ConnectionConfig(max_subflows=2)
     net = established(MemNet(server_config=server))
@@ -781,6 +796,9 @@ def test_hijack_fails_in_g_mode() -> None:
     assert inbox[-1].flags == Flag.RST
     assert option_of(inbox[-1], MpTcpRst) == MpTcpRst(reason=1)
     assert net.server_side.of_type(ev.SubflowEstablished) == []
+    # the adapter hears of the refusal, to tell the operator who it was
+    (refused,) = net.server_side.of_type(ev.PeerJoinRefused)
+    assert refused.reason == "bad MP_JOIN HMAC in the third ACK"
     net.client.send(b"carry on")
     assert net.run(has_data(net.server_side, 13))
 

@@ -41,7 +41,8 @@ from mptls.errors import (
     PeerResetError,
     TLSError,
 )
-from mptls.tls.engine import TLSEngine
+from mptls.refusals import refused
+from mptls.tls.engine import AlertDescription, TLSEngine
 from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.aio")
@@ -98,6 +99,33 @@ def _in_mptls_tree(exc: Exception | None, when: str) -> Exception | None:
         error = PathsLostError(f"the connection failed{where}: {reason}")
     error.__cause__ = exc
     return error
+
+
+# alerts a client sends about the server's certificate (RFC 8446
+# section 6.2): the operator's certificate or CA is what to look at
+_CERTIFICATE_ALERTS = frozenset(
+    {
+        AlertDescription.BAD_CERTIFICATE,
+        AlertDescription.UNSUPPORTED_CERTIFICATE,
+        AlertDescription.CERTIFICATE_REVOKED,
+        AlertDescription.CERTIFICATE_EXPIRED,
+        AlertDescription.CERTIFICATE_UNKNOWN,
+        AlertDescription.UNKNOWN_CA,
+    }
+)
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """Why a server's client failed its handshake, in one line; a TLS
+    error says it was TLS (its text is OpenSSL's, or the peer's alert)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, TLSError):
+        return text
+    if not text.startswith("TLS"):
+        text = f"TLS handshake failed: {text}"
+    if "peer sent" in text and exc.alert in _CERTIFICATE_ALERTS:
+        text += " (the client does not accept this server's certificate)"
+    return text
 
 
 def _into_buffers(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
@@ -189,6 +217,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._trailing = 0
         # the server's handler is done: the peer's end closes
         self._ends_with_peer = False
+        # a server's client that failed before the application saw it
+        # has been reported (mptls.refusals), or needs no report
+        self._refusal_said = False
 
     # backend transport -> TLS
 
@@ -277,10 +308,11 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if self._shutdown is not None:
             self._shutdown.cancel()
         if self._app_transport is None:
-            self._resolve_waiter(
-                _in_mptls_tree(exc, "during the TLS handshake")
-                or TLSError("connection closed during the TLS handshake")
-            )
+            error = _in_mptls_tree(
+                exc, "during the TLS handshake"
+            ) or TLSError("connection closed during the TLS handshake")
+            self._say_refused(error)
+            self._resolve_waiter(error)
             return
         exc = self._shutdown_error or _in_mptls_tree(exc, "")
         if (
@@ -382,6 +414,8 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             if self._waiter is None:
                 # a server: nobody waits for this connection to hear it
                 logger.exception("the application's protocol factory failed")
+            # the application's fault, not the client's: no refusal
+            self._refusal_said = True
             self._fail(exc)
             return
         self._app_transport = TLSTransport(self)
@@ -420,6 +454,20 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         else:
             waiter.set_exception(exc)
 
+    def _say_refused(self, exc: Exception) -> None:
+        """A server's client that ended before the application saw it:
+        the operator hears who and why, once (see mptls.refusals)."""
+        if (
+            not self._server_side
+            or self._app_transport is not None
+            or self._refusal_said
+        ):
+            return
+        self._refusal_said = True
+        transport = self._transport
+        peer = transport.get_extra_info("peername") if transport else None
+        refused(peer, _refusal_reason(exc))
+
     def _fail(self, exc: Exception) -> None:
         logger.debug("connection failed: %s", exc)
         self._engine.set_plaintext_sink(None)
@@ -433,6 +481,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             transport = self._transport
             getattr(transport, "abort_after_sending", transport.abort)()
         if self._app_transport is None:
+            self._say_refused(exc)
             self._resolve_waiter(exc)
         elif self._app_protocol is not None and not self._lost:
             self._lost = True

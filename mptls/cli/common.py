@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -387,6 +387,48 @@ def stdout_console(*, quiet: bool = False) -> Console:
 def stderr_console(*, quiet: bool = False) -> Console:
     """The console for status lines, kept off stdout's data."""
     return Console(file=sys.stderr, quiet=quiet, highlight=False)
+
+
+class ConsoleLogHandler(logging.Handler):
+    """Log records as status lines: the bare message, on the stderr
+    console, as the commands print their own."""
+
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        # the format a worker process copies to log as this one does
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self._console = stderr_console()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._console.print(
+                self.format(record), markup=False, soft_wrap=True
+            )
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def status_lines_from(name: str) -> Iterator[None]:
+    """Show the INFO records of the logger ``name`` (and its children)
+    as status lines on stderr, and nowhere else, within the block.
+
+    ``-v`` asks for them; they are not propagated to the root's handler,
+    which would print each a second time with ``--debug``.
+    """
+    chosen = logging.getLogger(name)
+    handler = ConsoleLogHandler()
+    level, propagate = chosen.level, chosen.propagate
+    if chosen.getEffectiveLevel() > logging.INFO:
+        chosen.setLevel(logging.INFO)
+    chosen.propagate = False
+    chosen.addHandler(handler)
+    try:
+        yield
+    finally:
+        chosen.removeHandler(handler)
+        chosen.setLevel(level)
+        chosen.propagate = propagate
 
 
 def print_json(document: dict[str, Any]) -> None:

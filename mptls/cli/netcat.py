@@ -41,6 +41,7 @@ from mptls.cli.common import (
     parse_port,
     pcap_capture,
     server_options,
+    status_lines_from,
     stderr_console,
     summarize_capture,
 )
@@ -199,6 +200,14 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # -v: every client or subflow the server refuses is a line, as the
+    # library logs it (mptls.refusals, INFO); without -v, none
+    shown = status_lines_from("mptls.refusals")
+    with shown if args.verbose else contextlib.nullcontext():
+        await _serve(args)
+
+
+async def _serve(args: argparse.Namespace) -> None:
     port = parse_port(args.port)
     host = await _listen_address(args.host)
     announce = _announced(args.announce, port)

@@ -694,7 +694,11 @@ class Connection(
             )
             return
         if subflow.is_join and not self.is_initiator:
-            self._note_join_failure()
+            limit = self.config.join_timeout
+            self._peer_join_failed(
+                subflow,
+                f"join not completed within {limit:g} s (join_timeout)",
+            )
         subflow.outbox.append(self._reset_segment(None))
         self._close_subflow(subflow, "join timed out", None)
 

@@ -150,6 +150,25 @@ class Endpoint:
                 return mode
         return None
 
+    def _mode_mismatch(self, option: MpCapable) -> str:
+        """Why no mode fits, in the modes' names: what the client
+        offered and what this endpoint allows."""
+        offered = [
+            mode.value for mode, flag in _MODE_FLAGS if option.flags & flag
+        ]
+        allowed = [
+            mode.value
+            for mode in RESPONDER_PREFERENCE
+            if mode in self.config.accept_modes
+        ]
+        if not offered:
+            asked = "the client offered no MPTCP mode this server knows"
+        elif len(offered) == 1:
+            asked = f"the client asked for mode {offered[0]}"
+        else:
+            asked = f"the client offered modes {_either(offered)}"
+        return f"{asked}, this server allows {_either(allowed)}"
+
     def _open(
         self, segment: Segment, option: MpCapable, now: float
     ) -> Accepted | Refused:
@@ -166,7 +185,7 @@ class Endpoint:
         mode = self._choose_mode(option)
         if mode is None:
             return _refusal(
-                "no offered MPTCP mode is accepted",
+                self._mode_mismatch(option),
                 ResetReason.ADMINISTRATIVELY_PROHIBITED,
             )
         secret = self._new_secret(mode)
@@ -247,6 +266,13 @@ class Endpoint:
                 code = ResetReason.MPTCP_ERROR
             return _refusal(str(exc), code)
         return Accepted(connection=connection, subflow_id=subflow_id)
+
+
+def _either(names: list[str]) -> str:
+    """``G``, ``G or E``, ``G, E or rfc8684``."""
+    if len(names) < 2:
+        return "".join(names)
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _e_allocator(

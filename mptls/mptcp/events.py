@@ -26,6 +26,7 @@ __all__ = [
     "KeyRotationFailed",
     "KeysActivated",
     "KeysRequested",
+    "PeerJoinRefused",
     "SubflowClosed",
     "SubflowEstablished",
     "SubflowStatus",
@@ -92,6 +93,17 @@ class JoinRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerJoinRefused:
+    """A join the peer started was refused here, after its SYN was
+    answered: a bad HMAC in its third ACK, or none within join_timeout.
+    A SYN refused outright never becomes a subflow; the Endpoint's
+    refusal says so instead."""
+
+    subflow_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class KeysRequested:
     """Mode E: the core needs the keys of ``generation``.
 
@@ -137,6 +149,7 @@ Event = (
     | SubflowClosed
     | AddressAnnounced
     | JoinRefused
+    | PeerJoinRefused
     | KeysRequested
     | KeysActivated
     | KeyRotationFailed

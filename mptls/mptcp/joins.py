@@ -292,17 +292,17 @@ class JoinsMixin(ConnectionState):
                 if not isinstance(option, MpJoinAck)
                 else "the join's keys were rotated out"
             )
-            self._note_join_failure()
-            self._reset_subflow(subflow, ResetReason.MPTCP_ERROR, why)
+            self._refuse_peer_join(subflow, ResetReason.MPTCP_ERROR, why)
             return
         local, remote = keys
         expected = join_hmac(
             remote, local, subflow.remote_nonce, subflow.local_nonce
         )
         if not compare_digest(expected[:20], option.hmac):
-            self._note_join_failure()
-            self._reset_subflow(
-                subflow, ResetReason.MPTCP_ERROR, "bad MP_JOIN HMAC"
+            self._refuse_peer_join(
+                subflow,
+                ResetReason.MPTCP_ERROR,
+                "bad MP_JOIN HMAC in the third ACK",
             )
             return
         subflow.deadline = None
@@ -312,6 +312,19 @@ class JoinsMixin(ConnectionState):
         # RFC 8684 section 3.2: this ACK moves the initiator's subflow
         # out of PRE_ESTABLISHED
         subflow.outbox.append(self._ack_segment(subflow))
+
+    def _refuse_peer_join(
+        self, subflow: Subflow, reason: int, why: str
+    ) -> None:
+        """Reset a join the peer started and this end answered."""
+        self._peer_join_failed(subflow, why)
+        self._reset_subflow(subflow, reason, why)
+
+    def _peer_join_failed(self, subflow: Subflow, why: str) -> None:
+        # a failed join costs the bucket one, and the adapter hears why
+        # (it knows the peer's address; the core does not)
+        self._note_join_failure()
+        self._events.append(ev.PeerJoinRefused(subflow.subflow_id, why))
 
     def _refill_join_credit(self, now: float) -> float:
         """The failed-join bucket refilled up to ``now``."""

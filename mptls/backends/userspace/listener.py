@@ -19,9 +19,11 @@ from typing import Any
 
 from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.backends.userspace.transport import MultipathTransport
+from mptls.errors import ProtocolError
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.endpoint import Endpoint, Refused
 from mptls.mptcp.framing import Segment, encode_segment
+from mptls.refusals import refused
 from mptls.trace import pcap
 
 logger = logging.getLogger("mptls.userspace")
@@ -75,7 +77,12 @@ class Listener:
     def _first_segment_overdue(self, subflow: SubflowProtocol) -> None:
         self._waiting.pop(subflow, None)
         if subflow.sink is self and not subflow.closed:
-            logger.debug("no first segment within handshake_timeout")
+            refused(
+                subflow.name("peername"),
+                "no MPTCP handshake within "
+                f"{self._endpoint.config.handshake_timeout:g} s "
+                "(handshake_timeout)",
+            )
             subflow.close()
 
     def _first_segment_came(self, subflow: SubflowProtocol) -> None:
@@ -102,7 +109,7 @@ class Listener:
             ),
         )
         if isinstance(result, Refused):
-            logger.debug("refused a subflow: %s", result.reason)
+            refused(subflow.name("peername"), result.reason)
             if result.reply is not None:
                 if (capture := pcap.active) is not None:
                     capture.frame_sent(subflow, result.reply)
@@ -148,6 +155,13 @@ class Listener:
         self, subflow: SubflowProtocol, exc: BaseException | None
     ) -> None:
         self._first_segment_came(subflow)
+        if isinstance(exc, ProtocolError):
+            # the server ended it: a peer that is not mptls, or frames
+            # it cannot read
+            refused(subflow.name("peername"), str(exc))
+            return
+        # the peer went away unrefused: a port scan, a load balancer's
+        # health check; news for debugging only
         logger.debug("a subflow closed before its first segment: %s", exc)
 
     def subflow_writable(

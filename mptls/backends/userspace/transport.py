@@ -32,6 +32,7 @@ from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import Flag, Payload, Segment, encode_head
 from mptls.mptcp.scheduler import UNCAPPED
+from mptls.refusals import refused
 from mptls.tls.keys import KeyMaterial
 from mptls.trace import pcap
 
@@ -374,6 +375,11 @@ class MultipathTransport(asyncio.Transport):
             event.subflow_id,
             event.reason,
         )
+
+    def _on_peer_join_refused(self, event: events.PeerJoinRefused) -> None:
+        # the operator's news: which peer, and why (never keys or HMACs)
+        subflow = self._subflows.get(event.subflow_id)
+        refused(subflow and subflow.name("peername"), event.reason)
 
     def _on_address(self, event: events.AddressAnnounced) -> None:
         self.paths.address_announced(event)
@@ -899,6 +905,7 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
     events.SubflowEstablished: MultipathTransport._on_subflow_established,
     events.SubflowClosed: MultipathTransport._on_subflow_closed,
     events.JoinRefused: MultipathTransport._on_join_refused,
+    events.PeerJoinRefused: MultipathTransport._on_peer_join_refused,
     events.AddressAnnounced: MultipathTransport._on_address,
     events.ConnectionClosed: MultipathTransport._on_closed,
     events.KeysRequested: MultipathTransport._on_keys_requested,

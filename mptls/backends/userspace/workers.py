@@ -26,7 +26,6 @@ import pickle
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -49,6 +48,7 @@ from mptls.backends.userspace.router import (
     JoinRouter,
     WorkerStats,
 )
+from mptls.backends.userspace.worker_logging import LogSetup
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -87,8 +87,7 @@ class _WorkerSpec:
     grace: float
     options: Mapping[str, Any] = field(default_factory=dict)
     # the parent's logging, which a spawned process does not inherit
-    log_level: int = logging.WARNING
-    log_format: str | None = None
+    logs: LogSetup = field(default_factory=LogSetup)
 
 
 def _worker_main(spec: _WorkerSpec, pipe: Pipe) -> None:
@@ -96,10 +95,7 @@ def _worker_main(spec: _WorkerSpec, pipe: Pipe) -> None:
     # the parent stops the workers on Ctrl-C; a terminal's SIGINT reaches
     # the whole process group and must not kill them half-way
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if spec.log_format is not None:
-        logging.basicConfig(
-            level=spec.log_level, format=spec.log_format, stream=sys.stderr
-        )
+    spec.logs.apply()
     try:
         asyncio.run(_serve(spec, pipe))
     except Exception as exc:
@@ -434,8 +430,7 @@ class WorkerPool:
             worker_id=worker_id,
             port=self._port,
             socket_dir=self._dir,
-            log_level=logging.getLogger("mptls").getEffectiveLevel(),
-            log_format=_root_log_format(),
+            logs=LogSetup.of_this_process(),
         )
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe()
@@ -730,19 +725,6 @@ def _check_pickles(spec: _WorkerSpec) -> None:
             "module-level coroutine function (or a functools.partial of "
             f"one) and ssl=TLSConfig(...); {exc}"
         ) from exc
-
-
-def _root_log_format() -> str | None:
-    """The format of the parent's first root handler, if it logs at all.
-
-    A worker logs as its parent does: the same lines, prefixes and
-    level, where a spawned process would fall back to bare messages.
-    """
-    for handler in logging.getLogger().handlers:
-        formatter = handler.formatter
-        fmt = getattr(formatter, "_fmt", None) if formatter else None
-        return fmt if isinstance(fmt, str) else logging.BASIC_FORMAT
-    return None
 
 
 def _first_host(host: str | Sequence[str]) -> str:
