@@ -415,9 +415,16 @@ class RotationMixin(ConnectionState):
 
     def _drop_pending(self, key_id: int, slot: KeySlot) -> None:
         self._slots[key_id] = None
+        generation = slot.generation
+        # joins held for these keys would wait for nothing now
+        self._refuse_held_joins(
+            key_id,
+            "keys rotated while the join waited: key generation "
+            f"{generation}, which its K names, was dropped unconfirmed",
+        )
         self._rotation_failed(
-            slot.generation,
-            f"the peer did not confirm key generation {slot.generation} "
+            generation,
+            f"the peer did not confirm key generation {generation} "
             f"(NEW_KEY) within {self.config.join_timeout} s",
         )
 
