@@ -57,6 +57,7 @@ from mptls.mptcp.options import (
 )
 from mptls.mptcp.rotation import FIRST_KEY_RETRIES, NEW_KEY_ANSWERS
 from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenAllocator
+from mptls.tls.keys import KeyMaterial
 
 # the handshake
 
@@ -542,6 +543,30 @@ def test_our_own_request_takes_the_keys_a_forged_new_key_asked_for() -> None:
     assert net.client.install_keys(generation_keys(1))
     net.derive = generation_keys
     confirmed(net, 1)
+
+
+def test_our_own_rotation_takes_the_keys_a_forged_new_key_brought() -> None:
+    # a forged NEW_KEY made the client export generation 1, which it
+    # kept aside; its own rotation later starts with those keys, with no
+    # second export
+    net = confirmed(established(e_net()))
+    exported: list[int] = []
+
+    def derive(generation: int) -> KeyMaterial:
+        exported.append(generation)
+        return generation_keys(generation)
+
+    net.derive = derive
+    net.inject(0, forged(1))
+    settle(net)
+    assert exported == [1] and net.client.key_generation == 0
+    assert net.client.request_rotation() == 1
+    confirmed(net, 1)
+    # one export at each end: the client's from the forged NEW_KEY, the
+    # server's when the client's own NEW_KEY came
+    assert exported == [1, 1]
+    assert net.client_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
+    assert net.server_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
 
 
 def test_a_forged_new_key_for_the_current_slot_is_ignored() -> None:
