@@ -340,6 +340,7 @@ class MultipathTransport(asyncio.Transport):
     def _on_subflow_established(
         self, event: events.SubflowEstablished
     ) -> None:
+        self.paths.join_established(event.subflow_id)
         if not logger.isEnabledFor(logging.DEBUG):
             return
         subflow = self._subflows.get(event.subflow_id)
@@ -361,15 +362,18 @@ class MultipathTransport(asyncio.Transport):
             )
         # closed after the next flush: a final RST or FIN may be queued
         self._closing_subflows.append(event.subflow_id)
-        self.paths.subflow_closed()
+        self.paths.subflow_closed(event.subflow_id)
 
     def _on_join_refused(self, event: events.JoinRefused) -> None:
-        logger.warning(
+        # a transient refusal is the paths' to deal with: no news yet
+        logger.log(
+            logging.INFO if event.transient else logging.WARNING,
             "%s: join on subflow %d refused: %s",
             self.tag(),
             event.subflow_id,
             event.reason,
         )
+        self.paths.join_refused(event)
 
     def _on_address(self, event: events.AddressAnnounced) -> None:
         self.paths.address_announced(event)
