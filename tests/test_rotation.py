@@ -27,7 +27,14 @@ import mptls
 from mptls.backends.base import KeyDerivation, Server
 from mptls.backends.userspace.backend import UserspaceBackend
 from mptls.backends.userspace.workers import WorkerPool
-from mptls.mptcp.options import MpJoinSyn, MpJoinSynAck
+from mptls.mptcp.endpoint import Accepted, Endpoint, Refused
+from mptls.mptcp.framing import Flag, Segment
+from mptls.mptcp.options import (
+    MpJoinSyn,
+    MpJoinSynAck,
+    MpTcpRst,
+    ResetReason,
+)
 from mptls.tls.engine import TLSEngine
 from mptls.tls.keys import KeyMaterial
 from mptls.trace import capture
@@ -310,6 +317,52 @@ async def test_the_rotation_interval_rotates_by_itself(pki: Pki) -> None:
         server_side = await served.next_writer()
         await generation(server_side, 2)
         await echo_then_close(reader, writer, b"rotated twice")
+
+
+def refuse_joins_as_transient(
+    monkeypatch: pytest.MonkeyPatch, times: int
+) -> list[bool]:
+    """Make every server refuse the next ``times`` join SYNs as an E
+    server refuses a join a key rotation overtook (MP_TCPRST with T
+    set); the list records, per join SYN, whether it was refused."""
+    seen: list[bool] = []
+    receive_first = Endpoint.receive_first
+
+    def refusing(
+        self: Endpoint, segment: Segment, now: float, **kwargs: Any
+    ) -> Accepted | Refused:
+        if not any(isinstance(o, MpJoinSyn) for o in segment.options):
+            return receive_first(self, segment, now, **kwargs)
+        refuse = seen.count(True) < times
+        seen.append(refuse)
+        if not refuse:
+            return receive_first(self, segment, now, **kwargs)
+        rst = MpTcpRst(ResetReason.MPTCP_ERROR, transient=True)
+        reset = Segment(Flag.RST, (rst,))
+        return Refused(reset, "keys rotated while the join waited")
+
+    monkeypatch.setattr(Endpoint, "receive_first", refusing)
+    return seen
+
+
+async def test_a_path_refused_as_transient_is_joined_again(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = refuse_joins_as_transient(monkeypatch, times=2)
+    async with echo_server(pki) as served:
+        reader, writer = await connect(
+            served.port, pki, local_addrs=["127.0.0.1", "127.0.0.2"]
+        )
+        await established(writer, 2)
+        # refused twice, joined again each time, then let in
+        assert seen == [True, True, False]
+        local = {
+            s.local_address[0]
+            for s in info(writer).subflows
+            if s.state == "ESTABLISHED" and s.local_address is not None
+        }
+        assert local == {"127.0.0.1", "127.0.0.2"}
+        await echo_then_close(reader, writer, b"over the path it got back")
 
 
 class NoLaterKeys(UserspaceBackend):

@@ -22,6 +22,7 @@ from memnet import (
     generation_keys,
     has_data,
     join,
+    stream,
 )
 from rotation_net import (
     E_CLIENT,
@@ -57,6 +58,7 @@ from mptls.mptcp.options import (
 )
 from mptls.mptcp.rotation import FIRST_KEY_RETRIES, NEW_KEY_ANSWERS
 from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenAllocator
+from mptls.tls.keys import KeyMaterial
 
 # the handshake
 
@@ -544,6 +546,30 @@ def test_our_own_request_takes_the_keys_a_forged_new_key_asked_for() -> None:
     confirmed(net, 1)
 
 
+def test_our_own_rotation_takes_the_keys_a_forged_new_key_brought() -> None:
+    # a forged NEW_KEY made the client export generation 1, which it
+    # kept aside; its own rotation later starts with those keys, with no
+    # second export
+    net = confirmed(established(e_net()))
+    exported: list[int] = []
+
+    def derive(generation: int) -> KeyMaterial:
+        exported.append(generation)
+        return generation_keys(generation)
+
+    net.derive = derive
+    net.inject(0, forged(1))
+    settle(net)
+    assert exported == [1] and net.client.key_generation == 0
+    assert net.client.request_rotation() == 1
+    confirmed(net, 1)
+    # one export at each end: the client's from the forged NEW_KEY, the
+    # server's when the client's own NEW_KEY came
+    assert exported == [1, 1]
+    assert net.client_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
+    assert net.server_side.of_type(ev.KeysRequested) == [ev.KeysRequested(1)]
+
+
 def test_a_forged_new_key_for_the_current_slot_is_ignored() -> None:
     net = confirmed(established(e_net()))
     net.inject(0, forged(0))
@@ -697,6 +723,52 @@ def test_the_interval_takes_the_keys_a_forged_new_key_asked_for() -> None:
     assert net.client.install_keys(generation_keys(1))
     net.derive = generation_keys
     confirmed(net, 2)
+
+
+@pytest.mark.parametrize("both", [False, True], ids=["client", "both"])
+def test_a_tiny_rotation_interval_limits_itself(both: bool) -> None:
+    # 1 ms between rotations, 10 ms each way on the path: one rotation
+    # at a time, the next interval from the last one's end, one request
+    # and one NEW_KEY per generation and end, and the data goes through
+    interval, delay = 0.001, 0.01
+    config = ConnectionConfig(mode=Mode.E, key_rotation_interval=interval)
+    server = ConnectionConfig(
+        accept_modes=frozenset({Mode.G, Mode.E}),
+        key_rotation_interval=interval if both else None,
+    )
+    net = confirmed(established(e_net(config, server)))
+    net.link(0).delay = delay
+    times: dict[tuple[int, type, int], float] = {}
+
+    def on_event(connection: Connection, event: ev.Event) -> None:
+        end = 0 if connection is net.client else 1
+        if isinstance(event, ev.KeysRequested | ev.KeysActivated):
+            key = (end, type(event), event.generation)
+            assert key not in times, "asked for or activated twice"
+            times[key] = net.now
+
+    net.on_event = on_event
+    start = net.now
+    data = stream(200_000)
+    net.client.send(data)
+    run_for(net, 1.0)
+    assert bytes(net.server_side.data) == b"hello" + data
+    assert not net.client_side.of_type(ev.KeyRotationFailed)
+    last = net.client.key_generation
+    assert last is not None
+    # each rotation waits a one-way delay at least, plus the interval
+    assert 10 <= last <= (net.now - start) / (delay + interval) + 1
+    for pipe in (net.link(0).to_server, net.link(0).to_client):
+        # generation 0, each rotation, and one that may be under way
+        assert len(new_keys(pipe.sent)) <= last + 2
+    # the client's own rotations: each asked for an interval after the
+    # one before came into use there, never while one was under way
+    for generation in range(2, last + 1):
+        asked = times.get((0, ev.KeysRequested, generation))
+        if asked is None:
+            continue  # the server started this one
+        before = times[(0, ev.KeysActivated, generation - 1)]
+        assert asked - before >= interval - 1e-9
 
 
 def test_key_rotation_interval_is_ignored_outside_e() -> None:

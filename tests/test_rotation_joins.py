@@ -4,8 +4,8 @@ by the slot their K names.
 Two cores wired in memory (tests/memnet.py, set up by rotation_net.py),
 every segment through the real codec: the opener's K, joins held for a
 slot not active yet, the previous generation verifying until replaced,
-wrong keys failing the HMAC, the SYN|ACK's echo of K, ADD_ADDR's K, and
-the E-mode MP_FASTCLOSE tag.
+wrong keys failing the HMAC, the SYN|ACK's echo of K, ADD_ADDR's K, the
+E-mode MP_FASTCLOSE tag, and joins that a second rotation overtakes.
 """
 
 from __future__ import annotations
@@ -270,9 +270,10 @@ def test_a_join_answered_with_one_generation_ends_with_it() -> None:
     last = finish_raw_join(net, raw, generation_keys(2))
     assert last.flags == Flag.RST
     assert net.server_side.of_type(ev.SubflowEstablished) == []
-    # the ACK carried its MP_JOIN: the reset names the rotation
+    # the join keeps the keys its SYN|ACK was made with: a third ACK
+    # keyed by the generation that replaced them fails its HMAC
     closed = net.server_side.of_type(ev.SubflowClosed)
-    assert [c.reason for c in closed] == ["the join's keys were rotated out"]
+    assert [c.reason for c in closed] == ["bad MP_JOIN HMAC in the third ACK"]
 
 
 @pytest.mark.xfail(
@@ -298,3 +299,181 @@ def test_a_join_slower_than_the_rotation_interval_still_opens() -> None:
     refused = net.client_side.of_type(ev.JoinRefused)
     assert refused == []
     assert ev.SubflowEstablished(sid) in net.client_side.events
+
+
+# joins that a second rotation overtakes: generation 0 is current when
+# the client opens the join on a slow path, and the server's rotation
+# to generation 2, which takes the slot the join's K names, starts
+# while the join is under way
+
+
+def stingy_server() -> ConnectionConfig:
+    """An E server that takes a single failed join, then refuses all."""
+    return ConnectionConfig(
+        accept_modes=frozenset({Mode.G, Mode.E}),
+        join_failure_burst=1,
+        join_failure_rate=0.001,
+    )
+
+
+def second_rotation_under_a_join(join_delay: float) -> tuple[MemNet, int]:
+    """Rotate 0 -> 1 (the client) -> 2 (the server) with the join SYN
+    on its way; the first path has 0.1 s of delay, the join's path
+    ``join_delay``. Runs until both ends use generation 2."""
+    net = confirmed(established(e_net(server=stingy_server())))
+    net.link(0).delay = 0.1
+    sid = net.open_subflow(delay=join_delay)
+    net.client.request_rotation()
+    confirmed(net, 1)
+    server_of(net).request_rotation()
+    confirmed(net, 2)
+    return net, sid
+
+
+def both_established(net: MemNet, sid: int) -> bool:
+    return (
+        ev.SubflowEstablished(sid) in net.client_side.events
+        and len(net.server_side.of_type(ev.SubflowEstablished)) == 1
+    )
+
+
+def test_a_join_answered_before_the_slot_is_replaced_completes() -> None:
+    # the SYN|ACK (generation 0) leaves before generation 2 takes slot
+    # 0 at the server; the third ACK arrives after: it is checked with
+    # the keys the SYN|ACK was made with
+    net, sid = second_rotation_under_a_join(join_delay=0.12)
+    assert net.run(lambda: both_established(net, sid))
+    syn_ack = option_of(net.link(sid).to_client.sent[0], MpJoinSynAck)
+    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
+    assert isinstance(syn_ack, MpJoinSynAck) and isinstance(syn, MpJoinSyn)
+    expected = join_hmac(KEYS.key_b, KEYS.key_a, syn_ack.nonce, syn.nonce)
+    assert syn_ack.hmac == expected[:8]
+    assert net.client_side.of_type(ev.JoinRefused) == []
+    # no failed join was counted: the one the server allows is left
+    assert join(net) > sid
+
+
+def test_a_join_held_through_a_second_rotation_completes() -> None:
+    # the SYN reaches the server while generation 2 waits for the
+    # client's NEW_KEY in slot 0: held, then answered with generation
+    # 2, which the client has too and checks after its own
+    net, sid = second_rotation_under_a_join(join_delay=0.35)
+    assert net.run(lambda: both_established(net, sid))
+    syn_ack = option_of(net.link(sid).to_client.sent[0], MpJoinSynAck)
+    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
+    assert isinstance(syn_ack, MpJoinSynAck) and isinstance(syn, MpJoinSyn)
+    keys = generation_keys(2)
+    expected = join_hmac(keys.key_b, keys.key_a, syn_ack.nonce, syn.nonce)
+    assert syn_ack.hmac == expected[:8] and syn_ack.key_id == 0
+    assert net.client_side.of_type(ev.JoinRefused) == []
+    assert join(net) > sid
+    net.client.send(b"over the held path")
+    assert net.run(has_data(net.server_side, 23))
+
+
+def hold_a_raw_join_for_generation_2(net: MemNet) -> Link:
+    """Generation 1 active; the server's generation 2 waits in slot 0
+    for a client that never gets its keys; a raw join naming K = 0
+    comes 5 s later and is held."""
+    confirmed(established(net))
+    net.client.request_rotation()
+    confirmed(net, 1)
+    net.derive = None
+    server_of(net).request_rotation()
+    assert server_of(net).install_keys(generation_keys(2))
+    run_for(net, 5.0)
+    raw = raw_join(net, key_id=0)
+    run_for(net, 0.5)
+    assert raw.inbox == []
+    return raw
+
+
+def test_a_held_join_with_the_replaced_keys_still_fails() -> None:
+    net = e_net()
+    raw = hold_a_raw_join_for_generation_2(net)
+    assert net.client.install_keys(generation_keys(2))
+    confirmed(net, 2)
+    net.run(lambda: raw.inbox != [])
+    assert syn_ack_matches(raw, generation_keys(2), key_id=0)
+    # the third ACK keyed by generation 0, which slot 0 held before
+    last = finish_raw_join(net, raw, KEYS)
+    assert last.flags == Flag.RST
+    assert option_of(last, MpTcpRst) == MpTcpRst(ResetReason.MPTCP_ERROR)
+    closed = net.server_side.of_type(ev.SubflowClosed)
+    assert [c.reason for c in closed] == ["bad MP_JOIN HMAC in the third ACK"]
+
+
+def test_a_join_held_for_keys_that_are_dropped_is_refused_at_once() -> None:
+    net = e_net(server=stingy_server())
+    raw = hold_a_raw_join_for_generation_2(net)
+    server = server_of(net)
+    # generation 2 is dropped 10 s after it was asked for, before the
+    # join's own deadline (15 s): the join cannot succeed from then on
+    assert net.run(lambda: raw.inbox != [])
+    assert net.server_side.of_type(ev.KeyRotationFailed)
+    (reset,) = raw.inbox
+    assert reset.flags & Flag.RST
+    assert option_of(reset, MpTcpRst) == MpTcpRst(
+        ResetReason.MPTCP_ERROR, transient=True
+    )
+    (closed,) = net.server_side.of_type(ev.SubflowClosed)
+    assert closed.reason.startswith("keys rotated while the join waited")
+    assert server.key_generation == 1
+    # not counted as a failed join: the client's next join, with the
+    # keys in use, gets in
+    net.derive = generation_keys
+    sid = join(net)
+    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
+    assert isinstance(syn, MpJoinSyn) and syn.key_id == 1
+
+
+def test_a_join_two_rotations_behind_is_refused_as_transient() -> None:
+    # four rotations while the SYN|ACK is on its way: it is keyed by a
+    # generation the client no longer holds. The client refuses it as
+    # transient, and the connection, left with no subflow, waits for a
+    # new join instead of ending
+    net = confirmed(established(e_net()))
+    sid = net.open_subflow(delay=1.0)
+    for generation in range(1, 5):
+        net.client.request_rotation()
+        confirmed(net, generation)
+    net.kill(0)
+    assert net.run(lambda: net.client_side.of_type(ev.JoinRefused))
+    (refused,) = net.client_side.of_type(ev.JoinRefused)
+    assert refused.subflow_id == sid and refused.transient
+    assert refused.reason.startswith("keys rotated while the join waited")
+    assert not net.client.closed
+    assert join(net) > sid
+    net.client.send(b"back on a new path")
+    assert net.run(has_data(net.server_side, 23))
+
+
+def test_a_syn_ack_is_checked_with_the_joins_keys_or_their_successor() -> None:
+    # two joins taken with generation 0, then slot 0 gets generation 2:
+    # a SYN|ACK under 2 (the server held the SYN for it) is taken; one
+    # under any other keys is a bad HMAC, as before
+    net = confirmed(established(e_net()))
+    nonces = {}
+    for _ in range(2):
+        sid = net.client.open_subflow(net.now)
+        for i, segment in net.client.segments_to_send(net.now):
+            syn = option_of(segment, MpJoinSyn)
+            if i == sid and isinstance(syn, MpJoinSyn):
+                assert syn.key_id == 0
+                nonces[sid] = syn.nonce
+    for generation in (1, 2):
+        net.client.request_rotation()
+        confirmed(net, generation)
+    results = []
+    keyed = (generation_keys(1), generation_keys(2))
+    for sid, keys in zip(nonces, keyed, strict=True):
+        mac = join_hmac(keys.key_b, keys.key_a, 9, nonces[sid])[:8]
+        reply = MpJoinSynAck(mac, 9, 0, key_id=0)
+        net.client.receive_segment(
+            sid, Segment(Flag.SYN | Flag.ACK, (reply,)), net.now
+        )
+        results.append(status_of(net.client, sid))
+    assert results == ["CLOSED", "PRE_ESTABLISHED"]
+    settle(net)
+    refused = net.client_side.of_type(ev.JoinRefused)
+    assert refused == [ev.JoinRefused(1, "bad MP_JOIN HMAC in the SYN|ACK")]

@@ -86,10 +86,16 @@ class AddressAnnounced:
 
 @dataclass(frozen=True, slots=True)
 class JoinRefused:
-    """A join this end started was refused or failed its HMAC check."""
+    """A join this end started was refused or failed its HMAC check.
+
+    ``transient``: the refusal says nothing against the path (MP_TCPRST
+    with T set, RFC 8684 section 3.6): in mode E a key rotation overtook
+    the join, and a new join, with the keys in use now, may succeed.
+    """
 
     subflow_id: int
     reason: str
+    transient: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from mptls.mptcp.options import (
 )
 from mptls.mptcp.scheduler import Subflow, SubflowState
 from mptls.mptcp.state import ConnectionState, options_of
+from mptls.tls.keys import KeyMaterial
 
 __all__ = ["JoinsMixin"]
 
@@ -99,7 +100,7 @@ class JoinsMixin(ConnectionState):
             address_id=address_id,
             local_nonce=nonce,
             key_id=key_id,
-            key_generation=self._generation,
+            keys=self._active_keys(key_id) if self.mode is Mode.E else None,
             syn=syn,
             rto=self.config.join_rto,
             retransmit_at=now + self.config.join_rto,
@@ -111,26 +112,28 @@ class JoinsMixin(ConnectionState):
 
     def _on_join_syn_ack(self, subflow: Subflow, segment: Segment) -> None:
         option = options_of(segment).get(MpJoinSynAck)
-        keys = self._subflow_keys(subflow)
         if (
             not isinstance(option, MpJoinSynAck)
             or segment.flags & (Flag.SYN | Flag.ACK) != Flag.SYN | Flag.ACK
         ):
             self._refuse_join(subflow, "SYN|ACK without MP_JOIN")
             return
-        if keys is None:
-            # mode E: two rotations replaced the generation it took
-            self._refuse_join(subflow, "the join's keys were rotated out")
-            return
         if self.mode is Mode.E and option.key_id != subflow.key_id:
             # draft-baerts: the SYN's K governs the join; the SYN|ACK
             # echoes it (protocol.md section 11 item 13)
             self._refuse_join(subflow, "SYN|ACK names another key (K)")
             return
-        local, remote = keys
-        expected = join_hmac(remote, local, option.nonce, subflow.local_nonce)
-        if not compare_digest(expected[:8], option.hmac):
-            self._refuse_join(subflow, "bad MP_JOIN HMAC in the SYN|ACK")
+        keys = self._syn_ack_keys(subflow, option)
+        if keys is None:
+            if self._join_keys_rotated_out(subflow):
+                self._refuse_join(
+                    subflow,
+                    "keys rotated while the join waited: the SYN|ACK may "
+                    "use a generation this end no longer holds",
+                    transient=True,
+                )
+            else:
+                self._refuse_join(subflow, "bad MP_JOIN HMAC in the SYN|ACK")
             return
         subflow.remote_nonce = option.nonce
         # the id of the address the SYN reached, as the peer numbers it
@@ -138,15 +141,87 @@ class JoinsMixin(ConnectionState):
         subflow.retransmit_at = None
         subflow.syn = None
         subflow.set_state(_S.PRE_ESTABLISHED)
+        local, remote = keys
         mac = join_hmac(local, remote, subflow.local_nonce, option.nonce)
         subflow.outbox.append(
             self._segment(subflow, Flag.ACK, (MpJoinAck(hmac=mac[:20]),))
         )
+        # the last HMAC this end makes for the join
+        subflow.keys = None
 
-    def _refuse_join(self, subflow: Subflow, reason: str) -> None:
-        self._events.append(ev.JoinRefused(subflow.subflow_id, reason))
-        self._reset_subflow(subflow, ResetReason.MPTCP_ERROR, reason)
-        if not self._closed and not self._live_count():
+    def _syn_ack_keys(
+        self, subflow: Subflow, option: MpJoinSynAck
+    ) -> tuple[bytes, bytes] | None:
+        """(local key, remote key) whose HMAC-B the SYN|ACK carries.
+
+        Outside mode E the connection's keys. In mode E the keys the
+        join took, or the generation that replaced them in their slot:
+        a responder that holds a join SYN while that slot's next keys
+        await confirmation answers it with those, the moment they are
+        active (:meth:`_answer_held_joins`), and only then. The answer
+        cannot say which it used, so each is checked in full; no other
+        generation can be the right one. The join goes on with the one
+        that matched.
+        """
+        if self.mode is not Mode.E:
+            pair = self._join_keys()
+            if pair is not None and self._syn_ack_valid(pair, subflow, option):
+                return pair
+            return None
+        for keys in self._syn_ack_candidates(subflow):
+            pair = self._oriented(keys)
+            if self._syn_ack_valid(pair, subflow, option):
+                subflow.keys = keys
+                return pair
+        return None
+
+    def _syn_ack_valid(
+        self,
+        keys: tuple[bytes, bytes],
+        subflow: Subflow,
+        option: MpJoinSynAck,
+    ) -> bool:
+        local, remote = keys
+        expected = join_hmac(remote, local, option.nonce, subflow.local_nonce)
+        return compare_digest(expected[:8], option.hmac)
+
+    def _syn_ack_candidates(self, subflow: Subflow) -> list[KeyMaterial]:
+        """Mode E: the join's keys, then their successor in the slot."""
+        own = subflow.keys
+        if own is None:
+            return []
+        slot = self._slots[subflow.key_id & 1]
+        if slot is not None and slot.generation == own.generation + 2:
+            # this end installed it, so the peer may have it active
+            return [own, slot.keys]
+        return [own]
+
+    def _join_keys_rotated_out(self, subflow: Subflow) -> bool:
+        """Mode E: the peer may have answered with keys this end no
+        longer holds: its K's slot has moved on by more than one
+        rotation since the join took its keys, or lost them."""
+        own = subflow.keys
+        if self.mode is not Mode.E or own is None:
+            return False
+        slot = self._slots[subflow.key_id & 1]
+        return slot is None or slot.generation > own.generation + 2
+
+    def _refuse_join(
+        self, subflow: Subflow, reason: str, *, transient: bool = False
+    ) -> None:
+        """Reset a join whose SYN|ACK this end cannot take.
+
+        ``transient``: not the path's fault nor, as far as one can tell,
+        the peer's (keys rotated meanwhile): a new join may succeed, so
+        the connection does not end with it.
+        """
+        self._events.append(
+            ev.JoinRefused(subflow.subflow_id, reason, transient)
+        )
+        self._reset_subflow(
+            subflow, ResetReason.MPTCP_ERROR, reason, transient=transient
+        )
+        if not transient and not self._closed and not self._live_count():
             # the peer's HMAC does not match our keys and nothing else is
             # left: no later join can succeed
             self._finish(
@@ -234,15 +309,30 @@ class JoinsMixin(ConnectionState):
             if subflow.state is _S.WAITING_KEYS and held is not None:
                 self._answer_join(subflow, held)
 
+    def _refuse_held_joins(self, key_id: int, reason: str) -> None:
+        """Mode E: the pending keys of slot ``key_id`` were dropped.
+
+        A join SYN held for them cannot be answered any more: the
+        generation the slot held before is gone, and the one it waited
+        for will not come. It is reset now, with T set (RFC 8684
+        section 3.6), rather than at its deadline. No
+        failed join is counted: its HMAC was never checked, and a new
+        join, with the keys in use now, can succeed.
+        """
+        for subflow in list(self._subflows.values()):
+            if subflow.state is _S.WAITING_KEYS and subflow.key_id == key_id:
+                self._reset_subflow(
+                    subflow, ResetReason.MPTCP_ERROR, reason, transient=True
+                )
+
     def _subflow_keys(self, subflow: Subflow) -> tuple[bytes, bytes] | None:
         """The keys a join uses: in mode E those of the generation it
-        took, while its slot still holds them; else the connection's."""
+        took, even if a rotation has replaced them in their slot since
+        (the join's deadline bounds how long); else the connection's."""
         if self.mode is not Mode.E:
             return self._join_keys()
-        keys = self._active_keys(subflow.key_id)
-        if keys is None or keys.generation != subflow.key_generation:
-            return None
-        return self._oriented(keys)
+        keys = subflow.keys
+        return None if keys is None else self._oriented(keys)
 
     def _take_join_keys(self, subflow: Subflow) -> tuple[bytes, bytes] | None:
         """Keys for the answer to a join SYN, or None to hold it.
@@ -251,8 +341,7 @@ class JoinsMixin(ConnectionState):
         in the slot its K names when that slot becomes active.
         """
         if subflow.state is _S.WAITING_KEYS and self.mode is Mode.E:
-            keys = self._active_keys(subflow.key_id)
-            subflow.key_generation = None if keys is None else keys.generation
+            subflow.keys = self._active_keys(subflow.key_id)
         return self._subflow_keys(subflow)
 
     def _answer_join(self, subflow: Subflow, nonce: int) -> None:
@@ -285,14 +374,10 @@ class JoinsMixin(ConnectionState):
         option = options_of(segment).get(MpJoinAck)
         keys = self._subflow_keys(subflow)
         if not isinstance(option, MpJoinAck) or keys is None:
-            # mode E: two rotations may have replaced the generation
-            # that answered the SYN since
-            why = (
-                "join ACK without MP_JOIN"
-                if not isinstance(option, MpJoinAck)
-                else "the join's keys were rotated out"
+            # keys is never None here: the SYN|ACK took them
+            self._refuse_peer_join(
+                subflow, ResetReason.MPTCP_ERROR, "join ACK without MP_JOIN"
             )
-            self._refuse_peer_join(subflow, ResetReason.MPTCP_ERROR, why)
             return
         local, remote = keys
         expected = join_hmac(
@@ -306,6 +391,7 @@ class JoinsMixin(ConnectionState):
             )
             return
         subflow.deadline = None
+        subflow.keys = None
         subflow.set_state(_S.ESTABLISHED)
         self._path_up(self._now)
         self._events.append(ev.SubflowEstablished(subflow.subflow_id))

@@ -47,12 +47,19 @@ class ResetsMixin(ConnectionState):
             return
         rst = options.get(MpTcpRst)
         code = rst.reason if isinstance(rst, MpTcpRst) else None
+        # RFC 8684 section 3.6: T says the peer expects a new subflow
+        # to work (mptls: a key rotation overtook the join)
+        transient = isinstance(rst, MpTcpRst) and rst.transient
         if subflow.is_join and subflow.state in (
             _S.SYN_SENT,
             _S.PRE_ESTABLISHED,
         ):
             reason = f"peer reset the join (MP_TCPRST {code})"
-            self._events.append(ev.JoinRefused(subflow.subflow_id, reason))
+            if transient:
+                reason += ", transient: a new join may succeed"
+            self._events.append(
+                ev.JoinRefused(subflow.subflow_id, reason, transient)
+            )
         if subflow.subflow_id == 0 and not self.handshake_complete:
             subflow.set_state(_S.CLOSED)
             self._finish(
@@ -66,7 +73,7 @@ class ResetsMixin(ConnectionState):
             _S.PRE_ESTABLISHED,
         )
         self._close_subflow(subflow, "reset by peer", code)
-        if was_join and code == ResetReason.MPTCP_ERROR:
+        if was_join and code == ResetReason.MPTCP_ERROR and not transient:
             self._join_refused_for_good()
 
     def _handshake_reset_message(self, code: int | None) -> str:

@@ -17,7 +17,8 @@ the peer does not confirm within ``join_timeout`` is dropped.
 A NEW_KEY that matches nothing costs at most one exporter call per
 generation (or per ``join_timeout`` while rotations fail): it can make
 the core ask for the next generation, and its tag is only compared,
-never trusted.
+never trusted. The keys it brought are kept aside and start this end's
+own rotation to that generation, if it asks for one.
 
 It must never perform I/O, read a clock or draw randomness itself, and
 no key or tag may reach a log line, an event or an error.
@@ -127,8 +128,23 @@ class RotationMixin(ConnectionState):
         """Ask the adapter for ``generation``; it has join_timeout.
 
         ``by_peer``: only a peer's NEW_KEY asked for it, so the keys are
-        taken only if that NEW_KEY's tag matches them.
+        taken only if that NEW_KEY's tag matches them. This end asking
+        for the generation whose keys a forged NEW_KEY brought takes
+        those, kept aside: no second exporter call.
         """
+        spare = self._spare_keys
+        if (
+            not by_peer
+            and spare is not None
+            and spare.generation == generation
+        ):
+            logger.debug(
+                "[%s] key generation %d taken from the keys kept aside",
+                self._tag(),
+                generation,
+            )
+            self._install_rotation_keys(spare)
+            return generation
         self._requested = generation
         self._requested_by_peer = by_peer
         self._requested_until = self._now + self.config.join_timeout
@@ -415,9 +431,16 @@ class RotationMixin(ConnectionState):
 
     def _drop_pending(self, key_id: int, slot: KeySlot) -> None:
         self._slots[key_id] = None
+        generation = slot.generation
+        # joins held for these keys would wait for nothing now
+        self._refuse_held_joins(
+            key_id,
+            "keys rotated while the join waited: key generation "
+            f"{generation}, which its K names, was dropped unconfirmed",
+        )
         self._rotation_failed(
-            slot.generation,
-            f"the peer did not confirm key generation {slot.generation} "
+            generation,
+            f"the peer did not confirm key generation {generation} "
             f"(NEW_KEY) within {self.config.join_timeout} s",
         )
 

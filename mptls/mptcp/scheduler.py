@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from mptls.errors import ProtocolError
 from mptls.mptcp.framing import Payload, Segment
+from mptls.tls.keys import KeyMaterial
 
 __all__ = [
     "Chunk",
@@ -101,11 +102,12 @@ class Subflow:
     ack_due_since: float | None = None
     local_nonce: int = 0
     remote_nonce: int = 0
-    # mode E: the key id (K) the join's SYN named, and the generation
-    # of the keys that slot held when the join took them: a join keeps
-    # its keys even if a rotation makes another generation current
+    # mode E: the key id (K) the join's SYN named, and, while the join
+    # runs, the keys of the generation it took from that slot. Held
+    # here, they outlive a rotation that makes another generation
+    # current or replaces them in their slot, up to the join's deadline
     key_id: int = 0
-    key_generation: int | None = None
+    keys: KeyMaterial | None = field(default=None, repr=False)
     syn: Segment | None = None
     retransmit_at: float | None = None
     rto: float = 0.0

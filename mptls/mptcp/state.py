@@ -360,8 +360,12 @@ class ConnectionState:
         options = (ack,) if ack is not None else ()
         return self._segment(subflow, flags, options)
 
-    def _reset_segment(self, reason: int | None) -> Segment:
-        options = () if reason is None else (MpTcpRst(reason=reason),)
+    def _reset_segment(
+        self, reason: int | None, *, transient: bool = False
+    ) -> Segment:
+        options: tuple[MpTcpRst, ...] = ()
+        if reason is not None:
+            options = (MpTcpRst(reason=reason, transient=transient),)
         return Segment(flags=Flag.RST, options=options)
 
     def _option_segment(self, subflow: Subflow, option: Option) -> Segment:
@@ -391,11 +395,20 @@ class ConnectionState:
         self._next_subflow_id += 1
         return subflow_id
 
-    def _reset_subflow(self, subflow: Subflow, reason: int, why: str) -> None:
+    def _reset_subflow(
+        self,
+        subflow: Subflow,
+        reason: int,
+        why: str,
+        *,
+        transient: bool = False,
+    ) -> None:
+        """RST with MP_TCPRST ``reason``; ``transient`` sets its T flag
+        (RFC 8684 section 3.6: the path may be joined again)."""
         logger.debug(
             "[%s] reset subflow %d: %s", self._tag(), subflow.subflow_id, why
         )
-        subflow.outbox.append(self._reset_segment(reason))
+        subflow.outbox.append(self._reset_segment(reason, transient=transient))
         self._close_subflow(subflow, why, int(reason))
 
     def _close_subflow(
@@ -405,6 +418,7 @@ class ConnectionState:
             return
         subflow.set_state(_S.CLOSED)
         subflow.retransmit_at = subflow.deadline = None
+        subflow.keys = None
         # RFC 8684 section 3.3.6: what it carried and nobody acked goes
         # out again on the other subflows
         self._send.requeue(subflow.subflow_id)
@@ -469,6 +483,9 @@ class ConnectionState:
     # the ones that came early
 
     def _answer_held_joins(self) -> None:
+        raise NotImplementedError
+
+    def _refuse_held_joins(self, key_id: int, reason: str) -> None:
         raise NotImplementedError
 
     # mode E keys, defined by RotationMixin; the path options bring

@@ -38,6 +38,12 @@ logger = logging.getLogger("mptls.userspace")
 # waiting this long before the first attempt and doubling up to the cap
 _REJOIN_FIRST_DELAY = 0.1
 _REJOIN_MAX_DELAY = 2.0
+# how often a path whose join was refused as transient (mode E: a key
+# rotation overtook it) is joined again in a row before it is left
+_JOIN_RETRIES = 3
+
+# a path as this end opens it: (local address or None, remote address)
+_Path = tuple[str | None, tuple[str, int]]
 
 
 class PathOwner(SegmentSink, Protocol):
@@ -87,8 +93,12 @@ class Paths:
         # extra subflows' TCP connections, opened while TLS runs and
         # joined the moment the keys are installed
         self._preconnected = False
-        self._parked: list[SubflowProtocol] = []
+        self._parked: list[tuple[SubflowProtocol, _Path]] = []
         self._rejoining = False
+        # the path of each join opened here and not yet settled, and
+        # the transient refusals each path has had since its last join
+        self._joining: dict[int, _Path] = {}
+        self._retries: dict[_Path, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # address ids
@@ -182,19 +192,66 @@ class Paths:
         self._start_paths()
         parked, self._parked = self._parked, []
         joining = self._core.joins_allowed
-        for subflow in parked:
+        for subflow, path in parked:
             if subflow.closed:
                 continue
             if joining:
-                self._join(subflow)
+                self._join(subflow, path)
             else:
                 subflow.close()
         if not joining:
             # the subflows opened ahead are gone
             self._preconnected = False
 
-    def subflow_closed(self) -> None:
+    def join_refused(self, event: events.JoinRefused) -> None:
+        """A join was refused: one opened here whose refusal was
+        transient (a key rotation overtook it, nothing wrong with the
+        path) is opened again, a few times in a row at most.
+
+        A client left with no subflow at all rejoins as
+        :meth:`subflow_closed` has it instead.
+        """
+        path = self._joining.pop(event.subflow_id, None)
+        if (
+            path is None
+            or not event.transient
+            or self._closed
+            or self._rejoining
+            or self._owner.is_closing()
+            or self._core.closed
+            or self._core.live_subflows == 0
+        ):
+            return
+        tries = self._retries.get(path, 0)
+        if tries >= _JOIN_RETRIES:
+            logger.warning(
+                "%s: path from %s to %s not joined again: refused %d "
+                "times in a row (%s)",
+                self._owner.tag(),
+                path[0] or "any local address",
+                format_address(path[1]),
+                tries + 1,
+                event.reason,
+            )
+            return
+        self._retries[path] = tries + 1
+        logger.debug(
+            "%s: joining again from %s: %s",
+            self._owner.tag(),
+            path[0] or "any local address",
+            event.reason,
+        )
+        self._spawn(self._open_subflow(*path))
+
+    def join_established(self, subflow_id: int) -> None:
+        """A join is up: its path starts its retries afresh."""
+        path = self._joining.pop(subflow_id, None)
+        if path is not None:
+            self._retries.pop(path, None)
+
+    def subflow_closed(self, subflow_id: int) -> None:
         """A subflow closed: a client left with none joins again."""
+        self._joining.pop(subflow_id, None)
         if (
             self._initiator
             and self._remote is not None
@@ -230,7 +287,7 @@ class Paths:
     def close(self) -> None:
         """The connection is finished: nothing more is opened."""
         self._closed = True
-        for subflow in self._parked:
+        for subflow, _ in self._parked:
             subflow.close()
         self._parked.clear()
         for task in self._tasks:
@@ -331,9 +388,9 @@ class Paths:
             return
         if not self._paths_started:
             # connected before the keys: keys_installed joins it
-            self._parked.append(subflow)
+            self._parked.append((subflow, (local, remote)))
             return
-        self._join(subflow)
+        self._join(subflow, (local, remote))
         self._owner.process()
 
     def join(self, subflow: SubflowProtocol, *, backup: bool = False) -> int:
@@ -354,12 +411,14 @@ class Paths:
         self._owner.attach(subflow_id, subflow)
         return subflow_id
 
-    def _join(self, subflow: SubflowProtocol) -> None:
+    def _join(self, subflow: SubflowProtocol, path: _Path) -> None:
         """Join a subflow mptls opened itself: a refusal is logged."""
         try:
-            self.join(subflow)
+            subflow_id = self.join(subflow)
         except MptlsError as exc:
             logger.warning("%s: no join: %s", self._owner.tag(), exc)
+            return
+        self._joining[subflow_id] = path
 
 
 def _address_of(host: str) -> Any:

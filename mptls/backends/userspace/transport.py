@@ -344,6 +344,7 @@ class MultipathTransport(asyncio.Transport):
     def _on_subflow_established(
         self, event: events.SubflowEstablished
     ) -> None:
+        self.paths.join_established(event.subflow_id)
         if not logger.isEnabledFor(logging.DEBUG):
             return
         subflow = self._subflows.get(event.subflow_id)
@@ -365,16 +366,19 @@ class MultipathTransport(asyncio.Transport):
             )
         # closed after the next flush: a final RST or FIN may be queued
         self._closing_subflows.append(event.subflow_id)
-        self.paths.subflow_closed()
+        self.paths.subflow_closed(event.subflow_id)
 
     def _on_join_refused(self, event: events.JoinRefused) -> None:
         self.last_join_refusal = event
-        logger.warning(
+        # a transient refusal is the paths' to deal with: no news yet
+        logger.log(
+            logging.INFO if event.transient else logging.WARNING,
             "%s: join on subflow %d refused: %s",
             self.tag(),
             event.subflow_id,
             event.reason,
         )
+        self.paths.join_refused(event)
 
     def _on_peer_join_refused(self, event: events.PeerJoinRefused) -> None:
         # the operator's news: which peer, and why (never keys or HMACs)
