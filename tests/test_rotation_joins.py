@@ -276,19 +276,10 @@ def test_a_join_answered_with_one_generation_ends_with_it() -> None:
     assert [c.reason for c in closed] == ["bad MP_JOIN HMAC in the third ACK"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design question: a join whose handshake outlasts two "
-    "rotations loses its generation and is refused, so with "
-    "key_rotation_interval under about two path round trips no join "
-    "ever completes; keeping a joining subflow's keys until its "
-    "handshake ends, or deferring a rotation that would replace them, "
-    "changes what 'the previous generation verifies until the next "
-    "rotation' promises",
-)
 def test_a_join_slower_than_the_rotation_interval_still_opens() -> None:
-    # a 50 ms interval, a second path with a 200 ms one-way delay: each
-    # join handshake outlasts several rotations on the first path
+    # a 50 ms interval, a second path with a 200 ms one-way delay: the
+    # join's handshake would outlast several rotations on the first
+    # path, so the interval waits while the join holds keys, then goes on
     client = ConnectionConfig(mode=Mode.E, key_rotation_interval=0.05)
     net = confirmed(established(e_net(client)))
     sid = net.open_subflow(delay=0.2)
@@ -299,6 +290,12 @@ def test_a_join_slower_than_the_rotation_interval_still_opens() -> None:
     refused = net.client_side.of_type(ev.JoinRefused)
     assert refused == []
     assert ev.SubflowEstablished(sid) in net.client_side.events
+    joined = net.client.key_generation
+    assert joined is not None
+    assert net.run(
+        lambda: (net.client.key_generation or 0) >= joined + 3,
+        max_time=net.now + 2.0,
+    )
 
 
 # joins that a second rotation overtakes: generation 0 is current when

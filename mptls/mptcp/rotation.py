@@ -457,4 +457,19 @@ class RotationMixin(ConnectionState):
             or current >= MAX_GENERATION
         ):
             return
+        if self._join_under_way():
+            # a join keeps the keys its K names until it is up, at most
+            # join_timeout; rotations at a shorter interval than its
+            # handshake would take them away each time. Look again an
+            # interval later.
+            self._schedule_rotation()
+            return
         self._ask_keys(current + 1)
+
+    def _join_under_way(self) -> bool:
+        """Whether a join of this connection holds keys it has not
+        finished with (its handshake is not over)."""
+        return any(
+            subflow.live and subflow.keys is not None
+            for subflow in self._subflows.values()
+        )
