@@ -982,6 +982,40 @@ def test_connect_with_its_output_closed_fails(certs: Path) -> None:
     ]
 
 
+def _run_into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``mptls`` with a stdout whose reader has gone (``| head``)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "mptls", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["info"], ["info", "--json"], ["certs", "--dir", "{tmp}"]],
+    ids=["table", "json", "certs"],
+)
+def test_a_report_to_a_closed_output_says_output_closed(
+    argv: list[str], tmp_path: Path
+) -> None:
+    # the report commands print through rich or as JSON, not as serve
+    # and connect do; a closed stdout reads the same for all of them
+    args = [arg.format(tmp=tmp_path / "certs") for arg in argv]
+    result = _run_into_a_closed_pipe(*args)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        "mptls: error: output closed"
+    ]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
