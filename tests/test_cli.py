@@ -33,11 +33,12 @@ from support import (
 )
 
 import mptls
+from mptls.backends.base import MptcpInfo, SubflowInfo
 from mptls.bench import RunRecord
 from mptls.bench.harness import ScenarioResult
 from mptls.cli import main as cli_main
 from mptls.cli import netcat
-from mptls.cli.archive import build_archive, existing_payload
+from mptls.cli.archive import Payload, build_archive, existing_payload
 from mptls.cli.certs import (
     DEVELOPMENT_IDENTITIES,
     issue_development_pems,
@@ -56,6 +57,8 @@ from mptls.cli.common import (
     parse_port,
     server_options,
 )
+from mptls.cli.demo_report import subflow_table
+from mptls.cli.transfer import ClientSide, DemoReport, DemoSettings, ServerSide
 from mptls.errors import (
     BackendError,
     CertificateError,
@@ -508,6 +511,43 @@ def test_demo_over_the_kernel_backend(
     assert not (
         "from the TLS exporter" in report and "not installed" in report
     )
+
+
+def _report_over(backend: str, mode: str, path: Path) -> DemoReport:
+    """A demo report of one subflow over ``backend``, as the demo fills
+    it in, for the parts of the report that depend on the backend."""
+    subflow = SubflowInfo(
+        1, ("127.0.0.1", 40000), ("127.0.0.1", 4433), "ESTABLISHED", 10, 10
+    )
+    served = SubflowInfo(
+        1, ("127.0.0.1", 4433), ("127.0.0.1", 40000), "ESTABLISHED", 10, 10
+    )
+
+    def info(seen: SubflowInfo) -> MptcpInfo:
+        return MptcpInfo(backend, mode, None, None, False, subflows=(seen,))
+
+    return DemoReport(
+        Payload(path, 10, "ten bytes"),
+        DemoSettings(backend, None, ("127.0.0.1",), 10.0),
+        ClientSide("0" * 64, 10, 0.1, "0" * 64, info(subflow), None, None),
+        ServerSide("0" * 64, 10, info(served)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("backend", "mode", "scheduler"),
+    [
+        ("userspace", "G", "the lowest round-trip time"),
+        ("kernel", "kernel", "the kernel's MPTCP scheduler"),
+    ],
+)
+def test_the_subflow_table_names_the_scheduler_that_split_the_bytes(
+    backend: str, mode: str, scheduler: str, tmp_path: Path
+) -> None:
+    # the kernel backend's packets are spread by the kernel, not by the
+    # userspace scheduler that the caption describes
+    table = subflow_table(_report_over(backend, mode, tmp_path / "f"))
+    assert scheduler in str(table.caption)
 
 
 def test_demo_fails_when_a_path_never_carries_data(
