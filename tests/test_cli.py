@@ -902,6 +902,32 @@ def test_failed_handshakes_say_what_to_try(
     assert line.endswith(hint)
 
 
+def test_a_cafile_of_another_ca_is_named_in_the_hint(
+    certs: Path, tmp_path: Path
+) -> None:
+    # a CA was given, but not the server's: "pass the server's CA" would
+    # tell the user to do what they did; the hint names the file instead
+    other = tmp_path / "other"
+    other.mkdir()
+    write_development_certs(other)
+    with serving(certs) as (_, port):
+        client = run_mptls(
+            "connect",
+            "127.0.0.1",
+            port,
+            "--cafile",
+            str(other / "ca.pem"),
+            stdin=b"x\n",
+        )
+    error = client.stderr.decode()
+    assert client.returncode == 1, error
+    [line] = error.splitlines()
+    assert line.startswith("mptls: error: server certificate verify failed")
+    assert line.endswith(
+        f"(its chain does not lead to the CA in --cafile {other / 'ca.pem'})"
+    )
+
+
 # refused clients, as `serve -v` shows them
 
 
