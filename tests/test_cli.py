@@ -33,11 +33,12 @@ from support import (
 )
 
 import mptls
+from mptls.backends.base import MptcpInfo, SubflowInfo
 from mptls.bench import RunRecord
 from mptls.bench.harness import ScenarioResult
 from mptls.cli import main as cli_main
 from mptls.cli import netcat
-from mptls.cli.archive import build_archive, existing_payload
+from mptls.cli.archive import Payload, build_archive, existing_payload
 from mptls.cli.certs import (
     DEVELOPMENT_IDENTITIES,
     issue_development_pems,
@@ -56,6 +57,8 @@ from mptls.cli.common import (
     parse_port,
     server_options,
 )
+from mptls.cli.demo_report import subflow_table
+from mptls.cli.transfer import ClientSide, DemoReport, DemoSettings, ServerSide
 from mptls.errors import (
     BackendError,
     CertificateError,
@@ -510,6 +513,43 @@ def test_demo_over_the_kernel_backend(
     )
 
 
+def _report_over(backend: str, mode: str, path: Path) -> DemoReport:
+    """A demo report of one subflow over ``backend``, as the demo fills
+    it in, for the parts of the report that depend on the backend."""
+    subflow = SubflowInfo(
+        1, ("127.0.0.1", 40000), ("127.0.0.1", 4433), "ESTABLISHED", 10, 10
+    )
+    served = SubflowInfo(
+        1, ("127.0.0.1", 4433), ("127.0.0.1", 40000), "ESTABLISHED", 10, 10
+    )
+
+    def info(seen: SubflowInfo) -> MptcpInfo:
+        return MptcpInfo(backend, mode, None, None, False, subflows=(seen,))
+
+    return DemoReport(
+        Payload(path, 10, "ten bytes"),
+        DemoSettings(backend, None, ("127.0.0.1",), 10.0),
+        ClientSide("0" * 64, 10, 0.1, "0" * 64, info(subflow), None, None),
+        ServerSide("0" * 64, 10, info(served)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("backend", "mode", "scheduler"),
+    [
+        ("userspace", "G", "the lowest round-trip time"),
+        ("kernel", "kernel", "the kernel's MPTCP scheduler"),
+    ],
+)
+def test_the_subflow_table_names_the_scheduler_that_split_the_bytes(
+    backend: str, mode: str, scheduler: str, tmp_path: Path
+) -> None:
+    # the kernel backend's packets are spread by the kernel, not by the
+    # userspace scheduler that the caption describes
+    table = subflow_table(_report_over(backend, mode, tmp_path / "f"))
+    assert scheduler in str(table.caption)
+
+
 def test_demo_fails_when_a_path_never_carries_data(
     two_mib_file: tuple[Path, str],
 ) -> None:
@@ -862,6 +902,32 @@ def test_failed_handshakes_say_what_to_try(
     assert line.endswith(hint)
 
 
+def test_a_cafile_of_another_ca_is_named_in_the_hint(
+    certs: Path, tmp_path: Path
+) -> None:
+    # a CA was given, but not the server's: "pass the server's CA" would
+    # tell the user to do what they did; the hint names the file instead
+    other = tmp_path / "other"
+    other.mkdir()
+    write_development_certs(other)
+    with serving(certs) as (_, port):
+        client = run_mptls(
+            "connect",
+            "127.0.0.1",
+            port,
+            "--cafile",
+            str(other / "ca.pem"),
+            stdin=b"x\n",
+        )
+    error = client.stderr.decode()
+    assert client.returncode == 1, error
+    [line] = error.splitlines()
+    assert line.startswith("mptls: error: server certificate verify failed")
+    assert line.endswith(
+        f"(its chain does not lead to the CA in --cafile {other / 'ca.pem'})"
+    )
+
+
 # refused clients, as `serve -v` shows them
 
 
@@ -978,6 +1044,40 @@ def test_connect_with_its_output_closed_fails(certs: Path) -> None:
     # one line, no thread traceback, no warning about an unawaited put
     assert client.returncode == 1
     assert client.stderr.decode().splitlines() == [
+        "mptls: error: output closed"
+    ]
+
+
+def _run_into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``mptls`` with a stdout whose reader has gone (``| head``)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "mptls", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["info"], ["info", "--json"], ["certs", "--dir", "{tmp}"]],
+    ids=["table", "json", "certs"],
+)
+def test_a_report_to_a_closed_output_says_output_closed(
+    argv: list[str], tmp_path: Path
+) -> None:
+    # the report commands print through rich or as JSON, not as serve
+    # and connect do; a closed stdout reads the same for all of them
+    args = [arg.format(tmp=tmp_path / "certs") for arg in argv]
+    result = _run_into_a_closed_pipe(*args)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
         "mptls: error: output closed"
     ]
 

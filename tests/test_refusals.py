@@ -150,14 +150,16 @@ async def test_what_was_held_back_is_told_when_the_interval_ends(
 
 
 @contextlib.asynccontextmanager
-async def served(pki: Pki, **options: object) -> AsyncIterator[int]:
+async def served(
+    pki: Pki, tls: mptls.TLSConfig | None = None, **options: object
+) -> AsyncIterator[int]:
     async def close_at_once(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         writer.close()
 
     server = await mptls.start_server(
-        close_at_once, "127.0.0.1", 0, ssl=pki.server(), **options
+        close_at_once, "127.0.0.1", 0, ssl=tls or pki.server(), **options
     )
     async with server:
         yield int(server.sockets[0].getsockname()[1])
@@ -210,6 +212,28 @@ async def test_a_client_that_does_not_trust_the_server_is_one_line(
         ": TLS handshake failed: peer sent TLS alert unknown_ca (48) (the "
         "client does not accept this server's certificate)"
     )
+
+
+async def test_a_handshake_the_server_fails_reads_as_the_others(
+    pki: Pki, lines: Callable[[], list[str]], fresh_log: RefusalLog
+) -> None:
+    # the server's own OpenSSL error, not a peer's alert: its line starts
+    # as every other failed handshake's, so one search finds them all
+    server_tls = pki.server(require_client_cert=True, cafile=pki.ca_pem)
+    async with served(pki, tls=server_tls) as port:
+        writer = None
+        # TLS 1.3: the server's alert may come after the client finished
+        with contextlib.suppress(mptls.TLSError):
+            _, writer = await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client()
+            )
+        await wait_for_line(lines)
+        if writer is not None:
+            writer.transport.abort()
+    [line] = lines()
+    assert line.startswith("refused 127.0.0.1:")
+    assert ": TLS handshake failed: peer did not return a certificate" in line
+    assert "TLS failed" not in line
 
 
 async def wait_for_line(lines: Callable[[], list[str]]) -> None:

@@ -117,10 +117,12 @@ _CERTIFICATE_ALERTS = frozenset(
 
 def _refusal_reason(exc: Exception) -> str:
     """Why a server's client failed its handshake, in one line; a TLS
-    error says it was TLS (its text is OpenSSL's, or the peer's alert)."""
+    error says it was the TLS handshake (its text is OpenSSL's, or the
+    peer's alert), in the same words whichever end gave up."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, TLSError):
         return text
+    text = text.removeprefix("TLS failed: ")
     if not text.startswith("TLS"):
         text = f"TLS handshake failed: {text}"
     if "peer sent" in text and exc.alert in _CERTIFICATE_ALERTS:

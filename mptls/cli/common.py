@@ -379,9 +379,22 @@ def report_error(exc: BaseException, *, debug: bool) -> ExitStatus:
     return status
 
 
+class _ReportConsole(Console):
+    """A console whose closed output is an :class:`OutputClosedError`.
+
+    rich's own answer to a broken pipe is a silent ``SystemExit(1)``;
+    this one gives the command line's ``output closed`` line, as serve
+    and connect print it.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise OutputClosedError("output closed")
+
+
 def stdout_console(*, quiet: bool = False) -> Console:
     """The console for a command's report on stdout."""
-    return Console(file=sys.stdout, quiet=quiet, highlight=False)
+    return _ReportConsole(file=sys.stdout, quiet=quiet, highlight=False)
 
 
 def stderr_console(*, quiet: bool = False) -> Console:
@@ -433,10 +446,13 @@ def status_lines_from(name: str) -> Iterator[None]:
 
 def print_json(document: dict[str, Any]) -> None:
     """Machine output: one JSON document on stdout."""
-    sys.stdout.write(
-        json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
-    )
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(
+            json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
+        )
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise OutputClosedError("output closed") from exc
 
 
 def human_bytes(count: float) -> str:

@@ -67,7 +67,11 @@ def add_parser(
     parser.add_argument(
         "--json", action="store_true", help="print the report as JSON"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no 'sending' line: the report alone",
+    )
     add_pcap_argument(
         parser,
         "of both ends (the server and the client run in this process, so "

@@ -69,6 +69,17 @@ def _server_view(
     return None
 
 
+# why the shares are uneven, by backend: the userspace scheduler
+# (mptls.mptcp.scheduler) fills the lowest-RTT subflow first and spills
+# to the others; on the kernel backend the kernel spreads the packets
+_SCHEDULERS = {
+    "userspace": "each write goes to the subflow with the lowest "
+    "round-trip time that has room; the others carry what it cannot take",
+    "kernel": "the kernel's MPTCP scheduler (net.mptcp.scheduler) picks "
+    "the subflow of each packet",
+}
+
+
 def subflow_table(report: DemoReport) -> Table:
     """Each subflow's bytes as the client sent and the server received
     them (TLS records and framing included)."""
@@ -76,10 +87,7 @@ def subflow_table(report: DemoReport) -> Table:
         box=box.SIMPLE_HEAD,
         title="subflows",
         show_edge=False,
-        # why the shares are uneven: the scheduler (mptls.mptcp.scheduler)
-        # fills the lowest-RTT subflow first and spills to the others
-        caption="each write goes to the subflow with the lowest round-trip "
-        "time that has room; the others carry what it cannot take",
+        caption=_SCHEDULERS.get(report.client.info.backend),
     )
     table.add_column("id", no_wrap=True)
     table.add_column("client -> server", overflow="fold")

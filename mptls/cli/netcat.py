@@ -600,12 +600,16 @@ def _with_hint(
     """The handshake error with what to try next, where it is likely."""
     text = str(exc)
     if isinstance(exc, CertificateError):
-        if args.cafile or not any(word in text for word in _UNTRUSTED):
+        if not any(word in text for word in _UNTRUSTED):
             return exc
+        # a CA was given, but not the one the server's chain leads to
+        hint = (
+            f"its chain does not lead to the CA in --cafile {args.cafile}"
+            if args.cafile
+            else "pass the server's CA with --cafile"
+        )
         return CertificateError(
-            f"{text} (pass the server's CA with --cafile)",
-            alert=exc.alert,
-            verify_code=exc.verify_code,
+            f"{text} ({hint})", alert=exc.alert, verify_code=exc.verify_code
         )
     if exc.reset_reason != ResetReason.ADMINISTRATIVELY_PROHIBITED:
         return exc
