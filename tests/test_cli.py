@@ -19,7 +19,7 @@ import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -1107,6 +1107,40 @@ def test_argument_errors_are_one_line(
     ].startswith("mptls: error: the following arguments are required")
 
 
+@pytest.fixture
+def mptls_log_level() -> Iterator[None]:
+    """Puts the mptls logger's level back after a test ran ``--debug``."""
+    chosen = logging.getLogger("mptls")
+    level = chosen.level
+    yield
+    chosen.setLevel(level)
+
+
+def test_debug_turns_on_mptls_debug_lines_only(
+    mptls_log_level: None,
+) -> None:
+    script = (
+        "import logging, sys\n"
+        "from mptls.cli import main\n"
+        "main._configure_logging(True)\n"
+        "logging.getLogger('mptls.userspace').debug('ours')\n"
+        "logging.getLogger('pyroute2.netlink').debug('netlink dump')\n"
+        "logging.getLogger('asyncio').debug('slow callback')\n"
+        "logging.getLogger('pyroute2').warning('theirs, a warning')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stderr.splitlines() == [
+        "DEBUG mptls.userspace: ours",
+        "WARNING pyroute2: theirs, a warning",
+    ]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -1118,6 +1152,7 @@ def test_debug_goes_before_or_after_the_command(
     argv: list[str],
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
+    mptls_log_level: None,
 ) -> None:
     assert cli_main.main(argv) == ExitStatus.USAGE
     # --debug logs the traceback the one-line error otherwise hides

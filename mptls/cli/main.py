@@ -81,11 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(debug: bool) -> None:
+    """Warnings from everyone; with ``--debug``, mptls's own debug lines.
+
+    Other libraries stay at WARNING: their debug output (pyroute2 dumps
+    every netlink message, asyncio every slow callback) would bury
+    mptls's.
+    """
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
+        level=logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if debug:
+        logging.getLogger("mptls").setLevel(logging.DEBUG)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
