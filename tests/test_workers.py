@@ -810,13 +810,17 @@ async def logging_echo(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     logging.getLogger("mptls.test").warning("worker handled a connection")
+    logging.getLogger("mptls.test").debug("a worker's debug line")
+    logging.getLogger("elsewhere").debug("another library's debug line")
     await echo(reader, writer)
 
 
+@pytest.mark.parametrize("debug", [False, True])
 async def test_workers_log_as_their_parent_does(
     pki: Pki,
     capfd: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    debug: bool,
 ) -> None:
     # a spawned process inherits no logging: a worker's warnings came
     # out as bare lines (Python's last-resort handler), and the CLI's
@@ -826,14 +830,25 @@ async def test_workers_log_as_their_parent_does(
         logging.Formatter("%(levelname)s %(name)s: %(message)s")
     )
     monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
-    pool = WorkerPool(
-        logging_echo, "127.0.0.1", 0, workers=1, ssl=pki.server()
-    )
-    await pool.start()
+    # what the CLI's --debug does: mptls's logger at DEBUG, the root's
+    # (other libraries) left at WARNING
+    ours = logging.getLogger("mptls")
+    level = ours.level
+    if debug:
+        ours.setLevel(logging.DEBUG)
     try:
-        digest, _ = await transfer_with_join(pki, pool.address[1], b"x")
-        assert digest == hashlib.sha256(b"x").digest()
+        pool = WorkerPool(
+            logging_echo, "127.0.0.1", 0, workers=1, ssl=pki.server()
+        )
+        await pool.start()
+        try:
+            digest, _ = await transfer_with_join(pki, pool.address[1], b"x")
+            assert digest == hashlib.sha256(b"x").digest()
+        finally:
+            await pool.stop()
     finally:
-        await pool.stop()
+        ours.setLevel(level)
     err = capfd.readouterr().err
     assert "WARNING mptls.test: worker handled a connection" in err
+    assert ("DEBUG mptls.test: a worker's debug line" in err) is debug
+    assert "another library's debug line" not in err

@@ -42,7 +42,7 @@ class LogSetup:
     @classmethod
     def of_this_process(cls) -> LogSetup:
         return cls(
-            level=logging.getLogger("mptls").getEffectiveLevel(),
+            level=logging.getLogger().getEffectiveLevel(),
             root_format=_handler_format(logging.getLogger().handlers),
             branches=_branches(),
         )
