@@ -474,3 +474,21 @@ def test_a_syn_ack_is_checked_with_the_joins_keys_or_their_successor() -> None:
     settle(net)
     refused = net.client_side.of_type(ev.JoinRefused)
     assert refused == [ev.JoinRefused(1, "bad MP_JOIN HMAC in the SYN|ACK")]
+
+
+def test_forged_joins_cannot_hold_periodic_rotations_off() -> None:
+    # a forger who read the server's token from the MP_CAPABLE sends a
+    # join SYN every 5 s and never a third ACK: each join holds keys
+    # for join_timeout (10 s), one after the other. The server's 1 s
+    # rotations wait for joins at most join_timeout, then go on
+    server = ConnectionConfig(
+        accept_modes=frozenset({Mode.G, Mode.E}), key_rotation_interval=1.0
+    )
+    net = confirmed(established(e_net(server=server)))
+    start = net.now
+    for nonce in range(1, 9):
+        raw_join(net, key_id=0, nonce=nonce)
+        run_for(net, 5.0)
+    assert net.now - start >= 40.0
+    generation = server_of(net).key_generation
+    assert generation is not None and generation >= 2
