@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-import pytest
 from memnet import (
     KEYS,
     Link,
