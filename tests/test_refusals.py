@@ -29,7 +29,6 @@ from mptls.mptcp.framing import (
 )
 from mptls.mptcp.options import MpCapable, MpJoinAck, MpJoinSyn
 from mptls.refusals import RefusalLog
-from mptls.tls.engine import TLSEngine
 from mptls.tls.keys import KeyMaterial
 
 # every wait on the network is bounded
@@ -290,21 +289,6 @@ async def test_a_flood_of_refusals_is_cut_short(
 
 
 # what never shows
-
-
-@pytest.fixture
-def exported(monkeypatch: pytest.MonkeyPatch) -> list[KeyMaterial]:
-    """Every key any TLS engine of this test exports."""
-    keys: list[KeyMaterial] = []
-    export: Callable[..., KeyMaterial] = TLSEngine.export_keys
-
-    def recording(engine: TLSEngine, *, generation: int = 0) -> KeyMaterial:
-        made = export(engine, generation=generation)
-        keys.append(made)
-        return made
-
-    monkeypatch.setattr(TLSEngine, "export_keys", recording)
-    return keys
 
 
 def spellings(secret: bytes) -> list[str]:
