@@ -1,4 +1,5 @@
-"""Shared fixtures: the known-answer vectors, a test PKI, a namespace lab.
+"""Shared fixtures: the known-answer vectors, a test PKI, a namespace lab,
+the keys a test's TLS engines export.
 
 ``tests/vectors.json`` is a copy of the project's shared vectors file, so
 that the tests run on a clean clone. The shared file next to the
@@ -8,13 +9,16 @@ repository is used only when the copy is missing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import netns
 import pytest
 from pki import Pki, make_pki
+
+from mptls.tls.engine import TLSEngine
+from mptls.tls.keys import KeyMaterial
 
 _LOCAL_VECTORS = Path(__file__).parent / "vectors.json"
 _SHARED_VECTORS = Path(__file__).parents[2] / "shared" / "vectors.json"
@@ -45,3 +49,19 @@ def topology() -> Iterator[netns.Topology]:
         pytest.skip(reason)
     with netns.topology(2) as built:
         yield built
+
+
+@pytest.fixture
+def exported(monkeypatch: pytest.MonkeyPatch) -> list[KeyMaterial]:
+    """Every key generation any TLS engine of this test exports: the
+    secrets a test then looks for in logs, reprs and errors."""
+    keys: list[KeyMaterial] = []
+    export: Callable[..., KeyMaterial] = TLSEngine.export_keys
+
+    def recording(engine: TLSEngine, *, generation: int = 0) -> KeyMaterial:
+        made = export(engine, generation=generation)
+        keys.append(made)
+        return made
+
+    monkeypatch.setattr(TLSEngine, "export_keys", recording)
+    return keys

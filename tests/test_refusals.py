@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from pki import Pki
+from support import usable_backend
 
 import mptls
 from mptls import refusals
@@ -28,7 +29,6 @@ from mptls.mptcp.framing import (
 )
 from mptls.mptcp.options import MpCapable, MpJoinAck, MpJoinSyn
 from mptls.refusals import RefusalLog
-from mptls.tls.engine import TLSEngine
 from mptls.tls.keys import KeyMaterial
 
 # every wait on the network is bounded
@@ -265,11 +265,16 @@ async def test_a_peer_that_is_not_mptls_is_one_line(
     assert "an HTTP request" in line
 
 
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
 async def test_a_peer_that_leaves_unrefused_is_no_line(
-    pki: Pki, lines: Callable[[], list[str]], fresh_log: RefusalLog
+    pki: Pki,
+    lines: Callable[[], list[str]],
+    fresh_log: RefusalLog,
+    backend: str,
 ) -> None:
-    # a port scan or a load balancer's health check: connect, close
-    async with served(pki) as port:
+    # a port scan or a load balancer's health check: connect, close;
+    # on the kernel backend TLS sees that connection at once
+    async with served(pki, backend=usable_backend(backend)) as port:
         _, answer = await raw_exchange(port, b"")
         # a refused peer after it, to know the server had its turn
         syn = Segment(Flag.SYN, (MpCapable(flags=0x08),))
@@ -308,21 +313,6 @@ async def test_a_flood_of_refusals_is_cut_short(
 
 
 # what never shows
-
-
-@pytest.fixture
-def exported(monkeypatch: pytest.MonkeyPatch) -> list[KeyMaterial]:
-    """Every key any TLS engine of this test exports."""
-    keys: list[KeyMaterial] = []
-    export: Callable[..., KeyMaterial] = TLSEngine.export_keys
-
-    def recording(engine: TLSEngine, *, generation: int = 0) -> KeyMaterial:
-        made = export(engine, generation=generation)
-        keys.append(made)
-        return made
-
-    monkeypatch.setattr(TLSEngine, "export_keys", recording)
-    return keys
 
 
 def spellings(secret: bytes) -> list[str]:

@@ -14,7 +14,7 @@ import functools
 import hashlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from mptls.mptcp.options import (
     MpTcpRst,
     ResetReason,
 )
-from mptls.tls.engine import TLSEngine
 from mptls.tls.keys import KeyMaterial
 from mptls.trace import capture
 
@@ -539,21 +538,6 @@ async def test_e_with_ids_in_its_tokens_is_refused(
 
 
 # what never shows
-
-
-@pytest.fixture
-def exported(monkeypatch: pytest.MonkeyPatch) -> list[KeyMaterial]:
-    """Every key generation any TLS engine of this test exports."""
-    keys: list[KeyMaterial] = []
-    export: Callable[..., KeyMaterial] = TLSEngine.export_keys
-
-    def recording(engine: TLSEngine, *, generation: int = 0) -> KeyMaterial:
-        made = export(engine, generation=generation)
-        keys.append(made)
-        return made
-
-    monkeypatch.setattr(TLSEngine, "export_keys", recording)
-    return keys
 
 
 def spellings(keys: KeyMaterial) -> list[str]:

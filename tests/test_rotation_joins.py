@@ -53,6 +53,7 @@ from mptls.mptcp.options import (
     MpTcpRst,
     ResetReason,
 )
+from mptls.tls.keys import KeyMaterial
 
 
 def test_joins_use_the_current_key_and_its_k() -> None:
@@ -333,17 +334,23 @@ def both_established(net: MemNet, sid: int) -> bool:
     )
 
 
+def answered_under(net: MemNet, sid: int, keys: KeyMaterial) -> bool:
+    """Whether join ``sid``'s SYN|ACK names K = 0 and carries the HMAC
+    of ``keys`` (the server's key first) over its SYN's nonce."""
+    syn_ack = option_of(net.link(sid).to_client.sent[0], MpJoinSynAck)
+    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
+    assert isinstance(syn_ack, MpJoinSynAck) and isinstance(syn, MpJoinSyn)
+    expected = join_hmac(keys.key_b, keys.key_a, syn_ack.nonce, syn.nonce)
+    return syn_ack.hmac == expected[:8] and syn_ack.key_id == 0
+
+
 def test_a_join_answered_before_the_slot_is_replaced_completes() -> None:
     # the SYN|ACK (generation 0) leaves before generation 2 takes slot
     # 0 at the server; the third ACK arrives after: it is checked with
     # the keys the SYN|ACK was made with
     net, sid = second_rotation_under_a_join(join_delay=0.12)
     assert net.run(lambda: both_established(net, sid))
-    syn_ack = option_of(net.link(sid).to_client.sent[0], MpJoinSynAck)
-    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
-    assert isinstance(syn_ack, MpJoinSynAck) and isinstance(syn, MpJoinSyn)
-    expected = join_hmac(KEYS.key_b, KEYS.key_a, syn_ack.nonce, syn.nonce)
-    assert syn_ack.hmac == expected[:8]
+    assert answered_under(net, sid, KEYS)
     assert net.client_side.of_type(ev.JoinRefused) == []
     # no failed join was counted: the one the server allows is left
     assert join(net) > sid
@@ -355,12 +362,7 @@ def test_a_join_held_through_a_second_rotation_completes() -> None:
     # 2, which the client has too and checks after its own
     net, sid = second_rotation_under_a_join(join_delay=0.35)
     assert net.run(lambda: both_established(net, sid))
-    syn_ack = option_of(net.link(sid).to_client.sent[0], MpJoinSynAck)
-    syn = option_of(net.link(sid).to_server.sent[0], MpJoinSyn)
-    assert isinstance(syn_ack, MpJoinSynAck) and isinstance(syn, MpJoinSyn)
-    keys = generation_keys(2)
-    expected = join_hmac(keys.key_b, keys.key_a, syn_ack.nonce, syn.nonce)
-    assert syn_ack.hmac == expected[:8] and syn_ack.key_id == 0
+    assert answered_under(net, sid, generation_keys(2))
     assert net.client_side.of_type(ev.JoinRefused) == []
     assert join(net) > sid
     net.client.send(b"over the held path")
@@ -473,3 +475,21 @@ def test_a_syn_ack_is_checked_with_the_joins_keys_or_their_successor() -> None:
     settle(net)
     refused = net.client_side.of_type(ev.JoinRefused)
     assert refused == [ev.JoinRefused(1, "bad MP_JOIN HMAC in the SYN|ACK")]
+
+
+def test_forged_joins_cannot_hold_periodic_rotations_off() -> None:
+    # a forger who read the server's token from the MP_CAPABLE sends a
+    # join SYN every 5 s and never a third ACK: each join holds keys
+    # for join_timeout (10 s), one after the other. The server's 1 s
+    # rotations wait for joins at most join_timeout, then go on
+    server = ConnectionConfig(
+        accept_modes=frozenset({Mode.G, Mode.E}), key_rotation_interval=1.0
+    )
+    net = confirmed(established(e_net(server=server)))
+    start = net.now
+    for nonce in range(1, 9):
+        raw_join(net, key_id=0, nonce=nonce)
+        run_for(net, 5.0)
+    assert net.now - start >= 40.0
+    generation = server_of(net).key_generation
+    assert generation is not None and generation >= 2

@@ -222,6 +222,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # a server's client that failed before the application saw it
         # has been reported (mptls.refusals), or needs no report
         self._refusal_said = False
+        # the peer has sent a byte: one that leaves before (a port
+        # scan, a health check) was not refused
+        self._peer_spoke = False
 
     # backend transport -> TLS
 
@@ -260,6 +263,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         socket read in one call: one TLS pass decrypts them all and the
         application gets the plaintext in one piece.
         """
+        self._peer_spoke = True
         try:
             self._engine.receive_all(chunks)
             if self._shutdown is not None:
@@ -290,6 +294,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             # the application closed and waits for nothing more
             return False
         if self._app_transport is None:
+            self._left_silent()
             self._fail(TLSError("peer closed during the TLS handshake"))
             return False
         if not self._engine.eof_received:
@@ -313,6 +318,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             error = _in_mptls_tree(
                 exc, "during the TLS handshake"
             ) or TLSError("connection closed during the TLS handshake")
+            self._left_silent()
             self._say_refused(error)
             self._resolve_waiter(error)
             return
@@ -469,6 +475,12 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         transport = self._transport
         peer = transport.get_extra_info("peername") if transport else None
         refused(peer, _refusal_reason(exc))
+
+    def _left_silent(self) -> None:
+        """The peer ended the connection: if it never sent a byte, it
+        came and went (a port scan, a health check) unrefused."""
+        if not self._peer_spoke:
+            self._refusal_said = True
 
     def _fail(self, exc: Exception) -> None:
         logger.debug("connection failed: %s", exc)

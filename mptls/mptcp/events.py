@@ -100,10 +100,11 @@ class JoinRefused:
 
 @dataclass(frozen=True, slots=True)
 class PeerJoinRefused:
-    """A join the peer started was refused here, after its SYN was
-    answered: a bad HMAC in its third ACK, or none within join_timeout.
-    A SYN refused outright never becomes a subflow; the Endpoint's
-    refusal says so instead."""
+    """A join the peer started was refused here after its SYN was
+    taken: a bad HMAC in its third ACK, or no end within join_timeout
+    (no third ACK, or no keys to answer a held SYN with). A SYN refused
+    outright never becomes a subflow; the Endpoint's refusal says so
+    instead."""
 
     subflow_id: int
     reason: str

@@ -339,6 +339,7 @@ class RotationMixin(ConnectionState):
         slot.send_due = False
         self._generation = slot.generation
         self._first_keys_failed = False
+        self._rotation_waits_since = None
         self._schedule_rotation()
         fingerprint = slot.keys.fingerprint()
         logger.info(
@@ -457,14 +458,29 @@ class RotationMixin(ConnectionState):
             or current >= MAX_GENERATION
         ):
             return
-        if self._join_under_way():
+        if self._join_under_way() and self._may_wait_for_joins():
             # a join keeps the keys its K names until it is up, at most
             # join_timeout; rotations at a shorter interval than its
             # handshake would take them away each time. Look again an
             # interval later.
             self._schedule_rotation()
             return
+        self._rotation_waits_since = None
         self._ask_keys(current + 1)
+
+    def _may_wait_for_joins(self) -> bool:
+        """Whether a periodic rotation due now may wait for joins.
+
+        One join is over within join_timeout, so the wait ends then at
+        the latest. Joins that follow one another (forged SYNs with a
+        token read off the first subflow need no keys) would otherwise
+        hold every periodic rotation off for good.
+        """
+        since = self._rotation_waits_since
+        if since is None:
+            self._rotation_waits_since = self._now
+            return True
+        return self._now - since < self.config.join_timeout
 
     def _join_under_way(self) -> bool:
         """Whether a join of this connection holds keys it has not

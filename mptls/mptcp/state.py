@@ -149,6 +149,9 @@ class ConnectionState:
         self._first_retry_at: float | None = None
         self._first_retries = 0
         self._rotate_at: float | None = None
+        # when a periodic rotation first waited for joins under way:
+        # it waits join_timeout at most from then
+        self._rotation_waits_since: float | None = None
         self.handshake_complete = False
         self._capable_sent = False
         self._third_ack_due = False

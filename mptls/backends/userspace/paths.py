@@ -10,7 +10,8 @@ announces its addresses from here. The transport that owns it
 
 It never moves a segment: what a subflow sends and receives, and the
 core's events, are the transport's, which tells it of the few that
-concern paths (keys installed, a subflow closed, an address announced).
+concern paths (keys installed, a join refused or established, a
+subflow closed, an address announced).
 """
 
 from __future__ import annotations
