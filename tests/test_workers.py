@@ -154,6 +154,38 @@ async def test_join_at_the_wrong_worker_is_passed_to_its_owner(
     assert {s.subflow_id: s.bytes_sent > 0 for s in info.subflows}[1]
 
 
+async def test_joins_for_a_dead_worker_warn_once(
+    pki: Pki,
+    two_workers: TwoWorkers,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # worker 0's handoff socket is gone, as when it died: each join that
+    # reaches worker 1 with worker 0's token is refused there, and only
+    # the first says so at WARNING (forged joins naming a dead worker
+    # would otherwise flood the log)
+    two_workers.routers[0].close()
+    caplog.set_level(logging.DEBUG, logger="mptls.workers")
+    _, writer = await mptls.open_connection(
+        "127.0.0.1", two_workers.port(0), ssl=pki.client()
+    )
+    try:
+        for _ in range(3):
+            with pytest.raises(mptls.JoinRefusedError):
+                await writer.transport.add_path(  # type: ignore[attr-defined]
+                    ("127.0.0.1", two_workers.port(1))
+                )
+    finally:
+        writer.close()
+    lines = [
+        r for r in caplog.records if r.getMessage().startswith("cannot hand")
+    ]
+    assert [r.levelno for r in lines] == [
+        logging.WARNING,
+        logging.DEBUG,
+        logging.DEBUG,
+    ]
+
+
 async def test_join_at_its_own_worker_stays(
     pki: Pki, two_workers: TwoWorkers
 ) -> None:

@@ -90,6 +90,10 @@ class JoinRouter:
         self._sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._counts = {"first": 0, "joins": 0, "out": 0, "in": 0}
+        # siblings a handoff failed to reach, warned about once until a
+        # handoff reaches them again: joins naming a dead worker (forged
+        # ones too) would otherwise log a warning each
+        self._unreachable: set[int] = set()
 
     def open(self) -> None:
         """Bind this worker's socket; siblings may hand off from now on."""
@@ -165,7 +169,14 @@ class JoinRouter:
             # the owner is gone or swamped: let this worker refuse the
             # join with an RST, as for any token it does not know
             gone = exc.errno in (errno.ENOENT, errno.ECONNREFUSED)
-            logger.warning(
+            level = (
+                logging.DEBUG
+                if owner in self._unreachable
+                else logging.WARNING
+            )
+            self._unreachable.add(owner)
+            logger.log(
+                level,
                 "cannot hand a join to worker %d: %s; refused",
                 owner,
                 "it is not running (it died, or is being restarted)"
@@ -173,6 +184,7 @@ class JoinRouter:
                 else os.strerror(exc.errno or 0),
             )
             return False
+        self._unreachable.discard(owner)
         self._counts["out"] += 1
         # this process's copy goes; the owner holds the connection now, so
         # closing here sends no FIN
