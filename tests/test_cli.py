@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -953,6 +954,40 @@ def test_serve_v_says_which_client_it_refused_and_why(
         line = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
         assert line.startswith("refused 127.0.0.1:"), line
         assert "TLS handshake failed: peer sent TLS alert unknown_ca" in line
+
+
+def _refused_by(port: str) -> None:
+    """A plain HTTP client: the server ends it as not mptls. Returns
+    once the server has closed it, so the refusal has been counted."""
+    with socket.create_connection(
+        ("127.0.0.1", int(port)), timeout=COMMAND_TIMEOUT
+    ) as client:
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            while client.recv(4096):
+                pass
+
+
+def test_serve_v_says_how_many_refusals_it_held_back_when_it_stops(
+    certs: Path,
+) -> None:
+    # past the first 20 in 10 s, refusals are counted, and the count is
+    # said when the 10 s end; a server stopped sooner says it on its
+    # way out
+    with serving(certs, "-v") as (server, port):
+        assert server.stderr is not None
+        for _ in range(20):
+            _refused_by(port)
+            line = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+            assert line.startswith("refused 127.0.0.1:"), line
+        for _ in range(3):
+            _refused_by(port)
+        server.send_signal(signal.SIGTERM)
+        _, error = server.communicate(timeout=COMMAND_TIMEOUT)
+    assert server.returncode == 0, error.decode()
+    assert error.decode().startswith(
+        "refused 3 more peers within 10 s, not shown one by one"
+    ), error.decode()
 
 
 def test_serve_without_v_prints_no_refusal(certs: Path) -> None:

@@ -47,6 +47,7 @@ from mptls.cli.common import (
 )
 from mptls.errors import CertificateError, MptlsError, PeerResetError
 from mptls.mptcp.options import ResetReason
+from mptls.refusals import refusal_log
 from mptls.trace import Capture
 
 if TYPE_CHECKING:
@@ -204,7 +205,12 @@ async def serve(args: argparse.Namespace) -> None:
     # library logs it (mptls.refusals, INFO); without -v, none
     shown = status_lines_from("mptls.refusals")
     with shown if args.verbose else contextlib.nullcontext():
-        await _serve(args)
+        try:
+            await _serve(args)
+        finally:
+            # refusals held back in a flood are counted; a server that
+            # stops before their interval ends says how many now
+            refusal_log.flush()
 
 
 async def _serve(args: argparse.Namespace) -> None:
