@@ -1062,19 +1062,9 @@ def test_serve_once_with_its_output_closed_fails(certs: Path) -> None:
 
 def test_connect_with_its_output_closed_fails(certs: Path) -> None:
     with serving(certs, "--echo", "--once") as (server, port):
-        read_end, write_end = os.pipe()
-        os.close(read_end)
-        try:
-            client = subprocess.run(
-                [sys.executable, "-m", "mptls", *connect_args(port, certs)],
-                input=b"echoed to nobody\n" * 1000,
-                stdout=write_end,
-                stderr=subprocess.PIPE,
-                timeout=COMMAND_TIMEOUT,
-                check=False,
-            )
-        finally:
-            os.close(write_end)
+        client = _run_into_a_closed_pipe(
+            *connect_args(port, certs), stdin=b"echoed to nobody\n" * 1000
+        )
         server.wait(timeout=COMMAND_TIMEOUT)
     # one line, no thread traceback, no warning about an unawaited put
     assert client.returncode == 1
@@ -1083,13 +1073,16 @@ def test_connect_with_its_output_closed_fails(certs: Path) -> None:
     ]
 
 
-def _run_into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[bytes]:
+def _run_into_a_closed_pipe(
+    *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """Run ``mptls`` with a stdout whose reader has gone (``| head``)."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
         return subprocess.run(
             [sys.executable, "-m", "mptls", *args],
+            input=stdin,
             stdout=write_end,
             stderr=subprocess.PIPE,
             timeout=COMMAND_TIMEOUT,
