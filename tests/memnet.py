@@ -5,11 +5,13 @@ A :class:`MemNet` wires one initiator :class:`Connection` to a responder
 encoded with ``encode_segment`` and decoded with ``SegmentDecoder``, so
 the real wire format is exercised. Time is a fake clock that jumps to the
 next delivery or timer; randomness comes from a seeded ``random.Random``.
-Knobs: a per-subflow delay, a seeded shuffle of deliveries across
-subflows, killing a subflow, a fake TLS layer that installs fixed keys
-after the MPTCP handshake (and, in mode E, the generations the core asks
-for), and raw subflows that a test drives by hand (an observer trying to
-join). Nothing here sleeps or touches a socket.
+Knobs: a per-subflow delay and rate, a seeded shuffle of deliveries
+across subflows, pausing a subflow (a link down for a while: TCP holds
+its bytes and delivers them late, none lost), killing a subflow, a fake
+TLS layer that installs fixed keys after the MPTCP handshake (and, in
+mode E, the generations the core asks for), and raw subflows that a
+test drives by hand (an observer trying to join). Nothing here sleeps
+or touches a socket.
 """
 
 from __future__ import annotations
@@ -67,12 +69,23 @@ class Pipe:
     sent: list[Segment] = field(default_factory=list)
     # when each of ``sent`` was written (the fake clock)
     sent_at: list[float] = field(default_factory=list)
+    # bytes per second (None: no limit): a frame leaves once those
+    # before it have, as from a TCP socket's send queue
+    rate: float | None = None
+    free_at: float = 0.0
+    # nothing leaves before this time (a link that is down)
+    paused_until: float = 0.0
 
     def put(self, segment: Segment, at: float, now: float) -> None:
         data = encode_segment(segment)
         if not self.started:
             self.started = True
             data = PREAMBLE + data
+        if self.rate is not None or self.paused_until > now:
+            start = max(now, self.free_at, self.paused_until)
+            sending = len(data) / self.rate if self.rate else 0.0
+            self.free_at = start + sending
+            at = self.free_at + (at - now)
         if self.queue:
             # a TCP connection delivers in order, whatever the delay
             at = max(at, self.queue[-1][0])
@@ -207,6 +220,26 @@ class MemNet:
 
     def raw_send(self, link: Link, segment: Segment) -> None:
         link.to_server.put(segment, self.now + link.delay, self.now)
+
+    def set_rate(self, client_id: int, rate: float) -> None:
+        """Limit the subflow to ``rate`` bytes per second each way."""
+        link = self.link(client_id)
+        link.to_server.rate = rate
+        link.to_client.rate = rate
+
+    def pause(self, client_id: int, seconds: float) -> None:
+        """The subflow's link is down for ``seconds``; nobody is told.
+
+        Unlike a blackhole nothing is lost: what is on the way or sent
+        meanwhile arrives that much later, as TCP's retransmissions
+        would bring it once the link is back.
+        """
+        link = self.link(client_id)
+        until = self.now + seconds
+        for pipe in (link.to_server, link.to_client):
+            pipe.queue = deque((at + seconds, data) for at, data in pipe.queue)
+            pipe.free_at = max(pipe.free_at, self.now) + seconds
+            pipe.paused_until = until
 
     def kill(self, client_id: int) -> None:
         """The subflow's TCP connection dies: both ends are told."""

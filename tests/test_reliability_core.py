@@ -21,6 +21,7 @@ from memnet import MemNet, established, has_data, join, stream
 from mptls.errors import MptlsError, MptlsTimeoutError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig
+from mptls.mptcp.connection import Connection
 from mptls.mptcp.crypto import idsn_from_token
 from mptls.mptcp.endpoint import Accepted, Refused
 from mptls.mptcp.framing import Flag, Segment
@@ -116,6 +117,61 @@ def test_rto_follows_a_slow_paths_srtt() -> None:
     )
     assert 0.8 < net.now - lost_at < 3.5
     assert net.run(has_data(net.server_side, size + 5))
+
+
+def echo_net(seed: int, rate: float, delay: float) -> tuple[MemNet, int]:
+    """Two subflows of ``rate`` bytes/s each way; the server echoes."""
+
+    def echo(connection: Connection, event: ev.Event) -> None:
+        if connection is not net.server:
+            return
+        if isinstance(event, ev.DataReceived):
+            connection.send(event.data)
+        elif isinstance(event, ev.EndOfStream):
+            connection.close()
+
+    net = MemNet(seed=seed, on_event=echo)
+    net.link(0).delay = delay
+    net.set_rate(0, rate)
+    ready(net)
+    second = join(net, delay=delay)
+    net.set_rate(second, rate)
+    return net, second
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_short_outage_on_a_busy_path_costs_no_subflow(seed: int) -> None:
+    # both directions busy on two slow paths: each end's Data ACKs
+    # queue behind its own data on the same subflows. One link is down
+    # for 1.5 s (TCP holds its bytes, nothing is lost). The end whose
+    # Data ACKs then came late over the path that still worked took
+    # that path for a blackhole and reset it; when the other end reset
+    # the paused one too, every subflow was gone and the connection
+    # failed after path_loss_timeout.
+    net, second = echo_net(seed, rate=500_000, delay=0.01)
+    size = 1536 * 1024
+    up = stream(size, 20 + seed)
+    net.client.send(up)
+    net.client.close()
+    assert net.run(lambda: net.now >= 0.15 + 0.05 * seed)
+    net.pause(0, 1.5)
+    net.run(lambda: net.client_side.eof or net.client_side.closed is not None)
+    assert (
+        net.client_side.closed is None or net.client_side.closed.error is None
+    )
+    assert bytes(net.client_side.data) == b"hello" + up
+    resets = [
+        (side, e.subflow_id)
+        for side, events in (
+            ("client", net.client_side.events),
+            ("server", net.server_side.events),
+        )
+        for e in events
+        if isinstance(e, ev.SubflowClosed)
+    ]
+    # the path that kept working is never reset
+    assert ("client", second) not in resets
+    assert ("server", second) not in resets
 
 
 def test_only_path_blackholed_fails_after_path_loss_timeout() -> None:

@@ -376,6 +376,7 @@ class Connection(
                 subflow_id,
             )
             return
+        subflow.heard_at = now
         if segment.flags & Flag.RST:
             self._on_reset(subflow, segment)
             return

@@ -65,10 +65,26 @@ class RecoveryMixin(ConnectionState):
         for subflow in expired:
             if subflow.inflight <= 0:
                 subflow.data_deadline = None
-            elif subflow.subflow_id != head:
+            elif subflow.subflow_id != head or self._heard_lately(
+                subflow, now
+            ):
                 subflow.data_deadline = now + self._rto(subflow)
             else:
                 self._data_timeout(subflow, now)
+
+    def _heard_lately(self, subflow: Subflow, now: float) -> bool:
+        """Whether the peer's segments still arrive on ``subflow``.
+
+        Then the path works and only its Data ACKs are late: they queue
+        behind the peer's own data on the same subflow (a busy path both
+        ways, or a link that was down a while and is draining). A reset
+        would throw away a working path, and the others may be the ones
+        that are down. A blackhole brings nothing, so it is still found
+        one RTO after the last segment; ``path_loss_timeout`` bounds the
+        wait either way.
+        """
+        heard = subflow.heard_at
+        return heard is not None and now - heard < self._rto(subflow)
 
     def _data_timeout(self, subflow: Subflow, now: float) -> None:
         rto = self._rto(subflow)

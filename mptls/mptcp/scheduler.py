@@ -118,6 +118,9 @@ class Subflow:
     # the data-level timeout expired while no other subflow could take
     # the data: still used, but no longer trusted
     suspect: bool = False
+    # when the peer's last segment arrived here: a path it still comes
+    # over is slow, not dead, when the Data ACK is late
+    heard_at: float | None = None
     outbox: list[Segment] = field(default_factory=list)
 
     def set_state(self, new: SubflowState) -> None:
