@@ -16,6 +16,7 @@ from mptls.mptcp.config import Mode
 
 __all__ = [
     "AddressAnnounced",
+    "AddressRemoved",
     "ConnectionClosed",
     "ConnectionInfo",
     "DataReceived",
@@ -82,6 +83,16 @@ class AddressAnnounced:
     address_id: int
     address: IPv4Address | IPv6Address
     port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRemoved:
+    """The peer withdrew one of its addresses (REMOVE_ADDR).
+
+    A client does not join a path to it again by itself.
+    """
+
+    address_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +166,7 @@ Event = (
     | SubflowEstablished
     | SubflowClosed
     | AddressAnnounced
+    | AddressRemoved
     | JoinRefused
     | PeerJoinRefused
     | KeysRequested

@@ -497,6 +497,7 @@ class JoinsMixin(ConnectionState):
         """
         for address_id in option.address_ids:
             self._remote_addresses.pop(address_id, None)
+            self._events.append(ev.AddressRemoved(address_id))
             for subflow in list(self._subflows.values()):
                 if subflow.live and subflow.remote_address_id == address_id:
                     self._retire(subflow, address_id)

@@ -729,6 +729,8 @@ class UserspaceBackend(Backend):
                 f"subflow {subflow_id} is the last one that carries data: "
                 "close the connection instead"
             )
+        # the application's choice: its path is not joined again
+        multipath.paths.removed(subflow_id)
         subflow.close()
         multipath.subflow_lost(subflow, None)
 

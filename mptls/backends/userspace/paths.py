@@ -4,14 +4,15 @@
 section 3.2: the ids its joins and ADD_ADDR options carry) and opens
 its extra subflows: the TCP connections made while TLS runs, the joins
 once the keys are installed, the joins to the addresses the peer
-announces and the rejoins of a client that lost every subflow; a server
-announces its addresses from here. The transport that owns it
+announces, the rejoins of a client that lost every subflow and those
+of a path of its own whose subflow failed while others carried on; a
+server announces its addresses from here. The transport that owns it
 (:class:`PathOwner`) is handed each subflow once its join has started.
 
 It never moves a segment: what a subflow sends and receives, and the
 core's events, are the transport's, which tells it of the few that
 concern paths (keys installed, a join refused or established, a
-subflow closed, an address announced).
+subflow closed, an address announced or removed).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mptls.errors import MptlsError
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
+from mptls.mptcp.options import ResetReason
 
 logger = logging.getLogger("mptls.userspace")
 
@@ -39,6 +41,11 @@ logger = logging.getLogger("mptls.userspace")
 # waiting this long before the first attempt and doubling up to the cap
 _REJOIN_FIRST_DELAY = 0.1
 _REJOIN_MAX_DELAY = 2.0
+# a path of the client's own (one of local_addrs to the address it
+# connected to) whose subflow failed while others live is joined again
+# after this long, doubling up to the cap for as long as it fails
+_PATH_REJOIN_FIRST_DELAY = 0.1
+_PATH_REJOIN_MAX_DELAY = 4.0
 # how often a path whose join was refused as transient (mode E: a key
 # rotation overtook it) is joined again in a row before it is left
 _JOIN_RETRIES = 3
@@ -101,6 +108,17 @@ class Paths:
         self._joining: dict[int, _Path] = {}
         self._retries: dict[_Path, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # the client's own paths: each subflow on one, the paths whose
+        # subflow failed and want one again, the wait before the next
+        # attempt of each, its attempt under way (one at a time), and
+        # the paths never joined again (removed by the application,
+        # withdrawn by the peer or refused for good)
+        self._own: dict[int, _Path] = {}
+        self._remote_ids: dict[_Path, int] = {}
+        self._lost: set[_Path] = set()
+        self._backoff: dict[_Path, float] = {}
+        self._path_rejoins: dict[_Path, asyncio.Task[None]] = {}
+        self._dropped: set[_Path] = set()
 
     # address ids
 
@@ -213,6 +231,10 @@ class Paths:
         :meth:`subflow_closed` has it instead.
         """
         path = self._joining.pop(event.subflow_id, None)
+        own = self._own.pop(event.subflow_id, None) is not None
+        if own and path is not None and not event.transient:
+            # refused for good: a new join would fare no better
+            self._give_up(path)
         if (
             path is None
             or not event.transient
@@ -225,6 +247,7 @@ class Paths:
             return
         tries = self._retries.get(path, 0)
         if tries >= _JOIN_RETRIES:
+            self._give_up(path)
             logger.warning(
                 "%s: path from %s to %s not joined again: refused %d "
                 "times in a row (%s)",
@@ -245,14 +268,36 @@ class Paths:
         self._spawn(self._open_subflow(*path))
 
     def join_established(self, subflow_id: int) -> None:
-        """A join is up: its path starts its retries afresh."""
+        """A join is up: its path starts its retries afresh.
+
+        Paths of the client's own that wait for a subflow while none
+        was live (the rejoin after every path was lost brings back one)
+        are joined again from here.
+        """
         path = self._joining.pop(subflow_id, None)
         if path is not None:
             self._retries.pop(path, None)
+            if subflow_id in self._own:
+                self._lost.discard(path)
+                self._backoff.pop(path, None)
+                self._remote_ids[path] = self._remote_id(subflow_id)
+        for lost in sorted(self._lost, key=repr):
+            self._rejoin_path(lost)
 
-    def subflow_closed(self, subflow_id: int) -> None:
-        """A subflow closed: a client left with none joins again."""
+    def subflow_closed(self, event: events.SubflowClosed) -> None:
+        """A subflow closed: a client joins its path again.
+
+        A subflow on one of the client's own paths that failed (reset,
+        blackholed, its TCP connection lost) is joined again on that
+        path with backoff while others live; a client left with none
+        tries each of its local addresses in turn.
+        """
+        subflow_id = event.subflow_id
         self._joining.pop(subflow_id, None)
+        path = self._own.pop(subflow_id, None)
+        if path is not None and _path_fault(event):
+            self._lost.add(path)
+            self._rejoin_path(path)
         if (
             self._initiator
             and self._remote is not None
@@ -285,6 +330,23 @@ class Paths:
         )
         self._spawn(self._open_subflow(local, (str(event.address), port)))
 
+    def removed(self, subflow_id: int) -> None:
+        """The application removes a subflow: its path stays down."""
+        path = self._own.pop(subflow_id, None)
+        if path is not None:
+            self._give_up(path)
+
+    def address_removed(self, address_id: int) -> None:
+        """The peer withdrew an address: no path to it is joined again."""
+        if self._remote is None:
+            return
+        for local in self._local_paths():
+            path = (local, self._remote)
+            # a path not yet established is to the address the first
+            # subflow reached: id 0 (RFC 8684 section 3.2)
+            if self._remote_ids.get(path, 0) == address_id:
+                self._give_up(path)
+
     def close(self) -> None:
         """The connection is finished: nothing more is opened."""
         self._closed = True
@@ -311,7 +373,11 @@ class Paths:
             return
         self._paths_started = True
         if self._initiator:
-            if self._remote is None or self._preconnected:
+            if self._remote is None:
+                return
+            # the first subflow is on the client's own first path
+            self._own.setdefault(0, (self._local_paths()[0], self._remote))
+            if self._preconnected:
                 return
             for local in self._local_addrs[1:]:
                 self._spawn(self._open_subflow(local, self._remote))
@@ -326,10 +392,76 @@ class Paths:
                     "%s: cannot announce %s: %s", self._owner.tag(), host, exc
                 )
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _local_paths(self) -> list[str | None]:
+        """The local end of each of the client's own paths."""
+        return [*self._local_addrs] or [None]
+
+    def _remote_id(self, subflow_id: int) -> int:
+        """The peer's address id of one live subflow (0 if unknown)."""
+        for status in self._core.info().subflows:
+            if status.subflow_id == subflow_id:
+                return status.remote_address_id or 0
+        return 0
+
+    def _ended(self) -> bool:
+        """Whether the connection is closing or closed: no more joins."""
+        return self._closed or self._owner.is_closing() or self._core.closed
+
+    def _give_up(self, path: _Path) -> None:
+        """Never join ``path`` again by itself; stop its attempt."""
+        self._dropped.add(path)
+        self._lost.discard(path)
+        task = self._path_rejoins.pop(path, None)
+        if task is not None:
+            task.cancel()
+
+    def _rejoin_path(self, path: _Path) -> None:
+        """Start joining a lost path of the client's own again, unless
+        an attempt is under way, the path is given up, no subflow is
+        live (:meth:`_rejoin` has that case) or the connection ends."""
+        if (
+            path in self._dropped
+            or path in self._path_rejoins
+            or path in self._joining.values()
+            or self._rejoining
+            or self._ended()
+            or self._core.live_subflows == 0
+        ):
+            return
+        self._path_rejoins[path] = self._spawn(self._rejoin_one(path))
+
+    async def _rejoin_one(self, path: _Path) -> None:
+        """Wait, then join ``path`` again until a join is under way.
+
+        The wait doubles from one attempt to the next, also across
+        joins that start and then fail, until one is established.
+        """
+        try:
+            # checked before each wait as well: a close while a connect
+            # ended may not reach this task as a cancel
+            while not self._ended():
+                delay = self._backoff.get(path, _PATH_REJOIN_FIRST_DELAY)
+                self._backoff[path] = min(delay * 2, _PATH_REJOIN_MAX_DELAY)
+                await asyncio.sleep(delay)
+                if self._ended() or self._core.live_subflows == 0:
+                    return
+                logger.debug(
+                    "%s: joining the path from %s again",
+                    self._owner.tag(),
+                    path[0] or "any local address",
+                )
+                if await self._open_subflow(*path, quiet=True):
+                    return
+        finally:
+            # at once: the join just started may fail before a callback
+            if self._path_rejoins.get(path) is asyncio.current_task():
+                del self._path_rejoins[path]
 
     async def _rejoin(self, remote: tuple[str, int]) -> None:
         """Join again from each local address in turn until one holds.
@@ -356,10 +488,21 @@ class Paths:
                 await self._open_subflow(local, remote)
         finally:
             self._rejoining = False
+        # one path is back: the others lost on the way follow
+        for path in sorted(self._lost, key=repr):
+            self._rejoin_path(path)
 
     async def _open_subflow(
-        self, local: str | None, remote: tuple[str, int]
-    ) -> None:
+        self,
+        local: str | None,
+        remote: tuple[str, int],
+        *,
+        quiet: bool = False,
+    ) -> bool:
+        """Open a subflow on a path and join it; whether a join started.
+
+        ``quiet``: a failed connect is detail (a path being retried).
+        """
         subflow = SubflowProtocol(self._owner, initiator=True)
         try:
             # a path that blackholes SYNs must not hold the task forever
@@ -376,23 +519,24 @@ class Paths:
             # a refused rejoin is tried again until path_loss_timeout
             # ends the connection with its own error: detail, not news
             logger.log(
-                logging.INFO if self._rejoining else logging.WARNING,
+                logging.INFO if self._rejoining or quiet else logging.WARNING,
                 "%s: cannot open a subflow from %s to %s: %s",
                 self._owner.tag(),
                 local or "any local address",
                 format_address(remote),
                 exc,
             )
-            return
+            return False
         if self._closed or self._owner.is_closing():
             subflow.close()
-            return
+            return False
         if not self._paths_started:
             # connected before the keys: keys_installed joins it
             self._parked.append((subflow, (local, remote)))
-            return
-        self._join(subflow, (local, remote))
+            return True
+        started = self._join(subflow, (local, remote))
         self._owner.process()
+        return started
 
     def join(self, subflow: SubflowProtocol, *, backup: bool = False) -> int:
         """Start the MP_JOIN on a connected subflow; its subflow id.
@@ -412,14 +556,29 @@ class Paths:
         self._owner.attach(subflow_id, subflow)
         return subflow_id
 
-    def _join(self, subflow: SubflowProtocol, path: _Path) -> None:
+    def _join(self, subflow: SubflowProtocol, path: _Path) -> bool:
         """Join a subflow mptls opened itself: a refusal is logged."""
         try:
             subflow_id = self.join(subflow)
         except MptlsError as exc:
             logger.warning("%s: no join: %s", self._owner.tag(), exc)
-            return
+            return False
         self._joining[subflow_id] = path
+        if path[1] == self._remote and path[0] in self._local_paths():
+            self._own[subflow_id] = path
+        return True
+
+
+def _path_fault(event: events.SubflowClosed) -> bool:
+    """Whether a subflow closed for a fault of its path, not by choice.
+
+    A reset (sent or received), a blackhole's timeout or a lost TCP
+    connection is a fault; the peer's FIN on that subflow alone, or its
+    reset saying it forbids the path, is the peer's choice.
+    """
+    if event.reason == "peer closed the subflow":
+        return False
+    return event.reset_reason != ResetReason.ADMINISTRATIVELY_PROHIBITED
 
 
 def _address_of(host: str) -> Any:

@@ -366,7 +366,7 @@ class MultipathTransport(asyncio.Transport):
             )
         # closed after the next flush: a final RST or FIN may be queued
         self._closing_subflows.append(event.subflow_id)
-        self.paths.subflow_closed(event.subflow_id)
+        self.paths.subflow_closed(event)
 
     def _on_join_refused(self, event: events.JoinRefused) -> None:
         self.last_join_refusal = event
@@ -387,6 +387,9 @@ class MultipathTransport(asyncio.Transport):
 
     def _on_address(self, event: events.AddressAnnounced) -> None:
         self.paths.address_announced(event)
+
+    def _on_address_removed(self, event: events.AddressRemoved) -> None:
+        self.paths.address_removed(event.address_id)
 
     def _on_closed(self, event: events.ConnectionClosed) -> None:
         # finished after the next flush: the last FIN or RST must go out
@@ -911,6 +914,7 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
     events.JoinRefused: MultipathTransport._on_join_refused,
     events.PeerJoinRefused: MultipathTransport._on_peer_join_refused,
     events.AddressAnnounced: MultipathTransport._on_address,
+    events.AddressRemoved: MultipathTransport._on_address_removed,
     events.ConnectionClosed: MultipathTransport._on_closed,
     events.KeysRequested: MultipathTransport._on_keys_requested,
     events.KeysActivated: MultipathTransport._on_keys_activated,

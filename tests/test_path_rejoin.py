@@ -1,0 +1,263 @@
+"""A client joins a lost path of its own again while others carry on.
+
+The unit tests drive :class:`Paths` with a stand-in transport and core
+on a real event loop whose TCP connects are recorded (and fail, so no
+join ever settles); the loopback test resets one of two subflows of a
+real upload and waits for the path to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import random
+import socket
+import struct
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pki import Pki
+from support import digest_handler, established
+
+import mptls
+from mptls.backends.userspace.paths import Paths
+from mptls.mptcp import events
+from mptls.mptcp.options import ResetReason
+
+REMOTE = ("127.0.0.1", 4433)
+FIRST, SECOND = "127.0.0.1", "127.0.0.2"
+
+
+class FakeCore:
+    """What :class:`Paths` reads of the core: one subflow stays live."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.live_subflows = 1
+        self.joins_allowed = True
+        self.config = SimpleNamespace(join_timeout=1.0)
+
+    def info(self) -> Any:
+        return SimpleNamespace(subflows=(), keys_reason="")
+
+
+class FakeOwner:
+    """The transport as its paths see it; it is never handed a join."""
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def tag(self) -> str:
+        return "test"
+
+    def process(self) -> None:
+        pass
+
+    def attach(self, subflow_id: int, subflow: Any) -> None:
+        raise AssertionError("no connect succeeds here")
+
+
+class Attempts:
+    """The connects tried: (loop time, local address); each fails."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.made: list[tuple[float, str | None]] = []
+        self.changed = asyncio.Event()
+
+    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        local = kwargs.get("local_addr")
+        self.made.append((self.loop.time(), local and local[0]))
+        self.changed.set()
+        raise ConnectionRefusedError("refused by the test")
+
+    def of(self, local: str) -> list[float]:
+        return [when for when, where in self.made if where == local]
+
+    async def until(self, local: str, count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.of(local)) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[
+    tuple[Paths, FakeCore, FakeOwner, Attempts]
+]:
+    loop = asyncio.get_running_loop()
+    attempts = Attempts(loop)
+    core, owner = FakeCore(), FakeOwner()
+    original = loop.create_connection
+    loop.create_connection = attempts.create_connection  # type: ignore
+    paths = Paths(
+        owner,  # type: ignore[arg-type]
+        core,  # type: ignore[arg-type]
+        loop,
+        initiator=True,
+        local_addrs=[FIRST, SECOND],
+        remote=REMOTE,
+        announce=[],
+        names={},
+    )
+    try:
+        yield paths, core, owner, attempts
+    finally:
+        paths.close()
+        loop.create_connection = original  # type: ignore[method-assign]
+
+
+def lost(subflow_id: int, reset: int | None = None) -> events.SubflowClosed:
+    return events.SubflowClosed(subflow_id, "subflow lost", reset)
+
+
+async def started(paths: Paths, attempts: Attempts) -> None:
+    """Keys installed: the second path's first join is tried (and fails)."""
+    paths.keys_installed()
+    await attempts.until(SECOND, 1)
+
+
+async def test_a_lost_path_is_tried_again_with_backoff_until_close(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+) -> None:
+    paths, _, _, attempts = setup
+    await started(paths, attempts)
+    # the first subflow (first local address) is reset, another lives
+    paths.subflow_closed(lost(0, ResetReason.UNACCEPTABLE_PERFORMANCE))
+    paths.subflow_closed(lost(0))  # told twice: still one attempt
+    await attempts.until(FIRST, 4)
+    times = attempts.of(FIRST)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # 0.1 s, then 0.2, 0.4, 0.8: each wait doubles
+    for gap, least in zip(gaps, (0.2, 0.4, 0.8), strict=True):
+        assert least * 0.9 <= gap < least + 0.5
+    paths.close()
+    tasks = list(paths._tasks)
+    if tasks:
+        await asyncio.wait(tasks, timeout=1)
+    made = len(attempts.made)
+    # no task is left to try again: nothing more is ever opened
+    assert all(task.done() for task in tasks)
+    assert len(attempts.made) == made
+    assert len(attempts.of(SECOND)) == 1
+
+
+@pytest.mark.parametrize("how", ["removed", "withdrawn", "refused"])
+async def test_a_path_given_up_is_not_joined_again(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts], how: str
+) -> None:
+    paths, _, _, attempts = setup
+    await started(paths, attempts)
+    if how == "removed":
+        paths.removed(0)
+    elif how == "withdrawn":
+        # the peer named the address the first path reached 2 in its
+        # answer to that path's join; the second path's is unknown (0)
+        paths._remote_ids[(FIRST, REMOTE)] = 2
+        paths.address_removed(2)
+    else:
+        # the first path's join was refused for good (bad HMAC)
+        paths._joining[7] = paths._own[7] = (FIRST, REMOTE)
+        paths.join_refused(events.JoinRefused(7, "bad HMAC"))
+    paths.subflow_closed(lost(0))
+    # a witness: the second path, lost as well, is tried twice (0.1 s
+    # and 0.3 s) in the time the first would have been tried three times
+    paths._own[5] = (SECOND, REMOTE)
+    paths.subflow_closed(lost(5))
+    await attempts.until(SECOND, 3)
+    assert attempts.of(FIRST) == []
+
+
+async def test_no_path_rejoin_while_the_connection_closes(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+) -> None:
+    paths, _, owner, attempts = setup
+    await started(paths, attempts)
+    paths._own[5] = (SECOND, REMOTE)
+    paths.subflow_closed(lost(5))
+    owner.closing = True
+    paths.subflow_closed(lost(0))
+    tasks = list(paths._tasks)
+    if tasks:
+        await asyncio.wait(tasks, timeout=2)
+    assert all(task.done() for task in tasks)
+    # the attempt that was waiting saw the close and opened nothing
+    assert attempts.of(FIRST) == []
+    assert len(attempts.of(SECOND)) == 1
+
+
+# loopback: one of two subflows reset mid-upload
+
+
+def reset(writer: asyncio.StreamWriter, subflow_id: int) -> None:
+    """RST the subflow's TCP connection (SO_LINGER 0, then abort)."""
+    transport = writer.get_extra_info("subflow_transports")[subflow_id]
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+    )
+    transport.abort()
+
+
+async def back_on(
+    writer: asyncio.StreamWriter, local: str, old: set[int]
+) -> int:
+    """Steps the loop until a new subflow from ``local`` is established."""
+    async with asyncio.timeout(10):
+        while True:
+            for s in writer.get_extra_info("mptcp").subflows:
+                if (
+                    s.subflow_id not in old
+                    and s.state == "ESTABLISHED"
+                    and s.local_address
+                    and s.local_address[0] == local
+                ):
+                    return s.subflow_id
+            await asyncio.sleep(0)
+
+
+async def test_a_reset_path_is_joined_again_while_the_other_carries_on(
+    pki: Pki,
+) -> None:
+    server = await mptls.start_server(
+        digest_handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=pki.client(),
+            local_addrs=[FIRST, SECOND],
+        )
+        payload = random.Random(16).randbytes(2 * 1024 * 1024)
+        half = len(payload) // 2
+        await established(writer, 2)
+        subflows = writer.get_extra_info("mptcp").subflows
+        old = {s.subflow_id for s in subflows}
+        second = next(
+            s.subflow_id
+            for s in subflows
+            if s.local_address and s.local_address[0] == SECOND
+        )
+        writer.write(payload[:half])
+        reset(writer, second)
+        await writer.drain()
+        rejoined = await back_on(writer, SECOND, old)
+        writer.write(payload[half:])
+        writer.write_eof()
+        reply = await asyncio.wait_for(reader.read(), 20.0)
+        info = writer.get_extra_info("mptcp")
+        writer.close()
+    digest, received, _ = reply.decode().split()
+    assert int(received) == len(payload)
+    assert digest == hashlib.sha256(payload).hexdigest()
+    (status,) = [s for s in info.subflows if s.subflow_id == rejoined]
+    # the path came back and carried part of the second half
+    assert status.bytes_sent > 0
