@@ -517,9 +517,16 @@ class Paths:
             )
         except (OSError, TimeoutError) as exc:
             # a refused rejoin is tried again until path_loss_timeout
-            # ends the connection with its own error: detail, not news
+            # ends the connection with its own error: detail, not news;
+            # a lost path is tried for the connection's whole life (a
+            # link that stays down would log a line every few seconds)
+            level = logging.WARNING
+            if quiet:
+                level = logging.DEBUG
+            elif self._rejoining:
+                level = logging.INFO
             logger.log(
-                logging.INFO if self._rejoining or quiet else logging.WARNING,
+                level,
                 "%s: cannot open a subflow from %s to %s: %s",
                 self._owner.tag(),
                 local or "any local address",
