@@ -239,6 +239,19 @@ def test_a_new_key_tag_is_no_fastclose() -> None:
     assert net.run(lambda: net.server_side.closed is not None)
 
 
+def answer_join(
+    net: MemNet, sid: int, keys: KeyMaterial, nonce: int, *, key_id: int = 0
+) -> str:
+    """Hand the client a SYN|ACK for join ``sid`` keyed by ``keys``
+    (server nonce 9); the join's state after it."""
+    mac = join_hmac(keys.key_b, keys.key_a, 9, nonce)[:8]
+    reply = MpJoinSynAck(mac, 9, 0, key_id=key_id)
+    net.client.receive_segment(
+        sid, Segment(Flag.SYN | Flag.ACK, (reply,)), net.now
+    )
+    return status_of(net.client, sid)
+
+
 def test_a_syn_ack_must_echo_the_joins_k() -> None:
     net = confirmed(established(e_net()))
     results = []
@@ -249,12 +262,7 @@ def test_a_syn_ack_must_echo_the_joins_k() -> None:
         ]
         syn = option_of(syn_segment, MpJoinSyn)
         assert isinstance(syn, MpJoinSyn) and syn.key_id == 0
-        mac = join_hmac(KEYS.key_b, KEYS.key_a, 9, syn.nonce)[:8]
-        reply = MpJoinSynAck(mac, 9, 0, key_id=key_id)
-        net.client.receive_segment(
-            sid, Segment(Flag.SYN | Flag.ACK, (reply,)), net.now
-        )
-        results.append(status_of(net.client, sid))
+        results.append(answer_join(net, sid, KEYS, syn.nonce, key_id=key_id))
     assert results == ["CLOSED", "PRE_ESTABLISHED"]
     settle(net)
     refused = net.client_side.of_type(ev.JoinRefused)
@@ -465,12 +473,7 @@ def test_a_syn_ack_is_checked_with_the_joins_keys_or_their_successor() -> None:
     results = []
     keyed = (generation_keys(1), generation_keys(2))
     for sid, keys in zip(nonces, keyed, strict=True):
-        mac = join_hmac(keys.key_b, keys.key_a, 9, nonces[sid])[:8]
-        reply = MpJoinSynAck(mac, 9, 0, key_id=0)
-        net.client.receive_segment(
-            sid, Segment(Flag.SYN | Flag.ACK, (reply,)), net.now
-        )
-        results.append(status_of(net.client, sid))
+        results.append(answer_join(net, sid, keys, nonces[sid]))
     assert results == ["CLOSED", "PRE_ESTABLISHED"]
     settle(net)
     refused = net.client_side.of_type(ev.JoinRefused)
