@@ -602,7 +602,7 @@ class Connection(
             subflow.outbox.append(
                 self._ack_segment(subflow, Flag.FIN | Flag.ACK)
             )
-        self._close_subflow(subflow, "peer closed the subflow", None)
+        self._close_subflow(subflow, ev.PEER_CLOSED_SUBFLOW, None)
 
     def _maybe_finish(self) -> None:
         """Both DATA_FINs acknowledged: FIN every subflow and finish."""

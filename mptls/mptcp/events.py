@@ -15,6 +15,7 @@ from mptls.errors import MptlsError
 from mptls.mptcp.config import Mode
 
 __all__ = [
+    "PEER_CLOSED_SUBFLOW",
     "AddressAnnounced",
     "AddressRemoved",
     "ConnectionClosed",
@@ -65,6 +66,11 @@ class SubflowEstablished:
     """A joined subflow may now carry data."""
 
     subflow_id: int
+
+
+# the reason of a SubflowClosed whose peer ended that subflow alone with
+# a FIN (RFC 8684 section 3.3.3): its choice, not a fault of the path
+PEER_CLOSED_SUBFLOW = "peer closed the subflow"
 
 
 @dataclass(frozen=True, slots=True)

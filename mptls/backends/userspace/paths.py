@@ -583,7 +583,7 @@ def _path_fault(event: events.SubflowClosed) -> bool:
     connection is a fault; the peer's FIN on that subflow alone, or its
     reset saying it forbids the path, is the peer's choice.
     """
-    if event.reason == "peer closed the subflow":
+    if event.reason == events.PEER_CLOSED_SUBFLOW:
         return False
     return event.reset_reason != ResetReason.ADMINISTRATIVELY_PROHIBITED
 
