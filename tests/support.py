@@ -2,9 +2,10 @@
 
 Echo and digest handlers for served connections, a seeded echo check,
 the file-descriptor, RSS and RLIMIT_NOFILE helpers the load tests use,
-the IPv6 loopback check the kernel tests skip by, and the bounded runs
-of the ``mptls`` command (``run_mptls``, ``serving``) that the command
-line's tests share. Nothing here connects or starts a task by itself;
+the IPv6 loopback check the kernel tests skip by, a client that stops
+half-way through its handshake, and the bounded runs of the ``mptls``
+command (``run_mptls``, ``serving``) that the command line's tests
+share. Nothing here connects or starts a task by itself;
 the tests decide what runs and for how long.
 """
 
@@ -20,6 +21,7 @@ import random
 import resource
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,6 +33,14 @@ import pytest
 
 from mptls.bench.netns import mptcp_unavailable_reason
 from mptls.errors import MptlsError
+from mptls.mptcp.framing import (
+    PREAMBLE,
+    Flag,
+    Segment,
+    SegmentDecoder,
+    encode_segment,
+)
+from mptls.mptcp.options import CapableFlag, MpCapable
 
 # the digest handler's read size
 PIECE = 64 * 1024
@@ -245,6 +255,38 @@ async def leave(writer: asyncio.StreamWriter, how: str) -> None:
         writer.transport.abort()
     with contextlib.suppress(ConnectionError, MptlsError):
         await asyncio.wait_for(writer.wait_closed(), 15)
+
+
+# a client that stops in its handshake
+
+
+def client_hello() -> bytes:
+    """A real ClientHello (the standard library's TLS): what a client's
+    first segment carries before it waits for the server's answer."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def stalled_in_handshake(
+    port: int, wait: float = 10.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A G client that opens the MPTCP and TLS handshakes in its first
+    segment and then says nothing more; returns once the server has
+    answered it, so its TLS handshake is under way there."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    syn = Segment(
+        Flag.SYN, (MpCapable(flags=CapableFlag.G),), payload=client_hello()
+    )
+    writer.write(PREAMBLE + encode_segment(syn))
+    answer = await asyncio.wait_for(reader.read(65536), wait)
+    assert SegmentDecoder().feed(answer)[0].flags & Flag.SYN
+    return reader, writer
 
 
 # the command line, in child processes

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from pki import Pki
-from support import usable_backend
+from support import stalled_in_handshake, usable_backend
 
 import mptls
 from mptls import refusals
@@ -310,6 +310,65 @@ async def test_a_flood_of_refusals_is_cut_short(
     assert len(lines()) == 5
     log.flush()
     assert lines()[-1].startswith("refused 25 more peers within 60 s")
+
+
+# a server that stops
+
+
+@contextlib.contextmanager
+def watching_the_end(logged: asyncio.Event) -> Iterator[None]:
+    """Sets ``logged`` at the first line on mptls.refusals or the debug
+    line of a handshake the server's stop cut short."""
+
+    class Watcher(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if record.name == "mptls.refusals" or "stopping" in message:
+                logged.set()
+
+    watcher = Watcher()
+    logging.getLogger("mptls").addHandler(watcher)
+    try:
+        yield
+    finally:
+        logging.getLogger("mptls").removeHandler(watcher)
+
+
+@pytest.mark.parametrize("how", ["close_clients", "abort_clients"])
+async def test_a_handshake_the_servers_stop_cuts_short_is_no_refusal(
+    pki: Pki,
+    lines: Callable[[], list[str]],
+    caplog: pytest.LogCaptureFixture,
+    fresh_log: RefusalLog,
+    how: str,
+) -> None:
+    # the server stopped; the client asked for nothing it refuses
+    caplog.set_level(logging.DEBUG, logger="mptls")
+
+    async def never_called(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        raise AssertionError("the handshake completed")
+
+    server = await mptls.start_server(
+        never_called, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    logged = asyncio.Event()
+    async with server:
+        _, writer = await stalled_in_handshake(port)
+        with watching_the_end(logged):
+            server.close()
+            getattr(server, how)()
+            # a closing server waits for the client's end, which comes
+            writer.close()
+            await asyncio.wait_for(logged.wait(), WAIT)
+    assert lines() == []
+    assert any(
+        "stopping" in record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.DEBUG
+    )
 
 
 # what never shows

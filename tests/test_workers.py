@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from pki import Pki
 from support import echo as echo_back
+from support import stalled_in_handshake
 
 import mptls
 from mptls.backends.userspace.restarts import RESTART_LIMIT
@@ -884,3 +885,35 @@ async def test_workers_log_as_their_parent_does(
     assert "WARNING mptls.test: worker handled a connection" in err
     assert ("DEBUG mptls.test: a worker's debug line" in err) is debug
     assert "another library's debug line" not in err
+
+
+async def test_a_handshake_a_stopping_worker_cuts_short_is_no_refusal(
+    pki: Pki,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a worker aborts what is left once its grace is over: a client
+    # still in its handshake then was not refused, the worker stopped
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    )
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    ours = logging.getLogger("mptls")
+    level = ours.level
+    ours.setLevel(logging.DEBUG)
+    try:
+        pool = WorkerPool(
+            echo, "127.0.0.1", 0, workers=1, ssl=pki.server(), grace=0.1
+        )
+        await pool.start()
+        try:
+            _, writer = await stalled_in_handshake(pool.address[1])
+        finally:
+            await pool.stop()
+        writer.close()
+    finally:
+        ours.setLevel(level)
+    err = capfd.readouterr().err
+    assert "the server is stopping" in err
+    assert "mptls.refusals" not in err

@@ -29,6 +29,7 @@ from mptls.backends.base import (
     Backend,
     KeyInstall,
     MptcpInfo,
+    format_address,
     reset_on_close,
 )
 from mptls.backends.buffers import read_buffer
@@ -225,6 +226,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # the peer has sent a byte: one that leaves before (a port
         # scan, a health check) was not refused
         self._peer_spoke = False
+        # this end's server is stopping and ends the connection: a
+        # handshake cut short by that is no refusal of the peer's
+        self._server_stopping = False
 
     # backend transport -> TLS
 
@@ -474,6 +478,14 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._refusal_said = True
         transport = self._transport
         peer = transport.get_extra_info("peername") if transport else None
+        if self._server_stopping:
+            logger.debug(
+                "connection from %s ended in its TLS handshake: the server "
+                "is stopping (%s)",
+                format_address(peer),
+                exc,
+            )
+            return
         refused(peer, _refusal_reason(exc))
 
     def _left_silent(self) -> None:
@@ -641,6 +653,16 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             self._app_transport.close()
         elif self._transport is not None:
             self._transport.close()
+
+    def server_stopping(self) -> None:
+        """The server is stopping and is about to end this connection
+        (``close_clients()``, ``abort_clients()``, a worker's stop).
+
+        A handshake that ends because of it was not refused: nothing is
+        logged on ``mptls.refusals`` for it, whatever the peer does
+        after, only a debug line.
+        """
+        self._server_stopping = True
 
     def _app_close(self) -> None:
         self._drop_pending_lost()

@@ -142,21 +142,16 @@ class MptlsServer(Server):
         Each closes as its application's ``close()`` would: TLS
         close_notify, then DATA_FIN, waiting up to ``close_timeout`` for
         the peer's end. (asyncio closes a TLS server's socket transports
-        under the TLS layer, which its peers see as a truncation.)
+        under the TLS layer, which its peers see as a truncation.) A
+        client in its handshake is not refused by this.
         """
-        for transport in self.mptls_listener.transports:
-            # the TLS layer closes as its application would; another
-            # protocol, or none yet, is closed under it
-            close = getattr(
-                transport._protocol, "close_application", transport.close
-            )
-            close()
+        self.mptls_listener.end_connections(abort=False)
 
     def abort_clients(self) -> None:
         """Reset every connection accepted (MP_FASTCLOSE), as Python
-        3.13's servers abort theirs."""
-        for transport in self.mptls_listener.transports:
-            transport.abort()
+        3.13's servers abort theirs; a client in its handshake is not
+        refused by this."""
+        self.mptls_listener.end_connections(abort=True)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._server.get_loop()

@@ -94,6 +94,28 @@ class Listener:
     def transports(self) -> list[MultipathTransport]:
         return list(self._transports.values())
 
+    def end_connections(self, *, abort: bool) -> None:
+        """End every connection because the server stops.
+
+        Each is reset (MP_FASTCLOSE) with ``abort``; otherwise it closes
+        as its application's ``close()`` would (close_notify, then
+        DATA_FIN), or, before its TLS handshake is over, as a transport
+        closes. Its protocol hears first that the server is stopping: a
+        peer cut off in its handshake by this was not refused.
+        """
+        for transport in self.transports:
+            # None only while the factory's protocol is being made
+            protocol = transport._protocol
+            stopping = getattr(protocol, "server_stopping", None)
+            if stopping is not None:
+                stopping()
+            if abort:
+                transport.abort()
+            else:
+                # the TLS layer closes as its application would; another
+                # protocol, or none yet, is closed under it
+                getattr(protocol, "close_application", transport.close)()
+
     def segments_received(
         self, subflow: SubflowProtocol, segments: list[Segment]
     ) -> None:

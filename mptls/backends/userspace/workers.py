@@ -198,8 +198,7 @@ async def _drain(listener: Listener, grace: float) -> None:
     while listener.transports and loop.time() < deadline:
         # shutdown only: a coarse look every 50 ms is enough
         await asyncio.sleep(0.05)
-    for transport in listener.transports:
-        transport.abort()
+    listener.end_connections(abort=True)
 
 
 # the parent
