@@ -473,7 +473,8 @@ def test_a_join_left_without_its_third_ack_is_refused() -> None:
     # answered with a SYN|ACK; the third ACK never comes
     assert net.run(lambda: net.server_side.of_type(ev.PeerJoinRefused))
     (refused,) = net.server_side.of_type(ev.PeerJoinRefused)
-    assert refused.reason == "join not completed within 1 s (join_timeout)"
+    # no library keyword: the line reaches the command line's user too
+    assert refused.reason == "join not completed within 1 s"
     assert raw.inbox[-1].flags == Flag.RST
     assert net.server_side.closed is None
 

@@ -284,6 +284,23 @@ async def test_a_peer_that_leaves_unrefused_is_no_line(
     assert line.startswith(f"refused 127.0.0.1:{local}: ")
 
 
+async def test_silence_past_the_handshake_limit_names_no_keyword(
+    pki: Pki, lines: Callable[[], list[str]], fresh_log: RefusalLog
+) -> None:
+    # the line is read by whoever runs the server, the command line's
+    # user too, who has no handshake_timeout to turn
+    async with served(pki, handshake_timeout=0.2) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        local = int(writer.get_extra_info("sockname")[1])
+        writer.write(PREAMBLE)
+        # the server ends the TCP connection once the limit is past
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        writer.close()
+    assert lines() == [
+        f"refused 127.0.0.1:{local}: no MPTCP handshake within 0.2 s"
+    ]
+
+
 async def test_a_join_naming_no_connection_is_one_line(
     pki: Pki, lines: Callable[[], list[str]], fresh_log: RefusalLog
 ) -> None:

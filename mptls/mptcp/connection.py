@@ -695,10 +695,11 @@ class Connection(
             )
             return
         if subflow.is_join and not self.is_initiator:
+            # a refusal line (mptls.refusals) names no keyword: the
+            # command line has none to turn
             limit = self.config.join_timeout
             self._peer_join_failed(
-                subflow,
-                f"join not completed within {limit:g} s (join_timeout)",
+                subflow, f"join not completed within {limit:g} s"
             )
         subflow.outbox.append(self._reset_segment(None))
         self._close_subflow(subflow, "join timed out", None)
