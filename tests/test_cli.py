@@ -1092,6 +1092,52 @@ def _run_into_a_closed_pipe(
         os.close(write_end)
 
 
+# a stderr nobody reads: status lines are dropped, the command goes on
+
+# runs mptls with descriptor 2 closed before the interpreter starts, as
+# a shell's ``2>&-`` does
+_STDERR_CLOSED = (
+    "import os, sys; os.close(2); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'mptls', *sys.argv[1:]])"
+)
+
+
+def test_a_closed_stderr_keeps_status_lines_off_stdout(certs: Path) -> None:
+    # with no stderr at all, the status lines went to stdout, into the
+    # data the command prints
+    with serving(certs, "--echo", "--once") as (server, port):
+        argv = [*connect_args(port, certs), "-v"]
+        client = subprocess.run(
+            [sys.executable, "-c", _STDERR_CLOSED, *argv],
+            input=b"only this\n",
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        assert server.wait(timeout=COMMAND_TIMEOUT) == 0
+    assert client.returncode == 0
+    assert client.stdout == b"only this\n"
+    assert client.stderr == b""
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_serve_goes_on_when_nobody_reads_its_stderr(
+    certs: Path, workers: list[str]
+) -> None:
+    # the reader of its status lines went away: the first line after
+    # that ended the server (or the worker that wrote it) silently
+    with serving(certs, "-v", *workers) as (server, port):
+        assert server.stderr is not None and server.stdout is not None
+        server.stderr.close()
+        _refused_by(port)
+        client = run_mptls(*connect_args(port, certs), stdin=b"hello\n")
+        assert client.returncode == 0, client.stderr.decode()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=COMMAND_TIMEOUT) == 0
+        # the client's data, and nothing of the status lines
+        assert server.stdout.read() == b"hello\n"
+
+
 @pytest.mark.parametrize(
     "argv",
     [["info"], ["info", "--json"], ["certs", "--dir", "{tmp}"]],

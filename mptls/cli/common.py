@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 
@@ -371,12 +371,57 @@ def describe_error(exc: BaseException) -> str:
 
 
 def report_error(exc: BaseException, *, debug: bool) -> ExitStatus:
-    """Print the error as one line on stderr and pick the exit status."""
+    """Print the error as one line on stderr and pick the exit status.
+
+    A stderr nobody reads leaves the exit status to tell it.
+    """
     status = exit_status_for(exc)
     if debug:
         logger.error("command failed", exc_info=exc)
-    print(f"mptls: error: {describe_error(exc)}", file=sys.stderr)
+    try:
+        print(f"mptls: error: {describe_error(exc)}", file=sys.stderr)
+    except BrokenPipeError:
+        drop_output(sys.stderr)
     return status
+
+
+def drop_output(stream: IO[str] | None) -> None:
+    """Nobody reads ``stream`` (stdout or stderr) any more: point its
+    descriptor at /dev/null, so that what is still written there is
+    dropped rather than failed on, the interpreter's last flush at exit
+    included."""
+    try:
+        descriptor = stream.fileno() if stream is not None else -1
+    except (OSError, ValueError):
+        return
+    if descriptor < 0:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+
+
+def fill_closed_stderr() -> None:
+    """A process started with descriptor 2 closed (``2>&-``) has no
+    ``sys.stderr``: rich then writes status lines to stdout, into the
+    command's data, and the next socket opened would take descriptor 2.
+    Put /dev/null there instead: every status line, log record and error
+    line is dropped, and the command runs as it would otherwise."""
+    if sys.stderr is not None:
+        return
+    try:
+        os.fstat(2)
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != 2:
+            os.dup2(devnull, 2)
+            os.close(devnull)
+    # the process's stderr from now on: never closed before it exits
+    sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
 
 
 class _ReportConsole(Console):
@@ -392,14 +437,32 @@ class _ReportConsole(Console):
         raise OutputClosedError("output closed")
 
 
+class _StatusConsole(Console):
+    """A console for status lines whose closed output drops them.
+
+    rich's own answer to a broken pipe points *stdout* at /dev/null and
+    exits with status 1, without a word: a server whose stderr reader
+    went away lost its data and stopped at its next status line. Status
+    lines are no command's result: this one stops writing them, and the
+    command goes on.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        drop_output(self.file)
+
+
 def stdout_console(*, quiet: bool = False) -> Console:
     """The console for a command's report on stdout."""
     return _ReportConsole(file=sys.stdout, quiet=quiet, highlight=False)
 
 
 def stderr_console(*, quiet: bool = False) -> Console:
-    """The console for status lines, kept off stdout's data."""
-    return Console(file=sys.stderr, quiet=quiet, highlight=False)
+    """The console for status lines, kept off stdout's data (with no
+    stderr at all, rich's own fallback would be stdout)."""
+    return _StatusConsole(
+        file=sys.stderr, stderr=True, quiet=quiet, highlight=False
+    )
 
 
 class ConsoleLogHandler(logging.Handler):

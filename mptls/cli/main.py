@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, cast
 
 from mptls.cli import bench, certs, demo, info, netcat
-from mptls.cli.common import ExitStatus, OutputClosedError, report_error
+from mptls.cli.common import (
+    ExitStatus,
+    OutputClosedError,
+    drop_output,
+    fill_closed_stderr,
+    report_error,
+)
 
 _COMMANDS = (
     demo.add_parser,
@@ -98,6 +103,7 @@ def _configure_logging(debug: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``mptls`` command; returns the process exit status."""
+    fill_closed_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -110,18 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitStatus.INTERRUPTED
     except Exception as exc:
         if isinstance(exc, OutputClosedError):
-            _drop_stdout()
+            # or the interpreter's last flush at exit fails with a
+            # second message
+            drop_output(sys.stdout)
         # the command line's boundary: one line, no traceback
         return report_error(exc, debug=args.debug)
-
-
-def _drop_stdout() -> None:
-    """Nobody reads stdout any more: point it at /dev/null, or the
-    interpreter's last flush at exit fails with a second message."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    finally:
-        os.close(devnull)
