@@ -990,6 +990,31 @@ def test_serve_v_says_how_many_refusals_it_held_back_when_it_stops(
     ), error.decode()
 
 
+def test_serve_workers_say_how_many_refusals_they_held_back_when_they_stop(
+    certs: Path,
+) -> None:
+    # each worker keeps its own count; a worker stopped before its 10 s
+    # end says it on its way out, as one process does. 60 refusals over
+    # 2 workers: one of them had at least 30, more than its 20 shown
+    flood = 60
+    with serving(certs, "-v", "--workers", "2") as (server, port):
+        for _ in range(flood):
+            _refused_by(port)
+        server.send_signal(signal.SIGTERM)
+        _, error = server.communicate(timeout=COMMAND_TIMEOUT)
+    assert server.returncode == 0, error.decode()
+    lines = error.decode().splitlines()
+    shown = [line for line in lines if line.startswith("refused 127.0.0.1:")]
+    counted = [
+        int(line.split()[1])
+        for line in lines
+        if line.startswith("refused ") and " more peer" in line
+    ]
+    assert counted, error.decode()
+    # every refusal is told, one by one or in a count
+    assert len(shown) + sum(counted) == flood, error.decode()
+
+
 def test_serve_without_v_prints_no_refusal(certs: Path) -> None:
     with serving(certs) as (server, port):
         wrong_mode = run_mptls(

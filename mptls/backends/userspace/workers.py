@@ -56,6 +56,7 @@ from mptls.errors import (
     MptlsTimeoutError,
 )
 from mptls.mptcp.tokens import TokenLayout
+from mptls.refusals import refusal_log
 
 __all__ = ["JoinRouter", "WorkerPool", "WorkerStats", "start_workers"]
 
@@ -118,6 +119,10 @@ async def _serve(spec: _WorkerSpec, pipe: Pipe) -> None:
         await _serve_until_stopped(spec, pipe, router)
     finally:
         router.close()
+        # refusals held back in a flood are counted; a worker that stops
+        # before their interval ends says how many now, as a server in
+        # one process does, before its parent hears it is done
+        refusal_log.flush()
     with contextlib.suppress(OSError):
         pipe.send(("stats", router.stats()))
 
