@@ -695,8 +695,8 @@ class Connection(
             )
             return
         if subflow.is_join and not self.is_initiator:
-            # a refusal line (mptls.refusals) names no keyword: the
-            # command line has none to turn
+            # the reason ends up in a refusal line (mptls.refusals): it
+            # names no keyword, for whoever reads it may have none to turn
             limit = self.config.join_timeout
             self._peer_join_failed(
                 subflow, f"join not completed within {limit:g} s"
