@@ -7,7 +7,8 @@ the real wire format is exercised. Time is a fake clock that jumps to the
 next delivery or timer; randomness comes from a seeded ``random.Random``.
 Knobs: a per-subflow delay and rate, a seeded shuffle of deliveries
 across subflows, pausing a subflow (a link down for a while: TCP holds
-its bytes and delivers them late, none lost), killing a subflow, a fake
+its bytes and delivers them late, none lost), losing what one
+direction of a subflow carries, killing a subflow, a fake
 TLS layer that installs fixed keys after the MPTCP handshake (and, in
 mode E, the generations the core asks for), and raw subflows that a
 test drives by hand (an observer trying to join). Nothing here sleeps
@@ -75,8 +76,12 @@ class Pipe:
     free_at: float = 0.0
     # nothing leaves before this time (a link that is down)
     paused_until: float = 0.0
+    # everything written is lost (this direction blackholes)
+    lost: bool = False
 
     def put(self, segment: Segment, at: float, now: float) -> None:
+        if self.lost:
+            return
         data = encode_segment(segment)
         if not self.started:
             self.started = True

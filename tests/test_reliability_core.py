@@ -174,6 +174,51 @@ def test_a_short_outage_on_a_busy_path_costs_no_subflow(seed: int) -> None:
     assert ("server", second) not in resets
 
 
+def test_a_dead_path_the_peer_is_still_heard_on_is_reset_in_time() -> None:
+    # the client's frames on the second path are lost (down one way)
+    # while frames towards it still arrive there: bare ACKs every
+    # 0.5 s, as a party on that path could send (or the peer's own
+    # data would do). The path looked heard for ever, its data never
+    # went on the first path, and the connection failed after
+    # path_loss_timeout with that path working.
+    config = ConnectionConfig(path_loss_timeout=10.0)
+    # a small window keeps data in flight for many round trips
+    server = ConnectionConfig(
+        path_loss_timeout=10.0, receive_window=256 * 1024
+    )
+    net = ready(slow(MemNet(client_config=config, server_config=server)))
+    second = join(net, delay=0.005)
+    size = 2 * 1024 * 1024
+    up = stream(size, 16)
+    net.client.send(up)
+    assert net.run(has_data(net.server_side, size // 4))
+    link = net.link(second)
+    link.to_server.lost = True
+    link.to_server.queue.clear()
+    lost_at = net.now
+    for tick in range(1, 41):
+        link.to_client.put(Segment(Flag.ACK), lost_at + 0.5 * tick, net.now)
+    net.run(
+        lambda: (
+            len(net.server_side.data) >= size + 5
+            or net.client_side.closed is not None
+        ),
+        max_time=lost_at + 20.0,
+    )
+    assert net.client_side.closed is None
+    assert bytes(net.server_side.data[5:]) == up
+    closed = [
+        e
+        for e in net.client_side.of_type(ev.SubflowClosed)
+        if isinstance(e, ev.SubflowClosed) and e.subflow_id == second
+    ]
+    assert closed and closed[0].reset_reason == (
+        ResetReason.UNACCEPTABLE_PERFORMANCE
+    )
+    # blamed once half of path_loss_timeout passed without progress
+    assert 5.0 <= net.now - lost_at < 6.0
+
+
 def test_only_path_blackholed_fails_after_path_loss_timeout() -> None:
     config = ConnectionConfig(path_loss_timeout=5.0)
     net = ready(slow(MemNet(client_config=config, server_config=config)))

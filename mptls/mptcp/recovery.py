@@ -80,11 +80,19 @@ class RecoveryMixin(ConnectionState):
         ways, or a link that was down a while and is draining). A reset
         would throw away a working path, and the others may be the ones
         that are down. A blackhole brings nothing, so it is still found
-        one RTO after the last segment; ``path_loss_timeout`` bounds the
-        wait either way.
+        one RTO after the last segment.
+
+        A path down one way only, or one where a party on it forges
+        frames, brings the peer's segments and loses this end's data:
+        after half of ``path_loss_timeout`` with no Data ACK progress it
+        is blamed all the same, so that its data goes on another path
+        before the connection gives up.
         """
         heard = subflow.heard_at
-        return heard is not None and now - heard < self._rto(subflow)
+        if heard is None or now - heard >= self._rto(subflow):
+            return False
+        stall = now - self._last_progress
+        return stall < self.config.path_loss_timeout / 2
 
     def _data_timeout(self, subflow: Subflow, now: float) -> None:
         rto = self._rto(subflow)
