@@ -39,16 +39,22 @@ class FakeCore:
         self.live_subflows = 1
         self.joins_allowed = True
         self.config = SimpleNamespace(join_timeout=1.0)
+        self.subflow_ids = itertools.count(10)
 
     def info(self) -> Any:
         return SimpleNamespace(subflows=(), keys_reason="")
 
+    def open_subflow(self, now: float, **kwargs: Any) -> int:
+        return next(self.subflow_ids)
+
 
 class FakeOwner:
-    """The transport as its paths see it; it is never handed a join."""
+    """The transport as its paths see it: the joins it is handed."""
 
     def __init__(self) -> None:
         self.closing = False
+        self.attached: list[int] = []
+        self.changed = asyncio.Event()
 
     def is_closing(self) -> bool:
         return self.closing
@@ -60,21 +66,32 @@ class FakeOwner:
         pass
 
     def attach(self, subflow_id: int, subflow: Any) -> None:
-        raise AssertionError("no connect succeeds here")
+        self.attached.append(subflow_id)
+        self.changed.set()
+
+    async def until(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.attached) < count:
+                self.changed.clear()
+                await self.changed.wait()
 
 
 class Attempts:
-    """The connects tried: (loop time, local address); each fails."""
+    """The connects tried: (loop time, local address); each fails
+    unless ``succeed`` is set."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.made: list[tuple[float, str | None]] = []
         self.changed = asyncio.Event()
+        self.succeed = False
 
     async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
         local = kwargs.get("local_addr")
         self.made.append((self.loop.time(), local and local[0]))
         self.changed.set()
+        if self.succeed:
+            return None, None
         raise ConnectionRefusedError("refused by the test")
 
     def of(self, local: str) -> list[float]:
@@ -146,6 +163,39 @@ async def test_a_lost_path_is_tried_again_with_backoff_until_close(
     assert all(task.done() for task in tasks)
     assert len(attempts.made) == made
     assert len(attempts.of(SECOND)) == 1
+
+
+async def test_a_path_that_fails_once_joined_still_backs_off(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+) -> None:
+    paths, _, owner, attempts = setup
+    await started(paths, attempts)
+    attempts.succeed = True
+    # each join on the first path is established, then reset at once
+    # (a middlebox that lets handshakes through, or resets forged by a
+    # party on the path): the waits still double. They started afresh
+    # at each establishment, and the path was joined every 0.1 s for
+    # the connection's life.
+    failed = ResetReason.MIDDLEBOX_INTERFERENCE
+    paths.subflow_closed(lost(0, failed))
+    for count in range(1, 4):
+        await owner.until(count)
+        subflow_id = owner.attached[-1]
+        paths.join_established(subflow_id)
+        paths.subflow_closed(lost(subflow_id, failed))
+    times = attempts.of(FIRST)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    for gap, least in zip(gaps, (0.2, 0.4), strict=True):
+        assert least * 0.9 <= gap < least + 0.5
+    # a join that held 4 s (the longest wait) starts them afresh
+    await owner.until(4)
+    subflow_id = owner.attached[-1]
+    paths.join_established(subflow_id)
+    paths._up_since[(FIRST, REMOTE)] -= 4.0
+    closed_at = asyncio.get_running_loop().time()
+    paths.subflow_closed(lost(subflow_id, failed))
+    await attempts.until(FIRST, 5)
+    assert attempts.of(FIRST)[-1] - closed_at < 0.1 + 0.5
 
 
 @pytest.mark.parametrize("how", ["removed", "withdrawn", "refused"])

@@ -43,7 +43,8 @@ _REJOIN_FIRST_DELAY = 0.1
 _REJOIN_MAX_DELAY = 2.0
 # a path of the client's own (one of local_addrs to the address it
 # connected to) whose subflow failed while others live is joined again
-# after this long, doubling up to the cap for as long as it fails
+# after this long, doubling up to the cap for as long as it fails; a
+# join that held at least the cap starts the waits afresh
 _PATH_REJOIN_FIRST_DELAY = 0.1
 _PATH_REJOIN_MAX_DELAY = 4.0
 # how often a path whose join was refused as transient (mode E: a key
@@ -110,13 +111,15 @@ class Paths:
         self._tasks: set[asyncio.Task[None]] = set()
         # the client's own paths: each subflow on one, the paths whose
         # subflow failed and want one again, the wait before the next
-        # attempt of each, its attempt under way (one at a time), and
-        # the paths never joined again (removed by the application,
-        # withdrawn by the peer or refused for good)
+        # attempt of each and when its last join was established, its
+        # attempt under way (one at a time), and the paths never joined
+        # again (removed by the application, withdrawn by the peer or
+        # refused for good)
         self._own: dict[int, _Path] = {}
         self._remote_ids: dict[_Path, int] = {}
         self._lost: set[_Path] = set()
         self._backoff: dict[_Path, float] = {}
+        self._up_since: dict[_Path, float] = {}
         self._path_rejoins: dict[_Path, asyncio.Task[None]] = {}
         self._dropped: set[_Path] = set()
 
@@ -279,7 +282,7 @@ class Paths:
             self._retries.pop(path, None)
             if subflow_id in self._own:
                 self._lost.discard(path)
-                self._backoff.pop(path, None)
+                self._up_since[path] = self._loop.time()
                 self._remote_ids[path] = self._remote_id(subflow_id)
         for lost in sorted(self._lost, key=repr):
             self._rejoin_path(lost)
@@ -296,6 +299,8 @@ class Paths:
         self._joining.pop(subflow_id, None)
         path = self._own.pop(subflow_id, None)
         if path is not None and _path_fault(event):
+            if self._held(path):
+                self._backoff.pop(path, None)
             self._lost.add(path)
             self._rejoin_path(path)
         if (
@@ -421,6 +426,18 @@ class Paths:
         if task is not None:
             task.cancel()
 
+    def _held(self, path: _Path) -> bool:
+        """Whether the last join of ``path`` held a while, so that its
+        failure starts the waits afresh. One that fails as soon as it
+        is up (a middlebox that lets handshakes through, resets forged
+        on the path) keeps doubling them: otherwise it would be joined
+        every 0.1 s for the connection's life."""
+        up_since = self._up_since.pop(path, None)
+        return (
+            up_since is not None
+            and self._loop.time() - up_since >= _PATH_REJOIN_MAX_DELAY
+        )
+
     def _rejoin_path(self, path: _Path) -> None:
         """Start joining a lost path of the client's own again, unless
         an attempt is under way, the path is given up, no subflow is
@@ -440,7 +457,7 @@ class Paths:
         """Wait, then join ``path`` again until a join is under way.
 
         The wait doubles from one attempt to the next, also across
-        joins that start and then fail, until one is established.
+        joins that start and then fail, until one holds (:meth:`_held`).
         """
         try:
             # checked before each wait as well: a close while a connect
