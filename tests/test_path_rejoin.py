@@ -24,6 +24,7 @@ from support import digest_handler, established
 
 import mptls
 from mptls.backends.userspace.paths import Paths
+from mptls.errors import MptlsError
 from mptls.mptcp import events
 from mptls.mptcp.options import ResetReason
 
@@ -38,13 +39,15 @@ class FakeCore:
         self.closed = False
         self.live_subflows = 1
         self.joins_allowed = True
-        self.config = SimpleNamespace(join_timeout=1.0)
+        self.config = SimpleNamespace(join_timeout=1.0, max_subflows=8)
         self.subflow_ids = itertools.count(10)
 
     def info(self) -> Any:
         return SimpleNamespace(subflows=(), keys_reason="")
 
     def open_subflow(self, now: float, **kwargs: Any) -> int:
+        if self.live_subflows >= self.config.max_subflows:
+            raise MptlsError("already at max_subflows")
         return next(self.subflow_ids)
 
 
@@ -196,6 +199,28 @@ async def test_a_path_that_fails_once_joined_still_backs_off(
     paths.subflow_closed(lost(subflow_id, failed))
     await attempts.until(FIRST, 5)
     assert attempts.of(FIRST)[-1] - closed_at < 0.1 + 0.5
+
+
+async def test_a_lost_path_opens_nothing_while_the_subflows_are_full(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    paths, core, owner, attempts = setup
+    await started(paths, attempts)
+    attempts.succeed = True
+    # the first path is lost while the others (joins to addresses the
+    # peer announced) fill max_subflows: each attempt opened a TCP
+    # connection the core then refused to join, with a WARNING, every
+    # 4 s for the connection's life
+    core.live_subflows = core.config.max_subflows
+    paths.subflow_closed(lost(0, ResetReason.UNACCEPTABLE_PERFORMANCE))
+    await asyncio.sleep(0.8)
+    assert attempts.of(FIRST) == []
+    assert "no join" not in caplog.text
+    # one of them closes: the path is joined in the next attempt
+    core.live_subflows -= 1
+    await owner.until(1)
+    assert len(attempts.of(FIRST)) == 1
 
 
 @pytest.mark.parametrize("how", ["removed", "withdrawn", "refused"])

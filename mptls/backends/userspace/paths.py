@@ -414,6 +414,10 @@ class Paths:
                 return status.remote_address_id or 0
         return 0
 
+    def _full(self) -> bool:
+        """Whether the core takes no more subflows (``max_subflows``)."""
+        return self._core.live_subflows >= self._core.config.max_subflows
+
     def _ended(self) -> bool:
         """Whether the connection is closing or closed: no more joins."""
         return self._closed or self._owner.is_closing() or self._core.closed
@@ -468,6 +472,10 @@ class Paths:
                 await asyncio.sleep(delay)
                 if self._ended() or self._core.live_subflows == 0:
                     return
+                if self._full():
+                    # the core would refuse the join: no TCP connection
+                    # for it, no warning; the next wait may find room
+                    continue
                 logger.debug(
                     "%s: joining the path from %s again",
                     self._owner.tag(),
