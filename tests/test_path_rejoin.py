@@ -223,6 +223,23 @@ async def test_a_lost_path_opens_nothing_while_the_subflows_are_full(
     assert len(attempts.of(FIRST)) == 1
 
 
+async def test_a_lost_path_refused_in_passing_is_still_tried(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+) -> None:
+    paths, _, owner, attempts = setup
+    await started(paths, attempts)
+    attempts.succeed = True
+    paths.subflow_closed(lost(0, ResetReason.UNACCEPTABLE_PERFORMANCE))
+    await owner.until(1)
+    # a key rotation overtook the join (mode E), and the link is down
+    # again: the retry's connect fails. The path was left lost with no
+    # attempt, for as long as no other join came up.
+    attempts.succeed = False
+    refusal = events.JoinRefused(owner.attached[-1], "rotated", True)
+    paths.join_refused(refusal)
+    await attempts.until(FIRST, 3)
+
+
 @pytest.mark.parametrize("how", ["removed", "withdrawn", "refused"])
 async def test_a_path_given_up_is_not_joined_again(
     setup: tuple[Paths, FakeCore, FakeOwner, Attempts], how: str

@@ -228,7 +228,8 @@ class Paths:
     def join_refused(self, event: events.JoinRefused) -> None:
         """A join was refused: one opened here whose refusal was
         transient (a key rotation overtook it, nothing wrong with the
-        path) is opened again, a few times in a row at most.
+        path) is opened again, a few times in a row at most; on a lost
+        path of the client's own, as :meth:`_rejoin_path` does.
 
         A client left with no subflow at all rejoins as
         :meth:`subflow_closed` has it instead.
@@ -268,6 +269,11 @@ class Paths:
             path[0] or "any local address",
             event.reason,
         )
+        if path in self._lost:
+            # a lost path of the client's own: one attempt at a time,
+            # tried again until a join starts (a connect may fail too)
+            self._rejoin_path(path)
+            return
         self._spawn(self._open_subflow(*path))
 
     def join_established(self, subflow_id: int) -> None:
