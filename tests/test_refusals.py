@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from pki import Pki
-from support import stalled_in_handshake, usable_backend
+from support import client_hello, stalled_in_handshake, usable_backend
 
 import mptls
 from mptls import refusals
@@ -378,6 +379,54 @@ async def test_a_handshake_the_servers_stop_cuts_short_is_no_refusal(
             server.close()
             getattr(server, how)()
             # a closing server waits for the client's end, which comes
+            writer.close()
+            await asyncio.wait_for(logged.wait(), WAIT)
+    assert lines() == []
+    assert any(
+        "stopping" in record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.DEBUG
+    )
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 13),
+    reason="asyncio's servers end their clients from Python 3.13",
+)
+@pytest.mark.parametrize("how", ["close_clients", "abort_clients"])
+async def test_on_the_kernel_backend_a_stop_is_no_refusal_either(
+    pki: Pki,
+    lines: Callable[[], list[str]],
+    caplog: pytest.LogCaptureFixture,
+    fresh_log: RefusalLog,
+    how: str,
+) -> None:
+    # asyncio's own close_clients() ends the connections there: the
+    # backend tells their protocols first that the server stops
+    caplog.set_level(logging.DEBUG, logger="mptls")
+
+    async def never_called(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        raise AssertionError("the handshake completed")
+
+    server = await mptls.start_server(
+        never_called,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        backend=usable_backend("kernel"),
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    logged = asyncio.Event()
+    async with server:
+        # TLS alone on the kernel backend: a ClientHello, then silence
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(client_hello())
+        assert await asyncio.wait_for(reader.read(65536), WAIT)
+        with watching_the_end(logged):
+            server.close()
+            getattr(server, how)()
             writer.close()
             await asyncio.wait_for(logged.wait(), WAIT)
     assert lines() == []

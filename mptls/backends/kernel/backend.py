@@ -282,12 +282,22 @@ class KernelBackend(Backend):
         # asyncio's server listens, with this backlog, once it serves
         backlog = int(options.get("backlog", 100))
         start_serving = bool(options.get("start_serving", True))
+        # the protocols made that want to hear when the server stops
+        # (asyncio's own have no weak references, nor anything to hear)
+        made: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
+
+        def tracked_protocol() -> asyncio.Protocol:
+            protocol = protocol_factory()
+            if hasattr(protocol, "server_stopping"):
+                made.add(protocol)
+            return protocol
+
         servers: list[asyncio.Server] = []
         try:
             for listener in listeners:
                 servers.append(
                     await loop.create_server(
-                        protocol_factory,
+                        tracked_protocol,
                         sock=listener,
                         backlog=backlog,
                         start_serving=start_serving,
@@ -299,7 +309,7 @@ class KernelBackend(Backend):
             for listener in listeners[len(servers) :]:
                 listener.close()
             raise
-        return MultiServer(loop, servers)
+        return MultiServer(loop, servers, made)
 
     def install_keys(
         self,

@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 
 from mptls.backends.base import Server
 
 
 class MultiServer(Server):
-    """Several ``asyncio.Server`` objects acting as one."""
+    """Several ``asyncio.Server`` objects acting as one.
+
+    ``protocols``: the protocols the servers' factory made that have a
+    ``server_stopping`` method. :meth:`close_clients` and
+    :meth:`abort_clients` tell them the server stops before ending their
+    connections: a handshake cut short by that is no refusal.
+    """
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         servers: Sequence[asyncio.Server],
+        protocols: weakref.WeakSet[asyncio.BaseProtocol] | None = None,
     ) -> None:
         self._loop = loop
         self._servers = tuple(servers)
+        self._protocols = protocols
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -39,13 +48,23 @@ class MultiServer(Server):
 
     def close_clients(self) -> None:
         """Close every accepted connection (asyncio's, from Python 3.13)."""
-        for close in _clients_methods(self._servers, "close_clients"):
+        methods = _clients_methods(self._servers, "close_clients")
+        self._stopping()
+        for close in methods:
             close()
 
     def abort_clients(self) -> None:
         """Abort every accepted connection (asyncio's, from Python 3.13)."""
-        for abort in _clients_methods(self._servers, "abort_clients"):
+        methods = _clients_methods(self._servers, "abort_clients")
+        self._stopping()
+        for abort in methods:
             abort()
+
+    def _stopping(self) -> None:
+        for protocol in list(self._protocols or ()):
+            stopping = getattr(protocol, "server_stopping", None)
+            if stopping is not None:
+                stopping()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
