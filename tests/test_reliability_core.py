@@ -119,6 +119,43 @@ def test_rto_follows_a_slow_paths_srtt() -> None:
     assert net.run(has_data(net.server_side, size + 5))
 
 
+def test_a_slow_path_is_found_dead_before_the_connection_gives_up() -> None:
+    # 0.4 s each way: 4 x srtt is past path_loss_timeout; the RTO is
+    # held to half of it, so the data moves to the live path in time
+    config = ConnectionConfig(
+        min_rto=0.05,
+        rto_srtt_factor=4.0,
+        subflow_inflight_limit=64 * 1024,
+        path_loss_timeout=3.0,
+    )
+    server = ConnectionConfig(receive_window=128 * 1024)
+    net = ready(
+        slow(MemNet(client_config=config, server_config=server, seed=5))
+    )
+    second = join(net, delay=0.4)
+    size = 2 * 1024 * 1024
+    up = stream(size, 13)
+    net.client.send(up)
+    assert net.run(
+        lambda: any(
+            s.subflow_id == second and s.srtt is not None and s.bytes_sent
+            for s in net.client.info().subflows
+        )
+    )
+    blackhole(net, second)
+    lost_at = net.now
+    assert net.run(
+        lambda: any(
+            isinstance(e, ev.SubflowClosed) and e.subflow_id == second
+            for e in net.client_side.events
+        )
+    )
+    assert net.now - lost_at <= 1.5 + 0.1
+    assert net.run(has_data(net.server_side, size + 5))
+    assert bytes(net.server_side.data[5:]) == up
+    assert net.client_side.closed is None
+
+
 def echo_net(seed: int, rate: float, delay: float) -> tuple[MemNet, int]:
     """Two subflows of ``rate`` bytes/s each way; the server echoes."""
 

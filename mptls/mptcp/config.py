@@ -73,9 +73,10 @@ class ConnectionConfig:
     # the MP_CAPABLE exchange must finish within this (both ends)
     handshake_timeout: float = 30.0
     # data-level retransmission timeout of a subflow: with data in
-    # flight and no Data ACK progress for max(min_rto, rto_srtt_factor
-    # x srtt), the subflow is taken for a blackhole, closed, and its
-    # data sent again on the others (RFC 8684 section 3.3.6)
+    # flight and no Data ACK progress for max(min_rto, min(
+    # rto_srtt_factor x srtt, path_loss_timeout / 2)), the subflow is
+    # taken for a blackhole, closed, and its data sent again on the
+    # others (RFC 8684 section 3.3.6)
     min_rto: float = 1.0
     rto_srtt_factor: float = 4.0
     # with no usable subflow left the connection keeps its state this

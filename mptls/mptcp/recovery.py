@@ -31,11 +31,15 @@ class RecoveryMixin(ConnectionState):
     """Data-level RTO per subflow and the path-loss limit."""
 
     def _rto(self, subflow: Subflow) -> float:
+        config = self.config
         if subflow.srtt is None:
             # RFC 6298 section 2.1: 1 s until a round trip is measured
-            return max(self.config.min_rto, _INITIAL_RTO)
-        srtt = subflow.srtt
-        return max(self.config.min_rto, self.config.rto_srtt_factor * srtt)
+            return max(config.min_rto, _INITIAL_RTO)
+        # at most half of path_loss_timeout: a path whose round trips
+        # grew long (a deep queue) and then died is found, and its data
+        # sent on another, before the connection would give up
+        scaled = config.rto_srtt_factor * subflow.srtt
+        return max(config.min_rto, min(scaled, config.path_loss_timeout / 2))
 
     def _outstanding(self) -> bool:
         return any(s.inflight > 0 for s in self._subflows.values() if s.live)
