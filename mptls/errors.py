@@ -59,7 +59,25 @@ class NotMptlsPeerError(ProtocolError):
 
 
 class JoinRefusedError(ProtocolError):
-    """An MP_JOIN was refused (bad HMAC, unknown token, policy)."""
+    """An MP_JOIN was refused (bad HMAC, unknown token, policy, load).
+
+    ``transient``: the refusal says nothing against the path and a join
+    later may be taken (the T flag of MP_TCPRST, RFC 8684 section 3.6):
+    the peer is out of room or failed-join credit for now. A refusal
+    of policy or of a bad HMAC is not transient.
+    """
+
+    transient: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reset_reason: int | None = None,
+        transient: bool = False,
+    ):
+        super().__init__(message, reset_reason=reset_reason)
+        self.transient = transient
 
 
 def _set_errno(error: OSError, code: int, message: str) -> None:

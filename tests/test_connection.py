@@ -44,6 +44,7 @@ from mptls.mptcp.crypto import (
     rfc8684_idsn,
     rfc8684_token,
 )
+from mptls.mptcp.endpoint import Refused
 from mptls.mptcp.framing import (
     PREAMBLE,
     Flag,
@@ -487,9 +488,14 @@ def test_too_many_subflows_gets_lack_of_resources() -> None:
     assert net.run(lambda: net.client_side.of_type(ev.JoinRefused) != [])
     (refusal,) = net.refusals
     assert refusal.reply is not None
+    # T set (RFC 8684 section 3.6): a subflow that ends makes room
     assert option_of(refusal.reply, MpTcpRst) == MpTcpRst(
-        reason=ResetReason.LACK_OF_RESOURCES
+        reason=ResetReason.LACK_OF_RESOURCES, transient=True
     )
+    (refused,) = net.client_side.of_type(ev.JoinRefused)
+    assert refused.subflow_id == sid and refused.transient
+    assert refused.reset_reason == ResetReason.LACK_OF_RESOURCES
+    assert "may take a join later" in refused.reason
     closed = net.client_side.of_type(ev.SubflowClosed)
     assert closed[-1].subflow_id == sid
     assert closed[-1].reset_reason == ResetReason.LACK_OF_RESOURCES
@@ -503,7 +509,46 @@ def test_too_many_pending_joins_gets_lack_of_resources() -> None:
     net.run(lambda: len(net.refusals) == 1, max_time=0.1)
     (refusal,) = net.refusals
     assert refusal.reply is not None
-    assert option_of(refusal.reply, MpTcpRst) == MpTcpRst(reason=2)
+    assert option_of(refusal.reply, MpTcpRst) == MpTcpRst(
+        reason=2, transient=True
+    )
+
+
+def cleartext_join_net() -> MemNet:
+    """An RFC 8684 connection to a server that takes no cleartext joins."""
+    client = ConnectionConfig(allow_legacy_fallback=True)
+    server = dataclasses.replace(RFC8684_SERVER, allow_cleartext_keys=False)
+    return established(MemNet(client, server))
+
+
+def closed_server_net() -> MemNet:
+    """A G connection whose server end has aborted."""
+    net = established(MemNet())
+    assert net.server is not None
+    net.server.abort()
+    return net
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (cleartext_join_net, ResetReason.ADMINISTRATIVELY_PROHIBITED),
+        (closed_server_net, ResetReason.MPTCP_ERROR),
+    ],
+    ids=["cleartext-keys", "closed"],
+)
+def test_a_refusal_of_policy_is_final(
+    make: Callable[[], MemNet], code: int
+) -> None:
+    net = make()
+    assert net.server is not None
+    token = net.server.local_token
+    assert token is not None
+    syn = Segment(Flag.SYN, (MpJoinSyn(token, 1, 0),))
+    refused = net.endpoint.receive_first(syn, net.now)
+    assert isinstance(refused, Refused) and refused.reply is not None
+    # no T: a new join would fare no better
+    assert option_of(refused.reply, MpTcpRst) == MpTcpRst(reason=code)
 
 
 # data transfer

@@ -443,8 +443,12 @@ def test_failed_joins_are_rate_limited_per_connection() -> None:
     )
     refused = net.endpoint.receive_first(syn, now)
     assert isinstance(refused, Refused) and refused.reply is not None
+    # T set (RFC 8684 section 3.6): the client whose genuine join meets
+    # a dry bucket tries again later instead of never
     assert (
-        MpTcpRst(reason=ResetReason.ADMINISTRATIVELY_PROHIBITED)
+        MpTcpRst(
+            reason=ResetReason.ADMINISTRATIVELY_PROHIBITED, transient=True
+        )
         in refused.reply.options
     )
     # one second later one more attempt is allowed

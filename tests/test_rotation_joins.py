@@ -477,7 +477,14 @@ def test_a_syn_ack_is_checked_with_the_joins_keys_or_their_successor() -> None:
     assert results == ["CLOSED", "PRE_ESTABLISHED"]
     settle(net)
     refused = net.client_side.of_type(ev.JoinRefused)
-    assert refused == [ev.JoinRefused(1, "bad MP_JOIN HMAC in the SYN|ACK")]
+    assert refused == [
+        ev.JoinRefused(
+            1,
+            "bad MP_JOIN HMAC in the SYN|ACK",
+            False,
+            ResetReason.MPTCP_ERROR,
+        )
+    ]
 
 
 def test_forged_joins_cannot_hold_periodic_rotations_off() -> None:

@@ -66,8 +66,9 @@ class Refused:
     reason: str
 
 
-def _refusal(reason: str, code: int) -> Refused:
-    reply = Segment(flags=Flag.RST, options=(MpTcpRst(reason=code),))
+def _refusal(reason: str, code: int, *, transient: bool = False) -> Refused:
+    option = MpTcpRst(reason=code, transient=transient)
+    reply = Segment(flags=Flag.RST, options=(option,))
     return Refused(reply=reply, reason=reason)
 
 
@@ -264,7 +265,8 @@ class Endpoint:
             code = exc.reset_reason
             if code is None:
                 code = ResetReason.MPTCP_ERROR
-            return _refusal(str(exc), code)
+            # T: out of room or credit for now, a join later may be taken
+            return _refusal(str(exc), code, transient=exc.transient)
         return Accepted(connection=connection, subflow_id=subflow_id)
 
 

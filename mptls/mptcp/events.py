@@ -106,13 +106,19 @@ class JoinRefused:
     """A join this end started was refused or failed its HMAC check.
 
     ``transient``: the refusal says nothing against the path (MP_TCPRST
-    with T set, RFC 8684 section 3.6): in mode E a key rotation overtook
-    the join, and a new join, with the keys in use now, may succeed.
+    with T set, RFC 8684 section 3.6). With ``reset_reason`` 0x01 a key
+    rotation overtook the join in mode E, and a new join, with the keys
+    in use now, may succeed at once; with 0x02 (lack of resources) or
+    0x03 (administratively prohibited) the peer is out of room or of
+    failed-join credit for now, and a join may be taken later.
+    ``reset_reason`` is the MP_TCPRST code of the reset, the peer's or
+    this end's; ``None`` when the peer's reset carried none.
     """
 
     subflow_id: int
     reason: str
     transient: bool = False
+    reset_reason: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,7 +216,12 @@ class JoinsMixin(ConnectionState):
         the connection does not end with it.
         """
         self._events.append(
-            ev.JoinRefused(subflow.subflow_id, reason, transient)
+            ev.JoinRefused(
+                subflow.subflow_id,
+                reason,
+                transient,
+                ResetReason.MPTCP_ERROR,
+            )
         )
         self._reset_subflow(
             subflow, ResetReason.MPTCP_ERROR, reason, transient=transient
@@ -242,26 +247,33 @@ class JoinsMixin(ConnectionState):
         which the SYN|ACK carries (RFC 8684 section 3.2): the adapter
         knows the address, the core only its id. Raises
         :class:`~mptls.errors.JoinRefusedError` whose ``reset_reason``
-        goes into the MP_TCPRST of the refusal.
+        and ``transient`` go into the MP_TCPRST of the refusal: a
+        refusal of policy is final, one for want of failed-join credit
+        or of room (``max_subflows``, ``max_pending_joins``) transient.
         """
         _check_address_id(address_id)
         option = options_of(syn).get(MpJoinSyn)
         if not isinstance(option, MpJoinSyn):
             raise JoinRefusedError("not an MP_JOIN SYN")
         self._now = now
+        # policy first: a refusal of policy is final (no T), whatever
+        # the connection's load
         if self._closed:
             raise JoinRefusedError("the connection takes no joins now")
-        if self._refill_join_credit(now) < 1.0:
-            # forged joins with a sniffed token cost this connection
-            # nothing more than one refusal each while the bucket is dry
-            raise JoinRefusedError(
-                "too many failed joins on this connection; try later",
-                reset_reason=ResetReason.ADMINISTRATIVELY_PROHIBITED,
-            )
         if self.mode is Mode.RFC8684 and not self.config.allow_cleartext_keys:
             raise JoinRefusedError(
                 "joins keyed by cleartext keys are not allowed",
                 reset_reason=ResetReason.ADMINISTRATIVELY_PROHIBITED,
+            )
+        if self._refill_join_credit(now) < 1.0:
+            # forged joins with a sniffed token cost this connection
+            # nothing more than one refusal each while the bucket is
+            # dry. T set: the client's own join, refused in the flood,
+            # is tried again later rather than never
+            raise JoinRefusedError(
+                "too many failed joins on this connection; try later",
+                reset_reason=ResetReason.ADMINISTRATIVELY_PROHIBITED,
+                transient=True,
             )
         pending = sum(
             1
@@ -272,9 +284,11 @@ class JoinsMixin(ConnectionState):
             self._live_count() >= self.config.max_subflows
             or pending >= self.config.max_pending_joins
         ):
+            # T set: a subflow or pending join that ends makes room
             raise JoinRefusedError(
-                "too many subflows or pending joins",
+                "too many subflows or pending joins; try later",
                 reset_reason=ResetReason.LACK_OF_RESOURCES,
+                transient=True,
             )
         subflow_id = self._new_subflow_id()
         subflow = Subflow(

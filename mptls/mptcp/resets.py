@@ -48,17 +48,20 @@ class ResetsMixin(ConnectionState):
         rst = options.get(MpTcpRst)
         code = rst.reason if isinstance(rst, MpTcpRst) else None
         # RFC 8684 section 3.6: T says the peer expects a new subflow
-        # to work (mptls: a key rotation overtook the join)
+        # to work (mptls: a key rotation overtook the join, or the
+        # connection is out of room or failed-join credit for now)
         transient = isinstance(rst, MpTcpRst) and rst.transient
         if subflow.is_join and subflow.state in (
             _S.SYN_SENT,
             _S.PRE_ESTABLISHED,
         ):
-            reason = f"peer reset the join (MP_TCPRST {code})"
-            if transient:
-                reason += ", transient: a new join may succeed"
             self._events.append(
-                ev.JoinRefused(subflow.subflow_id, reason, transient)
+                ev.JoinRefused(
+                    subflow.subflow_id,
+                    _join_reset_message(code, transient),
+                    transient,
+                    code,
+                )
             )
         if subflow.subflow_id == 0 and not self.handshake_complete:
             subflow.set_state(_S.CLOSED)
@@ -208,3 +211,13 @@ class ResetsMixin(ConnectionState):
         if self.mode is Mode.G:
             return fastclose_value(key, self.config.idsn_rule)
         return key
+
+
+def _join_reset_message(code: int | None, transient: bool) -> str:
+    """Why the peer reset a join, as its MP_TCPRST tells."""
+    message = f"peer reset the join (MP_TCPRST {code})"
+    if not transient:
+        return message
+    if code == ResetReason.MPTCP_ERROR:
+        return message + ", transient: a new join may succeed"
+    return message + ", transient: the peer may take a join later"
