@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import itertools
 import random
 import socket
@@ -21,11 +22,14 @@ from typing import Any
 import pytest
 from pki import Pki
 from support import digest_handler, established
+from test_hijack import join_as_observer
 
 import mptls
+from mptls.backends.userspace import paths as paths_module
 from mptls.backends.userspace.paths import Paths
 from mptls.errors import MptlsError
 from mptls.mptcp import events
+from mptls.mptcp.framing import Flag
 from mptls.mptcp.options import ResetReason
 
 REMOTE = ("127.0.0.1", 4433)
@@ -86,12 +90,14 @@ class Attempts:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.made: list[tuple[float, str | None]] = []
+        self.remotes: list[str] = []
         self.changed = asyncio.Event()
         self.succeed = False
 
     async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
         local = kwargs.get("local_addr")
         self.made.append((self.loop.time(), local and local[0]))
+        self.remotes.append(args[1])
         self.changed.set()
         if self.succeed:
             return None, None
@@ -240,6 +246,96 @@ async def test_a_lost_path_refused_in_passing_is_still_tried(
     await attempts.until(FIRST, 3)
 
 
+TRY_LATER = (
+    ResetReason.LACK_OF_RESOURCES,
+    ResetReason.ADMINISTRATIVELY_PROHIBITED,
+)
+
+
+def later(subflow_id: int, code: int) -> events.JoinRefused:
+    """A refusal with T for want of room or failed-join credit."""
+    return events.JoinRefused(subflow_id, "try later", True, code)
+
+
+@pytest.mark.parametrize("code", TRY_LATER)
+async def test_a_lost_path_refused_for_now_stays_in_its_attempts(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+    monkeypatch: pytest.MonkeyPatch,
+    code: int,
+) -> None:
+    # waits of 0.01 s doubling to 0.04 s stand for 0.1 s doubling to 4 s
+    monkeypatch.setattr(paths_module, "_PATH_REJOIN_FIRST_DELAY", 0.01)
+    monkeypatch.setattr(paths_module, "_PATH_REJOIN_MAX_DELAY", 0.04)
+    paths, _, owner, attempts = setup
+    await started(paths, attempts)
+    attempts.succeed = True
+    paths.subflow_closed(lost(0, ResetReason.UNACCEPTABLE_PERFORMANCE))
+    # forged joins keep the server's bucket dry (or its subflows full):
+    # each rejoin is refused with T, more often than a key rotation's
+    # refusals are retried. Without T the path was given up at the
+    # first; counted as a rotation's, at the fourth.
+    for count in range(1, 7):
+        await owner.until(count)
+        assert not paths.join_refused(later(owner.attached[-1], code))
+    await owner.until(7)
+    times = attempts.of(FIRST)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # one attempt at a time, after the path's wait: never at once
+    for gap, least in zip(gaps, (0.02, 0.04, 0.04, 0.04), strict=False):
+        assert gap >= least * 0.9
+    assert len(times) == 7
+    # the flood stops: the next join holds, and the path is up again
+    paths.join_established(owner.attached[-1])
+    assert (FIRST, REMOTE) not in paths._lost
+
+
+async def test_a_path_refused_for_now_at_its_first_join_is_tried_again(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+) -> None:
+    paths, _, owner, attempts = setup
+    attempts.succeed = True
+    # the second path's first join meets a dry bucket: it is tried again
+    # as a lost path is, rather than never
+    paths.keys_installed()
+    await owner.until(1)
+    paths.join_refused(later(owner.attached[0], TRY_LATER[1]))
+    await owner.until(2)
+    assert len(attempts.of(SECOND)) == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "again"),
+    [
+        (ResetReason.MPTCP_ERROR, True),
+        (ResetReason.LACK_OF_RESOURCES, False),
+        (ResetReason.ADMINISTRATIVELY_PROHIBITED, False),
+    ],
+)
+async def test_an_announced_address_refused_for_now_is_left(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+    code: int,
+    again: bool,
+) -> None:
+    paths, _, owner, attempts = setup
+    await started(paths, attempts)
+    attempts.succeed = True
+    announced = "127.0.0.3"
+    paths.address_announced(
+        events.AddressAnnounced(2, ipaddress.IPv4Address(announced), None)
+    )
+    await owner.until(1)
+    attempts.succeed = False
+    refusal = events.JoinRefused(owner.attached[0], "refused", True, code)
+    # a rotation that overtook the join: opened again at once, no news;
+    # a peer out of room or credit: left, as after a refusal for good
+    assert paths.join_refused(refusal) is not again
+    # a witness: the second path, lost, is tried three times meanwhile
+    paths._own[5] = (SECOND, REMOTE)
+    paths.subflow_closed(lost(5))
+    await attempts.until(SECOND, 1 + 3)
+    assert attempts.remotes.count(announced) == (2 if again else 1)
+
+
 @pytest.mark.parametrize("how", ["removed", "withdrawn", "refused"])
 async def test_a_path_given_up_is_not_joined_again(
     setup: tuple[Paths, FakeCore, FakeOwner, Attempts], how: str
@@ -352,4 +448,63 @@ async def test_a_reset_path_is_joined_again_while_the_other_carries_on(
     assert digest == hashlib.sha256(payload).hexdigest()
     (status,) = [s for s in info.subflows if s.subflow_id == rejoined]
     # the path came back and carried part of the second half
+    assert status.bytes_sent > 0
+
+
+async def test_a_path_refused_while_forged_joins_drain_the_bucket_comes_back(
+    pki: Pki,
+) -> None:
+    # the server takes one failed join on the connection, then one more
+    # each 2 s: a single forged join leaves its bucket dry for 2 s
+    server = await mptls.start_server(
+        digest_handler,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        join_failure_burst=1,
+        join_failure_rate=0.5,
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=pki.client(),
+            local_addrs=[FIRST, SECOND],
+        )
+        payload = random.Random(17).randbytes(2 * 1024 * 1024)
+        half = len(payload) // 2
+        await established(writer, 2)
+        info = writer.get_extra_info("mptcp")
+        old = {s.subflow_id for s in info.subflows}
+        second = next(
+            s.subflow_id
+            for s in info.subflows
+            if s.local_address and s.local_address[0] == SECOND
+        )
+        # an observer's join with the token off the wire fails its HMAC
+        token = bytes.fromhex(info.remote_token)
+        answer = await join_as_observer(port, token, lambda *_: bytes(20))
+        assert answer and answer[0].flags & Flag.RST
+        writer.write(payload[:half])
+        reset(writer, second)
+        await writer.drain()
+        # the path's rejoins, 0.1, 0.3, 0.7 and 1.5 s after its loss,
+        # meet the dry bucket; the one at 3.1 s is taken. Refused
+        # without T the path was never tried again; with T counted as
+        # a key rotation's refusals, given up at the fourth
+        rejoined = await back_on(writer, SECOND, old)
+        client = writer.transport._tls._transport  # type: ignore[attr-defined]
+        refused = client.last_join_refusal
+        writer.write(payload[half:])
+        writer.write_eof()
+        reply = await asyncio.wait_for(reader.read(), 20.0)
+        info = writer.get_extra_info("mptcp")
+        writer.close()
+    assert refused is not None and refused.transient
+    assert refused.reset_reason == ResetReason.ADMINISTRATIVELY_PROHIBITED
+    digest, received, _ = reply.decode().split()
+    assert int(received) == len(payload)
+    assert digest == hashlib.sha256(payload).hexdigest()
+    (status,) = [s for s in info.subflows if s.subflow_id == rejoined]
     assert status.bytes_sent > 0

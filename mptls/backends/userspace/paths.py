@@ -225,30 +225,55 @@ class Paths:
             # the subflows opened ahead are gone
             self._preconnected = False
 
-    def join_refused(self, event: events.JoinRefused) -> None:
-        """A join was refused: one opened here whose refusal was
-        transient (a key rotation overtook it, nothing wrong with the
-        path) is opened again, a few times in a row at most; on a lost
-        path of the client's own, as :meth:`_rejoin_path` does.
+    def join_refused(self, event: events.JoinRefused) -> bool:
+        """A join was refused; whether that is news for a warning.
 
-        A client left with no subflow at all rejoins as
-        :meth:`subflow_closed` has it instead.
+        Refused for good (no T flag): a path of the client's own is
+        never joined again by itself. Refused with T because a key
+        rotation overtook the join (0x01): a join opened here is opened
+        again, a few times in a row at most; on a lost path of the
+        client's own, as :meth:`_rejoin_path` does. Refused with T for
+        now (0x02, 0x03: the peer is out of room or failed-join credit,
+        which forged joins can drain): a path of the client's own stays
+        in its rejoin attempts, with their backoff and no count, and
+        comes back once the peer takes joins again; any other path is
+        not joined again, as after a refusal for good.
+
+        News: a refusal after which nothing here joins the path again
+        and nothing here said so. A client left with no subflow at all
+        rejoins as :meth:`subflow_closed` has it instead.
         """
         path = self._joining.pop(event.subflow_id, None)
         own = self._own.pop(event.subflow_id, None) is not None
-        if own and path is not None and not event.transient:
-            # refused for good: a new join would fare no better
-            self._give_up(path)
+        if not event.transient:
+            if own and path is not None:
+                # refused for good: a new join would fare no better
+                self._give_up(path)
+            return True
+        if _try_later(event):
+            if not own or path is None:
+                return True
+            # the path's own attempts, one at a time with their waits:
+            # a flood of forged joins costs one refused join per wait
+            if path not in self._dropped:
+                self._lost.add(path)
+                self._rejoin_path(path)
+            return False
         if (
             path is None
-            or not event.transient
             or self._closed
             or self._rejoining
             or self._owner.is_closing()
             or self._core.closed
             or self._core.live_subflows == 0
         ):
-            return
+            return False
+        self._retry(path, event)
+        return False
+
+    def _retry(self, path: _Path, event: events.JoinRefused) -> None:
+        """Open ``path`` again after a refusal with T for a key rotation,
+        unless it was refused so too many times in a row."""
         tries = self._retries.get(path, 0)
         if tries >= _JOIN_RETRIES:
             self._give_up(path)
@@ -605,6 +630,21 @@ class Paths:
         if path[1] == self._remote and path[0] in self._local_paths():
             self._own[subflow_id] = path
         return True
+
+
+def _try_later(event: events.JoinRefused) -> bool:
+    """Whether a refusal with T says "later" rather than "again now".
+
+    A key rotation that overtook the join (mode E) is reset with
+    MPTCP_ERROR and T: a join with the keys in use now may succeed at
+    once. Any other code with T asks for a wait: an mptls server sends
+    0x02 when it is out of room and 0x03 when its failed-join credit
+    is spent, and a peer's other codes with T are taken alike.
+    """
+    return event.transient and event.reset_reason not in (
+        None,
+        ResetReason.MPTCP_ERROR,
+    )
 
 
 def _path_fault(event: events.SubflowClosed) -> bool:

@@ -370,15 +370,16 @@ class MultipathTransport(asyncio.Transport):
 
     def _on_join_refused(self, event: events.JoinRefused) -> None:
         self.last_join_refusal = event
-        # a transient refusal is the paths' to deal with: no news yet
+        # a refusal whose path is joined again, or whose end the paths
+        # report themselves, is no news
+        news = self.paths.join_refused(event)
         logger.log(
-            logging.INFO if event.transient else logging.WARNING,
+            logging.WARNING if news else logging.INFO,
             "%s: join on subflow %d refused: %s",
             self.tag(),
             event.subflow_id,
             event.reason,
         )
-        self.paths.join_refused(event)
 
     def _on_peer_join_refused(self, event: events.PeerJoinRefused) -> None:
         # the operator's news: which peer, and why (never keys or HMACs)
