@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from pki import Pki
-from support import until
+from support import echo, until
 
 import mptls
 from mptls.backends.base import KeyDerivation
@@ -304,3 +304,34 @@ async def test_a_join_this_end_refuses_says_why(pki: Pki) -> None:
                 ("127.0.0.1", port), local="127.0.0.2", timeout=10
             )
         writer.transport.abort()
+
+
+async def test_add_path_says_when_a_join_may_be_taken_later(pki: Pki) -> None:
+    # the server takes one subflow per connection: the join is refused
+    # with T (lack of resources), and add_path reports it as before,
+    # with the code and the flag for a caller that wants to try later
+    server = await mptls.start_server(
+        echo, "127.0.0.1", 0, ssl=pki.server(), max_subflows=1
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.wait_for(
+            mptls.open_connection("127.0.0.1", port, ssl=pki.client()), 10
+        )
+        with pytest.raises(
+            mptls.JoinRefusedError, match="may take a join later"
+        ) as refused:
+            await writer.transport.add_path(  # type: ignore[attr-defined]
+                ("127.0.0.1", port), local="127.0.0.2", timeout=10
+            )
+        assert refused.value.transient
+        assert refused.value.reset_reason == 0x02
+        writer.write(b"ping")
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(4) == b"ping"
+        states = [s.state for s in writer.get_extra_info("mptcp").subflows]
+        # not opened again by itself
+        assert states == ["ESTABLISHED", "CLOSED"]
+        writer.close()
+        async with asyncio.timeout(10):
+            await writer.wait_closed()

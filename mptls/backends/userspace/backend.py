@@ -761,15 +761,24 @@ class _JoinWatch(SubflowProtocol):
         if state == "ESTABLISHED":
             self.outcome.set_result(self.subflow_id)
         elif lost or state in ("CLOSED", None):
-            self.outcome.set_exception(JoinRefusedError(self._refusal()))
+            self.outcome.set_exception(self._refusal())
 
-    def _refusal(self) -> str:
-        """Why the join failed: the core's reason where it gave one."""
+    def _refusal(self) -> JoinRefusedError:
+        """Why the join failed: the core's reason where it gave one,
+        with the refusal's MP_TCPRST code and T flag (a caller may try
+        again later after a transient one; add_path itself does not)."""
         refused = self._multipath.last_join_refusal
-        why = "or reset by the far end"
-        if refused is not None and refused.subflow_id == self.subflow_id:
-            why = f"({refused.reason})"
-        return f"the join of subflow {self.subflow_id} was refused {why}"
+        if refused is None or refused.subflow_id != self.subflow_id:
+            return JoinRefusedError(
+                f"the join of subflow {self.subflow_id} was refused or "
+                "reset by the far end"
+            )
+        return JoinRefusedError(
+            f"the join of subflow {self.subflow_id} was refused "
+            f"({refused.reason})",
+            reset_reason=refused.reset_reason,
+            transient=refused.transient,
+        )
 
     def _state(self) -> str | None:
         for subflow in self._multipath.mptcp_info().subflows:
