@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from memnet import MemNet, established, has_data, join, stream
+from memnet import MemNet, Side, established, has_data, join, stream
 
 from mptls.errors import MptlsError, MptlsTimeoutError
 from mptls.mptcp import events as ev
@@ -153,6 +153,65 @@ def test_a_slow_path_is_found_dead_before_the_connection_gives_up() -> None:
     assert net.now - lost_at <= 1.5 + 0.1
     assert net.run(has_data(net.server_side, size + 5))
     assert bytes(net.server_side.data[5:]) == up
+
+
+def closed_at(side: Side, subflow_id: int) -> ev.SubflowClosed | None:
+    """The SubflowClosed event ``side`` saw for ``subflow_id``, if any."""
+    return next(
+        (
+            e
+            for e in side.of_type(ev.SubflowClosed)
+            if isinstance(e, ev.SubflowClosed) and e.subflow_id == subflow_id
+        ),
+        None,
+    )
+
+
+def test_a_path_slower_than_the_initial_rto_is_kept() -> None:
+    # the soak's first failure step: a new path whose first round trip
+    # takes longer than the 1 s RTO used before any sample (a loaded
+    # peer, a link down a moment) was reset at once as a blackhole.
+    # Now its data goes out again on the other path at the first
+    # expiry, and the path is kept once its Data ACK comes.
+    server = ConnectionConfig(receive_window=256 * 1024)
+    net = ready(slow(MemNet(server_config=server, seed=5)))
+    # 0.6 s each way: the first round trip takes 1.2 s
+    second = join(net, delay=0.6)
+    size = 1024 * 1024
+    up = stream(size, 16)
+    net.client.send(up)
+    sent_at = net.now
+    assert net.run(has_data(net.server_side, size + 5))
+    assert bytes(net.server_side.data[5:]) == up
+    # the reinjection on path 0 did not wait for the slow path
+    assert net.now - sent_at < 1.5
+    net.run(max_time=net.now + 5.0)
+    assert closed_at(net.client_side, second) is None
+    assert closed_at(net.server_side, second) is None
+    info = {s.subflow_id: s for s in net.client.info().subflows}
+    assert info[second].state == "ESTABLISHED"
+
+
+def test_a_fresh_blackholed_path_is_reset_after_its_second_expiry() -> None:
+    # the same first expiry on a path that is really dead: its data is
+    # sent again at once, and the path is reset when no Data ACK came
+    # on it within twice the RTO after that (1 s + 2 s)
+    server = ConnectionConfig(receive_window=256 * 1024)
+    net = ready(slow(MemNet(server_config=server, seed=6)))
+    second = join(net, delay=0.005)
+    blackhole(net, second)
+    size = 1024 * 1024
+    up = stream(size, 17)
+    net.client.send(up)
+    sent_at = net.now
+    assert net.run(has_data(net.server_side, size + 5))
+    assert bytes(net.server_side.data[5:]) == up
+    assert net.now - sent_at < 1.5
+    assert net.run(lambda: closed_at(net.client_side, second) is not None)
+    closed = closed_at(net.client_side, second)
+    assert closed is not None
+    assert closed.reset_reason == ResetReason.UNACCEPTABLE_PERFORMANCE
+    assert net.now - sent_at == pytest.approx(3.0, abs=0.05)
     assert net.client_side.closed is None
 
 

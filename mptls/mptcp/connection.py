@@ -488,6 +488,7 @@ class Connection(
         subflow.ack_arrived(offset, now)
         # an ACK that arrived here shows this path works again
         subflow.suspect = False
+        subflow.suspect_until = None
         freed = self._send.ack(offset)
         for chunk in freed:
             owner = self._subflows.get(chunk.subflow_id)
@@ -639,6 +640,8 @@ class Connection(
                 deadlines.append(subflow.deadline)
             if subflow.data_deadline is not None:
                 deadlines.append(subflow.data_deadline)
+            if subflow.suspect_until is not None:
+                deadlines.append(subflow.suspect_until)
             if subflow.inflight > 0:
                 outstanding = True
             if (

@@ -54,6 +54,14 @@ class RecoveryMixin(ConnectionState):
                 )
 
     def _check_data_timeouts(self, now: float) -> None:
+        for subflow in [
+            s
+            for s in self._subflows.values()
+            if s.live
+            and s.suspect_until is not None
+            and now >= s.suspect_until
+        ]:
+            self._second_expiry(subflow, now)
         expired = [
             s
             for s in self._subflows.values()
@@ -111,12 +119,59 @@ class RecoveryMixin(ConnectionState):
             subflow.suspect = True
             subflow.data_deadline = now + 2 * rto
             return
+        if subflow.srtt is None and subflow.suspect_until is None:
+            self._first_expiry(subflow, now, rto)
+            return
         # RFC 8684 section 3.3.6: a subflow that stopped delivering is
         # closed and its unacknowledged data reinjected on the others
         self._reset_subflow(
             subflow,
             ResetReason.UNACCEPTABLE_PERFORMANCE,
             f"no Data ACK progress for {rto:.2f} s",
+        )
+
+    def _first_expiry(self, subflow: Subflow, now: float, rto: float) -> None:
+        """No round trip measured yet: resend elsewhere, reset later.
+
+        Before a sample the RTO is a guess (RFC 6298 section 2.1), and a
+        path whose first round trip takes longer (a loaded peer, a link
+        down for a moment) is not dead. Its data goes out again on the
+        others now, so nothing waits for it; the path is distrusted and
+        its timer backed off (RFC 6298 section 5.5): a Data ACK on it
+        within twice the RTO keeps it, none resets it then.
+        """
+        self._send.requeue(subflow.subflow_id)
+        subflow.inflight = 0
+        subflow.data_deadline = None
+        # Karn: a round trip of data also sent elsewhere measures nothing
+        subflow.probe_end = None
+        subflow.suspect = True
+        subflow.suspect_until = now + 2 * rto
+        logger.debug(
+            "[%s] subflow %d: no Data ACK for %.2f s before any round "
+            "trip was measured; its data goes out again elsewhere",
+            self._tag(),
+            subflow.subflow_id,
+            rto,
+        )
+
+    def _second_expiry(self, subflow: Subflow, now: float) -> None:
+        """No Data ACK came on a path after its first expiry: reset it.
+
+        Kept (still suspect) while no other subflow can carry data, as
+        :meth:`_data_timeout` keeps a last path.
+        """
+        subflow.suspect_until = None
+        if not any(
+            s is not subflow and s.carries_data and not s.suspect
+            for s in self._subflows.values()
+        ):
+            return
+        self._reset_subflow(
+            subflow,
+            ResetReason.UNACCEPTABLE_PERFORMANCE,
+            f"no Data ACK progress for {3 * self._rto(subflow):.2f} s "
+            "before any round trip was measured",
         )
 
     def _path_loss_expired(self, now: float) -> bool:

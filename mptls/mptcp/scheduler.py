@@ -116,8 +116,13 @@ class Subflow:
     # seen no Data ACK progress by then, the path is suspect
     data_deadline: float | None = None
     # the data-level timeout expired while no other subflow could take
-    # the data: still used, but no longer trusted
+    # the data, or before any round trip was measured here: used only
+    # when no other subflow can carry data
     suspect: bool = False
+    # the data-level timeout expired before any round trip was measured
+    # here and the data went out again elsewhere: unless a Data ACK
+    # arrives here first, the subflow is reset at this time
+    suspect_until: float | None = None
     # when the peer's last segment arrived here: a path it still comes
     # over is slow, not dead, when the Data ACK is late
     heard_at: float | None = None
