@@ -192,6 +192,25 @@ def test_a_path_slower_than_the_initial_rto_is_kept() -> None:
     assert info[second].state == "ESTABLISHED"
 
 
+def test_a_path_slower_than_the_initial_rto_gets_measured() -> None:
+    # the first expiry doubles the path's RTO until a round trip is
+    # measured (RFC 6298 section 5.5): at 1 s each time, every probe
+    # on a 1.2 s path was cut short by the next expiry, the path never
+    # had an srtt, and its data went out twice every second
+    server = ConnectionConfig(receive_window=256 * 1024)
+    net = ready(slow(MemNet(server_config=server, seed=7)))
+    second = join(net, delay=0.6)
+    size = 8 * 1024 * 1024
+    up = stream(size, 18)
+    net.client.send(up)
+    assert net.run(has_data(net.server_side, size + 5))
+    assert bytes(net.server_side.data[5:]) == up
+    info = {s.subflow_id: s for s in net.client.info().subflows}
+    assert info[second].state == "ESTABLISHED"
+    srtt = info[second].srtt
+    assert srtt is not None and srtt == pytest.approx(1.2, abs=0.1)
+
+
 def test_a_fresh_blackholed_path_is_reset_after_its_second_expiry() -> None:
     # the same first expiry on a path that is really dead: its data is
     # sent again at once, and the path is reset when no Data ACK came

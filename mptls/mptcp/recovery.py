@@ -25,6 +25,9 @@ logger = logging.getLogger("mptls.mptcp")
 _S = SubflowState
 # RFC 6298 section 2.1: the RTO before a round trip is measured
 _INITIAL_RTO = 1.0
+# the initial RTO backs off to 64 s at most (path_loss_timeout / 2
+# bounds it sooner with the defaults)
+_MAX_UNMEASURED_BACKOFF = 64
 
 
 class RecoveryMixin(ConnectionState):
@@ -33,12 +36,14 @@ class RecoveryMixin(ConnectionState):
     def _rto(self, subflow: Subflow) -> float:
         config = self.config
         if subflow.srtt is None:
-            # RFC 6298 section 2.1: 1 s until a round trip is measured
-            return max(config.min_rto, _INITIAL_RTO)
+            # RFC 6298 section 2.1: 1 s until a round trip is measured,
+            # backed off by each expiry before one is
+            scaled = _INITIAL_RTO * subflow.unmeasured_backoff
+        else:
+            scaled = config.rto_srtt_factor * subflow.srtt
         # at most half of path_loss_timeout: a path whose round trips
         # grew long (a deep queue) and then died is found, and its data
         # sent on another, before the connection would give up
-        scaled = config.rto_srtt_factor * subflow.srtt
         return max(config.min_rto, min(scaled, config.path_loss_timeout / 2))
 
     def _outstanding(self) -> bool:
@@ -147,6 +152,9 @@ class RecoveryMixin(ConnectionState):
         subflow.probe_end = None
         subflow.suspect = True
         subflow.suspect_until = now + 2 * rto
+        subflow.unmeasured_backoff = min(
+            subflow.unmeasured_backoff * 2, _MAX_UNMEASURED_BACKOFF
+        )
         logger.debug(
             "[%s] subflow %d: no Data ACK for %.2f s before any round "
             "trip was measured; its data goes out again elsewhere",
@@ -170,8 +178,8 @@ class RecoveryMixin(ConnectionState):
         self._reset_subflow(
             subflow,
             ResetReason.UNACCEPTABLE_PERFORMANCE,
-            f"no Data ACK progress for {3 * self._rto(subflow):.2f} s "
-            "before any round trip was measured",
+            "no Data ACK before any round trip was measured here, nor "
+            "in twice the RTO after its data went out again elsewhere",
         )
 
     def _path_loss_expired(self, now: float) -> bool:

@@ -123,6 +123,11 @@ class Subflow:
     # here and the data went out again elsewhere: unless a Data ACK
     # arrives here first, the subflow is reset at this time
     suspect_until: float | None = None
+    # the initial RTO's factor while no round trip is measured here:
+    # doubled at each first expiry (RFC 6298 section 5.5, and kept so,
+    # as Karn's algorithm has it, until a sample), so that a path
+    # slower than the guess gets a probe through and is measured
+    unmeasured_backoff: int = 1
     # when the peer's last segment arrived here: a path it still comes
     # over is slow, not dead, when the Data ACK is late
     heard_at: float | None = None
