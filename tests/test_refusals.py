@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -352,57 +351,37 @@ def watching_the_end(logged: asyncio.Event) -> Iterator[None]:
         logging.getLogger("mptls").removeHandler(watcher)
 
 
+async def stalled_tls_alone(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The kernel backend's stalled client: TLS with no framing under
+    it, a ClientHello and then silence, once the server answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(client_hello())
+    assert await asyncio.wait_for(reader.read(65536), WAIT)
+    return reader, writer
+
+
+# asyncio's servers end their clients from Python 3.13 only: before, the
+# kernel backend's close_clients() raises NotImplementedError
+STOPPING_BACKENDS = ["userspace"] + (
+    ["kernel"] if hasattr(asyncio.Server, "abort_clients") else []
+)
+
+
 @pytest.mark.parametrize("how", ["close_clients", "abort_clients"])
+@pytest.mark.parametrize("backend", STOPPING_BACKENDS)
 async def test_a_handshake_the_servers_stop_cuts_short_is_no_refusal(
     pki: Pki,
     lines: Callable[[], list[str]],
     caplog: pytest.LogCaptureFixture,
     fresh_log: RefusalLog,
     how: str,
+    backend: str,
 ) -> None:
-    # the server stopped; the client asked for nothing it refuses
-    caplog.set_level(logging.DEBUG, logger="mptls")
-
-    async def never_called(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        raise AssertionError("the handshake completed")
-
-    server = await mptls.start_server(
-        never_called, "127.0.0.1", 0, ssl=pki.server()
-    )
-    port = int(server.sockets[0].getsockname()[1])
-    logged = asyncio.Event()
-    async with server:
-        _, writer = await stalled_in_handshake(port)
-        with watching_the_end(logged):
-            server.close()
-            getattr(server, how)()
-            # a closing server waits for the client's end, which comes
-            writer.close()
-            await asyncio.wait_for(logged.wait(), WAIT)
-    assert lines() == []
-    assert any(
-        "stopping" in record.getMessage()
-        for record in caplog.records
-        if record.levelno == logging.DEBUG
-    )
-
-
-@pytest.mark.skipif(
-    sys.version_info < (3, 13),
-    reason="asyncio's servers end their clients from Python 3.13",
-)
-@pytest.mark.parametrize("how", ["close_clients", "abort_clients"])
-async def test_on_the_kernel_backend_a_stop_is_no_refusal_either(
-    pki: Pki,
-    lines: Callable[[], list[str]],
-    caplog: pytest.LogCaptureFixture,
-    fresh_log: RefusalLog,
-    how: str,
-) -> None:
-    # asyncio's own close_clients() ends the connections there: the
-    # backend tells their protocols first that the server stops
+    # the server stopped; the client asked for nothing it refuses. On
+    # the kernel backend asyncio's own close_clients() ends the
+    # connections: the backend tells their protocols first
     caplog.set_level(logging.DEBUG, logger="mptls")
 
     async def never_called(
@@ -415,18 +394,19 @@ async def test_on_the_kernel_backend_a_stop_is_no_refusal_either(
         "127.0.0.1",
         0,
         ssl=pki.server(),
-        backend=usable_backend("kernel"),
+        backend=usable_backend(backend),
     )
     port = int(server.sockets[0].getsockname()[1])
+    stalled = (
+        stalled_in_handshake if backend == "userspace" else stalled_tls_alone
+    )
     logged = asyncio.Event()
     async with server:
-        # TLS alone on the kernel backend: a ClientHello, then silence
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(client_hello())
-        assert await asyncio.wait_for(reader.read(65536), WAIT)
+        _, writer = await stalled(port)
         with watching_the_end(logged):
             server.close()
             getattr(server, how)()
+            # a closing server waits for the client's end, which comes
             writer.close()
             await asyncio.wait_for(logged.wait(), WAIT)
     assert lines() == []
