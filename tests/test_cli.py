@@ -1163,6 +1163,59 @@ def test_serve_goes_on_when_nobody_reads_its_stderr(
         assert server.stdout.read() == b"hello\n"
 
 
+# a stderr that takes nothing (a full disk, /dev/full): as one nobody
+# reads, its lines are dropped and the command goes on
+
+_FULL = Path("/dev/full")
+needs_dev_full = pytest.mark.skipif(
+    not _FULL.exists(), reason="no /dev/full on this system"
+)
+
+
+def _run_with_a_full_stderr(
+    *args: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``mptls`` with every write to stderr failing (ENOSPC)."""
+    with _FULL.open("wb") as full:
+        return subprocess.run(
+            [sys.executable, "-m", "mptls", *args],
+            input=stdin,
+            stdout=subprocess.PIPE,
+            stderr=full,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+
+
+@needs_dev_full
+def test_a_full_stderr_drops_the_status_lines_and_the_command_goes_on(
+    certs: Path,
+) -> None:
+    # the first status line failed with ENOSPC, the error line after it
+    # too: the command ended with status 1 before it sent a byte
+    with serving(certs, "--echo", "--once") as (server, port):
+        client = _run_with_a_full_stderr(
+            *connect_args(port, certs), "-v", stdin=b"still echoed\n"
+        )
+        assert server.wait(timeout=COMMAND_TIMEOUT) == 0
+    assert client.returncode == 0
+    assert client.stdout == b"still echoed\n"
+
+
+@needs_dev_full
+def test_a_full_stderr_leaves_the_exit_status_to_tell_the_error() -> None:
+    # a port nobody holds: status 2 as with a working stderr, not the
+    # interpreter's 1 for an error line it could not write
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = _run_with_a_full_stderr(
+        "connect", "127.0.0.1", str(port), "--insecure"
+    )
+    assert result.returncode == 2
+    assert result.stdout == b""
+
+
 @pytest.mark.parametrize(
     "argv",
     [["info"], ["info", "--json"], ["certs", "--dir", "{tmp}"]],

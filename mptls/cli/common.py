@@ -373,14 +373,15 @@ def describe_error(exc: BaseException) -> str:
 def report_error(exc: BaseException, *, debug: bool) -> ExitStatus:
     """Print the error as one line on stderr and pick the exit status.
 
-    A stderr nobody reads leaves the exit status to tell it.
+    A stderr nobody reads, or that takes nothing more (a full disk),
+    leaves the exit status to tell it.
     """
     status = exit_status_for(exc)
     if debug:
         logger.error("command failed", exc_info=exc)
     try:
         print(f"mptls: error: {describe_error(exc)}", file=sys.stderr)
-    except BrokenPipeError:
+    except OSError:
         drop_output(sys.stderr)
     return status
 
@@ -444,12 +445,20 @@ class _StatusConsole(Console):
     exits with status 1, without a word: a server whose stderr reader
     went away lost its data and stopped at its next status line. Status
     lines are no command's result: this one stops writing them, and the
-    command goes on.
+    command goes on. A stderr that fails otherwise (ENOSPC on a full
+    disk or /dev/full, EIO) is dropped alike: rich lets those through.
     """
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
         drop_output(self.file)
+
+    def _check_buffer(self) -> None:
+        # where rich writes its buffer and hears of a broken pipe
+        try:
+            super()._check_buffer()
+        except OSError:
+            self.on_broken_pipe()
 
 
 def stdout_console(*, quiet: bool = False) -> Console:
