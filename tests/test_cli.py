@@ -1163,6 +1163,56 @@ def test_serve_goes_on_when_nobody_reads_its_stderr(
         assert server.stdout.read() == b"hello\n"
 
 
+# no stdout at all (``>&-``): as one whose reader has gone
+
+# runs mptls with descriptor 1 closed before the interpreter starts
+_STDOUT_CLOSED = _STDERR_CLOSED.replace("os.close(2)", "os.close(1)")
+
+
+def _no_stdout(*args: str) -> list[str]:
+    return [sys.executable, "-c", _STDOUT_CLOSED, *args]
+
+
+def test_a_report_with_no_stdout_says_output_closed() -> None:
+    # the report went nowhere and the command said nothing, status 0
+    result = subprocess.run(
+        _no_stdout("info"),
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        "mptls: error: output closed"
+    ]
+
+
+def test_serve_once_with_no_stdout_fails(certs: Path) -> None:
+    # the client's data went to a stdout of None: a traceback from the
+    # handler, and a server that never stopped
+    server = subprocess.Popen(
+        _no_stdout(*served_by(certs), "--once"),
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert server.stderr is not None
+        listening = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+        port = listening.rsplit(":", 1)[1].split()[0]
+        client = run_mptls(
+            *connect_args(port, certs), stdin=b"nowhere to print\n"
+        )
+        assert server.wait(timeout=COMMAND_TIMEOUT) == 1
+        assert server.stderr.read().decode().splitlines() == [
+            "mptls: error: output closed"
+        ]
+        assert client.returncode == 1
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=COMMAND_TIMEOUT)
+
+
 # a stderr that takes nothing (a full disk, /dev/full): as one nobody
 # reads, its lines are dropped and the command goes on
 

@@ -425,6 +425,26 @@ def fill_closed_stderr() -> None:
     sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
 
 
+def fill_closed_stdout() -> None:
+    """A process started with descriptor 1 closed (``>&-``) has no
+    ``sys.stdout``: a report went nowhere with status 0, the data serve
+    prints failed in its handler, and the next socket opened would take
+    descriptor 1. Put there a pipe whose reader has gone: the command
+    fails with ``output closed``, as it does after ``| head``."""
+    if sys.stdout is not None:
+        return
+    try:
+        os.fstat(1)
+    except OSError:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        if write_end != 1:
+            os.dup2(write_end, 1)
+            os.close(write_end)
+    # the process's stdout from now on: never closed before it exits
+    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+
+
 class _ReportConsole(Console):
     """A console whose closed output is an :class:`OutputClosedError`.
 

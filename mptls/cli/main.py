@@ -20,6 +20,7 @@ from mptls.cli.common import (
     OutputClosedError,
     drop_output,
     fill_closed_stderr,
+    fill_closed_stdout,
     report_error,
 )
 
@@ -104,6 +105,7 @@ def _configure_logging(debug: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``mptls`` command; returns the process exit status."""
     fill_closed_stderr()
+    fill_closed_stdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
