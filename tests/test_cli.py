@@ -1098,6 +1098,38 @@ def test_connect_with_its_output_closed_fails(certs: Path) -> None:
     ]
 
 
+def test_serve_workers_with_their_output_closed_say_it_in_one_line(
+    certs: Path,
+) -> None:
+    # a worker's handler let the closed stdout out: asyncio printed a
+    # traceback for each client
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mptls", *served_by(certs), "--workers", "2"],
+        stdin=subprocess.DEVNULL,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+    )
+    os.close(write_end)
+    try:
+        assert server.stderr is not None
+        listening = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+        port = listening.rsplit(":", 1)[1].split()[0]
+        client = run_mptls(*connect_args(port, certs), stdin=b"lost\n")
+        # the client hears its data went nowhere
+        assert client.returncode == 1
+        server.send_signal(signal.SIGTERM)
+        _, error = server.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=COMMAND_TIMEOUT)
+    lines = error.decode().splitlines()
+    assert lines, "nothing said of the closed output"
+    assert all("output closed" in line for line in lines), lines
+
+
 def _run_into_a_closed_pipe(
     *args: str, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:

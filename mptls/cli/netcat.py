@@ -179,8 +179,19 @@ async def _handle_and_report(
     echo: bool,
     verbose: bool,
 ) -> None:
-    """A server that goes on after a failed client says so and goes on."""
-    failure = await _handle_client(reader, writer, echo=echo, verbose=verbose)
+    """A server that goes on after a failed client says so and goes on.
+
+    A closed stdout is one such line per client: a worker goes on (its
+    parent does not hear of it), and the client, reset, knows its data
+    went nowhere.
+    """
+    peer = format_address(writer.get_extra_info("peername"))
+    try:
+        failure = await _handle_client(
+            reader, writer, echo=echo, verbose=verbose
+        )
+    except OutputClosedError as exc:
+        failure = f"connection from {peer} failed: {exc}"
     if failure is not None:
         _status(True, [f"mptls: {failure}"])
 
