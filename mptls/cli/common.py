@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from rich.console import Console
 
@@ -473,12 +473,36 @@ class _StatusConsole(Console):
         self.quiet = True
         drop_output(self.file)
 
-    def _check_buffer(self) -> None:
-        # where rich writes its buffer and hears of a broken pipe
+
+class _FailingAsBrokenPipe:
+    """A text stream whose write errors all read as a broken pipe.
+
+    rich hands only :class:`BrokenPipeError` to ``on_broken_pipe``; a
+    full disk (ENOSPC) or EIO went through it and ended the command.
+    Everything but ``write`` and ``flush`` is the stream's own.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
         try:
-            super()._check_buffer()
-        except OSError:
-            self.on_broken_pipe()
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise BrokenPipeError(exc.errno, exc.strerror) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise BrokenPipeError(exc.errno, exc.strerror) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def stdout_console(*, quiet: bool = False) -> Console:
@@ -489,8 +513,9 @@ def stdout_console(*, quiet: bool = False) -> Console:
 def stderr_console(*, quiet: bool = False) -> Console:
     """The console for status lines, kept off stdout's data (with no
     stderr at all, rich's own fallback would be stdout)."""
+    stream = cast(IO[str], _FailingAsBrokenPipe(sys.stderr))
     return _StatusConsole(
-        file=sys.stderr, stderr=True, quiet=quiet, highlight=False
+        file=stream, stderr=True, quiet=quiet, highlight=False
     )
 
 
