@@ -263,9 +263,11 @@ async def test_a_lost_path_refused_for_now_stays_in_its_attempts(
     monkeypatch: pytest.MonkeyPatch,
     code: int,
 ) -> None:
-    # waits of 0.01 s doubling to 0.04 s stand for 0.1 s doubling to 4 s
+    # waits of 0.01 s doubling to 0.04 s stand for 0.1 s doubling to 4 s,
+    # and 0.16 s for the 32 s a refusal "for now" lets them grow to
     monkeypatch.setattr(paths_module, "_PATH_REJOIN_FIRST_DELAY", 0.01)
     monkeypatch.setattr(paths_module, "_PATH_REJOIN_MAX_DELAY", 0.04)
+    monkeypatch.setattr(paths_module, "_PATH_LATER_MAX_DELAY", 0.16)
     paths, _, owner, attempts = setup
     await started(paths, attempts)
     attempts.succeed = True
@@ -280,13 +282,16 @@ async def test_a_lost_path_refused_for_now_stays_in_its_attempts(
     await owner.until(7)
     times = attempts.of(FIRST)
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # one attempt at a time, after the path's wait: never at once
-    for gap, least in zip(gaps, (0.02, 0.04, 0.04, 0.04), strict=False):
+    # one attempt at a time, after the path's wait: never at once, and
+    # the waits grow past a lost path's cap, as the peer asked
+    for gap, least in zip(gaps, (0.02, 0.04, 0.08, 0.16, 0.16), strict=False):
         assert gap >= least * 0.9
     assert len(times) == 7
     # the flood stops: the next join holds, and the path is up again
     paths.join_established(owner.attached[-1])
     assert (FIRST, REMOTE) not in paths._lost
+    # lost again for a fault of the path: its cap is 4 s again
+    assert (FIRST, REMOTE) not in paths._later
 
 
 async def test_a_path_refused_for_now_at_its_first_join_is_tried_again(

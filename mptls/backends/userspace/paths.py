@@ -47,6 +47,11 @@ _REJOIN_MAX_DELAY = 2.0
 # join that held at least the cap starts the waits afresh
 _PATH_REJOIN_FIRST_DELAY = 0.1
 _PATH_REJOIN_MAX_DELAY = 4.0
+# the cap once the peer refused the path's join "for now" (MP_TCPRST
+# with T, out of room or failed-join credit): it asked for a wait, and a
+# server that stays full (its max_subflows below this client's paths)
+# hears one join from it per half minute, not one per 4 s
+_PATH_LATER_MAX_DELAY = 32.0
 # how often a path whose join was refused as transient (mode E: a key
 # rotation overtook it) is joined again in a row before it is left
 _JOIN_RETRIES = 3
@@ -119,6 +124,8 @@ class Paths:
         self._remote_ids: dict[_Path, int] = {}
         self._lost: set[_Path] = set()
         self._backoff: dict[_Path, float] = {}
+        # the lost paths whose last join the peer refused "for now"
+        self._later: set[_Path] = set()
         self._up_since: dict[_Path, float] = {}
         self._path_rejoins: dict[_Path, asyncio.Task[None]] = {}
         self._dropped: set[_Path] = set()
@@ -257,6 +264,7 @@ class Paths:
             # a flood of forged joins costs one refused join per wait
             if path not in self._dropped:
                 self._lost.add(path)
+                self._later.add(path)
                 self._rejoin_path(path)
             return False
         if (
@@ -313,6 +321,7 @@ class Paths:
             self._retries.pop(path, None)
             if subflow_id in self._own:
                 self._lost.discard(path)
+                self._later.discard(path)
                 self._up_since[path] = self._loop.time()
                 self._remote_ids[path] = self._remote_id(subflow_id)
         for lost in sorted(self._lost, key=repr):
@@ -457,6 +466,7 @@ class Paths:
         """Never join ``path`` again by itself; stop its attempt."""
         self._dropped.add(path)
         self._lost.discard(path)
+        self._later.discard(path)
         task = self._path_rejoins.pop(path, None)
         if task is not None:
             task.cancel()
@@ -499,7 +509,12 @@ class Paths:
             # ended may not reach this task as a cancel
             while not self._ended():
                 delay = self._backoff.get(path, _PATH_REJOIN_FIRST_DELAY)
-                self._backoff[path] = min(delay * 2, _PATH_REJOIN_MAX_DELAY)
+                cap = (
+                    _PATH_LATER_MAX_DELAY
+                    if path in self._later
+                    else _PATH_REJOIN_MAX_DELAY
+                )
+                self._backoff[path] = min(delay * 2, cap)
                 await asyncio.sleep(delay)
                 if self._ended() or self._core.live_subflows == 0:
                     return
