@@ -1316,6 +1316,102 @@ def test_a_report_to_a_closed_output_says_output_closed(
     ]
 
 
+# a stdout that takes nothing (a full disk, /dev/full): the result is
+# lost, a failure as a closed stdout is, not bad input
+
+_OUTPUT_FULL = "mptls: error: output failed: No space left on device"
+
+
+def _run_with_a_full_stdout(
+    *args: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``mptls`` with every write to stdout failing (ENOSPC)."""
+    with _FULL.open("wb") as full:
+        return subprocess.run(
+            [sys.executable, "-m", "mptls", *args],
+            input=stdin,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+
+
+@needs_dev_full
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info"],
+        ["info", "--json"],
+        ["certs", "--dir", "{tmp}/certs"],
+        ["demo", "--file", "{tmp}/small", "--quiet"],
+        ["demo", "--file", "{tmp}/small", "--json"],
+    ],
+    ids=["table", "json", "certs", "demo", "demo-json"],
+)
+def test_a_report_to_a_full_output_is_a_failure(
+    argv: list[str], tmp_path: Path
+) -> None:
+    # ENOSPC reached the command line's boundary as an OSError, which
+    # reads as bad input: status 2, and a line that did not say where
+    (tmp_path / "small").write_bytes(b"a small payload\n" * 64)
+    args = [arg.format(tmp=tmp_path) for arg in argv]
+    result = _run_with_a_full_stdout(*args)
+    assert result.stderr.decode().splitlines() == [_OUTPUT_FULL]
+    assert result.returncode == ExitStatus.FAILURE
+
+
+@needs_dev_full
+def test_bad_input_with_a_full_output_is_still_bad_input(
+    tmp_path: Path,
+) -> None:
+    written = run_mptls("certs", "--dir", str(tmp_path))
+    assert written.returncode == 0
+    refused = _run_with_a_full_stdout("certs", "--dir", str(tmp_path))
+    assert refused.returncode == ExitStatus.USAGE
+    assert "refusing to overwrite" in refused.stderr.decode()
+    missing = _run_with_a_full_stdout("demo", "--file", str(tmp_path / "x"))
+    assert missing.returncode == ExitStatus.USAGE
+    assert "file not found" in missing.stderr.decode()
+
+
+@needs_dev_full
+def test_connect_with_a_full_output_fails(certs: Path) -> None:
+    with serving(certs, "--echo", "--once") as (server, port):
+        client = _run_with_a_full_stdout(
+            *connect_args(port, certs), stdin=b"echoed into a full disk\n"
+        )
+        server.wait(timeout=COMMAND_TIMEOUT)
+    assert client.stderr.decode().splitlines() == [_OUTPUT_FULL]
+    assert client.returncode == ExitStatus.FAILURE
+
+
+@needs_dev_full
+def test_serve_with_a_full_output_stops(certs: Path) -> None:
+    # each client failed with a line of its own and the server went on,
+    # printing nothing, until a signal ended it with status 0
+    with _FULL.open("wb") as full:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mptls", *served_by(certs)],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+        )
+    try:
+        assert server.stderr is not None
+        listening = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+        port = listening.rsplit(":", 1)[1].split()[0]
+        client = run_mptls(*connect_args(port, certs), stdin=b"no room\n")
+        assert server.wait(timeout=COMMAND_TIMEOUT) == ExitStatus.FAILURE
+        assert server.stderr.read().decode().splitlines() == [_OUTPUT_FULL]
+        # its data went nowhere: the client hears of it
+        assert client.returncode == ExitStatus.FAILURE
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=COMMAND_TIMEOUT)
+
+
 @pytest.mark.parametrize(
     "argv",
     [

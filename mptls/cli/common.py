@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import IO, Any, cast
@@ -231,9 +231,28 @@ class UsageError(ConfigurationError):
     """The command line asked for something that cannot be done."""
 
 
-class OutputClosedError(MptlsError):
-    """Whoever read stdout went away (``| head``): a failure, exit 1,
-    not bad input, though the operating system calls it an OSError."""
+class OutputError(MptlsError):
+    """stdout takes nothing more: the command's result, or the data
+    serve and connect print, is lost. A failure, exit 1, not bad input,
+    though the operating system calls it an OSError."""
+
+
+class OutputClosedError(OutputError):
+    """Whoever read stdout went away (``| head``)."""
+
+
+class OutputFailedError(OutputError):
+    """stdout refused a write for another reason: a full disk or
+    ``/dev/full`` (ENOSPC), an I/O error (EIO)."""
+
+
+def output_error(exc: OSError) -> OutputError:
+    """What a failed write to stdout means for the command, in one line
+    that says what happened."""
+    if isinstance(exc, BrokenPipeError):
+        return OutputClosedError("output closed")
+    reason = exc.strerror or type(exc).__name__
+    return OutputFailedError(f"output failed: {reason}")
 
 
 def parse_address(text: str) -> str:
@@ -450,7 +469,8 @@ class _ReportConsole(Console):
 
     rich's own answer to a broken pipe is a silent ``SystemExit(1)``;
     this one gives the command line's ``output closed`` line, as serve
-    and connect print it.
+    and connect print it. Any other failed write reaches the command as
+    an :class:`OutputFailedError`, through :class:`_WriteErrorsAs`.
     """
 
     def on_broken_pipe(self) -> None:
@@ -474,16 +494,21 @@ class _StatusConsole(Console):
         drop_output(self.file)
 
 
-class _FailingAsBrokenPipe:
-    """A text stream whose write errors all read as a broken pipe.
+class _WriteErrorsAs:
+    """A text stream whose write errors, but a broken pipe, are turned
+    into what ``translate`` makes of them.
 
-    rich hands only :class:`BrokenPipeError` to ``on_broken_pipe``; a
-    full disk (ENOSPC) or EIO went through it and ended the command.
-    Everything but ``write`` and ``flush`` is the stream's own.
+    rich hands only :class:`BrokenPipeError` to ``on_broken_pipe`` and
+    lets every other OSError through as it came: a full disk (ENOSPC)
+    or EIO ended a command with the status of bad input. Everything but
+    ``write`` and ``flush`` is the stream's own.
     """
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(
+        self, stream: IO[str], translate: Callable[[OSError], Exception]
+    ) -> None:
         self._stream = stream
+        self._translate = translate
 
     def write(self, text: str) -> int:
         try:
@@ -491,7 +516,7 @@ class _FailingAsBrokenPipe:
         except BrokenPipeError:
             raise
         except OSError as exc:
-            raise BrokenPipeError(exc.errno, exc.strerror) from exc
+            raise self._translate(exc) from exc
 
     def flush(self) -> None:
         try:
@@ -499,21 +524,28 @@ class _FailingAsBrokenPipe:
         except BrokenPipeError:
             raise
         except OSError as exc:
-            raise BrokenPipeError(exc.errno, exc.strerror) from exc
+            raise self._translate(exc) from exc
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
 
+def _as_broken_pipe(exc: OSError) -> Exception:
+    # a status line that cannot be written is dropped as a closed
+    # stderr's is, by rich's on_broken_pipe
+    return BrokenPipeError(exc.errno, exc.strerror)
+
+
 def stdout_console(*, quiet: bool = False) -> Console:
     """The console for a command's report on stdout."""
-    return _ReportConsole(file=sys.stdout, quiet=quiet, highlight=False)
+    stream = cast(IO[str], _WriteErrorsAs(sys.stdout, output_error))
+    return _ReportConsole(file=stream, quiet=quiet, highlight=False)
 
 
 def stderr_console(*, quiet: bool = False) -> Console:
     """The console for status lines, kept off stdout's data (with no
     stderr at all, rich's own fallback would be stdout)."""
-    stream = cast(IO[str], _FailingAsBrokenPipe(sys.stderr))
+    stream = cast(IO[str], _WriteErrorsAs(sys.stderr, _as_broken_pipe))
     return _StatusConsole(
         file=stream, stderr=True, quiet=quiet, highlight=False
     )
@@ -568,8 +600,8 @@ def print_json(document: dict[str, Any]) -> None:
             json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
         )
         sys.stdout.flush()
-    except BrokenPipeError as exc:
-        raise OutputClosedError("output closed") from exc
+    except OSError as exc:
+        raise output_error(exc) from exc
 
 
 def human_bytes(count: float) -> str:

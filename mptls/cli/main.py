@@ -17,7 +17,7 @@ from typing import NoReturn, cast
 from mptls.cli import bench, certs, demo, info, netcat
 from mptls.cli.common import (
     ExitStatus,
-    OutputClosedError,
+    OutputError,
     drop_output,
     fill_closed_stderr,
     fill_closed_stdout,
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
     except Exception as exc:
-        if isinstance(exc, OutputClosedError):
+        if isinstance(exc, OutputError):
             # or the interpreter's last flush at exit fails with a
             # second message
             drop_output(sys.stdout)

@@ -28,13 +28,14 @@ import mptls
 from mptls.backends.base import MptcpInfo, format_address
 from mptls.cli.common import (
     ExitStatus,
-    OutputClosedError,
+    OutputError,
     UsageError,
     add_backend_arguments,
     add_pcap_argument,
     client_options,
     describe_error,
     existing_file,
+    output_error,
     parse_address,
     parse_announce,
     parse_paths,
@@ -130,9 +131,10 @@ def _write_stdout(data: bytes) -> None:
     try:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    except BrokenPipeError as exc:
-        # the reader went away (``| head``): nothing more can be shown
-        raise OutputClosedError("output closed") from exc
+    except OSError as exc:
+        # the reader went away (``| head``), or the disk is full:
+        # nothing more can be shown
+        raise output_error(exc) from exc
 
 
 async def _handle_client(
@@ -144,8 +146,9 @@ async def _handle_client(
 ) -> str | None:
     """Serve one client; returns why it failed, or None.
 
-    A closed stdout (``| head``) is no failure of the client's: it raises
-    :class:`OutputClosedError`, for the server cannot print any more.
+    A stdout that takes nothing more (closed by ``| head``, or full) is
+    no failure of the client's: it raises :class:`OutputError`, for the
+    server cannot print any more.
     """
     peer = format_address(writer.get_extra_info("peername"))
     failure = None
@@ -161,7 +164,7 @@ async def _handle_client(
         # the client half-closed: everything is echoed, so close too
         writer.close()
         await writer.wait_closed()
-    except OutputClosedError:
+    except OutputError:
         writer.transport.abort()
         raise
     except (MptlsError, OSError) as exc:
@@ -190,7 +193,7 @@ async def _handle_and_report(
         failure = await _handle_client(
             reader, writer, echo=echo, verbose=verbose
         )
-    except OutputClosedError as exc:
+    except OutputError as exc:
         failure = f"connection from {peer} failed: {exc}"
     if failure is not None:
         _status(True, [f"mptls: {failure}"])
@@ -265,7 +268,8 @@ async def _serve_one(
     """``serve`` in this process, until a signal (or ``--once``)."""
     stop = asyncio.Event()
     one_at_a_time = asyncio.Lock()
-    # why the server failed: a closed stdout, or --once's one client
+    # why the server failed: a stdout that takes nothing more, or
+    # --once's one client
     failures: list[MptlsError] = []
 
     clients: dict[asyncio.Task[Any] | None, asyncio.StreamWriter] = {}
@@ -285,7 +289,7 @@ async def _serve_one(
                 failure = await _handle_client(
                     reader, writer, echo=args.echo, verbose=args.verbose
                 )
-        except OutputClosedError as exc:
+        except OutputError as exc:
             failures.append(exc)
             stop.set()
         finally:
