@@ -369,6 +369,16 @@ def serving(
         server.wait(timeout=COMMAND_TIMEOUT)
 
 
+def worker_pids(parent: int) -> list[int]:
+    """The pool workers among ``parent``'s children (not its tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+    return [
+        int(pid)
+        for pid in children.split()
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
 def usable_backend(name: str) -> str:
     """``name``, or a skip with the reason where the kernel backend
     cannot run here (no MPTCP in the running kernel)."""

@@ -31,6 +31,7 @@ from support import (
     run_mptls,
     served_by,
     serving,
+    worker_pids,
 )
 
 import mptls
@@ -1098,36 +1099,62 @@ def test_connect_with_its_output_closed_fails(certs: Path) -> None:
     ]
 
 
-def test_serve_workers_with_their_output_closed_say_it_in_one_line(
-    certs: Path,
-) -> None:
-    # a worker's handler let the closed stdout out: asyncio printed a
-    # traceback for each client
+def _closed_pipe() -> int:
+    """The write end of a pipe whose reader has gone (``| head``)."""
     read_end, write_end = os.pipe()
     os.close(read_end)
+    return write_end
+
+
+def _full_file() -> int:
+    """A descriptor that takes nothing (ENOSPC), or a skip without one."""
+    if not _FULL.exists():
+        pytest.skip("no /dev/full on this system")
+    return os.open(_FULL, os.O_WRONLY)
+
+
+@pytest.mark.parametrize(
+    ("output", "said"),
+    [
+        (_closed_pipe, "output closed"),
+        (_full_file, "output failed: No space left on device"),
+    ],
+    ids=["closed", "full"],
+)
+def test_serve_workers_stop_when_their_output_takes_nothing(
+    certs: Path, output: Callable[[], int], said: str
+) -> None:
+    # each worker reset its client and went on: the server served on,
+    # printing nothing, until a signal ended it with status 0
+    stdout = output()
     server = subprocess.Popen(
         [sys.executable, "-m", "mptls", *served_by(certs), "--workers", "2"],
         stdin=subprocess.DEVNULL,
-        stdout=write_end,
+        stdout=stdout,
         stderr=subprocess.PIPE,
     )
-    os.close(write_end)
+    os.close(stdout)
     try:
         assert server.stderr is not None
         listening = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
         port = listening.rsplit(":", 1)[1].split()[0]
+        workers = worker_pids(server.pid)
+        assert len(workers) == 2
         client = run_mptls(*connect_args(port, certs), stdin=b"lost\n")
         # the client hears its data went nowhere
         assert client.returncode == 1
-        server.send_signal(signal.SIGTERM)
+        # and the server stops by itself, as one process does
         _, error = server.communicate(timeout=COMMAND_TIMEOUT)
     finally:
         if server.poll() is None:
             server.kill()
         server.wait(timeout=COMMAND_TIMEOUT)
-    lines = error.decode().splitlines()
-    assert lines, "nothing said of the closed output"
-    assert all("output closed" in line for line in lines), lines
+    assert error.decode().splitlines() == [f"mptls: error: {said}"]
+    assert server.returncode == ExitStatus.FAILURE
+    # the parent stopped its workers before it exited
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def _run_into_a_closed_pipe(

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from pki import Pki
 from support import echo as echo_back
-from support import stalled_in_handshake
+from support import stalled_in_handshake, worker_pids
 
 import mptls
 from mptls.backends.userspace.restarts import RESTART_LIMIT
@@ -657,6 +657,61 @@ async def test_a_started_pool_enters_as_it_is(pki: Pki) -> None:
     assert pool.pids == ()
 
 
+class Halt(Exception):
+    """What ``halting`` raises to stop its pool."""
+
+
+async def halting(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Echo a line; ``halt`` raises :class:`Halt`, ``fail`` another error."""
+    line = await reader.readline()
+    if line == b"halt\n":
+        raise Halt("a handler asked to halt")
+    if line == b"fail\n":
+        raise LookupError("a handler failed")
+    writer.write(line)
+    await writer.drain()
+    writer.close()
+
+
+async def say(pki: Pki, port: int, line: bytes) -> bytes:
+    """Send ``line``; what came back before the end (or a reset)."""
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", port, ssl=pki.client()
+    )
+    try:
+        writer.write(line)
+        async with asyncio.timeout(20):
+            return await reader.read()
+    except (mptls.MptlsError, ConnectionError):
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_stop_on_error_of_a_handler_ends_serving(pki: Pki) -> None:
+    pool = WorkerPool(
+        halting, "127.0.0.1", 0, workers=2, ssl=pki.server(), stop_on=[Halt]
+    )
+    async with pool:
+        serving = asyncio.ensure_future(pool.serve_forever())
+        port = pool.address[1]
+        # any other error ends its own connection, and the pool serves on
+        assert await say(pki, port, b"fail\n") == b""
+        assert await say(pki, port, b"still here\n") == b"still here\n"
+        assert await say(pki, port, b"halt\n") == b""
+        with pytest.raises(Halt, match=r"^a handler asked to halt$"):
+            await asyncio.wait_for(serving, 20)
+        # the workers serve on until the pool is stopped
+        pids = pool.pids
+        assert len(pids) == 2
+    for pid in pids:
+        await wait_exited(pid, 30)
+    assert pool.pids == ()
+    assert multiprocessing.active_children() == []
+
+
 def test_a_pool_started_without_the_main_guard_says_so(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -706,6 +761,8 @@ def test_a_pool_started_without_the_main_guard_says_so(
         ({"workers": 0}, "workers must be"),
         ({"workers": 3, "token_layout": TokenLayout(8, 1)}, "do not fit"),
         ({"workers": 2, "worker_id": 1}, "sets worker_id itself"),
+        ({"workers": 2, "stop_on": ["Halt"]}, "takes exception classes"),
+        ({"workers": 2, "stop_on": [SystemExit]}, "takes exception"),
     ],
 )
 def test_pool_settings_are_checked(
@@ -729,6 +786,19 @@ def test_handler_must_pickle(pki: Pki) -> None:
 
     with pytest.raises(mptls.ConfigurationError, match="pickle"):
         WorkerPool(local_handler, "127.0.0.1", 0, workers=2, ssl=pki.server())
+
+    class LocalError(Exception):
+        pass
+
+    with pytest.raises(mptls.ConfigurationError, match="pickle"):
+        WorkerPool(
+            echo,
+            "127.0.0.1",
+            0,
+            workers=2,
+            ssl=pki.server(),
+            stop_on=[LocalError],
+        )
     # a partial of a module-level function is fine
     WorkerPool(
         functools.partial(echo), "127.0.0.1", 0, workers=2, ssl=pki.server()
@@ -758,16 +828,6 @@ async def test_serve_workers_command(pki: Pki) -> None:
         process.send_signal(signal.SIGINT)
         status = await asyncio.wait_for(process.wait(), 30)
     assert status == 0
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The pool workers among ``parent``'s children (not its tracker)."""
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text()
-    return [
-        int(pid)
-        for pid in children.split()
-        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
 
 
 async def test_serve_workers_exits_when_every_worker_is_down(

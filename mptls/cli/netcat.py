@@ -182,19 +182,15 @@ async def _handle_and_report(
     echo: bool,
     verbose: bool,
 ) -> None:
-    """A server that goes on after a failed client says so and goes on.
+    """A worker's handler: a failed client is one line, and the worker
+    goes on.
 
-    A closed stdout is one such line per client: a worker goes on (its
-    parent does not hear of it), and the client, reset, knows its data
-    went nowhere.
+    A stdout that takes nothing more ends the server instead, as in one
+    process: the :class:`OutputError` goes on to the pool (its
+    ``stop_on``), which tells the parent; the client, reset, knows its
+    data went nowhere.
     """
-    peer = format_address(writer.get_extra_info("peername"))
-    try:
-        failure = await _handle_client(
-            reader, writer, echo=echo, verbose=verbose
-        )
-    except OutputError as exc:
-        failure = f"connection from {peer} failed: {exc}"
+    failure = await _handle_client(reader, writer, echo=echo, verbose=verbose)
     if failure is not None:
         _status(True, [f"mptls: {failure}"])
 
@@ -428,6 +424,9 @@ async def _serve_workers(
         workers=args.workers,
         ssl=tls,
         restart=not args.no_restart,
+        # a worker's stdout is the parent's: once it takes nothing more,
+        # no worker can print a client's data
+        stop_on=(OutputError,),
         **options,
     )
     stop = asyncio.Event()
@@ -445,7 +444,8 @@ async def _until_stopped_or_down(
     pool: WorkerPool, stop: asyncio.Event
 ) -> None:
     """Wait for a signal; raise the pool's error once no worker is left,
-    which ends ``serve`` with one line and exit status 1."""
+    or a worker's stdout took nothing more, which ends ``serve`` with
+    one line and exit status 1."""
     serving = asyncio.ensure_future(pool.serve_forever())
     stopping = asyncio.ensure_future(stop.wait())
     try:

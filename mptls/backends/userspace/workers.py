@@ -7,7 +7,9 @@ names a sibling's token to that sibling.
 The parent watches its workers: one that exits unasked is started again
 with the same worker id, so that the port keeps N workers and joins to
 that id find an owner again, unless it keeps dying
-(:mod:`mptls.backends.userspace.restarts`).
+(:mod:`mptls.backends.userspace.restarts`). A handler that raises one of
+the pool's ``stop_on`` errors (a server whose output is gone, say) tells
+the parent over the worker's pipe, and the whole pool stops serving.
 
 This module must never leave a worker process behind: the pool stops
 them on exit, and a worker whose parent is gone stops by itself. It must
@@ -48,6 +50,12 @@ from mptls.backends.userspace.router import (
     JoinRouter,
     WorkerStats,
 )
+from mptls.backends.userspace.stop_requests import (
+    STOP_POOL,
+    PoolStopper,
+    check_stop_on,
+    stop_request,
+)
 from mptls.backends.userspace.worker_logging import LogSetup
 from mptls.errors import (
     BackendError,
@@ -86,6 +94,7 @@ class _WorkerSpec:
     client_connected_cb: ClientConnectedCallback
     ssl: Any
     grace: float
+    stop_on: tuple[type[Exception], ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
     # the parent's logging, which a spawned process does not inherit
     logs: LogSetup = field(default_factory=LogSetup)
@@ -133,8 +142,14 @@ async def _serve_until_stopped(
     from mptls.aio.streams import start_server
 
     loop = asyncio.get_running_loop()
+    handler = functools.partial(
+        _run_handler,
+        spec.client_connected_cb,
+        spec.stop_on,
+        PoolStopper(pipe, spec.worker_id),
+    )
     server = await start_server(
-        functools.partial(_run_handler, spec.client_connected_cb),
+        handler,
         spec.host,
         spec.port,
         ssl=spec.ssl,
@@ -172,6 +187,8 @@ async def _serve_until_stopped(
 
 async def _run_handler(
     client_connected_cb: ClientConnectedCallback,
+    stop_on: tuple[type[Exception], ...],
+    stop_pool: PoolStopper,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
 ) -> None:
@@ -180,7 +197,9 @@ async def _run_handler(
     A handler still running after ``grace`` is cancelled as the
     worker's loop ends; asyncio 3.11's stream callback then reads the
     cancelled task's exception and prints a traceback per connection.
-    Its connection is aborted and the cancellation ends here.
+    Its connection is aborted and the cancellation ends here. A handler
+    that raises one of ``stop_on`` has its connection aborted too, and
+    the parent hears of the error.
     """
     try:
         # a plain callable, as asyncio takes, returns no awaitable
@@ -189,6 +208,9 @@ async def _run_handler(
             await running
     except asyncio.CancelledError:
         writer.transport.abort()
+    except stop_on as exc:
+        writer.transport.abort()
+        stop_pool(exc)
 
 
 def _set_stop(stop: asyncio.Future[None]) -> None:
@@ -219,6 +241,14 @@ class WorkerPool:
     ``mptls.start_server`` (``modes``, ``announce_addrs``, ...).
     ``port=0`` picks one free port for all workers.
 
+    ``stop_on`` names exception classes (they must pickle: module-level
+    ones) that stop the whole pool when a handler raises one: the worker
+    aborts that connection and tells the parent, whose
+    :meth:`serve_forever` raises the first such error; stopping the
+    pool is then the caller's, as after any other return of
+    :meth:`serve_forever`. Any other error of a handler ends its
+    connection alone, as with ``start_server``.
+
     A worker that exits before :meth:`stop` asks it to is started again
     with the same worker id (``restart=True``), up to
     :data:`~mptls.backends.userspace.restarts.RESTART_LIMIT` times
@@ -239,6 +269,7 @@ class WorkerPool:
         start_timeout: float = 30.0,
         grace: float = 5.0,
         restart: bool = True,
+        stop_on: Sequence[type[Exception]] = (),
         **server_options: Any,
     ) -> None:
         layout = token_layout or TokenLayout()
@@ -271,6 +302,7 @@ class WorkerPool:
             client_connected_cb=client_connected_cb,
             ssl=ssl,
             grace=grace,
+            stop_on=check_stop_on(stop_on),
             options=dict(server_options),
         )
         _check_pickles(self._template)
@@ -288,6 +320,8 @@ class WorkerPool:
         self._watchers: set[asyncio.Task[None]] = set()
         # the watchers that are starting a replacement: stop cancels them
         self._restarting: set[asyncio.Task[None]] = set()
+        # the pipes of serving workers that the loop reads
+        self._heard: set[Pipe] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -370,11 +404,15 @@ class WorkerPool:
 
         Raises :class:`~mptls.errors.BackendError` when every worker is
         down and none will be started again: the port is served no more.
+        Raises the error a handler raised in a worker, when it is one of
+        the pool's ``stop_on``; the workers serve on until :meth:`stop`.
         """
         state = self._state
         if not self._processes:
             raise BackendError("the pool is not started")
         await state.ended.wait()
+        if state.failure is not None:
+            raise state.failure
         if not state.stopping:
             raise BackendError(
                 f"all {self._template.workers} workers are down and none "
@@ -481,20 +519,48 @@ class WorkerPool:
         )
 
     def _watch(self, worker_id: int) -> None:
-        """Notice when the process of ``worker_id`` ends unasked."""
+        """Notice when the process of ``worker_id`` ends unasked, or
+        asks the pool to stop."""
         process = self._processes[worker_id]
-        asyncio.get_running_loop().add_reader(
-            process.sentinel, self._on_exit, worker_id, process
-        )
+        pipe = self._pipes[worker_id]
+        loop = asyncio.get_running_loop()
+        loop.add_reader(process.sentinel, self._on_exit, worker_id, process)
+        loop.add_reader(pipe.fileno(), self._on_message, worker_id, pipe)
+        self._heard.add(pipe)
 
     def _unwatch(self) -> None:
         loop = asyncio.get_running_loop()
         for process in self._processes:
             loop.remove_reader(process.sentinel)
+        for pipe in self._heard:
+            loop.remove_reader(pipe.fileno())
+        self._heard.clear()
+
+    def _unhear(self, pipe: Pipe) -> None:
+        if pipe in self._heard:
+            self._heard.discard(pipe)
+            asyncio.get_running_loop().remove_reader(pipe.fileno())
+
+    def _on_message(self, worker_id: int, pipe: Pipe) -> None:
+        """A serving worker's message: only a stop of the pool is news
+        here (the stats of one that stopped unasked die with it)."""
+        try:
+            failure = stop_request(pipe, worker_id)
+        except (EOFError, OSError):
+            # the worker exited: its sentinel tells the rest
+            self._unhear(pipe)
+            return
+        state = self._state
+        if failure is None or state.ended.is_set():
+            return
+        logger.debug("worker %d asks the pool to stop: %s", worker_id, failure)
+        state.failure = failure
+        state.ended.set()
 
     def _on_exit(self, worker_id: int, process: BaseProcess) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(process.sentinel)
+        self._unhear(self._pipes[worker_id])
         self._state.dead.add(worker_id)
         task = loop.create_task(self._supervise(worker_id, process))
         self._watchers.add(task)
@@ -682,7 +748,9 @@ class _PoolState:
     # worker ids whose replacement is started but does not listen yet
     starting: set[int] = field(default_factory=set)
     stopping: bool = False
-    # set by stop(), or when the last worker is left down
+    # the stop_on error a worker's handler raised, which ended serving
+    failure: Exception | None = None
+    # set by stop(), when the last worker is left down, or on a failure
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def budget(self, worker_id: int) -> RestartBudget:
@@ -711,12 +779,14 @@ async def start_workers(
 
 
 async def _final_reply(pipe: Pipe, timeout: float) -> tuple[str, object]:
-    """A stopping worker's last message: a replacement says "ready" first."""
+    """A stopping worker's last message: a replacement says "ready"
+    first, and a worker may have asked to stop the pool as the parent
+    stopped watching."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         kind, body = await receive(pipe, max(deadline - loop.time(), 0.0))
-        if kind != "ready":
+        if kind not in ("ready", STOP_POOL):
             return (kind, body)
 
 
