@@ -222,7 +222,10 @@ class ExitStatus(IntEnum):
     """The process exit statuses the commands use."""
 
     OK = 0
+    # something failed: the connection, the transfer, or a stdout that
+    # takes nothing more (closed or full: the result is lost)
     FAILURE = 1
+    # bad input: an option, an address, a file the user named
     USAGE = 2
     INTERRUPTED = 130
 
