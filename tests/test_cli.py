@@ -1099,6 +1099,43 @@ def test_connect_with_its_output_closed_fails(certs: Path) -> None:
     ]
 
 
+def test_connect_says_the_server_aborted_when_its_output_closed(
+    certs: Path, tmp_path: Path
+) -> None:
+    # ``serve | head -c 10`` and a client still sending: the server
+    # aborts (MP_FASTCLOSE). About one run in two the client said only
+    # asyncio's "Connection lost", the reset hidden behind drain()
+    upload = tmp_path / "upload"
+    upload.write_bytes(random.Random(17).randbytes(8 << 20))
+    for _ in range(4):
+        with (
+            serving(certs) as (server, port),
+            upload.open("rb") as stdin,
+        ):
+            client = subprocess.Popen(
+                [sys.executable, "-m", "mptls", *connect_args(port, certs)],
+                stdin=stdin,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            assert server.stdout is not None
+            assert len(server.stdout.read(10)) == 10
+            server.stdout.close()
+            try:
+                _, error = client.communicate(timeout=COMMAND_TIMEOUT)
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                client.wait(timeout=COMMAND_TIMEOUT)
+            assert server.wait(timeout=COMMAND_TIMEOUT) == 1
+        assert client.returncode == ExitStatus.FAILURE
+        lines = error.decode().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(
+            "mptls: error: the server aborted the connection (MP_FASTCLOSE)"
+        ), lines
+
+
 def _closed_pipe() -> int:
     """The write end of a pipe whose reader has gone (``| head``)."""
     read_end, write_end = os.pipe()

@@ -13,7 +13,7 @@ from pki import Pki
 
 from mptls.aio.protocol import StreamProtocol, TLSProtocol
 from mptls.backends.base import KeyDerivation, KeyInstall
-from mptls.errors import TLSError
+from mptls.errors import PeerResetError, TLSError
 from mptls.tls.config import TLSConfig
 from mptls.tls.engine import AlertDescription
 from mptls.tls.keys import KeyMaterial
@@ -252,3 +252,31 @@ async def test_a_reply_lost_to_a_broken_pipe_is_not_a_clean_end(
     writer.close()
     with pytest.raises(ConnectionResetError):
         await asyncio.wait_for(writer.wait_closed(), 10)
+
+
+async def test_drain_right_after_a_reset_raises_the_reset(
+    pki: Pki,
+) -> None:
+    # the reset ends the transport at once and tells the application a
+    # loop step later; a write and drain() in between found no error
+    # on the reader yet, and asyncio's fallback hid the reset behind a
+    # bare ConnectionResetError('Connection lost')
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    protocol = StreamProtocol(reader, loop=loop)
+    client, _, _ = await connected_pair(pki, protocol)
+    transport = client._app_transport
+    assert transport is not None
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    reset = PeerResetError("the peer aborted the connection (MP_FASTCLOSE)")
+    client.connection_lost(reset)
+
+    writer.write(b"into the reset")
+    # drain() in this task, as a writing loop calls it: no task of its
+    # own, whose start would wait the loop step that tells the reader
+    async with asyncio.timeout(10):
+        with pytest.raises(PeerResetError) as raised:
+            await writer.drain()
+        assert raised.value is reset
+        with pytest.raises(PeerResetError):
+            await writer.drain()

@@ -884,8 +884,28 @@ class StreamProtocol(asyncio.StreamReaderProtocol):
     Its ``data_received`` copies what it is handed into the reader's
     buffer and keeps nothing else, so :class:`TLSProtocol` hands it
     plaintext as views of the TLS engine's buffer: one copy less per
-    byte received than a ``bytes`` per piece. Nothing else differs.
+    byte received than a ``bytes`` per piece.
+
+    ``drain()`` raises why the connection ended, as the reader does: a
+    :class:`~mptls.errors.PeerResetError` (a ``ConnectionResetError``
+    too), a TLS error. asyncio's own gives that error only to a writer
+    paused at the end, or once the reader holds it; a drain() between
+    the end and the step that tells the reader got a bare
+    ``ConnectionResetError('Connection lost')``, the cause lost.
     """
+
+    _lost_error: Exception | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost_error = exc
+        super().connection_lost(exc)
+
+    async def _drain_helper(self) -> None:
+        # asyncio's fallback, for an end with no error, stays; typeshed
+        # leaves this private method of asyncio's out
+        if self._lost_error is not None:
+            raise self._lost_error
+        await cast(Any, super())._drain_helper()
 
 
 class TLSTransport(asyncio.Transport):

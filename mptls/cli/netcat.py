@@ -600,9 +600,17 @@ async def _converse(
         _status(
             args.verbose, describe_connection(writer.get_extra_info("mptcp"))
         )
+    except PeerResetError as exc:
+        said = _reset_by_server(exc)
+        if said is exc:
+            raise
+        raise said from exc
     finally:
         upload.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # the upload's failure was raised above if it was the news; on
+        # the way out of another error (the reader's, of the same end)
+        # it would replace that one
+        with contextlib.suppress(asyncio.CancelledError, MptlsError, OSError):
             await upload
         # an orderly close ends every subflow, so the server need not
         # wait for subflows this process would otherwise just drop
@@ -642,6 +650,19 @@ def _with_hint(
         "peer reset the MPTCP handshake "
         f"(the server may not accept --mode {args.mode or 'G'})",
         reset_reason=exc.reset_reason,
+    )
+
+
+def _reset_by_server(exc: PeerResetError) -> PeerResetError:
+    """A reset of the established connection, in ``connect``'s words:
+    the peer is the server, which aborted the connection."""
+    text = str(exc)
+    if not text.startswith("the peer "):
+        return exc
+    return PeerResetError(
+        "the server " + text.removeprefix("the peer "),
+        reset_reason=exc.reset_reason,
+        unacknowledged=exc.unacknowledged,
     )
 
 

@@ -127,7 +127,7 @@ class ResetsMixin(ConnectionState):
             if other.live:
                 other.set_state(_S.CLOSED)
         unacknowledged = self._send.size
-        message = "peer closed the connection with MP_FASTCLOSE"
+        message = "the peer aborted the connection (MP_FASTCLOSE)"
         if unacknowledged:
             message += (
                 f", {unacknowledged} bytes of ours not acknowledged: they "
