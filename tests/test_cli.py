@@ -1425,6 +1425,30 @@ def test_a_report_to_a_full_output_is_a_failure(
     assert result.returncode == ExitStatus.FAILURE
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--version"], ["--help"], ["connect", "--help"]],
+    ids=["version", "help", "command-help"],
+)
+@pytest.mark.parametrize("output", ["full", "closed"])
+def test_version_and_help_to_an_output_that_takes_nothing_fail(
+    argv: list[str], output: str
+) -> None:
+    # argparse drops a failed write of its own: status 0, and nothing
+    # printed anywhere
+    if output == "full":
+        if not _FULL.exists():
+            pytest.skip("no /dev/full on this system")
+        result = _run_with_a_full_stdout(*argv)
+        said = _OUTPUT_FULL
+    else:
+        result = _run_into_a_closed_pipe(*argv)
+        said = "mptls: error: output closed"
+    assert result.stderr.decode().splitlines() == [said]
+    assert result.returncode == ExitStatus.FAILURE
+    assert run_mptls(*argv).returncode == ExitStatus.OK
+
+
 @needs_dev_full
 def test_bad_input_with_a_full_output_is_still_bad_input(
     tmp_path: Path,

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, cast
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from mptls.cli import bench, certs, demo, info, netcat
 from mptls.cli.common import (
@@ -21,8 +21,12 @@ from mptls.cli.common import (
     drop_output,
     fill_closed_stderr,
     fill_closed_stdout,
+    output_error,
     report_error,
 )
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 _COMMANDS = (
     demo.add_parser,
@@ -51,6 +55,31 @@ class _Parser(argparse.ArgumentParser):
             ExitStatus.USAGE,
             f"mptls: error: {message} (see: {self.prog} --help)\n",
         )
+
+    def _print_message(
+        self, message: str, file: SupportsWrite[str] | None = None
+    ) -> None:
+        """argparse's one way out for help, usage, version and errors.
+
+        Its own drops a write that fails: ``--help`` or ``--version``
+        into a full disk or a closed pipe exited 0 with nothing shown.
+        On stdout that is an :class:`OutputError`, as for every other
+        command's result; stderr's lines are dropped, as always.
+        """
+        if not message:
+            return
+        stderr = sys.stderr
+        stream = file or stderr
+        try:
+            stream.write(message)
+            flush = getattr(stream, "flush", None)
+            if flush is not None:
+                flush()
+        except OSError as exc:
+            if stream is sys.stdout:
+                raise output_error(exc) from exc
+            if stream is stderr:
+                drop_output(sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fill_closed_stderr()
     fill_closed_stdout()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except OutputError as exc:
+        # --help or --version, whose output took nothing
+        drop_output(sys.stdout)
+        return report_error(exc, debug=False)
     if args.command is None:
         parser.print_help(sys.stderr)
         return ExitStatus.USAGE
