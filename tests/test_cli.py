@@ -267,11 +267,18 @@ def test_a_connection_that_ended_is_a_failure_not_bad_input(
     assert exit_status_for(error) is ExitStatus.FAILURE
 
 
-def test_main_without_command_prints_usage(
+def test_main_without_command_is_one_error_line_naming_the_commands(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli_main.main([]) == ExitStatus.USAGE
-    assert "usage: mptls" in capsys.readouterr().err
+    # it printed the whole help on stderr, with no error line, where
+    # every other failure is one ``mptls: error:`` line
+    with pytest.raises(SystemExit) as raised:
+        cli_main.main([])
+    assert raised.value.code == ExitStatus.USAGE
+    assert capsys.readouterr().err.splitlines() == [
+        "mptls: error: a command is required: demo, certs, serve, "
+        "connect, info or bench (see: mptls --help)"
+    ]
 
 
 def test_human_bytes_uses_decimal_units() -> None:

@@ -50,6 +50,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors in the one-line style of every other
     ``mptls`` error; subcommands' parsers are of this class too."""
 
+    # the top level's command names, for the error that none was given
+    commands: tuple[str, ...] = ()
+
     def error(self, message: str) -> NoReturn:
         self.exit(
             ExitStatus.USAGE,
@@ -82,7 +85,7 @@ class _Parser(argparse.ArgumentParser):
                 drop_output(sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     """The full command line, every subcommand included."""
     parser = _Parser(
         prog="mptls",
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for add in _COMMANDS:
         add(subparsers)
+    parser.commands = tuple(subparsers.choices)
     for subparser in subparsers.choices.values():
         # SUPPRESS: a subcommand without --debug keeps the global one
         subparser.add_argument(
@@ -143,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         drop_output(sys.stdout)
         return report_error(exc, debug=False)
     if args.command is None:
-        parser.print_help(sys.stderr)
-        return ExitStatus.USAGE
+        # one line, as every other failure; the names are what the
+        # whole help would have shown first
+        *rest, last = parser.commands
+        parser.error(f"a command is required: {', '.join(rest)} or {last}")
     _configure_logging(args.debug)
     try:
         return int(args.run(args))
