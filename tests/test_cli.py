@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import stat
@@ -944,6 +945,9 @@ def test_a_cafile_of_another_ca_is_named_in_the_hint(
 def test_serve_v_says_which_client_it_refused_and_why(
     certs: Path, workers: list[str]
 ) -> None:
+    # a worker's lines say which worker printed them
+    label = r"worker [01]: " if workers else ""
+    refused = re.compile(label + r"refused 127\.0\.0\.1:\d+: ")
     with serving(certs, "-v", *workers) as (server, port):
         assert server.stderr is not None
         wrong_mode = run_mptls(
@@ -951,7 +955,7 @@ def test_serve_v_says_which_client_it_refused_and_why(
         )
         assert wrong_mode.returncode == 1, wrong_mode.stderr.decode()
         line = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
-        assert line.startswith("refused 127.0.0.1:"), line
+        assert refused.match(line), line
         assert line.endswith(
             ": the client asked for mode E, this server allows G\n"
         )
@@ -960,7 +964,7 @@ def test_serve_v_says_which_client_it_refused_and_why(
         untrusting = run_mptls("connect", "127.0.0.1", port, stdin=b"x\n")
         assert untrusting.returncode == 1, untrusting.stderr.decode()
         line = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
-        assert line.startswith("refused 127.0.0.1:"), line
+        assert refused.match(line), line
         assert "TLS handshake failed: peer sent TLS alert unknown_ca" in line
 
 
@@ -1011,7 +1015,12 @@ def test_serve_workers_say_how_many_refusals_they_held_back_when_they_stop(
         server.send_signal(signal.SIGTERM)
         _, error = server.communicate(timeout=COMMAND_TIMEOUT)
     assert server.returncode == 0, error.decode()
-    lines = error.decode().splitlines()
+    # each worker's lines begin with its id
+    lines = [
+        line.removeprefix("worker 0: ").removeprefix("worker 1: ")
+        for line in error.decode().splitlines()
+        if re.match(r"worker [01]: ", line)
+    ]
     shown = [line for line in lines if line.startswith("refused 127.0.0.1:")]
     counted = [
         int(line.split()[1])

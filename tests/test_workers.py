@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import io
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ from support import stalled_in_handshake, worker_pids
 
 import mptls
 from mptls.backends.userspace.restarts import RESTART_LIMIT
+from mptls.backends.userspace.worker_logging import LabelledLines
 from mptls.backends.userspace.workers import (
     JoinRouter,
     WorkerPool,
@@ -453,8 +455,11 @@ async def test_a_killed_worker_is_replaced(
         assert pool.exited == {1: -signal.SIGKILL}
         assert pool.restarts == {1: 1}
         assert pool.down == frozenset()
-        (warning,) = log_watch.messages("exited with code")
-        assert f"worker 1 (pid {first_pids[1]})" in warning
+        (warning,) = log_watch.messages("while serving")
+        # the signal by its name, not as "exited with code -9"
+        assert f"worker 1 (pid {first_pids[1]}) was killed by SIGKILL" in (
+            warning
+        )
         assert warning.endswith("2 of 3 workers left, restarting it")
 
         # the port is served by three again, the new worker 1 included:
@@ -552,7 +557,7 @@ async def test_stop_during_a_restart_leaves_no_process(
         for record in log_watch.records
         if record.levelno >= logging.WARNING
     ] == [
-        f"worker 0 (pid {first_pids[0]}) exited with code -9 while "
+        f"worker 0 (pid {first_pids[0]}) was killed by SIGKILL while "
         "serving; 1 of 2 workers left, restarting it"
     ]
 
@@ -854,6 +859,7 @@ async def test_serve_workers_exits_when_every_worker_is_down(
         "mptls: error: all 2 workers are down and none will be restarted"
     )
     assert sum("not restarted" in one for one in lines) == 2
+    assert sum("was killed by SIGKILL" in one for one in lines) == 2
     assert "Traceback" not in rest.decode()
     for pid in workers:
         with pytest.raises(ProcessLookupError):
@@ -977,3 +983,17 @@ async def test_a_handshake_a_stopping_worker_cuts_short_is_no_refusal(
     err = capfd.readouterr().err
     assert "the server is stopping" in err
     assert "mptls.refusals" not in err
+
+
+def test_a_workers_lines_begin_with_its_id_however_they_are_written() -> None:
+    stream = io.StringIO()
+    labelled = LabelledLines(stream, "worker 3: ")
+    labelled.write("refused 127.0.0.1:1: ")
+    labelled.write("a reason\nWARNING mptls: one\ntwo")
+    labelled.write(" halves\n")
+    labelled.flush()
+    assert stream.getvalue().splitlines() == [
+        "worker 3: refused 127.0.0.1:1: a reason",
+        "worker 3: WARNING mptls: one",
+        "worker 3: two halves",
+    ]

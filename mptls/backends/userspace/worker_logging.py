@@ -5,17 +5,57 @@ takes the parent's (the root handler's level and format, and the loggers
 under ``mptls`` given a level or a handler of their own, as ``mptls
 serve -v`` gives ``mptls.refusals``) and applies it in the worker, on
 the stderr both share. It must stay picklable: it crosses the process
-boundary with the worker's settings.
+boundary with the worker's settings. :class:`LabelledLines` begins each
+line a worker writes to that stderr with the worker's id, so that lines
+of several workers say which one printed them.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["LogBranch", "LogSetup"]
+__all__ = ["LabelledLines", "LogBranch", "LogSetup", "worker_label"]
+
+
+def worker_label(worker_id: int) -> str:
+    """What each line of worker ``worker_id`` on stderr begins with."""
+    return f"worker {worker_id}: "
+
+
+class LabelledLines:
+    """A text stream that begins every line written to it with ``label``.
+
+    Written in pieces or several lines at once, each line gets the label
+    once, at its start. Everything but ``write`` is the stream's own, so
+    handlers and consoles built on it (``fileno()``, ``flush()``) work
+    as on the stream itself.
+    """
+
+    def __init__(self, stream: Any, label: str) -> None:
+        self._stream = stream
+        self._label = label
+        self._at_line_start = True
+        # log handlers and consoles each hold their own lock, not this one
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            pieces = []
+            for line in text.splitlines(keepends=True):
+                if self._at_line_start:
+                    pieces.append(self._label)
+                pieces.append(line)
+                self._at_line_start = line.endswith("\n")
+            self._stream.write("".join(pieces))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,14 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from mptls.backends.base import format_address
 from mptls.backends.userspace.backend import accepted_modes, check_e_server
@@ -56,7 +57,11 @@ from mptls.backends.userspace.stop_requests import (
     check_stop_on,
     stop_request,
 )
-from mptls.backends.userspace.worker_logging import LogSetup
+from mptls.backends.userspace.worker_logging import (
+    LabelledLines,
+    LogSetup,
+    worker_label,
+)
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -100,11 +105,30 @@ class _WorkerSpec:
     logs: LogSetup = field(default_factory=LogSetup)
 
 
+def how_it_ended(process: BaseProcess) -> str:
+    """How a process that is gone ended, in words: ``exited with code
+    1``, or ``was killed by SIGKILL`` for its negative exit code."""
+    code = process.exitcode
+    if code is None or code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}"
+
+
 def _worker_main(spec: _WorkerSpec, pipe: Pipe) -> None:
     """Entry point of a worker process."""
     # the parent stops the workers on Ctrl-C; a terminal's SIGINT reaches
     # the whole process group and must not kill them half-way
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.stderr is not None:
+        # the workers share the parent's stderr: each line says whose
+        # it is (a handler's, a log record, a traceback); stdout is left
+        # as it is, for it may carry data
+        labelled = LabelledLines(sys.stderr, worker_label(spec.worker_id))
+        sys.stderr = cast(TextIO, labelled)
     spec.logs.apply()
     try:
         asyncio.run(_serve(spec, pipe))
@@ -504,8 +528,8 @@ class WorkerPool:
             if kind == "gone":
                 await reap(process, self._start_timeout)
                 raise BackendError(
-                    "a worker failed to start: it exited with code "
-                    f"{process.exitcode} before it listened (any error "
+                    f"a worker failed to start: it {how_it_ended(process)} "
+                    "before it listened (any error "
                     "it had is on stderr; a script that starts a pool "
                     'needs an `if __name__ == "__main__":` guard)'
                 )
@@ -580,11 +604,10 @@ class WorkerPool:
         # the kernel reset the connections queued on its listening socket
         # (unless net.ipv4.tcp_migrate_req=1 moved them to a sibling)
         logger.warning(
-            "worker %d (pid %s) exited with code %s while serving; %d of "
-            "%d workers left, %s",
+            "worker %d (pid %s) %s while serving; %d of %d workers left, %s",
             worker_id,
             process.pid,
-            process.exitcode,
+            how_it_ended(process),
             *self._workers_left(),
             "restarting it" if allowed else "not restarted",
         )
