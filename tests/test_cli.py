@@ -1067,6 +1067,20 @@ def test_serve_help_shows_its_defaults(
     assert "(default: 4433)" in shown
 
 
+def test_connect_help_says_what_host_port_and_paths_are(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # host and port had no help text, and --paths no default
+    with pytest.raises(SystemExit):
+        cli_main.main(["connect", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "host the server's IP address or name" in shown
+    assert "port the server's TCP port" in shown
+    assert "(default: one subflow, from the address the system picks" in (
+        shown
+    )
+
+
 def test_info_json_is_the_kernel_report() -> None:
     result = run_mptls("info", "--json")
     assert result.returncode == 0, result.stderr.decode()

@@ -777,8 +777,12 @@ def _add_connect_parser(
         "half-close at its end, print what the server sends until it "
         "closes.",
     )
-    client.add_argument("host")
-    client.add_argument("port")
+    client.add_argument(
+        "host",
+        help="the server's IP address or name; its certificate must name "
+        "it, unless --server-name gives another name",
+    )
+    client.add_argument("port", help="the server's TCP port")
     client.add_argument(
         "--cafile",
         metavar="FILE",
@@ -786,7 +790,10 @@ def _add_connect_parser(
     )
     client.add_argument(
         "--paths",
-        help="local addresses, comma separated; first = first subflow",
+        help="local addresses, comma separated; first = first subflow, "
+        "each further one an extra subflow (default: one subflow, from "
+        "the address the system picks; more only to addresses the server "
+        "announces, or from the kernel's endpoints with --backend kernel)",
     )
     client.add_argument("--server-name", help="name to verify (default: HOST)")
     client.add_argument(
