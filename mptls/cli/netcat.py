@@ -427,6 +427,8 @@ async def _serve_workers(
         # a worker's stdout is the parent's: once it takes nothing more,
         # no worker can print a client's data
         stop_on=(OutputError,),
+        # the workers' status lines share one stderr: each says whose
+        label_stderr=True,
         **options,
     )
     stop = asyncio.Event()

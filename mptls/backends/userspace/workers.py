@@ -100,6 +100,7 @@ class _WorkerSpec:
     ssl: Any
     grace: float
     stop_on: tuple[type[Exception], ...] = ()
+    label_stderr: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     # the parent's logging, which a spawned process does not inherit
     logs: LogSetup = field(default_factory=LogSetup)
@@ -123,7 +124,7 @@ def _worker_main(spec: _WorkerSpec, pipe: Pipe) -> None:
     # the parent stops the workers on Ctrl-C; a terminal's SIGINT reaches
     # the whole process group and must not kill them half-way
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.stderr is not None:
+    if spec.label_stderr and sys.stderr is not None:
         # the workers share the parent's stderr: each line says whose
         # it is (a handler's, a log record, a traceback); stdout is left
         # as it is, for it may carry data
@@ -265,6 +266,11 @@ class WorkerPool:
     ``mptls.start_server`` (``modes``, ``announce_addrs``, ...).
     ``port=0`` picks one free port for all workers.
 
+    ``label_stderr``: each line a worker writes to ``sys.stderr`` (a
+    handler's, a log record, a traceback) begins with ``worker N: ``, N
+    its worker id (off by default: a handler's stderr may be read by a
+    program).
+
     ``stop_on`` names exception classes (they must pickle: module-level
     ones) that stop the whole pool when a handler raises one: the worker
     aborts that connection and tells the parent, whose
@@ -294,6 +300,7 @@ class WorkerPool:
         grace: float = 5.0,
         restart: bool = True,
         stop_on: Sequence[type[Exception]] = (),
+        label_stderr: bool = False,
         **server_options: Any,
     ) -> None:
         layout = token_layout or TokenLayout()
@@ -327,6 +334,7 @@ class WorkerPool:
             ssl=ssl,
             grace=grace,
             stop_on=check_stop_on(stop_on),
+            label_stderr=label_stderr,
             options=dict(server_options),
         )
         _check_pickles(self._template)
