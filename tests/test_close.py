@@ -92,6 +92,58 @@ async def test_close_with_a_join_in_flight_is_prompt_on_both_ends(
     assert max(server_closes) < PROMPT
 
 
+async def test_a_close_waits_while_a_slow_reader_still_takes_the_data(
+    pki: Pki,
+) -> None:
+    # the server closes with 512 KiB not yet taken by a reader that
+    # takes about 320 KB/s: the close takes longer than close_timeout,
+    # and the Data ACK moves all along. Such a close was cut short at
+    # close_timeout and the reader lost the rest
+    size = 512 * 1024
+    payload = bytes(range(256)) * (size // 256)
+    closed: asyncio.Future[BaseException | None] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(payload)
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (MptlsError, ConnectionError) as exc:
+            closed.set_result(exc)
+        else:
+            closed.set_result(None)
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server(), close_timeout=1.0
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=pki.client(),
+            # the server's data is acknowledged as the reader takes it
+            receive_window=64 * 1024,
+        )
+        received = bytearray()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while data := await asyncio.wait_for(reader.read(16384), 10.0):
+            received += data
+            # a reader slower than the path: its pace, not a wait
+            await asyncio.sleep(0.05)
+        took = loop.time() - started
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 10.0)
+        assert await asyncio.wait_for(closed, 10.0) is None
+    assert took > 1.0
+    assert bytes(received) == payload
+
+
 _SERVER = textwrap.dedent(
     """
     import asyncio, sys

@@ -114,6 +114,8 @@ class MultipathTransport(asyncio.Transport):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        # the bytes not yet acknowledged when the close timer was set
+        self._close_unacked = 0
         # E mode: exports a later key generation from the TLS session,
         # and the rotate_keys() calls waiting for each generation
         self._derive: KeyDerivation | None = None
@@ -774,17 +776,29 @@ class MultipathTransport(asyncio.Transport):
         if not self._eof_written:
             self._eof_written = True
             self._core.close()
+        self._arm_close_timer()
+        self.process()
+
+    def _arm_close_timer(self) -> None:
+        self._close_unacked = self._core.send_buffer_size
         self._close_timer = self._loop.call_later(
             self._close_timeout, self._on_close_timeout
         )
-        self.process()
 
     def _on_close_timeout(self) -> None:
         self._close_timer = None
         if self._closed:
             return
-        logger.debug("%s: close timed out, aborting", self.tag())
         unacked = self._core.send_buffer_size
+        if unacked < self._close_unacked:
+            # the peer still takes the data, only slowly (a loaded or
+            # narrow path): the close waits while the Data ACK moves,
+            # and only one that stood still for close_timeout is cut
+            # short. What was written before close() is finite, so the
+            # wait is too
+            self._arm_close_timer()
+            return
+        logger.debug("%s: close timed out, aborting", self.tag())
         # bytes the peer never acknowledged at the data level (RFC 8684
         # section 3.3.3) may be lost: the close was no clean one
         self._reset(
