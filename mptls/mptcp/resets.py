@@ -113,7 +113,9 @@ class ResetsMixin(ConnectionState):
         self._finish(
             JoinRefusedError(
                 "every subflow is gone and the peer refused the join "
-                "(unknown token or keys that disagree)"
+                "(MP_TCPRST 0x01): the peer no longer knows this connection "
+                "(it ended or aborted it, and its MP_FASTCLOSE may not "
+                "have arrived) or the keys disagree"
             )
         )
 
