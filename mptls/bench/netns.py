@@ -438,7 +438,10 @@ def route_source(
 
     A policy rule picks a table of its own for that source, whose default
     route is the path's interface: the peer answers on the same path
-    (its route back to ``address`` is the path's subnet).
+    (its route back to ``address`` is the path's subnet). Linux deletes
+    that route when ``interface`` goes down and does not restore it when
+    the link comes back: whoever flaps the link adds it again, or the
+    source's packets take the main table's route.
     """
     family = "-6" if ":" in address else "-4"
     namespace.ip(family, "rule", "add", "from", address, "table", str(table))
