@@ -28,6 +28,7 @@ import mptls
 import mptls.trace
 from mptls.backends.base import SubflowInfo
 from mptls.backends.userspace import paths as paths_module
+from mptls.backends.userspace import transport as transport_module
 from mptls.backends.userspace.paths import Paths
 from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.backends.userspace.transport import MultipathTransport
@@ -36,6 +37,7 @@ from mptls.mptcp import events
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import Flag, Segment
 from mptls.mptcp.options import MpJoinSyn, MpJoinSynAck
+from mptls.mptcp.scheduler import UNCAPPED
 
 
 class StubCore:
@@ -150,6 +152,39 @@ async def test_a_join_syn_is_written_before_the_first_subflows_data() -> None:
     transport._subflows = {0: WriteLog(0, log), 1: WriteLog(1, log)}  # type: ignore[dict-item]
     transport._flush()
     assert log == [1, 0]
+
+
+class QueuedLog(WriteLog):
+    """A subflow whose socket holds ``queued`` bytes not yet sent."""
+
+    def __init__(self, subflow_id: int, queued: int) -> None:
+        super().__init__(subflow_id, [])
+        self.queued = queued
+
+    def unsent(self) -> int:
+        return self.queued
+
+
+@pytest.mark.parametrize("reinjecting", [False, True])
+async def test_one_subflow_is_capped_only_while_data_is_sent_again(
+    reinjecting: bool,
+) -> None:
+    # one path: its queue is measured (a system call per flush) only
+    # while a lost subflow's data waits to be sent again, so that the
+    # copies wait in the core, where a Data ACK can still drop them
+    transport, core, _ = make_transport()
+    core.send_buffer_size = 1 << 20
+    core.has_reinjection = reinjecting  # type: ignore[attr-defined]
+    rooms: list[tuple[int, int]] = []
+    core.set_queue_room = lambda subflow_id, room: rooms.append(  # type: ignore[attr-defined]
+        (subflow_id, room)
+    )
+    transport._subflows = {0: QueuedLog(0, 200_000)}  # type: ignore[dict-item]
+    transport._flush()
+    if reinjecting:
+        assert rooms == [(0, transport_module._SUBFLOW_QUEUE - 200_000)]
+    else:
+        assert rooms == [(0, UNCAPPED)]
 
 
 # address ids (RFC 8684 sections 3.2 and 3.4.1), over loopback

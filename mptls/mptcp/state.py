@@ -220,6 +220,12 @@ class ConnectionState:
         return self._send.size
 
     @property
+    def has_reinjection(self) -> bool:
+        """Whether chunks of a failed or removed subflow wait to be sent
+        again (and the peer has not acknowledged them meanwhile)."""
+        return self._send.has_reinjection
+
+    @property
     def send_pending(self) -> int:
         """Bytes written and not yet handed to any subflow."""
         return self._send.pending

@@ -234,8 +234,12 @@ class MultipathTransport(asyncio.Transport):
         now = self._loop.time()
         if self._core.send_buffer_size:
             # with one subflow there is no other path to choose: no cap,
-            # and no system call per flush to measure its queue
-            several = len(self._subflows) > 1
+            # and no system call per flush to measure its queue. Unless
+            # data of a lost subflow is to be sent again: past the cap
+            # it would wait in the socket, where a Data ACK that comes
+            # meanwhile (the peer had most of it) can no longer drop it
+            # and the byte the peer waits for queues behind the copies
+            several = len(self._subflows) > 1 or self._core.has_reinjection
             room = self._core.set_queue_room
             for subflow_id, tcp in self._subflows.items():
                 free = _SUBFLOW_QUEUE - tcp.unsent() if several else UNCAPPED
