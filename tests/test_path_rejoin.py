@@ -15,7 +15,7 @@ import itertools
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -415,6 +415,51 @@ async def back_on(
             await asyncio.sleep(0)
 
 
+async def upload_across_a_reset(
+    port: int,
+    pki: Pki,
+    seed: int,
+    before_reset: Callable[[Any], Awaitable[None]] | None = None,
+) -> events.JoinRefused | None:
+    """Upload 2 MiB from both paths, the second path's subflow reset
+    halfway; check that the path came back and carried data and that
+    the server's digest matches. ``before_reset`` gets the connection's
+    info first. Returns the client's last join refusal, if any."""
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", port, ssl=pki.client(), local_addrs=[FIRST, SECOND]
+    )
+    payload = random.Random(seed).randbytes(2 * 1024 * 1024)
+    half = len(payload) // 2
+    await established(writer, 2)
+    info = writer.get_extra_info("mptcp")
+    old = {s.subflow_id for s in info.subflows}
+    second = next(
+        s.subflow_id
+        for s in info.subflows
+        if s.local_address and s.local_address[0] == SECOND
+    )
+    if before_reset is not None:
+        await before_reset(info)
+    writer.write(payload[:half])
+    reset(writer, second)
+    await writer.drain()
+    rejoined = await back_on(writer, SECOND, old)
+    client = writer.transport._tls._transport  # type: ignore[attr-defined]
+    refused: events.JoinRefused | None = client.last_join_refusal
+    writer.write(payload[half:])
+    writer.write_eof()
+    reply = await asyncio.wait_for(reader.read(), 20.0)
+    info = writer.get_extra_info("mptcp")
+    writer.close()
+    digest, received, _ = reply.decode().split()
+    assert int(received) == len(payload)
+    assert digest == hashlib.sha256(payload).hexdigest()
+    (status,) = [s for s in info.subflows if s.subflow_id == rejoined]
+    # the path came back and carried part of the second half
+    assert status.bytes_sent > 0
+    return refused
+
+
 async def test_a_reset_path_is_joined_again_while_the_other_carries_on(
     pki: Pki,
 ) -> None:
@@ -423,37 +468,7 @@ async def test_a_reset_path_is_joined_again_while_the_other_carries_on(
     )
     async with server:
         port = server.sockets[0].getsockname()[1]
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1",
-            port,
-            ssl=pki.client(),
-            local_addrs=[FIRST, SECOND],
-        )
-        payload = random.Random(16).randbytes(2 * 1024 * 1024)
-        half = len(payload) // 2
-        await established(writer, 2)
-        subflows = writer.get_extra_info("mptcp").subflows
-        old = {s.subflow_id for s in subflows}
-        second = next(
-            s.subflow_id
-            for s in subflows
-            if s.local_address and s.local_address[0] == SECOND
-        )
-        writer.write(payload[:half])
-        reset(writer, second)
-        await writer.drain()
-        rejoined = await back_on(writer, SECOND, old)
-        writer.write(payload[half:])
-        writer.write_eof()
-        reply = await asyncio.wait_for(reader.read(), 20.0)
-        info = writer.get_extra_info("mptcp")
-        writer.close()
-    digest, received, _ = reply.decode().split()
-    assert int(received) == len(payload)
-    assert digest == hashlib.sha256(payload).hexdigest()
-    (status,) = [s for s in info.subflows if s.subflow_id == rejoined]
-    # the path came back and carried part of the second half
-    assert status.bytes_sent > 0
+        await upload_across_a_reset(port, pki, 16)
 
 
 async def test_a_path_refused_while_forged_joins_drain_the_bucket_comes_back(
@@ -469,47 +484,21 @@ async def test_a_path_refused_while_forged_joins_drain_the_bucket_comes_back(
         join_failure_burst=1,
         join_failure_rate=0.5,
     )
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        reader, writer = await mptls.open_connection(
-            "127.0.0.1",
-            port,
-            ssl=pki.client(),
-            local_addrs=[FIRST, SECOND],
-        )
-        payload = random.Random(17).randbytes(2 * 1024 * 1024)
-        half = len(payload) // 2
-        await established(writer, 2)
-        info = writer.get_extra_info("mptcp")
-        old = {s.subflow_id for s in info.subflows}
-        second = next(
-            s.subflow_id
-            for s in info.subflows
-            if s.local_address and s.local_address[0] == SECOND
-        )
+
+    async def drain_the_bucket(info: Any) -> None:
         # an observer's join with the token off the wire fails its HMAC
         token = bytes.fromhex(info.remote_token)
         answer = await join_as_observer(port, token, lambda *_: bytes(20))
         assert answer and answer[0].flags & Flag.RST
-        writer.write(payload[:half])
-        reset(writer, second)
-        await writer.drain()
+
+    async with server:
+        port = server.sockets[0].getsockname()[1]
         # the path's rejoins, 0.1, 0.3, 0.7 and 1.5 s after its loss,
         # meet the dry bucket; the one at 3.1 s is taken. Refused
         # without T the path was never tried again; with T counted as
         # a key rotation's refusals, given up at the fourth
-        rejoined = await back_on(writer, SECOND, old)
-        client = writer.transport._tls._transport  # type: ignore[attr-defined]
-        refused = client.last_join_refusal
-        writer.write(payload[half:])
-        writer.write_eof()
-        reply = await asyncio.wait_for(reader.read(), 20.0)
-        info = writer.get_extra_info("mptcp")
-        writer.close()
+        refused = await upload_across_a_reset(
+            port, pki, 17, before_reset=drain_the_bucket
+        )
     assert refused is not None and refused.transient
     assert refused.reset_reason == ResetReason.ADMINISTRATIVELY_PROHIBITED
-    digest, received, _ = reply.decode().split()
-    assert int(received) == len(payload)
-    assert digest == hashlib.sha256(payload).hexdigest()
-    (status,) = [s for s in info.subflows if s.subflow_id == rejoined]
-    assert status.bytes_sent > 0
