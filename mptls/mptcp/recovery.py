@@ -113,12 +113,7 @@ class RecoveryMixin(ConnectionState):
 
     def _data_timeout(self, subflow: Subflow, now: float) -> None:
         rto = self._rto(subflow)
-        others = [
-            s
-            for s in self._subflows.values()
-            if s is not subflow and s.carries_data and not s.suspect
-        ]
-        if not others:
+        if not self._another_carries_data(subflow):
             # nowhere else to send: keep the path, distrust it, back off
             # (RFC 6298 section 5.5); path_loss_timeout bounds the wait
             subflow.suspect = True
@@ -135,6 +130,14 @@ class RecoveryMixin(ConnectionState):
             f"no Data ACK progress for {rto:.2f} s",
         )
 
+    def _another_carries_data(self, subflow: Subflow) -> bool:
+        """Whether a trusted subflow other than ``subflow`` can take its
+        data."""
+        return any(
+            s is not subflow and s.carries_data and not s.suspect
+            for s in self._subflows.values()
+        )
+
     def _first_expiry(self, subflow: Subflow, now: float, rto: float) -> None:
         """No round trip measured yet: resend elsewhere, reset later.
 
@@ -145,9 +148,7 @@ class RecoveryMixin(ConnectionState):
         its timer backed off (RFC 6298 section 5.5): a Data ACK on it
         within twice the RTO keeps it, none resets it then.
         """
-        self._send.requeue(subflow.subflow_id)
-        subflow.inflight = 0
-        subflow.data_deadline = None
+        self._requeue_data(subflow)
         # Karn: a round trip of data also sent elsewhere measures nothing
         subflow.probe_end = None
         subflow.suspect = True
@@ -170,10 +171,7 @@ class RecoveryMixin(ConnectionState):
         :meth:`_data_timeout` keeps a last path.
         """
         subflow.suspect_until = None
-        if not any(
-            s is not subflow and s.carries_data and not s.suspect
-            for s in self._subflows.values()
-        ):
+        if not self._another_carries_data(subflow):
             return
         self._reset_subflow(
             subflow,

@@ -430,14 +430,19 @@ class ConnectionState:
         subflow.keys = None
         # RFC 8684 section 3.3.6: what it carried and nobody acked goes
         # out again on the other subflows
-        self._send.requeue(subflow.subflow_id)
-        subflow.inflight = 0
+        self._requeue_data(subflow)
         self._events.append(
             ev.SubflowClosed(subflow.subflow_id, why, reset_reason)
         )
-        subflow.data_deadline = None
         if not self._closed and self._live_count() == 0:
             self._all_paths_lost()
+
+    def _requeue_data(self, subflow: Subflow) -> None:
+        """Queue what ``subflow`` carried and nobody acknowledged to be
+        sent again; nothing is in flight there any more."""
+        self._send.requeue(subflow.subflow_id)
+        subflow.inflight = 0
+        subflow.data_deadline = None
 
     def _all_paths_lost(self) -> None:
         """No subflow is left: wait for a join, or finish if none can come.
