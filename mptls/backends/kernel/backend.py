@@ -19,7 +19,7 @@ import logging
 import socket
 import weakref
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from mptls.backends.base import (
     Backend,
@@ -39,7 +39,7 @@ from mptls.backends.kernel.pathmanager import (
     PathManager,
     run_in_thread,
 )
-from mptls.backends.kernel.server import MultiServer
+from mptls.backends.kernel.server import MultiServer, StopListener
 from mptls.errors import BackendError, ConfigurationError
 from mptls.tls.keys import KeyMaterial
 
@@ -284,12 +284,12 @@ class KernelBackend(Backend):
         start_serving = bool(options.get("start_serving", True))
         # the protocols made that want to hear when the server stops
         # (asyncio's own have no weak references, nor anything to hear)
-        made: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
+        made: weakref.WeakSet[StopListener] = weakref.WeakSet()
 
         def tracked_protocol() -> asyncio.Protocol:
             protocol = protocol_factory()
             if hasattr(protocol, "server_stopping"):
-                made.add(protocol)
+                made.add(cast(StopListener, protocol))
             return protocol
 
         servers: list[asyncio.Server] = []

@@ -12,15 +12,22 @@ import asyncio
 import socket
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from mptls.backends.base import Server
+
+
+class StopListener(Protocol):
+    """A connection's protocol that hears when its server stops."""
+
+    def server_stopping(self) -> None: ...
 
 
 class MultiServer(Server):
     """Several ``asyncio.Server`` objects acting as one.
 
-    ``protocols``: the protocols the servers' factory made that have a
-    ``server_stopping`` method. :meth:`close_clients` and
+    ``protocols``: the protocols the servers' factory made that hear
+    when it stops (:class:`StopListener`). :meth:`close_clients` and
     :meth:`abort_clients` tell them the server stops before ending their
     connections: a handshake cut short by that is no refusal.
     """
@@ -29,7 +36,7 @@ class MultiServer(Server):
         self,
         loop: asyncio.AbstractEventLoop,
         servers: Sequence[asyncio.Server],
-        protocols: weakref.WeakSet[asyncio.BaseProtocol] | None = None,
+        protocols: weakref.WeakSet[StopListener] | None = None,
     ) -> None:
         self._loop = loop
         self._servers = tuple(servers)
@@ -62,9 +69,7 @@ class MultiServer(Server):
 
     def _stopping(self) -> None:
         for protocol in list(self._protocols or ()):
-            stopping = getattr(protocol, "server_stopping", None)
-            if stopping is not None:
-                stopping()
+            protocol.server_stopping()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop

@@ -324,8 +324,7 @@ class Paths:
                 self._later.discard(path)
                 self._up_since[path] = self._loop.time()
                 self._remote_ids[path] = self._remote_id(subflow_id)
-        for lost in sorted(self._lost, key=repr):
-            self._rejoin_path(lost)
+        self._rejoin_lost()
 
     def subflow_closed(self, event: events.SubflowClosed) -> None:
         """A subflow closed: a client joins its path again.
@@ -483,6 +482,12 @@ class Paths:
             and self._loop.time() - up_since >= _PATH_REJOIN_MAX_DELAY
         )
 
+    def _rejoin_lost(self) -> None:
+        """Start joining every lost path of the client's own again, in
+        a fixed order."""
+        for path in sorted(self._lost, key=repr):
+            self._rejoin_path(path)
+
     def _rejoin_path(self, path: _Path) -> None:
         """Start joining a lost path of the client's own again, unless
         an attempt is under way, the path is given up, no subflow is
@@ -560,8 +565,7 @@ class Paths:
         finally:
             self._rejoining = False
         # one path is back: the others lost on the way follow
-        for path in sorted(self._lost, key=repr):
-            self._rejoin_path(path)
+        self._rejoin_lost()
 
     async def _open_subflow(
         self,
