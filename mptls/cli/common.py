@@ -434,17 +434,10 @@ def fill_closed_stderr() -> None:
     command's data, and the next socket opened would take descriptor 2.
     Put /dev/null there instead: every status line, log record and error
     line is dropped, and the command runs as it would otherwise."""
-    if sys.stderr is not None:
-        return
-    try:
-        os.fstat(2)
-    except OSError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        if devnull != 2:
-            os.dup2(devnull, 2)
-            os.close(devnull)
-    # the process's stderr from now on: never closed before it exits
-    sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = _fill_descriptor(
+            2, lambda: os.open(os.devnull, os.O_WRONLY)
+        )
 
 
 def fill_closed_stdout() -> None:
@@ -453,18 +446,28 @@ def fill_closed_stdout() -> None:
     prints failed in its handler, and the next socket opened would take
     descriptor 1. Put there a pipe whose reader has gone: the command
     fails with ``output closed``, as it does after ``| head``."""
-    if sys.stdout is not None:
-        return
+    if sys.stdout is None:
+        sys.stdout = _fill_descriptor(1, _pipe_without_reader)
+
+
+def _pipe_without_reader() -> int:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
+def _fill_descriptor(descriptor: int, make: Callable[[], int]) -> IO[str]:
+    """A text stream on ``descriptor``, first given what ``make`` opens
+    if the process started with it closed."""
     try:
-        os.fstat(1)
+        os.fstat(descriptor)
     except OSError:
-        read_end, write_end = os.pipe()
-        os.close(read_end)
-        if write_end != 1:
-            os.dup2(write_end, 1)
-            os.close(write_end)
-    # the process's stdout from now on: never closed before it exits
-    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+        made = make()
+        if made != descriptor:
+            os.dup2(made, descriptor)
+            os.close(made)
+    # the process's stream from now on: never closed before it exits
+    return open(descriptor, "w", encoding="utf-8", closefd=False)
 
 
 class _ReportConsole(Console):
