@@ -12,7 +12,8 @@ certificate that does not verify an ``ssl.SSLCertVerificationError``, a
 peer's reset or a connection that lost every path a
 ``ConnectionResetError``, a refused connect a ``ConnectionRefusedError``
 (any other refusal of the OS an ``OSError`` with its ``errno``), a
-timeout a ``TimeoutError``.
+timeout a ``TimeoutError`` (the TLS handshake's a
+``ConnectionAbortedError`` too).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def _message_of(error: BaseException) -> str:
 
 
 class PeerResetError(ProtocolError, ConnectionResetError):
-    """The peer reset the MPTCP connection (MP_FASTCLOSE or MP_TCPRST).
+    """The peer reset the MPTCP connection (MP_FASTCLOSE or MP_TCPRST),
+    or ended it before the TLS handshake was over.
 
     A ``ConnectionResetError`` too, as a reset TCP connection is, with
     its ``errno`` (``ECONNRESET``). ``unacknowledged`` is how many bytes
@@ -260,3 +262,12 @@ class PathError(BackendError):
 
 class MptlsTimeoutError(MptlsError, TimeoutError):
     """A handshake, join or close did not finish within its limit."""
+
+
+class HandshakeTimeoutError(MptlsTimeoutError, ConnectionAbortedError):
+    """The TLS handshake did not finish within ``ssl_handshake_timeout``.
+
+    A ``TimeoutError``, as every mptls timeout is, and a
+    ``ConnectionAbortedError`` too: asyncio's TLS aborts the connection
+    with one when its handshake takes too long.
+    """

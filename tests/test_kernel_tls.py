@@ -269,6 +269,32 @@ async def test_a_reset_during_the_handshake_is_an_mptls_error(
     assert "during the TLS handshake" in str(caught.value)
 
 
+async def test_a_close_during_the_handshake_is_a_connection_reset(
+    pki: netns.ServerPki,
+) -> None:
+    # a plain TCP server that reads the ClientHello and ends its side
+    # (FIN, no reset): asyncio's TLS raises ConnectionResetError, and
+    # code written for it must catch mptls's error the same way
+    release = asyncio.Event()
+
+    async def end_at_hello(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(4096)
+        writer.write_eof()
+        await release.wait()
+        writer.close()
+
+    server = await asyncio.start_server(end_at_hello, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ConnectionResetError) as caught:
+            await asyncio.wait_for(kernel_client(pki, port), 10)
+        release.set()
+    assert isinstance(caught.value, mptls.PeerResetError)
+    assert "during the TLS handshake" in str(caught.value)
+
+
 async def test_a_close_right_after_a_read_resumed_delivers_nothing(
     pki: netns.ServerPki,
 ) -> None:

@@ -1,7 +1,8 @@
 """Peers that stall or leave early, over the userspace backend.
 
 A server that never speaks TLS makes the client fail with
-:class:`~mptls.errors.MptlsTimeoutError` within ``ssl_handshake_timeout``;
+:class:`~mptls.errors.HandshakeTimeoutError` within ``ssl_handshake_timeout``
+(a ``ConnectionAbortedError``, as asyncio's, and a ``TimeoutError``);
 a client that closes right after the handshake gives the server a clean
 end of stream; a peer that never answers close_notify cannot hold
 ``wait_closed()`` past ``close_timeout``; records a peer sends after its
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 
 import pytest
@@ -23,7 +25,8 @@ from OpenSSL import SSL
 from pki import Pki
 
 import mptls
-from mptls.errors import MptlsTimeoutError
+from mptls.aio import protocol
+from mptls.errors import HandshakeTimeoutError, MptlsTimeoutError
 from mptls.tls.engine import TLSEngine
 
 
@@ -40,11 +43,37 @@ async def test_silent_server_times_out_the_handshake(pki: Pki) -> None:
     port = int(server.sockets[0].getsockname()[1])
     async with server:
         started = time.monotonic()
-        with pytest.raises(MptlsTimeoutError):
+        with pytest.raises(MptlsTimeoutError) as caught:
             await mptls.open_connection(
                 "127.0.0.1", port, ssl=pki.client(), ssl_handshake_timeout=0.5
             )
         assert time.monotonic() - started < 2.0
+    # what asyncio's TLS raises for it, so its callers' except clauses
+    # still catch it
+    assert isinstance(caught.value, ConnectionAbortedError)
+    assert isinstance(caught.value, HandshakeTimeoutError)
+
+
+async def test_a_handshake_timeout_of_none_is_the_default_limit(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncio takes None for its default; it must not mean no limit
+    monkeypatch.setattr(protocol, "HANDSHAKE_TIMEOUT", 0.5)
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = int(silent.getsockname()[1])
+    with silent:
+        started = time.monotonic()
+        with pytest.raises(HandshakeTimeoutError, match="0.5 s"):
+            await asyncio.wait_for(
+                mptls.open_connection(
+                    "127.0.0.1",
+                    port,
+                    ssl=pki.client(),
+                    ssl_handshake_timeout=None,
+                ),
+                10,
+            )
+        assert time.monotonic() - started < 5.0
 
 
 async def test_client_closing_right_after_the_handshake(pki: Pki) -> None:

@@ -34,6 +34,7 @@ from mptls.backends.base import (
 )
 from mptls.backends.buffers import read_buffer
 from mptls.errors import (
+    HandshakeTimeoutError,
     KeysUnavailableError,
     MptlsError,
     MptlsTimeoutError,
@@ -51,6 +52,9 @@ logger = logging.getLogger("mptls.aio")
 # how long a socket transport that the application closed waits for the
 # peer's close_notify before it gives up (asyncio's default)
 SHUTDOWN_TIMEOUT = 30.0
+# how long the TLS handshake may take when the caller gave None, which
+# asyncio takes as its default too: never as no limit
+HANDSHAKE_TIMEOUT = 30.0
 
 
 _Sink = Callable[[memoryview], object]
@@ -180,8 +184,10 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._app_protocol_factory = app_protocol_factory
         self._server_side = server_side
         self._require_app_keys = require_app_keys
-        self._handshake_timeout = handshake_timeout
-        # None is asyncio's default, as for asyncio's own keyword
+        # None is the default, as for asyncio's own keywords
+        self._handshake_timeout = (
+            HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout
+        )
         self._shutdown_timeout = (
             SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
         )
@@ -240,10 +246,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # in one frame; a socket transport does neither
         self._write_out = getattr(sent_to, "write_owned", sent_to.write)
         self._write_final = getattr(sent_to, "write_final", None)
-        if self._handshake_timeout is not None:
-            self._timeout_handle = self._loop.call_later(
-                self._handshake_timeout, self._on_handshake_timeout
-            )
+        self._timeout_handle = self._loop.call_later(
+            self._handshake_timeout, self._on_handshake_timeout
+        )
         if not self._server_side:
             self._engine.start()
             self._flush()
@@ -299,7 +304,12 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             return False
         if self._app_transport is None:
             self._left_silent()
-            self._fail(TLSError("peer closed during the TLS handshake"))
+            # a ConnectionResetError, as asyncio's TLS reports this end
+            self._fail(
+                PeerResetError(
+                    "the peer closed the connection during the TLS handshake"
+                )
+            )
             return False
         if not self._engine.eof_received:
             # an end without close_notify may be a truncation: never
@@ -446,7 +456,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._timeout_handle = None
         if self._app_transport is None:
             self._fail(
-                MptlsTimeoutError(
+                HandshakeTimeoutError(
                     "TLS handshake did not complete within "
                     f"{self._handshake_timeout} s"
                 )

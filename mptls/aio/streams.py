@@ -238,7 +238,9 @@ async def create_connection(
     ``local_addrs`` lists local addresses: the first carries the first
     subflow, each further one an extra subflow. ``require_app_keys``
     fails the connection before any application data if the backend
-    cannot install the TLS-derived keys. ``ssl_shutdown_timeout`` is how
+    cannot install the TLS-derived keys. ``ssl_handshake_timeout`` bounds
+    the TLS handshake (``None``: the default, 30 s, as asyncio takes
+    ``None`` for its own; never no limit). ``ssl_shutdown_timeout`` is how
     long a close waits for the peer's close_notify over a socket
     transport (the kernel backend), as asyncio's does (``None``: its
     default, 30 s); the userspace backend ends the stream in order
