@@ -9,7 +9,8 @@ Where asyncio with stdlib ``ssl`` raises a standard exception for the
 same event, the mptls error is one too, so that code written for asyncio
 streams catches it unchanged: a TLS failure is an ``ssl.SSLError``, a
 certificate that does not verify an ``ssl.SSLCertVerificationError``, a
-peer's reset or a connection that lost every path a
+peer's reset, a connection that lost every path or a peer that ends it
+in the handshake (one that is not mptls's too) a
 ``ConnectionResetError``, a refused connect a ``ConnectionRefusedError``
 (any other refusal of the OS an ``OSError`` with its ``errno``), a
 timeout a ``TimeoutError`` (the TLS handshake's a
@@ -53,10 +54,23 @@ class FramingError(ProtocolError):
     """A userspace subflow frame is malformed."""
 
 
-class NotMptlsPeerError(ProtocolError):
-    """The peer does not speak the mptls userspace wire."""
+class NotMptlsPeerError(ProtocolError, ConnectionResetError):
+    """The peer does not speak the mptls userspace wire.
+
+    A ``ConnectionResetError`` too (``errno`` ``ECONNRESET``): a server
+    that is not mptls's ends the connection before the TLS handshake is
+    over, for which asyncio's TLS raises one, so code written for it
+    still catches this.
+    """
 
     reset_reason = None
+
+    def __init__(self, message: str, *, reset_reason: int | None = None):
+        super().__init__(message, reset_reason=reset_reason)
+        _set_errno(self, _errno.ECONNRESET, message)
+
+    def __str__(self) -> str:
+        return _message_of(self)
 
 
 class JoinRefusedError(ProtocolError):
