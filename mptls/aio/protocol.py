@@ -186,7 +186,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._require_app_keys = require_app_keys
         # None is the default, as for asyncio's own keywords
         self._handshake_timeout = (
-            HANDSHAKE_TIMEOUT if handshake_timeout is None else handshake_timeout
+            HANDSHAKE_TIMEOUT
+            if handshake_timeout is None
+            else handshake_timeout
         )
         self._shutdown_timeout = (
             SHUTDOWN_TIMEOUT if shutdown_timeout is None else shutdown_timeout
