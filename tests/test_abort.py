@@ -108,6 +108,28 @@ def test_a_server_abort_under_unread_data_reaches_the_client_on_uvloop(
     _assert_all_aborts(outcomes)
 
 
+async def test_the_client_answers_mp_fastclose_with_a_reset(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RFC 8684 section 3.5: the connection is gone, and what the client
+    # still had queued reaches nobody. It resets its subflows rather
+    # than send all that first: the server's linger ends at once
+    ends: dict[SubflowProtocol, Exception | None] = {}
+    recorded = SubflowProtocol.connection_lost
+
+    def recording(subflow: SubflowProtocol, exc: Exception | None) -> None:
+        ends[subflow] = exc
+        recorded(subflow, exc)
+
+    monkeypatch.setattr(SubflowProtocol, "connection_lost", recording)
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    subflows: list[SubflowProtocol] = []
+    _assert_all_aborts(await _server_aborts(pki, 3, subflows))
+    assert subflows
+    for subflow in subflows:
+        assert isinstance(ends[subflow], ConnectionResetError)
+
+
 async def test_a_client_abort_under_unread_data_reaches_the_server(
     pki: Pki,
 ) -> None:

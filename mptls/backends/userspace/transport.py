@@ -499,8 +499,15 @@ class MultipathTransport(asyncio.Transport):
             return
         self._closed = True
         self._closing = True
+        # the peer aborted: what this end still has queued on the
+        # subflows reaches nobody, and the peer waits for their close
+        # (its own close_after_reset), so they end with a reset now
+        aborted = isinstance(error, PeerResetError)
         for subflow in self._subflows.values():
-            subflow.close()
+            if aborted:
+                subflow.reset()
+            else:
+                subflow.close()
         self._subflows.clear()
         self.paths.close()
         self._derive = None
