@@ -48,6 +48,16 @@ _MAX_IOV = 1024
 # it (its last frames) before its TCP connection is reset: a path that
 # takes nothing more would otherwise keep the socket until TCP gives up
 CLOSE_LINGER = 10.0
+# seconds a subflow that carried a reset frame (MP_FASTCLOSE: an abort)
+# stays open after it, read and thrown away, so that its close does not
+# find unread bytes: the kernel answers such a close with a TCP reset
+# that drops what is still queued to go, the reset frame included. The
+# peer closes its side when the frame arrives, usually one round trip
+# later; when it has not, and nothing more left in those seconds (a peer
+# that stopped taking bytes, or has them all and never answers), the
+# connection is reset. While the bytes before the frame still leave (a
+# slow path) it waits again, up to CLOSE_LINGER in all
+ABORT_LINGER = 2.0
 
 
 class SegmentSink(Protocol):
@@ -82,6 +92,12 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self._gather = False
         self._fileno = -1
         self._decoder = SegmentDecoder(preamble=True)
+        # after a reset frame: what arrives is read and thrown away
+        self._draining = False
+        self._linger: asyncio.TimerHandle | None = None
+        # what was still queued at the last look, and when it ends
+        self._linger_queued = 0
+        self._linger_end = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's transports subclass asyncio.Transport; uvloop's have
@@ -111,6 +127,10 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self._decoder.payload_views = True
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._draining:
+            # the connection was aborted: nothing is decoded or kept,
+            # the bytes only leave the socket (see close_after_reset)
+            return
         # a view of the shared buffer, not bytes: the decoder takes any
         # buffer and copies what it keeps; subclasses count and forward
         self.data_received(cast(bytes, read_buffer()[:nbytes]))
@@ -142,10 +162,15 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self.close()
 
     def eof_received(self) -> bool:
+        # asyncio closes the transport: the peer's FIN also ends the
+        # lingering of close_after_reset
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         was_closed, self.closed = self.closed, True
         if not was_closed:
             self.sink.subflow_lost(self, exc)
@@ -158,8 +183,14 @@ class SubflowProtocol(asyncio.BufferedProtocol):
 
     def unsent(self) -> int:
         """Bytes written here that have not left for the network yet."""
+        if self.closed:
+            return 0
+        return self._queued()
+
+    def _queued(self) -> int:
+        """Bytes asyncio and the kernel hold for this socket, unsent."""
         transport = self.transport
-        if transport is None or self.closed:
+        if transport is None or self.gone:
             return 0
         size = transport.get_write_buffer_size()
         if self._fileno >= 0 and self._outq_works:
@@ -232,16 +263,71 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         """
         self.closed = True
         transport = self.transport
-        if transport is None or self.gone:
+        if transport is None or self.gone or self._draining:
             return
         transport.close()
         if transport.get_write_buffer_size():
             with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().call_later(
-                    CLOSE_LINGER, self._abort_lingering
-                )
+                asyncio.get_running_loop().call_later(CLOSE_LINGER, self.reset)
 
-    def _abort_lingering(self) -> None:
+    def close_after_reset(self) -> None:
+        """Close once the peer has the reset frame just written here.
+
+        A socket closed with bytes of the peer's still unread is reset
+        by the kernel, and the reset drops what waits in its send queue:
+        an abort's MP_FASTCLOSE, queued behind data, never arrived, and
+        the peer took the abort for lost paths (a refused rejoin). So
+        the socket stays open: what comes is read and thrown away, never
+        kept; once the queued bytes are out the write side is shut
+        (the FIN follows the frame); the close comes when the peer
+        closes or resets, as it does on the frame, or as a reset once
+        :data:`ABORT_LINGER` passed with nothing more leaving (at most
+        :data:`CLOSE_LINGER` in all).
+        """
+        self.closed = True
+        transport = self.transport
+        if (
+            transport is None
+            or self.gone
+            or self._draining
+            or transport.is_closing()
+        ):
+            return
+        self._draining = True
+        try:
+            # asyncio and uvloop shut the write side once their buffer
+            # has gone to the socket
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.reset()
+            return
+        loop = asyncio.get_running_loop()
+        self._linger_queued = self._queued()
+        self._linger_end = loop.time() + CLOSE_LINGER
+        self._linger = loop.call_later(ABORT_LINGER, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        """No close from the peer within :data:`ABORT_LINGER`: wait
+        again if the bytes before the reset frame still leave (a slow
+        path), up to :data:`CLOSE_LINGER` in all; reset otherwise."""
+        self._linger = None
+        if self.gone:
+            return
+        queued = self._queued()
+        loop = asyncio.get_running_loop()
+        left = self._linger_end - loop.time()
+        if queued < self._linger_queued and left > 0:
+            self._linger_queued = queued
+            self._linger = loop.call_later(
+                min(ABORT_LINGER, left), self._linger_expired
+            )
+            return
+        self.reset()
+
+    def reset(self) -> None:
+        """End the TCP connection at once with a reset, dropping what
+        it holds (a lingering close that waited long enough)."""
+        self.closed = True
         # not once connection_lost came: asyncio's abort() then fails
         if self.gone or self.transport is None:
             return

@@ -42,6 +42,7 @@ _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_LOW_WATER = 1024 * 1024
 # the flag bits that open or end a subflow, as plain ints
 _SYN_BIT = int(Flag.SYN)
+_RST_BIT = int(Flag.RST)
 _CLOSING_BITS = int(Flag.FIN | Flag.RST)
 _EDGE_BITS = _SYN_BIT | _CLOSING_BITS
 # what a subflow may hold unsent (asyncio's buffer and the kernel's send
@@ -245,7 +246,8 @@ class MultipathTransport(asyncio.Transport):
                 free = _SUBFLOW_QUEUE - tcp.unsent() if several else UNCAPPED
                 room(subflow_id, free)
         out: dict[int, list[Payload]] = {}
-        closing: list[int] = []
+        # the subflows to close, and whether a reset frame went on each
+        closing: dict[int, bool] = {}
         sent = self._core.segments_to_send(now)
         if (capture := pcap.active) is not None:
             capture.frames_sent(self._subflows, sent)
@@ -263,7 +265,9 @@ class MultipathTransport(asyncio.Transport):
                     # Finished's work
                     out = {subflow_id: [], **out}
                 if edge & _CLOSING_BITS:
-                    closing.append(subflow_id)
+                    closing[subflow_id] = closing.get(subflow_id, False) or (
+                        bool(edge & _RST_BIT)
+                    )
             # header and payload apart: send gathers them
             parts = out.setdefault(subflow_id, [])
             parts.append(encode_head(segment))
@@ -273,11 +277,19 @@ class MultipathTransport(asyncio.Transport):
             subflow = self._subflows.get(subflow_id)
             if subflow is not None:
                 subflow.send(chunks)
-        closing.extend(self._closing_subflows)
+        for subflow_id in self._closing_subflows:
+            closing.setdefault(subflow_id, False)
         self._closing_subflows.clear()
-        for subflow_id in closing:
+        for subflow_id, reset in closing.items():
             subflow = self._subflows.pop(subflow_id, None)
-            if subflow is not None:
+            if subflow is None:
+                continue
+            if reset and self._core.closed:
+                # the reset frames of an abort or a failure (with its
+                # MP_FASTCLOSE) must reach the peer: a subflow that
+                # carries one lingers rather than closes
+                subflow.close_after_reset()
+            else:
                 subflow.close()
 
     def _handle_events(self) -> None:
@@ -487,8 +499,15 @@ class MultipathTransport(asyncio.Transport):
             return
         self._closed = True
         self._closing = True
+        # the peer aborted: what this end still has queued on the
+        # subflows reaches nobody, and the peer waits for their close
+        # (its own close_after_reset), so they end with a reset now
+        aborted = isinstance(error, PeerResetError)
         for subflow in self._subflows.values():
-            subflow.close()
+            if aborted:
+                subflow.reset()
+            else:
+                subflow.close()
         self._subflows.clear()
         self.paths.close()
         self._derive = None

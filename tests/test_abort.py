@@ -1,0 +1,355 @@
+"""An abort reaches the peer as an abort, with unread data on its way.
+
+On the userspace backend MP_FASTCLOSE travels in the subflow's byte
+stream. An end that aborts while the peer's bytes wait unread in its
+socket must not let the kernel answer its close with a TCP reset: the
+reset drops what is still queued to go, the MP_FASTCLOSE included, and
+the peer then took the abort for lost paths and failed on a refused
+rejoin (``JoinRefusedError``) or a path loss timeout. The subflow that
+carried the reset frame lingers instead (``close_after_reset``): it
+reads and drops what comes, shuts its write side, and closes when the
+peer does, or after ``ABORT_LINGER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from pki import Pki
+
+import mptls
+from mptls.backends.userspace import subflow as subflow_module
+from mptls.backends.userspace.subflow import SubflowProtocol
+from mptls.errors import PeerResetError
+from mptls.mptcp.framing import PREAMBLE
+
+ROUNDS = 20
+# more than the data-level window and the socket buffers take at once:
+# the aborting end still has its own bytes queued, and the peer's wait
+# unread in its socket, when it aborts
+PAYLOAD = bytes(6 << 20)
+
+
+async def _server_aborts(
+    pki: Pki, rounds: int, subflows: list[SubflowProtocol] | None = None
+) -> list[BaseException | None]:
+    """What the client's read ends with, for each of ``rounds``
+    connections whose server writes a burst and aborts while the
+    client is still writing; the server's subflows go to ``subflows``.
+
+    The client answers the MP_FASTCLOSE by closing its side, which ends
+    the server's lingering subflows long before ``ABORT_LINGER`` (set
+    far beyond the test's wait by the callers).
+    """
+    aborting = [] if subflows is None else subflows
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # the client goes on writing; the handler reads no more
+        await reader.readexactly(1)
+        for tcp in writer.get_extra_info("subflow_transports").values():
+            aborting.append(tcp.get_protocol())
+        writer.write(PAYLOAD)
+        writer.transport.abort()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    outcomes: list[BaseException | None] = []
+    async with server:
+        for _ in range(rounds):
+            reader, writer = await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client()
+            )
+            writer.write(PAYLOAD)
+            try:
+                async with asyncio.timeout(10):
+                    await reader.read()
+            except Exception as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+            writer.close()
+            async with asyncio.timeout(5):
+                while not all(subflow.gone for subflow in aborting):
+                    await asyncio.sleep(0)
+    return outcomes
+
+
+def _assert_all_aborts(outcomes: list[BaseException | None]) -> None:
+    wrong = [
+        repr(outcome)
+        for outcome in outcomes
+        if not isinstance(outcome, PeerResetError)
+        or "MP_FASTCLOSE" not in str(outcome)
+    ]
+    assert not wrong, f"{len(wrong)} of {len(outcomes)}: {wrong[:3]}"
+
+
+async def test_a_server_abort_under_unread_data_reaches_the_client(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    _assert_all_aborts(await _server_aborts(pki, ROUNDS))
+
+
+def test_a_server_abort_under_unread_data_reaches_the_client_on_uvloop(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvloop shuts the write side and reads on its own terms
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        outcomes = runner.run(_server_aborts(pki, ROUNDS // 2))
+    _assert_all_aborts(outcomes)
+
+
+async def test_the_client_answers_mp_fastclose_with_a_reset(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RFC 8684 section 3.5: the connection is gone, and what the client
+    # still had queued reaches nobody. It resets its subflows rather
+    # than send all that first: the server's linger ends at once
+    ends: dict[SubflowProtocol, Exception | None] = {}
+    recorded = SubflowProtocol.connection_lost
+
+    def recording(subflow: SubflowProtocol, exc: Exception | None) -> None:
+        ends[subflow] = exc
+        recorded(subflow, exc)
+
+    monkeypatch.setattr(SubflowProtocol, "connection_lost", recording)
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    subflows: list[SubflowProtocol] = []
+    _assert_all_aborts(await _server_aborts(pki, 3, subflows))
+    assert subflows
+    for subflow in subflows:
+        assert isinstance(ends[subflow], ConnectionResetError)
+
+
+async def test_a_client_abort_under_unread_data_reaches_the_server(
+    pki: Pki,
+) -> None:
+    loop = asyncio.get_running_loop()
+    outcomes: list[asyncio.Future[BaseException | None]] = []
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        outcome = outcomes[-1]
+        writer.write(PAYLOAD)
+        try:
+            await reader.read()
+        except Exception as exc:
+            outcome.set_result(exc)
+        else:
+            outcome.set_result(None)
+        writer.close()
+
+    # a lost MP_FASTCLOSE leaves the server waiting for a rejoin: a path
+    # loss timeout short enough to show as a wrong error, not a hang
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server(), path_loss_timeout=2.0
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    ended: list[BaseException | None] = []
+    async with server:
+        for _ in range(ROUNDS):
+            outcomes.append(loop.create_future())
+            reader, writer = await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client()
+            )
+            async with asyncio.timeout(10):
+                # the server is writing its burst: the client's socket
+                # holds its bytes unread as the client aborts
+                await reader.readexactly(1)
+                writer.write(PAYLOAD)
+                writer.transport.abort()
+                ended.append(await outcomes[-1])
+    _assert_all_aborts(ended)
+
+
+# one subflow on a TCP connection whose far end the test drives
+
+
+class _Sink:
+    """Records what the subflow hands on: after a reset frame, nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def segments_received(self, subflow: object, segments: object) -> None:
+        self.calls.append("segments")
+
+    def subflow_lost(self, subflow: object, exc: object) -> None:
+        self.calls.append("lost")
+
+    def subflow_writable(self, subflow: object, writable: bool) -> None:
+        pass
+
+
+class _Watched(SubflowProtocol):
+    """Resolves ``lost`` with the loop's time when its TCP connection
+    is gone."""
+
+    def __init__(self, sink: _Sink) -> None:
+        super().__init__(sink, initiator=True)
+        self.lost: asyncio.Future[float] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(asyncio.get_running_loop().time())
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one TCP connection on loopback: (near, far), with
+    small buffers so that a megabyte waits in the near end's queue."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    far.setblocking(False)
+    return near, far
+
+
+async def _read_to_end(sock: socket.socket, limit: int) -> bytes:
+    """What ``sock`` reads up to the peer's FIN (at most ``limit``)."""
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    while len(received) <= limit:
+        chunk = await loop.sock_recv(sock, 256 * 1024)
+        if not chunk:
+            return bytes(received)
+        received += chunk
+    raise AssertionError(f"more than {limit} bytes and no end")
+
+
+async def _lingering(
+    far: socket.socket, sink: _Sink, near: socket.socket
+) -> tuple[_Watched, asyncio.Transport, bytes]:
+    """A subflow on ``near`` that wrote a megabyte (its reset frame
+    last) and closed after it while the far end's bytes waited unread
+    in ``near``; returns it, its transport and what it wrote."""
+    loop = asyncio.get_running_loop()
+    subflow = _Watched(sink)
+    transport, _ = await loop.connect_accepted_socket(lambda: subflow, near)
+    frames = bytes(range(256)) * 4096
+    subflow.send([frames])
+    assert transport.get_write_buffer_size()
+    # no loop step between these: the far end's bytes are unread when
+    # the close comes, as an aborting server's client's are
+    far.send(b"unread bytes of the peer")
+    subflow.close_after_reset()
+    return subflow, transport, PREAMBLE + frames
+
+
+async def test_a_reset_frame_reaches_a_peer_whose_bytes_wait_unread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # far beyond the wait below: the linger ends on the peer's close
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    near, far = _tcp_pair()
+    sink = _Sink()
+    subflow, transport, written = await _lingering(far, sink, near)
+    try:
+        async with asyncio.timeout(10):
+            # everything written arrives, then the FIN: no reset
+            assert await _read_to_end(far, len(written)) == written
+            # what the peer sends meanwhile is read and dropped
+            far.send(b"more bytes of the peer" * 1000)
+            far.shutdown(socket.SHUT_WR)
+            await subflow.lost
+        assert near.fileno() == -1
+        assert sink.calls == []
+    finally:
+        if not subflow.lost.done():
+            transport.abort()
+        far.close()
+
+
+@pytest.mark.parametrize("far_reads", [False, True], ids=["deaf", "mute"])
+async def test_a_lingering_subflow_is_reset_after_abort_linger(
+    monkeypatch: pytest.MonkeyPatch, far_reads: bool
+) -> None:
+    # a peer that never reads (the queue never drains, so the write side
+    # is never shut), or reads but never closes: the socket is reset
+    # after ABORT_LINGER, not held for as long as the peer likes
+    linger = 0.3
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", linger)
+    loop = asyncio.get_running_loop()
+    near, far = _tcp_pair()
+    sink = _Sink()
+    started = loop.time()
+    subflow, transport, written = await _lingering(far, sink, near)
+    try:
+        async with asyncio.timeout(10):
+            if far_reads:
+                assert await _read_to_end(far, len(written)) == written
+            gone_at = await subflow.lost
+        # it lingered: neither closed at once nor held much past it
+        assert linger * 0.9 <= gone_at - started < linger + 5.0
+        assert near.fileno() == -1
+        assert sink.calls == []
+        if not far_reads:
+            # the far end hears a reset, not an end it would wait on
+            with pytest.raises(ConnectionResetError):
+                await _read_to_end(far, len(written))
+    finally:
+        if not subflow.lost.done():
+            transport.abort()
+        far.close()
+
+
+async def _read_slowly(sock: socket.socket, pause: float) -> bytes:
+    """What ``sock`` reads up to the peer's FIN, taking a little at a
+    time: a slow path (a bounded count of reads)."""
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    for _ in range(1000):
+        chunk = await loop.sock_recv(sock, 32 * 1024)
+        if not chunk:
+            return bytes(received)
+        received += chunk
+        await asyncio.sleep(pause)
+    raise AssertionError("no end after 1000 reads")
+
+
+@pytest.mark.parametrize("limit", [30.0, 0.5], ids=["ends", "cut"])
+async def test_a_lingering_subflow_waits_while_its_queue_drains(
+    monkeypatch: pytest.MonkeyPatch, limit: float
+) -> None:
+    # the bytes before the reset frame take longer than ABORT_LINGER to
+    # leave on a slow path: the linger waits again while they move (the
+    # frame and the FIN still arrive), up to CLOSE_LINGER in all
+    linger = 0.2
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", linger)
+    monkeypatch.setattr(subflow_module, "CLOSE_LINGER", limit)
+    loop = asyncio.get_running_loop()
+    near, far = _tcp_pair()
+    sink = _Sink()
+    started = loop.time()
+    subflow, transport, written = await _lingering(far, sink, near)
+    try:
+        async with asyncio.timeout(10):
+            if limit > linger * 10:
+                assert await _read_slowly(far, linger / 10) == written
+                # slower than one linger: it was waited for
+                assert loop.time() - started > 2 * linger
+                far.shutdown(socket.SHUT_WR)
+            else:
+                with pytest.raises(ConnectionResetError):
+                    await _read_slowly(far, linger / 10)
+            gone_at = await subflow.lost
+        assert gone_at - started < limit + linger + 5.0
+        assert sink.calls == []
+    finally:
+        if not subflow.lost.done():
+            transport.abort()
+        far.close()
