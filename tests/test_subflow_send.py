@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import struct
+import sys
 
 import pytest
 
@@ -145,4 +147,54 @@ async def test_a_subflow_closed_on_a_live_path_sends_what_it_held() -> None:
     finally:
         if not subflow.lost.done():
             transport.abort()
+        far.close()
+
+
+def test_tcp_queue_reads_the_fields_of_linux_tcp_info() -> None:
+    raw = bytearray(subflow_module._TCP_INFO.size)
+    for offset, value, fmt in (
+        (16, 1448, "=I"),  # tcpi_snd_mss
+        (68, 200_000, "=I"),  # tcpi_rtt: 200 ms
+        (80, 10, "=I"),  # tcpi_snd_cwnd
+        (144, 12_345, "=I"),  # tcpi_notsent_bytes
+        (160, 50_000, "=Q"),  # tcpi_delivery_rate
+    ):
+        struct.pack_into(fmt, raw, offset, value)
+    # the window carries 72,400 B/s, more than the last sample's 50,000
+    assert subflow_module.tcp_queue(bytes(raw)) == (12_345, 72_400.0)
+    struct.pack_into("=Q", raw, 160, 90_000)
+    assert subflow_module.tcp_queue(bytes(raw)) == (12_345, 90_000.0)
+    # a kernel before 4.9 stops short of the delivery rate
+    assert subflow_module.tcp_queue(bytes(raw[:104])) is None
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="TCP_INFO is Linux's"
+)
+async def test_queue_state_counts_what_the_kernel_has_not_sent() -> None:
+    # a peer that reads nothing: its window closes and the kernel holds
+    # the rest unsent, which the ioctl and TCP_INFO must count alike
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        near = socket.create_connection(server.getsockname())
+        far, _ = server.accept()
+    near.setblocking(False)
+    loop = asyncio.get_running_loop()
+    subflow = SubflowProtocol(_Sink(), initiator=True)  # type: ignore[arg-type]
+    transport, _ = await loop.connect_accepted_socket(lambda: subflow, near)
+    try:
+        for _ in range(100):
+            subflow.send(b"x" * 65536)
+            if transport.get_write_buffer_size():
+                break
+        for _ in range(50):
+            # until the kernel's unsent count stops moving
+            before = subflow.unsent()
+            await asyncio.sleep(0.02)
+            if subflow.unsent() == before:
+                break
+        unsent, rate = subflow.queue_state()
+        assert unsent == subflow.unsent() > 0
+        assert rate > 0
+    finally:
+        transport.abort()
         far.close()

@@ -133,8 +133,8 @@ class WriteLog:
     def send(self, chunks: list[Any]) -> None:
         self.log.append(self.subflow_id)
 
-    def unsent(self) -> int:
-        return 0
+    def queue_state(self) -> tuple[int, float]:
+        return 0, 0.0
 
 
 async def test_a_join_syn_is_written_before_the_first_subflows_data() -> None:
@@ -155,14 +155,34 @@ async def test_a_join_syn_is_written_before_the_first_subflows_data() -> None:
 
 
 class QueuedLog(WriteLog):
-    """A subflow whose socket holds ``queued`` bytes not yet sent."""
+    """A subflow whose socket holds ``queued`` bytes not yet sent, on a
+    path whose kernel reports ``rate`` bytes per second (0: unknown)."""
 
-    def __init__(self, subflow_id: int, queued: int) -> None:
+    def __init__(
+        self, subflow_id: int, queued: int, rate: float = 0.0
+    ) -> None:
         super().__init__(subflow_id, [])
         self.queued = queued
+        self.rate = rate
 
-    def unsent(self) -> int:
-        return self.queued
+    def queue_state(self) -> tuple[int, float]:
+        return self.queued, self.rate
+
+
+def _rooms(
+    subflows: dict[int, QueuedLog], *, reinjecting: bool = False
+) -> list[tuple[int, int]]:
+    """The queue room one flush gives each subflow."""
+    transport, core, _ = make_transport()
+    core.send_buffer_size = 1 << 20
+    core.has_reinjection = reinjecting  # type: ignore[attr-defined]
+    rooms: list[tuple[int, int]] = []
+    core.set_queue_room = lambda subflow_id, room: rooms.append(  # type: ignore[attr-defined]
+        (subflow_id, room)
+    )
+    transport._subflows = subflows  # type: ignore[assignment]
+    transport._flush()
+    return rooms
 
 
 @pytest.mark.parametrize("reinjecting", [False, True])
@@ -172,19 +192,39 @@ async def test_one_subflow_is_capped_only_while_data_is_sent_again(
     # one path: its queue is measured (a system call per flush) only
     # while a lost subflow's data waits to be sent again, so that the
     # copies wait in the core, where a Data ACK can still drop them
-    transport, core, _ = make_transport()
-    core.send_buffer_size = 1 << 20
-    core.has_reinjection = reinjecting  # type: ignore[attr-defined]
-    rooms: list[tuple[int, int]] = []
-    core.set_queue_room = lambda subflow_id, room: rooms.append(  # type: ignore[attr-defined]
-        (subflow_id, room)
-    )
-    transport._subflows = {0: QueuedLog(0, 200_000)}  # type: ignore[dict-item]
-    transport._flush()
+    rooms = _rooms({0: QueuedLog(0, 200_000)}, reinjecting=reinjecting)
     if reinjecting:
         assert rooms == [(0, transport_module._SUBFLOW_QUEUE - 200_000)]
     else:
         assert rooms == [(0, UNCAPPED)]
+
+
+async def test_a_lone_subflow_on_a_slow_path_queues_a_quarter_second() -> None:
+    # a soak (20 Mbit/s shared by 30 connections) saw a lone subflow
+    # hold 2 MiB in its socket at tens of kB/s: the other direction's
+    # Data ACKs, written behind it, came after the peer's close_timeout
+    # and path_loss_timeout had given up on a path that delivered. At
+    # 80 kB/s the socket now takes 20 kB, the rest waits in the core
+    assert _rooms({0: QueuedLog(0, 5_000, rate=80_000.0)}) == [(0, 15_000)]
+    # what the floor leaves (a record) on a path slower still
+    assert _rooms({0: QueuedLog(0, 5_000, rate=8_000.0)}) == [
+        (0, transport_module._MIN_QUEUE - 5_000)
+    ]
+    # a fast path keeps what a bulk transfer needs: the cap is far off
+    rooms = _rooms({0: QueuedLog(0, 5_000, rate=1e9)})
+    assert rooms == [(0, 250_000_000 - 5_000)]
+
+
+async def test_several_subflows_take_the_lower_of_the_two_caps() -> None:
+    # 100 Mbit/s: the 256 KiB cap holds less than a quarter second
+    fast = QueuedLog(0, 1_000, rate=12.5e6)
+    # 40 kB/s: a quarter second is 10 kB, below the floor
+    slow = QueuedLog(1, 1_000, rate=40_000.0)
+    cap = transport_module._SUBFLOW_QUEUE
+    assert _rooms({0: fast, 1: slow}) == [
+        (0, cap - 1_000),
+        (1, transport_module._MIN_QUEUE - 1_000),
+    ]
 
 
 # address ids (RFC 8684 sections 3.2 and 3.4.1), over loopback

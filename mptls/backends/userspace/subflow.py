@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import socket
+import struct
 import sys
 from typing import Any, Protocol, cast
 
@@ -37,6 +38,11 @@ logger = logging.getLogger("mptls.userspace")
 
 # Linux's ioctl for the bytes of a TCP socket's queue not yet sent
 _SIOCOUTQNSD = 0x894B
+# Linux's struct tcp_info (its fields only ever grow at the end):
+# tcpi_snd_mss, tcpi_rtt (microseconds), tcpi_snd_cwnd,
+# tcpi_notsent_bytes and tcpi_delivery_rate (bytes per second, 4.9 on)
+_TCP_INFO = struct.Struct("=16xI48xI8xI60xI12xQ")
+_TCP_INFO_OPTION: int | None = getattr(socket, "TCP_INFO", None)
 # asyncio's own socket transport joins what writelines gets before
 # Python 3.12 (a copy of every flush); from 3.12 it sends them gathered
 _JOINING_TRANSPORT = (
@@ -89,6 +95,8 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         # connection_lost has come: the transport is finished
         self.gone = False
         self._outq_works = True
+        self._info_works = True
+        self._socket: socket.socket | None = None
         self._gather = False
         self._fileno = -1
         self._decoder = SegmentDecoder(preamble=True)
@@ -108,6 +116,7 @@ class SubflowProtocol(asyncio.BufferedProtocol):
             # pure Data ACK frames are small: Nagle would hold them back
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._socket = sock
             self._fileno = sock.fileno()
             self._gather = (
                 type(transport).__module__ == _JOINING_TRANSPORT
@@ -203,6 +212,34 @@ class SubflowProtocol(asyncio.BufferedProtocol):
             else:
                 size += count[0]
         return size
+
+    def queue_state(self) -> tuple[int, float]:
+        """:meth:`unsent`, and how fast the path takes bytes (per second).
+
+        The rate is the kernel's (Linux ``TCP_INFO``, one system call
+        for both): the larger of its last delivery rate sample and what
+        its congestion window carries per round trip, so that a sample
+        taken while little was queued does not make the path look
+        slower than it is. 0.0 where the kernel does not say.
+        """
+        transport = self.transport
+        if transport is None or self.closed:
+            return 0, 0.0
+        option, sock = _TCP_INFO_OPTION, self._socket
+        if self._info_works and option is not None and sock is not None:
+            try:
+                raw = sock.getsockopt(
+                    socket.IPPROTO_TCP, option, _TCP_INFO.size
+                )
+            except (OSError, ValueError):
+                raw = b""
+            found = tcp_queue(raw)
+            if found is not None:
+                notsent, rate = found
+                return transport.get_write_buffer_size() + notsent, rate
+            # an older kernel, or not TCP: the ioctl, and no rate
+            self._info_works = False
+        return self.unsent(), 0.0
 
     def send(self, data: bytes | list[Payload]) -> None:
         """Write frames: one buffer, or headers and payload views.
@@ -344,6 +381,20 @@ class SubflowProtocol(asyncio.BufferedProtocol):
 
     def address(self, which: str) -> tuple[str, int] | None:
         return host_port(self.name(which))
+
+
+def tcp_queue(raw: bytes) -> tuple[int, float] | None:
+    """Unsent bytes and path rate from a Linux ``struct tcp_info``.
+
+    None if ``raw`` is too short to hold them (a kernel before 4.9).
+    The rate is the larger of ``tcpi_delivery_rate`` and congestion
+    window x MSS / smoothed RTT; 0.0 while neither is known.
+    """
+    if len(raw) < _TCP_INFO.size:
+        return None
+    mss, rtt_us, cwnd, notsent, delivery = _TCP_INFO.unpack_from(raw)
+    window_rate = cwnd * mss * 1e6 / rtt_us if rtt_us else 0.0
+    return notsent, max(float(delivery), window_rate)
 
 
 def host_port(name: Any) -> tuple[str, int] | None:

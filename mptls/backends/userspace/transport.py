@@ -50,6 +50,16 @@ _EDGE_BITS = _SYN_BIT | _CLOSING_BITS
 # about 20 ms at 100 Mbit/s; bytes queued past it would make the stream
 # wait for a slow path rather than leave on a faster one
 _SUBFLOW_QUEUE = 256 * 1024
+# and at most what the path sends in this long, alone or not: every
+# frame written later (the Data ACKs of the other direction among them)
+# waits behind the queue, and a subflow holding seconds of it delays
+# the peer's view of progress past its timeouts (a soak at 20 Mbit/s
+# shared by 30 connections queued 2 MiB, minutes at its rate). Data
+# kept in the core instead can still go on a path that joins, and a
+# Data ACK that comes meanwhile drops what the peer already has
+_QUEUE_SECONDS = 0.25
+# the least such a limit leaves: one TLS record's worth
+_MIN_QUEUE = 16 * 1024
 
 
 class MultipathTransport(asyncio.Transport):
@@ -234,17 +244,16 @@ class MultipathTransport(asyncio.Transport):
     def _flush(self) -> None:
         now = self._loop.time()
         if self._core.send_buffer_size:
-            # with one subflow there is no other path to choose: no cap,
-            # and no system call per flush to measure its queue. Unless
-            # data of a lost subflow is to be sent again: past the cap
-            # it would wait in the socket, where a Data ACK that comes
-            # meanwhile (the peer had most of it) can no longer drop it
-            # and the byte the peer waits for queues behind the copies
+            # with one subflow there is no other path to choose: no cap
+            # in bytes, only in time. Unless data of a lost subflow is to
+            # be sent again: past the cap it would wait in the socket,
+            # where a Data ACK that comes meanwhile (the peer had most of
+            # it) can no longer drop it and the byte the peer waits for
+            # queues behind the copies
             several = len(self._subflows) > 1 or self._core.has_reinjection
             room = self._core.set_queue_room
             for subflow_id, tcp in self._subflows.items():
-                free = _SUBFLOW_QUEUE - tcp.unsent() if several else UNCAPPED
-                room(subflow_id, free)
+                room(subflow_id, _queue_room(tcp, several))
         out: dict[int, list[Payload]] = {}
         # the subflows to close, and whether a reset frame went on each
         closing: dict[int, bool] = {}
@@ -958,6 +967,21 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
     events.KeysActivated: MultipathTransport._on_keys_activated,
     events.KeyRotationFailed: MultipathTransport._on_key_rotation_failed,
 }
+
+
+def _queue_room(tcp: SubflowProtocol, several: bool) -> int:
+    """How many more bytes the scheduler may hand ``tcp`` now.
+
+    256 KiB unsent while the subflow shares the stream with others (or
+    copies wait to be sent again), unbounded alone; and, where the
+    kernel tells the path's rate, never more than it sends in
+    :data:`_QUEUE_SECONDS` (at least :data:`_MIN_QUEUE`).
+    """
+    unsent, rate = tcp.queue_state()
+    limit = _SUBFLOW_QUEUE if several else UNCAPPED
+    if rate > 0:
+        limit = min(limit, max(_MIN_QUEUE, int(rate * _QUEUE_SECONDS)))
+    return UNCAPPED if limit == UNCAPPED else limit - unsent
 
 
 def _retrieve(waiter: asyncio.Future[int]) -> None:
