@@ -34,6 +34,7 @@ from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.backends.userspace.transport import MultipathTransport
 from mptls.errors import MptlsError, PeerResetError
 from mptls.mptcp import events
+from mptls.mptcp.config import ConnectionConfig
 from mptls.mptcp.connection import Connection
 from mptls.mptcp.framing import Flag, Segment
 from mptls.mptcp.options import MpJoinSyn, MpJoinSynAck
@@ -45,6 +46,7 @@ class StubCore:
 
     send_buffer_size = 0
     send_pending = 0
+    config = ConnectionConfig()
 
     def __init__(self) -> None:
         self.consumed_bytes = 0
@@ -129,6 +131,7 @@ class WriteLog:
     def __init__(self, subflow_id: int, log: list[int]) -> None:
         self.subflow_id = subflow_id
         self.log = log
+        self.uncapped_until = 0.0
 
     def send(self, chunks: list[Any]) -> None:
         self.log.append(self.subflow_id)
@@ -164,16 +167,23 @@ class QueuedLog(WriteLog):
         super().__init__(subflow_id, [])
         self.queued = queued
         self.rate = rate
+        self.measured = 0
 
     def queue_state(self) -> tuple[int, float]:
+        self.measured += 1
         return self.queued, self.rate
 
 
 def _rooms(
-    subflows: dict[int, QueuedLog], *, reinjecting: bool = False
+    subflows: dict[int, QueuedLog],
+    *,
+    reinjecting: bool = False,
+    transport: MultipathTransport | None = None,
 ) -> list[tuple[int, int]]:
     """The queue room one flush gives each subflow."""
-    transport, core, _ = make_transport()
+    if transport is None:
+        transport, _, _ = make_transport()
+    core = cast(StubCore, transport._core)
     core.send_buffer_size = 1 << 20
     core.has_reinjection = reinjecting  # type: ignore[attr-defined]
     rooms: list[tuple[int, int]] = []
@@ -189,9 +199,9 @@ def _rooms(
 async def test_one_subflow_is_capped_only_while_data_is_sent_again(
     reinjecting: bool,
 ) -> None:
-    # one path: its queue is measured (a system call per flush) only
-    # while a lost subflow's data waits to be sent again, so that the
-    # copies wait in the core, where a Data ACK can still drop them
+    # one path: its queue is capped in bytes only while a lost
+    # subflow's data waits to be sent again, so that the copies wait in
+    # the core, where a Data ACK can still drop them
     rooms = _rooms({0: QueuedLog(0, 200_000)}, reinjecting=reinjecting)
     if reinjecting:
         assert rooms == [(0, transport_module._SUBFLOW_QUEUE - 200_000)]
@@ -212,7 +222,37 @@ async def test_a_lone_subflow_on_a_slow_path_queues_a_quarter_second() -> None:
     ]
     # a fast path keeps what a bulk transfer needs: the cap is far off
     rooms = _rooms({0: QueuedLog(0, 5_000, rate=1e9)})
-    assert rooms == [(0, 250_000_000 - 5_000)]
+    assert rooms == [(0, UNCAPPED)]
+
+
+async def test_a_fast_lone_subflow_is_not_measured_on_every_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a one-path bulk transfer flushes thousands of times a second: a
+    # path whose quarter second is past the in-flight limit cannot be
+    # capped by it, and is measured again only after _RATE_RECHECK
+    clock = [100.0]
+    transport, _, _ = make_transport()
+    monkeypatch.setattr(transport._loop, "time", lambda: clock[0])
+    limit = ConnectionConfig().subflow_inflight_limit
+    quarter = transport_module._QUEUE_SECONDS
+    fast = QueuedLog(0, 5_000, rate=8 * limit / quarter)
+    for _ in range(3):
+        assert _rooms({0: fast}, transport=transport) == [(0, UNCAPPED)]
+    assert fast.measured == 1
+    clock[0] += transport_module._RATE_RECHECK
+    _rooms({0: fast}, transport=transport)
+    assert fast.measured == 2
+    # a slow path is measured on every flush: its cap moves with its queue
+    slow = QueuedLog(0, 5_000, rate=80_000.0)
+    for _ in range(3):
+        assert _rooms({0: slow}, transport=transport) == [(0, 15_000)]
+    assert slow.measured == 3
+    # and a subflow among several on every flush, fast or not
+    other = QueuedLog(1, 0, rate=1e9)
+    for _ in range(2):
+        _rooms({0: fast, 1: other}, transport=transport)
+    assert (fast.measured, other.measured) == (4, 2)
 
 
 async def test_several_subflows_take_the_lower_of_the_two_caps() -> None:

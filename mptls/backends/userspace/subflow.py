@@ -96,6 +96,10 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self.gone = False
         self._outq_works = True
         self._info_works = True
+        # until when the transport, while this is its only subflow,
+        # takes its queue to be no limit without measuring it (its
+        # loop's clock)
+        self.uncapped_until = 0.0
         self._socket: socket.socket | None = None
         self._gather = False
         self._fileno = -1

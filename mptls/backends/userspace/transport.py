@@ -60,6 +60,10 @@ _SUBFLOW_QUEUE = 256 * 1024
 _QUEUE_SECONDS = 0.25
 # the least such a limit leaves: one TLS record's worth
 _MIN_QUEUE = 16 * 1024
+# how long a lone subflow found too fast for that limit to bind goes
+# unmeasured: the rate of a path may fall, but what its socket holds
+# then is bounded by the in-flight limit whether it was measured or not
+_RATE_RECHECK = 0.1
 
 
 class MultipathTransport(asyncio.Transport):
@@ -252,8 +256,14 @@ class MultipathTransport(asyncio.Transport):
             # queues behind the copies
             several = len(self._subflows) > 1 or self._core.has_reinjection
             room = self._core.set_queue_room
+            limit = self._core.config.subflow_inflight_limit
             for subflow_id, tcp in self._subflows.items():
-                room(subflow_id, _queue_room(tcp, several))
+                if not several and tcp.uncapped_until > now:
+                    # alone on a path found fast enough a moment ago:
+                    # no system call on a bulk transfer's every flush
+                    room(subflow_id, UNCAPPED)
+                    continue
+                room(subflow_id, _queue_room(tcp, several, now, limit))
         out: dict[int, list[Payload]] = {}
         # the subflows to close, and whether a reset frame went on each
         closing: dict[int, bool] = {}
@@ -969,19 +979,28 @@ _EVENT_HANDLERS: dict[type, Callable[[MultipathTransport, Any], None]] = {
 }
 
 
-def _queue_room(tcp: SubflowProtocol, several: bool) -> int:
+def _queue_room(
+    tcp: SubflowProtocol, several: bool, now: float, inflight_limit: int
+) -> int:
     """How many more bytes the scheduler may hand ``tcp`` now.
 
     256 KiB unsent while the subflow shares the stream with others (or
     copies wait to be sent again), unbounded alone; and, where the
     kernel tells the path's rate, never more than it sends in
-    :data:`_QUEUE_SECONDS` (at least :data:`_MIN_QUEUE`).
+    :data:`_QUEUE_SECONDS` (at least :data:`_MIN_QUEUE`). A bound at
+    or above ``inflight_limit`` cannot be reached (what waits in the
+    socket is in flight too): it is no cap, and a lone subflow is then
+    not measured again for :data:`_RATE_RECHECK`.
     """
     unsent, rate = tcp.queue_state()
     limit = _SUBFLOW_QUEUE if several else UNCAPPED
     if rate > 0:
         limit = min(limit, max(_MIN_QUEUE, int(rate * _QUEUE_SECONDS)))
-    return UNCAPPED if limit == UNCAPPED else limit - unsent
+    if limit >= inflight_limit:
+        if not several:
+            tcp.uncapped_until = now + _RATE_RECHECK
+        return UNCAPPED
+    return limit - unsent
 
 
 def _retrieve(waiter: asyncio.Future[int]) -> None:
