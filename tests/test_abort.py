@@ -20,6 +20,7 @@ import weakref
 
 import pytest
 from pki import Pki
+from support import established
 
 import mptls
 from mptls.backends.userspace import subflow as subflow_module
@@ -130,6 +131,61 @@ async def test_the_client_answers_mp_fastclose_with_a_reset(
     assert subflows
     for subflow in subflows:
         assert isinstance(ends[subflow], ConnectionResetError)
+
+
+async def test_the_client_resets_every_subflow_on_mp_fastclose(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with two subflows the client answers the MP_FASTCLOSE that came
+    # on one with a reset frame on the other: that subflow is reset
+    # too, not kept open to send what it still holds to an aborted peer
+    ends: dict[SubflowProtocol, Exception | None] = {}
+    recorded = SubflowProtocol.connection_lost
+
+    def recording(subflow: SubflowProtocol, exc: Exception | None) -> None:
+        ends[subflow] = exc
+        recorded(subflow, exc)
+
+    monkeypatch.setattr(SubflowProtocol, "connection_lost", recording)
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    aborting: list[SubflowProtocol] = []
+    joined = asyncio.Event()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(1)
+        await joined.wait()
+        for tcp in writer.get_extra_info("subflow_transports").values():
+            aborting.append(tcp.get_protocol())
+        writer.write(PAYLOAD)
+        writer.transport.abort()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=pki.client(),
+            local_addrs=["127.0.0.1", "127.0.0.2"],
+        )
+        writer.write(b"x")
+        await established(writer, 2)
+        joined.set()
+        with pytest.raises(PeerResetError, match="MP_FASTCLOSE"):
+            async with asyncio.timeout(10):
+                await reader.read()
+        writer.close()
+        async with asyncio.timeout(5):
+            while len(aborting) < 2 or not all(s.gone for s in aborting):
+                await asyncio.sleep(0)
+    assert [type(ends[subflow]) for subflow in aborting] == [
+        ConnectionResetError,
+        ConnectionResetError,
+    ]
 
 
 async def test_a_lingering_subflow_keeps_no_connection_alive(
