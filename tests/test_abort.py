@@ -14,10 +14,13 @@ peer does, or after ``ABORT_LINGER``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import weakref
 
 import pytest
 from pki import Pki
+from support import established
 
 import mptls
 from mptls.backends.userspace import subflow as subflow_module
@@ -128,6 +131,108 @@ async def test_the_client_answers_mp_fastclose_with_a_reset(
     assert subflows
     for subflow in subflows:
         assert isinstance(ends[subflow], ConnectionResetError)
+
+
+async def test_the_client_resets_every_subflow_on_mp_fastclose(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with two subflows the client answers the MP_FASTCLOSE that came
+    # on one with a reset frame on the other: that subflow is reset
+    # too, not kept open to send what it still holds to an aborted peer
+    ends: dict[SubflowProtocol, Exception | None] = {}
+    recorded = SubflowProtocol.connection_lost
+
+    def recording(subflow: SubflowProtocol, exc: Exception | None) -> None:
+        ends[subflow] = exc
+        recorded(subflow, exc)
+
+    monkeypatch.setattr(SubflowProtocol, "connection_lost", recording)
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    aborting: list[SubflowProtocol] = []
+    joined = asyncio.Event()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(1)
+        await joined.wait()
+        for tcp in writer.get_extra_info("subflow_transports").values():
+            aborting.append(tcp.get_protocol())
+        writer.write(PAYLOAD)
+        writer.transport.abort()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=pki.client(),
+            local_addrs=["127.0.0.1", "127.0.0.2"],
+        )
+        writer.write(b"x")
+        await established(writer, 2)
+        joined.set()
+        with pytest.raises(PeerResetError, match="MP_FASTCLOSE"):
+            async with asyncio.timeout(10):
+                await reader.read()
+        writer.close()
+        async with asyncio.timeout(5):
+            while len(aborting) < 2 or not all(s.gone for s in aborting):
+                await asyncio.sleep(0)
+    assert [type(ends[subflow]) for subflow in aborting] == [
+        ConnectionResetError,
+        ConnectionResetError,
+    ]
+
+
+async def test_a_lingering_subflow_keeps_no_connection_alive(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a server aborts many connections whose clients read nothing: each
+    # subflow lingers up to CLOSE_LINGER, and must not hold its aborted
+    # connection (the TLS layer, the core, the unacknowledged data that
+    # nobody will send again) all that time
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    lingering: list[SubflowProtocol] = []
+    gone: list[weakref.ref[object]] = []
+    handled = asyncio.Event()
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(1)
+        for tcp in writer.get_extra_info("subflow_transports").values():
+            lingering.append(tcp.get_protocol())
+            gone.append(weakref.ref(tcp.get_protocol().sink))
+        writer.write(PAYLOAD)
+        writer.transport.abort()
+        handled.set()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        _, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        # the client reads nothing: the server's queue stays full
+        for tcp in writer.get_extra_info("subflow_transports").values():
+            tcp.pause_reading()
+        writer.write(b"x")
+        try:
+            async with asyncio.timeout(10):
+                await handled.wait()
+                while any(ref() is not None for ref in gone):
+                    await asyncio.sleep(0.01)
+                    gc.collect()
+            assert lingering
+            assert not any(subflow.gone for subflow in lingering)
+        finally:
+            writer.transport.abort()
 
 
 async def test_a_client_abort_under_unread_data_reaches_the_server(

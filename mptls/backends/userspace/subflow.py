@@ -82,6 +82,34 @@ class SegmentSink(Protocol):
     ) -> None: ...
 
 
+class _Detached:
+    """The sink of a subflow whose connection is over: it takes nothing.
+
+    A subflow that lingers after a reset frame hands nothing on, and
+    keeping its transport as the sink would keep the whole aborted
+    connection (TLS, the core, the data it never had acknowledged) for
+    as long as the subflow lingers.
+    """
+
+    def segments_received(
+        self, subflow: SubflowProtocol, segments: list[Segment]
+    ) -> None:
+        return None
+
+    def subflow_lost(
+        self, subflow: SubflowProtocol, exc: BaseException | None
+    ) -> None:
+        return None
+
+    def subflow_writable(
+        self, subflow: SubflowProtocol, writable: bool
+    ) -> None:
+        return None
+
+
+_DETACHED = _Detached()
+
+
 class SubflowProtocol(asyncio.BufferedProtocol):
     """One TCP connection carrying one subflow's frames."""
 
@@ -335,6 +363,7 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         ):
             return
         self._draining = True
+        self.sink = _DETACHED
         try:
             # asyncio and uvloop shut the write side once their buffer
             # has gone to the socket

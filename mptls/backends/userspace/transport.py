@@ -299,11 +299,19 @@ class MultipathTransport(asyncio.Transport):
         for subflow_id in self._closing_subflows:
             closing.setdefault(subflow_id, False)
         self._closing_subflows.clear()
+        # the peer aborted: the reset frames answering its MP_FASTCLOSE
+        # tell it nothing it waits for (see _finish)
+        ended = self._closed_by_core
+        peer_aborted = ended is not None and isinstance(
+            ended.error, PeerResetError
+        )
         for subflow_id, reset in closing.items():
             subflow = self._subflows.pop(subflow_id, None)
             if subflow is None:
                 continue
-            if reset and self._core.closed:
+            if reset and peer_aborted:
+                subflow.reset()
+            elif reset and self._core.closed:
                 # the reset frames of an abort or a failure (with its
                 # MP_FASTCLOSE) must reach the peer: a subflow that
                 # carries one lingers rather than closes
