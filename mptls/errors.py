@@ -73,13 +73,18 @@ class NotMptlsPeerError(ProtocolError, ConnectionResetError):
         return _message_of(self)
 
 
-class JoinRefusedError(ProtocolError):
+class JoinRefusedError(ProtocolError, ConnectionResetError):
     """An MP_JOIN was refused (bad HMAC, unknown token, policy, load).
 
     ``transient``: the refusal says nothing against the path and a join
     later may be taken (the T flag of MP_TCPRST, RFC 8684 section 3.6):
     the peer is out of room or failed-join credit for now. A refusal
     of policy or of a bad HMAC is not transient.
+
+    A ``ConnectionResetError`` too (``errno`` ``ECONNRESET``): the peer
+    reset the join's TCP connection, and when the connection had no
+    other subflow left it ends with this error, which code written for
+    asyncio streams catches as the reset of its connection.
     """
 
     transient: bool = False
@@ -92,7 +97,11 @@ class JoinRefusedError(ProtocolError):
         transient: bool = False,
     ):
         super().__init__(message, reset_reason=reset_reason)
+        _set_errno(self, _errno.ECONNRESET, message)
         self.transient = transient
+
+    def __str__(self) -> str:
+        return _message_of(self)
 
 
 def _set_errno(error: OSError, code: int, message: str) -> None:

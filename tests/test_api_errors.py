@@ -333,6 +333,10 @@ async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(
     [
         (mptls.PeerResetError("peer reset", reset_reason=6), errno.ECONNRESET),
         (mptls.PathsLostError("every subflow closed"), errno.ECONNRESET),
+        (
+            mptls.JoinRefusedError("the join was refused", reset_reason=1),
+            errno.ECONNRESET,
+        ),
         (mptls.TLSError("handshake failure", alert=40), ssl.SSL_ERROR_SSL),
         (mptls.CertificateError("verify failed", verify_code=10), 1),
     ],

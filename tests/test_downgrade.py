@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -464,6 +465,10 @@ async def test_a_tampered_token_b_fails_both_ends_at_once(
     assert tamperer.frames[(0, "down")][-1].flags & Flag.RST
     assert isinstance(error, JoinRefusedError)
     assert "refused the join" in str(error)
+    # the connection's end, as code written for asyncio streams catches
+    # a reset connection
+    assert isinstance(error, ConnectionResetError)
+    assert error.errno == errno.ECONNRESET
     assert elapsed < 2.0
     assert served.results == []
 
