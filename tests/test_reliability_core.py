@@ -392,6 +392,26 @@ def test_without_join_keys_losing_every_path_ends_at_once() -> None:
     closed = net.client_side.closed
     assert closed is not None and isinstance(closed.error, MptlsError)
     assert not isinstance(closed.error, MptlsTimeoutError)
+    # the message says why no join could follow
+    assert str(closed.error) == (
+        "every subflow of the connection closed before the TLS handshake "
+        "gave the keys a join needs"
+    )
+
+
+def test_losing_the_only_path_in_the_mptcp_handshake_says_so() -> None:
+    net = slow(MemNet(), 0.01)
+    net.client.send(b"ClientHello")
+    # the SYN reached the server; the path dies before its SYN|ACK
+    assert net.run(lambda: net.server is not None)
+    net.kill(0)
+    net.run(max_time=net.now)
+    closed = net.client_side.closed
+    assert closed is not None and isinstance(closed.error, MptlsError)
+    assert str(closed.error) == (
+        "every subflow of the connection closed before the MPTCP "
+        "handshake completed"
+    )
 
 
 # the MPTCP handshake timeout

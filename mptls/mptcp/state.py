@@ -453,7 +453,10 @@ class ConnectionState:
         """
         if not self.handshake_complete or self._join_keys() is None:
             self._finish(
-                PathsLostError("every subflow of the connection closed")
+                PathsLostError(
+                    "every subflow of the connection closed"
+                    + self._why_no_join()
+                )
             )
             return
         if self._paths_lost_at is None:
@@ -463,6 +466,15 @@ class ConnectionState:
             self._tag(),
             self.config.path_loss_timeout,
         )
+
+    def _why_no_join(self) -> str:
+        """Why no join can follow the last subflow, as a clause."""
+        if not self.handshake_complete:
+            return " before the MPTCP handshake completed"
+        if self._hmac_keys(None) is None:
+            return " before the TLS handshake gave the keys a join needs"
+        # RFC 8684 keys, sent in the clear, which joins may not use
+        return ", and joins are off (its keys crossed the wire in the clear)"
 
     def _finish(self, error: MptlsError | None) -> None:
         if self._closed:
