@@ -64,8 +64,9 @@ class StubCore:
         return None
 
     def info(self) -> Any:
-        # attach() asks which subflows the core still reports
-        return SimpleNamespace(subflows=())
+        # attach() asks which subflows the core still reports; log
+        # lines ask for its token
+        return SimpleNamespace(subflows=(), local_token=None)
 
 
 class Recorder(asyncio.Protocol):
@@ -563,3 +564,38 @@ def test_a_subflow_sends_nothing_into_a_transport_closed_under_it() -> None:
     subflow.connection_made(_ClosedUnder())
     subflow.send(b"a frame")
     assert not subflow.preamble_sent
+
+
+async def test_close_timeout_counts_from_the_last_progress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a peer that acknowledges a window's worth just after close() and
+    # then stops: the close is cut close_timeout after that progress,
+    # not after a second full period (it took up to twice the limit)
+    transport, core, _ = make_transport()
+    clock = [100.0]
+    monkeypatch.setattr(transport._loop, "time", lambda: clock[0])
+    delays: list[float] = []
+
+    def call_later(delay: float, callback: Any) -> asyncio.TimerHandle:
+        delays.append(delay)
+        return cast(asyncio.TimerHandle, SimpleNamespace(cancel=lambda: None))
+
+    monkeypatch.setattr(transport._loop, "call_later", call_later)
+    resets: list[Exception | None] = []
+    monkeypatch.setattr(transport, "_reset", resets.append)
+    transport._close_timeout = 10.0
+    core.send_buffer_size = 1_000_000
+    transport._arm_close_timer()
+    assert delays == [10.0]
+    # the Data ACK moved at 100.5, then stood still
+    core.send_buffer_size = 600_000
+    core.last_progress = 100.5  # type: ignore[attr-defined]
+    clock[0] = 110.0
+    transport._on_close_timeout()
+    assert delays[-1] == pytest.approx(0.5)
+    assert resets == []
+    clock[0] = 110.5
+    transport._on_close_timeout()
+    assert len(resets) == 1
+    assert "600000 bytes unacknowledged" in str(resets[0])

@@ -220,6 +220,12 @@ class ConnectionState:
         return self._send.size
 
     @property
+    def last_progress(self) -> float:
+        """When the Data ACK last moved (or data left with nothing in
+        flight before it), on the clock of the ``now`` values given."""
+        return self._last_progress
+
+    @property
     def has_reinjection(self) -> bool:
         """Whether chunks of a failed or removed subflow wait to be sent
         again (and the peer has not acknowledged them meanwhile)."""

@@ -829,10 +829,11 @@ class MultipathTransport(asyncio.Transport):
         self._arm_close_timer()
         self.process()
 
-    def _arm_close_timer(self) -> None:
+    def _arm_close_timer(self, delay: float | None = None) -> None:
         self._close_unacked = self._core.send_buffer_size
         self._close_timer = self._loop.call_later(
-            self._close_timeout, self._on_close_timeout
+            self._close_timeout if delay is None else delay,
+            self._on_close_timeout,
         )
 
     def _on_close_timeout(self) -> None:
@@ -844,9 +845,12 @@ class MultipathTransport(asyncio.Transport):
             # the peer still takes the data, only slowly (a loaded or
             # narrow path): the close waits while the Data ACK moves,
             # and only one that stood still for close_timeout is cut
-            # short. What was written before close() is finite, so the
-            # wait is too
-            self._arm_close_timer()
+            # short, counted from its last move (a peer that took a
+            # window's worth just after close() and then stopped is not
+            # given a second full period). What was written before
+            # close() is finite, so the wait is too
+            due = self._core.last_progress + self._close_timeout
+            self._arm_close_timer(max(0.0, due - self._loop.time()))
             return
         logger.debug("%s: close timed out, aborting", self.tag())
         # bytes the peer never acknowledged at the data level (RFC 8684
