@@ -55,6 +55,24 @@ class MptcpSockopt(IntEnum):
     MPTCP_FULL_INFO = 4
 
 
+# Why an MPTCP socket of ours runs plain TCP, when nothing narrows it
+# down. Linux itself leaves MPTCP out of a client's SYN after MPTCP SYNs
+# went unanswered: on that connection (connected_fallback_state tells),
+# and for every new one of the namespace for a while after (its
+# blackhole backoff), which the socket does not show.
+FELL_BACK = (
+    "fell back to TCP: the peer did not answer with MPTCP, or Linux sent "
+    "the SYN without MPTCP (as it does after MPTCP SYNs went unanswered: "
+    "on this connection, or on an earlier one within "
+    "net.mptcp.blackhole_timeout)"
+)
+
+# Retransmitted SYNs after which Linux sends them without MPTCP; 128 or
+# more means never. Kernels without the sysctl leave the reason general.
+SYN_FALLBACK_SYSCTL = "/proc/sys/net/mptcp/syn_retrans_before_tcp_fallback"
+SYN_FALLBACK_NEVER = 128
+
+
 @dataclass(frozen=True, slots=True)
 class FallbackState:
     """Whether a connected socket runs MPTCP, and if not, why not."""
@@ -130,11 +148,50 @@ def fallback_state(sock: socket.socket) -> FallbackState:
         sock.getsockopt(SOL_MPTCP, MptcpSockopt.MPTCP_INFO, 16)
     except OSError as exc:
         if exc.errno in FALLBACK_ERRNOS:
-            return FallbackState(
-                True, "the peer did not answer with MPTCP (fell back to TCP)"
-            )
+            return FallbackState(True, FELL_BACK)
         raise
     return FallbackState(False)
+
+
+def syn_fallback_limit() -> int | None:
+    """net.mptcp.syn_retrans_before_tcp_fallback, ``None`` if unreadable.
+
+    Read in the calling thread's network namespace.
+    """
+    try:
+        with open(SYN_FALLBACK_SYSCTL, encoding="ascii") as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def connected_fallback_state(
+    sock: socket.socket, syn_retransmissions: int | None
+) -> FallbackState:
+    """:func:`fallback_state` of a socket this end has just connected.
+
+    ``syn_retransmissions`` is the socket's ``tcpi_total_retrans`` before
+    any data: the SYNs sent again. Past the kernel's limit its later
+    SYNs carried no MPTCP, so the fallback is this end's kernel's doing
+    (lost SYNs or SYN|ACKs, such as a link down at connect), which the
+    reason says: the peer may well speak MPTCP.
+    """
+    state = fallback_state(sock)
+    limit = syn_fallback_limit()
+    if (
+        not state.fallback
+        or syn_retransmissions is None
+        or limit is None
+        or limit >= SYN_FALLBACK_NEVER
+        or syn_retransmissions <= limit
+    ):
+        return state
+    return FallbackState(
+        True,
+        f"fell back to TCP: Linux sent the SYN {syn_retransmissions} more "
+        f"times, the last {syn_retransmissions - limit} without MPTCP "
+        f"(net.mptcp.syn_retrans_before_tcp_fallback = {limit})",
+    )
 
 
 async def resolve(
