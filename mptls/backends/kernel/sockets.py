@@ -56,15 +56,15 @@ class MptcpSockopt(IntEnum):
 
 
 # Why an MPTCP socket of ours runs plain TCP, when nothing narrows it
-# down. Linux itself leaves MPTCP out of a client's SYN after MPTCP SYNs
-# went unanswered: on that connection (connected_fallback_state tells),
-# and for every new one of the namespace for a while after (its
-# blackhole backoff), which the socket does not show.
+# down. Linux itself gives MPTCP up when handshake packets are lost: it
+# sends a client's SYN without MPTCP after MPTCP SYNs went unanswered
+# (connected_fallback_state tells), and for every new connection of the
+# namespace for a while after (its blackhole backoff), and it falls back
+# when the handshake's last packet is lost; the socket shows neither.
 FELL_BACK = (
-    "fell back to TCP: the peer did not answer with MPTCP, or Linux sent "
-    "the SYN without MPTCP (as it does after MPTCP SYNs went unanswered: "
-    "on this connection, or on an earlier one within "
-    "net.mptcp.blackhole_timeout)"
+    "fell back to TCP: the peer did not answer with MPTCP, or Linux gave "
+    "MPTCP up because handshake packets were lost (on this connection, "
+    "or MPTCP SYNs on an earlier one within net.mptcp.blackhole_timeout)"
 )
 
 # Retransmitted SYNs after which Linux sends them without MPTCP; 128 or
