@@ -267,3 +267,40 @@ async def test_a_kernel_syn_fallback_is_named_as_such(
             transport.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_kernel_connect_the_kernel_gives_up_on_is_a_timeout(
+    topology: netns.Topology,
+) -> None:
+    """SYNs that nothing answers end in the kernel's ETIMEDOUT: an
+    MptlsTimeoutError (a TimeoutError and an OSError), as on the
+    userspace backend and as asyncio raises TimeoutError, not a bare
+    BackendError that code written for asyncio does not catch."""
+    path = topology.paths[0]
+    # the client sends its SYNs into a link whose far end is down
+    topology.client.ip(
+        "neigh", "replace", path.server_address, "lladdr",
+        "02:00:00:00:00:02", "dev", path.interface, "nud", "permanent",
+    )  # fmt: skip
+    topology.server.ip("link", "set", path.interface, "down")
+    # one retransmission: the kernel gives up after about 3 s
+    topology.client.run(["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with (
+        topology.client.entered(),
+        pytest.raises(mptls.MptlsTimeoutError, match="timed out") as caught,
+    ):
+        await asyncio.wait_for(
+            mptls.open_connection(
+                path.server_address,
+                PORT,
+                ssl=TLSConfig(check_hostname=False),
+                backend="kernel",
+                local_addrs=[path.client_address],
+            ),
+            30,
+        )
+    assert loop.time() - started < 20
+    assert isinstance(caught.value, TimeoutError)
+    assert isinstance(caught.value, OSError)

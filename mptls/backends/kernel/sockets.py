@@ -23,7 +23,7 @@ from enum import IntEnum
 from typing import Any
 
 from mptls.backends.base import format_address
-from mptls.errors import BackendError
+from mptls.errors import BackendError, MptlsTimeoutError
 
 logger = logging.getLogger("mptls.backends.kernel")
 
@@ -275,9 +275,17 @@ async def connect(
         detail = last.strerror or str(last)
     else:
         detail = "; ".join(errors) or "no address to try"
+    where = format_address((host, port))
+    if isinstance(last, TimeoutError):
+        # the kernel gave up on its SYNs (net.ipv4.tcp_syn_retries): a
+        # timeout, as the userspace backend raises for the same event
+        # and asyncio's TimeoutError is one
+        several = f" ({detail})" if len(errors) > 1 else ""
+        raise MptlsTimeoutError(
+            f"TCP connect to {where} timed out{several}"
+        ) from last
     # the OS error as the cause: the streams layer turns it into a
     # ConnectError with its errno, as for the userspace backend
-    where = format_address((host, port))
     raise BackendError(f"cannot connect to {where}: {detail}") from last
 
 
