@@ -8,8 +8,10 @@ are in test_kernel_netns.py.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 from netns import mptcp_unavailable_reason
@@ -167,6 +169,45 @@ async def test_plain_tcp_server_gives_reported_fallback(
     )
     transport.close()
     plain.close()
+
+
+class FallenBack:
+    """A connected MPTCP socket whose connection runs plain TCP."""
+
+    def getsockopt(self, level: int, name: int, size: int = 0) -> int:
+        if level == socket.SOL_SOCKET and name == socket.SO_PROTOCOL:
+            return kernel_sockets.IPPROTO_MPTCP
+        raise OSError(errno.EOPNOTSUPP, "fallen back")
+
+
+@pytest.mark.parametrize(
+    ("limit", "resent", "kernel_did_it"),
+    [
+        (2, 3, True),
+        (2, 2, False),
+        (0, 1, True),
+        (128, 9, False),
+        (None, 9, False),
+    ],
+)
+def test_a_syn_fallback_is_named_only_past_the_kernel_limit(
+    monkeypatch: pytest.MonkeyPatch,
+    limit: int | None,
+    resent: int,
+    kernel_did_it: bool,
+) -> None:
+    monkeypatch.setattr(kernel_sockets, "syn_fallback_limit", lambda: limit)
+    sock = cast(socket.socket, FallenBack())
+    state = kernel_sockets.connected_fallback_state(sock, resent)
+    assert state.fallback is True
+    if kernel_did_it:
+        assert limit is not None
+        assert f"the last {resent - limit} without MPTCP" in state.reason
+    else:
+        assert state.reason == kernel_sockets.FELL_BACK
+    assert kernel_sockets.connected_fallback_state(sock, None).reason == (
+        kernel_sockets.FELL_BACK
+    )
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])

@@ -200,3 +200,107 @@ async def test_64_mib_with_tls_over_two_subflows(
     writer.close()
     server.close()
     await server.wait_closed()
+
+
+class Accepted(asyncio.Protocol):
+    """Resolves ``made`` with its transport when a connection arrives."""
+
+    def __init__(self) -> None:
+        self.made = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.made.done():
+            self.made.set_result(transport)
+
+
+async def test_a_kernel_syn_fallback_is_named_as_such(
+    topology: netns.Topology,
+) -> None:
+    """A connect whose MPTCP SYNs go unanswered falls back to TCP in the
+    kernel (net.mptcp.syn_retrans_before_tcp_fallback): the reason says
+    that, not that the peer did not answer with MPTCP. A soak that flaps
+    links met it; the peer here is an MPTCP listener throughout."""
+    backend = KernelBackend()
+    path = topology.paths[0]
+    accepted: list[Accepted] = []
+
+    def make_accepted() -> Accepted:
+        accepted.append(Accepted())
+        return accepted[-1]
+
+    with topology.server.entered():
+        server = await backend.create_server(make_accepted, "0.0.0.0", PORT)
+    mac = topology.server.run(
+        ["cat", f"/sys/class/net/{path.interface}/address"]
+    ).strip()
+    # the client keeps sending SYNs into the link (no ARP to fail on)
+    topology.client.ip(
+        "neigh", "replace", path.server_address, "lladdr", mac,
+        "dev", path.interface, "nud", "permanent",
+    )  # fmt: skip
+    topology.server.ip("link", "set", path.interface, "down")
+    loop = asyncio.get_running_loop()
+    # the kernel's first SYN retransmissions come at 1 s and 3 s
+    link_up = loop.call_later(
+        4.0, topology.server.ip, "link", "set", path.interface, "up"
+    )
+    transport: asyncio.BaseTransport | None = None
+    try:
+        with topology.client.entered():
+            transport, _ = await asyncio.wait_for(
+                backend.create_connection(
+                    asyncio.Protocol, path.server_address, PORT
+                ),
+                30,
+            )
+        report = backend.info(transport)
+        assert report.mode == "fallback"
+        assert "syn_retrans_before_tcp_fallback" in report.keys_reason
+        assert "did not answer" not in report.keys_reason
+        server_side = await asyncio.wait_for(accepted[0].made, 10)
+        assert backend.info(server_side).keys_reason == (
+            "the peer did not ask for MPTCP"
+        )
+    finally:
+        link_up.cancel()
+        if transport is not None:
+            transport.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_kernel_connect_the_kernel_gives_up_on_is_a_timeout(
+    topology: netns.Topology,
+) -> None:
+    """SYNs that nothing answers end in the kernel's ETIMEDOUT: an
+    MptlsTimeoutError (a TimeoutError and an OSError), as on the
+    userspace backend and as asyncio raises TimeoutError, not a bare
+    BackendError that code written for asyncio does not catch."""
+    path = topology.paths[0]
+    # the client sends its SYNs into a link whose far end is down
+    topology.client.ip(
+        "neigh", "replace", path.server_address, "lladdr",
+        "02:00:00:00:00:02", "dev", path.interface, "nud", "permanent",
+    )  # fmt: skip
+    topology.server.ip("link", "set", path.interface, "down")
+    # one retransmission: the kernel gives up after about 3 s
+    topology.client.run(["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with (
+        topology.client.entered(),
+        pytest.raises(mptls.MptlsTimeoutError, match="timed out") as caught,
+    ):
+        await asyncio.wait_for(
+            mptls.open_connection(
+                path.server_address,
+                PORT,
+                ssl=TLSConfig(check_hostname=False),
+                backend="kernel",
+                local_addrs=[path.client_address],
+            ),
+            30,
+        )
+    assert loop.time() - started < 20
+    assert isinstance(caught.value, TimeoutError)
+    assert isinstance(caught.value, OSError)

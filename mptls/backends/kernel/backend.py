@@ -129,6 +129,18 @@ def _transport_socket(transport: asyncio.BaseTransport) -> Any:
     return sock
 
 
+def _syn_retransmissions(sock: socket.socket) -> int | None:
+    """tcpi_total_retrans of a socket just connected: its SYNs sent again."""
+    try:
+        tcp = sock.getsockopt(
+            socket.IPPROTO_TCP, socket.TCP_INFO, kernel_info.TCP_INFO_STRIDE
+        )
+    except OSError:
+        return None
+    fields = kernel_info.decode_fields(tcp, kernel_info.TCP_INFO_FIELDS)
+    return fields["total_retrans"]
+
+
 def _fallback_subflow(sock: Any) -> tuple[SubflowInfo, ...]:
     """The one TCP connection of a fallen-back socket, as a subflow."""
     try:
@@ -175,6 +187,9 @@ class KernelBackend(Backend):
         self._snapshots: weakref.WeakKeyDictionary[
             asyncio.BaseTransport, MptcpInfo
         ] = weakref.WeakKeyDictionary()
+        self._fallback_reasons: weakref.WeakKeyDictionary[
+            asyncio.BaseTransport, str
+        ] = weakref.WeakKeyDictionary()
 
     async def create_connection(
         self,
@@ -207,7 +222,9 @@ class KernelBackend(Backend):
             loop, host, port, local_addr=addrs[0] if addrs else None
         )
         try:
-            state = sockets.fallback_state(sock)
+            state = sockets.connected_fallback_state(
+                sock, _syn_retransmissions(sock)
+            )
             if state.fallback:
                 logger.info(
                     "connection to %s port %d is plain TCP: %s",
@@ -221,6 +238,9 @@ class KernelBackend(Backend):
         except BaseException:
             sock.close()
             raise
+        if state.fallback:
+            # told at connect: later retransmissions would blur the count
+            self._fallback_reasons[transport] = state.reason
         return transport, protocol
 
     async def _subflow_endpoints(
@@ -366,7 +386,9 @@ class KernelBackend(Backend):
                 local_token=None,
                 remote_token=None,
                 keys_installed=False,
-                keys_reason=state.reason,
+                keys_reason=self._fallback_reasons.get(
+                    transport, state.reason
+                ),
                 key_fingerprint=fingerprint,
                 fallback=True,
                 subflows=_fallback_subflow(sock),

@@ -23,7 +23,7 @@ from enum import IntEnum
 from typing import Any
 
 from mptls.backends.base import format_address
-from mptls.errors import BackendError
+from mptls.errors import BackendError, MptlsTimeoutError
 
 logger = logging.getLogger("mptls.backends.kernel")
 
@@ -53,6 +53,24 @@ class MptcpSockopt(IntEnum):
     MPTCP_TCPINFO = 2
     MPTCP_SUBFLOW_ADDRS = 3
     MPTCP_FULL_INFO = 4
+
+
+# Why an MPTCP socket of ours runs plain TCP, when nothing narrows it
+# down. Linux itself gives MPTCP up when handshake packets are lost: it
+# sends a client's SYN without MPTCP after MPTCP SYNs went unanswered
+# (connected_fallback_state tells), and for every new connection of the
+# namespace for a while after (its blackhole backoff), and it falls back
+# when the handshake's last packet is lost; the socket shows neither.
+FELL_BACK = (
+    "fell back to TCP: the peer did not answer with MPTCP, or Linux gave "
+    "MPTCP up because handshake packets were lost (on this connection, "
+    "or MPTCP SYNs on an earlier one within net.mptcp.blackhole_timeout)"
+)
+
+# Retransmitted SYNs after which Linux sends them without MPTCP; 128 or
+# more means never. Kernels without the sysctl leave the reason general.
+SYN_FALLBACK_SYSCTL = "/proc/sys/net/mptcp/syn_retrans_before_tcp_fallback"
+SYN_FALLBACK_NEVER = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +148,50 @@ def fallback_state(sock: socket.socket) -> FallbackState:
         sock.getsockopt(SOL_MPTCP, MptcpSockopt.MPTCP_INFO, 16)
     except OSError as exc:
         if exc.errno in FALLBACK_ERRNOS:
-            return FallbackState(
-                True, "the peer did not answer with MPTCP (fell back to TCP)"
-            )
+            return FallbackState(True, FELL_BACK)
         raise
     return FallbackState(False)
+
+
+def syn_fallback_limit() -> int | None:
+    """net.mptcp.syn_retrans_before_tcp_fallback, ``None`` if unreadable.
+
+    Read in the calling thread's network namespace.
+    """
+    try:
+        with open(SYN_FALLBACK_SYSCTL, encoding="ascii") as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def connected_fallback_state(
+    sock: socket.socket, syn_retransmissions: int | None
+) -> FallbackState:
+    """:func:`fallback_state` of a socket this end has just connected.
+
+    ``syn_retransmissions`` is the socket's ``tcpi_total_retrans`` before
+    any data: the SYNs sent again. Past the kernel's limit its later
+    SYNs carried no MPTCP, so the fallback is this end's kernel's doing
+    (lost SYNs or SYN|ACKs, such as a link down at connect), which the
+    reason says: the peer may well speak MPTCP.
+    """
+    state = fallback_state(sock)
+    limit = syn_fallback_limit()
+    if (
+        not state.fallback
+        or syn_retransmissions is None
+        or limit is None
+        or limit >= SYN_FALLBACK_NEVER
+        or syn_retransmissions <= limit
+    ):
+        return state
+    return FallbackState(
+        True,
+        f"fell back to TCP: Linux sent the SYN {syn_retransmissions} more "
+        f"times, the last {syn_retransmissions - limit} without MPTCP "
+        f"(net.mptcp.syn_retrans_before_tcp_fallback = {limit})",
+    )
 
 
 async def resolve(
@@ -218,9 +275,17 @@ async def connect(
         detail = last.strerror or str(last)
     else:
         detail = "; ".join(errors) or "no address to try"
+    where = format_address((host, port))
+    if isinstance(last, TimeoutError):
+        # the kernel gave up on its SYNs (net.ipv4.tcp_syn_retries): a
+        # timeout, as the userspace backend raises for the same event
+        # and asyncio's TimeoutError is one
+        several = f" ({detail})" if len(errors) > 1 else ""
+        raise MptlsTimeoutError(
+            f"TCP connect to {where} timed out{several}"
+        ) from last
     # the OS error as the cause: the streams layer turns it into a
     # ConnectError with its errno, as for the userspace backend
-    where = format_address((host, port))
     raise BackendError(f"cannot connect to {where}: {detail}") from last
 
 
