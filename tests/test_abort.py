@@ -111,12 +111,11 @@ def test_a_server_abort_under_unread_data_reaches_the_client_on_uvloop(
     _assert_all_aborts(outcomes)
 
 
-async def test_the_client_answers_mp_fastclose_with_a_reset(
-    pki: Pki, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # RFC 8684 section 3.5: the connection is gone, and what the client
-    # still had queued reaches nobody. It resets its subflows rather
-    # than send all that first: the server's linger ends at once
+def _record_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[SubflowProtocol, Exception | None]:
+    """How each subflow's TCP connection ends, filled in as they do;
+    with a linger long enough that only the peer's answer ends one."""
     ends: dict[SubflowProtocol, Exception | None] = {}
     recorded = SubflowProtocol.connection_lost
 
@@ -126,6 +125,16 @@ async def test_the_client_answers_mp_fastclose_with_a_reset(
 
     monkeypatch.setattr(SubflowProtocol, "connection_lost", recording)
     monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    return ends
+
+
+async def test_the_client_answers_mp_fastclose_with_a_reset(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RFC 8684 section 3.5: the connection is gone, and what the client
+    # still had queued reaches nobody. It resets its subflows rather
+    # than send all that first: the server's linger ends at once
+    ends = _record_ends(monkeypatch)
     subflows: list[SubflowProtocol] = []
     _assert_all_aborts(await _server_aborts(pki, 3, subflows))
     assert subflows
@@ -139,15 +148,7 @@ async def test_the_client_resets_every_subflow_on_mp_fastclose(
     # with two subflows the client answers the MP_FASTCLOSE that came
     # on one with a reset frame on the other: that subflow is reset
     # too, not kept open to send what it still holds to an aborted peer
-    ends: dict[SubflowProtocol, Exception | None] = {}
-    recorded = SubflowProtocol.connection_lost
-
-    def recording(subflow: SubflowProtocol, exc: Exception | None) -> None:
-        ends[subflow] = exc
-        recorded(subflow, exc)
-
-    monkeypatch.setattr(SubflowProtocol, "connection_lost", recording)
-    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    ends = _record_ends(monkeypatch)
     aborting: list[SubflowProtocol] = []
     joined = asyncio.Event()
 
