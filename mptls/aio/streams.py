@@ -34,7 +34,7 @@ from mptls.errors import (
     ConnectError,
     MptlsError,
 )
-from mptls.mptcp.config import check_seconds
+from mptls.mptcp.config import HANDSHAKE_TIMEOUT, check_seconds
 from mptls.tls.config import to_openssl_context
 
 _DEFAULT_LIMIT = 2**16
@@ -347,6 +347,7 @@ async def create_server(
     _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
     context, _ = to_openssl_context(ssl, server_side=True)
     backend_obj = _resolve_backend(backend)
+    _bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)
 
     def tls_factory() -> TLSProtocol:
         return TLSProtocol(
@@ -368,6 +369,31 @@ async def create_server(
         if refusal is None:
             raise
         raise refusal from exc
+
+
+def _bound_silent_clients(
+    backend: Backend, tls_limit: float | None, options: dict[str, Any]
+) -> None:
+    """Let a shorter ``ssl_handshake_timeout`` bound a silent client too.
+
+    On the userspace backend the TLS handshake starts with a client's
+    first MPTCP segment, and until then the MPTCP ``handshake_timeout``
+    (30 s) holds a client that connects and sends nothing. asyncio's
+    ``ssl_handshake_timeout`` counts from the accept, so a server that
+    asks for a shorter one gets it as that limit too, unless it set the
+    limit itself (``handshake_timeout=`` or ``config=``).
+    """
+    from mptls.backends.userspace import UserspaceBackend
+
+    if (
+        tls_limit is None
+        or not isinstance(backend, UserspaceBackend)
+        or "handshake_timeout" in options
+        or "config" in options
+        or tls_limit >= HANDSHAKE_TIMEOUT
+    ):
+        return
+    options["handshake_timeout"] = tls_limit
 
 
 class _StreamReader(asyncio.StreamReader):

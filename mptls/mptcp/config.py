@@ -46,6 +46,10 @@ class Mode(enum.Enum):
 RESPONDER_PREFERENCE = (Mode.G, Mode.E, Mode.RFC8684)
 
 
+# the default of ConnectionConfig.handshake_timeout, in seconds
+HANDSHAKE_TIMEOUT = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionConfig:
     """Everything a :class:`~mptls.mptcp.connection.Connection` is told.
@@ -71,7 +75,7 @@ class ConnectionConfig:
     join_rto: float = 0.2
     join_timeout: float = 10.0
     # the MP_CAPABLE exchange must finish within this (both ends)
-    handshake_timeout: float = 30.0
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
     # data-level retransmission timeout of a subflow: with data in
     # flight and no Data ACK progress for max(min_rto, min(
     # rto_srtt_factor x srtt, path_loss_timeout / 2)), the subflow is
