@@ -335,3 +335,42 @@ async def test_add_path_says_when_a_join_may_be_taken_later(pki: Pki) -> None:
         writer.close()
         async with asyncio.timeout(10):
             await writer.wait_closed()
+
+
+async def test_an_abort_ends_a_pending_add_path_at_once(pki: Pki) -> None:
+    async def drain(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await mptls.start_server(drain, "127.0.0.1", 0, ssl=pki.server())
+    # a TCP listener that never answers the MP_JOIN: the join stays
+    # pending, and nothing on that path closes its end
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    silent.setblocking(False)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        joining = asyncio.create_task(
+            writer.transport.add_path(silent.getsockname())  # type: ignore[attr-defined]
+        )
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(10):
+            accepted, _ = await loop.sock_accept(silent)
+            while len(writer.get_extra_info("mptcp").subflows) < 2:
+                await asyncio.sleep(0)
+        try:
+            writer.transport.abort()
+            # the join's socket lingers after the abort's reset frame,
+            # up to ABORT_LINGER (2 s) here; the caller is told at once
+            async with asyncio.timeout(1):
+                with pytest.raises(mptls.JoinRefusedError):
+                    await joining
+        finally:
+            accepted.close()
+            silent.close()

@@ -754,6 +754,13 @@ class _JoinWatch(SubflowProtocol):
         super().connection_lost(exc)
         self._settle(lost=True)
 
+    def close_after_reset(self) -> None:
+        # the connection ended: the join is over now, not when the
+        # socket stops lingering after its reset frame (up to
+        # CLOSE_LINGER), which would keep add_path's caller waiting
+        super().close_after_reset()
+        self._settle(lost=True)
+
     def _settle(self, *, lost: bool) -> None:
         if self.outcome.done() or self.subflow_id is None:
             return
