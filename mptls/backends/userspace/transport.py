@@ -299,25 +299,38 @@ class MultipathTransport(asyncio.Transport):
         for subflow_id in self._closing_subflows:
             closing.setdefault(subflow_id, False)
         self._closing_subflows.clear()
-        # the peer aborted: the reset frames answering its MP_FASTCLOSE
-        # tell it nothing it waits for (see _finish)
         ended = self._closed_by_core
         peer_aborted = ended is not None and isinstance(
             ended.error, PeerResetError
         )
         for subflow_id, reset in closing.items():
             subflow = self._subflows.pop(subflow_id, None)
-            if subflow is None:
-                continue
-            if reset and peer_aborted:
-                subflow.reset()
-            elif reset and self._core.closed:
-                # the reset frames of an abort or a failure (with its
-                # MP_FASTCLOSE) must reach the peer: a subflow that
-                # carries one lingers rather than closes
-                subflow.close_after_reset()
-            else:
-                subflow.close()
+            if subflow is not None:
+                self._end_subflow(
+                    subflow, carried_reset=reset, peer_aborted=peer_aborted
+                )
+
+    def _end_subflow(
+        self,
+        subflow: SubflowProtocol,
+        *,
+        carried_reset: bool,
+        peer_aborted: bool,
+    ) -> None:
+        """End a subflow's TCP connection as the connection's end asks.
+
+        The peer aborted: what this end still has queued reaches nobody,
+        and the peer waits for the close (its own linger), so a reset
+        now. This end aborted or failed: the subflow that carries the
+        reset frame (with its MP_FASTCLOSE) lingers until the peer has
+        it. Otherwise an orderly close.
+        """
+        if peer_aborted:
+            subflow.reset()
+        elif carried_reset and self._core.closed:
+            subflow.close_after_reset()
+        else:
+            subflow.close()
 
     def _handle_events(self) -> None:
         # the data of consecutive DataReceived events (every frame of a
@@ -526,15 +539,11 @@ class MultipathTransport(asyncio.Transport):
             return
         self._closed = True
         self._closing = True
-        # the peer aborted: what this end still has queued on the
-        # subflows reaches nobody, and the peer waits for their close
-        # (its own close_after_reset), so they end with a reset now
         aborted = isinstance(error, PeerResetError)
         for subflow in self._subflows.values():
-            if aborted:
-                subflow.reset()
-            else:
-                subflow.close()
+            self._end_subflow(
+                subflow, carried_reset=False, peer_aborted=aborted
+            )
         self._subflows.clear()
         self.paths.close()
         self._derive = None
