@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from mptls.backends.tcpinfo import packed
 from mptls.backends.userspace import subflow as subflow_module
 from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.mptcp.framing import PREAMBLE, Payload
@@ -166,6 +167,15 @@ def test_tcp_queue_reads_the_fields_of_linux_tcp_info() -> None:
     assert subflow_module.tcp_queue(bytes(raw)) == (12_345, 90_000.0)
     # a kernel before 4.9 stops short of the delivery rate
     assert subflow_module.tcp_queue(bytes(raw[:104])) is None
+
+
+def test_packed_reads_named_tcp_info_fields_in_offset_order() -> None:
+    # the order names are given in does not matter: the struct follows
+    # the offsets, with the bytes between them skipped
+    layout = packed(("rtt_us", "state"))
+    assert layout.format == "=B67xI"
+    with pytest.raises(ValueError, match="unknown tcp_info fields"):
+        packed(("state", "no_such_field"))
 
 
 @pytest.mark.skipif(

@@ -40,6 +40,7 @@ from mptls.backends.kernel.pathmanager import (
     run_in_thread,
 )
 from mptls.backends.kernel.server import MultiServer, StopListener
+from mptls.backends.tcpinfo import TCP_INFO_FIELDS, TCP_INFO_STRIDE
 from mptls.errors import BackendError, ConfigurationError
 from mptls.tls.keys import KeyMaterial
 
@@ -133,11 +134,11 @@ def _syn_retransmissions(sock: socket.socket) -> int | None:
     """tcpi_total_retrans of a socket just connected: its SYNs sent again."""
     try:
         tcp = sock.getsockopt(
-            socket.IPPROTO_TCP, socket.TCP_INFO, kernel_info.TCP_INFO_STRIDE
+            socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_STRIDE
         )
     except OSError:
         return None
-    fields = kernel_info.decode_fields(tcp, kernel_info.TCP_INFO_FIELDS)
+    fields = kernel_info.decode_fields(tcp, TCP_INFO_FIELDS)
     return fields["total_retrans"]
 
 
@@ -145,7 +146,7 @@ def _fallback_subflow(sock: Any) -> tuple[SubflowInfo, ...]:
     """The one TCP connection of a fallen-back socket, as a subflow."""
     try:
         tcp = sock.getsockopt(
-            socket.IPPROTO_TCP, socket.TCP_INFO, kernel_info.TCP_INFO_STRIDE
+            socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_STRIDE
         )
         local = sock.getsockname()[:2]
         remote = sock.getpeername()[:2]

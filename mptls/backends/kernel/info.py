@@ -28,6 +28,7 @@ from typing import Any
 
 from mptls.backends.base import SubflowInfo
 from mptls.backends.kernel.sockets import SOL_MPTCP, MptcpSockopt
+from mptls.backends.tcpinfo import TCP_INFO_FIELDS, TCP_INFO_STRIDE
 from mptls.errors import BackendError
 
 # struct mptcp_info: (field, offset, struct format). The release that
@@ -63,23 +64,6 @@ MPTCP_INFO_FIELDS: tuple[tuple[str, int, str], ...] = (
 )
 MPTCP_INFO_SIZE = 96
 
-# struct tcp_info: the fields a subflow snapshot needs.
-TCP_INFO_FIELDS: tuple[tuple[str, int, str], ...] = (
-    ("state", 0, "B"),
-    ("rtt_us", 68, "I"),
-    ("rttvar_us", 72, "I"),
-    ("snd_cwnd", 80, "I"),
-    ("total_retrans", 100, "I"),
-    ("bytes_acked", 120, "Q"),
-    ("bytes_received", 128, "Q"),
-    ("segs_out", 136, "I"),
-    ("segs_in", 140, "I"),
-    ("bytes_sent", 200, "Q"),
-    ("bytes_retrans", 208, "Q"),
-)
-# Room for one tcp_info per subflow: larger than any kernel's so far
-# (280 bytes in 6.18); the kernel copies what it has.
-TCP_INFO_STRIDE = 384
 
 # MPTCP_INFO_FLAG_* (include/uapi/linux/mptcp.h)
 FLAG_FALLBACK = 0x1

@@ -29,6 +29,7 @@ from mptls.backends.kernel.sockets import (
     TCP_IS_MPTCP,
     MptcpSockopt,
 )
+from mptls.backends.tcpinfo import TCP_INFO_STRIDE
 from mptls.errors import PathError
 
 SYSCTL_DIR = "/proc/sys/net/mptcp"
@@ -184,7 +185,7 @@ def check_getsockopts() -> tuple[SockoptReport, ...]:
                 _try(
                     "MPTCP_TCPINFO",
                     lambda: info.read_subflow_array(
-                        fd, MptcpSockopt.MPTCP_TCPINFO, info.TCP_INFO_STRIDE
+                        fd, MptcpSockopt.MPTCP_TCPINFO, TCP_INFO_STRIDE
                     ),
                 ),
                 _try(

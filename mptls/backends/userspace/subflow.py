@@ -18,12 +18,12 @@ import fcntl
 import logging
 import os
 import socket
-import struct
 import sys
 from typing import Any, Protocol, cast
 
 from mptls.backends.base import reset_on_close
 from mptls.backends.buffers import read_buffer
+from mptls.backends.tcpinfo import packed
 from mptls.errors import NotMptlsPeerError, ProtocolError
 from mptls.mptcp.framing import (
     NOT_MPTLS_REPLY,
@@ -38,10 +38,10 @@ logger = logging.getLogger("mptls.userspace")
 
 # Linux's ioctl for the bytes of a TCP socket's queue not yet sent
 _SIOCOUTQNSD = 0x894B
-# Linux's struct tcp_info (its fields only ever grow at the end):
-# tcpi_snd_mss, tcpi_rtt (microseconds), tcpi_snd_cwnd,
-# tcpi_notsent_bytes and tcpi_delivery_rate (bytes per second, 4.9 on)
-_TCP_INFO = struct.Struct("=16xI48xI8xI60xI12xQ")
+# what a flush reads of Linux's struct tcp_info, in offset order
+_TCP_INFO = packed(
+    ("snd_mss", "rtt_us", "snd_cwnd", "notsent_bytes", "delivery_rate")
+)
 _TCP_INFO_OPTION: int | None = getattr(socket, "TCP_INFO", None)
 # asyncio's own socket transport joins what writelines gets before
 # Python 3.12 (a copy of every flush); from 3.12 it sends them gathered
