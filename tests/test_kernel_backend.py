@@ -338,6 +338,19 @@ async def test_unknown_options_are_refused(backend: KernelBackend) -> None:
         )
 
 
+@pytest.mark.parametrize("timeout", [0, -1.0, "5", float("nan")])
+async def test_a_bad_connect_timeout_is_refused_before_connecting(
+    backend: KernelBackend, timeout: object
+) -> None:
+    """connect_timeout is checked as on the userspace backend, before
+    any SYN: the port here listens on nothing, so a connect attempt
+    would end in a refusal instead."""
+    with pytest.raises(ConfigurationError, match="connect_timeout"):
+        await backend.create_connection(
+            asyncio.Protocol, "127.0.0.1", 1, connect_timeout=timeout
+        )
+
+
 async def test_connection_refused_is_a_backend_error(
     backend: KernelBackend,
 ) -> None:

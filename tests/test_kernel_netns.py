@@ -16,6 +16,7 @@ from pathlib import Path
 
 import netns
 import pytest
+from support import open_fds
 
 import mptls
 from mptls.backends.kernel import KernelBackend
@@ -304,3 +305,39 @@ async def test_a_kernel_connect_the_kernel_gives_up_on_is_a_timeout(
     assert loop.time() - started < 20
     assert isinstance(caught.value, TimeoutError)
     assert isinstance(caught.value, OSError)
+
+
+async def test_a_kernel_connect_ends_at_connect_timeout(
+    topology: netns.Topology,
+) -> None:
+    """connect_timeout bounds the kernel backend's connect as it does
+    the userspace backend's: SYNs that nothing answers end at the limit
+    with MptlsTimeoutError, not after the kernel's two minutes of SYN
+    retries, and the socket is closed."""
+    path = topology.paths[0]
+    topology.client.ip(
+        "neigh", "replace", path.server_address, "lladdr",
+        "02:00:00:00:00:02", "dev", path.interface, "nud", "permanent",
+    )  # fmt: skip
+    topology.server.ip("link", "set", path.interface, "down")
+    loop = asyncio.get_running_loop()
+    with topology.client.entered():
+        before = open_fds()
+        started = loop.time()
+        with pytest.raises(mptls.MptlsTimeoutError, match="timed out"):
+            await asyncio.wait_for(
+                mptls.open_connection(
+                    path.server_address,
+                    PORT,
+                    ssl=TLSConfig(check_hostname=False),
+                    backend="kernel",
+                    local_addrs=[path.client_address],
+                    connect_timeout=0.5,
+                ),
+                20,
+            )
+        elapsed = loop.time() - started
+        assert open_fds() == before
+    # the kernel's first SYN retransmission comes after 1 s, its last
+    # after about two minutes: the limit, not the kernel, ended this
+    assert 0.5 <= elapsed < 5

@@ -46,6 +46,11 @@ class KeyInstall:
     reason: str = ""
 
 
+# how long a connect waits for the first subflow's TCP connection, on
+# both backends (asyncio has no such limit; the kernel alone would retry
+# its SYNs for about two minutes)
+CONNECT_TIMEOUT = 30.0
+
 # SO_LINGER on, with a zero timeout: close() sends a TCP reset
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 

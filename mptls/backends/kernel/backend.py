@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
 from mptls.backends.base import (
+    CONNECT_TIMEOUT,
     Backend,
     KeyDerivation,
     KeyInstall,
@@ -42,11 +43,12 @@ from mptls.backends.kernel.pathmanager import (
 from mptls.backends.kernel.server import MultiServer, StopListener
 from mptls.backends.tcpinfo import TCP_INFO_FIELDS, TCP_INFO_STRIDE
 from mptls.errors import BackendError, ConfigurationError
+from mptls.mptcp.config import check_seconds
 from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.backends.kernel")
 
-CONNECTION_OPTIONS = frozenset({"manage_paths"})
+CONNECTION_OPTIONS = frozenset({"connect_timeout", "manage_paths"})
 SERVER_OPTIONS = frozenset(
     {"announce", "backlog", "reuse_address", "reuse_port", "start_serving"}
 )
@@ -207,8 +209,13 @@ class KernelBackend(Backend):
         become kernel ``subflow`` endpoints only with
         ``manage_paths=True`` (needs CAP_NET_ADMIN); otherwise the
         kernel's configured endpoints decide the extra subflows.
+        ``connect_timeout`` (30 s, ``None`` for the kernel's SYN retries
+        alone) bounds the TCP connect, as on the userspace backend.
         """
         _check_options(options, CONNECTION_OPTIONS)
+        connect_timeout = options.get("connect_timeout", CONNECT_TIMEOUT)
+        if connect_timeout is not None:
+            check_seconds("connect_timeout", connect_timeout)
         loop = asyncio.get_running_loop()
         addrs = list(local_addrs or ())
         if len(addrs) > 1:
@@ -220,7 +227,11 @@ class KernelBackend(Backend):
         # now another connection in the namespace may use them, and
         # removing one would cut that connection's subflows
         sock = await sockets.connect(
-            loop, host, port, local_addr=addrs[0] if addrs else None
+            loop,
+            host,
+            port,
+            local_addr=addrs[0] if addrs else None,
+            timeout=connect_timeout,
         )
         try:
             state = sockets.connected_fallback_state(

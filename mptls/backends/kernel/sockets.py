@@ -239,12 +239,34 @@ async def connect(
     port: int,
     *,
     local_addr: str | None = None,
+    timeout: float | None = None,
 ) -> socket.socket:
     """A connected MPTCP socket to ``host``, trying each address in turn.
 
     With ``local_addr`` the first subflow leaves from that address, and
-    only addresses of its family are tried.
+    only addresses of its family are tried. ``timeout`` bounds the whole
+    call, resolution and every address included, as the userspace
+    backend's ``connect_timeout`` does; ``None`` leaves it to the
+    kernel's SYN retries.
     """
+    scope = asyncio.timeout(timeout)
+    try:
+        async with scope:
+            return await _connect(loop, host, port, local_addr)
+    except TimeoutError as exc:
+        if not scope.expired():
+            # the kernel's own ETIMEDOUT, already an MptlsTimeoutError
+            raise
+        where = format_address((host, port))
+        raise MptlsTimeoutError(f"TCP connect to {where} timed out") from exc
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    local_addr: str | None,
+) -> socket.socket:
     family: int = socket.AF_UNSPEC
     local: tuple[Any, ...] | None = None
     if local_addr is not None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
 from mptls.backends.base import (
+    CONNECT_TIMEOUT,
     Backend,
     KeyDerivation,
     KeyInstall,
@@ -492,7 +493,7 @@ class UserspaceBackend(Backend):
         local_addrs: Sequence[str] | None = None,
         mode: str | Mode = "G",
         config: ConnectionConfig | None = None,
-        connect_timeout: float | None = 30.0,
+        connect_timeout: float | None = CONNECT_TIMEOUT,
         close_timeout: float = 10.0,
         **settings: Any,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
