@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import random
 from pathlib import Path
+from typing import Any
 
 import netns
 import pytest
@@ -270,6 +271,32 @@ async def test_a_kernel_syn_fallback_is_named_as_such(
         await server.wait_closed()
 
 
+def _silent_first_path(topology: netns.Topology) -> netns.Path:
+    """The first path, with SYNs sent into a link whose far end is
+    down: nothing answers them, not even with a reset."""
+    path = topology.paths[0]
+    topology.client.ip(
+        "neigh", "replace", path.server_address, "lladdr",
+        "02:00:00:00:00:02", "dev", path.interface, "nud", "permanent",
+    )  # fmt: skip
+    topology.server.ip("link", "set", path.interface, "down")
+    return path
+
+
+async def _kernel_connect(path: netns.Path, **options: Any) -> None:
+    await asyncio.wait_for(
+        mptls.open_connection(
+            path.server_address,
+            PORT,
+            ssl=TLSConfig(check_hostname=False),
+            backend="kernel",
+            local_addrs=[path.client_address],
+            **options,
+        ),
+        30,
+    )
+
+
 async def test_a_kernel_connect_the_kernel_gives_up_on_is_a_timeout(
     topology: netns.Topology,
 ) -> None:
@@ -277,13 +304,7 @@ async def test_a_kernel_connect_the_kernel_gives_up_on_is_a_timeout(
     MptlsTimeoutError (a TimeoutError and an OSError), as on the
     userspace backend and as asyncio raises TimeoutError, not a bare
     BackendError that code written for asyncio does not catch."""
-    path = topology.paths[0]
-    # the client sends its SYNs into a link whose far end is down
-    topology.client.ip(
-        "neigh", "replace", path.server_address, "lladdr",
-        "02:00:00:00:00:02", "dev", path.interface, "nud", "permanent",
-    )  # fmt: skip
-    topology.server.ip("link", "set", path.interface, "down")
+    path = _silent_first_path(topology)
     # one retransmission: the kernel gives up after about 3 s
     topology.client.run(["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"])
     loop = asyncio.get_running_loop()
@@ -292,16 +313,7 @@ async def test_a_kernel_connect_the_kernel_gives_up_on_is_a_timeout(
         topology.client.entered(),
         pytest.raises(mptls.MptlsTimeoutError, match="timed out") as caught,
     ):
-        await asyncio.wait_for(
-            mptls.open_connection(
-                path.server_address,
-                PORT,
-                ssl=TLSConfig(check_hostname=False),
-                backend="kernel",
-                local_addrs=[path.client_address],
-            ),
-            30,
-        )
+        await _kernel_connect(path, connect_timeout=None)
     assert loop.time() - started < 20
     assert isinstance(caught.value, TimeoutError)
     assert isinstance(caught.value, OSError)
@@ -314,28 +326,13 @@ async def test_a_kernel_connect_ends_at_connect_timeout(
     the userspace backend's: SYNs that nothing answers end at the limit
     with MptlsTimeoutError, not after the kernel's two minutes of SYN
     retries, and the socket is closed."""
-    path = topology.paths[0]
-    topology.client.ip(
-        "neigh", "replace", path.server_address, "lladdr",
-        "02:00:00:00:00:02", "dev", path.interface, "nud", "permanent",
-    )  # fmt: skip
-    topology.server.ip("link", "set", path.interface, "down")
+    path = _silent_first_path(topology)
     loop = asyncio.get_running_loop()
     with topology.client.entered():
         before = open_fds()
         started = loop.time()
         with pytest.raises(mptls.MptlsTimeoutError, match="timed out"):
-            await asyncio.wait_for(
-                mptls.open_connection(
-                    path.server_address,
-                    PORT,
-                    ssl=TLSConfig(check_hostname=False),
-                    backend="kernel",
-                    local_addrs=[path.client_address],
-                    connect_timeout=0.5,
-                ),
-                20,
-            )
+            await _kernel_connect(path, connect_timeout=0.5)
         elapsed = loop.time() - started
         assert open_fds() == before
     # the kernel's first SYN retransmission comes after 1 s, its last
