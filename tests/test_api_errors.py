@@ -11,7 +11,7 @@ import ssl
 
 import pytest
 from pki import Pki
-from support import skip_without_ipv6
+from support import open_fds, skip_without_ipv6
 
 import mptls
 from mptls.aio.protocol import _in_mptls_tree
@@ -299,6 +299,92 @@ async def test_refused_connection_is_a_connect_error(
     # which repeats the address
     assert str(error).endswith(os.strerror(errno.ECONNREFUSED))
     assert (error.host, error.port) == (host, port)
+
+
+def _two_addresses_for_localhost(
+    monkeypatch: pytest.MonkeyPatch, port: int
+) -> None:
+    """``localhost`` resolves to 127.0.0.1 and 127.0.0.2, in that order,
+    as a host with two addresses (IPv4 and IPv6 on many machines) does;
+    every other lookup (the IP literals) is the loop's own."""
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def lookup(host: object, *args: object, **kw: object) -> object:
+        if host != "localhost":
+            return await real(host, *args, **kw)  # type: ignore[arg-type]
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
+            for address in ("127.0.0.1", "127.0.0.2")
+        ]
+
+    monkeypatch.setattr(loop, "getaddrinfo", lookup)
+
+
+@pytest.mark.parametrize(
+    "backend", ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+)
+async def test_a_host_whose_every_address_refuses_is_refused(
+    pki: Pki, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host with several addresses, none listening, is a refusal with
+    its errno on both backends, each address named: asyncio's own loop
+    over the addresses gave the userspace backend an OSError without
+    one ("Multiple exceptions: ..."), so a ConnectError that was not a
+    ConnectionRefusedError, unlike the kernel backend's."""
+    if backend == "kernel" and not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    server = await asyncio.start_server(noop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    _two_addresses_for_localhost(monkeypatch, port)
+    before = open_fds()
+    with pytest.raises(ConnectError) as caught:
+        await mptls.open_connection(
+            "localhost", port, ssl=pki.client(), backend=backend
+        )
+    error = caught.value
+    assert isinstance(error, mptls.ConnectRefusedError)
+    assert isinstance(error, ConnectionRefusedError)
+    assert error.errno == errno.ECONNREFUSED
+    refused = os.strerror(errno.ECONNREFUSED)
+    assert str(error) == (
+        f"cannot connect to localhost:{port}: "
+        f"127.0.0.1 port {port}: {refused}; 127.0.0.2 port {port}: {refused}"
+    )
+    assert open_fds() == before
+
+
+async def test_a_host_whose_every_address_times_out_is_a_timeout(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel giving up on the SYNs to each of a host's addresses
+    (connect_timeout=None, so its retries alone) is an MptlsTimeoutError
+    on the userspace backend, as it is on the kernel backend
+    (test_kernel_netns.py), not a ConnectError without an errno."""
+    _two_addresses_for_localhost(monkeypatch, 9)
+    loop = asyncio.get_running_loop()
+    tried: list[object] = []
+
+    async def unanswered(sock: socket.socket, address: object) -> None:
+        tried.append(address)
+        raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+
+    monkeypatch.setattr(loop, "sock_connect", unanswered)
+    before = open_fds()
+    with pytest.raises(mptls.MptlsTimeoutError) as caught:
+        await mptls.open_connection(
+            "localhost", 9, ssl=pki.client(), connect_timeout=None
+        )
+    assert tried == [("127.0.0.1", 9), ("127.0.0.2", 9)]
+    assert isinstance(caught.value, OSError)
+    timed_out = os.strerror(errno.ETIMEDOUT)
+    assert str(caught.value) == (
+        "TCP connect to localhost:9 timed out "
+        f"(127.0.0.1 port 9: {timed_out}; 127.0.0.2 port 9: {timed_out})"
+    )
+    assert open_fds() == before
 
 
 async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(

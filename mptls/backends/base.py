@@ -13,13 +13,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from mptls.errors import ConfigurationError, PathError
+from mptls.errors import (
+    BackendError,
+    ConfigurationError,
+    MptlsTimeoutError,
+    PathError,
+)
 from mptls.tls.keys import KeyMaterial
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
@@ -72,6 +78,88 @@ def format_address(address: tuple[Any, ...] | None) -> str:
         return "-"
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+async def connect_any(
+    host: str,
+    port: int,
+    addresses: Sequence[tuple[int, tuple[Any, ...]]],
+    *,
+    local: tuple[Any, ...] | None,
+    new_socket: Callable[[int], socket.socket],
+    connect: Callable[[socket.socket, tuple[Any, ...]], Awaitable[None]],
+) -> socket.socket:
+    """A socket connected to the first of ``addresses`` that answers.
+
+    ``addresses`` are ``(family, sockaddr)`` pairs of ``host`` in the
+    order to try; each gets a socket of its own from ``new_socket``,
+    bound to ``local`` if given. Both backends connect through here, so
+    that a host whose every address fails ends in the same error on
+    either (see :func:`connect_failure`).
+    """
+    failures: list[tuple[tuple[Any, ...], OSError]] = []
+    for family, address in addresses:
+        sock = new_socket(family)
+        try:
+            if local is not None:
+                sock.bind(local)
+            await connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            failures.append((address, exc))
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise connect_failure(host, port, failures)
+
+
+def connect_failure(
+    host: str,
+    port: int,
+    failures: Sequence[tuple[tuple[Any, ...], OSError]],
+) -> MptlsTimeoutError | BackendError:
+    """The error for a connect to ``host`` whose every address failed.
+
+    The last address's error decides the kind: a timeout (the kernel
+    gave up on its SYNs, net.ipv4.tcp_syn_retries) is an
+    :class:`MptlsTimeoutError`, as a ``connect_timeout`` is; anything
+    else a ``BackendError`` with the OS error as its cause, which the
+    streams layer turns into a ``ConnectError`` with that errno
+    (``ConnectRefusedError`` for a refusal). Every address's own error
+    is named when there were several.
+    """
+    where = format_address((host, port))
+    if not failures:
+        return BackendError(f"cannot connect to {where}: no address to try")
+    last = failures[-1][1]
+    if len(failures) == 1:
+        # one address: the host and port are said once
+        detail = _os_reason(last)
+    else:
+        detail = "; ".join(
+            f"{address[0]} port {address[1]}: {_os_reason(exc)}"
+            for address, exc in failures
+        )
+    if isinstance(last, TimeoutError):
+        several = f" ({detail})" if len(failures) > 1 else ""
+        timeout = MptlsTimeoutError(
+            f"TCP connect to {where} timed out{several}"
+        )
+        timeout.__cause__ = last
+        return timeout
+    failure = BackendError(f"cannot connect to {where}: {detail}")
+    failure.__cause__ = last
+    return failure
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's words for ``exc``: asyncio's own text ("Connect call
+    failed (...)") repeats the address the message names already."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)

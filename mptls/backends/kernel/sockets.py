@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from mptls.backends.base import format_address
+from mptls.backends.base import connect_any, format_address
 from mptls.errors import BackendError, MptlsTimeoutError
 
 logger = logging.getLogger("mptls.backends.kernel")
@@ -272,43 +272,17 @@ async def _connect(
     if local_addr is not None:
         family = address_family(local_addr.partition("%")[0])
         local = (await resolve(loop, local_addr, 0, family=family))[0][1]
-    errors: list[str] = []
-    last: OSError | None = None
-    for addr_family, address in await resolve(loop, host, port, family=family):
-        sock = mptcp_socket(addr_family)
-        try:
-            if local is not None:
-                sock.bind(local)
-            await connect_socket(loop, sock, address)
-        except OSError as exc:
-            sock.close()
-            errors.append(
-                f"{address[0]} port {address[1]}: {exc.strerror or exc}"
-            )
-            last = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        logger.debug("connected %s -> %s", sock.getsockname(), address)
-        return sock
-    if len(errors) == 1 and last is not None:
-        # one address: the host and port are said once
-        detail = last.strerror or str(last)
-    else:
-        detail = "; ".join(errors) or "no address to try"
-    where = format_address((host, port))
-    if isinstance(last, TimeoutError):
-        # the kernel gave up on its SYNs (net.ipv4.tcp_syn_retries): a
-        # timeout, as the userspace backend raises for the same event
-        # and asyncio's TimeoutError is one
-        several = f" ({detail})" if len(errors) > 1 else ""
-        raise MptlsTimeoutError(
-            f"TCP connect to {where} timed out{several}"
-        ) from last
-    # the OS error as the cause: the streams layer turns it into a
-    # ConnectError with its errno, as for the userspace backend
-    raise BackendError(f"cannot connect to {where}: {detail}") from last
+    addresses = await resolve(loop, host, port, family=family)
+    sock = await connect_any(
+        host,
+        port,
+        addresses,
+        local=local,
+        new_socket=mptcp_socket,
+        connect=lambda sock, address: connect_socket(loop, sock, address),
+    )
+    logger.debug("connected %s -> %s", sock.getsockname(), (host, port))
+    return sock
 
 
 async def connect_socket(

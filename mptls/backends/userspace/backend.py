@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
@@ -24,6 +25,7 @@ from mptls.backends.base import (
     KeyInstall,
     MptcpInfo,
     Server,
+    connect_any,
     format_address,
 )
 from mptls.backends.userspace.listener import Handoff, Listener
@@ -460,23 +462,78 @@ async def _connect_first_subflow(
     local: str | None,
     timeout: float | None,
 ) -> None:
-    """The first subflow's TCP connection, from ``local`` if given."""
+    """The first subflow's TCP connection, from ``local`` if given.
+
+    ``timeout`` bounds the whole connect, resolution and every address
+    of the host included; ``None`` leaves it to the kernel's SYN
+    retries.
+    """
     loop = asyncio.get_running_loop()
     subflow.target = (host, port)
+
+    async def connect() -> None:
+        sock = await _connect_tcp(loop, host, port, local)
+        await loop.create_connection(lambda: subflow, sock=sock)
+
     try:
-        await asyncio.wait_for(
-            loop.create_connection(
-                lambda: subflow,
-                host,
-                port,
-                local_addr=(local, 0) if local else None,
-            ),
-            timeout,
-        )
+        await asyncio.wait_for(connect(), timeout)
+    except MptlsTimeoutError:
+        raise  # the kernel gave up on its SYNs, to every address
     except TimeoutError as exc:
         raise MptlsTimeoutError(
             f"TCP connect to {format_address((host, port))} timed out"
         ) from exc
+
+
+async def _connect_tcp(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    local: str | None,
+) -> socket.socket:
+    """A TCP socket connected to ``host``, trying each address in turn.
+
+    As on the kernel backend (one helper for both): with ``local`` only
+    addresses of its family are tried, and a host whose every address
+    fails is one error with the errno of the last, where asyncio's own
+    loop over the addresses gives an ``OSError`` with none.
+    """
+    family: int = socket.AF_UNSPEC
+    bind_to: tuple[Any, ...] | None = None
+    if local is not None:
+        local_info = await loop.getaddrinfo(
+            local, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+        )
+        family, bind_to = local_info[0][0], local_info[0][4]
+    infos = await loop.getaddrinfo(
+        host,
+        port,
+        family=family,
+        type=socket.SOCK_STREAM,
+        proto=socket.IPPROTO_TCP,
+    )
+    addresses: list[tuple[int, tuple[Any, ...]]] = []
+    for info_family, _, _, _, address in infos:
+        pair = (int(info_family), tuple(address))
+        if info_family in _IP_FAMILIES and pair not in addresses:
+            addresses.append(pair)
+    return await connect_any(
+        host,
+        port,
+        addresses,
+        local=bind_to,
+        new_socket=_tcp_socket,
+        connect=loop.sock_connect,
+    )
+
+
+_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def _tcp_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setblocking(False)
+    return sock
 
 
 class UserspaceBackend(Backend):
