@@ -15,6 +15,7 @@ from support import open_fds, skip_without_ipv6
 
 import mptls
 from mptls.aio.protocol import _in_mptls_tree
+from mptls.backends.base import numeric_address
 from mptls.errors import ConfigurationError, ConnectError
 
 # OpenSSL's verify result for a certificate of another address
@@ -385,6 +386,72 @@ async def test_a_host_whose_every_address_times_out_is_a_timeout(
         f"(127.0.0.1 port 9: {timed_out}; 127.0.0.2 port 9: {timed_out})"
     )
     assert open_fds() == before
+
+
+@pytest.mark.parametrize(
+    ("host", "family", "expected"),
+    [
+        ("192.0.2.7", socket.AF_UNSPEC, (socket.AF_INET, ("192.0.2.7", 5))),
+        (
+            "2001:db8::7",
+            socket.AF_UNSPEC,
+            (socket.AF_INET6, ("2001:db8::7", 5, 0, 0)),
+        ),
+        (
+            "2001:db8::7",
+            socket.AF_INET6,
+            (socket.AF_INET6, ("2001:db8::7", 5, 0, 0)),
+        ),
+        # left to getaddrinfo: a name, a scope id, another family
+        ("localhost", socket.AF_UNSPEC, None),
+        ("fe80::1%lo", socket.AF_UNSPEC, None),
+        ("192.0.2.7", socket.AF_INET6, None),
+        ("", socket.AF_UNSPEC, None),
+    ],
+)
+def test_only_ip_literals_skip_the_lookup(
+    host: str, family: int, expected: object
+) -> None:
+    assert numeric_address(host, 5, family) == expected
+
+
+@pytest.mark.parametrize(
+    "backend", ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+)
+async def test_a_connect_to_ip_literals_asks_no_resolver(
+    pki: Pki, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop runs getaddrinfo in a thread: a connect from and to IP
+    literals, every connection of a server that is given by address,
+    does without that hop."""
+    if backend == "kernel" and not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    server = await mptls.start_server(
+        noop, "127.0.0.1", 0, ssl=pki.server(), backend=backend
+    )
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    lookups: list[object] = []
+
+    async def lookup(host: object, *args: object, **kw: object) -> object:
+        lookups.append(host)
+        raise AssertionError(f"getaddrinfo({host!r}) on the connect path")
+
+    monkeypatch.setattr(loop, "getaddrinfo", lookup)
+    try:
+        _, writer = await mptls.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=pki.client(),
+            backend=backend,
+            local_addrs=["127.0.0.1"],
+        )
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert lookups == []
 
 
 async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(

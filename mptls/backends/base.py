@@ -80,6 +80,30 @@ def format_address(address: tuple[Any, ...] | None) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
+def numeric_address(
+    host: str, port: int, family: int = socket.AF_UNSPEC
+) -> tuple[int, tuple[Any, ...]] | None:
+    """``(family, sockaddr)`` for an IP literal ``host``, else ``None``.
+
+    The connect path asks ``getaddrinfo`` only for names: asyncio's loop
+    runs it in a thread, a hop that costs about 0.1 ms of CPU per
+    connection for an address that needs no lookup. A literal with a
+    scope id (``fe80::1%eth0``), or of another family than ``family``,
+    is left to ``getaddrinfo``, which knows what to make of it.
+    """
+    for literal_family in (socket.AF_INET, socket.AF_INET6):
+        if family not in (socket.AF_UNSPEC, literal_family):
+            continue
+        try:
+            socket.inet_pton(literal_family, host)
+        except (OSError, TypeError):
+            continue
+        if literal_family == socket.AF_INET:
+            return literal_family, (host, port)
+        return literal_family, (host, port, 0, 0)
+    return None
+
+
 async def connect_any(
     host: str,
     port: int,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from mptls.backends.base import connect_any, format_address
+from mptls.backends.base import connect_any, format_address, numeric_address
 from mptls.errors import BackendError, MptlsTimeoutError
 
 logger = logging.getLogger("mptls.backends.kernel")
@@ -207,6 +207,10 @@ async def resolve(
     ``getaddrinfo`` is asked for TCP stream addresses: glibc has no entry
     for protocol 262 and fails with it, and the addresses are the same.
     """
+    if host is not None:
+        numeric = numeric_address(host, port, family)
+        if numeric is not None:
+            return [numeric]
     flags = socket.AI_PASSIVE if passive else 0
     try:
         infos = await loop.getaddrinfo(

@@ -27,6 +27,7 @@ from mptls.backends.base import (
     Server,
     connect_any,
     format_address,
+    numeric_address,
 )
 from mptls.backends.userspace.listener import Handoff, Listener
 from mptls.backends.userspace.subflow import SubflowProtocol
@@ -501,10 +502,31 @@ async def _connect_tcp(
     family: int = socket.AF_UNSPEC
     bind_to: tuple[Any, ...] | None = None
     if local is not None:
-        local_info = await loop.getaddrinfo(
-            local, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
-        )
-        family, bind_to = local_info[0][0], local_info[0][4]
+        numeric = numeric_address(local, 0)
+        if numeric is None:
+            local_info = await loop.getaddrinfo(
+                local, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+            numeric = local_info[0][0], local_info[0][4]
+        family, bind_to = numeric
+    addresses = await _host_addresses(loop, host, port, family)
+    return await connect_any(
+        host,
+        port,
+        addresses,
+        local=bind_to,
+        new_socket=_tcp_socket,
+        connect=loop.sock_connect,
+    )
+
+
+async def _host_addresses(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, family: int
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """``(family, sockaddr)`` pairs of ``host`` to try, in order."""
+    numeric = numeric_address(host, port, family)
+    if numeric is not None:
+        return [numeric]
     infos = await loop.getaddrinfo(
         host,
         port,
@@ -517,14 +539,7 @@ async def _connect_tcp(
         pair = (int(info_family), tuple(address))
         if info_family in _IP_FAMILIES and pair not in addresses:
             addresses.append(pair)
-    return await connect_any(
-        host,
-        port,
-        addresses,
-        local=bind_to,
-        new_socket=_tcp_socket,
-        connect=loop.sock_connect,
-    )
+    return addresses
 
 
 _IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
