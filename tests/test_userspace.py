@@ -672,6 +672,26 @@ def test_a_reset_before_the_transport_names_the_address_connected_to() -> None:
     assert str(error).startswith("[::1]:4433 reset")
 
 
+@pytest.mark.parametrize(
+    "exc", [ConnectionResetError(), BrokenPipeError()], ids=type
+)
+def test_a_reset_seen_by_the_first_write_is_a_reset(
+    exc: OSError,
+) -> None:
+    """A server that resets before the preamble is a PeerResetError,
+    whether the client's read saw the reset (ECONNRESET) or its first
+    write did (EPIPE, as the ClientHello leaves after the reset came):
+    which one comes first is timing, not what the server is."""
+    sink = _LostSink()
+    subflow = _FirstSubflow(sink)
+    subflow.target = ("127.0.0.1", 4433)
+    subflow.connection_lost(exc)
+    (error,) = sink.lost
+    assert isinstance(error, mptls.PeerResetError)
+    assert error.__cause__ is exc
+    assert "not an mptls" not in str(error)
+
+
 async def test_addresses_outlive_the_connection(
     pki: Pki, echo_server: Served
 ) -> None:

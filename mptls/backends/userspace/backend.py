@@ -943,7 +943,9 @@ class _FirstSubflow(SubflowProtocol):
             f"({self._received} bytes came)"
         )
         error: ProtocolError
-        if isinstance(exc, ConnectionResetError):
+        # a reset reaches the first write as EPIPE when it came before
+        # the ClientHello left: still the server's reset
+        if isinstance(exc, ConnectionResetError | BrokenPipeError):
             error = PeerResetError(
                 f"{where} reset {before}: the server went away with the "
                 "connection unserved (a worker that died, a restart; a "
