@@ -388,6 +388,42 @@ async def test_a_host_whose_every_address_times_out_is_a_timeout(
     assert open_fds() == before
 
 
+async def test_a_connect_nothing_answers_ends_at_connect_timeout(
+    pki: Pki,
+) -> None:
+    """SYNs to a listener whose accept queue is full go unanswered
+    (Linux drops them), so the connect waits: connect_timeout ends it
+    with an MptlsTimeoutError that says the limit, and no socket
+    stays open."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    # the one connection a backlog of 0 admits fills the queue
+    filler = socket.create_connection(("127.0.0.1", port))
+    try:
+        loop = asyncio.get_running_loop()
+        before = open_fds()
+        started = loop.time()
+        with pytest.raises(mptls.MptlsTimeoutError) as caught:
+            await asyncio.wait_for(
+                mptls.open_connection(
+                    "127.0.0.1", port, ssl=pki.client(), connect_timeout=0.3
+                ),
+                10,
+            )
+        elapsed = loop.time() - started
+        assert open_fds() == before
+    finally:
+        filler.close()
+        listener.close()
+    assert str(caught.value) == (
+        f"TCP connect to 127.0.0.1:{port} timed out after 0.3 s "
+        "(connect_timeout)"
+    )
+    assert isinstance(caught.value, TimeoutError)
+    # the kernel's first SYN retransmission would come after 1 s
+    assert 0.3 <= elapsed < 5
+
+
 @pytest.mark.parametrize(
     ("host", "family", "expected"),
     [

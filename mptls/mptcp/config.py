@@ -158,7 +158,9 @@ def check_seconds(name: str, value: object) -> None:
     is checked only when it is given.
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{name} must be a number of seconds")
+        raise ConfigurationError(
+            f"{name} must be a number of seconds, got {value!r}"
+        )
     if not 0 < value <= 86400:
         raise ConfigurationError(
             f"{name} must be in (0, 86400] seconds, got {value}"

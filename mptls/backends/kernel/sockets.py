@@ -262,7 +262,10 @@ async def connect(
             # the kernel's own ETIMEDOUT, already an MptlsTimeoutError
             raise
         where = format_address((host, port))
-        raise MptlsTimeoutError(f"TCP connect to {where} timed out") from exc
+        raise MptlsTimeoutError(
+            f"TCP connect to {where} timed out after {timeout:g} s "
+            "(connect_timeout)"
+        ) from exc
 
 
 async def _connect(

@@ -481,8 +481,10 @@ async def _connect_first_subflow(
     except MptlsTimeoutError:
         raise  # the kernel gave up on its SYNs, to every address
     except TimeoutError as exc:
+        limit = "" if timeout is None else f" after {timeout:g} s"
         raise MptlsTimeoutError(
             f"TCP connect to {format_address((host, port))} timed out"
+            f"{limit} (connect_timeout)"
         ) from exc
 
 
