@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pki import Pki
 
-from mptls.aio.protocol import StreamProtocol, TLSProtocol
+from mptls.aio.protocol import StreamProtocol, TLSProtocol, TLSTransport
 from mptls.backends.base import KeyDerivation, KeyInstall
 from mptls.errors import PeerResetError, TLSError
 from mptls.tls.config import TLSConfig
@@ -93,7 +93,7 @@ async def connected_pair(
             assert isinstance(transport, asyncio.Transport)
             servers.put_nowait(transport)
 
-    waiter: asyncio.Future[None] = loop.create_future()
+    waiter: asyncio.Future[TLSTransport] = loop.create_future()
     client = TLSProtocol(
         backend,
         pki.client().client_context(),
@@ -184,13 +184,15 @@ async def test_a_write_after_the_peer_refused_the_client_is_dropped(
     protocol = StreamProtocol(reader, loop=loop)
     strict = pki.server(cafile=pki.ca_pem, require_client_cert=True)
     client, _, _ = await connected_pair(pki, protocol, strict)
+    # the application's own hold on its transport: the protocol keeps it
+    # only weakly once the application has heard of the end
+    transport = client._app_transport
+    assert transport is not None
     for _ in range(100):
         if reader.exception() is not None:
             break
         await asyncio.sleep(0)
     assert reader.exception() is not None, "the server's alert never came"
-    transport = client._app_transport
-    assert transport is not None
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
 
     writer.write(b"request")

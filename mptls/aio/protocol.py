@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -155,8 +156,8 @@ def _not_connected(data: memoryview) -> None:
 class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     """Runs TLS on a backend transport and serves one application protocol.
 
-    ``waiter`` (client side) is resolved when the application transport
-    is ready, or fails with the reason the connection could not be made.
+    ``waiter`` (client side) gets the application transport when it is
+    ready, or fails with the reason the connection could not be made.
     """
 
     def __init__(
@@ -171,7 +172,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         require_app_keys: bool = False,
         handshake_timeout: float | None = 30.0,
         shutdown_timeout: float | None = 30.0,
-        waiter: asyncio.Future[None] | None = None,
+        waiter: asyncio.Future[TLSTransport] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._backend = backend
@@ -198,7 +199,15 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # set in connection_made: how TLS output reaches the transport
         self._write_out: Callable[[memoryview], None] = _not_connected
         self._write_final: Callable[[bytes], None] | None = None
+        # the application's transport, held until the application has
+        # been told of the end, then only weakly: it holds this protocol,
+        # and a strong link back made every connection a reference cycle
+        # (with its engine, transport and MPTCP core hanging off it) that
+        # only the cyclic garbage collector could free
         self._app_transport: TLSTransport | None = None
+        self._app_transport_ref: weakref.ref[TLSTransport] | None = None
+        # set once the application has been shown the connection, and
+        # never unset: None means the handshake is not over
         self._app_protocol: asyncio.BaseProtocol | None = None
         self._timeout_handle: asyncio.TimerHandle | None = None
         # the application closed a socket transport: waiting for the
@@ -280,12 +289,12 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             if self._shutdown is not None:
                 self._read_until_peer_closes()
                 return
-            if self._app_transport is None:
+            if self._app_protocol is None:
                 if not self._engine.handshake_complete:
                     self._flush()
                     return
                 self._on_handshake_complete()
-                if self._app_transport is None:
+                if self._app_protocol is None:
                     # the application's protocol factory failed
                     return
             self._deliver()
@@ -304,7 +313,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         if self._shutdown is not None:
             # the application closed and waits for nothing more
             return False
-        if self._app_transport is None:
+        if self._app_protocol is None:
             self._left_silent()
             # a ConnectionResetError, as asyncio's TLS reports this end
             self._fail(
@@ -330,7 +339,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._cancel_timeout()
         if self._shutdown is not None:
             self._shutdown.cancel()
-        if self._app_transport is None:
+        if self._app_protocol is None:
             error = _in_mptls_tree(
                 exc, "during the TLS handshake"
             ) or TLSError("connection closed during the TLS handshake")
@@ -357,8 +366,10 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             exc = None
         # an end the application asked for (close, abort) is told at
         # once: it will not read what is left
-        asked = self._app_transport._closing
-        self._app_transport._closing = True
+        transport = self._app_side()
+        asked = transport is None or transport._closing
+        if transport is not None:
+            transport._closing = True
         if exc is None and not asked and self._undelivered():
             # a clean end while the application still has plaintext to
             # take (paused, or resumed with the delivery still to come):
@@ -381,6 +392,22 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         self._app_lost = True
         self._update_sink()
         self._loop.call_soon(self._app_protocol.connection_lost, exc)
+        self._hold_app_side_weakly()
+
+    def _app_side(self) -> TLSTransport | None:
+        """The application's transport, while anything still holds it."""
+        transport = self._app_transport
+        if transport is None and self._app_transport_ref is not None:
+            transport = self._app_transport_ref()
+        return transport
+
+    def _hold_app_side_weakly(self) -> None:
+        # the application has heard of the end: whoever still uses the
+        # transport holds it, and it holds this protocol
+        transport = self._app_transport
+        if transport is not None:
+            self._app_transport_ref = weakref.ref(transport)
+            self._app_transport = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -442,21 +469,21 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             self._refusal_said = True
             self._fail(exc)
             return
-        self._app_transport = TLSTransport(self)
+        transport = self._app_transport = TLSTransport(self)
         self._app_protocol = protocol
         try:
-            protocol.connection_made(self._app_transport)
+            protocol.connection_made(transport)
         except Exception as exc:
             self._app_failed(exc, "connection_made")
             return
         self._update_sink()
         if self._write_paused:
             self._app_protocol.pause_writing()
-        self._resolve_waiter(None)
+        self._resolve_waiter(None, transport)
 
     def _on_handshake_timeout(self) -> None:
         self._timeout_handle = None
-        if self._app_transport is None:
+        if self._app_protocol is None:
             self._fail(
                 HandshakeTimeoutError(
                     "TLS handshake did not complete within "
@@ -469,12 +496,17 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             self._timeout_handle.cancel()
             self._timeout_handle = None
 
-    def _resolve_waiter(self, exc: BaseException | None) -> None:
+    def _resolve_waiter(
+        self,
+        exc: BaseException | None,
+        transport: TLSTransport | None = None,
+    ) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is None or waiter.done():
             return
         if exc is None:
-            waiter.set_result(None)
+            assert transport is not None
+            waiter.set_result(transport)
         else:
             waiter.set_exception(exc)
 
@@ -483,7 +515,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         the operator hears who and why, once (see mptls.refusals)."""
         if (
             not self._server_side
-            or self._app_transport is not None
+            or self._app_protocol is not None
             or self._refusal_said
         ):
             return
@@ -518,13 +550,15 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             # it is handling ends: it sends it before the reset
             transport = self._transport
             getattr(transport, "abort_after_sending", transport.abort)()
-        if self._app_transport is None:
+        if self._app_protocol is None:
             self._say_refused(exc)
             self._resolve_waiter(exc)
-        elif self._app_protocol is not None and not self._lost:
+        elif not self._lost:
             self._lost = True
             self._app_lost = True
-            self._app_transport._closing = True
+            app_transport = self._app_side()
+            if app_transport is not None:
+                app_transport._closing = True
             try:
                 self._app_protocol.connection_lost(exc)
             except Exception as error:
@@ -538,6 +572,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                         "protocol": self._app_protocol,
                     }
                 )
+            self._hold_app_side_weakly()
 
     # TLS -> application
 
@@ -580,8 +615,9 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         except Exception as exc:
             self._app_failed(exc, "eof_received")
             return
-        if not keep_open and self._app_transport is not None:
-            self._app_transport.close()
+        transport = self._app_side()
+        if not keep_open and transport is not None:
+            transport.close()
 
     def _app_failed(self, exc: Exception, callback: str) -> None:
         """The application's ``callback`` raised ``exc``: end the connection.
@@ -602,7 +638,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
                     "message": f"the application protocol's {callback}() "
                     "raised; the connection is aborted",
                     "exception": exc,
-                    "transport": self._app_transport,
+                    "transport": self._app_side(),
                     "protocol": self._app_protocol,
                 }
             )
@@ -661,10 +697,14 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         """Close the connection as its application's ``close()`` would
         (close_notify, then the transport's end); before the handshake
         is over, close the transport. A server's ``close_clients()``."""
-        if self._app_transport is not None:
-            self._app_transport.close()
-        elif self._transport is not None:
-            self._transport.close()
+        if self._app_protocol is None:
+            if self._transport is not None:
+                self._transport.close()
+            return
+        # gone only once the application has heard of the end
+        transport = self._app_side()
+        if transport is not None:
+            transport.close()
 
     def server_stopping(self) -> None:
         """The server is stopping and is about to end this connection
@@ -741,7 +781,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         paused application left unread goes with the close.
         """
         self._ends_with_peer = True
-        transport = self._app_transport
+        transport = self._app_side()
         if (
             self._engine.eof_received
             and transport is not None

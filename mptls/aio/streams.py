@@ -258,7 +258,7 @@ async def create_connection(
         server_hostname = _default_server_hostname(host)
     backend_obj = _resolve_backend(backend)
     loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
+    waiter: asyncio.Future[TLSTransport] = loop.create_future()
 
     def tls_factory() -> TLSProtocol:
         return TLSProtocol(
@@ -289,11 +289,11 @@ async def create_connection(
             raise refusal from exc
         raise
     try:
-        await waiter
+        app_transport = await waiter
     except BaseException:
         transport.abort()
         raise
-    return _application_side(tls)
+    return _application_side(tls, app_transport)
 
 
 def _client_context(ssl: Any) -> tuple[SSL.Context, bool]:
@@ -307,14 +307,14 @@ def _client_context(ssl: Any) -> tuple[SSL.Context, bool]:
 
 
 def _application_side(
-    tls: asyncio.BaseProtocol,
+    tls: asyncio.BaseProtocol, app_transport: TLSTransport
 ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
-    """The application's transport and protocol over a completed
-    handshake; both exist once the waiter has resolved."""
+    """The application's transport (the waiter's result: the protocol
+    keeps it only weakly once the application heard of an end) and
+    protocol over a completed handshake."""
     assert isinstance(tls, TLSProtocol)
-    app_transport = tls._app_transport
     app_protocol = tls._app_protocol
-    assert app_transport is not None and app_protocol is not None
+    assert app_protocol is not None
     return app_transport, app_protocol
 
 

@@ -33,6 +33,7 @@ from mptls.errors import MptlsError
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
+from mptls.mptcp.framing import Segment
 from mptls.mptcp.options import ResetReason
 
 logger = logging.getLogger("mptls.userspace")
@@ -72,6 +73,47 @@ class PathOwner(SegmentSink, Protocol):
     def tag(self) -> str: ...
 
 
+class _Finished:
+    """The owner of paths whose connection is finished: always closing.
+
+    The transport holds its paths, and the paths holding it back made
+    every connection a reference cycle that only the cyclic garbage
+    collector could free; once the connection is over the paths keep
+    this instead, which tags log lines as the transport did.
+    """
+
+    def __init__(self, core: Connection) -> None:
+        self._core = core
+
+    def segments_received(
+        self, subflow: SubflowProtocol, segments: list[Segment]
+    ) -> None:
+        return None
+
+    def subflow_lost(
+        self, subflow: SubflowProtocol, exc: BaseException | None
+    ) -> None:
+        return None
+
+    def subflow_writable(
+        self, subflow: SubflowProtocol, writable: bool
+    ) -> None:
+        return None
+
+    def attach(self, subflow_id: int, subflow: SubflowProtocol) -> None:
+        # nothing joins a finished connection: no TCP connection is kept
+        subflow.close()
+
+    def process(self) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return True
+
+    def tag(self) -> str:
+        return connection_tag(self._core)
+
+
 class Paths:
     """The local addresses and extra subflows of one connection."""
 
@@ -87,7 +129,7 @@ class Paths:
         announce: Sequence[tuple[str, int]],
         names: Mapping[int, tuple[Any, Any]],
     ) -> None:
-        self._owner = owner
+        self._owner: PathOwner = owner
         self._core = core
         self._loop = loop
         self._initiator = initiator
@@ -392,13 +434,15 @@ class Paths:
                 self._give_up(path)
 
     def close(self) -> None:
-        """The connection is finished: nothing more is opened."""
+        """The connection is finished: nothing more is opened, and the
+        owner is let go (see :class:`_Finished`)."""
         self._closed = True
         for subflow, _ in self._parked:
             subflow.close()
         self._parked.clear()
         for task in self._tasks:
             task.cancel()
+        self._owner = _Finished(self._core)
 
     # opening subflows
 
@@ -649,6 +693,12 @@ class Paths:
         if path[1] == self._remote and path[0] in self._local_paths():
             self._own[subflow_id] = path
         return True
+
+
+def connection_tag(core: Connection) -> str:
+    """The token prefix that begins a connection's log lines."""
+    token = core.info().local_token
+    return f"[{token[:8] if token else '-'}]"
 
 
 def _try_later(event: events.JoinRefused) -> bool:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from mptls.backends.base import KeyDerivation, MptcpInfo, SubflowInfo
-from mptls.backends.userspace.paths import Paths
+from mptls.backends.userspace.paths import Paths, connection_tag
 from mptls.backends.userspace.subflow import SubflowProtocol, host_port
 from mptls.errors import (
     KeysUnavailableError,
@@ -576,7 +576,20 @@ class MultipathTransport(asyncio.Transport):
             # connection_lost comes after it, as a socket's would
             self._lost_after_held = True
             return
-        self._loop.call_soon(self._protocol.connection_lost, error)
+        self._loop.call_soon(self._call_connection_lost, self._protocol, error)
+
+    def _call_connection_lost(
+        self, protocol: asyncio.Protocol, error: Exception | None
+    ) -> None:
+        # as asyncio's transports do: once told of the end, the protocol
+        # is let go. It holds this transport, and a link back made every
+        # connection a reference cycle that only the cyclic garbage
+        # collector freed, with the core and both subflows' state on it
+        try:
+            protocol.connection_lost(error)
+        finally:
+            if self._protocol is protocol:
+                self._protocol = None
 
     # timers and flow control
 
@@ -730,8 +743,8 @@ class MultipathTransport(asyncio.Transport):
         self._protocol = protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self._protocol is not None
-        return self._protocol
+        # None once it has been told of the end, as asyncio's own
+        return cast(asyncio.BaseProtocol, self._protocol)
 
     def is_closing(self) -> bool:
         return self._closing
@@ -811,7 +824,9 @@ class MultipathTransport(asyncio.Transport):
         self._held.clear()
         self._held_eof = False
         if self._protocol is not None:
-            self._loop.call_soon(self._protocol.connection_lost, reset)
+            self._loop.call_soon(
+                self._call_connection_lost, self._protocol, reset
+            )
 
     def _drop_held_after_end(self) -> None:
         # the reader leaves without taking what the clean end left held
@@ -821,7 +836,9 @@ class MultipathTransport(asyncio.Transport):
         self._held.clear()
         self._held_eof = False
         if self._protocol is not None:
-            self._loop.call_soon(self._protocol.connection_lost, None)
+            self._loop.call_soon(
+                self._call_connection_lost, self._protocol, None
+            )
 
     def close(self) -> None:
         self._drop_held_after_end()
@@ -919,7 +936,9 @@ class MultipathTransport(asyncio.Transport):
         if self._lost_after_held and not (self._held or self._held_eof):
             self._lost_after_held = False
             if self._protocol is not None:
-                self._loop.call_soon(self._protocol.connection_lost, None)
+                self._loop.call_soon(
+                    self._call_connection_lost, self._protocol, None
+                )
         self.process()
 
     def get_write_buffer_size(self) -> int:
@@ -977,8 +996,7 @@ class MultipathTransport(asyncio.Transport):
 
     def tag(self) -> str:
         """The connection's token prefix that begins its log lines."""
-        token = self._core.info().local_token
-        return f"[{token[:8] if token else '-'}]"
+        return connection_tag(self._core)
 
     def __repr__(self) -> str:
         return f"<mptls.MultipathTransport {self.tag()}>"
