@@ -626,6 +626,29 @@ def test_receive_window_stalls_and_resumes_the_sender() -> None:
     assert bytes(net.server_side.data[5:]) == stream(size)
 
 
+def test_a_window_update_rides_the_data_frame_that_leaves_with_it() -> None:
+    # the receiver's application takes a full window and answers in the
+    # same step: the answer's frame carries the Data ACK and the opened
+    # window, so no frame of its own goes behind it for the update
+    window = 256 * 1024
+    server = ConnectionConfig(receive_window=window)
+    net = established(MemNet(server_config=server, auto_consume=False))
+    assert net.server is not None
+    net.consume(net.server, net.server_side)
+    net.client.send(stream(window))
+    net.run()
+    assert net.server_side.unconsumed == window
+    to_client = net.link(0).to_client
+    before = len(to_client.sent)
+
+    net.consume(net.server, net.server_side)
+    net.server.send(b"answer")
+    assert net.run(has_data(net.client_side, 6))
+    sent = to_client.sent[before:]
+    assert [bytes(segment.payload) for segment in sent] == [b"answer"]
+    assert sent[0].window >= window // 4
+
+
 def test_backup_subflow_is_used_only_when_alone() -> None:
     net = established(MemNet())
     backup = join(net, backup=True)

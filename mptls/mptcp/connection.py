@@ -327,6 +327,11 @@ class Connection(
         if subflow.data_deadline is None:
             subflow.data_deadline = now + self._rto(subflow)
         local_idsn = self._local_idsn or 0
+        # the frame carries the Data ACK and the window (in its header,
+        # as every frame does) on a subflow the peer takes windows from:
+        # a window update that was due goes with it, not in a frame of
+        # its own behind it
+        self._window_update_due = False
         # RFC 8684 section 3.3.1: a DATA_FIN alone has ssn 0, length 1
         mapping = Dss(
             data_ack=self._data_ack_number(),
