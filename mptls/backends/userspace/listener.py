@@ -153,10 +153,12 @@ class Listener:
             self._transports[id(core)] = transport
         transport.attach(subflow_id, subflow)
         if fresh:
+            # start() hands the first segment's data on and sends the
+            # answer
             transport.start(self._protocol_factory())
         if len(segments) > 1:
             transport.segments_received(subflow, segments[1:])
-        else:
+        elif not fresh:
             transport.process()
 
     def _address_id(self, core: Connection, sockname: Any) -> int:

@@ -846,14 +846,20 @@ class MultipathTransport(asyncio.Transport):
             return
         self._closing = True
         self._discarding = True
+        # the core hears of anything only if held data is dropped (its
+        # window opens) or the DATA_FIN is queued now: after a
+        # write_final (a TLS close) nothing is left for a flush to send
+        changed = bool(self._held)
         for data in self._held:
             self._core.consumed(len(data))
         self._held.clear()
         if not self._eof_written:
             self._eof_written = True
             self._core.close()
+            changed = True
         self._arm_close_timer()
-        self.process()
+        if changed:
+            self.process()
 
     def _arm_close_timer(self, delay: float | None = None) -> None:
         self._close_unacked = self._core.send_buffer_size
