@@ -227,11 +227,13 @@ class Connection(
         if self._keys is not None:
             return self._keys == keys
         self._keys = keys
-        logger.info(
-            "[%s] keys installed (fingerprint %s)",
-            self._tag(),
-            keys.fingerprint(),
-        )
+        if logger.isEnabledFor(logging.INFO):
+            # the fingerprint is a hash: made only for a line logged
+            logger.info(
+                "[%s] keys installed (fingerprint %s)",
+                self._tag(),
+                keys.fingerprint(),
+            )
         self._answer_held_joins()
         return True
 
@@ -261,6 +263,8 @@ class Connection(
     def _forget_closed_subflows(self) -> None:
         # closed subflows stay visible in info() for a while; the oldest
         # go so that refused or failed joins cannot grow the table
+        if len(self._subflows) <= _CLOSED_KEPT:
+            return  # nothing to forget: this runs every flush
         closed = [
             sid
             for sid, s in self._subflows.items()

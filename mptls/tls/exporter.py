@@ -68,8 +68,8 @@ def policy_problem(connection: SSL.Connection) -> str | None:
     keys (the triple-handshake attack). Anything older is refused.
     """
     version = connection.get_protocol_version()
-    name = connection.get_protocol_version_name()
     if version < _TLS1_2:
+        name = connection.get_protocol_version_name()
         return f"peer negotiated {name}; mptls requires TLS 1.2 or later"
     if version == _TLS1_2:
         support = _lib.SSL_get_extms_support(ssl_pointer(connection))

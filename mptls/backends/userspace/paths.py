@@ -191,6 +191,10 @@ class Paths:
         joins to it alike. The address and port the first subflow
         reached is left out: the peer knows it already, as id 0.
         """
+        if not self._announce:
+            # most servers announce nothing: no parse of the first
+            # subflow's address for every connection
+            return
         names = self._names.get(0)
         first = None if names is None else self._address_key(names[0])
         for address_id, (host, port) in enumerate(self._announce, start=1):
