@@ -97,6 +97,8 @@ Payload = bytes | memoryview
 _ALL_FLAGS = 0x1F
 # One prebuilt member per flag byte: no enum construction per frame.
 _FLAGS = tuple(Flag(value) for value in range(_ALL_FLAGS + 1))
+_SYN_BIT = int(Flag.SYN)
+_ACK_BIT = int(Flag.ACK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,8 +290,9 @@ def _decode_frame_options(raw: memoryview, flags: int) -> tuple[Option, ...]:
     # to check the kinds.
     if len(raw) < 2 or raw[0] != MPTCP_KIND or raw[1] != len(raw):
         _check_option_kinds(raw)
+    # ``flags`` is the header's int: int & Flag would build a member
     return decode_options(
-        raw, syn=bool(flags & Flag.SYN), ack=bool(flags & Flag.ACK)
+        raw, syn=bool(flags & _SYN_BIT), ack=bool(flags & _ACK_BIT)
     )
 
 

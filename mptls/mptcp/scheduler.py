@@ -39,6 +39,11 @@ UNCAPPED = 1 << 62
 class SubflowState(enum.Enum):
     """Where a subflow is in its life (RFC 8684 sections 3.1, 3.2)."""
 
+    # members are singletons compared by identity: hashed as objects,
+    # in C, rather than by Enum's own __hash__ (a Python call) at every
+    # table lookup of a frame's handling
+    __hash__ = object.__hash__
+
     SYN_SENT = "SYN_SENT"
     SYN_RECEIVED = "SYN_RECEIVED"
     # a join SYN with a known token arrived before the keys: it waits,
@@ -143,12 +148,13 @@ class Subflow:
                 f"{self.state.value} -> {new.value}",
                 reset_reason=None,
             )
-        logger.debug(
-            "subflow %d: %s -> %s",
-            self.subflow_id,
-            self.state.value,
-            new.value,
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "subflow %d: %s -> %s",
+                self.subflow_id,
+                self.state.value,
+                new.value,
+            )
         self.state = new
 
     def set_queue_room(self, room: int) -> None:

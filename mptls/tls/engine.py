@@ -200,6 +200,10 @@ _INFO_CALLBACK = _ffi.callback("void (*)(const SSL *, int, int)", _on_info)
 
 
 class _State(Enum):
+    # singletons compared by identity: hashed in C, not by Enum's
+    # Python __hash__, at each state change
+    __hash__ = object.__hash__
+
     NEW = "new"
     HANDSHAKING = "handshaking"
     ESTABLISHED = "established"
@@ -333,12 +337,13 @@ class TLSEngine:
             raise MptlsError(
                 f"TLS engine cannot go from {self._state.value} to {new.value}"
             )
-        logger.debug(
-            "TLS %s: %s -> %s",
-            "server" if self._server_side else "client",
-            self._state.value,
-            new.value,
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "TLS %s: %s -> %s",
+                "server" if self._server_side else "client",
+                self._state.value,
+                new.value,
+            )
         self._state = new
 
     # driving the connection

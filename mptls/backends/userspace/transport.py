@@ -222,6 +222,7 @@ class MultipathTransport(asyncio.Transport):
         if self._processing:
             return
         self._processing = True
+        deferred = False
         try:
             self._handle_events()
             if self._answer_awaited and self._closed_by_core is None:
@@ -231,6 +232,7 @@ class MultipathTransport(asyncio.Transport):
                 # of two (the application's task runs before this)
                 self._answer_awaited = False
                 self._loop.call_soon(self._process_open)
+                deferred = True
             else:
                 self._flush()
         finally:
@@ -238,7 +240,11 @@ class MultipathTransport(asyncio.Transport):
         if self._closed_by_core is not None:
             self._finish(self._closed_by_core.error)
             return
-        self._update_timer()
+        if not deferred:
+            # else the deferred flush sets it a loop step later: armed
+            # now, for the Data ACK it is about to send, it was
+            # cancelled again at once
+            self._update_timer()
         self._update_write_flow()
 
     def _process_open(self) -> None:
