@@ -490,6 +490,119 @@ async def test_a_connect_to_ip_literals_asks_no_resolver(
     assert lookups == []
 
 
+def _no_lookup(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, int]]:
+    """Every getaddrinfo of the running loop, with its flags, fails the
+    lookup at once: nothing leaves for a resolver."""
+    loop = asyncio.get_running_loop()
+    asked: list[tuple[object, int]] = []
+
+    async def lookup(
+        host: object, *args: object, flags: int = 0, **kw: object
+    ) -> object:
+        asked.append((host, flags))
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(loop, "getaddrinfo", lookup)
+    return asked
+
+
+@pytest.mark.parametrize(
+    "backend", ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+)
+@pytest.mark.parametrize(
+    ("local", "host", "local_family", "host_family"),
+    [
+        ("127.0.0.1", "::1", "IPv4", "IPv6"),
+        ("::1", "127.0.0.1", "IPv6", "IPv4"),
+    ],
+)
+async def test_a_host_literal_of_the_other_family_says_so(
+    pki: Pki,
+    backend: str,
+    local: str,
+    host: str,
+    local_family: str,
+    host_family: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first subflow cannot leave an address of one family for an
+    address of the other: the error says that, on both backends, where
+    getaddrinfo's answer made it a failed lookup ("cannot resolve host
+    '::1'") of an address that needs none. Still a ConnectError with
+    getaddrinfo's errno for it (EAI_ADDRFAMILY)."""
+    skip_without_ipv6(None)
+    if backend == "kernel" and not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    asked = _no_lookup(monkeypatch)
+    before = open_fds()
+    with pytest.raises(ConnectError) as caught:
+        await mptls.open_connection(
+            host,
+            9,
+            ssl=pki.client(),
+            backend=backend,
+            local_addrs=[local],
+        )
+    where = f"[{host}]:9" if ":" in host else f"{host}:9"
+    assert str(caught.value) == (
+        f"cannot connect to {where} from an {local_family} local address: "
+        f"the host is an {host_family} address"
+    )
+    assert caught.value.errno == socket.EAI_ADDRFAMILY
+    assert asked == []
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize(
+    "backend", ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+)
+async def test_a_scoped_ip_literal_is_never_a_name_to_look_up(
+    pki: Pki, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """getaddrinfo reads a scope id (``fe80::1%eth0``); one it cannot use
+    (an interface that does not exist, a scope on an address that takes
+    none) made it look the whole string up as a host name, a query to
+    the network's resolver for an IP literal. Asked with AI_NUMERICHOST,
+    it fails instead."""
+    if backend == "kernel" and not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    asked = _no_lookup(monkeypatch)
+    with pytest.raises(ConnectError) as caught:
+        await mptls.open_connection(
+            "fe80::1%mptls-none", 9, ssl=pki.client(), backend=backend
+        )
+    assert caught.value.errno == socket.EAI_NONAME
+    assert asked
+    for host, flags in asked:
+        assert host == "fe80::1%mptls-none"
+        assert flags & socket.AI_NUMERICHOST
+
+
+async def test_a_mapped_ipv4_host_from_an_ipv4_address_asks_no_resolver(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``::ffff:127.0.0.1`` from an IPv4 local address is 127.0.0.1: the
+    connect goes there without a getaddrinfo, which maps it the same."""
+    server = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    port = server.sockets[0].getsockname()[1]
+    asked = _no_lookup(monkeypatch)
+    try:
+        _, writer = await mptls.open_connection(
+            "::ffff:127.0.0.1",
+            port,
+            ssl=pki.client(),
+            server_hostname="127.0.0.1",
+            local_addrs=["127.0.0.1"],
+        )
+        assert writer.get_extra_info("peername") == ("127.0.0.1", port)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert asked == []
+
+
 async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(
     pki: Pki,
 ) -> None:

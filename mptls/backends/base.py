@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import ipaddress
 import os
 import socket
 import struct
@@ -89,7 +90,7 @@ def numeric_address(
     runs it in a thread, a hop that costs about 0.1 ms of CPU per
     connection for an address that needs no lookup. A literal with a
     scope id (``fe80::1%eth0``), or of another family than ``family``,
-    is left to ``getaddrinfo``, which knows what to make of it.
+    is left to :func:`host_addresses`.
     """
     for literal_family in (socket.AF_INET, socket.AF_INET6):
         if family not in (socket.AF_UNSPEC, literal_family):
@@ -102,6 +103,88 @@ def numeric_address(
             return literal_family, (host, port)
         return literal_family, (host, port, 0, 0)
     return None
+
+
+async def host_addresses(
+    loop: asyncio.AbstractEventLoop,
+    host: str | None,
+    port: int,
+    family: int = socket.AF_UNSPEC,
+    *,
+    flags: int = 0,
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """``(family, sockaddr)`` pairs of ``host`` to try, in order.
+
+    An IP literal needs no lookup (:func:`numeric_address`). One with a
+    scope id goes to ``getaddrinfo``, which maps the interface name,
+    with ``AI_NUMERICHOST``: a scope it cannot use made it look the
+    whole string up as a name, on the network. A literal of the other
+    family than ``family`` (the local address's) is an error that says
+    so, unless it is an IPv4-mapped IPv6 one, which is its IPv4 address.
+    A name gets ``getaddrinfo``'s TCP stream addresses, IPv4 and IPv6
+    ones, each once; its errors (``socket.gaierror``) are the caller's.
+    """
+    if host is not None:
+        numeric = numeric_address(host, port, family)
+        if numeric is not None:
+            return [numeric]
+        literal = _ip_literal(host)
+        if literal is not None:
+            if (
+                family == socket.AF_INET
+                and isinstance(literal, ipaddress.IPv6Address)
+                and literal.ipv4_mapped is not None
+            ):
+                return [(socket.AF_INET, (str(literal.ipv4_mapped), port))]
+            if family not in (socket.AF_UNSPEC, _FAMILIES[literal.version]):
+                raise _other_family(host, port, literal.version)
+            flags |= socket.AI_NUMERICHOST
+    infos = await loop.getaddrinfo(
+        host,
+        port,
+        family=family,
+        type=socket.SOCK_STREAM,
+        proto=socket.IPPROTO_TCP,
+        flags=flags,
+    )
+    pairs: list[tuple[int, tuple[Any, ...]]] = []
+    for info_family, _, _, _, address in infos:
+        if info_family not in _FAMILIES.values():
+            continue
+        # the whole sockaddr: an IPv6 one ends with the scope id that a
+        # link-local address ("fe80::1%eth0") cannot be used without
+        pair = (int(info_family), tuple(address))
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+# an IP address's version, as ipaddress numbers it, and its family
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def _ip_literal(
+    host: str,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _other_family(host: str, port: int, version: int) -> BackendError:
+    """A host literal of IP ``version`` from a local address of the
+    other: the errno stays getaddrinfo's for it, EAI_ADDRFAMILY, which
+    the streams layer gives its ConnectError."""
+    local = 6 if version == 4 else 4
+    failure = BackendError(
+        f"cannot connect to {format_address((host, port))} from an "
+        f"IPv{local} local address: the host is an IPv{version} address"
+    )
+    failure.__cause__ = socket.gaierror(
+        socket.EAI_ADDRFAMILY, "Address family for hostname not supported"
+    )
+    return failure
 
 
 async def connect_any(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from mptls.backends.base import connect_any, format_address, numeric_address
+from mptls.backends.base import connect_any, format_address, host_addresses
 from mptls.errors import BackendError, MptlsTimeoutError
 
 logger = logging.getLogger("mptls.backends.kernel")
@@ -202,36 +202,17 @@ async def resolve(
     family: int = socket.AF_UNSPEC,
     passive: bool = False,
 ) -> list[tuple[int, tuple[Any, ...]]]:
-    """``(family, sockaddr)`` pairs for ``host``.
+    """``(family, sockaddr)`` pairs for ``host`` (see ``host_addresses``),
+    its lookup's failure a ``BackendError``.
 
     ``getaddrinfo`` is asked for TCP stream addresses: glibc has no entry
     for protocol 262 and fails with it, and the addresses are the same.
     """
-    if host is not None:
-        numeric = numeric_address(host, port, family)
-        if numeric is not None:
-            return [numeric]
     flags = socket.AI_PASSIVE if passive else 0
     try:
-        infos = await loop.getaddrinfo(
-            host,
-            port,
-            family=family,
-            type=socket.SOCK_STREAM,
-            proto=socket.IPPROTO_TCP,
-            flags=flags,
-        )
+        pairs = await host_addresses(loop, host, port, family, flags=flags)
     except socket.gaierror as exc:
         raise BackendError(f"cannot resolve {host!r}: {exc}") from exc
-    pairs: list[tuple[int, tuple[Any, ...]]] = []
-    for info_family, _, _, _, address in infos:
-        if info_family not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        # the whole sockaddr: an IPv6 one ends with the scope id that a
-        # link-local address ("fe80::1%eth0") cannot be used without
-        pair = (int(info_family), tuple(address))
-        if pair not in pairs:
-            pairs.append(pair)
     if not pairs:
         raise BackendError(f"no IPv4 or IPv6 address for {host!r}")
     return pairs
@@ -288,7 +269,7 @@ async def _connect(
         new_socket=mptcp_socket,
         connect=lambda sock, address: connect_socket(loop, sock, address),
     )
-    logger.debug("connected %s -> %s", sock.getsockname(), (host, port))
+    logger.debug("connected %s -> %s", sock.getsockname(), sock.getpeername())
     return sock
 
 

@@ -27,7 +27,7 @@ from mptls.backends.base import (
     Server,
     connect_any,
     format_address,
-    numeric_address,
+    host_addresses,
 )
 from mptls.backends.userspace.listener import Handoff, Listener
 from mptls.backends.userspace.subflow import SubflowProtocol
@@ -504,14 +504,12 @@ async def _connect_tcp(
     family: int = socket.AF_UNSPEC
     bind_to: tuple[Any, ...] | None = None
     if local is not None:
-        numeric = numeric_address(local, 0)
-        if numeric is None:
-            local_info = await loop.getaddrinfo(
-                local, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
-            )
-            numeric = local_info[0][0], local_info[0][4]
-        family, bind_to = numeric
-    addresses = await _host_addresses(loop, host, port, family)
+        # an address of this host, never a name to look up
+        local_addresses = await host_addresses(
+            loop, local, 0, flags=socket.AI_NUMERICHOST
+        )
+        family, bind_to = local_addresses[0]
+    addresses = await host_addresses(loop, host, port, family)
     return await connect_any(
         host,
         port,
@@ -520,31 +518,6 @@ async def _connect_tcp(
         new_socket=_tcp_socket,
         connect=loop.sock_connect,
     )
-
-
-async def _host_addresses(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, family: int
-) -> list[tuple[int, tuple[Any, ...]]]:
-    """``(family, sockaddr)`` pairs of ``host`` to try, in order."""
-    numeric = numeric_address(host, port, family)
-    if numeric is not None:
-        return [numeric]
-    infos = await loop.getaddrinfo(
-        host,
-        port,
-        family=family,
-        type=socket.SOCK_STREAM,
-        proto=socket.IPPROTO_TCP,
-    )
-    addresses: list[tuple[int, tuple[Any, ...]]] = []
-    for info_family, _, _, _, address in infos:
-        pair = (int(info_family), tuple(address))
-        if info_family in _IP_FAMILIES and pair not in addresses:
-            addresses.append(pair)
-    return addresses
-
-
-_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def _tcp_socket(family: int) -> socket.socket:
