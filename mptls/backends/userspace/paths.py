@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from mptls.backends.base import format_address
 from mptls.backends.userspace.subflow import (
+    Detached,
     SegmentSink,
     SubflowProtocol,
     host_port,
@@ -33,7 +34,6 @@ from mptls.errors import MptlsError
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
-from mptls.mptcp.framing import Segment
 from mptls.mptcp.options import ResetReason
 
 logger = logging.getLogger("mptls.userspace")
@@ -73,32 +73,18 @@ class PathOwner(SegmentSink, Protocol):
     def tag(self) -> str: ...
 
 
-class _Finished:
+class _Finished(Detached):
     """The owner of paths whose connection is finished: always closing.
 
     The transport holds its paths, and the paths holding it back made
     every connection a reference cycle that only the cyclic garbage
     collector could free; once the connection is over the paths keep
-    this instead, which tags log lines as the transport did.
+    this instead, which takes nothing a subflow hands on (as a detached
+    subflow's sink) and tags log lines as the transport did.
     """
 
     def __init__(self, core: Connection) -> None:
         self._core = core
-
-    def segments_received(
-        self, subflow: SubflowProtocol, segments: list[Segment]
-    ) -> None:
-        return None
-
-    def subflow_lost(
-        self, subflow: SubflowProtocol, exc: BaseException | None
-    ) -> None:
-        return None
-
-    def subflow_writable(
-        self, subflow: SubflowProtocol, writable: bool
-    ) -> None:
-        return None
 
     def attach(self, subflow_id: int, subflow: SubflowProtocol) -> None:
         # nothing joins a finished connection: no TCP connection is kept

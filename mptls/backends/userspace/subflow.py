@@ -82,7 +82,7 @@ class SegmentSink(Protocol):
     ) -> None: ...
 
 
-class _Detached:
+class Detached:
     """The sink of a subflow whose connection is over: it takes nothing.
 
     A subflow that lingers after a reset frame hands nothing on, and
@@ -107,7 +107,7 @@ class _Detached:
         return None
 
 
-_DETACHED = _Detached()
+_DETACHED = Detached()
 
 
 class SubflowProtocol(asyncio.BufferedProtocol):
