@@ -15,8 +15,8 @@ from support import open_fds, skip_without_ipv6
 
 import mptls
 from mptls.aio.protocol import _in_mptls_tree
-from mptls.backends.base import numeric_address
-from mptls.errors import ConfigurationError, ConnectError
+from mptls.backends.base import connect_any, numeric_address
+from mptls.errors import BackendError, ConfigurationError, ConnectError
 
 # OpenSSL's verify result for a certificate of another address
 X509_V_ERR_IP_ADDRESS_MISMATCH = 64
@@ -1030,3 +1030,54 @@ async def test_a_server_without_ssl_says_what_it_needs() -> None:
 
     with pytest.raises(ConfigurationError, match="a server needs ssl="):
         await mptls.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_an_address_family_without_sockets_is_skipped() -> None:
+    """A host's IPv6 address on a machine that makes no IPv6 sockets
+    (EAFNOSUPPORT: IPv6 disabled) is one failed address: the next one
+    is tried, as asyncio's own loop over the addresses did, where the
+    error ended the connect before any IPv4 address was tried."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def new_socket(family: int) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        return sock
+
+    addresses = [
+        (socket.AF_INET6, ("::1", port, 0, 0)),
+        (socket.AF_INET, ("127.0.0.1", port)),
+    ]
+    try:
+        sock = await connect_any(
+            "localhost",
+            port,
+            addresses,
+            local=None,
+            new_socket=new_socket,
+            connect=loop.sock_connect,
+        )
+        assert sock.getpeername() == ("127.0.0.1", port)
+        sock.close()
+        with pytest.raises(BackendError) as caught:
+            await connect_any(
+                "localhost",
+                port,
+                addresses[:1],
+                local=None,
+                new_socket=new_socket,
+                connect=loop.sock_connect,
+            )
+    finally:
+        listener.close()
+    unsupported = os.strerror(errno.EAFNOSUPPORT)
+    assert (
+        str(caught.value)
+        == f"cannot connect to localhost:{port}: {unsupported}"
+    )
+    assert isinstance(caught.value.__cause__, OSError)
+    assert caught.value.__cause__.errno == errno.EAFNOSUPPORT

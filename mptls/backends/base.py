@@ -206,7 +206,13 @@ async def connect_any(
     """
     failures: list[tuple[tuple[Any, ...], OSError]] = []
     for family, address in addresses:
-        sock = new_socket(family)
+        try:
+            sock = new_socket(family)
+        except OSError as exc:
+            # a family this machine makes no sockets of (IPv6 disabled:
+            # EAFNOSUPPORT) fails this address, not the others
+            failures.append((address, exc))
+            continue
         try:
             if local is not None:
                 sock.bind(local)
