@@ -663,6 +663,41 @@ def test_connect_to_a_closed_port_exits_2(backend: str) -> None:
     )
 
 
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+def test_connect_gives_up_at_its_connect_timeout(backend: str) -> None:
+    """--connect-timeout ends a connect nothing answers (SYNs to a
+    listener whose accept queue is full are dropped), and the message
+    says the limit."""
+    if backend == "kernel" and not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        # the one connection a backlog of 0 admits fills the queue
+        with socket.create_connection(("127.0.0.1", port)):
+            result = run_mptls(
+                "connect", "127.0.0.1", str(port), "--insecure",
+                "--backend", backend, "--connect-timeout", "0.3",
+            )  # fmt: skip
+    error = result.stderr.decode()
+    assert result.returncode == 1, error
+    assert error.splitlines()[-1] == (
+        f"mptls: error: TCP connect to 127.0.0.1:{port} timed out after "
+        "0.3 s (connect_timeout)"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "86401"])
+def test_a_bad_connect_timeout_is_a_usage_error(value: str) -> None:
+    result = run_mptls("connect", "127.0.0.1", "9", "--connect-timeout", value)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"mptls: error: --connect-timeout must be in (0, 86400] seconds, "
+        f"got {float(value):g}"
+    )
+
+
 def test_connect_to_a_server_that_is_not_mptls_exits_2() -> None:
     # a plain TCP server that reads the first bytes and closes, as a
     # plain TLS server does with the mptls preamble

@@ -36,8 +36,10 @@ logger = logging.getLogger("mptls.cli")
 
 BACKENDS = ("userspace", "kernel")
 MODES = ("G", "E", "rfc8684")
-# the longest --rotate-every: a day, as every other wait of mptls's
-MAX_ROTATE_EVERY = 86400.0
+# the longest wait a command line takes (--rotate-every,
+# --connect-timeout): a day, as every other wait of mptls's
+MAX_SECONDS = 86400.0
+MAX_ROTATE_EVERY = MAX_SECONDS
 
 
 def _mode_name(text: str) -> str:

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mptls
-from mptls.backends.base import MptcpInfo, format_address
+from mptls.backends.base import CONNECT_TIMEOUT, MptcpInfo, format_address
 from mptls.cli.common import (
+    MAX_SECONDS,
     ExitStatus,
     OutputError,
     UsageError,
@@ -540,6 +541,11 @@ async def connect(args: argparse.Namespace) -> None:
             "--server-name must not be empty; --insecure skips the "
             "certificate check"
         )
+    if not 0 < args.connect_timeout <= MAX_SECONDS:
+        raise UsageError(
+            f"--connect-timeout must be in (0, {MAX_SECONDS:g}] "
+            f"seconds, got {args.connect_timeout:g}"
+        )
     # an empty --paths is a mistake, not "no paths given"
     paths = parse_paths(args.paths) if args.paths is not None else None
     _check_path_families(args.host, paths or ())
@@ -575,6 +581,7 @@ async def _converse(
             ssl=tls,
             server_hostname=args.server_name,
             local_addrs=list(paths) if paths else None,
+            connect_timeout=args.connect_timeout,
             **client_options(
                 args.backend,
                 args.mode,
@@ -798,6 +805,14 @@ def _add_connect_parser(
         "announces, or from the kernel's endpoints with --backend kernel)",
     )
     client.add_argument("--server-name", help="name to verify (default: HOST)")
+    client.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on the server's TCP connect after this long, every "
+        f"address of a host name included (default: {CONNECT_TIMEOUT:g})",
+    )
     client.add_argument(
         "--manage-paths",
         action="store_true",
