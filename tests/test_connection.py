@@ -614,10 +614,14 @@ def test_receive_window_stalls_and_resumes_the_sender() -> None:
     net.consume(net.server, net.server_side)
     size = 1024 * 1024
     net.client.send(stream(size))
+    assert not net.client.peer_window_closed
     net.run()
     # idle: the receiver holds exactly a window and the sender waits
     assert net.server_side.unconsumed == window
     assert net.client.send_buffer_size == size - window
+    # on the receiver's reader, not on a path: a close's limit tells
+    # the two apart
+    assert net.client.peer_window_closed
     last = net.link(0).to_client.sent[-1]
     assert last.window == 0
     while len(net.server_side.data) < size + 5:

@@ -46,6 +46,7 @@ class StubCore:
 
     send_buffer_size = 0
     send_pending = 0
+    peer_window_closed = True
     config = ConnectionConfig()
 
     def __init__(self) -> None:
@@ -599,3 +600,73 @@ async def test_close_timeout_counts_from_the_last_progress(
     transport._on_close_timeout()
     assert len(resets) == 1
     assert "600000 bytes unacknowledged" in str(resets[0])
+
+
+async def test_a_close_waits_for_a_path_as_an_open_connection_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # data stands unacknowledged with room for it in the peer's window:
+    # a path holds it, not the peer's reader, so the close is cut only
+    # when an open connection would give up, path_loss_timeout after
+    # the last progress (in an overloaded soak, close_timeout cut
+    # closes whose data the connection's recovery was about to resend)
+    transport, core, _ = make_transport()
+    clock = [100.0]
+    monkeypatch.setattr(transport._loop, "time", lambda: clock[0])
+    delays: list[float] = []
+
+    def call_later(delay: float, callback: Any) -> asyncio.TimerHandle:
+        delays.append(delay)
+        return cast(asyncio.TimerHandle, SimpleNamespace(cancel=lambda: None))
+
+    monkeypatch.setattr(transport._loop, "call_later", call_later)
+    resets: list[Exception | None] = []
+    monkeypatch.setattr(transport, "_reset", resets.append)
+    transport._close_timeout = 10.0
+    core.peer_window_closed = False
+    core.send_buffer_size = 300_000
+    core.last_progress = 100.0  # type: ignore[attr-defined]
+    transport._arm_close_timer()
+    clock[0] = 110.0
+    transport._on_close_timeout()
+    assert resets == []
+    assert delays[-1] == pytest.approx(core.config.path_loss_timeout - 10.0)
+    # the peer took some meanwhile: close_timeout counts from that again
+    core.send_buffer_size = 200_000
+    core.last_progress = 125.0  # type: ignore[attr-defined]
+    clock[0] = 130.0
+    transport._on_close_timeout()
+    assert delays[-1] == pytest.approx(5.0)
+    clock[0] = 135.0
+    transport._on_close_timeout()
+    assert resets == []
+    # then no progress until path_loss_timeout after the last: cut
+    clock[0] = 125.0 + core.config.path_loss_timeout
+    transport._on_close_timeout()
+    assert len(resets) == 1
+    assert "200000 bytes unacknowledged" in str(resets[0])
+
+
+async def test_a_close_to_a_peer_that_takes_nothing_ends_at_close_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the peer's window is shut: its reader, not a path, holds the data,
+    # and close_timeout is the limit
+    transport, core, _ = make_transport()
+    clock = [100.0]
+    monkeypatch.setattr(transport._loop, "time", lambda: clock[0])
+    monkeypatch.setattr(
+        transport._loop,
+        "call_later",
+        lambda delay, callback: SimpleNamespace(cancel=lambda: None),
+    )
+    resets: list[Exception | None] = []
+    monkeypatch.setattr(transport, "_reset", resets.append)
+    transport._close_timeout = 10.0
+    core.peer_window_closed = True
+    core.send_buffer_size = 300_000
+    core.last_progress = 100.0  # type: ignore[attr-defined]
+    transport._arm_close_timer()
+    clock[0] = 110.0
+    transport._on_close_timeout()
+    assert len(resets) == 1

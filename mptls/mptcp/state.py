@@ -226,6 +226,13 @@ class ConnectionState:
         return self._last_progress
 
     @property
+    def peer_window_closed(self) -> bool:
+        """Whether the peer has acknowledged all it has room for: its
+        receive window is shut, so what is left waits on its reader,
+        not on a path."""
+        return self._peer_edge <= self._send.acked
+
+    @property
     def has_reinjection(self) -> bool:
         """Whether chunks of a failed or removed subflow wait to be sent
         again (and the peer has not acknowledged them meanwhile)."""

@@ -890,6 +890,20 @@ class MultipathTransport(asyncio.Transport):
             due = self._core.last_progress + self._close_timeout
             self._arm_close_timer(max(0.0, due - self._loop.time()))
             return
+        if unacked and not self._core.peer_window_closed:
+            # the peer has room for what stands unacknowledged: a path
+            # holds it, not the peer's reader. The connection's own
+            # recovery (a data-level timeout moves it to another path)
+            # may take longer than close_timeout on a loaded path, so
+            # the close waits as long as an open connection would for
+            # progress, path_loss_timeout, rather than cut it short
+            due = (
+                self._core.last_progress + self._core.config.path_loss_timeout
+            )
+            left = due - self._loop.time()
+            if left > 0:
+                self._arm_close_timer(left)
+                return
         logger.debug("%s: close timed out, aborting", self.tag())
         # bytes the peer never acknowledged at the data level (RFC 8684
         # section 3.3.3) may be lost: the close was no clean one
