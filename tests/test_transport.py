@@ -567,39 +567,54 @@ def test_a_subflow_sends_nothing_into_a_transport_closed_under_it() -> None:
     assert not subflow.preamble_sent
 
 
+class _CloseClock:
+    """A transport whose close timer runs on a clock the test sets:
+    ``delays`` are the timer's arming delays, ``resets`` its aborts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.transport, self.core, _ = make_transport()
+        self.now = 100.0
+        self.delays: list[float] = []
+        self.resets: list[Exception | None] = []
+        loop = self.transport._loop
+        monkeypatch.setattr(loop, "time", lambda: self.now)
+        monkeypatch.setattr(loop, "call_later", self._call_later)
+        monkeypatch.setattr(self.transport, "_reset", self.resets.append)
+        self.transport._close_timeout = 10.0
+
+    def _call_later(self, delay: float, callback: Any) -> asyncio.TimerHandle:
+        self.delays.append(delay)
+        return cast(asyncio.TimerHandle, SimpleNamespace(cancel=lambda: None))
+
+    def progress(self, unacked: int, at: float) -> None:
+        """The Data ACK moved at ``at`` and left ``unacked`` bytes."""
+        self.core.send_buffer_size = unacked
+        self.core.last_progress = at  # type: ignore[attr-defined]
+
+    def expire(self, at: float) -> None:
+        """The close timer fires at ``at``."""
+        self.now = at
+        self.transport._on_close_timeout()
+
+
 async def test_close_timeout_counts_from_the_last_progress(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # a peer that acknowledges a window's worth just after close() and
     # then stops: the close is cut close_timeout after that progress,
     # not after a second full period (it took up to twice the limit)
-    transport, core, _ = make_transport()
-    clock = [100.0]
-    monkeypatch.setattr(transport._loop, "time", lambda: clock[0])
-    delays: list[float] = []
-
-    def call_later(delay: float, callback: Any) -> asyncio.TimerHandle:
-        delays.append(delay)
-        return cast(asyncio.TimerHandle, SimpleNamespace(cancel=lambda: None))
-
-    monkeypatch.setattr(transport._loop, "call_later", call_later)
-    resets: list[Exception | None] = []
-    monkeypatch.setattr(transport, "_reset", resets.append)
-    transport._close_timeout = 10.0
-    core.send_buffer_size = 1_000_000
-    transport._arm_close_timer()
-    assert delays == [10.0]
+    close = _CloseClock(monkeypatch)
+    close.core.send_buffer_size = 1_000_000
+    close.transport._arm_close_timer()
+    assert close.delays == [10.0]
     # the Data ACK moved at 100.5, then stood still
-    core.send_buffer_size = 600_000
-    core.last_progress = 100.5  # type: ignore[attr-defined]
-    clock[0] = 110.0
-    transport._on_close_timeout()
-    assert delays[-1] == pytest.approx(0.5)
-    assert resets == []
-    clock[0] = 110.5
-    transport._on_close_timeout()
-    assert len(resets) == 1
-    assert "600000 bytes unacknowledged" in str(resets[0])
+    close.progress(600_000, at=100.5)
+    close.expire(at=110.0)
+    assert close.delays[-1] == pytest.approx(0.5)
+    assert close.resets == []
+    close.expire(at=110.5)
+    assert len(close.resets) == 1
+    assert "600000 bytes unacknowledged" in str(close.resets[0])
 
 
 async def test_a_close_waits_for_a_path_as_an_open_connection_would(
@@ -610,41 +625,24 @@ async def test_a_close_waits_for_a_path_as_an_open_connection_would(
     # when an open connection would give up, path_loss_timeout after
     # the last progress (in an overloaded soak, close_timeout cut
     # closes whose data the connection's recovery was about to resend)
-    transport, core, _ = make_transport()
-    clock = [100.0]
-    monkeypatch.setattr(transport._loop, "time", lambda: clock[0])
-    delays: list[float] = []
-
-    def call_later(delay: float, callback: Any) -> asyncio.TimerHandle:
-        delays.append(delay)
-        return cast(asyncio.TimerHandle, SimpleNamespace(cancel=lambda: None))
-
-    monkeypatch.setattr(transport._loop, "call_later", call_later)
-    resets: list[Exception | None] = []
-    monkeypatch.setattr(transport, "_reset", resets.append)
-    transport._close_timeout = 10.0
-    core.peer_window_closed = False
-    core.send_buffer_size = 300_000
-    core.last_progress = 100.0  # type: ignore[attr-defined]
-    transport._arm_close_timer()
-    clock[0] = 110.0
-    transport._on_close_timeout()
-    assert resets == []
-    assert delays[-1] == pytest.approx(core.config.path_loss_timeout - 10.0)
+    close = _CloseClock(monkeypatch)
+    path_loss_timeout = close.core.config.path_loss_timeout
+    close.core.peer_window_closed = False
+    close.progress(300_000, at=100.0)
+    close.transport._arm_close_timer()
+    close.expire(at=110.0)
+    assert close.resets == []
+    assert close.delays[-1] == pytest.approx(path_loss_timeout - 10.0)
     # the peer took some meanwhile: close_timeout counts from that again
-    core.send_buffer_size = 200_000
-    core.last_progress = 125.0  # type: ignore[attr-defined]
-    clock[0] = 130.0
-    transport._on_close_timeout()
-    assert delays[-1] == pytest.approx(5.0)
-    clock[0] = 135.0
-    transport._on_close_timeout()
-    assert resets == []
+    close.progress(200_000, at=125.0)
+    close.expire(at=130.0)
+    assert close.delays[-1] == pytest.approx(5.0)
+    close.expire(at=135.0)
+    assert close.resets == []
     # then no progress until path_loss_timeout after the last: cut
-    clock[0] = 125.0 + core.config.path_loss_timeout
-    transport._on_close_timeout()
-    assert len(resets) == 1
-    assert "200000 bytes unacknowledged" in str(resets[0])
+    close.expire(at=125.0 + path_loss_timeout)
+    assert len(close.resets) == 1
+    assert "200000 bytes unacknowledged" in str(close.resets[0])
 
 
 async def test_a_close_to_a_peer_that_takes_nothing_ends_at_close_timeout(
@@ -652,21 +650,9 @@ async def test_a_close_to_a_peer_that_takes_nothing_ends_at_close_timeout(
 ) -> None:
     # the peer's window is shut: its reader, not a path, holds the data,
     # and close_timeout is the limit
-    transport, core, _ = make_transport()
-    clock = [100.0]
-    monkeypatch.setattr(transport._loop, "time", lambda: clock[0])
-    monkeypatch.setattr(
-        transport._loop,
-        "call_later",
-        lambda delay, callback: SimpleNamespace(cancel=lambda: None),
-    )
-    resets: list[Exception | None] = []
-    monkeypatch.setattr(transport, "_reset", resets.append)
-    transport._close_timeout = 10.0
-    core.peer_window_closed = True
-    core.send_buffer_size = 300_000
-    core.last_progress = 100.0  # type: ignore[attr-defined]
-    transport._arm_close_timer()
-    clock[0] = 110.0
-    transport._on_close_timeout()
-    assert len(resets) == 1
+    close = _CloseClock(monkeypatch)
+    close.core.peer_window_closed = True
+    close.progress(300_000, at=100.0)
+    close.transport._arm_close_timer()
+    close.expire(at=110.0)
+    assert len(close.resets) == 1
