@@ -19,7 +19,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from mptls.errors import (
     BackendError,
@@ -30,6 +30,8 @@ from mptls.errors import (
 from mptls.tls.keys import KeyMaterial
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
+
+_T = TypeVar("_T")
 # exports key generation n from the connection's TLS session: what a
 # backend that rotates keys calls when it needs the next generation
 KeyDerivation = Callable[[int], KeyMaterial]
@@ -185,6 +187,31 @@ def _other_family(host: str, port: int, version: int) -> BackendError:
         socket.EAI_ADDRFAMILY, "Address family for hostname not supported"
     )
     return failure
+
+
+async def within_connect_timeout(
+    connecting: Awaitable[_T],
+    host: str,
+    port: int,
+    timeout: float | None,
+) -> _T:
+    """``connecting`` (a backend's whole connect to ``host``, resolution
+    and every address included), ended at ``connect_timeout``.
+
+    Both backends bound their connect here, so that the limit ends in
+    the same :class:`MptlsTimeoutError` on either; ``None`` leaves the
+    wait to the kernel's SYN retries.
+    """
+    try:
+        return await asyncio.wait_for(connecting, timeout)
+    except MptlsTimeoutError:
+        raise  # the kernel gave up on its SYNs, to every address
+    except TimeoutError as exc:
+        limit = "" if timeout is None else f" after {timeout:g} s"
+        raise MptlsTimeoutError(
+            f"TCP connect to {format_address((host, port))} timed out"
+            f"{limit} (connect_timeout)"
+        ) from exc
 
 
 async def connect_any(

@@ -22,8 +22,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from mptls.backends.base import connect_any, format_address, host_addresses
-from mptls.errors import BackendError, MptlsTimeoutError
+from mptls.backends.base import (
+    connect_any,
+    host_addresses,
+    within_connect_timeout,
+)
+from mptls.errors import BackendError
 
 logger = logging.getLogger("mptls.backends.kernel")
 
@@ -234,19 +238,9 @@ async def connect(
     backend's ``connect_timeout`` does; ``None`` leaves it to the
     kernel's SYN retries.
     """
-    scope = asyncio.timeout(timeout)
-    try:
-        async with scope:
-            return await _connect(loop, host, port, local_addr)
-    except TimeoutError as exc:
-        if not scope.expired():
-            # the kernel's own ETIMEDOUT, already an MptlsTimeoutError
-            raise
-        where = format_address((host, port))
-        raise MptlsTimeoutError(
-            f"TCP connect to {where} timed out after {timeout:g} s "
-            "(connect_timeout)"
-        ) from exc
+    return await within_connect_timeout(
+        _connect(loop, host, port, local_addr), host, port, timeout
+    )
 
 
 async def _connect(

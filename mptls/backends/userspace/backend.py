@@ -28,6 +28,7 @@ from mptls.backends.base import (
     connect_any,
     format_address,
     host_addresses,
+    within_connect_timeout,
 )
 from mptls.backends.userspace.listener import Handoff, Listener
 from mptls.backends.userspace.subflow import SubflowProtocol
@@ -476,16 +477,7 @@ async def _connect_first_subflow(
         sock = await _connect_tcp(loop, host, port, local)
         await loop.create_connection(lambda: subflow, sock=sock)
 
-    try:
-        await asyncio.wait_for(connect(), timeout)
-    except MptlsTimeoutError:
-        raise  # the kernel gave up on its SYNs, to every address
-    except TimeoutError as exc:
-        limit = "" if timeout is None else f" after {timeout:g} s"
-        raise MptlsTimeoutError(
-            f"TCP connect to {format_address((host, port))} timed out"
-            f"{limit} (connect_timeout)"
-        ) from exc
+    await within_connect_timeout(connect(), host, port, timeout)
 
 
 async def _connect_tcp(
