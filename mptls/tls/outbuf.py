@@ -7,7 +7,14 @@ waiting, freed in the order they were made. Buffers that size come from
 malloc's heap or from fresh ``mmap`` pages, and in that pattern the heap
 is trimmed and grown again all the time: every page faulted in and
 zeroed by the kernel anew (about 0.04 s of the sender's CPU per GB). A
-small list of free buffers of one size makes them once.
+list of free buffers of one size makes them once.
+
+They come back in bursts: a sender that reads a run of Data ACKs at
+once frees most of a window (13 to 18 buffers on loopback) in one go,
+then writes as many. So while any buffer is out, the list keeps up to
+:data:`BUSY_KEEP` (a window's worth, with room); once every buffer is
+back, it keeps only ``keep``, so that a process between transfers holds
+little.
 
 A buffer goes back to the list only when nothing refers to its memory
 any more (cffi calls :meth:`OutputPool.release` when the owning cdata
@@ -26,9 +33,12 @@ POOLED_SIZE = 320 * 1024
 # smaller outputs (handshake, alerts, short writes) come from the heap,
 # where malloc keeps them cheap
 POOLED_MIN = 64 * 1024
-# free buffers kept: a bulk sender frees two per Data ACK and takes one
-# per write, so a few suffice; more would only hold idle memory
+# free buffers kept once every buffer is back: enough for the next
+# transfer to start without a fault; more would only hold idle memory
 _KEEP = 8
+# free buffers kept while any is out (10 MiB at most): more than one
+# window's worth, which is what a burst of Data ACKs returns
+BUSY_KEEP = 32
 
 _RAW = _ffi.new_allocator(should_clear_after_alloc=False)
 
@@ -36,8 +46,9 @@ _RAW = _ffi.new_allocator(should_clear_after_alloc=False)
 class OutputPool:
     """Free buffers of :data:`POOLED_SIZE` bytes for cffi to allocate."""
 
-    def __init__(self, keep: int = _KEEP) -> None:
+    def __init__(self, keep: int = _KEEP, busy_keep: int = BUSY_KEEP) -> None:
         self._keep = keep
+        self._busy_keep = max(keep, busy_keep)
         self._free: list[Any] = []
         # the owning cdata of each buffer handed out, by its address
         self._lent: dict[int, Any] = {}
@@ -59,8 +70,18 @@ class OutputPool:
     def release(self, pointer: Any) -> None:
         """Take a buffer back: cffi calls this when its cdata dies."""
         owner = self._lent.pop(int(_ffi.cast("uintptr_t", pointer)), None)
-        if owner is not None and len(self._free) < self._keep:
-            self._free.append(owner)
+        if owner is None:
+            return
+        free = self._free
+        if self._lent:
+            # mid-transfer: the next writes take these back
+            if len(free) < self._busy_keep:
+                free.append(owner)
+            return
+        # every buffer is back: keep only a few
+        del free[self._keep :]
+        if len(free) < self._keep:
+            free.append(owner)
 
     @property
     def idle(self) -> int:
