@@ -941,7 +941,7 @@ async def test_a_mode_on_the_kernel_backend_says_which_backend_has_it(
     [
         ("local_addr", "use local_addrs="),
         ("sock", "opens its own sockets"),
-        ("happy_eyeballs_delay", "one after the other"),
+        ("all_errors", "raises one error"),
         ("family", "IP literals"),
     ],
 )

@@ -135,9 +135,6 @@ _ASYNCIO_CLIENT_ONLY = {
     "family": "pass IP literals (local_addrs too) of the family wanted",
     "proto": "mptls chooses the sockets' protocol",
     "flags": "mptls resolves host names itself",
-    "happy_eyeballs_delay": "mptls tries the host's addresses one after "
-    "the other",
-    "interleave": "mptls tries the host's addresses one after the other",
     "all_errors": "mptls raises one error, an OSError with the cause",
 }
 _ASYNCIO_SERVER_ONLY = {

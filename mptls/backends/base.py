@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import os
 import socket
@@ -214,6 +215,74 @@ async def within_connect_timeout(
         ) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class AddressRace:
+    """How a connect tries a host's addresses (RFC 8305, as asyncio's
+    ``happy_eyeballs_delay`` and ``interleave`` keywords have it).
+
+    ``delay`` None tries one address after the other, each until it
+    fails. A number starts the next address's attempt once the one
+    before has had that many seconds (or at once when it fails), the
+    earlier ones still running; the first to connect wins and the
+    others are closed. ``interleave`` reorders the addresses by family:
+    that many of the first family, then one of each in turn; 0 keeps
+    the resolver's order. It is 1 when only ``delay`` is given.
+    """
+
+    delay: float | None = None
+    interleave: int = 0
+
+    @classmethod
+    def from_options(
+        cls, delay: object = None, interleave: object = None
+    ) -> AddressRace:
+        """From the keywords, each checked: a clear error for bad ones."""
+        if delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, int | float):
+                raise ConfigurationError(
+                    "happy_eyeballs_delay must be a number of seconds, "
+                    f"got {delay!r}"
+                )
+            if not 0 <= delay <= 86400:
+                raise ConfigurationError(
+                    "happy_eyeballs_delay must be in [0, 86400] seconds, "
+                    f"got {delay}"
+                )
+        if interleave is None:
+            interleave = 0 if delay is None else 1
+        if (
+            isinstance(interleave, bool)
+            or not isinstance(interleave, int)
+            or interleave < 0
+        ):
+            raise ConfigurationError(
+                f"interleave must be an int >= 0, got {interleave!r}"
+            )
+        return cls(None if delay is None else float(delay), interleave)
+
+    def order(
+        self, addresses: Sequence[tuple[int, tuple[Any, ...]]]
+    ) -> list[tuple[int, tuple[Any, ...]]]:
+        """``addresses`` in the order to try them."""
+        if not self.interleave or not addresses:
+            return list(addresses)
+        by_family: dict[int, list[tuple[int, tuple[Any, ...]]]] = {}
+        for pair in addresses:
+            by_family.setdefault(pair[0], []).append(pair)
+        queues = list(by_family.values())
+        ordered = queues[0][: self.interleave - 1]
+        queues[0] = queues[0][self.interleave - 1 :]
+        for turn in range(max(len(queue) for queue in queues)):
+            ordered.extend(
+                queue[turn] for queue in queues if turn < len(queue)
+            )
+        return ordered
+
+
+# every address in turn, each until it fails: asyncio's default too
+ONE_BY_ONE = AddressRace()
+
+
 async def connect_any(
     host: str,
     port: int,
@@ -222,24 +291,27 @@ async def connect_any(
     local: tuple[Any, ...] | None,
     new_socket: Callable[[int], socket.socket],
     connect: Callable[[socket.socket, tuple[Any, ...]], Awaitable[None]],
+    race: AddressRace = ONE_BY_ONE,
 ) -> socket.socket:
     """A socket connected to the first of ``addresses`` that answers.
 
     ``addresses`` are ``(family, sockaddr)`` pairs of ``host`` in the
-    order to try; each gets a socket of its own from ``new_socket``,
+    resolver's order; ``race`` says in which order and how far apart
+    they are tried. Each gets a socket of its own from ``new_socket``,
     bound to ``local`` if given. Both backends connect through here, so
     that a host whose every address fails ends in the same error on
     either (see :func:`connect_failure`).
     """
     failures: list[tuple[tuple[Any, ...], OSError]] = []
-    for family, address in addresses:
+
+    async def attempt(family: int, address: tuple[Any, ...]) -> socket.socket:
         try:
             sock = new_socket(family)
         except OSError as exc:
             # a family this machine makes no sockets of (IPv6 disabled:
             # EAFNOSUPPORT) fails this address, not the others
             failures.append((address, exc))
-            continue
+            raise
         try:
             if local is not None:
                 sock.bind(local)
@@ -247,12 +319,84 @@ async def connect_any(
         except OSError as exc:
             sock.close()
             failures.append((address, exc))
-            continue
+            raise
         except BaseException:
             sock.close()
             raise
         return sock
+
+    ordered = race.order(addresses)
+    if race.delay is None:
+        for family, address in ordered:
+            with contextlib.suppress(OSError):
+                return await attempt(family, address)
+    else:
+        winner = await _staggered(
+            [functools.partial(attempt, *pair) for pair in ordered],
+            race.delay,
+        )
+        if winner is not None:
+            return winner
     raise connect_failure(host, port, failures)
+
+
+async def _staggered(
+    attempts: Sequence[Callable[[], Awaitable[socket.socket]]],
+    delay: float,
+) -> socket.socket | None:
+    """The first of ``attempts`` to connect, or None when all failed.
+
+    The next attempt starts ``delay`` seconds after the one before, or
+    at once when a running one fails. The losers are cancelled (an
+    attempt closes its socket then) and a socket that connected too
+    late is closed; so is every socket when the caller is cancelled.
+    An error other than an ``OSError`` is a bug, and propagates.
+    """
+    waiting = list(attempts)
+    running: set[asyncio.Task[socket.socket]] = set()
+    winner: socket.socket | None = None
+
+    def start_next() -> None:
+        running.add(asyncio.ensure_future(waiting.pop(0)()))
+
+    try:
+        while winner is None and (waiting or running):
+            if not running:
+                start_next()
+                continue
+            done, _ = await asyncio.wait(
+                running,
+                timeout=delay if waiting else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            # the delay passed, or an attempt failed: the next one starts
+            due = not done
+            for task in done:
+                running.discard(task)
+                error = task.exception()
+                if isinstance(error, OSError):
+                    due = True  # recorded by the attempt itself
+                elif error is not None:
+                    raise error
+                elif winner is None:
+                    winner = task.result()
+                else:
+                    task.result().close()
+            if due and waiting and winner is None:
+                start_next()
+        return winner
+    except BaseException:
+        if winner is not None:
+            winner.close()
+        raise
+    finally:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        for task in running:
+            if not task.cancelled() and task.exception() is None:
+                task.result().close()
 
 
 def connect_failure(

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, cast
 
 from mptls.backends.base import (
     CONNECT_TIMEOUT,
+    AddressRace,
     Backend,
     KeyDerivation,
     KeyInstall,
@@ -48,7 +49,9 @@ from mptls.tls.keys import KeyMaterial
 
 logger = logging.getLogger("mptls.backends.kernel")
 
-CONNECTION_OPTIONS = frozenset({"connect_timeout", "manage_paths"})
+CONNECTION_OPTIONS = frozenset(
+    {"connect_timeout", "manage_paths", "happy_eyeballs_delay", "interleave"}
+)
 SERVER_OPTIONS = frozenset(
     {"announce", "backlog", "reuse_address", "reuse_port", "start_serving"}
 )
@@ -210,12 +213,17 @@ class KernelBackend(Backend):
         ``manage_paths=True`` (needs CAP_NET_ADMIN); otherwise the
         kernel's configured endpoints decide the extra subflows.
         ``connect_timeout`` (30 s, ``None`` for the kernel's SYN retries
-        alone) bounds the TCP connect, as on the userspace backend.
+        alone) bounds the TCP connect, and ``happy_eyeballs_delay`` and
+        ``interleave`` say how the host's addresses are tried, as on the
+        userspace backend.
         """
         _check_options(options, CONNECTION_OPTIONS)
         connect_timeout = options.get("connect_timeout", CONNECT_TIMEOUT)
         if connect_timeout is not None:
             check_seconds("connect_timeout", connect_timeout)
+        race = AddressRace.from_options(
+            options.get("happy_eyeballs_delay"), options.get("interleave")
+        )
         loop = asyncio.get_running_loop()
         addrs = list(local_addrs or ())
         if len(addrs) > 1:
@@ -232,6 +240,7 @@ class KernelBackend(Backend):
             port,
             local_addr=addrs[0] if addrs else None,
             timeout=connect_timeout,
+            race=race,
         )
         try:
             state = sockets.connected_fallback_state(

@@ -23,6 +23,8 @@ from enum import IntEnum
 from typing import Any
 
 from mptls.backends.base import (
+    ONE_BY_ONE,
+    AddressRace,
     connect_any,
     host_addresses,
     within_connect_timeout,
@@ -229,8 +231,10 @@ async def connect(
     *,
     local_addr: str | None = None,
     timeout: float | None = None,
+    race: AddressRace = ONE_BY_ONE,
 ) -> socket.socket:
-    """A connected MPTCP socket to ``host``, trying each address in turn.
+    """A connected MPTCP socket to ``host``, trying its addresses as
+    ``race`` says (one after the other by default).
 
     With ``local_addr`` the first subflow leaves from that address, and
     only addresses of its family are tried. ``timeout`` bounds the whole
@@ -239,7 +243,7 @@ async def connect(
     kernel's SYN retries.
     """
     return await within_connect_timeout(
-        _connect(loop, host, port, local_addr), host, port, timeout
+        _connect(loop, host, port, local_addr, race), host, port, timeout
     )
 
 
@@ -248,6 +252,7 @@ async def _connect(
     host: str,
     port: int,
     local_addr: str | None,
+    race: AddressRace,
 ) -> socket.socket:
     family: int = socket.AF_UNSPEC
     local: tuple[Any, ...] | None = None
@@ -262,6 +267,7 @@ async def _connect(
         local=local,
         new_socket=mptcp_socket,
         connect=lambda sock, address: connect_socket(loop, sock, address),
+        race=race,
     )
     logger.debug("connected %s -> %s", sock.getsockname(), sock.getpeername())
     return sock

@@ -20,6 +20,7 @@ from typing import Any
 
 from mptls.backends.base import (
     CONNECT_TIMEOUT,
+    AddressRace,
     Backend,
     KeyDerivation,
     KeyInstall,
@@ -463,18 +464,19 @@ async def _connect_first_subflow(
     port: int,
     local: str | None,
     timeout: float | None,
+    race: AddressRace,
 ) -> None:
     """The first subflow's TCP connection, from ``local`` if given.
 
     ``timeout`` bounds the whole connect, resolution and every address
     of the host included; ``None`` leaves it to the kernel's SYN
-    retries.
+    retries. ``race`` says how the host's addresses are tried.
     """
     loop = asyncio.get_running_loop()
     subflow.target = (host, port)
 
     async def connect() -> None:
-        sock = await _connect_tcp(loop, host, port, local)
+        sock = await _connect_tcp(loop, host, port, local, race)
         await loop.create_connection(lambda: subflow, sock=sock)
 
     await within_connect_timeout(connect(), host, port, timeout)
@@ -485,8 +487,10 @@ async def _connect_tcp(
     host: str,
     port: int,
     local: str | None,
+    race: AddressRace,
 ) -> socket.socket:
-    """A TCP socket connected to ``host``, trying each address in turn.
+    """A TCP socket connected to ``host``, trying its addresses as
+    ``race`` says.
 
     As on the kernel backend (one helper for both): with ``local`` only
     addresses of its family are tried, and a host whose every address
@@ -509,6 +513,7 @@ async def _connect_tcp(
         local=bind_to,
         new_socket=_tcp_socket,
         connect=loop.sock_connect,
+        race=race,
     )
 
 
@@ -534,11 +539,16 @@ class UserspaceBackend(Backend):
         config: ConnectionConfig | None = None,
         connect_timeout: float | None = CONNECT_TIMEOUT,
         close_timeout: float = 10.0,
+        happy_eyeballs_delay: float | None = None,
+        interleave: int | None = None,
         **settings: Any,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         """Open the first subflow; extra ones follow once keys exist.
 
-        ``settings`` are :class:`ConnectionConfig` fields (for example
+        ``happy_eyeballs_delay`` and ``interleave`` try the host's
+        addresses as asyncio's keywords of those names do (RFC 8305;
+        see :class:`~mptls.backends.base.AddressRace`). ``settings`` are
+        :class:`ConnectionConfig` fields (for example
         ``allow_legacy_fallback``, ``receive_window``).
         """
         loop = asyncio.get_running_loop()
@@ -554,12 +564,13 @@ class UserspaceBackend(Backend):
         if connect_timeout is not None:
             check_seconds("connect_timeout", connect_timeout)
         check_seconds("close_timeout", close_timeout)
+        race = AddressRace.from_options(happy_eyeballs_delay, interleave)
         local_addrs = list(local_addrs or ())
         first_local = local_addrs[0] if local_addrs else None
         placeholder = _PendingSink()
         subflow = _FirstSubflow(placeholder)
         await _connect_first_subflow(
-            subflow, host, port, first_local, connect_timeout
+            subflow, host, port, first_local, connect_timeout, race
         )
         peer = subflow.address("peername")
 

@@ -1,0 +1,315 @@
+"""How a connect tries a host's addresses: one by one, or staggered.
+
+``happy_eyeballs_delay`` and ``interleave`` mean what asyncio's keywords
+of those names mean (RFC 8305). The race is driven through
+``connect_any`` with real sockets and a connect of the test's own, which
+answers, refuses or never answers per address; no packet leaves. Then
+both backends take the keywords end to end, on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from pki import Pki
+from support import usable_backend
+
+import mptls
+from mptls.backends.base import AddressRace, connect_any
+from mptls.errors import BackendError, ConfigurationError
+
+V4 = socket.AF_INET
+V6 = socket.AF_INET6
+A = (V4, ("192.0.2.1", 443))
+B = (V4, ("192.0.2.2", 443))
+C = (V6, ("2001:db8::1", 443, 0, 0))
+D = (V6, ("2001:db8::2", 443, 0, 0))
+LIMIT = 5.0
+
+
+class FakeConnects:
+    """A connect per address: ``ok``, ``refuse``, ``hang`` or ``bug``.
+
+    Records the order the attempts started in and every socket made, so
+    that a test can check which were closed.
+    """
+
+    def __init__(self, behaviour: dict[tuple[Any, ...], str]) -> None:
+        self.behaviour = behaviour
+        self.started: list[tuple[Any, ...]] = []
+        self.sockets: dict[tuple[Any, ...], socket.socket] = {}
+
+    def new_socket(self, family: int) -> socket.socket:
+        return socket.socket(family, socket.SOCK_STREAM)
+
+    async def connect(
+        self, sock: socket.socket, address: tuple[Any, ...]
+    ) -> None:
+        self.started.append(address)
+        self.sockets[address] = sock
+        what = self.behaviour[address]
+        if what == "refuse":
+            raise ConnectionRefusedError(111, "Connection refused")
+        if what == "hang":
+            await asyncio.Event().wait()
+        if what == "bug":
+            raise RuntimeError("a bug in the connect")
+
+    async def run(
+        self,
+        addresses: list[tuple[int, tuple[Any, ...]]],
+        race: AddressRace,
+    ) -> socket.socket:
+        return await connect_any(
+            "example.test",
+            443,
+            addresses,
+            local=None,
+            new_socket=self.new_socket,
+            connect=self.connect,
+            race=race,
+        )
+
+    def closed(self, address: tuple[Any, ...]) -> bool:
+        return self.sockets[address].fileno() == -1
+
+    def close_all(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[FakeConnects]]:
+    made: list[FakeConnects] = []
+    yield made
+    for connects in made:
+        connects.close_all()
+
+
+def fake(made: list[FakeConnects], **behaviour: str) -> FakeConnects:
+    names = {"a": A[1], "b": B[1], "c": C[1], "d": D[1]}
+    connects = FakeConnects({names[k]: v for k, v in behaviour.items()})
+    made.append(connects)
+    return connects
+
+
+# the order
+
+
+@pytest.mark.parametrize(
+    ("race", "expected"),
+    [
+        (AddressRace(), [A, B, C, D]),
+        (AddressRace(interleave=1), [A, C, B, D]),
+        (AddressRace(interleave=2), [A, B, C, D]),
+        (AddressRace(0.25), [A, B, C, D]),
+        (AddressRace.from_options(0.25), [A, C, B, D]),
+        (AddressRace.from_options(None, 1), [A, C, B, D]),
+    ],
+)
+def test_interleave_takes_that_many_of_the_first_family_then_alternates(
+    race: AddressRace, expected: list[tuple[int, tuple[Any, ...]]]
+) -> None:
+    assert race.order([A, B, C, D]) == expected
+
+
+def test_interleave_of_one_family_or_none_keeps_the_order() -> None:
+    assert AddressRace(interleave=1).order([A, B]) == [A, B]
+    assert AddressRace(interleave=3).order([C, A]) == [C, A]
+    assert AddressRace(interleave=1).order([]) == []
+
+
+@pytest.mark.parametrize(
+    ("delay", "interleave", "message"),
+    [
+        (-1, None, r"happy_eyeballs_delay must be in \[0, 86400\]"),
+        ("0.25", None, "happy_eyeballs_delay must be a number"),
+        (True, None, "happy_eyeballs_delay must be a number"),
+        (float("nan"), None, r"happy_eyeballs_delay must be in"),
+        (None, -1, "interleave must be an int >= 0"),
+        (0.25, 1.5, "interleave must be an int >= 0"),
+        (None, True, "interleave must be an int >= 0"),
+    ],
+)
+def test_bad_race_keywords_are_refused_clearly(
+    delay: object, interleave: object, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        AddressRace.from_options(delay, interleave)
+
+
+# one by one (no delay)
+
+
+async def test_without_a_delay_the_next_address_waits_for_a_failure(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="hang", b="ok")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(connects.run([A, B], AddressRace()), 0.2)
+    # B never started while A was still trying, and A's socket is closed
+    assert connects.started == [A[1]]
+    assert connects.closed(A[1])
+
+
+async def test_without_a_delay_a_refusal_moves_on_to_the_next(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="refuse", b="ok")
+    sock = await asyncio.wait_for(connects.run([A, B], AddressRace()), LIMIT)
+    assert sock is connects.sockets[B[1]]
+    assert connects.started == [A[1], B[1]]
+    assert connects.closed(A[1])
+
+
+# staggered
+
+
+async def test_a_silent_address_does_not_hold_up_the_next(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="hang", b="ok")
+    sock = await asyncio.wait_for(
+        connects.run([A, B], AddressRace(0.01)), LIMIT
+    )
+    assert sock is connects.sockets[B[1]]
+    assert not connects.closed(B[1])
+    # the loser was cancelled and its socket closed
+    assert connects.closed(A[1])
+
+
+async def test_a_failure_starts_the_next_attempt_without_the_delay(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="refuse", b="ok")
+    # a delay no test would wait out: only A's failure can start B
+    sock = await asyncio.wait_for(
+        connects.run([A, B], AddressRace(3600.0)), LIMIT
+    )
+    assert sock is connects.sockets[B[1]]
+    assert connects.started == [A[1], B[1]]
+
+
+async def test_before_the_delay_the_next_attempt_does_not_start(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="hang", b="ok")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(connects.run([A, B], AddressRace(3600.0)), 0.2)
+    assert connects.started == [A[1]]
+    assert connects.closed(A[1])
+
+
+async def test_a_caller_that_gives_up_leaves_no_socket_open(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="hang", b="hang", c="hang")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(connects.run([A, B, C], AddressRace(0.0)), 0.2)
+    assert connects.started == [A[1], B[1], C[1]]
+    assert all(connects.closed(address) for address in connects.started)
+
+
+async def test_of_two_that_connect_together_one_wins_the_other_is_closed(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="ok", b="ok")
+    sock = await asyncio.wait_for(
+        connects.run([A, B], AddressRace(0.0)), LIMIT
+    )
+    open_ones = [a for a in connects.started if not connects.closed(a)]
+    assert len(open_ones) == 1
+    assert connects.sockets[open_ones[0]] is sock
+
+
+async def test_every_address_failing_names_each_in_order(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="refuse", b="refuse", c="refuse")
+    with pytest.raises(BackendError) as caught:
+        await asyncio.wait_for(
+            connects.run([A, B, C], AddressRace(0.01)), LIMIT
+        )
+    message = str(caught.value)
+    where = [message.index(address[0]) for _, address in (A, B, C)]
+    assert where == sorted(where)
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+    assert all(connects.closed(address) for address in connects.started)
+
+
+async def test_a_bug_in_one_attempt_is_not_taken_for_a_failed_address(
+    fakes: list[FakeConnects],
+) -> None:
+    connects = fake(fakes, a="hang", b="bug", c="ok")
+    with pytest.raises(RuntimeError, match="a bug in the connect"):
+        await asyncio.wait_for(
+            connects.run([A, B, C], AddressRace(0.01)), LIMIT
+        )
+    assert all(connects.closed(address) for address in connects.started)
+
+
+# end to end
+
+
+async def _echo(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    writer.write(await reader.read(100))
+    with contextlib.suppress(ConnectionError, mptls.MptlsError):
+        await writer.drain()
+    writer.close()
+
+
+@pytest.fixture(params=["userspace", "kernel"])
+async def server(
+    request: pytest.FixtureRequest, pki: Pki
+) -> AsyncIterator[tuple[str, int]]:
+    backend = usable_backend(request.param)
+    listening = await mptls.start_server(
+        _echo, "127.0.0.1", 0, ssl=pki.server(), backend=backend
+    )
+    async with listening:
+        yield backend, listening.sockets[0].getsockname()[1]
+
+
+async def test_both_backends_take_asyncios_race_keywords(
+    pki: Pki, server: tuple[str, int]
+) -> None:
+    backend, port = server
+    reader, writer = await asyncio.wait_for(
+        mptls.open_connection(
+            "localhost",
+            port,
+            ssl=pki.client(),
+            backend=backend,
+            happy_eyeballs_delay=0.25,
+            interleave=1,
+        ),
+        LIMIT,
+    )
+    try:
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.read(100), LIMIT) == b"ping"
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, mptls.MptlsError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+async def test_a_bad_race_keyword_fails_before_any_connect(
+    pki: Pki, backend: str
+) -> None:
+    with pytest.raises(ConfigurationError, match="happy_eyeballs_delay"):
+        await mptls.open_connection(
+            "127.0.0.1",
+            9,
+            ssl=pki.client(),
+            backend=usable_backend(backend),
+            happy_eyeballs_delay=-0.5,
+        )
