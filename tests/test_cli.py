@@ -688,6 +688,18 @@ def test_connect_gives_up_at_its_connect_timeout(backend: str) -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "86401"])
+def test_a_bad_happy_eyeballs_delay_is_a_usage_error(value: str) -> None:
+    result = run_mptls(
+        "connect", "127.0.0.1", "9", "--happy-eyeballs-delay", value
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"mptls: error: --happy-eyeballs-delay must be in [0, 86400] "
+        f"seconds, got {float(value):g}"
+    )
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "86401"])
 def test_a_bad_connect_timeout_is_a_usage_error(value: str) -> None:
     result = run_mptls("connect", "127.0.0.1", "9", "--connect-timeout", value)
@@ -811,6 +823,8 @@ def test_serve_and_connect_echo_a_line(certs: Path) -> None:
             *connect_args(port, certs),
             "--paths",
             "127.0.0.1,127.0.0.2",
+            "--happy-eyeballs-delay",
+            "0.25",
             stdin=line,
         )
         assert client.returncode == 0, client.stderr.decode()

@@ -546,6 +546,12 @@ async def connect(args: argparse.Namespace) -> None:
             f"--connect-timeout must be in (0, {MAX_SECONDS:g}] "
             f"seconds, got {args.connect_timeout:g}"
         )
+    delay = args.happy_eyeballs_delay
+    if delay is not None and not 0 <= delay <= MAX_SECONDS:
+        raise UsageError(
+            f"--happy-eyeballs-delay must be in [0, {MAX_SECONDS:g}] "
+            f"seconds, got {delay:g}"
+        )
     # an empty --paths is a mistake, not "no paths given"
     paths = parse_paths(args.paths) if args.paths is not None else None
     _check_path_families(args.host, paths or ())
@@ -582,6 +588,7 @@ async def _converse(
             server_hostname=args.server_name,
             local_addrs=list(paths) if paths else None,
             connect_timeout=args.connect_timeout,
+            happy_eyeballs_delay=args.happy_eyeballs_delay,
             **client_options(
                 args.backend,
                 args.mode,
@@ -812,6 +819,14 @@ def _add_connect_parser(
         metavar="SECONDS",
         help="give up on the server's TCP connect after this long, every "
         f"address of a host name included (default: {CONNECT_TIMEOUT:g})",
+    )
+    client.add_argument(
+        "--happy-eyeballs-delay",
+        type=float,
+        metavar="SECONDS",
+        help="try a host name's next address this long after the one "
+        "before, the earlier ones still trying (RFC 8305; default: one "
+        "after the other, each until it fails)",
     )
     client.add_argument(
         "--manage-paths",
