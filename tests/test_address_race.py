@@ -143,75 +143,54 @@ def test_bad_race_keywords_are_refused_clearly(
         AddressRace.from_options(delay, interleave)
 
 
-# one by one (no delay)
+# one by one (no delay), and staggered
 
 
-async def test_without_a_delay_the_next_address_waits_for_a_failure(
-    fakes: list[FakeConnects],
+@pytest.mark.parametrize(
+    ("behaviour", "race"),
+    [
+        # one by one: a refusal moves on to the next address
+        ({"a": "refuse", "b": "ok"}, AddressRace()),
+        # staggered: a silent address does not hold up the next
+        ({"a": "hang", "b": "ok"}, AddressRace(0.01)),
+        # a delay no test would wait out: only A's failure can start B
+        ({"a": "refuse", "b": "ok"}, AddressRace(3600.0)),
+    ],
+    ids=["refused-one-by-one", "silent-staggered", "refused-staggered"],
+)
+async def test_the_next_address_connects_and_the_first_is_closed(
+    fakes: list[FakeConnects], behaviour: dict[str, str], race: AddressRace
 ) -> None:
-    connects = fake(fakes, a="hang", b="ok")
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(connects.run([A, B], AddressRace()), 0.2)
-    # B never started while A was still trying, and A's socket is closed
-    assert connects.started == [A[1]]
-    assert connects.closed(A[1])
-
-
-async def test_without_a_delay_a_refusal_moves_on_to_the_next(
-    fakes: list[FakeConnects],
-) -> None:
-    connects = fake(fakes, a="refuse", b="ok")
-    sock = await asyncio.wait_for(connects.run([A, B], AddressRace()), LIMIT)
-    assert sock is connects.sockets[B[1]]
-    assert connects.started == [A[1], B[1]]
-    assert connects.closed(A[1])
-
-
-# staggered
-
-
-async def test_a_silent_address_does_not_hold_up_the_next(
-    fakes: list[FakeConnects],
-) -> None:
-    connects = fake(fakes, a="hang", b="ok")
-    sock = await asyncio.wait_for(
-        connects.run([A, B], AddressRace(0.01)), LIMIT
-    )
+    connects = fake(fakes, **behaviour)
+    sock = await asyncio.wait_for(connects.run([A, B], race), LIMIT)
     assert sock is connects.sockets[B[1]]
     assert not connects.closed(B[1])
-    # the loser was cancelled and its socket closed
-    assert connects.closed(A[1])
-
-
-async def test_a_failure_starts_the_next_attempt_without_the_delay(
-    fakes: list[FakeConnects],
-) -> None:
-    connects = fake(fakes, a="refuse", b="ok")
-    # a delay no test would wait out: only A's failure can start B
-    sock = await asyncio.wait_for(
-        connects.run([A, B], AddressRace(3600.0)), LIMIT
-    )
-    assert sock is connects.sockets[B[1]]
     assert connects.started == [A[1], B[1]]
-
-
-async def test_before_the_delay_the_next_attempt_does_not_start(
-    fakes: list[FakeConnects],
-) -> None:
-    connects = fake(fakes, a="hang", b="ok")
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(connects.run([A, B], AddressRace(3600.0)), 0.2)
-    assert connects.started == [A[1]]
+    # the loser failed, or was cancelled, and its socket is closed
     assert connects.closed(A[1])
 
 
+@pytest.mark.parametrize(
+    ("race", "started"),
+    [
+        # one by one: B waits for A to fail
+        (AddressRace(), [A]),
+        # staggered: B waits for A's delay
+        (AddressRace(3600.0), [A]),
+        # no delay at all: every address at once
+        (AddressRace(0.0), [A, B, C]),
+    ],
+    ids=["one-by-one", "before-the-delay", "all-at-once"],
+)
 async def test_a_caller_that_gives_up_leaves_no_socket_open(
     fakes: list[FakeConnects],
+    race: AddressRace,
+    started: list[tuple[int, tuple[Any, ...]]],
 ) -> None:
     connects = fake(fakes, a="hang", b="hang", c="hang")
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(connects.run([A, B, C], AddressRace(0.0)), 0.2)
-    assert connects.started == [A[1], B[1], C[1]]
+        await asyncio.wait_for(connects.run([A, B, C], race), 0.2)
+    assert connects.started == [address for _, address in started]
     assert all(connects.closed(address) for address in connects.started)
 
 

@@ -62,15 +62,23 @@ def test_only_a_few_free_buffers_are_kept() -> None:
     assert (pool.lent, pool.idle) == (0, 2)
 
 
+def _burst_returned(pool: OutputPool, count: int) -> tuple[object, set[int]]:
+    """One buffer kept out (a transfer under way), and ``count`` more
+    handed out and returned at once, as a run of Data ACKs frees them:
+    the one still out, and the addresses returned."""
+    in_flight = pool.allocate("char[]", 1000)
+    burst = [pool.allocate("char[]", 1000) for _ in range(count)]
+    returned = {address(buffer) for buffer in burst}
+    del burst
+    gc.collect()
+    return in_flight, returned
+
+
 def test_a_burst_returned_mid_transfer_is_kept_for_the_next_writes() -> None:
     # a sender that reads a run of Data ACKs frees most of a window at
     # once, then writes as many: those writes must not need new buffers
     pool = OutputPool(keep=2, busy_keep=6)
-    in_flight = pool.allocate("char[]", 1000)
-    burst = [pool.allocate("char[]", 1000) for _ in range(5)]
-    returned = {address(buffer) for buffer in burst}
-    del burst
-    gc.collect()
+    in_flight, returned = _burst_returned(pool, 5)
     assert (pool.lent, pool.idle) == (1, 5)
 
     again = [pool.allocate("char[]", 1000) for _ in range(5)]
@@ -80,20 +88,14 @@ def test_a_burst_returned_mid_transfer_is_kept_for_the_next_writes() -> None:
 
 def test_free_buffers_beyond_the_busy_limit_are_let_go() -> None:
     pool = OutputPool(keep=2, busy_keep=3)
-    in_flight = pool.allocate("char[]", 1000)
-    burst = [pool.allocate("char[]", 1000) for _ in range(5)]
-    del burst
-    gc.collect()
+    in_flight, _ = _burst_returned(pool, 5)
     assert (pool.lent, pool.idle) == (1, 3)
     del in_flight
 
 
 def test_once_every_buffer_is_back_only_a_few_are_kept() -> None:
     pool = OutputPool(keep=2, busy_keep=6)
-    in_flight = pool.allocate("char[]", 1000)
-    burst = [pool.allocate("char[]", 1000) for _ in range(5)]
-    del burst
-    gc.collect()
+    in_flight, _ = _burst_returned(pool, 5)
     assert pool.idle == 5
 
     del in_flight
