@@ -155,6 +155,26 @@ def test_dss_uses_idsn_from_tokens_after_the_handshake() -> None:
     assert dss.data_ack == (server_idsn + 1) % 2**64
 
 
+def test_subflow_sequence_numbers_wrap_after_4_gib_on_a_subflow() -> None:
+    # the DSS field is 32 bits: a subflow that has sent 4 GiB starts
+    # over at 0 (RFC 8684 section 3.3), where a larger number would
+    # fail the encoder and the connection with it
+    net = established(MemNet())
+    net.client._subflows[0].bytes_sent = 2**32 - 3
+    net.client.send(b"x" * 10)
+    assert net.run(has_data(net.server_side, 15))
+    net.client.send(b"y" * 10)
+    assert net.run(has_data(net.server_side, 25))
+    mappings = [option_of(frame, Dss) for frame in net.link(0).to_server.sent]
+    ssns = [
+        dss.ssn
+        for dss in mappings
+        if isinstance(dss, Dss) and dss.data_length == 10
+    ]
+    assert ssns == [2**32 - 2, 8]
+    assert bytes(net.server_side.data) == b"hello" + b"x" * 10 + b"y" * 10
+
+
 def test_rfc8684_handshake_sends_keys_and_derives_tokens() -> None:
     net = established(MemNet(RFC8684_CLIENT, RFC8684_SERVER))
     syn, third = net.link(0).to_server.sent[:2]

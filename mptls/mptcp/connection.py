@@ -61,6 +61,8 @@ logger = logging.getLogger("mptls.mptcp")
 # how many closed subflows info() keeps reporting
 _CLOSED_KEPT = 16
 _NO_LIMIT = 2**62
+# the DSS subflow sequence number is a 32-bit field
+_SSN_MOD = 2**32
 _S = SubflowState
 
 # RFC 8684 section 3.7: the first DSS mappings continue the implicitly
@@ -336,11 +338,12 @@ class Connection(
         # a window update that was due goes with it, not in a frame of
         # its own behind it
         self._window_update_due = False
-        # RFC 8684 section 3.3.1: a DATA_FIN alone has ssn 0, length 1
+        # RFC 8684 section 3.3.1: a DATA_FIN alone has ssn 0, length 1;
+        # the relative subflow sequence number is 32 bits and wraps
         mapping = Dss(
             data_ack=self._data_ack_number(),
             dsn=(local_idsn + 1 + chunk.offset) % SEQ_MOD,
-            ssn=subflow.bytes_sent + 1 if chunk.data else 0,
+            ssn=(subflow.bytes_sent + 1) % _SSN_MOD if chunk.data else 0,
             data_length=len(chunk.data) + (1 if chunk.fin else 0),
             data_fin=chunk.fin,
         )
