@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 from ipaddress import IPv4Address
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +18,7 @@ from mptls.errors import (
     OptionError,
     ProtocolError,
 )
+from mptls.mptcp import framing
 from mptls.mptcp.framing import (
     FIRST_OPTION_OFFSET,
     HEADER_LENGTH,
@@ -27,6 +30,7 @@ from mptls.mptcp.framing import (
     Segment,
     SegmentDecoder,
     describe_foreign_bytes,
+    encode_head,
     encode_segment,
 )
 from mptls.mptcp.options import (
@@ -39,6 +43,8 @@ from mptls.mptcp.options import (
     MpJoinSynAck,
     MpTcpRst,
     ResetReason,
+    decode_options,
+    encode_option,
 )
 
 deterministic = settings(derandomize=True, database=None, max_examples=200)
@@ -270,6 +276,150 @@ def test_encode_refuses_what_does_not_fit(segment: Segment) -> None:
 def test_encode_reports_a_bad_option() -> None:
     with pytest.raises(OptionError):
         encode_segment(Segment(Flag.ACK, (Dss(data_ack=-1),)))
+
+
+# a data frame's head in one struct: the same bytes and refusals as the
+# generic codec
+
+
+def head_outcome(segment: Segment) -> bytes | tuple[type, str]:
+    """encode_head's bytes, or the type and message of its refusal."""
+    try:
+        return encode_head(segment)
+    except ProtocolError as exc:
+        return type(exc), str(exc)
+
+
+def generic_head_outcome(segment: Segment) -> bytes | tuple[type, str]:
+    with mock.patch.object(framing, "_encode_data_head", lambda *_: None):
+        return head_outcome(segment)
+
+
+class Seven:
+    """Not an int, yet struct packs it as one."""
+
+    def __index__(self) -> int:
+        return 7
+
+
+EDGE_INTS = [0, 1, 2**16 - 1, 2**16, 2**32 - 1, 2**32, 2**64 - 1, 2**64, -1]
+ODD_VALUES = [None, True, 1.0, ResetReason.MPTCP_ERROR, Seven()]
+field_values = st.one_of(
+    st.sampled_from(EDGE_INTS + ODD_VALUES), st.integers(-1, 2**64)
+)
+
+
+@deterministic
+@given(
+    data_ack=field_values,
+    dsn=field_values,
+    ssn=field_values,
+    data_length=field_values,
+    window=field_values,
+    wide=st.tuples(st.booleans(), st.booleans()),
+    checksum=st.sampled_from([None, 0, 2**16]),
+    data_fin=st.booleans(),
+    flags=st.sampled_from(
+        [Flag.ACK, Flag.ACK | Flag.FIN, Flag(0), 0x1F, 0x20]
+    ),
+    payload_length=st.sampled_from([0, 1, MAX_PAYLOAD, MAX_PAYLOAD + 1]),
+)
+def test_data_head_matches_the_generic_codec(
+    data_ack: object,
+    dsn: object,
+    ssn: object,
+    data_length: object,
+    window: object,
+    wide: tuple[bool, bool],
+    checksum: int | None,
+    data_fin: bool,
+    flags: int,
+    payload_length: int,
+) -> None:
+    dss = Dss(
+        data_ack,  # type: ignore[arg-type]
+        wide[0],
+        dsn,  # type: ignore[arg-type]
+        wide[1],
+        ssn,  # type: ignore[arg-type]
+        data_length,  # type: ignore[arg-type]
+        checksum,
+        data_fin,
+    )
+    segment = Segment(
+        flags,  # type: ignore[arg-type]
+        (dss,),
+        bytes(payload_length),
+        window,  # type: ignore[arg-type]
+    )
+    assert head_outcome(segment) == generic_head_outcome(segment)
+
+
+@pytest.mark.parametrize("value", [*EDGE_INTS, *ODD_VALUES])
+@pytest.mark.parametrize(
+    "name", ["data_ack", "dsn", "ssn", "data_length", "checksum", "window"]
+)
+def test_one_odd_field_of_a_data_frame_is_judged_as_before(
+    name: str, value: object
+) -> None:
+    # every other field fits: this one alone decides
+    dss = Dss(1, True, 2, True, 3, 4, None, False)
+    segment = Segment(Flag.ACK, (dss,), b"data", 5)
+    if name == "window":
+        segment = dataclasses.replace(segment, window=value)
+    else:
+        segment = dataclasses.replace(
+            segment, options=(dataclasses.replace(dss, **{name: value}),)
+        )
+    assert head_outcome(segment) == generic_head_outcome(segment)
+
+
+@pytest.mark.parametrize("fin", [False, True])
+def test_a_data_frame_head_is_one_pack(fin: bool) -> None:
+    dss = Dss(2**64 - 1, True, 0, True, 2**32 - 1, MAX_PAYLOAD, None, fin)
+    segment = Segment(Flag.ACK, (dss,), bytes(MAX_PAYLOAD - fin), 2**32 - 1)
+    head = framing._encode_data_head(int(Flag.ACK), dss, segment)
+    assert head is not None
+    assert head == generic_head_outcome(segment)
+    (decoded,) = SegmentDecoder(preamble=False).feed(head + segment.payload)
+    assert decoded == segment
+
+
+def generic_decode(frame: bytes) -> list[Segment] | tuple[type, str]:
+    try:
+        return SegmentDecoder(preamble=False).feed(frame)
+    except ProtocolError as exc:
+        return type(exc), str(exc)
+
+
+@deterministic
+@given(
+    kind=st.sampled_from([30, 29, 1]),
+    length=st.sampled_from([26, 24, 27]),
+    subtype=st.sampled_from([0x20, 0x2F, 0x30, 0x10, 0xA0]),
+    dss_flags=st.sampled_from([0x0F, 0x1F, 0xEF, 0xFF, 0x0E, 0x07, 0x0B]),
+    values=st.binary(min_size=22, max_size=22),
+)
+def test_data_dss_decodes_as_the_generic_decoder(
+    kind: int, length: int, subtype: int, dss_flags: int, values: bytes
+) -> None:
+    options = bytes((kind, length, subtype, dss_flags)) + values
+    frame = frame_bytes(0x10, options, b"payload")
+    fast = generic_decode(frame)
+    with mock.patch.object(framing, "_decode_data_dss", lambda *_: ()):
+        assert fast == generic_decode(frame)
+    if isinstance(fast, list):
+        (segment,) = fast
+        assert segment.options == decode_options(options, syn=False, ack=True)
+
+
+def test_a_data_dss_is_decoded_by_one_unpack() -> None:
+    dss = Dss(7, True, 8, True, 9, 3, None, True)
+    options = bytearray(encode_option(dss))
+    # the reserved bits (low nibble of byte 2, top of byte 3) are ignored
+    options[2] |= 0x0F
+    options[3] |= 0xE0
+    assert framing._decode_data_dss(memoryview(options), 0) == (dss,)
 
 
 # malformed frames

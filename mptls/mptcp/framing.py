@@ -22,7 +22,13 @@ from enum import IntFlag
 
 from mptls.errors import FramingError, NotMptlsPeerError, ProtocolError
 from mptls.mptcp.options import (
+    DATA_DSS,
+    DATA_DSS_FIN,
+    DATA_DSS_FLAGS,
+    DATA_DSS_LENGTH,
+    DSS_SUBTYPE_BYTE,
     MPTCP_KIND,
+    Dss,
     Option,
     decode_options,
     encode_option,
@@ -57,6 +63,9 @@ MAX_FRAME_LENGTH = HEADER_LENGTH + MAX_OPTIONS_LENGTH + MAX_PAYLOAD
 MAX_WINDOW = 0xFFFFFFFF
 
 _HEADER = struct.Struct(">BBHI")
+# A data frame's header and its one DSS (options.DATA_DSS) in one
+# struct: what every frame of a bulk transfer carries
+_DATA_HEAD = struct.Struct(_HEADER.format + DATA_DSS.format[1:])
 
 
 class Flag(IntFlag):
@@ -134,7 +143,12 @@ def encode_head(segment: Segment) -> bytes:
         raise FramingError(f"frame flags {flags:#x} outside FIN..ACK")
     options = segment.options
     if len(options) == 1:
-        encoded = encode_option(options[0])
+        option = options[0]
+        if type(option) is Dss:
+            head = _encode_data_head(flags, option, segment)
+            if head is not None:
+                return head
+        encoded = encode_option(option)
     else:
         encoded = encode_options(options) if options else b""
     if len(encoded) > MAX_OPTIONS_LENGTH:
@@ -149,6 +163,50 @@ def encode_head(segment: Segment) -> bytes:
     if not isinstance(window, int) or not 0 <= window <= MAX_WINDOW:
         raise FramingError("receive window must be an unsigned 32-bit int")
     return _HEADER.pack(flags, len(encoded), length, window) + encoded
+
+
+def _encode_data_head(flags: int, dss: Dss, segment: Segment) -> bytes | None:
+    """:func:`encode_head` of a data frame (``dss`` its only option).
+
+    The same bytes as the generic path, in one pack: for the DSS of
+    :data:`~mptls.mptcp.options.DATA_DSS`, with plain ints in every
+    field. None leaves the frame to the generic path: another layout,
+    or a value it may refuse (the struct refuses every int out of its
+    field's range, and the generic path then says which one).
+    """
+    data_ack = dss.data_ack
+    dsn = dss.dsn
+    ssn = dss.ssn
+    length = dss.data_length
+    window = segment.window
+    if not (
+        type(data_ack) is int
+        and type(dsn) is int
+        and type(ssn) is int
+        and type(length) is int
+        and type(window) is int
+        and dss.data_ack_64
+        and dss.dsn_64
+        and dss.checksum is None
+    ):
+        return None
+    try:
+        return _DATA_HEAD.pack(
+            flags,
+            DATA_DSS_LENGTH,
+            len(segment.payload),
+            window,
+            MPTCP_KIND,
+            DATA_DSS_LENGTH,
+            DSS_SUBTYPE_BYTE,
+            DATA_DSS_FLAGS | DATA_DSS_FIN if dss.data_fin else DATA_DSS_FLAGS,
+            data_ack,
+            dsn,
+            ssn,
+            length,
+        )
+    except struct.error:
+        return None
 
 
 def _check_option_kinds(options: memoryview) -> None:
@@ -296,6 +354,27 @@ def _decode_frame_options(raw: memoryview, flags: int) -> tuple[Option, ...]:
     )
 
 
+def _decode_data_dss(view: memoryview, start: int) -> tuple[Option, ...]:
+    """The options of a data frame whose 26 bytes at ``start`` are one
+    DSS of the :data:`~mptls.mptcp.options.DATA_DSS` layout, decoded as
+    :func:`~mptls.mptcp.options.decode_options` would; () for any other
+    option bytes, which the generic decoder takes (and checks)."""
+    kind, length, subtype, dss_flags, data_ack, dsn, ssn, data_length = (
+        DATA_DSS.unpack_from(view, start)
+    )
+    # the low nibble of the subtype byte and the top three flag bits
+    # are reserved: ignored, as the generic decoder ignores them
+    if (
+        kind != MPTCP_KIND
+        or length != DATA_DSS_LENGTH
+        or subtype & 0xF0 != DSS_SUBTYPE_BYTE
+        or dss_flags & 0x0F != DATA_DSS_FLAGS
+    ):
+        return ()
+    fin = bool(dss_flags & DATA_DSS_FIN)
+    return (Dss(data_ack, True, dsn, True, ssn, data_length, None, fin),)
+
+
 def _parse_frames(
     view: memoryview, views: bool = False
 ) -> tuple[list[Segment], int]:
@@ -318,7 +397,9 @@ def _parse_frames(
         if frame_end > end:
             break
         options: tuple[Option, ...] = ()
-        if options_length:
+        if options_length == DATA_DSS_LENGTH:
+            options = _decode_data_dss(view, offset + HEADER_LENGTH)
+        if options_length and not options:
             options = _decode_frame_options(
                 view[offset + HEADER_LENGTH : payload_start], flags
             )

@@ -30,6 +30,11 @@ from typing import Any
 from mptls.errors import ConfigurationError, OptionError
 
 __all__ = [
+    "DATA_DSS",
+    "DATA_DSS_FIN",
+    "DATA_DSS_FLAGS",
+    "DATA_DSS_LENGTH",
+    "DSS_SUBTYPE_BYTE",
     "MPTCP_KIND",
     "AddAddr",
     "CapableFlag",
@@ -610,6 +615,17 @@ _DSS_PACKERS = {
     key: struct.Struct(">BBBB" + layout.fields.format[1:])
     for key, layout in _DSS_BY_FLAGS.items()
 }
+
+
+# The DSS of a bulk transfer's every frame: a 64-bit Data ACK and a
+# 64-bit mapping, no checksum (flags A a M m, and F on the last), whole
+# with its kind, length and subtype bytes. The frame codec packs and
+# unpacks it together with the frame's header.
+DATA_DSS = struct.Struct(">BBBBQQIH")
+DATA_DSS_LENGTH = DATA_DSS.size
+DATA_DSS_FLAGS = _A | _A64 | _M | _M64
+DATA_DSS_FIN = _F
+DSS_SUBTYPE_BYTE = _DSS_HEAD
 
 
 def _encode_dss(option: Dss) -> bytes:
