@@ -9,6 +9,7 @@ from mptls.mptcp.scheduler import (
     SendBuffer,
     Subflow,
     SubflowState,
+    has_room,
     pick_subflow,
     smooth_rtt,
 )
@@ -119,6 +120,19 @@ def test_full_unwritable_or_unready_subflows_are_skipped() -> None:
     ok = subflow(4, srtt=0.5)
     assert pick_subflow([full, blocked, joining, ok], 100) is ok
     assert pick_subflow([full, blocked, joining], 100) is None
+
+
+def test_room_is_writable_and_below_the_limit_and_the_queue_cap() -> None:
+    assert has_room(subflow(1, inflight=99), 100)
+    assert not has_room(subflow(1, inflight=100), 100)
+    assert not has_room(subflow(1, writable=False), 100)
+    capped = subflow(1, inflight=10)
+    capped.set_queue_room(5)
+    assert has_room(capped, 100)
+    capped.inflight = 15
+    assert not has_room(capped, 100)
+    # the lone subflow of a one-path transfer: pick_subflow agrees
+    assert pick_subflow([capped], 100) is None
 
 
 def test_backup_only_when_no_regular_subflow_is_established() -> None:

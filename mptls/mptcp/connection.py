@@ -49,7 +49,13 @@ from mptls.mptcp.options import (
 from mptls.mptcp.recovery import RecoveryMixin
 from mptls.mptcp.resets import ResetsMixin
 from mptls.mptcp.rotation import RotationMixin
-from mptls.mptcp.scheduler import Chunk, Subflow, SubflowState, pick_subflow
+from mptls.mptcp.scheduler import (
+    Chunk,
+    Subflow,
+    SubflowState,
+    has_room,
+    pick_subflow,
+)
 from mptls.mptcp.state import SEQ_MOD, RandomSource, options_of
 from mptls.mptcp.tokens import TokenAllocator
 from mptls.tls.keys import KeyMaterial
@@ -64,6 +70,10 @@ _NO_LIMIT = 2**62
 # the DSS subflow sequence number is a 32-bit field
 _SSN_MOD = 2**32
 _S = SubflowState
+_ACK = Flag.ACK
+_SYN_BIT = int(Flag.SYN)
+_RST_BIT = int(Flag.RST)
+_FIN_BIT = int(Flag.FIN)
 
 # RFC 8684 section 3.7: the first DSS mappings continue the implicitly
 # mapped bytes, so a first mapping outside the window means the IDSN the
@@ -296,7 +306,14 @@ class Connection(
         max_payload = self.config.max_payload
         edge = self._peer_edge
         send = self._send
-        subflows = self._subflows.values()
+        carriers = [s for s in self._subflows.values() if s.carries_data]
+        # one subflow carries data on every one-path transfer: its room
+        # alone decides, as in pick_subflow
+        lone = carriers[0] if len(carriers) == 1 else None
+        # the Data ACK and the window are the same in every frame of the
+        # flush; the window is taken (and its edge remembered) only if a
+        # frame goes out
+        head: tuple[int, int] | None = None
         while True:
             # reinjections first (RFC 8684 section 3.3.6), then new data
             reinject = send.has_reinjection
@@ -306,7 +323,10 @@ class Connection(
             # behind: the in-flight limit, which that data holds up, must
             # not block it
             room = _NO_LIMIT if reinject else limit
-            subflow = pick_subflow(subflows, room)
+            if lone is not None:
+                subflow = lone if has_room(lone, room) else None
+            else:
+                subflow = pick_subflow(carriers, room)
             if subflow is None:
                 return
             if reinject:
@@ -315,39 +335,71 @@ class Connection(
                 chunk = send.take_new(max_payload, edge)
             if chunk is None:
                 return
-            segment = self._data_segment(subflow, chunk, now)
+            if head is None:
+                head = self._data_head()
+            segment = self._data_segment(subflow, chunk, now, head)
             out.append((subflow.subflow_id, segment))
 
+    def _data_head(self) -> tuple[int, int]:
+        """The Data ACK and window of a flush's data frames.
+
+        The frame carries the Data ACK and the window (in its header,
+        as every frame does) on a subflow the peer takes windows from:
+        a window update that was due goes with it, not in a frame of
+        its own behind it.
+        """
+        data_ack = self._data_ack_number()
+        # _emit_data maps data only once the peer's IDSN is known
+        assert data_ack is not None
+        self._window_update_due = False
+        return data_ack, self._receive.advertise()
+
     def _data_segment(
-        self, subflow: Subflow, chunk: Chunk, now: float
+        self,
+        subflow: Subflow,
+        chunk: Chunk,
+        now: float,
+        head: tuple[int, int],
     ) -> Segment:
         chunk.subflow_id = subflow.subflow_id
+        data = chunk.data
+        length = len(data)
         # this subflow's own count answers it during a transfer
         if not subflow.inflight and not any(
             s.inflight for s in self._subflows.values()
         ):
             # nothing was outstanding: the no-progress clock starts now
             self._last_progress = now
-        subflow.inflight += len(chunk.data)
-        subflow.start_probe(chunk.end, now)
+        subflow.inflight += length
+        if subflow.probe_end is None:
+            subflow.start_probe(chunk.end, now)
         if subflow.data_deadline is None:
             subflow.data_deadline = now + self._rto(subflow)
-        local_idsn = self._local_idsn or 0
-        # the frame carries the Data ACK and the window (in its header,
-        # as every frame does) on a subflow the peer takes windows from:
-        # a window update that was due goes with it, not in a frame of
-        # its own behind it
-        self._window_update_due = False
+        data_ack, window = head
+        fin = chunk.fin
         # RFC 8684 section 3.3.1: a DATA_FIN alone has ssn 0, length 1;
         # the relative subflow sequence number is 32 bits and wraps
+        if length:
+            ssn = (subflow.bytes_sent + 1) % _SSN_MOD
+            subflow.bytes_sent += length
+        else:
+            ssn = 0
+        # the Data ACK it carries is the one that was owed
+        subflow.ack_due_bytes = 0
+        subflow.ack_due_since = None
+        # positional: the Dss fields in their order (data_ack,
+        # data_ack_64, dsn, dsn_64, ssn, data_length, checksum, data_fin)
         mapping = Dss(
-            data_ack=self._data_ack_number(),
-            dsn=(local_idsn + 1 + chunk.offset) % SEQ_MOD,
-            ssn=(subflow.bytes_sent + 1) % _SSN_MOD if chunk.data else 0,
-            data_length=len(chunk.data) + (1 if chunk.fin else 0),
-            data_fin=chunk.fin,
+            data_ack,
+            True,
+            ((self._local_idsn or 0) + 1 + chunk.offset) % SEQ_MOD,
+            True,
+            ssn,
+            length + 1 if fin else length,
+            None,
+            fin,
         )
-        return self._segment(subflow, Flag.ACK, (mapping,), chunk.data)
+        return Segment(_ACK, (mapping,), data, window)
 
     def _emit_acks(self, out: list[tuple[int, Segment]], now: float) -> None:
         if self._remote_idsn is None:

@@ -26,6 +26,7 @@ __all__ = [
     "SendBuffer",
     "Subflow",
     "SubflowState",
+    "has_room",
     "pick_subflow",
     "smooth_rtt",
 ]
@@ -400,20 +401,21 @@ def pick_subflow(
         # runs per frame: the filters below would keep it whatever its
         # flags, so only its room decides
         only = alive[0]
-        return only if _has_room(only, inflight_limit) else None
+        return only if has_room(only, inflight_limit) else None
     # a suspect path (its data-level timeout expired) only while no
     # other can carry data
     alive = [s for s in alive if not s.suspect] or alive
     # a full or congested regular subflow is no reason to use a backup
     pool = [s for s in alive if not s.backup] or alive
-    ready = [s for s in pool if _has_room(s, inflight_limit)]
+    ready = [s for s in pool if has_room(s, inflight_limit)]
     if not ready:
         return None
     return min(ready, key=lambda s: (s.srtt or 0.0, s.inflight, s.subflow_id))
 
 
-def _has_room(subflow: Subflow, inflight_limit: int) -> bool:
-    """Writable, and below the in-flight limit and its queue cap."""
+def has_room(subflow: Subflow, inflight_limit: int) -> bool:
+    """Whether ``subflow`` takes another chunk now: writable, and below
+    the in-flight limit and its queue cap."""
     return subflow.writable and subflow.inflight < min(
         inflight_limit, subflow.inflight_cap
     )
