@@ -441,7 +441,8 @@ class Connection(
             )
             return
         subflow.heard_at = now
-        if segment.flags & Flag.RST:
+        # plain ints: Flag's own operators are Python calls, per frame
+        if int(segment.flags) & _RST_BIT:
             self._on_reset(subflow, segment)
             return
         _RECEIVE[subflow.state](self, subflow, segment, now)
@@ -494,29 +495,49 @@ class Connection(
     def _on_established(
         self, subflow: Subflow, segment: Segment, now: float
     ) -> None:
-        options = options_of(segment)
-        if MpJoinAck in options:
+        options = segment.options
+        if len(options) == 1 and type(options[0]) is Dss:
+            # a transfer's every frame: its DSS alone, no other option
+            # to look for
+            if not int(segment.flags) & _SYN_BIT:
+                self._on_data_frame(subflow, options[0], segment, None, now)
+            return
+        found = options_of(segment)
+        if MpJoinAck in found:
             # RFC 8684 section 3.2: a join's third ACK counts only once
             self._reset_subflow(
                 subflow, ResetReason.MPTCP_ERROR, "replayed MP_JOIN ACK"
             )
             return
-        if segment.flags & Flag.SYN:
+        if int(segment.flags) & _SYN_BIT:
             return
-        fastclose = options.get(MpFastclose)
+        fastclose = found.get(MpFastclose)
         if isinstance(fastclose, MpFastclose) and self._fastclose_valid(
             fastclose
         ):
             self._on_peer_fastclose(subflow, from_reset=False)
             return
-        dss = options.get(Dss)
+        dss = found.get(Dss)
         dss = dss if isinstance(dss, Dss) else None
+        self._on_data_frame(subflow, dss, segment, found, now)
+
+    def _on_data_frame(
+        self,
+        subflow: Subflow,
+        dss: Dss | None,
+        segment: Segment,
+        found: dict[type, object] | None,
+        now: float,
+    ) -> None:
+        """An established subflow's frame: Data ACK and window, mapped
+        payload, the path options ``found`` (None: none came), FIN."""
         self._on_window(subflow, dss, segment.window, now)
         if self._closed:
             return
         self._on_mapped_payload(subflow, dss, segment, now)
-        self._on_path_options(subflow, options)
-        if segment.flags & Flag.FIN and not self._closed:
+        if found is not None:
+            self._on_path_options(subflow, found)
+        if int(segment.flags) & _FIN_BIT and not self._closed:
             self._on_subflow_fin(subflow)
 
     # data in
@@ -548,11 +569,15 @@ class Connection(
         return offset if offset <= self._send.mapped_end else None
 
     def _on_data_ack(self, subflow: Subflow, offset: int, now: float) -> None:
-        fin_was_acked = self._send.fin_acked
         subflow.ack_arrived(offset, now)
         # an ACK that arrived here shows this path works again
         subflow.suspect = False
         subflow.suspect_until = None
+        if offset <= self._send.acked:
+            # nothing new (every frame of the peer's carries one): no
+            # chunk to free, no DATA_FIN newly acknowledged
+            return
+        fin_was_acked = self._send.fin_acked
         freed = self._send.ack(offset)
         for chunk in freed:
             owner = self._subflows.get(chunk.subflow_id)
