@@ -306,6 +306,8 @@ class Connection(
         max_payload = self.config.max_payload
         edge = self._peer_edge
         send = self._send
+        if not send.has_reinjection and not send.wants_new_chunk(edge):
+            return  # most flushes of a receiver: nothing to map
         carriers = [s for s in self._subflows.values() if s.carries_data]
         # one subflow carries data on every one-path transfer: its room
         # alone decides, as in pick_subflow
