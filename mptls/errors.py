@@ -294,3 +294,26 @@ class HandshakeTimeoutError(MptlsTimeoutError, ConnectionAbortedError):
     ``ConnectionAbortedError`` too: asyncio's TLS aborts the connection
     with one when its handshake takes too long.
     """
+
+
+# the longest argument an error message repeats as it was given
+_SHOWN_CHARS = 40
+
+
+def shown_value(value: object) -> str:
+    """``value`` as an error about a bad argument repeats it: its repr,
+    cut to a readable length.
+
+    An int of more than 64 bits is named by its size. Its digits say
+    nothing more, and past 4300 of them Python refuses to make them a
+    string at all (a ``ValueError`` of its own): the message about the
+    argument must not fail in its place.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 64:
+            return f"an int of {value.bit_length()} bits"
+        return repr(value)
+    shown = repr(value)
+    if len(shown) > _SHOWN_CHARS:
+        return shown[: _SHOWN_CHARS - 3] + "..."
+    return shown

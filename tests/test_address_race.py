@@ -143,6 +143,30 @@ def test_bad_race_keywords_are_refused_clearly(
         AddressRace.from_options(delay, interleave)
 
 
+# an int past Python's 4300 digits cannot be made a str: the message
+# names its size instead of failing with a ValueError of its own
+HUGE = 10**5000
+
+
+@pytest.mark.parametrize(
+    ("delay", "interleave", "message"),
+    [
+        (HUGE, None, r"in \[0, 86400\] seconds, got an int of \d+ bits"),
+        (-HUGE, None, r"in \[0, 86400\] seconds, got an int of \d+ bits"),
+        (None, -HUGE, r"an int >= 0, got an int of \d+ bits"),
+        (10**40, None, r"got an int of 133 bits"),
+        ("x" * 10_000, None, r"got 'x+\.\.\.$"),
+    ],
+    ids=["huge", "huge-negative", "huge-interleave", "long-int", "long-str"],
+)
+def test_a_huge_race_keyword_is_refused_with_a_short_message(
+    delay: object, interleave: object, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message) as caught:
+        AddressRace.from_options(delay, interleave)
+    assert len(str(caught.value)) < 120
+
+
 # one by one (no delay), and staggered
 
 

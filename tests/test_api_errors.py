@@ -237,6 +237,31 @@ async def test_bad_ssl_timeouts(pki: Pki, name: str, timeout: object) -> None:
         )
 
 
+# past 4300 digits Python cannot make an int a str, and said so with a
+# ValueError of its own from the message meant to name the argument
+HUGE = 10**5000
+
+
+@pytest.mark.parametrize("value", [HUGE, -HUGE], ids=["huge", "huge-negative"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "connect_timeout",
+        "close_timeout",
+        "ssl_handshake_timeout",
+        "receive_window",
+        "happy_eyeballs_delay",
+    ],
+)
+async def test_a_huge_number_is_a_configuration_error(
+    pki: Pki, name: str, value: int
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"{name}.*an int of"):
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), **{name: value}
+        )
+
+
 @pytest.mark.parametrize("limit", [0, -1, "64"])
 async def test_bad_limit(pki: Pki, limit: object) -> None:
     with pytest.raises(ConfigurationError, match="limit"):

@@ -27,6 +27,7 @@ from mptls.errors import (
     ConfigurationError,
     MptlsTimeoutError,
     PathError,
+    shown_value,
 )
 from mptls.tls.keys import KeyMaterial
 
@@ -241,12 +242,12 @@ class AddressRace:
             if isinstance(delay, bool) or not isinstance(delay, int | float):
                 raise ConfigurationError(
                     "happy_eyeballs_delay must be a number of seconds, "
-                    f"got {delay!r}"
+                    f"got {shown_value(delay)}"
                 )
             if not 0 <= delay <= 86400:
                 raise ConfigurationError(
                     "happy_eyeballs_delay must be in [0, 86400] seconds, "
-                    f"got {delay}"
+                    f"got {shown_value(delay)}"
                 )
         if interleave is None:
             interleave = 0 if delay is None else 1
@@ -256,7 +257,8 @@ class AddressRace:
             or interleave < 0
         ):
             raise ConfigurationError(
-                f"interleave must be an int >= 0, got {interleave!r}"
+                "interleave must be an int >= 0, got "
+                f"{shown_value(interleave)}"
             )
         return cls(None if delay is None else float(delay), interleave)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from mptls.errors import ConfigurationError
+from mptls.errors import ConfigurationError, shown_value
 from mptls.mptcp.crypto import IdsnRule
 from mptls.mptcp.framing import MAX_PAYLOAD
 
@@ -159,18 +159,21 @@ def check_seconds(name: str, value: object) -> None:
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(
-            f"{name} must be a number of seconds, got {value!r}"
+            f"{name} must be a number of seconds, got {shown_value(value)}"
         )
     if not 0 < value <= 86400:
         raise ConfigurationError(
-            f"{name} must be in (0, 86400] seconds, got {value}"
+            f"{name} must be in (0, 86400] seconds, got {shown_value(value)}"
         )
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{name} must be an int, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be an int, got {shown_value(value)}"
+        )
     if not low <= value <= high:
         raise ConfigurationError(
-            f"{name} must be between {low} and {high}, got {value}"
+            f"{name} must be between {low} and {high}, "
+            f"got {shown_value(value)}"
         )
