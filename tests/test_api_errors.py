@@ -154,7 +154,28 @@ async def test_rfc8684_server_serves_an_rfc8684_client(pki: Pki) -> None:
 # open_connection / start_server arguments
 
 
-@pytest.mark.parametrize("port", [-1, 70000, "abc", None, 1.5, True])
+# past 4300 digits Python cannot make an int a str, and said so with a
+# ValueError of its own from the message meant to name the argument
+HUGE = 10**5000
+
+
+def repr_or_size(value: object) -> str:
+    """A test id for ``value``: its repr, or its size when that is long."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"int-of-{value.bit_length()}-bits"
+    shown = repr(value)
+    return (
+        shown
+        if len(shown) <= 20
+        else f"{type(value).__name__}-of-{len(shown)}"
+    )
+
+
+@pytest.mark.parametrize(
+    "port",
+    [-1, 70000, "abc", None, 1.5, True, HUGE, "9" * 5000, "\u00b2"],
+    ids=repr_or_size,
+)
 async def test_bad_client_port(pki: Pki, port: object) -> None:
     with pytest.raises(ConfigurationError, match="port"):
         await mptls.open_connection("127.0.0.1", port, ssl=pki.client())
@@ -237,12 +258,7 @@ async def test_bad_ssl_timeouts(pki: Pki, name: str, timeout: object) -> None:
         )
 
 
-# past 4300 digits Python cannot make an int a str, and said so with a
-# ValueError of its own from the message meant to name the argument
-HUGE = 10**5000
-
-
-@pytest.mark.parametrize("value", [HUGE, -HUGE], ids=["huge", "huge-negative"])
+@pytest.mark.parametrize("value", [HUGE, -HUGE], ids=repr_or_size)
 @pytest.mark.parametrize(
     "name",
     [
@@ -262,7 +278,7 @@ async def test_a_huge_number_is_a_configuration_error(
         )
 
 
-@pytest.mark.parametrize("limit", [0, -1, "64"])
+@pytest.mark.parametrize("limit", [0, -1, "64", -HUGE], ids=repr_or_size)
 async def test_bad_limit(pki: Pki, limit: object) -> None:
     with pytest.raises(ConfigurationError, match="limit"):
         await mptls.open_connection(

@@ -33,6 +33,7 @@ from mptls.errors import (
     ConfigurationError,
     ConnectError,
     MptlsError,
+    shown_value,
 )
 from mptls.mptcp.config import HANDSHAKE_TIMEOUT, check_seconds
 from mptls.tls.config import to_openssl_context
@@ -52,16 +53,27 @@ def _resolve_backend(backend: str | Backend) -> Backend:
 
 def _check_port(port: object, *, server: bool) -> int:
     # asyncio would take a service name ("https"); mptls wants a number
-    if isinstance(port, str) and port.isdigit():
+    low = 0 if server else 1
+    if isinstance(port, str) and port.isdecimal():
+        # int() refuses more than 4300 digits with a ValueError of its
+        # own, and a digit that is not a decimal one ("\u00b2"); no port
+        # needs more than 5
+        if len(port) > 5:
+            raise _port_out_of_range(port, low)
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int):
-        raise ConfigurationError(f"port must be an int, got {port!r}")
-    low = 0 if server else 1
-    if not low <= port <= 65535:
         raise ConfigurationError(
-            f"port must be between {low} and 65535, got {port}"
+            f"port must be an int, got {shown_value(port)}"
         )
+    if not low <= port <= 65535:
+        raise _port_out_of_range(port, low)
     return port
+
+
+def _port_out_of_range(port: int | str, low: int) -> ConfigurationError:
+    return ConfigurationError(
+        f"port must be between {low} and 65535, got {shown_value(port)}"
+    )
 
 
 def _check_client_args(
@@ -159,7 +171,7 @@ def _refuse_asyncio_only(
 def _check_limit(limit: object) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise ConfigurationError(
-            f"limit must be a positive int, got {limit!r}"
+            f"limit must be a positive int, got {shown_value(limit)}"
         )
 
 

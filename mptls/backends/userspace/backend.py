@@ -44,6 +44,7 @@ from mptls.errors import (
     PathError,
     PeerResetError,
     ProtocolError,
+    shown_value,
 )
 from mptls.mptcp.config import (
     RESPONDER_PREFERENCE,
@@ -192,10 +193,12 @@ def parse_mode(mode: str | Mode) -> Mode:
 
 def _check_port(port: object, what: str, *, low: int) -> int:
     if isinstance(port, bool) or not isinstance(port, int):
-        raise ConfigurationError(f"{what} must be an int, got {port!r}")
+        raise ConfigurationError(
+            f"{what} must be an int, got {shown_value(port)}"
+        )
     if not low <= port <= 65535:
         raise ConfigurationError(
-            f"{what} must be between {low} and 65535, got {port}"
+            f"{what} must be between {low} and 65535, got {shown_value(port)}"
         )
     return port
 
