@@ -947,6 +947,13 @@ def test_no_key_material_in_repr_events_or_info() -> None:
         {"accept_modes": frozenset()},
         {"mode": "G"},
         {"max_payload": True},
+        # every wait has a limit, a join's too
+        {"join_timeout": float("inf")},
+        {"join_timeout": float("nan")},
+        {"join_timeout": "5"},
+        {"join_timeout": True},
+        {"join_timeout": 10**30},
+        {"join_rto": "0.2"},
     ],
 )
 def test_bad_settings_are_refused(settings: dict[str, object]) -> None:

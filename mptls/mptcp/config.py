@@ -131,10 +131,10 @@ class ConnectionConfig:
         _check_range("max_subflows", self.max_subflows, 1, 256)
         _check_range("max_pending_joins", self.max_pending_joins, 0, 4096)
         _check_range("ack_threshold", self.ack_threshold, 1, 2**30)
-        if not 0 < self.join_rto <= self.join_timeout:
-            raise ConfigurationError(
-                "join_rto must be positive and at most join_timeout"
-            )
+        check_seconds("join_timeout", self.join_timeout)
+        check_seconds("join_rto", self.join_rto)
+        if not self.join_rto <= self.join_timeout:
+            raise ConfigurationError("join_rto must be at most join_timeout")
         check_seconds("handshake_timeout", self.handshake_timeout)
         check_seconds("min_rto", self.min_rto)
         check_seconds("path_loss_timeout", self.path_loss_timeout)
