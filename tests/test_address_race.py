@@ -256,6 +256,42 @@ async def test_a_bug_in_one_attempt_is_not_taken_for_a_failed_address(
     assert all(connects.closed(address) for address in connects.started)
 
 
+async def test_a_cancel_while_the_losers_end_closes_the_winner(
+    fakes: list[FakeConnects],
+) -> None:
+    """The caller gives up after an address connected, while the
+    attempts that lost are still ending: the winner is closed too. It
+    was dropped open, a connection the server held until the socket
+    was collected."""
+    connects = fake(fakes, a="hang", b="ok")
+    caller: asyncio.Future[socket.socket] | None = None
+
+    async def connect(sock: socket.socket, address: tuple[Any, ...]) -> None:
+        try:
+            await connects.connect(sock, address)
+        except asyncio.CancelledError:
+            # the loser ends just as the caller is cancelled
+            assert caller is not None
+            caller.cancel()
+            raise
+
+    caller = asyncio.ensure_future(
+        connect_any(
+            "example.test",
+            443,
+            [A, B],
+            local=None,
+            new_socket=connects.new_socket,
+            connect=connect,
+            race=AddressRace(0.0),
+        )
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, LIMIT)
+    assert connects.started == [A[1], B[1]]
+    assert all(connects.closed(address) for address in connects.started)
+
+
 # end to end
 
 

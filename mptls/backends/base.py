@@ -351,7 +351,8 @@ async def _staggered(
     The next attempt starts ``delay`` seconds after the one before, or
     at once when a running one fails. The losers are cancelled (an
     attempt closes its socket then) and a socket that connected too
-    late is closed; so is every socket when the caller is cancelled.
+    late is closed; so is every socket when the caller is cancelled,
+    the winner's too when that happens while the losers are ending.
     An error other than an ``OSError`` is a bug, and propagates.
     """
     waiting = list(attempts)
@@ -386,19 +387,41 @@ async def _staggered(
                     task.result().close()
             if due and waiting and winner is None:
                 start_next()
-        return winner
     except BaseException:
         if winner is not None:
             winner.close()
+            winner = None
         raise
     finally:
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.wait(running)
-        for task in running:
-            if not task.cancelled() and task.exception() is None:
-                task.result().close()
+        try:
+            await _end_attempts(running)
+        except BaseException:
+            # cancelled while the losers ended: the winner was never
+            # handed over, and nothing else would close it
+            if winner is not None:
+                winner.close()
+            raise
+    return winner
+
+
+async def _end_attempts(running: set[asyncio.Task[socket.socket]]) -> None:
+    """Cancel the attempts still ``running`` and wait for them to end.
+
+    A socket that one of them connected all the same is closed when it
+    ends, also if this wait is itself cancelled first.
+    """
+    for task in running:
+        task.cancel()
+        task.add_done_callback(_close_if_connected)
+    if running:
+        await asyncio.wait(running)
+
+
+def _close_if_connected(task: asyncio.Task[socket.socket]) -> None:
+    """Close the socket of an attempt that connected after it lost; its
+    error, if it failed, is taken (the attempt recorded it)."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 def connect_failure(
