@@ -20,7 +20,11 @@ from pki import Pki
 from support import usable_backend
 
 import mptls
-from mptls.backends.base import AddressRace, connect_any
+from mptls.backends.base import (
+    AddressRace,
+    connect_any,
+    within_connect_timeout,
+)
 from mptls.errors import BackendError, ConfigurationError
 
 V4 = socket.AF_INET
@@ -290,6 +294,44 @@ async def test_a_cancel_while_the_losers_end_closes_the_winner(
         await asyncio.wait_for(caller, LIMIT)
     assert connects.started == [A[1], B[1]]
     assert all(connects.closed(address) for address in connects.started)
+
+
+async def test_a_connect_cancelled_as_it_completes_hands_its_socket_over() -> (
+    None
+):
+    """A cancel that comes just as the connect completes: the socket
+    reaches the caller, whose cleanup closes it, and the cancel still
+    lands. asyncio.wait_for ran the connect as a task of its own: from
+    Python 3.12 such a cancel dropped the connected socket unclosed
+    (a ResourceWarning, the server's end held open until collected),
+    on 3.11 the socket came back and the cancel was lost."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    received: list[socket.socket] = []
+
+    async def connecting() -> socket.socket:
+        # the cancel runs before anything that resumes on this return
+        loop.call_soon(caller.cancel)
+        return sock
+
+    async def connect_then_use() -> None:
+        connected = await within_connect_timeout(
+            connecting(), "example.test", 443, LIMIT
+        )
+        received.append(connected)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            connected.close()
+
+    caller = asyncio.ensure_future(connect_then_use())
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, LIMIT)
+        assert received == [sock]
+        assert sock.fileno() == -1
+    finally:
+        sock.close()
 
 
 # end to end

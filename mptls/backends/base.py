@@ -202,10 +202,15 @@ async def within_connect_timeout(
 
     Both backends bound their connect here, so that the limit ends in
     the same :class:`MptlsTimeoutError` on either; ``None`` leaves the
-    wait to the kernel's SYN retries.
+    wait to the kernel's SYN retries. ``connecting`` runs in the
+    caller's task: a cancel that comes as it completes lands at the
+    caller's next wait, with the socket in the caller's hands to close.
+    (Python 3.11's ``wait_for`` ran it as a task of its own and, in
+    that case, returned its result and lost the cancel.)
     """
     try:
-        return await asyncio.wait_for(connecting, timeout)
+        async with asyncio.timeout(timeout):
+            return await connecting
     except MptlsTimeoutError:
         raise  # the kernel gave up on its SYNs, to every address
     except TimeoutError as exc:
