@@ -367,6 +367,15 @@ def serving(
         if server.poll() is None:
             server.kill()
         server.wait(timeout=COMMAND_TIMEOUT)
+        close_pipes(server)
+
+
+def close_pipes(process: subprocess.Popen[bytes]) -> None:
+    """Close what the test kept of ``process``'s pipes, so that none is
+    left for the garbage collector (a ResourceWarning)."""
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def worker_pids(parent: int) -> list[int]:

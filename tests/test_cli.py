@@ -28,6 +28,7 @@ import pytest
 from cryptography import x509
 from support import (
     COMMAND_TIMEOUT,
+    close_pipes,
     readline_within,
     run_mptls,
     served_by,
@@ -883,6 +884,7 @@ def test_stopped_server_fails_a_client_with_input_left(certs: Path) -> None:
             if client.poll() is None:
                 client.kill()
                 client.wait(timeout=COMMAND_TIMEOUT)
+                close_pipes(client)
 
 
 async def test_a_killed_server_ends_a_client_in_one_line(
@@ -1206,6 +1208,7 @@ def test_connect_says_the_server_aborted_when_its_output_closed(
                 if client.poll() is None:
                     client.kill()
                 client.wait(timeout=COMMAND_TIMEOUT)
+                close_pipes(client)
             assert server.wait(timeout=COMMAND_TIMEOUT) == 1
         assert client.returncode == ExitStatus.FAILURE
         lines = error.decode().splitlines()
@@ -1265,6 +1268,7 @@ def test_serve_workers_stop_when_their_output_takes_nothing(
         if server.poll() is None:
             server.kill()
         server.wait(timeout=COMMAND_TIMEOUT)
+        close_pipes(server)
     assert error.decode().splitlines() == [f"mptls: error: {said}"]
     assert server.returncode == ExitStatus.FAILURE
     # the parent stopped its workers before it exited
@@ -1386,6 +1390,7 @@ def test_serve_once_with_no_stdout_fails(certs: Path) -> None:
         if server.poll() is None:
             server.kill()
         server.wait(timeout=COMMAND_TIMEOUT)
+        close_pipes(server)
 
 
 # a stderr that takes nothing (a full disk, /dev/full): as one nobody
@@ -1577,6 +1582,7 @@ def test_serve_with_a_full_output_stops(certs: Path) -> None:
         if server.poll() is None:
             server.kill()
         server.wait(timeout=COMMAND_TIMEOUT)
+        close_pipes(server)
 
 
 @pytest.mark.parametrize(
