@@ -65,13 +65,17 @@ STDIN_BACKLOG = 8
 
 
 class InputNotDeliveredError(MptlsError):
-    """The server ended the connection before all of stdin reached it:
-    the data-level stream (RFC 8684 section 3.3.3) did not close in
-    order, so some input may never have been read."""
+    """The server ended the connection before the end of stdin reached
+    it: the data-level stream (RFC 8684 section 3.3.3) did not close in
+    order, so some input may never have been read. The client cannot
+    tell whether the server read every byte before the end, so the
+    message says only what it knows."""
 
     def __init__(self, unsent: int) -> None:
         detail = f" (at least {unsent} bytes not delivered)" if unsent else ""
-        super().__init__(f"the server closed before reading all input{detail}")
+        super().__init__(
+            f"the server closed before the end of the input reached it{detail}"
+        )
 
 
 class ConnectionFailedError(MptlsError):
