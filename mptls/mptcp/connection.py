@@ -30,7 +30,14 @@ from mptls.errors import (
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.crypto import idsn_from_token, rfc8684_idsn, rfc8684_token
-from mptls.mptcp.framing import Flag, Payload, Segment
+from mptls.mptcp.framing import (
+    FIN_BIT,
+    RST_BIT,
+    SYN_BIT,
+    Flag,
+    Payload,
+    Segment,
+)
 from mptls.mptcp.handshake import (
     TOKEN_MODES,
     HandshakeMixin,
@@ -71,9 +78,6 @@ _NO_LIMIT = 2**62
 _SSN_MOD = 2**32
 _S = SubflowState
 _ACK = Flag.ACK
-_SYN_BIT = int(Flag.SYN)
-_RST_BIT = int(Flag.RST)
-_FIN_BIT = int(Flag.FIN)
 
 # RFC 8684 section 3.7: the first DSS mappings continue the implicitly
 # mapped bytes, so a first mapping outside the window means the IDSN the
@@ -444,7 +448,7 @@ class Connection(
             return
         subflow.heard_at = now
         # plain ints: Flag's own operators are Python calls, per frame
-        if int(segment.flags) & _RST_BIT:
+        if int(segment.flags) & RST_BIT:
             self._on_reset(subflow, segment)
             return
         _RECEIVE[subflow.state](self, subflow, segment, now)
@@ -501,7 +505,7 @@ class Connection(
         if len(options) == 1 and type(options[0]) is Dss:
             # a transfer's every frame: its DSS alone, no other option
             # to look for
-            if not int(segment.flags) & _SYN_BIT:
+            if not int(segment.flags) & SYN_BIT:
                 self._on_data_frame(subflow, options[0], segment, None, now)
             return
         found = options_of(segment)
@@ -511,7 +515,7 @@ class Connection(
                 subflow, ResetReason.MPTCP_ERROR, "replayed MP_JOIN ACK"
             )
             return
-        if int(segment.flags) & _SYN_BIT:
+        if int(segment.flags) & SYN_BIT:
             return
         fastclose = found.get(MpFastclose)
         if isinstance(fastclose, MpFastclose) and self._fastclose_valid(
@@ -539,7 +543,7 @@ class Connection(
         self._on_mapped_payload(subflow, dss, segment, now)
         if found is not None:
             self._on_path_options(subflow, found)
-        if int(segment.flags) & _FIN_BIT and not self._closed:
+        if int(segment.flags) & FIN_BIT and not self._closed:
             self._on_subflow_fin(subflow)
 
     # data in

@@ -106,8 +106,12 @@ Payload = bytes | memoryview
 _ALL_FLAGS = 0x1F
 # One prebuilt member per flag byte: no enum construction per frame.
 _FLAGS = tuple(Flag(value) for value in range(_ALL_FLAGS + 1))
-_SYN_BIT = int(Flag.SYN)
-_ACK_BIT = int(Flag.ACK)
+# The flag bits as plain ints, for tests on a frame's path: Flag's own
+# operators are Python calls
+FIN_BIT = int(Flag.FIN)
+SYN_BIT = int(Flag.SYN)
+RST_BIT = int(Flag.RST)
+ACK_BIT = int(Flag.ACK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +354,7 @@ def _decode_frame_options(raw: memoryview, flags: int) -> tuple[Option, ...]:
         _check_option_kinds(raw)
     # ``flags`` is the header's int: int & Flag would build a member
     return decode_options(
-        raw, syn=bool(flags & _SYN_BIT), ack=bool(flags & _ACK_BIT)
+        raw, syn=bool(flags & SYN_BIT), ack=bool(flags & ACK_BIT)
     )
 
 

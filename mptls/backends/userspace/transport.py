@@ -30,7 +30,14 @@ from mptls.errors import (
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
-from mptls.mptcp.framing import Flag, Payload, Segment, encode_head
+from mptls.mptcp.framing import (
+    RST_BIT,
+    SYN_BIT,
+    Flag,
+    Payload,
+    Segment,
+    encode_head,
+)
 from mptls.mptcp.scheduler import UNCAPPED
 from mptls.refusals import refused
 from mptls.tls.keys import KeyMaterial
@@ -41,10 +48,8 @@ logger = logging.getLogger("mptls.userspace")
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_LOW_WATER = 1024 * 1024
 # the flag bits that open or end a subflow, as plain ints
-_SYN_BIT = int(Flag.SYN)
-_RST_BIT = int(Flag.RST)
 _CLOSING_BITS = int(Flag.FIN | Flag.RST)
-_EDGE_BITS = _SYN_BIT | _CLOSING_BITS
+_EDGE_BITS = SYN_BIT | _CLOSING_BITS
 # what a subflow may hold unsent (asyncio's buffer and the kernel's send
 # queue) before the scheduler gives the next data to another subflow:
 # about 20 ms at 100 Mbit/s; bytes queued past it would make the stream
@@ -281,7 +286,7 @@ class MultipathTransport(asyncio.Transport):
             # transfer, where Flag's operators are Python calls
             edge = int(segment.flags) & _EDGE_BITS
             if edge:
-                if edge & _SYN_BIT and subflow_id not in out:
+                if edge & SYN_BIT and subflow_id not in out:
                     # a join's SYN goes out ahead of the first subflow's
                     # data of the same flush (the TLS Finished, when the
                     # keys have just come): on paths of like delay the
@@ -291,7 +296,7 @@ class MultipathTransport(asyncio.Transport):
                     out = {subflow_id: [], **out}
                 if edge & _CLOSING_BITS:
                     closing[subflow_id] = closing.get(subflow_id, False) or (
-                        bool(edge & _RST_BIT)
+                        bool(edge & RST_BIT)
                     )
             # header and payload apart: send gathers them
             parts = out.setdefault(subflow_id, [])
