@@ -20,7 +20,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from mptls.errors import (
     BackendError,
@@ -29,6 +29,7 @@ from mptls.errors import (
     PathError,
     shown_value,
 )
+from mptls.mptcp.config import check_seconds
 from mptls.tls.keys import KeyMaterial
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
@@ -244,16 +245,7 @@ class AddressRace:
     ) -> AddressRace:
         """From the keywords, each checked: a clear error for bad ones."""
         if delay is not None:
-            if isinstance(delay, bool) or not isinstance(delay, int | float):
-                raise ConfigurationError(
-                    "happy_eyeballs_delay must be a number of seconds, "
-                    f"got {shown_value(delay)}"
-                )
-            if not 0 <= delay <= 86400:
-                raise ConfigurationError(
-                    "happy_eyeballs_delay must be in [0, 86400] seconds, "
-                    f"got {shown_value(delay)}"
-                )
+            check_seconds("happy_eyeballs_delay", delay, zero=True)
         if interleave is None:
             interleave = 0 if delay is None else 1
         if (
@@ -265,7 +257,8 @@ class AddressRace:
                 "interleave must be an int >= 0, got "
                 f"{shown_value(interleave)}"
             )
-        return cls(None if delay is None else float(delay), interleave)
+        seconds = None if delay is None else float(cast(float, delay))
+        return cls(seconds, interleave)
 
     def order(
         self, addresses: Sequence[tuple[int, tuple[Any, ...]]]
@@ -389,7 +382,7 @@ async def _staggered(
                 elif winner is None:
                     winner = task.result()
                 else:
-                    task.result().close()
+                    _close_if_connected(task)
             if due and waiting and winner is None:
                 start_next()
     except BaseException:

@@ -151,8 +151,9 @@ class ConnectionConfig:
             check_seconds("key_rotation_interval", self.key_rotation_interval)
 
 
-def check_seconds(name: str, value: object) -> None:
-    """A wait of ``name``: a number of seconds in (0, 86400].
+def check_seconds(name: str, value: object, *, zero: bool = False) -> None:
+    """A wait of ``name``: a number of seconds in (0, 86400], or in
+    [0, 86400] with ``zero`` (a delay that may be none at all).
 
     Bounded, so that no wait is infinite; a wait that may be "none"
     is checked only when it is given.
@@ -161,9 +162,11 @@ def check_seconds(name: str, value: object) -> None:
         raise ConfigurationError(
             f"{name} must be a number of seconds, got {shown_value(value)}"
         )
-    if not 0 < value <= 86400:
+    if not (value >= 0 if zero else value > 0) or not value <= 86400:
+        low = "[0" if zero else "(0"
         raise ConfigurationError(
-            f"{name} must be in (0, 86400] seconds, got {shown_value(value)}"
+            f"{name} must be in {low}, 86400] seconds, "
+            f"got {shown_value(value)}"
         )
 
 
