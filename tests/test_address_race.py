@@ -380,17 +380,3 @@ async def test_both_backends_take_asyncios_race_keywords(
         writer.close()
         with contextlib.suppress(ConnectionError, mptls.MptlsError):
             await writer.wait_closed()
-
-
-@pytest.mark.parametrize("backend", ["userspace", "kernel"])
-async def test_a_bad_race_keyword_fails_before_any_connect(
-    pki: Pki, backend: str
-) -> None:
-    with pytest.raises(ConfigurationError, match="happy_eyeballs_delay"):
-        await mptls.open_connection(
-            "127.0.0.1",
-            9,
-            ssl=pki.client(),
-            backend=usable_backend(backend),
-            happy_eyeballs_delay=-0.5,
-        )

@@ -847,6 +847,8 @@ async def test_a_failing_protocol_factory_is_raised_at_once(
         ("close_timeout", "x"),
         ("close_timeout", 0),
         ("config", 5),
+        ("happy_eyeballs_delay", -0.5),
+        ("interleave", -1),
     ],
 )
 async def test_client_backend_options_are_checked_at_the_call(
