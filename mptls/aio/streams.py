@@ -470,7 +470,12 @@ async def start_server(
     """A drop-in for ``asyncio.start_server`` over secure multipath.
 
     ``client_connected_cb(reader, writer)`` runs once the TLS handshake is
-    complete and the MPTCP keys are installed.
+    complete and its keys went to the backend. Only the userspace
+    backend's modes G and E install them (E uses them once the peer's
+    NEW_KEY confirmed them); the kernel backend and mode rfc8684 keep
+    keys of their own, as ``get_extra_info("mptcp")`` says. With
+    ``require_app_keys=True`` a connection whose keys were not installed
+    fails before the callback runs.
     """
     _check_limit(limit)
     loop = asyncio.get_running_loop()
