@@ -1,0 +1,94 @@
+"""The README and docs/ stay true to the tree: links, anchors, cited tests.
+
+These are the claims a reader follows without running anything: a link
+to another document or a section of it, a test named as the evidence
+for a behaviour, a file named as where something lives.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#+\s+(.*?)\s*$", re.MULTILINE)
+# a test function, not a test file nor a pattern of file names
+CITED_TEST = re.compile(r"\btest_[a-z0-9_]+\b(?!\.py|\*)")
+CITED_TEST_FILE = re.compile(r"(?<![/\w])(test_[a-z0-9_]+\.py)\b")
+CITED_FILE = re.compile(
+    r"\b((?:mptls|tests|examples)/[\w/.-]+\.(?:py|cfg|md))\b"
+)
+DEFINED_TEST = re.compile(r"^\s*(?:async )?def (test_\w+)", re.MULTILINE)
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it."""
+    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    text = re.sub(r"[^\w\- ]", "", text.lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    return {_slug(heading) for heading in HEADING.findall(path.read_text())}
+
+
+def _names(paths: list[Path]) -> list[str]:
+    return [str(path.relative_to(ROOT)) for path in paths]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=_names(DOCUMENTS))
+def test_every_link_reaches_a_file_and_its_section(document: Path) -> None:
+    broken = []
+    for target in LINK.findall(document.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # an outside address: not checked from here
+        path_part, _, anchor = target.partition("#")
+        path = (
+            (document.parent / path_part).resolve() if path_part else document
+        )
+        found = path.exists() and (
+            not anchor or (path.is_file() and anchor in _anchors(path))
+        )
+        if not found:
+            broken.append(target)
+    assert broken == []
+
+
+def test_every_cited_test_exists() -> None:
+    defined: set[str] = set()
+    for source in (ROOT / "tests").glob("*.py"):
+        defined.update(DEFINED_TEST.findall(source.read_text()))
+    cited = {
+        name
+        for document in DOCUMENTS
+        for name in CITED_TEST.findall(document.read_text())
+    }
+    assert cited, "the docs cite tests; the pattern found none"
+    assert sorted(cited - defined) == []
+
+
+def test_every_cited_file_exists() -> None:
+    cited = {
+        name
+        for document in DOCUMENTS
+        for name in CITED_FILE.findall(document.read_text())
+    }
+    assert cited, "the docs name files; the pattern found none"
+    assert sorted(name for name in cited if not (ROOT / name).exists()) == []
+
+
+def test_every_test_file_named_alone_exists() -> None:
+    cited = {
+        name
+        for document in DOCUMENTS
+        for name in CITED_TEST_FILE.findall(document.read_text())
+    }
+    assert cited, "the docs name test files; the pattern found none"
+    missing = sorted(
+        name for name in cited if not (ROOT / "tests" / name).exists()
+    )
+    assert missing == []
