@@ -27,7 +27,9 @@ DEFINED_TEST = re.compile(r"^\s*(?:async )?def (test_\w+)", re.MULTILINE)
 
 def _slug(heading: str) -> str:
     """A heading's anchor as GitHub makes it."""
-    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    # a link in a heading keeps its text; other punctuation goes, and
+    # underscores stay, as in a code span's identifier
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
     text = re.sub(r"[^\w\- ]", "", text.lower())
     return text.replace(" ", "-")
 
