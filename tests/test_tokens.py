@@ -197,6 +197,26 @@ def test_allocator_checks_its_settings(arguments: dict[str, Any]) -> None:
         TokenAllocator(secret, **arguments)
 
 
+HUGE = 10**5000
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TokenLayout(HUGE, 0),
+        lambda: TokenLayout(0, HUGE, token_bits=32),
+        lambda: TokenLayout(0, 0, token_bits=HUGE),
+        lambda: TokenAllocator(SECRET, server_id=HUGE),
+        lambda: TokenAllocator(SECRET, worker_id=-HUGE),
+    ],
+)
+def test_a_huge_width_or_id_is_named_by_its_size(make: Any) -> None:
+    # past 4300 digits Python refuses to make an int a str: the message
+    # naming the argument raised a bare ValueError in its place
+    with pytest.raises(ConfigurationError, match="an int of 16610 bits"):
+        make()
+
+
 def test_the_secret_never_shows() -> None:
     secret = b"S" * 16 + b"E" * 16
     allocator = TokenAllocator(secret, server_id=7)

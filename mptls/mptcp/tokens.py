@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers import (
     modes,
 )
 
-from mptls.errors import ConfigurationError, MptlsError
+from mptls.errors import ConfigurationError, MptlsError, shown_value
 
 __all__ = [
     "E_TOKEN_LAYOUT",
@@ -143,10 +143,6 @@ class TokenLayout:
     token_bits: int = TOKEN_BITS
 
     def __post_init__(self) -> None:
-        for name in ("server_id_bits", "worker_id_bits"):
-            bits = getattr(self, name)
-            if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
-                raise ConfigurationError(f"{name} must be an int >= 0")
         width = self.token_bits
         if (
             isinstance(width, bool)
@@ -154,9 +150,21 @@ class TokenLayout:
             or width not in _MIN_SERIAL_BITS
         ):
             raise ConfigurationError(
-                f"token_bits must be 32 or 64, not {width!r}"
+                f"token_bits must be 32 or 64, not {shown_value(width)}"
             )
         needed = _MIN_SERIAL_BITS[width]
+        for name in ("server_id_bits", "worker_id_bits"):
+            bits = getattr(self, name)
+            if isinstance(bits, bool) or not isinstance(bits, int) or bits < 0:
+                raise ConfigurationError(f"{name} must be an int >= 0")
+            if bits > width:
+                # named alone: the serial width left by a huge one may
+                # have too many digits to print
+                raise ConfigurationError(
+                    f"{name} of {shown_value(bits)} is wider than a "
+                    f"{width}-bit token, which keeps at least {needed} "
+                    "serial bits"
+                )
         if self.serial_bits < needed:
             raise ConfigurationError(
                 "server and worker ids leave "
@@ -686,5 +694,5 @@ def _check_id(value: int, bits: int, what: str) -> None:
         or not 0 <= value < 1 << bits
     ):
         raise ConfigurationError(
-            f"{what} {value!r} does not fit in {bits} bits"
+            f"{what} {shown_value(value)} does not fit in {bits} bits"
         )
