@@ -321,6 +321,20 @@ def test_permutation_checks_its_settings(key: Any, bits: int) -> None:
         SerialPermutation(key, bits)
 
 
+@pytest.mark.parametrize("tweak", ["a str", 5, None, [1, 2]])
+def test_a_tweak_that_is_not_bytes_is_refused(tweak: Any) -> None:
+    # it went into the round keys' HMAC message: a bare TypeError
+    with pytest.raises(ConfigurationError, match="tweak must be bytes"):
+        SerialPermutation(SECRET, 32, tweak=tweak)
+
+
+def test_a_bytearray_tweak_is_its_bytes() -> None:
+    made = SerialPermutation(SECRET, 32, tweak=bytearray(b"t"))
+    assert made.forward_many(0, 8) == SerialPermutation(
+        SECRET, 32, tweak=b"t"
+    ).forward_many(0, 8)
+
+
 def test_permutation_checks_its_domain() -> None:
     permutation = SerialPermutation(SECRET, 8)
     for value in (-1, 256):

@@ -252,6 +252,10 @@ class SerialPermutation:
             raise ConfigurationError(
                 f"permutation key must be at least {MIN_SECRET_LENGTH} bytes"
             )
+        if not isinstance(tweak, bytes | bytearray):
+            raise ConfigurationError(
+                f"permutation tweak must be bytes, got {type(tweak).__name__}"
+            )
         self._bits = bits
         self._high_bits = bits // 2
         self._low_bits = bits - bits // 2
@@ -517,7 +521,7 @@ def _round_cipher(key: bytes, tweak: bytes, number: int) -> CipherContext:
     block to a pseudorandom block. So ECB mode, with equal inputs giving
     equal outputs, is exactly the property a round function needs.
     """
-    message = _ROUND_KEY_LABEL + bytes((number,)) + tweak
+    message = _ROUND_KEY_LABEL + bytes((number,)) + bytes(tweak)
     round_key = hmac.digest(bytes(key), message, hashlib.sha256)
     return Cipher(algorithms.AES(round_key), modes.ECB()).encryptor()
 
