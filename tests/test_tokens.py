@@ -349,6 +349,21 @@ def test_permutation_checks_its_domain() -> None:
     assert permutation.forward_many(3, 0) == []
 
 
+def test_a_bool_is_not_a_count_or_a_counter() -> None:
+    # count=True made the batch's struct format "TrueQ": struct.error
+    permutation = SerialPermutation(SECRET, 32)
+    with pytest.raises(ConfigurationError, match="count"):
+        permutation.forward_many(0, True)
+    with pytest.raises(ConfigurationError, match="count"):
+        permutation.forward_bytes(0, True)
+    with pytest.raises(ConfigurationError, match="domain"):
+        permutation.forward_many(True, 2)
+    with pytest.raises(ConfigurationError, match="domain"):
+        permutation.forward(False)
+    with pytest.raises(ConfigurationError, match="start"):
+        TokenAllocator(SECRET, start=True)
+
+
 def test_batched_allocation_is_the_one_by_one_sequence() -> None:
     # across two batch boundaries, from a start that is not a multiple
     # of the batch: each token is the permutation of its own counter

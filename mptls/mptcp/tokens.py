@@ -343,7 +343,8 @@ class SerialPermutation:
 
     def _check_batch(self, start: int, count: int) -> bool:
         """Whether there is a batch to make; raises if it is not valid."""
-        if not isinstance(count, int) or count < 0:
+        # a bool is an int, but count=True named a struct format "TrueQ"
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ConfigurationError("count must be an int >= 0")
         if count == 0:
             return False
@@ -505,7 +506,11 @@ class SerialPermutation:
         return bytes(tokens)
 
     def _check(self, value: int) -> None:
-        if not isinstance(value, int) or not 0 <= value < 1 << self._bits:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 0 <= value < 1 << self._bits
+        ):
             raise ConfigurationError(
                 f"value outside the {self._bits}-bit domain"
             )
@@ -563,7 +568,11 @@ class TokenAllocator:
         _check_id(server_id, layout.server_id_bits, "server id")
         _check_id(worker_id, layout.worker_id_bits, "worker id")
         serial_bits = layout.serial_bits
-        if not isinstance(start, int) or not 0 <= start <= 1 << serial_bits:
+        if (
+            isinstance(start, bool)
+            or not isinstance(start, int)
+            or not 0 <= start <= 1 << serial_bits
+        ):
             raise ConfigurationError(
                 f"start must be 0 to 2**{serial_bits} for this layout"
             )
