@@ -116,6 +116,24 @@ def test_release_twice_or_foreign_token_is_an_error() -> None:
         allocator.release(other)
 
 
+@pytest.mark.parametrize("token", ["12345678", None, 8, 2**40, [1, 2]])
+def test_release_of_what_is_not_bytes_is_refused(token: Any) -> None:
+    # bytes(token) raised TypeError for a str or None, and made a
+    # zero-filled buffer of an int's size (2**40: a terabyte)
+    allocator = TokenAllocator(SECRET)
+    allocator.allocate()
+    with pytest.raises(ConfigurationError, match="a token is bytes"):
+        allocator.release(token)
+    assert allocator.live == 1
+
+
+def test_release_takes_any_bytes_like_token() -> None:
+    allocator = TokenAllocator(SECRET)
+    token = allocator.allocate()
+    allocator.release(memoryview(bytearray(token)))
+    assert allocator.live == 0
+
+
 def test_same_secret_and_ids_give_the_same_sequence() -> None:
     first = TokenAllocator(SECRET, server_id=3, worker_id=4)
     second = TokenAllocator(SECRET, server_id=3, worker_id=4)

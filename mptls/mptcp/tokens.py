@@ -660,6 +660,12 @@ class TokenAllocator:
 
     def release(self, token: bytes) -> None:
         """Mark ``token`` as no longer in use. It is never handed out again."""
+        if not isinstance(token, bytes | bytearray | memoryview):
+            # bytes() of an int makes that many zero bytes: release(10**12)
+            # asked for a terabyte before it found no such token
+            raise ConfigurationError(
+                f"a token is bytes, got {type(token).__name__}"
+            )
         try:
             self._live.remove(bytes(token))
         except KeyError:
