@@ -954,6 +954,17 @@ def test_no_key_material_in_repr_events_or_info() -> None:
         {"join_timeout": True},
         {"join_timeout": 10**30},
         {"join_rto": "0.2"},
+        # each was compared with its range as given: a bare TypeError
+        {"rto_srtt_factor": "4"},
+        {"rto_srtt_factor": None},
+        {"join_failure_rate": "2"},
+        {"join_failure_rate": None},
+        {"ack_delay": "0.02"},
+        {"ack_delay": [0.02]},
+        {"rto_srtt_factor": True},
+        # not a collection of modes at all
+        {"accept_modes": None},
+        {"accept_modes": 5},
     ],
 )
 def test_bad_settings_are_refused(settings: dict[str, object]) -> None:

@@ -106,7 +106,10 @@ class ConnectionConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
             raise ConfigurationError(f"mode must be a Mode, got {self.mode!r}")
-        accept = frozenset(self.accept_modes)
+        try:
+            accept = frozenset(self.accept_modes)
+        except TypeError:
+            accept = frozenset()
         if not accept or not all(isinstance(m, Mode) for m in accept):
             raise ConfigurationError(
                 "accept_modes must name at least one Mode"
@@ -138,6 +141,13 @@ class ConnectionConfig:
         check_seconds("handshake_timeout", self.handshake_timeout)
         check_seconds("min_rto", self.min_rto)
         check_seconds("path_loss_timeout", self.path_loss_timeout)
+        for name in ("rto_srtt_factor", "join_failure_rate", "ack_delay"):
+            # the range tests below compare: a str or None raised TypeError
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(
+                    f"{name} must be a number, got {shown_value(value)}"
+                )
         if not 1.0 <= self.rto_srtt_factor <= 64.0:
             raise ConfigurationError("rto_srtt_factor must be in [1, 64]")
         _check_range("join_failure_burst", self.join_failure_burst, 1, 2**20)
