@@ -8,6 +8,7 @@ import os
 import pickle
 import socket
 import ssl
+from typing import Any
 
 import pytest
 from pki import Pki
@@ -17,6 +18,7 @@ import mptls
 from mptls.aio.protocol import _in_mptls_tree
 from mptls.backends.base import connect_any, numeric_address
 from mptls.errors import BackendError, ConfigurationError, ConnectError
+from mptls.mptcp.config import ConnectionConfig
 
 # OpenSSL's verify result for a certificate of another address
 X509_V_ERR_IP_ADDRESS_MISMATCH = 64
@@ -276,6 +278,45 @@ async def test_a_huge_number_is_a_configuration_error(
         await mptls.open_connection(
             "127.0.0.1", 9, ssl=pki.client(), **{name: value}
         )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["backend", "mode", "idsn_rule", "server_hostname", "local_addrs"],
+)
+async def test_a_huge_int_for_a_client_keyword_is_named_by_its_size(
+    pki: Pki, name: str
+) -> None:
+    # each message repeated the value: past 4300 digits Python refuses to
+    # make an int a str, and a bare ValueError took the error's place
+    with pytest.raises(ConfigurationError, match="an int of 16610 bits"):
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), **{name: HUGE}
+        )
+
+
+@pytest.mark.parametrize(
+    "name", ["backend", "modes", "announce_addrs", "server_id", "worker_id"]
+)
+async def test_a_huge_int_for_a_server_keyword_is_named_by_its_size(
+    pki: Pki, name: str
+) -> None:
+    with pytest.raises(ConfigurationError, match="an int of 16610 bits"):
+        await mptls.start_server(
+            noop, "127.0.0.1", 0, ssl=pki.server(), **{name: HUGE}
+        )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mptls.TLSConfig(minimum_version=HUGE),
+        lambda: ConnectionConfig(idsn_rule=HUGE),
+    ],
+)
+def test_a_huge_int_for_a_setting_is_named_by_its_size(make: Any) -> None:
+    with pytest.raises(ConfigurationError, match="an int of 16610 bits"):
+        make()
 
 
 @pytest.mark.parametrize("limit", [0, -1, "64", -HUGE], ids=repr_or_size)

@@ -80,10 +80,13 @@ def _check_client_args(
     host: object, local_addrs: object, server_hostname: object
 ) -> list[str] | None:
     if not isinstance(host, str) or not host:
-        raise ConfigurationError(f"host must be a non-empty str, got {host!r}")
+        raise ConfigurationError(
+            f"host must be a non-empty str, got {shown_value(host)}"
+        )
     if server_hostname is not None and not isinstance(server_hostname, str):
         raise ConfigurationError(
-            f"server_hostname must be a str, got {server_hostname!r}"
+            "server_hostname must be a str, got "
+            f"{shown_value(server_hostname)}"
         )
     if server_hostname == "":
         # OpenSSL takes an empty name as no name to check: the server's
@@ -100,12 +103,14 @@ def _check_client_args(
         # a str is a sequence too: its characters are no addresses
         raise ConfigurationError(
             "local_addrs must be a list of addresses, got "
-            f"{local_addrs!r}; write [{local_addrs!r}] for one"
+            f"{shown_value(local_addrs)}; write [{shown_value(local_addrs)}] "
+            "for one"
         )
     for address in local_addrs:
         if not isinstance(address, str) or not address:
             raise ConfigurationError(
-                f"local_addrs entries must be non-empty str, got {address!r}"
+                "local_addrs entries must be non-empty str, got "
+                f"{shown_value(address)}"
             )
         try:
             # addresses of this host, not names: a name would be looked
@@ -113,7 +118,8 @@ def _check_client_args(
             ipaddress.ip_address(address)
         except ValueError:
             raise ConfigurationError(
-                f"local_addrs entries must be IP addresses, got {address!r}"
+                "local_addrs entries must be IP addresses, got "
+                f"{shown_value(address)}"
             ) from None
     return list(local_addrs)
 
@@ -129,7 +135,7 @@ def _check_server_host(host: object) -> None:
     ):
         return
     raise ConfigurationError(
-        f"host must be a str, a list of str or None, got {host!r}"
+        f"host must be a str, a list of str or None, got {shown_value(host)}"
     )
 
 

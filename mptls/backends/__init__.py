@@ -13,7 +13,7 @@ from mptls.backends.base import (
     MptcpInfo,
     SubflowInfo,
 )
-from mptls.errors import ConfigurationError
+from mptls.errors import ConfigurationError, shown_value
 
 __all__ = [
     "BACKENDS",
@@ -39,5 +39,6 @@ def get_backend(name: str) -> Backend:
 
         return KernelBackend()
     raise ConfigurationError(
-        f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+        f"unknown backend {shown_value(name)}; choose one of "
+        + ", ".join(BACKENDS)
     )

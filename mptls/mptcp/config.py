@@ -105,7 +105,9 @@ class ConnectionConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
-            raise ConfigurationError(f"mode must be a Mode, got {self.mode!r}")
+            raise ConfigurationError(
+                f"mode must be a Mode, got {shown_value(self.mode)}"
+            )
         try:
             accept = frozenset(self.accept_modes)
         except TypeError:
@@ -117,7 +119,8 @@ class ConnectionConfig:
         object.__setattr__(self, "accept_modes", accept)
         if not isinstance(self.idsn_rule, IdsnRule):
             raise ConfigurationError(
-                f"idsn_rule must be an IdsnRule, got {self.idsn_rule!r}"
+                "idsn_rule must be an IdsnRule, got "
+                f"{shown_value(self.idsn_rule)}"
             )
         # data_length (16 bits) counts a DATA_FIN octet on top of the
         # payload (RFC 8684 section 3.3.1)

@@ -19,7 +19,7 @@ import struct
 from enum import Enum
 from ipaddress import IPv4Address, IPv6Address
 
-from mptls.errors import ConfigurationError
+from mptls.errors import ConfigurationError, shown_value
 from mptls.tls.keys import KeyMaterial
 
 __all__ = [
@@ -101,7 +101,7 @@ def idsn_from_token(token: bytes, rule: IdsnRule = IdsnRule.SHA256) -> int:
     elif rule is IdsnRule.PAASCH2016:
         digest = hashlib.sha1(token).digest()[:8]
     else:
-        raise ConfigurationError(f"unknown IDSN rule {rule!r}")
+        raise ConfigurationError(f"unknown IDSN rule {shown_value(rule)}")
     return int.from_bytes(digest, "big")
 
 
@@ -167,7 +167,7 @@ def fastclose_value(receiver_key: bytes, rule: IdsnRule) -> bytes:
         return hashlib.sha256(receiver_key).digest()[:8]
     if rule is IdsnRule.PAASCH2016:
         return hashlib.sha1(receiver_key).digest()[:8]
-    raise ConfigurationError(f"unknown IDSN rule {rule!r}")
+    raise ConfigurationError(f"unknown IDSN rule {shown_value(rule)}")
 
 
 def _key_hmac(

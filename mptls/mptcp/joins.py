@@ -23,6 +23,7 @@ from mptls.errors import (
     JoinRefusedError,
     KeysUnavailableError,
     MptlsError,
+    shown_value,
 )
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import Mode
@@ -575,5 +576,6 @@ def _check_address_id(address_id: object) -> None:
         or not 0 <= address_id <= 0xFF
     ):
         raise ConfigurationError(
-            f"address_id must be an int from 0 to 255, got {address_id!r}"
+            "address_id must be an int from 0 to 255, got "
+            f"{shown_value(address_id)}"
         )

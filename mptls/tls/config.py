@@ -85,7 +85,7 @@ from cryptography.hazmat.primitives.asymmetric import (
 )
 from OpenSSL import SSL, crypto
 
-from mptls.errors import ConfigurationError
+from mptls.errors import ConfigurationError, shown_value
 
 logger = logging.getLogger("mptls.tls")
 
@@ -137,7 +137,7 @@ class TLSVersion(IntEnum):
 
 def _as_tls_version(value: object, what: str) -> TLSVersion:
     # ssl.TLSVersion members and bare wire values are ints too
-    problem = f"{what} must be TLS 1.2 or TLS 1.3, got {value!r}"
+    problem = f"{what} must be TLS 1.2 or TLS 1.3, got {shown_value(value)}"
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigurationError(problem)
     try:

@@ -28,6 +28,7 @@ from mptls.errors import (
     ConfigurationError,
     HandshakeIncompleteError,
     TLSError,
+    shown_value,
 )
 from mptls.tls.keys import (
     EXPORTER_LABEL,
@@ -85,7 +86,7 @@ def exporter_context(generation: int) -> bytes | None:
     """The exporter context of a key generation: none, or ``uint32(n)``."""
     if isinstance(generation, bool) or not isinstance(generation, int):
         raise ConfigurationError(
-            f"key generation must be an integer, got {generation!r}"
+            f"key generation must be an integer, got {shown_value(generation)}"
         )
     if not 0 <= generation <= MAX_GENERATION:
         raise ConfigurationError(

@@ -43,7 +43,7 @@ from mptls.backends.kernel.pathmanager import (
 )
 from mptls.backends.kernel.server import MultiServer, StopListener
 from mptls.backends.tcpinfo import TCP_INFO_FIELDS, TCP_INFO_STRIDE
-from mptls.errors import BackendError, ConfigurationError
+from mptls.errors import BackendError, ConfigurationError, shown_value
 from mptls.mptcp.config import check_seconds
 from mptls.tls.keys import KeyMaterial
 
@@ -92,7 +92,8 @@ def _check_announce(announce: object) -> list[str]:
         return []
     if isinstance(announce, str | bytes) or not isinstance(announce, Sequence):
         raise ConfigurationError(
-            f"announce must be a list of IP addresses, got {announce!r}"
+            "announce must be a list of IP addresses, got "
+            f"{shown_value(announce)}"
         )
     for address in announce:
         try:
@@ -101,7 +102,8 @@ def _check_announce(announce: object) -> list[str]:
             ipaddress.ip_address(address)
         except ValueError:
             raise ConfigurationError(
-                f"announce entry {address!r} is not an IPv4 or IPv6 literal"
+                "announce entry "
+                f"{shown_value(address)} is not an IPv4 or IPv6 literal"
             ) from None
     return list(announce)
 

@@ -187,7 +187,8 @@ def parse_mode(mode: str | Mode) -> Mode:
         return _MODES[mode.lower()]
     except (KeyError, AttributeError):
         raise ConfigurationError(
-            f"unknown MPTCP mode {mode!r}; choose 'G', 'E' or 'rfc8684'"
+            "unknown MPTCP mode "
+            f"{shown_value(mode)}; choose 'G', 'E' or 'rfc8684'"
         ) from None
 
 
@@ -222,7 +223,7 @@ def _check_path(remote: object, local: object) -> None:
         or not isinstance(remote[0], str)
     ):
         raise ConfigurationError(
-            f"remote must be a (host, port) pair, got {remote!r}"
+            f"remote must be a (host, port) pair, got {shown_value(remote)}"
         )
     _check_port(remote[1], "remote port", low=1)
     if local is None:
@@ -231,7 +232,7 @@ def _check_path(remote: object, local: object) -> None:
         ipaddress.ip_address(local if isinstance(local, str) else "")
     except ValueError:
         raise ConfigurationError(
-            f"local must be an IPv4 or IPv6 literal, got {local!r}"
+            f"local must be an IPv4 or IPv6 literal, got {shown_value(local)}"
         ) from None
 
 
@@ -248,7 +249,7 @@ def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
     ):
         raise ConfigurationError(
             "announce_addrs must be a list of (address, port) pairs, "
-            f"got {announce_addrs!r}"
+            f"got {shown_value(announce_addrs)}"
         )
     checked = []
     for item in announce_addrs:
@@ -258,7 +259,8 @@ def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
             or len(item) != 2
         ):
             raise ConfigurationError(
-                f"announce_addrs entry {item!r} is not an (address, port) pair"
+                "announce_addrs entry "
+                f"{shown_value(item)} is not an (address, port) pair"
             )
         host, port = item
         try:
@@ -267,7 +269,8 @@ def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
             address = ipaddress.ip_address(host)
         except ValueError:
             raise ConfigurationError(
-                f"announce_addrs address {host!r} is not an IPv4 or IPv6 "
+                "announce_addrs address "
+                f"{shown_value(host)} is not an IPv4 or IPv6 "
                 "literal"
             ) from None
         _check_port(port, "announce_addrs port", low=0)
@@ -302,7 +305,8 @@ def server_modes(
         modes, bytes | bytearray
     ):
         raise ConfigurationError(
-            f"modes must be a mode or a list of modes, got {modes!r}"
+            "modes must be a mode or a list of modes, got "
+            f"{shown_value(modes)}"
         )
     return tuple(parse_mode(one) for one in modes)
 
@@ -732,7 +736,9 @@ class UserspaceBackend(Backend):
         _check_path(remote, local)
         check_seconds("timeout", timeout)
         if not isinstance(backup, bool):
-            raise ConfigurationError(f"backup must be a bool, got {backup!r}")
+            raise ConfigurationError(
+                f"backup must be a bool, got {shown_value(backup)}"
+            )
         multipath = _transport_of(transport)
         if not multipath._initiator:
             raise PathError("only the client side opens subflows")

@@ -19,7 +19,7 @@ import pickle
 from collections.abc import Sequence
 from multiprocessing.connection import Connection as Pipe
 
-from mptls.errors import BackendError, ConfigurationError
+from mptls.errors import BackendError, ConfigurationError, shown_value
 
 __all__ = ["STOP_POOL", "PoolStopper", "check_stop_on", "stop_request"]
 
@@ -36,7 +36,7 @@ def check_stop_on(
         for kind in stop_on
     ):
         raise ConfigurationError(
-            f"stop_on takes exception classes: {stop_on!r}"
+            f"stop_on takes exception classes: {shown_value(stop_on)}"
         )
     return tuple(stop_on)
 

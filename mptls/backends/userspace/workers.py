@@ -67,6 +67,7 @@ from mptls.errors import (
     ConfigurationError,
     MptlsError,
     MptlsTimeoutError,
+    shown_value,
 )
 from mptls.mptcp.tokens import TokenLayout
 from mptls.refusals import refusal_log
@@ -312,7 +313,9 @@ class WorkerPool:
                 f"{layout.worker_id_bits} worker id bits"
             )
         if not isinstance(restart, bool):
-            raise ConfigurationError(f"restart must be a bool: {restart!r}")
+            raise ConfigurationError(
+                f"restart must be a bool: {shown_value(restart)}"
+            )
         for name in ("join_handoff", "worker_id", "reuse_port"):
             if name in server_options:
                 raise ConfigurationError(f"the pool sets {name} itself")
