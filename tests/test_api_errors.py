@@ -319,6 +319,32 @@ def test_a_huge_int_for_a_setting_is_named_by_its_size(make: Any) -> None:
         make()
 
 
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+@pytest.mark.parametrize(
+    "backlog", ["100", 1.5, None, True, -1, 2**31, HUGE], ids=repr_or_size
+)
+async def test_bad_backlog(pki: Pki, backend: str, backlog: object) -> None:
+    # asyncio gave it to listen() as it was: a TypeError or OverflowError
+    # there, or int() of it on the kernel backend
+    with pytest.raises(ConfigurationError, match="backlog"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            backend=backend,
+            backlog=backlog,
+        )
+
+
+async def test_a_good_backlog_is_asyncios(pki: Pki) -> None:
+    server = await mptls.start_server(
+        noop, "127.0.0.1", 0, ssl=pki.server(), backlog=0
+    )
+    server.close()
+    await server.wait_closed()
+
+
 @pytest.mark.parametrize("limit", [0, -1, "64", -HUGE], ids=repr_or_size)
 async def test_bad_limit(pki: Pki, limit: object) -> None:
     with pytest.raises(ConfigurationError, match="limit"):

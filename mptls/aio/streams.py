@@ -181,6 +181,28 @@ def _check_limit(limit: object) -> None:
         )
 
 
+# listen() takes a C int; the kernel caps it at net.core.somaxconn
+_MAX_BACKLOG = 2**31 - 1
+
+
+def _check_backlog(options: dict[str, Any]) -> None:
+    """asyncio hands ``backlog`` to ``listen()`` as it is: a str raised
+    a bare TypeError there, a huge int an OverflowError (and the kernel
+    backend took a float or a numeric str through ``int()``)."""
+    if "backlog" not in options:
+        return
+    backlog = options["backlog"]
+    if (
+        isinstance(backlog, bool)
+        or not isinstance(backlog, int)
+        or not 0 <= backlog <= _MAX_BACKLOG
+    ):
+        raise ConfigurationError(
+            f"backlog must be an int from 0 to {_MAX_BACKLOG}, "
+            f"got {shown_value(backlog)}"
+        )
+
+
 def _connect_error(
     exc: OSError, what: str, host: object, port: int
 ) -> ConnectError:
@@ -360,6 +382,7 @@ async def create_server(
     port = _check_port(0 if port is None else port, server=True)
     _check_timeout(ssl_handshake_timeout)
     _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
+    _check_backlog(backend_options)
     context, _ = to_openssl_context(ssl, server_side=True)
     backend_obj = _resolve_backend(backend)
     _bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)
