@@ -19,6 +19,7 @@ from mptls.aio.protocol import _in_mptls_tree
 from mptls.backends.base import connect_any, numeric_address
 from mptls.errors import BackendError, ConfigurationError, ConnectError
 from mptls.mptcp.config import ConnectionConfig
+from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenLayout
 
 # OpenSSL's verify result for a certificate of another address
 X509_V_ERR_IP_ADDRESS_MISMATCH = 64
@@ -343,6 +344,26 @@ async def test_a_good_backlog_is_asyncios(pki: Pki) -> None:
     )
     server.close()
     await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (E_TOKEN_LAYOUT, "token_bits=64"),
+        (TokenLayout(8, 8, token_bits=32), "token_bits=64"),
+        ("8/8", "must be a TokenLayout"),
+    ],
+)
+async def test_a_server_token_layout_is_a_64_bit_one(
+    pki: Pki, layout: object, message: str
+) -> None:
+    # a 32-bit layout was taken, and every SYN|ACK then failed to
+    # encode: asyncio logged a fatal error for each client, which heard
+    # of no mptls server at all (NotMptlsPeerError)
+    with pytest.raises(ConfigurationError, match=message):
+        await mptls.start_server(
+            noop, "127.0.0.1", 0, ssl=pki.server(), token_layout=layout
+        )
 
 
 @pytest.mark.parametrize("limit", [0, -1, "64", -HUGE], ids=repr_or_size)

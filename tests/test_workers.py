@@ -765,6 +765,12 @@ def test_a_pool_started_without_the_main_guard_says_so(
     [
         ({"workers": 0}, "workers must be"),
         ({"workers": 3, "token_layout": TokenLayout(8, 1)}, "do not fit"),
+        # its worker_id_bits were read before anything checked its type
+        ({"workers": 2, "token_layout": "8/8"}, "must be a TokenLayout"),
+        (
+            {"workers": 2, "token_layout": TokenLayout(0, 8, token_bits=32)},
+            "token_bits=64",
+        ),
         ({"workers": 2, "worker_id": 1}, "sets worker_id itself"),
         ({"workers": 2, "stop_on": ["Halt"]}, "takes exception classes"),
         ({"workers": 2, "stop_on": [SystemExit]}, "takes exception"),

@@ -350,6 +350,29 @@ def check_e_server(
         )
 
 
+def check_token_layout(layout: object) -> TokenLayout:
+    """A server's ``token_layout``: the layout of its 64-bit tokens.
+
+    G and rfc8684 tokens have 64 bits, and an endpoint that accepts E
+    makes its own 32-bit allocator; a 32-bit layout here made every
+    SYN|ACK fail to encode, which asyncio logged as a fatal error while
+    the client heard of no mptls server at all.
+    """
+    if layout is None:
+        return TokenLayout()
+    if not isinstance(layout, TokenLayout):
+        raise ConfigurationError(
+            f"token_layout must be a TokenLayout, got {type(layout).__name__}"
+        )
+    if layout.token_bits != TokenLayout().token_bits:
+        raise ConfigurationError(
+            f"token_layout must have token_bits=64, not {layout.token_bits}: "
+            "it lays out the 64-bit tokens of G and rfc8684 connections "
+            "(E connections take 32-bit tokens of their own)"
+        )
+    return layout
+
+
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(ConnectionConfig))
 
 
@@ -673,7 +696,7 @@ class UserspaceBackend(Backend):
         )
         tokens = TokenAllocator(
             secrets.token_bytes(32),
-            layout=token_layout or TokenLayout(),
+            layout=check_token_layout(token_layout),
             server_id=server_id,
             worker_id=worker_id,
         )

@@ -38,7 +38,11 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 from mptls.backends.base import format_address
-from mptls.backends.userspace.backend import accepted_modes, check_e_server
+from mptls.backends.userspace.backend import (
+    accepted_modes,
+    check_e_server,
+    check_token_layout,
+)
 from mptls.backends.userspace.listener import Listener
 from mptls.backends.userspace.restarts import (
     RestartBudget,
@@ -304,7 +308,7 @@ class WorkerPool:
         label_stderr: bool = False,
         **server_options: Any,
     ) -> None:
-        layout = token_layout or TokenLayout()
+        layout = check_token_layout(token_layout)
         if not isinstance(workers, int) or workers < 1:
             raise ConfigurationError("workers must be an int >= 1")
         if workers > 1 << layout.worker_id_bits:
