@@ -9,6 +9,7 @@ import hashlib
 import random
 import socket
 import ssl
+import struct
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +32,7 @@ from mptls.backends.userspace.backend import (
     _FirstSubflow,
     _shared_client_tokens,
 )
-from mptls.mptcp.framing import NOT_MPTLS_REPLY, Segment
+from mptls.mptcp.framing import NOT_MPTLS_REPLY, PREAMBLE, Segment
 from mptls.mptcp.options import Dss
 from mptls.mptcp.state import options_of
 
@@ -575,6 +576,40 @@ async def test_plain_tls_server_is_named_not_mptls(pki: Pki) -> None:
     async with server:
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(mptls.NotMptlsPeerError, match="not an mptls"):
+            await asyncio.wait_for(
+                mptls.open_connection("127.0.0.1", port, ssl=pki.client()),
+                10,
+            )
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        # options length 41: more than a TCP header holds
+        (struct.pack(">BBHI", 0x12, 41, 0, 0) + b"\x01" * 41, "length 41"),
+        (struct.pack(">BBHI", 0xFF, 0, 0, 0), "flags"),
+        (struct.pack(">BBHI", 0x12, 4, 0, 0) + b"\x02\x04\x05\xb4", "kind 2"),
+    ],
+    ids=["options-length", "flags", "option-kind"],
+)
+async def test_a_frame_the_client_cannot_read_is_named(
+    pki: Pki, frame: bytes, message: str
+) -> None:
+    # the client closed the subflow and reported only that "every
+    # subflow of the connection closed before the MPTCP handshake
+    # completed", with the framing error in a debug line
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(1)
+        writer.write(PREAMBLE + frame)
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(mptls.FramingError, match=message):
             await asyncio.wait_for(
                 mptls.open_connection("127.0.0.1", port, ssl=pki.client()),
                 10,

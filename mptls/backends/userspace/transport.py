@@ -26,6 +26,7 @@ from mptls.errors import (
     MptlsTimeoutError,
     NotMptlsPeerError,
     PeerResetError,
+    ProtocolError,
 )
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
@@ -202,9 +203,14 @@ class MultipathTransport(asyncio.Transport):
         del self._subflows[subflow_id]
         if self._closed:
             return
-        if isinstance(exc, NotMptlsPeerError | PeerResetError):
-            # the wrong kind of peer, or a first subflow reset before the
-            # preamble: no connection exists that a join could carry on
+        if isinstance(exc, NotMptlsPeerError | PeerResetError) or (
+            isinstance(exc, ProtocolError)
+            and not self._core.handshake_complete
+        ):
+            # the wrong kind of peer, a first subflow reset before the
+            # preamble, or frames it cannot read before the handshake
+            # completed: no connection exists that a join could carry
+            # on, and "every subflow closed" would hide why
             self._finish(exc)
             return
         logger.debug("%s: subflow %d lost (%s)", self.tag(), subflow_id, exc)
