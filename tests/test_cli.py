@@ -711,6 +711,18 @@ def test_a_bad_connect_timeout_is_a_usage_error(value: str) -> None:
     )
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "86401"])
+def test_a_bad_demo_timeout_is_a_usage_error(value: str) -> None:
+    # nan passed the "must be positive" test and failed the demo a second
+    # later as "did not finish within nan s", exit 1; inf was no limit
+    result = run_mptls("demo", "--timeout", value)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"mptls: error: --timeout must be in (0, 86400] seconds, "
+        f"got {float(value):g}"
+    )
+
+
 def test_connect_to_a_server_that_is_not_mptls_exits_2() -> None:
     # a plain TCP server that reads the first bytes and closes, as a
     # plain TLS server does with the mptls preamble

@@ -25,7 +25,12 @@ import mptls
 from mptls.backends.base import MptcpInfo
 from mptls.cli.archive import Payload
 from mptls.cli.certs import DevelopmentPems, issue_development_pems
-from mptls.cli.common import UsageError, client_options, server_options
+from mptls.cli.common import (
+    MAX_SECONDS,
+    UsageError,
+    client_options,
+    server_options,
+)
 from mptls.errors import MptlsError, MptlsTimeoutError
 from mptls.tls.config import parse_private_key
 
@@ -53,8 +58,14 @@ class DemoSettings:
         # refuse what the backend cannot do before any file is built
         if not self.paths:
             raise UsageError("the demo needs at least one path")
-        if self.timeout <= 0:
-            raise UsageError("--timeout must be positive")
+        # nan passed a "<= 0" test and made a deadline that had passed
+        # already; inf waited without limit, which --connect-timeout
+        # and --rotate-every refuse
+        if not 0 < self.timeout <= MAX_SECONDS:
+            raise UsageError(
+                f"--timeout must be in (0, {MAX_SECONDS:g}] seconds, "
+                f"got {self.timeout:g}"
+            )
         self.client_options()
         self.server_options()
 
