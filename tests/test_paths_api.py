@@ -83,6 +83,38 @@ async def test_add_path_refuses_bad_arguments(
     await writer.wait_closed()
 
 
+@pytest.mark.parametrize(
+    ("subflow_id", "error", "match"),
+    [
+        # "0" was looked up as is and reported as "no open subflow 0"
+        ("0", mptls.ConfigurationError, "subflow_id must be an int, got '0'"),
+        (None, mptls.ConfigurationError, "subflow_id must be an int"),
+        (True, mptls.ConfigurationError, "subflow_id must be an int"),
+        # the message repeated it: a bare ValueError past 4300 digits
+        (10**5000, mptls.PathError, "no open subflow an int of 16610 bits"),
+    ],
+    ids=["str", "none", "bool", "huge"],
+)
+async def test_remove_path_names_a_bad_subflow_id(
+    pki: Pki,
+    server_port: int,
+    subflow_id: object,
+    error: type[Exception],
+    match: str,
+) -> None:
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    transport = writer.transport
+    with pytest.raises(error, match=match):
+        await transport.remove_path(subflow_id)  # type: ignore[attr-defined]
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await reader.read() == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_a_bare_string_is_no_remote(pki: Pki, server_port: int) -> None:
     # read as a (host, port) pair, "127.0.0.1" named host "1", port "2":
     # an address beyond loopback. It is refused before any socket.

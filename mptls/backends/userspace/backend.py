@@ -792,10 +792,15 @@ class UserspaceBackend(Backend):
         data it held unacknowledged is sent again elsewhere, and the
         peer sees that TCP connection end.
         """
+        if isinstance(subflow_id, bool) or not isinstance(subflow_id, int):
+            # "0" named the subflow 0 in the error, as if it were closed
+            raise ConfigurationError(
+                f"subflow_id must be an int, got {shown_value(subflow_id)}"
+            )
         multipath = _transport_of(transport)
         subflow = multipath._subflows.get(subflow_id)
         if subflow is None:
-            raise PathError(f"no open subflow {subflow_id}")
+            raise PathError(f"no open subflow {shown_value(subflow_id)}")
         # a join still under way does not count: it may yet be refused
         carrying = {
             info.subflow_id
