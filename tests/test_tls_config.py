@@ -158,6 +158,26 @@ def test_bad_alpn_protocols_are_refused(protocols: Any) -> None:
         TLSConfig(alpn_protocols=protocols)
 
 
+@pytest.mark.parametrize(
+    ("protocols", "match"),
+    [
+        # not iterable: tuple() of it raised a bare TypeError
+        (None, "sequence of strings, got None"),
+        (5, "sequence of strings, got 5"),
+        # read byte by byte, it was "ALPN protocol 104"
+        (b"h2", "not bytes"),
+        # the message repeated it: a bare ValueError past 4300 digits
+        ([10**5000], "an int of 16610 bits"),
+    ],
+    ids=["none", "int", "bytes", "huge"],
+)
+def test_alpn_protocols_that_are_no_list_of_str_are_named(
+    protocols: Any, match: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        TLSConfig(alpn_protocols=protocols)
+
+
 def test_inconsistent_settings_are_refused(files: Files) -> None:
     with pytest.raises(ConfigurationError, match="keyfile"):
         TLSConfig(keyfile=files.key_file)

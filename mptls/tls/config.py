@@ -153,11 +153,13 @@ def _alpn_wire(protocols: Iterable[str]) -> list[bytes]:
             encoded = protocol.encode("ascii")
         except (AttributeError, UnicodeEncodeError) as exc:
             raise ConfigurationError(
-                f"ALPN protocol {protocol!r} must be an ASCII string"
+                f"ALPN protocol {shown_value(protocol)} must be an ASCII "
+                "string"
             ) from exc
         if not 1 <= len(encoded) <= _ALPN_MAX:
             raise ConfigurationError(
-                f"ALPN protocol {protocol!r} must be 1 to {_ALPN_MAX} bytes"
+                f"ALPN protocol {shown_value(protocol)} must be 1 to "
+                f"{_ALPN_MAX} bytes"
             )
         wire.append(encoded)
     return wire
@@ -199,11 +201,19 @@ class TLSConfig:
         self._check_types()
         version = _as_tls_version(self.minimum_version, "minimum_version")
         object.__setattr__(self, "minimum_version", version)
-        if isinstance(self.alpn_protocols, str):
+        if isinstance(self.alpn_protocols, str | bytes | bytearray):
+            # a bytes one was read byte by byte: "ALPN protocol 104"
             raise ConfigurationError(
-                "alpn_protocols must be a sequence of strings, not a string"
+                "alpn_protocols must be a sequence of strings, not "
+                f"{type(self.alpn_protocols).__name__}"
             )
-        protocols = tuple(self.alpn_protocols)
+        try:
+            protocols = tuple(self.alpn_protocols)
+        except TypeError:
+            raise ConfigurationError(
+                "alpn_protocols must be a sequence of strings, got "
+                f"{shown_value(self.alpn_protocols)}"
+            ) from None
         _alpn_wire(protocols)
         object.__setattr__(self, "alpn_protocols", protocols)
         if self.keyfile is not None and self.certfile is None:
