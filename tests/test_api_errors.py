@@ -201,6 +201,45 @@ async def test_server_host_must_be_str_or_list(pki: Pki) -> None:
         await mptls.start_server(noop, 127, 0, ssl=pki.server())
 
 
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+async def test_a_host_with_a_nul_is_a_configuration_error(
+    pki: Pki, backend: str
+) -> None:
+    # getaddrinfo() raised a bare ValueError ("embedded null character")
+    with pytest.raises(ConfigurationError, match="NUL"):
+        await mptls.open_connection(
+            "127.0.0.1\x00", 4433, ssl=pki.client(), backend=backend
+        )
+    for host in ("127.0.0.1\x00", ["127.0.0.1", "::1\x00"]):
+        with pytest.raises(ConfigurationError, match="NUL"):
+            await mptls.start_server(
+                noop, host, 0, ssl=pki.server(), backend=backend
+            )
+
+
+async def test_a_server_hostname_with_a_nul_is_a_configuration_error(
+    pki: Pki,
+) -> None:
+    # pyOpenSSL's SNI call raised a bare TypeError
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.close()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ConfigurationError, match="not a valid host"):
+            await mptls.open_connection(
+                "127.0.0.1",
+                port,
+                ssl=pki.client(),
+                server_hostname="localhost\x00.example",
+            )
+
+
 @pytest.mark.parametrize(
     ("local_addrs", "match"),
     [

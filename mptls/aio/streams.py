@@ -83,6 +83,7 @@ def _check_client_args(
         raise ConfigurationError(
             f"host must be a non-empty str, got {shown_value(host)}"
         )
+    _check_no_nul(host, "host")
     if server_hostname is not None and not isinstance(server_hostname, str):
         raise ConfigurationError(
             "server_hostname must be a str, got "
@@ -124,8 +125,20 @@ def _check_client_args(
     return list(local_addrs)
 
 
+def _check_no_nul(name: str, what: str) -> None:
+    """getaddrinfo() raised a bare ValueError ("embedded null
+    character") for a host name with a NUL in it."""
+    if "\x00" in name:
+        raise ConfigurationError(
+            f"{what} must not contain a NUL character, got {shown_value(name)}"
+        )
+
+
 def _check_server_host(host: object) -> None:
-    if host is None or isinstance(host, str):
+    if host is None:
+        return
+    if isinstance(host, str):
+        _check_no_nul(host, "host")
         return
     if (
         isinstance(host, Sequence)
@@ -133,6 +146,8 @@ def _check_server_host(host: object) -> None:
         and host
         and all(isinstance(h, str) and h for h in host)
     ):
+        for name in host:
+            _check_no_nul(name, "host")
         return
     raise ConfigurationError(
         f"host must be a str, a list of str or None, got {shown_value(host)}"

@@ -825,7 +825,8 @@ def _idna(name: str) -> bytes:
         raise ConfigurationError(
             f"server_hostname {name!r} is not a valid host name"
         ) from exc
-    if not encoded:
+    # a NUL raised a bare TypeError from pyOpenSSL's SNI call
+    if not encoded or b"\x00" in encoded:
         raise ConfigurationError(
             f"server_hostname {name!r} is not a valid host name"
         )
