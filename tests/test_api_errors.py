@@ -405,6 +405,29 @@ async def test_a_server_token_layout_is_a_64_bit_one(
         )
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("require_app_keys", "no"),
+        ("require_app_keys", 0),
+        # "false" is truthy: it accepted a downgrade to keys in the
+        # clear, and joins keyed by them
+        ("allow_legacy_fallback", "false"),
+        ("allow_cleartext_keys", "no"),
+    ],
+)
+async def test_a_flag_is_a_bool(pki: Pki, name: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=f"{name} must be True"):
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), **{name: value}
+        )
+    if name != "allow_legacy_fallback":
+        with pytest.raises(ConfigurationError, match=f"{name} must be True"):
+            await mptls.start_server(
+                noop, "127.0.0.1", 0, ssl=pki.server(), **{name: value}
+            )
+
+
 @pytest.mark.parametrize("limit", [0, -1, "64", -HUGE], ids=repr_or_size)
 async def test_bad_limit(pki: Pki, limit: object) -> None:
     with pytest.raises(ConfigurationError, match="limit"):

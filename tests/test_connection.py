@@ -965,6 +965,10 @@ def test_no_key_material_in_repr_events_or_info() -> None:
         # not a collection of modes at all
         {"accept_modes": None},
         {"accept_modes": 5},
+        # each opts out of a protection: a truthy "no" turned it off
+        {"allow_legacy_fallback": "no"},
+        {"allow_cleartext_keys": "false"},
+        {"allow_cleartext_keys": 1},
     ],
 )
 def test_bad_settings_are_refused(settings: dict[str, object]) -> None:

@@ -104,6 +104,14 @@ class ConnectionConfig:
     key_rotation_interval: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("allow_legacy_fallback", "allow_cleartext_keys"):
+            # each opts out of a protection: a truthy "no" or "false"
+            # turned it off
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(
+                    f"{name} must be True or False, got "
+                    f"{shown_value(getattr(self, name))}"
+                )
         if not isinstance(self.mode, Mode):
             raise ConfigurationError(
                 f"mode must be a Mode, got {shown_value(self.mode)}"
