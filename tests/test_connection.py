@@ -64,6 +64,7 @@ from mptls.mptcp.options import (
     ResetReason,
     encode_option,
 )
+from mptls.mptcp.reassembly import MAX_HELD_PIECES
 from mptls.mptcp.tokens import TokenAllocator
 
 RFC8684_CLIENT = ConnectionConfig(mode=Mode.RFC8684, allow_cleartext_keys=True)
@@ -974,3 +975,34 @@ def test_no_key_material_in_repr_events_or_info() -> None:
 def test_bad_settings_are_refused(settings: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):
         ConnectionConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_a_peer_that_leaves_too_many_holes_is_reset() -> None:
+    # one-byte pieces, a hole before each, in the window: the server
+    # keeps MAX_HELD_PIECES of them, then ends the connection as out of
+    # resources rather than hold a window's worth at 100 bytes a piece
+    net = established(MemNet())
+    net.client.send(b"a")
+    ((sid, template),) = net.client.segments_to_send(net.now)
+    dss = option_of(template, Dss)
+    assert isinstance(dss, Dss) and dss.dsn is not None
+    server = net.server
+    assert server is not None
+    for index in range(MAX_HELD_PIECES + 1):
+        mapping = dataclasses.replace(
+            dss, dsn=dss.dsn + 2 * (index + 1), data_length=1
+        )
+        forged = dataclasses.replace(
+            template, options=(mapping,), payload=b"x"
+        )
+        server.receive_segment(sid, forged, net.now)
+    events = drain(server)
+    (closed,) = [e for e in events if isinstance(e, ev.ConnectionClosed)]
+    assert isinstance(closed.error, ProtocolError)
+    assert "out of order" in str(closed.error)
+    assert not any(isinstance(e, ev.DataReceived) for e in events)
+    (reset,) = [s for _, s in server.segments_to_send(net.now)]
+    assert reset.flags == Flag.RST
+    assert option_of(reset, MpTcpRst) == MpTcpRst(
+        reason=ResetReason.LACK_OF_RESOURCES
+    )

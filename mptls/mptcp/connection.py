@@ -660,7 +660,12 @@ class Connection(
             subflow.ack_due_since = now
         receive = self._receive
         had_fin = receive.fin_reached
-        data = receive.insert(offset, payload, fin)
+        try:
+            data = receive.insert(offset, payload, fin)
+        except ProtocolError as exc:
+            # more holes than the buffer keeps track of
+            self._fail_established(exc)
+            return
         if data:
             self._events.append(ev.DataReceived(data))
         if receive.held:

@@ -16,6 +16,7 @@ import logging
 
 from mptls.errors import ProtocolError
 from mptls.mptcp.framing import Payload
+from mptls.mptcp.options import ResetReason
 
 __all__ = ["ReceiveBuffer"]
 
@@ -23,6 +24,14 @@ logger = logging.getLogger("mptls.mptcp")
 
 # the frame header carries the window in 32 bits (docs/wire.md)
 MAX_WINDOW = 2**32 - 1
+# Separate pieces held out of order, at most. A piece that starts where
+# the one before it ends joins it, so the data of one path held behind
+# a stalled one stays one piece however small its frames were; only
+# pieces with a hole before each count here. Without a limit a peer
+# could send a window's worth of one-byte pieces with a hole between
+# each (two million in a 4 MiB window), each costing about 100 bytes
+# and an insert into the list of starts.
+MAX_HELD_PIECES = 16384
 
 
 class ReceiveBuffer:
@@ -41,7 +50,7 @@ class ReceiveBuffer:
         self.fin_offset: int | None = None
         self.fin_reached = False
         self._starts: list[int] = []
-        self._pieces: dict[int, Payload] = {}
+        self._pieces: dict[int, bytes | bytearray] = {}
         # right edge last advertised, as an offset; never moves left
         self._advertised_edge = 0
 
@@ -146,10 +155,10 @@ class ReceiveBuffer:
                 continue
             if held_start >= end:
                 break
-            if held_start > position:
-                self._add(
-                    position, data[position - offset : held_start - offset]
-                )
+            if held_start > position and self._add(
+                position, data[position - offset : held_start - offset]
+            ):
+                # a piece of its own, in front of the held one
                 index += 1
             position = max(position, held_end)
             index += 1
@@ -162,14 +171,43 @@ class ReceiveBuffer:
         self.unconsumed += len(data)
         return data
 
-    def _add(self, start: int, piece: Payload) -> None:
-        bisect.insort(self._starts, start)
+    @property
+    def held_pieces(self) -> int:
+        """How many separate pieces wait out of order."""
+        return len(self._starts)
+
+    def _add(self, start: int, piece: Payload) -> bool:
+        """Hold ``piece`` at ``start``; False if it joined the piece
+        before it rather than taking a place of its own."""
+        starts = self._starts
+        pieces = self._pieces
+        index = bisect.bisect_left(starts, start)
+        if index:
+            before = starts[index - 1]
+            joined = pieces[before]
+            if before + len(joined) == start:
+                # appended, never prepended: each byte is copied once
+                # here, where joining runs in any order could copy a
+                # long run again for every hole filled in front of it
+                if type(joined) is not bytearray:
+                    joined = pieces[before] = bytearray(joined)
+                joined += piece
+                self.held += len(piece)
+                return False
+        if len(starts) >= MAX_HELD_PIECES:
+            raise ProtocolError(
+                f"the peer left more than {MAX_HELD_PIECES} pieces of "
+                "data out of order, each after a hole",
+                reset_reason=ResetReason.LACK_OF_RESOURCES,
+            )
+        starts.insert(index, start)
         # a view may be of a buffer its owner reuses: held bytes are ours
-        self._pieces[start] = piece if type(piece) is bytes else bytes(piece)
+        pieces[start] = piece if type(piece) is bytes else bytes(piece)
         self.held += len(piece)
+        return True
 
     def _deliver(self) -> bytes:
-        out: list[Payload] = []
+        out: list[bytes | bytearray] = []
         starts = self._starts
         taken = 0
         # the run of held pieces that now follows in order leaves the
