@@ -128,6 +128,26 @@ def test_bad_port_is_a_usage_error(text: str) -> None:
         parse_port(text)
 
 
+@pytest.mark.parametrize(
+    ("parse", "text"),
+    [
+        (parse_port, "9" * 5000),
+        (parse_announce, "[" + "1" * 5000),
+        (parse_announce, "x" * 5000),
+    ],
+    ids=["port", "announce-bracket", "announce"],
+)
+def test_a_long_bad_argument_is_named_short(
+    parse: Callable[..., object], text: str
+) -> None:
+    # the message repeated the argument whole: 5000 characters on one
+    # line for a mistyped port
+    with pytest.raises(UsageError) as raised:
+        parse(*([text] if parse is parse_port else [text, 4433]))
+    assert len(str(raised.value)) < 100, str(raised.value)
+    assert "..." in str(raised.value)
+
+
 def test_parser_defaults_aim_at_loopback() -> None:
     parser = cli_main.build_parser()
     demo = parser.parse_args(["demo"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mptls.cli.common import ExitStatus, UsageError, stdout_console
+from mptls.errors import shown_value
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
     unknown = [name for name in names if name not in SCENARIO_MODULES]
     if unknown:
         raise UsageError(
-            f"unknown scenario {unknown[0]!r}; choose from "
+            f"unknown scenario {shown_value(unknown[0])}; choose from "
             + ", ".join(SCENARIO_MODULES)
         )
     if args.rounds is not None and not 1 <= args.rounds <= 100:

@@ -29,6 +29,7 @@ from mptls.errors import (
     ConnectError,
     MptlsError,
     NotMptlsPeerError,
+    shown_value,
 )
 from mptls.trace import Capture, capture
 
@@ -265,7 +266,7 @@ def parse_address(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text.strip().strip("[]")))
     except ValueError:
-        raise UsageError(f"not an IP address: {text!r}") from None
+        raise UsageError(f"not an IP address: {shown_value(text)}") from None
 
 
 def parse_paths(text: str) -> tuple[str, ...]:
@@ -280,7 +281,9 @@ def parse_paths(text: str) -> tuple[str, ...]:
     if not paths:
         raise UsageError("--paths needs at least one local address")
     if len(set(paths)) != len(paths):
-        raise UsageError(f"--paths names an address twice: {text!r}")
+        raise UsageError(
+            f"--paths names an address twice: {shown_value(text)}"
+        )
     return paths
 
 
@@ -289,7 +292,7 @@ def parse_port(text: str) -> int:
     try:
         port = int(text)
     except ValueError:
-        raise UsageError(f"not a port number: {text!r}") from None
+        raise UsageError(f"not a port number: {shown_value(text)}") from None
     if not 0 <= port <= 65535:
         raise UsageError(f"port out of range 0-65535: {port}")
     return port
@@ -302,10 +305,14 @@ def parse_announce(text: str, default_port: int) -> tuple[str, int]:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket:
-            raise UsageError(f"unclosed '[' in address to announce: {text!r}")
+            raise UsageError(
+                f"unclosed '[' in address to announce: {shown_value(text)}"
+            )
         if rest:
             if not rest.startswith(":"):
-                raise UsageError(f"bad address to announce: {text!r}")
+                raise UsageError(
+                    f"bad address to announce: {shown_value(text)}"
+                )
             port = parse_port(rest[1:])
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
