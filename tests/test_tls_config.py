@@ -296,6 +296,14 @@ def test_unusable_files_and_strings(
             config.client_context()
 
 
+def test_a_long_cipher_string_is_named_short() -> None:
+    # the message repeated it whole, 100,000 characters on one line
+    config = TLSConfig(ciphers="NOT-A-CIPHER:" * 10_000)
+    with pytest.raises(ConfigurationError, match="no cipher") as raised:
+        config.client_context()
+    assert len(str(raised.value)) < 100
+
+
 @pytest.mark.parametrize("encoding", ["pem", "der"])
 def test_cadata(files: Files, encoding: str) -> None:
     pem = files.ca.cert_pem.bytes()

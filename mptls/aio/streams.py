@@ -231,7 +231,7 @@ def _connect_error(
     """``exc`` from the OS, with the host and port it was aimed at."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, socket.gaierror):
-        message = f"cannot resolve host {host!r}: {reason}"
+        message = f"cannot resolve host {shown_value(host)}: {reason}"
     else:
         if exc.errno:
             # the system's words: asyncio's own text ("Connect call

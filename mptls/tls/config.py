@@ -347,7 +347,7 @@ class TLSConfig:
             context.set_cipher_list(self.ciphers.encode("ascii"))
         except (SSL.Error, UnicodeEncodeError) as exc:
             raise ConfigurationError(
-                f"OpenSSL accepts no cipher from {self.ciphers!r}"
+                f"OpenSSL accepts no cipher from {shown_value(self.ciphers)}"
             ) from exc
 
 

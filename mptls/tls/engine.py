@@ -44,6 +44,7 @@ from mptls.errors import (
     HandshakeIncompleteError,
     MptlsError,
     TLSError,
+    shown_value,
 )
 from mptls.tls.certinfo import describe_certificate
 from mptls.tls.config import POLICY_OPTIONS
@@ -329,7 +330,7 @@ class TLSEngine:
             ok = _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
         if ok != 1:
             raise ConfigurationError(
-                f"OpenSSL cannot check the server name {name!r}"
+                f"OpenSSL cannot check the server name {shown_value(name)}"
             )
 
     def _set_state(self, new: _State) -> None:
@@ -823,11 +824,11 @@ def _idna(name: str) -> bytes:
         encoded = relative.encode("idna")
     except UnicodeError as exc:
         raise ConfigurationError(
-            f"server_hostname {name!r} is not a valid host name"
+            f"server_hostname {shown_value(name)} is not a valid host name"
         ) from exc
     # a NUL raised a bare TypeError from pyOpenSSL's SNI call
     if not encoded or b"\x00" in encoded:
         raise ConfigurationError(
-            f"server_hostname {name!r} is not a valid host name"
+            f"server_hostname {shown_value(name)} is not a valid host name"
         )
     return encoded
