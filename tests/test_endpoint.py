@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import pytest
 from memnet import KEYS, seeded_bytes
 
 from mptls.mptcp.config import ConnectionConfig, Mode
@@ -20,7 +21,7 @@ from mptls.mptcp.options import (
     MpTcpRst,
     ResetReason,
 )
-from mptls.mptcp.tokens import TokenAllocator
+from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenAllocator, TokenLayout
 
 SYN_G = Segment(Flag.SYN, (MpCapable(CapableFlag.G),), b"hi", window=1 << 20)
 SYN_H = Segment(Flag.SYN, (MpCapable(CapableFlag.H),), window=1 << 20)
@@ -113,6 +114,37 @@ def test_rfc8684_keys_are_drawn_until_the_token_is_free() -> None:
     assert first.connection.local_token == rfc8684_token(b"\x11" * 8)
     assert second.connection.local_token == rfc8684_token(b"\x22" * 8)
     assert tokens.live == 0  # RFC 8684 tokens come from keys
+
+
+@pytest.mark.parametrize("mode", [Mode.G, Mode.E])
+def test_a_worker_out_of_tokens_refuses_the_syn(mode: Mode) -> None:
+    # past the last serial, allocate() raises; the SYN that asked for a
+    # token is refused as lack of resources instead of raising into the
+    # transport that read it
+    layouts = {Mode.G: TokenLayout(), Mode.E: E_TOKEN_LAYOUT}
+    spent = TokenAllocator(
+        bytes(range(32)),
+        layout=layouts[mode],
+        start=1 << layouts[mode].serial_bits,
+    )
+    config = ConnectionConfig(accept_modes=frozenset({mode}))
+    if mode is Mode.G:
+        table = Endpoint(
+            config, tokens=spent, random=seeded_bytes(random.Random(3))
+        )
+        offer = SYN_G
+    else:
+        table = Endpoint(
+            config,
+            tokens=TokenAllocator(bytes(range(32))),
+            random=seeded_bytes(random.Random(3)),
+            e_tokens=spent,
+        )
+        offer = Segment(Flag.SYN, (MpCapable(CapableFlag.E),), b"hi")
+    result = table.receive_first(offer, 0.0)
+    assert reset_reason(result) == ResetReason.LACK_OF_RESOURCES
+    assert isinstance(result, Refused) and "no unique token" in result.reason
+    assert len(table) == 0
 
 
 def test_joins_are_routed_by_the_local_token() -> None:

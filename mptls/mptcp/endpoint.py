@@ -211,7 +211,12 @@ class Endpoint:
         """Token-B (G, E mode) or Key-B whose token is free (RFC 8684)."""
         if mode is Mode.G:
             # tokens are unique by construction: no check, no retry
-            return self._tokens.allocate()
+            try:
+                return self._tokens.allocate()
+            except MptlsError:
+                # every serial of this worker is used: refused, not
+                # raised into the transport that read the SYN
+                return None
         if mode is Mode.E:
             return self._new_e_token()
         for _ in range(_KEY_ATTEMPTS):
@@ -231,7 +236,10 @@ class Endpoint:
         if tokens is None:
             return None
         for _ in range(_KEY_ATTEMPTS):
-            token = tokens.allocate()
+            try:
+                token = tokens.allocate()
+            except MptlsError:
+                return None
             if token not in self._table:
                 return token
             tokens.release(token)
