@@ -60,35 +60,32 @@ def test_every_link_reaches_a_file_and_its_section(document: Path) -> None:
     assert broken == []
 
 
+def _cited(pattern: re.Pattern[str]) -> set[str]:
+    """Every match of ``pattern`` in the README and docs/."""
+    return {
+        name
+        for document in DOCUMENTS
+        for name in pattern.findall(document.read_text())
+    }
+
+
 def test_every_cited_test_exists() -> None:
     defined: set[str] = set()
     for source in (ROOT / "tests").glob("*.py"):
         defined.update(DEFINED_TEST.findall(source.read_text()))
-    cited = {
-        name
-        for document in DOCUMENTS
-        for name in CITED_TEST.findall(document.read_text())
-    }
+    cited = _cited(CITED_TEST)
     assert cited, "the docs cite tests; the pattern found none"
     assert sorted(cited - defined) == []
 
 
 def test_every_cited_file_exists() -> None:
-    cited = {
-        name
-        for document in DOCUMENTS
-        for name in CITED_FILE.findall(document.read_text())
-    }
+    cited = _cited(CITED_FILE)
     assert cited, "the docs name files; the pattern found none"
     assert sorted(name for name in cited if not (ROOT / name).exists()) == []
 
 
 def test_every_test_file_named_alone_exists() -> None:
-    cited = {
-        name
-        for document in DOCUMENTS
-        for name in CITED_TEST_FILE.findall(document.read_text())
-    }
+    cited = _cited(CITED_TEST_FILE)
     assert cited, "the docs name test files; the pattern found none"
     missing = sorted(
         name for name in cited if not (ROOT / "tests" / name).exists()
