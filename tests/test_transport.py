@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -656,3 +657,23 @@ async def test_a_close_to_a_peer_that_takes_nothing_ends_at_close_timeout(
     close.transport._arm_close_timer()
     close.expire(at=110.0)
     assert len(close.resets) == 1
+
+
+async def test_a_resumed_reader_takes_held_pieces_in_linear_time() -> None:
+    # a peer may send one byte per frame, and while the reader is
+    # paused each frame's payload waits as a piece of its own (a 4 MiB
+    # window holds millions); each left the list with a pop(0), which
+    # moved every piece still held: 400,000 took about 10 s, the event
+    # loop blocked all along
+    count = 400_000
+    transport, core, protocol = make_transport()
+    transport.pause_reading()
+    for _ in range(count):
+        transport._on_data([b"x"])
+    started = time.perf_counter()
+    transport.resume_reading()
+    elapsed = time.perf_counter() - started
+    assert b"".join(protocol.pieces) == b"x" * count
+    assert core.consumed_bytes == count
+    # linear, it takes well under a tenth of that
+    assert elapsed < 2.0, elapsed

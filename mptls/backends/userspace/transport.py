@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -112,7 +113,9 @@ class MultipathTransport(asyncio.Transport):
         # end may refuse it as well as the peer
         self.last_join_refusal: events.JoinRefused | None = None
         self._protocol: asyncio.Protocol | None = None
-        self._held: list[bytes] = []
+        # what arrived while reading was paused, one piece per frame (a
+        # peer may send a byte per frame): a deque, taken from the left
+        self._held: deque[bytes] = deque()
         self._held_eof = False
         # the connection ended cleanly while the paused reader still had
         # held data: connection_lost waits until it has taken it
@@ -965,7 +968,7 @@ class MultipathTransport(asyncio.Transport):
             return
         self._reading = True
         while self._held and self._reading and self._protocol is not None:
-            data = self._held.pop(0)
+            data = self._held.popleft()
             self._protocol.data_received(data)
             self._core.consumed(len(data))
         if self._held_eof and not self._held and self._reading:
