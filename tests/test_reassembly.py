@@ -200,3 +200,14 @@ def test_more_pieces_with_holes_than_the_limit_fail() -> None:
     # joining a held piece takes no place of its own: still taken
     assert buffer.insert(top + 1, b"y") == b""
     assert buffer.held == MAX_HELD_PIECES + 1
+
+
+def test_a_reorder_limit_bounds_what_is_held_until_lifted() -> None:
+    buffer = ReceiveBuffer(1 << 20, reorder_limit=100)
+    assert buffer.insert(50, b"x" * 100) == b""
+    assert buffer.held == 50
+    # in order, a piece may still be as long as it is
+    assert buffer.insert(0, b"y" * 300) == b"y" * 50 + b"x" * 50 + b"y" * 200
+    buffer.lift_reorder_limit()
+    assert buffer.insert(400, b"z" * 1000) == b""
+    assert buffer.held == 1000

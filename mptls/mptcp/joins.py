@@ -142,6 +142,8 @@ class JoinsMixin(ConnectionState):
         subflow.retransmit_at = None
         subflow.syn = None
         subflow.set_state(_S.PRE_ESTABLISHED)
+        # the peer sends on the join once it has the third ACK
+        self._receive.lift_reorder_limit()
         local, remote = keys
         mac = join_hmac(local, remote, subflow.local_nonce, option.nonce)
         subflow.outbox.append(
@@ -373,6 +375,11 @@ class JoinsMixin(ConnectionState):
             subflow.local_nonce = int.from_bytes(self._random(4), "big")
             subflow.set_state(_S.SYN_RECEIVED)
         subflow.remote_nonce = nonce
+        # the peer sends data behind its third ACK, before this end has
+        # checked it: if the check fails, that data is lost with the
+        # join and what the first subflow carries meanwhile waits
+        # behind the hole until it is sent again there
+        self._receive.lift_reorder_limit()
         local, remote = keys
         mac = join_hmac(local, remote, subflow.local_nonce, nonce)
         reply = MpJoinSynAck(

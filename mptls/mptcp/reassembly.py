@@ -18,7 +18,11 @@ from mptls.errors import ProtocolError
 from mptls.mptcp.framing import Payload
 from mptls.mptcp.options import ResetReason
 
-__all__ = ["ReceiveBuffer"]
+__all__ = [
+    "SINGLE_PATH_MAX_HELD_PIECES",
+    "SINGLE_PATH_REORDER_LIMIT",
+    "ReceiveBuffer",
+]
 
 logger = logging.getLogger("mptls.mptcp")
 
@@ -32,6 +36,16 @@ MAX_WINDOW = 2**32 - 1
 # each (two million in a 4 MiB window), each costing about 100 bytes
 # and an insert into the list of starts.
 MAX_HELD_PIECES = 16384
+# The reorder_limit of a connection whose one subflow carries all its
+# data. A subflow is one TCP connection, in order, so until a join may
+# carry data no legitimate peer leaves a hole: without a limit a peer
+# that never finishes TLS (no join is answered without its keys) could
+# make the server hold a whole receive window out of order. One
+# frame's payload leaves room for whatever a sender may reorder.
+SINGLE_PATH_REORDER_LIMIT = 65536
+# MAX_HELD_PIECES while the reorder limit holds: one-byte pieces with a
+# hole before each fit 32,768 times in it, at about 130 bytes a piece
+SINGLE_PATH_MAX_HELD_PIECES = 256
 
 
 class ReceiveBuffer:
@@ -39,9 +53,13 @@ class ReceiveBuffer:
 
     ``capacity`` is the configured receive window: the bytes delivered but
     not yet consumed plus the bytes held out of order never exceed it.
+    ``reorder_limit``, until lifted, bounds how far past the next
+    in-order byte a piece is held; what lies beyond it is dropped.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self, capacity: int, *, reorder_limit: int | None = None
+    ) -> None:
         self.capacity = capacity
         # next in-order offset expected (the Data ACK point before FIN)
         self.next_offset = 0
@@ -51,6 +69,9 @@ class ReceiveBuffer:
         self.fin_reached = False
         self._starts: list[int] = []
         self._pieces: dict[int, bytes | bytearray] = {}
+        # how far past next_offset data may be held out of order; None:
+        # anywhere in the window (see lift_reorder_limit)
+        self._reorder_limit = reorder_limit
         # right edge last advertised, as an offset; never moves left
         self._advertised_edge = 0
 
@@ -94,9 +115,21 @@ class ReceiveBuffer:
             )
             end = self.limit
         start = max(offset, self.next_offset)
+        if self._reorder_limit is not None and start > self.next_offset:
+            reorder_end = self.next_offset + self._reorder_limit
+            if end > reorder_end:
+                logger.debug(
+                    "dropping %d bytes out of order on one path",
+                    end - max(start, reorder_end),
+                )
+                end = reorder_end
         if start < end:
             self._hold(offset, data, start, end)
         return self._deliver()
+
+    def lift_reorder_limit(self) -> None:
+        """A join may carry data: hold anywhere in the window."""
+        self._reorder_limit = None
 
     def consumed(self, count: int) -> None:
         """The application took ``count`` delivered bytes."""
@@ -194,9 +227,14 @@ class ReceiveBuffer:
                 joined += piece
                 self.held += len(piece)
                 return False
-        if len(starts) >= MAX_HELD_PIECES:
+        most = (
+            MAX_HELD_PIECES
+            if self._reorder_limit is None
+            else SINGLE_PATH_MAX_HELD_PIECES
+        )
+        if len(starts) >= most:
             raise ProtocolError(
-                f"the peer left more than {MAX_HELD_PIECES} pieces of "
+                f"the peer left more than {most} pieces of "
                 "data out of order, each after a hole",
                 reset_reason=ResetReason.LACK_OF_RESOURCES,
             )

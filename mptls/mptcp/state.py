@@ -33,7 +33,10 @@ from mptls.mptcp.options import (
     Option,
     encode_option,
 )
-from mptls.mptcp.reassembly import ReceiveBuffer
+from mptls.mptcp.reassembly import (
+    SINGLE_PATH_REORDER_LIMIT,
+    ReceiveBuffer,
+)
 from mptls.mptcp.scheduler import SendBuffer, Subflow, SubflowState
 from mptls.mptcp.tokens import TokenAllocator
 from mptls.tls.keys import KeyMaterial
@@ -159,7 +162,11 @@ class ConnectionState:
         # a DSS mapping inside the window has arrived (the IDSNs agree)
         self._mapping_seen = False
         self._send = SendBuffer()
-        self._receive = ReceiveBuffer(config.receive_window)
+        # until a join may carry data, one TCP connection carries it all,
+        # in order: no legitimate peer leaves holes to hold data behind
+        self._receive = ReceiveBuffer(
+            config.receive_window, reorder_limit=SINGLE_PATH_REORDER_LIMIT
+        )
         self._peer_edge = config.max_payload
         self._subflows: dict[int, Subflow] = {}
         self._next_subflow_id = 1
