@@ -998,23 +998,36 @@ def test_one_path_that_leaves_a_few_holes_is_reset() -> None:
     leave_holes(net, SINGLE_PATH_MAX_HELD_PIECES + 1)
 
 
-def leave_holes(net: MemNet, count: int) -> None:
-    """Send ``count`` one-byte pieces with a hole before each; check
-    that the server ends the connection as out of resources."""
+def mapped_frames(
+    net: MemNet,
+) -> tuple[Segment, Callable[[int, bytes], Segment]]:
+    """The client's frame of one byte "a" (not delivered), and a forger
+    of frames like it: ``payload`` mapped ``offset`` bytes past it."""
     net.client.send(b"a")
     ((_, template),) = net.client.segments_to_send(net.now)
     dss = option_of(template, Dss)
     assert isinstance(dss, Dss) and dss.dsn is not None
+    first = dss.dsn
+
+    def forge(offset: int, payload: bytes) -> Segment:
+        mapping = dataclasses.replace(
+            dss, dsn=first + offset, data_length=len(payload)
+        )
+        return dataclasses.replace(
+            template, options=(mapping,), payload=payload
+        )
+
+    return template, forge
+
+
+def leave_holes(net: MemNet, count: int) -> None:
+    """Send ``count`` one-byte pieces with a hole before each; check
+    that the server ends the connection as out of resources."""
+    _, forge = mapped_frames(net)
     server = net.server
     assert server is not None
     for index in range(count):
-        mapping = dataclasses.replace(
-            dss, dsn=dss.dsn + 2 * (index + 1), data_length=1
-        )
-        forged = dataclasses.replace(
-            template, options=(mapping,), payload=b"x"
-        )
-        server.receive_segment(0, forged, net.now)
+        server.receive_segment(0, forge(2 * (index + 1), b"x"), net.now)
     events = drain(server)
     (closed,) = [e for e in events if isinstance(e, ev.ConnectionClosed)]
     assert isinstance(closed.error, ProtocolError)
@@ -1030,22 +1043,13 @@ def leave_holes(net: MemNet, count: int) -> None:
 def held_behind_one_hole(net: MemNet, size: int) -> bytes:
     """What the server hands on of ``size`` bytes sent past a one-byte
     hole, in frames of 50,000, once the hole is filled."""
-    net.client.send(b"a")
-    ((_, template),) = net.client.segments_to_send(net.now)
-    dss = option_of(template, Dss)
-    assert isinstance(dss, Dss) and dss.dsn is not None
+    template, forge = mapped_frames(net)
     server = net.server
     assert server is not None
     drain(server)
     for start in range(1, size + 1, 50_000):
         payload = b"x" * min(50_000, size + 1 - start)
-        mapping = dataclasses.replace(
-            dss, dsn=dss.dsn + start, data_length=len(payload)
-        )
-        forged = dataclasses.replace(
-            template, options=(mapping,), payload=payload
-        )
-        server.receive_segment(0, forged, net.now)
+        server.receive_segment(0, forge(start, payload), net.now)
     server.receive_segment(0, template, net.now)
     events = drain(server)
     assert not any(isinstance(e, ev.ConnectionClosed) for e in events)
