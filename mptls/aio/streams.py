@@ -35,7 +35,11 @@ from mptls.errors import (
     MptlsError,
     shown_value,
 )
-from mptls.mptcp.config import HANDSHAKE_TIMEOUT, check_seconds
+from mptls.mptcp.config import (
+    HANDSHAKE_TIMEOUT,
+    check_range,
+    check_seconds,
+)
 from mptls.tls.config import to_openssl_context
 
 _DEFAULT_LIMIT = 2**16
@@ -211,18 +215,8 @@ def _check_backlog(options: dict[str, Any]) -> None:
     """asyncio hands ``backlog`` to ``listen()`` as it is: a str raised
     a bare TypeError there, a huge int an OverflowError (and the kernel
     backend took a float or a numeric str through ``int()``)."""
-    if "backlog" not in options:
-        return
-    backlog = options["backlog"]
-    if (
-        isinstance(backlog, bool)
-        or not isinstance(backlog, int)
-        or not 0 <= backlog <= _MAX_BACKLOG
-    ):
-        raise ConfigurationError(
-            f"backlog must be an int from 0 to {_MAX_BACKLOG}, "
-            f"got {shown_value(backlog)}"
-        )
+    if "backlog" in options:
+        check_range("backlog", options["backlog"], 0, _MAX_BACKLOG)
 
 
 def _connect_error(

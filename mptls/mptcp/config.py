@@ -18,6 +18,7 @@ __all__ = [
     "RESPONDER_PREFERENCE",
     "ConnectionConfig",
     "Mode",
+    "check_range",
     "check_seconds",
 ]
 
@@ -132,19 +133,19 @@ class ConnectionConfig:
             )
         # data_length (16 bits) counts a DATA_FIN octet on top of the
         # payload (RFC 8684 section 3.3.1)
-        _check_range("max_payload", self.max_payload, 1, MAX_PAYLOAD - 1)
-        _check_range(
+        check_range("max_payload", self.max_payload, 1, MAX_PAYLOAD - 1)
+        check_range(
             "receive_window", self.receive_window, self.max_payload, 2**30
         )
-        _check_range(
+        check_range(
             "subflow_inflight_limit",
             self.subflow_inflight_limit,
             self.max_payload,
             2**40,
         )
-        _check_range("max_subflows", self.max_subflows, 1, 256)
-        _check_range("max_pending_joins", self.max_pending_joins, 0, 4096)
-        _check_range("ack_threshold", self.ack_threshold, 1, 2**30)
+        check_range("max_subflows", self.max_subflows, 1, 256)
+        check_range("max_pending_joins", self.max_pending_joins, 0, 4096)
+        check_range("ack_threshold", self.ack_threshold, 1, 2**30)
         check_seconds("join_timeout", self.join_timeout)
         check_seconds("join_rto", self.join_rto)
         if not self.join_rto <= self.join_timeout:
@@ -161,7 +162,7 @@ class ConnectionConfig:
                 )
         if not 1.0 <= self.rto_srtt_factor <= 64.0:
             raise ConfigurationError("rto_srtt_factor must be in [1, 64]")
-        _check_range("join_failure_burst", self.join_failure_burst, 1, 2**20)
+        check_range("join_failure_burst", self.join_failure_burst, 1, 2**20)
         if not 0 < self.join_failure_rate <= 1e6:
             raise ConfigurationError(
                 "join_failure_rate must be positive (failures per second)"
@@ -191,7 +192,8 @@ def check_seconds(name: str, value: object, *, zero: bool = False) -> None:
         )
 
 
-def _check_range(name: str, value: int, low: int, high: int) -> None:
+def check_range(name: str, value: object, low: int, high: int) -> None:
+    """Refuse ``value`` unless it is an int (not a bool) in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigurationError(
             f"{name} must be an int, got {shown_value(value)}"
