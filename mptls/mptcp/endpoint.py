@@ -189,7 +189,12 @@ class Endpoint:
                 self._mode_mismatch(option),
                 ResetReason.ADMINISTRATIVELY_PROHIBITED,
             )
-        secret = self._new_secret(mode)
+        try:
+            secret = self._new_secret(mode)
+        except MptlsError:
+            # every serial of this worker is used: refused, not raised
+            # into the transport that read the SYN
+            secret = None
         if secret is None:
             return _refusal(
                 "no unique token available", ResetReason.LACK_OF_RESOURCES
@@ -211,12 +216,7 @@ class Endpoint:
         """Token-B (G, E mode) or Key-B whose token is free (RFC 8684)."""
         if mode is Mode.G:
             # tokens are unique by construction: no check, no retry
-            try:
-                return self._tokens.allocate()
-            except MptlsError:
-                # every serial of this worker is used: refused, not
-                # raised into the transport that read the SYN
-                return None
+            return self._tokens.allocate()
         if mode is Mode.E:
             return self._new_e_token()
         for _ in range(_KEY_ATTEMPTS):
@@ -236,10 +236,7 @@ class Endpoint:
         if tokens is None:
             return None
         for _ in range(_KEY_ATTEMPTS):
-            try:
-                token = tokens.allocate()
-            except MptlsError:
-                return None
+            token = tokens.allocate()
             if token not in self._table:
                 return token
             tokens.release(token)
