@@ -37,6 +37,7 @@ from mptls.errors import (
 )
 from mptls.mptcp.config import (
     HANDSHAKE_TIMEOUT,
+    check_bool,
     check_range,
     check_seconds,
 )
@@ -204,13 +205,6 @@ def _check_limit(limit: object) -> None:
 _MAX_BACKLOG = 2**31 - 1
 
 
-def _check_require_app_keys(value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigurationError(
-            f"require_app_keys must be True or False, got {shown_value(value)}"
-        )
-
-
 def _check_backlog(options: dict[str, Any]) -> None:
     """asyncio hands ``backlog`` to ``listen()`` as it is: a str raised
     a bare TypeError there, a huge int an OverflowError (and the kernel
@@ -306,7 +300,7 @@ async def create_connection(
     local_addrs = _check_client_args(host, local_addrs, server_hostname)
     _check_timeout(ssl_handshake_timeout)
     _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
-    _check_require_app_keys(require_app_keys)
+    check_bool("require_app_keys", require_app_keys)
     context, check_hostname = _client_context(ssl)
     if server_hostname is None:
         server_hostname = _default_server_hostname(host)
@@ -400,7 +394,7 @@ async def create_server(
     _check_timeout(ssl_handshake_timeout)
     _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
     _check_backlog(backend_options)
-    _check_require_app_keys(require_app_keys)
+    check_bool("require_app_keys", require_app_keys)
     context, _ = to_openssl_context(ssl, server_side=True)
     backend_obj = _resolve_backend(backend)
     _bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)

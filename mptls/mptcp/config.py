@@ -18,6 +18,7 @@ __all__ = [
     "RESPONDER_PREFERENCE",
     "ConnectionConfig",
     "Mode",
+    "check_bool",
     "check_range",
     "check_seconds",
 ]
@@ -105,14 +106,9 @@ class ConnectionConfig:
     key_rotation_interval: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("allow_legacy_fallback", "allow_cleartext_keys"):
-            # each opts out of a protection: a truthy "no" or "false"
-            # turned it off
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigurationError(
-                    f"{name} must be True or False, got "
-                    f"{shown_value(getattr(self, name))}"
-                )
+        # each opts out of a protection: a truthy "no" turned it off
+        check_bool("allow_legacy_fallback", self.allow_legacy_fallback)
+        check_bool("allow_cleartext_keys", self.allow_cleartext_keys)
         if not isinstance(self.mode, Mode):
             raise ConfigurationError(
                 f"mode must be a Mode, got {shown_value(self.mode)}"
@@ -171,6 +167,15 @@ class ConnectionConfig:
             raise ConfigurationError("ack_delay must be in (0, 1] seconds")
         if self.key_rotation_interval is not None:
             check_seconds("key_rotation_interval", self.key_rotation_interval)
+
+
+def check_bool(name: str, value: object) -> None:
+    """Refuse anything but True or False: a switch read for its truth
+    takes "false" or "no" as on."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(
+            f"{name} must be True or False, got {shown_value(value)}"
+        )
 
 
 def check_seconds(name: str, value: object, *, zero: bool = False) -> None:

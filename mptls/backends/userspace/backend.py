@@ -50,6 +50,7 @@ from mptls.mptcp.config import (
     RESPONDER_PREFERENCE,
     ConnectionConfig,
     Mode,
+    check_bool,
     check_seconds,
 )
 from mptls.mptcp.connection import Connection
@@ -758,10 +759,7 @@ class UserspaceBackend(Backend):
         """
         _check_path(remote, local)
         check_seconds("timeout", timeout)
-        if not isinstance(backup, bool):
-            raise ConfigurationError(
-                f"backup must be a bool, got {shown_value(backup)}"
-            )
+        check_bool("backup", backup)
         multipath = _transport_of(transport)
         if not multipath._initiator:
             raise PathError("only the client side opens subflows")

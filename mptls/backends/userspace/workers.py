@@ -71,8 +71,8 @@ from mptls.errors import (
     ConfigurationError,
     MptlsError,
     MptlsTimeoutError,
-    shown_value,
 )
+from mptls.mptcp.config import check_bool
 from mptls.mptcp.tokens import TokenLayout
 from mptls.refusals import refusal_log
 
@@ -316,10 +316,7 @@ class WorkerPool:
                 f"{workers} workers do not fit in "
                 f"{layout.worker_id_bits} worker id bits"
             )
-        if not isinstance(restart, bool):
-            raise ConfigurationError(
-                f"restart must be a bool: {shown_value(restart)}"
-            )
+        check_bool("restart", restart)
         for name in ("join_handoff", "worker_id", "reuse_port"):
             if name in server_options:
                 raise ConfigurationError(f"the pool sets {name} itself")
