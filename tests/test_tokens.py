@@ -13,6 +13,7 @@ import pytest
 from mptls.errors import ConfigurationError, MptlsError
 from mptls.mptcp import tokens as tokens_module
 from mptls.mptcp.tokens import (
+    MAX_BATCH,
     SerialPermutation,
     TokenAllocator,
     TokenFields,
@@ -365,6 +366,37 @@ def test_permutation_checks_its_domain() -> None:
     with pytest.raises(ConfigurationError):
         permutation.forward_many(0, -1)
     assert permutation.forward_many(3, 0) == []
+
+
+def test_a_batch_too_big_to_make_is_refused_before_it_is_made() -> None:
+    # forward_many(0, 2**40) asked for a piece of 2**32 values at once
+    # and failed with a MemoryError
+    permutation = SerialPermutation(SECRET, 64)
+    for count in (MAX_BATCH + 1, 2**40, 2**100):
+        with pytest.raises(ConfigurationError, match=f"at most {MAX_BATCH}"):
+            permutation.forward_many(0, count)
+        with pytest.raises(ConfigurationError, match=f"at most {MAX_BATCH}"):
+            permutation.forward_bytes(0, count)
+
+
+def test_a_batch_past_the_end_of_the_domain_says_how_much_is_left() -> None:
+    permutation = SerialPermutation(SECRET, 64)
+    with pytest.raises(ConfigurationError, match="at most 3 values"):
+        permutation.forward_many(2**64 - 3, 10)
+    with pytest.raises(ConfigurationError, match="at most 3 values"):
+        permutation.forward_bytes(2**64 - 3, 10)
+    assert permutation.forward_many(2**64 - 3, 3) == [
+        permutation.forward(value) for value in range(2**64 - 3, 2**64)
+    ]
+
+
+def test_a_long_batch_is_made_in_pieces_that_match_forward() -> None:
+    permutation = SerialPermutation(SECRET, 64, tweak=b"p")
+    count = 3 * 2**16 + 5
+    made = permutation.forward_many(7, count)
+    assert len(made) == count
+    for index in (0, 2**16 - 1, 2**16, 2**16 + 1, 2 * 2**16, count - 1):
+        assert made[index] == permutation.forward(7 + index)
 
 
 def test_a_bool_is_not_a_count_or_a_counter() -> None:

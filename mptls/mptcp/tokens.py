@@ -44,6 +44,7 @@ from mptls.errors import ConfigurationError, MptlsError, shown_value
 
 __all__ = [
     "E_TOKEN_LAYOUT",
+    "MAX_BATCH",
     "TOKEN_LENGTH",
     "SerialPermutation",
     "TokenAllocator",
@@ -72,6 +73,14 @@ _BLOCK = 16
 # pop. Measured (mptls bench tokens): about 0.15 us per token in batches
 # of 1024, against 6 us one by one.
 ALLOCATION_BATCH = 1024
+# The most values one forward_many or forward_bytes call makes. A call
+# holds its result and, while a piece of it is made, about 200 bytes
+# per value of that piece: a count of 2**40 asked for a piece of 2**32
+# values and failed with a MemoryError. Pieces of at most _MAX_PIECE
+# values keep a full batch near its result: forward_many(0, MAX_BATCH)
+# peaked about 110 MiB above the process, against 200 MiB in one piece.
+MAX_BATCH = 1 << 20
+_MAX_PIECE = 1 << 16
 
 
 _WORD = 4
@@ -304,7 +313,8 @@ class SerialPermutation:
 
         The batch lives in big integers with a lane per value, and each
         round is one AES call, one AND and one XOR over the whole batch,
-        all in C.
+        all in C. ``count`` is at most ``MAX_BATCH``, and the run must
+        stay inside the ``bits``-bit domain.
         """
         if not self._check_batch(start, count):
             return []
@@ -346,10 +356,22 @@ class SerialPermutation:
         # a bool is an int, but count=True named a struct format "TrueQ"
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ConfigurationError("count must be an int >= 0")
+        if count > MAX_BATCH:
+            # checked before anything is made: a huge count asked for
+            # gigabytes before it failed with a MemoryError
+            raise ConfigurationError(
+                f"count must be at most {MAX_BATCH} per call, got "
+                f"{shown_value(count)}; ask for a run in several calls"
+            )
         if count == 0:
             return False
         self._check(start)
-        self._check(start + count - 1)
+        left = (1 << self._bits) - start
+        if count > left:
+            raise ConfigurationError(
+                f"a run of {count} from start leaves the {self._bits}-bit "
+                f"domain: at most {left} values follow it"
+            )
         return True
 
     def _forward_run(
@@ -365,7 +387,7 @@ class SerialPermutation:
         end = start + count
         while start < end:
             high, low = divmod(start, low_size)
-            size = min(end - start, low_size - low)
+            size = min(end - start, low_size - low, _MAX_PIECE)
             pieces.append(self._forward_piece(high, low, size, prefix, length))
             start += size
         return b"".join(pieces)
