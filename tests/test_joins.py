@@ -224,6 +224,51 @@ def test_unknown_ids_are_ignored() -> None:
     assert closed_ids(net.server_side.events) == []
 
 
+def removed(side: list[ev.Event]) -> list[int]:
+    return [e.address_id for e in side if isinstance(e, ev.AddressRemoved)]
+
+
+def test_ids_never_heard_of_are_no_event() -> None:
+    # RFC 8684 section 3.4.2: an id that names nothing is ignored; each
+    # of them was an AddressRemoved event, 252 a frame for the asking
+    net = established(MemNet())
+    net.server_address_id = lambda _: 1
+    join(net, address_id=1)
+    made_up = tuple(range(100, 108))
+    net.inject_to_server(0, remove(made_up))
+    net.inject(0, remove(made_up))
+    net.run()
+    assert removed(net.server_side.events) == []
+    assert removed(net.client_side.events) == []
+
+
+def test_ids_of_joins_and_announcements_are_told_when_removed() -> None:
+    # the client's paths read the event to stop joining a withdrawn
+    # address, also one whose join is gone from the subflow table
+    net = established(MemNet())
+    assert net.server is not None
+    net.server_address_id = lambda _: 3
+    first = join(net, address_id=1)
+    net.kill(first)
+    net.server_address_id = lambda _: 5
+    for _ in range(20):
+        net.kill(join(net, address_id=1))
+    assert all(s.subflow_id != first for s in net.client.info().subflows)
+    net.server.announce(7, IPv4Address("192.0.2.7"), 443)
+    net.run()
+    net.inject(0, remove((3, 9, 7, 0, 8)))
+    net.run()
+    assert removed(net.client_side.events) == [3, 7, 0]
+    # told once: the ids are forgotten, and no live subflow uses 3 or 7
+    net.inject(0, remove((3, 7)))
+    net.run()
+    assert removed(net.client_side.events) == [3, 7, 0]
+    # the server hears of the ids the client's joins came from
+    net.inject_to_server(0, remove((1, 2)))
+    net.run()
+    assert removed(net.server_side.events) == [1]
+
+
 def test_a_removed_announcement_may_be_replaced() -> None:
     # section 3.4.1: an id names one address until it is removed
     net = established(MemNet())

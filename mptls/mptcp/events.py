@@ -95,7 +95,10 @@ class AddressAnnounced:
 class AddressRemoved:
     """The peer withdrew one of its addresses (REMOVE_ADDR).
 
-    A client does not join a path to it again by itself.
+    Only for an id this end knew: announced by the peer, the first
+    subflow's (0), or one a join came from or is under way from; a
+    REMOVE_ADDR's other ids are ignored (RFC 8684 section 3.4.2). A
+    client does not join a path to it again by itself.
     """
 
     address_id: int

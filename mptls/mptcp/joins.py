@@ -139,6 +139,7 @@ class JoinsMixin(ConnectionState):
         subflow.remote_nonce = option.nonce
         # the id of the address the SYN reached, as the peer numbers it
         subflow.remote_address_id = option.address_id
+        self._joined_address_ids.add(option.address_id)
         subflow.retransmit_at = None
         subflow.syn = None
         subflow.set_state(_S.PRE_ESTABLISHED)
@@ -414,6 +415,8 @@ class JoinsMixin(ConnectionState):
             return
         subflow.deadline = None
         subflow.keys = None
+        if subflow.remote_address_id is not None:
+            self._joined_address_ids.add(subflow.remote_address_id)
         subflow.set_state(_S.ESTABLISHED)
         self._path_up(self._now)
         self._events.append(ev.SubflowEstablished(subflow.subflow_id))
@@ -516,10 +519,23 @@ class JoinsMixin(ConnectionState):
         this wire; a path that stopped answering is the data-level
         timeout's to reset), and a REMOVE_ADDR has no HMAC: one that
         came, or was forged, on one path must not end another.
+
+        Only an id this end knew is told as :class:`AddressRemoved`:
+        one the peer announced, joined from, or has a join under way
+        from. Each frame could name 252 made-up ids, each an event.
         """
+        in_use = {
+            s.remote_address_id for s in self._subflows.values() if s.live
+        }
         for address_id in option.address_ids:
-            self._remote_addresses.pop(address_id, None)
+            announced = self._remote_addresses.pop(address_id, None)
+            if address_id in self._joined_address_ids:
+                self._joined_address_ids.discard(address_id)
+            elif announced is None and address_id not in in_use:
+                continue
             self._events.append(ev.AddressRemoved(address_id))
+            if address_id not in in_use:
+                continue
             for subflow in list(self._subflows.values()):
                 if subflow.live and subflow.remote_address_id == address_id:
                     self._retire(subflow, address_id)
