@@ -9,9 +9,11 @@ real upload and waits for the path to come back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import itertools
+import logging
 import random
 import socket
 import struct
@@ -339,6 +341,58 @@ async def test_an_announced_address_refused_for_now_is_left(
     paths.subflow_closed(lost(5))
     await attempts.until(SECOND, 1 + 3)
     assert attempts.remotes.count(announced) == (2 if again else 1)
+
+
+async def test_announcements_open_no_more_connects_than_max_subflows(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a peer that announces (and withdraws and announces again) had a
+    # TCP connect opened for each address, any number at once, each
+    # refused by the core once up, with a warning
+    caplog.set_level(logging.DEBUG, logger="mptls")
+    paths, core, _, attempts = setup
+    await started(paths, attempts)
+    core.config.max_subflows = 3
+    loop = asyncio.get_running_loop()
+    connects = loop.create_future()
+    announced: list[str] = []
+
+    async def pending(*args: Any, **kwargs: Any) -> Any:
+        if args[1].startswith("127.0.1."):
+            announced.append(args[1])
+            attempts.changed.set()
+        return await asyncio.shield(connects)
+
+    loop.create_connection = pending  # type: ignore[method-assign]
+
+    def announce(address_id: int) -> None:
+        paths.address_announced(
+            events.AddressAnnounced(
+                address_id, ipaddress.IPv4Address(f"127.0.1.{address_id}"), 1
+            )
+        )
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                attempts.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await attempts.changed.wait()
+
+    for address_id in range(1, 21):
+        announce(address_id)
+    await until(lambda: len(announced) >= 2)
+    # the first subflow and two connects fill max_subflows
+    assert announced == ["127.0.1.1", "127.0.1.2"]
+    assert caplog.text.count("not joined: max_subflows reached") == 18
+    # the two connects fail: room for another
+    connects.set_exception(ConnectionRefusedError("refused by the test"))
+    await until(lambda: caplog.text.count("to 127.0.1.") >= 2)
+    announce(21)
+    await until(lambda: len(announced) >= 3)
+    assert announced == ["127.0.1.1", "127.0.1.2", "127.0.1.21"]
 
 
 @pytest.mark.parametrize("how", ["removed", "withdrawn", "refused"])

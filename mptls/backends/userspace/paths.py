@@ -137,6 +137,8 @@ class Paths:
         self._preconnected = False
         self._parked: list[tuple[SubflowProtocol, _Path]] = []
         self._rejoining = False
+        # TCP connects under way to addresses the peer announced
+        self._announced_connects = 0
         # the path of each join opened here and not yet settled, and
         # the transient refusals each path has had since its last join
         self._joining: dict[int, _Path] = {}
@@ -388,8 +390,27 @@ class Paths:
             self._spawn(self._rejoin(self._remote))
 
     def address_announced(self, event: events.AddressAnnounced) -> None:
-        """The peer announced an address (ADD_ADDR): a client joins it."""
+        """The peer announced an address (ADD_ADDR): a client joins it.
+
+        Not past ``max_subflows``, counting the connects still under way
+        to announced addresses: the core would refuse each such join
+        only once its TCP connection was up, and a peer that announces,
+        withdraws and announces again had a connect and a warning made
+        for each announcement, any number at once.
+        """
         if not self._initiator or self._remote is None:
+            return
+        room = (
+            self._core.config.max_subflows
+            - self._core.live_subflows
+            - self._announced_connects
+        )
+        if room <= 0:
+            logger.debug(
+                "%s: announced address id %d not joined: max_subflows reached",
+                self._owner.tag(),
+                event.address_id,
+            )
             return
         port = event.port or self._remote[1]
         # either family may be announced (RFC 8684 section 3.4.1): join
@@ -404,7 +425,16 @@ class Paths:
             ),
             None,
         )
-        self._spawn(self._open_subflow(local, (str(event.address), port)))
+        self._announced_connects += 1
+        self._spawn(self._join_announced(local, (str(event.address), port)))
+
+    async def _join_announced(
+        self, local: str | None, remote: tuple[str, int]
+    ) -> None:
+        try:
+            await self._open_subflow(local, remote)
+        finally:
+            self._announced_connects -= 1
 
     def removed(self, subflow_id: int) -> None:
         """The application removes a subflow: its path stays down."""
