@@ -242,6 +242,17 @@ def test_ids_never_heard_of_are_no_event() -> None:
     assert removed(net.client_side.events) == []
 
 
+def test_an_id_removed_again_is_told_once() -> None:
+    # the working first subflow stays, and each REMOVE_ADDR naming it
+    # again was one more event for the client's paths to act on
+    net = established(MemNet())
+    for _ in range(50):
+        net.inject(0, remove((0,)))
+    net.run()
+    assert removed(net.client_side.events) == [0]
+    assert closed_ids(net.client_side.events) == []
+
+
 def test_ids_of_joins_and_announcements_are_told_when_removed() -> None:
     # the client's paths read the event to stop joining a withdrawn
     # address, also one whose join is gone from the subflow table

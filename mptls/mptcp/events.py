@@ -95,10 +95,10 @@ class AddressAnnounced:
 class AddressRemoved:
     """The peer withdrew one of its addresses (REMOVE_ADDR).
 
-    Only for an id this end knew: announced by the peer, the first
-    subflow's (0), or one a join came from or is under way from; a
-    REMOVE_ADDR's other ids are ignored (RFC 8684 section 3.4.2). A
-    client does not join a path to it again by itself.
+    Once for an id this end knew: announced by the peer, the first
+    subflow's (0), or one a checked join came from; a REMOVE_ADDR's
+    other ids, and an id already removed, are ignored (RFC 8684 section
+    3.4.2). A client does not join a path to it again by itself.
     """
 
     address_id: int

@@ -520,20 +520,19 @@ class JoinsMixin(ConnectionState):
         timeout's to reset), and a REMOVE_ADDR has no HMAC: one that
         came, or was forged, on one path must not end another.
 
-        Only an id this end knew is told as :class:`AddressRemoved`:
-        one the peer announced, joined from, or has a join under way
-        from. Each frame could name 252 made-up ids, each an event.
+        Only an id this end knew is told as :class:`AddressRemoved`,
+        once: one the peer announced or a checked join came from, and 0.
+        Each frame could name 252 made-up ids, each an event, and the
+        same id again and again, each time one more.
         """
         in_use = {
             s.remote_address_id for s in self._subflows.values() if s.live
         }
         for address_id in option.address_ids:
             announced = self._remote_addresses.pop(address_id, None)
-            if address_id in self._joined_address_ids:
+            if announced is not None or address_id in self._joined_address_ids:
                 self._joined_address_ids.discard(address_id)
-            elif announced is None and address_id not in in_use:
-                continue
-            self._events.append(ev.AddressRemoved(address_id))
+                self._events.append(ev.AddressRemoved(address_id))
             if address_id not in in_use:
                 continue
             for subflow in list(self._subflows.values()):

@@ -176,9 +176,9 @@ class ConnectionState:
         self._announcements: list[AddAddr] = []
         self._remote_addresses: dict[int, tuple[object, int | None]] = {}
         # the peer's address ids its joins were checked from, and 0, the
-        # first subflow's (RFC 8684 section 3.2): with the announced ones
-        # and the joins under way, the ids a REMOVE_ADDR may name; at
-        # most 256, one octet's worth
+        # first subflow's (RFC 8684 section 3.2): with the announced ones,
+        # the ids a REMOVE_ADDR is told for, until it is; at most 256,
+        # one octet's worth
         self._joined_address_ids: set[int] = {0}
         # the latest time an entry point was given: steps that have no
         # ``now`` of their own (closing a subflow) use it
