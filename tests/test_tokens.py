@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import gc
 import inspect
 import itertools
 import struct
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -377,6 +379,23 @@ def test_a_batch_too_big_to_make_is_refused_before_it_is_made() -> None:
             permutation.forward_many(0, count)
         with pytest.raises(ConfigurationError, match=f"at most {MAX_BATCH}"):
             permutation.forward_bytes(0, count)
+
+
+def test_big_batches_leave_little_memory_behind() -> None:
+    # the formats that unpack a batch are cached by size: sized for the
+    # whole batch, each big count kept tens of MiB after the call
+    permutation = SerialPermutation(SECRET, 64, tweak=b"m")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for offset in range(3):
+            permutation.forward_many(offset, 2**18 - offset)
+            permutation.forward_bytes(offset, 2**18 - 7 - offset)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 6 * 2**20
 
 
 def test_a_batch_past_the_end_of_the_domain_says_how_much_is_left() -> None:
