@@ -45,7 +45,12 @@ class FakeCore:
         self.closed = False
         self.live_subflows = 1
         self.joins_allowed = True
-        self.config = SimpleNamespace(join_timeout=1.0, max_subflows=8)
+        self.config = SimpleNamespace(
+            join_timeout=1.0,
+            max_subflows=8,
+            join_failure_burst=16,
+            join_failure_rate=2.0,
+        )
         self.subflow_ids = itertools.count(10)
 
     def info(self) -> Any:
@@ -393,6 +398,36 @@ async def test_announcements_open_no_more_connects_than_max_subflows(
     announce(21)
     await until(lambda: len(announced) >= 3)
     assert announced == ["127.0.1.1", "127.0.1.2", "127.0.1.21"]
+
+
+async def test_announcements_are_joined_no_faster_than_the_bucket(
+    setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # connects that fail at once leave max_subflows room: a peer that
+    # announced, withdrew and announced again had a connect made for
+    # each announcement, to wherever it named
+    caplog.set_level(logging.DEBUG, logger="mptls")
+    paths, core, _, attempts = setup
+    await started(paths, attempts)
+    core.config.max_subflows = 100
+    core.config.join_failure_rate = 1e-6
+    for address_id in range(1, 41):
+        paths.address_announced(
+            events.AddressAnnounced(
+                address_id, ipaddress.IPv4Address(f"127.0.1.{address_id}"), 1
+            )
+        )
+
+    def joined() -> list[str]:
+        return [r for r in attempts.remotes if r.startswith("127.0.1.")]
+
+    async with asyncio.timeout(10):
+        while len(joined()) < 16:
+            attempts.changed.clear()
+            await attempts.changed.wait()
+    assert joined() == [f"127.0.1.{n}" for n in range(1, 17)]
+    assert caplog.text.count("not joined: too many joined") == 24
 
 
 @pytest.mark.parametrize("how", ["removed", "withdrawn", "refused"])

@@ -90,7 +90,9 @@ class ConnectionConfig:
     path_loss_timeout: float = 30.0
     # failed joins (bad HMAC, timeout) per connection: a token bucket of
     # join_failure_burst, refilled at join_failure_rate per second;
-    # while it is empty every join SYN is refused
+    # while it is empty every join SYN is refused. A client's joins to
+    # the addresses its peer announces draw from a bucket of their own
+    # of the same size
     join_failure_burst: int = 16
     join_failure_rate: float = 2.0
     max_subflows: int = 8

@@ -137,8 +137,12 @@ class Paths:
         self._preconnected = False
         self._parked: list[tuple[SubflowProtocol, _Path]] = []
         self._rejoining = False
-        # TCP connects under way to addresses the peer announced
+        # TCP connects under way to addresses the peer announced, and
+        # the bucket they draw from (join_failure_burst, refilled at
+        # join_failure_rate per second, as the peer's failed joins)
         self._announced_connects = 0
+        self._announce_credit = float(core.config.join_failure_burst)
+        self._announce_credit_at = loop.time()
         # the path of each join opened here and not yet settled, and
         # the transient refusals each path has had since its last join
         self._joining: dict[int, _Path] = {}
@@ -396,22 +400,35 @@ class Paths:
         to announced addresses: the core would refuse each such join
         only once its TCP connection was up, and a peer that announces,
         withdraws and announces again had a connect and a warning made
-        for each announcement, any number at once.
+        for each announcement, any number at once. Nor faster than the
+        failed-join bucket allows: such a peer had its clients connect
+        wherever it named, as often as it sent.
         """
         if not self._initiator or self._remote is None:
             return
+        config = self._core.config
         room = (
-            self._core.config.max_subflows
+            config.max_subflows
             - self._core.live_subflows
             - self._announced_connects
         )
-        if room <= 0:
+        now = self._loop.time()
+        credit = min(
+            float(config.join_failure_burst),
+            self._announce_credit
+            + (now - self._announce_credit_at) * config.join_failure_rate,
+        )
+        self._announce_credit_at = now
+        self._announce_credit = credit
+        if room <= 0 or credit < 1.0:
             logger.debug(
-                "%s: announced address id %d not joined: max_subflows reached",
+                "%s: announced address id %d not joined: %s",
                 self._owner.tag(),
                 event.address_id,
+                "max_subflows reached" if room <= 0 else "too many joined",
             )
             return
+        self._announce_credit = credit - 1.0
         port = event.port or self._remote[1]
         # either family may be announced (RFC 8684 section 3.4.1): join
         # from a given local address of the announced one's family, or
