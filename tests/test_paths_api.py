@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from pki import Pki
@@ -406,3 +407,75 @@ async def test_an_abort_ends_a_pending_add_path_at_once(pki: Pki) -> None:
         finally:
             accepted.close()
             silent.close()
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port whose listener takes no more connections: its
+    accept queue is full, so the kernel drops every further SYN and a
+    connect there waits until its caller gives up."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(2):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+class Heard(logging.Handler):
+    """Keeps the records that name a subflow it could not open, and
+    says when the first came."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.first = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "cannot open a subflow" in record.getMessage():
+            self.records.append(record)
+            self.first.set()
+
+
+async def test_a_join_connect_that_times_out_says_so(pki: Pki) -> None:
+    heard = Heard()
+    logger = logging.getLogger("mptls.userspace")
+    logger.addHandler(heard)
+    try:
+        with silent_port() as silent:
+            server = await mptls.start_server(
+                echo,
+                "127.0.0.1",
+                0,
+                ssl=pki.server(),
+                announce_addrs=[("127.0.0.1", silent)],
+            )
+            async with server:
+                port = server.sockets[0].getsockname()[1]
+                _, writer = await mptls.open_connection(
+                    "127.0.0.1", port, ssl=pki.client(), join_timeout=0.5
+                )
+                # the client joins the announced address; its TCP
+                # connect gets no answer within join_timeout
+                async with asyncio.timeout(10):
+                    await heard.first.wait()
+                writer.close()
+                async with asyncio.timeout(10):
+                    await writer.wait_closed()
+    finally:
+        logger.removeHandler(heard)
+    message = heard.records[0].getMessage()
+    # wait_for's TimeoutError has no text: the line says what ran out
+    reason = "no TCP connection within join_timeout (0.5 s)"
+    assert message.endswith(f"to 127.0.0.1:{silent}: {reason}"), message

@@ -443,10 +443,10 @@ def connect_failure(
     last = failures[-1][1]
     if len(failures) == 1:
         # one address: the host and port are said once
-        detail = _os_reason(last)
+        detail = os_reason(last)
     else:
         detail = "; ".join(
-            f"{address[0]} port {address[1]}: {_os_reason(exc)}"
+            f"{address[0]} port {address[1]}: {os_reason(exc)}"
             for address, exc in failures
         )
     if isinstance(last, TimeoutError):
@@ -461,7 +461,7 @@ def connect_failure(
     return failure
 
 
-def _os_reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     """The system's words for ``exc``: asyncio's own text ("Connect call
     failed (...)") repeats the address the message names already."""
     if exc.errno:

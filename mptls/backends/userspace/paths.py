@@ -23,7 +23,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from mptls.backends.base import format_address
+from mptls.backends.base import format_address, os_reason
 from mptls.backends.userspace.subflow import (
     Detached,
     SegmentSink,
@@ -687,7 +687,7 @@ class Paths:
                 self._owner.tag(),
                 local or "any local address",
                 format_address(remote),
-                exc,
+                _connect_reason(exc, self._core.config.join_timeout),
             )
             return False
         if self._closed or self._owner.is_closing():
@@ -774,3 +774,12 @@ def _address_of(host: str) -> Any:
         return ipaddress.ip_address(host)
     except ValueError:
         return host
+
+
+def _connect_reason(exc: OSError, join_timeout: float) -> str:
+    """Why a subflow's TCP connect failed, in words: the limit for a
+    connect that got no answer (wait_for's TimeoutError has no text of
+    its own), else the system's reason."""
+    if isinstance(exc, TimeoutError) and not exc.errno:
+        return f"no TCP connection within join_timeout ({join_timeout:g} s)"
+    return os_reason(exc)
