@@ -1849,6 +1849,37 @@ def test_a_device_is_not_a_regular_file() -> None:
         existing_file(os.devnull, "file")
 
 
+def test_a_file_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    # a loop of links exists but opens nowhere; said before any
+    # connection, with the system's reason, not as a missing file
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError) as raised:
+        existing_file(str(loop), "certificate file")
+    reason = os.strerror(errno.ELOOP)
+    assert str(raised.value) == (
+        f"cannot read the certificate file {loop}: {reason}"
+    )
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root reads a file whatever its mode"
+)
+def test_an_unreadable_file_is_refused_before_the_demo_starts(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"x" * 100)
+    secret.chmod(0)
+    result = run_mptls("demo", "--file", str(secret))
+    assert result.returncode == 2
+    reason = os.strerror(errno.EACCES)
+    assert result.stderr.decode().splitlines() == [
+        f"mptls: error: cannot read the file {secret}: {reason}"
+    ]
+    assert b"sending" not in result.stdout
+
+
 def test_connect_refuses_an_empty_server_name_and_names_in_paths(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import IntEnum
@@ -321,16 +322,36 @@ def parse_announce(text: str, default_port: int) -> tuple[str, int]:
 
 
 def existing_file(text: str, what: str) -> Path:
-    """A path that must name a readable regular file."""
+    """A path that must name a readable regular file.
+
+    Opened here, so that a file the user may not read (or a loop of
+    links) is refused with the system's reason before anything runs,
+    not as a missing file or later, half-way through a command.
+    """
     path = Path(text)
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UsageError(f"{what} not found: {text}") from None
+    except OSError as exc:
+        raise _unreadable(text, what, exc) from exc
+    if stat.S_ISDIR(mode):
         raise UsageError(f"{what} is a directory: {text}")
-    if path.exists() and not path.is_file():
-        # a device or a pipe (/dev/null): there is no file to send
+    if not stat.S_ISREG(mode):
+        # a device or a pipe (/dev/null): there is no file to send, and
+        # opening a pipe would wait for a writer
         raise UsageError(f"{what} is not a regular file: {text}")
-    if not path.is_file():
-        raise UsageError(f"{what} not found: {text}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise _unreadable(text, what, exc) from exc
     return path
+
+
+def _unreadable(text: str, what: str, exc: OSError) -> UsageError:
+    reason = exc.strerror or type(exc).__name__
+    return UsageError(f"cannot read the {what} {text}: {reason}")
 
 
 # how an established connection ends abruptly, in the system's words
