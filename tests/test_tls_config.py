@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
+import os
 import ssl
 import warnings
 from pathlib import Path
@@ -294,6 +296,23 @@ def test_unusable_files_and_strings(
             config.server_context()
         else:
             config.client_context()
+
+
+def test_a_chain_that_cannot_be_opened_says_why(
+    files: Files, tmp_path: Path
+) -> None:
+    # OpenSSL's own reason is a library code; the system's is wanted, and
+    # a loop of links is no missing file
+    loop = tmp_path / "loop.pem"
+    loop.symlink_to(loop)
+    config = TLSConfig(certfile=loop, keyfile=files.key_file)
+
+    with pytest.raises(ConfigurationError) as raised:
+        config.server_context()
+    reason = os.strerror(errno.ELOOP)
+    assert str(raised.value) == (
+        f"cannot load the certificate chain from {str(loop)!r}: {reason}"
+    )
 
 
 def test_a_long_cipher_string_is_named_short() -> None:

@@ -67,6 +67,7 @@ import functools
 import logging
 import os
 import ssl
+import stat
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,13 +100,22 @@ _SESSION_ID_CONTEXT = b"mptls"
 
 
 def _missing_file_reason(path: str) -> str:
-    """``": No such file or directory"`` (or "Is a directory") when
-    ``path`` is no regular file, else empty: OpenSSL's own reason is a
-    library code."""
-    if os.path.isfile(path):
-        return ""
-    code = errno.EISDIR if os.path.isdir(path) else errno.ENOENT
-    return f": {os.strerror(code)}"
+    """The system's reason why ``path`` cannot be read (``": No such file
+    or directory"``, ``": Permission denied"``, ``": Is a directory"``),
+    else empty: OpenSSL's own reason is a library code."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            return f": {os.strerror(errno.EISDIR)}"
+        if stat.S_ISREG(mode):
+            # opened, not only looked at: a file this user may not read
+            with open(path, "rb"):
+                pass
+    except OSError as exc:
+        return f": {exc.strerror or type(exc).__name__}"
+    # a pipe or a device would wait for a writer here; what OpenSSL read
+    # from it was no chain
+    return ""
 
 
 # ALPN protocol ids are 1 to 255 bytes (RFC 7301 section 3.1)
