@@ -1,0 +1,315 @@
+"""The same stream code over asyncio with stdlib ssl and over mptls.
+
+Each test runs once per stack, with the same assertions: what an
+application does with asyncio's TLS streams (reading by line, by
+separator and by count, the errors that keep the data readable,
+writes after an end, the server's life cycle, a cancelled connect)
+behaves the same over ``mptls.open_connection`` / ``start_server``.
+Where mptls differs on purpose (half-close, a peer's abort raised by
+the reader), the README says so and the test leaves that step out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import select
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from pki import Pki
+from support import open_fds
+
+import mptls
+
+LIMIT = 10.0
+
+Handler = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
+]
+
+
+class Stack:
+    """Opens servers and connections of one stack with the test PKI."""
+
+    def __init__(self, name: str, pki: Pki) -> None:
+        self.name = name
+        self.pki = pki
+
+    async def serve(self, handler: Handler, **options: Any) -> Any:
+        if self.name == "asyncio":
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.pki.cert_pem, self.pki.key_pem)
+            return await asyncio.start_server(
+                handler, "127.0.0.1", 0, ssl=context, **options
+            )
+        return await mptls.start_server(
+            handler, "127.0.0.1", 0, ssl=self.pki.server(), **options
+        )
+
+    async def connect(
+        self, port: int, **options: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.name == "asyncio":
+            context = ssl.create_default_context(cafile=self.pki.ca_pem)
+            opening = asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, **options
+            )
+        else:
+            opening = mptls.open_connection(
+                "127.0.0.1", port, ssl=self.pki.client(), **options
+            )
+        async with asyncio.timeout(LIMIT):
+            return await opening
+
+
+@pytest.fixture(params=["asyncio", "mptls"])
+def stack(request: pytest.FixtureRequest, pki: Pki) -> Stack:
+    return Stack(request.param, pki)
+
+
+def port_of(server: Any) -> int:
+    port: int = server.sockets[0].getsockname()[1]
+    return port
+
+
+@contextlib.asynccontextmanager
+async def sending(stack: Stack, payload: bytes) -> AsyncIterator[int]:
+    """A server that sends ``payload`` in pieces, then closes."""
+
+    async def send(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        for start in range(0, len(payload), 777):
+            writer.write(payload[start : start + 777])
+        await writer.drain()
+        writer.close()
+
+    server = await stack.serve(send)
+    try:
+        yield port_of(server)
+    finally:
+        server.close()
+        async with asyncio.timeout(LIMIT):
+            await server.wait_closed()
+
+
+async def closed(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    async with asyncio.timeout(LIMIT):
+        await writer.wait_closed()
+
+
+# reading
+
+
+SEPARATOR = b"<<-- a separator longer than the limit -->>"
+
+
+async def test_an_overrun_leaves_every_byte_readable(stack: Stack) -> None:
+    body = bytes(range(256)) * 1000
+    payload = b"first line\n" + body + SEPARATOR + b"last, no newline"
+    async with sending(stack, payload) as port:
+        reader, writer = await stack.connect(port, limit=32)
+        got = bytearray(await reader.readline())
+        assert got == b"first line\n"
+
+        # the separator is further than the limit: the error says how
+        # much may be taken, and takes nothing
+        with pytest.raises(asyncio.LimitOverrunError) as overrun:
+            await reader.readuntil(SEPARATOR)
+        assert overrun.value.consumed > 32
+        got += await reader.readexactly(overrun.value.consumed)
+        rest_of_body = len(b"first line\n") + len(body) - len(got)
+        got += await reader.readexactly(rest_of_body)
+        got += await reader.readuntil(SEPARATOR)
+        assert got.endswith(SEPARATOR)
+
+        # the end comes before the separator: what there was is kept
+        with pytest.raises(asyncio.IncompleteReadError) as short:
+            await reader.readuntil(b"\n")
+        assert short.value.partial == b"last, no newline"
+        got += short.value.partial
+        assert bytes(got) == payload
+        assert await reader.read() == b""
+        assert reader.at_eof()
+        await closed(writer)
+
+
+async def test_read_all_and_readexactly_at_the_end(stack: Stack) -> None:
+    payload = b"".join(b"line %d\n" % n for n in range(5000))
+    async with sending(stack, payload) as port:
+        reader, writer = await stack.connect(port, limit=64)
+        assert await reader.readline() == b"line 0\n"
+        assert await reader.readexactly(7) == b"line 1\n"
+        rest = await reader.read()
+        assert rest == payload[14:]
+        assert reader.at_eof()
+        with pytest.raises(asyncio.IncompleteReadError) as short:
+            await reader.readexactly(1)
+        assert short.value.partial == b""
+        await closed(writer)
+
+
+# writing after an end
+
+
+async def greet_until_the_end(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    writer.write(b"hello")
+    await writer.drain()
+    await reader.read()
+    writer.close()
+
+
+async def test_writes_after_close_are_dropped(stack: Stack) -> None:
+    server = await stack.serve(greet_until_the_end)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        assert await reader.readexactly(5) == b"hello"
+        # the connection is still open at both ends when it closes
+        writer.close()
+        assert writer.is_closing()
+        writer.write(b"dropped")
+        writer.writelines([b"dropped", b"too"])
+        async with asyncio.timeout(LIMIT):
+            await writer.wait_closed()
+        # the end is the drain's error, and a second wait returns as the
+        # first did
+        with pytest.raises(ConnectionResetError):
+            await writer.drain()
+        async with asyncio.timeout(LIMIT):
+            await writer.wait_closed()
+
+
+async def test_writes_after_a_peer_abort_fail_in_drain(stack: Stack) -> None:
+    aborted = asyncio.Event()
+
+    async def abort(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(4)
+        writer.transport.abort()
+        aborted.set()
+
+    server = await stack.serve(abort)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        writer.write(b"ping")
+        async with asyncio.timeout(LIMIT):
+            await aborted.wait()
+            # asyncio's reader ends with b"", mptls's raises the abort
+            # (README: a peer never reads an abort as an end of data)
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read() == b""
+            # asyncio's TLS abort is a FIN: its client hears of the
+            # reset only once a write met the closed socket; mptls's
+            # MP_FASTCLOSE is heard at once. Either way a write never
+            # raises, and drain() says the connection is gone
+            while True:
+                writer.write(b"x" * 100)
+                try:
+                    await writer.drain()
+                except ConnectionResetError:
+                    break
+                await asyncio.sleep(0.01)
+        writer.writelines([b"y"])
+        with pytest.raises(ConnectionResetError):
+            await writer.drain()
+        writer.close()
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(LIMIT):
+                await writer.wait_closed()
+
+
+async def test_what_get_extra_info_answers(stack: Stack) -> None:
+    async with sending(stack, b"x") as port:
+        reader, writer = await stack.connect(port)
+        peername = writer.get_extra_info("peername")
+        assert peername == ("127.0.0.1", port)
+        assert writer.get_extra_info("sockname")[0] == "127.0.0.1"
+        assert writer.get_extra_info("socket").fileno() >= 0
+        cipher = writer.get_extra_info("cipher")
+        assert isinstance(cipher, tuple)
+        assert len(cipher) == 3
+        assert writer.get_extra_info("peercert")["subjectAltName"]
+        assert writer.get_extra_info("no such key", "default") == "default"
+        await reader.read()
+        await closed(writer)
+
+
+# the server
+
+
+async def test_a_server_lives_and_ends_as_asyncios(stack: Stack) -> None:
+    async def greet(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"hi")
+        await writer.drain()
+        writer.close()
+
+    server = await stack.serve(greet, start_serving=False)
+    assert not server.is_serving()
+    assert server.get_loop() is asyncio.get_running_loop()
+    serving = asyncio.create_task(server.serve_forever())
+    async with asyncio.timeout(LIMIT):
+        while not server.is_serving():
+            await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="already being awaited"):
+        await server.serve_forever()
+
+    reader, writer = await stack.connect(port_of(server))
+    async with asyncio.timeout(LIMIT):
+        assert await reader.read() == b"hi"
+    await closed(writer)
+
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert server.sockets == ()
+    with pytest.raises(RuntimeError, match="is closed"):
+        await server.serve_forever()
+    async with asyncio.timeout(LIMIT):
+        await server.wait_closed()
+        await server.wait_closed()
+
+
+# a cancelled connect
+
+
+async def test_a_cancelled_connect_leaves_nothing(stack: Stack) -> None:
+    # a listener that never accepts: the TCP connection is made by the
+    # kernel, and the TLS handshake waits for an answer that never comes
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        gc.collect()
+        fds = open_fds()
+        tasks = asyncio.all_tasks()
+        connecting = asyncio.create_task(stack.connect(port_of_socket(silent)))
+        async with asyncio.timeout(LIMIT):
+            # the client's TCP connection is queued on the listener
+            while not select.select([silent], [], [], 0)[0]:
+                await asyncio.sleep(0.01)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+
+        # mptls may keep a subflow it closed until the peer has it or
+        # ABORT_LINGER passed (README, Limitations): bounded, then gone
+        async with asyncio.timeout(LIMIT):
+            while open_fds() > fds:
+                await asyncio.sleep(0.05)
+                gc.collect()
+        assert not asyncio.all_tasks() - tasks
+
+
+def port_of_socket(sock: socket.socket) -> int:
+    port: int = sock.getsockname()[1]
+    return port
