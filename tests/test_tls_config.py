@@ -6,10 +6,12 @@ against an engine on the other end, not by reading its internals.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import errno
 import os
+import pickle
 import ssl
 import warnings
 from pathlib import Path
@@ -313,6 +315,20 @@ def test_a_chain_that_cannot_be_opened_says_why(
     assert str(raised.value) == (
         f"cannot load the certificate chain from {str(loop)!r}: {reason}"
     )
+
+
+def test_a_config_used_once_still_pickles_and_copies(files: Files) -> None:
+    # a worker pool sends its config to each process: one that served a
+    # start_server before (its built context kept) must still go
+    config = TLSConfig(certfile=files.chain_file, cafile=files.ca_file)
+    built, _ = to_openssl_context(config, server_side=True)
+
+    for copied in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):
+        assert copied == config
+        # the copy builds a context of its own, from the same settings
+        again, _ = to_openssl_context(copied, server_side=True)
+        assert again is not built
+        handshake(TLSConfig(cafile=files.ca_file).client_context(), again)
 
 
 def test_a_long_cipher_string_is_named_short() -> None:

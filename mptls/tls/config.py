@@ -207,6 +207,19 @@ class TLSConfig:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
+    def __getstate__(self) -> list[object]:
+        # the built contexts stay behind: OpenSSL's objects do not pickle
+        # or copy, and a config used once must still go to a worker
+        # pool's processes, which build their own
+        return [
+            {} if name == "_contexts" else getattr(self, name)
+            for name in self.__slots__
+        ]
+
+    def __setstate__(self, state: list[object]) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            object.__setattr__(self, name, value)
+
     def __post_init__(self) -> None:
         self._check_types()
         version = _as_tls_version(self.minimum_version, "minimum_version")
