@@ -618,13 +618,17 @@ async def test_workers_stop_when_the_parent_dies(
     assert list(tmp_path.glob("mptls-workers-*")) == []
 
 
-async def test_a_worker_that_cannot_start_fails_the_pool(
-    tmp_path: Path,
-) -> None:
-    missing = mptls.TLSConfig(
-        certfile=tmp_path / "absent.pem", keyfile=tmp_path / "absent.key"
+async def test_a_worker_that_cannot_start_fails_the_pool(pki: Pki) -> None:
+    # an option only the workers' start_server checks (a certificate the
+    # pool checks itself, before any worker)
+    pool = WorkerPool(
+        echo,
+        "127.0.0.1",
+        0,
+        workers=2,
+        ssl=pki.server(),
+        announce_addrs=[("not an address", 4433)],
     )
-    pool = WorkerPool(echo, "127.0.0.1", 0, workers=2, ssl=missing)
     with pytest.raises(mptls.BackendError, match="failed to start"):
         await pool.start()
     assert pool.pids == ()
@@ -886,6 +890,43 @@ def test_no_restart_needs_workers(pki: Pki) -> None:
         ]
     )
     assert status == 2
+
+
+@pytest.fixture
+def not_a_chain(tmp_path: Path) -> Path:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    return garbage
+
+
+def test_a_pool_refuses_a_bad_certificate_before_any_worker(
+    pki: Pki, not_a_chain: Path
+) -> None:
+    # as start_server refuses it, and before N processes each fail on it
+    tls = mptls.TLSConfig(certfile=not_a_chain, keyfile=pki.key_pem)
+    with pytest.raises(
+        mptls.ConfigurationError, match="cannot load the certificate chain"
+    ):
+        WorkerPool(echo, "127.0.0.1", 0, workers=2, ssl=tls)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_says_a_bad_certificate_alike_with_workers(
+    pki: Pki,
+    not_a_chain: Path,
+    capsys: pytest.CaptureFixture[str],
+    workers: str,
+) -> None:
+    from mptls.cli.main import main
+
+    argv = ["serve", "--port", "0", "--workers", workers]
+    argv += ["--cert", str(not_a_chain), "--key", str(pki.key_pem)]
+    # bad input, exit status 2, with one worker or several
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"mptls: error: cannot load the certificate chain from "
+        f"{str(not_a_chain)!r}"
+    ]
 
 
 async def test_a_worker_left_down_leaves_no_socket(

@@ -75,6 +75,7 @@ from mptls.errors import (
 from mptls.mptcp.config import check_bool
 from mptls.mptcp.tokens import TokenLayout
 from mptls.refusals import refusal_log
+from mptls.tls.config import to_openssl_context
 
 __all__ = ["JoinRouter", "WorkerPool", "WorkerStats", "start_workers"]
 
@@ -342,6 +343,10 @@ class WorkerPool:
             options=dict(server_options),
         )
         _check_pickles(self._template)
+        # a certificate or key start_server would refuse too, with the
+        # same ConfigurationError: N processes would each fail on it, and
+        # the pool would say only that a worker failed to start
+        to_openssl_context(ssl, server_side=True)
         self._start_timeout = start_timeout
         self._grace = grace
         self._port = port
