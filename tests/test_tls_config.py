@@ -697,3 +697,35 @@ def test_stdlib_trust_is_read_as_openssl_reads_it() -> None:
     crypto.X509StoreContext(
         store, crypto.X509.from_cryptography(leaf)
     ).verify_certificate()
+
+
+def test_a_ca_file_is_read_as_openssl_reads_it(
+    files: Files, tmp_path: Path
+) -> None:
+    # a system bundle given as cafile holds such a root among the others
+    # (Debian's did); cryptography's parse warned for it, and its later
+    # releases refuse it, which would refuse the whole bundle
+    root, leaf = _ca_with_serial_zero()
+    pem = ssl.DER_cert_to_PEM_cert(root).encode()
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        b"# a comment, as bundles have\n" + pem + files.ca_file.read_bytes()
+    )
+    for config in (
+        TLSConfig(cafile=bundle),
+        TLSConfig(cadata=root),
+        TLSConfig(cadata=pem),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            context = config.client_context()
+        store = context.get_cert_store()
+        assert store is not None
+        crypto.X509StoreContext(
+            store, crypto.X509.from_cryptography(leaf)
+        ).verify_certificate()
+    # the other CA of the bundle is trusted too
+    client, _ = handshake(
+        TLSConfig(cafile=bundle).client_context(), server_context(files)
+    )
+    assert client.handshake_complete

@@ -66,6 +66,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import ssl
 import stat
 import weakref
@@ -74,7 +75,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import (
@@ -315,7 +315,7 @@ class TLSConfig:
             )
             # the CA names the server asks for (RFC 8446 section 4.2.4)
             for anchor in self._load_trust(context):
-                context.add_client_ca(anchor)
+                context.add_client_ca(anchor.to_cryptography())
         else:
             context.set_verify(SSL.VERIFY_NONE)
         if self.alpn_protocols:
@@ -346,9 +346,9 @@ class TLSConfig:
                 f"certificate in {chain!r}"
             ) from exc
 
-    def _load_trust(self, context: SSL.Context) -> list[x509.Certificate]:
+    def _load_trust(self, context: SSL.Context) -> list[crypto.X509]:
         """Load cafile and cadata; return the anchors for CA name lists."""
-        anchors: list[x509.Certificate] = []
+        anchors: list[crypto.X509] = []
         if self.cafile is not None:
             cafile = os.fsdecode(self.cafile)
             try:
@@ -447,27 +447,45 @@ def _load_default_trust(context: SSL.Context) -> None:
         ) from exc
 
 
-def _parse_certificates(data: bytes, source: str) -> list[x509.Certificate]:
+# one certificate of a PEM file; text around the blocks (a bundle's
+# comments) is no part of any
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----",
+    re.DOTALL,
+)
+
+
+def _parse_certificates(data: bytes, source: str) -> list[crypto.X509]:
+    """The certificates of ``data`` (PEM, one or more; or one DER).
+
+    Read by OpenSSL, which verifies against them, as
+    :func:`_add_der_anchors` reads a stdlib context's: ``cryptography``'s
+    stricter parse warns about (and in later releases refuses) CA
+    certificates that system bundles still hold, such as one with a
+    serial number of zero, and would refuse such a bundle whole.
+    """
     try:
-        if b"-----BEGIN" in data:
-            certificates = x509.load_pem_x509_certificates(data)
-        else:
-            certificates = [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+        if b"-----BEGIN" not in data:
+            return [crypto.load_certificate(crypto.FILETYPE_ASN1, data)]
+        blocks = _PEM_CERTIFICATE.findall(data)
+        if not blocks:
+            raise ValueError("no PEM certificate")
+        return [
+            crypto.load_certificate(crypto.FILETYPE_PEM, block)
+            for block in blocks
+        ]
+    except (ValueError, crypto.Error) as exc:
         raise ConfigurationError(
             f"{source} holds no readable PEM or DER certificate"
         ) from exc
-    return certificates
 
 
-def _add_anchors(
-    context: SSL.Context, anchors: Iterable[x509.Certificate]
-) -> None:
+def _add_anchors(context: SSL.Context, anchors: Iterable[crypto.X509]) -> None:
     store = context.get_cert_store()
     if store is None:
         raise ConfigurationError("the OpenSSL context has no X509 store")
     for anchor in anchors:
-        store.add_cert(crypto.X509.from_cryptography(anchor))
+        store.add_cert(anchor)
 
 
 def _add_der_anchors(context: SSL.Context, anchors: Iterable[bytes]) -> None:
