@@ -246,6 +246,35 @@ async def test_join_naming_an_absent_worker_is_refused_here(
     assert router.stats().handed_off == 0
 
 
+async def test_a_closing_router_leaves_the_directory_to_the_pool(
+    tmp_path: Path,
+) -> None:
+    socket_dir = tmp_path / "pool"
+    socket_dir.mkdir(mode=0o700)
+
+    def router(worker_id: int) -> JoinRouter:
+        return JoinRouter(
+            socket_dir=socket_dir,
+            server_id=SERVER_ID,
+            worker_id=worker_id,
+            workers=2,
+            layout=TokenLayout(),
+        )
+
+    # a worker that failed to start closes its router while a sibling
+    # may not have bound yet: the sibling failed with "No such file or
+    # directory", which the pool reported in place of the real error
+    failed = router(0)
+    failed.open()
+    failed.close()
+    sibling = router(1)
+    sibling.open()
+    assert [path.name for path in socket_dir.iterdir()] == ["worker-1.sock"]
+    # the last worker out of a pool whose parent is gone takes it
+    sibling.close(remove_dir=True)
+    assert not socket_dir.exists()
+
+
 async def test_a_socket_adopted_as_the_router_closes_is_closed(
     two_workers: TwoWorkers,
 ) -> None:

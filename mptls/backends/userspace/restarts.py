@@ -85,10 +85,11 @@ def clear_socket_path(socket_dir: Path, name: str) -> Path:
     """Make room for a replacement's socket ``name`` in ``socket_dir``.
 
     A worker killed with SIGKILL leaves its socket file behind, and
-    binding a Unix socket to a path that exists fails. The last worker
-    to stop also removes the then empty directory, so it may be gone;
-    it is made again, and any directory found there is used only if it
-    is still private to this user (a real directory, mode 0700).
+    binding a Unix socket to a path that exists fails. Workers remove
+    the then empty directory only once the parent is gone; should it be
+    gone all the same, it is made again, and any directory found there
+    is used only if it is still private to this user (a real
+    directory, mode 0700).
     """
     try:
         os.mkdir(socket_dir, 0o700)

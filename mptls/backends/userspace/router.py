@@ -111,17 +111,24 @@ class JoinRouter:
         """The listener that adopted sockets are given to."""
         self._listener = listener
 
-    def close(self) -> None:
+    def close(self, *, remove_dir: bool = False) -> None:
+        """Take no more handoffs; remove this worker's socket.
+
+        ``remove_dir``: the directory too, if empty, for a worker whose
+        parent is gone (a killed parent leaves it). While the parent
+        runs the directory is its own: a sibling may be about to bind
+        in it, and would fail to start if it had gone.
+        """
         if self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
             # gone even if the parent, which removes the directory, is not
             self._path(self._worker_id).unlink(missing_ok=True)
-            # and the last worker out takes the directory (a killed
-            # parent would leave it): only an empty one goes
-            with contextlib.suppress(OSError):
-                self._dir.rmdir()
+            if remove_dir:
+                # the last worker out takes it: only an empty one goes
+                with contextlib.suppress(OSError):
+                    self._dir.rmdir()
         for task in self._tasks:
             task.cancel()
 

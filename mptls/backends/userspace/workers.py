@@ -158,13 +158,20 @@ async def _serve(spec: _WorkerSpec, pipe: Pipe) -> None:
     try:
         await _serve_until_stopped(spec, pipe, router)
     finally:
-        router.close()
+        router.close(remove_dir=_parent_gone())
         # refusals held back in a flood are counted; a worker that stops
         # before their interval ends says how many now, as a server in
         # one process does, before its parent hears it is done
         refusal_log.flush()
     with contextlib.suppress(OSError):
         pipe.send(("stats", router.stats()))
+
+
+def _parent_gone() -> bool:
+    """Whether the pool's process has ended: it removes the socket
+    directory itself, unless killed."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
 
 
 async def _serve_until_stopped(
