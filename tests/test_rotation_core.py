@@ -711,6 +711,23 @@ def test_key_rotation_interval_rotates_after_each_activation() -> None:
     assert server_of(net).config.key_rotation_interval is None
 
 
+def test_a_closing_end_starts_no_periodic_rotation() -> None:
+    # the client closed its side; the server keeps its own open (a
+    # half-close) for as long as it likes: the client's interval asks
+    # for no generation after its DATA_FIN, though the server's data
+    # still comes
+    config = ConnectionConfig(mode=Mode.E, key_rotation_interval=1.0)
+    net = confirmed(established(e_net(config)))
+    net.client.close()
+    run_for(net, 0.5)
+    asked_before = len(net.client_side.of_type(ev.KeysRequested))
+    server_of(net).send(b"still here")
+    run_for(net, 10.0)
+    assert bytes(net.client_side.data).endswith(b"still here")
+    assert len(net.client_side.of_type(ev.KeysRequested)) == asked_before
+    assert net.client.key_generation == 0
+
+
 def test_the_interval_takes_the_keys_a_forged_new_key_asked_for() -> None:
     # the interval falls due while a forged NEW_KEY's request is open:
     # the keys that come start the rotation, and the interval goes on

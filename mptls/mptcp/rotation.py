@@ -447,7 +447,15 @@ class RotationMixin(ConnectionState):
 
     def _periodic_rotation(self) -> None:
         """key_rotation_interval passed: the next generation, unless one
-        is under way already (its end schedules the next)."""
+        is under way already (its end schedules the next).
+
+        None once this end has closed its side (DATA_FIN): the keys it
+        has serve the close, and a peer that keeps its own side open
+        would otherwise see this end rotate until the close times out.
+        A rotation the peer starts is still followed.
+        """
+        if self._send.fin_wanted:
+            return
         current = self._generation
         if self._requested is not None:
             self._claim_request(self._requested)
