@@ -14,6 +14,7 @@ import random
 import shutil
 import struct
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -666,6 +667,37 @@ def test_an_unwritable_pcap_is_one_line_and_exit_2(
         f"{path}: No such file or directory"
     ]
     assert pcap.active is None
+
+
+def test_a_pcap_fifo_says_it_waits_for_its_reader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a live capture: the command opens the FIFO only once a reader
+    # has, and says so first instead of seeming to hang
+    fifo = tmp_path / "live"
+    os.mkfifo(fifo)
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(bytes(range(256)) * 64)
+    got = bytearray()
+
+    def read_all() -> None:
+        with open(fifo, "rb") as reader:
+            while chunk := reader.read(65536):
+                got.extend(chunk)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    status = cli_main.main(
+        ["demo", "--file", str(payload), "--pcap", str(fifo), "--quiet"]
+    )
+    reader.join(timeout=30)
+    assert status == 0
+    assert not reader.is_alive()
+    err = capsys.readouterr().err.splitlines()
+    assert f"mptls: waiting for a reader of the FIFO {fifo}" in err
+    # a whole capture came through: its header, then packets
+    assert got[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
+    assert len(got) > len(payload.read_bytes())
 
 
 @pytest.mark.parametrize("command", ["kernel", "workers"])

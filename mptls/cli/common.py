@@ -202,7 +202,22 @@ def pcap_capture(
                 f"--pcap {path} is the {option} file: the capture would "
                 "overwrite it"
             )
+    if _is_fifo(path):
+        # a live capture (wireshark -k -i FIFO): opening it waits for
+        # the reader, which would look like a hang without a word
+        print(
+            f"mptls: waiting for a reader of the FIFO {path}",
+            file=sys.stderr,
+            flush=True,
+        )
     return capture(path)
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def summarize_capture(capture: Capture, what: str = "") -> str:
