@@ -348,6 +348,15 @@ async def test_an_announced_address_refused_for_now_is_left(
     assert attempts.remotes.count(announced) == (2 if again else 1)
 
 
+def announce(paths: Paths, address_id: int) -> None:
+    """The peer announces 127.0.1.<address_id>, port 1."""
+    paths.address_announced(
+        events.AddressAnnounced(
+            address_id, ipaddress.IPv4Address(f"127.0.1.{address_id}"), 1
+        )
+    )
+
+
 async def test_announcements_open_no_more_connects_than_max_subflows(
     setup: tuple[Paths, FakeCore, FakeOwner, Attempts],
     caplog: pytest.LogCaptureFixture,
@@ -371,13 +380,6 @@ async def test_announcements_open_no_more_connects_than_max_subflows(
 
     loop.create_connection = pending  # type: ignore[method-assign]
 
-    def announce(address_id: int) -> None:
-        paths.address_announced(
-            events.AddressAnnounced(
-                address_id, ipaddress.IPv4Address(f"127.0.1.{address_id}"), 1
-            )
-        )
-
     async def until(condition: Callable[[], bool]) -> None:
         async with asyncio.timeout(10):
             while not condition():
@@ -387,7 +389,7 @@ async def test_announcements_open_no_more_connects_than_max_subflows(
                         await attempts.changed.wait()
 
     for address_id in range(1, 21):
-        announce(address_id)
+        announce(paths, address_id)
     await until(lambda: len(announced) >= 2)
     # the first subflow and two connects fill max_subflows
     assert announced == ["127.0.1.1", "127.0.1.2"]
@@ -395,7 +397,7 @@ async def test_announcements_open_no_more_connects_than_max_subflows(
     # the two connects fail: room for another
     connects.set_exception(ConnectionRefusedError("refused by the test"))
     await until(lambda: caplog.text.count("to 127.0.1.") >= 2)
-    announce(21)
+    announce(paths, 21)
     await until(lambda: len(announced) >= 3)
     assert announced == ["127.0.1.1", "127.0.1.2", "127.0.1.21"]
 
@@ -413,11 +415,7 @@ async def test_announcements_are_joined_no_faster_than_the_bucket(
     core.config.max_subflows = 100
     core.config.join_failure_rate = 1e-6
     for address_id in range(1, 41):
-        paths.address_announced(
-            events.AddressAnnounced(
-                address_id, ipaddress.IPv4Address(f"127.0.1.{address_id}"), 1
-            )
-        )
+        announce(paths, address_id)
 
     def joined() -> list[str]:
         return [r for r in attempts.remotes if r.startswith("127.0.1.")]
