@@ -519,9 +519,18 @@ async def run_in_thread(work: Callable[[], T]) -> T:
         try:
             result = work()
         except BaseException as exc:
-            loop.call_soon_threadsafe(fail, exc)
+            report(fail, exc)
         else:
-            loop.call_soon_threadsafe(succeed, result)
+            report(succeed, result)
+
+    def report(outcome: Callable[[Any], None], value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(outcome, value)
+        except RuntimeError:
+            # the caller gave up (a cancelled connect) and its loop is
+            # closed: nobody is left to tell, and a traceback from this
+            # thread would only puzzle the program that goes on
+            logger.debug("path work ended after its event loop closed")
 
     worker = threading.Thread(target=body, name="mptls-paths", daemon=True)
     worker.start()
