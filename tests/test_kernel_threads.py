@@ -1,4 +1,4 @@
-"""``run_in_thread``: path-manager work on a thread of its own.
+"""Path-manager work and event loops: ``run_in_thread``, ``PathManager``.
 
 Needs neither root nor kernel MPTCP: the work here is plain Python.
 """
@@ -6,11 +6,14 @@ Needs neither root nor kernel MPTCP: the work here is plain Python.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import warnings
 
 import pytest
 
-from mptls.backends.kernel.pathmanager import run_in_thread
+from mptls.backends.kernel.pathmanager import PathManager, run_in_thread
+from mptls.errors import PathError
 
 
 @pytest.mark.parametrize("outcome", ["returns", "raises"])
@@ -56,3 +59,37 @@ def test_result_and_error_reach_the_caller() -> None:
         return await run_in_thread(lambda: 7)
 
     assert asyncio.run(main()) == 7
+
+
+def test_path_manager_in_a_running_loop_says_what_to_do() -> None:
+    # pyroute2 fails there with "This event loop is already running"
+    # and a coroutine never awaited; the error names the way out instead
+    async def main() -> str:
+        with pytest.raises(PathError) as caught:
+            PathManager()
+        return str(caught.value)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        message = asyncio.run(main())
+        gc.collect()
+
+    assert "running event loop" in message
+    assert "run_in_thread" in message
+    assert [str(w.message) for w in seen] == []
+
+
+def test_path_manager_error_reaches_run_in_thread_callers() -> None:
+    # the same class in a thread run_in_thread starts gets past the check
+    # (opening netlink may still fail where MPTCP is missing)
+    def open_and_close() -> str:
+        try:
+            PathManager().close()
+        except PathError as exc:
+            return str(exc)
+        return "opened"
+
+    async def main() -> str:
+        return await run_in_thread(open_and_close)
+
+    assert "running event loop" not in asyncio.run(main())

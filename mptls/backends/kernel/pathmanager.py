@@ -172,6 +172,7 @@ class PathManager:
     """
 
     def __init__(self) -> None:
+        _refuse_running_loop()
         try:
             # pyroute2 ships neither stubs nor a py.typed marker
             from pyroute2 import MPTCP  # type: ignore[import-untyped]
@@ -421,6 +422,24 @@ class PathManager:
                 current.as_dict(),
             )
         return current
+
+
+def _refuse_running_loop() -> None:
+    """Raise :class:`PathError` in a thread that runs an event loop.
+
+    pyroute2's synchronous calls run a loop of their own, which asyncio
+    refuses inside a running one; they fail then with a bare "This
+    event loop is already running" and leave a coroutine never awaited.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise PathError(
+        "PathManager cannot run in a thread with a running event loop "
+        "(its netlink calls block); from async code, call it through "
+        "mptls.backends.kernel.pathmanager.run_in_thread"
+    )
 
 
 def parse_address(address: str) -> IPAddress:
