@@ -274,6 +274,31 @@ async def test_too_many_addresses_change_nothing(
     assert (await state(topology.client))[0] == []
 
 
+@pytest.mark.parametrize(
+    "address", ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255"]
+)
+async def test_no_endpoint_for_an_address_no_subflow_can_use(
+    topology: netns.Topology, address: str
+) -> None:
+    # the kernel takes them: a subflow endpoint that opens nothing, or a
+    # signal endpoint that announces 0.0.0.0, kept in the namespace
+    path0, path1 = topology.paths
+    with topology.client.entered(), pytest.raises(PathError, match=address):
+        await KernelBackend().create_connection(
+            asyncio.Protocol,
+            path0.server_address,
+            PORT,
+            local_addrs=[path0.client_address, path1.client_address, address],
+            manage_paths=True,
+        )
+    with topology.server.entered(), pytest.raises(PathError, match=address):
+        await KernelBackend().create_server(
+            asyncio.Protocol, None, PORT, announce=[address]
+        )
+    assert (await state(topology.client))[0] == []
+    assert (await state(topology.server))[0] == []
+
+
 async def test_count_includes_endpoints_already_there(
     topology: netns.Topology,
 ) -> None:

@@ -271,7 +271,7 @@ class PathManager:
     ) -> tuple[Endpoint, bool]:
         """The endpoint, and whether this call is what added it."""
         self._require_capability()
-        wanted = parse_address(address)
+        wanted = endpoint_address(address)
         fields: dict[str, Any] = {
             "addr4" if wanted.version == 4 else "addr6": str(wanted),
             "flags": int(flags),
@@ -448,12 +448,34 @@ def parse_address(address: str) -> IPAddress:
     return ipaddress.ip_address(address)
 
 
+def endpoint_address(address: str) -> IPAddress:
+    """``address`` as a value that can be an endpoint, else :class:`PathError`.
+
+    The kernel takes any address as an endpoint, also one that can be
+    no subflow's source nor anyone's destination: it would announce
+    ``0.0.0.0`` with ADD_ADDR, and the endpoint stays in the namespace.
+    """
+    value = parse_address(address)
+    if value.is_unspecified:
+        what = "the unspecified address"
+    elif value.is_multicast:
+        what = "a multicast address"
+    elif value == ipaddress.IPv4Address("255.255.255.255"):
+        what = "the broadcast address"
+    else:
+        return value
+    raise PathError(
+        f"{address} cannot be an MPTCP endpoint: it is {what}, and an "
+        "endpoint is a unicast address of this host"
+    )
+
+
 def _distinct(addresses: Sequence[str]) -> list[IPAddress]:
     # every address is parsed before any is added: a bad one later in
     # the list must not leave the earlier ones behind
     wanted: list[IPAddress] = []
     for address in addresses:
-        value = parse_address(address)
+        value = endpoint_address(address)
         if value not in wanted:
             wanted.append(value)
     return wanted
