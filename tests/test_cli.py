@@ -1833,6 +1833,23 @@ def test_announce_errors_name_the_option(
     ]
 
 
+def test_kernel_announce_with_another_port_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # the kernel announces a signal endpoint on each connection's own
+    # port: a port given here went nowhere, clients joined on --port
+    missing = str(tmp_path / "missing.pem")
+    argv = ["serve", "--backend", "kernel", "--port", "4433"]
+    argv += ["--announce", "127.0.0.2:5000", "--cert", missing]
+    argv += ["--key", missing]
+    assert cli_main.main(argv) == ExitStatus.USAGE
+    assert capsys.readouterr().err.splitlines() == [
+        "mptls: error: --announce 127.0.0.2:5000: the kernel backend "
+        "announces an address on the server's own port; give the address "
+        "alone"
+    ]
+
+
 def test_paths_of_the_other_ip_version_are_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

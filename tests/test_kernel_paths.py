@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import netns
 import pytest
+from support import COMMAND_TIMEOUT, close_pipes, readline_within
 
 from mptls.backends.kernel import KernelBackend
 from mptls.backends.kernel.pathmanager import (
@@ -173,3 +176,30 @@ async def test_extra_addresses_left_alone_without_manage_paths(
     transport.close()
     server.close()
     await server.wait_closed()
+
+
+def test_serve_announces_on_any_port(
+    topology: netns.Topology, tmp_path: Path
+) -> None:
+    # the kernel announces on each connection's own port, so --port 0
+    # needs no port per --announce (the userspace backend's does)
+    pki = netns.write_pki(str(tmp_path))
+    path1 = topology.paths[1]
+    command = [sys.executable, "-m", "mptls", "serve", "--backend", "kernel"]
+    command += ["--host", "0.0.0.0", "--port", "0"]
+    command += ["--announce", path1.server_address]
+    command += ["--cert", pki.server_pem, "--key", pki.server_pem]
+    server = topology.server.popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert server.stderr is not None
+    try:
+        line = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+        assert line.startswith("listening on 0.0.0.0:"), line
+        shown = topology.server.ip("mptcp", "endpoint", "show")
+        assert f"{path1.server_address} id" in shown and "signal" in shown
+    finally:
+        topology.server.stop_processes()
+        close_pipes(server)

@@ -231,7 +231,7 @@ async def serve(args: argparse.Namespace) -> None:
 async def _serve(args: argparse.Namespace) -> None:
     port = parse_port(args.port)
     host = await _listen_address(args.host)
-    announce = _announced(args.announce, port)
+    announce = _announced(args.announce, port, args.backend)
     tls = mptls.TLSConfig(
         certfile=str(existing_file(args.cert, "certificate file")),
         keyfile=str(existing_file(args.key, "key file")),
@@ -357,7 +357,9 @@ async def _listen_address(text: str) -> str:
     return str(found[0][4][0])
 
 
-def _announced(items: Sequence[str], port: int) -> list[tuple[str, int]]:
+def _announced(
+    items: Sequence[str], port: int, backend: str
+) -> list[tuple[str, int]]:
     """``--announce`` values; the port defaults to the server's own."""
     announced = []
     for item in items:
@@ -365,6 +367,17 @@ def _announced(items: Sequence[str], port: int) -> list[tuple[str, int]]:
             announced.append(parse_announce(item, port))
         except UsageError as exc:
             raise UsageError(f"--announce {item}: {exc}") from None
+    if backend == "kernel":
+        # a signal endpoint with no port: the kernel announces it on
+        # each connection's own port, whatever --port picked
+        for item, (_, announced_port) in zip(items, announced, strict=True):
+            if announced_port != port:
+                raise UsageError(
+                    f"--announce {item}: the kernel backend announces an "
+                    "address on the server's own port; give the address "
+                    "alone"
+                )
+        return announced
     if any(announced_port == 0 for _, announced_port in announced):
         raise UsageError(
             "with --port 0 each --announce needs its own port (IP:PORT)"
