@@ -203,3 +203,47 @@ def test_serve_announces_on_any_port(
     finally:
         topology.server.stop_processes()
         close_pipes(server)
+
+
+async def test_an_endpoint_bound_to_an_interface_is_read(
+    topology: netns.Topology,
+) -> None:
+    # 'ip mptcp endpoint add ADDRESS dev IFACE', as the kernel's own
+    # documentation writes them: reading one failed with a bare
+    # ValueError, which took down 'mptls info' and every manage_paths
+    # connect or announce in the namespace
+    backend = KernelBackend()
+    path0, path1 = topology.paths
+    topology.client.ip(
+        "mptcp", "endpoint", "add", path1.client_address,
+        "dev", path1.interface, "subflow",
+    )  # fmt: skip
+    index = int(
+        topology.client.run(
+            ["cat", f"/sys/class/net/{path1.interface}/ifindex"]
+        )
+    )
+    with topology.client.entered():
+        endpoints = await run_in_thread(list_endpoints)
+    assert [(e.address, e.interface) for e in endpoints] == [
+        (path1.client_address, index)
+    ]
+
+    report = json.loads(
+        topology.client.run([sys.executable, "-m", "mptls", "info", "--json"])
+    )
+    assert report["endpoints"][0]["interface"] == index
+
+    with topology.server.entered():
+        server = await backend.create_server(asyncio.Protocol, None, PORT)
+    with topology.client.entered():
+        transport, _ = await backend.create_connection(
+            asyncio.Protocol,
+            path0.server_address,
+            PORT,
+            local_addrs=[path0.client_address, path1.client_address],
+            manage_paths=True,
+        )
+    transport.close()
+    server.close()
+    await server.wait_closed()

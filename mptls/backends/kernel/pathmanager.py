@@ -19,6 +19,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -157,10 +158,26 @@ def _endpoint_from_message(message: Any) -> Endpoint | None:
         address=str(address),
         flags=int(attrs.get_attr("MPTCP_PM_ADDR_ATTR_FLAGS") or 0),
         port=attrs.get_attr("MPTCP_PM_ADDR_ATTR_PORT") or None,
-        interface=int(interface, 16)
-        if isinstance(interface, str)
-        else interface or None,
+        interface=_interface_index(interface),
     )
+
+
+def _interface_index(value: object) -> int | None:
+    """MPTCP_PM_ADDR_ATTR_IF_IDX, which pyroute2 hands over as a hex
+    dump of the attribute's bytes (``08:00:00:00``): a host-order s32,
+    0 or absent for an endpoint with no ``dev``."""
+    if isinstance(value, str):
+        try:
+            raw = bytes.fromhex(value.replace(":", ""))
+        except ValueError:
+            raise PathError(
+                f"netlink gave an endpoint interface index mptls cannot "
+                f"read: {value!r}"
+            ) from None
+        value = int.from_bytes(raw, sys.byteorder, signed=True)
+    if isinstance(value, int) and value > 0:
+        return value
+    return None
 
 
 class PathManager:
