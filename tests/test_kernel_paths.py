@@ -95,6 +95,39 @@ def test_without_net_admin_it_says_what_is_missing(
     )
 
 
+def test_refused_in_a_user_namespace_it_says_why(
+    topology: netns.Topology,
+) -> None:
+    # a user namespace's root has CAP_NET_ADMIN, so the check before
+    # sending passes, and the kernel answers EPERM: the error gave
+    # pyroute2's tuple, "(1, 'Operation not permitted')"
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a user namespace")
+    script = (
+        "from mptls.backends.kernel.pathmanager import PathManager\n"
+        "from mptls.errors import PathError\n"
+        "with PathManager() as paths:\n"
+        "    try:\n"
+        "        paths.add_endpoint('192.0.2.2')\n"
+        "    except PathError as exc:\n"
+        "        print(exc)\n"
+    )
+    in_user_namespace = ["unshare", "--user", "--map-root-user"]
+    try:
+        topology.server.run([*in_user_namespace, "true"])
+    except RuntimeError as exc:
+        pytest.skip(f"no user namespace here: {exc}")
+    output = topology.server.run(
+        [*in_user_namespace, sys.executable, "-c", script]
+    )
+    assert output.strip() == (
+        "netlink refused to add endpoint 192.0.2.2: Operation not "
+        "permitted (this process has CAP_NET_ADMIN, but not in the user "
+        "namespace that owns this network namespace)"
+    )
+    assert "192.0.2.2" not in topology.server.ip("mptcp", "endpoint", "show")
+
+
 def list_endpoints() -> tuple[Endpoint, ...]:
     with PathManager() as paths:
         return paths.endpoints()

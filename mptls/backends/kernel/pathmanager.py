@@ -19,6 +19,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -145,6 +146,23 @@ def missing_capability_reason() -> str:
     )
 
 
+def netlink_reason(exc: Exception) -> str:
+    """The system's words for a netlink error, where pyroute2's own
+    text is a tuple (``(1, 'Operation not permitted')``)."""
+    code = getattr(exc, "code", None)
+    if not isinstance(code, int) or code <= 0:
+        return str(exc)
+    reason = os.strerror(code)
+    if code == errno.EPERM and has_net_admin():
+        # the capability counts in the user namespace that owns the
+        # network namespace, which a user namespace's root is not in
+        reason += (
+            " (this process has CAP_NET_ADMIN, but not in the user "
+            "namespace that owns this network namespace)"
+        )
+    return reason
+
+
 def _endpoint_from_message(message: Any) -> Endpoint | None:
     attrs = message.get_attr("MPTCP_PM_ATTR_ADDR")
     if attrs is None:
@@ -227,7 +245,9 @@ class PathManager:
         except PathError:
             raise
         except Exception as exc:
-            raise PathError(f"netlink refused to {what}: {exc}") from exc
+            raise PathError(
+                f"netlink refused to {what}: {netlink_reason(exc)}"
+            ) from exc
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         """Every endpoint configured in this namespace."""
@@ -305,7 +325,8 @@ class PathManager:
         except Exception as exc:
             if getattr(exc, "code", None) != errno.EEXIST:
                 raise PathError(
-                    f"netlink refused to add endpoint {address}: {exc}"
+                    f"netlink refused to add endpoint {address}: "
+                    f"{netlink_reason(exc)}"
                 ) from exc
             # the kernel has this address (and port) already: a
             # concurrent add won, which is what this call wanted
