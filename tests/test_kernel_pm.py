@@ -299,6 +299,29 @@ async def test_no_endpoint_for_an_address_no_subflow_can_use(
     assert (await state(topology.server))[0] == []
 
 
+async def test_a_scoped_address_is_named_as_such(
+    topology: netns.Topology,
+) -> None:
+    # local_addrs take a link-local address with its scope id; as an
+    # extra path it was refused as "not a numeric IPv4 or IPv6 address"
+    path0 = topology.paths[0]
+    with (
+        topology.client.entered(),
+        pytest.raises(PathError, match="has a scope id") as caught,
+    ):
+        await KernelBackend().create_connection(
+            asyncio.Protocol,
+            path0.server_address,
+            PORT,
+            local_addrs=[path0.client_address, "fe80::1%lo"],
+            manage_paths=True,
+        )
+    assert "'ip mptcp endpoint add fe80::1 dev lo subflow'" in str(
+        caught.value
+    )
+    assert (await state(topology.client))[0] == []
+
+
 async def test_count_includes_endpoints_already_there(
     topology: netns.Topology,
 ) -> None:

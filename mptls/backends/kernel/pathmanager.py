@@ -20,6 +20,7 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -482,6 +483,15 @@ def _refuse_running_loop() -> None:
 
 def parse_address(address: str) -> IPAddress:
     """``address`` as a value; :class:`PathError` if not numeric."""
+    bare, percent, scope = address.partition("%")
+    if percent and numeric_family(bare) == socket.AF_INET6:
+        # a link-local address is an endpoint only with its interface
+        # (MPTCP_PM_ADDR_ATTR_IF_IDX), which mptls does not set
+        raise PathError(
+            f"{address} has a scope id, and mptls makes no endpoint for "
+            f"a scoped address; add it with 'ip mptcp endpoint add {bare} "
+            f"dev {scope} subflow' (or signal)"
+        )
     _family(address)
     return ipaddress.ip_address(address)
 
