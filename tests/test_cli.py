@@ -1850,6 +1850,42 @@ def test_kernel_announce_with_another_port_is_refused(
     ]
 
 
+@pytest.mark.parametrize(
+    ("host", "announce", "expected"),
+    [
+        # the announced address on the server's port gets its listener
+        ("192.0.2.2", [("198.51.100.2", 4433)], ["192.0.2.2", "198.51.100.2"]),
+        # on a port of its own the userspace server does not listen there
+        ("192.0.2.2", [("198.51.100.2", 5000)], "192.0.2.2"),
+        # a wildcard of the family covers it: a listener of its own there
+        # found the port in use
+        ("0.0.0.0", [("198.51.100.2", 4433)], "0.0.0.0"),
+        ("::", [("2001:db8::2", 4433)], "::"),
+        ("::", [("198.51.100.2", 4433)], ["::", "198.51.100.2"]),
+    ],
+)
+def test_listen_hosts_cover_the_announced_addresses(
+    host: str, announce: list[tuple[str, int]], expected: object
+) -> None:
+    assert netcat.listen_hosts(host, 4433, announce) == expected
+
+
+def test_kernel_announce_with_port_0_needs_a_wildcard_host(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # each listening address would get a port of its own, and joins go
+    # to the server's port at the announced address
+    missing = str(tmp_path / "missing.pem")
+    argv = ["serve", "--backend", "kernel", "--port", "0"]
+    argv += ["--announce", "127.0.0.2", "--cert", missing, "--key", missing]
+    assert cli_main.main(argv) == ExitStatus.USAGE
+    assert capsys.readouterr().err.splitlines() == [
+        "mptls: error: with --backend kernel and --port 0, --announce "
+        "needs a wildcard --host (0.0.0.0 or ::): joins reach an announced "
+        "address on the server's own port"
+    ]
+
+
 def test_paths_of_the_other_ip_version_are_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

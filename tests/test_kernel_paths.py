@@ -280,3 +280,43 @@ async def test_an_endpoint_bound_to_an_interface_is_read(
     transport.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_serve_on_one_address_takes_joins_to_the_announced_one(
+    topology: netns.Topology, tmp_path: Path
+) -> None:
+    # the kernel sends a join to an announced address to a listener
+    # there: serve listened on --host alone, so a client that followed
+    # the ADD_ADDR had its join refused and kept one subflow
+    pki = netns.write_pki(str(tmp_path))
+    path0, path1 = topology.paths
+    command = [sys.executable, "-m", "mptls", "serve", "--backend", "kernel"]
+    command += ["--host", path0.server_address, "--port", str(PORT)]
+    command += ["--announce", path1.server_address]
+    command += ["--cert", pki.server_pem, "--key", pki.server_pem]
+    server = topology.server.popen(
+        command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert server.stderr is not None
+    # the client follows one ADD_ADDR with one subflow
+    topology.client.ip(
+        "mptcp", "limits", "set", "add_addr_accepted", "1", "subflows", "1"
+    )
+    backend = KernelBackend()
+    try:
+        line = readline_within(server.stderr, COMMAND_TIMEOUT).decode()
+        assert line.startswith("listening on"), line
+        with topology.client.entered():
+            transport, _ = await backend.create_connection(
+                asyncio.Protocol, path0.server_address, PORT
+            )
+        await _wait_for_subflows(backend, transport, 2)
+        remotes = {
+            subflow.remote_address[0]
+            for subflow in backend.info(transport).subflows
+        }
+        assert remotes == {path0.server_address, path1.server_address}
+        transport.close()
+    finally:
+        topology.server.stop_processes()
+        close_pipes(server)

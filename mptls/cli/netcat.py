@@ -232,6 +232,18 @@ async def _serve(args: argparse.Namespace) -> None:
     port = parse_port(args.port)
     host = await _listen_address(args.host)
     announce = _announced(args.announce, port, args.backend)
+    if (
+        args.backend == "kernel"
+        and port == 0
+        and isinstance(listen_hosts(host, port, announce), list)
+    ):
+        # one listener per address, each on a port of its own: joins,
+        # sent to the first one's, would find no listener
+        raise UsageError(
+            "with --backend kernel and --port 0, --announce needs a "
+            "wildcard --host (0.0.0.0 or ::): joins reach an announced "
+            "address on the server's own port"
+        )
     tls = mptls.TLSConfig(
         certfile=str(existing_file(args.cert, "certificate file")),
         keyfile=str(existing_file(args.key, "key file")),
@@ -249,7 +261,7 @@ async def _serve(args: argparse.Namespace) -> None:
             )
         # the workers listen where clients are told to join, as one
         # process does
-        hosts = _listen_hosts(host, port, announce, args.backend)
+        hosts = listen_hosts(host, port, announce)
         await _serve_workers(args, hosts, port, tls, options)
         return
     files = {"--cert": args.cert, "--key": args.key}
@@ -304,7 +316,7 @@ async def _serve_one(
 
     server = await mptls.start_server(
         on_client,
-        _listen_hosts(host, port, announce, args.backend),
+        listen_hosts(host, port, announce),
         port,
         ssl=tls,
         **options,
@@ -385,20 +397,25 @@ def _announced(
     return announced
 
 
-def _listen_hosts(
-    host: str,
-    port: int,
-    announce: Sequence[tuple[str, int]],
-    backend: str,
+def listen_hosts(
+    host: str, port: int, announce: Sequence[tuple[str, int]]
 ) -> str | list[str]:
-    """The userspace server also listens where it tells clients to join:
-    an announced address on its own port is useless otherwise."""
-    if backend != "userspace":
-        return host
+    """Where the server listens: ``host``, and where it tells clients to
+    join on its own port, which a join reaches no listener at otherwise
+    (the kernel's too); a wildcard ``host`` already covers its family's
+    addresses, and a listener of its own there would find the port in
+    use."""
     hosts = [host]
+    listening = ipaddress.ip_address(host)
     for address, announced_port in announce:
-        if announced_port == port and address not in hosts:
-            hosts.append(address)
+        if announced_port != port or address in hosts:
+            continue
+        announced = ipaddress.ip_address(address)
+        if listening.is_unspecified and (
+            announced.version == listening.version
+        ):
+            continue
+        hosts.append(address)
     return hosts if len(hosts) > 1 else host
 
 

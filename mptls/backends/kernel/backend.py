@@ -302,7 +302,8 @@ class KernelBackend(Backend):
 
         ``announce``: addresses to add as kernel ``signal`` endpoints
         (ADD_ADDR to every peer; needs CAP_NET_ADMIN). Joins to an
-        announced address reach only a wildcard listener (``host=None``).
+        announced address reach only a listener there: a wildcard one
+        (``host=None``) or one on that address, on the same port.
         """
         _check_options(options, SERVER_OPTIONS)
         announce = _check_announce(options.get("announce"))

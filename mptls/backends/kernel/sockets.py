@@ -337,10 +337,10 @@ async def listening_sockets(
     """Bound MPTCP sockets for ``host``; both families when ``None``.
 
     They listen once an asyncio server serves on them (with its
-    ``backlog``), as its own sockets do. A wildcard listener is what
-    takes joins aimed at an address the server announced with ADD_ADDR,
-    so ``host=None`` suits a server that announces more than one
-    address.
+    ``backlog``), as its own sockets do. Joins aimed at an address the
+    server announced with ADD_ADDR reach only a listener there (a
+    wildcard one, or one on that address and port), so ``host=None``
+    suits a server that announces more than one address.
     """
     hosts: list[str | None] = []
     if host is None or isinstance(host, str):
