@@ -653,6 +653,26 @@ def test_kernel_backend_refuses_a_mode(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("verbose", [True, False])
+def test_kernel_paths_left_to_the_kernel_are_named(verbose: bool) -> None:
+    # with --backend kernel and no --manage-paths, the extra --paths go
+    # to the kernel's endpoints, which may hold none of them: -v showed
+    # one subflow and nothing of why
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    argv = ["connect", "--backend", "kernel", "127.0.0.1", str(port)]
+    argv += ["--paths", "127.0.0.1,127.0.0.2,127.0.0.3", "--insecure"]
+    result = run_mptls(*argv, *(["-v"] if verbose else []))
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode != 0
+    hint = (
+        "paths 127.0.0.2, 127.0.0.3 left to the kernel's endpoints "
+        "(--manage-paths adds them)"
+    )
+    assert (hint in lines) is verbose
+
+
 def test_demo_with_a_missing_file_exits_2(tmp_path: Path) -> None:
     result = run_mptls("demo", "--file", str(tmp_path / "absent.bin"))
     assert result.returncode == 2

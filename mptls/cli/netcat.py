@@ -600,6 +600,17 @@ async def connect(args: argparse.Namespace) -> None:
     if args.verbose:
         # rejoin attempts after a lost path are detail for -v
         logging.getLogger("mptls.userspace").setLevel(logging.INFO)
+    extra_paths = list(paths or ())[1:]
+    if args.backend == "kernel" and not args.manage_paths and extra_paths:
+        # the kernel opens subflows from its endpoints alone: without
+        # this line -v showed one subflow and no reason
+        _status(
+            args.verbose,
+            [
+                f"paths {', '.join(extra_paths)} left to the kernel's "
+                "endpoints (--manage-paths adds them)"
+            ],
+        )
     files = {"--cafile": cafile}
     with pcap_capture(args.pcap, args.backend, files) as capture:
         await _converse(args, port, paths, tls)
