@@ -498,3 +498,29 @@ async def _leave_while_paused(pki: netns.ServerPki, how: str) -> None:
         await until(lambda: is_paused(reader), "the reader's pause")
         await leave(writer, how)
         assert writer.transport.is_closing()
+
+
+async def test_mptcp_info_of_a_connection_reset_before_it_was_asked(
+    pki: netns.ServerPki,
+) -> None:
+    # the kernel forgets a closed socket: a first get_extra_info("mptcp")
+    # after a reset raised BackendError instead of the connection's info
+    async def reset(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.transport.abort()
+
+    async with kernel_serving(reset, pki) as port:
+        reader, writer = await kernel_client(pki, port)
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(reader.read(), 10)
+        await until(
+            lambda: writer.get_extra_info("socket").fileno() < 0,
+            "the client's socket closed",
+        )
+        info = writer.get_extra_info("mptcp")
+        writer.close()
+    assert info.mode == "kernel"
+    assert info.local_token is not None
+    assert info.subflows == ()
+    assert info.keys_installed is False

@@ -382,13 +382,21 @@ class KernelBackend(Backend):
             result.installed,
         )
         self._installs[transport] = (result, keys.fingerprint())
+        if sock is not None:
+            # a first snapshot, so that info() has one to give once the
+            # socket is gone, whenever the application first asks
+            try:
+                self._snapshots[transport] = self._read(transport, sock)
+            except (OSError, BackendError) as exc:
+                logger.debug("no first snapshot of the connection: %s", exc)
         return result
 
     def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
         """The kernel's view of the connection behind ``transport``.
 
         Once the socket is closed the kernel has nothing left to say: the
-        last snapshot taken is returned, without subflows.
+        last snapshot taken (the first one at :meth:`install_keys`) is
+        returned, without subflows.
         """
         sock = _transport_socket(transport)
         if sock is None:
