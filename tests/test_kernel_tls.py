@@ -32,9 +32,12 @@ from support import (
 
 import mptls
 from mptls.aio.protocol import TLSProtocol
-from mptls.backends.base import Server
+from mptls.backends.base import KeyInstall, Server
+from mptls.backends.kernel.backend import KernelBackend
+from mptls.backends.kernel.keys import KernelKeyHook, KeySupport
 from mptls.errors import KeysUnavailableError
 from mptls.tls.config import TLSConfig
+from mptls.tls.keys import KeyMaterial
 
 pytestmark = pytest.mark.kernel
 
@@ -350,16 +353,38 @@ async def test_a_close_the_peer_never_answers_ends_in_a_timeout(
     assert "ssl_shutdown_timeout" in str(caught.value)
 
 
+class KeysThatFail(KernelKeyHook):
+    """A hook that may install keys, as a patched kernel's would, and
+    fails on every connection."""
+
+    def support(self) -> KeySupport:
+        return KeySupport(True, "a hook of the tests")
+
+    def install(self, sock: socket.socket, keys: KeyMaterial) -> KeyInstall:
+        return KeyInstall(installed=False, reason="refused by the test")
+
+
 async def test_require_app_keys_fails_before_application_data(
     pki: netns.ServerPki,
 ) -> None:
     echo = EchoServer()
+    # no released kernel takes the keys: neither end tries at all
+    with pytest.raises(KeysUnavailableError, match="no interface"):
+        await kernel_server(echo.handle, pki, require_app_keys=True)
     server = await kernel_server(echo.handle, pki)
     port = server.sockets[0].getsockname()[1]
     with pytest.raises(KeysUnavailableError, match="no interface"):
         await kernel_client(pki, port, require_app_keys=True)
-    # the server side requires them too and refuses the same way
-    strict = await kernel_server(echo.handle, pki, require_app_keys=True)
+    # a hook that may install keys, and does not on this connection: the
+    # server refuses the connection before the application sees a byte
+    strict = await mptls.start_server(
+        echo.handle,
+        "127.0.0.1",
+        0,
+        ssl=TLSConfig(certfile=pki.server_pem),
+        backend=KernelBackend(key_hook=KeysThatFail()),
+        require_app_keys=True,
+    )
     strict_port = strict.sockets[0].getsockname()[1]
     reader, writer = await kernel_client(pki, strict_port)
     writer.write(b"must not arrive\n")
@@ -367,7 +392,7 @@ async def test_require_app_keys_fails_before_application_data(
         line = await asyncio.wait_for(reader.readline(), 10)
         if not line:
             raise ConnectionError("closed without an answer")
-    assert all(line == b"" for line in echo.received)
+    assert echo.received == []
     writer.close()
     for one in (server, strict):
         one.close()

@@ -32,6 +32,7 @@ from mptls.errors import (
     BackendError,
     ConfigurationError,
     ConnectError,
+    KeysUnavailableError,
     MptlsError,
     shown_value,
 )
@@ -263,6 +264,20 @@ def _default_server_hostname(host: str | None) -> str | None:
     return host.strip("[]")
 
 
+def _refuse_keyless(backend: Backend, require_app_keys: bool) -> None:
+    """``require_app_keys`` on a backend that can install keys on no
+    connection: refused before anything is tried. A server would
+    complete every TLS handshake only to drop each client after it."""
+    if not require_app_keys:
+        return
+    reason = backend.keys_unavailable()
+    if reason is not None:
+        raise KeysUnavailableError(
+            "TLS-derived MPTCP keys are required but the "
+            f"{backend.name} backend cannot install them: {reason}"
+        )
+
+
 async def create_connection(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     host: str | None = None,
@@ -285,7 +300,9 @@ async def create_connection(
     ``local_addrs`` lists local addresses: the first carries the first
     subflow, each further one an extra subflow. ``require_app_keys``
     fails the connection before any application data if the backend
-    cannot install the TLS-derived keys. ``ssl_handshake_timeout`` bounds
+    cannot install the TLS-derived keys (before connecting at all, with
+    :class:`~mptls.errors.KeysUnavailableError`, on a backend that can
+    install them on no connection). ``ssl_handshake_timeout`` bounds
     the TLS handshake (``None``: the default, 30 s, as asyncio takes
     ``None`` for its own; never no limit). ``ssl_shutdown_timeout`` is how
     long a close waits for the peer's close_notify over a socket
@@ -305,6 +322,7 @@ async def create_connection(
     if server_hostname is None:
         server_hostname = _default_server_hostname(host)
     backend_obj = _resolve_backend(backend)
+    _refuse_keyless(backend_obj, require_app_keys)
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[TLSTransport] = loop.create_future()
 
@@ -397,6 +415,7 @@ async def create_server(
     check_bool("require_app_keys", require_app_keys)
     context, _ = to_openssl_context(ssl, server_side=True)
     backend_obj = _resolve_backend(backend)
+    _refuse_keyless(backend_obj, require_app_keys)
     _bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)
 
     def tls_factory() -> TLSProtocol:

@@ -554,6 +554,15 @@ class Backend(abc.ABC):
     ) -> Server:
         """Listen for MPTCP connections; like ``loop.create_server``."""
 
+    def keys_unavailable(self) -> str | None:
+        """Why this backend can install TLS-derived keys on no
+        connection at all, or ``None`` when it may on some.
+
+        ``require_app_keys=True`` is refused up front with this reason,
+        before any connection is tried or accepted.
+        """
+        return None
+
     @abc.abstractmethod
     def install_keys(
         self,

@@ -355,6 +355,10 @@ class KernelBackend(Backend):
             raise
         return MultiServer(loop, servers, made)
 
+    def keys_unavailable(self) -> str | None:
+        support = self.key_hook.support()
+        return None if support.supported else support.reason
+
     def install_keys(
         self,
         transport: asyncio.BaseTransport,
