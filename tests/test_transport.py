@@ -103,6 +103,64 @@ async def test_a_paused_reader_keeps_copies_of_lent_views() -> None:
     assert core.consumed_bytes == 6
 
 
+class Calls(Recorder):
+    """A Recorder that also notes what each call brought."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[bytes]] = []
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.calls.append([data])
+
+    def data_received_many(self, chunks: list[bytes]) -> None:
+        super().data_received_many(chunks)
+        self.calls.append([bytes(chunk) for chunk in chunks])
+
+
+async def test_a_resumed_reader_takes_each_held_read_in_one_call() -> None:
+    # the frames of one socket read reach a paused reader on resume in
+    # one call, as they would have while it read: one TLS pass each
+    transport, core, _ = make_transport()
+    protocol = Calls()
+    transport.set_protocol(protocol)
+    transport.pause_reading()
+    read = bytearray(b"abcdef")
+    transport._on_data([memoryview(read)[:2], memoryview(read)[2:]])
+    read[:] = b"ghijkl"
+    transport._on_data([memoryview(read)[:1], memoryview(read)[1:]])
+    transport._on_data([memoryview(read)[:3]])
+    read[:] = b"XXXXXX"
+    assert protocol.calls == [] and core.consumed_bytes == 0
+    transport.resume_reading()
+    assert protocol.calls == [[b"ab", b"cdef"], [b"g", b"hijkl"], [b"ghi"]]
+    assert core.consumed_bytes == 15
+
+
+async def test_a_plain_reader_pausing_in_a_held_read_keeps_the_rest() -> None:
+    # a protocol without data_received_many takes a held read a frame
+    # at a time: a pause after one frame leaves the others held, and
+    # the window opens only for what it took
+    transport, core, _ = make_transport()
+    received: list[bytes] = []
+
+    class PausesOnce(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            received.append(data)
+            if len(received) == 1:
+                transport.pause_reading()
+
+    transport.set_protocol(PausesOnce())
+    transport.pause_reading()
+    transport._on_data([memoryview(b"ab"), memoryview(b"cd")])
+    transport._on_data([memoryview(b"ef")])
+    transport.resume_reading()
+    assert received == [b"ab"] and core.consumed_bytes == 2
+    transport.resume_reading()
+    assert received == [b"ab", b"cd", b"ef"] and core.consumed_bytes == 6
+
+
 async def test_a_reading_protocol_gets_the_views_at_once() -> None:
     transport, core, protocol = make_transport()
     read = bytearray(b"abcdef")

@@ -32,6 +32,7 @@ from mptls.backends.userspace.backend import (
     _FirstSubflow,
     _shared_client_tokens,
 )
+from mptls.mptcp.config import ConnectionConfig
 from mptls.mptcp.framing import NOT_MPTLS_REPLY, PREAMBLE, Segment
 from mptls.mptcp.options import Dss
 from mptls.mptcp.state import options_of
@@ -948,6 +949,69 @@ async def test_a_paused_reader_gets_everything_after_a_clean_end(
         writer.close()
         await writer.wait_closed()
     assert received == answer
+
+
+def held_bytes(multipath: Any) -> int:
+    """What a multipath transport holds below its paused reader."""
+    return sum(sum(map(len, pieces)) for pieces in multipath._held)
+
+
+async def test_a_peer_reset_while_paused_reaches_the_reader(pki: Pki) -> None:
+    # the server aborts while the client's reader is paused with data
+    # held below it: the reader is told of the reset, and what it read
+    # before it is the start of what was sent
+    answer = random.Random(12).randbytes(3 * ConnectionConfig().receive_window)
+    held = asyncio.Event()
+
+    async def stream_then_abort(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(answer)
+        await held.wait()
+        writer.transport.abort()
+
+    served = await serve(pki, stream_then_abort)
+    assert served.server is not None
+    async with served.server:
+        reader, writer = await open_one_path(pki, served.port)
+        assert await reader.readexactly(10) == answer[:10]
+        await until(lambda: is_paused(reader), "the reader's pause")
+        multipath = multipath_of(writer)
+        await until(lambda: held_bytes(multipath), "data held below")
+        held.set()
+        await until(lambda: multipath._closed, "the reset")
+        got = b""
+        with pytest.raises((ConnectionError, mptls.MptlsError)):
+            while chunk := await asyncio.wait_for(reader.read(1 << 16), 20):
+                got += chunk
+        writer.close()
+    assert answer.startswith(answer[:10] + got)
+
+
+async def test_a_paused_reader_gets_several_windows_whole_and_in_order(
+    pki: Pki,
+) -> None:
+    # the server sends three windows at once; the client's reader stops
+    # after ten bytes while socket reads pile up below it (no more than
+    # a window), then takes the rest, pausing again and again on its
+    # way: every byte arrives, once and in order
+    window = ConnectionConfig().receive_window
+    answer = random.Random(11).randbytes(3 * window)
+    served = await serve(pki, answer_streamer(answer))
+    assert served.server is not None
+    async with served.server:
+        reader, writer = await open_one_path(pki, served.port)
+        assert await reader.readexactly(10) == answer[:10]
+        await until(lambda: is_paused(reader), "the reader's pause")
+        multipath = multipath_of(writer)
+        await until(
+            lambda: len(multipath._held) > 1, "reads held below the reader"
+        )
+        assert held_bytes(multipath) <= window
+        rest = await asyncio.wait_for(reader.readexactly(len(answer) - 10), 20)
+        writer.close()
+        await writer.wait_closed()
+    assert rest == answer[10:]
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])

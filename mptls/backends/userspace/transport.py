@@ -113,9 +113,10 @@ class MultipathTransport(asyncio.Transport):
         # end may refuse it as well as the peer
         self.last_join_refusal: events.JoinRefused | None = None
         self._protocol: asyncio.Protocol | None = None
-        # what arrived while reading was paused, one piece per frame (a
-        # peer may send a byte per frame): a deque, taken from the left
-        self._held: deque[bytes] = deque()
+        # what arrived while reading was paused: one entry per socket
+        # read, its frames' payloads (a peer may send a byte per frame,
+        # each in a read of its own): a deque, taken from the left
+        self._held: deque[list[bytes]] = deque()
         self._held_eof = False
         # the connection ended cleanly while the paused reader still had
         # held data: connection_lost waits until it has taken it
@@ -384,7 +385,8 @@ class MultipathTransport(asyncio.Transport):
                 self._on_data_piece(data)
             return
         if not self._reading or self._held:
-            self._held.extend(map(bytes, batch))
+            # handed over as they came, in one call again on resume
+            self._held.append(list(map(bytes, batch)))
             return
         many(batch)
         self._core.consumed(sum(map(len, batch)))
@@ -394,7 +396,7 @@ class MultipathTransport(asyncio.Transport):
             self._core.consumed(len(data))
             return
         if not self._reading or self._held or self._protocol is None:
-            self._held.append(bytes(data))
+            self._held.append([bytes(data)])
             return
         self._protocol.data_received(bytes(data))
         self._core.consumed(len(data))
@@ -870,8 +872,8 @@ class MultipathTransport(asyncio.Transport):
         # window opens) or the DATA_FIN is queued now: after a
         # write_final (a TLS close) nothing is left for a flush to send
         changed = bool(self._held)
-        for data in self._held:
-            self._core.consumed(len(data))
+        for pieces in self._held:
+            self._core.consumed(sum(map(len, pieces)))
         self._held.clear()
         if not self._eof_written:
             self._eof_written = True
@@ -968,9 +970,7 @@ class MultipathTransport(asyncio.Transport):
             return
         self._reading = True
         while self._held and self._reading and self._protocol is not None:
-            data = self._held.popleft()
-            self._protocol.data_received(data)
-            self._core.consumed(len(data))
+            self._resume_held(self._protocol, self._held.popleft())
         if self._held_eof and not self._held and self._reading:
             self._deliver_eof()
         if self._lost_after_held and not (self._held or self._held_eof):
@@ -980,6 +980,24 @@ class MultipathTransport(asyncio.Transport):
                     self._call_connection_lost, self._protocol, None
                 )
         self.process()
+
+    def _resume_held(
+        self, protocol: asyncio.Protocol, pieces: list[bytes]
+    ) -> None:
+        # one socket read's pieces in one call, as a reading protocol
+        # gets them: one TLS pass, not one per frame
+        many = getattr(protocol, "data_received_many", None)
+        if many is not None and len(pieces) > 1:
+            many(pieces)
+            self._core.consumed(sum(map(len, pieces)))
+            return
+        # one at a time: a pause between two stops at a frame's end
+        for index, data in enumerate(pieces):
+            if not self._reading or self._protocol is not protocol:
+                self._held.appendleft(pieces[index:])
+                return
+            protocol.data_received(data)
+            self._core.consumed(len(data))
 
     def get_write_buffer_size(self) -> int:
         return self._core.send_pending
