@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -1948,6 +1949,40 @@ def test_an_unreadable_file_is_refused_before_the_demo_starts(
     assert result.stderr.decode().splitlines() == [
         f"mptls: error: cannot read the file {unreadable}: {reason}"
     ]
+    assert b"sending" not in result.stdout
+
+
+def test_demo_without_net_admin_refuses_manage_paths_before_it_starts(
+    tmp_path: Path,
+) -> None:
+    # it printed "sending ..." and failed once the kernel connect asked
+    # for endpoints; without the capability nothing changes either way
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop CAP_NET_ADMIN")
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"x" * 1000)
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-net_admin",
+            sys.executable,
+            "-m",
+            "mptls",
+            "demo",
+            "--backend",
+            "kernel",
+            "--manage-paths",
+            "--file",
+            str(payload),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("mptls: error: --manage-paths: ")
+    assert "CAP_NET_ADMIN" in line
     assert b"sending" not in result.stdout
 
 

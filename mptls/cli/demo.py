@@ -13,9 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mptls.backends.kernel.pathmanager import (
+    has_net_admin,
+    missing_capability_reason,
+)
 from mptls.cli.archive import existing_payload, stdlib_archive
 from mptls.cli.common import (
     ExitStatus,
+    UsageError,
     add_backend_arguments,
     add_pcap_argument,
     existing_file,
@@ -89,6 +94,10 @@ def run(args: argparse.Namespace) -> ExitStatus:
         manage_paths=args.manage_paths,
         rotate_every=args.rotate_every,
     )
+    if args.backend == "kernel" and args.manage_paths and not has_net_admin():
+        # refused before "sending ...": the kernel connect would fail
+        # on it only once the demo had started
+        raise UsageError(f"--manage-paths: {missing_capability_reason()}")
     given = existing_file(args.file, "file") if args.file else None
     console = stdout_console()
     quiet = args.quiet or args.json
