@@ -370,6 +370,34 @@ def test_permutation_checks_its_domain() -> None:
     assert permutation.forward_many(3, 0) == []
 
 
+@pytest.mark.parametrize("start", [-1, 257, 2**100, "0", 1.0, None])
+def test_an_empty_batch_still_checks_its_start(start: Any) -> None:
+    # a count of 0 returned [] before anything was checked, so a start
+    # that any other count refused went through unseen
+    permutation = SerialPermutation(SECRET, 8)
+    with pytest.raises(ConfigurationError, match="domain"):
+        permutation.forward_many(start, 0)
+    with pytest.raises(ConfigurationError, match="domain"):
+        permutation.forward_bytes(start, 0, length=4)
+
+
+def test_an_empty_batch_may_start_where_the_domain_ends() -> None:
+    permutation = SerialPermutation(SECRET, 8)
+    assert permutation.forward_many(256, 0) == []
+    assert permutation.forward_bytes(256, 0, length=4) == ()
+    with pytest.raises(ConfigurationError, match="domain"):
+        permutation.forward_many(256, 1)
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_a_bad_prefix_is_refused_whatever_the_count(count: int) -> None:
+    permutation = SerialPermutation(SECRET, 8)
+    with pytest.raises(ConfigurationError, match="overlaps"):
+        permutation.forward_bytes(0, count, prefix=1, length=4)
+    with pytest.raises(ConfigurationError, match="unsigned 32-bit"):
+        permutation.forward_bytes(0, count, prefix=-1, length=4)
+
+
 def test_a_batch_too_big_to_make_is_refused_before_it_is_made() -> None:
     # forward_many(0, 2**40) asked for a piece of 2**32 values at once
     # and failed with a MemoryError

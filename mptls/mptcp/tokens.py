@@ -347,14 +347,14 @@ class SerialPermutation:
             raise ConfigurationError(
                 f"a {self._bits}-bit value does not fit in {length} bytes"
             )
-        if not self._check_batch(start, count):
-            return ()
         if not isinstance(prefix, int) or not 0 <= prefix < 1 << 8 * length:
             raise ConfigurationError(
                 f"prefix must be an unsigned {8 * length}-bit int"
             )
         if prefix & ((1 << self._bits) - 1):
             raise ConfigurationError("prefix overlaps the serial bits")
+        if not self._check_batch(start, count):
+            return ()
         blobs: list[bytes] = []
         for size, images in self._forward_run(start, count, prefix, length):
             blobs += _blobs(size, length).unpack(images)
@@ -372,10 +372,16 @@ class SerialPermutation:
                 f"count must be at most {MAX_BATCH} per call, got "
                 f"{shown_value(count)}; ask for a run in several calls"
             )
-        if count == 0:
+        end = 1 << self._bits
+        # an empty run may start where the domain ends, as range(end, end)
+        # does; any other start is checked, so that a bad one is not
+        # accepted only while the count is 0
+        if count == 0 and isinstance(start, int) and start == end:
             return False
         self._check(start)
-        left = (1 << self._bits) - start
+        if count == 0:
+            return False
+        left = end - start
         if count > left:
             raise ConfigurationError(
                 f"a run of {count} from start leaves the {self._bits}-bit "
