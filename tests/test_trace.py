@@ -12,8 +12,10 @@ import logging
 import os
 import random
 import shutil
+import signal
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from pcapfile import (
 from pki import Pki
 from support import (
     COMMAND_TIMEOUT,
+    close_pipes,
+    readline_within,
     run_mptls,
     served_by,
     serving,
@@ -698,6 +702,39 @@ def test_a_pcap_fifo_says_it_waits_for_its_reader(
     # a whole capture came through: its header, then packets
     assert got[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")
     assert len(got) > len(payload.read_bytes())
+
+
+@pytest.mark.parametrize("command", ["connect", "serve"])
+def test_an_interrupt_ends_the_wait_for_a_pcap_fifo_reader(
+    command: str, certs: Path, tmp_path: Path
+) -> None:
+    # serve and connect opened the capture inside their event loop: the
+    # open of a FIFO with no reader blocked the loop, and asyncio's
+    # SIGINT handler, which only cancels the command, never ended it
+    fifo = tmp_path / "live"
+    os.mkfifo(fifo)
+    argv = {
+        "connect": ["connect", "127.0.0.1", "9"],
+        "serve": served_by(certs),
+    }[command]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mptls", *argv, "--pcap", str(fifo)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        line = readline_within(process.stderr, COMMAND_TIMEOUT).decode()
+        assert line == f"mptls: waiting for a reader of the FIFO {fifo}\n"
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=COMMAND_TIMEOUT)
+        assert status == cli_main.ExitStatus.INTERRUPTED
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=COMMAND_TIMEOUT)
+        close_pipes(process)
 
 
 @pytest.mark.parametrize("command", ["kernel", "workers"])

@@ -9,6 +9,7 @@ never prints key material: commands show key fingerprints only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -17,7 +18,13 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from enum import IntEnum
 from pathlib import Path
 from typing import IO, Any, cast
@@ -211,6 +218,50 @@ def pcap_capture(
             flush=True,
         )
     return capture(path)
+
+
+@contextlib.asynccontextmanager
+async def running_pcap_capture(
+    path: str | None,
+    backend: str,
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> AsyncIterator[Capture | None]:
+    """:func:`pcap_capture` for a command already in its event loop.
+
+    Opening a FIFO waits for its reader, and a wait inside the loop
+    would hold the loop, so that a signal could not end the command
+    meanwhile: the reader is awaited here, and the capture opens once
+    it is there.
+    """
+    context = pcap_capture(path, backend, inputs)
+    held = await _fifo_reader(path) if path and _is_fifo(path) else None
+    try:
+        with context as running:
+            if held is not None:
+                # the capture holds the FIFO open now
+                os.close(held)
+                held = None
+            yield running
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+# how often a command that waits for a FIFO's reader looks for one
+_FIFO_POLL = 0.05
+
+
+async def _fifo_reader(path: str) -> int | None:
+    """A write end of the FIFO ``path`` once it has a reader, or None
+    when it cannot be opened at all (the capture then says why)."""
+    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    while True:
+        try:
+            return os.open(path, flags)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                return None
+        await asyncio.sleep(_FIFO_POLL)
 
 
 def _is_fifo(path: str) -> bool:

@@ -41,7 +41,7 @@ from mptls.cli.common import (
     parse_announce,
     parse_paths,
     parse_port,
-    pcap_capture,
+    running_pcap_capture,
     server_options,
     status_lines_from,
     stderr_console,
@@ -265,7 +265,7 @@ async def _serve(args: argparse.Namespace) -> None:
         await _serve_workers(args, hosts, port, tls, options)
         return
     files = {"--cert": args.cert, "--key": args.key}
-    with pcap_capture(args.pcap, args.backend, files) as capture:
+    async with running_pcap_capture(args.pcap, args.backend, files) as capture:
         await _serve_one(args, host, port, announce, tls, options)
     _capture_status(args.verbose, capture)
 
@@ -612,7 +612,7 @@ async def connect(args: argparse.Namespace) -> None:
             ],
         )
     files = {"--cafile": cafile}
-    with pcap_capture(args.pcap, args.backend, files) as capture:
+    async with running_pcap_capture(args.pcap, args.backend, files) as capture:
         await _converse(args, port, paths, tls)
     _capture_status(args.verbose, capture)
 
