@@ -284,6 +284,29 @@ async def test_a_peer_that_leaves_unrefused_is_no_line(
     assert line.startswith(f"refused 127.0.0.1:{local}: ")
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [b"MPTLS", PREAMBLE, PREAMBLE + b"\x02\x10"],
+    ids=["part of the preamble", "the preamble", "part of a frame"],
+)
+async def test_a_peer_that_leaves_in_its_first_frame_is_one_line(
+    pki: Pki,
+    lines: Callable[[], list[str]],
+    fresh_log: RefusalLog,
+    sent: bytes,
+) -> None:
+    # unlike a port scan it sent something: a first frame cut short (a
+    # balancer's inspection given up, a client killed) is news
+    async with served(pki) as port:
+        local, answer = await raw_exchange(port, sent)
+        await wait_for_line(lines)
+    assert answer == b""
+    assert lines() == [
+        f"refused 127.0.0.1:{local}: the connection ended before its "
+        "first frame was whole"
+    ]
+
+
 async def test_silence_past_the_handshake_limit_names_no_keyword(
     pki: Pki, lines: Callable[[], list[str]], fresh_log: RefusalLog
 ) -> None:

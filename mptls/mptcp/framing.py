@@ -259,6 +259,12 @@ class SegmentDecoder:
         """Bytes received and not yet returned as segments."""
         return len(self._partial) + len(self._preamble_seen or b"")
 
+    @property
+    def started(self) -> bool:
+        """Whether any byte came, the preamble's included (always true
+        for a decoder that expects no preamble)."""
+        return self._preamble_seen != b"" or bool(self._partial)
+
     def feed(self, data: bytes | memoryview) -> list[Segment]:
         """Take the next bytes from the subflow; return whole frames.
 

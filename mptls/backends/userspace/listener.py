@@ -179,11 +179,20 @@ class Listener:
     def subflow_lost(
         self, subflow: SubflowProtocol, exc: BaseException | None
     ) -> None:
+        waiting = subflow in self._waiting
         self._first_segment_came(subflow)
         if isinstance(exc, ProtocolError):
             # the server ended it: a peer that is not mptls, or frames
             # it cannot read
             refused(subflow.name("peername"), str(exc))
+            return
+        if waiting and subflow.heard_from:
+            # it sent the start of the wire and went away: a first
+            # frame cut short is no port scan
+            refused(
+                subflow.name("peername"),
+                "the connection ended before its first frame was whole",
+            )
             return
         # the peer went away unrefused: a port scan, a load balancer's
         # health check; news for debugging only

@@ -405,6 +405,11 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         reset_on_close(self.transport)
         self.transport.abort()
 
+    @property
+    def heard_from(self) -> bool:
+        """Whether the peer sent any byte, the preamble's included."""
+        return self._decoder.started
+
     def name(self, which: str) -> Any:
         """``sockname`` or ``peername`` as asyncio gives it (four items
         for IPv6), or None."""
