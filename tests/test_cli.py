@@ -1272,6 +1272,42 @@ def test_connect_says_the_server_aborted_when_its_output_closed(
         ), lines
 
 
+def test_connect_interrupted_before_the_end_of_input_aborts(
+    certs: Path,
+) -> None:
+    # Ctrl-C while stdin still had input: an orderly close (close_notify,
+    # DATA_FIN) told the server that the input had ended, so ``serve
+    # --once`` exited 0 with a truncated copy of it
+    with serving(certs, "--once") as (server, port):
+        client = subprocess.Popen(
+            [sys.executable, "-m", "mptls", *connect_args(port, certs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert client.stdin is not None
+            client.stdin.write(b"x" * 65536)
+            client.stdin.flush()
+            # the server printed some: the connection is up
+            assert server.stdout is not None
+            assert len(server.stdout.read(1000)) == 1000
+            client.send_signal(signal.SIGINT)
+            assert client.wait(timeout=COMMAND_TIMEOUT) == (
+                ExitStatus.INTERRUPTED
+            )
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.wait(timeout=COMMAND_TIMEOUT)
+            close_pipes(client)
+        assert server.wait(timeout=COMMAND_TIMEOUT) == ExitStatus.FAILURE
+        assert server.stderr is not None
+        lines = server.stderr.read().decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("mptls: error: connection from 127.0.0.1:")
+
+
 def _closed_pipe() -> int:
     """The write end of a pipe whose reader has gone (``| head``)."""
     read_end, write_end = os.pipe()

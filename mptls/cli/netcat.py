@@ -666,6 +666,12 @@ async def _converse(
         if said is exc:
             raise
         raise said from exc
+    except asyncio.CancelledError:
+        if not upload.done():
+            # interrupted (Ctrl-C) before the end of stdin: an orderly
+            # close would tell the server that the input was whole
+            writer.transport.abort()
+        raise
     finally:
         upload.cancel()
         # the upload's failure was raised above if it was the news; on
