@@ -1272,12 +1272,22 @@ def test_connect_says_the_server_aborted_when_its_output_closed(
         ), lines
 
 
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [
+        (signal.SIGINT, ExitStatus.INTERRUPTED),
+        (signal.SIGTERM, ExitStatus.TERMINATED),
+    ],
+    ids=["SIGINT", "SIGTERM"],
+)
 def test_connect_interrupted_before_the_end_of_input_aborts(
-    certs: Path,
+    certs: Path, signum: signal.Signals, status: ExitStatus
 ) -> None:
     # Ctrl-C while stdin still had input: an orderly close (close_notify,
     # DATA_FIN) told the server that the input had ended, so ``serve
-    # --once`` exited 0 with a truncated copy of it
+    # --once`` exited 0 with a truncated copy of it. SIGTERM (timeout,
+    # a service manager) killed the client outright: the server heard
+    # nothing and waited path_loss_timeout for the paths to come back
     with serving(certs, "--once") as (server, port):
         client = subprocess.Popen(
             [sys.executable, "-m", "mptls", *connect_args(port, certs)],
@@ -1292,10 +1302,8 @@ def test_connect_interrupted_before_the_end_of_input_aborts(
             # the server printed some: the connection is up
             assert server.stdout is not None
             assert len(server.stdout.read(1000)) == 1000
-            client.send_signal(signal.SIGINT)
-            assert client.wait(timeout=COMMAND_TIMEOUT) == (
-                ExitStatus.INTERRUPTED
-            )
+            client.send_signal(signum)
+            assert client.wait(timeout=COMMAND_TIMEOUT) == status
         finally:
             if client.poll() is None:
                 client.kill()

@@ -298,6 +298,13 @@ class ExitStatus(IntEnum):
     # bad input: an option, an address, a file the user named
     USAGE = 2
     INTERRUPTED = 130
+    # 128 + SIGTERM, as a shell reports a process that signal ended
+    TERMINATED = 143
+
+
+class Terminated(Exception):
+    """A command ended by SIGTERM once it had closed what it had open:
+    the exit status says so, with no message, as for Ctrl-C."""
 
 
 class UsageError(ConfigurationError):

@@ -18,6 +18,7 @@ from mptls.cli import bench, certs, demo, info, netcat
 from mptls.cli.common import (
     ExitStatus,
     OutputError,
+    Terminated,
     drop_output,
     fill_closed_stderr,
     fill_closed_stdout,
@@ -156,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
+    except Terminated:
+        return ExitStatus.TERMINATED
     except Exception as exc:
         if isinstance(exc, OutputError):
             # or the interpreter's last flush at exit fails with a

@@ -30,6 +30,7 @@ from mptls.cli.common import (
     MAX_SECONDS,
     ExitStatus,
     OutputError,
+    Terminated,
     UsageError,
     add_backend_arguments,
     add_pcap_argument,
@@ -613,8 +614,35 @@ async def connect(args: argparse.Namespace) -> None:
         )
     files = {"--cafile": cafile}
     async with running_pcap_capture(args.pcap, args.backend, files) as capture:
-        await _converse(args, port, paths, tls)
+        await _until_terminated(_converse(args, port, paths, tls))
     _capture_status(args.verbose, capture)
+
+
+async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work``; SIGTERM (``timeout``, a service manager) ends it
+    as Ctrl-C does: cancelled, so that a connection whose input had not
+    ended is aborted and one whose input had is closed in order, then
+    :class:`Terminated`. Killed outright, the server heard nothing and
+    waited ``path_loss_timeout`` for the paths to come back."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _converse(
