@@ -453,7 +453,8 @@ class Capture:
         Raises :class:`~mptls.errors.ConfigurationError` when another
         capture is running, when the file cannot be written, or when it
         exists and is neither empty nor a packet capture, before
-        anything is recorded.
+        anything is recorded. A FIFO's open waits for its reader: inside
+        an event loop, start it once the reader is there.
         """
         global active
         with _activation:
