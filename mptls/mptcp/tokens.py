@@ -374,20 +374,16 @@ class SerialPermutation:
             )
         end = 1 << self._bits
         # an empty run may start where the domain ends, as range(end, end)
-        # does; any other start is checked, so that a bad one is not
-        # accepted only while the count is 0
-        if count == 0 and isinstance(start, int) and start == end:
-            return False
-        self._check(start)
-        if count == 0:
-            return False
+        # does; any other start is checked, whatever the count
+        if not (count == 0 and isinstance(start, int) and start == end):
+            self._check(start)
         left = end - start
         if count > left:
             raise ConfigurationError(
                 f"a run of {count} from start leaves the {self._bits}-bit "
                 f"domain: at most {left} values follow it"
             )
-        return True
+        return count > 0
 
     def _forward_run(
         self, start: int, count: int, prefix: int = 0, length: int = 8
