@@ -269,7 +269,7 @@ class JoinsMixin(ConnectionState):
                 "joins keyed by cleartext keys are not allowed",
                 reset_reason=ResetReason.ADMINISTRATIVELY_PROHIBITED,
             )
-        if self._refill_join_credit(now) < 1.0:
+        if self._join_credit.credit(now) < 1.0:
             # forged joins with a sniffed token cost this connection
             # nothing more than one refusal each while the bucket is
             # dry. T set: the client's own join, refused in the flood,
@@ -434,23 +434,8 @@ class JoinsMixin(ConnectionState):
     def _peer_join_failed(self, subflow: Subflow, why: str) -> None:
         # a failed join costs the bucket one, and the adapter hears why
         # (it knows the peer's address; the core does not)
-        self._note_join_failure()
+        self._join_credit.spend(self._now)
         self._events.append(ev.PeerJoinRefused(subflow.subflow_id, why))
-
-    def _refill_join_credit(self, now: float) -> float:
-        """The failed-join bucket refilled up to ``now``."""
-        config = self.config
-        elapsed = max(0.0, now - self._join_credit_at)
-        self._join_credit = min(
-            float(config.join_failure_burst),
-            self._join_credit + elapsed * config.join_failure_rate,
-        )
-        self._join_credit_at = max(now, self._join_credit_at)
-        return self._join_credit
-
-    def _note_join_failure(self) -> None:
-        credit = self._refill_join_credit(self._now)
-        self._join_credit = max(0.0, credit - 1.0)
 
     # addresses (RFC 8684 section 3.4)
 

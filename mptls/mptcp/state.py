@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from mptls.errors import MptlsError, PathsLostError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
+from mptls.mptcp.credit import CreditBucket
 from mptls.mptcp.framing import MAX_OPTIONS_LENGTH, Flag, Payload, Segment
 from mptls.mptcp.options import (
     AddAddr,
@@ -192,8 +193,9 @@ class ConnectionState:
         self._hole_since: float | None = None
         self._hole_at = 0
         # failed-join token bucket (config.join_failure_burst / _rate)
-        self._join_credit = float(config.join_failure_burst)
-        self._join_credit_at = now
+        self._join_credit = CreditBucket(
+            config.join_failure_burst, config.join_failure_rate, now
+        )
 
     @property
     def local_token(self) -> bytes | None:

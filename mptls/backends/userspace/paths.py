@@ -34,6 +34,7 @@ from mptls.errors import MptlsError
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
+from mptls.mptcp.credit import CreditBucket
 from mptls.mptcp.options import ResetReason
 
 logger = logging.getLogger("mptls.userspace")
@@ -139,10 +140,10 @@ class Paths:
         self._rejoining = False
         # TCP connects under way to addresses the peer announced, and
         # the bucket they draw from (join_failure_burst, refilled at
-        # join_failure_rate per second, as the peer's failed joins)
+        # join_failure_rate per second, as the peer's failed joins),
+        # full until the first announcement
         self._announced_connects = 0
-        self._announce_credit = float(core.config.join_failure_burst)
-        self._announce_credit_at = loop.time()
+        self._announce_credit: CreditBucket | None = None
         # the path of each join opened here and not yet settled, and
         # the transient refusals each path has had since its last join
         self._joining: dict[int, _Path] = {}
@@ -413,14 +414,11 @@ class Paths:
             - self._announced_connects
         )
         now = self._loop.time()
-        credit = min(
-            float(config.join_failure_burst),
-            self._announce_credit
-            + (now - self._announce_credit_at) * config.join_failure_rate,
-        )
-        self._announce_credit_at = now
-        self._announce_credit = credit
-        if room <= 0 or credit < 1.0:
+        if self._announce_credit is None:
+            self._announce_credit = CreditBucket(
+                config.join_failure_burst, config.join_failure_rate, now
+            )
+        if room <= 0 or self._announce_credit.credit(now) < 1.0:
             logger.debug(
                 "%s: announced address id %d not joined: %s",
                 self._owner.tag(),
@@ -428,7 +426,7 @@ class Paths:
                 "max_subflows reached" if room <= 0 else "too many joined",
             )
             return
-        self._announce_credit = credit - 1.0
+        self._announce_credit.spend(now)
         port = event.port or self._remote[1]
         # either family may be announced (RFC 8684 section 3.4.1): join
         # from a given local address of the announced one's family, or
