@@ -95,36 +95,78 @@ def test_without_net_admin_it_says_what_is_missing(
     )
 
 
+def _user_namespace(topology: netns.Topology, *options: str) -> list[str]:
+    """``unshare`` into a user namespace whose root is this user, or skip."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a user namespace")
+    command = ["unshare", "--user", "--map-root-user", *options]
+    try:
+        topology.server.run([*command, "true"])
+    except RuntimeError as exc:
+        pytest.skip(f"no user namespace here: {exc}")
+    return command
+
+
+_TRY_AN_ENDPOINT = (
+    "import json\n"
+    "from mptls.backends.kernel.pathmanager import PathManager\n"
+    "from mptls.backends.kernel.probe import probe\n"
+    "from mptls.errors import PathError\n"
+    "report = probe()\n"
+    "with PathManager() as paths:\n"
+    "    try:\n"
+    "        paths.add_endpoint('192.0.2.2')\n"
+    "        error = None\n"
+    "    except PathError as exc:\n"
+    "        error = str(exc)\n"
+    "    shown = [e.address for e in paths.endpoints()]\n"
+    "print(json.dumps({'error': error, 'can': report.can_manage_paths,\n"
+    "                  'detail': report.manage_paths_detail,\n"
+    "                  'endpoints': shown}))\n"
+)
+
+
 def test_refused_in_a_user_namespace_it_says_why(
     topology: netns.Topology,
 ) -> None:
-    # a user namespace's root has CAP_NET_ADMIN, so the check before
-    # sending passes, and the kernel answers EPERM: the error gave
-    # pyroute2's tuple, "(1, 'Operation not permitted')"
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) for a user namespace")
-    script = (
-        "from mptls.backends.kernel.pathmanager import PathManager\n"
-        "from mptls.errors import PathError\n"
-        "with PathManager() as paths:\n"
-        "    try:\n"
-        "        paths.add_endpoint('192.0.2.2')\n"
-        "    except PathError as exc:\n"
-        "        print(exc)\n"
-    )
-    in_user_namespace = ["unshare", "--user", "--map-root-user"]
-    try:
-        topology.server.run([*in_user_namespace, "true"])
-    except RuntimeError as exc:
-        pytest.skip(f"no user namespace here: {exc}")
+    # a user namespace's root has CAP_NET_ADMIN, but not over the
+    # network namespace it started in: the probe said it could manage
+    # paths, and the kernel's EPERM came back as pyroute2's tuple,
+    # "(1, 'Operation not permitted')"
+    command = _user_namespace(topology)
     output = topology.server.run(
-        [*in_user_namespace, sys.executable, "-c", script]
+        [*command, sys.executable, "-c", _TRY_AN_ENDPOINT]
     )
-    assert output.strip() == (
-        "netlink refused to add endpoint 192.0.2.2: Operation not "
-        "permitted (this process has CAP_NET_ADMIN, but not in the user "
-        "namespace that owns this network namespace)"
+    result = json.loads(output)
+    reason = (
+        "changing MPTCP endpoints or limits needs CAP_NET_ADMIN in the "
+        "user namespace that owns this network namespace; this process "
+        "has it only in a user namespace of its own (as under 'unshare "
+        "--user'); run it outside that namespace, or configure endpoints "
+        "with 'ip mptcp endpoint' beforehand"
     )
+    assert result == {
+        "error": reason,
+        "can": False,
+        "detail": reason,
+        "endpoints": [],
+    }
+    assert "192.0.2.2" not in topology.server.ip("mptcp", "endpoint", "show")
+
+
+def test_a_user_namespace_that_owns_its_network_may_manage_paths(
+    topology: netns.Topology,
+) -> None:
+    # with a network namespace of its own, the user namespace's root
+    # holds the capability where the kernel looks for it
+    command = _user_namespace(topology, "--net")
+    output = topology.server.run(
+        [*command, sys.executable, "-c", _TRY_AN_ENDPOINT]
+    )
+    result = json.loads(output)
+    assert result["error"] is None
+    assert result["can"] is True
+    assert result["endpoints"] == ["192.0.2.2"]
     assert "192.0.2.2" not in topology.server.ip("mptcp", "endpoint", "show")
 
 

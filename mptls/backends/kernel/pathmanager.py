@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -38,6 +39,11 @@ T = TypeVar("T")
 
 # include/uapi/linux/capability.h
 CAP_NET_ADMIN = 12
+# include/uapi/linux/nsfs.h: _IO(0xb7, 1) and _IO(0xb7, 2)
+NS_GET_USERNS = 0xB701
+NS_GET_PARENT = 0xB702
+# user namespaces nest at most 32 deep
+_USER_NAMESPACE_DEPTH = 33
 
 # net/mptcp: MPTCP_PM_ADDR_MAX (8; MPTCP_SUBFLOWS_MAX in later kernels)
 # caps the endpoints of a namespace and each of the two limits
@@ -130,7 +136,17 @@ def effective_capabilities(status_text: str) -> int:
 
 
 def has_net_admin() -> bool:
-    """Whether this process may change endpoints and limits."""
+    """Whether this process may change endpoints and limits.
+
+    The kernel asks for CAP_NET_ADMIN in the user namespace that owns
+    the network namespace: root of a user namespace made on its own
+    (``unshare --user --map-root-user``) has the capability, but not
+    over the network namespace it was started in.
+    """
+    return _has_capability() and _capability_reaches_network()
+
+
+def _has_capability() -> bool:
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             mask = effective_capabilities(status.read())
@@ -139,7 +155,50 @@ def has_net_admin() -> bool:
     return bool(mask & (1 << CAP_NET_ADMIN))
 
 
+def _capability_reaches_network() -> bool:
+    """Whether this process's user namespace owns its network namespace,
+    or is an ancestor of the one that does.
+
+    Where the kernel cannot say (no namespace files or ioctls), the
+    capability alone is taken, and netlink has the last word.
+    """
+    try:
+        own = os.stat("/proc/self/ns/user")
+        network = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        owner = fcntl.ioctl(network, NS_GET_USERNS)
+    except OSError as exc:
+        # EPERM: the owner lies above this process's own namespace
+        return exc.errno != errno.EPERM
+    finally:
+        os.close(network)
+    for _ in range(_USER_NAMESPACE_DEPTH):
+        try:
+            found = os.fstat(owner)
+            if (found.st_dev, found.st_ino) == (own.st_dev, own.st_ino):
+                return True
+            # EPERM: the parent lies above this process's own namespace
+            parent = fcntl.ioctl(owner, NS_GET_PARENT)
+        except OSError:
+            return False
+        finally:
+            os.close(owner)
+        owner = parent
+    os.close(owner)
+    return False
+
+
 def missing_capability_reason() -> str:
+    if _has_capability():
+        return (
+            "changing MPTCP endpoints or limits needs CAP_NET_ADMIN in "
+            "the user namespace that owns this network namespace; this "
+            "process has it only in a user namespace of its own (as "
+            "under 'unshare --user'); run it outside that namespace, or "
+            "configure endpoints with 'ip mptcp endpoint' beforehand"
+        )
     return (
         "changing MPTCP endpoints or limits needs CAP_NET_ADMIN, which "
         "this process does not have; run it with that capability or "
@@ -154,7 +213,7 @@ def netlink_reason(exc: Exception) -> str:
     if not isinstance(code, int) or code <= 0:
         return str(exc)
     reason = os.strerror(code)
-    if code == errno.EPERM and has_net_admin():
+    if code == errno.EPERM and _has_capability():
         # the capability counts in the user namespace that owns the
         # network namespace, which a user namespace's root is not in
         reason += (
