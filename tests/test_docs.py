@@ -8,6 +8,9 @@ for a behaviour, a file named as where something lives.
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,40 @@ def test_every_test_file_named_alone_exists() -> None:
         name for name in cited if not (ROOT / "tests" / name).exists()
     )
     assert missing == []
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_readme_library_example_runs_as_written(tmp_path: Path) -> None:
+    # the example a newcomer copies first: after `mptls certs`, it must
+    # run and print the upper-cased echo. Its fixed port is swapped for
+    # a free one, so that a server the reader left running (the
+    # README's `mptls serve` takes 4433 too) does not answer it
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use it like asyncio", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert example is not None, "the README's library example is gone"
+    script = example.group(1)
+    assert script.count("4433") == 2, "the example's port moved"
+    script = script.replace("4433", str(_free_port()))
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *argv],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    certs = run("-m", "mptls", "certs")
+    assert certs.returncode == 0, certs.stderr
+    result = run("-c", script)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "b'HELLO OVER TWO PATHS'"
+    assert lines[1].startswith("MptcpInfo(backend='userspace', mode='G'")
