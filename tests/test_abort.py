@@ -278,6 +278,46 @@ async def test_a_client_abort_under_unread_data_reaches_the_server(
     _assert_all_aborts(ended)
 
 
+async def test_a_client_abort_right_after_the_handshake_reaches_the_server(
+    pki: Pki,
+) -> None:
+    # the client's TLS Finished and its MP_FASTCLOSE reach the server in
+    # one read; the server verifies the MP_FASTCLOSE only with the keys
+    # that Finished gives it, so the frames before the reset must reach
+    # TLS first (before: PathsLostError, "every subflow of the
+    # connection closed before the TLS handshake gave the keys ...")
+    loop = asyncio.get_running_loop()
+    outcomes: list[asyncio.Future[BaseException | None]] = []
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        outcome = outcomes[-1]
+        try:
+            await reader.read()
+        except Exception as exc:
+            outcome.set_result(exc)
+        else:
+            outcome.set_result(None)
+        writer.close()
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    ended: list[BaseException | None] = []
+    async with server:
+        for _ in range(5):
+            outcomes.append(loop.create_future())
+            _, writer = await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client()
+            )
+            writer.transport.abort()
+            async with asyncio.timeout(10):
+                ended.append(await outcomes[-1])
+    _assert_all_aborts(ended)
+
+
 # one subflow on a TCP connection whose far end the test drives
 
 

@@ -195,6 +195,13 @@ class MultipathTransport(asyncio.Transport):
         now = self._loop.time()
         receive = self._core.receive_segment
         for segment in segments:
+            if segment.flags & RST_BIT:
+                # what came before the reset reaches TLS first: a
+                # client's Finished read together with its abort gives
+                # the keys that verify the abort's MP_FASTCLOSE
+                self.process()
+                if self._closed:
+                    return
             receive(subflow_id, segment, now)
         self.process()
 
