@@ -1102,6 +1102,25 @@ async def test_a_userspace_option_on_the_kernel_backend_names_its_stand_in(
     assert "manage_paths" in message
 
 
+async def test_announce_addrs_on_the_kernel_backend_names_announce(
+    pki: Pki,
+) -> None:
+    # the README's announce_addrs=[(ip, port)] is the userspace
+    # backend's; a kernel server announces addresses alone, on its port
+    with pytest.raises(ConfigurationError) as caught:
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            backend="kernel",
+            announce_addrs=[("127.0.0.2", 4433)],
+        )
+    assert "for announce_addrs, use announce=[address, ...]" in str(
+        caught.value
+    )
+
+
 @pytest.mark.parametrize(
     "options",
     [{"mode": "E"}, {"mode": "G"}, {"key_rotation_interval": 5.0}],

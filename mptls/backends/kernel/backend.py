@@ -58,7 +58,11 @@ SERVER_OPTIONS = frozenset(
 
 
 # userspace backend options and what stands for them here
-_EQUIVALENTS = {"close_timeout": "ssl_shutdown_timeout"}
+_EQUIVALENTS = {
+    "close_timeout": "ssl_shutdown_timeout",
+    "announce_addrs": "announce=[address, ...] (addresses alone: the "
+    "kernel announces each on the server's port)",
+}
 # userspace backend options with no stand-in: the kernel's MPTCP has
 # no mode to choose and no keys of ours to rotate
 _USERSPACE_ONLY = frozenset({"mode", "modes", "key_rotation_interval"})
