@@ -160,6 +160,32 @@ def test_dss_uses_idsn_from_tokens_after_the_handshake() -> None:
     assert dss.data_ack == (server_idsn + 1) % 2**64
 
 
+def test_a_dss_checksum_that_was_not_negotiated_resets_the_subflow() -> None:
+    # RFC 8684 section 3.3 (protocol.md 2.4): a checksum present but not
+    # negotiated gets a RST with MP_TCPRST 0x01. mptls negotiates none,
+    # so the mapping's bytes must not reach the application
+    net = established(MemNet())
+    sid = join(net)
+    server = net.server
+    assert server is not None and server._remote_idsn is not None
+    offset = server._receive.next_offset
+    mapping = Dss(
+        data_ack=None,
+        dsn=(server._remote_idsn + 1 + offset) % 2**64,
+        ssn=1,
+        data_length=3,
+        checksum=0x1234,
+    )
+    net.inject_to_server(sid, Segment(Flag.ACK, (mapping,), b"abc"))
+    net.run(lambda: bool(net.link(sid).to_client.sent[-1].flags & Flag.RST))
+    reset = net.link(sid).to_client.sent[-1]
+    assert option_of(reset, MpTcpRst) == MpTcpRst(ResetReason.MPTCP_ERROR)
+    assert bytes(net.server_side.data) == b"hello"
+    (closed,) = net.server_side.of_type(ev.SubflowClosed)
+    assert "checksum" in closed.reason
+    assert not server.closed
+
+
 def test_subflow_sequence_numbers_wrap_after_4_gib_on_a_subflow() -> None:
     # the DSS field is 32 bits: a subflow that has sent 4 GiB starts
     # over at 0 (RFC 8684 section 3.3), where a larger number would

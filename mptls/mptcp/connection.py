@@ -613,6 +613,16 @@ class Connection(
                 "payload without a DSS mapping",
             )
             return
+        if dss.checksum is not None:
+            # RFC 8684 section 3.3: a checksum no end negotiated (mptls
+            # negotiates none) is an MPTCP error; the mapping is not
+            # taken, whatever its bytes
+            self._reset_subflow(
+                subflow,
+                ResetReason.MPTCP_ERROR,
+                "DSS checksum, which was not negotiated",
+            )
+            return
         remote_idsn = self._remote_idsn
         length = len(payload) + (1 if dss.data_fin else 0)
         if remote_idsn is None or dss.data_length != length:
