@@ -282,6 +282,11 @@ def syn_ack(option: MpCapable | None) -> Segment:
         (MpCapable(CapableFlag.G, bytes(8), version=0), "version"),
         (MpCapable(CapableFlag.G | CapableFlag.H, bytes(8)), "exactly one"),
         (MpCapable(CapableFlag.C, bytes(8)), "exactly one"),
+        # RFC 8684 section 3.1: A in either SYN makes checksums
+        # mandatory, and mptls has none (a server refuses a SYN with A)
+        (MpCapable(CapableFlag.G | CapableFlag.A, bytes(8)), "checksums"),
+        # B may change the layout the option was decoded with
+        (MpCapable(CapableFlag.G | CapableFlag.B, bytes(8)), "flag B"),
     ],
 )
 def test_initiator_fails_a_bad_syn_ack(

@@ -146,6 +146,16 @@ class HandshakeMixin(ConnectionState):
             raise ProtocolError("the SYN|ACK carries no MP_CAPABLE")
         if option.version != 1:
             raise ProtocolError(f"MPTCP version {option.version} is not 1")
+        if option.flags & CapableFlag.A:
+            # RFC 8684 section 3.1: A in either SYN makes checksums
+            # mandatory; a server refuses a SYN with A for the same reason
+            raise ProtocolError(
+                "the SYN|ACK asks for DSS checksums (flag A), which mptls "
+                "does not implement"
+            )
+        if option.flags & CapableFlag.B:
+            # the option was decoded with the layout B=0 gives
+            raise ProtocolError("the SYN|ACK sets the extensibility flag B")
         chosen = _FLAG_MODE.get(CapableFlag(option.flags & _ALGORITHMS))
         if chosen is None:
             raise ProtocolError(
