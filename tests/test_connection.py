@@ -323,6 +323,39 @@ def test_responder_fails_a_third_ack_with_a_foreign_token() -> None:
     assert isinstance(closed.error, ProtocolError)
 
 
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"data_length": 0, "checksum": 0x55}, "checksum"),
+        ({"flags": CapableFlag.G | CapableFlag.A}, "checksum"),
+    ],
+)
+def test_responder_fails_a_third_ack_that_asks_for_checksums(
+    changes: dict[str, object], why: str
+) -> None:
+    # nobody negotiated checksums (the server refuses a SYN with A):
+    # a third ACK that carries one, or sets A, is not what was agreed
+    net = MemNet()
+    client = net.client
+    (syn,) = [s for _, s in client.segments_to_send(0.0)]
+    accepted = net.endpoint.receive_first(syn, 0.0)
+    server = accepted.connection  # type: ignore[union-attr]
+    (reply,) = [s for _, s in server.segments_to_send(0.0)]
+    client.receive_segment(0, reply, 0.01)
+    (third,) = [s for _, s in client.segments_to_send(0.01)]
+    echo = option_of(third, MpCapable)
+    assert isinstance(echo, MpCapable)
+    forged = dataclasses.replace(echo, **changes)  # type: ignore[arg-type]
+    server.receive_segment(
+        0, dataclasses.replace(third, options=(forged,)), 0.02
+    )
+    events = drain(server)
+    (closed,) = [e for e in events if isinstance(e, ev.ConnectionClosed)]
+    assert isinstance(closed.error, ProtocolError)
+    assert why in str(closed.error)
+    assert not any(isinstance(e, ev.HandshakeComplete) for e in events)
+
+
 def drain(connection: Connection) -> list[ev.Event]:
     events = []
     while (event := connection.next_event()) is not None:

@@ -213,6 +213,12 @@ class HandshakeMixin(ConnectionState):
         mode = self.mode or Mode.G
         if option.flags & _ALGORITHMS != MODE_FLAG[mode]:
             raise ProtocolError("the third ACK does not echo the chosen mode")
+        if option.flags & CapableFlag.A or option.checksum is not None:
+            # no end negotiated checksums: the SYN with A was refused
+            raise ProtocolError(
+                "the third ACK asks for a DSS checksum, which was not "
+                "negotiated"
+            )
         local = self._local_token if mode in TOKEN_MODES else self._local_key
         if option.sender_key is None or option.receiver_key is None:
             raise ProtocolError("the third ACK lacks a token or key")
