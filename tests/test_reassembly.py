@@ -103,6 +103,19 @@ def test_consumed_checks_its_argument() -> None:
         buffer.consumed(True)
 
 
+def test_consumed_names_a_bad_argument_without_repeating_it_whole() -> None:
+    # the message is the project's typed error, of a readable length,
+    # whatever was passed: an int too long for Python to print, or the
+    # received data itself handed over by mistake
+    buffer = ReceiveBuffer(100)
+    buffer.insert(0, b"abc")
+    with pytest.raises(ProtocolError, match="an int of 16610 bits"):
+        buffer.consumed(10**5000)
+    with pytest.raises(ProtocolError) as caught:
+        buffer.consumed(b"secret plaintext " * 1000)  # type: ignore[arg-type]
+    assert len(str(caught.value)) < 200
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     data=st.binary(min_size=1, max_size=400),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 
-from mptls.errors import ProtocolError
+from mptls.errors import ProtocolError, shown_value
 from mptls.mptcp.framing import Payload
 from mptls.mptcp.options import ResetReason
 
@@ -134,11 +134,13 @@ class ReceiveBuffer:
     def consumed(self, count: int) -> None:
         """The application took ``count`` delivered bytes."""
         if isinstance(count, bool) or not isinstance(count, int):
-            raise ProtocolError(f"consumed() takes an int, got {count!r}")
+            raise ProtocolError(
+                f"consumed() takes an int, got {shown_value(count)}"
+            )
         if not 0 <= count <= self.unconsumed:
             raise ProtocolError(
-                f"consumed({count}) but only {self.unconsumed} bytes "
-                "were delivered and not consumed"
+                f"consumed({shown_value(count)}) but only {self.unconsumed} "
+                "bytes were delivered and not consumed"
             )
         self.unconsumed -= count
 
