@@ -619,7 +619,21 @@ KEY_ID_OPTIONS = [
 
 
 @pytest.mark.parametrize("build", KEY_ID_OPTIONS)
-@pytest.mark.parametrize("key_id", [2, -1, 255, True, False, "1", 1.0, None])
+# 10**5000 has more digits than Python turns into a string
+@pytest.mark.parametrize(
+    "key_id",
+    [
+        2,
+        -1,
+        255,
+        pytest.param(10**5000, id="10**5000"),
+        True,
+        False,
+        "1",
+        1.0,
+        None,
+    ],
+)
 def test_bad_key_ids_are_refused_when_built(build: Any, key_id: Any) -> None:
     with pytest.raises(ConfigurationError, match="key id must be") as caught:
         build(key_id)

@@ -27,7 +27,7 @@ from enum import IntEnum, IntFlag
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from mptls.errors import ConfigurationError, OptionError
+from mptls.errors import ConfigurationError, OptionError, shown_value
 
 __all__ = [
     "DATA_DSS",
@@ -134,7 +134,9 @@ def _check_key_id(value: object, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _KeyIdError(f"{what} key id must be the int 0 or 1")
     if value not in (0, 1):
-        raise _KeyIdError(f"{what} key id must be 0 or 1, got {value}")
+        raise _KeyIdError(
+            f"{what} key id must be 0 or 1, got {shown_value(value)}"
+        )
 
 
 # options
