@@ -59,7 +59,7 @@ HEADER_LENGTH = 8
 # The first option of a subflow's first frame: preamble + header. A load
 # balancer reads an MP_JOIN token at 20..27 (docs/wire.md).
 FIRST_OPTION_OFFSET = len(PREAMBLE) + HEADER_LENGTH
-MAX_FRAME_LENGTH = HEADER_LENGTH + MAX_OPTIONS_LENGTH + MAX_PAYLOAD
+# the frame header carries the receive window in 32 bits
 MAX_WINDOW = 0xFFFFFFFF
 
 _HEADER = struct.Struct(">BBHI")

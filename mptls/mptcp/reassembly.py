@@ -15,7 +15,7 @@ import bisect
 import logging
 
 from mptls.errors import ProtocolError, shown_value
-from mptls.mptcp.framing import Payload
+from mptls.mptcp.framing import MAX_WINDOW, Payload
 from mptls.mptcp.options import ResetReason
 
 __all__ = [
@@ -26,8 +26,6 @@ __all__ = [
 
 logger = logging.getLogger("mptls.mptcp")
 
-# the frame header carries the window in 32 bits (docs/wire.md)
-MAX_WINDOW = 2**32 - 1
 # Separate pieces held out of order, at most. A piece that starts where
 # the one before it ends joins it, so the data of one path held behind
 # a stalled one stays one piece however small its frames were; only
