@@ -646,7 +646,7 @@ class Connection(
         if offset <= self._receive.limit:
             self._mapping_seen = True
             return True
-        self._fail_established(
+        self._fail_connection(
             ProtocolError(
                 _IDSN_MISMATCH,
                 reset_reason=ResetReason.MIDDLEBOX_INTERFERENCE,
@@ -674,7 +674,7 @@ class Connection(
             data = receive.insert(offset, payload, fin)
         except ProtocolError as exc:
             # more holes than the buffer keeps track of
-            self._fail_established(exc)
+            self._fail_connection(exc)
             return
         if data:
             self._events.append(ev.DataReceived(data))
@@ -800,7 +800,7 @@ class Connection(
 
     def _expire(self, subflow: Subflow) -> None:
         if subflow.subflow_id == 0 and not self.handshake_complete:
-            self._give_up(
+            self._fail_connection(
                 MptlsTimeoutError(
                     "MPTCP handshake did not complete within "
                     f"{self.config.handshake_timeout} s"

@@ -178,7 +178,7 @@ class HandshakeMixin(ConnectionState):
         try:
             mode, secret = self._negotiated(segment)
         except ProtocolError as exc:
-            self._fail(exc)
+            self._fail_connection(exc)
             return
         self.mode = mode
         rule = self.config.idsn_rule
@@ -236,7 +236,7 @@ class HandshakeMixin(ConnectionState):
         try:
             remote = self._check_third_ack(segment)
         except ProtocolError as exc:
-            self._fail(exc)
+            self._fail_connection(exc)
             return
         if self.mode in TOKEN_MODES:
             self._remote_token = remote
@@ -271,11 +271,3 @@ class HandshakeMixin(ConnectionState):
             )
         )
         self._answer_held_joins()
-
-    def _fail(self, error: ProtocolError) -> None:
-        logger.info("[%s] connection failed: %s", self._tag(), error)
-        for subflow in self._subflows.values():
-            if subflow.live:
-                subflow.outbox.append(self._reset_segment(error.reset_reason))
-                subflow.set_state(_S.CLOSED)
-        self._finish(error)

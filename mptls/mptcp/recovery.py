@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import logging
 
-from mptls.errors import MptlsError, MptlsTimeoutError
+from mptls.errors import MptlsTimeoutError
 from mptls.mptcp.options import ResetReason
-from mptls.mptcp.scheduler import Subflow, SubflowState
+from mptls.mptcp.scheduler import Subflow
 from mptls.mptcp.state import ConnectionState
 
 __all__ = ["RecoveryMixin"]
 
 logger = logging.getLogger("mptls.mptcp")
 
-_S = SubflowState
 # RFC 6298 section 2.1: the RTO before a round trip is measured
 _INITIAL_RTO = 1.0
 # the initial RTO backs off to 64 s at most (path_loss_timeout / 2
@@ -203,13 +202,5 @@ class RecoveryMixin(ConnectionState):
             )
         else:
             return False
-        self._give_up(error)
+        self._fail_connection(error)
         return True
-
-    def _give_up(self, error: MptlsError) -> None:
-        logger.info("[%s] connection failed: %s", self._tag(), error)
-        for subflow in self._subflows.values():
-            if subflow.live:
-                subflow.outbox.append(self._reset_segment(None))
-                subflow.set_state(_S.CLOSED)
-        self._finish(error)

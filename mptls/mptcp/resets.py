@@ -2,7 +2,7 @@
 
 :class:`ResetsMixin` takes the peer's resets (a refused join, a reset
 handshake, MP_FASTCLOSE) and sends this end's: :meth:`abort` and the
-failure of an established connection. What MP_FASTCLOSE carries depends
+failure of the connection. What MP_FASTCLOSE carries depends
 on the mode (RFC 8684 section 3.5, protocol.md section 11 item 11,
 draft-baerts-tcpm-mptcpext for mode E); before any key exists a plain
 RST is all an end can send.
@@ -16,7 +16,12 @@ from __future__ import annotations
 import logging
 from hmac import compare_digest
 
-from mptls.errors import JoinRefusedError, PeerResetError, ProtocolError
+from mptls.errors import (
+    JoinRefusedError,
+    MptlsError,
+    PeerResetError,
+    ProtocolError,
+)
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import Mode
 from mptls.mptcp.crypto import fastclose_tag, fastclose_value
@@ -144,34 +149,37 @@ class ResetsMixin(ConnectionState):
         if self._closed:
             return
         fastclose = self._fastclose_option()
-        options = () if fastclose is None else (fastclose,)
+        self._reset_every_subflow(() if fastclose is None else (fastclose,))
+        self._finish(None)
+
+    def _fail_connection(self, error: MptlsError) -> None:
+        """Fail the connection: an RST on every subflow left.
+
+        The RST carries the MP_TCPRST of a protocol error and, once keys
+        exist, MP_FASTCLOSE, which tells the peer the whole connection
+        is gone (RFC 8684 section 3.5): without it a peer that holds
+        keys takes the resets for lost paths and keeps the connection
+        for ``path_loss_timeout``, waiting for a join. Before any key a
+        plain RST is all an end can send.
+        """
+        logger.info("[%s] connection failed: %s", self._tag(), error)
+        options: list[MpTcpRst | MpFastclose] = []
+        if isinstance(error, ProtocolError) and error.reset_reason is not None:
+            options.append(MpTcpRst(reason=error.reset_reason))
+        fastclose = self._fastclose_option()
+        if fastclose is not None:
+            options.append(fastclose)
+        self._reset_every_subflow(tuple(options))
+        self._finish(error)
+
+    def _reset_every_subflow(
+        self, options: tuple[MpTcpRst | MpFastclose, ...]
+    ) -> None:
+        """An RST frame with ``options`` on every live subflow, closed."""
         for subflow in self._subflows.values():
             if subflow.live:
                 subflow.outbox.append(Segment(flags=Flag.RST, options=options))
                 subflow.set_state(_S.CLOSED)
-        self._finish(None)
-
-    def _fail_established(self, error: ProtocolError) -> None:
-        """Fail a connection whose peer may hold keys and wait for joins.
-
-        MP_FASTCLOSE next to the MP_TCPRST tells the peer the whole
-        connection is gone (RFC 8684 section 3.5), so that it does not
-        keep it for ``path_loss_timeout``.
-        """
-        logger.info("[%s] connection failed: %s", self._tag(), error)
-        fastclose = self._fastclose_option()
-        options: list[MpTcpRst | MpFastclose] = []
-        if error.reset_reason is not None:
-            options.append(MpTcpRst(reason=error.reset_reason))
-        if fastclose is not None:
-            options.append(fastclose)
-        for subflow in self._subflows.values():
-            if subflow.live:
-                subflow.outbox.append(
-                    Segment(flags=Flag.RST, options=tuple(options))
-                )
-                subflow.set_state(_S.CLOSED)
-        self._finish(error)
 
     def _fastclose_option(self) -> MpFastclose | None:
         """The MP_FASTCLOSE to send, or None (a plain RST) before keys.

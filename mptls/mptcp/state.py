@@ -532,6 +532,12 @@ class ConnectionState:
     ) -> None:
         raise NotImplementedError
 
+    # resets, defined by ResetsMixin; the handshake, the data path and
+    # the timers fail the connection with them
+
+    def _fail_connection(self, error: MptlsError) -> None:
+        raise NotImplementedError
+
     # joins, defined by JoinsMixin; the handshake and the keys release
     # the ones that came early
 
