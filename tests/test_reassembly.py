@@ -197,6 +197,23 @@ def test_pieces_fill_holes_between_joined_runs_in_any_order() -> None:
     assert buffer.held == 0 and buffer.held_pieces == 0
 
 
+def test_a_filled_hole_merges_the_runs_on_both_sides() -> None:
+    # one-byte pieces with a hole after each, then one frame over them
+    # all: the runs it joins become one. Left apart, each later frame
+    # over the same range walked every one of them (with the 16,384 a
+    # window may hold, 24 ms of CPU per 64 KiB frame a peer resends)
+    count = 1000
+    buffer = ReceiveBuffer(1 << 20)
+    for offset in range(1, 2 * count, 2):
+        assert buffer.insert(offset, b"x") == b""
+    assert buffer.held_pieces == count
+    assert buffer.insert(1, b"y" * 2 * count) == b""
+    assert buffer.held_pieces == 1 and buffer.held == 2 * count
+    # the bytes taken first stay: only the holes took the new ones
+    assert buffer.insert(0, b"z") == b"z" + b"xy" * count
+    assert buffer.held == 0 and buffer.held_pieces == 0
+
+
 def test_more_pieces_with_holes_than_the_limit_fail() -> None:
     # a peer's one-byte pieces, a hole before each, in descending order
     # (the costliest to insert): each would cost about 100 bytes, and a

@@ -29,10 +29,11 @@ logger = logging.getLogger("mptls.mptcp")
 # Separate pieces held out of order, at most. A piece that starts where
 # the one before it ends joins it, so the data of one path held behind
 # a stalled one stays one piece however small its frames were; only
-# pieces with a hole before each count here. Without a limit a peer
-# could send a window's worth of one-byte pieces with a hole between
-# each (two million in a 4 MiB window), each costing about 100 bytes
-# and an insert into the list of starts.
+# pieces with a hole before each count here, until they are delivered
+# (a run they are merged into still keeps each as a chunk). Without a
+# limit a peer could send a window's worth of one-byte pieces with a
+# hole between each (two million in a 4 MiB window), each costing
+# about 100 bytes and an insert into the list of starts.
 MAX_HELD_PIECES = 16384
 # The reorder_limit of a connection whose one subflow carries all its
 # data. A subflow is one TCP connection, in order, so until a join may
@@ -44,6 +45,57 @@ SINGLE_PATH_REORDER_LIMIT = 65536
 # MAX_HELD_PIECES while the reorder limit holds: one-byte pieces with a
 # hole before each fit 32,768 times in it, at about 130 bytes a piece
 SINGLE_PATH_MAX_HELD_PIECES = 256
+
+
+class _Run:
+    """Held bytes that follow one another, from one or more pieces.
+
+    Bytes that extend a run are appended to its last chunk, so that a
+    path's small frames held behind a hole cost one buffer. Two runs a
+    filled hole brings together become one: the chunks of the run with
+    fewer move over to the other, so a chunk moves at most log2(n)
+    times however the holes are filled, and no byte is copied.
+    """
+
+    __slots__ = ("chunks", "length")
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunks: list[bytes | bytearray] = [chunk]
+        self.length = len(chunk)
+
+    def extend(self, piece: Payload) -> None:
+        last = self.chunks[-1]
+        if type(last) is not bytearray:
+            last = self.chunks[-1] = bytearray(last)
+        last += piece
+        self.length += len(piece)
+
+    def merged(self, following: _Run) -> _Run:
+        """This run and ``following``, which starts where it ends."""
+        if len(self.chunks) >= len(following.chunks):
+            self.chunks += following.chunks
+            self.length += following.length
+            return self
+        following.chunks[:0] = self.chunks
+        following.length += self.length
+        return following
+
+    def truncate(self, length: int) -> int:
+        """Keep the first ``length`` bytes; the chunks dropped whole."""
+        chunks = self.chunks
+        dropped = 0
+        excess = self.length - length
+        while excess:
+            last = chunks[-1]
+            if len(last) <= excess:
+                chunks.pop()
+                dropped += 1
+                excess -= len(last)
+            else:
+                chunks[-1] = last[: len(last) - excess]
+                excess = 0
+        self.length = length
+        return dropped
 
 
 class ReceiveBuffer:
@@ -65,8 +117,12 @@ class ReceiveBuffer:
         self.held = 0
         self.fin_offset: int | None = None
         self.fin_reached = False
+        # the starts of the held runs, in order; no run ends where the
+        # next one starts (a filled hole merges the two)
         self._starts: list[int] = []
-        self._pieces: dict[int, bytes | bytearray] = {}
+        self._runs: dict[int, _Run] = {}
+        # pieces held, each taken after a hole, merged or not
+        self._chunks = 0
         # how far past next_offset data may be held out of order; None:
         # anywhere in the window (see lift_reorder_limit)
         self._reorder_limit = reorder_limit
@@ -176,27 +232,27 @@ class ReceiveBuffer:
             logger.debug("ignoring a second DATA_FIN at another offset")
 
     def _hold(self, offset: int, data: Payload, start: int, end: int) -> None:
-        # fill only the gaps between pieces already held, so that bytes
-        # taken once are never replaced by a later copy
-        index = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        # fill only the holes between runs already held, so that bytes
+        # taken once are never replaced by a later copy. Runs are never
+        # adjacent, so a frame that repeats held bytes passes each run
+        # it covers once, and every other step fills a hole
+        starts = self._starts
+        runs = self._runs
         position = start
-        while index < len(self._starts) and position < end:
-            held_start = self._starts[index]
-            held_end = held_start + len(self._pieces[held_start])
-            if held_end <= position:
-                index += 1
-                continue
-            if held_start >= end:
-                break
-            if held_start > position and self._add(
-                position, data[position - offset : held_start - offset]
-            ):
-                # a piece of its own, in front of the held one
-                index += 1
-            position = max(position, held_end)
-            index += 1
-        if position < end:
-            self._add(position, data[position - offset : end - offset])
+        while position < end:
+            index = bisect.bisect_right(starts, position) - 1
+            if index >= 0:
+                run_end = starts[index] + runs[starts[index]].length
+                if run_end > position:
+                    position = run_end
+                    continue
+            hole_end = end
+            if index + 1 < len(starts):
+                hole_end = min(end, starts[index + 1])
+            self._add(
+                index, position, data[position - offset : hole_end - offset]
+            )
+            position = hole_end
 
     def _pass_on(self, data: Payload) -> Payload:
         # the common case of a bulk transfer: in order, nothing waiting
@@ -206,60 +262,60 @@ class ReceiveBuffer:
 
     @property
     def held_pieces(self) -> int:
-        """How many separate pieces wait out of order."""
+        """How many separate runs of bytes wait out of order: pieces
+        that follow one another count as one."""
         return len(self._starts)
 
-    def _add(self, start: int, piece: Payload) -> bool:
-        """Hold ``piece`` at ``start``; False if it joined the piece
-        before it rather than taking a place of its own."""
+    def _add(self, index: int, start: int, piece: Payload) -> None:
+        """Hold ``piece`` at ``start``, in a hole after run ``index``
+        (-1: before the first run)."""
         starts = self._starts
-        pieces = self._pieces
-        index = bisect.bisect_left(starts, start)
-        if index:
-            before = starts[index - 1]
-            joined = pieces[before]
-            if before + len(joined) == start:
-                # appended, never prepended: each byte is copied once
-                # here, where joining runs in any order could copy a
-                # long run again for every hole filled in front of it
-                if type(joined) is not bytearray:
-                    joined = pieces[before] = bytearray(joined)
-                joined += piece
-                self.held += len(piece)
-                return False
-        most = (
-            MAX_HELD_PIECES
-            if self._reorder_limit is None
-            else SINGLE_PATH_MAX_HELD_PIECES
-        )
-        if len(starts) >= most:
-            raise ProtocolError(
-                f"the peer left more than {most} pieces of "
-                "data out of order, each after a hole",
-                reset_reason=ResetReason.LACK_OF_RESOURCES,
+        runs = self._runs
+        before = runs[starts[index]] if index >= 0 else None
+        if before is not None and starts[index] + before.length == start:
+            # appended, never prepended: each byte is copied once here,
+            # where joining runs in any order could copy a long run
+            # again for every hole filled in front of it
+            before.extend(piece)
+        else:
+            most = (
+                MAX_HELD_PIECES
+                if self._reorder_limit is None
+                else SINGLE_PATH_MAX_HELD_PIECES
             )
-        starts.insert(index, start)
-        # a view may be of a buffer its owner reuses: held bytes are ours
-        pieces[start] = piece if type(piece) is bytes else bytes(piece)
+            if self._chunks >= most:
+                raise ProtocolError(
+                    f"the peer left more than {most} pieces of "
+                    "data out of order, each after a hole",
+                    reset_reason=ResetReason.LACK_OF_RESOURCES,
+                )
+            index += 1
+            starts.insert(index, start)
+            # a view may be of a buffer its owner reuses: held bytes are
+            # ours
+            runs[start] = _Run(piece if type(piece) is bytes else bytes(piece))
+            self._chunks += 1
         self.held += len(piece)
-        return True
+        if index + 1 < len(starts):
+            run_start = starts[index]
+            following = starts[index + 1]
+            if run_start + runs[run_start].length == following:
+                # the hole between two runs is filled: one run now
+                del starts[index + 1]
+                runs[run_start] = runs[run_start].merged(runs.pop(following))
 
     def _deliver(self) -> bytes:
-        out: list[bytes | bytearray] = []
         starts = self._starts
-        taken = 0
-        # the run of held pieces that now follows in order leaves the
-        # list in one cut: a pop(0) each shifted every start still held,
-        # so a gap filled behind n small pieces cost n * n / 2 moves
-        while taken < len(starts) and starts[taken] == self.next_offset:
-            piece = self._pieces.pop(starts[taken])
-            taken += 1
-            self.held -= len(piece)
-            self.next_offset += len(piece)
-            self.unconsumed += len(piece)
-            out.append(piece)
-        if taken:
-            del starts[:taken]
+        if not starts or starts[0] != self.next_offset:
+            out: list[bytes | bytearray] = []
+        else:
+            # runs are never adjacent: one at most follows in order
+            run = self._runs.pop(starts.pop(0))
+            self._chunks -= len(run.chunks)
+            self.held -= run.length
+            self.next_offset += run.length
+            self.unconsumed += run.length
+            out = run.chunks
         if (
             self.fin_offset is not None
             and not self.fin_reached
@@ -269,15 +325,17 @@ class ReceiveBuffer:
         return b"".join(out)
 
     def _drop_beyond(self, fin_offset: int) -> None:
-        while self._starts:
-            last = self._starts[-1]
-            piece = self._pieces[last]
-            if last + len(piece) <= fin_offset:
+        starts = self._starts
+        while starts:
+            last = starts[-1]
+            run = self._runs[last]
+            if last + run.length <= fin_offset:
                 break
-            self.held -= len(piece)
             if last >= fin_offset:
-                self._starts.pop()
-                del self._pieces[last]
+                starts.pop()
+                del self._runs[last]
+                self.held -= run.length
+                self._chunks -= len(run.chunks)
             else:
-                self._pieces[last] = piece[: fin_offset - last]
-                self.held += fin_offset - last
+                self.held -= run.length - (fin_offset - last)
+                self._chunks -= run.truncate(fin_offset - last)
