@@ -206,6 +206,20 @@ def test_subflow_sequence_numbers_wrap_after_4_gib_on_a_subflow() -> None:
     assert bytes(net.server_side.data) == b"hello" + b"x" * 10 + b"y" * 10
 
 
+@pytest.mark.parametrize("owned", [False, True])
+@pytest.mark.parametrize("data", [5, 10**12, "text", [104, 105]])
+def test_send_takes_only_bytes_like_data(data: object, owned: bool) -> None:
+    # bytes() of an int is that many zero bytes: send(5) queued five of
+    # them for the peer, and send(10**12) asked for a terabyte
+    net = established(MemNet())
+    with pytest.raises(ConfigurationError, match="bytes-like"):
+        net.client.send(data, owned=owned)  # type: ignore[arg-type]
+    assert net.client.send_pending == 0
+    net.client.send(bytearray(b"ok"), owned=owned)
+    assert net.run(has_data(net.server_side, 7))
+    assert bytes(net.server_side.data) == b"hellook"
+
+
 def test_rfc8684_handshake_sends_keys_and_derives_tokens() -> None:
     net = established(MemNet(RFC8684_CLIENT, RFC8684_SERVER))
     syn, third = net.link(0).to_server.sent[:2]

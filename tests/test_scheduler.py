@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+
 import pytest
 
 from mptls.errors import ProtocolError
@@ -24,6 +26,18 @@ def test_chunks_are_cut_by_size_and_window() -> None:
     assert second is not None and (second.offset, len(second.data)) == (40, 10)
     assert buffer.take_new(40, limit=50) is None
     assert buffer.size == 100 and buffer.pending == 50
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_a_view_of_wider_items_is_counted_and_cut_by_byte(owned: bool) -> None:
+    # an owned view of an array of 4-byte ints was counted by item: two
+    # bytes of pending data for eight, and chunks cut by item
+    data = array.array("I", [1, 2])
+    buffer = SendBuffer()
+    buffer.write(memoryview(data), owned=owned)
+    assert buffer.pending == 8
+    chunk = buffer.take_new(5, 100)
+    assert chunk is not None and bytes(chunk.data) == data.tobytes()[:5]
 
 
 def test_data_fin_rides_the_chunk_with_the_last_byte() -> None:

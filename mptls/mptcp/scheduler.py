@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mptls.errors import ProtocolError
+from mptls.errors import ConfigurationError, ProtocolError
 from mptls.mptcp.framing import Payload, Segment
 from mptls.tls.keys import KeyMaterial
 
@@ -259,15 +259,16 @@ class SendBuffer:
         return bool(self._reinject)
 
     def write(self, data: Payload, *, owned: bool = False) -> None:
-        if not data:
-            return
         # bytes are immutable and can be sliced without a copy, and so
         # can a buffer handed over for good; anything else (a bytearray
         # the caller may reuse) is copied once here
-        if type(data) is not bytes and not owned:
-            data = bytes(data)
-        self._pending.append(memoryview(data))
-        self._pending_bytes += len(data)
+        view = memoryview(data) if type(data) is bytes else _bytes_of(data)
+        if not owned and type(data) is not bytes:
+            view = memoryview(view.tobytes())
+        if not view:
+            return
+        self._pending.append(view)
+        self._pending_bytes += len(view)
 
     def wants_new_chunk(self, limit: int) -> bool:
         """Whether :meth:`take_new` would give a chunk under ``limit``."""
@@ -374,6 +375,26 @@ class SendBuffer:
     def _skip_acked_reinjections(self) -> None:
         while self._reinject and self._reinject[0].end <= self.acked:
             self._reinject.popleft()
+
+
+def _bytes_of(data: object) -> memoryview:
+    """``data`` as a flat view of its bytes, or a ConfigurationError.
+
+    bytes() of an int is that many zero bytes, of a list of ints its
+    items: neither is data the caller wrote. A view of wider items
+    (an array of ints) is counted and cut by byte, not by item.
+    """
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigurationError(
+            f"send() takes bytes-like data, got {type(data).__name__}"
+        ) from None
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    if view.c_contiguous:
+        return view.cast("B")
+    return memoryview(view.tobytes())
 
 
 def smooth_rtt(srtt: float | None, sample: float) -> float:
