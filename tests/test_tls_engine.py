@@ -697,6 +697,27 @@ def test_sends_before_completion_are_buffered_in_order(pki: Pki) -> None:
     assert client.read() == b"three"
 
 
+@pytest.mark.parametrize("handshake_done", [False, True])
+@pytest.mark.parametrize("data", [5, "text", [104, 105]])
+def test_send_takes_only_bytes_like_data(
+    pki: Pki, data: object, handshake_done: bool
+) -> None:
+    # before the handshake, bytes() of an int buffered that many zero
+    # bytes for the peer; after it, memoryview() raised a bare TypeError
+    if handshake_done:
+        client, server = connected(pki)
+    else:
+        client, server = engines(
+            pki.client().client_context(), pki.server().server_context()
+        )
+    with pytest.raises(ConfigurationError, match="bytes-like"):
+        client.send(data)  # type: ignore[arg-type]
+    client.send(b"ok")
+    client.start()
+    exchange(client, server)
+    assert server.read() == b"ok"
+
+
 def test_pieces_received_at_once_read_as_one(pki: Pki) -> None:
     client, server = connected(pki)
     # more than one receive buffer of plaintext, in many records

@@ -404,6 +404,15 @@ class TLSEngine:
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt application bytes (buffered until the handshake ends)."""
+        if type(data) is not bytes:
+            # bytes() of an int is that many zero bytes, of a list of
+            # ints its items: only a buffer is data the caller wrote
+            try:
+                memoryview(data)
+            except TypeError:
+                raise ConfigurationError(
+                    f"send() takes bytes-like data, got {type(data).__name__}"
+                ) from None
         self._raise_if_failed()
         if self._close_requested:
             raise TLSError("send() after close(): our direction is closed")
