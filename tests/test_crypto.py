@@ -101,6 +101,19 @@ def test_mptcp_hmac_is_keyed_by_the_concatenation() -> None:
 # RFC 8684 token and IDSN
 
 
+@pytest.mark.parametrize(
+    ("key1", "key2", "message"),
+    [(8, b"k" * 8, b"m"), (b"k" * 8, 3, b"m"), (b"k" * 8, b"k" * 8, "m")],
+)
+def test_mptcp_hmac_takes_only_bytes(
+    key1: Any, key2: Any, message: Any
+) -> None:
+    # bytes() of an int is that many zero bytes: mptcp_hmac(8, ...) was
+    # an HMAC under a key of zeros
+    with pytest.raises(ConfigurationError, match="bytes"):
+        mptcp_hmac(key1, key2, message)
+
+
 def test_rfc8684_token_and_idsn_vectors(vectors: dict[str, Any]) -> None:
     for case in vectors["rfc8684_token_idsn"]:
         key = bytes.fromhex(case["key"])

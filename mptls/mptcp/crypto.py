@@ -72,6 +72,10 @@ def _check_u32(value: int, what: str) -> None:
 
 def mptcp_hmac(key1: bytes, key2: bytes, message: bytes) -> bytes:
     """HMAC-SHA256 keyed with ``key1 || key2``: the full 32 bytes."""
+    for value, what in ((key1, "key1"), (key2, "key2"), (message, "message")):
+        # bytes() of an int is that many zero bytes: a key of zeros
+        if not isinstance(value, bytes | bytearray):
+            raise ConfigurationError(f"{what} must be bytes")
     return hmac.digest(bytes(key1) + bytes(key2), message, "sha256")
 
 
