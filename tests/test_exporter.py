@@ -444,7 +444,17 @@ def test_key_material_compares_by_value() -> None:
 
 @pytest.mark.parametrize(
     ("output", "generation"),
-    [(bytes(15), 0), (bytes(17), 0), (bytes(16), -1), (bytes(16), 2**32)],
+    [
+        (bytes(15), 0),
+        (bytes(17), 0),
+        (bytes(16), -1),
+        (bytes(16), 2**32),
+        # not bytes: len() or bytes() of them failed with a TypeError,
+        # or made keys of the items
+        (16, 0),
+        ("k" * 16, 0),
+        ([0] * 16, 0),
+    ],
 )
 def test_key_material_checks_its_input(output: bytes, generation: int) -> None:
     with pytest.raises(ConfigurationError):

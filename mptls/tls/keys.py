@@ -35,6 +35,11 @@ class KeyMaterial:
     def __init__(
         self, exporter_output: bytes | bytearray, *, generation: int = 0
     ) -> None:
+        if not isinstance(exporter_output, bytes | bytearray):
+            raise ConfigurationError(
+                "exporter output must be bytes, got "
+                f"{type(exporter_output).__name__}"
+            )
         if len(exporter_output) != EXPORTER_LENGTH:
             raise ConfigurationError(
                 f"exporter output must be {EXPORTER_LENGTH} bytes, "
