@@ -440,6 +440,18 @@ def test_join_hmacs_use_tls_keys_in_g_mode() -> None:
     assert ev.SubflowEstablished(link.server_id) in net.server_side.events
 
 
+@pytest.mark.parametrize("mode", [Mode.G, Mode.E])
+def test_install_keys_takes_only_key_material(mode: Mode) -> None:
+    # a str was taken as the keys: the first join then failed with an
+    # AttributeError from deep inside, or the INFO log line did at once
+    config = ConnectionConfig(mode=mode, accept_modes=frozenset({mode}))
+    net = established(MemNet(config, config, keys=None, derive=None))
+    with pytest.raises(ConfigurationError, match="KeyMaterial"):
+        net.client.install_keys(KEYS.key_a + KEYS.key_b)  # type: ignore[arg-type]
+    assert not net.client.info().keys_installed
+    assert net.client.install_keys(KEYS)
+
+
 def test_open_subflow_needs_keys() -> None:
     net = established(MemNet(keys=None))
     with pytest.raises(KeysUnavailableError):

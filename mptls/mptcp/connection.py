@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 
 from mptls.errors import (
+    ConfigurationError,
     MptlsError,
     MptlsTimeoutError,
     ProtocolError,
@@ -236,6 +237,11 @@ class Connection(
         :class:`~mptls.mptcp.events.KeysRequested` asked for (see
         :class:`~mptls.mptcp.rotation.RotationMixin`).
         """
+        if not isinstance(keys, KeyMaterial):
+            raise ConfigurationError(
+                "install_keys() takes a KeyMaterial, got "
+                f"{type(keys).__name__}"
+            )
         if self.mode is Mode.E and self.handshake_complete:
             return self._install_rotation_keys(keys)
         if self.mode is not Mode.G or not self.handshake_complete:
