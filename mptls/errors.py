@@ -11,15 +11,17 @@ streams catches it unchanged: a TLS failure is an ``ssl.SSLError``, a
 certificate that does not verify an ``ssl.SSLCertVerificationError``, a
 peer's reset, a connection that lost every path or a peer that ends it
 in the handshake (one that is not mptls's too) a
-``ConnectionResetError``, a refused connect a ``ConnectionRefusedError``
-(any other refusal of the OS an ``OSError`` with its ``errno``), a
-timeout a ``TimeoutError`` (the TLS handshake's a
+``ConnectionResetError``, a refused connect a ``ConnectionRefusedError``,
+a host name that does not resolve a ``socket.gaierror`` (any other
+refusal of the OS an ``OSError`` with its ``errno``), a timeout
+a ``TimeoutError`` (the TLS handshake's a
 ``ConnectionAbortedError`` too).
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import socket
 import ssl
 
 
@@ -261,13 +263,16 @@ class ConnectError(BackendError, OSError):
         *,
         host: str | None = None,
         port: int | None = None,
+        lookup: bool = False,
     ) -> ConnectError:
-        """The error for ``errno``: a refusal is a ConnectRefusedError."""
-        kind = (
-            ConnectRefusedError
-            if errno == _errno.ECONNREFUSED
-            else ConnectError
-        )
+        """The error for ``errno``: a refusal is a ConnectRefusedError, a
+        failed name lookup (``lookup``, its errno getaddrinfo's) a
+        HostLookupError."""
+        kind: type[ConnectError] = ConnectError
+        if lookup:
+            kind = HostLookupError
+        elif errno == _errno.ECONNREFUSED:
+            kind = ConnectRefusedError
         return kind(errno, strerror, host=host, port=port)
 
 
@@ -276,6 +281,16 @@ class ConnectRefusedError(ConnectError, ConnectionRefusedError):
 
     A ``ConnectionRefusedError`` too, as asyncio raises for a refused
     connect: a loop that waits for a server to come up keeps working.
+    """
+
+
+class HostLookupError(ConnectError, socket.gaierror):
+    """The host name could not be resolved.
+
+    A ``socket.gaierror`` too, with getaddrinfo's ``errno``
+    (``socket.EAI_NONAME``, say), as asyncio raises for an unknown
+    host: code that tells a name that does not resolve from a server
+    that does not answer keeps working.
     """
 
 

@@ -40,28 +40,30 @@ class Stack:
         self.name = name
         self.pki = pki
 
-    async def serve(self, handler: Handler, **options: Any) -> Any:
+    async def serve(
+        self, handler: Handler, host: Any = "127.0.0.1", **options: Any
+    ) -> Any:
         if self.name == "asyncio":
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.pki.cert_pem, self.pki.key_pem)
             return await asyncio.start_server(
-                handler, "127.0.0.1", 0, ssl=context, **options
+                handler, host, 0, ssl=context, **options
             )
         return await mptls.start_server(
-            handler, "127.0.0.1", 0, ssl=self.pki.server(), **options
+            handler, host, 0, ssl=self.pki.server(), **options
         )
 
     async def connect(
-        self, port: int, **options: Any
+        self, port: int, host: str = "127.0.0.1", **options: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.name == "asyncio":
             context = ssl.create_default_context(cafile=self.pki.ca_pem)
             opening = asyncio.open_connection(
-                "127.0.0.1", port, ssl=context, **options
+                host, port, ssl=context, **options
             )
         else:
             opening = mptls.open_connection(
-                "127.0.0.1", port, ssl=self.pki.client(), **options
+                host, port, ssl=self.pki.client(), **options
             )
         async with asyncio.timeout(LIMIT):
             return await opening
@@ -278,6 +280,29 @@ async def test_a_server_lives_and_ends_as_asyncios(stack: Stack) -> None:
     async with asyncio.timeout(LIMIT):
         await server.wait_closed()
         await server.wait_closed()
+
+
+# a host name that does not resolve
+
+
+async def test_an_unknown_host_is_a_gaierror(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # code that tells a name that does not resolve from a server that
+    # does not answer catches socket.gaierror, with getaddrinfo's errno
+    async def no_such_name(*args: object, **kw: object) -> object:
+        # no lookup leaves the process: the resolver's answer is faked
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(
+        asyncio.get_running_loop(), "getaddrinfo", no_such_name
+    )
+    with pytest.raises(socket.gaierror) as connecting:
+        await stack.connect(443, host="no-such-host.invalid")
+    assert connecting.value.errno == socket.EAI_NONAME
+    with pytest.raises(socket.gaierror) as listening:
+        await stack.serve(greet_until_the_end, host="no-such-host.invalid")
+    assert listening.value.errno == socket.EAI_NONAME
 
 
 # a cancelled connect

@@ -228,7 +228,13 @@ def _connect_error(
             reason = os.strerror(exc.errno)
         message = f"cannot {what} {format_address((host, port))}: {reason}"
     where = host if isinstance(host, str) else None
-    return ConnectError.of(exc.errno, message, host=where, port=port)
+    return ConnectError.of(
+        exc.errno,
+        message,
+        host=where,
+        port=port,
+        lookup=isinstance(exc, socket.gaierror),
+    )
 
 
 def _os_refusal(
@@ -247,7 +253,13 @@ def _os_refusal(
     if isinstance(exc, BackendError) and _is_plain_os_error(cause):
         where = host if isinstance(host, str) else None
         errno = cast(OSError, cause).errno
-        return ConnectError.of(errno, str(exc), host=where, port=port)
+        return ConnectError.of(
+            errno,
+            str(exc),
+            host=where,
+            port=port,
+            lookup=isinstance(cause, socket.gaierror),
+        )
     return None
 
 
