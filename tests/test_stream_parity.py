@@ -189,6 +189,36 @@ async def test_writes_after_close_are_dropped(stack: Stack) -> None:
             await writer.wait_closed()
 
 
+async def test_a_timed_out_wait_closed_leaves_the_next_working(
+    pki: Pki,
+) -> None:
+    # mptls only: asyncio's streams hand every wait_closed() one future,
+    # which a cancelled wait cancels, and the next wait_closed() raises
+    # CancelledError. mptls's close waits for the peer's end, which a
+    # timeout may well cut short (README)
+    stack = Stack("mptls", pki)
+    ending = asyncio.Event()
+
+    async def end_when_told(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await ending.wait()
+        writer.close()
+
+    server = await stack.serve(end_when_told)
+    async with server:
+        _, writer = await stack.connect(port_of(server))
+        writer.close()
+        # the server has not closed its side: the close waits for it
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await writer.wait_closed()
+        ending.set()
+        async with asyncio.timeout(LIMIT):
+            await writer.wait_closed()
+            await writer.wait_closed()
+
+
 async def test_writes_after_a_peer_abort_fail_in_drain(stack: Stack) -> None:
     aborted = asyncio.Event()
 

@@ -944,6 +944,9 @@ class StreamProtocol(asyncio.StreamReaderProtocol):
     paused at the end, or once the reader holds it; a drain() between
     the end and the step that tells the reader got a bare
     ``ConnectionResetError('Connection lost')``, the cause lost.
+
+    A ``wait_closed()`` that a timeout cancelled leaves the next one
+    working: asyncio's raises ``CancelledError`` ever after.
     """
 
     _lost_error: Exception | None = None
@@ -958,6 +961,20 @@ class StreamProtocol(asyncio.StreamReaderProtocol):
         if self._lost_error is not None:
             raise self._lost_error
         await cast(Any, super())._drain_helper()
+
+    def _get_close_waiter(self, stream: object) -> asyncio.Future[None]:
+        """What ``wait_closed()`` awaits: the end, shielded.
+
+        asyncio's hands every ``wait_closed()`` the same future, so one
+        that a timeout cancelled cancelled it for good, and every later
+        ``wait_closed()`` (after an ``abort()``, say) raised a
+        ``CancelledError`` that no cancel had asked for. Here a close
+        waits for the peer's end, which may well outlast a timeout.
+        """
+        closed: asyncio.Future[None] = cast(Any, super())._get_close_waiter(
+            stream
+        )
+        return asyncio.shield(closed)
 
 
 class TLSTransport(asyncio.Transport):
