@@ -910,6 +910,9 @@ _ENGINE_INFO: dict[str, Callable[[TLSEngine], Any]] = {
     "cipher": lambda engine: engine.cipher(),
     "tls_version": lambda engine: engine.version(),
     "alpn_protocol": lambda engine: engine.alpn_protocol(),
+    # asyncio's TLS transports answer it (None: none in use), and every
+    # context mptls makes refuses TLS compression (OP_NO_COMPRESSION)
+    "compression": lambda engine: None,
 }
 
 
