@@ -6,7 +6,8 @@ separator and by count, the errors that keep the data readable,
 writes after an end, the server's life cycle, a cancelled connect)
 behaves the same over ``mptls.open_connection`` / ``start_server``.
 Where mptls differs on purpose (half-close, a peer's abort raised by
-the reader), the README says so and the test leaves that step out.
+the reader, no stdlib TLS object), the README says so and the test
+leaves that step out, or says what each stack does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gc
 import select
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -277,6 +279,58 @@ async def test_what_get_extra_info_answers(stack: Stack) -> None:
         await closed(writer)
 
 
+# differences on purpose (README, "Use it like asyncio")
+
+
+async def test_a_client_half_closes_and_outlives_the_servers_end(
+    stack: Stack,
+) -> None:
+    async def answer_then_end(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write((await reader.read()).upper())
+        writer.close()
+
+    server = await stack.serve(answer_then_end)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        writer.write(b"question")
+        if stack.name == "asyncio":
+            # asyncio's TLS transport cannot half-close, and closes the
+            # client at the server's close_notify
+            assert not writer.can_write_eof()
+            with pytest.raises(NotImplementedError):
+                writer.write_eof()
+            await closed(writer)
+            return
+        # mptls: close_notify then DATA_FIN, while the server answers;
+        # the server's end leaves the client's writer to the client
+        assert writer.can_write_eof()
+        writer.write_eof()
+        async with asyncio.timeout(LIMIT):
+            assert await reader.read() == b"QUESTION"
+        assert not writer.is_closing()
+        await closed(writer)
+
+
+async def test_no_stdlib_tls_object_is_shown(stack: Stack) -> None:
+    async with sending(stack, b"x") as port:
+        reader, writer = await stack.connect(port)
+        ssl_object = writer.get_extra_info("ssl_object")
+        context = writer.get_extra_info("sslcontext")
+        if stack.name == "asyncio":
+            assert isinstance(ssl_object, ssl.SSLObject)
+            assert isinstance(context, ssl.SSLContext)
+        else:
+            # the TLS object is pyOpenSSL's: what was negotiated is in
+            # "cipher", "tls_version", "peercert" and "mptcp"
+            assert ssl_object is None
+            assert context is None
+            assert writer.get_extra_info("tls_version") == "TLSv1.3"
+        await reader.read()
+        await closed(writer)
+
+
 # the server
 
 
@@ -312,6 +366,58 @@ async def test_a_server_lives_and_ends_as_asyncios(stack: Stack) -> None:
     async with asyncio.timeout(LIMIT):
         await server.wait_closed()
         await server.wait_closed()
+
+
+# a handler that fails
+
+
+async def test_a_handler_that_raises_is_logged_and_closed(
+    stack: Stack,
+) -> None:
+    loop = asyncio.get_running_loop()
+    heard: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: heard.append(context))
+
+    async def fail(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(4)
+        writer.write(b"partial answer")
+        raise RuntimeError("the handler failed")
+
+    server = await stack.serve(fail)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        writer.write(b"ping")
+        # the loop's exception handler hears it, and the transport is
+        # closed: what the handler wrote arrives, then the end
+        async with asyncio.timeout(LIMIT):
+            assert await reader.read() == b"partial answer"
+        await closed(writer)
+    assert [str(context.get("exception")) for context in heard] == [
+        "the handler failed"
+    ]
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 13),
+    reason="asyncio before 3.13 leaves a cancelled handler's connection "
+    "open (its done-callback raises the CancelledError)",
+)
+async def test_a_cancelled_handler_ends_its_connection(stack: Stack) -> None:
+    async def cancelled(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"before")
+        await writer.drain()
+        raise asyncio.CancelledError
+
+    server = await stack.serve(cancelled)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        async with asyncio.timeout(LIMIT):
+            assert await reader.read() == b"before"
+        await closed(writer)
 
 
 # a host name that does not resolve
