@@ -43,20 +43,24 @@ class Stack:
         self.pki = pki
 
     async def serve(
-        self, handler: Handler, host: Any = "127.0.0.1", **options: Any
+        self,
+        handler: Handler,
+        host: Any = "127.0.0.1",
+        port: int | str = 0,
+        **options: Any,
     ) -> Any:
         if self.name == "asyncio":
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.pki.cert_pem, self.pki.key_pem)
             return await asyncio.start_server(
-                handler, host, 0, ssl=context, **options
+                handler, host, port, ssl=context, **options
             )
         return await mptls.start_server(
-            handler, host, 0, ssl=self.pki.server(), **options
+            handler, host, port, ssl=self.pki.server(), **options
         )
 
     async def connect(
-        self, port: int, host: str = "127.0.0.1", **options: Any
+        self, port: int | str, host: str = "127.0.0.1", **options: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.name == "asyncio":
             context = ssl.create_default_context(cafile=self.pki.ca_pem)
@@ -441,6 +445,48 @@ async def test_an_unknown_host_is_a_gaierror(
     with pytest.raises(socket.gaierror) as listening:
         await stack.serve(greet_until_the_end, host="no-such-host.invalid")
     assert listening.value.errno == socket.EAI_NONAME
+
+
+# a port by its service name
+
+# services of unprivileged ports that the services database may name
+SERVICES = ("http-alt", "postgresql", "mysql", "x11", "redis")
+
+
+def a_free_service() -> str:
+    """A service name whose TCP port is free on 127.0.0.1."""
+    for name in SERVICES:
+        try:
+            port = socket.getservbyname(name, "tcp")
+        except OSError:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return name
+    pytest.skip("no service of a free unprivileged port is known here")
+
+
+async def test_a_port_may_be_a_service_name(stack: Stack) -> None:
+    name = a_free_service()
+    server = await stack.serve(greet_until_the_end, port=name)
+    async with server:
+        assert port_of(server) == socket.getservbyname(name, "tcp")
+        reader, writer = await stack.connect(name)
+        async with asyncio.timeout(LIMIT):
+            assert await reader.readexactly(5) == b"hello"
+        await closed(writer)
+
+
+async def test_an_unknown_service_name_is_a_gaierror(stack: Stack) -> None:
+    with pytest.raises(socket.gaierror) as connecting:
+        await stack.connect("no-such-service")
+    assert connecting.value.errno == socket.EAI_SERVICE
+    with pytest.raises(socket.gaierror) as listening:
+        await stack.serve(greet_until_the_end, port="no-such-service")
+    assert listening.value.errno == socket.EAI_SERVICE
 
 
 # a cancelled connect

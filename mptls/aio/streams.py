@@ -58,8 +58,9 @@ def _resolve_backend(backend: str | Backend) -> Backend:
 
 
 def _check_port(port: object, *, server: bool) -> int:
-    # asyncio would take a service name ("https"); mptls wants a number
     low = 0 if server else 1
+    if isinstance(port, str) and port and not port.isdecimal():
+        return _service_port(port)
     if isinstance(port, str) and port.isdecimal():
         # int() refuses more than 4300 digits with a ValueError of its
         # own, and a digit that is not a decimal one ("\u00b2"); no port
@@ -69,11 +70,30 @@ def _check_port(port: object, *, server: bool) -> int:
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int):
         raise ConfigurationError(
-            f"port must be an int, got {shown_value(port)}"
+            f"port must be an int or a service name, got {shown_value(port)}"
         )
     if not low <= port <= 65535:
         raise _port_out_of_range(port, low)
     return port
+
+
+def _service_port(name: str) -> int:
+    """The TCP port of a service name ("https"), as asyncio takes one.
+
+    asyncio hands the name to ``getaddrinfo``; an unknown one fails
+    there with ``EAI_SERVICE``, raised here as the same
+    ``socket.gaierror``. The services database is a local file: no
+    lookup leaves the machine for it.
+    """
+    _check_no_nul(name, "port")
+    try:
+        return socket.getservbyname(name, "tcp")
+    except OSError:
+        raise ConnectError.of(
+            socket.EAI_SERVICE,
+            f"unknown service name {shown_value(name)} for a port",
+            lookup=True,
+        ) from None
 
 
 def _port_out_of_range(port: int | str, low: int) -> ConfigurationError:
