@@ -115,6 +115,68 @@ async def test_a_buffered_protocol_gets_every_byte(
             transport.close()
 
 
+class AnswersAfterTheEnd(asyncio.Protocol):
+    """Reads a question to its end, then answers on the next turn."""
+
+    def __init__(self) -> None:
+        self.question = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.question += data
+
+    def eof_received(self) -> bool:
+        asyncio.get_running_loop().call_soon(self.answer)
+        return True
+
+    def answer(self) -> None:
+        assert isinstance(self.transport, asyncio.WriteTransport)
+        self.transport.write(b"answer to " + self.question)
+        self.transport.close()
+
+
+class Asks(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.answer = bytearray()
+        self.lost: asyncio.Future[Exception | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(b"a question")
+        transport.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        self.answer += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+async def test_an_eof_received_that_returns_true_keeps_the_answer_open(
+    pki: Pki, backend: str
+) -> None:
+    # asyncio's TLS transport warns that a true eof_received() has no
+    # effect and closes, dropping the answer; mptls half-closes (README)
+    server = await mptls.create_server(
+        AnswersAfterTheEnd, "127.0.0.1", 0, ssl=pki.server(), backend=backend
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        transport, client = await mptls.create_connection(
+            Asks, "127.0.0.1", port, ssl=pki.client(), backend=backend
+        )
+        try:
+            assert isinstance(client, Asks)
+            assert await asyncio.wait_for(client.lost, WAIT) is None
+            assert client.answer == b"answer to a question"
+        finally:
+            transport.close()
+
+
 class Failing(Exception):
     pass
 
