@@ -1169,7 +1169,6 @@ async def test_a_mode_on_the_kernel_backend_says_which_backend_has_it(
 @pytest.mark.parametrize(
     ("keyword", "advice"),
     [
-        ("local_addr", "use local_addrs="),
         ("sock", "opens its own sockets"),
         ("all_errors", "raises one error"),
         ("family", "IP literals"),
@@ -1186,6 +1185,29 @@ async def test_asyncio_keywords_mptls_does_not_take_say_what_to_do(
     with pytest.raises(ConfigurationError, match=advice):
         await mptls.open_connection(
             "127.0.0.1", 4433, ssl=pki.client(), **{keyword: None}
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"local_addr": ("127.0.0.1", 5555)}, "port must be 0"),
+        ({"local_addr": ("127.0.0.1", True)}, "port must be 0"),
+        ({"local_addr": "127.0.0.1"}, "pair"),
+        ({"local_addr": ("127.0.0.1",)}, "pair"),
+        ({"local_addr": ("localhost", 0)}, "IP addresses"),
+        (
+            {"local_addr": ("127.0.0.1", 0), "local_addrs": ["127.0.0.1"]},
+            "not both",
+        ),
+    ],
+)
+async def test_a_local_addr_mptls_cannot_keep_says_why(
+    pki: Pki, options: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=reason):
+        await mptls.open_connection(
+            "127.0.0.1", 4433, ssl=pki.client(), **options
         )
 
 

@@ -283,6 +283,27 @@ async def test_what_get_extra_info_answers(stack: Stack) -> None:
         await closed(writer)
 
 
+async def test_local_addr_picks_the_clients_address(stack: Stack) -> None:
+    peers: list[str] = []
+
+    async def note_the_peer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peers.append(writer.get_extra_info("peername")[0])
+        await greet_until_the_end(reader, writer)
+
+    server = await stack.serve(note_the_peer)
+    async with server:
+        reader, writer = await stack.connect(
+            port_of(server), local_addr=("127.0.0.2", 0)
+        )
+        assert writer.get_extra_info("sockname")[0] == "127.0.0.2"
+        async with asyncio.timeout(LIMIT):
+            assert await reader.readexactly(5) == b"hello"
+        await closed(writer)
+    assert peers == ["127.0.0.2"]
+
+
 # differences on purpose (README, "Use it like asyncio")
 
 

@@ -188,8 +188,6 @@ def _check_timeout(value: object, name: str = "ssl_handshake_timeout") -> None:
 # asyncio's keywords mptls does not take, and what to do instead: of
 # loop.create_connection, then of loop.create_server
 _ASYNCIO_CLIENT_ONLY = {
-    "local_addr": "use local_addrs=[address, ...]: each local address "
-    "carries one subflow",
     "sock": "mptls opens its own sockets, one per subflow",
     "family": "pass IP literals (local_addrs too) of the family wanted",
     "proto": "mptls chooses the sockets' protocol",
@@ -213,6 +211,41 @@ def _refuse_asyncio_only(
             raise ConfigurationError(
                 f"{name}= is asyncio's, and mptls does not take it: {instead}"
             )
+
+
+def _take_local_addr(
+    options: dict[str, Any], local_addrs: Sequence[str] | None
+) -> Sequence[str] | None:
+    """asyncio's ``local_addr=(ip, 0)``, as ``local_addrs=[ip]``.
+
+    One local address is the first subflow's, as asyncio binds its one
+    socket there. mptls picks each subflow's local port: a port other
+    than 0 cannot be kept for the subflows after the first.
+    """
+    local_addr = options.pop("local_addr", None)
+    if local_addr is None:
+        return local_addrs
+    if local_addrs is not None:
+        raise ConfigurationError(
+            "pass local_addr= or local_addrs=, not both: local_addrs' "
+            "first address is the one local_addr names"
+        )
+    if (
+        not isinstance(local_addr, tuple | list)
+        or len(local_addr) != 2
+        or not isinstance(local_addr[0], str)
+    ):
+        raise ConfigurationError(
+            "local_addr must be an (IP address, port) pair, got "
+            f"{shown_value(local_addr)}"
+        )
+    address, port = local_addr
+    if port not in (0, None) or isinstance(port, bool):
+        raise ConfigurationError(
+            f"local_addr's port must be 0, got {shown_value(port)}: mptls "
+            "picks each subflow's local port"
+        )
+    return [address]
 
 
 def _check_limit(limit: object) -> None:
@@ -330,7 +363,8 @@ async def create_connection(
     client-side ``ssl.SSLContext`` or ``True`` for system defaults. TLS
     cannot be turned off: the MPTCP keys come from it.
     ``local_addrs`` lists local addresses: the first carries the first
-    subflow, each further one an extra subflow. ``require_app_keys``
+    subflow, each further one an extra subflow; asyncio's
+    ``local_addr=(ip, 0)`` is ``local_addrs=[ip]``. ``require_app_keys``
     fails the connection before any application data if the backend
     cannot install the TLS-derived keys (before connecting at all, with
     :class:`~mptls.errors.KeysUnavailableError`, on a backend that can
@@ -342,6 +376,7 @@ async def create_connection(
     default, 30 s); the userspace backend ends the stream in order
     itself, within its ``close_timeout``.
     """
+    local_addrs = _take_local_addr(backend_options, local_addrs)
     _refuse_asyncio_only(backend_options, _ASYNCIO_CLIENT_ONLY)
     if host is None or port is None:
         raise ConfigurationError("host and port are required")
