@@ -1214,7 +1214,6 @@ async def test_a_local_addr_mptls_cannot_keep_says_why(
 @pytest.mark.parametrize(
     ("keyword", "advice"),
     [
-        ("sock", "its own listening sockets"),
         ("keep_alive", "find dead paths"),
         ("family", "host as an IP literal"),
     ],
@@ -1229,6 +1228,36 @@ async def test_asyncio_server_keywords_say_what_to_do(
             0,
             ssl=pki.server(),
             **{keyword: None},
+        )
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "where", "reason"),
+    [
+        (socket.AF_INET, socket.SOCK_STREAM, ("127.0.0.1", 0), "not both"),
+        (socket.AF_INET, socket.SOCK_DGRAM, (None, None), "TCP socket"),
+        (socket.AF_UNIX, socket.SOCK_STREAM, (None, None), "TCP socket"),
+    ],
+)
+async def test_a_socket_to_listen_on_is_checked(
+    pki: Pki, family: int, kind: int, where: tuple[Any, Any], reason: str
+) -> None:
+    with (
+        socket.socket(family, kind) as sock,
+        pytest.raises(ConfigurationError, match=reason),
+    ):
+        await mptls.start_server(noop, *where, ssl=pki.server(), sock=sock)
+
+
+async def test_the_kernel_backend_makes_its_own_listening_sockets(
+    pki: Pki,
+) -> None:
+    with (
+        socket.socket() as sock,
+        pytest.raises(ConfigurationError, match="its own MPTCP"),
+    ):
+        await mptls.start_server(
+            noop, ssl=pki.server(), sock=sock, backend="kernel"
         )
 
 

@@ -46,7 +46,7 @@ class Stack:
         self,
         handler: Handler,
         host: Any = "127.0.0.1",
-        port: int | str = 0,
+        port: int | str | None = 0,
         **options: Any,
     ) -> Any:
         if self.name == "asyncio":
@@ -302,6 +302,22 @@ async def test_local_addr_picks_the_clients_address(stack: Stack) -> None:
             assert await reader.readexactly(5) == b"hello"
         await closed(writer)
     assert peers == ["127.0.0.2"]
+
+
+async def test_a_server_listens_on_a_socket_it_is_given(
+    stack: Stack,
+) -> None:
+    # a socket bound before (or inherited, as from systemd)
+    with socket.socket() as given:
+        given.bind(("127.0.0.1", 0))
+        server = await stack.serve(greet_until_the_end, None, None, sock=given)
+        async with server:
+            address = given.getsockname()
+            assert [s.getsockname() for s in server.sockets] == [address]
+            reader, writer = await stack.connect(address[1])
+            async with asyncio.timeout(LIMIT):
+                assert await reader.readexactly(5) == b"hello"
+            await closed(writer)
 
 
 # differences on purpose (README, "Use it like asyncio")

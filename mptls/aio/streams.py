@@ -195,7 +195,6 @@ _ASYNCIO_CLIENT_ONLY = {
     "all_errors": "mptls raises one error, an OSError with the cause",
 }
 _ASYNCIO_SERVER_ONLY = {
-    "sock": "mptls makes its own listening sockets",
     "family": "pass the host as an IP literal of the family wanted",
     "flags": "mptls resolves host names itself",
     "keep_alive": "mptls's own timeouts find dead paths (docs/reliability.md)",
@@ -475,6 +474,10 @@ async def create_server(
             "an OpenSSL.SSL.Context holding its certificate and key"
         )
     _check_server_host(host)
+    sock = backend_options.pop("sock", None)
+    if sock is not None:
+        _check_listening_socket(sock, host, port)
+        port = 0
     port = _check_port(0 if port is None else port, server=True)
     _check_timeout(ssl_handshake_timeout)
     _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
@@ -484,6 +487,8 @@ async def create_server(
     backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
     _bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)
+    if sock is not None:
+        _listen_on_given_socket(backend_obj, sock, backend_options)
 
     def tls_factory() -> TLSProtocol:
         return TLSProtocol(
@@ -505,6 +510,42 @@ async def create_server(
         if refusal is None:
             raise
         raise refusal from exc
+
+
+def _check_listening_socket(sock: object, host: object, port: object) -> None:
+    """``sock=``, a socket the application bound (or inherited, as from
+    systemd), to listen on instead of ``host`` and ``port``, as asyncio
+    takes it."""
+    if host is not None or port is not None:
+        raise ConfigurationError(
+            "pass host and port, or sock=, not both: the socket is "
+            "bound already"
+        )
+    if (
+        not isinstance(sock, socket.socket)
+        or sock.type != socket.SOCK_STREAM
+        or sock.family not in (socket.AF_INET, socket.AF_INET6)
+    ):
+        raise ConfigurationError(
+            "sock must be a TCP socket (AF_INET or AF_INET6, "
+            f"SOCK_STREAM), got {shown_value(sock)}"
+        )
+
+
+def _listen_on_given_socket(
+    backend: Backend, sock: socket.socket, options: dict[str, Any]
+) -> None:
+    """The userspace backend's subflows are TCP connections, so a TCP
+    socket serves it; the kernel backend needs MPTCP sockets of its
+    own making."""
+    from mptls.backends.userspace import UserspaceBackend
+
+    if not isinstance(backend, UserspaceBackend):
+        raise ConfigurationError(
+            f"sock= is taken by the userspace backend only: the "
+            f"{backend.name} backend makes its own MPTCP sockets"
+        )
+    options["sock"] = sock
 
 
 def _bound_silent_clients(

@@ -657,6 +657,7 @@ class UserspaceBackend(Backend):
         backlog: int = 100,
         start_serving: bool = True,
         join_handoff: Handoff | None = None,
+        sock: socket.socket | None = None,
         **settings: Any,
     ) -> Server:
         """Listen; each accepted TCP connection is a new or joining subflow.
@@ -675,10 +676,12 @@ class UserspaceBackend(Backend):
         new subflow's first segments before this server routes them,
         and may take the TCP connection away (see
         :mod:`mptls.backends.userspace.router`). ``reuse_address``,
-        ``reuse_port``, ``backlog`` and ``start_serving`` are asyncio's,
-        with its defaults: on Python 3.11 a server out of file
-        descriptors logs one error for each of ``backlog`` accepts it
-        tries per wakeup, so a larger default multiplies that storm.
+        ``reuse_port``, ``backlog``, ``start_serving`` and ``sock`` (a
+        bound TCP socket to listen on, ``host`` and ``port`` then
+        unused) are asyncio's, with its defaults: on Python 3.11 a
+        server out of file descriptors logs one error for each of
+        ``backlog`` accepts it tries per wakeup, so a larger default
+        multiplies that storm.
         """
         loop = asyncio.get_running_loop()
         accepted = server_modes(mode, modes)
@@ -710,15 +713,23 @@ class UserspaceBackend(Backend):
             close_timeout=close_timeout,
             handoff=join_handoff,
         )
-        server = await loop.create_server(
-            listener,
-            host,
-            port,
-            reuse_address=reuse_address,
-            reuse_port=reuse_port,
-            backlog=backlog,
-            start_serving=start_serving,
-        )
+        if sock is not None:
+            server = await loop.create_server(
+                listener,
+                sock=sock,
+                backlog=backlog,
+                start_serving=start_serving,
+            )
+        else:
+            server = await loop.create_server(
+                listener,
+                host,
+                port,
+                reuse_address=reuse_address,
+                reuse_port=reuse_port,
+                backlog=backlog,
+                start_serving=start_serving,
+            )
         return MptlsServer(server, listener)
 
     def install_keys(
