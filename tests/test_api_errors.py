@@ -1171,7 +1171,6 @@ async def test_a_mode_on_the_kernel_backend_says_which_backend_has_it(
     [
         ("sock", "opens its own sockets"),
         ("all_errors", "raises one error"),
-        ("family", "IP literals"),
     ],
 )
 async def test_asyncio_keywords_mptls_does_not_take_say_what_to_do(
@@ -1215,7 +1214,6 @@ async def test_a_local_addr_mptls_cannot_keep_says_why(
     ("keyword", "advice"),
     [
         ("keep_alive", "find dead paths"),
-        ("family", "host as an IP literal"),
     ],
 )
 async def test_asyncio_server_keywords_say_what_to_do(
@@ -1247,6 +1245,51 @@ async def test_a_socket_to_listen_on_is_checked(
         pytest.raises(ConfigurationError, match=reason),
     ):
         await mptls.start_server(noop, *where, ssl=pki.server(), sock=sock)
+
+
+@pytest.mark.parametrize("family", [socket.AF_UNIX, "AF_INET", True, None])
+async def test_a_family_is_one_of_ips(pki: Pki, family: object) -> None:
+    with pytest.raises(ConfigurationError, match="family must be"):
+        await mptls.open_connection(
+            "127.0.0.1", 4433, ssl=pki.client(), family=family
+        )
+    with pytest.raises(ConfigurationError, match="family must be"):
+        await mptls.start_server(
+            noop, "127.0.0.1", 0, ssl=pki.server(), family=family
+        )
+
+
+async def test_a_family_and_a_local_address_of_another_say_so(
+    pki: Pki,
+) -> None:
+    with pytest.raises(ConfigurationError, match="another family"):
+        await mptls.open_connection(
+            "::1",
+            4433,
+            ssl=pki.client(),
+            family=socket.AF_INET6,
+            local_addrs=["127.0.0.1"],
+        )
+
+
+async def test_the_kernel_backend_takes_no_family(pki: Pki) -> None:
+    with pytest.raises(ConfigurationError, match="userspace backend only"):
+        await mptls.open_connection(
+            "127.0.0.1",
+            4433,
+            ssl=pki.client(),
+            family=socket.AF_INET,
+            backend="kernel",
+        )
+    with pytest.raises(ConfigurationError, match="userspace backend only"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            family=socket.AF_INET,
+            backend="kernel",
+        )
 
 
 async def test_the_kernel_backend_makes_its_own_listening_sockets(

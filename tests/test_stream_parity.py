@@ -320,6 +320,31 @@ async def test_a_server_listens_on_a_socket_it_is_given(
             await closed(writer)
 
 
+async def test_family_picks_the_hosts_addresses(stack: Stack) -> None:
+    server = await stack.serve(greet_until_the_end, "::1")
+    async with server:
+        reader, writer = await stack.connect(
+            port_of(server), "::1", family=socket.AF_INET6
+        )
+        async with asyncio.timeout(LIMIT):
+            assert await reader.readexactly(5) == b"hello"
+        await closed(writer)
+        # no IPv4 address of "::1" to connect to
+        with pytest.raises(socket.gaierror):
+            await stack.connect(port_of(server), "::1", family=socket.AF_INET)
+
+
+async def test_a_server_listens_on_its_hosts_of_one_family(
+    stack: Stack,
+) -> None:
+    server = await stack.serve(
+        greet_until_the_end, None, family=socket.AF_INET
+    )
+    async with server:
+        families = {sock.family for sock in server.sockets}
+        assert families == {socket.AF_INET}
+
+
 # differences on purpose (README, "Use it like asyncio")
 
 

@@ -189,13 +189,11 @@ def _check_timeout(value: object, name: str = "ssl_handshake_timeout") -> None:
 # loop.create_connection, then of loop.create_server
 _ASYNCIO_CLIENT_ONLY = {
     "sock": "mptls opens its own sockets, one per subflow",
-    "family": "pass IP literals (local_addrs too) of the family wanted",
     "proto": "mptls chooses the sockets' protocol",
     "flags": "mptls resolves host names itself",
     "all_errors": "mptls raises one error, an OSError with the cause",
 }
 _ASYNCIO_SERVER_ONLY = {
-    "family": "pass the host as an IP literal of the family wanted",
     "flags": "mptls resolves host names itself",
     "keep_alive": "mptls's own timeouts find dead paths (docs/reliability.md)",
 }
@@ -389,6 +387,7 @@ async def create_connection(
         server_hostname = _default_server_hostname(host)
     backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
+    _refuse_family_elsewhere(backend_obj, backend_options)
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[TLSTransport] = loop.create_future()
 
@@ -487,6 +486,7 @@ async def create_server(
     backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
     _bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)
+    _refuse_family_elsewhere(backend_obj, backend_options)
     if sock is not None:
         _listen_on_given_socket(backend_obj, sock, backend_options)
 
@@ -538,14 +538,31 @@ def _listen_on_given_socket(
     """The userspace backend's subflows are TCP connections, so a TCP
     socket serves it; the kernel backend needs MPTCP sockets of its
     own making."""
-    from mptls.backends.userspace import UserspaceBackend
-
-    if not isinstance(backend, UserspaceBackend):
+    if not _is_userspace(backend):
         raise ConfigurationError(
             f"sock= is taken by the userspace backend only: the "
             f"{backend.name} backend makes its own MPTCP sockets"
         )
     options["sock"] = sock
+
+
+def _refuse_family_elsewhere(
+    backend: Backend, options: dict[str, Any]
+) -> None:
+    """asyncio's ``family=`` picks the host's addresses of one family;
+    the userspace backend takes it, the kernel backend does not."""
+    if "family" in options and not _is_userspace(backend):
+        raise ConfigurationError(
+            f"family= is taken by the userspace backend only; on the "
+            f"{backend.name} backend pass IP literals (local_addrs too) "
+            "of the family wanted"
+        )
+
+
+def _is_userspace(backend: Backend) -> bool:
+    from mptls.backends.userspace import UserspaceBackend
+
+    return isinstance(backend, UserspaceBackend)
 
 
 def _bound_silent_clients(

@@ -496,18 +496,21 @@ async def _connect_first_subflow(
     local: str | None,
     timeout: float | None,
     race: AddressRace,
+    family: int = socket.AF_UNSPEC,
 ) -> None:
     """The first subflow's TCP connection, from ``local`` if given.
 
     ``timeout`` bounds the whole connect, resolution and every address
     of the host included; ``None`` leaves it to the kernel's SYN
-    retries. ``race`` says how the host's addresses are tried.
+    retries. ``race`` says how the host's addresses are tried, and
+    ``family`` which of them (asyncio's keyword: every family, or
+    ``AF_INET`` or ``AF_INET6`` alone).
     """
     loop = asyncio.get_running_loop()
     subflow.target = (host, port)
 
     async def connect() -> None:
-        sock = await _connect_tcp(loop, host, port, local, race)
+        sock = await _connect_tcp(loop, host, port, local, race, family)
         await loop.create_connection(lambda: subflow, sock=sock)
 
     await within_connect_timeout(connect(), host, port, timeout)
@@ -519,6 +522,7 @@ async def _connect_tcp(
     port: int,
     local: str | None,
     race: AddressRace,
+    family: int = socket.AF_UNSPEC,
 ) -> socket.socket:
     """A TCP socket connected to ``host``, trying its addresses as
     ``race`` says.
@@ -528,14 +532,19 @@ async def _connect_tcp(
     fails is one error with the errno of the last, where asyncio's own
     loop over the addresses gives an ``OSError`` with none.
     """
-    family: int = socket.AF_UNSPEC
     bind_to: tuple[Any, ...] | None = None
     if local is not None:
         # an address of this host, never a name to look up
         local_addresses = await host_addresses(
             loop, local, 0, flags=socket.AI_NUMERICHOST
         )
-        family, bind_to = local_addresses[0]
+        local_family, bind_to = local_addresses[0]
+        if family not in (socket.AF_UNSPEC, local_family):
+            raise ConfigurationError(
+                f"family={socket.AddressFamily(family).name} and a local "
+                f"address of another family, {local}"
+            )
+        family = local_family
     addresses = await host_addresses(loop, host, port, family)
     return await connect_any(
         host,
@@ -546,6 +555,23 @@ async def _connect_tcp(
         connect=loop.sock_connect,
         race=race,
     )
+
+
+def check_family(family: object) -> int:
+    """asyncio's ``family=``: which of a host's addresses to use."""
+    if (
+        isinstance(family, bool)
+        or not isinstance(family, int)
+        or family not in _ASYNCIO_FAMILIES
+    ):
+        raise ConfigurationError(
+            "family must be socket.AF_UNSPEC, AF_INET or AF_INET6, got "
+            f"{shown_value(family)}"
+        )
+    return int(family)
+
+
+_ASYNCIO_FAMILIES = (socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6)
 
 
 def _tcp_socket(family: int) -> socket.socket:
@@ -572,13 +598,15 @@ class UserspaceBackend(Backend):
         close_timeout: float = 10.0,
         happy_eyeballs_delay: float | None = None,
         interleave: int | None = None,
+        family: int = socket.AF_UNSPEC,
         **settings: Any,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         """Open the first subflow; extra ones follow once keys exist.
 
         ``happy_eyeballs_delay`` and ``interleave`` try the host's
         addresses as asyncio's keywords of those names do (RFC 8305;
-        see :class:`~mptls.backends.base.AddressRace`). ``settings`` are
+        see :class:`~mptls.backends.base.AddressRace`), and ``family``
+        picks theirs, as asyncio's does. ``settings`` are
         :class:`ConnectionConfig` fields (for example
         ``allow_legacy_fallback``, ``receive_window``).
         """
@@ -596,12 +624,13 @@ class UserspaceBackend(Backend):
             check_seconds("connect_timeout", connect_timeout)
         check_seconds("close_timeout", close_timeout)
         race = AddressRace.from_options(happy_eyeballs_delay, interleave)
+        family = check_family(family)
         local_addrs = list(local_addrs or ())
         first_local = local_addrs[0] if local_addrs else None
         placeholder = _PendingSink()
         subflow = _FirstSubflow(placeholder)
         await _connect_first_subflow(
-            subflow, host, port, first_local, connect_timeout, race
+            subflow, host, port, first_local, connect_timeout, race, family
         )
         peer = subflow.address("peername")
 
@@ -658,6 +687,7 @@ class UserspaceBackend(Backend):
         start_serving: bool = True,
         join_handoff: Handoff | None = None,
         sock: socket.socket | None = None,
+        family: int = socket.AF_UNSPEC,
         **settings: Any,
     ) -> Server:
         """Listen; each accepted TCP connection is a new or joining subflow.
@@ -676,14 +706,16 @@ class UserspaceBackend(Backend):
         new subflow's first segments before this server routes them,
         and may take the TCP connection away (see
         :mod:`mptls.backends.userspace.router`). ``reuse_address``,
-        ``reuse_port``, ``backlog``, ``start_serving`` and ``sock`` (a
-        bound TCP socket to listen on, ``host`` and ``port`` then
-        unused) are asyncio's, with its defaults: on Python 3.11 a
+        ``reuse_port``, ``backlog``, ``start_serving``, ``family`` (of
+        the host's addresses to listen on) and ``sock`` (a bound TCP
+        socket to listen on, ``host`` and ``port`` then unused) are
+        asyncio's, with its defaults: on Python 3.11 a
         server out of file descriptors logs one error for each of
         ``backlog`` accepts it tries per wakeup, so a larger default
         multiplies that storm.
         """
         loop = asyncio.get_running_loop()
+        family = check_family(family)
         accepted = server_modes(mode, modes)
         announce = check_announce(announce_addrs)
         config = _given_config(
@@ -725,6 +757,7 @@ class UserspaceBackend(Backend):
                 listener,
                 host,
                 port,
+                family=family,
                 reuse_address=reuse_address,
                 reuse_port=reuse_port,
                 backlog=backlog,
