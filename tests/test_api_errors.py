@@ -1169,7 +1169,6 @@ async def test_a_mode_on_the_kernel_backend_says_which_backend_has_it(
 @pytest.mark.parametrize(
     ("keyword", "advice"),
     [
-        ("sock", "opens its own sockets"),
         ("all_errors", "raises one error"),
     ],
 )
@@ -1290,6 +1289,43 @@ async def test_the_kernel_backend_takes_no_family(pki: Pki) -> None:
             family=socket.AF_INET,
             backend="kernel",
         )
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "reason"),
+    [
+        (socket.SOCK_STREAM, {"host": "127.0.0.1", "port": 1}, "not both"),
+        (socket.SOCK_STREAM, {"local_addrs": ["127.0.0.1"]}, "not both"),
+        (socket.SOCK_STREAM, {}, "must be connected"),
+        (socket.SOCK_DGRAM, {}, "TCP socket"),
+    ],
+)
+async def test_a_socket_to_connect_over_is_checked(
+    pki: Pki, kind: int, options: dict[str, Any], reason: str
+) -> None:
+    with (
+        socket.socket(socket.AF_INET, kind) as sock,
+        pytest.raises(ConfigurationError, match=reason),
+    ):
+        await mptls.open_connection(
+            ssl=pki.client(), sock=sock, server_hostname="localhost", **options
+        )
+
+
+async def test_the_kernel_backend_connects_its_own_sockets(pki: Pki) -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with (
+            socket.create_connection(listening.getsockname()) as sock,
+            pytest.raises(ConfigurationError, match="its own MPTCP"),
+        ):
+            await mptls.open_connection(
+                ssl=pki.client(),
+                sock=sock,
+                server_hostname="localhost",
+                backend="kernel",
+            )
 
 
 async def test_the_kernel_backend_makes_its_own_listening_sockets(

@@ -60,7 +60,10 @@ class Stack:
         )
 
     async def connect(
-        self, port: int | str, host: str = "127.0.0.1", **options: Any
+        self,
+        port: int | str | None,
+        host: str | None = "127.0.0.1",
+        **options: Any,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.name == "asyncio":
             context = ssl.create_default_context(cafile=self.pki.ca_pem)
@@ -343,6 +346,32 @@ async def test_a_server_listens_on_its_hosts_of_one_family(
     async with server:
         families = {sock.family for sock in server.sockets}
         assert families == {socket.AF_INET}
+
+
+async def test_a_client_connects_over_a_socket_it_is_given(
+    stack: Stack,
+) -> None:
+    # a socket connected before (through a proxy, say): the first path
+    server = await stack.serve(greet_until_the_end)
+    async with server:
+        with socket.create_connection(("127.0.0.1", port_of(server))) as sock:
+            reader, writer = await stack.connect(
+                None, None, sock=sock, server_hostname="localhost"
+            )
+            assert writer.get_extra_info("sockname") == sock.getsockname()
+            async with asyncio.timeout(LIMIT):
+                assert await reader.readexactly(5) == b"hello"
+            await closed(writer)
+
+
+async def test_a_given_socket_needs_the_servers_name(stack: Stack) -> None:
+    server = await stack.serve(greet_until_the_end)
+    async with server:
+        with (
+            socket.create_connection(("127.0.0.1", port_of(server))) as sock,
+            pytest.raises(ValueError, match="server_hostname"),
+        ):
+            await stack.connect(None, None, sock=sock)
 
 
 # differences on purpose (README, "Use it like asyncio")

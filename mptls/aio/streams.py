@@ -188,7 +188,6 @@ def _check_timeout(value: object, name: str = "ssl_handshake_timeout") -> None:
 # asyncio's keywords mptls does not take, and what to do instead: of
 # loop.create_connection, then of loop.create_server
 _ASYNCIO_CLIENT_ONLY = {
-    "sock": "mptls opens its own sockets, one per subflow",
     "proto": "mptls chooses the sockets' protocol",
     "flags": "mptls resolves host names itself",
     "all_errors": "mptls raises one error, an OSError with the cause",
@@ -375,6 +374,13 @@ async def create_connection(
     """
     local_addrs = _take_local_addr(backend_options, local_addrs)
     _refuse_asyncio_only(backend_options, _ASYNCIO_CLIENT_ONLY)
+    sock = backend_options.get("sock")
+    if sock is not None:
+        host, port = _connected_socket_peer(
+            sock, host, port, local_addrs, server_hostname
+        )
+    else:
+        backend_options.pop("sock", None)
     if host is None or port is None:
         raise ConfigurationError("host and port are required")
     port = _check_port(port, server=False)
@@ -388,6 +394,11 @@ async def create_connection(
     backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
     _refuse_family_elsewhere(backend_obj, backend_options)
+    if sock is not None and not _is_userspace(backend_obj):
+        raise ConfigurationError(
+            f"sock= is taken by the userspace backend only: the "
+            f"{backend_obj.name} backend makes its own MPTCP sockets"
+        )
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[TLSTransport] = loop.create_future()
 
@@ -512,15 +523,43 @@ async def create_server(
         raise refusal from exc
 
 
-def _check_listening_socket(sock: object, host: object, port: object) -> None:
-    """``sock=``, a socket the application bound (or inherited, as from
-    systemd), to listen on instead of ``host`` and ``port``, as asyncio
-    takes it."""
+def _connected_socket_peer(
+    sock: object,
+    host: object,
+    port: object,
+    local_addrs: object,
+    server_hostname: object,
+) -> tuple[str, int]:
+    """``sock=``, a TCP socket the application connected, to carry the
+    first subflow, as asyncio takes one: its peer's address, which the
+    socket names in place of ``host`` and ``port``."""
     if host is not None or port is not None:
         raise ConfigurationError(
             "pass host and port, or sock=, not both: the socket is "
-            "bound already"
+            "connected already"
         )
+    if local_addrs is not None:
+        raise ConfigurationError(
+            "pass local_addrs or sock=, not both: the socket's own "
+            "address carries the first subflow"
+        )
+    if server_hostname is None:
+        # as asyncio: nothing else names the server to verify
+        raise ConfigurationError(
+            "sock= needs server_hostname=, the name the server's "
+            "certificate must carry"
+        )
+    _check_tcp_socket(sock)
+    try:
+        peer = cast(socket.socket, sock).getpeername()
+    except OSError:
+        raise ConfigurationError(
+            f"sock must be connected, got {shown_value(sock)}"
+        ) from None
+    return str(peer[0]), int(peer[1])
+
+
+def _check_tcp_socket(sock: object) -> None:
     if (
         not isinstance(sock, socket.socket)
         or sock.type != socket.SOCK_STREAM
@@ -530,6 +569,18 @@ def _check_listening_socket(sock: object, host: object, port: object) -> None:
             "sock must be a TCP socket (AF_INET or AF_INET6, "
             f"SOCK_STREAM), got {shown_value(sock)}"
         )
+
+
+def _check_listening_socket(sock: object, host: object, port: object) -> None:
+    """``sock=``, a socket the application bound (or inherited, as from
+    systemd), to listen on instead of ``host`` and ``port``, as asyncio
+    takes it."""
+    if host is not None or port is not None:
+        raise ConfigurationError(
+            "pass host and port, or sock=, not both: the socket is "
+            "bound already"
+        )
+    _check_tcp_socket(sock)
 
 
 def _listen_on_given_socket(

@@ -599,6 +599,7 @@ class UserspaceBackend(Backend):
         happy_eyeballs_delay: float | None = None,
         interleave: int | None = None,
         family: int = socket.AF_UNSPEC,
+        sock: socket.socket | None = None,
         **settings: Any,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
         """Open the first subflow; extra ones follow once keys exist.
@@ -606,7 +607,9 @@ class UserspaceBackend(Backend):
         ``happy_eyeballs_delay`` and ``interleave`` try the host's
         addresses as asyncio's keywords of those names do (RFC 8305;
         see :class:`~mptls.backends.base.AddressRace`), and ``family``
-        picks theirs, as asyncio's does. ``settings`` are
+        picks theirs, as asyncio's does. ``sock``, a TCP socket
+        connected to ``host`` and ``port``, carries the first subflow
+        in place of one this call would connect. ``settings`` are
         :class:`ConnectionConfig` fields (for example
         ``allow_legacy_fallback``, ``receive_window``).
         """
@@ -629,9 +632,13 @@ class UserspaceBackend(Backend):
         first_local = local_addrs[0] if local_addrs else None
         placeholder = _PendingSink()
         subflow = _FirstSubflow(placeholder)
-        await _connect_first_subflow(
-            subflow, host, port, first_local, connect_timeout, race, family
-        )
+        if sock is not None:
+            subflow.target = (host, port)
+            await loop.create_connection(lambda: subflow, sock=sock)
+        else:
+            await _connect_first_subflow(
+                subflow, host, port, first_local, connect_timeout, race, family
+            )
         peer = subflow.address("peername")
 
         # the MPTCP connection; its SYN rides with the ClientHello
