@@ -12,6 +12,7 @@ leaves that step out, or says what each stack does.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import gc
@@ -198,6 +199,84 @@ async def test_writes_after_close_are_dropped(stack: Stack) -> None:
             await writer.wait_closed()
 
 
+async def echo(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def test_writes_take_any_bytes_like_object(stack: Stack) -> None:
+    server = await stack.serve(echo)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        # a memoryview counts bytes, whatever its items
+        writer.write(memoryview(array.array("i", [1, 2])))
+        writer.write(bytearray(b"ab"))
+        writer.writelines([memoryview(b"cd"), bytearray(b"ef"), b"gh"])
+        for not_bytes in ("text", 7, None):
+            with pytest.raises(TypeError):
+                writer.write(not_bytes)  # type: ignore[arg-type]
+        await writer.drain()
+        expected = array.array("i", [1, 2]).tobytes() + b"abcdefgh"
+        async with asyncio.timeout(LIMIT):
+            assert await reader.readexactly(len(expected)) == expected
+        writer.close()
+        writer.close()
+        await closed(writer)
+
+
+async def test_write_buffer_limits_as_asyncios(stack: Stack) -> None:
+    server = await stack.serve(echo)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        transport = writer.transport
+        assert transport.get_write_buffer_size() == 0
+        with pytest.raises(ValueError):
+            transport.set_write_buffer_limits(high=10, low=20)
+        with pytest.raises(ValueError):
+            transport.set_write_buffer_limits(high=-1)
+        transport.set_write_buffer_limits(high=100)
+        assert transport.get_write_buffer_limits() == (25, 100)
+        transport.set_write_buffer_limits(low=5)
+        assert transport.get_write_buffer_limits() == (5, 20)
+        # with no room, drain() waits until everything has left
+        transport.set_write_buffer_limits(0)
+        writer.write(b"q" * 100_000)
+        async with asyncio.timeout(LIMIT):
+            await writer.drain()
+        assert transport.get_write_buffer_size() == 0
+        assert transport.is_reading()
+        transport.pause_reading()
+        assert not transport.is_reading()
+        transport.resume_reading()
+        assert transport.is_reading()
+        async with asyncio.timeout(LIMIT):
+            assert len(await reader.readexactly(100_000)) == 100_000
+        await closed(writer)
+
+
+async def test_an_abort_of_ones_own_ends_the_streams(stack: Stack) -> None:
+    server = await stack.serve(greet_until_the_end)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        async with asyncio.timeout(LIMIT):
+            assert await reader.readexactly(2) == b"he"
+            # the reader keeps what it had, then ends; a write is
+            # dropped, drain() says the connection is gone
+            writer.transport.abort()
+            assert writer.is_closing()
+            assert await reader.read() == b"llo"
+            assert reader.at_eof()
+            assert reader.exception() is None
+            writer.write(b"dropped")
+            with pytest.raises(ConnectionResetError):
+                await writer.drain()
+            await writer.wait_closed()
+
+
 async def test_a_timed_out_wait_closed_leaves_the_next_working(
     pki: Pki,
 ) -> None:
@@ -305,6 +384,36 @@ async def test_local_addr_picks_the_clients_address(stack: Stack) -> None:
             assert await reader.readexactly(5) == b"hello"
         await closed(writer)
     assert peers == ["127.0.0.2"]
+
+
+async def test_a_server_listens_on_each_host_it_is_given(
+    stack: Stack,
+) -> None:
+    server = await stack.serve(
+        greet_until_the_end, ["127.0.0.1", "127.0.0.2"], reuse_port=True
+    )
+    async with server:
+        assert isinstance(server.sockets, tuple)
+        addresses = [sock.getsockname() for sock in server.sockets]
+        assert sorted(host for host, _ in addresses) == [
+            "127.0.0.1",
+            "127.0.0.2",
+        ]
+        for sock in server.sockets:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        for host, port in addresses:
+            reader, writer = await stack.connect(port, host)
+            async with asyncio.timeout(LIMIT):
+                assert await reader.readexactly(5) == b"hello"
+            await closed(writer)
+        # a second server may share a port that allows it
+        _, port = addresses[0]
+        sharing = await stack.serve(
+            greet_until_the_end, "127.0.0.1", port, reuse_port=True
+        )
+        sharing.close()
+        await sharing.wait_closed()
+    assert server.sockets == ()
 
 
 async def test_a_server_listens_on_a_socket_it_is_given(
