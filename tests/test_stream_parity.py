@@ -307,6 +307,40 @@ async def test_a_timed_out_wait_closed_leaves_the_next_working(
             await writer.wait_closed()
 
 
+async def test_ssl_shutdown_timeout_bounds_a_close(stack: Stack) -> None:
+    # asyncio's TLS server answers close_notify at once, whatever its
+    # handler does; mptls's keeps the connection half-open for a handler
+    # that is busy, and the client's close waits for it, within the
+    # shorter ssl_shutdown_timeout asked for (not close_timeout's 10 s)
+    release = asyncio.Event()
+    heard: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def busy(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await release.wait()
+        heard.set_result(await reader.read())
+        writer.close()
+
+    server = await stack.serve(busy)
+    async with server:
+        loop = asyncio.get_running_loop()
+        _, writer = await stack.connect(
+            port_of(server), ssl_shutdown_timeout=0.5
+        )
+        writer.write(b"request")
+        await writer.drain()
+        started = loop.time()
+        writer.close()
+        async with asyncio.timeout(LIMIT):
+            await writer.wait_closed()
+        assert loop.time() - started < 5.0
+        # what was written before the close still reaches the handler
+        release.set()
+        async with asyncio.timeout(LIMIT):
+            assert await heard == b"request"
+
+
 async def test_writes_after_a_peer_abort_fail_in_drain(stack: Stack) -> None:
     aborted = asyncio.Event()
 

@@ -370,7 +370,8 @@ async def create_connection(
     long a close waits for the peer's close_notify over a socket
     transport (the kernel backend), as asyncio's does (``None``: its
     default, 30 s); the userspace backend ends the stream in order
-    itself, within its ``close_timeout``.
+    itself, within its ``close_timeout``, which a shorter
+    ``ssl_shutdown_timeout`` sets.
     """
     local_addrs = _take_local_addr(backend_options, local_addrs)
     _refuse_asyncio_only(backend_options, _ASYNCIO_CLIENT_ONLY)
@@ -394,6 +395,7 @@ async def create_connection(
     backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
     _refuse_family_elsewhere(backend_obj, backend_options)
+    _bound_close(backend_obj, ssl_shutdown_timeout, backend_options)
     if sock is not None and not _is_userspace(backend_obj):
         raise ConfigurationError(
             f"sock= is taken by the userspace backend only: the "
@@ -497,6 +499,7 @@ async def create_server(
     backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
     _bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)
+    _bound_close(backend_obj, ssl_shutdown_timeout, backend_options)
     _refuse_family_elsewhere(backend_obj, backend_options)
     if sock is not None:
         _listen_on_given_socket(backend_obj, sock, backend_options)
@@ -614,6 +617,29 @@ def _is_userspace(backend: Backend) -> bool:
     from mptls.backends.userspace import UserspaceBackend
 
     return isinstance(backend, UserspaceBackend)
+
+
+def _bound_close(
+    backend: Backend, shutdown_limit: float | None, options: dict[str, Any]
+) -> None:
+    """Let a shorter ``ssl_shutdown_timeout`` bound a close too.
+
+    asyncio's bounds how long a close waits for the peer's close_notify.
+    The userspace backend ends the stream in order itself (DATA_FIN
+    both ways), and its ``close_timeout`` (10 s) bounds that wait, so a
+    program that asks for a shorter ``ssl_shutdown_timeout`` gets it as
+    that limit, unless it set ``close_timeout=`` itself.
+    """
+    from mptls.backends.userspace.backend import CLOSE_TIMEOUT
+
+    if (
+        shutdown_limit is None
+        or not _is_userspace(backend)
+        or "close_timeout" in options
+        or shutdown_limit >= CLOSE_TIMEOUT
+    ):
+        return
+    options["close_timeout"] = shutdown_limit
 
 
 def _bound_silent_clients(

@@ -557,6 +557,11 @@ async def _connect_tcp(
     )
 
 
+# how long a close waits for the peer's end (from the last progress)
+# before it resets the connection
+CLOSE_TIMEOUT = 10.0
+
+
 def check_family(family: object) -> int:
     """asyncio's ``family=``: which of a host's addresses to use."""
     if (
@@ -595,7 +600,7 @@ class UserspaceBackend(Backend):
         mode: str | Mode = "G",
         config: ConnectionConfig | None = None,
         connect_timeout: float | None = CONNECT_TIMEOUT,
-        close_timeout: float = 10.0,
+        close_timeout: float = CLOSE_TIMEOUT,
         happy_eyeballs_delay: float | None = None,
         interleave: int | None = None,
         family: int = socket.AF_UNSPEC,
@@ -687,7 +692,7 @@ class UserspaceBackend(Backend):
         server_id: int = 0,
         worker_id: int = 0,
         token_layout: TokenLayout | None = None,
-        close_timeout: float = 10.0,
+        close_timeout: float = CLOSE_TIMEOUT,
         reuse_address: bool | None = None,
         reuse_port: bool | None = None,
         backlog: int = 100,
