@@ -399,7 +399,12 @@ async def test_what_get_extra_info_answers(stack: Stack) -> None:
         await closed(writer)
 
 
-async def test_local_addr_picks_the_clients_address(stack: Stack) -> None:
+@pytest.mark.parametrize(
+    "local_addr", [("127.0.0.2", 0), ["127.0.0.2", 0], ("127.0.0.2", 0, 0, 0)]
+)
+async def test_local_addr_picks_the_clients_address(
+    stack: Stack, local_addr: Any
+) -> None:
     peers: list[str] = []
 
     async def note_the_peer(
@@ -411,7 +416,7 @@ async def test_local_addr_picks_the_clients_address(stack: Stack) -> None:
     server = await stack.serve(note_the_peer)
     async with server:
         reader, writer = await stack.connect(
-            port_of(server), local_addr=("127.0.0.2", 0)
+            port_of(server), local_addr=local_addr
         )
         assert writer.get_extra_info("sockname")[0] == "127.0.0.2"
         async with asyncio.timeout(LIMIT):

@@ -226,16 +226,17 @@ def _take_local_addr(
             "pass local_addr= or local_addrs=, not both: local_addrs' "
             "first address is the one local_addr names"
         )
+    # an IPv6 socket address may come whole: (ip, port, flowinfo, scope)
     if (
         not isinstance(local_addr, tuple | list)
-        or len(local_addr) != 2
+        or len(local_addr) not in (2, 4)
         or not isinstance(local_addr[0], str)
     ):
         raise ConfigurationError(
             "local_addr must be an (IP address, port) pair, got "
             f"{shown_value(local_addr)}"
         )
-    address, port = local_addr
+    address, port = local_addr[:2]
     if port not in (0, None) or isinstance(port, bool):
         raise ConfigurationError(
             f"local_addr's port must be 0, got {shown_value(port)}: mptls "
