@@ -5,7 +5,8 @@ mptls's own keywords, and give real ``asyncio.StreamReader`` /
 ``asyncio.StreamWriter`` objects. ``create_connection`` and
 ``create_server`` are the protocol-level forms, like the loop methods.
 
-Arguments are checked here, before any socket exists: a bad one is a
+Arguments are checked before any socket exists
+(:mod:`mptls.aio.keywords`): a bad one is a
 :class:`~mptls.errors.ConfigurationError`, never a ``TypeError`` from
 deep inside. What the operating system refuses (a port in use, a refused
 connection, an unknown host) is a :class:`~mptls.errors.ConnectError`,
@@ -16,7 +17,6 @@ put key material in one.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import socket
 import sys
@@ -25,6 +25,25 @@ from typing import Any, cast
 
 from OpenSSL import SSL
 
+from mptls.aio.keywords import (
+    ASYNCIO_CLIENT_ONLY,
+    ASYNCIO_SERVER_ONLY,
+    bound_close,
+    bound_silent_clients,
+    check_backlog,
+    check_client_args,
+    check_limit,
+    check_listening_socket,
+    check_port,
+    check_server_host,
+    check_timeout,
+    connected_socket_peer,
+    is_userspace,
+    listen_on_given_socket,
+    refuse_asyncio_only,
+    refuse_family_elsewhere,
+    take_local_addr,
+)
 from mptls.aio.protocol import StreamProtocol, TLSProtocol, TLSTransport
 from mptls.backends import get_backend
 from mptls.backends.base import Backend, Server, format_address
@@ -36,12 +55,7 @@ from mptls.errors import (
     MptlsError,
     shown_value,
 )
-from mptls.mptcp.config import (
-    HANDSHAKE_TIMEOUT,
-    check_bool,
-    check_range,
-    check_seconds,
-)
+from mptls.mptcp.config import check_bool
 from mptls.tls.config import to_openssl_context
 
 _DEFAULT_LIMIT = 2**16
@@ -55,213 +69,6 @@ def _resolve_backend(backend: str | Backend) -> Backend:
     if isinstance(backend, Backend):
         return backend
     return get_backend(backend)
-
-
-def _check_port(port: object, *, server: bool) -> int:
-    low = 0 if server else 1
-    if isinstance(port, str) and port and not port.isdecimal():
-        return _service_port(port)
-    if isinstance(port, str) and port.isdecimal():
-        # int() refuses more than 4300 digits with a ValueError of its
-        # own, and a digit that is not a decimal one ("\u00b2"); no port
-        # needs more than 5
-        if len(port) > 5:
-            raise _port_out_of_range(port, low)
-        port = int(port)
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise ConfigurationError(
-            f"port must be an int or a service name, got {shown_value(port)}"
-        )
-    if not low <= port <= 65535:
-        raise _port_out_of_range(port, low)
-    return port
-
-
-def _service_port(name: str) -> int:
-    """The TCP port of a service name ("https"), as asyncio takes one.
-
-    asyncio hands the name to ``getaddrinfo``; an unknown one fails
-    there with ``EAI_SERVICE``, raised here as the same
-    ``socket.gaierror``. The services database is a local file: no
-    lookup leaves the machine for it.
-    """
-    _check_no_nul(name, "port")
-    try:
-        return socket.getservbyname(name, "tcp")
-    except OSError:
-        raise ConnectError.of(
-            socket.EAI_SERVICE,
-            f"unknown service name {shown_value(name)} for a port",
-            lookup=True,
-        ) from None
-
-
-def _port_out_of_range(port: int | str, low: int) -> ConfigurationError:
-    return ConfigurationError(
-        f"port must be between {low} and 65535, got {shown_value(port)}"
-    )
-
-
-def _check_client_args(
-    host: object, local_addrs: object, server_hostname: object
-) -> list[str] | None:
-    if not isinstance(host, str) or not host:
-        raise ConfigurationError(
-            f"host must be a non-empty str, got {shown_value(host)}"
-        )
-    _check_no_nul(host, "host")
-    if server_hostname is not None and not isinstance(server_hostname, str):
-        raise ConfigurationError(
-            "server_hostname must be a str, got "
-            f"{shown_value(server_hostname)}"
-        )
-    if server_hostname == "":
-        # OpenSSL takes an empty name as no name to check: the server's
-        # certificate would pass for any host (stdlib ssl refuses it too)
-        raise ConfigurationError(
-            "server_hostname must not be empty; to skip the host name "
-            "check pass a TLSConfig with check_hostname=False"
-        )
-    if local_addrs is None:
-        return None
-    if isinstance(local_addrs, str | bytes) or not isinstance(
-        local_addrs, Sequence
-    ):
-        # a str is a sequence too: its characters are no addresses
-        raise ConfigurationError(
-            "local_addrs must be a list of addresses, got "
-            f"{shown_value(local_addrs)}; write [{shown_value(local_addrs)}] "
-            "for one"
-        )
-    for address in local_addrs:
-        if not isinstance(address, str) or not address:
-            raise ConfigurationError(
-                "local_addrs entries must be non-empty str, got "
-                f"{shown_value(address)}"
-            )
-        try:
-            # addresses of this host, not names: a name would be looked
-            # up on the network, and could stand for several addresses
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ConfigurationError(
-                "local_addrs entries must be IP addresses, got "
-                f"{shown_value(address)}"
-            ) from None
-    return list(local_addrs)
-
-
-def _check_no_nul(name: str, what: str) -> None:
-    """getaddrinfo() raised a bare ValueError ("embedded null
-    character") for a host name with a NUL in it."""
-    if "\x00" in name:
-        raise ConfigurationError(
-            f"{what} must not contain a NUL character, got {shown_value(name)}"
-        )
-
-
-def _check_server_host(host: object) -> None:
-    if host is None:
-        return
-    if isinstance(host, str):
-        _check_no_nul(host, "host")
-        return
-    if (
-        isinstance(host, Sequence)
-        and not isinstance(host, bytes)
-        and host
-        and all(isinstance(h, str) and h for h in host)
-    ):
-        for name in host:
-            _check_no_nul(name, "host")
-        return
-    raise ConfigurationError(
-        f"host must be a str, a list of str or None, got {shown_value(host)}"
-    )
-
-
-def _check_timeout(value: object, name: str = "ssl_handshake_timeout") -> None:
-    if value is not None:
-        check_seconds(name, value)
-
-
-# asyncio's keywords mptls does not take, and what to do instead: of
-# loop.create_connection, then of loop.create_server
-_ASYNCIO_CLIENT_ONLY = {
-    "proto": "mptls chooses the sockets' protocol",
-    "flags": "mptls resolves host names itself",
-    "all_errors": "mptls raises one error, an OSError with the cause",
-}
-_ASYNCIO_SERVER_ONLY = {
-    "flags": "mptls resolves host names itself",
-    "keep_alive": "mptls's own timeouts find dead paths (docs/reliability.md)",
-}
-
-
-def _refuse_asyncio_only(
-    options: dict[str, Any], asyncio_only: dict[str, str]
-) -> None:
-    """A clear error for an asyncio keyword mptls does not take."""
-    for name, instead in asyncio_only.items():
-        if name in options:
-            raise ConfigurationError(
-                f"{name}= is asyncio's, and mptls does not take it: {instead}"
-            )
-
-
-def _take_local_addr(
-    options: dict[str, Any], local_addrs: Sequence[str] | None
-) -> Sequence[str] | None:
-    """asyncio's ``local_addr=(ip, 0)``, as ``local_addrs=[ip]``.
-
-    One local address is the first subflow's, as asyncio binds its one
-    socket there. mptls picks each subflow's local port: a port other
-    than 0 cannot be kept for the subflows after the first.
-    """
-    local_addr = options.pop("local_addr", None)
-    if local_addr is None:
-        return local_addrs
-    if local_addrs is not None:
-        raise ConfigurationError(
-            "pass local_addr= or local_addrs=, not both: local_addrs' "
-            "first address is the one local_addr names"
-        )
-    # an IPv6 socket address may come whole: (ip, port, flowinfo, scope)
-    if (
-        not isinstance(local_addr, tuple | list)
-        or len(local_addr) not in (2, 4)
-        or not isinstance(local_addr[0], str)
-    ):
-        raise ConfigurationError(
-            "local_addr must be an (IP address, port) pair, got "
-            f"{shown_value(local_addr)}"
-        )
-    address, port = local_addr[:2]
-    if port not in (0, None) or isinstance(port, bool):
-        raise ConfigurationError(
-            f"local_addr's port must be 0, got {shown_value(port)}: mptls "
-            "picks each subflow's local port"
-        )
-    return [address]
-
-
-def _check_limit(limit: object) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise ConfigurationError(
-            f"limit must be a positive int, got {shown_value(limit)}"
-        )
-
-
-# listen() takes a C int; the kernel caps it at net.core.somaxconn
-_MAX_BACKLOG = 2**31 - 1
-
-
-def _check_backlog(options: dict[str, Any]) -> None:
-    """asyncio hands ``backlog`` to ``listen()`` as it is: a str raised
-    a bare TypeError there, a huge int an OverflowError (and the kernel
-    backend took a float or a numeric str through ``int()``)."""
-    if "backlog" in options:
-        check_range("backlog", options["backlog"], 0, _MAX_BACKLOG)
 
 
 def _connect_error(
@@ -374,30 +181,30 @@ async def create_connection(
     itself, within its ``close_timeout``, which a shorter
     ``ssl_shutdown_timeout`` sets.
     """
-    local_addrs = _take_local_addr(backend_options, local_addrs)
-    _refuse_asyncio_only(backend_options, _ASYNCIO_CLIENT_ONLY)
+    local_addrs = take_local_addr(backend_options, local_addrs)
+    refuse_asyncio_only(backend_options, ASYNCIO_CLIENT_ONLY)
     sock = backend_options.get("sock")
     if sock is not None:
-        host, port = _connected_socket_peer(
+        host, port = connected_socket_peer(
             sock, host, port, local_addrs, server_hostname
         )
     else:
         backend_options.pop("sock", None)
     if host is None or port is None:
         raise ConfigurationError("host and port are required")
-    port = _check_port(port, server=False)
-    local_addrs = _check_client_args(host, local_addrs, server_hostname)
-    _check_timeout(ssl_handshake_timeout)
-    _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
+    port = check_port(port, server=False)
+    local_addrs = check_client_args(host, local_addrs, server_hostname)
+    check_timeout(ssl_handshake_timeout)
+    check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
     check_bool("require_app_keys", require_app_keys)
     context, check_hostname = _client_context(ssl)
     if server_hostname is None:
         server_hostname = _default_server_hostname(host)
     backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
-    _refuse_family_elsewhere(backend_obj, backend_options)
-    _bound_close(backend_obj, ssl_shutdown_timeout, backend_options)
-    if sock is not None and not _is_userspace(backend_obj):
+    refuse_family_elsewhere(backend_obj, backend_options)
+    bound_close(backend_obj, ssl_shutdown_timeout, backend_options)
+    if sock is not None and not is_userspace(backend_obj):
         raise ConfigurationError(
             f"sock= is taken by the userspace backend only: the "
             f"{backend_obj.name} backend makes its own MPTCP sockets"
@@ -480,30 +287,30 @@ async def create_server(
     ``ssl`` is an :class:`mptls.TLSConfig` or an ``OpenSSL.SSL.Context``
     with the server's certificate and key.
     """
-    _refuse_asyncio_only(backend_options, _ASYNCIO_SERVER_ONLY)
+    refuse_asyncio_only(backend_options, ASYNCIO_SERVER_ONLY)
     if ssl is None or ssl is False or ssl is True:
         raise ConfigurationError(
             "a server needs ssl=TLSConfig(certfile=..., keyfile=...) or "
             "an OpenSSL.SSL.Context holding its certificate and key"
         )
-    _check_server_host(host)
+    check_server_host(host)
     sock = backend_options.pop("sock", None)
     if sock is not None:
-        _check_listening_socket(sock, host, port)
+        check_listening_socket(sock, host, port)
         port = 0
-    port = _check_port(0 if port is None else port, server=True)
-    _check_timeout(ssl_handshake_timeout)
-    _check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
-    _check_backlog(backend_options)
+    port = check_port(0 if port is None else port, server=True)
+    check_timeout(ssl_handshake_timeout)
+    check_timeout(ssl_shutdown_timeout, "ssl_shutdown_timeout")
+    check_backlog(backend_options)
     check_bool("require_app_keys", require_app_keys)
     context, _ = to_openssl_context(ssl, server_side=True)
     backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
-    _bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)
-    _bound_close(backend_obj, ssl_shutdown_timeout, backend_options)
-    _refuse_family_elsewhere(backend_obj, backend_options)
+    bound_silent_clients(backend_obj, ssl_handshake_timeout, backend_options)
+    bound_close(backend_obj, ssl_shutdown_timeout, backend_options)
+    refuse_family_elsewhere(backend_obj, backend_options)
     if sock is not None:
-        _listen_on_given_socket(backend_obj, sock, backend_options)
+        listen_on_given_socket(backend_obj, sock, backend_options)
 
     def tls_factory() -> TLSProtocol:
         return TLSProtocol(
@@ -525,147 +332,6 @@ async def create_server(
         if refusal is None:
             raise
         raise refusal from exc
-
-
-def _connected_socket_peer(
-    sock: object,
-    host: object,
-    port: object,
-    local_addrs: object,
-    server_hostname: object,
-) -> tuple[str, int]:
-    """``sock=``, a TCP socket the application connected, to carry the
-    first subflow, as asyncio takes one: its peer's address, which the
-    socket names in place of ``host`` and ``port``."""
-    if host is not None or port is not None:
-        raise ConfigurationError(
-            "pass host and port, or sock=, not both: the socket is "
-            "connected already"
-        )
-    if local_addrs is not None:
-        raise ConfigurationError(
-            "pass local_addrs or sock=, not both: the socket's own "
-            "address carries the first subflow"
-        )
-    if server_hostname is None:
-        # as asyncio: nothing else names the server to verify
-        raise ConfigurationError(
-            "sock= needs server_hostname=, the name the server's "
-            "certificate must carry"
-        )
-    _check_tcp_socket(sock)
-    try:
-        peer = cast(socket.socket, sock).getpeername()
-    except OSError:
-        raise ConfigurationError(
-            f"sock must be connected, got {shown_value(sock)}"
-        ) from None
-    return str(peer[0]), int(peer[1])
-
-
-def _check_tcp_socket(sock: object) -> None:
-    if (
-        not isinstance(sock, socket.socket)
-        or sock.type != socket.SOCK_STREAM
-        or sock.family not in (socket.AF_INET, socket.AF_INET6)
-    ):
-        raise ConfigurationError(
-            "sock must be a TCP socket (AF_INET or AF_INET6, "
-            f"SOCK_STREAM), got {shown_value(sock)}"
-        )
-
-
-def _check_listening_socket(sock: object, host: object, port: object) -> None:
-    """``sock=``, a socket the application bound (or inherited, as from
-    systemd), to listen on instead of ``host`` and ``port``, as asyncio
-    takes it."""
-    if host is not None or port is not None:
-        raise ConfigurationError(
-            "pass host and port, or sock=, not both: the socket is "
-            "bound already"
-        )
-    _check_tcp_socket(sock)
-
-
-def _listen_on_given_socket(
-    backend: Backend, sock: socket.socket, options: dict[str, Any]
-) -> None:
-    """The userspace backend's subflows are TCP connections, so a TCP
-    socket serves it; the kernel backend needs MPTCP sockets of its
-    own making."""
-    if not _is_userspace(backend):
-        raise ConfigurationError(
-            f"sock= is taken by the userspace backend only: the "
-            f"{backend.name} backend makes its own MPTCP sockets"
-        )
-    options["sock"] = sock
-
-
-def _refuse_family_elsewhere(
-    backend: Backend, options: dict[str, Any]
-) -> None:
-    """asyncio's ``family=`` picks the host's addresses of one family;
-    the userspace backend takes it, the kernel backend does not."""
-    if "family" in options and not _is_userspace(backend):
-        raise ConfigurationError(
-            f"family= is taken by the userspace backend only; on the "
-            f"{backend.name} backend pass IP literals (local_addrs too) "
-            "of the family wanted"
-        )
-
-
-def _is_userspace(backend: Backend) -> bool:
-    from mptls.backends.userspace import UserspaceBackend
-
-    return isinstance(backend, UserspaceBackend)
-
-
-def _bound_close(
-    backend: Backend, shutdown_limit: float | None, options: dict[str, Any]
-) -> None:
-    """Let a shorter ``ssl_shutdown_timeout`` bound a close too.
-
-    asyncio's bounds how long a close waits for the peer's close_notify.
-    The userspace backend ends the stream in order itself (DATA_FIN
-    both ways), and its ``close_timeout`` (10 s) bounds that wait, so a
-    program that asks for a shorter ``ssl_shutdown_timeout`` gets it as
-    that limit, unless it set ``close_timeout=`` itself.
-    """
-    from mptls.backends.userspace.backend import CLOSE_TIMEOUT
-
-    if (
-        shutdown_limit is None
-        or not _is_userspace(backend)
-        or "close_timeout" in options
-        or shutdown_limit >= CLOSE_TIMEOUT
-    ):
-        return
-    options["close_timeout"] = shutdown_limit
-
-
-def _bound_silent_clients(
-    backend: Backend, tls_limit: float | None, options: dict[str, Any]
-) -> None:
-    """Let a shorter ``ssl_handshake_timeout`` bound a silent client too.
-
-    On the userspace backend the TLS handshake starts with a client's
-    first MPTCP segment, and until then the MPTCP ``handshake_timeout``
-    (30 s) holds a client that connects and sends nothing. asyncio's
-    ``ssl_handshake_timeout`` counts from the accept, so a server that
-    asks for a shorter one gets it as that limit too, unless it set the
-    limit itself (``handshake_timeout=`` or ``config=``).
-    """
-    from mptls.backends.userspace import UserspaceBackend
-
-    if (
-        tls_limit is None
-        or not isinstance(backend, UserspaceBackend)
-        or "handshake_timeout" in options
-        or "config" in options
-        or tls_limit >= HANDSHAKE_TIMEOUT
-    ):
-        return
-    options["handshake_timeout"] = tls_limit
 
 
 class _StreamReader(asyncio.StreamReader):
@@ -711,7 +377,7 @@ async def open_connection(
     Takes :func:`create_connection`'s keywords; returns real asyncio
     streams.
     """
-    _check_limit(limit)
+    check_limit(limit)
     loop = asyncio.get_running_loop()
     reader = _new_reader(limit, loop)
     protocol = StreamProtocol(reader, loop=loop)
@@ -740,7 +406,7 @@ async def start_server(
     ``require_app_keys=True`` a connection whose keys were not installed
     fails before the callback runs.
     """
-    _check_limit(limit)
+    check_limit(limit)
     loop = asyncio.get_running_loop()
     connected = _ending_with_handler(client_connected_cb)
 
