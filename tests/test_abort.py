@@ -278,14 +278,37 @@ async def test_a_client_abort_under_unread_data_reaches_the_server(
     _assert_all_aborts(ended)
 
 
+# a lost MP_FASTCLOSE leaves the peer waiting for a rejoin until
+# path_loss_timeout: short, so that it shows as a wrong error soon
+SHORT_PATH_LOSS = 3.0
+# mode E right after the handshake: the aborting end may not have the
+# peer's NEW_KEY yet, so its keys are still pending (unconfirmed)
+MODES = pytest.mark.parametrize(
+    ("client_mode", "server_modes"), [("G", ["G"]), ("e", ["E"])]
+)
+
+
+def _assert_prompt_abort(
+    ended: list[tuple[BaseException | None, float]],
+) -> None:
+    """Each peer saw an MP_FASTCLOSE, well before a path loss timeout."""
+    _assert_all_aborts([outcome for outcome, _ in ended])
+    slowest = max(elapsed for _, elapsed in ended)
+    assert slowest < SHORT_PATH_LOSS / 2, slowest
+
+
+@MODES
 async def test_a_client_abort_right_after_the_handshake_reaches_the_server(
-    pki: Pki,
+    pki: Pki, client_mode: str, server_modes: list[str]
 ) -> None:
     # the client's TLS Finished and its MP_FASTCLOSE reach the server in
     # one read; the server verifies the MP_FASTCLOSE only with the keys
     # that Finished gives it, so the frames before the reset must reach
     # TLS first (before: PathsLostError, "every subflow of the
-    # connection closed before the TLS handshake gave the keys ...")
+    # connection closed before the TLS handshake gave the keys ...").
+    # In mode E the client has not had the server's NEW_KEY yet: its
+    # reset carries the tag of the keys still waiting for it (before: a
+    # plain RST, and the server's MptlsTimeoutError at path_loss_timeout)
     loop = asyncio.get_running_loop()
     outcomes: list[asyncio.Future[BaseException | None]] = []
 
@@ -302,20 +325,71 @@ async def test_a_client_abort_right_after_the_handshake_reaches_the_server(
         writer.close()
 
     server = await mptls.start_server(
-        handler, "127.0.0.1", 0, ssl=pki.server()
+        handler,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        modes=server_modes,
+        path_loss_timeout=SHORT_PATH_LOSS,
     )
     port = int(server.sockets[0].getsockname()[1])
-    ended: list[BaseException | None] = []
+    ended: list[tuple[BaseException | None, float]] = []
     async with server:
         for _ in range(5):
             outcomes.append(loop.create_future())
             _, writer = await mptls.open_connection(
-                "127.0.0.1", port, ssl=pki.client()
+                "127.0.0.1", port, ssl=pki.client(), mode=client_mode
             )
             writer.transport.abort()
+            aborted = loop.time()
             async with asyncio.timeout(10):
-                ended.append(await outcomes[-1])
-    _assert_all_aborts(ended)
+                outcome = await outcomes[-1]
+            ended.append((outcome, loop.time() - aborted))
+    _assert_prompt_abort(ended)
+
+
+@MODES
+async def test_a_server_abort_right_after_the_handshake_reaches_the_client(
+    pki: Pki, client_mode: str, server_modes: list[str]
+) -> None:
+    # the server's handler runs once its TLS handshake is complete, and
+    # aborts there. In mode E the client's keys still wait for the
+    # server's NEW_KEY, which the server sends before its reset (over
+    # loopback the client's NEW_KEY came with its Finished, so the
+    # server's keys are active; test_rotation_joins.py has the core
+    # aborting with both ends' keys pending)
+    loop = asyncio.get_running_loop()
+    aborted_at: list[float] = []
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.transport.abort()
+        aborted_at.append(loop.time())
+
+    server = await mptls.start_server(
+        handler, "127.0.0.1", 0, ssl=pki.server(), modes=server_modes
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    ended: list[tuple[BaseException | None, float]] = []
+    async with server:
+        for _ in range(5):
+            reader, writer = await mptls.open_connection(
+                "127.0.0.1",
+                port,
+                ssl=pki.client(),
+                mode=client_mode,
+                path_loss_timeout=SHORT_PATH_LOSS,
+            )
+            outcome: BaseException | None = None
+            try:
+                async with asyncio.timeout(10):
+                    await reader.read()
+            except Exception as exc:
+                outcome = exc
+            ended.append((outcome, loop.time() - aborted_at[-1]))
+            writer.close()
+    _assert_prompt_abort(ended)
 
 
 # one subflow on a TCP connection whose far end the test drives

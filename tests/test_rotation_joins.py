@@ -16,6 +16,7 @@ from memnet import (
     KEYS,
     Link,
     MemNet,
+    Side,
     established,
     generation_keys,
     has_data,
@@ -35,7 +36,7 @@ from rotation_net import (
     tokens,
 )
 
-from mptls.errors import PeerResetError
+from mptls.errors import PathsLostError, PeerResetError
 from mptls.mptcp import events as ev
 from mptls.mptcp.config import ConnectionConfig, Mode
 from mptls.mptcp.crypto import (
@@ -215,9 +216,109 @@ def test_fastclose_carries_the_e_tag_of_the_current_key() -> None:
     assert closed is not None and isinstance(closed.error, PeerResetError)
 
 
-def test_fastclose_before_any_active_key_is_a_plain_reset() -> None:
+def aborted_by_fastclose(net: MemNet, side: Side | None = None) -> bool:
+    """``side`` (the server's by default) ended at once, as an
+    MP_FASTCLOSE says: no clock moved, so no path loss timeout can have
+    ended it."""
+    closed = (side or net.server_side).closed
+    return (
+        net.now == 0.0
+        and closed is not None
+        and isinstance(closed.error, PeerResetError)
+        and "MP_FASTCLOSE" in str(closed.error)
+    )
+
+
+def test_an_abort_before_the_peers_new_key_carries_the_pending_tag() -> None:
+    # TLS completes on the client first: it aborts with generation 0
+    # pending (the server's NEW_KEY not here yet); the server takes the
+    # same keys from the Finished that arrives before the reset (before:
+    # a plain RST, and the server waited out path_loss_timeout)
+    net = established(e_net(keys=None))
+    net.client.install_keys(KEYS)
+    assert net.client.first_keys_pending
+    net.client.abort()
+    server_of(net).install_keys(KEYS)
+    assert net.run(lambda: net.server_side.closed is not None)
+    resets = [s for s in net.link(0).to_server.sent if s.flags & Flag.RST]
+    token_a, token_b = tokens(net)
+    assert option_of(resets[0], MpFastclose) == MpFastclose(
+        key=fastclose_tag(token_a, token_b, KEYS), key_id=0
+    )
+    assert aborted_by_fastclose(net)
+
+
+def test_a_server_abort_before_the_peers_new_key_reaches_the_client() -> None:
+    # the server's handler aborts as soon as its TLS is done, the
+    # client's NEW_KEY still on its way: both ends hold generation 0
+    # pending, and the server's own NEW_KEY goes out before its reset
+    net = established(e_net(keys=None))
+    net.client.install_keys(KEYS)
+    server = server_of(net)
+    server.install_keys(KEYS)
+    assert server.first_keys_pending
+    server.abort()
+    net.run(lambda: net.client_side.closed is not None)
+    assert aborted_by_fastclose(net, net.client_side)
+
+
+def test_a_fastclose_verifies_under_keys_still_pending() -> None:
+    # the server has generation 0 pending (the client's NEW_KEY is
+    # lost), the client has it active (the server's NEW_KEY came)
+    net = established(e_net(keys=None))
+    net.link(0).to_server.lost = True
+    net.client.install_keys(KEYS)
+    settle(net)
+    net.link(0).to_server.lost = False
+    server_of(net).install_keys(KEYS)
+    settle(net)
+    assert net.client.key_generation == 0
+    assert server_of(net).first_keys_pending
+    net.client.abort()
+    net.run(lambda: net.server_side.closed is not None)
+    assert aborted_by_fastclose(net)
+
+
+def test_a_fastclose_under_keys_the_receiver_lacks_is_refused() -> None:
+    # the server has generation 0 pending: a tag under other keys, or
+    # under the K of a slot it holds nothing in, proves nothing
+    net = established(e_net(keys=None))
+    server_of(net).install_keys(KEYS)
+    settle(net)
+    token_a, token_b = tokens(net)
+    refused = (
+        MpFastclose(key=fastclose_tag(token_a, token_b, KEYS), key_id=1),
+        MpFastclose(
+            key=fastclose_tag(token_a, token_b, generation_keys(1)), key_id=0
+        ),
+    )
+    for option in refused:
+        net.inject_to_server(0, Segment(Flag.ACK, (option,)))
+    settle(net)
+    assert net.server_side.closed is None
+    good = MpFastclose(key=fastclose_tag(token_a, token_b, KEYS), key_id=0)
+    net.inject_to_server(0, Segment(Flag.ACK, (good,)))
+    net.run(lambda: net.server_side.closed is not None)
+    assert aborted_by_fastclose(net)
+
+
+def test_a_fastclose_before_the_receiver_has_keys_is_no_abort() -> None:
+    # the client's keys are pending; the server's TLS is not done, so it
+    # holds no key that could verify the tag: the reset is a lost path
+    # (its only one, and with no keys no join can come back)
     net = e_net(server_keys_at=60.0)
     established(net)
+    assert net.client.first_keys_pending
+    net.client.abort()
+    settle(net)
+    resets = [s for s in net.link(0).to_server.sent if s.flags & Flag.RST]
+    assert resets and option_of(resets[0], MpFastclose) is not None
+    closed = net.server_side.closed
+    assert closed is not None and isinstance(closed.error, PathsLostError)
+
+
+def test_fastclose_before_any_key_is_a_plain_reset() -> None:
+    net = established(e_net(keys=None))
     net.client.abort()
     net.run()
     resets = [s for s in net.link(0).to_server.sent if s.flags & Flag.RST]

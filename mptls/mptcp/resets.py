@@ -5,7 +5,8 @@ handshake, MP_FASTCLOSE) and sends this end's: :meth:`abort` and the
 failure of the connection. What MP_FASTCLOSE carries depends
 on the mode (RFC 8684 section 3.5, protocol.md section 11 item 11,
 draft-baerts-tcpm-mptcpext for mode E); before any key exists a plain
-RST is all an end can send.
+RST is all an end can send. In mode E that is before TLS gave the first
+keys, not before the peer confirmed them (docs/wire.md).
 
 It must never perform I/O, read a clock or draw randomness itself, and
 no key or tag may reach a log line, an event or an error.
@@ -29,6 +30,7 @@ from mptls.mptcp.framing import Flag, Segment
 from mptls.mptcp.options import MpFastclose, MpTcpRst, ResetReason
 from mptls.mptcp.scheduler import Subflow, SubflowState
 from mptls.mptcp.state import ConnectionState, options_of
+from mptls.tls.keys import KeyMaterial
 
 __all__ = ["ResetsMixin"]
 
@@ -186,11 +188,12 @@ class ResetsMixin(ConnectionState):
 
         RFC 8684 section 3.5 sends the receiver's key, G mode a hash of
         it (protocol.md section 11 item 11), mode E the fast-close tag
-        of the current keys with their K (draft-baerts-tcpm-mptcpext).
+        of the current keys with their K (draft-baerts-tcpm-mptcpext);
+        before any generation is active, of generation 0 still pending.
         """
         if self.mode is Mode.E:
             key_id = self._current_key_id()
-            keys = self._active_keys(key_id)
+            keys = self._fastclose_keys(key_id)
             if keys is None:
                 return None
             local, remote = self._local_token, self._remote_token
@@ -204,7 +207,7 @@ class ResetsMixin(ConnectionState):
     def _fastclose_valid(self, option: MpFastclose) -> bool:
         """Whether a received MP_FASTCLOSE carries what ours would."""
         if self.mode is Mode.E:
-            keys = self._active_keys(option.key_id)
+            keys = self._fastclose_keys(option.key_id)
             if keys is None:
                 return False
             # the sender's token first
@@ -216,6 +219,23 @@ class ResetsMixin(ConnectionState):
                 return False
             expected = self._fastclose_value(pair[0])
         return compare_digest(expected, option.key)
+
+    def _fastclose_keys(self, key_id: int) -> KeyMaterial | None:
+        """Mode E: the keys of slot ``key_id``, active or still pending.
+
+        A pending generation came from this end's own TLS exporter, as
+        the peer's came from its own, so a tag under it proves what one
+        under active keys does: only the TLS session's holders can make
+        it. Confirmation by NEW_KEY gates joins and ADD_ADDR; an end
+        that aborts before the peer's NEW_KEY arrived (right after its
+        TLS handshake) would otherwise send a plain RST, which the peer
+        takes for a lost path and waits ``path_loss_timeout`` for a
+        rejoin. A slot
+        that holds nothing (this end's TLS not done, or the generation
+        dropped unconfirmed) verifies no tag.
+        """
+        slot = self._slots[key_id & 1]
+        return None if slot is None else slot.keys
 
     def _fastclose_value(self, key: bytes) -> bytes:
         if self.mode is Mode.G:
