@@ -325,6 +325,41 @@ def test_fastclose_before_any_key_is_a_plain_reset() -> None:
     assert resets and option_of(resets[0], MpFastclose) is None
 
 
+def test_a_fastclose_under_the_generation_a_rotation_replaced() -> None:
+    # the server is active in generation 1 as soon as the client's
+    # NEW_KEY came, and starts generation 2 in slot 0 at once; the
+    # client, its generation 1 still waiting for the server's NEW_KEY,
+    # aborts under generation 0, which generation 2 (pending) replaced
+    # (before: refused, and the server waited out path_loss_timeout)
+    net = confirmed(established(e_net()))
+    net.link(0).delay = 0.01
+    server = server_of(net)
+    net.client.request_rotation()
+    assert net.run(lambda: server.key_generation == 1)
+    assert server.request_rotation() == 2
+    settle(net)
+    assert net.client.key_generation == 0
+    net.client.abort()
+    aborted = net.now
+    assert net.run(lambda: net.server_side.closed is not None)
+    closed = net.server_side.closed
+    assert closed is not None and isinstance(closed.error, PeerResetError)
+    assert net.now - aborted <= 2 * net.link(0).delay
+
+
+def test_a_fastclose_under_a_generation_two_back_is_refused() -> None:
+    # generation 2 is active: generation 0, which it replaced, is gone
+    net = confirmed(established(e_net()))
+    for generation in (1, 2):
+        net.client.request_rotation()
+        confirmed(net, generation)
+    token_a, token_b = tokens(net)
+    stale = MpFastclose(key=fastclose_tag(token_a, token_b, KEYS), key_id=0)
+    net.inject_to_server(0, Segment(Flag.ACK, (stale,)))
+    settle(net)
+    assert net.server_side.closed is None
+
+
 def test_a_new_key_tag_is_no_fastclose() -> None:
     net = confirmed(established(e_net()))
     token_a, token_b = tokens(net)

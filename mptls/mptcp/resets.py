@@ -193,11 +193,11 @@ class ResetsMixin(ConnectionState):
         """
         if self.mode is Mode.E:
             key_id = self._current_key_id()
-            keys = self._fastclose_keys(key_id)
-            if keys is None:
+            held = self._fastclose_keys(key_id)
+            if not held:
                 return None
             local, remote = self._local_token, self._remote_token
-            tag = fastclose_tag(local or b"", remote or b"", keys)
+            tag = fastclose_tag(local or b"", remote or b"", held[0])
             return MpFastclose(key=tag, key_id=key_id)
         pair = self._hmac_keys()
         if pair is None:
@@ -207,21 +207,20 @@ class ResetsMixin(ConnectionState):
     def _fastclose_valid(self, option: MpFastclose) -> bool:
         """Whether a received MP_FASTCLOSE carries what ours would."""
         if self.mode is Mode.E:
-            keys = self._fastclose_keys(option.key_id)
-            if keys is None:
-                return False
             # the sender's token first
-            local, remote = self._local_token, self._remote_token
-            expected = fastclose_tag(remote or b"", local or b"", keys)
-        else:
-            pair = self._hmac_keys()
-            if pair is None:
-                return False
-            expected = self._fastclose_value(pair[0])
-        return compare_digest(expected, option.key)
+            local, remote = self._local_token or b"", self._remote_token or b""
+            return any(
+                compare_digest(fastclose_tag(remote, local, keys), option.key)
+                for keys in self._fastclose_keys(option.key_id)
+            )
+        pair = self._hmac_keys()
+        if pair is None:
+            return False
+        return compare_digest(self._fastclose_value(pair[0]), option.key)
 
-    def _fastclose_keys(self, key_id: int) -> KeyMaterial | None:
-        """Mode E: the keys of slot ``key_id``, active or still pending.
+    def _fastclose_keys(self, key_id: int) -> tuple[KeyMaterial, ...]:
+        """Mode E: the keys of slot ``key_id``, active or still pending,
+        then, while pending, the generation they replaced.
 
         A pending generation came from this end's own TLS exporter, as
         the peer's came from its own, so a tag under it proves what one
@@ -230,12 +229,19 @@ class ResetsMixin(ConnectionState):
         that aborts before the peer's NEW_KEY arrived (right after its
         TLS handshake) would otherwise send a plain RST, which the peer
         takes for a lost path and waits ``path_loss_timeout`` for a
-        rejoin. A slot
-        that holds nothing (this end's TLS not done, or the generation
-        dropped unconfirmed) verifies no tag.
+        rejoin. For the same reason a rotation that replaced an active
+        generation keeps it here until its own keys are active: the end
+        that answers a NEW_KEY is active first and may start the next
+        rotation at once, in the slot of the generation the peer still
+        uses. A slot that holds nothing (this end's TLS not done, or the
+        generation dropped unconfirmed) verifies no tag.
         """
         slot = self._slots[key_id & 1]
-        return None if slot is None else slot.keys
+        if slot is None:
+            return ()
+        if slot.replaced is None:
+            return (slot.keys,)
+        return (slot.keys, slot.replaced)
 
     def _fastclose_value(self, key: bytes) -> bytes:
         if self.mode is Mode.G:

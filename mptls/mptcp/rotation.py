@@ -186,6 +186,9 @@ class RotationMixin(ConnectionState):
                 )
                 return False
         slot = KeySlot(keys, deadline=deadline, rto=self.config.join_rto)
+        previous = self._slots[key_id]
+        if previous is not None and previous.active:
+            slot.replaced = previous.keys
         # this replaces generation n - 2: joins naming its K now wait
         self._slots[key_id] = slot
         self._requested = None
@@ -337,6 +340,9 @@ class RotationMixin(ConnectionState):
         slot.active = True
         slot.retransmit_at = None
         slot.send_due = False
+        # the peer confirmed these keys after it had the generation
+        # before them: it tags no fast close with the one they replaced
+        slot.replaced = None
         self._generation = slot.generation
         self._first_keys_failed = False
         self._rotation_waits_since = None

@@ -87,6 +87,10 @@ class KeySlot:
     answers: int = 0
     answered_at: float | None = None
     retransmit_at: float | None = None
+    # while these keys are pending, the active generation they took the
+    # slot from: a peer that has not had the generation between yet
+    # still tags its MP_FASTCLOSE with it (fast close only)
+    replaced: KeyMaterial | None = field(default=None, repr=False)
 
     @property
     def generation(self) -> int:
