@@ -645,15 +645,28 @@ async def test_a_handler_that_raises_is_logged_and_closed(
     ]
 
 
-@pytest.mark.skipif(
-    sys.version_info < (3, 13),
-    reason="asyncio before 3.13 leaves a cancelled handler's connection "
-    "open (its done-callback raises the CancelledError)",
-)
-async def test_a_cancelled_handler_ends_its_connection(stack: Stack) -> None:
+async def test_a_cancelled_handler_ends_its_connection_as_asyncio_does(
+    stack: Stack,
+) -> None:
+    # asyncio 3.13 closes a cancelled handler's connection; before it,
+    # the handler's done-callback raises the CancelledError into the
+    # loop's exception handler and leaves the connection open
+    loop = asyncio.get_running_loop()
+    heard = loop.create_future()
+
+    def exception_handler(
+        _: asyncio.AbstractEventLoop, context: dict[str, Any]
+    ) -> None:
+        if not heard.done():
+            heard.set_result(context.get("exception"))
+
+    loop.set_exception_handler(exception_handler)
+    handler_writers: list[asyncio.StreamWriter] = []
+
     async def cancelled(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        handler_writers.append(writer)
         writer.write(b"before")
         await writer.drain()
         raise asyncio.CancelledError
@@ -662,8 +675,21 @@ async def test_a_cancelled_handler_ends_its_connection(stack: Stack) -> None:
     async with server:
         reader, writer = await stack.connect(port_of(server))
         async with asyncio.timeout(LIMIT):
-            assert await reader.read() == b"before"
-        await closed(writer)
+            assert await reader.readexactly(6) == b"before"
+        if sys.version_info >= (3, 13):
+            async with asyncio.timeout(LIMIT):
+                assert await reader.read() == b""
+            await closed(writer)
+            assert not heard.done()
+        else:
+            async with asyncio.timeout(LIMIT):
+                assert isinstance(await heard, asyncio.CancelledError)
+            (handler_writer,) = handler_writers
+            assert not handler_writer.is_closing()
+            handler_writer.close()
+            async with asyncio.timeout(LIMIT):
+                assert await reader.read() == b""
+            await closed(writer)
 
 
 # a host name that does not resolve
