@@ -525,6 +525,55 @@ async def test_a_given_socket_needs_the_servers_name(stack: Stack) -> None:
             await stack.connect(None, None, sock=sock)
 
 
+async def test_a_failed_connect_closes_the_socket_it_was_given(
+    stack: Stack,
+) -> None:
+    # a listener that never accepts: the TLS handshake times out. The
+    # caller's socket is closed when the call raises, so that a caller
+    # that closes it too (a with block) frees no descriptor the loop
+    # still watches: the loop's next transport on that number was
+    # refused while mptls's abort lingered
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        with socket.create_connection(silent.getsockname()) as sock:
+            # asyncio's is a ConnectionAbortedError, mptls's a
+            # TimeoutError: both OSError
+            with pytest.raises(OSError):
+                await stack.connect(
+                    None,
+                    None,
+                    sock=sock,
+                    server_hostname="localhost",
+                    ssl_handshake_timeout=0.2,
+                )
+            assert sock.fileno() == -1
+
+
+async def test_a_cancelled_connect_closes_the_socket_it_was_given(
+    stack: Stack,
+) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        with socket.create_connection(silent.getsockname()) as sock:
+            connecting = asyncio.create_task(
+                stack.connect(
+                    None, None, sock=sock, server_hostname="localhost"
+                )
+            )
+            accepted, _ = silent.accept()
+            with accepted:
+                async with asyncio.timeout(LIMIT):
+                    # the ClientHello came: the handshake has begun
+                    while not select.select([accepted], [], [], 0)[0]:
+                        await asyncio.sleep(0.01)
+                connecting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await connecting
+                assert sock.fileno() == -1
+
+
 # differences on purpose (README, "Use it like asyncio")
 
 

@@ -11,6 +11,7 @@ This module opens no socket and looks nothing up on the network.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -274,6 +275,19 @@ def _check_tcp_socket(sock: object) -> None:
             "sock must be a TCP socket (AF_INET or AF_INET6, "
             f"SOCK_STREAM), got {shown_value(sock)}"
         )
+
+
+def close_given_socket(
+    transport: asyncio.BaseTransport, sock: socket.socket
+) -> None:
+    """Close the socket of a ``sock=`` connect that failed, as asyncio
+    has when its call raises: what was queued on it is dropped with a
+    TCP reset, and the loop watches its descriptor no more."""
+    from mptls.backends.userspace.transport import MultipathTransport
+
+    if isinstance(transport, MultipathTransport):
+        transport.reset_lingering()
+    sock.close()
 
 
 def check_listening_socket(sock: object, host: object, port: object) -> None:

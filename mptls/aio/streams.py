@@ -37,6 +37,7 @@ from mptls.aio.keywords import (
     check_port,
     check_server_host,
     check_timeout,
+    close_given_socket,
     connected_socket_peer,
     is_userspace,
     listen_on_given_socket,
@@ -244,6 +245,8 @@ async def create_connection(
         app_transport = await waiter
     except BaseException:
         transport.abort()
+        if sock is not None:
+            close_given_socket(transport, sock)
         raise
     return _application_side(tls, app_transport)
 

@@ -95,6 +95,8 @@ class MultipathTransport(asyncio.Transport):
         self._closed_callback = on_closed
         self._subflows: dict[int, SubflowProtocol] = {}
         self._closing_subflows: list[int] = []
+        # subflows that carried the reset frame, open until the peer has it
+        self._lingering: list[SubflowProtocol] = []
         # each subflow's (sockname, peername) as asyncio gave them
         self._addresses: dict[int, tuple[Any, Any]] = {}
         # the local address ids, and the subflows opened beside the first
@@ -357,6 +359,7 @@ class MultipathTransport(asyncio.Transport):
             subflow.reset()
         elif carried_reset and self._core.closed:
             subflow.close_after_reset()
+            self._lingering.append(subflow)
         else:
             subflow.close()
 
@@ -953,6 +956,19 @@ class MultipathTransport(asyncio.Transport):
         self._held.clear()
         self._held_eof = False
         self._reset(None)
+
+    def reset_lingering(self) -> None:
+        """Reset now the subflows that linger after an abort.
+
+        For a connection that failed before the application had it,
+        over a socket the application gave: asyncio has closed such a
+        socket when the call raises, and a caller that closes it then
+        would free a descriptor a lingering subflow still has the loop
+        watch, refusing the loop's next transport on that number.
+        """
+        for subflow in self._lingering:
+            subflow.reset()
+        self._lingering.clear()
 
     def abort_after_sending(self) -> None:
         """:meth:`abort`, once what was written has gone to the subflows.
