@@ -195,7 +195,29 @@ async def test_bad_server_port(pki: Pki, port: object) -> None:
         await mptls.start_server(noop, "127.0.0.1", port, ssl=pki.server())
 
 
-@pytest.mark.parametrize("port", ["abc", "\u00b2"])
+@pytest.mark.parametrize("spelled", [" {}", "+{}", "00{}"])
+async def test_a_port_is_read_as_the_system_reads_a_number(
+    pki: Pki, spelled: str
+) -> None:
+    # asyncio takes these for the number, whatever the host: int()
+    # for an IP literal, getaddrinfo()'s strtoul() for a name
+    server = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncio.timeout(10):
+            _, writer = await mptls.open_connection(
+                "localhost", spelled.format(port), ssl=pki.client()
+            )
+            writer.close()
+            await writer.wait_closed()
+
+
+# "\u00b2" and the Arabic-Indic and fullwidth eights and zeros are no
+# number to getaddrinfo(): a service name it does not know. int() took
+# the last two for 80
+@pytest.mark.parametrize(
+    "port", ["abc", "\u00b2", "\u0668\u0660", "\uff18\uff10", "80 "]
+)
 async def test_a_port_name_no_service_has_is_named(
     pki: Pki, port: str
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Sequence
 from typing import Any, cast
@@ -21,18 +22,24 @@ from mptls.backends.base import Backend
 from mptls.errors import ConfigurationError, ConnectError, shown_value
 from mptls.mptcp.config import HANDSHAKE_TIMEOUT, check_range, check_seconds
 
+# a port number as getaddrinfo() reads one (strtoul): ASCII space
+# before it and a plus sign are allowed, ASCII digits only ("\u0668",
+# an Arabic-Indic eight, is a digit to int() and a name to the system)
+_PORT_NUMBER = re.compile(r"[ \t\n\v\f\r]*\+?0*([0-9]+)")
+
 
 def check_port(port: object, *, server: bool) -> int:
     low = 0 if server else 1
-    if isinstance(port, str) and port and not port.isdecimal():
-        return _service_port(port)
-    if isinstance(port, str) and port.isdecimal():
+    number = _PORT_NUMBER.fullmatch(port) if isinstance(port, str) else None
+    if number is not None:
         # int() refuses more than 4300 digits with a ValueError of its
-        # own, and a digit that is not a decimal one ("\u00b2"); no port
-        # needs more than 5
-        if len(port) > 5:
-            raise _port_out_of_range(port, low)
-        port = int(port)
+        # own; no port needs more than 5 after the leading zeros
+        digits = number.group(1)
+        if len(digits) > 5:
+            raise _port_out_of_range(cast(str, port), low)
+        port = int(digits)
+    elif isinstance(port, str) and port:
+        return _service_port(port)
     if isinstance(port, bool) or not isinstance(port, int):
         raise ConfigurationError(
             f"port must be an int or a service name, got {shown_value(port)}"
