@@ -1293,6 +1293,34 @@ async def test_a_family_and_a_local_address_of_another_say_so(
         )
 
 
+@pytest.mark.parametrize(
+    ("host", "family", "name"),
+    [
+        ("::1", socket.AF_INET, "AF_INET"),
+        ("127.0.0.1", socket.AF_INET6, "AF_INET6"),
+    ],
+)
+async def test_a_host_literal_of_another_family_than_asked_says_so(
+    pki: Pki,
+    host: str,
+    family: int,
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # no local address was given: the error blamed one
+    asked = _no_lookup(monkeypatch)
+    with pytest.raises(ConnectError) as caught:
+        await mptls.open_connection(host, 9, ssl=pki.client(), family=family)
+    where = f"[{host}]:9" if ":" in host else f"{host}:9"
+    version = "IPv6" if ":" in host else "IPv4"
+    assert str(caught.value) == (
+        f"cannot connect to {where} with family={name}: the host is an "
+        f"{version} address"
+    )
+    assert caught.value.errno == socket.EAI_ADDRFAMILY
+    assert asked == []
+
+
 async def test_the_kernel_backend_takes_no_family(pki: Pki) -> None:
     with pytest.raises(ConfigurationError, match="userspace backend only"):
         await mptls.open_connection(

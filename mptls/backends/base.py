@@ -117,6 +117,7 @@ async def host_addresses(
     family: int = socket.AF_UNSPEC,
     *,
     flags: int = 0,
+    family_keyword: bool = False,
 ) -> list[tuple[int, tuple[Any, ...]]]:
     """``(family, sockaddr)`` pairs of ``host`` to try, in order.
 
@@ -124,8 +125,10 @@ async def host_addresses(
     scope id goes to ``getaddrinfo``, which maps the interface name,
     with ``AI_NUMERICHOST``: a scope it cannot use made it look the
     whole string up as a name, on the network. A literal of the other
-    family than ``family`` (the local address's) is an error that says
-    so, unless it is an IPv4-mapped IPv6 one, which is its IPv4 address.
+    family than ``family`` (the local address's, or with
+    ``family_keyword`` the one asyncio's ``family=`` asked for) is an
+    error that says so, unless it is an IPv4-mapped IPv6 one, which is
+    its IPv4 address.
     A name gets ``getaddrinfo``'s TCP stream addresses, IPv4 and IPv6
     ones, each once; its errors (``socket.gaierror``) are the caller's.
     """
@@ -142,7 +145,9 @@ async def host_addresses(
             ):
                 return [(socket.AF_INET, (str(literal.ipv4_mapped), port))]
             if family not in (socket.AF_UNSPEC, _FAMILIES[literal.version]):
-                raise _other_family(host, port, literal.version)
+                raise _other_family(
+                    host, port, literal.version, family_keyword
+                )
             flags |= socket.AI_NUMERICHOST
     infos = await loop.getaddrinfo(
         host,
@@ -177,14 +182,21 @@ def _ip_literal(
         return None
 
 
-def _other_family(host: str, port: int, version: int) -> BackendError:
+def _other_family(
+    host: str, port: int, version: int, family_keyword: bool
+) -> BackendError:
     """A host literal of IP ``version`` from a local address of the
-    other: the errno stays getaddrinfo's for it, EAI_ADDRFAMILY, which
-    the streams layer gives its ConnectError."""
-    local = 6 if version == 4 else 4
+    other, or where ``family=`` asked for the other: the errno stays
+    getaddrinfo's for it, EAI_ADDRFAMILY, which the streams layer gives
+    its ConnectError."""
+    if family_keyword:
+        other = "AF_INET" if version == 6 else "AF_INET6"
+        why = f"with family={other}"
+    else:
+        why = f"from an IPv{6 if version == 4 else 4} local address"
     failure = BackendError(
-        f"cannot connect to {format_address((host, port))} from an "
-        f"IPv{local} local address: the host is an IPv{version} address"
+        f"cannot connect to {format_address((host, port))} {why}: "
+        f"the host is an IPv{version} address"
     )
     failure.__cause__ = socket.gaierror(
         socket.EAI_ADDRFAMILY, "Address family for hostname not supported"

@@ -533,6 +533,7 @@ async def _connect_tcp(
     loop over the addresses gives an ``OSError`` with none.
     """
     bind_to: tuple[Any, ...] | None = None
+    family_keyword = local is None and family != socket.AF_UNSPEC
     if local is not None:
         # an address of this host, never a name to look up
         local_addresses = await host_addresses(
@@ -545,7 +546,9 @@ async def _connect_tcp(
                 f"address of another family, {local}"
             )
         family = local_family
-    addresses = await host_addresses(loop, host, port, family)
+    addresses = await host_addresses(
+        loop, host, port, family, family_keyword=family_keyword
+    )
     return await connect_any(
         host,
         port,
