@@ -1268,6 +1268,25 @@ async def test_a_socket_to_listen_on_is_checked(
         await mptls.start_server(noop, *where, ssl=pki.server(), sock=sock)
 
 
+async def test_a_socket_to_listen_on_is_open_and_unconnected(
+    pki: Pki,
+) -> None:
+    # listen() failed on each, and the error named no address: "cannot
+    # listen on None:0: Bad file descriptor" ("Invalid argument")
+    closed = socket.socket()
+    closed.close()
+    with pytest.raises(ConfigurationError, match="sock is closed"):
+        await mptls.start_server(noop, ssl=pki.server(), sock=closed)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with (
+            socket.create_connection(listening.getsockname()) as connected,
+            pytest.raises(ConfigurationError, match="connected"),
+        ):
+            await mptls.start_server(noop, ssl=pki.server(), sock=connected)
+
+
 @pytest.mark.parametrize("family", [socket.AF_UNIX, "AF_INET", True, None])
 async def test_a_family_is_one_of_ips(pki: Pki, family: object) -> None:
     with pytest.raises(ConfigurationError, match="family must be"):

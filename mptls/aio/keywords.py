@@ -282,6 +282,8 @@ def _check_tcp_socket(sock: object) -> None:
             "sock must be a TCP socket (AF_INET or AF_INET6, "
             f"SOCK_STREAM), got {shown_value(sock)}"
         )
+    if sock.fileno() == -1:
+        raise ConfigurationError("sock is closed; pass an open socket")
 
 
 def close_given_socket(
@@ -307,6 +309,15 @@ def check_listening_socket(sock: object, host: object, port: object) -> None:
             "bound already"
         )
     _check_tcp_socket(sock)
+    try:
+        cast(socket.socket, sock).getpeername()
+    except OSError:
+        return
+    # listen() fails on it with EINVAL, which names no reason
+    raise ConfigurationError(
+        f"sock is connected, got {shown_value(sock)}: a server listens "
+        "on a bound socket; a connected one is open_connection()'s"
+    )
 
 
 def listen_on_given_socket(
