@@ -1215,7 +1215,12 @@ async def test_asyncio_keywords_mptls_does_not_take_say_what_to_do(
         ({"local_addr": ("127.0.0.1", True)}, "port must be 0"),
         ({"local_addr": "127.0.0.1"}, "pair"),
         ({"local_addr": ("127.0.0.1",)}, "pair"),
-        ({"local_addr": ("localhost", 0)}, "IP addresses"),
+        # the errors named local_addrs, which the caller never passed
+        ({"local_addr": ("localhost", 0)}, "local_addr's address must be"),
+        (
+            {"local_addr": ("127.0.0.1", 0), "sock": "a connected socket"},
+            "pass local_addr or sock=",
+        ),
         (
             {"local_addr": ("127.0.0.1", 0), "local_addrs": ["127.0.0.1"]},
             "not both",
@@ -1225,10 +1230,24 @@ async def test_asyncio_keywords_mptls_does_not_take_say_what_to_do(
 async def test_a_local_addr_mptls_cannot_keep_says_why(
     pki: Pki, options: dict[str, object], reason: str
 ) -> None:
-    with pytest.raises(ConfigurationError, match=reason):
-        await mptls.open_connection(
-            "127.0.0.1", 4433, ssl=pki.client(), **options
-        )
+    if "sock" not in options:
+        with pytest.raises(ConfigurationError, match=reason):
+            await mptls.open_connection(
+                "127.0.0.1", 4433, ssl=pki.client(), **options
+            )
+        return
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with (
+            socket.create_connection(listening.getsockname()) as sock,
+            pytest.raises(ConfigurationError, match=reason),
+        ):
+            await mptls.open_connection(
+                ssl=pki.client(),
+                server_hostname="localhost",
+                **{**options, "sock": sock},
+            )
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,12 @@ def take_local_addr(
             "pass local_addr= or local_addrs=, not both: local_addrs' "
             "first address is the one local_addr names"
         )
+    if options.get("sock") is not None:
+        # asyncio ignores local_addr then: the socket is bound already
+        raise ConfigurationError(
+            "pass local_addr or sock=, not both: the socket's own "
+            "address carries the first subflow"
+        )
     # an IPv6 socket address may come whole: (ip, port, flowinfo, scope)
     if (
         not isinstance(local_addr, tuple | list)
@@ -214,7 +220,21 @@ def take_local_addr(
             f"local_addr's port must be 0, got {shown_value(port)}: mptls "
             "picks each subflow's local port"
         )
+    if not _is_ip_address(address):
+        # asyncio would look a name up; mptls takes addresses only
+        raise ConfigurationError(
+            "local_addr's address must be an IP address, got "
+            f"{shown_value(address)}"
+        )
     return [address]
+
+
+def _is_ip_address(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def check_limit(limit: object) -> None:
