@@ -1287,6 +1287,22 @@ async def test_a_socket_to_listen_on_is_checked(
         await mptls.start_server(noop, *where, ssl=pki.server(), sock=sock)
 
 
+async def test_a_tls_socket_is_refused_as_sock(pki: Pki) -> None:
+    # asyncio's loop raised a bare TypeError from inside for one
+    context = ssl.create_default_context()
+    with socket.socket() as plain:
+        wrapped = context.wrap_socket(
+            plain, server_hostname="localhost", do_handshake_on_connect=False
+        )
+        with wrapped:
+            with pytest.raises(ConfigurationError, match="SSLSocket"):
+                await mptls.open_connection(
+                    ssl=pki.client(), server_hostname="localhost", sock=wrapped
+                )
+            with pytest.raises(ConfigurationError, match="SSLSocket"):
+                await mptls.start_server(noop, ssl=pki.server(), sock=wrapped)
+
+
 async def test_a_socket_to_listen_on_is_open_and_unconnected(
     pki: Pki,
 ) -> None:

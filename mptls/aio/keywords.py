@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -301,6 +302,11 @@ def _check_tcp_socket(sock: object) -> None:
         raise ConfigurationError(
             "sock must be a TCP socket (AF_INET or AF_INET6, "
             f"SOCK_STREAM), got {shown_value(sock)}"
+        )
+    if isinstance(sock, ssl.SSLSocket):
+        raise ConfigurationError(
+            "sock must be a plain TCP socket, not an ssl.SSLSocket: mptls "
+            "runs TLS itself, over the MPTCP connection"
         )
     if sock.fileno() == -1:
         raise ConfigurationError("sock is closed; pass an open socket")
