@@ -1430,6 +1430,18 @@ async def test_the_kernel_backend_connects_its_own_sockets(pki: Pki) -> None:
                 server_hostname="localhost",
                 backend="kernel",
             )
+    # said first: an unconnected one was told to connect, only to be
+    # refused then
+    with (
+        socket.socket() as sock,
+        pytest.raises(ConfigurationError, match="its own MPTCP"),
+    ):
+        await mptls.open_connection(
+            ssl=pki.client(),
+            sock=sock,
+            server_hostname="localhost",
+            backend="kernel",
+        )
 
 
 async def test_the_kernel_backend_makes_its_own_listening_sockets(

@@ -352,12 +352,18 @@ def listen_on_given_socket(
     """The userspace backend's subflows are TCP connections, so a TCP
     socket serves it; the kernel backend needs MPTCP sockets of its
     own making."""
+    refuse_sock_elsewhere(backend)
+    options["sock"] = sock
+
+
+def refuse_sock_elsewhere(backend: Backend) -> None:
+    """``sock=`` on a backend other than userspace, refused before the
+    socket is looked at: one that is fine there is no use here."""
     if not is_userspace(backend):
         raise ConfigurationError(
             f"sock= is taken by the userspace backend only: the "
             f"{backend.name} backend makes its own MPTCP sockets"
         )
-    options["sock"] = sock
 
 
 def refuse_family_elsewhere(backend: Backend, options: dict[str, Any]) -> None:

@@ -39,10 +39,10 @@ from mptls.aio.keywords import (
     check_timeout,
     close_given_socket,
     connected_socket_peer,
-    is_userspace,
     listen_on_given_socket,
     refuse_asyncio_only,
     refuse_family_elsewhere,
+    refuse_sock_elsewhere,
     take_local_addr,
 )
 from mptls.aio.protocol import StreamProtocol, TLSProtocol, TLSTransport
@@ -184,8 +184,10 @@ async def create_connection(
     """
     local_addrs = take_local_addr(backend_options, local_addrs)
     refuse_asyncio_only(backend_options, ASYNCIO_CLIENT_ONLY)
+    backend_obj = _resolve_backend(backend)
     sock = backend_options.get("sock")
     if sock is not None:
+        refuse_sock_elsewhere(backend_obj)
         host, port = connected_socket_peer(
             sock, host, port, local_addrs, server_hostname
         )
@@ -201,15 +203,9 @@ async def create_connection(
     context, check_hostname = _client_context(ssl)
     if server_hostname is None:
         server_hostname = _default_server_hostname(host)
-    backend_obj = _resolve_backend(backend)
     _refuse_keyless(backend_obj, require_app_keys)
     refuse_family_elsewhere(backend_obj, backend_options)
     bound_close(backend_obj, ssl_shutdown_timeout, backend_options)
-    if sock is not None and not is_userspace(backend_obj):
-        raise ConfigurationError(
-            f"sock= is taken by the userspace backend only: the "
-            f"{backend_obj.name} backend makes its own MPTCP sockets"
-        )
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[TLSTransport] = loop.create_future()
 
