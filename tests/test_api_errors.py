@@ -15,6 +15,7 @@ from pki import Pki
 from support import open_fds, skip_without_ipv6
 
 import mptls
+from mptls.aio.keywords import take_local_addr
 from mptls.aio.protocol import _in_mptls_tree
 from mptls.backends.base import connect_any, numeric_address
 from mptls.errors import (
@@ -1285,6 +1286,27 @@ async def test_a_socket_to_listen_on_is_checked(
         pytest.raises(ConfigurationError, match=reason),
     ):
         await mptls.start_server(noop, *where, ssl=pki.server(), sock=sock)
+
+
+def test_a_local_addrs_scope_id_is_kept() -> None:
+    # getsockname() gives a link-local address as (ip, port, flowinfo,
+    # scope id); the scope was dropped, and the bind failed (EINVAL)
+    loopback = socket.if_nametoindex("lo")
+    options: dict[str, Any] = {"local_addr": ("fe80::1", 0, 0, loopback)}
+    assert take_local_addr(options, None) == ["fe80::1%lo"]
+    options = {"local_addr": ("::1", 0, 0, 0)}
+    assert take_local_addr(options, None) == ["::1"]
+
+
+async def test_a_local_addrs_unknown_scope_id_says_so(pki: Pki) -> None:
+    unknown = max(index for index, _ in socket.if_nameindex()) + 1
+    with pytest.raises(ConfigurationError, match="scope id"):
+        await mptls.open_connection(
+            "::1",
+            9,
+            ssl=pki.client(),
+            local_addr=("fe80::1", 0, 0, unknown),
+        )
 
 
 async def test_a_tls_socket_is_refused_as_sock(pki: Pki) -> None:

@@ -227,7 +227,31 @@ def take_local_addr(
             "local_addr's address must be an IP address, got "
             f"{shown_value(address)}"
         )
+    if len(local_addr) == 4 and "%" not in address:
+        address += _scope_suffix(local_addr[3])
     return [address]
+
+
+def _scope_suffix(scope: object) -> str:
+    """An IPv6 socket address's scope id as a literal's ``%interface``.
+
+    A link-local address cannot be bound without it: getsockname()
+    gives one as ``("fe80::1", port, 0, 2)``, and the address alone
+    failed with EINVAL.
+    """
+    if isinstance(scope, bool) or not isinstance(scope, int):
+        raise ConfigurationError(
+            f"local_addr's scope id must be an int, got {shown_value(scope)}"
+        )
+    if scope == 0:
+        return ""
+    try:
+        return "%" + socket.if_indextoname(scope)
+    except (OSError, OverflowError, ValueError):
+        raise ConfigurationError(
+            f"local_addr's scope id {shown_value(scope)} names no network "
+            "interface of this host"
+        ) from None
 
 
 def _is_ip_address(address: str) -> bool:
