@@ -282,6 +282,36 @@ async def test_a_server_hostname_with_a_nul_is_a_configuration_error(
 
 
 @pytest.mark.parametrize(
+    "name", ["ex ample", "-bad-", "a" * 300, ".", "localhost\x00.example"]
+)
+async def test_a_server_name_tls_refuses_is_refused_before_connecting(
+    pki: Pki, name: str
+) -> None:
+    # the TLS engine refused it once the TCP connection was made, and
+    # a socket given as sock= was closed under its owner a step later
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with pytest.raises(ConfigurationError, match=r"(server|host) name"):
+            await mptls.open_connection(
+                *listening.getsockname(),
+                ssl=pki.client(),
+                server_hostname=name,
+            )
+        listening.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listening.accept()
+        with socket.create_connection(listening.getsockname()) as sock:
+            with pytest.raises(ConfigurationError):
+                await mptls.open_connection(
+                    ssl=pki.client(), sock=sock, server_hostname=name
+                )
+            await asyncio.sleep(0)
+            assert sock.fileno() != -1
+            sock.sendall(b"still the caller's")
+
+
+@pytest.mark.parametrize(
     ("local_addrs", "match"),
     [
         ("127.0.0.1", "list of addresses"),

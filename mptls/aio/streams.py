@@ -58,6 +58,7 @@ from mptls.errors import (
 )
 from mptls.mptcp.config import check_bool
 from mptls.tls.config import to_openssl_context
+from mptls.tls.engine import check_server_name
 
 _DEFAULT_LIMIT = 2**16
 
@@ -202,7 +203,11 @@ async def create_connection(
     check_bool("require_app_keys", require_app_keys)
     context, check_hostname = _client_context(ssl)
     if server_hostname is None:
+        # a host that is no name to check fails its lookup first, with
+        # the HostLookupError asyncio's code expects
         server_hostname = _default_server_hostname(host)
+    else:
+        check_server_name(server_hostname, check_hostname)
     _refuse_keyless(backend_obj, require_app_keys)
     refuse_family_elsewhere(backend_obj, backend_options)
     bound_close(backend_obj, ssl_shutdown_timeout, backend_options)

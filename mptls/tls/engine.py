@@ -810,6 +810,31 @@ def _reasons(exc: SSL.Error) -> str:
     return "; ".join(t for t in texts if " alert " not in t)
 
 
+@functools.lru_cache(maxsize=256)
+def check_server_name(name: str, check_hostname: bool) -> None:
+    """Refuse a server name a client engine would refuse, before any
+    connection exists.
+
+    The engine is made once the first TCP connection is up: a name it
+    cannot use failed there, after a connect to the server, and a
+    socket the application gave (``sock=``) was closed under it.
+    """
+    if _ip_address(name) is not None:
+        return
+    encoded = _idna(name)
+    if not check_hostname:
+        return
+    param = _lib.X509_VERIFY_PARAM_new()
+    try:
+        ok = _lib.X509_VERIFY_PARAM_set1_host(param, encoded, len(encoded))
+    finally:
+        _lib.X509_VERIFY_PARAM_free(param)
+    if ok != 1:
+        raise ConfigurationError(
+            f"OpenSSL cannot check the server name {shown_value(name)}"
+        )
+
+
 # a client names the same few servers again and again: parsing the name
 # (a failed IPv4 and IPv6 parse for a host name) and the Python IDNA codec
 # cost more than the rest of the engine's setup
