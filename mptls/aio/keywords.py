@@ -345,7 +345,7 @@ def close_given_socket(
     from mptls.backends.userspace.transport import MultipathTransport
 
     if isinstance(transport, MultipathTransport):
-        transport.reset_lingering()
+        transport.reset_first_subflow()
     sock.close()
 
 

@@ -95,8 +95,8 @@ class MultipathTransport(asyncio.Transport):
         self._closed_callback = on_closed
         self._subflows: dict[int, SubflowProtocol] = {}
         self._closing_subflows: list[int] = []
-        # subflows that carried the reset frame, open until the peer has it
-        self._lingering: list[SubflowProtocol] = []
+        # its TCP connection may be a socket the application gave
+        self._first_subflow: SubflowProtocol | None = None
         # each subflow's (sockname, peername) as asyncio gave them
         self._addresses: dict[int, tuple[Any, Any]] = {}
         # the local address ids, and the subflows opened beside the first
@@ -159,6 +159,8 @@ class MultipathTransport(asyncio.Transport):
         # byte on the receiving end)
         subflow.lend_payloads()
         self._subflows[subflow_id] = subflow
+        if subflow_id == 0:
+            self._first_subflow = subflow
         # kept after the TCP connection is gone, for the final snapshot
         self._addresses[subflow_id] = (
             subflow.name("sockname"),
@@ -359,7 +361,6 @@ class MultipathTransport(asyncio.Transport):
             subflow.reset()
         elif carried_reset and self._core.closed:
             subflow.close_after_reset()
-            self._lingering.append(subflow)
         else:
             subflow.close()
 
@@ -957,18 +958,19 @@ class MultipathTransport(asyncio.Transport):
         self._held_eof = False
         self._reset(None)
 
-    def reset_lingering(self) -> None:
-        """Reset now the subflows that linger after an abort.
+    def reset_first_subflow(self) -> None:
+        """End the first subflow's TCP connection now, with a reset,
+        wherever its close stands (lingering after an abort's reset
+        frame, or still sending).
 
         For a connection that failed before the application had it,
         over a socket the application gave: asyncio has closed such a
         socket when the call raises, and a caller that closes it then
-        would free a descriptor a lingering subflow still has the loop
-        watch, refusing the loop's next transport on that number.
+        would free a descriptor the subflow still has the loop watch,
+        refusing the loop's next transport on that number.
         """
-        for subflow in self._lingering:
-            subflow.reset()
-        self._lingering.clear()
+        if self._first_subflow is not None:
+            self._first_subflow.reset()
 
     def abort_after_sending(self) -> None:
         """:meth:`abort`, once what was written has gone to the subflows.
