@@ -62,51 +62,7 @@ def test_endpoints_and_limits_round_trip(topology: netns.Topology) -> None:
     assert "subflows 4" in limits and "add_addr_accepted 3" in limits
 
 
-def test_without_net_admin_it_says_what_is_missing(
-    topology: netns.Topology,
-) -> None:
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux) to drop CAP_NET_ADMIN")
-    script = (
-        "import json\n"
-        "from mptls.backends.kernel.pathmanager import PathManager\n"
-        "from mptls.backends.kernel.probe import probe\n"
-        "from mptls.errors import PathError\n"
-        "report = probe()\n"
-        "with PathManager() as paths:\n"
-        "    try:\n"
-        "        paths.add_endpoint('192.0.2.2')\n"
-        "        error = None\n"
-        "    except PathError as exc:\n"
-        "        error = str(exc)\n"
-        "print(json.dumps({'error': error,\n"
-        "                  'can': report.can_manage_paths,\n"
-        "                  'detail': report.manage_paths_detail}))\n"
-    )
-    output = topology.server.run(
-        ["setpriv", "--bounding-set=-net_admin", sys.executable, "-c", script]
-    )
-    result = json.loads(output)
-    assert "needs CAP_NET_ADMIN" in result["error"]
-    assert result["can"] is False
-    assert "CAP_NET_ADMIN" in result["detail"]
-    assert "192.0.2.2" not in topology.server.run(
-        ["ip", "mptcp", "endpoint", "show"]
-    )
-
-
-def _user_namespace(topology: netns.Topology, *options: str) -> list[str]:
-    """``unshare`` into a user namespace whose root is this user, or skip."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) for a user namespace")
-    command = ["unshare", "--user", "--map-root-user", *options]
-    try:
-        topology.server.run([*command, "true"])
-    except RuntimeError as exc:
-        pytest.skip(f"no user namespace here: {exc}")
-    return command
-
-
+# adds an endpoint and says what came of it, and what probe() said
 _TRY_AN_ENDPOINT = (
     "import json\n"
     "from mptls.backends.kernel.pathmanager import PathManager\n"
@@ -124,6 +80,42 @@ _TRY_AN_ENDPOINT = (
     "                  'detail': report.manage_paths_detail,\n"
     "                  'endpoints': shown}))\n"
 )
+
+
+def test_without_net_admin_it_says_what_is_missing(
+    topology: netns.Topology,
+) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop CAP_NET_ADMIN")
+    output = topology.server.run(
+        [
+            "setpriv",
+            "--bounding-set=-net_admin",
+            sys.executable,
+            "-c",
+            _TRY_AN_ENDPOINT,
+        ]
+    )
+    result = json.loads(output)
+    assert "needs CAP_NET_ADMIN" in result["error"]
+    assert result["can"] is False
+    assert "CAP_NET_ADMIN" in result["detail"]
+    assert result["endpoints"] == []
+    assert "192.0.2.2" not in topology.server.run(
+        ["ip", "mptcp", "endpoint", "show"]
+    )
+
+
+def _user_namespace(topology: netns.Topology, *options: str) -> list[str]:
+    """``unshare`` into a user namespace whose root is this user, or skip."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a user namespace")
+    command = ["unshare", "--user", "--map-root-user", *options]
+    try:
+        topology.server.run([*command, "true"])
+    except RuntimeError as exc:
+        pytest.skip(f"no user namespace here: {exc}")
+    return command
 
 
 def test_refused_in_a_user_namespace_it_says_why(
