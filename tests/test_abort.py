@@ -69,18 +69,24 @@ async def _server_aborts(
                 "127.0.0.1", port, ssl=pki.client()
             )
             writer.write(PAYLOAD)
-            try:
-                async with asyncio.timeout(10):
-                    await reader.read()
-            except Exception as exc:
-                outcomes.append(exc)
-            else:
-                outcomes.append(None)
+            async with asyncio.timeout(10):
+                outcomes.append(await _how_reading_ends(reader))
             writer.close()
             async with asyncio.timeout(5):
                 while not all(subflow.gone for subflow in aborting):
                     await asyncio.sleep(0)
     return outcomes
+
+
+async def _how_reading_ends(
+    reader: asyncio.StreamReader,
+) -> BaseException | None:
+    """Read to the end: None at an orderly one, else the error."""
+    try:
+        await reader.read()
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _assert_all_aborts(outcomes: list[BaseException | None]) -> None:
@@ -247,12 +253,7 @@ async def test_a_client_abort_under_unread_data_reaches_the_server(
     ) -> None:
         outcome = outcomes[-1]
         writer.write(PAYLOAD)
-        try:
-            await reader.read()
-        except Exception as exc:
-            outcome.set_result(exc)
-        else:
-            outcome.set_result(None)
+        outcome.set_result(await _how_reading_ends(reader))
         writer.close()
 
     # a lost MP_FASTCLOSE leaves the server waiting for a rejoin: a path
@@ -316,12 +317,7 @@ async def test_a_client_abort_right_after_the_handshake_reaches_the_server(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         outcome = outcomes[-1]
-        try:
-            await reader.read()
-        except Exception as exc:
-            outcome.set_result(exc)
-        else:
-            outcome.set_result(None)
+        outcome.set_result(await _how_reading_ends(reader))
         writer.close()
 
     server = await mptls.start_server(
@@ -381,12 +377,8 @@ async def test_a_server_abort_right_after_the_handshake_reaches_the_client(
                 mode=client_mode,
                 path_loss_timeout=SHORT_PATH_LOSS,
             )
-            outcome: BaseException | None = None
-            try:
-                async with asyncio.timeout(10):
-                    await reader.read()
-            except Exception as exc:
-                outcome = exc
+            async with asyncio.timeout(10):
+                outcome = await _how_reading_ends(reader)
             ended.append((outcome, loop.time() - aborted_at[-1]))
             writer.close()
     _assert_prompt_abort(ended)
