@@ -1086,29 +1086,35 @@ def test_shared_client_tokens_stay_unique_across_threads() -> None:
 
 
 @pytest.mark.parametrize("name", ["a" * 70, ".x"])
-async def test_a_refused_server_name_closes_the_tcp_connection(
+async def test_a_server_name_tls_refuses_is_refused_before_connecting(
     pki: Pki, name: str
 ) -> None:
-    # TLS refuses the name after the first subflow's TCP connection is
-    # open: the connection must go, and the token it was given
-    ended = asyncio.get_running_loop().create_future()
+    # TLS refused the name only once the first subflow's TCP connection
+    # was open, which then had to go, and the token it was given: the
+    # name is now checked first, and nothing connects
+    first_bytes: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def listener(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await reader.read()
-        ended.set_result(True)
+        first_bytes.put_nowait(await reader.read())
         writer.close()
 
     server = await asyncio.start_server(listener, "127.0.0.1", 0)
     live = _shared_client_tokens().live
     async with server:
         port = server.sockets[0].getsockname()[1]
-        with pytest.raises(mptls.ConfigurationError):
+        with pytest.raises(mptls.ConfigurationError, match="not a valid host"):
             await mptls.open_connection(
                 "127.0.0.1", port, ssl=pki.client(), server_hostname=name
             )
-        assert await asyncio.wait_for(ended, 5)
+        # a marker after the refusal: the first connection the server
+        # sees is the marker's
+        _, marker = await asyncio.open_connection("127.0.0.1", port)
+        marker.write(b"marker")
+        marker.close()
+        await marker.wait_closed()
+        assert await asyncio.wait_for(first_bytes.get(), 5) == b"marker"
     assert _shared_client_tokens().live == live
 
 

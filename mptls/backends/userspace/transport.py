@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -95,8 +96,10 @@ class MultipathTransport(asyncio.Transport):
         self._closed_callback = on_closed
         self._subflows: dict[int, SubflowProtocol] = {}
         self._closing_subflows: list[int] = []
-        # its TCP connection may be a socket the application gave
-        self._first_subflow: SubflowProtocol | None = None
+        # its TCP connection may be a socket the application gave; weak,
+        # for the subflow refers back here and the table of subflows is
+        # what keeps them (a strong one made each connection a cycle)
+        self._first_subflow: weakref.ref[SubflowProtocol] | None = None
         # each subflow's (sockname, peername) as asyncio gave them
         self._addresses: dict[int, tuple[Any, Any]] = {}
         # the local address ids, and the subflows opened beside the first
@@ -160,7 +163,7 @@ class MultipathTransport(asyncio.Transport):
         subflow.lend_payloads()
         self._subflows[subflow_id] = subflow
         if subflow_id == 0:
-            self._first_subflow = subflow
+            self._first_subflow = weakref.ref(subflow)
         # kept after the TCP connection is gone, for the final snapshot
         self._addresses[subflow_id] = (
             subflow.name("sockname"),
@@ -969,8 +972,9 @@ class MultipathTransport(asyncio.Transport):
         would free a descriptor the subflow still has the loop watch,
         refusing the loop's next transport on that number.
         """
-        if self._first_subflow is not None:
-            self._first_subflow.reset()
+        first = None if self._first_subflow is None else self._first_subflow()
+        if first is not None:
+            first.reset()
 
     def abort_after_sending(self) -> None:
         """:meth:`abort`, once what was written has gone to the subflows.
