@@ -391,6 +391,16 @@ def test_request_rotation_is_for_mode_e_with_active_keys() -> None:
         net.client.request_rotation()
 
 
+def test_a_rotation_asked_for_after_an_abort_has_no_keys() -> None:
+    # rotate_keys() may resume from its wait for generation 0 after an
+    # abort: the caller was promised KeysUnavailableError there, which
+    # it catches, not a bare MptlsError
+    net = confirmed(established(e_net()))
+    net.client.abort()
+    with pytest.raises(KeysUnavailableError, match="closed"):
+        net.client.request_rotation()
+
+
 def test_rotation_started_by_the_client() -> None:
     net = confirmed(established(e_net()))
     assert net.client.request_rotation() == 1

@@ -77,7 +77,7 @@ class RotationMixin(ConnectionState):
         one's generation comes back and nothing more happens. Raises
         :class:`~mptls.errors.ConfigurationError` outside mode E and
         :class:`~mptls.errors.KeysUnavailableError` before generation 0
-        is active.
+        is active and once the connection is closed.
         """
         self._check_rotation_allowed()
         current = self._generation
@@ -110,7 +110,9 @@ class RotationMixin(ConnectionState):
                 f"only mode E rotates keys; this connection runs {runs}"
             )
         if self._closed:
-            raise MptlsError("the connection is closed")
+            raise KeysUnavailableError(
+                "the connection is closed: no keys to rotate"
+            )
 
     def _claim_request(self, generation: int) -> int:
         """This end wants ``generation`` too: its keys start a rotation.
