@@ -479,3 +479,78 @@ async def test_a_join_connect_that_times_out_says_so(pki: Pki) -> None:
     # wait_for's TimeoutError has no text: the line says what ran out
     reason = "no TCP connection within join_timeout (0.5 s)"
     assert message.endswith(f"to 127.0.0.1:{silent}: {reason}"), message
+
+
+class HeldFirstKeys(UserspaceBackend):
+    """A server backend that installs its first keys only on ``release``:
+    its NEW_KEY waits for that, and the client's first keys with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self._held: set[asyncio.Task[None]] = set()
+
+    def install_keys(
+        self,
+        transport: asyncio.BaseTransport,
+        keys: KeyMaterial,
+        *,
+        derive: KeyDerivation | None = None,
+    ) -> mptls.KeyInstall:
+        if keys.generation != 0:
+            return super().install_keys(transport, keys, derive=derive)
+
+        async def install() -> None:
+            await self.release.wait()
+            super(HeldFirstKeys, self).install_keys(
+                transport, keys, derive=derive
+            )
+
+        task = asyncio.get_running_loop().create_task(install())
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+        return mptls.KeyInstall(True, "held for the test")
+
+
+async def test_add_path_in_mode_e_waits_for_the_first_keys(pki: Pki) -> None:
+    # open_connection returns at the end of the TLS handshake; mode E's
+    # first keys take the server's NEW_KEY too. A join called for at
+    # once was refused (PathError: waiting for the peer to confirm the
+    # keys), where rotate_keys() waits for them: add_path waits too
+    backend = HeldFirstKeys()
+    server = await mptls.start_server(
+        echo, "127.0.0.1", 0, ssl=pki.server(), modes=["E"], backend=backend
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.wait_for(
+            mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client(), mode="e"
+            ),
+            10,
+        )
+        transport = writer.transport
+        joining = asyncio.create_task(
+            transport.add_path(  # type: ignore[attr-defined]
+                ("127.0.0.1", port), local="127.0.0.2", timeout=10
+            )
+        )
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert writer.get_extra_info("mptcp").key_generation is None
+        assert not joining.done()
+        backend.release.set()
+        async with asyncio.timeout(10):
+            subflow_id = await joining
+        assert writer.get_extra_info("mptcp").key_generation == 0
+        writer.write(b"ping")
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(4) == b"ping"
+        states = {
+            s.subflow_id: s.state
+            for s in writer.get_extra_info("mptcp").subflows
+        }
+        assert states[subflow_id] == "ESTABLISHED"
+        writer.close()
+        async with asyncio.timeout(10):
+            await writer.wait_closed()

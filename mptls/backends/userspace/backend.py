@@ -38,6 +38,7 @@ from mptls.errors import (
     BackendError,
     ConfigurationError,
     JoinRefusedError,
+    KeysUnavailableError,
     MptlsError,
     MptlsTimeoutError,
     NotMptlsPeerError,
@@ -825,6 +826,7 @@ class UserspaceBackend(Backend):
         watch = _JoinWatch(multipath)
         try:
             async with asyncio.timeout(timeout):
+                await _first_keys(multipath)
                 await _connect(watch, remote, local)
                 _start_join(multipath, watch, backup)
                 return await asyncio.shield(watch.outcome)
@@ -954,6 +956,18 @@ async def _connect(
         raise PathError(
             f"cannot open a path to {format_address(remote)}: {exc}"
         ) from exc
+
+
+async def _first_keys(multipath: MultipathTransport) -> None:
+    """Mode E: wait for the keys a join needs, as rotate_keys() does.
+
+    A join asked for right after the TLS handshake would otherwise be
+    refused for keys that the peer's NEW_KEY brings a round trip later.
+    """
+    try:
+        await multipath.first_keys()
+    except (KeysUnavailableError, MptlsTimeoutError) as exc:
+        raise PathError(f"no join: {exc}") from exc
 
 
 def _start_join(

@@ -705,17 +705,28 @@ class MultipathTransport(asyncio.Transport):
             raise KeysUnavailableError(
                 "the connection is closed: no keys to rotate"
             )
-        if self._core.first_keys_pending:
-            try:
-                await self._generation_in_use(0)
-            except MptlsTimeoutError as exc:
-                raise KeysUnavailableError(
-                    f"no keys to rotate: {exc}"
-                ) from exc
+        try:
+            await self.first_keys()
+        except MptlsTimeoutError as exc:
+            raise KeysUnavailableError(f"no keys to rotate: {exc}") from exc
         # the core checks the mode and that generation 0 is in use
         generation = self._core.request_rotation()
         # the request goes out (and may even be answered) in this step
         return await self._generation_in_use(generation, process=True)
+
+    async def first_keys(self) -> None:
+        """Return once mode E's first keys are confirmed, or at once.
+
+        The TLS handshake ends before the peer's NEW_KEY confirms
+        generation 0 (about a round trip later), and neither a join nor
+        a rotation can go before it: the calls that need the keys wait
+        here rather than fail on a connection that is only just open.
+        :class:`~mptls.errors.KeysUnavailableError` when the connection
+        ends first, :class:`~mptls.errors.MptlsTimeoutError` when the
+        peer never confirms them.
+        """
+        if self._core.first_keys_pending:
+            await self._generation_in_use(0)
 
     async def _generation_in_use(
         self, generation: int, *, process: bool = False
