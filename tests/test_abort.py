@@ -14,13 +14,15 @@ peer does, or after ``ABORT_LINGER``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import socket
 import weakref
 
 import pytest
 from pki import Pki
-from support import established
+from support import established, until
 
 import mptls
 from mptls.backends.userspace import subflow as subflow_module
@@ -562,6 +564,55 @@ async def test_a_lingering_subflow_waits_while_its_queue_drains(
         assert gone_at - started < limit + linger + 5.0
         assert sink.calls == []
     finally:
+        if not subflow.lost.done():
+            transport.abort()
+        far.close()
+
+
+class _ResetBeforeShutdown(socket.socket):
+    """A socket whose peer's reset lands between the last send and the
+    shutdown of the write side: a race a peer that resets on the reset
+    frame wins now and then on a machine with more than one core."""
+
+    def shutdown(self, how: int) -> None:
+        raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+
+async def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    while len(received) < size:
+        chunk = await loop.sock_recv(sock, 256 * 1024)
+        assert chunk, "the connection ended early"
+        received += chunk
+    return bytes(received)
+
+
+async def test_a_reset_before_the_fin_of_a_lingering_subflow_is_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # asyncio's write callback shuts the socket, unguarded, once a
+    # buffer that write_eof() found full has gone: there ENOTCONN went
+    # to the loop's exception handler ("Exception in callback"). The
+    # subflow shuts its write side itself and resets on a refusal
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    plain, far = _tcp_pair()
+    near = _ResetBeforeShutdown(fileno=plain.detach())
+    sink = _Sink()
+    subflow, transport, written = await _lingering(far, sink, near)
+    try:
+        async with asyncio.timeout(10):
+            assert await _read_exactly(far, len(written)) == written
+        await until(lambda: subflow.lost.done() or errors, "the subflow's end")
+        assert errors == []
+        assert subflow.lost.done()
+        assert near.fileno() == -1
+        assert sink.calls == []
+    finally:
+        loop.set_exception_handler(None)
         if not subflow.lost.done():
             transport.abort()
         far.close()

@@ -134,6 +134,9 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self._decoder = SegmentDecoder(preamble=True)
         # after a reset frame: what arrives is read and thrown away
         self._draining = False
+        # after a reset frame, with bytes buffered: shut the write side
+        # when the transport says its buffer is empty
+        self._shut_on_resume = False
         self._linger: asyncio.TimerHandle | None = None
         # what was still queued at the last look, and when it ends
         self._linger_queued = 0
@@ -220,6 +223,13 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self.sink.subflow_writable(self, False)
 
     def resume_writing(self) -> None:
+        if self._shut_on_resume:
+            # called from the transport's write callback, which would
+            # shut the socket itself, unguarded, were write_eof() called
+            # from here: the next loop step does it
+            self._shut_on_resume = False
+            asyncio.get_running_loop().call_soon(self._shut_after_drain)
+            return
         self.sink.subflow_writable(self, True)
 
     def unsent(self) -> int:
@@ -364,17 +374,48 @@ class SubflowProtocol(asyncio.BufferedProtocol):
             return
         self._draining = True
         self.sink = _DETACHED
-        try:
-            # asyncio and uvloop shut the write side once their buffer
-            # has gone to the socket
-            transport.write_eof()
-        except (OSError, RuntimeError, NotImplementedError):
+        if transport.get_write_buffer_size():
+            self._shut_when_drained(transport)
+        elif not self._shut_write_side():
             self.reset()
             return
         loop = asyncio.get_running_loop()
         self._linger_queued = self._queued()
         self._linger_end = loop.time() + CLOSE_LINGER
         self._linger = loop.call_later(ABORT_LINGER, self._linger_expired)
+
+    def _shut_when_drained(self, transport: asyncio.Transport) -> None:
+        """Shut the write side once the transport's buffer has gone.
+
+        Left to asyncio, a ``write_eof()`` with bytes buffered shuts the
+        socket from the loop's write callback, unguarded: a peer's reset
+        that lands between the last send and that shutdown (the peer
+        resets on the frame) raised ENOTCONN into the loop's exception
+        handler. Limits of zero make the transport call
+        :meth:`resume_writing` once its buffer is empty instead.
+        """
+        self._shut_on_resume = True
+        try:
+            transport.set_write_buffer_limits(high=0, low=0)
+        except (AttributeError, NotImplementedError, ValueError):
+            self._shut_on_resume = False
+            if not self._shut_write_side():
+                self.reset()
+
+    def _shut_write_side(self) -> bool:
+        """The FIN behind what was written; False if the socket refused."""
+        transport = self.transport
+        if transport is None or self.gone or transport.is_closing():
+            return True
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            return False
+        return True
+
+    def _shut_after_drain(self) -> None:
+        if not self._shut_write_side():
+            self.reset()
 
     def _linger_expired(self) -> None:
         """No close from the peer within :data:`ABORT_LINGER`: wait
