@@ -554,3 +554,31 @@ async def test_add_path_in_mode_e_waits_for_the_first_keys(pki: Pki) -> None:
         writer.close()
         async with asyncio.timeout(10):
             await writer.wait_closed()
+
+
+async def test_add_path_on_an_ended_e_connection_is_refused_at_once(
+    pki: Pki,
+) -> None:
+    # the first keys were still pending when the connection ended: the
+    # backend's add_path says the connection is over, where it waited
+    # for keys nothing would bring until its timeout
+    backend = HeldFirstKeys()
+    server = await mptls.start_server(
+        echo, "127.0.0.1", 0, ssl=pki.server(), modes=["E"], backend=backend
+    )
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.wait_for(
+            mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client(), mode="e"
+            ),
+            10,
+        )
+        multipath = writer.transport._tls._transport  # type: ignore[attr-defined]
+        writer.transport.abort()
+        with pytest.raises(mptls.PathError, match="closed"):
+            async with asyncio.timeout(5):
+                await UserspaceBackend().add_path(
+                    multipath, ("127.0.0.1", port), timeout=10
+                )
+        backend.release.set()

@@ -722,9 +722,12 @@ class MultipathTransport(asyncio.Transport):
         a rotation can go before it: the calls that need the keys wait
         here rather than fail on a connection that is only just open.
         :class:`~mptls.errors.KeysUnavailableError` when the connection
-        ends first, :class:`~mptls.errors.MptlsTimeoutError` when the
-        peer never confirms them.
+        has ended or ends first, :class:`~mptls.errors.MptlsTimeoutError`
+        when the peer never confirms them.
         """
+        if self._closed or self._core.closed:
+            # a waiter made now would wait for keys that nothing brings
+            raise KeysUnavailableError("the connection is closed: no keys")
         if self._core.first_keys_pending:
             await self._generation_in_use(0)
 
