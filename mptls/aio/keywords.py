@@ -112,15 +112,13 @@ def check_client_args(
                 "local_addrs entries must be non-empty str, got "
                 f"{shown_value(address)}"
             )
-        try:
+        if not _is_ip_address(address):
             # addresses of this host, not names: a name would be looked
             # up on the network, and could stand for several addresses
-            ipaddress.ip_address(address)
-        except ValueError:
             raise ConfigurationError(
                 "local_addrs entries must be IP addresses, got "
                 f"{shown_value(address)}"
-            ) from None
+            )
     return list(local_addrs)
 
 
@@ -442,11 +440,9 @@ def bound_silent_clients(
     asks for a shorter one gets it as that limit too, unless it set the
     limit itself (``handshake_timeout=`` or ``config=``).
     """
-    from mptls.backends.userspace import UserspaceBackend
-
     if (
         tls_limit is None
-        or not isinstance(backend, UserspaceBackend)
+        or not is_userspace(backend)
         or "handshake_timeout" in options
         or "config" in options
         or tls_limit >= HANDSHAKE_TIMEOUT
