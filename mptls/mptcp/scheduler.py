@@ -262,9 +262,10 @@ class SendBuffer:
         # bytes are immutable and can be sliced without a copy, and so
         # can a buffer handed over for good; anything else (a bytearray
         # the caller may reuse) is copied once here
-        view = memoryview(data) if type(data) is bytes else _bytes_of(data)
-        if not owned and type(data) is not bytes:
-            view = memoryview(view.tobytes())
+        if type(data) is bytes:
+            view = memoryview(data)
+        else:
+            view = _bytes_of(data, copy=not owned)
         if not view:
             return
         self._pending.append(view)
@@ -377,8 +378,9 @@ class SendBuffer:
             self._reinject.popleft()
 
 
-def _bytes_of(data: object) -> memoryview:
-    """``data`` as a flat view of its bytes, or a ConfigurationError.
+def _bytes_of(data: object, *, copy: bool) -> memoryview:
+    """``data`` as a flat view of its bytes (``copy``: of a copy of
+    them), or a ConfigurationError.
 
     bytes() of an int is that many zero bytes, of a list of ints its
     items: neither is data the caller wrote. A view of wider items
@@ -390,11 +392,11 @@ def _bytes_of(data: object) -> memoryview:
         raise ConfigurationError(
             f"send() takes bytes-like data, got {type(data).__name__}"
         ) from None
-    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+    if copy or not view.c_contiguous:
+        return memoryview(view.tobytes())
+    if view.format == "B" and view.ndim == 1:
         return view
-    if view.c_contiguous:
-        return view.cast("B")
-    return memoryview(view.tobytes())
+    return view.cast("B")
 
 
 def smooth_rtt(srtt: float | None, sample: float) -> float:
