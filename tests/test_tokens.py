@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import gc
 import inspect
 import itertools
@@ -11,6 +12,8 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mptls.errors import ConfigurationError, MptlsError
 from mptls.mptcp import tokens as tokens_module
@@ -444,6 +447,64 @@ def test_a_long_batch_is_made_in_pieces_that_match_forward() -> None:
     assert len(made) == count
     for index in (0, 2**16 - 1, 2**16, 2**16 + 1, 2 * 2**16, count - 1):
         assert made[index] == permutation.forward(7 + index)
+
+
+@functools.cache
+def _shared_permutation(bits: int) -> SerialPermutation:
+    # one per width for every example, so that each call follows calls
+    # of other sizes on the same round contexts
+    return SerialPermutation(SECRET, bits, tweak=b"h")
+
+
+@st.composite
+def _runs(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
+    """A width, a run inside its domain, and a prefix and length that
+    forward_bytes takes for it."""
+    bits = draw(st.sampled_from(range(2, 65)))
+    domain = 1 << bits
+    count = draw(
+        st.one_of(st.integers(1, 40), st.integers(1, 3000)).map(
+            lambda count: min(count, domain)
+        )
+    )
+    low_size = 1 << (bits - bits // 2)
+    # where a piece ends: a change of the high part, the domain's end
+    boundary = low_size * draw(st.integers(1, domain // low_size))
+    start = draw(
+        st.one_of(
+            st.integers(0, domain - count),
+            st.integers(0, count).map(lambda back: boundary - back),
+            st.just(domain - count),
+        ).map(lambda start: min(max(start, 0), domain - count))
+    )
+    length = draw(st.sampled_from([4, 8] if bits <= 32 else [8]))
+    prefix = draw(st.integers(0, (1 << (8 * length - bits)) - 1)) << bits
+    return bits, start, count, prefix, length
+
+
+@settings(max_examples=150, deadline=None)
+@given(_runs())
+def test_any_batch_is_forward_value_by_value(
+    run: tuple[int, int, int, int, int],
+) -> None:
+    # what the fixed runs above leave out: pieces that start and end
+    # anywhere in a high part, runs that end the domain at any width,
+    # prefixes of any bits (zero bytes, or only low ones beside a narrow
+    # serial), calls that follow calls of other sizes on the same round
+    # contexts, and inverse() over what a batch made
+    bits, start, count, prefix, length = run
+    permutation = _shared_permutation(bits)
+    values = range(start, start + count)
+    expected = [permutation.forward(value) for value in values]
+    assert permutation.forward_many(start, count) == expected
+    assert [permutation.inverse(image) for image in expected] == list(values)
+    blobs = permutation.forward_bytes(
+        start, count, prefix=prefix, length=length
+    )
+    assert {len(blob) for blob in blobs} == {length}
+    assert [int.from_bytes(blob) for blob in blobs] == [
+        prefix | image for image in expected
+    ]
 
 
 def test_a_bool_is_not_a_count_or_a_counter() -> None:
