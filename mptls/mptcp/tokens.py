@@ -43,10 +43,10 @@ from cryptography.hazmat.primitives.ciphers import (
 from mptls.errors import ConfigurationError, MptlsError, shown_value
 
 try:
-    # where cryptography keeps CFB since it stopped offering it for
-    # encryption; here it only chains AES calls (see _forward_piece)
+    # cryptography 47 moved CFB here, and warns when it is taken from
+    # its old module; here it only chains AES calls (see _forward_piece)
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
-except ImportError:  # cryptography before 43
+except ImportError:  # cryptography before 47
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 __all__ = [
