@@ -256,6 +256,9 @@ class SerialPermutation:
     part with an AES-derived function of the other and swaps them, so the
     two part widths trade places from round to round. Round keys come
     from ``key`` and ``tweak`` through HMAC-SHA256.
+
+    A permutation holds AES contexts that serve one call at a time: use
+    it from one thread, or put a lock around it.
     """
 
     __slots__ = ("_bits", "_chains", "_high_bits", "_low_bits", "_rounds")
@@ -604,6 +607,9 @@ class TokenAllocator:
     unrelated serials, and so do 32-bit and 64-bit allocators.
     ``start`` is the first counter value. A worker that restarts with
     the same secret passes on the counter it had reached.
+
+    An allocator belongs to one thread: event loops in several threads
+    that share one put a lock around ``allocate`` and ``release``.
     """
 
     __slots__ = (
