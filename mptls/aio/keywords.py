@@ -11,7 +11,6 @@ This module opens no socket and looks nothing up on the network.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import socket
@@ -332,19 +331,6 @@ def _check_tcp_socket(sock: object) -> None:
         )
     if sock.fileno() == -1:
         raise ConfigurationError("sock is closed; pass an open socket")
-
-
-def close_given_socket(
-    transport: asyncio.BaseTransport, sock: socket.socket
-) -> None:
-    """Close the socket of a ``sock=`` connect that failed, as asyncio
-    has when its call raises: what was queued on it is dropped with a
-    TCP reset, and the loop watches its descriptor no more."""
-    from mptls.backends.userspace.transport import MultipathTransport
-
-    if isinstance(transport, MultipathTransport):
-        transport.reset_first_subflow()
-    sock.close()
 
 
 def check_listening_socket(sock: object, host: object, port: object) -> None:

@@ -37,7 +37,6 @@ from mptls.aio.keywords import (
     check_port,
     check_server_host,
     check_timeout,
-    close_given_socket,
     connected_socket_peer,
     listen_on_given_socket,
     refuse_asyncio_only,
@@ -245,9 +244,11 @@ async def create_connection(
     try:
         app_transport = await waiter
     except BaseException:
-        transport.abort()
+        # as asyncio's create_connection: its sockets are closed, the
+        # caller's too, when the error reaches the caller
+        backend_obj.abandon(transport)
         if sock is not None:
-            close_given_socket(transport, sock)
+            sock.close()
         raise
     return _application_side(tls, app_transport)
 

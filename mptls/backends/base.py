@@ -607,6 +607,18 @@ class Backend(abc.ABC):
         """
         raise ConfigurationError(f"the {self.name} backend cannot rotate keys")
 
+    def abandon(self, transport: asyncio.Transport) -> None:
+        """End a connection that failed before its caller had it.
+
+        Left as ``loop.create_connection`` leaves one when it raises
+        (a cancel included): none of its sockets watched by the loop any
+        more, each closed by the end of this loop step. A socket
+        transport's abort does that; a backend whose abort keeps a
+        socket open a while (for a last frame to reach the peer) ends
+        it at once here.
+        """
+        transport.abort()
+
     @abc.abstractmethod
     def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
         """A snapshot of the connection behind ``transport``."""

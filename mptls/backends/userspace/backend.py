@@ -512,9 +512,28 @@ async def _connect_first_subflow(
 
     async def connect() -> None:
         sock = await _connect_tcp(loop, host, port, local, race, family)
-        await loop.create_connection(lambda: subflow, sock=sock)
+        await _carry_first_subflow(subflow, sock)
 
     await within_connect_timeout(connect(), host, port, timeout)
+
+
+async def _carry_first_subflow(
+    subflow: _FirstSubflow, sock: socket.socket
+) -> None:
+    """Make ``sock``, connected, the first subflow's TCP connection.
+
+    The socket is the connection's from here on: if that fails (or is
+    cancelled) it is closed before the error propagates, as asyncio's
+    ``create_connection`` closes a socket it was given.
+    """
+    subflow.sock = sock
+    try:
+        await asyncio.get_running_loop().create_connection(
+            lambda: subflow, sock=sock
+        )
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def _connect_tcp(
@@ -643,7 +662,7 @@ class UserspaceBackend(Backend):
         subflow = _FirstSubflow(placeholder)
         if sock is not None:
             subflow.target = (host, port)
-            await loop.create_connection(lambda: subflow, sock=sock)
+            await _carry_first_subflow(subflow, sock)
         else:
             await _connect_first_subflow(
                 subflow, host, port, first_local, connect_timeout, race, family
@@ -797,6 +816,9 @@ class UserspaceBackend(Backend):
 
     def info(self, transport: asyncio.BaseTransport) -> MptcpInfo:
         return _transport_of(transport).mptcp_info()
+
+    def abandon(self, transport: asyncio.Transport) -> None:
+        _transport_of(transport).abandon()
 
     async def rotate_keys(self, transport: asyncio.BaseTransport) -> int:
         """Rotate an E-mode connection's keys (NEW_KEY exchange with the
@@ -1012,10 +1034,22 @@ class _FirstSubflow(SubflowProtocol):
         # the (host, port) connected to: a socket reset before its
         # transport existed has no peername to name it by
         self.target: tuple[str, int] | None = None
+        # the socket under it, made here or the caller's: asyncio's
+        # transport closes it a loop step after its abort, too late for
+        # a connect that fails (see close_now)
+        self.sock: socket.socket | None = None
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
         super().data_received(data)
+
+    def close_now(self) -> None:
+        # and the socket itself, so that its descriptor is free when the
+        # connect's error reaches the caller (uvloop keeps it until its
+        # own transport lets it go)
+        super().close_now()
+        if self.sock is not None:
+            self.sock.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed or self._received >= len(PREAMBLE):

@@ -64,6 +64,10 @@ CLOSE_LINGER = 10.0
 # connection is reset. While the bytes before the frame still leave (a
 # slow path) it waits again, up to CLOSE_LINGER in all
 ABORT_LINGER = 2.0
+# reads of the shared buffer a close at once makes of the peer's unread
+# bytes: a socket's receive queue holds a few MiB at most; past that the
+# close is a reset
+_UNREAD_READS = 16
 
 
 class SegmentSink(Protocol):
@@ -383,6 +387,45 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self._linger_queued = self._queued()
         self._linger_end = loop.time() + CLOSE_LINGER
         self._linger = loop.call_later(ABORT_LINGER, self._linger_expired)
+
+    def close_now(self) -> None:
+        """Close the TCP connection at once, keeping what the kernel has.
+
+        For a connection that failed before its caller had it: asyncio
+        has closed such a socket when its call raises, so the lingering
+        of :meth:`close_after_reset` is cut short. What was written to
+        the socket (a reset frame, a TLS alert) still leaves, ahead of
+        the FIN, sent by the kernel after the close. The peer's bytes
+        that wait unread are read and dropped first: a close that finds
+        any is a TCP reset, which drops what the kernel has not sent.
+        What asyncio itself still holds could leave only if the socket
+        stayed open: then a reset.
+        """
+        self.closed = True
+        transport = self.transport
+        if transport is None or self.gone:
+            return
+        if transport.get_write_buffer_size():
+            self.reset()
+        elif not transport.is_closing():
+            # a transport closed already ends within this loop step; its
+            # descriptor is not read, for it may be closed before
+            # connection_lost comes
+            self._drop_unread()
+            transport.abort()
+
+    def _drop_unread(self) -> None:
+        """Read what the socket holds from the peer, and throw it away."""
+        if self._fileno < 0:
+            return
+        buffer = read_buffer()
+        for _ in range(_UNREAD_READS):
+            try:
+                taken = os.readv(self._fileno, [buffer])
+            except OSError:
+                return
+            if taken < len(buffer):
+                return
 
     def _shut_when_drained(self, transport: asyncio.Transport) -> None:
         """Shut the write side once the transport's buffer has gone.

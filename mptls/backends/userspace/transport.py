@@ -100,6 +100,9 @@ class MultipathTransport(asyncio.Transport):
         # for the subflow refers back here and the table of subflows is
         # what keeps them (a strong one made each connection a cycle)
         self._first_subflow: weakref.ref[SubflowProtocol] | None = None
+        # the subflows left open after the end's reset frame, until the
+        # peer has it: weak, as the first, and made only then
+        self._lingering: list[weakref.ref[SubflowProtocol]] | None = None
         # each subflow's (sockname, peername) as asyncio gave them
         self._addresses: dict[int, tuple[Any, Any]] = {}
         # the local address ids, and the subflows opened beside the first
@@ -364,6 +367,9 @@ class MultipathTransport(asyncio.Transport):
             subflow.reset()
         elif carried_reset and self._core.closed:
             subflow.close_after_reset()
+            if self._lingering is None:
+                self._lingering = []
+            self._lingering.append(weakref.ref(subflow))
         else:
             subflow.close()
 
@@ -975,20 +981,27 @@ class MultipathTransport(asyncio.Transport):
         self._held_eof = False
         self._reset(None)
 
-    def reset_first_subflow(self) -> None:
-        """End the first subflow's TCP connection now, with a reset,
-        wherever its close stands (lingering after an abort's reset
-        frame, or still sending).
+    def abandon(self) -> None:
+        """End a connection that failed before its caller had it.
 
-        For a connection that failed before the application had it,
-        over a socket the application gave: asyncio has closed such a
-        socket when the call raises, and a caller that closes it then
-        would free a descriptor the subflow still has the loop watch,
-        refusing the loop's next transport on that number.
+        :meth:`abort`, and then the first subflow's TCP connection and
+        those left open after the reset frame are closed at once rather
+        than when the peer has the frame: asyncio has closed its socket
+        when its ``create_connection`` raises, and a caller that gave
+        ``sock=`` may close that socket then, which would free a
+        descriptor the loop still watched. What was written to them,
+        the frame and a TLS alert, still goes, sent by the kernel (see
+        :meth:`SubflowProtocol.close_now`). A path opened ahead of the
+        keys and not joined yet is closed as asyncio closes a socket
+        whose connect is cancelled: in the loop steps that follow, by
+        the task that opens it, or by its transport.
         """
-        first = None if self._first_subflow is None else self._first_subflow()
-        if first is not None:
-            first.reset()
+        self.abort()
+        ended = [self._first_subflow, *(self._lingering or ())]
+        for reference in ended:
+            subflow = None if reference is None else reference()
+            if subflow is not None:
+                subflow.close_now()
 
     def abort_after_sending(self) -> None:
         """:meth:`abort`, once what was written has gone to the subflows.
