@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from OpenSSL import SSL
 from pki import Pki
 from support import until
 
@@ -254,3 +256,38 @@ async def test_paths_opened_ahead_are_closed_with_the_first(
         await until(
             lambda: held_to(stalled.port) == 0, "the path opened ahead closed"
         )
+
+
+def no_protocol_version() -> SSL.Context:
+    """A client context that allows no TLS version: its handshake fails
+    as it starts, inside the backend's create_connection."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    return context
+
+
+async def test_a_handshake_that_cannot_start_leaves_no_socket() -> None:
+    async with stalled_server() as stalled:
+        with pytest.raises(mptls.TLSError, match="no protocols available"):
+            await mptls.open_connection(
+                "127.0.0.1",
+                stalled.port,
+                ssl=no_protocol_version(),
+                server_hostname="localhost",
+            )
+        assert held_to(stalled.port) == 0
+
+
+async def test_a_handshake_that_cannot_start_closes_the_given_socket() -> None:
+    # the backend's own create_connection fails after it took the socket
+    async with stalled_server() as stalled:
+        with socket.create_connection(("127.0.0.1", stalled.port)) as sock:
+            with pytest.raises(mptls.TLSError):
+                await mptls.open_connection(
+                    sock=sock,
+                    ssl=no_protocol_version(),
+                    server_hostname="localhost",
+                )
+            assert sock.fileno() == -1
+        assert held_to(stalled.port) == 0

@@ -691,12 +691,14 @@ class UserspaceBackend(Backend):
             # refused before anything was sent (a bad server name, say):
             # the token and the TCP connection are this call's alone
             core.abort()
-            subflow.close()
+            subflow.close_now()
             raise
         try:
             transport.start(protocol)
         except BaseException:
-            transport.abort()
+            # a TLS handshake that cannot start (a context that allows
+            # no protocol version): nobody will have this connection
+            transport.abandon()
             raise
         if placeholder.lost is not None:
             transport.subflow_lost(subflow, placeholder.lost)
