@@ -13,6 +13,7 @@ keeps timers and maps subflow ids to TCP connections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections import deque
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from mptls.backends.base import KeyDerivation, MptcpInfo, SubflowInfo
+from mptls.backends.userspace.join_refusals import JoinRefusals
 from mptls.backends.userspace.paths import Paths, connection_tag
 from mptls.backends.userspace.subflow import SubflowProtocol, host_port
 from mptls.errors import (
@@ -120,6 +122,12 @@ class MultipathTransport(asyncio.Transport):
         # the latest refused join and why, for add_path's error: this
         # end may refuse it as well as the peer
         self.last_join_refusal: events.JoinRefused | None = None
+        # the refusals that may yet prove to be news of the peer's end,
+        # and the timer that makes them warnings if it does not come
+        self._join_refusals = JoinRefusals(
+            functools.partial(connection_tag, core)
+        )
+        self._refusal_timer: asyncio.TimerHandle | None = None
         self._protocol: asyncio.Protocol | None = None
         # what arrived while reading was paused: one entry per socket
         # read, its frames' payloads (a peer may send a byte per frame,
@@ -472,14 +480,31 @@ class MultipathTransport(asyncio.Transport):
         self.last_join_refusal = event
         # a refusal whose path is joined again, or whose end the paths
         # report themselves, is no news
-        news = self.paths.join_refused(event)
-        logger.log(
-            logging.WARNING if news else logging.INFO,
-            "%s: join on subflow %d refused: %s",
-            self.tag(),
-            event.subflow_id,
-            event.reason,
+        if not self.paths.join_refused(event):
+            logger.info(
+                "%s: join on subflow %d refused: %s",
+                self.tag(),
+                event.subflow_id,
+                event.reason,
+            )
+            return
+        self._join_refusals.refused(
+            event, self._loop.time(), ending=self._closing
         )
+        self._arm_refusal_timer()
+
+    def _arm_refusal_timer(self) -> None:
+        deadline = self._join_refusals.deadline
+        if deadline is None or self._refusal_timer is not None:
+            return
+        self._refusal_timer = self._loop.call_at(
+            deadline, self._on_refusal_timer
+        )
+
+    def _on_refusal_timer(self) -> None:
+        self._refusal_timer = None
+        self._join_refusals.handle_timer(self._loop.time())
+        self._arm_refusal_timer()
 
     def _on_peer_join_refused(self, event: events.PeerJoinRefused) -> None:
         # the operator's news: which peer, and why (never keys or HMACs)
@@ -590,10 +615,11 @@ class MultipathTransport(asyncio.Transport):
         self.paths.close()
         self._derive = None
         self._fail_rotations(error)
-        for handle in (self._timer, self._close_timer):
+        self._join_refusals.connection_ended(error)
+        for handle in (self._timer, self._close_timer, self._refusal_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._close_timer = None
+        self._timer = self._close_timer = self._refusal_timer = None
         if self._closed_callback is not None:
             self._closed_callback(self)
         if self._protocol is None:
