@@ -41,8 +41,8 @@ import mptls
 from mptls.backends.base import MptcpInfo, SubflowInfo
 from mptls.bench import RunRecord
 from mptls.bench.harness import ScenarioResult
+from mptls.cli import commands, netcat
 from mptls.cli import main as cli_main
-from mptls.cli import netcat
 from mptls.cli.archive import Payload, build_archive, existing_payload
 from mptls.cli.certs import (
     DEVELOPMENT_IDENTITIES,
@@ -150,7 +150,7 @@ def test_a_long_bad_argument_is_named_short(
 
 
 def test_parser_defaults_aim_at_loopback() -> None:
-    parser = cli_main.build_parser()
+    parser = commands.build_parser()
     demo = parser.parse_args(["demo"])
     assert demo.paths == "127.0.0.1,127.0.0.2"
     assert (demo.backend, demo.mode) == ("userspace", None)
@@ -160,7 +160,7 @@ def test_parser_defaults_aim_at_loopback() -> None:
 
 def test_parser_rejects_unknown_mode() -> None:
     with pytest.raises(SystemExit) as raised:
-        cli_main.build_parser().parse_args(["demo", "--mode", "H"])
+        commands.build_parser().parse_args(["demo", "--mode", "H"])
     assert raised.value.code == 2
 
 
@@ -174,7 +174,7 @@ def test_parser_rejects_unknown_mode() -> None:
 def test_the_mode_is_taken_in_any_case(
     command: list[str], given: str, mode: str
 ) -> None:
-    parser = cli_main.build_parser()
+    parser = commands.build_parser()
     args = parser.parse_args([*command, "--mode", given])
     assert args.mode == mode
     assert args.rotate_every is None
@@ -1316,6 +1316,58 @@ def test_connect_interrupted_before_the_end_of_input_aborts(
     assert lines[0].startswith("mptls: error: connection from 127.0.0.1:")
 
 
+# Ctrl-C at a known moment of the command's start: a finder first on the
+# import path raises KeyboardInterrupt, as the SIGINT handler does, when
+# the named module is about to be imported
+_INTERRUPTED_AT_IMPORT = """
+import sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["mptls", "info"]
+"""
+
+# each way in as it calls the entry point: the console script pip writes
+# imports the entry point's function and exits with what it returns
+_ENTRY_POINTS = {
+    "console script": (
+        "from importlib.metadata import entry_points\n"
+        "(script,) = entry_points(group='console_scripts', name='mptls')\n"
+        "sys.exit(script.load()())\n"
+    ),
+    "python -m": (
+        "import runpy\n"
+        "runpy.run_module('mptls', run_name='__main__', alter_sys=True)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", list(_ENTRY_POINTS))
+@pytest.mark.parametrize(
+    "module", ["mptls.cli.common", "OpenSSL.SSL", "rich.console"]
+)
+def test_ctrl_c_while_the_command_imports_is_no_traceback(
+    entry: str, module: str
+) -> None:
+    # the console script imported every command's modules before the
+    # command's guard: a Ctrl-C in that third of a second printed
+    # KeyboardInterrupt's traceback
+    script = _INTERRUPTED_AT_IMPORT.format(module=module)
+    done = subprocess.run(
+        [sys.executable, "-c", script + _ENTRY_POINTS[entry]],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    assert (done.returncode, done.stderr) == (ExitStatus.INTERRUPTED, "")
+    assert done.stdout == ""
+
+
 def _closed_pipe() -> int:
     """The write end of a pipe whose reader has gone (``| head``)."""
     read_end, write_end = os.pipe()
@@ -1722,8 +1774,8 @@ def test_debug_turns_on_mptls_debug_lines_only(
 ) -> None:
     script = (
         "import logging, sys\n"
-        "from mptls.cli import main\n"
-        "main._configure_logging(True)\n"
+        "from mptls.cli import commands\n"
+        "commands._configure_logging(True)\n"
         "logging.getLogger('mptls.userspace').debug('ours')\n"
         "logging.getLogger('pyroute2.netlink').debug('netlink dump')\n"
         "logging.getLogger('asyncio').debug('slow callback')\n"
@@ -1771,7 +1823,7 @@ def test_without_debug_no_traceback_is_logged(
 
 
 def test_rounds_help_gives_the_range() -> None:
-    parser = cli_main.build_parser()
+    parser = commands.build_parser()
     subparsers = next(
         action
         for action in parser._actions

@@ -25,12 +25,13 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from enum import IntEnum
 from pathlib import Path
 from typing import IO, Any, cast
 
 from rich.console import Console
 
+# every command's statuses, where they always were
+from mptls.cli.status import ExitStatus as ExitStatus
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -286,20 +287,6 @@ def _same_file(first: str, second: str | os.PathLike[str]) -> bool:
         return os.path.samefile(first, second)
     except OSError:
         return False  # one of them does not exist (yet)
-
-
-class ExitStatus(IntEnum):
-    """The process exit statuses the commands use."""
-
-    OK = 0
-    # something failed: the connection, the transfer, or a stdout that
-    # takes nothing more (closed or full: the result is lost)
-    FAILURE = 1
-    # bad input: an option, an address, a file the user named
-    USAGE = 2
-    INTERRUPTED = 130
-    # 128 + SIGTERM, as a shell reports a process that signal ended
-    TERMINATED = 143
 
 
 class Terminated(Exception):

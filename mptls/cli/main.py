@@ -1,168 +1,27 @@
-"""The ``mptls`` command: argument parsing and the one error boundary.
+"""The entry point of the ``mptls`` command: the console script and
+``python -m mptls`` call :func:`main`.
 
-Each command module adds its own subcommand; this module parses, runs the
-command and turns any failure into one line on stderr and an exit status
-(2 for bad input, 1 for anything else). It must never let a traceback
-reach the user unless ``--debug`` asks for one.
+Ctrl-C ends a command with exit status 130 and no traceback, and it may
+come before any command runs: the modules that run them (pyOpenSSL,
+cryptography, rich, trustme, the backends) take a while to import, a
+third of a second on a fast machine. So this module imports none of
+them at its top; :func:`main` imports them under the guard that ends an
+interrupted command. What runs before it (the interpreter's start, the
+``mptls`` package's own import) is beyond any guard of the command's.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn, cast
 
-from mptls.cli import bench, certs, demo, info, netcat
-from mptls.cli.common import (
-    ExitStatus,
-    OutputError,
-    Terminated,
-    drop_output,
-    fill_closed_stderr,
-    fill_closed_stdout,
-    output_error,
-    report_error,
-)
-
-if TYPE_CHECKING:
-    from _typeshed import SupportsWrite
-
-_COMMANDS = (
-    demo.add_parser,
-    certs.add_parser,
-    netcat.add_parsers,
-    info.add_parser,
-    bench.add_parser,
-)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mptls")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors in the one-line style of every other
-    ``mptls`` error; subcommands' parsers are of this class too."""
-
-    # the top level's command names, for the error that none was given
-    commands: tuple[str, ...] = ()
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(
-            ExitStatus.USAGE,
-            f"mptls: error: {message} (see: {self.prog} --help)\n",
-        )
-
-    def _print_message(
-        self, message: str, file: SupportsWrite[str] | None = None
-    ) -> None:
-        """argparse's one way out for help, usage, version and errors.
-
-        Its own drops a write that fails: ``--help`` or ``--version``
-        into a full disk or a closed pipe exited 0 with nothing shown.
-        On stdout that is an :class:`OutputError`, as for every other
-        command's result; stderr's lines are dropped, as always.
-        """
-        if not message:
-            return
-        stderr = sys.stderr
-        stream = file or stderr
-        try:
-            stream.write(message)
-            flush = getattr(stream, "flush", None)
-            if flush is not None:
-                flush()
-        except OSError as exc:
-            if stream is sys.stdout:
-                raise output_error(exc) from exc
-            if stream is stderr:
-                drop_output(sys.stderr)
-
-
-def build_parser() -> _Parser:
-    """The full command line, every subcommand included."""
-    parser = _Parser(
-        prog="mptls",
-        description="Secure multipath connections: TLS over Multipath "
-        "TCP, with the MPTCP keys taken from TLS.",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"mptls {_version()}"
-    )
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        help="debug logging and full tracebacks on stderr",
-    )
-    # the commands' parsers are _Parsers, though typed as the base class
-    subparsers = cast(
-        "argparse._SubParsersAction[argparse.ArgumentParser]",
-        parser.add_subparsers(dest="command", metavar="COMMAND"),
-    )
-    for add in _COMMANDS:
-        add(subparsers)
-    parser.commands = tuple(subparsers.choices)
-    for subparser in subparsers.choices.values():
-        # SUPPRESS: a subcommand without --debug keeps the global one
-        subparser.add_argument(
-            "--debug",
-            action="store_true",
-            default=argparse.SUPPRESS,
-            help="debug logging and full tracebacks on stderr",
-        )
-    return parser
-
-
-def _configure_logging(debug: bool) -> None:
-    """Warnings from everyone; with ``--debug``, mptls's own debug lines.
-
-    Other libraries stay at WARNING: their debug output (pyroute2 dumps
-    every netlink message, asyncio every slow callback) would bury
-    mptls's.
-    """
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if debug:
-        logging.getLogger("mptls").setLevel(logging.DEBUG)
+from mptls.cli.status import ExitStatus
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``mptls`` command; returns the process exit status."""
-    fill_closed_stderr()
-    fill_closed_stdout()
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except OutputError as exc:
-        # --help or --version, whose output took nothing
-        drop_output(sys.stdout)
-        return report_error(exc, debug=False)
-    if args.command is None:
-        # one line, as every other failure; the names are what the
-        # whole help would have shown first
-        *rest, last = parser.commands
-        parser.error(f"a command is required: {', '.join(rest)} or {last}")
-    _configure_logging(args.debug)
-    try:
-        return int(args.run(args))
+        from mptls.cli.commands import run
+
+        return run(argv)
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
-    except Terminated:
-        return ExitStatus.TERMINATED
-    except Exception as exc:
-        if isinstance(exc, OutputError):
-            # or the interpreter's last flush at exit fails with a
-            # second message
-            drop_output(sys.stdout)
-        # the command line's boundary: one line, no traceback
-        return report_error(exc, debug=args.debug)
