@@ -15,6 +15,7 @@ sockets delivered them; the hold itself is checked with a fake clock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from types import SimpleNamespace
@@ -36,7 +37,11 @@ from mptls.mptcp.options import ResetReason
 # and no T: the peer knows no such token, or its connection takes no
 # more joins
 UNKNOWN_TOKEN = events.JoinRefused(
-    1, "peer reset the join (MP_TCPRST 1)", False, ResetReason.MPTCP_ERROR
+    1,
+    "peer reset the join (MP_TCPRST 1)",
+    False,
+    ResetReason.MPTCP_ERROR,
+    by_peer=True,
 )
 FASTCLOSE = PeerResetError("the peer aborted the connection (MP_FASTCLOSE)")
 
@@ -171,6 +176,7 @@ async def test_a_refusal_of_policy_warns_at_once(
         "peer reset the join (MP_TCPRST 3)",
         False,
         ResetReason.ADMINISTRATIVELY_PROHIBITED,
+        by_peer=True,
     )
     deliver(transport, core, prohibited)
     assert levels(logged) == [logging.WARNING]
@@ -231,9 +237,7 @@ def test_held_refusals_are_said_in_order_each_at_its_time(
     logged: pytest.LogCaptureFixture,
 ) -> None:
     held = held_refusals()
-    later = events.JoinRefused(
-        2, UNKNOWN_TOKEN.reason, False, ResetReason.MPTCP_ERROR
-    )
+    later = dataclasses.replace(UNKNOWN_TOKEN, subflow_id=2)
     held.refused(UNKNOWN_TOKEN, 100.0, ending=False)
     held.refused(later, 101.0, ending=False)
     held.handle_timer(100.0 + join_refusals.GRACE)
@@ -272,3 +276,22 @@ def test_a_refusal_without_a_reason_code_warns_at_once(
     held.refused(plain, 100.0, ending=False)
     assert levels(logged) == [logging.WARNING]
     assert held.deadline is None
+
+
+async def test_this_ends_own_refusal_warns_at_once_whatever_follows(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    # a SYN|ACK whose HMAC fails is refused here with the same 0x01: it
+    # is no news of the peer's end, and is said when it happens
+    core = EventCore()
+    transport = client(core)
+    bad_hmac = events.JoinRefused(
+        1,
+        "SYN|ACK HMAC mismatch",
+        False,
+        ResetReason.MPTCP_ERROR,
+    )
+    deliver(transport, core, bad_hmac)
+    assert levels(logged) == [logging.WARNING]
+    deliver(transport, core, events.ConnectionClosed(FASTCLOSE))
+    assert len(refusal_records(logged)) == 1

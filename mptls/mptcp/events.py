@@ -116,12 +116,15 @@ class JoinRefused:
     failed-join credit for now, and a join may be taken later.
     ``reset_reason`` is the MP_TCPRST code of the reset, the peer's or
     this end's; ``None`` when the peer's reset carried none.
+    ``by_peer``: the peer reset the join, rather than this end (which
+    refuses a SYN|ACK whose HMAC does not match, say).
     """
 
     subflow_id: int
     reason: str
     transient: bool = False
     reset_reason: int | None = None
+    by_peer: bool = False
 
 
 @dataclass(frozen=True, slots=True)

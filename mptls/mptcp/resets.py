@@ -68,6 +68,7 @@ class ResetsMixin(ConnectionState):
                     _join_reset_message(code, transient),
                     transient,
                     code,
+                    by_peer=True,
                 )
             )
         if subflow.subflow_id == 0 and not self.handshake_complete:

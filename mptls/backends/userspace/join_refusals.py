@@ -111,8 +111,11 @@ class JoinRefusals:
 
 def _as_an_ending_peer_would(event: events.JoinRefused) -> bool:
     """Whether the refusal is one a peer gives once the connection has
-    ended there: MP_TCPRST 0x01 (MPTCP_ERROR) without T (RFC 8684
-    section 3.6; with T it asks for a new join, not for none)."""
-    return not event.transient and event.reset_reason == (
-        ResetReason.MPTCP_ERROR
+    ended there: the peer's MP_TCPRST 0x01 (MPTCP_ERROR) without T (RFC
+    8684 section 3.6; with T it asks for a new join, not for none). This
+    end's own refusals (a SYN|ACK whose HMAC fails) are never held."""
+    return (
+        event.by_peer
+        and not event.transient
+        and event.reset_reason == ResetReason.MPTCP_ERROR
     )
