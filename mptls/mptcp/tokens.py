@@ -432,10 +432,11 @@ class SerialPermutation:
         # each pair into changing ^ AES(other) in one C call: CFB
         # decryption is C[i] ^ E(C[i - 1]). The value's next pair is
         # [changed, other], so the next round's pairs start one slot
-        # lower: the changed part goes into the slot before the old
-        # "other" one, whose changing part this round has used. Each
-        # slot holds parts of one width, so the bytes before them stay
-        # zero, and a round moves only the changed part's bytes.
+        # lower: the changed part goes into the slot just before its
+        # pair, which held the previous value's changing part, used by
+        # now. Each slot holds parts of one width, so the bytes before
+        # them stay zero, and a round moves only the changed part's
+        # bytes.
         sizes = (_byte_size(self._high_bits), _byte_size(self._low_bits))
         tops = (_top_mask(self._high_bits), _top_mask(self._low_bits))
         span = 2 * _BLOCK * count
@@ -444,9 +445,8 @@ class SerialPermutation:
         out = bytearray(span + _BLOCK)
         # round 0's pairs: other is the low part, changing the high one
         base = _BLOCK * rounds
-        ramp = (_lanes(count).ones * low + _lanes(count).ramp).to_bytes(
-            _WORD * count
-        )
+        lanes = _lanes(count)
+        ramp = (lanes.ones * low + lanes.ramp).to_bytes(_WORD * count)
         first = base + _BLOCK - sizes[1]
         for plane in range(sizes[1]):
             slots[first + plane : first + span : 2 * _BLOCK] = ramp[
@@ -482,7 +482,7 @@ class SerialPermutation:
             for plane in range(sizes[1])
         )
         return self._join_planes(
-            _lanes(count),
+            lanes,
             high_planes,
             low_planes,
             sizes,
