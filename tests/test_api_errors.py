@@ -11,13 +11,14 @@ import ssl
 from typing import Any
 
 import pytest
+from OpenSSL import SSL
 from pki import Pki
 from support import open_fds, skip_without_ipv6
 
 import mptls
 from mptls.aio.keywords import take_local_addr
 from mptls.aio.protocol import _in_mptls_tree
-from mptls.backends.base import connect_any, numeric_address
+from mptls.backends.base import Backend, connect_any, numeric_address
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -309,6 +310,86 @@ async def test_a_server_name_tls_refuses_is_refused_before_connecting(
             await asyncio.sleep(0)
             assert sock.fileno() != -1
             sock.sendall(b"still the caller's")
+
+
+def allows_no_version(context: SSL.Context | None = None) -> SSL.Context:
+    """``context`` (a bare client one by default) with a floor above its
+    ceiling: OpenSSL can start no handshake on it."""
+    if context is None:
+        context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    return context
+
+
+class Unreachable(Backend):
+    """A backend that records every call to connect or listen."""
+
+    name = "unreachable"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append("create_connection")
+        raise AssertionError("connected")
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append("create_server")
+        raise AssertionError("listened")
+
+    def install_keys(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("keys")
+
+    def info(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("info")
+
+
+async def test_a_context_that_allows_no_version_connects_nowhere() -> None:
+    # the handshake failed as it began, after the TCP connection was up
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with pytest.raises(ConfigurationError, match="allows no TLS version"):
+            await mptls.open_connection(
+                *listening.getsockname(),
+                ssl=allows_no_version(),
+                server_hostname="localhost",
+            )
+        listening.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listening.accept()
+        # a socket the caller gave stays the caller's, as for any
+        # argument refused before it was used
+        with socket.create_connection(listening.getsockname()) as sock:
+            with pytest.raises(ConfigurationError):
+                await mptls.open_connection(
+                    ssl=allows_no_version(),
+                    sock=sock,
+                    server_hostname="localhost",
+                )
+            await asyncio.sleep(0)
+            assert sock.fileno() != -1
+            sock.sendall(b"still the caller's")
+
+
+async def test_a_server_context_that_allows_no_version_listens_nowhere(
+    pki: Pki,
+) -> None:
+    # every client's handshake failed against it, the first one's too
+    backend = Unreachable()
+    context = allows_no_version(pki.server().server_context())
+    with pytest.raises(ConfigurationError, match="allows no TLS version"):
+        await mptls.start_server(
+            noop, "127.0.0.1", 0, ssl=context, backend=backend
+        )
+    assert backend.calls == []
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        with pytest.raises(ConfigurationError, match="allows no TLS version"):
+            await mptls.start_server(noop, ssl=context, sock=sock)
+        assert not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
 
 
 @pytest.mark.parametrize(

@@ -258,22 +258,24 @@ async def test_paths_opened_ahead_are_closed_with_the_first(
         )
 
 
-def no_protocol_version() -> SSL.Context:
-    """A client context that allows no TLS version: its handshake fails
-    as it starts, inside the backend's create_connection."""
+def no_cipher_to_offer() -> SSL.Context:
+    """A client context whose handshake fails as it starts, inside the
+    backend's create_connection: it allows TLS 1.2 alone, with only PSK
+    ciphers, which a client without a PSK cannot offer. (A context that
+    allows no version is refused before anything connects.)"""
     context = SSL.Context(SSL.TLS_METHOD)
-    context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    context.set_cipher_list(b"PSK")
     return context
 
 
 async def test_a_handshake_that_cannot_start_leaves_no_socket() -> None:
     async with stalled_server() as stalled:
-        with pytest.raises(mptls.TLSError, match="no protocols available"):
+        with pytest.raises(mptls.TLSError, match="no ciphers available"):
             await mptls.open_connection(
                 "127.0.0.1",
                 stalled.port,
-                ssl=no_protocol_version(),
+                ssl=no_cipher_to_offer(),
                 server_hostname="localhost",
             )
         assert held_to(stalled.port) == 0
@@ -286,7 +288,7 @@ async def test_a_handshake_that_cannot_start_closes_the_given_socket() -> None:
             with pytest.raises(mptls.TLSError):
                 await mptls.open_connection(
                     sock=sock,
-                    ssl=no_protocol_version(),
+                    ssl=no_cipher_to_offer(),
                     server_hostname="localhost",
                 )
             assert sock.fileno() == -1

@@ -442,6 +442,98 @@ def test_openssl_context_used_elsewhere_first(files: Files) -> None:
     assert connection_options & POLICY_OPTIONS == POLICY_OPTIONS
 
 
+# OpenSSL contexts that allow no TLS version
+
+
+def without_versions(context: SSL.Context, how: str) -> SSL.Context:
+    """``context`` made to allow no TLS version, the way ``how`` names."""
+    if how == "floor above ceiling":
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    elif how == "both versions switched off":
+        context.set_options(SSL.OP_NO_TLSv1_2 | SSL.OP_NO_TLSv1_3)
+    else:
+        # OpenSSL's default security level refuses TLS 1.1 and below
+        context.set_max_proto_version(SSL.TLS1_1_VERSION)
+    return context
+
+
+NO_VERSION = [
+    "floor above ceiling",
+    "both versions switched off",
+    "ceiling below TLS 1.2",
+]
+
+
+@pytest.mark.parametrize("how", NO_VERSION)
+def test_a_client_context_that_allows_no_version_is_refused(
+    files: Files, how: str
+) -> None:
+    # its handshake failed as it began, once a TCP connection existed
+    context = without_versions(SSL.Context(SSL.TLS_METHOD), how)
+
+    with pytest.raises(ConfigurationError) as raised:
+        to_openssl_context(context, server_side=False)
+
+    message = str(raised.value)
+    assert "allows no TLS version" in message
+    assert "set_max_proto_version" in message
+
+
+def test_a_refused_context_can_still_be_fixed(files: Files) -> None:
+    # the check must not mark the context used: pyOpenSSL refuses every
+    # setter on a context that has made a connection
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.load_verify_locations(str(files.ca_file))
+    context.set_verify(SSL.VERIFY_PEER)
+    without_versions(context, "floor above ceiling")
+    with pytest.raises(ConfigurationError):
+        to_openssl_context(context, server_side=False)
+
+    context.set_max_proto_version(0)
+    converted, check = to_openssl_context(context, server_side=False)
+
+    client, _ = handshake(converted, server_context(files))
+    assert check is True and client.version() == "TLSv1.3"
+
+
+@pytest.mark.parametrize("how", NO_VERSION)
+def test_a_server_context_that_allows_no_version_is_refused(
+    files: Files, how: str
+) -> None:
+    # every client's handshake would fail against it, found out only
+    # once the first one came
+    context = without_versions(server_context(files), how)
+
+    with pytest.raises(ConfigurationError, match="allows no TLS version"):
+        to_openssl_context(context, server_side=True)
+
+
+def test_a_context_with_one_version_is_taken(files: Files) -> None:
+    for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+        context = server_context(files, minimum_version=TLSVersion.TLS1_2)
+        context.set_min_proto_version(version)
+        context.set_max_proto_version(version)
+        assert to_openssl_context(context, server_side=True)[0] is context
+
+
+def test_the_version_check_shows_the_context_no_handshake(
+    files: Files,
+) -> None:
+    # the check runs OpenSSL's own start of a handshake; a callback the
+    # application set on its context must not see one that never was
+    context = server_context(files)
+    seen: list[int] = []
+    context.set_info_callback(lambda _, where, __: seen.append(where))
+
+    to_openssl_context(context, server_side=True)
+    without_versions(context, "floor above ceiling")
+    with pytest.raises(ConfigurationError):
+        to_openssl_context(context, server_side=True)
+
+    assert seen == []
+
+
 def test_tls_config_builds_each_side_once(files: Files) -> None:
     config = TLSConfig(certfile=files.chain_file, cafile=files.ca_file)
 
