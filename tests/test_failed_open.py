@@ -271,7 +271,7 @@ def no_cipher_to_offer() -> SSL.Context:
 
 async def test_a_handshake_that_cannot_start_leaves_no_socket() -> None:
     async with stalled_server() as stalled:
-        with pytest.raises(mptls.TLSError, match="no ciphers available"):
+        with pytest.raises(mptls.TLSError) as raised:
             await mptls.open_connection(
                 "127.0.0.1",
                 stalled.port,
@@ -279,6 +279,13 @@ async def test_a_handshake_that_cannot_start_leaves_no_socket() -> None:
                 server_hostname="localhost",
             )
         assert held_to(stalled.port) == 0
+        # it said it sent an alert, which never left
+        assert str(raised.value) == "TLS could not start: no ciphers available"
+        assert raised.value.alert is None
+        (reader, _), first = await stalled.heard()
+        segments = await rest_of(reader, first)
+        assert [bytes(segment.payload) for segment in segments] == [b""]
+        assert segments[-1].flags & Flag.RST
 
 
 async def test_a_handshake_that_cannot_start_closes_the_given_socket() -> None:

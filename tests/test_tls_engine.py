@@ -249,6 +249,41 @@ def test_tls12_needs_to_be_configured(pki: Pki) -> None:
     assert not client.handshake_complete
 
 
+def unstartable_client(pki: Pki, why: str) -> SSL.Context:
+    """A client context on which OpenSSL can build no ClientHello."""
+    context = pki.client(minimum_version=TLSVersion.TLS1_2).client_context()
+    if why == "no protocols available":
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    else:
+        # TLS 1.2 alone, with ciphers a client without a PSK cannot offer
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(b"PSK")
+    return context
+
+
+@pytest.mark.parametrize("why", ["no protocols available", "no ciphers"])
+def test_a_handshake_that_cannot_start_claims_no_alert(
+    pki: Pki, why: str
+) -> None:
+    # OpenSSL queues an alert for a server that has heard nothing yet,
+    # and the message said it was sent; nothing is, so it says neither
+    client, _ = engines(
+        unstartable_client(pki, why), pki.server().server_context()
+    )
+
+    with pytest.raises(TLSError) as raised:
+        client.start()
+
+    message = str(raised.value)
+    assert message.startswith("TLS could not start: ")
+    assert why in message and "alert" not in message
+    assert raised.value.alert is None
+    assert client.data_to_send() == b""
+    with pytest.raises(TLSError, match="could not start"):
+        client.receive(b"")
+
+
 def raw_tls12_context(pki: Pki, *, server_side: bool) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_max_proto_version(SSL.TLS1_2_VERSION)

@@ -354,13 +354,15 @@ class TLSEngine:
 
         A server may call it too (it then waits for the ClientHello);
         :meth:`receive` starts an engine that was not started. Calling it
-        again does nothing.
+        again does nothing. A client whose context lets OpenSSL build no
+        ClientHello gets a :class:`~mptls.errors.TLSError` that says the
+        handshake could not start, with no alert: nothing is left to send.
         """
         if self._state is not _State.NEW:
             return
         self._set_state(_State.HANDSHAKING)
         if not self._server_side:
-            self._advance_handshake()
+            self._send_client_hello()
 
     def receive(self, data: bytes) -> None:
         """Take ciphertext from the peer and process all it completes.
@@ -605,6 +607,23 @@ class TLSEngine:
         return self._connection.get_session()
 
     # internals
+
+    def _send_client_hello(self) -> None:
+        try:
+            self._connection.do_handshake()
+        except SSL.WantReadError:
+            return
+        except SSL.Error as exc:
+            # no ClientHello could be built (no protocol version or no
+            # cipher to offer): the alert OpenSSL queued would be the
+            # first the server hears of us and answers nothing, so it
+            # is dropped and the error claims none
+            self._discard_output()
+            reasons = _reasons(exc) or type(exc).__name__
+            raise self._fail(
+                TLSError(f"TLS could not start: {reasons}")
+            ) from exc
+        self._complete_handshake()
 
     def _advance_handshake(self) -> None:
         try:
