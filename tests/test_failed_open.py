@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 from pki import Pki
-from support import until
+from support import until, usable_backend
 
 import mptls
 from mptls.mptcp.framing import PREAMBLE, Flag, Segment, SegmentDecoder
@@ -299,4 +299,55 @@ async def test_a_handshake_that_cannot_start_closes_the_given_socket() -> None:
                     server_hostname="localhost",
                 )
             assert sock.fileno() == -1
+        assert held_to(stalled.port) == 0
+
+
+async def test_a_kernel_handshake_that_cannot_start_fails_at_once() -> None:
+    # the engine's error escaped the socket transport's connection_made
+    # into the loop's exception handler, and the client waited out its
+    # handshake timeout for an answer it had never asked for
+    backend = usable_backend("kernel")
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        async with stalled_server() as stalled:
+            with pytest.raises(mptls.TLSError, match="could not start"):
+                await mptls.open_connection(
+                    "127.0.0.1",
+                    stalled.port,
+                    ssl=no_cipher_to_offer(),
+                    server_hostname="localhost",
+                    backend=backend,
+                    ssl_handshake_timeout=LIMIT,
+                )
+            assert reported == []
+            async with asyncio.timeout(LIMIT):
+                reader, _ = await stalled.accepted.get()
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read() == b""
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_a_handshake_that_cannot_start_opens_no_path_ahead() -> None:
+    # a second local address: its TCP connection is opened ahead while
+    # TLS runs, and must not be for a connection that already failed
+    async with stalled_server() as stalled:
+        before = asyncio.all_tasks()
+        with pytest.raises(mptls.TLSError, match="could not start"):
+            await mptls.open_connection(
+                "127.0.0.1",
+                stalled.port,
+                ssl=no_cipher_to_offer(),
+                server_hostname="localhost",
+                local_addrs=["127.0.0.1", "127.0.0.2"],
+            )
+        left = [
+            task
+            for task in asyncio.all_tasks() - before
+            if getattr(task.get_coro(), "cr_code", None)
+            is not Stalled.handle.__code__
+        ]
+        assert left == []
         assert held_to(stalled.port) == 0

@@ -261,7 +261,14 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             self._handshake_timeout, self._on_handshake_timeout
         )
         if not self._server_side:
-            self._engine.start()
+            try:
+                self._engine.start()
+            except MptlsError as exc:
+                # no ClientHello could be built: failed here, the error
+                # reaches the caller now rather than the loop's handler
+                # (and the caller at the handshake timeout)
+                self._fail(exc)
+                return
             self._flush()
 
     def data_received(self, data: bytes) -> None:

@@ -696,8 +696,9 @@ class UserspaceBackend(Backend):
         try:
             transport.start(protocol)
         except BaseException:
-            # a TLS handshake that cannot start (a context that allows
-            # no protocol version): nobody will have this connection
+            # the protocol's connection_made failed (a handshake that
+            # cannot start fails the waiter instead): nobody will have
+            # this connection
             transport.abandon()
             raise
         if placeholder.lost is not None:

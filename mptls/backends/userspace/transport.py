@@ -199,6 +199,10 @@ class MultipathTransport(asyncio.Transport):
     def start(self, protocol: asyncio.Protocol) -> None:
         self._protocol = protocol
         protocol.connection_made(self)
+        if self._closed:
+            # the protocol failed at once (a handshake that could not
+            # start): no path is to be opened ahead for it
+            return
         self.process()
         self.paths.preconnect()
 
