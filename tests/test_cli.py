@@ -304,6 +304,31 @@ def test_main_without_command_is_one_error_line_naming_the_commands(
     ]
 
 
+@pytest.mark.parametrize(
+    ("argv", "names", "extra"),
+    [
+        (["bench", "--nosuch"], "mptls bench", "--nosuch"),
+        (["info", "--json", "surplus"], "mptls info", "surplus"),
+        (["connect", "127.0.0.1", "4433", "5555"], "mptls connect", "5555"),
+        (["--nosuch", "info"], "mptls", "--nosuch"),
+    ],
+)
+def test_an_unknown_argument_points_to_the_help_that_lists_the_options(
+    argv: list[str],
+    names: str,
+    extra: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # ``mptls bench --nosuch`` sent the user to ``mptls --help``, which
+    # lists the commands, not bench's options
+    with pytest.raises(SystemExit) as raised:
+        cli_main.main(argv)
+    assert raised.value.code == ExitStatus.USAGE
+    assert capsys.readouterr().err.splitlines() == [
+        f"mptls: error: unrecognized arguments: {extra} (see: {names} --help)"
+    ]
+
+
 def test_human_bytes_uses_decimal_units() -> None:
     assert human_bytes(999) == "999 B"
     assert human_bytes(52_428_800) == "52.4 MB"

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, NoReturn, cast
 
 from mptls.cli import bench, certs, demo, info, netcat
@@ -53,8 +55,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors in the one-line style of every other
     ``mptls`` error; subcommands' parsers are of this class too."""
 
-    # the top level's command names, for the error that none was given
-    commands: tuple[str, ...] = ()
+    # the top level's commands by name: their names for the error that
+    # none was given, their parsers for an error in their arguments
+    commands: Mapping[str, argparse.ArgumentParser] = MappingProxyType({})
 
     def error(self, message: str) -> NoReturn:
         self.exit(
@@ -110,7 +113,7 @@ def build_parser() -> _Parser:
     )
     for add in _COMMANDS:
         add(subparsers)
-    parser.commands = tuple(subparsers.choices)
+    parser.commands = MappingProxyType(dict(subparsers.choices))
     for subparser in subparsers.choices.values():
         # SUPPRESS: a subcommand without --debug keeps the global one
         subparser.add_argument(
@@ -138,6 +141,24 @@ def _configure_logging(debug: bool) -> None:
         logging.getLogger("mptls").setLevel(logging.DEBUG)
 
 
+def _parser_of(
+    parser: _Parser, command: str | None, words: list[str], extras: list[str]
+) -> argparse.ArgumentParser:
+    """The parser whose options ``extras`` were meant for.
+
+    The command's, when they all come after its name: its ``--help``
+    lists its options, where ``mptls --help`` lists only the commands.
+    The top level's only options take no value, so the first word that
+    is not an option is the command's name.
+    """
+    if command is None:
+        return parser
+    after = words[words.index(command) + 1 :]
+    if Counter(extras) - Counter(after):
+        return parser
+    return parser.commands[command]
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run one ``mptls`` command; returns the process exit status.
 
@@ -146,12 +167,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     fill_closed_stderr()
     fill_closed_stdout()
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(words)
     except OutputError as exc:
         # --help or --version, whose output took nothing
         drop_output(sys.stdout)
         return report_error(exc, debug=False)
+    if extras:
+        _parser_of(parser, args.command, words, extras).error(
+            f"unrecognized arguments: {' '.join(extras)}"
+        )
     if args.command is None:
         # one line, as every other failure; the names are what the
         # whole help would have shown first
