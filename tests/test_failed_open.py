@@ -351,3 +351,36 @@ async def test_a_handshake_that_cannot_start_opens_no_path_ahead() -> None:
         ]
         assert left == []
         assert held_to(stalled.port) == 0
+
+
+def test_on_uvloop_a_cancelled_sock_connect_frees_the_socket_a_step_later(
+    pki: Pki,
+) -> None:
+    # uvloop's transport holds the descriptor until its close callback,
+    # the loop step after the abort, as for its own connections: the
+    # socket object is closed at the raise, its descriptor one step on
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with stalled_server() as stalled:
+            with socket.create_connection(("127.0.0.1", stalled.port)) as sock:
+                watching = cancel_on_first_bytes(stalled)
+                with pytest.raises(asyncio.CancelledError):
+                    await mptls.open_connection(
+                        sock=sock,
+                        ssl=pki.client(),
+                        server_hostname="localhost",
+                    )
+                caller = asyncio.current_task()
+                assert caller is not None
+                caller.uncancel()
+                await asyncio.sleep(0)
+                assert sock.fileno() == -1
+                assert held_to(stalled.port) == 0
+                assert ended_in_order(stalled.port)
+                (reader, _), first = await watching
+                segments = await rest_of(reader, first)
+                assert segments[-1].flags & Flag.RST
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
