@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import pickle
+import select
 import socket
 import ssl
 from typing import Any
@@ -24,6 +25,7 @@ from mptls.errors import (
     ConfigurationError,
     ConnectError,
     HostLookupError,
+    PeerResetError,
 )
 from mptls.mptcp.config import ConnectionConfig
 from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenLayout
@@ -1547,6 +1549,33 @@ async def test_a_socket_to_connect_over_is_checked(
         await mptls.open_connection(
             ssl=pki.client(), sock=sock, server_hostname="localhost", **options
         )
+
+
+async def test_a_socket_the_server_reset_is_a_connection_error(
+    pki: Pki,
+) -> None:
+    # the application connected it, then the server reset it before the
+    # call: that was "sock must be connected", a ConfigurationError that
+    # blamed the caller's argument, and the socket stayed open
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        sock = socket.create_connection(listening.getsockname())
+        accepted, _ = listening.accept()
+        # SO_LINGER with a zero timeout: the close is a TCP reset
+        accepted.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0"
+        )
+        accepted.close()
+        # readable once the reset came, which a read would consume
+        assert select.select([sock], [], [], 10)[0] == [sock]
+        with pytest.raises(PeerResetError) as raised:
+            await mptls.open_connection(
+                ssl=pki.client(), sock=sock, server_hostname="localhost"
+            )
+    assert raised.value.errno == errno.ECONNRESET
+    assert "reset the connection of sock=" in str(raised.value)
+    assert sock.fileno() == -1
 
 
 async def test_the_kernel_backend_connects_its_own_sockets(pki: Pki) -> None:

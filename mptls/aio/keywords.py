@@ -11,7 +11,9 @@ This module opens no socket and looks nothing up on the network.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import re
 import socket
 import ssl
@@ -19,7 +21,12 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from mptls.backends.base import Backend
-from mptls.errors import ConfigurationError, ConnectError, shown_value
+from mptls.errors import (
+    ConfigurationError,
+    ConnectError,
+    PeerResetError,
+    shown_value,
+)
 from mptls.mptcp.config import HANDSHAKE_TIMEOUT, check_range, check_seconds
 
 # a port number as getaddrinfo() reads one (strtoul): ASCII space
@@ -305,13 +312,37 @@ def connected_socket_peer(
             "certificate must carry"
         )
     _check_tcp_socket(sock)
+    connected = cast(socket.socket, sock)
     try:
-        peer = cast(socket.socket, sock).getpeername()
+        peer = connected.getpeername()
     except OSError:
+        _raise_if_connection_failed(connected)
         raise ConfigurationError(
             f"sock must be connected, got {shown_value(sock)}"
         ) from None
     return str(peer[0]), int(peer[1])
+
+
+def _raise_if_connection_failed(sock: socket.socket) -> None:
+    """Raise what ended the connection of a socket that has no peer.
+
+    One the application connected and the server reset (or whose own
+    connect failed) before this call holds that error: the connection
+    failed, the argument is not wrong. The socket is closed first, as
+    a connection that fails later in the call closes it.
+    """
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if not error:
+        return
+    sock.close()
+    if error == errno.ECONNRESET:
+        raise PeerResetError(
+            "the server reset the connection of sock= before the TLS "
+            "handshake began"
+        )
+    raise ConnectError.of(
+        error, f"the connection of sock= failed: {os.strerror(error)}"
+    )
 
 
 def _check_tcp_socket(sock: object) -> None:
