@@ -29,6 +29,7 @@ from mptls.errors import (
     PeerResetError,
     ProtocolError,
     TLSError,
+    TokenError,
 )
 from mptls.tls.keys import KeyMaterial
 
@@ -91,6 +92,7 @@ __all__ = [
     "SubflowInfo",
     "TLSConfig",
     "TLSError",
+    "TokenError",
     "__version__",
     "create_connection",
     "create_server",

@@ -228,6 +228,13 @@ class KeysUnavailableError(MptlsError):
     """
 
 
+class TokenError(MptlsError):
+    """A token allocator cannot do what was asked: every serial of its
+    worker is used (restart it with a new worker id or secret), or
+    ``release()`` names a token it does not hold (released already, or
+    another allocator's)."""
+
+
 class BackendError(MptlsError):
     """A backend could not do what was asked (socket, kernel, netlink)."""
 

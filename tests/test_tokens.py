@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mptls.errors import ConfigurationError, MptlsError
+from mptls.errors import ConfigurationError, TokenError
 from mptls.mptcp import tokens as tokens_module
 from mptls.mptcp.tokens import (
     MAX_BATCH,
@@ -97,6 +97,15 @@ def test_token_fields_refuses_wrong_tokens(token: Any) -> None:
         token_fields(token)
 
 
+def test_token_fields_reads_any_bytes_like_token() -> None:
+    # release() took a memoryview of a token, token_fields() refused one
+    token = TokenAllocator(SECRET, server_id=0x5A, worker_id=0xC3).allocate()
+    for form in (bytearray(token), memoryview(token)):
+        assert token_fields(form) == TokenFields(
+            server_id=0x5A, worker_id=0xC3
+        )
+
+
 # allocator
 
 
@@ -117,10 +126,10 @@ def test_release_twice_or_foreign_token_is_an_error() -> None:
     allocator = TokenAllocator(SECRET)
     token = allocator.allocate()
     allocator.release(token)
-    with pytest.raises(MptlsError, match="does not hold"):
+    with pytest.raises(TokenError, match="does not hold"):
         allocator.release(token)
     other = TokenAllocator(OTHER_SECRET).allocate()
-    with pytest.raises(MptlsError):
+    with pytest.raises(TokenError):
         allocator.release(other)
 
 
@@ -193,10 +202,10 @@ def test_exhaustion_is_a_clear_error() -> None:
     allocator = TokenAllocator(SECRET, layout=layout, start=2**32 - 2)
     tokens = {allocator.allocate(), allocator.allocate()}
     assert len(tokens) == 2
-    with pytest.raises(MptlsError, match="exhausted"):
+    with pytest.raises(TokenError, match="exhausted"):
         allocator.allocate()
     # The counter did not move: the allocator keeps refusing.
-    with pytest.raises(MptlsError, match="exhausted"):
+    with pytest.raises(TokenError, match="exhausted"):
         allocator.allocate()
     assert TokenAllocator(SECRET, layout=layout, start=2**32).live == 0
 
@@ -703,7 +712,7 @@ def test_a_16_bit_serial_covers_its_space_then_runs_out() -> None:
     # every serial once, in an order that is not the counter's
     assert sorted(serials) == list(range(2**16))
     assert serials != sorted(serials)
-    with pytest.raises(MptlsError, match=r"exhausted: all 2\*\*16"):
+    with pytest.raises(TokenError, match=r"exhausted: all 2\*\*16"):
         allocator.allocate()
 
 
@@ -712,7 +721,7 @@ def test_32_bit_exhaustion_from_a_late_start() -> None:
     allocator = TokenAllocator(SECRET, layout=layout, start=2**16 - 2)
     assert len({allocator.allocate(), allocator.allocate()}) == 2
     for _ in range(2):
-        with pytest.raises(MptlsError, match="exhausted"):
+        with pytest.raises(TokenError, match="exhausted"):
             allocator.allocate()
     assert TokenAllocator(SECRET, layout=layout, start=2**16).live == 0
     with pytest.raises(ConfigurationError, match="start"):

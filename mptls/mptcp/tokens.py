@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers import (
     modes,
 )
 
-from mptls.errors import ConfigurationError, MptlsError, shown_value
+from mptls.errors import ConfigurationError, TokenError, shown_value
 
 try:
     # cryptography 47 moved CFB here, and warns when it is taken from
@@ -222,10 +222,12 @@ def token_fields(
     a 32-bit layout, 8-byte ones with a 64-bit layout.
     """
     _check_layout(layout)
-    if not isinstance(token, bytes | bytearray):
+    if not isinstance(token, bytes | bytearray | memoryview):
         raise ConfigurationError(
             f"a token is bytes, got {type(token).__name__}"
         )
+    # as release() takes it: a view of a read buffer, say
+    token = bytes(token)
     if len(token) != layout.token_length:
         raise ConfigurationError(_length_mismatch(len(token), layout))
     value = int.from_bytes(token, "big")
@@ -716,7 +718,7 @@ class TokenAllocator:
         counter = self._counter
         bits = self._permutation.bits
         if counter >> bits:
-            raise MptlsError(
+            raise TokenError(
                 f"token space exhausted: all 2**{bits} serials of this "
                 "worker are used; restart it with a new worker id or "
                 "secret"
@@ -738,7 +740,7 @@ class TokenAllocator:
         try:
             self._live.remove(bytes(token))
         except KeyError:
-            raise MptlsError(
+            raise TokenError(
                 "release of a token this allocator does not hold"
             ) from None
 
