@@ -101,6 +101,15 @@ def test_bad_paths_are_usage_errors(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "text", ["127.0.0.1,,127.0.0.2", "127.0.0.1,", " ,127.0.0.1"]
+)
+def test_an_empty_paths_entry_is_a_usage_error(text: str) -> None:
+    # it was skipped: "127.0.0.1,,127.0.0.2" ran without a word
+    with pytest.raises(UsageError, match="empty entry"):
+        parse_paths(text)
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("127.0.0.2", ("127.0.0.2", 4433)),

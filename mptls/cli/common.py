@@ -333,14 +333,20 @@ def parse_address(text: str) -> str:
 def parse_paths(text: str) -> tuple[str, ...]:
     """Parse ``--paths``: a comma list of local addresses, first = first
     subflow."""
-    try:
-        paths = tuple(
-            parse_address(item) for item in text.split(",") if item.strip()
+    items = text.split(",")
+    if not text.strip():
+        raise UsageError("--paths needs at least one local address")
+    if not all(item.strip() for item in items):
+        # "127.0.0.1,,127.0.0.2": a path left out by mistake, as likely
+        # as a stray comma
+        raise UsageError(
+            f"--paths has an empty entry: {shown_value(text)}; separate "
+            "addresses with single commas"
         )
+    try:
+        paths = tuple(parse_address(item) for item in items)
     except UsageError as exc:
         raise UsageError(f"--paths takes IP addresses: {exc}") from None
-    if not paths:
-        raise UsageError("--paths needs at least one local address")
     if len(set(paths)) != len(paths):
         raise UsageError(
             f"--paths names an address twice: {shown_value(text)}"
