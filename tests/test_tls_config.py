@@ -13,6 +13,7 @@ import errno
 import os
 import pickle
 import ssl
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -480,6 +481,30 @@ def test_a_client_context_that_allows_no_version_is_refused(
     assert "set_max_proto_version" in message
 
 
+@pytest.mark.parametrize("how", NO_VERSION)
+def test_a_client_only_context_that_allows_no_version_is_refused(
+    files: Files, how: str
+) -> None:
+    # TLS_CLIENT_METHOD has no server handshake to start: the check
+    # found no reason of OpenSSL's to refuse it, and the handshake then
+    # failed as it began, once the TCP connection was up
+    context = without_versions(SSL.Context(SSL.TLS_CLIENT_METHOD), how)
+
+    with pytest.raises(ConfigurationError, match="allows no TLS version"):
+        to_openssl_context(context, server_side=False)
+
+
+def test_a_client_only_context_is_taken(files: Files) -> None:
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.load_verify_locations(str(files.ca_file))
+    context.set_verify(SSL.VERIFY_PEER)
+
+    converted, check = to_openssl_context(context, server_side=False)
+
+    client, _ = handshake(converted, server_context(files))
+    assert check is True and client.version() == "TLSv1.3"
+
+
 def test_a_refused_context_can_still_be_fixed(files: Files) -> None:
     # the check must not mark the context used: pyOpenSSL refuses every
     # setter on a context that has made a connection
@@ -517,21 +542,33 @@ def test_a_context_with_one_version_is_taken(files: Files) -> None:
         assert to_openssl_context(context, server_side=True)[0] is context
 
 
+@pytest.mark.parametrize(
+    "server_side", [True, False], ids=["server", "client"]
+)
 def test_the_version_check_shows_the_context_no_handshake(
-    files: Files,
+    files: Files, monkeypatch: pytest.MonkeyPatch, server_side: bool
 ) -> None:
     # the check runs OpenSSL's own start of a handshake; a callback the
-    # application set on its context must not see one that never was
-    context = server_context(files)
+    # application set on its context must not see one that never was.
+    # pyOpenSSL's wrapper of it knows no SSL object the check makes, and
+    # fails in the callback, where Python can only print the error
+    context = (
+        server_context(files)
+        if server_side
+        else SSL.Context(SSL.TLS_CLIENT_METHOD)
+    )
     seen: list[int] = []
     context.set_info_callback(lambda _, where, __: seen.append(where))
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
 
-    to_openssl_context(context, server_side=True)
+    to_openssl_context(context, server_side=server_side)
     without_versions(context, "floor above ceiling")
     with pytest.raises(ConfigurationError):
-        to_openssl_context(context, server_side=True)
+        to_openssl_context(context, server_side=server_side)
 
     assert seen == []
+    assert unraisable == []
 
 
 def test_tls_config_builds_each_side_once(files: Files) -> None:

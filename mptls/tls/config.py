@@ -562,14 +562,17 @@ def _ignore_info(ssl: Any, where: int, ret: int) -> None:
 _QUIET_INFO = _ffi.callback("void (*)(const SSL *, int, int)", _ignore_info)
 
 
-def _start_failure(context: SSL.Context) -> list[bytes]:
+def _start_failure(context: SSL.Context, server_side: bool) -> list[bytes]:
     """OpenSSL's reasons why a handshake on ``context`` cannot begin.
 
-    A throwaway SSL object starts a server handshake up to where it
-    would read the ClientHello: OpenSSL checks the context's protocol
-    versions there, for either side, before it sends or reads a byte.
-    Made without pyOpenSSL's Connection, which would mark the context
-    used and refuse every setter of it from then on.
+    A throwaway SSL object starts the handshake of the side the context
+    is for, up to where it would read the peer's first flight: OpenSSL
+    checks the context's protocol versions as it begins, before it
+    builds or reads a hello. That side's, as a context made with a
+    one-sided method (``TLS_CLIENT_METHOD``) has no handshake to start
+    for the other, and so no reason to give. Made without pyOpenSSL's
+    Connection, which would mark the context used and refuse every
+    setter of it from then on.
     """
     ssl = _lib.SSL_new(context._context)
     if ssl == _ffi.NULL:
@@ -580,7 +583,10 @@ def _start_failure(context: SSL.Context) -> list[bytes]:
         outgoing = _lib.BIO_new(_lib.BIO_s_mem())
         # the SSL object owns both from here
         _lib.SSL_set_bio(ssl, incoming, outgoing)
-        _lib.SSL_set_accept_state(ssl)
+        if server_side:
+            _lib.SSL_set_accept_state(ssl)
+        else:
+            _lib.SSL_set_connect_state(ssl)
         result = _lib.SSL_do_handshake(ssl)
         if result > 0 or (
             _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ
@@ -611,7 +617,7 @@ def _check_versions(context: SSL.Context, server_side: bool) -> None:
     """
     if context in _VERSIONS_CHECKED:
         return
-    if _NO_PROTOCOLS not in _start_failure(context):
+    if _NO_PROTOCOLS not in _start_failure(context, server_side):
         if getattr(context, "_used", False):
             _VERSIONS_CHECKED.add(context)
         return
