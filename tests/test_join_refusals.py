@@ -165,6 +165,29 @@ async def test_a_join_refused_on_a_live_connection_still_warns(
     transport.abort()
 
 
+async def test_refusals_held_for_different_times_each_warn_at_its_own(
+    logged: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the transport keeps one timer, armed for the oldest refusal: once
+    # it fired, the next refusal's time must arm it again, or that
+    # refusal waited, silent, for the connection's end
+    core = EventCore()
+    transport = client(core)
+    later = dataclasses.replace(UNKNOWN_TOKEN, subflow_id=2)
+    monkeypatch.setattr(join_refusals, "GRACE", 0.0)
+    deliver(transport, core, UNKNOWN_TOKEN)
+    monkeypatch.setattr(join_refusals, "GRACE", 0.5)
+    deliver(transport, core, later)
+    await until(lambda: refusal_records(logged), "the first warning")
+    assert subflows(logged) == ["[01020304]: join on subflow 1"]
+    async with asyncio.timeout(5):
+        while len(refusal_records(logged)) < 2:
+            await asyncio.sleep(0.01)
+    assert levels(logged) == [logging.WARNING, logging.WARNING]
+    assert subflows(logged)[1] == "[01020304]: join on subflow 2"
+    transport.abort()
+
+
 async def test_a_refusal_of_policy_warns_at_once(
     logged: pytest.LogCaptureFixture,
 ) -> None:
