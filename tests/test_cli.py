@@ -320,6 +320,8 @@ def test_main_without_command_is_one_error_line_naming_the_commands(
         (["info", "--json", "surplus"], "mptls info", "surplus"),
         (["connect", "127.0.0.1", "4433", "5555"], "mptls connect", "5555"),
         (["--nosuch", "info"], "mptls", "--nosuch"),
+        # one of the two before the command: the top level's to name
+        (["--nosuch", "info", "--nosuch"], "mptls", "--nosuch --nosuch"),
     ],
 )
 def test_an_unknown_argument_points_to_the_help_that_lists_the_options(
