@@ -244,8 +244,8 @@ async def create_connection(
     try:
         app_transport = await waiter
     except BaseException:
-        # as asyncio's create_connection: its sockets are closed, the
-        # caller's too, when the error reaches the caller
+        # its sockets closed, the caller's too, when the error reaches the
+        # caller (asyncio's create_connection closes them a step later)
         backend_obj.abandon(transport)
         if sock is not None:
             sock.close()

@@ -612,7 +612,7 @@ class Backend(abc.ABC):
 
         Left as ``loop.create_connection`` leaves one when it raises
         (a cancel included): none of its sockets watched by the loop any
-        more, each closed by the end of this loop step. A socket
+        more, each closed by the next loop step at the latest. A socket
         transport's abort does that; a backend whose abort keeps a
         socket open a while (for a last frame to reach the peer) ends
         it at once here.

@@ -65,8 +65,8 @@ CLOSE_LINGER = 10.0
 # slow path) it waits again, up to CLOSE_LINGER in all
 ABORT_LINGER = 2.0
 # reads of the shared buffer a close at once makes of the peer's unread
-# bytes: a socket's receive queue holds a few MiB at most; past that the
-# close is a reset
+# bytes (8 MiB): a connection that failed in its handshake has had
+# little from the peer; past that the close is a reset
 _UNREAD_READS = 16
 
 
@@ -402,6 +402,11 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         stayed open: then a reset.
         """
         self.closed = True
+        if self._linger is not None:
+            # its expiry would set SO_LINGER on a descriptor number that
+            # may be another socket's by then
+            self._linger.cancel()
+            self._linger = None
         transport = self.transport
         if transport is None or self.gone:
             return
