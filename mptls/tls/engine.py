@@ -362,7 +362,7 @@ class TLSEngine:
             return
         self._set_state(_State.HANDSHAKING)
         if not self._server_side:
-            self._send_client_hello()
+            self._advance_handshake(starting=True)
 
     def receive(self, data: bytes) -> None:
         """Take ciphertext from the peer and process all it completes.
@@ -608,12 +608,14 @@ class TLSEngine:
 
     # internals
 
-    def _send_client_hello(self) -> None:
+    def _advance_handshake(self, *, starting: bool = False) -> None:
         try:
             self._connection.do_handshake()
         except SSL.WantReadError:
             return
         except SSL.Error as exc:
+            if not starting:
+                raise self._fail(self._translate(exc)) from exc
             # no ClientHello could be built (no protocol version or no
             # cipher to offer): the alert OpenSSL queued would be the
             # first the server hears of us and answers nothing, so it
@@ -623,15 +625,6 @@ class TLSEngine:
             raise self._fail(
                 TLSError(f"TLS could not start: {reasons}")
             ) from exc
-        self._complete_handshake()
-
-    def _advance_handshake(self) -> None:
-        try:
-            self._connection.do_handshake()
-        except SSL.WantReadError:
-            return
-        except SSL.Error as exc:
-            raise self._fail(self._translate(exc)) from exc
         self._complete_handshake()
 
     def _complete_handshake(self) -> None:
