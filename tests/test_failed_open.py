@@ -277,19 +277,27 @@ def no_cipher_to_offer() -> SSL.Context:
     return context
 
 
+async def open_that_cannot_start(
+    stalled: Stalled, **keywords: Any
+) -> mptls.TLSError:
+    """The TLSError of a connect to ``stalled`` (or over ``sock=``)
+    with :func:`no_cipher_to_offer`'s context."""
+    if "sock" not in keywords:
+        keywords.update(host="127.0.0.1", port=stalled.port)
+    with pytest.raises(mptls.TLSError, match="could not start") as raised:
+        await mptls.open_connection(
+            ssl=no_cipher_to_offer(), server_hostname="localhost", **keywords
+        )
+    return raised.value
+
+
 async def test_a_handshake_that_cannot_start_leaves_no_socket() -> None:
     async with stalled_server() as stalled:
-        with pytest.raises(mptls.TLSError) as raised:
-            await mptls.open_connection(
-                "127.0.0.1",
-                stalled.port,
-                ssl=no_cipher_to_offer(),
-                server_hostname="localhost",
-            )
+        error = await open_that_cannot_start(stalled)
         assert held_to(stalled.port) == 0
         # it said it sent an alert, which never left
-        assert str(raised.value) == "TLS could not start: no ciphers available"
-        assert raised.value.alert is None
+        assert str(error) == "TLS could not start: no ciphers available"
+        assert error.alert is None
         (reader, _), first = await stalled.heard()
         segments = await rest_of(reader, first)
         assert [bytes(segment.payload) for segment in segments] == [b""]
@@ -300,12 +308,7 @@ async def test_a_handshake_that_cannot_start_closes_the_given_socket() -> None:
     # the backend's own create_connection fails after it took the socket
     async with stalled_server() as stalled:
         with socket.create_connection(("127.0.0.1", stalled.port)) as sock:
-            with pytest.raises(mptls.TLSError):
-                await mptls.open_connection(
-                    sock=sock,
-                    ssl=no_cipher_to_offer(),
-                    server_hostname="localhost",
-                )
+            await open_that_cannot_start(stalled, sock=sock)
             assert sock.fileno() == -1
         assert held_to(stalled.port) == 0
         await stalled.took_the_client()
@@ -321,15 +324,9 @@ async def test_a_kernel_handshake_that_cannot_start_fails_at_once() -> None:
     loop.set_exception_handler(lambda _, context: reported.append(context))
     try:
         async with stalled_server() as stalled:
-            with pytest.raises(mptls.TLSError, match="could not start"):
-                await mptls.open_connection(
-                    "127.0.0.1",
-                    stalled.port,
-                    ssl=no_cipher_to_offer(),
-                    server_hostname="localhost",
-                    backend=backend,
-                    ssl_handshake_timeout=LIMIT,
-                )
+            await open_that_cannot_start(
+                stalled, backend=backend, ssl_handshake_timeout=LIMIT
+            )
             assert reported == []
             async with asyncio.timeout(LIMIT):
                 reader, _ = await stalled.accepted.get()
@@ -344,14 +341,9 @@ async def test_a_handshake_that_cannot_start_opens_no_path_ahead() -> None:
     # TLS runs, and must not be for a connection that already failed
     async with stalled_server() as stalled:
         before = asyncio.all_tasks()
-        with pytest.raises(mptls.TLSError, match="could not start"):
-            await mptls.open_connection(
-                "127.0.0.1",
-                stalled.port,
-                ssl=no_cipher_to_offer(),
-                server_hostname="localhost",
-                local_addrs=["127.0.0.1", "127.0.0.2"],
-            )
+        await open_that_cannot_start(
+            stalled, local_addrs=["127.0.0.1", "127.0.0.2"]
+        )
         left = [
             task
             for task in asyncio.all_tasks() - before
