@@ -48,8 +48,7 @@ class JoinRefusals:
     def __init__(self, tag: Callable[[], str]) -> None:
         self._tag = tag
         # (when to warn, the refusal), oldest first
-        # a list: every connection has one, nearly always empty, and an
-        # empty deque takes 760 bytes where a list takes 56
+        # oldest first; rarely more than one or two
         self._held: list[tuple[float, events.JoinRefused]] = []
 
     @property

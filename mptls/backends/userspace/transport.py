@@ -122,11 +122,10 @@ class MultipathTransport(asyncio.Transport):
         # the latest refused join and why, for add_path's error: this
         # end may refuse it as well as the peer
         self.last_join_refusal: events.JoinRefused | None = None
-        # the refusals that may yet prove to be news of the peer's end,
-        # and the timer that makes them warnings if it does not come
-        self._join_refusals = JoinRefusals(
-            functools.partial(connection_tag, core)
-        )
+        # the refusals that may yet prove to be news of the peer's end
+        # (made at the first: most connections never see one), and the
+        # timer that makes them warnings if it does not come
+        self._join_refusals: JoinRefusals | None = None
         self._refusal_timer: asyncio.TimerHandle | None = None
         self._protocol: asyncio.Protocol | None = None
         # what arrived while reading was paused: one entry per socket
@@ -492,13 +491,17 @@ class MultipathTransport(asyncio.Transport):
                 event.reason,
             )
             return
+        if self._join_refusals is None:
+            self._join_refusals = JoinRefusals(
+                functools.partial(connection_tag, self._core)
+            )
         self._join_refusals.refused(
             event, self._loop.time(), ending=self._closing
         )
-        self._arm_refusal_timer()
+        self._arm_refusal_timer(self._join_refusals)
 
-    def _arm_refusal_timer(self) -> None:
-        deadline = self._join_refusals.deadline
+    def _arm_refusal_timer(self, refusals: JoinRefusals) -> None:
+        deadline = refusals.deadline
         if deadline is None or self._refusal_timer is not None:
             return
         self._refusal_timer = self._loop.call_at(
@@ -507,8 +510,9 @@ class MultipathTransport(asyncio.Transport):
 
     def _on_refusal_timer(self) -> None:
         self._refusal_timer = None
-        self._join_refusals.handle_timer(self._loop.time())
-        self._arm_refusal_timer()
+        if self._join_refusals is not None:
+            self._join_refusals.handle_timer(self._loop.time())
+            self._arm_refusal_timer(self._join_refusals)
 
     def _on_peer_join_refused(self, event: events.PeerJoinRefused) -> None:
         # the operator's news: which peer, and why (never keys or HMACs)
@@ -619,7 +623,8 @@ class MultipathTransport(asyncio.Transport):
         self.paths.close()
         self._derive = None
         self._fail_rotations(error)
-        self._join_refusals.connection_ended(error)
+        if self._join_refusals is not None:
+            self._join_refusals.connection_ended(error)
         for handle in (self._timer, self._close_timer, self._refusal_timer):
             if handle is not None:
                 handle.cancel()
