@@ -232,7 +232,7 @@ class SubflowProtocol(asyncio.BufferedProtocol):
             # shut the socket itself, unguarded, were write_eof() called
             # from here: the next loop step does it
             self._shut_on_resume = False
-            asyncio.get_running_loop().call_soon(self._shut_after_drain)
+            asyncio.get_running_loop().call_soon(self._shut_write_side)
             return
         self.sink.subflow_writable(self, True)
 
@@ -381,7 +381,6 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         if transport.get_write_buffer_size():
             self._shut_when_drained(transport)
         elif not self._shut_write_side():
-            self.reset()
             return
         loop = asyncio.get_running_loop()
         self._linger_queued = self._queued()
@@ -447,23 +446,20 @@ class SubflowProtocol(asyncio.BufferedProtocol):
             transport.set_write_buffer_limits(high=0, low=0)
         except (AttributeError, NotImplementedError, ValueError):
             self._shut_on_resume = False
-            if not self._shut_write_side():
-                self.reset()
+            self._shut_write_side()
 
     def _shut_write_side(self) -> bool:
-        """The FIN behind what was written; False if the socket refused."""
+        """The FIN behind what was written; a reset instead (and False)
+        if the socket refused it."""
         transport = self.transport
         if transport is None or self.gone or transport.is_closing():
             return True
         try:
             transport.write_eof()
         except (OSError, RuntimeError, NotImplementedError):
+            self.reset()
             return False
         return True
-
-    def _shut_after_drain(self) -> None:
-        if not self._shut_write_side():
-            self.reset()
 
     def _linger_expired(self) -> None:
         """No close from the peer within :data:`ABORT_LINGER`: wait
