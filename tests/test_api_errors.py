@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 from pki import Pki
-from support import open_fds, skip_without_ipv6
+from support import open_fds, skip_without_ipv6, usable_backend
 
 import mptls
 from mptls.aio.keywords import take_local_addr
@@ -392,6 +392,49 @@ async def test_a_server_context_that_allows_no_version_listens_nowhere(
         with pytest.raises(ConfigurationError, match="allows no TLS version"):
             await mptls.start_server(noop, ssl=context, sock=sock)
         assert not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+
+
+def no_cipher_to_offer() -> SSL.Context:
+    """A client context that allows TLS 1.2 alone, with only PSK
+    ciphers, which a client without a PSK cannot offer: OpenSSL can
+    build no ClientHello on it."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    context.set_cipher_list(b"PSK")
+    return context
+
+
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+async def test_a_context_with_no_cipher_to_offer_connects_nowhere(
+    backend: str,
+) -> None:
+    # "TLS could not start: no ciphers available", once the TCP
+    # connection was up
+    backend = usable_backend(backend)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with pytest.raises(ConfigurationError, match="no cipher to offer"):
+            await mptls.open_connection(
+                *listening.getsockname(),
+                ssl=no_cipher_to_offer(),
+                server_hostname="localhost",
+                backend=backend,
+            )
+        listening.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listening.accept()
+
+
+async def test_a_server_context_without_certificate_listens_nowhere() -> None:
+    # every client's handshake failed against it
+    backend = Unreachable()
+    context = SSL.Context(SSL.TLS_METHOD)
+    with pytest.raises(ConfigurationError, match="no certificate"):
+        await mptls.start_server(
+            noop, "127.0.0.1", 0, ssl=context, backend=backend
+        )
+    assert backend.calls == []
 
 
 @pytest.mark.parametrize(

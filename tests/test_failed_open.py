@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -266,27 +266,50 @@ async def test_paths_opened_ahead_are_closed_with_the_first(
         )
 
 
-def no_cipher_to_offer() -> SSL.Context:
+@contextlib.contextmanager
+def spoiled_as_it_connects() -> Iterator[SSL.Context]:
     """A client context whose handshake fails as it starts, inside the
-    backend's create_connection: it allows TLS 1.2 alone, with only PSK
-    ciphers, which a client without a PSK cannot offer. (A context that
-    allows no version is refused before anything connects.)"""
+    backend's create_connection.
+
+    A context OpenSSL can build no ClientHello on is refused before
+    anything connects; this one passes that check and is then left with
+    no cipher to offer as the first TCP connect begins (as another task
+    sharing it could do meanwhile): TLS 1.2 alone, with only PSK
+    ciphers, which a client without a PSK cannot offer.
+    """
     context = SSL.Context(SSL.TLS_METHOD)
-    context.set_max_proto_version(SSL.TLS1_2_VERSION)
-    context.set_cipher_list(b"PSK")
-    return context
+    loop = asyncio.get_running_loop()
+    original = loop.create_connection
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        if not spoiled:
+            context.set_max_proto_version(SSL.TLS1_2_VERSION)
+            context.set_cipher_list(b"PSK")
+            spoiled.append(True)
+        return await original(*args, **kwargs)
+
+    spoiled: list[bool] = []
+    loop.create_connection = connect  # type: ignore[method-assign]
+    try:
+        yield context
+    finally:
+        del loop.create_connection
+    assert spoiled
 
 
 async def open_that_cannot_start(
     stalled: Stalled, **keywords: Any
 ) -> mptls.TLSError:
     """The TLSError of a connect to ``stalled`` (or over ``sock=``)
-    with :func:`no_cipher_to_offer`'s context."""
+    with :func:`spoiled_as_it_connects`'s context."""
     if "sock" not in keywords:
         keywords.update(host="127.0.0.1", port=stalled.port)
-    with pytest.raises(mptls.TLSError, match="could not start") as raised:
+    with (
+        spoiled_as_it_connects() as context,
+        pytest.raises(mptls.TLSError, match="could not start") as raised,
+    ):
         await mptls.open_connection(
-            ssl=no_cipher_to_offer(), server_hostname="localhost", **keywords
+            ssl=context, server_hostname="localhost", **keywords
         )
     return raised.value
 

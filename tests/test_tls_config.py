@@ -571,6 +571,171 @@ def test_the_version_check_shows_the_context_no_handshake(
     assert unraisable == []
 
 
+# OpenSSL contexts that leave no cipher to offer, and server contexts
+# with no certificate
+
+
+def without_ciphers(context: SSL.Context, how: str) -> SSL.Context:
+    """``context`` made to leave no cipher to offer, the way ``how``
+    names."""
+    if how in ("TLS 1.2 alone, PSK ciphers", "both lists empty"):
+        # a client without a PSK offers no PSK cipher
+        context.set_cipher_list(b"PSK")
+    if how == "TLS 1.2 alone, PSK ciphers":
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    if how in ("TLS 1.3 alone, no suites", "both lists empty"):
+        context.set_tls13_ciphersuites(b"")
+    if how == "TLS 1.3 alone, no suites":
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    if how == "TLS 1.2 alone, none at its security level":
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(b"AES128-SHA:@SECLEVEL=4")
+    return context
+
+
+NO_CIPHER = [
+    "TLS 1.2 alone, PSK ciphers",
+    "TLS 1.3 alone, no suites",
+    "both lists empty",
+    "TLS 1.2 alone, none at its security level",
+]
+
+
+@pytest.mark.parametrize("method", [SSL.TLS_METHOD, SSL.TLS_CLIENT_METHOD])
+@pytest.mark.parametrize("how", NO_CIPHER)
+def test_a_client_context_with_no_cipher_to_offer_is_refused(
+    how: str, method: int
+) -> None:
+    # OpenSSL could build no ClientHello from it: the handshake failed
+    # as it began, once the TCP connection was up ("TLS could not start")
+    context = without_ciphers(SSL.Context(method), how)
+
+    with pytest.raises(ConfigurationError) as raised:
+        to_openssl_context(context, server_side=False)
+
+    message = str(raised.value)
+    assert "leaves no cipher to offer" in message
+    assert "no ciphers available" in message
+    assert "set_cipher_list" in message
+
+
+def test_a_context_refused_for_its_ciphers_can_still_be_fixed(
+    files: Files,
+) -> None:
+    context = without_ciphers(
+        SSL.Context(SSL.TLS_METHOD), "TLS 1.2 alone, PSK ciphers"
+    )
+    context.set_verify(SSL.VERIFY_NONE)
+    with pytest.raises(ConfigurationError):
+        to_openssl_context(context, server_side=False)
+
+    context.set_cipher_list(b"ECDHE+AESGCM")
+    converted, _ = to_openssl_context(context, server_side=False)
+
+    client, _ = handshake(converted, tls12_server(files), check_hostname=False)
+    assert client.version() == "TLSv1.2"
+
+
+def test_a_stdlib_context_with_no_cipher_to_offer_is_refused() -> None:
+    source = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    source.maximum_version = ssl.TLSVersion.TLSv1_2
+    source.set_ciphers("PSK")
+
+    with pytest.raises(ConfigurationError, match="no cipher to offer"):
+        to_openssl_context(source, server_side=False)
+
+
+@pytest.mark.parametrize("how", NO_CIPHER)
+def test_a_server_context_with_no_cipher_is_refused(
+    files: Files, how: str
+) -> None:
+    # every client's handshake failed against it
+    context = without_ciphers(
+        server_context(files, minimum_version=TLSVersion.TLS1_2), how
+    )
+
+    with pytest.raises(ConfigurationError, match="no cipher to offer"):
+        to_openssl_context(context, server_side=True)
+
+
+def bare_server_context(files: Files, what: str) -> SSL.Context:
+    """A server context holding only ``what`` of its identity."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    if what == "a certificate":
+        context.use_certificate_file(str(files.cert_only_file))
+    elif what == "a key":
+        context.use_privatekey_file(str(files.key_file))
+    return context
+
+
+@pytest.mark.parametrize("what", ["nothing", "a certificate", "a key"])
+def test_a_server_context_without_certificate_and_key_is_refused(
+    files: Files, what: str
+) -> None:
+    # each client's handshake failed, with a handshake_failure alert
+    context = bare_server_context(files, what)
+
+    with pytest.raises(ConfigurationError) as raised:
+        to_openssl_context(context, server_side=True)
+
+    message = str(raised.value)
+    assert "holds no certificate with its private key" in message
+    assert "use_certificate_chain_file()" in message
+
+
+def test_a_server_context_that_picks_its_certificate_by_name_is_taken(
+    files: Files,
+) -> None:
+    # its servername callback hands each connection a context with one
+    with_identity = server_context(files)
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_tlsext_servername_callback(
+        lambda connection: connection.set_context(with_identity)
+    )
+
+    converted, _ = to_openssl_context(context, server_side=True)
+
+    client_context = TLSConfig(cafile=files.ca_file).client_context()
+    client, _ = handshake(client_context, converted)
+    assert client.version() == "TLSv1.3"
+
+
+@pytest.mark.parametrize(
+    ("method", "server_side", "made_for"),
+    [
+        (SSL.TLS_CLIENT_METHOD, True, "clients"),
+        (SSL.TLS_SERVER_METHOD, False, "servers"),
+    ],
+    ids=["client-only as server", "server-only as client"],
+)
+def test_a_context_made_for_the_other_side_is_refused(
+    files: Files, method: int, server_side: bool, made_for: str
+) -> None:
+    # a handshake of the side it was not made for could not start
+    context = SSL.Context(method)
+    if method == SSL.TLS_SERVER_METHOD:
+        context.use_certificate_chain_file(str(files.chain_file))
+        context.use_privatekey_file(str(files.key_file))
+
+    with pytest.raises(ConfigurationError) as raised:
+        to_openssl_context(context, server_side=server_side)
+
+    assert f"made for {made_for} alone" in str(raised.value)
+    assert "TLS_METHOD" in str(raised.value)
+
+
+def test_a_server_only_context_is_taken(files: Files) -> None:
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.use_certificate_chain_file(str(files.chain_file))
+    context.use_privatekey_file(str(files.key_file))
+
+    converted, _ = to_openssl_context(context, server_side=True)
+
+    client_context = TLSConfig(cafile=files.ca_file).client_context()
+    client, _ = handshake(client_context, converted)
+    assert client.version() == "TLSv1.3"
+
+
 def test_tls_config_builds_each_side_once(files: Files) -> None:
     config = TLSConfig(certfile=files.chain_file, cafile=files.ca_file)
 

@@ -15,10 +15,10 @@ What ``ssl=`` accepts, and what each form gives:
   compression switched off on top (on the context when it has made no
   connection yet, and always on each connection by the engine); clients
   check the host name when the context verifies peers (``VERIFY_PEER``);
-  one context serves any number of connections; one on which OpenSSL
-  can start no handshake for want of a protocol version (its minimum
-  above its maximum, say) is refused before anything connects or
-  listens;
+  one context serves any number of connections; one no handshake can
+  start on (no protocol version, no cipher to offer, a server's without
+  certificate or key: see :mod:`mptls.tls.preflight`) is refused
+  before anything connects or listens;
 - ``True`` (clients only): ``TLSConfig()``, that is TLS 1.3, the system's
   CA certificates and a host name check; its context is built once per
   process;
@@ -88,10 +88,9 @@ from cryptography.hazmat.primitives.asymmetric import (
     rsa,
 )
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from mptls.errors import ConfigurationError, shown_value
+from mptls.tls.preflight import check_startable
 
 logger = logging.getLogger("mptls.tls")
 
@@ -549,90 +548,6 @@ def _police(context: SSL.Context) -> None:
     _POLICED.add(context)
 
 
-# OpenSSL's reason when a context's bounds and OP_NO_* options leave no
-# protocol version (ssl_get_min_max_version)
-_NO_PROTOCOLS = b"no protocols available"
-
-
-def _ignore_info(ssl: Any, where: int, ret: int) -> None:
-    """Stand in for an info callback set on the context, so that the
-    application never hears of the version check's handshake."""
-
-
-_QUIET_INFO = _ffi.callback("void (*)(const SSL *, int, int)", _ignore_info)
-
-
-def _start_failure(context: SSL.Context, server_side: bool) -> list[bytes]:
-    """OpenSSL's reasons why a handshake on ``context`` cannot begin.
-
-    A throwaway SSL object starts the handshake of the side the context
-    is for, up to where it would read the peer's first flight: OpenSSL
-    checks the context's protocol versions as it begins, before it
-    builds or reads a hello. That side's, as a context made with a
-    one-sided method (``TLS_CLIENT_METHOD``) has no handshake to start
-    for the other, and so no reason to give. Made without pyOpenSSL's
-    Connection, which would mark the context used and refuse every
-    setter of it from then on.
-    """
-    ssl = _lib.SSL_new(context._context)
-    if ssl == _ffi.NULL:
-        raise MemoryError("OpenSSL could not make an SSL object")
-    try:
-        _lib.SSL_set_info_callback(ssl, _QUIET_INFO)
-        incoming = _lib.BIO_new(_lib.BIO_s_mem())
-        outgoing = _lib.BIO_new(_lib.BIO_s_mem())
-        # the SSL object owns both from here
-        _lib.SSL_set_bio(ssl, incoming, outgoing)
-        if server_side:
-            _lib.SSL_set_accept_state(ssl)
-        else:
-            _lib.SSL_set_connect_state(ssl)
-        result = _lib.SSL_do_handshake(ssl)
-        if result > 0 or (
-            _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ
-        ):
-            return []
-        reasons = []
-        while code := _lib.ERR_get_error():
-            reason = _lib.ERR_reason_error_string(code)
-            if reason != _ffi.NULL:
-                reasons.append(_ffi.string(reason))
-        return reasons
-    finally:
-        _lib.ERR_clear_error()
-        _lib.SSL_free(ssl)
-
-
-# contexts that passed the version check once they could no longer
-# change (pyOpenSSL refuses every setter of a context that has made a
-# connection): a client's many connects check their context once
-_VERSIONS_CHECKED: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
-
-
-def _check_versions(context: SSL.Context, server_side: bool) -> None:
-    """Refuse a context that allows no TLS version before any connect.
-
-    Its handshake would fail as it began: for a client once the TCP
-    connection is up, for a server at each client that comes.
-    """
-    if context in _VERSIONS_CHECKED:
-        return
-    if _NO_PROTOCOLS not in _start_failure(context, server_side):
-        if getattr(context, "_used", False):
-            _VERSIONS_CHECKED.add(context)
-        return
-    whose = "server's" if server_side else "client's"
-    raise ConfigurationError(
-        f"the {whose} OpenSSL context allows no TLS version (OpenSSL: "
-        "no protocols available): its minimum is above its maximum, its "
-        "maximum is below TLS 1.2, or OP_NO_TLSv1_2 and OP_NO_TLSv1_3 "
-        "together leave none. mptls runs TLS 1.3, or TLS 1.2 with "
-        "Extended Master Secret: allow one of them with "
-        "set_min_proto_version() and set_max_proto_version() (0: no "
-        "bound)"
-    )
-
-
 def to_openssl_context(
     ssl_arg: object, *, server_side: bool
 ) -> tuple[SSL.Context, bool]:
@@ -647,7 +562,7 @@ def to_openssl_context(
         return context, ssl_arg.hostname_checked and not server_side
     if isinstance(ssl_arg, SSL.Context):
         _police(ssl_arg)
-        _check_versions(ssl_arg, server_side)
+        check_startable(ssl_arg, server_side)
         verifies = bool(ssl_arg.get_verify_mode() & SSL.VERIFY_PEER)
         return ssl_arg, verifies and not server_side
     if ssl_arg is True:
@@ -698,6 +613,11 @@ def _from_stdlib(source: ssl.SSLContext) -> tuple[SSL.Context, bool]:
         context.set_verify(SSL.VERIFY_NONE)
 
     _stdlib_ciphers(source, context)
+    if maximum is not None and maximum < TLSVersion.TLS1_3:
+        # its TLS 1.2 ciphers alone may leave none to offer; TLS 1.3
+        # keeps suites whatever the stdlib context says, and checking
+        # every carried context would cost each connect a handshake
+        check_startable(context, server_side=False)
     logger.debug(
         "carried over ssl.SSLContext: verify=%s check_hostname=%s "
         "minimum=%s maximum=%s",
