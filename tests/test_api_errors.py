@@ -9,6 +9,7 @@ import pickle
 import select
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -404,20 +405,39 @@ def no_cipher_to_offer() -> SSL.Context:
     return context
 
 
+def below_tls12() -> SSL.Context:
+    """A client context capped at TLS 1.1, with the security level
+    lowered so that OpenSSL offers it."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_max_proto_version(SSL.TLS1_1_VERSION)
+    context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    return context
+
+
 @pytest.mark.parametrize("backend", ["userspace", "kernel"])
-async def test_a_context_with_no_cipher_to_offer_connects_nowhere(
-    backend: str,
+@pytest.mark.parametrize(
+    ("unworkable", "match"),
+    [
+        # "TLS could not start: no ciphers available", once the TCP
+        # connection was up
+        (no_cipher_to_offer, "no cipher to offer"),
+        # the server's protocol_version alert, once the TCP connection
+        # was up
+        (below_tls12, r"newer than TLS 1\.1"),
+    ],
+    ids=["no cipher", "below TLS 1.2"],
+)
+async def test_a_context_that_cannot_work_connects_nowhere(
+    unworkable: Callable[[], SSL.Context], match: str, backend: str
 ) -> None:
-    # "TLS could not start: no ciphers available", once the TCP
-    # connection was up
     backend = usable_backend(backend)
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen(1)
-        with pytest.raises(ConfigurationError, match="no cipher to offer"):
+        with pytest.raises(ConfigurationError, match=match):
             await mptls.open_connection(
                 *listening.getsockname(),
-                ssl=no_cipher_to_offer(),
+                ssl=unworkable(),
                 server_hostname="localhost",
                 backend=backend,
             )

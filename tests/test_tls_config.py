@@ -522,6 +522,56 @@ def test_a_refused_context_can_still_be_fixed(files: Files) -> None:
     assert check is True and client.version() == "TLSv1.3"
 
 
+def below_tls12(context: SSL.Context) -> SSL.Context:
+    """``context`` capped at TLS 1.1, with the security level lowered so
+    that OpenSSL offers it."""
+    context.set_max_proto_version(SSL.TLS1_1_VERSION)
+    context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    return context
+
+
+@pytest.mark.parametrize("method", [SSL.TLS_METHOD, SSL.TLS_CLIENT_METHOD])
+def test_a_client_context_capped_below_tls12_is_refused(
+    files: Files, method: int
+) -> None:
+    # OpenSSL sent its TLS 1.1 ClientHello, and the handshake failed
+    # once the TCP connection was up
+    context = below_tls12(SSL.Context(method))
+
+    with pytest.raises(ConfigurationError) as raised:
+        to_openssl_context(context, server_side=False)
+
+    message = str(raised.value)
+    assert "nothing newer than TLS 1.1" in message
+    assert "set_max_proto_version" in message
+
+
+def test_a_server_context_capped_below_tls12_is_refused(files: Files) -> None:
+    # every client's handshake failed against it
+    context = below_tls12(
+        server_context(files, minimum_version=TLSVersion.TLS1_2)
+    )
+    context.set_min_proto_version(SSL.TLS1_VERSION)
+
+    with pytest.raises(ConfigurationError, match=r"newer than TLS 1\.1"):
+        to_openssl_context(context, server_side=True)
+
+
+def test_a_context_with_a_lowered_security_level_is_taken(
+    files: Files,
+) -> None:
+    # only the ceiling is refused, not the security level
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    context.load_verify_locations(str(files.ca_file))
+    context.set_verify(SSL.VERIFY_PEER)
+
+    converted, _ = to_openssl_context(context, server_side=False)
+
+    client, _ = handshake(converted, server_context(files))
+    assert client.version() == "TLSv1.3"
+
+
 @pytest.mark.parametrize("how", NO_VERSION)
 def test_a_server_context_that_allows_no_version_is_refused(
     files: Files, how: str

@@ -16,8 +16,9 @@ What ``ssl=`` accepts, and what each form gives:
   connection yet, and always on each connection by the engine); clients
   check the host name when the context verifies peers (``VERIFY_PEER``);
   one context serves any number of connections; one no handshake can
-  start on (no protocol version, no cipher to offer, a server's without
-  certificate or key: see :mod:`mptls.tls.preflight`) is refused
+  start on or succeed on (no protocol version, none newer than TLS
+  1.1, no cipher to offer, a server's without certificate or key: see
+  :mod:`mptls.tls.preflight`) is refused
   before anything connects or listens;
 - ``True`` (clients only): ``TLSConfig()``, that is TLS 1.3, the system's
   CA certificates and a host name check; its context is built once per

@@ -1,20 +1,22 @@
 """Refuse an OpenSSL context that no handshake can succeed on, up front.
 
-A client's context that lets OpenSSL build no ClientHello would fail
-once its TCP connection was up; a server's that allows no version,
-holds no certificate or private key, or leaves no cipher would fail at
-every client that came. :func:`check_startable` finds these out before
-anything connects or listens, from OpenSSL's own start of a handshake
-on a throwaway SSL object: the reasons it gives, and the ClientHello it
-writes.
+A client's context that lets OpenSSL build no ClientHello, or whose
+ClientHello offers nothing newer than TLS 1.1 (its security level
+lowered), would fail once its TCP connection was up; a server's that
+allows no version or nothing newer than TLS 1.1, holds no certificate
+or private key, or leaves no cipher would fail at every client that
+came. :func:`check_startable` finds these out before anything connects
+or listens, from OpenSSL's own start of a handshake on a throwaway SSL
+object: the reasons it gives, and the ClientHello it writes.
 
 What it cannot see is left to the handshake: a server's key that can
 sign in none of the versions and signature algorithms a client offers
 (a DSA key under TLS 1.3, say), or a cipher list a particular client
 shares nothing with. A server whose context has a servername callback
 may hand each connection another context, so its own certificate and
-key are not asked for; nor are the ciphers of a server's context made
-with ``TLS_SERVER_METHOD``, which can build no ClientHello.
+key are not asked for; nor are the ciphers and the version ceiling of a
+server's context made with ``TLS_SERVER_METHOD``, which can build no
+ClientHello.
 
 This module must never mark a context used (pyOpenSSL would refuse
 every setter of it from then on), nor let an application's callback
@@ -39,6 +41,15 @@ from mptls.errors import ConfigurationError
 _NO_PROTOCOLS = b"no protocols available"
 _NO_CIPHERS = b"no ciphers available"
 _WRONG_SIDE = b"called a function you should not call"
+
+# the oldest version mptls runs (RFC 7627 Extended Master Secret on top)
+_TLS1_2 = 0x0303
+
+_VERSION_NAMES = {
+    0x0300: "SSL 3.0",
+    0x0301: "TLS 1.0",
+    0x0302: "TLS 1.1",
+}
 
 _FIX_VERSIONS = (
     "mptls runs TLS 1.3, or TLS 1.2 with Extended Master Secret: allow "
@@ -117,6 +128,32 @@ def _error_reasons() -> Iterator[bytes]:
             yield _ffi.string(reason)
 
 
+# the ClientHello as a record carries it (RFC 8446 sections 4.1.2 and
+# 5.1): record header, handshake header, then legacy_version
+_HANDSHAKE_RECORD = 22
+_CLIENT_HELLO = 1
+_LEGACY_VERSION = 5 + 4
+
+
+def offered_ceiling(record: bytes) -> int | None:
+    """The newest version up to TLS 1.2 a ClientHello record offers.
+
+    Its legacy_version: TLS 1.2 (0x0303) from a client that allows TLS
+    1.2 or newer, which names TLS 1.3 in supported_versions instead
+    (RFC 8446 section 4.2.1), and the client's newest version from one
+    capped below (RFC 5246 section 7.4.1.2). ``None`` for what does not
+    read as a ClientHello: no ground to refuse a context on.
+    """
+    if (
+        len(record) < _LEGACY_VERSION + 2
+        or record[0] != _HANDSHAKE_RECORD
+        or record[5] != _CLIENT_HELLO
+    ):
+        return None
+    version = record[_LEGACY_VERSION : _LEGACY_VERSION + 2]
+    return int.from_bytes(version, "big")
+
+
 # contexts that passed once they could no longer change (pyOpenSSL
 # refuses every setter of a context that has made a connection): a
 # client's many connects check their context once
@@ -144,6 +181,7 @@ def _check_client(context: SSL.Context) -> None:
     start = _start(context, server_side=False)
     if start.reasons:
         raise ConfigurationError(_unstartable("client's", start.reasons))
+    _check_ceiling("client's", offered_ceiling(start.hello))
 
 
 def _check_server(context: SSL.Context) -> None:
@@ -152,13 +190,26 @@ def _check_server(context: SSL.Context) -> None:
         raise ConfigurationError(_unstartable("server's", start.reasons))
 
     # what a ClientHello from the same context would offer: the
-    # ciphers the server can agree on, bounded alike. A context made for
-    # servers alone builds none
+    # ciphers and versions the server can agree on, bounded alike. A
+    # context made for servers alone builds none
     as_client = _start(context, server_side=False)
     if _NO_CIPHERS in as_client.reasons:
         raise ConfigurationError(_unstartable("server's", as_client.reasons))
+    if not as_client.reasons:
+        _check_ceiling("server's", offered_ceiling(as_client.hello))
 
     _check_identity(context)
+
+
+def _check_ceiling(whose: str, maximum: int | None) -> None:
+    if maximum is None or maximum >= _TLS1_2:
+        return
+    name = _VERSION_NAMES.get(maximum, f"0x{maximum:04x}")
+    raise ConfigurationError(
+        f"the {whose} OpenSSL context allows nothing newer than {name} "
+        "(its security level lets OpenSSL offer that), and mptls never "
+        f"runs below TLS 1.2. {_FIX_VERSIONS}"
+    )
 
 
 def _check_identity(context: SSL.Context) -> None:
