@@ -125,6 +125,7 @@ def test_defaults() -> None:
     config = TLSConfig()
 
     assert config.minimum_version is TLSVersion.TLS1_3
+    assert config.maximum_version is None
     assert config.verify and config.check_hostname
     assert not config.require_client_cert
     assert config.alpn_protocols == ()
@@ -139,6 +140,88 @@ def test_minimum_version_forms(value: Any) -> None:
     assert TLSConfig(minimum_version=value).minimum_version is (
         TLSVersion.TLS1_2
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (TLSVersion.TLS1_2, TLSVersion.TLS1_2),
+        (ssl.TLSVersion.TLSv1_2, TLSVersion.TLS1_2),
+        (0x0303, TLSVersion.TLS1_2),
+        (ssl.TLSVersion.TLSv1_3, TLSVersion.TLS1_3),
+        # asyncio's "no ceiling", as SSLContext.maximum_version has it
+        (ssl.TLSVersion.MAXIMUM_SUPPORTED, None),
+        (None, None),
+    ],
+)
+def test_maximum_version_forms(value: Any, expected: Any) -> None:
+    config = TLSConfig(
+        minimum_version=TLSVersion.TLS1_2, maximum_version=value
+    )
+    assert config.maximum_version is expected
+
+
+@pytest.mark.parametrize(
+    "value", [ssl.TLSVersion.TLSv1_1, 0x0302, "1.2", True, 0x0305]
+)
+def test_maximum_version_outside_what_mptls_runs_is_refused(
+    value: Any,
+) -> None:
+    with pytest.raises(ConfigurationError, match="maximum_version"):
+        TLSConfig(minimum_version=TLSVersion.TLS1_2, maximum_version=value)
+
+
+def test_maximum_version_below_the_minimum_is_refused() -> None:
+    # the floor is TLS 1.3 unless lowered: a ceiling of TLS 1.2 alone
+    # would leave no version
+    with pytest.raises(ConfigurationError) as raised:
+        TLSConfig(maximum_version=ssl.TLSVersion.TLSv1_2)
+
+    message = str(raised.value)
+    assert "below minimum_version TLS1_3" in message
+    assert "minimum_version=TLSVersion.TLS1_2" in message
+
+
+def test_maximum_version_caps_both_sides(files: Files) -> None:
+    capped = TLSConfig(
+        cafile=files.ca_file,
+        certfile=files.chain_file,
+        minimum_version=TLSVersion.TLS1_2,
+        maximum_version=TLSVersion.TLS1_2,
+    )
+    open_ended = TLSConfig(
+        cafile=files.ca_file,
+        certfile=files.chain_file,
+        minimum_version=TLSVersion.TLS1_2,
+    )
+
+    for client_config, server_config in (
+        (capped, open_ended),
+        (open_ended, capped),
+    ):
+        client, _ = handshake(
+            to_openssl_context(client_config, server_side=False)[0],
+            to_openssl_context(server_config, server_side=True)[0],
+        )
+        assert client.version() == "TLSv1.2"
+
+
+@pytest.mark.parametrize(
+    "server_side", [True, False], ids=["server", "client"]
+)
+def test_a_config_capped_at_tls12_with_no_cipher_is_refused(
+    files: Files, server_side: bool
+) -> None:
+    # its contexts built, and each handshake failed as it began
+    config = TLSConfig(
+        certfile=files.chain_file,
+        minimum_version=TLSVersion.TLS1_2,
+        maximum_version=TLSVersion.TLS1_2,
+        ciphers="PSK",
+    )
+
+    with pytest.raises(ConfigurationError, match="no cipher to offer"):
+        to_openssl_context(config, server_side=server_side)
 
 
 @pytest.mark.parametrize(
@@ -321,7 +404,12 @@ def test_a_chain_that_cannot_be_opened_says_why(
 def test_a_config_used_once_still_pickles_and_copies(files: Files) -> None:
     # a worker pool sends its config to each process: one that served a
     # start_server before (its built context kept) must still go
-    config = TLSConfig(certfile=files.chain_file, cafile=files.ca_file)
+    config = TLSConfig(
+        certfile=files.chain_file,
+        cafile=files.ca_file,
+        minimum_version=TLSVersion.TLS1_2,
+        maximum_version=TLSVersion.TLS1_2,
+    )
     built, _ = to_openssl_context(config, server_side=True)
 
     for copied in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):
@@ -329,7 +417,13 @@ def test_a_config_used_once_still_pickles_and_copies(files: Files) -> None:
         # the copy builds a context of its own, from the same settings
         again, _ = to_openssl_context(copied, server_side=True)
         assert again is not built
-        handshake(TLSConfig(cafile=files.ca_file).client_context(), again)
+        client, _ = handshake(
+            TLSConfig(
+                cafile=files.ca_file, minimum_version=TLSVersion.TLS1_2
+            ).client_context(),
+            again,
+        )
+        assert client.version() == "TLSv1.2"
 
 
 def test_a_long_cipher_string_is_named_short() -> None:

@@ -192,7 +192,12 @@ class TLSConfig:
     server's certificate as a client sees it. A server verifies client
     certificates only with ``require_client_cert`` and a CA to check them
     against. ``ciphers`` is an OpenSSL cipher string for TLS 1.2; TLS 1.3
-    suites keep OpenSSL's defaults.
+    suites keep OpenSSL's defaults. ``minimum_version`` and
+    ``maximum_version`` bound the TLS versions as ``ssl.SSLContext``'s
+    attributes of the same names do (``TLSVersion``, ``ssl.TLSVersion``
+    or the wire value; ``None`` or ``MAXIMUM_SUPPORTED``: no ceiling),
+    within the TLS 1.2 and TLS 1.3 that mptls runs; a ceiling of TLS 1.2
+    needs ``minimum_version`` lowered to it too.
     """
 
     certfile: PathLike | None = None
@@ -205,6 +210,7 @@ class TLSConfig:
     minimum_version: TLSVersion = TLSVersion.TLS1_3
     alpn_protocols: tuple[str, ...] = ()
     ciphers: str | None = None
+    maximum_version: TLSVersion | None = None
     # the built contexts by side (True: server), so that a config reused
     # for many connections loads its trust store once; no part of the
     # settings, so neither compared nor shown
@@ -229,6 +235,7 @@ class TLSConfig:
         self._check_types()
         version = _as_tls_version(self.minimum_version, "minimum_version")
         object.__setattr__(self, "minimum_version", version)
+        object.__setattr__(self, "maximum_version", self._ceiling())
         if isinstance(self.alpn_protocols, str | bytes | bytearray):
             # a bytes one was read byte by byte: "ALPN protocol 104"
             raise ConfigurationError(
@@ -251,6 +258,21 @@ class TLSConfig:
                 "require_client_cert needs cafile or cadata to check "
                 "client certificates against"
             )
+
+    def _ceiling(self) -> TLSVersion | None:
+        # ssl.TLSVersion members and bare wire values come in too
+        value: object = self.maximum_version
+        if value is None or value is ssl.TLSVersion.MAXIMUM_SUPPORTED:
+            return None
+        ceiling = _as_tls_version(value, "maximum_version")
+        if ceiling < self.minimum_version:
+            raise ConfigurationError(
+                f"maximum_version {ceiling.name} is below minimum_version "
+                f"{self.minimum_version.name}: mptls's floor is TLS 1.3 "
+                "unless lowered, so pass minimum_version=TLSVersion.TLS1_2 "
+                "too"
+            )
+        return ceiling
 
     def _check_types(self) -> None:
         # a wrong type would surface only when a context is built, as a
@@ -291,7 +313,7 @@ class TLSConfig:
 
     def client_context(self) -> SSL.Context:
         """An OpenSSL context for the client end of a connection."""
-        context = _base_context(self.minimum_version)
+        context = _base_context(self.minimum_version, self.maximum_version)
         if self.verify:
             context.set_verify(SSL.VERIFY_PEER)
             if self._has_ca:
@@ -311,7 +333,7 @@ class TLSConfig:
         """An OpenSSL context for the server end of a connection."""
         if self.certfile is None:
             raise ConfigurationError("a server needs certfile")
-        context = _base_context(self.minimum_version)
+        context = _base_context(self.minimum_version, self.maximum_version)
         context.set_session_id(_SESSION_ID_CONTEXT)
         self._load_identity(context, self.certfile)
         if self.require_client_cert:
@@ -436,9 +458,13 @@ def _alpn_selector(
     return select
 
 
-def _base_context(minimum_version: TLSVersion) -> SSL.Context:
+def _base_context(
+    minimum_version: TLSVersion, maximum_version: TLSVersion | None = None
+) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(int(minimum_version))
+    if maximum_version is not None:
+        context.set_max_proto_version(int(maximum_version))
     context.set_options(POLICY_OPTIONS)
     return context
 
@@ -533,6 +559,8 @@ def _cached_context(config: TLSConfig, server_side: bool) -> SSL.Context:
             context = config.server_context()
         else:
             context = config.client_context()
+        # its ciphers may leave none to offer under its version bounds
+        check_startable(context, server_side)
         config._contexts[server_side] = context
     return context
 
@@ -594,9 +622,7 @@ def _from_stdlib(source: ssl.SSLContext) -> tuple[SSL.Context, bool]:
             "carried over; use PROTOCOL_TLS_CLIENT"
         )
     minimum, maximum = _stdlib_versions(source)
-    context = _base_context(minimum)
-    if maximum is not None:
-        context.set_max_proto_version(int(maximum))
+    context = _base_context(minimum, maximum)
 
     # trust
     verifies = source.verify_mode != ssl.CERT_NONE
