@@ -763,6 +763,19 @@ def test_a_client_context_with_no_cipher_to_offer_is_refused(
     assert "set_cipher_list" in message
 
 
+def test_a_security_level_that_leaves_no_key_share_is_refused() -> None:
+    # at level 5 no group OpenSSL would offer a key share of is strong
+    # enough: "TLS could not start: no suitable key share"
+    config = TLSConfig(ciphers="DEFAULT:@SECLEVEL=5")
+
+    with pytest.raises(ConfigurationError) as raised:
+        to_openssl_context(config, server_side=False)
+
+    message = str(raised.value)
+    assert "OpenSSL can start no handshake on the client's" in message
+    assert "security level" in message
+
+
 def test_a_context_refused_for_its_ciphers_can_still_be_fixed(
     files: Files,
 ) -> None:

@@ -262,5 +262,6 @@ def _unstartable(whose: str, reasons: tuple[bytes, ...]) -> str:
         )
     return (
         f"OpenSSL can start no handshake on the {whose} OpenSSL context "
-        f"(OpenSSL: {said}); fix the context, or pass a TLSConfig"
+        f"(OpenSSL: {said}): its security level, groups or signature "
+        "algorithms leave it nothing to offer"
     )
