@@ -16,10 +16,10 @@ What ``ssl=`` accepts, and what each form gives:
   connection yet, and always on each connection by the engine); clients
   check the host name when the context verifies peers (``VERIFY_PEER``);
   one context serves any number of connections; one no handshake can
-  start on or succeed on (no protocol version, none newer than TLS
-  1.1, no cipher to offer, a server's without certificate or key: see
-  :mod:`mptls.tls.preflight`) is refused
-  before anything connects or listens;
+  succeed on (no protocol version or none newer than TLS 1.1, no
+  cipher to offer, a server's without certificate or key: see
+  :mod:`mptls.tls.preflight`) is refused before anything connects or
+  listens;
 - ``True`` (clients only): ``TLSConfig()``, that is TLS 1.3, the system's
   CA certificates and a host name check; its context is built once per
   process;
@@ -56,7 +56,8 @@ What ``ssl=`` accepts, and what each form gives:
 What cannot be carried over is a :class:`~mptls.errors.ConfigurationError`,
 never a silent downgrade: a server-side ``ssl.SSLContext`` (its private key
 cannot be read out), a maximum version below TLS 1.2, a minimum above the
-maximum, ``ssl=True`` for a server.
+maximum, a maximum of TLS 1.2 with TLS 1.2 ciphers that leave none to
+offer, ``ssl=True`` for a server.
 
 Every context built here has TLS 1.3 as its floor unless TLS 1.2 was asked
 for, renegotiation and compression off, and session tickets on. This module
