@@ -71,8 +71,8 @@ class _Start:
     """What OpenSSL did when a handshake began on a throwaway SSL object.
 
     ``reasons`` are OpenSSL's reasons why it could not begin (empty when
-    it could); ``hello`` is the ClientHello record a client's start
-    wrote.
+    it could); ``hello`` is the start of the ClientHello record a
+    client's start wrote, up to its legacy_version.
     """
 
     reasons: tuple[bytes, ...]
@@ -105,20 +105,18 @@ def _start(context: SSL.Context, server_side: bool) -> _Start:
         if result > 0 or (
             _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ
         ):
-            return _Start((), _pending(outgoing))
+            return _Start((), _head(outgoing, _HELLO_HEAD))
         return _Start(tuple(_error_reasons()), b"")
     finally:
         _lib.ERR_clear_error()
         _lib.SSL_free(ssl)
 
 
-def _pending(bio: Any) -> bytes:
-    """All that is waiting in a memory BIO."""
-    chunks = []
-    buffer = _ffi.new("char[]", 4096)
-    while (count := _lib.BIO_read(bio, buffer, len(buffer))) > 0:
-        chunks.append(_ffi.buffer(buffer, count)[:])
-    return b"".join(chunks)
+def _head(bio: Any, size: int) -> bytes:
+    """Up to ``size`` bytes from the start of a memory BIO."""
+    buffer = _ffi.new("char[]", size)
+    count = _lib.BIO_read(bio, buffer, size)
+    return bytes(_ffi.buffer(buffer, max(count, 0)))
 
 
 def _error_reasons() -> Iterator[bytes]:
@@ -133,10 +131,12 @@ def _error_reasons() -> Iterator[bytes]:
 _HANDSHAKE_RECORD = 22
 _CLIENT_HELLO = 1
 _LEGACY_VERSION = 5 + 4
+_HELLO_HEAD = _LEGACY_VERSION + 2
 
 
 def offered_ceiling(record: bytes) -> int | None:
-    """The newest version up to TLS 1.2 a ClientHello record offers.
+    """The newest version up to TLS 1.2 a ClientHello record offers,
+    read from the record's first bytes.
 
     Its legacy_version: TLS 1.2 (0x0303) from a client that allows TLS
     1.2 or newer, which names TLS 1.3 in supported_versions instead
@@ -145,7 +145,7 @@ def offered_ceiling(record: bytes) -> int | None:
     read as a ClientHello: no ground to refuse a context on.
     """
     if (
-        len(record) < _LEGACY_VERSION + 2
+        len(record) < _HELLO_HEAD
         or record[0] != _HANDSHAKE_RECORD
         or record[5] != _CLIENT_HELLO
     ):
