@@ -51,7 +51,11 @@ What ``ssl=`` accepts, and what each form gives:
   are ``options`` bits other than the two above.
   ``hostname_checks_common_name`` does not apply: mptls never matches a
   host name against the subject's common name. Use a :class:`TLSConfig`
-  or an ``OpenSSL.SSL.Context`` when any of these matters.
+  or an ``OpenSSL.SSL.Context`` when any of these matters. The same
+  ``ssl.SSLContext`` passed again is carried over again only when one
+  of the settings above has changed since (a CA certificate added, say);
+  otherwise its connections share one OpenSSL context, as a
+  :class:`TLSConfig`'s do.
 
 What cannot be carried over is a :class:`~mptls.errors.ConfigurationError`,
 never a silent downgrade: a server-side ``ssl.SSLContext`` (its private key
@@ -609,10 +613,51 @@ def to_openssl_context(
                 "a server-side ssl.SSLContext cannot be used: its private "
                 "key cannot be read out; pass a TLSConfig instead"
             )
-        return _from_stdlib(ssl_arg)
+        return _carried_over(ssl_arg)
     raise ConfigurationError(
         "ssl must be a TLSConfig, an OpenSSL.SSL.Context, a client "
         f"ssl.SSLContext or True, not {type(ssl_arg).__name__}"
+    )
+
+
+# stdlib contexts carried over, each with the settings it was carried
+# over from and the result: carrying one over loads its CA certificates
+# into a new store (about 9 ms for a system's 140), which a client that
+# passes one context to every open_connection would pay at each
+_CARRIED: weakref.WeakKeyDictionary[
+    ssl.SSLContext, tuple[tuple[object, ...], tuple[SSL.Context, bool]]
+] = weakref.WeakKeyDictionary()
+
+
+def _carried_over(source: ssl.SSLContext) -> tuple[SSL.Context, bool]:
+    """:func:`_from_stdlib`, done again only when ``source`` changed."""
+    settings = _stdlib_settings(source)
+    known = _CARRIED.get(source)
+    if known is not None and known[0] == settings:
+        return known[1]
+    carried = _from_stdlib(source)
+    _CARRIED[source] = (settings, carried)
+    return carried
+
+
+def _stdlib_settings(source: ssl.SSLContext) -> tuple[object, ...]:
+    """All that :func:`_from_stdlib` reads of ``source``, cheaply.
+
+    Its CA certificates by their count: an ``ssl.SSLContext``'s store
+    only grows (nothing removes a certificate from it), so the same
+    count is the same certificates. Its ciphers by name, since
+    ``set_ciphers`` may change them in any way.
+    """
+    return (
+        source.protocol,
+        source.verify_mode,
+        source.check_hostname,
+        source.minimum_version,
+        source.maximum_version,
+        int(source.options),
+        int(source.verify_flags),
+        source.cert_store_stats()["x509_ca"],
+        tuple(cipher["name"] for cipher in source.get_ciphers()),
     )
 
 
