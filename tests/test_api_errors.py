@@ -1641,6 +1641,24 @@ async def test_a_socket_the_server_reset_is_a_connection_error(
     assert sock.fileno() == -1
 
 
+async def test_a_socket_shut_for_writing_is_refused_as_such(
+    pki: Pki,
+) -> None:
+    # the caller's shutdown(SHUT_WR) failed the first write with EPIPE,
+    # which was reported as the server's reset (PeerResetError)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with socket.create_connection(listening.getsockname()) as sock:
+            sock.shutdown(socket.SHUT_WR)
+            with pytest.raises(ConfigurationError, match="shut for writing"):
+                await mptls.open_connection(
+                    ssl=pki.client(), sock=sock, server_hostname="localhost"
+                )
+            # refused before it was taken: still the caller's
+            assert sock.fileno() != -1
+
+
 async def test_the_kernel_backend_connects_its_own_sockets(pki: Pki) -> None:
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))

@@ -320,7 +320,36 @@ def connected_socket_peer(
         raise ConfigurationError(
             f"sock must be connected, got {shown_value(sock)}"
         ) from None
+    _refuse_shut_socket(connected)
     return str(peer[0]), int(peer[1])
+
+
+def _refuse_shut_socket(sock: socket.socket) -> None:
+    """A connected socket the caller shut for writing (``SHUT_WR``).
+
+    The handshake's first write would fail with ``EPIPE``, which reads
+    as the server's reset. An empty send asks the same question and
+    sends nothing: it fails only on a socket that cannot send (one the
+    peer reset has no peer name, and failed before this). It is made
+    non-blocking for that, as asyncio makes it anyway: with a timeout,
+    Python would first wait for room in a full send buffer.
+    """
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        sock.send(b"")
+    except OSError as exc:
+        if exc.errno not in _SHUT_ERRNOS:
+            return
+        sock.settimeout(timeout)
+        raise ConfigurationError(
+            "sock is shut for writing (shutdown(SHUT_WR)): the TLS "
+            f"handshake must send over it, got {shown_value(sock)}"
+        ) from None
+
+
+# what a send on a socket shut for writing fails with (Windows' own)
+_SHUT_ERRNOS = (errno.EPIPE, errno.ESHUTDOWN)
 
 
 def _raise_if_connection_failed(sock: socket.socket) -> None:
