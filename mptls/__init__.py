@@ -28,6 +28,7 @@ from mptls.errors import (
     PathsLostError,
     PeerResetError,
     ProtocolError,
+    SocketInUseError,
     TLSError,
     TokenError,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "PathsLostError",
     "PeerResetError",
     "ProtocolError",
+    "SocketInUseError",
     "SubflowInfo",
     "TLSConfig",
     "TLSError",

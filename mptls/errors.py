@@ -33,6 +33,15 @@ class ConfigurationError(MptlsError, ValueError):
     """A setting is invalid or cannot be carried over."""
 
 
+class SocketInUseError(ConfigurationError, RuntimeError):
+    """``sock=`` names a socket that a live connection carries already.
+
+    A ``RuntimeError`` too, as asyncio's loop raises for a socket one of
+    its transports uses. It is refused before anything touches it, so
+    the connection that carries it goes on.
+    """
+
+
 class ProtocolError(MptlsError):
     """The peer (or a local caller) broke the MPTCP or framing rules.
 

@@ -27,6 +27,7 @@ from mptls.errors import (
     ConnectError,
     HostLookupError,
     PeerResetError,
+    SocketInUseError,
 )
 from mptls.mptcp.config import ConnectionConfig
 from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenLayout
@@ -1657,6 +1658,34 @@ async def test_a_socket_shut_for_writing_is_refused_as_such(
                 )
             # refused before it was taken: still the caller's
             assert sock.fileno() != -1
+
+
+async def test_a_socket_a_live_connection_carries_is_refused(
+    pki: Pki,
+) -> None:
+    # as asyncio's loop refuses a socket one of its transports uses
+    # (3.12+), leaving both alone: the second call closed the socket
+    # under the first connection (3.12+), or wrote a ClientHello into
+    # its stream (3.11)
+    server = await mptls.start_server(echo, "127.0.0.1", 0, ssl=pki.server())
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            reader, writer = await mptls.open_connection(
+                ssl=pki.client(), sock=sock, server_hostname="localhost"
+            )
+            with pytest.raises(SocketInUseError) as raised:
+                await mptls.open_connection(
+                    ssl=pki.client(), sock=sock, server_hostname="localhost"
+                )
+            assert isinstance(raised.value, RuntimeError)
+            assert sock.fileno() != -1
+            writer.write(b"still there")
+            writer.write_eof()
+            async with asyncio.timeout(10):
+                assert await reader.read() == b"still there"
+                writer.close()
+                await writer.wait_closed()
 
 
 async def test_the_kernel_backend_connects_its_own_sockets(pki: Pki) -> None:

@@ -25,6 +25,7 @@ from mptls.errors import (
     ConfigurationError,
     ConnectError,
     PeerResetError,
+    SocketInUseError,
     shown_value,
 )
 from mptls.mptcp.config import HANDSHAKE_TIMEOUT, check_range, check_seconds
@@ -313,6 +314,7 @@ def connected_socket_peer(
         )
     _check_tcp_socket(sock)
     connected = cast(socket.socket, sock)
+    _refuse_carried_socket(connected)
     try:
         peer = connected.getpeername()
     except OSError:
@@ -322,6 +324,22 @@ def connected_socket_peer(
         ) from None
     _refuse_shut_socket(connected)
     return str(peer[0]), int(peer[1])
+
+
+def _refuse_carried_socket(sock: socket.socket) -> None:
+    """A socket a live mptls connection runs over, given again.
+
+    Taking it would write a second handshake into that connection's
+    stream, and a failure would close the socket under it.
+    """
+    from mptls.backends.userspace.subflow import carries_socket
+
+    if carries_socket(sock):
+        raise SocketInUseError(
+            f"sock is in use by a live mptls connection, got "
+            f"{shown_value(sock)}: pass a socket of its own to each "
+            "connection"
+        )
 
 
 def _refuse_shut_socket(sock: socket.socket) -> None:

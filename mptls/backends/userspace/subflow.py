@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import sys
+import weakref
 from typing import Any, Protocol, cast
 
 from mptls.backends.base import reset_on_close
@@ -113,6 +114,22 @@ class Detached:
 
 _DETACHED = Detached()
 
+# the subflows of this process by their socket's descriptor, so that a
+# socket one of them carries is refused as sock= before it is touched
+# (asyncio's loop refuses one its transports use only from 3.12 on)
+_CARRIERS: weakref.WeakValueDictionary[int, SubflowProtocol] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def carries_socket(sock: socket.socket) -> bool:
+    """Whether a live subflow of this process runs over ``sock``."""
+    subflow = _CARRIERS.get(sock.fileno())
+    if subflow is None or subflow.gone:
+        return False
+    transport = subflow.transport
+    return transport is not None and not transport.is_closing()
+
 
 class SubflowProtocol(asyncio.BufferedProtocol):
     """One TCP connection carrying one subflow's frames."""
@@ -157,6 +174,8 @@ class SubflowProtocol(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._socket = sock
             self._fileno = sock.fileno()
+            if self._fileno >= 0:
+                _CARRIERS[self._fileno] = self
             self._gather = (
                 type(transport).__module__ == _JOINING_TRANSPORT
                 and self._fileno >= 0
@@ -216,6 +235,8 @@ class SubflowProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
+        if _CARRIERS.get(self._fileno) is self:
+            del _CARRIERS[self._fileno]
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
