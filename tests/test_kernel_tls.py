@@ -153,6 +153,34 @@ async def test_tls_over_kernel_mptcp(pki: netns.ServerPki, host: str) -> None:
     await server.wait_closed()
 
 
+async def test_write_buffer_limits_are_asyncio_tls_ones(
+    pki: netns.ServerPki,
+) -> None:
+    # asyncio's TLS transport pauses its writer above 512 KiB; the kernel
+    # backend's streams paused theirs above their socket transport's
+    # 64 KiB, so drain() waited where asyncio's would not
+    limits: list[tuple[int, int]] = []
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        limits.append(writer.transport.get_write_buffer_limits())
+        await reader.read()
+        writer.close()
+
+    async with kernel_serving(handler, pki) as port:
+        reader, writer = await kernel_client(pki, port)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert writer.transport.get_write_buffer_limits() == (
+            128 * 2**10,
+            512 * 2**10,
+        )
+        assert limits == [(128 * 2**10, 512 * 2**10)]
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 10)
+
+
 async def test_a_close_right_after_connect_ends_both_sides_cleanly(
     pki: netns.ServerPki,
 ) -> None:

@@ -56,6 +56,9 @@ SHUTDOWN_TIMEOUT = 30.0
 # how long the TLS handshake may take when the caller gave None, which
 # asyncio takes as its default too: never as no limit
 HANDSHAKE_TIMEOUT = 30.0
+# where a socket transport pauses its writer (the low mark a quarter of
+# it): asyncio's TLS transport's default
+TLS_WRITE_BUFFER_HIGH = 512 * 2**10
 
 
 _Sink = Callable[[memoryview], object]
@@ -257,6 +260,12 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # in one frame; a socket transport does neither
         self._write_out = getattr(sent_to, "write_owned", sent_to.write)
         self._write_final = getattr(sent_to, "write_final", None)
+        if self._write_final is None:
+            # a socket transport pauses its writer above 64 KiB; asyncio's
+            # TLS transport, whose place this takes, above 512 KiB (a
+            # transport without flow control has no limits to set)
+            with contextlib.suppress(NotImplementedError):
+                sent_to.set_write_buffer_limits(TLS_WRITE_BUFFER_HIGH)
         self._timeout_handle = self._loop.call_later(
             self._handshake_timeout, self._on_handshake_timeout
         )
