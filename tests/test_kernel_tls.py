@@ -381,6 +381,76 @@ async def test_a_close_the_peer_never_answers_ends_in_a_timeout(
     assert "ssl_shutdown_timeout" in str(caught.value)
 
 
+async def test_a_peer_that_keeps_writing_after_a_close_is_reset(
+    pki: netns.ServerPki,
+) -> None:
+    # the server's close gave up at ssl_shutdown_timeout, but the kernel
+    # kept its MPTCP connection (closed with nothing unread: the close
+    # reads until then) and took the client's bytes for nobody, until
+    # its window was full and the client's drain() waited for room that
+    # never came. Paced, so that the server has read all at its close.
+    async def close_at_once(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.close()
+        with contextlib.suppress(TimeoutError):
+            await writer.wait_closed()
+
+    async with kernel_serving(
+        close_at_once, pki, ssl_shutdown_timeout=0.5
+    ) as port:
+        reader, writer = await kernel_client(pki, port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(10):
+                while True:
+                    writer.write(bytes(2**14))
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+        writer.close()
+
+
+async def test_a_close_that_gives_up_still_delivers_what_was_sent(
+    pki: netns.ServerPki,
+) -> None:
+    # the close gives up on the client's close_notify, but the client
+    # has not taken all the server sent yet: a reset would lose what
+    # the kernel still holds for it (the client read until a reset)
+    size = 2 * 2**20
+    gave_up = asyncio.Event()
+
+    async def send_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        assert await reader.readexactly(2) == b"go"
+        # all of it handed to the kernel: none left to drop at the abort
+        writer.transport.set_write_buffer_limits(0)
+        writer.write(bytes(size))
+        await asyncio.wait_for(writer.drain(), 10)
+        writer.close()
+        with contextlib.suppress(TimeoutError):
+            await writer.wait_closed()
+        gave_up.set()
+
+    async with kernel_serving(
+        send_then_close, pki, ssl_shutdown_timeout=0.5
+    ) as port:
+        reader, writer = await kernel_client(pki, port)
+        # a small window: the server's kernel holds the rest
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 2**16
+        )
+        writer.write(b"go")
+        # the client takes nothing until the server gave up
+        await asyncio.wait_for(gave_up.wait(), 10)
+        received = 0
+        async with asyncio.timeout(10):
+            while data := await reader.read(2**16):
+                received += len(data)
+        assert received == size
+        writer.close()
+
+
 class KeysThatFail(KernelKeyHook):
     """A hook that may install keys, as a patched kernel's would, and
     fails on every connection."""

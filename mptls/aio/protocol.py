@@ -32,6 +32,7 @@ from mptls.backends.base import (
     MptcpInfo,
     format_address,
     reset_on_close,
+    unacknowledged,
 )
 from mptls.backends.buffers import read_buffer
 from mptls.errors import (
@@ -787,8 +788,20 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             "the peer sent no TLS close_notify within "
             f"ssl_shutdown_timeout ({self._shutdown_timeout} s)"
         )
-        if self._transport is not None:
-            self._transport.abort()
+        transport = self._transport
+        if transport is None:
+            return
+        if unacknowledged(transport) == 0 and not (
+            transport.get_write_buffer_size()
+        ):
+            # the peer has all this end sent: reset it, as the multipath
+            # transport resets such a peer. Closed with nothing unread,
+            # the kernel keeps the MPTCP connection and takes the peer's
+            # bytes for nobody, and a peer that writes on waits for room
+            # in drain(). While the peer still takes this end's bytes, a
+            # close lets them reach it.
+            reset_on_close(transport)
+        transport.abort()
 
     def _end_with_peer(self) -> None:
         """Close once the peer has ended its stream (close_notify).

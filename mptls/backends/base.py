@@ -11,13 +11,16 @@ patched kernel, say) implements this class and touches nothing above it.
 from __future__ import annotations
 
 import abc
+import array
 import asyncio
 import contextlib
+import fcntl
 import functools
 import ipaddress
 import os
 import socket
 import struct
+import termios
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar, cast
@@ -76,6 +79,21 @@ def reset_on_close(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE
             )
+
+
+def unacknowledged(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes written to the socket under ``transport`` that the peer has
+    not acknowledged yet (Linux ``SIOCOUTQ``, at the data level on an
+    MPTCP socket); ``None`` where the system does not say."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, count)
+    except (OSError, ValueError):
+        return None
+    return count[0]
 
 
 def format_address(address: tuple[Any, ...] | None) -> str:
