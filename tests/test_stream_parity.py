@@ -608,6 +608,37 @@ async def test_a_client_half_closes_and_outlives_the_servers_end(
         await closed(writer)
 
 
+async def test_writes_after_the_servers_close_fail_at_its_limit(
+    stack: Stack,
+) -> None:
+    async def close_at_once(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.close()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await writer.wait_closed()
+
+    server = await stack.serve(close_at_once, ssl_shutdown_timeout=1.0)
+    async with server:
+        reader, writer = await stack.connect(port_of(server))
+        async with asyncio.timeout(LIMIT):
+            assert await reader.read() == b""
+        writer.write(b"after the end")
+        if stack.name == "mptls":
+            # the client cannot tell a close from a write_eof(): it
+            # writes on, for nobody, until the server's close limit
+            await writer.drain()
+            assert not writer.is_closing()
+        # asyncio's TLS client closed itself at the close_notify
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(LIMIT):
+                while True:
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(b"more")
+        writer.close()
+
+
 async def test_no_stdlib_tls_object_is_shown(stack: Stack) -> None:
     async with sending(stack, b"x") as port:
         reader, writer = await stack.connect(port)
