@@ -9,6 +9,7 @@ import pickle
 import select
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -1686,6 +1687,30 @@ async def test_a_socket_a_live_connection_carries_is_refused(
                 assert await reader.read() == b"still there"
                 writer.close()
                 await writer.wait_closed()
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="asyncio's loop refuses a socket its transports use from 3.12",
+)
+async def test_a_socket_another_transport_uses_is_left_to_it(
+    pki: Pki,
+) -> None:
+    # the loop refused it before taking it, and mptls closed it under
+    # the transport that uses it
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with socket.create_connection(listening.getsockname()) as sock:
+            _, writer = await asyncio.open_connection(sock=sock)
+            with pytest.raises(SocketInUseError):
+                await mptls.open_connection(
+                    ssl=pki.client(), sock=sock, server_hostname="localhost"
+                )
+            assert sock.fileno() != -1
+            assert not writer.is_closing()
+            writer.close()
+            await writer.wait_closed()
 
 
 async def test_the_kernel_backend_connects_its_own_sockets(pki: Pki) -> None:

@@ -45,6 +45,7 @@ from mptls.errors import (
     PathError,
     PeerResetError,
     ProtocolError,
+    SocketInUseError,
     shown_value,
 )
 from mptls.mptcp.config import (
@@ -518,19 +519,30 @@ async def _connect_first_subflow(
 
 
 async def _carry_first_subflow(
-    subflow: _FirstSubflow, sock: socket.socket
+    subflow: _FirstSubflow, sock: socket.socket, *, given: bool = False
 ) -> None:
     """Make ``sock``, connected, the first subflow's TCP connection.
 
     The socket is the connection's from here on: if that fails (or is
     cancelled) it is closed before the error propagates, as asyncio's
-    ``create_connection`` closes a socket it was given.
+    ``create_connection`` closes a socket it was given. Unless the loop
+    refused the caller's (``given``) socket before taking it: asyncio's
+    does so from Python 3.12 for one that another of its transports
+    uses, and leaves it open to that transport.
     """
     subflow.sock = sock
     try:
         await asyncio.get_running_loop().create_connection(
             lambda: subflow, sock=sock
         )
+    except RuntimeError as exc:
+        if given and subflow.transport is None:
+            subflow.sock = None
+            raise SocketInUseError(
+                f"sock is in use by another transport of the loop: {exc}"
+            ) from exc
+        sock.close()
+        raise
     except BaseException:
         sock.close()
         raise
@@ -662,7 +674,7 @@ class UserspaceBackend(Backend):
         subflow = _FirstSubflow(placeholder)
         if sock is not None:
             subflow.target = (host, port)
-            await _carry_first_subflow(subflow, sock)
+            await _carry_first_subflow(subflow, sock, given=True)
         else:
             await _connect_first_subflow(
                 subflow, host, port, first_local, connect_timeout, race, family
