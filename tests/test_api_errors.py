@@ -1653,12 +1653,33 @@ async def test_a_socket_shut_for_writing_is_refused_as_such(
         listening.listen(1)
         with socket.create_connection(listening.getsockname()) as sock:
             sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(5.0)
             with pytest.raises(ConfigurationError, match="shut for writing"):
                 await mptls.open_connection(
                     ssl=pki.client(), sock=sock, server_hostname="localhost"
                 )
-            # refused before it was taken: still the caller's
+            # refused before it was taken: still the caller's, as it was
             assert sock.fileno() != -1
+            assert sock.gettimeout() == 5.0
+
+
+async def test_a_socket_refused_for_another_argument_is_as_it_was(
+    pki: Pki,
+) -> None:
+    # the check for a shut socket makes it non-blocking for a moment
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with socket.create_connection(listening.getsockname()) as sock:
+            sock.settimeout(5.0)
+            with pytest.raises(ConfigurationError, match="handshake"):
+                await mptls.open_connection(
+                    ssl=pki.client(),
+                    sock=sock,
+                    server_hostname="localhost",
+                    ssl_handshake_timeout=-1,
+                )
+            assert sock.gettimeout() == 5.0
 
 
 async def test_a_socket_a_live_connection_carries_is_refused(

@@ -348,22 +348,22 @@ def _refuse_shut_socket(sock: socket.socket) -> None:
     The handshake's first write would fail with ``EPIPE``, which reads
     as the server's reset. An empty send asks the same question and
     sends nothing: it fails only on a socket that cannot send (one the
-    peer reset has no peer name, and failed before this). It is made
-    non-blocking for that, as asyncio makes it anyway: with a timeout,
-    Python would first wait for room in a full send buffer.
+    peer reset has no peer name, and failed before this). It is
+    non-blocking meanwhile: with a timeout, Python would first wait for
+    room in a full send buffer.
     """
     timeout = sock.gettimeout()
     sock.setblocking(False)
     try:
         sock.send(b"")
     except OSError as exc:
-        if exc.errno not in _SHUT_ERRNOS:
-            return
+        if exc.errno in _SHUT_ERRNOS:
+            raise ConfigurationError(
+                "sock is shut for writing (shutdown(SHUT_WR)): the TLS "
+                f"handshake must send over it, got {shown_value(sock)}"
+            ) from None
+    finally:
         sock.settimeout(timeout)
-        raise ConfigurationError(
-            "sock is shut for writing (shutdown(SHUT_WR)): the TLS "
-            f"handshake must send over it, got {shown_value(sock)}"
-        ) from None
 
 
 # what a send on a socket shut for writing fails with (Windows' own)
