@@ -181,6 +181,24 @@ async def test_write_buffer_limits_are_asyncio_tls_ones(
         await asyncio.wait_for(writer.wait_closed(), 10)
 
 
+async def test_a_closed_stream_shows_no_socket(pki: netns.ServerPki) -> None:
+    # as asyncio's TLS streams: the addresses stay readable, the closed
+    # socket is no longer shown (it was, with descriptor -1)
+    async def end(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read()
+        writer.close()
+
+    async with kernel_serving(end, pki) as port:
+        _, writer = await kernel_client(pki, port)
+        assert writer.get_extra_info("socket").fileno() >= 0
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 10)
+        assert writer.get_extra_info("socket") is None
+        assert writer.get_extra_info("peername")[1] == port
+
+
 async def test_a_close_right_after_connect_ends_both_sides_cleanly(
     pki: netns.ServerPki,
 ) -> None:
@@ -637,8 +655,10 @@ async def test_mptcp_info_of_a_connection_reset_before_it_was_asked(
         reader, writer = await kernel_client(pki, port)
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(reader.read(), 10)
+        # shown no longer once closed (asyncio closes it right after the
+        # protocol's connection_lost, in the same step)
         await until(
-            lambda: writer.get_extra_info("socket").fileno() < 0,
+            lambda: writer.get_extra_info("socket") is None,
             "the client's socket closed",
         )
         info = writer.get_extra_info("mptcp")

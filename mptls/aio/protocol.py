@@ -924,6 +924,10 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
         # it sees an SSL context ("sslcontext"); this transport half-closes
         if name == "sslcontext" or transport is None:
             return default
+        if name == "socket" and self._lost:
+            # as asyncio's TLS transport and the multipath one: a socket
+            # transport would still show its closed socket
+            return default
         if name == "mptcp":
             info = self._backend.info(transport)
             return _with_key_state(
