@@ -624,6 +624,31 @@ def test_runs_on_uvloop(pki: netns.ServerPki, how: str) -> None:
         runner.run(asyncio.wait_for(_leave_while_paused(pki, how), 30))
 
 
+def test_an_abort_after_the_close_does_nothing_on_uvloop(
+    pki: netns.ServerPki,
+) -> None:
+    # as on asyncio's loop: uvloop's closed socket refuses setsockopt()
+    # with a ValueError, which the abort's reset let through
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(_abort_after_close(pki), 30))
+
+
+async def _abort_after_close(pki: netns.ServerPki) -> None:
+    async def end(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read()
+        writer.close()
+
+    async with kernel_serving(end, pki) as port:
+        _, writer = await kernel_client(pki, port)
+        writer.close()
+        await writer.wait_closed()
+        writer.transport.abort()
+        assert writer.transport.is_closing()
+
+
 async def _leave_while_paused(pki: netns.ServerPki, how: str) -> None:
     """Close or abort while the reader is paused over unread data."""
     answer = random.Random(8).randbytes(1 << 20)

@@ -75,7 +75,9 @@ def reset_on_close(transport: asyncio.BaseTransport) -> None:
     closes, rather than with a FIN that unsent data would go before."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        # a socket closed already: asyncio's refuses with an OSError,
+        # uvloop's with a ValueError ("negative file descriptor")
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE
             )
