@@ -1352,6 +1352,46 @@ def test_connect_interrupted_before_the_end_of_input_aborts(
     assert lines[0].startswith("mptls: error: connection from 127.0.0.1:")
 
 
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"]
+)
+def test_serve_once_stopped_during_its_connection_fails(
+    certs: Path, signum: signal.Signals
+) -> None:
+    # ``serve --once > FILE`` stopped (Ctrl-C, SIGTERM) while its client
+    # was still sending exited 0, without a word: FILE held a truncated
+    # copy that its exit status called complete
+    with serving(certs, "--once") as (server, port):
+        client = subprocess.Popen(
+            [sys.executable, "-m", "mptls", *connect_args(port, certs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert client.stdin is not None
+            client.stdin.write(b"x" * 65536)
+            client.stdin.flush()
+            # the server printed some: the connection is up
+            assert server.stdout is not None
+            assert len(server.stdout.read(1000)) == 1000
+            server.send_signal(signum)
+            assert server.wait(timeout=COMMAND_TIMEOUT) == ExitStatus.FAILURE
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.wait(timeout=COMMAND_TIMEOUT)
+            close_pipes(client)
+        assert server.stderr is not None
+        lines = server.stderr.read().decode().splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        r"mptls: error: stopped before the connection from "
+        r"127\.0\.0\.1:\d+ ended: what it sent may be incomplete",
+        lines[0],
+    ), lines
+
+
 # Ctrl-C at a known moment of the command's start: a finder first on the
 # import path raises KeyboardInterrupt, as the SIGINT handler does, when
 # the named module is about to be imported

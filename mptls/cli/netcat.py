@@ -287,6 +287,9 @@ async def _serve_one(
     failures: list[MptlsError] = []
 
     clients: dict[asyncio.Task[Any] | None, asyncio.StreamWriter] = {}
+    # --once: a client was served to its end, so a stop after it cuts
+    # nothing short
+    served: list[str] = []
 
     async def on_client(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -308,6 +311,7 @@ async def _serve_one(
             stop.set()
         finally:
             del clients[asyncio.current_task()]
+            served.append(format_address(writer.get_extra_info("peername")))
         if failure is not None and not args.once:
             _status(True, [f"mptls: {failure}"])
         elif failure is not None:
@@ -330,9 +334,30 @@ async def _serve_one(
         # always shown: with --port 0 it is how a caller learns the port
         _status(True, [f"listening on {bound}"])
         await stop.wait()
+        cut_short = _cut_short(args.once, served, clients)
         await _close_clients(clients)
+    if cut_short is not None:
+        failures.insert(0, cut_short)
     if failures:
         raise failures[0]
+
+
+def _cut_short(
+    once: bool,
+    served: Sequence[str],
+    clients: dict[asyncio.Task[Any] | None, asyncio.StreamWriter],
+) -> ConnectionFailedError | None:
+    """``serve --once`` stopped by a signal while its client was still
+    connected: what it printed may be a truncated copy of the input,
+    which an exit status of 0 would call complete."""
+    if not once or served or not clients:
+        return None
+    writer = next(iter(clients.values()))
+    peer = format_address(writer.get_extra_info("peername"))
+    return ConnectionFailedError(
+        f"stopped before the connection from {peer} ended: what it sent "
+        "may be incomplete"
+    )
 
 
 async def _close_clients(
