@@ -11,6 +11,7 @@ fast close, and the hijack that G mode prevents and RFC 8684 allows.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
@@ -44,7 +45,7 @@ from mptls.mptcp.crypto import (
     rfc8684_idsn,
     rfc8684_token,
 )
-from mptls.mptcp.endpoint import Refused
+from mptls.mptcp.endpoint import Accepted, Endpoint, Refused
 from mptls.mptcp.framing import (
     PREAMBLE,
     Flag,
@@ -1160,3 +1161,26 @@ def test_a_join_lets_the_whole_window_be_held_out_of_order() -> None:
     join(net)
     delivered = held_behind_one_hole(net, 1_000_000)
     assert delivered == b"a" + b"x" * 1_000_000
+
+
+def test_a_flood_on_a_dead_subflow_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a raw client sent an MP_CAPABLE SYN, then a burst of bare ACKs:
+    # the first failed the handshake, and each of the rest (thousands,
+    # read in one go) was a DEBUG line of its own
+    server = Endpoint(
+        ConnectionConfig(),
+        tokens=TokenAllocator(bytes(range(32))),
+        random=seeded_bytes(random.Random(7)),
+    )
+    syn = Segment(Flag.SYN, (MpCapable(CapableFlag.G),), window=1 << 20)
+    accepted = server.receive_first(syn, 0.0)
+    assert isinstance(accepted, Accepted)
+    connection = accepted.connection
+    caplog.set_level(logging.DEBUG, logger="mptls.mptcp")
+    for _ in range(100):
+        connection.receive_segment(0, Segment(Flag.ACK, window=1 << 20), 0.0)
+    assert connection.closed
+    ignored = [r for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(ignored) == 1, ignored

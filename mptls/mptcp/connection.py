@@ -446,11 +446,13 @@ class Connection(
         self._now = now
         subflow = self._subflows.get(subflow_id)
         if subflow is None or not subflow.live or self._closed:
-            logger.debug(
-                "[%s] segment on closed subflow %d ignored",
-                self._tag(),
-                subflow_id,
-            )
+            if subflow_id != self._ignoring_subflow:
+                self._ignoring_subflow = subflow_id
+                logger.debug(
+                    "[%s] segments on closed subflow %d ignored",
+                    self._tag(),
+                    subflow_id,
+                )
             return
         subflow.heard_at = now
         # plain ints: Flag's own operators are Python calls, per frame

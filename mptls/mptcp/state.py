@@ -177,6 +177,9 @@ class ConnectionState:
         self._next_subflow_id = 1
         self._events: deque[ev.Event] = deque()
         self._closed = False
+        # the subflow whose segments were last ignored as dead: a flood
+        # read in one go after its reset is one DEBUG line, not one each
+        self._ignoring_subflow: int | None = None
         self._window_update_due = False
         self._announcements: list[AddAddr] = []
         self._remote_addresses: dict[int, tuple[object, int | None]] = {}
