@@ -307,6 +307,41 @@ async def test_a_peer_that_leaves_in_its_first_frame_is_one_line(
     ]
 
 
+@pytest.mark.parametrize(
+    ("after", "reason"),
+    [
+        (b"\xff" * 8, "frame flags 0xff outside FIN..ACK"),
+        (
+            encode_segment(Segment(Flag.ACK)),
+            "the third ACK carries no MP_CAPABLE",
+        ),
+    ],
+    ids=["a frame it cannot read", "a third ACK without MP_CAPABLE"],
+)
+async def test_a_peer_that_fails_after_its_syn_is_one_line(
+    pki: Pki,
+    lines: Callable[[], list[str]],
+    fresh_log: RefusalLog,
+    after: bytes,
+    reason: str,
+) -> None:
+    # a valid MP_CAPABLE SYN with no TLS in it, then garbage: the server
+    # dropped the connection without a line, for TLS had heard nothing
+    # and took the peer for a port scan
+    syn = encode_segment(Segment(Flag.SYN, (MpCapable(flags=0x02),)))
+    async with served(pki) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        local = int(writer.get_extra_info("sockname")[1])
+        writer.write(PREAMBLE + syn)
+        # the SYN|ACK: the connection exists before the garbage comes
+        answer = await asyncio.wait_for(reader.read(len(PREAMBLE)), WAIT)
+        writer.write(after)
+        await wait_for_line(lines)
+        writer.close()
+    assert answer == PREAMBLE
+    assert lines() == [f"refused 127.0.0.1:{local}: {reason}"]
+
+
 async def test_silence_past_the_handshake_limit_names_no_keyword(
     pki: Pki, lines: Callable[[], list[str]], fresh_log: RefusalLog
 ) -> None:

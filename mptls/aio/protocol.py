@@ -43,6 +43,7 @@ from mptls.errors import (
     PathError,
     PathsLostError,
     PeerResetError,
+    ProtocolError,
     TLSError,
 )
 from mptls.refusals import refused
@@ -331,13 +332,12 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             # the application closed and waits for nothing more
             return False
         if self._app_protocol is None:
-            self._left_silent()
             # a ConnectionResetError, as asyncio's TLS reports this end
-            self._fail(
-                PeerResetError(
-                    "the peer closed the connection during the TLS handshake"
-                )
+            ended = PeerResetError(
+                "the peer closed the connection during the TLS handshake"
             )
+            self._left_silent(ended)
+            self._fail(ended)
             return False
         if not self._engine.eof_received:
             # an end without close_notify may be a truncation: never
@@ -360,7 +360,7 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             error = _in_mptls_tree(
                 exc, "during the TLS handshake"
             ) or TLSError("connection closed during the TLS handshake")
-            self._left_silent()
+            self._left_silent(error)
             self._say_refused(error)
             self._resolve_waiter(error)
             return
@@ -549,9 +549,18 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
             return
         refused(peer, _refusal_reason(exc))
 
-    def _left_silent(self) -> None:
+    def _left_silent(self, error: Exception) -> None:
         """The peer ended the connection: if it never sent a byte, it
-        came and went (a port scan, a health check) unrefused."""
+        came and went (a port scan, a health check) unrefused.
+
+        A protocol error that is no reset is about frames the peer sent
+        (an MPTCP handshake gone wrong before any TLS byte came): it
+        spoke, if not to TLS.
+        """
+        if isinstance(error, ProtocolError) and not isinstance(
+            error, ConnectionResetError
+        ):
+            return
         if not self._peer_spoke:
             self._refusal_said = True
 
