@@ -385,6 +385,19 @@ def test_certs_command_refuses_overwrite(tmp_path: Path) -> None:
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("name", ["c[/]d", "[red]e"])
+def test_certs_names_a_directory_with_brackets_as_it_is(
+    tmp_path: Path, name: str
+) -> None:
+    # the directory was read as rich markup: "c[/]d" failed with "closing
+    # tag '[/]' ... has nothing to close" after writing the files, and
+    # "[red]e" printed commands naming e/ca.pem, which does not exist
+    result = run_mptls("certs", "--dir", name, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert (tmp_path / name / "ca.pem").is_file()
+    assert f"--cafile {name}/ca.pem" in result.stdout.decode()
+
+
 # the demo payload
 
 
@@ -708,6 +721,39 @@ def test_kernel_paths_left_to_the_kernel_are_named(verbose: bool) -> None:
         "(--manage-paths adds them)"
     )
     assert (hint in lines) is verbose
+
+
+@pytest.mark.parametrize("name", ["x[/]y.bin", "[red]r.bin"])
+def test_demo_names_a_file_with_brackets_as_it_is(
+    tmp_path: Path, name: str
+) -> None:
+    # a file's path was read as rich markup: "x[/]y.bin" (the file
+    # "]y.bin" in the directory "x[") failed the demo with "closing tag
+    # '[/]' ... has nothing to close", "[red]r.bin" showed "r.bin"
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"z" * 1000)
+    result = run_mptls("demo", "--file", name, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    report = result.stdout.decode()
+    assert report.startswith(f"sending {name} (1.0 kB)\n")
+    assert f"file         {name} (1.0 kB)" in report
+
+
+def test_a_file_name_cannot_steer_the_terminal(tmp_path: Path) -> None:
+    # control characters of a name (an escape sequence, a newline) went
+    # to the terminal as they were, in the report and in errors
+    name = "e\x1b[31mred\nline.bin"
+    (tmp_path / name).write_bytes(b"z" * 1000)
+    result = run_mptls("demo", "--file", name, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "\x1b" not in result.stdout.decode()
+    assert "e\\x1b[31mred\\nline.bin" in result.stdout.decode()
+    missing = run_mptls("demo", "--file", f"{name}.absent", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.decode() == (
+        "mptls: error: file not found: e\\x1b[31mred\\nline.bin.absent\n"
+    )
 
 
 def test_demo_with_a_missing_file_exits_2(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mptls.cli.common import human_bytes
+from mptls.cli.common import human_bytes, printable
 
 logger = logging.getLogger("mptls.cli")
 
@@ -149,4 +149,4 @@ def stdlib_archive(directory: Path) -> Payload:
 def existing_payload(path: Path) -> Payload:
     """A user's own file, sent as it is."""
     size = path.stat().st_size
-    return Payload(path, size, f"{path} ({human_bytes(size)})")
+    return Payload(path, size, f"{printable(str(path))} ({human_bytes(size)})")

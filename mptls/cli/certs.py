@@ -18,7 +18,13 @@ from pathlib import Path
 import trustme
 from rich.table import Table
 
-from mptls.cli.common import ExitStatus, UsageError, stdout_console
+from mptls.cli.common import (
+    ExitStatus,
+    UsageError,
+    as_markup,
+    printable,
+    stdout_console,
+)
 
 # every name the loopback demos and examples use for the server
 DEVELOPMENT_IDENTITIES = (
@@ -123,22 +129,32 @@ def run(args: argparse.Namespace) -> ExitStatus:
     )
     console = stdout_console()
     written = Table.grid(padding=(0, 2))
-    written.add_row("wrote", str(ca_path), "development CA certificate")
+    # the paths are the user's --dir: a "[" in them is no markup
+    written.add_row(
+        "wrote", as_markup(str(ca_path)), "development CA certificate"
+    )
     written.add_row(
         "wrote",
-        str(chain_path),
+        as_markup(str(chain_path)),
         "server certificate chain for " + ", ".join(DEVELOPMENT_IDENTITIES),
     )
-    written.add_row("wrote", str(key_path), "server private key (mode 600)")
+    written.add_row(
+        "wrote", as_markup(str(key_path)), "server private key (mode 600)"
+    )
     console.print(written)
     console.print()
     console.print("use them with:")
+    chain, key, ca = (
+        printable(str(p)) for p in (chain_path, key_path, ca_path)
+    )
     console.print(
-        f"  mptls serve --cert {chain_path} --key {key_path} --echo",
+        f"  mptls serve --cert {chain} --key {key} --echo",
+        markup=False,
         soft_wrap=True,
     )
     console.print(
-        f"  mptls connect 127.0.0.1 4433 --cafile {ca_path}",
+        f"  mptls connect 127.0.0.1 4433 --cafile {ca}",
+        markup=False,
         soft_wrap=True,
     )
     return ExitStatus.OK

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from rich.console import Console
+from rich.markup import escape
 
 # every command's statuses, where they always were
 from mptls.cli.status import ExitStatus as ExitStatus
@@ -395,18 +396,19 @@ def existing_file(text: str, what: str) -> Path:
     not as a missing file or later, half-way through a command.
     """
     path = Path(text)
+    shown = printable(text)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise UsageError(f"{what} not found: {text}") from None
+        raise UsageError(f"{what} not found: {shown}") from None
     except OSError as exc:
         raise _unreadable(text, what, exc) from exc
     if stat.S_ISDIR(mode):
-        raise UsageError(f"{what} is a directory: {text}")
+        raise UsageError(f"{what} is a directory: {shown}")
     if not stat.S_ISREG(mode):
         # a device or a pipe (/dev/null): there is no file to send, and
         # opening a pipe would wait for a writer
-        raise UsageError(f"{what} is not a regular file: {text}")
+        raise UsageError(f"{what} is not a regular file: {shown}")
     try:
         with path.open("rb"):
             pass
@@ -417,7 +419,7 @@ def existing_file(text: str, what: str) -> Path:
 
 def _unreadable(text: str, what: str, exc: OSError) -> UsageError:
     reason = exc.strerror or type(exc).__name__
-    return UsageError(f"cannot read the {what} {text}: {reason}")
+    return UsageError(f"cannot read the {what} {printable(text)}: {reason}")
 
 
 # how an established connection ends abruptly, in the system's words
@@ -485,7 +487,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not isinstance(exc, MptlsError):
         return "timed out"
     text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    return printable(text) or type(exc).__name__
 
 
 def report_error(exc: BaseException, *, debug: bool) -> ExitStatus:
@@ -702,6 +704,24 @@ def print_json(document: dict[str, Any]) -> None:
         sys.stdout.flush()
     except OSError as exc:
         raise output_error(exc) from exc
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (an escape
+    sequence, a newline, a byte of a name that was not UTF-8) written
+    as its Python escape: a file name shows as it is, and cannot steer
+    the terminal it is shown on."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else repr(char)[1:-1] for char in text
+    )
+
+
+def as_markup(text: str) -> str:
+    """``text`` from the user (a path) for a rich console's markup,
+    where a ``[`` would start a style or, unmatched, fail the print."""
+    return escape(printable(text))
 
 
 def human_bytes(count: float) -> str:

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         else:
             payload = existing_payload(given)
         if not quiet:
-            console.print(f"sending {payload.description}")
+            console.print(f"sending {payload.description}", markup=False)
         with transfer_progress(console, payload.size, quiet) as progress:
             report = asyncio.run(run_demo(settings, payload, progress))
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -153,7 +154,8 @@ def summary_rows(report: DemoReport) -> list[Row]:
     client, server = report.client.info, report.server.info
     tls = (report.client.tls_version or "-", report.client.cipher or "")
     return [
-        ("file", report.payload.description),
+        # a path of the user's: "[" in it is no markup
+        ("file", escape(report.payload.description)),
         (
             "backend",
             f"{client.backend}    mode {client.mode}"
