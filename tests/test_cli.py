@@ -1438,6 +1438,39 @@ def test_serve_once_stopped_during_its_connection_fails(
     ), lines
 
 
+def test_serve_stopped_during_a_connection_says_so(certs: Path) -> None:
+    # a server that prints clients' input is stopped as it should be,
+    # and exits 0, but said nothing of the client it cut short
+    with serving(certs) as (server, port):
+        client = subprocess.Popen(
+            [sys.executable, "-m", "mptls", *connect_args(port, certs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert client.stdin is not None
+            client.stdin.write(b"x" * 65536)
+            client.stdin.flush()
+            assert server.stdout is not None
+            assert len(server.stdout.read(1000)) == 1000
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=COMMAND_TIMEOUT) == ExitStatus.OK
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.wait(timeout=COMMAND_TIMEOUT)
+            close_pipes(client)
+        assert server.stderr is not None
+        lines = server.stderr.read().decode().splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        r"mptls: stopped before the connection from "
+        r"127\.0\.0\.1:\d+ ended: what it sent may be incomplete",
+        lines[0],
+    ), lines
+
+
 # Ctrl-C at a known moment of the command's start: a finder first on the
 # import path raises KeyboardInterrupt, as the SIGINT handler does, when
 # the named module is about to be imported

@@ -289,7 +289,7 @@ async def _serve_one(
     clients: dict[asyncio.Task[Any] | None, asyncio.StreamWriter] = {}
     # --once: a client was served to its end, so a stop after it cuts
     # nothing short
-    served: list[str] = []
+    served: list[asyncio.StreamWriter] = []
 
     async def on_client(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -311,7 +311,7 @@ async def _serve_one(
             stop.set()
         finally:
             del clients[asyncio.current_task()]
-            served.append(format_address(writer.get_extra_info("peername")))
+            served.append(writer)
         if failure is not None and not args.once:
             _status(True, [f"mptls: {failure}"])
         elif failure is not None:
@@ -334,27 +334,36 @@ async def _serve_one(
         # always shown: with --port 0 it is how a caller learns the port
         _status(True, [f"listening on {bound}"])
         await stop.wait()
-        cut_short = _cut_short(args.once, served, clients)
+        # --once's client was served to its end: the rest never had
+        # their turn, and nothing of theirs was printed
+        cut_short = [] if args.once and served else _peers(clients)
         await _close_clients(clients)
-    if cut_short is not None:
-        failures.insert(0, cut_short)
+    if args.once and cut_short:
+        failures.insert(
+            0, ConnectionFailedError(_stopped_during(cut_short[0]))
+        )
+    else:
+        for peer in cut_short:
+            _status(True, [f"mptls: {_stopped_during(peer)}"])
     if failures:
         raise failures[0]
 
 
-def _cut_short(
-    once: bool,
-    served: Sequence[str],
+def _peers(
     clients: dict[asyncio.Task[Any] | None, asyncio.StreamWriter],
-) -> ConnectionFailedError | None:
-    """``serve --once`` stopped by a signal while its client was still
-    connected: what it printed may be a truncated copy of the input,
-    which an exit status of 0 would call complete."""
-    if not once or served or not clients:
-        return None
-    writer = next(iter(clients.values()))
-    peer = format_address(writer.get_extra_info("peername"))
-    return ConnectionFailedError(
+) -> list[str]:
+    """The addresses of the clients still connected."""
+    return [
+        format_address(writer.get_extra_info("peername"))
+        for writer in clients.values()
+    ]
+
+
+def _stopped_during(peer: str) -> str:
+    """A connection the server's stop (a signal) cut short: what it
+    printed of it may be a truncated copy of the input, which an exit
+    status of 0 alone would call complete."""
+    return (
         f"stopped before the connection from {peer} ended: what it sent "
         "may be incomplete"
     )
