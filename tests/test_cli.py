@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -754,6 +755,72 @@ def test_a_file_name_cannot_steer_the_terminal(tmp_path: Path) -> None:
     assert missing.stderr.decode() == (
         "mptls: error: file not found: e\\x1b[31mred\\nline.bin.absent\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [
+        (signal.SIGINT, ExitStatus.INTERRUPTED),
+        (signal.SIGTERM, ExitStatus.TERMINATED),
+    ],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_demo_stopped_while_it_builds_its_archive_leaves_nothing(
+    tmp_path: Path, signum: signal.Signals, status: ExitStatus
+) -> None:
+    # SIGTERM (timeout, a CI job's end) killed the demo where it stood:
+    # its temporary directory stayed, with tens of MB of a partial tar
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "mptls", "demo", "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    try:
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not any(
+            archive.stat().st_size
+            for archive in tmp_path.glob("mptls-demo-*/*")
+        ):
+            assert demo.poll() is None, "the demo ended before its archive"
+            assert time.monotonic() < deadline, "no archive was started"
+            time.sleep(0.01)
+        demo.send_signal(signum)
+        assert demo.wait(timeout=COMMAND_TIMEOUT) == status
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        demo.wait(timeout=COMMAND_TIMEOUT)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_terminated_while_it_sends_ends_in_order(tmp_path: Path) -> None:
+    # SIGTERM during the transfer: the exit status says so, without a
+    # traceback of asyncio's, and the temporary directory is gone
+    path = tmp_path / "payload.bin"
+    path.write_bytes(random.Random(5).randbytes(32 << 20))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "mptls", "demo", "--file", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    try:
+        assert demo.stdout is not None
+        sending = readline_within(demo.stdout, COMMAND_TIMEOUT)
+        assert sending.startswith(b"sending "), sending
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=COMMAND_TIMEOUT) == ExitStatus.TERMINATED
+        assert demo.stderr is not None
+        assert demo.stderr.read() == b""
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        demo.wait(timeout=COMMAND_TIMEOUT)
+        close_pipes(demo)
+    assert list(scratch.iterdir()) == []
 
 
 def test_demo_with_a_missing_file_exits_2(tmp_path: Path) -> None:

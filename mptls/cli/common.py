@@ -16,23 +16,27 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 from collections.abc import (
     AsyncIterator,
     Callable,
+    Coroutine,
     Iterator,
     Mapping,
     Sequence,
 )
 from pathlib import Path
-from typing import IO, Any, cast
+from types import FrameType
+from typing import IO, Any, TypeVar, cast
 
 from rich.console import Console
 from rich.markup import escape
 
 # every command's statuses, where they always were
 from mptls.cli.status import ExitStatus as ExitStatus
+from mptls.cli.status import TerminatedInterrupt
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -44,6 +48,8 @@ from mptls.errors import (
 from mptls.trace import Capture, capture
 
 logger = logging.getLogger("mptls.cli")
+
+T = TypeVar("T")
 
 BACKENDS = ("userspace", "kernel")
 MODES = ("G", "E", "rfc8684")
@@ -293,6 +299,56 @@ def _same_file(first: str, second: str | os.PathLike[str]) -> bool:
 class Terminated(Exception):
     """A command ended by SIGTERM once it had closed what it had open:
     the exit status says so, with no message, as for Ctrl-C."""
+
+
+async def until_terminated(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; SIGTERM (``timeout``, a service manager) ends it
+    as Ctrl-C does: cancelled, so that a connection whose input had not
+    ended is aborted and one whose input had is closed in order, then
+    :class:`Terminated`. Killed outright, the server heard nothing and
+    waited ``path_loss_timeout`` for the paths to come back.
+
+    The SIGTERM handler that was there before (the process's default,
+    or :func:`sigterm_as_interrupt`'s) is there again after.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    previous = signal.getsignal(signal.SIGTERM)
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
+    finally:
+        # asyncio's removal leaves the default, which ends the process
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within, SIGTERM unwinds the command as Ctrl-C does, where its
+    default would end the process at once and leave what the command
+    made behind (:class:`TerminatedInterrupt`)."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise TerminatedInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class UsageError(ConfigurationError):

@@ -27,8 +27,10 @@ from mptls.cli.common import (
     parse_paths,
     pcap_capture,
     print_json,
+    sigterm_as_interrupt,
     stdout_console,
     summarize_capture,
+    until_terminated,
 )
 from mptls.cli.demo_report import render_report, transfer_progress
 from mptls.cli.transfer import DEFAULT_PATHS, DemoSettings, run_demo
@@ -103,6 +105,8 @@ def run(args: argparse.Namespace) -> ExitStatus:
     quiet = args.quiet or args.json
 
     with (
+        # the archive is tens of MB: SIGTERM must not leave it behind
+        sigterm_as_interrupt(),
         pcap_capture(args.pcap, args.backend, {"--file": given}) as capture,
         tempfile.TemporaryDirectory(prefix="mptls-demo-") as directory,
     ):
@@ -113,7 +117,9 @@ def run(args: argparse.Namespace) -> ExitStatus:
         if not quiet:
             console.print(f"sending {payload.description}", markup=False)
         with transfer_progress(console, payload.size, quiet) as progress:
-            report = asyncio.run(run_demo(settings, payload, progress))
+            report = asyncio.run(
+                until_terminated(run_demo(settings, payload, progress))
+            )
 
     if args.json:
         document = report.as_dict()

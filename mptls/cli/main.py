@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mptls.cli.status import ExitStatus
+from mptls.cli.status import ExitStatus, TerminatedInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,5 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mptls.cli.commands import run
 
         return run(argv)
+    except TerminatedInterrupt:
+        return ExitStatus.TERMINATED
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED

@@ -30,7 +30,6 @@ from mptls.cli.common import (
     MAX_SECONDS,
     ExitStatus,
     OutputError,
-    Terminated,
     UsageError,
     add_backend_arguments,
     add_pcap_argument,
@@ -47,6 +46,7 @@ from mptls.cli.common import (
     status_lines_from,
     stderr_console,
     summarize_capture,
+    until_terminated,
 )
 from mptls.errors import CertificateError, MptlsError, PeerResetError
 from mptls.mptcp.options import ResetReason
@@ -648,35 +648,8 @@ async def connect(args: argparse.Namespace) -> None:
         )
     files = {"--cafile": cafile}
     async with running_pcap_capture(args.pcap, args.backend, files) as capture:
-        await _until_terminated(_converse(args, port, paths, tls))
+        await until_terminated(_converse(args, port, paths, tls))
     _capture_status(args.verbose, capture)
-
-
-async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
-    """Run ``work``; SIGTERM (``timeout``, a service manager) ends it
-    as Ctrl-C does: cancelled, so that a connection whose input had not
-    ended is aborted and one whose input had is closed in order, then
-    :class:`Terminated`. Killed outright, the server heard nothing and
-    waited ``path_loss_timeout`` for the paths to come back."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    terminated = False
-
-    def terminate() -> None:
-        nonlocal terminated
-        terminated = True
-        task.cancel()
-
-    loop.add_signal_handler(signal.SIGTERM, terminate)
-    try:
-        await work
-    except asyncio.CancelledError:
-        if terminated:
-            raise Terminated from None
-        raise
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _converse(

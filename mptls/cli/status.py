@@ -23,3 +23,12 @@ class ExitStatus(IntEnum):
     INTERRUPTED = 130
     # 128 + SIGTERM, as a shell reports a process that signal ended
     TERMINATED = 143
+
+
+class TerminatedInterrupt(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be.
+
+    A command that holds something on disk (the demo's temporary
+    archive) lets it go on the way out, as after Ctrl-C; the exit
+    status is still SIGTERM's.
+    """
