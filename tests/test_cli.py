@@ -757,6 +757,20 @@ def test_a_file_name_cannot_steer_the_terminal(tmp_path: Path) -> None:
     )
 
 
+def test_a_name_in_a_system_error_cannot_steer_the_terminal(
+    tmp_path: Path,
+) -> None:
+    # the system's errors name the file as it was: "Not a directory: "
+    # followed by the escape sequence of the user's --dir
+    name = "f\x1b[31m"
+    (tmp_path / name).touch()
+    result = run_mptls("certs", "--dir", f"{name}/sub", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        "mptls: error: Not a directory: f\\x1b[31m/sub\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("signum", "status"),
     [

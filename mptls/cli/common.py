@@ -532,7 +532,13 @@ def _short_os_reason(exc: OSError) -> str | None:
 
 
 def describe_error(exc: BaseException) -> str:
-    """One line that says what went wrong, without a traceback."""
+    """One line that says what went wrong, without a traceback; a name
+    in it (a file's, from the user or the system) cannot steer the
+    terminal."""
+    return printable(_describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and (short := _short_os_reason(exc)):
         return short
     if isinstance(exc, ConnectionRefusedError):
@@ -543,7 +549,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not isinstance(exc, MptlsError):
         return "timed out"
     text = " ".join(str(exc).split())
-    return printable(text) or type(exc).__name__
+    return text or type(exc).__name__
 
 
 def report_error(exc: BaseException, *, debug: bool) -> ExitStatus:
