@@ -1710,15 +1710,27 @@ async def test_a_socket_a_live_connection_carries_is_refused(
                 await writer.wait_closed()
 
 
-@pytest.mark.skipif(
-    sys.version_info < (3, 12),
-    reason="asyncio's loop refuses a socket its transports use from 3.12",
-)
+def refuse_sockets_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make Python 3.11's loop refuse a socket one of its transports
+    uses, as the loop of 3.12 and later does on its own (its
+    ``_make_socket_transport`` asks ``_ensure_fd_no_transport`` first)."""
+    loop = asyncio.get_running_loop()
+    make = loop._make_socket_transport  # type: ignore[attr-defined]
+
+    def checked(sock: socket.socket, *args: Any, **kwargs: Any) -> Any:
+        loop._ensure_fd_no_transport(sock)  # type: ignore[attr-defined]
+        return make(sock, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_make_socket_transport", checked)
+
+
 async def test_a_socket_another_transport_uses_is_left_to_it(
-    pki: Pki,
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the loop refused it before taking it, and mptls closed it under
     # the transport that uses it
+    if sys.version_info < (3, 12):
+        refuse_sockets_in_use(monkeypatch)
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen(1)
