@@ -522,6 +522,42 @@ def test_demo_sends_a_file_over_two_subflows(
     assert all(subflow["bytes_sent"] > 0 for subflow in subflows)
 
 
+def _documented_demo_json() -> dict[str, list[str]]:
+    """The keys of ``demo --json`` as docs/cli.md shows them, in its
+    order: each top-level key with the keys of its object, where the
+    example writes them out."""
+    text = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    start = text.index("`--json` prints one JSON document instead")
+    block = text[text.index("```\n{", start) : text.index("\n}\n```", start)]
+    keys: dict[str, list[str]] = {}
+    top = ""
+    for line in block.splitlines()[2:]:
+        if found := re.match(r'  "(\w+)": ', line):
+            top = found[1]
+            keys[top] = []
+            line = line[found.end() :]
+        keys[top] += re.findall(r'"(\w+)": ', line)
+    return keys
+
+
+def test_demo_json_keys_come_in_the_order_the_docs_show(
+    tmp_path: Path,
+) -> None:
+    # the docs showed "ok" first, where the document has it in the
+    # alphabetical order of every other key
+    path = tmp_path / "payload.bin"
+    path.write_bytes(random.Random(7).randbytes(20000))
+    result = run_mptls("demo", "--file", str(path), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+
+    report = json.loads(result.stdout)
+    documented = _documented_demo_json()
+    assert list(report) == list(documented)
+    for key, inner in documented.items():
+        if inner:
+            assert list(report[key]) == inner, key
+
+
 def test_demo_in_mode_e_rotates_its_keys(
     two_mib_file: tuple[Path, str],
 ) -> None:
