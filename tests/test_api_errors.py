@@ -1746,6 +1746,41 @@ async def test_a_socket_another_transport_uses_is_left_to_it(
             await writer.wait_closed()
 
 
+def test_on_uvloop_a_socket_another_transport_uses_is_left_to_it(
+    pki: Pki,
+) -> None:
+    # uvloop refuses it with libuv's EEXIST, which read as a failed
+    # connect: "cannot connect to ...: File exists" (a ConnectError);
+    # its descriptor stays the other transport's, though uvloop detaches
+    # the socket object from it
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        with socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen(1)
+            with socket.create_connection(listening.getsockname()) as sock:
+                _, writer = await asyncio.open_connection(sock=sock)
+                descriptor = sock.fileno()
+                with pytest.raises(SocketInUseError) as raised:
+                    await mptls.open_connection(
+                        ssl=pki.client(),
+                        sock=sock,
+                        server_hostname="localhost",
+                    )
+                assert isinstance(raised.value.__cause__, FileExistsError)
+                assert "in use by the loop" in str(raised.value)
+                assert not writer.is_closing()
+                os.fstat(descriptor)
+                writer.write(b"still there")
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+
+
 async def test_the_kernel_backend_connects_its_own_sockets(pki: Pki) -> None:
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))

@@ -526,26 +526,38 @@ async def _carry_first_subflow(
     The socket is the connection's from here on: if that fails (or is
     cancelled) it is closed before the error propagates, as asyncio's
     ``create_connection`` closes a socket it was given. Unless the loop
-    refused the caller's (``given``) socket before taking it: asyncio's
-    does so from Python 3.12 for one that another of its transports
-    uses, and leaves it open to that transport.
+    refused the caller's (``given``) socket before taking it, and left
+    it open to whatever uses it: asyncio's does so from Python 3.12 for
+    one that another of its transports uses (a ``RuntimeError``),
+    uvloop for a descriptor it already watches (``EEXIST``, from
+    libuv's check before it touches the socket).
     """
     subflow.sock = sock
     try:
         await asyncio.get_running_loop().create_connection(
             lambda: subflow, sock=sock
         )
-    except RuntimeError as exc:
+    except (RuntimeError, FileExistsError) as exc:
         if given and subflow.transport is None:
             subflow.sock = None
-            raise SocketInUseError(
-                f"sock is in use by another transport of the loop: {exc}"
-            ) from exc
+            raise SocketInUseError(_in_use_by_the_loop(exc)) from exc
         sock.close()
         raise
     except BaseException:
         sock.close()
         raise
+
+
+def _in_use_by_the_loop(exc: RuntimeError | FileExistsError) -> str:
+    """Why the loop refused a given socket: asyncio's message names the
+    transport; uvloop's is only ``File exists``."""
+    if isinstance(exc, FileExistsError):
+        return (
+            "sock is in use by the loop: it already watches its "
+            "descriptor (another transport, or a reader or writer "
+            "callback)"
+        )
+    return f"sock is in use by another transport of the loop: {exc}"
 
 
 async def _connect_tcp(
