@@ -1555,10 +1555,18 @@ def test_serve_once_stopped_during_its_connection_fails(
     ), lines
 
 
-def test_serve_stopped_during_a_connection_says_so(certs: Path) -> None:
+@pytest.mark.parametrize(
+    ("options", "prefix"),
+    [((), ""), (("--workers", "2"), r"worker \d: ")],
+    ids=["one-process", "workers"],
+)
+def test_serve_stopped_during_a_connection_says_so(
+    certs: Path, options: tuple[str, ...], prefix: str
+) -> None:
     # a server that prints clients' input is stopped as it should be,
-    # and exits 0, but said nothing of the client it cut short
-    with serving(certs) as (server, port):
+    # and exits 0, but said nothing of the client it cut short (with
+    # --workers, the worker aborted it after its grace, silently)
+    with serving(certs, *options) as (server, port):
         client = subprocess.Popen(
             [sys.executable, "-m", "mptls", *connect_args(port, certs)],
             stdin=subprocess.PIPE,
@@ -1582,7 +1590,7 @@ def test_serve_stopped_during_a_connection_says_so(certs: Path) -> None:
         lines = server.stderr.read().decode().splitlines()
     assert len(lines) == 1, lines
     assert re.fullmatch(
-        r"mptls: stopped before the connection from "
+        prefix + r"mptls: stopped before the connection from "
         r"127\.0\.0\.1:\d+ ended: what it sent may be incomplete",
         lines[0],
     ), lines

@@ -149,12 +149,15 @@ async def _handle_client(
     *,
     echo: bool,
     verbose: bool,
+    say_cut_short: bool = False,
 ) -> str | None:
     """Serve one client; returns why it failed, or None.
 
     A stdout that takes nothing more (closed by ``| head``, or full) is
     no failure of the client's: it raises :class:`OutputError`, for the
-    server cannot print any more.
+    server cannot print any more. With ``say_cut_short``, a connection
+    that this end ended before the client ended its input (a worker's
+    stop) is a failure too: what was printed of it may be truncated.
     """
     peer = format_address(writer.get_extra_info("peername"))
     failure = None
@@ -167,6 +170,10 @@ async def _handle_client(
                 await writer.drain()
             else:
                 _write_stdout(chunk)
+        if say_cut_short and writer.transport.is_closing():
+            # the input ended because the server ended the connection,
+            # not because the client ended it
+            failure = _stopped_during(peer)
         # the client half-closed: everything is echoed, so close too
         writer.close()
         await writer.wait_closed()
@@ -189,14 +196,17 @@ async def _handle_and_report(
     verbose: bool,
 ) -> None:
     """A worker's handler: a failed client is one line, and the worker
-    goes on.
+    goes on. So is a client the worker's stop cut short, as in one
+    process.
 
     A stdout that takes nothing more ends the server instead, as in one
     process: the :class:`OutputError` goes on to the pool (its
     ``stop_on``), which tells the parent; the client, reset, knows its
     data went nowhere.
     """
-    failure = await _handle_client(reader, writer, echo=echo, verbose=verbose)
+    failure = await _handle_client(
+        reader, writer, echo=echo, verbose=verbose, say_cut_short=True
+    )
     if failure is not None:
         _status(True, [f"mptls: {failure}"])
 

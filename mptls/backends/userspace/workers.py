@@ -86,6 +86,9 @@ ClientConnectedCallback = Callable[
 ]
 
 _STOP = "stop"
+# how long a stopping worker lets the handlers of the connections it
+# aborted see their end: they only return from a read or a drain
+_HANDLERS_END = 1.0
 
 
 # the worker process
@@ -180,11 +183,13 @@ async def _serve_until_stopped(
     from mptls.aio.streams import start_server
 
     loop = asyncio.get_running_loop()
+    handlers: set[asyncio.Task[Any]] = set()
     handler = functools.partial(
         _run_handler,
         spec.client_connected_cb,
         spec.stop_on,
         PoolStopper(pipe, spec.worker_id),
+        handlers,
     )
     server = await start_server(
         handler,
@@ -221,12 +226,17 @@ async def _serve_until_stopped(
 
     server.close()
     await _drain(listener, spec.grace)
+    if handlers:
+        # a handler whose connection the stop ended hears of it (its
+        # read ends) and reports it before the loop's end cancels it
+        await asyncio.wait(set(handlers), timeout=_HANDLERS_END)
 
 
 async def _run_handler(
     client_connected_cb: ClientConnectedCallback,
     stop_on: tuple[type[Exception], ...],
     stop_pool: PoolStopper,
+    handlers: set[asyncio.Task[Any]],
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
 ) -> None:
@@ -239,6 +249,10 @@ async def _run_handler(
     that raises one of ``stop_on`` has its connection aborted too, and
     the parent hears of the error.
     """
+    task = asyncio.current_task()
+    if task is not None:
+        handlers.add(task)
+        task.add_done_callback(handlers.discard)
     try:
         # a plain callable, as asyncio takes, returns no awaitable
         running = client_connected_cb(reader, writer)
@@ -469,6 +483,10 @@ class WorkerPool:
 
     async def stop(self) -> tuple[WorkerStats, ...]:
         """Stop every worker (open connections get ``grace`` s to end).
+
+        A connection still open then is aborted, and its handler gets up
+        to a second more to hear of it (its read ends) before the
+        worker's loop cancels it: a handler can say what was cut short.
 
         Returns the workers' :attr:`stats`; a second call returns them
         again (``async with`` stops a pool its block already stopped).
