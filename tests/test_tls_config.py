@@ -1094,12 +1094,26 @@ def test_a_stdlib_context_changed_between_connects_is_carried_again(
     )
     assert client.version() == "TLSv1.2"
 
+    # capped at TLS 1.2, OP_NO_TLSv1_2 leaves no version; cleared, the
+    # settings are those of the context carried over last
+    with pytest.warns(DeprecationWarning):
+        source.options |= ssl.OP_NO_TLSv1_2
+    with pytest.raises(ConfigurationError, match="above its ceiling"):
+        to_openssl_context(source, server_side=False)
+    source.options &= ~ssl.OP_NO_TLSv1_2
+
     source.set_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305")
     narrowed, _ = to_openssl_context(source, server_side=False)
     client, _ = handshake(narrowed, tls12_server(files))
     cipher = client.cipher()
     assert cipher is not None
     assert cipher[0] == "ECDHE-ECDSA-CHACHA20-POLY1305"
+
+    # a CRL asked for that no one loaded fails every verification
+    source.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    crl_checked, _ = to_openssl_context(source, server_side=False)
+    with pytest.raises(CertificateError):
+        handshake(crl_checked, tls12_server(files))
 
     source.check_hostname = False
     unnamed, check = to_openssl_context(source, server_side=False)
