@@ -62,6 +62,8 @@ from mptls.cli.common import (
     parse_paths,
     parse_port,
     server_options,
+    sigterm_as_interrupt,
+    until_terminated,
 )
 from mptls.cli.demo_report import subflow_table
 from mptls.cli.transfer import ClientSide, DemoReport, DemoSettings, ServerSide
@@ -842,6 +844,23 @@ def test_demo_stopped_while_it_builds_its_archive_leaves_nothing(
             demo.kill()
         demo.wait(timeout=COMMAND_TIMEOUT)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_handling_gives_back_the_handler_it_found() -> None:
+    # the demo's transfer runs under until_terminated within
+    # sigterm_as_interrupt: left at asyncio's default once the transfer
+    # was over, a SIGTERM while the report was written ended the demo
+    # at once, its temporary archive left behind
+    async def work() -> str:
+        return "done"
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_as_interrupt():
+        unwinding = signal.getsignal(signal.SIGTERM)
+        assert unwinding is not before
+        assert asyncio.run(until_terminated(work())) == "done"
+        assert signal.getsignal(signal.SIGTERM) is unwinding
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_demo_terminated_while_it_sends_ends_in_order(tmp_path: Path) -> None:
