@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import pickle
@@ -10,7 +11,7 @@ import select
 import socket
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -1643,43 +1644,49 @@ async def test_a_socket_the_server_reset_is_a_connection_error(
     assert sock.fileno() == -1
 
 
+@contextlib.contextmanager
+def connected_socket() -> Iterator[socket.socket]:
+    """A TCP socket connected to a local listener that never accepts it:
+    a ``sock=`` nothing answers on, so that only mptls's checks of the
+    socket itself can end the call."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        with socket.create_connection(listening.getsockname()) as sock:
+            yield sock
+
+
 async def test_a_socket_shut_for_writing_is_refused_as_such(
     pki: Pki,
 ) -> None:
     # the caller's shutdown(SHUT_WR) failed the first write with EPIPE,
     # which was reported as the server's reset (PeerResetError)
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(1)
-        with socket.create_connection(listening.getsockname()) as sock:
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(5.0)
-            with pytest.raises(ConfigurationError, match="shut for writing"):
-                await mptls.open_connection(
-                    ssl=pki.client(), sock=sock, server_hostname="localhost"
-                )
-            # refused before it was taken: still the caller's, as it was
-            assert sock.fileno() != -1
-            assert sock.gettimeout() == 5.0
+    with connected_socket() as sock:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(5.0)
+        with pytest.raises(ConfigurationError, match="shut for writing"):
+            await mptls.open_connection(
+                ssl=pki.client(), sock=sock, server_hostname="localhost"
+            )
+        # refused before it was taken: still the caller's, as it was
+        assert sock.fileno() != -1
+        assert sock.gettimeout() == 5.0
 
 
 async def test_a_socket_refused_for_another_argument_is_as_it_was(
     pki: Pki,
 ) -> None:
     # the check for a shut socket makes it non-blocking for a moment
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(1)
-        with socket.create_connection(listening.getsockname()) as sock:
-            sock.settimeout(5.0)
-            with pytest.raises(ConfigurationError, match="handshake"):
-                await mptls.open_connection(
-                    ssl=pki.client(),
-                    sock=sock,
-                    server_hostname="localhost",
-                    ssl_handshake_timeout=-1,
-                )
-            assert sock.gettimeout() == 5.0
+    with connected_socket() as sock:
+        sock.settimeout(5.0)
+        with pytest.raises(ConfigurationError, match="handshake"):
+            await mptls.open_connection(
+                ssl=pki.client(),
+                sock=sock,
+                server_hostname="localhost",
+                ssl_handshake_timeout=-1,
+            )
+        assert sock.gettimeout() == 5.0
 
 
 async def test_a_socket_a_live_connection_carries_is_refused(
@@ -1731,19 +1738,16 @@ async def test_a_socket_another_transport_uses_is_left_to_it(
     # the transport that uses it
     if sys.version_info < (3, 12):
         refuse_sockets_in_use(monkeypatch)
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(1)
-        with socket.create_connection(listening.getsockname()) as sock:
-            _, writer = await asyncio.open_connection(sock=sock)
-            with pytest.raises(SocketInUseError):
-                await mptls.open_connection(
-                    ssl=pki.client(), sock=sock, server_hostname="localhost"
-                )
-            assert sock.fileno() != -1
-            assert not writer.is_closing()
-            writer.close()
-            await writer.wait_closed()
+    with connected_socket() as sock:
+        _, writer = await asyncio.open_connection(sock=sock)
+        with pytest.raises(SocketInUseError):
+            await mptls.open_connection(
+                ssl=pki.client(), sock=sock, server_hostname="localhost"
+            )
+        assert sock.fileno() != -1
+        assert not writer.is_closing()
+        writer.close()
+        await writer.wait_closed()
 
 
 def test_on_uvloop_a_socket_another_transport_uses_is_left_to_it(
