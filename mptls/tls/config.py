@@ -687,9 +687,9 @@ def _from_stdlib(source: ssl.SSLContext) -> tuple[SSL.Context, bool]:
 
     _stdlib_ciphers(source, context)
     if maximum is not None and maximum < TLSVersion.TLS1_3:
-        # its TLS 1.2 ciphers alone may leave none to offer; TLS 1.3
-        # keeps suites whatever the stdlib context says, and checking
-        # every carried context would cost each connect a handshake
+        # its TLS 1.2 ciphers alone may leave none to offer; with TLS
+        # 1.3 allowed its suites remain, which the ssl module cannot
+        # take away (set_ciphers names TLS 1.2 ciphers only)
         check_startable(context, server_side=False)
     logger.debug(
         "carried over ssl.SSLContext: verify=%s check_hostname=%s "
