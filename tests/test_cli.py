@@ -795,6 +795,20 @@ def test_a_file_name_cannot_steer_the_terminal(tmp_path: Path) -> None:
     )
 
 
+def test_a_capture_name_cannot_steer_the_terminal(tmp_path: Path) -> None:
+    # the line that ends a --pcap run showed the capture's name raw
+    (tmp_path / "small.bin").write_bytes(b"z" * 1000)
+    name = "p\x1b[31mred.pcap"
+    result = run_mptls(
+        "demo", "--file", "small.bin", "--pcap", name, "--quiet", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert (tmp_path / name).is_file()
+    shown = result.stdout.decode()
+    assert "\x1b" not in shown
+    assert "in p\\x1b[31mred.pcap\n" in shown
+
+
 def test_a_name_in_a_system_error_cannot_steer_the_terminal(
     tmp_path: Path,
 ) -> None:

@@ -280,13 +280,15 @@ def _is_fifo(path: str) -> bool:
 
 
 def summarize_capture(capture: Capture, what: str = "") -> str:
-    """The line that ends a command run with ``--pcap``."""
+    """The line that ends a command run with ``--pcap``; the capture's
+    name is the user's, shown as it is (:func:`printable`)."""
+    path = printable(str(capture.path))
     if capture.stopped_by is not None:
         return (
             f"packet capture stopped after {capture.frames} frames "
-            f"({capture.stopped_by}): {capture.path}"
+            f"({capture.stopped_by}): {path}"
         )
-    return f"packet capture: {capture.frames} frames{what} in {capture.path}"
+    return f"packet capture: {capture.frames} frames{what} in {path}"
 
 
 def _same_file(first: str, second: str | os.PathLike[str]) -> bool:
