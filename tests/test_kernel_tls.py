@@ -103,6 +103,14 @@ async def kernel_client(
     )
 
 
+async def close_at_the_end(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A server handler that reads until the client's end, then closes."""
+    await reader.read()
+    writer.close()
+
+
 class EchoServer:
     """Echoes one line per connection; keeps what each server end saw."""
 
@@ -184,13 +192,7 @@ async def test_write_buffer_limits_are_asyncio_tls_ones(
 async def test_a_closed_stream_shows_no_socket(pki: netns.ServerPki) -> None:
     # as asyncio's TLS streams: the addresses stay readable, the closed
     # socket is no longer shown (it was, with descriptor -1)
-    async def end(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await reader.read()
-        writer.close()
-
-    async with kernel_serving(end, pki) as port:
+    async with kernel_serving(close_at_the_end, pki) as port:
         _, writer = await kernel_client(pki, port)
         assert writer.get_extra_info("socket").fileno() >= 0
         writer.close()
@@ -635,13 +637,7 @@ def test_an_abort_after_the_close_does_nothing_on_uvloop(
 
 
 async def _abort_after_close(pki: netns.ServerPki) -> None:
-    async def end(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await reader.read()
-        writer.close()
-
-    async with kernel_serving(end, pki) as port:
+    async with kernel_serving(close_at_the_end, pki) as port:
         _, writer = await kernel_client(pki, port)
         writer.close()
         await writer.wait_closed()
