@@ -1504,6 +1504,36 @@ def test_connect_says_the_server_aborted_when_its_output_closed(
         ), lines
 
 
+@contextlib.contextmanager
+def client_in_mid_send(
+    server: subprocess.Popen[bytes],
+    port: str,
+    certs: Path,
+    stderr: int = subprocess.DEVNULL,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``connect`` to ``server`` that has sent 64 KiB and not ended its
+    input, once the server printed some of it: the connection is up.
+    Killed on the way out if it is still running."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "mptls", *connect_args(port, certs)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+    try:
+        assert client.stdin is not None
+        client.stdin.write(b"x" * 65536)
+        client.stdin.flush()
+        assert server.stdout is not None
+        assert len(server.stdout.read(1000)) == 1000
+        yield client
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.wait(timeout=COMMAND_TIMEOUT)
+        close_pipes(client)
+
+
 @pytest.mark.parametrize(
     ("signum", "status"),
     [
@@ -1521,26 +1551,11 @@ def test_connect_interrupted_before_the_end_of_input_aborts(
     # a service manager) killed the client outright: the server heard
     # nothing and waited path_loss_timeout for the paths to come back
     with serving(certs, "--once") as (server, port):
-        client = subprocess.Popen(
-            [sys.executable, "-m", "mptls", *connect_args(port, certs)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            assert client.stdin is not None
-            client.stdin.write(b"x" * 65536)
-            client.stdin.flush()
-            # the server printed some: the connection is up
-            assert server.stdout is not None
-            assert len(server.stdout.read(1000)) == 1000
+        with client_in_mid_send(
+            server, port, certs, stderr=subprocess.PIPE
+        ) as client:
             client.send_signal(signum)
             assert client.wait(timeout=COMMAND_TIMEOUT) == status
-        finally:
-            if client.poll() is None:
-                client.kill()
-            client.wait(timeout=COMMAND_TIMEOUT)
-            close_pipes(client)
         assert server.wait(timeout=COMMAND_TIMEOUT) == ExitStatus.FAILURE
         assert server.stderr is not None
         lines = server.stderr.read().decode().splitlines()
@@ -1558,26 +1573,9 @@ def test_serve_once_stopped_during_its_connection_fails(
     # was still sending exited 0, without a word: FILE held a truncated
     # copy that its exit status called complete
     with serving(certs, "--once") as (server, port):
-        client = subprocess.Popen(
-            [sys.executable, "-m", "mptls", *connect_args(port, certs)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            assert client.stdin is not None
-            client.stdin.write(b"x" * 65536)
-            client.stdin.flush()
-            # the server printed some: the connection is up
-            assert server.stdout is not None
-            assert len(server.stdout.read(1000)) == 1000
+        with client_in_mid_send(server, port, certs):
             server.send_signal(signum)
             assert server.wait(timeout=COMMAND_TIMEOUT) == ExitStatus.FAILURE
-        finally:
-            if client.poll() is None:
-                client.kill()
-            client.wait(timeout=COMMAND_TIMEOUT)
-            close_pipes(client)
         assert server.stderr is not None
         lines = server.stderr.read().decode().splitlines()
     assert len(lines) == 1, lines
@@ -1600,25 +1598,9 @@ def test_serve_stopped_during_a_connection_says_so(
     # and exits 0, but said nothing of the client it cut short (with
     # --workers, the worker aborted it after its grace, silently)
     with serving(certs, *options) as (server, port):
-        client = subprocess.Popen(
-            [sys.executable, "-m", "mptls", *connect_args(port, certs)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            assert client.stdin is not None
-            client.stdin.write(b"x" * 65536)
-            client.stdin.flush()
-            assert server.stdout is not None
-            assert len(server.stdout.read(1000)) == 1000
+        with client_in_mid_send(server, port, certs):
             server.send_signal(signal.SIGTERM)
             assert server.wait(timeout=COMMAND_TIMEOUT) == ExitStatus.OK
-        finally:
-            if client.poll() is None:
-                client.kill()
-            client.wait(timeout=COMMAND_TIMEOUT)
-            close_pipes(client)
         assert server.stderr is not None
         lines = server.stderr.read().decode().splitlines()
     assert len(lines) == 1, lines
