@@ -13,11 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from mptls.backends.kernel.pathmanager import (
     has_net_admin,
     missing_capability_reason,
 )
-from mptls.cli.archive import existing_payload, stdlib_archive
+from mptls.cli.archive import Payload, existing_payload, stdlib_archive
 from mptls.cli.common import (
     ExitStatus,
     UsageError,
@@ -33,7 +35,13 @@ from mptls.cli.common import (
     until_terminated,
 )
 from mptls.cli.demo_report import render_report, transfer_progress
-from mptls.cli.transfer import DEFAULT_PATHS, DemoSettings, run_demo
+from mptls.cli.transfer import (
+    DEFAULT_PATHS,
+    DemoReport,
+    DemoSettings,
+    Progress,
+    run_demo,
+)
 from mptls.errors import MptlsError, ProtocolError
 from mptls.trace import Capture
 
@@ -87,6 +95,21 @@ def add_parser(
     parser.set_defaults(run=run)
 
 
+async def _send(
+    console: Console,
+    quiet: bool,
+    settings: DemoSettings,
+    payload: Payload,
+    progress: Progress,
+) -> DemoReport:
+    """The transfer, announced once it runs: from then on SIGTERM ends
+    it in order (:func:`until_terminated`). Before that, SIGTERM raises
+    wherever the event loop's start happens to be."""
+    if not quiet:
+        console.print(f"sending {payload.description}", markup=False)
+    return await run_demo(settings, payload, progress)
+
+
 def run(args: argparse.Namespace) -> ExitStatus:
     settings = DemoSettings(
         backend=args.backend,
@@ -114,11 +137,11 @@ def run(args: argparse.Namespace) -> ExitStatus:
             payload = stdlib_archive(Path(directory))
         else:
             payload = existing_payload(given)
-        if not quiet:
-            console.print(f"sending {payload.description}", markup=False)
         with transfer_progress(console, payload.size, quiet) as progress:
             report = asyncio.run(
-                until_terminated(run_demo(settings, payload, progress))
+                until_terminated(
+                    _send(console, quiet, settings, payload, progress)
+                )
             )
 
     if args.json:
