@@ -822,6 +822,45 @@ def test_pool_settings_are_checked(
         )
 
 
+@pytest.mark.parametrize(
+    ("host", "port", "keywords", "message"),
+    [
+        # the port was taken modulo 65536: 70000 listened on 4464
+        ("127.0.0.1", 70000, {}, "port must be between 0 and 65535"),
+        ("127.0.0.1", -1, {}, "port must be between 0 and 65535"),
+        ("127.0.0.1", True, {}, "port must be an int"),
+        # a TypeError or IndexError from start(), as start_server says
+        (None, 0, {}, "host must be"),
+        ([], 0, {}, "host must be"),
+        # a ValueError or TypeError from stop(), once the workers served
+        ("127.0.0.1", 0, {"grace": float("nan")}, "grace must be in"),
+        ("127.0.0.1", 0, {"grace": "5"}, "grace must be a number"),
+        ("127.0.0.1", 0, {"grace": -1}, "grace must be in"),
+        ("127.0.0.1", 0, {"start_timeout": "x"}, "start_timeout must be"),
+        ("127.0.0.1", 0, {"start_timeout": 0}, "start_timeout must be in"),
+        ("127.0.0.1", 0, {"label_stderr": "yes"}, "label_stderr must be"),
+        # True counted as one worker
+        ("127.0.0.1", 0, {"workers": True}, "workers must be"),
+    ],
+)
+def test_pool_addresses_and_waits_are_checked(
+    pki: Pki,
+    host: object,
+    port: object,
+    keywords: dict[str, object],
+    message: str,
+) -> None:
+    options: dict[str, object] = {"workers": 2, **keywords}
+    with pytest.raises(mptls.ConfigurationError, match=message):
+        WorkerPool(
+            echo,
+            host,  # type: ignore[arg-type]
+            port,  # type: ignore[arg-type]
+            ssl=pki.server(),
+            **options,  # type: ignore[arg-type]
+        )
+
+
 def test_handler_must_pickle(pki: Pki) -> None:
     async def local_handler(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter

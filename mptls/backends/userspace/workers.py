@@ -37,6 +37,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from mptls.aio.keywords import check_port, check_server_host
 from mptls.backends.base import format_address
 from mptls.backends.userspace.backend import (
     accepted_modes,
@@ -72,7 +73,7 @@ from mptls.errors import (
     MptlsError,
     MptlsTimeoutError,
 )
-from mptls.mptcp.config import check_bool
+from mptls.mptcp.config import check_bool, check_seconds
 from mptls.mptcp.tokens import TokenLayout
 from mptls.refusals import refusal_log
 from mptls.tls.config import to_openssl_context
@@ -331,7 +332,12 @@ class WorkerPool:
         **server_options: Any,
     ) -> None:
         layout = check_token_layout(token_layout)
-        if not isinstance(workers, int) or workers < 1:
+        # True is an int, and counted as one worker
+        if (
+            isinstance(workers, bool)
+            or not isinstance(workers, int)
+            or workers < 1
+        ):
             raise ConfigurationError("workers must be an int >= 1")
         if workers > 1 << layout.worker_id_bits:
             raise ConfigurationError(
@@ -339,6 +345,9 @@ class WorkerPool:
                 f"{layout.worker_id_bits} worker id bits"
             )
         check_bool("restart", restart)
+        port = _check_listen_address(host, port)
+        _check_waits(start_timeout=start_timeout, grace=grace)
+        check_bool("label_stderr", label_stderr)
         for name in ("join_handoff", "worker_id", "reuse_port"):
             if name in server_options:
                 raise ConfigurationError(f"the pool sets {name} itself")
@@ -864,6 +873,29 @@ def _check_pickles(spec: _WorkerSpec) -> None:
             "module-level coroutine function (or a functools.partial of "
             f"one) and ssl=TLSConfig(...); {exc}"
         ) from exc
+
+
+def _check_listen_address(host: object, port: object) -> int:
+    """``host`` and ``port`` as ``start_server`` checks them; the port.
+
+    Each worker gets the port the parent reserved, which the socket
+    module had taken modulo 65536 (70000 listened on 4464), and a
+    missing host failed inside :meth:`WorkerPool.start` as a TypeError.
+    The pool binds its hosts' addresses itself, so it needs one.
+    """
+    if host is None:
+        raise ConfigurationError(
+            "host must be a str or a list of str for a pool, got None"
+        )
+    check_server_host(host)
+    return check_port(port, server=True)
+
+
+def _check_waits(*, start_timeout: object, grace: object) -> None:
+    """The pool's own limits, before any worker runs: a bad one raised
+    a bare TypeError or ValueError only as the pool stopped."""
+    check_seconds("start_timeout", start_timeout)
+    check_seconds("grace", grace, zero=True)
 
 
 def _first_host(host: str | Sequence[str]) -> str:
