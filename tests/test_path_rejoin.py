@@ -91,8 +91,8 @@ class FakeOwner:
 
 
 class Attempts:
-    """The connects tried: (loop time, local address); each fails
-    unless ``succeed`` is set."""
+    """The connects tried: (loop time, local address), in place of the
+    paths' TCP connects; each fails unless ``succeed`` is set."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -101,14 +101,14 @@ class Attempts:
         self.changed = asyncio.Event()
         self.succeed = False
 
-    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        local = kwargs.get("local_addr")
-        self.made.append((self.loop.time(), local and local[0]))
-        self.remotes.append(args[1])
+    async def connect_subflow(
+        self, protocol: Any, remote: tuple[str, int], local: str | None
+    ) -> None:
+        self.made.append((self.loop.time(), local))
+        self.remotes.append(remote[0])
         self.changed.set()
-        if self.succeed:
-            return None, None
-        raise ConnectionRefusedError("refused by the test")
+        if not self.succeed:
+            raise ConnectionRefusedError("refused by the test")
 
     def of(self, local: str) -> list[float]:
         return [when for when, where in self.made if where == local]
@@ -127,8 +127,8 @@ async def setup() -> AsyncIterator[
     loop = asyncio.get_running_loop()
     attempts = Attempts(loop)
     core, owner = FakeCore(), FakeOwner()
-    original = loop.create_connection
-    loop.create_connection = attempts.create_connection  # type: ignore
+    original = paths_module.connect_subflow
+    paths_module.connect_subflow = attempts.connect_subflow
     paths = Paths(
         owner,  # type: ignore[arg-type]
         core,  # type: ignore[arg-type]
@@ -143,7 +143,7 @@ async def setup() -> AsyncIterator[
         yield paths, core, owner, attempts
     finally:
         paths.close()
-        loop.create_connection = original  # type: ignore[method-assign]
+        paths_module.connect_subflow = original
 
 
 def lost(subflow_id: int, reset: int | None = None) -> events.SubflowClosed:
@@ -372,13 +372,15 @@ async def test_announcements_open_no_more_connects_than_max_subflows(
     connects = loop.create_future()
     announced: list[str] = []
 
-    async def pending(*args: Any, **kwargs: Any) -> Any:
-        if args[1].startswith("127.0.1."):
-            announced.append(args[1])
+    async def pending(
+        protocol: Any, remote: tuple[str, int], local: str | None
+    ) -> None:
+        if remote[0].startswith("127.0.1."):
+            announced.append(remote[0])
             attempts.changed.set()
-        return await asyncio.shield(connects)
+        await asyncio.shield(connects)
 
-    loop.create_connection = pending  # type: ignore[method-assign]
+    paths_module.connect_subflow = pending
 
     async def until(condition: Callable[[], bool]) -> None:
         async with asyncio.timeout(10):

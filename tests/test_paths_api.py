@@ -582,3 +582,95 @@ async def test_add_path_on_an_ended_e_connection_is_refused_at_once(
                     multipath, ("127.0.0.1", port), timeout=10
                 )
         backend.release.set()
+
+
+# "::1%lo" is an IPv6 literal to ipaddress, so the checks let it
+# through, but not to glibc's numeric parse (a scope on an address that
+# is not link-local): asked without AI_NUMERICHOST, getaddrinfo looked
+# the whole string up as a name, on the network
+SCOPED = "::1%lo"
+
+
+@contextlib.contextmanager
+def numeric_lookups_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[list[tuple[object, int]]]:
+    """The loop's getaddrinfo, faked: each call's host and flags kept,
+    a lookup by name refused here rather than sent anywhere."""
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    asked: list[tuple[object, int]] = []
+
+    async def numeric_only(
+        host: object, port: object, **options: int
+    ) -> list[tuple[object, ...]]:
+        flags = options.get("flags", 0)
+        asked.append((host, flags))
+        if not flags & socket.AI_NUMERICHOST:
+            raise socket.gaierror(socket.EAI_NONAME, "looked up as a name")
+        return await real(host, port, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "getaddrinfo", numeric_only)
+    yield asked
+
+
+@pytest.mark.parametrize(
+    ("remote_host", "local"),
+    [("127.0.0.1", SCOPED), (SCOPED, None)],
+    ids=["local", "remote"],
+)
+async def test_add_path_looks_no_scoped_literal_up_as_a_name(
+    pki: Pki,
+    server_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    remote_host: str,
+    local: str | None,
+) -> None:
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    transport = writer.transport
+    with (
+        numeric_lookups_only(monkeypatch) as asked,
+        pytest.raises(mptls.PathError, match="cannot open a path"),
+    ):
+        await transport.add_path(  # type: ignore[attr-defined]
+            (remote_host, server_port), local=local
+        )
+    assert asked
+    assert all(flags & socket.AI_NUMERICHOST for _, flags in asked), asked
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await reader.read() == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_path_of_its_own_looks_no_scoped_literal_up_as_a_name(
+    pki: Pki, server_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heard = Heard()
+    logger = logging.getLogger("mptls.userspace")
+    logger.addHandler(heard)
+    try:
+        with numeric_lookups_only(monkeypatch) as asked:
+            _, writer = await mptls.open_connection(
+                "127.0.0.1",
+                server_port,
+                ssl=pki.client(),
+                local_addrs=["127.0.0.1", SCOPED],
+            )
+            async with asyncio.timeout(10):
+                await heard.first.wait()
+            writer.close()
+            async with asyncio.timeout(10):
+                await writer.wait_closed()
+    finally:
+        logger.removeHandler(heard)
+    message = heard.records[0].getMessage()
+    assert SCOPED in message
+    # the resolver's words, not strerror()'s for its errno ("Unknown
+    # error -2")
+    assert "Unknown error" not in message, message
+    assert asked
+    assert all(flags & socket.AI_NUMERICHOST for _, flags in asked), asked

@@ -495,8 +495,9 @@ def connect_failure(
 
 def os_reason(exc: OSError) -> str:
     """The system's words for ``exc``: asyncio's own text ("Connect call
-    failed (...)") repeats the address the message names already."""
-    if exc.errno:
+    failed (...)") repeats the address the message names already.
+    A lookup's errno is getaddrinfo's, which strerror does not know."""
+    if exc.errno and not isinstance(exc, socket.gaierror):
         return os.strerror(exc.errno)
     return exc.strerror or str(exc) or type(exc).__name__
 

@@ -26,11 +26,10 @@ from mptls.backends.base import (
     KeyInstall,
     MptcpInfo,
     Server,
-    connect_any,
     format_address,
-    host_addresses,
     within_connect_timeout,
 )
+from mptls.backends.userspace.connect import connect_subflow, connect_tcp
 from mptls.backends.userspace.listener import Handoff, Listener
 from mptls.backends.userspace.subflow import SubflowProtocol
 from mptls.backends.userspace.transport import MultipathTransport
@@ -512,7 +511,7 @@ async def _connect_first_subflow(
     subflow.target = (host, port)
 
     async def connect() -> None:
-        sock = await _connect_tcp(loop, host, port, local, race, family)
+        sock = await connect_tcp(loop, host, port, local, race, family)
         await _carry_first_subflow(subflow, sock)
 
     await within_connect_timeout(connect(), host, port, timeout)
@@ -560,50 +559,6 @@ def _in_use_by_the_loop(exc: RuntimeError | FileExistsError) -> str:
     return f"sock is in use by another transport of the loop: {exc}"
 
 
-async def _connect_tcp(
-    loop: asyncio.AbstractEventLoop,
-    host: str,
-    port: int,
-    local: str | None,
-    race: AddressRace,
-    family: int = socket.AF_UNSPEC,
-) -> socket.socket:
-    """A TCP socket connected to ``host``, trying its addresses as
-    ``race`` says.
-
-    As on the kernel backend (one helper for both): with ``local`` only
-    addresses of its family are tried, and a host whose every address
-    fails is one error with the errno of the last, where asyncio's own
-    loop over the addresses gives an ``OSError`` with none.
-    """
-    bind_to: tuple[Any, ...] | None = None
-    family_keyword = local is None and family != socket.AF_UNSPEC
-    if local is not None:
-        # an address of this host, never a name to look up
-        local_addresses = await host_addresses(
-            loop, local, 0, flags=socket.AI_NUMERICHOST
-        )
-        local_family, bind_to = local_addresses[0]
-        if family not in (socket.AF_UNSPEC, local_family):
-            raise ConfigurationError(
-                f"family={socket.AddressFamily(family).name} and a local "
-                f"address of another family, {local}"
-            )
-        family = local_family
-    addresses = await host_addresses(
-        loop, host, port, family, family_keyword=family_keyword
-    )
-    return await connect_any(
-        host,
-        port,
-        addresses,
-        local=bind_to,
-        new_socket=_tcp_socket,
-        connect=loop.sock_connect,
-        race=race,
-    )
-
-
 # how long a close waits for the peer's end (from the last progress)
 # before it resets the connection
 CLOSE_TIMEOUT = 10.0
@@ -624,12 +579,6 @@ def check_family(family: object) -> int:
 
 
 _ASYNCIO_FAMILIES = (socket.AF_UNSPEC, socket.AF_INET, socket.AF_INET6)
-
-
-def _tcp_socket(family: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setblocking(False)
-    return sock
 
 
 class UserspaceBackend(Backend):
@@ -993,15 +942,12 @@ class _JoinWatch(SubflowProtocol):
 async def _connect(
     watch: _JoinWatch, remote: tuple[str, int], local: str | None
 ) -> None:
-    loop = asyncio.get_running_loop()
     try:
-        await loop.create_connection(
-            lambda: watch,
-            remote[0],
-            remote[1],
-            local_addr=(local, 0) if local else None,
-        )
-    except OSError as exc:
+        await connect_subflow(watch, remote, local)
+    except (OSError, BackendError) as exc:
+        if isinstance(exc, MptlsError):
+            # "cannot connect to ...": it names the address already
+            raise PathError(f"cannot open a path: {exc}") from exc
         raise PathError(
             f"cannot open a path to {format_address(remote)}: {exc}"
         ) from exc

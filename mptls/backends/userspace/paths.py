@@ -20,17 +20,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from mptls.backends.base import format_address, os_reason
+from mptls.backends.userspace.connect import connect_subflow
 from mptls.backends.userspace.subflow import (
     Detached,
     SegmentSink,
     SubflowProtocol,
     host_port,
 )
-from mptls.errors import MptlsError
+from mptls.errors import BackendError, MptlsError
 from mptls.mptcp import events
 from mptls.mptcp.config import Mode
 from mptls.mptcp.connection import Connection
@@ -661,15 +663,10 @@ class Paths:
         try:
             # a path that blackholes SYNs must not hold the task forever
             await asyncio.wait_for(
-                self._loop.create_connection(
-                    lambda: subflow,
-                    remote[0],
-                    remote[1],
-                    local_addr=(local, 0) if local else None,
-                ),
+                connect_subflow(subflow, remote, local),
                 self._core.config.join_timeout,
             )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, BackendError) as exc:
             # a refused rejoin is tried again until path_loss_timeout
             # ends the connection with its own error: detail, not news;
             # a lost path is tried for the connection's whole life (a
@@ -774,10 +771,21 @@ def _address_of(host: str) -> Any:
         return host
 
 
-def _connect_reason(exc: OSError, join_timeout: float) -> str:
+def _connect_reason(exc: OSError | BackendError, join_timeout: float) -> str:
     """Why a subflow's TCP connect failed, in words: the limit for a
     connect that got no answer (wait_for's TimeoutError has no text of
-    its own), else the system's reason."""
+    its own), else the system's reason, or mptls's for a path between
+    addresses of two families."""
+    if isinstance(exc, BackendError):
+        # "cannot connect to ...: refused", where the line names both
+        # ends already: the system's reason alone, as the cause has it
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and not isinstance(
+            cause, socket.gaierror
+        ):
+            exc = cause
+        else:
+            return str(exc)
     if isinstance(exc, TimeoutError) and not exc.errno:
         return f"no TCP connection within join_timeout ({join_timeout:g} s)"
     return os_reason(exc)
