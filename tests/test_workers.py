@@ -358,6 +358,27 @@ async def test_stop_leaves_no_process_or_socket(pki: Pki) -> None:
     assert multiprocessing.active_children() == []
 
 
+async def test_two_stops_at_once_share_one(pki: Pki) -> None:
+    # `async with pool:` stops the pool as its block ends, while a
+    # signal's task may be stopping it too: the second read the pipes
+    # the first had closed (a bare OSError, "handle is closed") and
+    # waited out grace + start_timeout for replies that never came
+    pool = WorkerPool(
+        echo, "127.0.0.1", 0, workers=2, ssl=pki.server(), grace=0.5
+    )
+    await pool.start()
+    pids = pool.pids
+    async with asyncio.timeout(30):
+        first, second = await asyncio.gather(pool.stop(), pool.stop())
+    assert [s.worker_id for s in first] == [0, 1]
+    assert second == first
+    assert await pool.stop() == first
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert multiprocessing.active_children() == []
+
+
 class _Records(logging.Handler):
     """Resolves ``seen`` with the first record at WARNING or above."""
 

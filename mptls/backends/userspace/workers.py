@@ -387,6 +387,8 @@ class WorkerPool:
         self._pipes: list[Pipe] = []
         self._stats: tuple[WorkerStats, ...] = ()
         self._stopped = False
+        # the stop under way, which a second stop() waits for
+        self._stopping: asyncio.Task[tuple[WorkerStats, ...]] | None = None
         self._state = _PoolState()
         self._watchers: set[asyncio.Task[None]] = set()
         # the watchers that are starting a replacement: stop cancels them
@@ -452,6 +454,7 @@ class WorkerPool:
         self._dir = Path(tempfile.mkdtemp(prefix="mptls-workers-"))
         self._state = _PoolState()
         self._stopped = False
+        self._stopping = None
         # held until every worker has bound the port with SO_REUSEPORT,
         # so that port 0 means the same free port for all of them
         placeholder = _reserve(_first_host(self._template.host), self._port)
@@ -498,10 +501,21 @@ class WorkerPool:
         worker's loop cancels it: a handler can say what was cut short.
 
         Returns the workers' :attr:`stats`; a second call returns them
-        again (``async with`` stops a pool its block already stopped).
+        again (``async with`` stops a pool its block already stopped),
+        once the first is over when they overlap (a signal's task
+        stopping the pool as ``async with`` ends): each reading the
+        workers' pipes, the second met them closed by the first. A
+        cancelled call leaves the stop to go on: a pool half stopped
+        would keep its workers.
         """
         if self._stopped:
             return self._stats
+        if self._stopping is None:
+            loop = asyncio.get_running_loop()
+            self._stopping = loop.create_task(self._stop_workers())
+        return await asyncio.shield(self._stopping)
+
+    async def _stop_workers(self) -> tuple[WorkerStats, ...]:
         self._state.stopping = True
         self._state.ended.set()
         self._unwatch()
