@@ -674,3 +674,82 @@ async def test_a_path_of_its_own_looks_no_scoped_literal_up_as_a_name(
     assert "Unknown error" not in message, message
     assert asked
     assert all(flags & socket.AI_NUMERICHOST for _, flags in asked), asked
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[tuple[str, int]]:
+    """A TCP listener that never answers a join: it stays under way."""
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        yield silent.getsockname()
+    finally:
+        silent.close()
+
+
+async def pending_join(
+    writer: asyncio.StreamWriter, remote: tuple[str, int]
+) -> tuple[asyncio.Task[int], int]:
+    """An add_path to ``remote`` whose join is under way, and its id."""
+    joining = asyncio.create_task(
+        writer.transport.add_path(remote)  # type: ignore[attr-defined]
+    )
+    async with asyncio.timeout(10):
+        while len(writer.get_extra_info("mptcp").subflows) < 2:
+            await asyncio.sleep(0)
+    return joining, writer.get_extra_info("mptcp").subflows[1].subflow_id
+
+
+async def test_a_join_this_end_removes_is_not_blamed_on_the_peer(
+    pki: Pki, server_port: int
+) -> None:
+    # the add_path waiting for it raised JoinRefusedError, "refused or
+    # reset by the far end": a reset to retry, for a path the
+    # application had just removed itself
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    transport = writer.transport
+    with silent_listener() as silent:
+        joining, subflow_id = await pending_join(writer, silent)
+        await transport.remove_path(subflow_id)  # type: ignore[attr-defined]
+        async with asyncio.timeout(10):
+            with pytest.raises(mptls.PathError) as raised:
+                await joining
+    assert str(raised.value) == (
+        f"subflow {subflow_id} was removed with remove_path before its "
+        "join was established"
+    )
+    assert not isinstance(raised.value, mptls.JoinRefusedError)
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await reader.read() == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.parametrize("end", ["close", "abort"])
+async def test_a_join_this_end_cuts_short_says_so(
+    pki: Pki, server_port: int, end: str
+) -> None:
+    _, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    with silent_listener() as silent:
+        joining, subflow_id = await pending_join(writer, silent)
+        if end == "close":
+            writer.close()
+        else:
+            writer.transport.abort()
+        async with asyncio.timeout(10):
+            with pytest.raises(mptls.JoinRefusedError) as raised:
+                await joining
+    # the far end neither refused nor reset it
+    assert str(raised.value) == (
+        f"the join of subflow {subflow_id} ended with the connection "
+        "before it was established"
+    )
+    with contextlib.suppress(mptls.MptlsError, ConnectionError):
+        async with asyncio.timeout(10):
+            await writer.wait_closed()

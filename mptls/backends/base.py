@@ -661,8 +661,9 @@ class Backend(abc.ABC):
         Returns the new subflow's id once the join is established.
         Raises :class:`~mptls.errors.JoinRefusedError` when the far end
         refuses the join or this end refuses its answer (the error says
-        why), :class:`~mptls.errors.PathError` when the path
-        cannot be opened, :class:`~mptls.errors.MptlsTimeoutError` after
+        why), :class:`~mptls.errors.PathError` when the path cannot be
+        opened or :meth:`remove_path` closed it before its join was
+        established, :class:`~mptls.errors.MptlsTimeoutError` after
         ``timeout`` seconds. A backend that cannot open a subflow on
         demand raises :class:`~mptls.errors.PathError`.
         """

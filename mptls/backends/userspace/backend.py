@@ -871,6 +871,8 @@ class UserspaceBackend(Backend):
             )
         # the application's choice: its path is not joined again
         multipath.paths.removed(subflow_id)
+        if isinstance(subflow, _JoinWatch):
+            subflow.removed()
         subflow.close()
         multipath.subflow_lost(subflow, None)
 
@@ -906,6 +908,18 @@ class _JoinWatch(SubflowProtocol):
         super().close_after_reset()
         self._settle(lost=True)
 
+    def removed(self) -> None:
+        """``remove_path`` closes this subflow before its join settled:
+        the application's own doing, no refusal of the peer's to retry."""
+        if self.outcome.done() or self.subflow_id is None:
+            return
+        self.outcome.set_exception(
+            PathError(
+                f"subflow {self.subflow_id} was removed with remove_path "
+                "before its join was established"
+            )
+        )
+
     def _settle(self, *, lost: bool) -> None:
         if self.outcome.done() or self.subflow_id is None:
             return
@@ -921,6 +935,12 @@ class _JoinWatch(SubflowProtocol):
         again later after a transient one; add_path itself does not)."""
         refused = self._multipath.last_join_refusal
         if refused is None or refused.subflow_id != self.subflow_id:
+            if self._multipath.is_closing():
+                # a close or abort, of either end, took the join along
+                return JoinRefusedError(
+                    f"the join of subflow {self.subflow_id} ended with "
+                    "the connection before it was established"
+                )
             return JoinRefusedError(
                 f"the join of subflow {self.subflow_id} was refused or "
                 "reset by the far end"
