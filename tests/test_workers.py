@@ -853,6 +853,11 @@ def test_pool_settings_are_checked(
         # a TypeError or IndexError from start(), as start_server says
         (None, 0, {}, "host must be"),
         ([], 0, {}, "host must be"),
+        # the port is reserved on the first host, by number alone: a
+        # socket.gaierror from start()
+        ("localhost", 0, {}, "first host must be an IP address"),
+        ("", 0, {}, "first host must be an IP address"),
+        (["localhost", "127.0.0.1"], 0, {}, "first host must be an IP"),
         # a ValueError or TypeError from stop(), once the workers served
         ("127.0.0.1", 0, {"grace": float("nan")}, "grace must be in"),
         ("127.0.0.1", 0, {"grace": "5"}, "grace must be a number"),

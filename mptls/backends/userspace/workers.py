@@ -72,6 +72,7 @@ from mptls.errors import (
     ConfigurationError,
     MptlsError,
     MptlsTimeoutError,
+    shown_value,
 )
 from mptls.mptcp.config import check_bool, check_seconds
 from mptls.mptcp.tokens import TokenLayout
@@ -895,13 +896,26 @@ def _check_listen_address(host: object, port: object) -> int:
     Each worker gets the port the parent reserved, which the socket
     module had taken modulo 65536 (70000 listened on 4464), and a
     missing host failed inside :meth:`WorkerPool.start` as a TypeError.
-    The pool binds its hosts' addresses itself, so it needs one.
+    The pool binds its hosts' addresses itself, so it needs one, and
+    reserves the port on the first by number alone, never a lookup: a
+    name there failed :meth:`WorkerPool.start` with a bare
+    ``socket.gaierror``.
     """
     if host is None:
         raise ConfigurationError(
             "host must be a str or a list of str for a pool, got None"
         )
     check_server_host(host)
+    first = _first_host(cast(str | Sequence[str], host))
+    try:
+        socket.getaddrinfo(
+            first, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+        )
+    except socket.gaierror:
+        raise ConfigurationError(
+            "a pool's first host must be an IP address (its workers share "
+            f"the port reserved there), got {shown_value(first)}"
+        ) from None
     return check_port(port, server=True)
 
 
