@@ -379,6 +379,26 @@ async def test_two_stops_at_once_share_one(pki: Pki) -> None:
     assert multiprocessing.active_children() == []
 
 
+async def test_a_stop_while_the_pool_starts_stops_it_once_started(
+    pki: Pki,
+) -> None:
+    # both read the workers' pipes: the stop waited out grace +
+    # start_timeout for replies the start had taken, and the start
+    # then raised a bare OSError ("handle is closed")
+    pool = WorkerPool(
+        echo, "127.0.0.1", 0, workers=2, ssl=pki.server(), grace=0.5
+    )
+    starting = asyncio.create_task(pool.start())
+    async with asyncio.timeout(20):
+        while not pool.pids:
+            await asyncio.sleep(0)
+        stats = await pool.stop()
+        await starting
+    assert [s.worker_id for s in stats] == [0, 1]
+    assert pool.pids == ()
+    assert multiprocessing.active_children() == []
+
+
 class _Records(logging.Handler):
     """Resolves ``seen`` with the first record at WARNING or above."""
 

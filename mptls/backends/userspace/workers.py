@@ -390,6 +390,8 @@ class WorkerPool:
         self._stopped = False
         # the stop under way, which a second stop() waits for
         self._stopping: asyncio.Task[tuple[WorkerStats, ...]] | None = None
+        # one start or stop at a time
+        self._lifecycle = asyncio.Lock()
         self._state = _PoolState()
         self._watchers: set[asyncio.Task[None]] = set()
         # the watchers that are starting a replacement: stop cancels them
@@ -448,7 +450,16 @@ class WorkerPool:
         return frozenset(self._state.down)
 
     async def start(self) -> None:
-        """Start the workers; return once every one of them listens."""
+        """Start the workers; return once every one of them listens.
+
+        A :meth:`stop` called meanwhile stops the pool once it started:
+        each reads the workers' pipes, and the stop took the start's
+        replies.
+        """
+        async with self._lifecycle:
+            await self._start_workers()
+
+    async def _start_workers(self) -> None:
         if self._processes:
             raise BackendError("the pool is already started")
         # private (0700): only this user's processes can hand sockets
@@ -517,6 +528,13 @@ class WorkerPool:
         return await asyncio.shield(self._stopping)
 
     async def _stop_workers(self) -> tuple[WorkerStats, ...]:
+        async with self._lifecycle:
+            # a stop asked for while the pool started, and then another
+            if self._stopped:
+                return self._stats
+            return await self._stop_started()
+
+    async def _stop_started(self) -> tuple[WorkerStats, ...]:
         self._state.stopping = True
         self._state.ended.set()
         self._unwatch()
