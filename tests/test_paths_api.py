@@ -753,3 +753,89 @@ async def test_a_join_this_end_cuts_short_says_so(
     with contextlib.suppress(mptls.MptlsError, ConnectionError):
         async with asyncio.timeout(10):
             await writer.wait_closed()
+
+
+class BannerServer:
+    """A TCP server that speaks first and no mptls, as SSH does: the
+    port of a path that leads to the wrong service. ``left`` is set
+    once a client closed a connection it made there."""
+
+    def __init__(self) -> None:
+        self.left = asyncio.Event()
+        self.port = 0
+
+    async def greet(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        self.left.set()
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def banner_server() -> AsyncIterator[BannerServer]:
+    banner = BannerServer()
+    server = await asyncio.start_server(banner.greet, "127.0.0.1", 0)
+    banner.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield banner
+
+
+async def test_a_join_to_the_wrong_service_fails_alone(
+    pki: Pki, server_port: int
+) -> None:
+    # the join's NotMptlsPeerError ended the whole connection, as it
+    # does a first subflow's: the data on the working path was lost
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    async with banner_server() as banner:
+        with pytest.raises(
+            mptls.JoinRefusedError, match="does not speak the mptls wire"
+        ):
+            await writer.transport.add_path(  # type: ignore[attr-defined]
+                ("127.0.0.1", banner.port), timeout=10
+            )
+    writer.write(b"still here")
+    writer.write_eof()
+    async with asyncio.timeout(10):
+        assert await reader.read() == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_an_announced_address_of_the_wrong_service_is_left_alone(
+    pki: Pki,
+) -> None:
+    # a server that announces a port another service listens on ended
+    # each client's connection as that client joined it (or, where the
+    # banner came before the join began, held it join_timeout)
+    async with banner_server() as banner:
+        server = await mptls.start_server(
+            echo,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            announce_addrs=[("127.0.0.1", banner.port)],
+        )
+        async with server:
+            reader, writer = await mptls.open_connection(
+                "127.0.0.1",
+                server.sockets[0].getsockname()[1],
+                ssl=pki.client(),
+            )
+            async with asyncio.timeout(5):
+                await banner.left.wait()
+                states = {
+                    s.subflow_id: s.state
+                    for s in writer.get_extra_info("mptcp").subflows
+                }
+                # the join, if it began, is over
+                assert states.get(1, "CLOSED") == "CLOSED", states
+                writer.write(b"still here")
+                writer.write_eof()
+                assert await reader.read() == b"still here"
+            writer.close()
+            await writer.wait_closed()

@@ -892,6 +892,8 @@ class _JoinWatch(SubflowProtocol):
             asyncio.get_running_loop().create_future()
         )
         self.outcome.add_done_callback(_retrieve)
+        # bytes of another service, perhaps before the join began
+        self.foreign: JoinRefusedError | None = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -907,6 +909,17 @@ class _JoinWatch(SubflowProtocol):
         # CLOSE_LINGER), which would keep add_path's caller waiting
         super().close_after_reset()
         self._settle(lost=True)
+
+    def _refuse_foreign(self, exc: NotMptlsPeerError) -> None:
+        # the path leads to another service (an SSH server's banner,
+        # say): this join fails, and says why
+        which = (
+            "" if self.subflow_id is None else f" of subflow {self.subflow_id}"
+        )
+        self.foreign = JoinRefusedError(f"the join{which} was refused: {exc}")
+        if not self.outcome.done() and self.subflow_id is not None:
+            self.outcome.set_exception(self.foreign)
+        super()._refuse_foreign(exc)
 
     def removed(self) -> None:
         """``remove_path`` closes this subflow before its join settled:
@@ -992,6 +1005,8 @@ def _start_join(
     if multipath.is_closing():
         watch.close()
         raise PathError("the connection is closing: no new subflows")
+    if watch.foreign is not None:
+        raise watch.foreign
     try:
         subflow_id = multipath.paths.join(watch, backup=backup)
     except MptlsError as exc:

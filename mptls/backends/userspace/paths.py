@@ -701,8 +701,15 @@ class Paths:
 
         The owner sends it at its next ``process()``. Raises
         :class:`~mptls.errors.MptlsError` (and closes ``subflow``) when
-        the core takes no more subflows or no address id is left.
+        the core takes no more subflows or no address id is left, or
+        when ``subflow`` ended before this.
         """
+        if subflow.closed:
+            # it ended (a reset, another service's bytes) before this
+            # step came: joined, it would wait join_timeout for nothing
+            raise MptlsError(
+                "the path's TCP connection ended before its join began"
+            )
         try:
             address_id = self.local_address_id(subflow.name("sockname"))
             subflow_id = self._core.open_subflow(

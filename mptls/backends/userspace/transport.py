@@ -28,7 +28,6 @@ from mptls.errors import (
     KeysUnavailableError,
     MptlsError,
     MptlsTimeoutError,
-    NotMptlsPeerError,
     PeerResetError,
     ProtocolError,
 )
@@ -235,14 +234,17 @@ class MultipathTransport(asyncio.Transport):
         del self._subflows[subflow_id]
         if self._closed:
             return
-        if isinstance(exc, NotMptlsPeerError | PeerResetError) or (
+        if (
             isinstance(exc, ProtocolError)
             and not self._core.handshake_complete
         ):
             # the wrong kind of peer, a first subflow reset before the
             # preamble, or frames it cannot read before the handshake
             # completed: no connection exists that a join could carry
-            # on, and "every subflow closed" would hide why
+            # on, and "every subflow closed" would hide why. A join
+            # that reached the wrong service (add_path to another port,
+            # an announced address something else listens on) is one
+            # lost path, whatever the error, while the others carry on
             self._finish(exc)
             return
         logger.debug("%s: subflow %d lost (%s)", self.tag(), subflow_id, exc)
