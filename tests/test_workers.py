@@ -887,9 +887,12 @@ def test_pool_settings_are_checked(
         ("127.0.0.1", 0, {"label_stderr": "yes"}, "label_stderr must be"),
         # True counted as one worker
         ("127.0.0.1", 0, {"workers": True}, "workers must be"),
+        # a BackendError, "a worker failed to start", from each worker
+        ("127.0.0.1", 0, {"server_id": 256}, "server id 256 does not fit"),
+        ("127.0.0.1", 0, {"server_id": True}, "server id True does not"),
     ],
 )
-def test_pool_addresses_and_waits_are_checked(
+def test_pool_addresses_ids_and_waits_are_checked(
     pki: Pki,
     host: object,
     port: object,

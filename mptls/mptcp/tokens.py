@@ -189,6 +189,12 @@ class TokenLayout:
                 f"at least {needed} are needed"
             )
 
+    def check_ids(self, server_id: object, worker_id: object = 0) -> None:
+        """Refuse ids that do not fit their bits: before a worker pool
+        starts, where each worker's allocator would refuse them."""
+        _check_id(server_id, self.server_id_bits, "server id")
+        _check_id(worker_id, self.worker_id_bits, "worker id")
+
     @property
     def serial_bits(self) -> int:
         """Width of the serial: the token's minus the two id widths."""
@@ -636,8 +642,7 @@ class TokenAllocator:
         start: int = 0,
     ) -> None:
         _check_layout(layout)
-        _check_id(server_id, layout.server_id_bits, "server id")
-        _check_id(worker_id, layout.worker_id_bits, "worker id")
+        layout.check_ids(server_id, worker_id)
         serial_bits = layout.serial_bits
         if (
             isinstance(start, bool)
@@ -777,7 +782,7 @@ def _check_layout(layout: object) -> None:
         )
 
 
-def _check_id(value: int, bits: int, what: str) -> None:
+def _check_id(value: object, bits: int, what: str) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, int)

@@ -346,6 +346,7 @@ class WorkerPool:
                 f"{layout.worker_id_bits} worker id bits"
             )
         check_bool("restart", restart)
+        layout.check_ids(server_id)
         port = _check_listen_address(host, port)
         _check_waits(start_timeout=start_timeout, grace=grace)
         check_bool("label_stderr", label_stderr)
