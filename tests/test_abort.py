@@ -244,57 +244,6 @@ async def test_a_lingering_subflow_keeps_no_connection_alive(
             writer.transport.abort()
 
 
-@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
-def test_the_loop_s_end_closes_the_lingering_subflows(
-    pki: Pki, monkeypatch: pytest.MonkeyPatch, loop_name: str
-) -> None:
-    # a program that ends its loop (asyncio.run() returns, Ctrl-C) while
-    # the subflows of an abort linger left their sockets to the garbage
-    # collector: a ResourceWarning for each, and no close of mptls's
-    if loop_name == "uvloop":
-        loop_factory = pytest.importorskip("uvloop").new_event_loop
-    else:
-        loop_factory = asyncio.new_event_loop
-    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 30.0)
-    lingering: list[SubflowProtocol] = []
-    handled = asyncio.Event()
-
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await reader.readexactly(1)
-        for tcp in writer.get_extra_info("subflow_transports").values():
-            lingering.append(tcp.get_protocol())
-        writer.write(PAYLOAD)
-        writer.transport.abort()
-        handled.set()
-
-    async def abort_both_ends() -> None:
-        server = await mptls.start_server(
-            handler, "127.0.0.1", 0, ssl=pki.server()
-        )
-        port = int(server.sockets[0].getsockname()[1])
-        async with server:
-            _, writer = await mptls.open_connection(
-                "127.0.0.1", port, ssl=pki.client()
-            )
-            # the client reads nothing: neither end hears the other's
-            # MP_FASTCLOSE, and both linger
-            for tcp in writer.get_extra_info("subflow_transports").values():
-                tcp.pause_reading()
-                lingering.append(tcp.get_protocol())
-            writer.write(b"x")
-            async with asyncio.timeout(10):
-                await handled.wait()
-            writer.transport.abort()
-        assert len(lingering) == 2
-        assert not any(subflow.gone for subflow in lingering)
-
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(abort_both_ends())
-    assert all(subflow.gone for subflow in lingering)
-
-
 async def test_a_client_abort_under_unread_data_reaches_the_server(
     pki: Pki,
 ) -> None:
