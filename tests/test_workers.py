@@ -846,6 +846,11 @@ def test_a_pool_started_without_the_main_guard_says_so(
             "token_bits=64",
         ),
         ({"workers": 2, "worker_id": 1}, "sets worker_id itself"),
+        # each of these failed start() as "a worker failed to start"
+        ({"workers": 2, "backend": "kernel"}, "sets backend itself"),
+        ({"workers": 2, "recieve_window": 1}, r"unknown keyword\(s\) recieve"),
+        ({"workers": 2, "accept_modes": ["G"]}, "unknown keyword"),
+        ({"workers": 2, "keep_alive": True}, "keep_alive= is asyncio's"),
         ({"workers": 2, "stop_on": ["Halt"]}, "takes exception classes"),
         ({"workers": 2, "stop_on": [SystemExit]}, "takes exception"),
     ],
@@ -861,6 +866,26 @@ def test_pool_settings_are_checked(
             ssl=pki.server(),
             **keywords,  # type: ignore[arg-type]
         )
+
+
+def test_pool_takes_what_start_server_takes(pki: Pki) -> None:
+    # the names a worker hands on to start_server pass the pool's check
+    WorkerPool(
+        echo,
+        "127.0.0.1",
+        0,
+        workers=2,
+        ssl=pki.server(),
+        limit=2**17,
+        require_app_keys=True,
+        ssl_handshake_timeout=5.0,
+        ssl_shutdown_timeout=5.0,
+        modes=["G"],
+        announce_addrs=[("127.0.0.2", 0)],
+        close_timeout=3.0,
+        backlog=50,
+        receive_window=2**20,
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import ipaddress
 import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 
 from mptls.backends.base import (
@@ -875,6 +876,25 @@ class UserspaceBackend(Backend):
             subflow.removed()
         subflow.close()
         multipath.subflow_lost(subflow, None)
+
+
+# create_server's keywords other than ConnectionConfig fields
+_SERVER_KEYWORDS = frozenset(
+    inspect.signature(UserspaceBackend.create_server).parameters
+) - {"self", "protocol_factory", "host", "port", "settings"}
+
+
+def check_server_keywords(names: Iterable[str]) -> None:
+    """Refuse a keyword ``create_server`` would refuse, by name alone.
+
+    For a caller that hands the keywords on to a server started
+    elsewhere (a worker pool's processes), which would otherwise hear
+    of a misspelt one only from there, once it starts.
+    """
+    unknown = set(names) - _SERVER_KEYWORDS
+    _check_settings(
+        dict.fromkeys(unknown), frozenset({"mode", "accept_modes"})
+    )
 
 
 class _JoinWatch(SubflowProtocol):

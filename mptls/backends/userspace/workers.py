@@ -37,11 +37,17 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from mptls.aio.keywords import check_port, check_server_host
+from mptls.aio.keywords import (
+    ASYNCIO_SERVER_ONLY,
+    check_port,
+    check_server_host,
+    refuse_asyncio_only,
+)
 from mptls.backends.base import format_address
 from mptls.backends.userspace.backend import (
     accepted_modes,
     check_e_server,
+    check_server_keywords,
     check_token_layout,
 )
 from mptls.backends.userspace.listener import Listener
@@ -350,9 +356,7 @@ class WorkerPool:
         port = _check_listen_address(host, port)
         _check_waits(start_timeout=start_timeout, grace=grace)
         check_bool("label_stderr", label_stderr)
-        for name in ("join_handoff", "worker_id", "reuse_port"):
-            if name in server_options:
-                raise ConfigurationError(f"the pool sets {name} itself")
+        _check_server_options(server_options)
         # refused here, not by every worker as it starts
         check_e_server(
             accepted_modes(server_options),
@@ -907,6 +911,30 @@ def _check_pickles(spec: _WorkerSpec) -> None:
             "module-level coroutine function (or a functools.partial of "
             f"one) and ssl=TLSConfig(...); {exc}"
         ) from exc
+
+
+# start_server's keywords above the backend's, which a worker passes on
+_STREAM_KEYWORDS = frozenset(
+    {
+        "limit",
+        "require_app_keys",
+        "ssl_handshake_timeout",
+        "ssl_shutdown_timeout",
+    }
+)
+
+
+def _check_server_options(options: Mapping[str, Any]) -> None:
+    """The keywords each worker's ``start_server`` gets, by name.
+
+    A misspelt one was refused only by the workers as they started, so
+    the pool said no more than that a worker failed to start.
+    """
+    for name in ("backend", "join_handoff", "worker_id", "reuse_port"):
+        if name in options:
+            raise ConfigurationError(f"the pool sets {name} itself")
+    refuse_asyncio_only(dict(options), ASYNCIO_SERVER_ONLY)
+    check_server_keywords(set(options) - _STREAM_KEYWORDS)
 
 
 def _check_listen_address(host: object, port: object) -> int:
