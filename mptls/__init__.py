@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from mptls.backends.base import KeyInstall, MptcpInfo, SubflowInfo
 from mptls.errors import (
+    AddressError,
     BackendError,
     CertificateError,
     ConfigurationError,
@@ -68,6 +69,7 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AddressError",
     "BackendError",
     "CertificateError",
     "ConfigurationError",

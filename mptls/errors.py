@@ -314,6 +314,16 @@ class PathError(BackendError):
     """A path could not be added or removed."""
 
 
+class AddressError(ConfigurationError, PathError):
+    """An address that no subflow can run from or to: a multicast or
+    broadcast one, or an unspecified one where a host must be named.
+
+    A :class:`ConfigurationError`, as every other bad address given to
+    mptls, and a :class:`PathError`, as the kernel backend refuses such
+    an address for an endpoint; refused before any socket is made.
+    """
+
+
 class MptlsTimeoutError(MptlsError, TimeoutError):
     """A handshake, join or close did not finish within its limit."""
 

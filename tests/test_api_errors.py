@@ -23,6 +23,7 @@ import mptls
 from mptls.aio.keywords import take_local_addr
 from mptls.aio.protocol import _in_mptls_tree
 from mptls.backends.base import Backend, connect_any, numeric_address
+from mptls.backends.kernel import sockets as kernel_sockets
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -69,6 +70,14 @@ async def echo(
         [(None, 4473)],
         [(4473, 4473)],
         [("127.0.0.2", 4473), ("127.0.0.2", 4473)],
+        # addresses a client would try to join: it reached no peer, or
+        # (0.0.0.0, ::) its own host
+        [("224.0.0.1", 0)],
+        [("ff02::1", 4473)],
+        [("::ffff:239.1.1.1", 0)],
+        [("255.255.255.255", 0)],
+        [("0.0.0.0", 4473)],
+        [("::", 0)],
     ],
 )
 async def test_bad_announce_addrs_fail_start_server(
@@ -471,6 +480,9 @@ async def test_a_server_context_without_certificate_listens_nowhere() -> None:
         (["localhost"], "IP addresses"),
         (["127.0.0.1", "999.1.1.1"], "IP addresses"),
         (["127.0.0.1:5"], "IP addresses"),
+        # bound, yet the system picked the source: a path from elsewhere
+        (["127.0.0.1", "224.0.0.1"], "multicast address"),
+        (["255.255.255.255"], "broadcast address"),
     ],
 )
 async def test_bad_local_addrs(
@@ -480,6 +492,19 @@ async def test_bad_local_addrs(
         await mptls.open_connection(
             "127.0.0.1", 4433, ssl=pki.client(), local_addrs=local_addrs
         )
+
+
+async def test_an_address_no_subflow_can_use_is_refused_as_both_kinds(
+    pki: Pki,
+) -> None:
+    # a ConfigurationError as other bad addresses are, a PathError as
+    # the kernel backend refused such an endpoint
+    with pytest.raises(mptls.AddressError) as raised:
+        await mptls.open_connection(
+            "127.0.0.1", 4433, ssl=pki.client(), local_addrs=["224.0.0.1"]
+        )
+    assert isinstance(raised.value, ConfigurationError)
+    assert isinstance(raised.value, mptls.PathError)
 
 
 async def test_an_empty_server_hostname_is_refused(pki: Pki) -> None:
@@ -1339,6 +1364,27 @@ async def test_announce_addrs_on_the_kernel_backend_names_announce(
     assert "for announce_addrs, use announce=[address, ...]" in str(
         caught.value
     )
+
+
+@pytest.mark.parametrize("address", ["224.0.0.1", "0.0.0.0", "ff02::1"])
+async def test_the_kernel_backend_announces_no_address_that_names_no_peer(
+    pki: Pki, address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # refused before the listen, and so before any kernel endpoint is
+    # added: were it not, the test stops there, not in the system's table
+    def no_listen(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{address} reached the listen")
+
+    monkeypatch.setattr(kernel_sockets, "listening_sockets", no_listen)
+    with pytest.raises(ConfigurationError, match="unicast address"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            backend="kernel",
+            announce=[address],
+        )
 
 
 @pytest.mark.parametrize(

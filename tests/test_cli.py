@@ -97,7 +97,10 @@ def test_paths_are_parsed_in_order_and_canonical() -> None:
     )
 
 
-@pytest.mark.parametrize("text", ["", ",", "127.0.0.1,127.0.0.1", "1.2.3"])
+@pytest.mark.parametrize(
+    "text",
+    ["", ",", "127.0.0.1,127.0.0.1", "1.2.3", "127.0.0.1,224.0.0.1"],
+)
 def test_bad_paths_are_usage_errors(text: str) -> None:
     with pytest.raises(UsageError):
         parse_paths(text)
@@ -128,7 +131,19 @@ def test_announce_forms(text: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["localhost", "127.0.0.2:x", "127.0.0.2:70000", "[::1]x", "[::1", "["],
+    [
+        "localhost",
+        "127.0.0.2:x",
+        "127.0.0.2:70000",
+        "[::1]x",
+        "[::1",
+        "[",
+        # the server listened on 224.0.0.1 too, and told clients to join
+        "224.0.0.1",
+        "[ff02::1]:4433",
+        "0.0.0.0:4433",
+        "255.255.255.255",
+    ],
 )
 def test_bad_announce_is_a_usage_error(text: str) -> None:
     with pytest.raises(UsageError):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import math
 import signal
@@ -15,10 +17,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from pki import Pki
-from support import echo, until
+from support import echo, established, until
 
 import mptls
 from mptls.backends.base import KeyDerivation
+from mptls.backends.userspace import backend as backend_module
+from mptls.backends.userspace import paths as paths_module
 from mptls.backends.userspace.backend import UserspaceBackend
 from mptls.backends.userspace.workers import WorkerPool
 from mptls.tls.keys import KeyMaterial
@@ -51,6 +55,14 @@ BAD_PATHS = [
     ({"remote": ("127.0.0.1", "443")}, "remote port"),
     ({"local": 123}, "local must be"),
     ({"local": "localhost"}, "local must be"),
+    # the system bound these and then picked the source itself: the
+    # "new" path came from the first subflow's address
+    ({"local": "224.0.0.1"}, "local '224.0.0.1' is a multicast address"),
+    ({"local": "::ffff:224.0.0.1"}, "is a multicast address"),
+    ({"local": "255.255.255.255"}, "is the broadcast address"),
+    # it connected to this host
+    ({"remote": ("0.0.0.0", 443)}, "is the unspecified address"),
+    ({"remote": ("::", 443), "local": None}, "is the unspecified address"),
     ({"timeout": math.nan}, "timeout"),
     ({"timeout": -1}, "timeout"),
     ({"timeout": None}, "timeout"),
@@ -82,6 +94,101 @@ async def test_add_path_refuses_bad_arguments(
     assert await reader.read() == b"still here"
     writer.close()
     await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("remote", "match"),
+    [
+        ("224.0.0.1", "is a multicast address"),
+        ("ff02::1", "is a multicast address"),
+        ("255.255.255.255", "is the broadcast address"),
+    ],
+)
+async def test_add_path_refuses_a_remote_that_names_no_peer(
+    pki: Pki,
+    server_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    remote: str,
+    match: str,
+) -> None:
+    # unchecked, these went to a connect beyond loopback: the test's
+    # stand-in for it makes sure none is tried
+    async def no_connect(*args: object) -> None:
+        raise AssertionError(f"a connect to {remote} was tried")
+
+    monkeypatch.setattr(backend_module, "connect_subflow", no_connect)
+    _, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    transport = writer.transport
+    with pytest.raises(mptls.AddressError, match=match):
+        await transport.add_path((remote, server_port))  # type: ignore[attr-defined]
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_an_unspecified_local_address_lets_the_system_pick(
+    pki: Pki, server_port: int
+) -> None:
+    # "any", as asyncio's local_addr=("0.0.0.0", 0) means: still taken
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    transport = writer.transport
+    joined = await transport.add_path(  # type: ignore[attr-defined]
+        ("127.0.0.1", server_port), local="0.0.0.0"
+    )
+    assert joined == 1
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_client_joins_no_announced_address_that_names_no_peer(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a server refuses to announce these itself, but a peer may still:
+    # its client connected to the multicast address, and 0.0.0.0 reached
+    # the client's own host
+    monkeypatch.setattr(backend_module, "check_announce", list)
+    tried: list[str] = []
+
+    async def connect(
+        protocol: asyncio.BaseProtocol,
+        remote: tuple[str, int],
+        local: str | None,
+    ) -> None:
+        tried.append(remote[0])
+        if not ipaddress.ip_address(remote[0]).is_loopback:
+            # never sent anywhere: the test's stand-in for the system
+            raise OSError(errno.ENETUNREACH, "not sent by this test")
+        await real_connect(protocol, remote, local)
+
+    real_connect = paths_module.connect_subflow
+    monkeypatch.setattr(paths_module, "connect_subflow", connect)
+    announced = ["224.0.0.1", "0.0.0.0", "ff02::1", "255.255.255.255"]
+    port = _free_port()
+    server = await mptls.start_server(
+        echo,
+        ["127.0.0.1", "127.0.0.2"],
+        port,
+        ssl=pki.server(),
+        # ADD_ADDRs go out in this order: the last one's join comes after
+        # the client has read all the others
+        announce_addrs=[(a, 0) for a in announced] + [("127.0.0.2", 0)],
+    )
+    async with server:
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=pki.client()
+        )
+        await established(writer, 2)
+        assert tried == ["127.0.0.2"]
+        writer.write(b"two paths")
+        writer.write_eof()
+        assert await reader.read() == b"two paths"
+        writer.close()
+        await writer.wait_closed()
 
 
 @pytest.mark.parametrize(

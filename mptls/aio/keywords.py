@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Any, cast
 
+from mptls.backends.addresses import check_subflow_address
 from mptls.backends.base import Backend
 from mptls.errors import (
     ConfigurationError,
@@ -126,6 +127,7 @@ def check_client_args(
                 "local_addrs entries must be IP addresses, got "
                 f"{shown_value(address)}"
             )
+        check_subflow_address(address, "local_addrs entry", local=True)
     return list(local_addrs)
 
 

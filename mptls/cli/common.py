@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 # every command's statuses, where they always were
+from mptls.backends.addresses import unusable_reason
 from mptls.cli.status import ExitStatus as ExitStatus
 from mptls.cli.status import TerminatedInterrupt
 from mptls.errors import (
@@ -406,6 +407,12 @@ def parse_paths(text: str) -> tuple[str, ...]:
         paths = tuple(parse_address(item) for item in items)
     except UsageError as exc:
         raise UsageError(f"--paths takes IP addresses: {exc}") from None
+    for path in paths:
+        reason = unusable_reason(ipaddress.ip_address(path), local=True)
+        if reason is not None:
+            raise UsageError(
+                f"--paths takes unicast addresses: {path} is {reason}"
+            )
     if len(set(paths)) != len(paths):
         raise UsageError(
             f"--paths names an address twice: {shown_value(text)}"
@@ -443,7 +450,12 @@ def parse_announce(text: str, default_port: int) -> tuple[str, int]:
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
         port = parse_port(port_text)
-    return parse_address(host), port
+    address = parse_address(host)
+    # the server listens there too, and clients would try to join it
+    reason = unusable_reason(ipaddress.ip_address(address), local=False)
+    if reason is not None:
+        raise UsageError(f"{address} is {reason}: no client could join it")
+    return address, port
 
 
 def existing_file(text: str, what: str) -> Path:

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
+from mptls.backends.addresses import check_subflow_address
 from mptls.backends.base import (
     CONNECT_TIMEOUT,
     AddressRace,
@@ -109,6 +110,7 @@ def _check_announce(announce: object) -> list[str]:
                 "announce entry "
                 f"{shown_value(address)} is not an IPv4 or IPv6 literal"
             ) from None
+        check_subflow_address(address, "announce entry", local=False)
     return list(announce)
 
 

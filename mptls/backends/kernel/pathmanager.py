@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mptls.backends.kernel.sockets import numeric_family
-from mptls.errors import PathError
+from mptls.errors import AddressError, PathError
 
 logger = logging.getLogger("mptls.backends.kernel.paths")
 
@@ -556,7 +556,8 @@ def parse_address(address: str) -> IPAddress:
 
 
 def endpoint_address(address: str) -> IPAddress:
-    """``address`` as a value that can be an endpoint, else :class:`PathError`.
+    """``address`` as a value that can be an endpoint, else
+    :class:`~mptls.errors.AddressError` (a :class:`PathError`).
 
     The kernel takes any address as an endpoint, also one that can be
     no subflow's source nor anyone's destination: it would announce
@@ -571,7 +572,7 @@ def endpoint_address(address: str) -> IPAddress:
         what = "the broadcast address"
     else:
         return value
-    raise PathError(
+    raise AddressError(
         f"{address} cannot be an MPTCP endpoint: it is {what}, and an "
         "endpoint is a unicast address of this host"
     )

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any
 
+from mptls.backends.addresses import check_subflow_address
 from mptls.backends.base import (
     CONNECT_TIMEOUT,
     AddressRace,
@@ -229,6 +230,7 @@ def _check_path(remote: object, local: object) -> None:
             f"remote must be a (host, port) pair, got {shown_value(remote)}"
         )
     _check_port(remote[1], "remote port", low=1)
+    check_subflow_address(remote[0], "remote address", local=False)
     if local is None:
         return
     try:
@@ -237,6 +239,7 @@ def _check_path(remote: object, local: object) -> None:
         raise ConfigurationError(
             f"local must be an IPv4 or IPv6 literal, got {shown_value(local)}"
         ) from None
+    check_subflow_address(local, "local", local=True)
 
 
 def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
@@ -276,6 +279,7 @@ def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
                 f"{shown_value(host)} is not an IPv4 or IPv6 "
                 "literal"
             ) from None
+        check_subflow_address(host, "announce_addrs address", local=False)
         _check_port(port, "announce_addrs port", low=0)
         if (str(address), port) in checked:
             # each would be joined: two subflows on one path

@@ -24,6 +24,7 @@ import socket
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+from mptls.backends.addresses import unusable_reason
 from mptls.backends.base import format_address, os_reason
 from mptls.backends.userspace.connect import connect_subflow
 from mptls.backends.userspace.subflow import (
@@ -408,6 +409,17 @@ class Paths:
         wherever it named, as often as it sent.
         """
         if not self._initiator or self._remote is None:
+            return
+        unusable = unusable_reason(event.address, local=False)
+        if unusable is not None:
+            # a peer's mistake (or worse): a connect to it reaches no
+            # peer, or this host itself
+            logger.debug(
+                "%s: announced address id %d not joined: %s",
+                self._owner.tag(),
+                event.address_id,
+                unusable,
+            )
             return
         config = self._core.config
         room = (
