@@ -606,7 +606,9 @@ def test_a_huge_int_for_a_setting_is_named_by_its_size(make: Any) -> None:
 
 @pytest.mark.parametrize("backend", ["userspace", "kernel"])
 @pytest.mark.parametrize(
-    "backlog", ["100", 1.5, None, True, -1, 2**31, HUGE], ids=repr_or_size
+    "backlog",
+    ["100", 1.5, None, True, -(2**31) - 1, 2**31, HUGE],
+    ids=repr_or_size,
 )
 async def test_bad_backlog(pki: Pki, backend: str, backlog: object) -> None:
     # asyncio gave it to listen() as it was: a TypeError or OverflowError
@@ -624,10 +626,54 @@ async def test_bad_backlog(pki: Pki, backend: str, backlog: object) -> None:
 
 async def test_a_good_backlog_is_asyncios(pki: Pki) -> None:
     server = await mptls.start_server(
-        noop, "127.0.0.1", 0, ssl=pki.server(), backlog=0
+        noop, "127.0.0.1", 0, ssl=pki.server(), backlog=1
     )
     server.close()
     await server.wait_closed()
+
+
+@pytest.mark.parametrize("backend", ["userspace", "kernel"])
+@pytest.mark.parametrize("backlog", [0, -1])
+async def test_a_backlog_asyncios_loop_accepts_nothing_with_is_refused(
+    pki: Pki, backend: str, backlog: int
+) -> None:
+    # asyncio's loop takes it and then accepts up to `backlog` clients
+    # per wakeup: none, so each client waited; -1 was refused as out of
+    # range, though asyncio takes it
+    with pytest.raises(ConfigurationError, match="accept no connection"):
+        await mptls.start_server(
+            noop,
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+            backend=backend,
+            backlog=backlog,
+        )
+
+
+@pytest.mark.parametrize("backlog", [0, -1])
+def test_on_uvloop_any_backlog_serves(pki: Pki, backlog: int) -> None:
+    # uvloop hands it to listen() and accepts all that come, as its own
+    # start_server does: -1 was refused as out of range
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        server = await mptls.start_server(
+            echo, "127.0.0.1", 0, ssl=pki.server(), backlog=backlog
+        )
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client()
+            )
+            writer.write(b"accepted")
+            writer.write_eof()
+            assert await reader.read() == b"accepted"
+            writer.close()
+            await writer.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
 
 
 @pytest.mark.parametrize(

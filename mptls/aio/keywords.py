@@ -11,12 +11,14 @@ This module opens no socket and looks nothing up on the network.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import os
 import re
 import socket
 import ssl
+from asyncio.selector_events import BaseSelectorEventLoop
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -276,16 +278,33 @@ def check_limit(limit: object) -> None:
         )
 
 
-# listen() takes a C int; the kernel caps it at net.core.somaxconn
+# listen() takes a C int; the kernel caps it at net.core.somaxconn, and
+# reads a negative one as that cap
+_MIN_BACKLOG = -(2**31)
 _MAX_BACKLOG = 2**31 - 1
 
 
 def check_backlog(options: dict[str, Any]) -> None:
     """asyncio hands ``backlog`` to ``listen()`` as it is: a str raised
     a bare TypeError there, a huge int an OverflowError (and the kernel
-    backend took a float or a numeric str through ``int()``)."""
-    if "backlog" in options:
-        check_range("backlog", options["backlog"], 0, _MAX_BACKLOG)
+    backend took a float or a numeric str through ``int()``).
+
+    Any C int passes, as in asyncio, except where the loop would never
+    accept: asyncio's own selector loop accepts up to ``backlog``
+    connections per wakeup, so with 0 or less its server took none and
+    every client waited (uvloop serves with any).
+    """
+    if "backlog" not in options:
+        return
+    backlog = options["backlog"]
+    check_range("backlog", backlog, _MIN_BACKLOG, _MAX_BACKLOG)
+    loop = asyncio.get_running_loop()
+    if backlog <= 0 and isinstance(loop, BaseSelectorEventLoop):
+        raise ConfigurationError(
+            f"backlog={backlog} makes asyncio's event loop accept no "
+            "connection (it accepts up to backlog at a time); pass a "
+            "positive backlog (the system caps it at net.core.somaxconn)"
+        )
 
 
 def connected_socket_peer(
