@@ -866,3 +866,23 @@ async def test_a_cancelled_connect_leaves_nothing(stack: Stack) -> None:
 def port_of_socket(sock: socket.socket) -> int:
     port: int = sock.getsockname()[1]
     return port
+
+
+def test_on_uvloop_server_sockets_is_the_stdlibs_tuple(pki: Pki) -> None:
+    # uvloop's own server gives a list; asyncio's gives a tuple on every
+    # version (3.11 to 3.13), and so does mptls's on either loop, open
+    # or closed
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        server = await mptls.start_server(
+            greet_until_the_end, "127.0.0.1", 0, ssl=pki.server()
+        )
+        assert isinstance(server.sockets, tuple)
+        assert len(server.sockets) == 1
+        server.close()
+        await server.wait_closed()
+        assert server.sockets == ()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
