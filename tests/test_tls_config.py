@@ -22,7 +22,7 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
@@ -855,6 +855,142 @@ def test_a_server_context_that_picks_its_certificate_by_name_is_taken(
     client_context = TLSConfig(cafile=files.ca_file).client_context()
     client, _ = handshake(client_context, converted)
     assert client.version() == "TLSv1.3"
+
+
+# a server key that can sign in none of the versions and ciphers its
+# context allows
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPair:
+    cert_file: Path
+    key_file: Path
+
+
+@pytest.fixture(scope="module")
+def dsa_pair(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """A self-signed certificate for localhost with a DSA key."""
+    directory = tmp_path_factory.mktemp("dsa")
+    key = dsa.generate_private_key(key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    names = [x509.DNSName("localhost")]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pair = KeyPair(directory / "dsa.pem", directory / "dsa.key")
+    pair.cert_file.write_bytes(
+        certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    pair.key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pair
+
+
+@pytest.mark.parametrize(
+    ("minimum", "reason"),
+    [
+        # TLS 1.3 has no DSA signature scheme: a protocol_version alert
+        (TLSVersion.TLS1_3, "unsupported protocol"),
+        # and OpenSSL's default TLS 1.2 ciphers use no DSS: a
+        # handshake_failure alert
+        (TLSVersion.TLS1_2, "no shared cipher"),
+    ],
+)
+def test_a_server_key_that_can_sign_in_nothing_allowed_is_refused(
+    dsa_pair: KeyPair, minimum: TLSVersion, reason: str
+) -> None:
+    # each client's handshake failed, and start_server had taken it
+    config = TLSConfig(
+        certfile=dsa_pair.cert_file,
+        keyfile=dsa_pair.key_file,
+        minimum_version=minimum,
+    )
+
+    with pytest.raises(ConfigurationError) as raised:
+        to_openssl_context(config, server_side=True)
+
+    message = str(raised.value)
+    assert "private key can sign in none of the TLS versions" in message
+    assert f"OpenSSL: {reason}" in message
+    assert "RSA, ECDSA or Ed25519 key" in message
+
+
+def test_a_dsa_key_with_a_cipher_for_it_is_taken(dsa_pair: KeyPair) -> None:
+    # TLS 1.2 with a DSS cipher can still use it
+    config = TLSConfig(
+        certfile=dsa_pair.cert_file,
+        keyfile=dsa_pair.key_file,
+        minimum_version=TLSVersion.TLS1_2,
+        ciphers="DHE-DSS-AES128-GCM-SHA256",
+    )
+    server, _ = to_openssl_context(config, server_side=True)
+
+    client_context = TLSConfig(
+        cafile=dsa_pair.cert_file,
+        minimum_version=TLSVersion.TLS1_2,
+        ciphers="DHE-DSS-AES128-GCM-SHA256",
+    ).client_context()
+    client, _ = handshake(client_context, server)
+    assert client.version() == "TLSv1.2"
+
+
+def test_a_dsa_context_that_picks_its_certificate_by_name_is_taken(
+    files: Files, dsa_pair: KeyPair
+) -> None:
+    # its servername callback may hand each connection another context
+    with_rsa = server_context(files)
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.use_certificate_chain_file(str(dsa_pair.cert_file))
+    context.use_privatekey_file(str(dsa_pair.key_file))
+    context.set_tlsext_servername_callback(
+        lambda connection: connection.set_context(with_rsa)
+    )
+
+    assert to_openssl_context(context, server_side=True)[0] is context
+
+
+def test_the_signing_check_shows_no_callback_a_handshake(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the check's server signs a first flight and derives TLS 1.3
+    # secrets: none of the application's callbacks hear of it, and the
+    # context can still be changed
+    context = server_context(files)
+    heard: list[str] = []
+    context.set_info_callback(lambda *_: heard.append("info"))
+    context.set_keylog_callback(lambda *_: heard.append("keylog"))
+    context.set_alpn_protos([b"x"])
+    context.set_alpn_select_callback(lambda *_: heard.append("alpn") or b"x")
+    context.set_verify(
+        SSL.VERIFY_PEER, lambda *_: heard.append("verify") or True
+    )
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    to_openssl_context(context, server_side=True)
+
+    assert heard == []
+    assert unraisable == []
+    context.set_verify(SSL.VERIFY_NONE)
+    # the key log callback is the application's again: a real
+    # handshake's secrets reach it
+    client_context = TLSConfig(cafile=files.ca_file).client_context()
+    handshake(client_context, context)
+    assert "keylog" in heard
 
 
 @pytest.mark.parametrize(

@@ -4,23 +4,30 @@ A client's context that lets OpenSSL build no ClientHello, or whose
 ClientHello offers nothing newer than TLS 1.1 (its security level
 lowered), would fail once its TCP connection was up; a server's that
 allows no version or nothing newer than TLS 1.1, holds no certificate
-or private key, or leaves no cipher would fail at every client that
-came. :func:`check_startable` finds these out before anything connects
-or listens, from OpenSSL's own start of a handshake on a throwaway SSL
-object: the reasons it gives, and the ClientHello it writes.
+or private key, leaves no cipher, or holds a key that can sign in none
+of the versions and ciphers it allows (a DSA key: TLS 1.3 has no
+signature scheme for it, OpenSSL's default TLS 1.2 ciphers use none)
+would fail at every client that came. :func:`check_startable` finds
+these out before anything connects or listens, from OpenSSL's own start
+of a handshake on a throwaway SSL object: the reasons it gives, and the
+ClientHello it writes. A server's context answers, on another throwaway
+SSL object, the ClientHello the same context builds: it offers every
+version, cipher and signature algorithm the server allows, so a server
+that cannot answer it can answer no client.
 
-What it cannot see is left to the handshake: a server's key that can
-sign in none of the versions and signature algorithms a client offers
-(a DSA key under TLS 1.3, say), or a cipher list a particular client
-shares nothing with. A server whose context has a servername callback
-may hand each connection another context, so its own certificate and
-key are not asked for; nor are the ciphers and the version ceiling of a
-server's context made with ``TLS_SERVER_METHOD``, which can build no
-ClientHello.
+What it cannot see is left to the handshake: a cipher list a particular
+client shares nothing with. A server whose context has a servername
+callback may hand each connection another context, so its own
+certificate and key are not asked for; nor are the ciphers, the version
+ceiling and the key of a server's context made with
+``TLS_SERVER_METHOD``, which can build no ClientHello.
 
 This module must never mark a context used (pyOpenSSL would refuse
 every setter of it from then on), nor let an application's callback
-hear of a handshake that never was.
+hear of a handshake that never was: the throwaway SSL objects quiet the
+info callback, a client's offers no ALPN (no selection callback runs),
+and the server's answer runs with the context's key log callback
+lifted, for it derives TLS 1.3 secrets.
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ from mptls.errors import ConfigurationError
 _NO_PROTOCOLS = b"no protocols available"
 _NO_CIPHERS = b"no ciphers available"
 _WRONG_SIDE = b"called a function you should not call"
+
+# OpenSSL's reasons for a server that cannot answer a ClientHello
+# offering all it allows: no version its key can sign in (TLS 1.3 only
+# with a key it has no scheme for), no cipher for its key, no signature
+# algorithm for it
+_CANNOT_SIGN = frozenset(
+    {
+        b"unsupported protocol",
+        b"no shared cipher",
+        b"no suitable signature algorithm",
+        b"no shared signature algorithms",
+    }
+)
 
 # the oldest version mptls runs (RFC 7627 Extended Master Secret on top)
 _TLS1_2 = 0x0303
@@ -71,8 +91,8 @@ class _Start:
     """What OpenSSL did when a handshake began on a throwaway SSL object.
 
     ``reasons`` are OpenSSL's reasons why it could not begin (empty when
-    it could); ``hello`` is the start of the ClientHello record a
-    client's start wrote, up to its legacy_version.
+    it could); ``hello`` is what a client's start wrote: its ClientHello
+    record.
     """
 
     reasons: tuple[bytes, ...]
@@ -101,22 +121,64 @@ def _start(context: SSL.Context, server_side: bool) -> _Start:
             _lib.SSL_set_accept_state(ssl)
         else:
             _lib.SSL_set_connect_state(ssl)
+            # a context's ALPN list would have a server's selection
+            # callback run on the answer (0 is success here)
+            _lib.SSL_set_alpn_protos(ssl, _ffi.NULL, 0)
         result = _lib.SSL_do_handshake(ssl)
         if result > 0 or (
             _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ
         ):
-            return _Start((), _head(outgoing, _HELLO_HEAD))
+            return _Start((), _drain(outgoing))
         return _Start(tuple(_error_reasons()), b"")
     finally:
         _lib.ERR_clear_error()
         _lib.SSL_free(ssl)
 
 
-def _head(bio: Any, size: int) -> bytes:
-    """Up to ``size`` bytes from the start of a memory BIO."""
-    buffer = _ffi.new("char[]", size)
-    count = _lib.BIO_read(bio, buffer, size)
-    return bytes(_ffi.buffer(buffer, max(count, 0)))
+def _answer(context: SSL.Context, hello: bytes) -> tuple[bytes, ...]:
+    """OpenSSL's reasons why a server on ``context`` cannot answer the
+    ClientHello record ``hello``; empty when it can.
+
+    The server picks its version, cipher and signature algorithm and
+    signs its first flight, as for a client. Made without pyOpenSSL's
+    Connection, which would mark the context used.
+    """
+    ssl = _lib.SSL_new(context._context)
+    if ssl == _ffi.NULL:
+        raise MemoryError("OpenSSL could not make an SSL object")
+    key_log = _lib.SSL_CTX_get_keylog_callback(context._context)
+    try:
+        _lib.SSL_set_info_callback(ssl, _QUIET_INFO)
+        incoming = _lib.BIO_new(_lib.BIO_s_mem())
+        outgoing = _lib.BIO_new(_lib.BIO_s_mem())
+        _lib.SSL_set_bio(ssl, incoming, outgoing)
+        _lib.SSL_set_accept_state(ssl)
+        _lib.BIO_write(incoming, hello, len(hello))
+        # OpenSSL logs TLS 1.3 secrets through the context's callback
+        # alone: lifted for this one call, so the application's never
+        # hears of this handshake
+        _lib.SSL_CTX_set_keylog_callback(context._context, _ffi.NULL)
+        try:
+            result = _lib.SSL_do_handshake(ssl)
+        finally:
+            _lib.SSL_CTX_set_keylog_callback(context._context, key_log)
+        if result > 0 or (
+            _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ
+        ):
+            return ()
+        return tuple(_error_reasons())
+    finally:
+        _lib.ERR_clear_error()
+        _lib.SSL_free(ssl)
+
+
+def _drain(bio: Any) -> bytes:
+    """All a memory BIO holds."""
+    chunks = []
+    buffer = _ffi.new("char[]", 4096)
+    while (count := _lib.BIO_read(bio, buffer, 4096)) > 0:
+        chunks.append(bytes(_ffi.buffer(buffer, count)))
+    return b"".join(chunks)
 
 
 def _error_reasons() -> Iterator[bytes]:
@@ -198,7 +260,18 @@ def _check_server(context: SSL.Context) -> None:
     if not as_client.reasons:
         _check_ceiling("server's", offered_ceiling(as_client.hello))
 
+    if _picks_context(context):
+        # it may hand each connection a context with a certificate
+        return
     _check_identity(context)
+    if not as_client.reasons:
+        _check_signing(context, as_client.hello)
+
+
+def _picks_context(context: SSL.Context) -> bool:
+    """Whether a servername callback may switch each connection's
+    context, and with it the certificate and key."""
+    return getattr(context, "_tlsext_servername_callback", None) is not None
 
 
 def _check_ceiling(whose: str, maximum: int | None) -> None:
@@ -214,9 +287,6 @@ def _check_ceiling(whose: str, maximum: int | None) -> None:
 
 def _check_identity(context: SSL.Context) -> None:
     """Refuse a server context without a certificate and its key."""
-    if getattr(context, "_tlsext_servername_callback", None) is not None:
-        # it may hand each connection a context with a certificate
-        return
     if _lib.SSL_CTX_check_private_key(context._context) == 1:
         return
     reasons = list(_error_reasons())
@@ -227,6 +297,28 @@ def _check_identity(context: SSL.Context) -> None:
         f"private key (OpenSSL: {why}), so every client's handshake "
         "would fail: load them with use_certificate_chain_file() and "
         "use_privatekey_file(), or pass a TLSConfig with certfile"
+    )
+
+
+def _check_signing(context: SSL.Context, hello: bytes) -> None:
+    """Refuse a server context whose key can sign in none of the
+    versions and ciphers it allows.
+
+    ``hello``, the ClientHello the same context builds, offers them all;
+    a server that cannot answer it answers no client.
+    """
+    reasons = _answer(context, hello)
+    if not _CANNOT_SIGN.intersection(reasons):
+        # anything else is a client's to meet, not a setting's
+        return
+    said = b", ".join(reasons).decode("ascii", "replace")
+    raise ConfigurationError(
+        "the server's private key can sign in none of the TLS versions "
+        f"and ciphers its OpenSSL context allows (OpenSSL: {said}), so "
+        "every client's handshake would fail: a DSA key, say, has no "
+        "TLS 1.3 signature scheme and no TLS 1.2 cipher among OpenSSL's "
+        "defaults. Use an RSA, ECDSA or Ed25519 key, or allow a cipher "
+        "for this key (set_cipher_list, TLS 1.2)"
     )
 
 
