@@ -18,6 +18,7 @@ import errno
 import gc
 import os
 import socket
+import warnings
 import weakref
 
 import pytest
@@ -616,3 +617,102 @@ async def test_a_reset_before_the_fin_of_a_lingering_subflow_is_quiet(
         if not subflow.lost.done():
             transport.abort()
         far.close()
+
+
+def _still_open(fd: int, inode: int) -> bool:
+    """Whether descriptor ``fd`` still holds the socket of ``inode``
+    (its number may be another file's by now)."""
+    try:
+        return os.fstat(fd).st_ino == inode
+    except OSError:
+        return False
+
+
+async def _left_lingering(
+    far: socket.socket, sink: _Sink, near: socket.socket, *, held: bool
+) -> tuple[_Watched, bytes]:
+    """A subflow on ``near`` that closed after its reset frame and
+    lingers: the far end never reads, and never closes, while the loop
+    runs. ``held``: a megabyte still in asyncio's buffer (the write
+    side is not shut yet); else a few frames the kernel holds, the FIN
+    behind them. Returns it and what it wrote."""
+    if held:
+        subflow, _, written = await _lingering(far, sink, near)
+    else:
+        loop = asyncio.get_running_loop()
+        subflow = _Watched(sink)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: subflow, near
+        )
+        frames = b"the last frames, the reset frame among them"
+        subflow.send([frames])
+        assert not transport.get_write_buffer_size()
+        subflow.close_after_reset()
+        written = PREAMBLE + frames
+    # the peer's bytes wait unread at the loop's end: a close that found
+    # them would be a reset, which drops what the kernel still holds
+    far.send(b"unread bytes of the peer")
+    # the premise, by construction: no timer ends the linger before the
+    # test's own timeout, and no FIN or reset comes from the far end
+    assert subflow.closed
+    assert not subflow.gone
+    return subflow, written
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["sent", "held"])
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_the_loop_s_end_closes_a_lingering_subflow(
+    monkeypatch: pytest.MonkeyPatch, loop_name: str, held: bool
+) -> None:
+    # a program that ends its loop (asyncio.run() returns, Ctrl-C)
+    # while the subflows of an abort linger left their sockets to the
+    # garbage collector: a ResourceWarning for each, and a close with
+    # the peer's bytes unread, a reset that lost the reset frame
+    if loop_name == "uvloop":
+        loop_factory = pytest.importorskip("uvloop").new_event_loop
+    else:
+        loop_factory = asyncio.new_event_loop
+    monkeypatch.setattr(subflow_module, "ABORT_LINGER", 3600.0)
+    near, far = _tcp_pair()
+    fd, inode = near.fileno(), os.fstat(near.fileno()).st_ino
+    sink = _Sink()
+    # what an earlier test left to the collector is not this test's
+    gc.collect()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                subflow, written = runner.run(
+                    _left_lingering(far, sink, near, held=held)
+                )
+            assert subflow.gone
+            assert not _still_open(fd, inode)
+            assert sink.calls == []
+            del subflow
+            gc.collect()
+        unclosed = [w for w in caught if w.category is ResourceWarning]
+        assert [str(warning.message) for warning in unclosed] == []
+
+        # the far end: what the kernel held, then the FIN; a reset when
+        # asyncio still held bytes, which could leave only from a loop
+        far.setblocking(True)
+        far.settimeout(10.0)
+        if held:
+            with pytest.raises(ConnectionResetError):
+                _read_blocking(far, len(written))
+        else:
+            assert _read_blocking(far, len(written)) == written
+    finally:
+        far.close()
+        near.close()
+
+
+def _read_blocking(sock: socket.socket, limit: int) -> bytes:
+    """What ``sock``, a blocking socket, reads up to the peer's FIN."""
+    received = bytearray()
+    while len(received) <= limit:
+        chunk = sock.recv(256 * 1024)
+        if not chunk:
+            return bytes(received)
+        received += chunk
+    raise AssertionError(f"more than {limit} bytes and no end")

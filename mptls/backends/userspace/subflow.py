@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import weakref
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Any, Protocol, cast
 
 from mptls.backends.base import reset_on_close
@@ -131,6 +132,13 @@ def carries_socket(sock: socket.socket) -> bool:
     return transport is not None and not transport.is_closing()
 
 
+def _step(awaitable: Coroutine[Any, Any, object]) -> None:
+    """Run one step of an async generator's ``asend()`` or ``aclose()``
+    that awaits nothing: it ends at once."""
+    with contextlib.suppress(StopIteration, StopAsyncIteration):
+        awaitable.send(None)
+
+
 class SubflowProtocol(asyncio.BufferedProtocol):
     """One TCP connection carrying one subflow's frames."""
 
@@ -162,6 +170,8 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         # what was still queued at the last look, and when it ends
         self._linger_queued = 0
         self._linger_end = 0.0
+        # while it lingers: closes the socket if the loop ends first
+        self._loop_end: AsyncGenerator[None, None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's transports subclass asyncio.Transport; uvloop's have
@@ -240,6 +250,9 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        if self._loop_end is not None:
+            _step(self._loop_end.aclose())
+            self._loop_end = None
         was_closed, self.closed = self.closed, True
         if not was_closed:
             self.sink.subflow_lost(self, exc)
@@ -407,6 +420,42 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self._linger_queued = self._queued()
         self._linger_end = loop.time() + CLOSE_LINGER
         self._linger = loop.call_later(ABORT_LINGER, self._linger_expired)
+        self._close_at_loop_end()
+
+    def _close_at_loop_end(self) -> None:
+        """Close the socket if the loop ends while this subflow lingers.
+
+        Nothing waits for a lingering subflow, so a program may end its
+        loop meanwhile (``asyncio.run()`` returns, Ctrl-C): the socket
+        was then left to the garbage collector, which closed it with a
+        ``ResourceWarning``. An async generator, started here, is one
+        the loop finalizes in ``shutdown_asyncgens()``, which
+        ``asyncio.run()`` calls before it closes the loop (uvloop's
+        too); ``connection_lost()`` finalizes it first otherwise.
+        Unlike a task, it needs no loop step to end.
+        """
+        if self._loop_end is not None:
+            return
+        self._loop_end = self._until_gone()
+        _step(self._loop_end.asend(None))
+
+    async def _until_gone(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            self._end_with_the_loop()
+
+    def _end_with_the_loop(self) -> None:
+        """The loop ends: close now what would have lingered."""
+        transport = self.transport
+        if transport is None or self.gone:
+            return
+        if transport.is_closing():
+            # a close still sending asyncio's buffer: it never will now,
+            # and what the kernel holds still leaves, ahead of the FIN
+            transport.abort()
+        else:
+            self.close_now()
 
     def close_now(self) -> None:
         """Close the TCP connection at once, keeping what the kernel has.
