@@ -401,6 +401,59 @@ def test_a_chain_that_cannot_be_opened_says_why(
     )
 
 
+def _build_reading(config: TLSConfig, field: str) -> SSL.Context:
+    # a client reads its CA file; a server its chain and key
+    if field == "cafile":
+        return config.client_context()
+    return config.server_context()
+
+
+@pytest.mark.parametrize(
+    ("field", "words"),
+    [
+        ("certfile", "cannot load the certificate chain from"),
+        ("keyfile", "cannot read the key file"),
+        ("cafile", "cannot read the CA file"),
+    ],
+)
+def test_a_device_is_no_file_to_load(
+    files: Files, field: str, words: str
+) -> None:
+    # /dev/zero and /dev/urandom never end; /dev/null stands for them
+    # here, read to its end it was "no certificate" or "no key"
+    settings: dict[str, Any] = {
+        "certfile": files.chain_file,
+        "keyfile": files.key_file,
+        field: "/dev/null",
+    }
+    config = TLSConfig(**settings)
+
+    with pytest.raises(ConfigurationError) as raised:
+        _build_reading(config, field)
+    assert str(raised.value) == (
+        f"{words} '/dev/null': not a regular file (a pipe or a device)"
+    )
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("field", ["certfile", "keyfile", "cafile"])
+def test_a_fifo_is_refused_not_waited_on(
+    files: Files, tmp_path: Path, field: str
+) -> None:
+    # opening a FIFO waits for a writer: the loop's thread hung there
+    fifo = tmp_path / "pipe.pem"
+    os.mkfifo(fifo)
+    settings: dict[str, Any] = {
+        "certfile": files.chain_file,
+        "keyfile": files.key_file,
+        field: fifo,
+    }
+    config = TLSConfig(**settings)
+
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        _build_reading(config, field)
+
+
 def test_a_config_used_once_still_pickles_and_copies(files: Files) -> None:
     # a worker pool sends its config to each process: one that served a
     # start_server before (its built context kept) must still go

@@ -128,6 +128,25 @@ def _missing_file_reason(path: str) -> str:
     return ""
 
 
+def _refuse_special_file(path: str, failure: str) -> None:
+    """Refuse a pipe or a device before anything opens it.
+
+    The context is built on the event loop's thread: opening a FIFO
+    waits for a writer, and reading ``/dev/zero`` or ``/dev/urandom``
+    never ends, so either held the loop (and every connection on it)
+    for good. A path that cannot be looked at is left to the open that
+    follows, which says why. ``failure`` starts the error's message.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise ConfigurationError(
+            f"{failure}: not a regular file (a pipe or a device)"
+        )
+
+
 # ALPN protocol ids are 1 to 255 bytes (RFC 7301 section 3.1)
 _ALPN_MAX = 255
 
@@ -359,6 +378,9 @@ class TLSConfig:
 
     def _load_identity(self, context: SSL.Context, certfile: PathLike) -> None:
         chain = os.fsdecode(certfile)
+        _refuse_special_file(
+            chain, f"cannot load the certificate chain from {chain!r}"
+        )
         try:
             context.use_certificate_chain_file(chain)
         except SSL.Error as exc:
@@ -383,6 +405,7 @@ class TLSConfig:
         anchors: list[crypto.X509] = []
         if self.cafile is not None:
             cafile = os.fsdecode(self.cafile)
+            _refuse_special_file(cafile, f"cannot read the CA file {cafile!r}")
             try:
                 with open(cafile, "rb") as handle:
                     anchors.extend(_parse_certificates(handle.read(), cafile))
@@ -412,6 +435,7 @@ def _read_private_key(keyfile: str) -> PrivateKey:
     Loaded here rather than by OpenSSL so that an encrypted key is a clear
     error, never a passphrase prompt on the terminal.
     """
+    _refuse_special_file(keyfile, f"cannot read the key file {keyfile!r}")
     try:
         with open(keyfile, "rb") as handle:
             data = handle.read()
