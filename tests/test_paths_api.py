@@ -721,17 +721,8 @@ def numeric_lookups_only(
     yield asked
 
 
-@pytest.mark.parametrize(
-    ("remote_host", "local"),
-    [("127.0.0.1", SCOPED), (SCOPED, None)],
-    ids=["local", "remote"],
-)
 async def test_add_path_looks_no_scoped_literal_up_as_a_name(
-    pki: Pki,
-    server_port: int,
-    monkeypatch: pytest.MonkeyPatch,
-    remote_host: str,
-    local: str | None,
+    pki: Pki, server_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reader, writer = await mptls.open_connection(
         "127.0.0.1", server_port, ssl=pki.client()
@@ -742,7 +733,7 @@ async def test_add_path_looks_no_scoped_literal_up_as_a_name(
         pytest.raises(mptls.PathError, match="cannot open a path"),
     ):
         await transport.add_path(  # type: ignore[attr-defined]
-            (remote_host, server_port), local=local
+            (SCOPED, server_port)
         )
     assert asked
     assert all(flags & socket.AI_NUMERICHOST for _, flags in asked), asked
@@ -753,34 +744,60 @@ async def test_add_path_looks_no_scoped_literal_up_as_a_name(
     await writer.wait_closed()
 
 
-async def test_a_path_of_its_own_looks_no_scoped_literal_up_as_a_name(
+async def test_add_path_refuses_a_local_scope_it_cannot_use(
     pki: Pki, server_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    heard = Heard()
-    logger = logging.getLogger("mptls.userspace")
-    logger.addHandler(heard)
-    try:
-        with numeric_lookups_only(monkeypatch) as asked:
-            _, writer = await mptls.open_connection(
-                "127.0.0.1",
-                server_port,
-                ssl=pki.client(),
-                local_addrs=["127.0.0.1", SCOPED],
-            )
-            async with asyncio.timeout(10):
-                await heard.first.wait()
-            writer.close()
-            async with asyncio.timeout(10):
-                await writer.wait_closed()
-    finally:
-        logger.removeHandler(heard)
-    message = heard.records[0].getMessage()
-    assert SCOPED in message
-    # the resolver's words, not strerror()'s for its errno ("Unknown
-    # error -2")
-    assert "Unknown error" not in message, message
-    assert asked
-    assert all(flags & socket.AI_NUMERICHOST for _, flags in asked), asked
+    # found at the connect, it was a PathError that named the remote
+    # address ("cannot open a path to 127.0.0.1:...: Name or service
+    # not known"), which was never the problem
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    transport = writer.transport
+    with (
+        numeric_lookups_only(monkeypatch) as asked,
+        pytest.raises(mptls.ConfigurationError) as refused,
+    ):
+        await transport.add_path(  # type: ignore[attr-defined]
+            ("127.0.0.1", server_port), local=SCOPED
+        )
+    assert str(refused.value).startswith(
+        f"local {SCOPED!r} has a scope id this host cannot use"
+    )
+    assert asked == []
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await reader.read() == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "local_addrs", [[SCOPED], ["127.0.0.1", SCOPED]], ids=["first", "extra"]
+)
+async def test_a_local_scope_it_cannot_use_is_refused_up_front(
+    pki: Pki,
+    server_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    local_addrs: list[str],
+) -> None:
+    # the first one failed the connect as a HostLookupError for the
+    # remote host ("cannot resolve host '127.0.0.1'"); an extra one
+    # became a path that failed each time it was tried, a warning apart
+    with (
+        numeric_lookups_only(monkeypatch) as asked,
+        pytest.raises(mptls.ConfigurationError) as refused,
+    ):
+        await mptls.open_connection(
+            "127.0.0.1",
+            server_port,
+            ssl=pki.client(),
+            local_addrs=local_addrs,
+        )
+    assert str(refused.value).startswith(
+        f"local address {SCOPED!r} has a scope id this host cannot use"
+    )
+    assert asked == []
 
 
 @contextlib.contextmanager

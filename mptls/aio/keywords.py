@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from mptls.backends.addresses import check_subflow_address
-from mptls.backends.base import Backend
+from mptls.backends.base import Backend, check_local_scope
 from mptls.errors import (
     ConfigurationError,
     ConnectError,
@@ -130,6 +130,7 @@ def check_client_args(
                 f"{shown_value(address)}"
             )
         check_subflow_address(address, "local_addrs entry", local=True)
+        check_local_scope(address, "local address")
     return list(local_addrs)
 
 

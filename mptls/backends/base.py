@@ -130,6 +130,30 @@ def numeric_address(
     return None
 
 
+def check_local_scope(address: str, what: str) -> None:
+    """Refuse a local IPv6 literal whose scope id this host cannot use.
+
+    ``ipaddress`` takes any scope (``::1%lo``, ``fe80::1%nosuchif``);
+    the system maps it to an interface only on a link-local address and
+    for an interface it has. Found at the connect, the failure was a
+    ``HostLookupError`` that named the remote host, which resolves
+    fine. ``AI_NUMERICHOST`` keeps this lookup off the network.
+    """
+    if "%" not in address:
+        return
+    try:
+        socket.getaddrinfo(
+            address, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+        )
+    except socket.gaierror:
+        # the system's reason is "Name or service not known": no help
+        raise ConfigurationError(
+            f"{what} {shown_value(address)} has a scope id this host "
+            "cannot use: a scope id names an interface of this host, on "
+            "a link-local address (fe80::/10)"
+        ) from None
+
+
 async def host_addresses(
     loop: asyncio.AbstractEventLoop,
     host: str | None,

@@ -28,6 +28,7 @@ from mptls.backends.base import (
     KeyInstall,
     MptcpInfo,
     Server,
+    check_local_scope,
     format_address,
     within_connect_timeout,
 )
@@ -233,13 +234,15 @@ def _check_path(remote: object, local: object) -> None:
     check_subflow_address(remote[0], "remote address", local=False)
     if local is None:
         return
+    address = local if isinstance(local, str) else ""
     try:
-        ipaddress.ip_address(local if isinstance(local, str) else "")
+        ipaddress.ip_address(address)
     except ValueError:
         raise ConfigurationError(
             f"local must be an IPv4 or IPv6 literal, got {shown_value(local)}"
         ) from None
     check_subflow_address(local, "local", local=True)
+    check_local_scope(address, "local")
 
 
 def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
