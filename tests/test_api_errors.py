@@ -1057,6 +1057,32 @@ async def test_a_scoped_ip_literal_is_never_a_name_to_look_up(
         assert flags & socket.AI_NUMERICHOST
 
 
+@pytest.mark.parametrize(
+    "backend", ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
+)
+async def test_start_serving_a_closed_server_says_it_is_closed(
+    pki: Pki, backend: str
+) -> None:
+    # asyncio's server raised a bare TypeError ("'NoneType' object is
+    # not iterable") and then reported itself serving
+    if backend == "kernel" and not _kernel_mptcp():
+        pytest.skip("the running kernel has no usable MPTCP")
+    server = await mptls.start_server(
+        noop,
+        "127.0.0.1",
+        0,
+        ssl=pki.server(),
+        backend=backend,
+        start_serving=False,
+    )
+    server.close()
+    await server.wait_closed()
+
+    with pytest.raises(RuntimeError, match="is closed"):
+        await server.start_serving()
+    assert not server.is_serving()
+
+
 async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(
     pki: Pki,
 ) -> None:

@@ -98,6 +98,16 @@ def unacknowledged(transport: asyncio.BaseTransport) -> int | None:
     return count[0]
 
 
+def closed_server_error(server: object) -> RuntimeError:
+    """What ``start_serving()`` raises on a server that was closed.
+
+    asyncio's own raises a bare ``TypeError`` ("'NoneType' object is not
+    iterable") there, up to Python 3.13, and then reports itself serving;
+    its ``serve_forever()`` says this instead.
+    """
+    return RuntimeError(f"server {server!r} is closed")
+
+
 def format_address(address: tuple[Any, ...] | None) -> str:
     """``host:port``, with brackets around an IPv6 host; ``-`` for None."""
     if address is None:

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from mptls.backends.base import Server
+from mptls.backends.base import Server, closed_server_error
 
 
 class StopListener(Protocol):
@@ -41,6 +41,7 @@ class MultiServer(Server):
         self._loop = loop
         self._servers = tuple(servers)
         self._protocols = protocols
+        self._closed = False
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -50,6 +51,7 @@ class MultiServer(Server):
         return tuple(found)
 
     def close(self) -> None:
+        self._closed = True
         for server in self._servers:
             server.close()
 
@@ -78,6 +80,8 @@ class MultiServer(Server):
         return any(server.is_serving() for server in self._servers)
 
     async def start_serving(self) -> None:
+        if self._closed:
+            raise closed_server_error(self)
         for server in self._servers:
             await server.start_serving()
 

@@ -29,6 +29,7 @@ from mptls.backends.base import (
     MptcpInfo,
     Server,
     check_local_scope,
+    closed_server_error,
     format_address,
     within_connect_timeout,
 )
@@ -139,6 +140,7 @@ class MptlsServer(Server):
     def __init__(self, server: asyncio.AbstractServer, listener: Listener):
         self._server = server
         self.mptls_listener = listener
+        self._closed = False
 
     @property
     def sockets(self) -> tuple[Any, ...]:
@@ -146,6 +148,7 @@ class MptlsServer(Server):
         return tuple(getattr(self._server, "sockets", ()) or ())
 
     def close(self) -> None:
+        self._closed = True
         self._server.close()
 
     def close_clients(self) -> None:
@@ -172,6 +175,8 @@ class MptlsServer(Server):
         return self._server.is_serving()
 
     async def start_serving(self) -> None:
+        if self._closed:
+            raise closed_server_error(self)
         await self._server.start_serving()
 
     async def serve_forever(self) -> None:
