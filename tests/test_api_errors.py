@@ -1057,6 +1057,41 @@ async def test_a_scoped_ip_literal_is_never_a_name_to_look_up(
         assert flags & socket.AI_NUMERICHOST
 
 
+@pytest.mark.parametrize("callback", [None, 5, "handler"])
+async def test_a_server_callback_that_cannot_be_called_is_refused(
+    pki: Pki, callback: Any
+) -> None:
+    # the server listened, then failed every client: each one logged
+    # with a TypeError traceback and reset
+    with pytest.raises(ConfigurationError) as refused:
+        await mptls.start_server(callback, "127.0.0.1", 0, ssl=pki.server())
+    assert str(refused.value) == (
+        f"client_connected_cb must be callable, got {callback!r}"
+    )
+
+
+async def test_a_protocol_factory_that_cannot_be_called_is_refused(
+    pki: Pki,
+) -> None:
+    loop_server = await asyncio.start_server(noop, "127.0.0.1", 0)
+    async with loop_server:
+        port = loop_server.sockets[0].getsockname()[1]
+        with pytest.raises(ConfigurationError, match="protocol_factory"):
+            await mptls.create_connection(
+                None,  # type: ignore[arg-type]
+                "127.0.0.1",
+                port,
+                ssl=pki.client(),
+            )
+    with pytest.raises(ConfigurationError, match="protocol_factory"):
+        await mptls.create_server(
+            object(),  # type: ignore[arg-type]
+            "127.0.0.1",
+            0,
+            ssl=pki.server(),
+        )
+
+
 @pytest.mark.parametrize(
     "backend", ["userspace", pytest.param("kernel", marks=pytest.mark.kernel)]
 )

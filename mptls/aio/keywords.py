@@ -272,6 +272,20 @@ def _is_ip_address(address: str) -> bool:
     return True
 
 
+def check_callable(name: str, value: object) -> None:
+    """Refuse a callback or protocol factory that cannot be called.
+
+    asyncio takes one as it is: a server's failed at every client (each
+    logged and reset), a client's once connected. Nothing here can
+    work without it, so it is refused before anything listens or
+    connects.
+    """
+    if not callable(value):
+        raise ConfigurationError(
+            f"{name} must be callable, got {shown_value(value)}"
+        )
+
+
 def check_limit(limit: object) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
         raise ConfigurationError(

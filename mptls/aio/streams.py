@@ -31,6 +31,7 @@ from mptls.aio.keywords import (
     bound_close,
     bound_silent_clients,
     check_backlog,
+    check_callable,
     check_client_args,
     check_limit,
     check_listening_socket,
@@ -182,6 +183,7 @@ async def create_connection(
     itself, within its ``close_timeout``, which a shorter
     ``ssl_shutdown_timeout`` sets.
     """
+    check_callable("protocol_factory", protocol_factory)
     local_addrs = take_local_addr(backend_options, local_addrs)
     refuse_asyncio_only(backend_options, ASYNCIO_CLIENT_ONLY)
     backend_obj = _resolve_backend(backend)
@@ -292,6 +294,7 @@ async def create_server(
     ``ssl`` is an :class:`mptls.TLSConfig` or an ``OpenSSL.SSL.Context``
     with the server's certificate and key.
     """
+    check_callable("protocol_factory", protocol_factory)
     refuse_asyncio_only(backend_options, ASYNCIO_SERVER_ONLY)
     if ssl is None or ssl is False or ssl is True:
         raise ConfigurationError(
@@ -411,6 +414,7 @@ async def start_server(
     ``require_app_keys=True`` a connection whose keys were not installed
     fails before the callback runs.
     """
+    check_callable("client_connected_cb", client_connected_cb)
     check_limit(limit)
     loop = asyncio.get_running_loop()
     connected = _ending_with_handler(client_connected_cb)
