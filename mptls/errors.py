@@ -354,7 +354,11 @@ def shown_value(value: object) -> str:
         if value.bit_length() > 64:
             return f"an int of {value.bit_length()} bits"
         return repr(value)
-    shown = repr(value)
+    try:
+        shown = repr(value)
+    except Exception:
+        # an object whose repr fails is still a bad argument to name
+        return f"a {type(value).__name__} object"
     if len(shown) > _SHOWN_CHARS:
         return shown[: _SHOWN_CHARS - 3] + "..."
     return shown

@@ -580,6 +580,27 @@ async def test_a_huge_int_for_a_client_keyword_is_named_by_its_size(
         )
 
 
+class _UnshowableValue:
+    """An argument whose repr fails, as a broken proxy object's may."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    "name", ["connect_timeout", "mode", "local_addrs", "limit"]
+)
+async def test_a_value_whose_repr_fails_is_still_a_configuration_error(
+    pki: Pki, name: str
+) -> None:
+    # the message repeated the value, and the repr's own RuntimeError
+    # took the ConfigurationError's place
+    with pytest.raises(ConfigurationError, match="a _UnshowableValue object"):
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), **{name: _UnshowableValue()}
+        )
+
+
 @pytest.mark.parametrize(
     "name", ["backend", "modes", "announce_addrs", "server_id", "worker_id"]
 )
