@@ -398,6 +398,32 @@ def test_certs_are_written_and_never_overwritten(tmp_path: Path) -> None:
     assert chain.read_bytes().count(b"BEGIN CERTIFICATE") == 2
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_certs_force_replaces_no_special_file(
+    tmp_path: Path, kind: str
+) -> None:
+    # a FIFO named server.pem held the write open for good; a directory
+    # named server.key failed after ca.pem and server.pem were replaced
+    directory = tmp_path / "certs"
+    ca, chain, key = write_development_certs(directory)
+    before = ca.read_bytes()
+    special = chain if kind == "fifo" else key
+    special.unlink()
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        special.mkdir()
+
+    with pytest.raises(UsageError) as refused:
+        write_development_certs(directory, force=True)
+    assert str(refused.value) == (
+        f"{special} is not a regular file: not overwritten (remove it, "
+        "or name another --dir)"
+    )
+    assert ca.read_bytes() == before
+
+
 def test_certs_command_refuses_overwrite(tmp_path: Path) -> None:
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 0
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 2

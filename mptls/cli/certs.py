@@ -70,6 +70,21 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     path.chmod(mode)
 
 
+def _refuse_special_files(paths: Sequence[Path]) -> None:
+    """Refuse, before any is written, a name taken by what is no file.
+
+    A FIFO held the write open until something read it, for good; a
+    directory failed the write after the files before it were replaced,
+    leaving a new CA and chain beside no key of theirs.
+    """
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise UsageError(
+                f"{printable(str(path))} is not a regular file: "
+                "not overwritten (remove it, or name another --dir)"
+            )
+
+
 def write_development_certs(
     directory: Path, *, force: bool = False
 ) -> tuple[Path, Path, Path]:
@@ -89,6 +104,7 @@ def write_development_certs(
         )
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"not a directory: {directory}")
+    _refuse_special_files(paths)
     directory.mkdir(parents=True, exist_ok=True)
 
     pems = issue_development_pems()
