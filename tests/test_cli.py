@@ -424,6 +424,41 @@ def test_certs_force_replaces_no_special_file(
     assert ca.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        # connected on the system's trust store, as with no --cafile
+        (
+            ["connect", "127.0.0.1", "9", "--cafile", ""],
+            "--cafile needs a file name",
+        ),
+        # sent the standard library's archive, as with no --file
+        (["demo", "--file", ""], "--file needs a file name"),
+        # "certificate file is a directory: " (Path("") is ".")
+        (["serve", "--port", "0", "--cert", ""], "--cert needs a file name"),
+        # (any readable file passes as --cert until it is loaded)
+        (
+            ["serve", "--port", "0", "--cert", __file__, "--key", ""],
+            "--key needs a file name",
+        ),
+        # wrote the key into the current directory
+        (
+            ["certs", "--dir", ""],
+            "--dir needs a directory name (. for this one)",
+        ),
+    ],
+    ids=["cafile", "file", "cert", "key", "dir"],
+)
+def test_an_empty_file_option_names_no_file(
+    tmp_path: Path, args: list[str], line: str
+) -> None:
+    result = run_mptls(*args, cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.decode() == f"mptls: error: {line}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_certs_command_refuses_overwrite(tmp_path: Path) -> None:
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 0
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 2

@@ -130,7 +130,6 @@ def add_parser(
     parser.add_argument(
         "--dir",
         default="certs",
-        type=Path,
         help="directory to write into (default: certs)",
     )
     parser.add_argument(
@@ -140,8 +139,12 @@ def add_parser(
 
 
 def run(args: argparse.Namespace) -> ExitStatus:
+    if not args.dir:
+        # Path("") is the current directory: --dir "$DIR" with DIR unset
+        # wrote the key there
+        raise UsageError("--dir needs a directory name (. for this one)")
     ca_path, chain_path, key_path = write_development_certs(
-        args.dir, force=args.force
+        Path(args.dir), force=args.force
     )
     console = stdout_console()
     written = Table.grid(padding=(0, 2))

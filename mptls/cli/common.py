@@ -458,6 +458,19 @@ def parse_announce(text: str, default_port: int) -> tuple[str, int]:
     return address, port
 
 
+def option_file(text: str, option: str, what: str) -> Path:
+    """:func:`existing_file` for an option's value.
+
+    An empty one (``--cafile "$CA"`` with ``CA`` unset) names no file:
+    ``Path("")`` is the current directory, and a test for a value given
+    took it for no option at all (``--cafile ""`` fell back to the
+    system's trust store).
+    """
+    if not text:
+        raise UsageError(f"{option} needs a file name")
+    return existing_file(text, what)
+
+
 def existing_file(text: str, what: str) -> Path:
     """A path that must name a readable regular file.
 

@@ -25,7 +25,7 @@ from mptls.cli.common import (
     UsageError,
     add_backend_arguments,
     add_pcap_argument,
-    existing_file,
+    option_file,
     parse_paths,
     pcap_capture,
     print_json,
@@ -123,7 +123,11 @@ def run(args: argparse.Namespace) -> ExitStatus:
         # refused before "sending ...": the kernel connect would fail
         # on it only once the demo had started
         raise UsageError(f"--manage-paths: {missing_capability_reason()}")
-    given = existing_file(args.file, "file") if args.file else None
+    given = (
+        option_file(args.file, "--file", "file")
+        if args.file is not None
+        else None
+    )
     console = stdout_console()
     quiet = args.quiet or args.json
 

@@ -35,7 +35,7 @@ from mptls.cli.common import (
     add_pcap_argument,
     client_options,
     describe_error,
-    existing_file,
+    option_file,
     output_error,
     parse_address,
     parse_announce,
@@ -256,8 +256,8 @@ async def _serve(args: argparse.Namespace) -> None:
             "address on the server's own port"
         )
     tls = mptls.TLSConfig(
-        certfile=str(existing_file(args.cert, "certificate file")),
-        keyfile=str(existing_file(args.key, "key file")),
+        certfile=str(option_file(args.cert, "--cert", "certificate file")),
+        keyfile=str(option_file(args.key, "--key", "key file")),
     )
     options = server_options(
         args.backend, args.mode, announce, rotate_every=args.rotate_every
@@ -634,7 +634,11 @@ async def connect(args: argparse.Namespace) -> None:
     # an empty --paths is a mistake, not "no paths given"
     paths = parse_paths(args.paths) if args.paths is not None else None
     _check_path_families(args.host, paths or ())
-    cafile = existing_file(args.cafile, "CA file") if args.cafile else None
+    cafile = (
+        option_file(args.cafile, "--cafile", "CA file")
+        if args.cafile is not None
+        else None
+    )
     if args.insecure:
         _status(True, ["mptls: warning: --insecure: certificate not checked"])
     tls = mptls.TLSConfig(
