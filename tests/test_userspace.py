@@ -333,6 +333,30 @@ async def test_a_protocol_set_on_a_stream_gets_what_follows(
     assert not reader._buffer  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("protocol", [None, 5])
+async def test_set_protocol_refuses_what_is_no_protocol(
+    pki: Pki, echo_server: Served, protocol: Any
+) -> None:
+    # None was the transport's "no handshake yet": the next read made
+    # the reader's connection_made() run again ("Transport already
+    # set"), which failed the connection
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", echo_server.port, ssl=pki.client()
+    )
+    transport = writer.transport
+    before = transport.get_protocol()
+
+    with pytest.raises(mptls.ConfigurationError, match="set_protocol"):
+        transport.set_protocol(protocol)
+    assert transport.get_protocol() is before
+    writer.write(b"still the stream's")
+    writer.write_eof()
+    async with asyncio.timeout(10):
+        assert await reader.read() == b"still the stream's"
+    writer.close()
+    await writer.wait_closed()
+
+
 async def test_a_missing_client_certificate_is_the_tls_alert(
     pki: Pki,
 ) -> None:

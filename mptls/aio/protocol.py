@@ -36,6 +36,7 @@ from mptls.backends.base import (
 )
 from mptls.backends.buffers import read_buffer
 from mptls.errors import (
+    ConfigurationError,
     HandshakeTimeoutError,
     KeysUnavailableError,
     MptlsError,
@@ -45,6 +46,7 @@ from mptls.errors import (
     PeerResetError,
     ProtocolError,
     TLSError,
+    shown_value,
 )
 from mptls.refusals import refused
 from mptls.tls.engine import AlertDescription, TLSEngine
@@ -1039,6 +1041,13 @@ class TLSTransport(asyncio.Transport):
         return self._tls._extra_info(name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        if not callable(getattr(protocol, "connection_lost", None)):
+            # None was taken as "no handshake yet": the next read
+            # called connection_made() again, and get_protocol() failed
+            raise ConfigurationError(
+                "set_protocol() needs a protocol (an asyncio.Protocol), "
+                f"got {shown_value(protocol)}"
+            )
         self._tls._app_protocol = protocol
         # views of the TLS buffer went to the old protocol's reader
         self._tls._update_sink()
