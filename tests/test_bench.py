@@ -411,6 +411,26 @@ def test_an_unwritable_result_is_named_and_exits_1(
         spare.unlink()
 
 
+def test_an_output_with_an_escape_in_its_name_cannot_steer_the_terminal(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # "wrote ..." printed the --output name as it was: its escape
+    # sequence reached the terminal (demo, certs and the error line
+    # show such a name escaped already)
+    _fake_scenarios(monkeypatch)
+    output = tmp_path / "out\x1b[2J"
+    (output / "keys.json").mkdir(parents=True)
+    argv = ["bench", "bulk", "keys", "--output", str(output)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.out + captured.err
+    shown = str(tmp_path / "out\\x1b[2J")
+    assert f"wrote {shown}/bulk.json" in " ".join(captured.out.split())
+    assert f"could not write {shown}/keys.json" in captured.err
+
+
 @pytest.mark.parametrize(
     ("interrupt_at", "said"),
     [

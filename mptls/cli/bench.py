@@ -12,10 +12,16 @@ import argparse
 import errno
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mptls.cli.common import ExitStatus, UsageError, stdout_console
+from mptls.cli.common import (
+    ExitStatus,
+    UsageError,
+    printable,
+    stdout_console,
+)
 from mptls.errors import shown_value
 
 if TYPE_CHECKING:
@@ -137,27 +143,34 @@ def report_files(console: Console, record: RunRecord) -> None:
     could not write, with the OS's reason and where the samples went."""
     if record.written:
         console.print(
-            f"wrote {', '.join(str(path) for path in record.written)}",
+            f"wrote {_shown_paths(record.written)}",
             markup=False,
             soft_wrap=True,
         )
     for failure in record.failures:
         kept = (
-            f"; its samples are in {failure.kept}"
+            f"; its samples are in {printable(str(failure.kept))}"
             if failure.kept is not None
             else ""
         )
         print(
             f"mptls: error: {failure.scenario}: could not write "
-            f"{failure.path}: {failure.reason}{kept}",
+            f"{printable(str(failure.path))}: {failure.reason}{kept}",
             file=sys.stderr,
         )
+
+
+def _shown_paths(paths: Sequence[Path]) -> str:
+    """The files, comma-separated, as a terminal may show them: the
+    --output directory is the user's, and an escape sequence in its
+    name would steer the terminal."""
+    return ", ".join(printable(str(path)) for path in paths)
 
 
 def interrupted(record: RunRecord) -> str:
     """The one line an interrupted run ends with."""
     if record.written:
-        files = ", ".join(str(path) for path in record.written)
+        files = _shown_paths(record.written)
         return f"mptls: interrupted; wrote {files} before the interrupt"
     return "mptls: interrupted; no result files were written"
 
