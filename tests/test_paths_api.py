@@ -879,6 +879,29 @@ async def test_a_join_this_end_cuts_short_says_so(
             await writer.wait_closed()
 
 
+async def test_a_join_nobody_answers_says_it_timed_out(
+    pki: Pki, server_port: int
+) -> None:
+    # the core gave up after join_timeout, and add_path said "refused
+    # or reset by the far end" of a listener that never said a word
+    reader, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client(), join_timeout=0.3
+    )
+    transport = writer.transport
+    with silent_listener() as silent:
+        async with asyncio.timeout(10):
+            with pytest.raises(mptls.JoinRefusedError) as raised:
+                await transport.add_path(silent)  # type: ignore[attr-defined]
+    assert str(raised.value) == (
+        "the join of subflow 1 did not complete within join_timeout (0.3 s)"
+    )
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await reader.read() == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
 class BannerServer:
     """A TCP server that speaks first and no mptls, as SSH does: the
     port of a path that leads to the wrong service. ``left`` is set

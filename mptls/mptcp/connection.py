@@ -68,7 +68,7 @@ from mptls.mptcp.state import SEQ_MOD, RandomSource, options_of
 from mptls.mptcp.tokens import TokenAllocator
 from mptls.tls.keys import KeyMaterial
 
-__all__ = ["Connection", "RandomSource"]
+__all__ = ["JOIN_TIMED_OUT", "Connection", "RandomSource"]
 
 logger = logging.getLogger("mptls.mptcp")
 
@@ -105,6 +105,11 @@ def _widen(value: int, reference: int) -> int:
     elif reference - candidate > 2**31:
         candidate += 2**32
     return candidate % SEQ_MOD
+
+
+# the SubflowClosed reason of a join that did not complete within
+# join_timeout: no refusal of the peer's, which may have said nothing
+JOIN_TIMED_OUT = "join timed out"
 
 
 class Connection(
@@ -823,7 +828,7 @@ class Connection(
                 subflow, f"join not completed within {limit:g} s"
             )
         subflow.outbox.append(self._reset_segment(None))
-        self._close_subflow(subflow, "join timed out", None)
+        self._close_subflow(subflow, JOIN_TIMED_OUT, None)
 
     # reporting
 

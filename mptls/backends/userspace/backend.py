@@ -58,7 +58,7 @@ from mptls.mptcp.config import (
     check_bool,
     check_seconds,
 )
-from mptls.mptcp.connection import Connection
+from mptls.mptcp.connection import JOIN_TIMED_OUT, Connection
 from mptls.mptcp.endpoint import Endpoint
 from mptls.mptcp.framing import PREAMBLE
 from mptls.mptcp.scheduler import SubflowState
@@ -985,6 +985,14 @@ class _JoinWatch(SubflowProtocol):
                 return JoinRefusedError(
                     f"the join of subflow {self.subflow_id} ended with "
                     "the connection before it was established"
+                )
+            if self.close_reason == JOIN_TIMED_OUT:
+                # the far end may have said nothing at all: a listener
+                # that never answers, or a SYN it held for keys
+                limit = self._multipath._core.config.join_timeout
+                return JoinRefusedError(
+                    f"the join of subflow {self.subflow_id} did not "
+                    f"complete within join_timeout ({limit:g} s)"
                 )
             return JoinRefusedError(
                 f"the join of subflow {self.subflow_id} was refused or "

@@ -149,6 +149,8 @@ class SubflowProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.preamble_sent = False
         self.closed = False
+        # why the core closed this subflow (SubflowClosed), once it has
+        self.close_reason: str | None = None
         # connection_lost has come: the transport is finished
         self.gone = False
         self._outq_works = True

@@ -477,6 +477,9 @@ class MultipathTransport(asyncio.Transport):
                 event.subflow_id,
                 event.reason,
             )
+        subflow = self._subflows.get(event.subflow_id)
+        if subflow is not None:
+            subflow.close_reason = event.reason
         # closed after the next flush: a final RST or FIN may be queued
         self._closing_subflows.append(event.subflow_id)
         self.paths.subflow_closed(event)
