@@ -459,6 +459,26 @@ def test_an_empty_file_option_names_no_file(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["demo", "--file", __file__], ["connect", "127.0.0.1", "9"]],
+    ids=["demo", "connect"],
+)
+def test_more_paths_than_subflows_are_refused_up_front(
+    command: list[str],
+) -> None:
+    # each path past max_subflows was refused with a warning, and the
+    # demo failed after its transfer: "its subflow did not open or join"
+    paths = ",".join(f"127.0.0.{host}" for host in range(1, 10))
+    result = run_mptls(*command, "--paths", paths)
+
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        "mptls: error: --paths names 9 addresses: a connection opens at "
+        "most 8 subflows (max_subflows)\n"
+    )
+
+
 def test_certs_command_refuses_overwrite(tmp_path: Path) -> None:
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 0
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 2

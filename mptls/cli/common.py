@@ -46,6 +46,7 @@ from mptls.errors import (
     NotMptlsPeerError,
     shown_value,
 )
+from mptls.mptcp.config import ConnectionConfig
 from mptls.trace import Capture, capture
 
 logger = logging.getLogger("mptls.cli")
@@ -418,6 +419,22 @@ def parse_paths(text: str) -> tuple[str, ...]:
             f"--paths names an address twice: {shown_value(text)}"
         )
     return paths
+
+
+def check_path_count(paths: Sequence[str], backend: str) -> None:
+    """Refuse more ``--paths`` than one userspace connection has subflows.
+
+    The ones past ``max_subflows`` were refused one by one (a warning
+    each), and the demo then failed after its whole transfer, saying of
+    every path past the limit that its subflow "did not open or join".
+    The kernel backend's limit is the kernel's own (``mptls info``).
+    """
+    limit = ConnectionConfig().max_subflows
+    if backend == "userspace" and len(paths) > limit:
+        raise UsageError(
+            f"--paths names {len(paths)} addresses: a connection opens "
+            f"at most {limit} subflows (max_subflows)"
+        )
 
 
 def parse_port(text: str) -> int:

@@ -25,6 +25,7 @@ from mptls.cli.common import (
     UsageError,
     add_backend_arguments,
     add_pcap_argument,
+    check_path_count,
     option_file,
     parse_paths,
     pcap_capture,
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> ExitStatus:
         manage_paths=args.manage_paths,
         rotate_every=args.rotate_every,
     )
+    check_path_count(settings.paths, args.backend)
     if args.backend == "kernel" and args.manage_paths and not has_net_admin():
         # refused before "sending ...": the kernel connect would fail
         # on it only once the demo had started

@@ -33,6 +33,7 @@ from mptls.cli.common import (
     UsageError,
     add_backend_arguments,
     add_pcap_argument,
+    check_path_count,
     client_options,
     describe_error,
     option_file,
@@ -633,6 +634,7 @@ async def connect(args: argparse.Namespace) -> None:
         )
     # an empty --paths is a mistake, not "no paths given"
     paths = parse_paths(args.paths) if args.paths is not None else None
+    check_path_count(paths or (), args.backend)
     _check_path_families(args.host, paths or ())
     cafile = (
         option_file(args.cafile, "--cafile", "CA file")
