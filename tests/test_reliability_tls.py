@@ -52,6 +52,12 @@ async def test_silent_server_times_out_the_handshake(pki: Pki) -> None:
     # still catch it
     assert isinstance(caught.value, ConnectionAbortedError)
     assert isinstance(caught.value, HandshakeTimeoutError)
+    # it said only "did not complete", as of a handshake stalled
+    # half-way, of a server that never answered
+    assert str(caught.value) == (
+        "TLS handshake did not complete within 0.5 s: the server sent no "
+        "TLS data at all"
+    )
 
 
 async def test_a_handshake_timeout_of_none_is_the_default_limit(

@@ -503,12 +503,15 @@ class TLSProtocol(asyncio.Protocol, asyncio.BufferedProtocol):
     def _on_handshake_timeout(self) -> None:
         self._timeout_handle = None
         if self._app_protocol is None:
-            self._fail(
-                HandshakeTimeoutError(
-                    "TLS handshake did not complete within "
-                    f"{self._handshake_timeout} s"
-                )
+            why = (
+                "TLS handshake did not complete within "
+                f"{self._handshake_timeout} s"
             )
+            if not self._server_side and not self._peer_spoke:
+                # a server that never answered is another fault than a
+                # handshake stalled half-way: say which
+                why += ": the server sent no TLS data at all"
+            self._fail(HandshakeTimeoutError(why))
 
     def _cancel_timeout(self) -> None:
         if self._timeout_handle is not None:
