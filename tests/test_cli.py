@@ -479,6 +479,35 @@ def test_more_paths_than_subflows_are_refused_up_front(
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["demo", "--file", __file__], ["connect", "127.0.0.1", "9"]],
+    ids=["demo", "connect"],
+)
+@pytest.mark.parametrize(
+    ("paths", "shown"),
+    [
+        ("0.0.0.0", "0.0.0.0"),
+        ("127.0.0.1,0.0.0.0", "0.0.0.0"),
+        ("::", "::"),
+        ("::ffff:0.0.0.0", "::ffff:0:0"),
+    ],
+)
+def test_an_unspecified_path_is_refused_up_front(
+    command: list[str], paths: str, shown: str
+) -> None:
+    # the system picked 127.0.0.1 as its source, so the demo sent all
+    # and then failed: "path 0.0.0.0 never carried data"
+    result = run_mptls(*command, "--paths", paths)
+
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        f"mptls: error: --paths takes the source address of each path: "
+        f"{shown} is the unspecified address, which leaves the source to "
+        "the system; name the local address itself (127.0.0.1, say)\n"
+    )
+
+
 def test_certs_command_refuses_overwrite(tmp_path: Path) -> None:
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 0
     assert cli_main.main(["certs", "--dir", str(tmp_path)]) == 2

@@ -409,16 +409,36 @@ def parse_paths(text: str) -> tuple[str, ...]:
     except UsageError as exc:
         raise UsageError(f"--paths takes IP addresses: {exc}") from None
     for path in paths:
-        reason = unusable_reason(ipaddress.ip_address(path), local=True)
-        if reason is not None:
-            raise UsageError(
-                f"--paths takes unicast addresses: {path} is {reason}"
-            )
+        _check_path(path)
     if len(set(paths)) != len(paths):
         raise UsageError(
             f"--paths names an address twice: {shown_value(text)}"
         )
     return paths
+
+
+def _check_path(path: str) -> None:
+    """Refuse a ``--paths`` entry that is no source address of its own.
+
+    An unspecified address (``0.0.0.0``, ``::``) lets the system pick
+    the source, so its subflow ran from another address (127.0.0.1 on
+    loopback) and the demo, looking for a subflow from ``0.0.0.0``,
+    failed after its whole transfer; two of them were one path.
+    """
+    address = ipaddress.ip_address(path)
+    reason = unusable_reason(address, local=True)
+    if reason is not None:
+        raise UsageError(
+            f"--paths takes unicast addresses: {path} is {reason}"
+        )
+    if isinstance(address, ipaddress.IPv6Address):
+        address = address.ipv4_mapped or address
+    if address.is_unspecified:
+        raise UsageError(
+            f"--paths takes the source address of each path: {path} is the "
+            "unspecified address, which leaves the source to the system; "
+            "name the local address itself (127.0.0.1, say)"
+        )
 
 
 def check_path_count(paths: Sequence[str], backend: str) -> None:
