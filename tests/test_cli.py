@@ -65,6 +65,7 @@ from mptls.cli.common import (
     sigterm_as_interrupt,
     until_terminated,
 )
+from mptls.cli.demo import idle_paths_reason
 from mptls.cli.demo_report import subflow_table
 from mptls.cli.transfer import ClientSide, DemoReport, DemoSettings, ServerSide
 from mptls.errors import (
@@ -812,6 +813,77 @@ def test_demo_fails_when_a_path_never_carries_data(
     assert report["ok"] is False
     assert report["idle_paths"] == ["::1"]
     assert report["sha256"]["match"] is True
+
+
+def _report_with_an_idle_path(tmp_path: Path, joined: bool) -> DemoReport:
+    """A demo report whose second path, 127.0.0.2, carried nothing; with
+    ``joined``, the server held an established subflow from it."""
+    server = ("127.0.0.1", 4433)
+    sent = SubflowInfo(0, ("127.0.0.1", 40000), server, "CLOSED", 10)
+    idle = SubflowInfo(1, ("127.0.0.2", 40001), server, "CLOSED", 0)
+    served = [SubflowInfo(0, server, ("127.0.0.1", 40000), "ESTABLISHED")]
+    if joined:
+        served.append(
+            SubflowInfo(1, server, ("127.0.0.2", 40001), "ESTABLISHED")
+        )
+
+    def info(*subflows: SubflowInfo) -> MptcpInfo:
+        return MptcpInfo("userspace", "G", None, None, True, subflows=subflows)
+
+    return DemoReport(
+        Payload(tmp_path / "f", 10, "ten bytes"),
+        DemoSettings("userspace", None, ("127.0.0.1", "127.0.0.2"), 10.0),
+        ClientSide("0" * 64, 10, 0.1, "0" * 64, info(sent, idle), None, None),
+        ServerSide("0" * 64, 10, info(*served)),
+    )
+
+
+def test_a_path_that_joined_but_carried_nothing_is_said_to_have_joined(
+    tmp_path: Path,
+) -> None:
+    # a 10 kB file over five paths: the last two joined, the others took
+    # the file, and the demo said their subflows "did not open or join"
+    report = _report_with_an_idle_path(tmp_path, joined=True)
+
+    assert report.joined_idle_paths == ("127.0.0.2",)
+    assert not report.ok
+    assert idle_paths_reason(report, file_given=True) == (
+        "path 127.0.0.2 joined but carried no data: the other paths took "
+        "the whole 10 B file (send a larger --file, or leave it out for "
+        "the 50 MB archive)"
+    )
+
+
+def test_a_path_whose_subflow_never_joined_is_said_not_to_have(
+    tmp_path: Path,
+) -> None:
+    report = _report_with_an_idle_path(tmp_path, joined=False)
+
+    assert report.joined_idle_paths == ()
+    assert idle_paths_reason(report, file_given=True) == (
+        "path 127.0.0.2 never carried data: its subflow did not open or "
+        "join (run with --debug to see why)"
+    )
+
+
+def test_demo_of_a_file_too_small_for_its_paths_says_they_joined(
+    tmp_path: Path,
+) -> None:
+    # the demo waits for every path to join before it sends, and one
+    # byte cannot spread over eight paths
+    path = tmp_path / "one.bin"
+    path.write_bytes(b"x")
+    paths = ",".join(f"127.0.0.{host}" for host in range(1, 9))
+    result = run_mptls("demo", "--file", str(path), "--paths", paths, "--json")
+
+    error = result.stderr.decode()
+    assert result.returncode == 1, error
+    report = json.loads(result.stdout)
+    assert report["sha256"]["match"] is True
+    assert report["idle_paths"]
+    assert report["joined_idle_paths"] == report["idle_paths"]
+    assert "joined but carried no data" in error
+    assert "did not open or join" not in error
 
 
 def test_demo_with_a_directory_says_so(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from mptls.cli.common import (
     add_backend_arguments,
     add_pcap_argument,
     check_path_count,
+    human_bytes,
     option_file,
     parse_paths,
     pcap_capture,
@@ -164,13 +165,40 @@ def run(args: argparse.Namespace) -> ExitStatus:
     if not report.sha256_match:
         raise ProtocolError("SHA-256 mismatch: the file did not arrive intact")
     if report.idle_paths:
-        raise MptlsError(
-            f"path {', '.join(report.idle_paths)} never carried data: "
-            "its subflow did not open or join (run with --debug to see why)"
-        )
+        raise MptlsError(idle_paths_reason(report, given is not None))
     if not report.ok:
         raise MptlsError("the two ends disagree on the key fingerprint")
     return ExitStatus.OK
+
+
+def idle_paths_reason(report: DemoReport, file_given: bool) -> str:
+    """Why the demo failed for its idle paths, in one line.
+
+    A path whose subflow joined but carried nothing is still a failure,
+    for the demo shows every path carrying data; but it was said not to
+    have opened or joined, which sent the user to debug a join that had
+    worked, where the file had fit on the other paths.
+    """
+    joined = report.joined_idle_paths
+    unjoined = [path for path in report.idle_paths if path not in joined]
+    reasons = []
+    if unjoined:
+        reasons.append(
+            f"path {', '.join(unjoined)} never carried data: its subflow "
+            "did not open or join (run with --debug to see why)"
+        )
+    if joined:
+        hint = (
+            "send a larger --file, or leave it out for the 50 MB archive"
+            if file_given
+            else "a larger file spreads over more paths"
+        )
+        reasons.append(
+            f"path {', '.join(joined)} joined but carried no data: the "
+            f"other paths took the whole {human_bytes(report.payload.size)}"
+            f" file ({hint})"
+        )
+    return "; ".join(reasons)
 
 
 def _capture_summary(capture: Capture) -> dict[str, Any]:

@@ -182,10 +182,18 @@ def summary_rows(report: DemoReport) -> list[Row]:
 
 
 def _path_rows(report: DemoReport) -> list[Row]:
-    idle = report.idle_paths
-    if not idle:
-        return []
-    return [("paths", f"[red]never carried data: {', '.join(idle)}[/]")]
+    joined = report.joined_idle_paths
+    unjoined = [path for path in report.idle_paths if path not in joined]
+    rows: list[Row] = []
+    if unjoined:
+        rows.append(
+            ("paths", f"[red]never carried data: {', '.join(unjoined)}[/]")
+        )
+    if joined:
+        rows.append(
+            ("paths", f"[red]joined, carried no data: {', '.join(joined)}[/]")
+        )
+    return rows
 
 
 def render_report(console: Console, report: DemoReport) -> None:

@@ -155,6 +155,20 @@ class DemoReport:
         return tuple(path for path in self.settings.paths if path not in used)
 
     @property
+    def joined_idle_paths(self) -> tuple[str, ...]:
+        """The idle paths whose subflow joined all the same: the server
+        held an established subflow from each once it had read the
+        file. The other paths took the whole file before the scheduler
+        needed these (a file small enough fits on one path)."""
+        joined = {
+            subflow.remote_address[0]
+            for subflow in self.server.info.subflows
+            if subflow.remote_address is not None
+            and subflow.state.lower() == "established"
+        }
+        return tuple(path for path in self.idle_paths if path in joined)
+
+    @property
     def ok(self) -> bool:
         # ends that exported no keys have no fingerprints to compare
         keys_agree = (
@@ -184,6 +198,7 @@ class DemoReport:
             "mode": self.client.info.mode,
             "paths": list(self.settings.paths),
             "idle_paths": list(self.idle_paths),
+            "joined_idle_paths": list(self.joined_idle_paths),
             "tls": {
                 "version": self.client.tls_version,
                 "cipher": self.client.cipher,
