@@ -12,9 +12,11 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from OpenSSL import SSL
 from pki import Pki
 from support import open_fds, skip_without_ipv6, usable_backend
@@ -34,6 +36,7 @@ from mptls.errors import (
 )
 from mptls.mptcp.config import ConnectionConfig
 from mptls.mptcp.tokens import E_TOKEN_LAYOUT, TokenLayout
+from mptls.tls.engine import check_server_name
 
 # OpenSSL's verify result for a certificate of another address
 X509_V_ERR_IP_ADDRESS_MISMATCH = 64
@@ -325,6 +328,89 @@ async def test_a_server_name_tls_refuses_is_refused_before_connecting(
             await asyncio.sleep(0)
             assert sock.fileno() != -1
             sock.sendall(b"still the caller's")
+
+
+def _openssl_checks_name_syntax() -> bool:
+    """OpenSSL 4 checks a host name's syntax where OpenSSL 3 took any
+    name without a NUL (cryptography >= 42 bundles either)."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    return bool(backend.openssl_version_number() >= 0x40000000)
+
+
+@pytest.mark.skipif(
+    not _openssl_checks_name_syntax(),
+    reason="OpenSSL 3 checks a certificate against a one-letter name",
+)
+async def test_a_one_letter_server_name_says_openssl_refused_it(
+    tmp_path: Path,
+) -> None:
+    # "OpenSSL cannot check the server name 'a'" read as mptls's own
+    # limit, with no reason: OpenSSL 4 refuses a name of one character
+    ca = trustme.CA()
+    issued = ca.issue_cert("a", "ab")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    cafile = tmp_path / "ca.pem"
+    cafile.write_bytes(ca.cert_pem.bytes())
+
+    async def echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(await reader.read())
+        writer.close()
+
+    tls = mptls.TLSConfig(certfile=cert, keyfile=key)
+    server = await mptls.start_server(echo, "127.0.0.1", 0, ssl=tls)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client = mptls.TLSConfig(cafile=cafile)
+        with pytest.raises(ConfigurationError) as refused:
+            await mptls.open_connection(
+                "127.0.0.1", port, ssl=client, server_hostname="a"
+            )
+        assert str(refused.value) == (
+            "OpenSSL refused 'a' as the server name to check the "
+            "certificate against: it takes no name of one character"
+        )
+
+        # the same certificate, checked against two letters
+        reader, writer = await mptls.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname="ab"
+        )
+        writer.write(b"checked")
+        writer.write_eof()
+        assert await reader.read() == b"checked"
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.skipif(
+    not _openssl_checks_name_syntax(),
+    reason="OpenSSL 3 takes any server name without a NUL",
+)
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("Z.", ": it takes no name of one character"),
+        ("*.example", ": it takes no '*' in a name"),
+        ("a!b", ": it takes no '!' in a name"),
+        (
+            "ab-.example",
+            ": it takes no label that begins or ends with a hyphen",
+        ),
+    ],
+)
+def test_a_server_name_openssl_refuses_says_why(
+    name: str, reason: str
+) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        check_server_name(name, True)
+    assert str(refused.value) == (
+        f"OpenSSL refused {name!r} as the server name to check the "
+        f"certificate against{reason}"
+    )
 
 
 def allows_no_version(context: SSL.Context | None = None) -> SSL.Context:

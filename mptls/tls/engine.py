@@ -329,9 +329,7 @@ class TLSEngine:
             packed = address.packed
             ok = _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
         if ok != 1:
-            raise ConfigurationError(
-                f"OpenSSL cannot check the server name {shown_value(name)}"
-            )
+            raise refused_server_name(name, encoded)
 
     def _set_state(self, new: _State) -> None:
         if new not in _EDGES[self._state]:
@@ -842,9 +840,48 @@ def check_server_name(name: str, check_hostname: bool) -> None:
     finally:
         _lib.X509_VERIFY_PARAM_free(param)
     if ok != 1:
-        raise ConfigurationError(
-            f"OpenSSL cannot check the server name {shown_value(name)}"
-        )
+        raise refused_server_name(name, encoded)
+
+
+# what a host name holds besides letters and digits, as OpenSSL takes it
+_HOST_PUNCTUATION = frozenset(b"-_.")
+
+
+def refused_server_name(name: str, encoded: bytes) -> ConfigurationError:
+    """The error for a server name OpenSSL would not check a certificate
+    against, with the reason where the name shows it.
+
+    OpenSSL gives none: ``X509_VERIFY_PARAM_set1_host`` returns 0 and
+    queues no error. OpenSSL 3 refused only a NUL there; OpenSSL 4.0
+    checks the name's syntax, and refuses, besides what the IDNA codec
+    refuses first, a name of one character (``a``; ``ab`` and ``x.y``
+    pass), one with a character that is no letter, digit, hyphen,
+    underscore or dot (a wildcard ``*`` too), and a label that begins
+    or ends with a hyphen. Verification is never left out for such a
+    name: the connection is refused.
+    """
+    reason = _refusal_reason(encoded)
+    because = f": it takes no {reason}" if reason else ""
+    return ConfigurationError(
+        f"OpenSSL refused {shown_value(name)} as the server name to check "
+        f"the certificate against{because}"
+    )
+
+
+def _refusal_reason(encoded: bytes) -> str | None:
+    if len(encoded) == 1:
+        return "name of one character"
+    for byte in encoded:
+        if not (chr(byte).isalnum() and byte < 0x80) and (
+            byte not in _HOST_PUNCTUATION
+        ):
+            return f"{shown_value(chr(byte))} in a name"
+    if any(
+        label.startswith(b"-") or label.endswith(b"-")
+        for label in encoded.split(b".")
+    ):
+        return "label that begins or ends with a hyphen"
+    return None
 
 
 # a client names the same few servers again and again: parsing the name
