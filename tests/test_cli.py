@@ -53,6 +53,7 @@ from mptls.cli.certs import (
 from mptls.cli.common import (
     ExitStatus,
     UsageError,
+    check_path_count,
     client_options,
     describe_error,
     existing_file,
@@ -478,6 +479,16 @@ def test_more_paths_than_subflows_are_refused_up_front(
         "mptls: error: --paths names 9 addresses: a connection opens at "
         "most 8 subflows (max_subflows)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("count", "backend"), [(8, "userspace"), (9, "kernel")]
+)
+def test_as_many_paths_as_subflows_pass(count: int, backend: str) -> None:
+    # the limit is max_subflows itself, the first path's subflow among
+    # them; the kernel's own limit is not mptls's to guess
+    paths = [f"127.0.0.{host}" for host in range(1, count + 1)]
+    check_path_count(paths, backend)
 
 
 @pytest.mark.parametrize(
