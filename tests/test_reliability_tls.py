@@ -19,6 +19,7 @@ import contextlib
 import os
 import socket
 import time
+from typing import Any
 
 import pytest
 from OpenSSL import SSL
@@ -58,6 +59,52 @@ async def test_silent_server_times_out_the_handshake(pki: Pki) -> None:
         "TLS handshake did not complete within 0.5 s: the server sent no "
         "TLS data at all"
     )
+
+
+async def test_a_handshake_stalled_half_way_is_not_blamed_on_silence(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a server that sent part of its first flight did answer: the
+    # timeout says only that the handshake did not complete
+    servers: list[TLSEngine] = []
+    sent = asyncio.Event()
+    init, take_output = TLSEngine.__init__, TLSEngine.take_output
+
+    def recording_init(engine: TLSEngine, *args: Any, **kwargs: Any) -> None:
+        init(engine, *args, **kwargs)
+        if kwargs.get("server_side"):
+            servers.append(engine)
+
+    def first_bytes_only(engine: TLSEngine) -> memoryview:
+        output = take_output(engine)
+        if engine not in servers or not output:
+            return output
+        if sent.is_set():
+            return memoryview(b"")
+        # a record header and one byte of its body, then nothing
+        sent.set()
+        return output[:6]
+
+    monkeypatch.setattr(TLSEngine, "__init__", recording_init)
+    monkeypatch.setattr(TLSEngine, "take_output", first_bytes_only)
+    server = await mptls.start_server(
+        _closing, "127.0.0.1", 0, ssl=pki.server()
+    )
+    port = int(server.sockets[0].getsockname()[1])
+    async with server:
+        with pytest.raises(HandshakeTimeoutError) as caught:
+            await mptls.open_connection(
+                "127.0.0.1", port, ssl=pki.client(), ssl_handshake_timeout=0.5
+            )
+        server.close_clients()  # type: ignore[attr-defined]
+    assert sent.is_set()
+    assert str(caught.value) == "TLS handshake did not complete within 0.5 s"
+
+
+async def _closing(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    writer.close()
 
 
 async def test_a_handshake_timeout_of_none_is_the_default_limit(
