@@ -851,6 +851,10 @@ def test_a_pool_started_without_the_main_guard_says_so(
         ({"workers": 2, "recieve_window": 1}, r"unknown keyword\(s\) recieve"),
         ({"workers": 2, "accept_modes": ["G"]}, "unknown keyword"),
         ({"workers": 2, "keep_alive": True}, "keep_alive= is asyncio's"),
+        # every worker serves on asyncio's own loop, which accepts
+        # nothing with it: each failed to start, a BackendError
+        ({"workers": 2, "backlog": 0}, "accept no connection"),
+        ({"workers": 2, "backlog": "100"}, "backlog must be an int"),
         ({"workers": 2, "stop_on": ["Halt"]}, "takes exception classes"),
         ({"workers": 2, "stop_on": [SystemExit]}, "takes exception"),
     ],

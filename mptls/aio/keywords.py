@@ -19,7 +19,7 @@ import re
 import socket
 import ssl
 from asyncio.selector_events import BaseSelectorEventLoop
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from mptls.backends.addresses import check_subflow_address
@@ -299,7 +299,9 @@ _MIN_BACKLOG = -(2**31)
 _MAX_BACKLOG = 2**31 - 1
 
 
-def check_backlog(options: dict[str, Any]) -> None:
+def check_backlog(
+    options: Mapping[str, Any], *, selector_loop: bool | None = None
+) -> None:
     """asyncio hands ``backlog`` to ``listen()`` as it is: a str raised
     a bare TypeError there, a huge int an OverflowError (and the kernel
     backend took a float or a numeric str through ``int()``).
@@ -307,14 +309,18 @@ def check_backlog(options: dict[str, Any]) -> None:
     Any C int passes, as in asyncio, except where the loop would never
     accept: asyncio's own selector loop accepts up to ``backlog``
     connections per wakeup, so with 0 or less its server took none and
-    every client waited (uvloop serves with any).
+    every client waited (uvloop serves with any). ``selector_loop``
+    says whether the server will run on such a loop; ``None``: whether
+    the running loop is one.
     """
     if "backlog" not in options:
         return
     backlog = options["backlog"]
     check_range("backlog", backlog, _MIN_BACKLOG, _MAX_BACKLOG)
-    loop = asyncio.get_running_loop()
-    if backlog <= 0 and isinstance(loop, BaseSelectorEventLoop):
+    if selector_loop is None:
+        loop = asyncio.get_running_loop()
+        selector_loop = isinstance(loop, BaseSelectorEventLoop)
+    if backlog <= 0 and selector_loop:
         raise ConfigurationError(
             f"backlog={backlog} makes asyncio's event loop accept no "
             "connection (it accepts up to backlog at a time); pass a "

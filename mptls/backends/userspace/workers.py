@@ -39,6 +39,7 @@ from typing import Any, TextIO, cast
 
 from mptls.aio.keywords import (
     ASYNCIO_SERVER_ONLY,
+    check_backlog,
     check_port,
     check_server_host,
     refuse_asyncio_only,
@@ -925,16 +926,20 @@ _STREAM_KEYWORDS = frozenset(
 
 
 def _check_server_options(options: Mapping[str, Any]) -> None:
-    """The keywords each worker's ``start_server`` gets, by name.
+    """The keywords each worker's ``start_server`` gets: by name, and
+    ``backlog`` by value too.
 
-    A misspelt one was refused only by the workers as they started, so
-    the pool said no more than that a worker failed to start.
+    A misspelt one, or a backlog no worker's loop accepts with, was
+    refused only by the workers as they started, so the pool said no
+    more than that a worker failed to start.
     """
     for name in ("backend", "join_handoff", "worker_id", "reuse_port"):
         if name in options:
             raise ConfigurationError(f"the pool sets {name} itself")
     refuse_asyncio_only(dict(options), ASYNCIO_SERVER_ONLY)
     check_server_keywords(set(options) - _STREAM_KEYWORDS)
+    # each worker serves on asyncio's own loop (asyncio.run)
+    check_backlog(options, selector_loop=True)
 
 
 def _check_listen_address(host: object, port: object) -> int:
