@@ -85,7 +85,11 @@ class NotMptlsPeerError(ProtocolError, ConnectionResetError):
 
 
 class JoinRefusedError(ProtocolError, ConnectionResetError):
-    """An MP_JOIN was refused (bad HMAC, unknown token, policy, load).
+    """An MP_JOIN was refused (bad HMAC, unknown token, policy, load),
+    or went unanswered until the connection's ``join_timeout`` ended it
+    (a listener that never answers: the message says so). An
+    ``add_path`` whose own, shorter ``timeout`` passes first raises
+    :class:`MptlsTimeoutError` instead.
 
     ``transient``: the refusal says nothing against the path and a join
     later may be taken (the T flag of MP_TCPRST, RFC 8684 section 3.6):
