@@ -23,6 +23,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pki import Pki
@@ -870,6 +871,19 @@ def test_pool_settings_are_checked(
             ssl=pki.server(),
             **keywords,  # type: ignore[arg-type]
         )
+
+
+@pytest.mark.parametrize("callback", [None, 5])
+def test_a_pool_callback_that_cannot_be_called_is_refused(
+    pki: Pki, callback: Any
+) -> None:
+    # start_server refused it, but took the worker's wrapper around it:
+    # the pool started, and each client met a TypeError and was reset
+    with pytest.raises(mptls.ConfigurationError) as refused:
+        WorkerPool(callback, "127.0.0.1", 0, workers=2, ssl=pki.server())
+    assert str(refused.value) == (
+        f"client_connected_cb must be callable, got {callback!r}"
+    )
 
 
 def test_pool_takes_what_start_server_takes(pki: Pki) -> None:

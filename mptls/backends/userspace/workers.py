@@ -40,6 +40,7 @@ from typing import Any, TextIO, cast
 from mptls.aio.keywords import (
     ASYNCIO_SERVER_ONLY,
     check_backlog,
+    check_callable,
     check_port,
     check_server_host,
     refuse_asyncio_only,
@@ -339,6 +340,9 @@ class WorkerPool:
         label_stderr: bool = False,
         **server_options: Any,
     ) -> None:
+        # each worker's start_server is handed a wrapper around it,
+        # which can always be called
+        check_callable("client_connected_cb", client_connected_cb)
         layout = check_token_layout(token_layout)
         # True is an int, and counted as one worker
         if (
