@@ -87,9 +87,7 @@ class NotMptlsPeerError(ProtocolError, ConnectionResetError):
 class JoinRefusedError(ProtocolError, ConnectionResetError):
     """An MP_JOIN was refused (bad HMAC, unknown token, policy, load),
     or went unanswered until the connection's ``join_timeout`` ended it
-    (a listener that never answers: the message says so). An
-    ``add_path`` whose own, shorter ``timeout`` passes first raises
-    :class:`MptlsTimeoutError` instead.
+    (:class:`JoinTimeoutError`).
 
     ``transient``: the refusal says nothing against the path and a join
     later may be taken (the T flag of MP_TCPRST, RFC 8684 section 3.6):
@@ -339,6 +337,23 @@ class HandshakeTimeoutError(MptlsTimeoutError, ConnectionAbortedError):
     ``ConnectionAbortedError`` too: asyncio's TLS aborts the connection
     with one when its handshake takes too long.
     """
+
+
+class JoinTimeoutError(JoinRefusedError, MptlsTimeoutError):
+    """A join went unanswered until the connection's ``join_timeout``
+    ended it: the far end may have said nothing at all (a listener that
+    never answers, or a SYN it held).
+
+    A :class:`JoinRefusedError`, as every join that failed at the far
+    end is, and an :class:`MptlsTimeoutError` (so a ``TimeoutError``)
+    too, with ``errno`` ``ETIMEDOUT``, for no one refused it. An
+    ``add_path`` whose own, shorter ``timeout`` passes first raises
+    :class:`MptlsTimeoutError` instead.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        _set_errno(self, _errno.ETIMEDOUT, message)
 
 
 # the longest argument an error message repeats as it was given

@@ -890,11 +890,16 @@ async def test_a_join_nobody_answers_says_it_timed_out(
     transport = writer.transport
     with silent_listener() as silent:
         async with asyncio.timeout(10):
-            with pytest.raises(mptls.JoinRefusedError) as raised:
+            with pytest.raises(mptls.JoinTimeoutError) as raised:
                 await transport.add_path(silent)  # type: ignore[attr-defined]
     assert str(raised.value) == (
         "the join of subflow 1 did not complete within join_timeout (0.3 s)"
     )
+    # nobody refused it: a timeout, and still a failed join for code
+    # that catches JoinRefusedError
+    assert isinstance(raised.value, mptls.JoinRefusedError)
+    assert isinstance(raised.value, mptls.MptlsTimeoutError)
+    assert raised.value.errno == errno.ETIMEDOUT
     writer.write(b"still here")
     writer.write_eof()
     assert await reader.read() == b"still here"

@@ -41,6 +41,7 @@ from mptls.errors import (
     BackendError,
     ConfigurationError,
     JoinRefusedError,
+    JoinTimeoutError,
     KeysUnavailableError,
     MptlsError,
     MptlsTimeoutError,
@@ -841,6 +842,9 @@ class UserspaceBackend(Backend):
                 await _connect(watch, remote, local)
                 _start_join(multipath, watch, backup)
                 return await asyncio.shield(watch.outcome)
+        except JoinTimeoutError:
+            # the connection's join_timeout ended the join: its own error
+            raise
         except (TimeoutError, asyncio.CancelledError) as exc:
             # given up, by its own limit or the caller's cancel: the
             # join must not go on to add a subflow nobody asked for
@@ -990,7 +994,7 @@ class _JoinWatch(SubflowProtocol):
                 # the far end may have said nothing at all: a listener
                 # that never answers, or a SYN it held for keys
                 limit = self._multipath._core.config.join_timeout
-                return JoinRefusedError(
+                return JoinTimeoutError(
                     f"the join of subflow {self.subflow_id} did not "
                     f"complete within join_timeout ({limit:g} s)"
                 )
