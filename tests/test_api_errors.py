@@ -1749,6 +1749,21 @@ async def test_a_local_addrs_unknown_scope_id_says_so(pki: Pki) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [("224.0.0.1", mptls.AddressError), ("::1%lo", ConfigurationError)],
+)
+async def test_a_bad_local_addr_is_named_as_the_caller_wrote_it(
+    pki: Pki, address: str, kind: type[Exception]
+) -> None:
+    # the error named "local_addrs entry", a keyword the caller never
+    # passed; refused before any lookup or connect
+    with pytest.raises(kind, match=r"^local_addr's address "):
+        await mptls.open_connection(
+            "127.0.0.1", 9, ssl=pki.client(), local_addr=(address, 0)
+        )
+
+
 async def test_a_tls_socket_is_refused_as_sock(pki: Pki) -> None:
     # asyncio's loop raised a bare TypeError from inside for one
     context = ssl.create_default_context()

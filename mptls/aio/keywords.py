@@ -237,8 +237,11 @@ def take_local_addr(
             "local_addr's address must be an IP address, got "
             f"{shown_value(address)}"
         )
+    # named as the caller wrote it, not as the local_addrs it becomes
+    check_subflow_address(address, "local_addr's address", local=True)
     if len(local_addr) == 4 and "%" not in address:
         address += _scope_suffix(local_addr[3])
+    check_local_scope(address, "local_addr's address")
     return [address]
 
 
