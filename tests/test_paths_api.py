@@ -43,6 +43,19 @@ async def server_port(pki: Pki) -> AsyncIterator[int]:
     await server.wait_closed()
 
 
+async def still_works(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Check that the connection still echoes to its end, then close it:
+    a refused or failed path call must leave the connection working."""
+    writer.write(b"still here")
+    writer.write_eof()
+    async with asyncio.timeout(10):
+        assert await reader.read() == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
 # each would reach no address beyond loopback even unchecked: a bare
 # string, which did, is refused by the same check as these
 BAD_PATHS = [
@@ -89,11 +102,7 @@ async def test_add_path_refuses_bad_arguments(
     # nothing was opened, and the connection still works
     subflows = writer.get_extra_info("mptcp").subflows
     assert [s.subflow_id for s in subflows] == [0]
-    writer.write(b"still here")
-    writer.write_eof()
-    assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
+    await still_works(reader, writer)
 
 
 @pytest.mark.parametrize(
@@ -216,11 +225,7 @@ async def test_remove_path_names_a_bad_subflow_id(
     transport = writer.transport
     with pytest.raises(error, match=match):
         await transport.remove_path(subflow_id)  # type: ignore[attr-defined]
-    writer.write(b"still here")
-    writer.write_eof()
-    assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
+    await still_works(reader, writer)
 
 
 async def test_a_bare_string_is_no_remote(pki: Pki, server_port: int) -> None:
@@ -275,11 +280,7 @@ async def test_the_last_subflow_that_carries_data_stays_while_a_join_waits(
         with contextlib.suppress(asyncio.CancelledError, mptls.MptlsError):
             await joining
         quiet.close()
-    writer.write(b"still here")
-    writer.write_eof()
-    assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
+    await still_works(reader, writer)
 
 
 def _free_port() -> int:
@@ -737,11 +738,7 @@ async def test_add_path_looks_no_scoped_literal_up_as_a_name(
         )
     assert asked
     assert all(flags & socket.AI_NUMERICHOST for _, flags in asked), asked
-    writer.write(b"still here")
-    writer.write_eof()
-    assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
+    await still_works(reader, writer)
 
 
 async def test_add_path_refuses_a_local_scope_it_cannot_use(
@@ -765,11 +762,7 @@ async def test_add_path_refuses_a_local_scope_it_cannot_use(
         f"local {SCOPED!r} has a scope id this host cannot use"
     )
     assert asked == []
-    writer.write(b"still here")
-    writer.write_eof()
-    assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
+    await still_works(reader, writer)
 
 
 @pytest.mark.parametrize(
@@ -846,11 +839,7 @@ async def test_a_join_this_end_removes_is_not_blamed_on_the_peer(
         "join was established"
     )
     assert not isinstance(raised.value, mptls.JoinRefusedError)
-    writer.write(b"still here")
-    writer.write_eof()
-    assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
+    await still_works(reader, writer)
 
 
 @pytest.mark.parametrize("end", ["close", "abort"])
@@ -900,11 +889,7 @@ async def test_a_join_nobody_answers_says_it_timed_out(
     assert isinstance(raised.value, mptls.JoinRefusedError)
     assert isinstance(raised.value, mptls.MptlsTimeoutError)
     assert raised.value.errno == errno.ETIMEDOUT
-    writer.write(b"still here")
-    writer.write_eof()
-    assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
+    await still_works(reader, writer)
 
 
 class BannerServer:
@@ -950,12 +935,7 @@ async def test_a_join_to_the_wrong_service_fails_alone(
             await writer.transport.add_path(  # type: ignore[attr-defined]
                 ("127.0.0.1", banner.port), timeout=10
             )
-    writer.write(b"still here")
-    writer.write_eof()
-    async with asyncio.timeout(10):
-        assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
+    await still_works(reader, writer)
 
 
 async def test_an_announced_address_of_the_wrong_service_is_left_alone(
