@@ -24,7 +24,12 @@ from support import open_fds, skip_without_ipv6, usable_backend
 import mptls
 from mptls.aio.keywords import take_local_addr
 from mptls.aio.protocol import _in_mptls_tree
-from mptls.backends.base import Backend, connect_any, numeric_address
+from mptls.backends.base import (
+    Backend,
+    Server,
+    connect_any,
+    numeric_address,
+)
 from mptls.backends.kernel import sockets as kernel_sockets
 from mptls.errors import (
     BackendError,
@@ -57,6 +62,15 @@ async def echo(
     writer.close()
 
 
+async def start_on_loopback(pki: Pki, **options: Any) -> Server:
+    """``start_server`` with a handler that only closes, on a free
+    loopback port under the test PKI's identity: most server tests here
+    differ in one option alone, and this keeps that option in view."""
+    return await mptls.start_server(
+        noop, "127.0.0.1", 0, ssl=pki.server(), **options
+    )
+
+
 # start_server(announce_addrs=...)
 
 
@@ -87,18 +101,12 @@ async def test_bad_announce_addrs_fail_start_server(
     pki: Pki, announce: object
 ) -> None:
     with pytest.raises(ConfigurationError, match="announce_addrs"):
-        await mptls.start_server(
-            noop, "127.0.0.1", 0, ssl=pki.server(), announce_addrs=announce
-        )
+        await start_on_loopback(pki, announce_addrs=announce)
 
 
 async def test_good_announce_addrs_are_kept(pki: Pki) -> None:
-    server = await mptls.start_server(
-        noop,
-        "127.0.0.1",
-        0,
-        ssl=pki.server(),
-        announce_addrs=[("127.0.0.2", 4473), ("::1", 0)],
+    server = await start_on_loopback(
+        pki, announce_addrs=[("127.0.0.2", 4473), ("::1", 0)]
     )
     async with server:
         listener = server.mptls_listener  # type: ignore[attr-defined]
@@ -109,9 +117,7 @@ async def test_good_announce_addrs_are_kept(pki: Pki) -> None:
 
 
 async def _accepted_modes(pki: Pki, **kw: object) -> frozenset[str]:
-    server = await mptls.start_server(
-        noop, "127.0.0.1", 0, ssl=pki.server(), **kw
-    )
+    server = await start_on_loopback(pki, **kw)
     async with server:
         listener = server.mptls_listener  # type: ignore[attr-defined]
         return frozenset(
@@ -221,7 +227,7 @@ async def test_a_port_is_read_as_the_system_reads_a_number(
 ) -> None:
     # asyncio takes these for the number, whatever the host: int()
     # for an IP literal, getaddrinfo()'s strtoul() for a name
-    server = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    server = await start_on_loopback(pki)
     async with server:
         port = server.sockets[0].getsockname()[1]
         async with asyncio.timeout(10):
@@ -603,7 +609,7 @@ async def test_an_empty_server_hostname_is_refused(pki: Pki) -> None:
 
 
 async def test_unknown_keyword_is_named(pki: Pki) -> None:
-    server = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    server = await start_on_loopback(pki)
     async with server:
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(ConfigurationError, match="recieve_window"):
@@ -611,9 +617,7 @@ async def test_unknown_keyword_is_named(pki: Pki) -> None:
                 "127.0.0.1", port, ssl=pki.client(), recieve_window=1
             )
     with pytest.raises(ConfigurationError, match="colour"):
-        await mptls.start_server(
-            noop, "127.0.0.1", 0, ssl=pki.server(), colour="red"
-        )
+        await start_on_loopback(pki, colour="red")
 
 
 @pytest.mark.parametrize(
@@ -626,9 +630,7 @@ async def test_bad_ssl_timeouts(pki: Pki, name: str, timeout: object) -> None:
             "127.0.0.1", 4433, ssl=pki.client(), **{name: timeout}
         )
     with pytest.raises(ConfigurationError, match=name):
-        await mptls.start_server(
-            noop, "127.0.0.1", 0, ssl=pki.server(), **{name: timeout}
-        )
+        await start_on_loopback(pki, **{name: timeout})
 
 
 @pytest.mark.parametrize("value", [HUGE, -HUGE], ids=repr_or_size)
@@ -694,9 +696,7 @@ async def test_a_huge_int_for_a_server_keyword_is_named_by_its_size(
     pki: Pki, name: str
 ) -> None:
     with pytest.raises(ConfigurationError, match="an int of 16610 bits"):
-        await mptls.start_server(
-            noop, "127.0.0.1", 0, ssl=pki.server(), **{name: HUGE}
-        )
+        await start_on_loopback(pki, **{name: HUGE})
 
 
 @pytest.mark.parametrize(
@@ -722,20 +722,11 @@ async def test_bad_backlog(pki: Pki, backend: str, backlog: object) -> None:
     # there, or int() of it on the kernel backend; refused as no C int,
     # not as a backlog asyncio's loop would accept nothing with
     with pytest.raises(ConfigurationError, match="backlog must be"):
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            backend=backend,
-            backlog=backlog,
-        )
+        await start_on_loopback(pki, backend=backend, backlog=backlog)
 
 
 async def test_a_good_backlog_is_asyncios(pki: Pki) -> None:
-    server = await mptls.start_server(
-        noop, "127.0.0.1", 0, ssl=pki.server(), backlog=1
-    )
+    server = await start_on_loopback(pki, backlog=1)
     server.close()
     await server.wait_closed()
 
@@ -749,14 +740,7 @@ async def test_a_backlog_asyncios_loop_accepts_nothing_with_is_refused(
     # per wakeup: none, so each client waited; -1 was refused as out of
     # range, though asyncio takes it
     with pytest.raises(ConfigurationError, match="accept no connection"):
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            backend=backend,
-            backlog=backlog,
-        )
+        await start_on_loopback(pki, backend=backend, backlog=backlog)
 
 
 @pytest.mark.parametrize("backlog", [0, -1])
@@ -799,9 +783,7 @@ async def test_a_server_token_layout_is_a_64_bit_one(
     # encode: asyncio logged a fatal error for each client, which heard
     # of no mptls server at all (NotMptlsPeerError)
     with pytest.raises(ConfigurationError, match=message):
-        await mptls.start_server(
-            noop, "127.0.0.1", 0, ssl=pki.server(), token_layout=layout
-        )
+        await start_on_loopback(pki, token_layout=layout)
 
 
 @pytest.mark.parametrize(
@@ -822,9 +804,7 @@ async def test_a_flag_is_a_bool(pki: Pki, name: str, value: object) -> None:
         )
     if name != "allow_legacy_fallback":
         with pytest.raises(ConfigurationError, match=f"{name} must be True"):
-            await mptls.start_server(
-                noop, "127.0.0.1", 0, ssl=pki.server(), **{name: value}
-            )
+            await start_on_loopback(pki, **{name: value})
 
 
 @pytest.mark.parametrize("limit", [0, -1, "64", -HUGE], ids=repr_or_size)
@@ -834,9 +814,7 @@ async def test_bad_limit(pki: Pki, limit: object) -> None:
             "127.0.0.1", 4433, ssl=pki.client(), limit=limit
         )
     with pytest.raises(ConfigurationError, match="limit"):
-        await mptls.start_server(
-            noop, "127.0.0.1", 0, ssl=pki.server(), limit=limit
-        )
+        await start_on_loopback(pki, limit=limit)
 
 
 @pytest.mark.parametrize(
@@ -1070,9 +1048,7 @@ async def test_a_connect_to_an_ip_literal_asks_no_resolver(
     is 127.0.0.1, as getaddrinfo would map it."""
     if backend == "kernel" and not _kernel_mptcp():
         pytest.skip("the running kernel has no usable MPTCP")
-    server = await mptls.start_server(
-        noop, "127.0.0.1", 0, ssl=pki.server(), backend=backend
-    )
+    server = await start_on_loopback(pki, backend=backend)
     port = server.sockets[0].getsockname()[1]
     asked = _no_lookup(monkeypatch)
     try:
@@ -1210,14 +1186,7 @@ async def test_start_serving_a_closed_server_says_it_is_closed(
     # not iterable") and then reported itself serving
     if backend == "kernel" and not _kernel_mptcp():
         pytest.skip("the running kernel has no usable MPTCP")
-    server = await mptls.start_server(
-        noop,
-        "127.0.0.1",
-        0,
-        ssl=pki.server(),
-        backend=backend,
-        start_serving=False,
-    )
+    server = await start_on_loopback(pki, backend=backend, start_serving=False)
     server.close()
     await server.wait_closed()
 
@@ -1231,7 +1200,7 @@ async def test_a_wrong_host_name_is_caught_as_stdlib_ssl_reports_it(
 ) -> None:
     # code written for asyncio streams over stdlib ssl catches a failed
     # certificate check as ssl.SSLCertVerificationError; so it does here
-    server = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    server = await start_on_loopback(pki)
     async with server:
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(ssl.SSLCertVerificationError) as caught:
@@ -1323,7 +1292,7 @@ def test_a_socket_transports_error_keeps_its_kind(
 
 
 async def test_port_in_use_is_a_connect_error(pki: Pki) -> None:
-    first = await mptls.start_server(noop, "127.0.0.1", 0, ssl=pki.server())
+    first = await start_on_loopback(pki)
     async with first:
         port = first.sockets[0].getsockname()[1]
         with pytest.raises(OSError) as caught:
@@ -1361,14 +1330,7 @@ async def test_kernel_backend_checks_announce_first(
 ) -> None:
     # refused before any socket or netlink request exists
     with pytest.raises(ConfigurationError, match="announce"):
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            backend="kernel",
-            announce=announce,
-        )
+        await start_on_loopback(pki, backend="kernel", announce=announce)
 
 
 def _kernel_mptcp() -> bool:
@@ -1384,9 +1346,7 @@ async def test_kernel_backend_refusals_are_connect_errors(
 ) -> None:
     if not _kernel_mptcp():
         pytest.skip("the running kernel has no usable MPTCP")
-    first = await mptls.start_server(
-        noop, "127.0.0.1", 0, ssl=pki.server(), backend="kernel"
-    )
+    first = await start_on_loopback(pki, backend="kernel")
     async with first:
         port = first.sockets[0].getsockname()[1]
         with pytest.raises(ConnectError) as caught:
@@ -1484,14 +1444,7 @@ async def test_a_bad_key_rotation_interval_is_refused_at_the_call(
             key_rotation_interval=value,
         )
     with pytest.raises(ConfigurationError, match="key_rotation_interval"):
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            mode="e",
-            key_rotation_interval=value,
-        )
+        await start_on_loopback(pki, mode="e", key_rotation_interval=value)
 
 
 async def test_a_rotation_interval_without_mode_e_is_refused(
@@ -1504,22 +1457,12 @@ async def test_a_rotation_interval_without_mode_e_is_refused(
             "127.0.0.1", 9, ssl=pki.client(), key_rotation_interval=5
         )
     with pytest.raises(ConfigurationError, match="needs mode E"):
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            modes=["G", "rfc8684"],
-            key_rotation_interval=5,
+        await start_on_loopback(
+            pki, modes=["G", "rfc8684"], key_rotation_interval=5
         )
     # a server that accepts E next to G rotates its E connections
-    server = await mptls.start_server(
-        noop,
-        "127.0.0.1",
-        0,
-        ssl=pki.server(),
-        modes=["G", "E"],
-        key_rotation_interval=5,
+    server = await start_on_loopback(
+        pki, modes=["G", "E"], key_rotation_interval=5
     )
     server.close()
     await server.wait_closed()
@@ -1538,9 +1481,7 @@ async def test_server_backend_options_are_checked_at_the_call(
     pki: Pki, option: str, value: object
 ) -> None:
     with pytest.raises(ConfigurationError, match=option):
-        await mptls.start_server(
-            noop, "127.0.0.1", 0, ssl=pki.server(), **{option: value}
-        )
+        await start_on_loopback(pki, **{option: value})
 
 
 async def test_a_userspace_option_on_the_kernel_backend_names_its_stand_in(
@@ -1568,13 +1509,8 @@ async def test_announce_addrs_on_the_kernel_backend_names_announce(
     # the README's announce_addrs=[(ip, port)] is the userspace
     # backend's; a kernel server announces addresses alone, on its port
     with pytest.raises(ConfigurationError) as caught:
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            backend="kernel",
-            announce_addrs=[("127.0.0.2", 4433)],
+        await start_on_loopback(
+            pki, backend="kernel", announce_addrs=[("127.0.0.2", 4433)]
         )
     assert "for announce_addrs, use announce=[address, ...]" in str(
         caught.value
@@ -1592,14 +1528,7 @@ async def test_the_kernel_backend_announces_no_address_that_names_no_peer(
 
     monkeypatch.setattr(kernel_sockets, "listening_sockets", no_listen)
     with pytest.raises(ConfigurationError, match="unicast address"):
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            backend="kernel",
-            announce=[address],
-        )
+        await start_on_loopback(pki, backend="kernel", announce=[address])
 
 
 @pytest.mark.parametrize(
@@ -1619,14 +1548,7 @@ async def test_a_mode_on_the_kernel_backend_says_which_backend_has_it(
     assert "own RFC 8684 MPTCP" in str(caught.value)
     assert "backend='userspace'" in str(caught.value)
     with pytest.raises(ConfigurationError, match="backend='userspace'"):
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            backend="kernel",
-            modes=["E"],
-        )
+        await start_on_loopback(pki, backend="kernel", modes=["E"])
 
 
 @pytest.mark.parametrize(
@@ -1806,9 +1728,7 @@ async def test_a_family_is_one_of_ips(pki: Pki, family: object) -> None:
             "127.0.0.1", 4433, ssl=pki.client(), family=family
         )
     with pytest.raises(ConfigurationError, match="family must be"):
-        await mptls.start_server(
-            noop, "127.0.0.1", 0, ssl=pki.server(), family=family
-        )
+        await start_on_loopback(pki, family=family)
 
 
 async def test_a_family_and_a_local_address_of_another_say_so(
@@ -1862,14 +1782,7 @@ async def test_the_kernel_backend_takes_no_family(pki: Pki) -> None:
             backend="kernel",
         )
     with pytest.raises(ConfigurationError, match="userspace backend only"):
-        await mptls.start_server(
-            noop,
-            "127.0.0.1",
-            0,
-            ssl=pki.server(),
-            family=socket.AF_INET,
-            backend="kernel",
-        )
+        await start_on_loopback(pki, family=socket.AF_INET, backend="kernel")
 
 
 @pytest.mark.parametrize(
