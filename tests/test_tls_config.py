@@ -113,6 +113,15 @@ def tls12_server(files: Files) -> SSL.Context:
     return context
 
 
+def refusal(context: object, *, server_side: bool) -> str:
+    """The message of the ConfigurationError ``to_openssl_context``
+    raises for ``context``: what these tests read to see that the
+    refusal says why."""
+    with pytest.raises(ConfigurationError) as raised:
+        to_openssl_context(context, server_side=server_side)
+    return str(raised.value)
+
+
 def options(context: SSL.Context) -> int:
     # set_options answers with the options now in force
     return int(context.set_options(0))
@@ -620,10 +629,7 @@ def test_a_client_context_that_allows_no_version_is_refused(
     # its handshake failed as it began, once a TCP connection existed
     context = without_versions(SSL.Context(SSL.TLS_METHOD), how)
 
-    with pytest.raises(ConfigurationError) as raised:
-        to_openssl_context(context, server_side=False)
-
-    message = str(raised.value)
+    message = refusal(context, server_side=False)
     assert "allows no TLS version" in message
     assert "set_max_proto_version" in message
 
@@ -685,10 +691,7 @@ def test_a_client_context_capped_below_tls12_is_refused(
     # once the TCP connection was up
     context = below_tls12(SSL.Context(method))
 
-    with pytest.raises(ConfigurationError) as raised:
-        to_openssl_context(context, server_side=False)
-
-    message = str(raised.value)
+    message = refusal(context, server_side=False)
     assert "nothing newer than TLS 1.1" in message
     assert "set_max_proto_version" in message
 
@@ -807,10 +810,7 @@ def test_a_client_context_with_no_cipher_to_offer_is_refused(
     # as it began, once the TCP connection was up ("TLS could not start")
     context = without_ciphers(SSL.Context(method), how)
 
-    with pytest.raises(ConfigurationError) as raised:
-        to_openssl_context(context, server_side=False)
-
-    message = str(raised.value)
+    message = refusal(context, server_side=False)
     assert "leaves no cipher to offer" in message
     assert "no ciphers available" in message
     assert "set_cipher_list" in message
@@ -821,10 +821,7 @@ def test_a_security_level_that_leaves_no_key_share_is_refused() -> None:
     # enough: "TLS could not start: no suitable key share"
     config = TLSConfig(ciphers="DEFAULT:@SECLEVEL=5")
 
-    with pytest.raises(ConfigurationError) as raised:
-        to_openssl_context(config, server_side=False)
-
-    message = str(raised.value)
+    message = refusal(config, server_side=False)
     assert "OpenSSL can start no handshake on the client's" in message
     assert "security level" in message
 
@@ -885,10 +882,7 @@ def test_a_server_context_without_certificate_and_key_is_refused(
     # each client's handshake failed, with a handshake_failure alert
     context = bare_server_context(files, what)
 
-    with pytest.raises(ConfigurationError) as raised:
-        to_openssl_context(context, server_side=True)
-
-    message = str(raised.value)
+    message = refusal(context, server_side=True)
     assert "holds no certificate with its private key" in message
     assert "use_certificate_chain_file()" in message
 
@@ -973,10 +967,7 @@ def test_a_server_key_that_can_sign_in_nothing_allowed_is_refused(
         minimum_version=minimum,
     )
 
-    with pytest.raises(ConfigurationError) as raised:
-        to_openssl_context(config, server_side=True)
-
-    message = str(raised.value)
+    message = refusal(config, server_side=True)
     assert "private key can sign in none of the TLS versions" in message
     assert f"OpenSSL: {reason}" in message
     assert "RSA, ECDSA or Ed25519 key" in message
