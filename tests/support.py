@@ -1,6 +1,7 @@
 """Helpers several test modules share: servers and process measurements.
 
-Echo and digest handlers for served connections, a seeded echo check,
+Echo and digest handlers for served connections, a seeded echo check
+and the check that a connection still echoes to its end,
 the file-descriptor, RSS and RLIMIT_NOFILE helpers the load tests use,
 the IPv6 loopback check the kernel tests skip by, a client that stops
 half-way through its handshake, and the bounded runs of the ``mptls``
@@ -152,6 +153,23 @@ async def check_echo(
     assert hashlib.sha256(echoed).digest() == (
         hashlib.sha256(payload).digest()
     )
+
+
+async def still_echoes(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    data: bytes = b"still here",
+) -> None:
+    """Send ``data`` to an echoing server, half-close, check that the
+    same bytes come back before the end of the stream (10 s at most),
+    then close: what a connection must still do after what the test
+    did to it."""
+    writer.write(data)
+    writer.write_eof()
+    async with asyncio.timeout(10):
+        assert await reader.read() == data
+    writer.close()
+    await writer.wait_closed()
 
 
 # the server: SHA-256 of the upload and the longest pause between reads

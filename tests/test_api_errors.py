@@ -19,7 +19,7 @@ import pytest
 import trustme
 from OpenSSL import SSL
 from pki import Pki
-from support import open_fds, skip_without_ipv6, usable_backend
+from support import open_fds, skip_without_ipv6, still_echoes, usable_backend
 
 import mptls
 from mptls.aio.keywords import take_local_addr
@@ -385,11 +385,7 @@ async def test_a_one_letter_server_name_says_openssl_refused_it(
         reader, writer = await mptls.open_connection(
             "127.0.0.1", port, ssl=client, server_hostname="ab"
         )
-        writer.write(b"checked")
-        writer.write_eof()
-        assert await reader.read() == b"checked"
-        writer.close()
-        await writer.wait_closed()
+        await still_echoes(reader, writer, b"checked")
 
 
 @pytest.mark.skipif(
@@ -758,11 +754,7 @@ def test_on_uvloop_any_backlog_serves(pki: Pki, backlog: int) -> None:
             reader, writer = await mptls.open_connection(
                 "127.0.0.1", port, ssl=pki.client()
             )
-            writer.write(b"accepted")
-            writer.write_eof()
-            assert await reader.read() == b"accepted"
-            writer.close()
-            await writer.wait_closed()
+            await still_echoes(reader, writer, b"accepted")
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())

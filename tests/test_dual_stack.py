@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from netns import mptcp_unavailable_reason, run, unavailable_reason
 from pki import Pki
-from support import established, skip_without_ipv6
+from support import established, skip_without_ipv6, still_echoes
 
 import mptls
 from mptls.backends.kernel import sockets as kernel_sockets
@@ -198,11 +198,7 @@ async def test_link_local_round_trip(
             )
             peer = writer.get_extra_info("peername")
             assert peer[0] == LINK_LOCAL
-            writer.write(b"link-local")
-            writer.write_eof()
-            assert await reader.read() == b"link-local"
-            writer.close()
-            await writer.wait_closed()
+            await still_echoes(reader, writer, b"link-local")
 
 
 async def test_a_refused_path_brackets_an_ipv6_host(pki: Pki) -> None:

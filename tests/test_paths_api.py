@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from pki import Pki
-from support import echo, established, until
+from support import echo, established, still_echoes, until
 
 import mptls
 from mptls.backends.base import KeyDerivation
@@ -41,19 +41,6 @@ async def server_port(pki: Pki) -> AsyncIterator[int]:
     yield server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
-
-
-async def still_works(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """Check that the connection still echoes to its end, then close it:
-    a refused or failed path call must leave the connection working."""
-    writer.write(b"still here")
-    writer.write_eof()
-    async with asyncio.timeout(10):
-        assert await reader.read() == b"still here"
-    writer.close()
-    await writer.wait_closed()
 
 
 # each would reach no address beyond loopback even unchecked: a bare
@@ -102,7 +89,7 @@ async def test_add_path_refuses_bad_arguments(
     # nothing was opened, and the connection still works
     subflows = writer.get_extra_info("mptcp").subflows
     assert [s.subflow_id for s in subflows] == [0]
-    await still_works(reader, writer)
+    await still_echoes(reader, writer)
 
 
 @pytest.mark.parametrize(
@@ -193,11 +180,7 @@ async def test_a_client_joins_no_announced_address_that_names_no_peer(
         )
         await established(writer, 2)
         assert tried == ["127.0.0.2"]
-        writer.write(b"two paths")
-        writer.write_eof()
-        assert await reader.read() == b"two paths"
-        writer.close()
-        await writer.wait_closed()
+        await still_echoes(reader, writer, b"two paths")
 
 
 @pytest.mark.parametrize(
@@ -225,7 +208,7 @@ async def test_remove_path_names_a_bad_subflow_id(
     transport = writer.transport
     with pytest.raises(error, match=match):
         await transport.remove_path(subflow_id)  # type: ignore[attr-defined]
-    await still_works(reader, writer)
+    await still_echoes(reader, writer)
 
 
 async def test_a_bare_string_is_no_remote(pki: Pki, server_port: int) -> None:
@@ -280,7 +263,7 @@ async def test_the_last_subflow_that_carries_data_stays_while_a_join_waits(
         with contextlib.suppress(asyncio.CancelledError, mptls.MptlsError):
             await joining
         quiet.close()
-    await still_works(reader, writer)
+    await still_echoes(reader, writer)
 
 
 def _free_port() -> int:
@@ -326,11 +309,7 @@ async def test_serve_workers_listen_on_an_announced_address(
             ("127.0.0.3", port), timeout=10
         )
         assert joined >= 1
-        writer.write(b"over the announced address")
-        writer.write_eof()
-        assert await reader.read() == b"over the announced address"
-        writer.close()
-        await writer.wait_closed()
+        await still_echoes(reader, writer, b"over the announced address")
     finally:
         process.send_signal(signal.SIGINT)
         status = await asyncio.wait_for(process.wait(), 30)
@@ -738,7 +717,7 @@ async def test_add_path_looks_no_scoped_literal_up_as_a_name(
         )
     assert asked
     assert all(flags & socket.AI_NUMERICHOST for _, flags in asked), asked
-    await still_works(reader, writer)
+    await still_echoes(reader, writer)
 
 
 async def test_add_path_refuses_a_local_scope_it_cannot_use(
@@ -762,7 +741,7 @@ async def test_add_path_refuses_a_local_scope_it_cannot_use(
         f"local {SCOPED!r} has a scope id this host cannot use"
     )
     assert asked == []
-    await still_works(reader, writer)
+    await still_echoes(reader, writer)
 
 
 @pytest.mark.parametrize(
@@ -839,7 +818,7 @@ async def test_a_join_this_end_removes_is_not_blamed_on_the_peer(
         "join was established"
     )
     assert not isinstance(raised.value, mptls.JoinRefusedError)
-    await still_works(reader, writer)
+    await still_echoes(reader, writer)
 
 
 @pytest.mark.parametrize("end", ["close", "abort"])
@@ -889,7 +868,7 @@ async def test_a_join_nobody_answers_says_it_timed_out(
     assert isinstance(raised.value, mptls.JoinRefusedError)
     assert isinstance(raised.value, mptls.MptlsTimeoutError)
     assert raised.value.errno == errno.ETIMEDOUT
-    await still_works(reader, writer)
+    await still_echoes(reader, writer)
 
 
 class BannerServer:
@@ -935,7 +914,7 @@ async def test_a_join_to_the_wrong_service_fails_alone(
             await writer.transport.add_path(  # type: ignore[attr-defined]
                 ("127.0.0.1", banner.port), timeout=10
             )
-    await still_works(reader, writer)
+    await still_echoes(reader, writer)
 
 
 async def test_an_announced_address_of_the_wrong_service_is_left_alone(

@@ -23,7 +23,7 @@ from typing import Any, cast
 import pytest
 from pcapfile import read_pcap
 from pki import Pki
-from support import established
+from support import established, still_echoes
 
 import mptls
 import mptls.trace
@@ -387,11 +387,7 @@ async def test_joins_carry_the_ids_of_their_addresses(
                 ("127.0.0.1", port), local="127.0.0.2"
             )
             client_view = writer.get_extra_info("mptcp").subflows
-            writer.write(b"three paths")
-            writer.write_eof()
-            assert await reader.read() == b"three paths"
-            writer.close()
-            await writer.wait_closed()
+            await still_echoes(reader, writer, b"three paths")
 
     assert _ids(client_view) == {
         ("127.0.0.1", "127.0.0.1", 0, 0),

@@ -24,6 +24,7 @@ from support import (
     leave,
     reporting_to,
     skip_without_ipv6,
+    still_echoes,
     until,
 )
 
@@ -349,12 +350,7 @@ async def test_set_protocol_refuses_what_is_no_protocol(
     with pytest.raises(mptls.ConfigurationError, match="set_protocol"):
         transport.set_protocol(protocol)
     assert transport.get_protocol() is before
-    writer.write(b"still the stream's")
-    writer.write_eof()
-    async with asyncio.timeout(10):
-        assert await reader.read() == b"still the stream's"
-    writer.close()
-    await writer.wait_closed()
+    await still_echoes(reader, writer, b"still the stream's")
 
 
 async def test_a_missing_client_certificate_is_the_tls_alert(
