@@ -82,6 +82,16 @@ from mptls.errors import (
     TLSError,
 )
 
+# the signals that stop a command, and the exit status each one gives
+STOPPING_SIGNALS = pytest.mark.parametrize(
+    ("signum", "status"),
+    [
+        (signal.SIGINT, ExitStatus.INTERRUPTED),
+        (signal.SIGTERM, ExitStatus.TERMINATED),
+    ],
+    ids=["SIGINT", "SIGTERM"],
+)
+
 
 def connect_args(port: str, certs: Path) -> list[str]:
     """``mptls connect`` to a local ``serve`` on ``port``, trusting the
@@ -1033,14 +1043,7 @@ def test_a_name_in_a_system_error_cannot_steer_the_terminal(
     )
 
 
-@pytest.mark.parametrize(
-    ("signum", "status"),
-    [
-        (signal.SIGINT, ExitStatus.INTERRUPTED),
-        (signal.SIGTERM, ExitStatus.TERMINATED),
-    ],
-    ids=["SIGINT", "SIGTERM"],
-)
+@STOPPING_SIGNALS
 def test_demo_stopped_while_it_builds_its_archive_leaves_nothing(
     tmp_path: Path, signum: signal.Signals, status: ExitStatus
 ) -> None:
@@ -1744,14 +1747,7 @@ def client_in_mid_send(
         close_pipes(client)
 
 
-@pytest.mark.parametrize(
-    ("signum", "status"),
-    [
-        (signal.SIGINT, ExitStatus.INTERRUPTED),
-        (signal.SIGTERM, ExitStatus.TERMINATED),
-    ],
-    ids=["SIGINT", "SIGTERM"],
-)
+@STOPPING_SIGNALS
 def test_connect_interrupted_before_the_end_of_input_aborts(
     certs: Path, signum: signal.Signals, status: ExitStatus
 ) -> None:
