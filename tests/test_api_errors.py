@@ -1890,12 +1890,7 @@ async def test_a_socket_a_live_connection_carries_is_refused(
                 )
             assert isinstance(raised.value, RuntimeError)
             assert sock.fileno() != -1
-            writer.write(b"still there")
-            writer.write_eof()
-            async with asyncio.timeout(10):
-                assert await reader.read() == b"still there"
-                writer.close()
-                await writer.wait_closed()
+            await still_echoes(reader, writer, b"still there")
 
 
 def refuse_sockets_in_use(monkeypatch: pytest.MonkeyPatch) -> None:

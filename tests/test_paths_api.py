@@ -945,8 +945,4 @@ async def test_an_announced_address_of_the_wrong_service_is_left_alone(
                 }
                 # the join, if it began, is over
                 assert states.get(1, "CLOSED") == "CLOSED", states
-                writer.write(b"still here")
-                writer.write_eof()
-                assert await reader.read() == b"still here"
-            writer.close()
-            await writer.wait_closed()
+            await still_echoes(reader, writer)
