@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from pki import Pki
@@ -350,6 +351,32 @@ async def test_a_pool_stops_handlers_without_tracebacks(
     assert "Traceback" not in capfd.readouterr().err
 
 
+@contextlib.contextmanager
+def silent_listener() -> Iterator[tuple[str, int]]:
+    """A TCP listener that never answers a join: it stays under way."""
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        yield silent.getsockname()
+    finally:
+        silent.close()
+
+
+async def pending_join(
+    writer: asyncio.StreamWriter, remote: tuple[str, int], **options: Any
+) -> tuple[asyncio.Task[int], int]:
+    """An add_path to ``remote`` whose join is under way (its TCP
+    connection made, its MP_JOIN sent), and its subflow id."""
+    joining = asyncio.create_task(
+        writer.transport.add_path(remote, **options)  # type: ignore[attr-defined]
+    )
+    async with asyncio.timeout(10):
+        while len(writer.get_extra_info("mptcp").subflows) < 2:
+            await asyncio.sleep(0)
+    return joining, writer.get_extra_info("mptcp").subflows[1].subflow_id
+
+
 async def test_a_cancelled_add_path_leaves_no_join(pki: Pki) -> None:
     async def echo(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -364,15 +391,11 @@ async def test_a_cancelled_add_path_leaves_no_join(pki: Pki) -> None:
         reader, writer = await mptls.open_connection(
             "127.0.0.1", port, ssl=pki.client()
         )
-        transport = writer.transport
-        joining = asyncio.create_task(
-            transport.add_path(("127.0.0.1", port), local="127.0.0.2")  # type: ignore[attr-defined]
-        )
         # cancelled once the TCP connection is up and the MP_JOIN sent:
         # the join would otherwise complete without the caller knowing
-        async with asyncio.timeout(10):
-            while len(writer.get_extra_info("mptcp").subflows) < 2:
-                await asyncio.sleep(0)
+        joining, _ = await pending_join(
+            writer, ("127.0.0.1", port), local="127.0.0.2"
+        )
         joining.cancel()
         with pytest.raises(asyncio.CancelledError):
             await joining
@@ -457,43 +480,21 @@ async def test_add_path_says_when_a_join_may_be_taken_later(pki: Pki) -> None:
             await writer.wait_closed()
 
 
-async def test_an_abort_ends_a_pending_add_path_at_once(pki: Pki) -> None:
-    async def drain(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await reader.read()
-        writer.close()
-
-    server = await mptls.start_server(drain, "127.0.0.1", 0, ssl=pki.server())
-    # a TCP listener that never answers the MP_JOIN: the join stays
-    # pending, and nothing on that path closes its end
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(1)
-    silent.setblocking(False)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        _reader, writer = await mptls.open_connection(
-            "127.0.0.1", port, ssl=pki.client()
-        )
-        joining = asyncio.create_task(
-            writer.transport.add_path(silent.getsockname())  # type: ignore[attr-defined]
-        )
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(10):
-            accepted, _ = await loop.sock_accept(silent)
-            while len(writer.get_extra_info("mptcp").subflows) < 2:
-                await asyncio.sleep(0)
-        try:
-            writer.transport.abort()
-            # the join's socket lingers after the abort's reset frame,
-            # up to ABORT_LINGER (2 s) here; the caller is told at once
-            async with asyncio.timeout(1):
-                with pytest.raises(mptls.JoinRefusedError):
-                    await joining
-        finally:
-            accepted.close()
-            silent.close()
+async def test_an_abort_ends_a_pending_add_path_at_once(
+    pki: Pki, server_port: int
+) -> None:
+    _, writer = await mptls.open_connection(
+        "127.0.0.1", server_port, ssl=pki.client()
+    )
+    # the join stays pending, and nothing on that path closes its end
+    with silent_listener() as silent:
+        joining, _ = await pending_join(writer, silent)
+        writer.transport.abort()
+        # the join's socket lingers after the abort's reset frame,
+        # up to ABORT_LINGER (2 s) here; the caller is told at once
+        async with asyncio.timeout(1):
+            with pytest.raises(mptls.JoinRefusedError):
+                await joining
 
 
 @contextlib.contextmanager
@@ -770,31 +771,6 @@ async def test_a_local_scope_it_cannot_use_is_refused_up_front(
         f"local address {SCOPED!r} has a scope id this host cannot use"
     )
     assert asked == []
-
-
-@contextlib.contextmanager
-def silent_listener() -> Iterator[tuple[str, int]]:
-    """A TCP listener that never answers a join: it stays under way."""
-    silent = socket.socket()
-    try:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(4)
-        yield silent.getsockname()
-    finally:
-        silent.close()
-
-
-async def pending_join(
-    writer: asyncio.StreamWriter, remote: tuple[str, int]
-) -> tuple[asyncio.Task[int], int]:
-    """An add_path to ``remote`` whose join is under way, and its id."""
-    joining = asyncio.create_task(
-        writer.transport.add_path(remote)  # type: ignore[attr-defined]
-    )
-    async with asyncio.timeout(10):
-        while len(writer.get_extra_info("mptcp").subflows) < 2:
-            await asyncio.sleep(0)
-    return joining, writer.get_extra_info("mptcp").subflows[1].subflow_id
 
 
 async def test_a_join_this_end_removes_is_not_blamed_on_the_peer(
