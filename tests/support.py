@@ -383,10 +383,17 @@ def serving(
         # "listening on 127.0.0.1:PORT", "... (N workers)" with --workers
         yield server, listening.rsplit(":", 1)[1].split()[0]
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(timeout=COMMAND_TIMEOUT)
-        close_pipes(server)
+        reap(server)
+
+
+def reap(process: subprocess.Popen[bytes]) -> None:
+    """Kill ``process`` if it still runs, wait for it (bounded) and close
+    its pipes: how every test ends a child, so that none outlives the
+    test or leaves a pipe for the garbage collector."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=COMMAND_TIMEOUT)
+    close_pipes(process)
 
 
 def close_pipes(process: subprocess.Popen[bytes]) -> None:

@@ -31,8 +31,8 @@ import pytest
 from cryptography import x509
 from support import (
     COMMAND_TIMEOUT,
-    close_pipes,
     readline_within,
+    reap,
     run_mptls,
     served_by,
     serving,
@@ -1067,9 +1067,7 @@ def test_demo_stopped_while_it_builds_its_archive_leaves_nothing(
         demo.send_signal(signum)
         assert demo.wait(timeout=COMMAND_TIMEOUT) == status
     finally:
-        if demo.poll() is None:
-            demo.kill()
-        demo.wait(timeout=COMMAND_TIMEOUT)
+        reap(demo)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1112,10 +1110,7 @@ def test_demo_terminated_while_it_sends_ends_in_order(tmp_path: Path) -> None:
         assert demo.stderr is not None
         assert demo.stderr.read() == b""
     finally:
-        if demo.poll() is None:
-            demo.kill()
-        demo.wait(timeout=COMMAND_TIMEOUT)
-        close_pipes(demo)
+        reap(demo)
     assert list(scratch.iterdir()) == []
 
 
@@ -1380,10 +1375,7 @@ def test_stopped_server_fails_a_client_with_input_left(certs: Path) -> None:
                 "reached it"
             ]
         finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait(timeout=COMMAND_TIMEOUT)
-                close_pipes(client)
+            reap(client)
 
 
 async def test_a_killed_server_ends_a_client_in_one_line(
@@ -1704,10 +1696,7 @@ def test_connect_says_the_server_aborted_when_its_output_closed(
             try:
                 _, error = client.communicate(timeout=COMMAND_TIMEOUT)
             finally:
-                if client.poll() is None:
-                    client.kill()
-                client.wait(timeout=COMMAND_TIMEOUT)
-                close_pipes(client)
+                reap(client)
             assert server.wait(timeout=COMMAND_TIMEOUT) == 1
         assert client.returncode == ExitStatus.FAILURE
         lines = error.decode().splitlines()
@@ -1741,10 +1730,7 @@ def client_in_mid_send(
         assert len(server.stdout.read(1000)) == 1000
         yield client
     finally:
-        if client.poll() is None:
-            client.kill()
-        client.wait(timeout=COMMAND_TIMEOUT)
-        close_pipes(client)
+        reap(client)
 
 
 @STOPPING_SIGNALS
@@ -1916,10 +1902,7 @@ def test_serve_workers_stop_when_their_output_takes_nothing(
         # and the server stops by itself, as one process does
         _, error = server.communicate(timeout=COMMAND_TIMEOUT)
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(timeout=COMMAND_TIMEOUT)
-        close_pipes(server)
+        reap(server)
     assert error.decode().splitlines() == [f"mptls: error: {said}"]
     assert server.returncode == ExitStatus.FAILURE
     # the parent stopped its workers before it exited
@@ -2038,10 +2021,7 @@ def test_serve_once_with_no_stdout_fails(certs: Path) -> None:
         ]
         assert client.returncode == 1
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(timeout=COMMAND_TIMEOUT)
-        close_pipes(server)
+        reap(server)
 
 
 # a stderr that takes nothing (a full disk, /dev/full): as one nobody
@@ -2230,10 +2210,7 @@ def test_serve_with_a_full_output_stops(certs: Path) -> None:
         # its data went nowhere: the client hears of it
         assert client.returncode == ExitStatus.FAILURE
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(timeout=COMMAND_TIMEOUT)
-        close_pipes(server)
+        reap(server)
 
 
 @pytest.mark.parametrize(

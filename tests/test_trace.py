@@ -36,8 +36,8 @@ from pcapfile import (
 from pki import Pki
 from support import (
     COMMAND_TIMEOUT,
-    close_pipes,
     readline_within,
+    reap,
     run_mptls,
     served_by,
     serving,
@@ -731,10 +731,7 @@ def test_an_interrupt_ends_the_wait_for_a_pcap_fifo_reader(
         status = process.wait(timeout=COMMAND_TIMEOUT)
         assert status == cli_main.ExitStatus.INTERRUPTED
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=COMMAND_TIMEOUT)
-        close_pipes(process)
+        reap(process)
 
 
 @pytest.mark.parametrize("command", ["kernel", "workers"])
