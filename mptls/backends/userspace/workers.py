@@ -25,7 +25,6 @@ import collections
 import contextlib
 import logging
 import multiprocessing
-import pickle
 import shutil
 import signal
 import socket
@@ -35,22 +34,22 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from mptls.aio.keywords import (
-    ASYNCIO_SERVER_ONLY,
-    check_backlog,
-    check_callable,
-    check_port,
-    check_server_host,
-    refuse_asyncio_only,
-)
+from mptls.aio.keywords import check_callable
 from mptls.backends.base import format_address
 from mptls.backends.userspace.backend import (
     accepted_modes,
     check_e_server,
-    check_server_keywords,
     check_token_layout,
+)
+from mptls.backends.userspace.pool_checks import (
+    check_listen_address,
+    check_pickles,
+    check_server_options,
+    check_waits,
+    check_workers,
+    first_host,
 )
 from mptls.backends.userspace.restarts import (
     RestartBudget,
@@ -75,14 +74,8 @@ from mptls.backends.userspace.worker_process import (
     WorkerSpec,
     worker_main,
 )
-from mptls.errors import (
-    BackendError,
-    ConfigurationError,
-    MptlsError,
-    MptlsTimeoutError,
-    shown_value,
-)
-from mptls.mptcp.config import check_bool, check_seconds
+from mptls.errors import BackendError, MptlsError, MptlsTimeoutError
+from mptls.mptcp.config import check_bool
 from mptls.mptcp.tokens import TokenLayout
 from mptls.tls.config import to_openssl_context
 
@@ -155,24 +148,13 @@ class WorkerPool:
         # which can always be called
         check_callable("client_connected_cb", client_connected_cb)
         layout = check_token_layout(token_layout)
-        # True is an int, and counted as one worker
-        if (
-            isinstance(workers, bool)
-            or not isinstance(workers, int)
-            or workers < 1
-        ):
-            raise ConfigurationError("workers must be an int >= 1")
-        if workers > 1 << layout.worker_id_bits:
-            raise ConfigurationError(
-                f"{workers} workers do not fit in "
-                f"{layout.worker_id_bits} worker id bits"
-            )
+        check_workers(workers, layout)
         check_bool("restart", restart)
         layout.check_ids(server_id)
-        port = _check_listen_address(host, port)
-        _check_waits(start_timeout=start_timeout, grace=grace)
+        port = check_listen_address(host, port)
+        check_waits(start_timeout=start_timeout, grace=grace)
         check_bool("label_stderr", label_stderr)
-        _check_server_options(server_options)
+        check_server_options(server_options)
         # refused here, not by every worker as it starts
         check_e_server(
             accepted_modes(server_options),
@@ -194,7 +176,7 @@ class WorkerPool:
             label_stderr=label_stderr,
             options=dict(server_options),
         )
-        _check_pickles(self._template)
+        check_pickles(self._template)
         # a certificate or key start_server would refuse too, with the
         # same ConfigurationError: N processes would each fail on it, and
         # the pool would say only that a worker failed to start
@@ -223,7 +205,7 @@ class WorkerPool:
     @property
     def address(self) -> tuple[str, int]:
         """The (host, port) the workers listen on (the first host)."""
-        return (_first_host(self._template.host), self._port)
+        return (first_host(self._template.host), self._port)
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -290,7 +272,7 @@ class WorkerPool:
         self._stopping = None
         # held until every worker has bound the port with SO_REUSEPORT,
         # so that port 0 means the same free port for all of them
-        placeholder = _reserve(_first_host(self._template.host), self._port)
+        placeholder = _reserve(first_host(self._template.host), self._port)
         self._port = placeholder.getsockname()[1]
         try:
             for worker_id in range(self._template.workers):
@@ -443,7 +425,7 @@ class WorkerPool:
         logger.info(
             "%d workers listening on %s:%d",
             len(self._processes),
-            _first_host(self._template.host),
+            first_host(self._template.host),
             self._port,
         )
 
@@ -716,87 +698,6 @@ async def _final_reply(pipe: Pipe, timeout: float) -> tuple[str, object]:
         kind, body = await receive(pipe, max(deadline - loop.time(), 0.0))
         if kind not in ("ready", STOP_POOL):
             return (kind, body)
-
-
-def _check_pickles(spec: WorkerSpec) -> None:
-    try:
-        pickle.dumps(spec)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise ConfigurationError(
-            "worker processes need a handler and settings that pickle: a "
-            "module-level coroutine function (or a functools.partial of "
-            f"one) and ssl=TLSConfig(...); {exc}"
-        ) from exc
-
-
-# start_server's keywords above the backend's, which a worker passes on
-_STREAM_KEYWORDS = frozenset(
-    {
-        "limit",
-        "require_app_keys",
-        "ssl_handshake_timeout",
-        "ssl_shutdown_timeout",
-    }
-)
-
-
-def _check_server_options(options: Mapping[str, Any]) -> None:
-    """The keywords each worker's ``start_server`` gets: by name, and
-    ``backlog`` by value too.
-
-    A misspelt one, or a backlog no worker's loop accepts with, was
-    refused only by the workers as they started, so the pool said no
-    more than that a worker failed to start.
-    """
-    for name in ("backend", "join_handoff", "worker_id", "reuse_port"):
-        if name in options:
-            raise ConfigurationError(f"the pool sets {name} itself")
-    refuse_asyncio_only(dict(options), ASYNCIO_SERVER_ONLY)
-    check_server_keywords(set(options) - _STREAM_KEYWORDS)
-    # each worker serves on asyncio's own loop (asyncio.run)
-    check_backlog(options, selector_loop=True)
-
-
-def _check_listen_address(host: object, port: object) -> int:
-    """``host`` and ``port`` as ``start_server`` checks them; the port.
-
-    Each worker gets the port the parent reserved, which the socket
-    module had taken modulo 65536 (70000 listened on 4464), and a
-    missing host failed inside :meth:`WorkerPool.start` as a TypeError.
-    The pool binds its hosts' addresses itself, so it needs one, and
-    reserves the port on the first by number alone, never a lookup: a
-    name there failed :meth:`WorkerPool.start` with a bare
-    ``socket.gaierror``.
-    """
-    if host is None:
-        raise ConfigurationError(
-            "host must be a str or a list of str for a pool, got None"
-        )
-    check_server_host(host)
-    first = _first_host(cast(str | Sequence[str], host))
-    try:
-        socket.getaddrinfo(
-            first, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
-        )
-    except socket.gaierror:
-        raise ConfigurationError(
-            "a pool's first host must be an IP address (its workers share "
-            f"the port reserved there), got {shown_value(first)}"
-        ) from None
-    return check_port(port, server=True)
-
-
-def _check_waits(*, start_timeout: object, grace: object) -> None:
-    """The pool's own limits, before any worker runs: a bad one raised
-    a bare TypeError or ValueError only as the pool stopped."""
-    check_seconds("start_timeout", start_timeout)
-    check_seconds("grace", grace, zero=True)
-
-
-def _first_host(host: str | Sequence[str]) -> str:
-    # a list of hosts, as asyncio's create_server takes: every worker
-    # listens on each of them, on the port reserved on the first
-    return host if isinstance(host, str) else host[0]
 
 
 def _reserve(host: str, port: int) -> socket.socket:
