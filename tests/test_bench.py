@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -420,6 +421,11 @@ def test_an_output_with_an_escape_in_its_name_cannot_steer_the_terminal(
     # sequence reached the terminal (demo, certs and the error line
     # show such a name escaped already)
     _fake_scenarios(monkeypatch)
+    # the samples of the file that could not be written are kept in a
+    # temporary file: here, not in the system's temporary directory
+    spares = tmp_path / "spares"
+    spares.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spares))
     output = tmp_path / "out\x1b[2J"
     (output / "keys.json").mkdir(parents=True)
     argv = ["bench", "bulk", "keys", "--output", str(output)]
@@ -429,6 +435,8 @@ def test_an_output_with_an_escape_in_its_name_cannot_steer_the_terminal(
     shown = str(tmp_path / "out\\x1b[2J")
     assert f"wrote {shown}/bulk.json" in " ".join(captured.out.split())
     assert f"could not write {shown}/keys.json" in captured.err
+    (spare,) = spares.iterdir()
+    assert spare.name.startswith("mptls-bench-keys-")
 
 
 @pytest.mark.parametrize(
