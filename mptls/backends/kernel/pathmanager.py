@@ -30,6 +30,7 @@ from enum import IntFlag
 from types import TracebackType
 from typing import Any, TypeVar
 
+from mptls.backends.addresses import unusable_reason
 from mptls.backends.kernel.sockets import numeric_family
 from mptls.errors import AddressError, PathError
 
@@ -564,13 +565,10 @@ def endpoint_address(address: str) -> IPAddress:
     ``0.0.0.0`` with ADD_ADDR, and the endpoint stays in the namespace.
     """
     value = parse_address(address)
-    if value.is_unspecified:
-        what = "the unspecified address"
-    elif value.is_multicast:
-        what = "a multicast address"
-    elif value == ipaddress.IPv4Address("255.255.255.255"):
-        what = "the broadcast address"
-    else:
+    # an endpoint is a local address, but an unspecified one is no
+    # address of this host: checked as a remote end is
+    what = unusable_reason(value, local=False)
+    if what is None:
         return value
     raise AddressError(
         f"{address} cannot be an MPTCP endpoint: it is {what}, and an "
