@@ -180,7 +180,7 @@ def idle_paths_reason(report: DemoReport, file_given: bool) -> str:
     worked, where the file had fit on the other paths.
     """
     joined = report.joined_idle_paths
-    unjoined = [path for path in report.idle_paths if path not in joined]
+    unjoined = report.unjoined_idle_paths
     reasons = []
     if unjoined:
         reasons.append(

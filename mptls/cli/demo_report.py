@@ -183,7 +183,7 @@ def summary_rows(report: DemoReport) -> list[Row]:
 
 def _path_rows(report: DemoReport) -> list[Row]:
     joined = report.joined_idle_paths
-    unjoined = [path for path in report.idle_paths if path not in joined]
+    unjoined = report.unjoined_idle_paths
     rows: list[Row] = []
     if unjoined:
         rows.append(

@@ -169,6 +169,12 @@ class DemoReport:
         return tuple(path for path in self.idle_paths if path in joined)
 
     @property
+    def unjoined_idle_paths(self) -> tuple[str, ...]:
+        """The idle paths whose subflow never opened or joined."""
+        joined = self.joined_idle_paths
+        return tuple(path for path in self.idle_paths if path not in joined)
+
+    @property
     def ok(self) -> bool:
         # ends that exported no keys have no fingerprints to compare
         keys_agree = (
