@@ -22,8 +22,7 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from mptls.backends.addresses import check_subflow_address
-from mptls.backends.base import Backend, check_local_scope
+from mptls.backends.base import Backend, check_local_address
 from mptls.errors import (
     ConfigurationError,
     ConnectError,
@@ -129,8 +128,7 @@ def check_client_args(
                 "local_addrs entries must be IP addresses, got "
                 f"{shown_value(address)}"
             )
-        check_subflow_address(address, "local_addrs entry", local=True)
-        check_local_scope(address, "local address")
+        check_local_address(address, "local address")
     return list(local_addrs)
 
 
@@ -237,11 +235,10 @@ def take_local_addr(
             "local_addr's address must be an IP address, got "
             f"{shown_value(address)}"
         )
-    # named as the caller wrote it, not as the local_addrs it becomes
-    check_subflow_address(address, "local_addr's address", local=True)
     if len(local_addr) == 4 and "%" not in address:
         address += _scope_suffix(local_addr[3])
-    check_local_scope(address, "local_addr's address")
+    # named as the caller wrote it, not as the local_addrs it becomes
+    check_local_address(address, "local_addr's address")
     return [address]
 
 

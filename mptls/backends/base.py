@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar, cast
 
+from mptls.backends.addresses import check_subflow_address
 from mptls.errors import (
     BackendError,
     ConfigurationError,
@@ -162,6 +163,14 @@ def check_local_scope(address: str, what: str) -> None:
             "cannot use: a scope id names an interface of this host, on "
             "a link-local address (fe80::/10)"
         ) from None
+
+
+def check_local_address(address: str, what: str) -> None:
+    """Refuse an IP literal that cannot be a subflow's local end: one no
+    subflow can run from (:func:`check_subflow_address`), or whose scope
+    id this host cannot use (:func:`check_local_scope`)."""
+    check_subflow_address(address, what, local=True)
+    check_local_scope(address, what)
 
 
 async def host_addresses(

@@ -28,7 +28,7 @@ from mptls.backends.base import (
     KeyInstall,
     MptcpInfo,
     Server,
-    check_local_scope,
+    check_local_address,
     closed_server_error,
     format_address,
     within_connect_timeout,
@@ -247,8 +247,7 @@ def _check_path(remote: object, local: object) -> None:
         raise ConfigurationError(
             f"local must be an IPv4 or IPv6 literal, got {shown_value(local)}"
         ) from None
-    check_subflow_address(local, "local", local=True)
-    check_local_scope(address, "local")
+    check_local_address(address, "local")
 
 
 def check_announce(announce_addrs: object) -> list[tuple[str, int]]:
